@@ -1,0 +1,97 @@
+"""What hobbit_mlx needs to know about an mlx-lm architecture, found from the model itself.
+
+Routed experts in mlx-lm are "switch" modules (``SwitchGLU``, ``SwitchMLP`` or an architecture's
+own class) whose children are ``SwitchLinear`` / ``QuantizedSwitchLinear`` layers holding every
+expert stacked on the first axis, called as ``switch(x, indices)``. We find them by that shape
+rather than by a list of names, so every architecture built on them works without special cases.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.utils import _get_classes
+
+SWITCH_LINEAR_TYPES = (SwitchLinear, QuantizedSwitchLinear)
+_TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_top_k",
+               "top_k", "n_activated_experts", "num_selected_experts")
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not an MoE that hobbit_mlx can offload; the message says why, by name."""
+
+
+def _natural_key(path: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
+
+
+def is_switch_module(module: nn.Module) -> bool:
+    return any(isinstance(c, SWITCH_LINEAR_TYPES) for c in module.children().values())
+
+
+def find_switch_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All routed-expert modules of the model, in layer order, as (dotted path, module)."""
+    found = [(p, m) for p, m in model.named_modules() if p and is_switch_module(m)]
+    return sorted(found, key=lambda pm: _natural_key(pm[0]))
+
+
+def switch_linear_paths(switch: nn.Module) -> list[str]:
+    """Names of the switch module's expert projections (e.g. ``gate_proj``), in a fixed order."""
+    return sorted(name for name, mod in switch.named_modules()
+                  if name and isinstance(mod, SWITCH_LINEAR_TYPES))
+
+
+def expert_param_names(switch: nn.Module) -> list[str]:
+    """Parameter paths of one switch module (each stacked over experts on axis 0)."""
+    return sorted(k for k, _ in tree_flatten(switch.parameters()))
+
+
+def num_experts_of(switch: nn.Module) -> int:
+    first = switch_linear_paths(switch)[0]
+    mod = dict(switch.named_modules())[first]
+    return int(mod.weight.shape[0])
+
+
+def text_config(config: dict) -> dict:
+    """Models with a vision tower keep the language model's settings under ``text_config``."""
+    merged = dict(config)
+    merged.update(config.get("text_config") or {})
+    return merged
+
+
+def experts_per_token(config: dict) -> int:
+    cfg = text_config(config)
+    for key in _TOP_K_KEYS:
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return int(cfg[key])
+    raise UnsupportedModelError(
+        f"cannot tell how many experts each token uses: config has none of {', '.join(_TOP_K_KEYS)}")
+
+
+def build_model(config: dict) -> nn.Module:
+    """Instantiate the mlx-lm model for a config without materialising any weights.
+
+    mlx-lm initialises parameters lazily, so the random initial values are never computed as long
+    as nothing evaluates them: building even a huge model here costs no memory.
+    """
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as e:
+        raise UnsupportedModelError(f"model_type {config.get('model_type')!r}: {e}") from None
+    return model_class(args_class.from_dict(config))
+
+
+def describe_moe(config: dict) -> dict[str, Any]:
+    """Check that a config is an MoE hobbit_mlx can offload and return its switch modules' facts."""
+    model = build_model(config)
+    switches = find_switch_modules(model)
+    if not switches:
+        raise UnsupportedModelError(
+            f"model_type {config.get('model_type')!r} has no routed experts built from mlx-lm "
+            "switch layers (SwitchGLU / SwitchMLP): it is a dense model or an MoE that hobbit_mlx "
+            "does not support")
+    return {"model": model, "switches": switches, "experts_per_token": experts_per_token(config)}

@@ -1,0 +1,95 @@
+"""The expert cache: which experts, at which precision, are resident, with every byte accounted.
+
+The cache owns resident expert arrays and their byte count and never holds more than
+``capacity_bytes``; a policy (``hobbit_mlx.policies``) only decides the eviction order. Keys are
+``(layer, expert, precision)``. Experts that the current layer needs are pinned while it fetches,
+so bringing in one of its misses never evicts another of its experts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Hashable
+
+import mlx.core as mx
+
+from .policies import Policy
+
+Arrays = dict[str, mx.array]
+
+
+def arrays_nbytes(arrays: Arrays) -> int:
+    return sum(a.nbytes for a in arrays.values())
+
+
+class ExpertCache:
+    """Resident experts under a byte budget; thread-safe (the prefetcher inserts too)."""
+
+    def __init__(self, capacity_bytes: int, policy: Policy):
+        self.capacity_bytes = int(capacity_bytes)
+        self.policy = policy
+        self.resident_bytes = 0
+        self._entries: dict[Hashable, tuple[Arrays, int]] = {}
+        self._pins: Counter = Counter()
+        self.lock = threading.RLock()
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[Hashable]:
+        with self.lock:
+            return list(self._entries)
+
+    def get(self, key: Hashable) -> Arrays | None:
+        """The resident arrays for ``key`` (counted as a use by the policy), or None."""
+        with self.lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self.policy.on_hit(key)
+            return entry[0]
+
+    def put(self, key: Hashable, arrays: Arrays) -> bool:
+        """Make ``key`` resident, evicting unpinned experts as needed; False if it cannot fit."""
+        nbytes = arrays_nbytes(arrays)
+        with self.lock:
+            if key in self._entries:
+                return True
+            if nbytes > self.capacity_bytes:
+                return False
+            evictable = lambda k: k in self._entries and not self._pins[k]  # noqa: E731
+            while self.resident_bytes + nbytes > self.capacity_bytes:
+                try:
+                    victim = self.policy.victim(evictable)
+                except LookupError:
+                    return False
+                self._evict(victim)
+            self._entries[key] = (arrays, nbytes)
+            self.resident_bytes += nbytes
+            self.policy.on_insert(key)
+            return True
+
+    def _evict(self, key: Hashable) -> None:
+        _, nbytes = self._entries.pop(key)
+        self.resident_bytes -= nbytes
+        self.policy.on_evict(key)
+
+    def pin(self, keys) -> None:
+        with self.lock:
+            self._pins.update(keys)
+
+    def unpin(self, keys) -> None:
+        with self.lock:
+            self._pins.subtract(keys)
+            for k in keys:
+                if self._pins[k] <= 0:
+                    del self._pins[k]
+
+    def clear(self) -> None:
+        with self.lock:
+            for key in list(self._entries):
+                self._evict(key)

@@ -1,0 +1,215 @@
+"""``load``: an mlx-lm model whose routed experts stream from the expert store under one budget."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
+
+from .architectures import find_switch_modules, num_experts_of, text_config
+from .budget import BudgetPlan, plan_budget
+from .cache import ExpertCache
+from .offload import OffloadRuntime, bind, install
+from .policies import make_policy
+from .reader import RecordReader
+from .store import Manifest, StoreError, is_hobbit_model, load_manifest
+
+REFERENCE_MODEL = Path(__file__).parent / "reference_model"
+DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_PREFILL_STEP = 512
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HOBBIT_MLX_CACHE", Path.home() / ".cache" / "hobbit_mlx"))
+
+
+def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
+    """A hobbit model directory for ``path``: as is, or converted once into the cache directory."""
+    if path is None:
+        path = REFERENCE_MODEL
+    local = Path(path).expanduser()
+    if local.exists() and is_hobbit_model(local):
+        return local
+    from convert import convert  # the converter is only needed for unconverted sources
+
+    if local.exists():
+        cfg = local / "config.json"
+        stamp = f"{local.resolve()}:{cfg.stat().st_mtime_ns if cfg.exists() else 0}"
+        name = local.name
+    else:
+        stamp, name = str(path), str(path).replace("/", "--")
+    target = cache_root() / f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
+    if not is_hobbit_model(target):
+        if progress:
+            print(f"[hobbit_mlx] converting {path} into {target} (once)")
+        convert(path, target, force=True, progress=progress)
+    return target
+
+
+def _offloaded_classes(manifest: Manifest):
+    """mlx-lm's model classes, with the switch modules replaced as soon as the model is built.
+
+    Replacing them inside ``__init__`` means mlx-lm's own loader then loads (strictly) exactly
+    the dense weights, and the random initial expert weights are never materialised.
+    """
+
+    def get_classes(config: dict):
+        model_class, args_class = _get_classes(config)
+
+        class OffloadedModel(model_class):
+            def __init__(self, args):
+                super().__init__(args)
+                _check_manifest(self, manifest, config)
+                install(self, manifest)
+
+        OffloadedModel.__name__ = model_class.__name__
+        OffloadedModel.__qualname__ = model_class.__qualname__
+        return OffloadedModel, args_class
+
+    return get_classes
+
+
+def _check_manifest(model: nn.Module, manifest: Manifest, config: dict) -> None:
+    switches = find_switch_modules(model)
+    found = [(p, num_experts_of(m)) for p, m in switches]
+    want = [(l.module_path, l.num_experts) for l in manifest.layers]
+    if found != want:
+        raise StoreError(
+            f"the expert store manifest does not match config.json: the config builds "
+            f"{len(found)} MoE layers ({found[:2]}...) but the manifest lists {len(want)} "
+            f"({want[:2]}...); was the store converted from another model?")
+    if manifest.model_type != config.get("model_type"):
+        raise StoreError(f"the expert store was made for model_type {manifest.model_type!r}, "
+                         f"config.json says {config.get('model_type')!r}")
+
+
+def compute_dtype(dtype: Any = None) -> mx.Dtype | None:
+    """float32 on the CPU backend (bf16 activations are ~8x slower there), else the model's own."""
+    if dtype is not None:
+        return getattr(mx, dtype) if isinstance(dtype, str) else dtype
+    return mx.float32 if mx.default_device() == mx.cpu else None
+
+
+def _kv_bytes_per_token(model: nn.Module) -> int:
+    """Measured: run one token through the model and count the KV cache it produced."""
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    states = [a for c in cache for a in tree_flatten(c.state) if isinstance(a, mx.array)] \
+        if cache else []
+    mx.eval(states)
+    return int(sum(a.nbytes for a in states))
+
+
+def _activation_bytes(config: dict, manifest: Manifest, itemsize: int, chunk: int) -> int:
+    """An upper estimate of one prefill chunk's live activations (attention scores included)."""
+    cfg = text_config(config)
+    hidden = int(cfg.get("hidden_size", 1024))
+    heads = int(cfg.get("num_attention_heads", 16))
+    vocab = int(cfg.get("vocab_size", 32000))
+    entry = manifest.layers[0].precisions["high"]
+    inter = max(t.shape[0] for t in entry.tensors if t.name.endswith("weight"))
+    k = manifest.experts_per_token
+    return itemsize * chunk * (8 * hidden + 3 * k * inter + vocab + heads * chunk)
+
+
+def load(path: str | Path | None = None, memory_budget: int | str | None = None,
+         expert_residency: float | None = None, *, exact: bool = True, policy: str = "lru",
+         max_context: int = DEFAULT_MAX_CONTEXT, prefill_step_size: int = DEFAULT_PREFILL_STEP,
+         io_workers: int = 8, verify: str = "first", direct_io: bool = False, dtype: Any = None,
+         tokenizer_config: dict | None = None, progress: bool = True):
+    """Load an MoE model with its experts offloaded; returns ``(model, tokenizer)`` like mlx-lm.
+
+    ``path``: a hobbit model directory, or anything ``python -m convert`` accepts (converted once
+    into ``$HOBBIT_MLX_CACHE``), or None for the bundled reference model. ``memory_budget`` (bytes
+    or "6GB"/"6GiB") caps MLX's peak memory while generating; ``expert_residency`` instead sizes
+    the expert cache as a fraction of the 4-bit expert bytes. ``exact=True`` (the only mode so
+    far) serves every expert in 4-bit and skips none, so outputs equal mlx-lm's.
+    """
+    if not exact:
+        raise NotImplementedError("lossy techniques are not built yet; use exact=True")
+    model_dir = resolve_model(path, progress=progress)
+    manifest = load_manifest(model_dir)
+    config = load_config(model_dir)
+    model, config = load_model(model_dir, lazy=True, get_model_classes=_offloaded_classes(manifest))
+    cdtype = compute_dtype(dtype)
+    if cdtype is not None:
+        model.set_dtype(cdtype)
+    mx.eval(model.parameters())
+    dense_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+
+    reader = RecordReader(model_dir, manifest, workers=io_workers, verify=verify, direct=direct_io)
+    high = [l.precisions["high"] for l in manifest.layers]
+    expert_max = max(e.expert_nbytes for e in high)
+    itemsize = (cdtype or mx.bfloat16).size
+    # A throw-away runtime with no cache measures the KV bytes one token adds.
+    bind(model, OffloadRuntime(manifest, reader, ExpertCache(0, make_policy("lru")), dtype=cdtype,
+                               working_set_bytes=2 * manifest.experts_per_token * expert_max))
+    kv_per_token = _kv_bytes_per_token(model)
+    plan = plan_budget(
+        dense_bytes=dense_bytes, expert_bytes_high=manifest.expert_bytes("high"),
+        expert_nbytes_max=expert_max, experts_per_token=manifest.experts_per_token,
+        kv_bytes_per_token=kv_per_token,
+        activation_bytes=_activation_bytes(config, manifest, itemsize, prefill_step_size),
+        max_context=max_context, memory_budget=memory_budget, expert_residency=expert_residency)
+    mx.set_cache_limit(plan.mlx_cache_limit_bytes)
+    runtime = OffloadRuntime(manifest, reader, ExpertCache(plan.expert_cache_bytes, make_policy(policy)),
+                             dtype=cdtype, working_set_bytes=plan.working_set_bytes, exact=exact)
+    runtime.plan = plan
+    runtime.model_dir = model_dir
+    runtime.kv_bytes_per_token = kv_per_token
+    runtime.prefill_step_size = prefill_step_size
+    bind(model, runtime)
+    reader.bytes_read = 0
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    tokenizer = load_tokenizer(model_dir, tokenizer_config_extra=tokenizer_config or {},
+                               eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer
+
+
+def runtime_of(model: nn.Module) -> OffloadRuntime:
+    rt = getattr(model, "_hobbit", None)
+    if rt is None:
+        raise ValueError("this model was not loaded by hobbit_mlx.load")
+    return rt
+
+
+def offload_stats(model: nn.Module) -> dict:
+    """Counters since the last reset, plus the cache's and MLX's memory right now."""
+    rt = runtime_of(model)
+    s = dict(vars(rt.stats))
+    plan: BudgetPlan = rt.plan
+    s.update(resident_expert_bytes=rt.cache.resident_bytes, resident_experts=len(rt.cache),
+             expert_cache_bytes=plan.expert_cache_bytes, peak_memory_bytes=mx.get_peak_memory(),
+             active_memory_bytes=mx.get_active_memory(), budget_bytes=plan.budget_bytes,
+             dense_bytes=plan.dense_bytes)
+    served = s["hits_high"] + s["hits_low"]
+    s["hit_rate"] = served / s["expert_requests"] if s["expert_requests"] else 0.0
+    return s
+
+
+def reset_stats(model: nn.Module) -> None:
+    """Zero the counters and MLX's peak-memory mark (the cache's contents stay)."""
+    runtime_of(model).stats.reset()
+    mx.reset_peak_memory()
+
+
+def footprint(path: str | Path | None = None) -> dict:
+    """Sizes that decide what budget a model needs, read from its store and a one-token run."""
+    model, _ = load(path, expert_residency=0.0, progress=False)
+    rt = runtime_of(model)
+    m = rt.manifest
+    out = {"dense_bytes": rt.plan.dense_bytes, "expert_bytes_high": m.expert_bytes("high"),
+           "expert_bytes_low": m.expert_bytes("low"), "num_moe_layers": len(m.layers),
+           "num_experts": m.num_experts, "experts_per_token": m.experts_per_token,
+           "kv_bytes_per_token": rt.kv_bytes_per_token,
+           "minimum_budget_bytes": rt.plan.minimum_bytes}
+    rt.close()
+    return out

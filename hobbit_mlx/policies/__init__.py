@@ -1,0 +1,33 @@
+"""Cache replacement policies behind one small interface.
+
+A policy only ranks keys; the cache owns the bytes and the budget. Keys are
+``(layer, expert, precision)`` tuples. ``victim`` picks the key to evict among those ``evictable`` accepts (resident, unpinned).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Protocol
+
+Key = Hashable
+
+
+class Policy(Protocol):
+    name: str
+
+    def on_insert(self, key: Key) -> None: ...
+    def on_hit(self, key: Key) -> None: ...
+    def on_evict(self, key: Key) -> None: ...
+    def victim(self, evictable: Callable[[Key], bool]) -> Key: ...
+    def reset(self) -> None: ...
+
+
+from .lru import LRUPolicy  # noqa: E402
+
+POLICIES: dict[str, Callable[..., Policy]] = {"lru": LRUPolicy}
+
+
+def make_policy(name: str, **kwargs) -> Policy:
+    try:
+        return POLICIES[name](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None

@@ -1,0 +1,236 @@
+"""The expert store format: one place that both the converter and the runtime import.
+
+A hobbit model directory holds the dense (non-expert) weights in mlx-lm form, the config and
+tokenizer files, and ``experts/``: a manifest plus safetensors files holding every routed expert of
+every MoE layer twice, in a high (4-bit) and a low (2-bit) quantized form.
+
+A *record* is one expert at one precision: a list of byte spans ``(file, offset, length)``. In a
+store written by our converter each record is a single page-aligned span holding all of the
+expert's tensors back to back, so it is read with one ``pread``. The tensor layout inside a
+record is the same for every expert of a layer and precision, so the manifest stores it once per
+(layer, precision). Spans in safetensors files keep the door open to reading an mlx-lm
+checkpoint's stacked experts in place (one span per tensor) without a second copy on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "hobbit-expert-store"
+FORMAT_VERSION = 1
+STORE_DIR = "experts"
+MANIFEST_NAME = "manifest.json"
+PAGE_SIZE = 16384  # Apple Silicon page size; also a multiple of x86's 4096.
+PRECISIONS = ("high", "low")
+
+# safetensors dtype names <-> numpy-compatible storage (bfloat16 is read as uint16 and viewed).
+DTYPE_ITEMSIZE = {
+    "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}
+
+
+class StoreError(RuntimeError):
+    """A hobbit model directory is missing, corrupt, or does not match its config."""
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where one tensor of an expert lives inside its record."""
+
+    name: str  # parameter path inside the switch module, e.g. "gate_proj.scales"
+    dtype: str  # safetensors dtype name, e.g. "U32", "BF16"
+    shape: tuple[int, ...]
+    span: int  # index into the record's spans
+    offset: int  # byte offset inside that span
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_ITEMSIZE[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+    def to_json(self) -> list:
+        return [self.name, self.dtype, list(self.shape), self.span, self.offset]
+
+    @classmethod
+    def from_json(cls, row: list) -> "TensorLayout":
+        name, dtype, shape, span, offset = row
+        return cls(name, dtype, tuple(shape), int(span), int(offset))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One expert at one precision: byte spans plus a CRC32 per span."""
+
+    spans: tuple[tuple[int, int, int], ...]  # (file index, offset, length)
+    crc32: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s[2] for s in self.spans)
+
+    def to_json(self) -> dict:
+        return {"spans": [list(s) for s in self.spans], "crc32": list(self.crc32)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Record":
+        return cls(tuple(tuple(int(v) for v in s) for s in obj["spans"]),
+                   tuple(int(c) for c in obj["crc32"]))
+
+
+@dataclass
+class PrecisionEntry:
+    """All experts of one MoE layer at one precision."""
+
+    bits: int
+    group_size: int
+    mode: str
+    tensors: list[TensorLayout]
+    records: list[Record]
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes one expert takes once resident (sum of its tensors)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_json(self) -> dict:
+        return {
+            "bits": self.bits, "group_size": self.group_size, "mode": self.mode,
+            "tensors": [t.to_json() for t in self.tensors],
+            "records": [r.to_json() for r in self.records],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "PrecisionEntry":
+        return cls(int(obj["bits"]), int(obj["group_size"]), obj.get("mode", "affine"),
+                   [TensorLayout.from_json(t) for t in obj["tensors"]],
+                   [Record.from_json(r) for r in obj["records"]])
+
+
+@dataclass
+class LayerEntry:
+    """One MoE layer: where its switch module sits in the mlx-lm model, and its experts."""
+
+    layer: int  # index of this MoE layer among the model's MoE layers
+    module_path: str  # e.g. "model.layers.3.mlp.switch_mlp"
+    num_experts: int
+    precisions: dict[str, PrecisionEntry] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "module": self.module_path, "num_experts": self.num_experts,
+                "precisions": {k: v.to_json() for k, v in self.precisions.items()}}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "LayerEntry":
+        return cls(int(obj["layer"]), obj["module"], int(obj["num_experts"]),
+                   {k: PrecisionEntry.from_json(v) for k, v in obj["precisions"].items()})
+
+
+@dataclass
+class Manifest:
+    """The whole expert store: files, layers, and model facts the runtime checks against."""
+
+    model_type: str
+    num_experts: int
+    experts_per_token: int
+    files: list[str]  # paths relative to the model directory
+    layers: list[LayerEntry]
+    source: str = ""
+    page_size: int = PAGE_SIZE
+
+    def expert_bytes(self, precision: str) -> int:
+        return sum(l.precisions[precision].expert_nbytes * l.num_experts for l in self.layers)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_type": self.model_type,
+                "num_experts": self.num_experts, "experts_per_token": self.experts_per_token,
+                "page_size": self.page_size, "source": self.source, "files": self.files,
+                "layers": [l.to_json() for l in self.layers]}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Manifest":
+        if obj.get("format") != FORMAT_NAME:
+            raise StoreError(f"not a hobbit expert store manifest (format={obj.get('format')!r})")
+        if int(obj.get("version", -1)) != FORMAT_VERSION:
+            raise StoreError(f"expert store version {obj.get('version')} is not supported "
+                             f"(this hobbit_mlx reads version {FORMAT_VERSION}); reconvert the model")
+        return cls(obj["model_type"], int(obj["num_experts"]), int(obj["experts_per_token"]),
+                   list(obj["files"]), [LayerEntry.from_json(l) for l in obj["layers"]],
+                   obj.get("source", ""), int(obj.get("page_size", PAGE_SIZE)))
+
+    def save(self, model_dir: Path) -> None:
+        path = Path(model_dir) / STORE_DIR / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json()))
+        os.replace(tmp, path)
+
+
+def manifest_path(model_dir: str | Path) -> Path:
+    return Path(model_dir) / STORE_DIR / MANIFEST_NAME
+
+
+def is_hobbit_model(model_dir: str | Path) -> bool:
+    return manifest_path(model_dir).is_file()
+
+
+def load_manifest(model_dir: str | Path, check_files: bool = True) -> Manifest:
+    """Read and validate the manifest; with ``check_files`` every store file must be long enough."""
+    path = manifest_path(model_dir)
+    if not path.is_file():
+        raise StoreError(f"{path}: expert store manifest not found (is {model_dir} a converted "
+                         "hobbit model? convert it with `python -m convert SRC DST`)")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: manifest is not valid JSON ({e})") from None
+    try:
+        manifest = Manifest.from_json(obj)
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"{path}: manifest is malformed ({type(e).__name__}: {e})") from None
+    if check_files:
+        check_store_files(Path(model_dir), manifest)
+    return manifest
+
+
+def check_store_files(model_dir: Path, manifest: Manifest) -> None:
+    """Catch missing or truncated store files up front, naming the file and the sizes."""
+    needed = [0] * len(manifest.files)
+    for layer in manifest.layers:
+        for entry in layer.precisions.values():
+            for rec in entry.records:
+                for f, off, n in rec.spans:
+                    needed[f] = max(needed[f], off + n)
+    for i, rel in enumerate(manifest.files):
+        path = model_dir / rel
+        if not path.is_file():
+            raise StoreError(f"{path}: expert store file is missing")
+        size = path.stat().st_size
+        if size < needed[i]:
+            raise StoreError(f"{path}: expert store file is truncated ({size} bytes, "
+                             f"the manifest needs {needed[i]})")
+
+
+def align_up(n: int, page: int = PAGE_SIZE) -> int:
+    return (n + page - 1) // page * page
+
+
+def safetensors_header(tensors: dict[str, tuple[str, tuple[int, ...], int, int]],
+                       page: int = PAGE_SIZE) -> tuple[bytes, int]:
+    """Build a safetensors header padded so the data section starts on a page boundary.
+
+    ``tensors`` maps name -> (dtype, shape, begin, end) with offsets relative to the data section.
+    Returns (header bytes including the 8-byte length prefix, data section start).
+    """
+    meta: dict[str, Any] = {"__metadata__": {"format": FORMAT_NAME}}
+    for name, (dtype, shape, begin, end) in tensors.items():
+        meta[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    body = json.dumps(meta, separators=(",", ":")).encode()
+    data_start = align_up(8 + len(body), page)
+    body = body + b" " * (data_start - 8 - len(body))
+    return len(body).to_bytes(8, "little") + body, data_start
