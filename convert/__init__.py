@@ -139,45 +139,36 @@ def _to_numpy(a: mx.array) -> np.ndarray:
     return np.array(a, copy=False)
 
 
-def _expert_tensors(weights: dict, prefix: str, proj_names: list[str], in_dims: dict[str, int],
-                    precision: dict, e0: int, e1: int) -> dict[str, mx.array]:
-    """The tensors of experts e0..e1 at one precision for one projection list (lazy)."""
-    out = {}
-    for proj in proj_names:
-        key = f"{prefix}.{proj}"
-        w = weights[f"{key}.weight"][e0:e1]
-        src_q = _source_quantization(weights, key, in_dims[proj])
-        keep = src_q is not None and src_q["bits"] == precision["bits"] and (
-            src_q["mode"] != "affine" or src_q["group_size"] == precision["group_size"])
-        if keep:  # the source's own quantized bytes are the high-precision copy: exact
-            out[f"{proj}.weight"] = w
-            out[f"{proj}.scales"] = weights[f"{key}.scales"][e0:e1]
-            if f"{key}.biases" in weights:
-                out[f"{proj}.biases"] = weights[f"{key}.biases"][e0:e1]
-        else:
-            if src_q is not None:
-                b = weights.get(f"{key}.biases")
-                w = mx.dequantize(w, weights[f"{key}.scales"][e0:e1], None if b is None else b[e0:e1],
-                                  group_size=src_q["group_size"], bits=src_q["bits"], mode=src_q["mode"])
-            q = mx.quantize(w, precision["group_size"], precision["bits"], mode="affine")
-            out[f"{proj}.weight"], out[f"{proj}.scales"] = q[0], q[1]
-            if len(q) > 2 and q[2] is not None:
-                out[f"{proj}.biases"] = q[2]
-        if f"{key}.bias" in weights:
-            out[f"{proj}.bias"] = weights[f"{key}.bias"][e0:e1]
-    return out
-
-
-def _precision_of_layer(weights: dict, prefix: str, proj_names, in_dims, want: dict) -> dict:
-    """Keep a quantized source's own format for the high copy when its bit width matches."""
-    fmts = {json.dumps(_source_quantization(weights, f"{prefix}.{p}", in_dims[p]), sort_keys=True)
-            for p in proj_names}
-    if len(fmts) == 1:
-        src_q = json.loads(fmts.pop())
-        if src_q and src_q["bits"] == want["bits"] and (
-                src_q["mode"] != "affine" or src_q["group_size"] == want["group_size"]):
-            return src_q
+def _projection_quant(weights: dict, key: str, in_dim: int, want: dict, keep_source: bool) -> dict:
+    """The quantization of one projection's copy: the source's own (exact) or ``want`` (affine)."""
+    src_q = _source_quantization(weights, key, in_dim)
+    if keep_source and src_q is not None and src_q["bits"] >= want["bits"]:
+        return src_q
     return dict(want, mode="affine")
+
+
+def _expert_tensors(weights: dict, key: str, in_dim: int, quant: dict, e0: int, e1: int) -> dict:
+    """The tensors of experts e0..e1 of one projection at one quantization (lazy)."""
+    out = {}
+    w = weights[f"{key}.weight"][e0:e1]
+    src_q = _source_quantization(weights, key, in_dim)
+    if src_q == quant:  # the source's own quantized bytes
+        out["weight"] = w
+        out["scales"] = weights[f"{key}.scales"][e0:e1]
+        if f"{key}.biases" in weights:
+            out["biases"] = weights[f"{key}.biases"][e0:e1]
+    else:
+        if src_q is not None:
+            b = weights.get(f"{key}.biases")
+            w = mx.dequantize(w, weights[f"{key}.scales"][e0:e1], None if b is None else b[e0:e1],
+                              group_size=src_q["group_size"], bits=src_q["bits"], mode=src_q["mode"])
+        q = mx.quantize(w, quant["group_size"], quant["bits"], mode="affine")
+        out["weight"], out["scales"] = q[0], q[1]
+        if len(q) > 2 and q[2] is not None:
+            out["biases"] = q[2]
+    if f"{key}.bias" in weights:
+        out["bias"] = weights[f"{key}.bias"][e0:e1]
+    return out
 
 
 def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], precisions: dict,
@@ -192,26 +183,29 @@ def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], preci
                                   "(after mlx-lm's sanitize); is it the model its config.json names?")
     entry = LayerEntry(li, path, num_experts)
     for pname, want in precisions.items():
-        prec = _precision_of_layer(weights, path, proj_names, in_dims, want)
-        sample = _expert_tensors(weights, path, proj_names, in_dims, prec, 0, 1)
-        shapes = {k: (_MX_TO_ST[v.dtype], tuple(v.shape[1:])) for k, v in sorted(sample.items())}
+        quant = {p: _projection_quant(weights, f"{path}.{p}", in_dims[p], want, pname == "high")
+                 for p in proj_names}
+        shapes = {}
+        for p in proj_names:
+            sample = _expert_tensors(weights, f"{path}.{p}", in_dims[p], quant[p], 0, 1)
+            shapes.update({f"{p}.{k}": (_MX_TO_ST[v.dtype], tuple(v.shape[1:])) for k, v in sample.items()})
         rel = f"{STORE_DIR}/{pname}/layer_{li:03d}.safetensors"
-        writer = _LayerWriter(tmp / rel, num_experts, shapes)
-        for proj in proj_names:
-            out_dims, in_dim = modules[proj].weight.shape[1:]
+        writer = _LayerWriter(tmp / rel, num_experts, dict(sorted(shapes.items())))
+        for p in proj_names:
+            out_dims, in_dim = modules[p].weight.shape[1:]
             step = max(1, CHUNK_BYTES // (out_dims * in_dim * 4))
             for e0 in range(0, num_experts, step):
                 e1 = min(num_experts, e0 + step)
-                chunk = _expert_tensors(weights, path, [proj], in_dims, prec, e0, e1)
+                chunk = _expert_tensors(weights, f"{path}.{p}", in_dims[p], quant[p], e0, e1)
                 mx.eval(list(chunk.values()))
                 for name, arr in chunk.items():
                     data = _to_numpy(arr)
                     for e in range(e0, e1):
-                        writer.write(e, name, data[e - e0])
+                        writer.write(e, f"{p}.{name}", data[e - e0])
             progress.update(1)
         files.append(rel)
-        entry.precisions[pname] = PrecisionEntry(prec["bits"], prec["group_size"], prec["mode"],
-                                                 writer.layout, writer.finish(len(files) - 1))
+        entry.precisions[pname] = PrecisionEntry(want["bits"], quant, writer.layout,
+                                                 writer.finish(len(files) - 1))
     return entry
 
 

@@ -18,7 +18,8 @@ from mlx_lm.utils import _get_classes
 
 SWITCH_LINEAR_TYPES = (SwitchLinear, QuantizedSwitchLinear)
 _TOP_K_KEYS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "moe_top_k",
-               "top_k", "n_activated_experts", "num_selected_experts")
+               "moe_topk", "moe_k", "top_k_experts", "n_activated_experts", "num_selected_experts",
+               "top_k")
 
 
 class UnsupportedModelError(ValueError):
@@ -59,12 +60,19 @@ def num_experts_of(switch: nn.Module) -> int:
 def text_config(config: dict) -> dict:
     """Models with a vision tower keep the language model's settings under ``text_config``."""
     merged = dict(config)
-    merged.update(config.get("text_config") or {})
+    nested = config.get("text_config")
+    if nested is not None and not isinstance(nested, dict):
+        nested = vars(nested)  # a model's args may hold it as a dataclass
+    merged.update(nested or {})
     return merged
 
 
-def experts_per_token(config: dict) -> int:
+def experts_per_token(config: dict, model: nn.Module | None = None) -> int:
+    """Top-k of the router, from the config or (for defaults it leaves out) the model's args."""
     cfg = text_config(config)
+    args = getattr(model, "args", None)
+    if args is not None:
+        cfg = {**text_config(vars(args)), **cfg}
     for key in _TOP_K_KEYS:
         if isinstance(cfg.get(key), int) and cfg[key] > 0:
             return int(cfg[key])
@@ -94,4 +102,4 @@ def describe_moe(config: dict) -> dict[str, Any]:
             f"model_type {config.get('model_type')!r} has no routed experts built from mlx-lm "
             "switch layers (SwitchGLU / SwitchMLP): it is a dense model or an MoE that hobbit_mlx "
             "does not support")
-    return {"model": model, "switches": switches, "experts_per_token": experts_per_token(config)}
+    return {"model": model, "switches": switches, "experts_per_token": experts_per_token(config, model)}

@@ -128,8 +128,9 @@ class OffloadedSwitch(nn.Module):
         for t in entry.tensors:
             proj, _, attr = t.name.rpartition(".")
             self._proj[proj][attr] = mx.stack([e[t.name] for e in experts])
-        for proj in self._proj.values():
-            proj.bits, proj.group_size, proj.mode = entry.bits, entry.group_size, entry.mode
+        for name, proj in self._proj.items():
+            q = entry.quant[name]
+            proj.bits, proj.group_size, proj.mode = q["bits"], q["group_size"], q["mode"]
         try:
             return self.inner(x, local_indices)
         finally:

@@ -86,11 +86,15 @@ class Record:
 
 @dataclass
 class PrecisionEntry:
-    """All experts of one MoE layer at one precision."""
+    """All experts of one MoE layer at one precision.
 
-    bits: int
-    group_size: int
-    mode: str
+    ``quant`` gives each projection's quantization ({"bits", "group_size", "mode"}): a quantized
+    source keeps its own format in the high copy (mlx-lm recipes may hold some projections at 8
+    bits), so exact mode reads the very bytes mlx-lm would use.
+    """
+
+    bits: int  # nominal bit width of this precision (4 for high, 2 for low)
+    quant: dict[str, dict]
     tensors: list[TensorLayout]
     records: list[Record]
 
@@ -101,14 +105,14 @@ class PrecisionEntry:
 
     def to_json(self) -> dict:
         return {
-            "bits": self.bits, "group_size": self.group_size, "mode": self.mode,
+            "bits": self.bits, "quant": self.quant,
             "tensors": [t.to_json() for t in self.tensors],
             "records": [r.to_json() for r in self.records],
         }
 
     @classmethod
     def from_json(cls, obj: dict) -> "PrecisionEntry":
-        return cls(int(obj["bits"]), int(obj["group_size"]), obj.get("mode", "affine"),
+        return cls(int(obj["bits"]), {k: dict(v) for k, v in obj["quant"].items()},
                    [TensorLayout.from_json(t) for t in obj["tensors"]],
                    [Record.from_json(r) for r in obj["records"]])
 

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random MoE models of each architecture, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    """``get(arch, quantize=True) -> (mlx-lm checkpoint dir, converted hobbit dir)``, cached."""
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    built: dict = {}
+
+    def get(arch: str, quantize: bool = True):
+        key = (arch, quantize)
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"{arch}-{'q' if quantize else 'f'}")
+            src = make_tiny_model(arch, root / "mlx", quantize=quantize)
+            dst = convert(src, root / "hobbit", progress=False)
+            built[key] = (src, dst)
+        return built[key]
+
+    return get
