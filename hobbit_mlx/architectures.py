@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear, SwitchMLP
 from mlx_lm.utils import _get_classes
 
 SWITCH_LINEAR_TYPES = (SwitchLinear, QuantizedSwitchLinear)
@@ -31,7 +32,11 @@ def _natural_key(path: str) -> list:
 
 
 def is_switch_module(module: nn.Module) -> bool:
-    return any(isinstance(c, SWITCH_LINEAR_TYPES) for c in module.children().values())
+    """Only switch layers carry its parameters (attention blocks may use a SwitchLinear too)."""
+    children = [c for c in module.children().values() if isinstance(c, nn.Module)]
+    holders = [c for c in children if tree_flatten(c.parameters())]
+    own = [k for k, v in module.items() if isinstance(v, mx.array)]
+    return bool(holders) and not own and all(isinstance(c, SWITCH_LINEAR_TYPES) for c in holders)
 
 
 def find_switch_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -97,6 +102,12 @@ def describe_moe(config: dict) -> dict[str, Any]:
     """Check that a config is an MoE hobbit_mlx can offload and return its switch modules' facts."""
     model = build_model(config)
     switches = find_switch_modules(model)
+    odd = [p for p, m in model.named_modules() if isinstance(m, (SwitchGLU, SwitchMLP))
+           and p not in dict(switches)]
+    if odd:
+        raise UnsupportedModelError(
+            f"model_type {config.get('model_type')!r} keeps non-expert weights inside its expert "
+            f"module ({odd[0]}), which hobbit_mlx cannot offload yet")
     if not switches:
         raise UnsupportedModelError(
             f"model_type {config.get('model_type')!r} has no routed experts built from mlx-lm "

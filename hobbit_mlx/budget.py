@@ -77,28 +77,28 @@ def plan_budget(*, dense_bytes: int, expert_bytes_high: int, expert_nbytes_max: 
         if not 0.0 <= expert_residency <= 1.0:
             raise ValueError(f"expert_residency must be between 0 and 1, not {expert_residency}")
         cache = int(expert_residency * expert_bytes_high)
-        mlx_cache = _mlx_cache_limit(fixed + cache, working)
+        mlx_cache = _mlx_cache_limit(working)
         return BudgetPlan(fixed + cache + mlx_cache, dense_bytes, kv, activation_bytes, working,
                           mlx_cache, cache)
     if memory_budget is None:
         # Default: everything if it fits in 60% of the machine, else as much of it as fits there.
         memory_budget = min(int(0.6 * system_memory_bytes()),
-                            fixed + expert_bytes_high + _mlx_cache_limit(fixed + expert_bytes_high, working))
+                            fixed + expert_bytes_high + _mlx_cache_limit(working))
     budget = parse_size(memory_budget)
-    mlx_cache = _mlx_cache_limit(budget, working)
+    mlx_cache = _mlx_cache_limit(working)
     cache = min(budget - fixed - mlx_cache, expert_bytes_high)
     plan = BudgetPlan(budget, dense_bytes, kv, activation_bytes, working, mlx_cache, max(cache, 0))
     if cache < 0:
-        minimum = fixed + _mlx_cache_limit(fixed, working)
+        minimum = fixed + mlx_cache
         raise BudgetError(
             f"memory budget {format_size(budget)} is too small for this model: it needs at least "
             f"{format_size(minimum)} ({minimum} bytes) = dense weights {format_size(dense_bytes)} + "
             f"KV cache for {max_context} tokens {format_size(kv)} + activations "
             f"{format_size(activation_bytes)} + one layer's experts {format_size(working)} + MLX buffer "
-            f"cache {format_size(_mlx_cache_limit(fixed, working))}; anything above that caches experts")
+            f"cache {format_size(mlx_cache)}; anything above that caches experts")
     return plan
 
 
-def _mlx_cache_limit(budget: int, working: int) -> int:
+def _mlx_cache_limit(working: int) -> int:
     """MLX keeps freed buffers for reuse; cap that cache and count it inside the budget."""
-    return int(min(max(working, 8 * 2**20), 0.05 * budget))
+    return max(2 * working, 4 * 2**20)

@@ -101,8 +101,7 @@ def _kv_bytes_per_token(model: nn.Module) -> int:
     """Measured: run one token through the model and count the KV cache it produced."""
     cache = make_prompt_cache(model)
     model(mx.array([[0]]), cache=cache)
-    states = [a for c in cache for a in tree_flatten(c.state) if isinstance(a, mx.array)] \
-        if cache else []
+    states = [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
     mx.eval(states)
     return int(sum(a.nbytes for a in states))
 

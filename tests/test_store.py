@@ -1,0 +1,160 @@
+"""The store format on disk, and clear errors for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import pytest
+from safetensors.numpy import load_file
+
+import convert as converter
+import hobbit_mlx
+from hobbit_mlx.budget import BudgetError, parse_size
+from hobbit_mlx.store import PAGE_SIZE, StoreError, load_manifest
+from hobbit_mlx.architectures import UnsupportedModelError
+
+
+@pytest.fixture()
+def model_copy(tiny_factory, tmp_path):
+    """A private copy of a converted model that a test may damage."""
+    _, dst = tiny_factory("qwen3_moe")
+    return shutil.copytree(dst, tmp_path / "model")
+
+
+def _forward(path, **kw):
+    model, _ = hobbit_mlx.load(path, progress=False, **kw)
+    mx.eval(model(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]])))
+    return model
+
+
+def test_records_are_page_aligned_safetensors(tiny_factory):
+    _, dst = tiny_factory("mixtral")
+    manifest = load_manifest(dst)
+    assert len(manifest.files) == 2 * len(manifest.layers)
+    for layer in manifest.layers:
+        high, low = layer.precisions["high"], layer.precisions["low"]
+        assert all(q["bits"] == 4 for q in high.quant.values())
+        assert all(q["bits"] == 2 for q in low.quant.values())
+        assert low.expert_nbytes < high.expert_nbytes
+        for entry in (high, low):
+            assert len(entry.records) == layer.num_experts
+            for rec in entry.records:
+                assert len(rec.spans) == 1 and rec.spans[0][1] % PAGE_SIZE == 0
+    tensors = load_file(str(dst / manifest.files[0]))  # a valid safetensors file
+    assert "0.gate_proj.weight" in tensors or "0.w1.weight" in tensors or len(tensors) > 0
+
+
+def test_missing_store_file(model_copy):
+    victim = model_copy / load_manifest(model_copy).files[1]
+    victim.unlink()
+    with pytest.raises(StoreError, match=f"{victim.name}.*missing"):
+        hobbit_mlx.load(model_copy, progress=False)
+
+
+def test_truncated_store_file(model_copy):
+    victim = model_copy / load_manifest(model_copy).files[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError, match="truncated"):
+        hobbit_mlx.load(model_copy, progress=False)
+
+
+def test_checksum_mismatch_names_the_file(model_copy):
+    manifest = load_manifest(model_copy)
+    for layer in manifest.layers:  # damage every high record so the first forward hits one
+        for rec in layer.precisions["high"].records:
+            f, off, n = rec.spans[0]
+            path = model_copy / manifest.files[f]
+            with open(path, "r+b") as fh:
+                fh.seek(off + n // 2)
+                byte = fh.read(1)
+                fh.seek(off + n // 2)
+                fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        _forward(model_copy)
+
+
+def test_manifest_that_does_not_match_config(model_copy):
+    path = model_copy / "experts" / "manifest.json"
+    obj = json.loads(path.read_text())
+    obj["layers"] = obj["layers"][:-1]
+    path.write_text(json.dumps(obj))
+    with pytest.raises(StoreError, match="does not match config.json"):
+        hobbit_mlx.load(model_copy, progress=False)
+
+
+def test_corrupt_manifest(model_copy):
+    (model_copy / "experts" / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        hobbit_mlx.load(model_copy, progress=False)
+
+
+def test_budget_too_small_says_the_minimum(model_copy):
+    with pytest.raises(BudgetError, match=r"at least .*\((\d+) bytes\)") as info:
+        hobbit_mlx.load(model_copy, memory_budget="1KB", progress=False)
+    minimum = int(info.value.args[0].split("(")[1].split(" bytes")[0])
+    model = _forward(model_copy, memory_budget=minimum)  # the stated minimum runs
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["expert_cache_bytes"] == 0
+    assert stats["peak_memory_bytes"] <= stats["budget_bytes"]
+
+
+def test_unsupported_and_dense_models(tiny_factory, tmp_path):
+    src, _ = tiny_factory("qwen3_moe")
+    bad = shutil.copytree(src, tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="not_a_model")))
+    with pytest.raises(UnsupportedModelError, match="not_a_model"):
+        converter.convert(bad, tmp_path / "out")
+    dense = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 64,
+             "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 32, "rms_norm_eps": 1e-5}
+    (bad / "config.json").write_text(json.dumps(dense))
+    with pytest.raises(UnsupportedModelError, match="'llama' has no routed experts"):
+        converter.convert(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_conversion_leaves_nothing(tiny_factory, tmp_path, monkeypatch):
+    src, _ = tiny_factory("qwen3_moe")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(converter, "_write_dense", boom)
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert(src, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_destination_is_not_overwritten(tiny_factory, tmp_path):
+    src, dst = tiny_factory("qwen3_moe")
+    with pytest.raises(FileExistsError, match="--force"):
+        converter.convert(src, dst)
+
+
+def test_missing_source():
+    with pytest.raises(converter.ConversionError, match="no such directory"):
+        converter.convert("/nonexistent/model/dir", "/tmp/never")
+
+
+@pytest.mark.parametrize("text,expected", [("6GB", 6 * 10**9), ("6GiB", 6 * 2**30), ("512 MiB", 512 * 2**20),
+                                           ("1.5g", 1_500_000_000), (1234, 1234), ("77", 77)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_parse_size_rejects_garbage():
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_size("six gigs")
+
+
+def test_footprint(tiny_factory):
+    _, dst = tiny_factory("qwen2_moe")
+    fp = hobbit_mlx.footprint(dst)
+    manifest = load_manifest(dst)
+    assert fp["num_moe_layers"] == len(manifest.layers)
+    assert fp["expert_bytes_low"] < fp["expert_bytes_high"] == manifest.expert_bytes("high")
+    assert fp["kv_bytes_per_token"] > 0 and fp["dense_bytes"] > 0
+    assert fp["experts_per_token"] == manifest.experts_per_token
