@@ -18,6 +18,7 @@ from .budget import BudgetPlan, plan_budget
 from .cache import ExpertCache
 from .offload import OffloadRuntime, bind, install
 from .policies import make_policy
+from .precision import PrecisionOptions
 from .reader import RecordReader
 from .store import Manifest, StoreError, is_hobbit_model, load_manifest
 
@@ -119,7 +120,10 @@ def _activation_bytes(config: dict, manifest: Manifest, itemsize: int, chunk: in
 
 
 def load(path: str | Path | None = None, memory_budget: int | str | None = None,
-         expert_residency: float | None = None, *, exact: bool = True, policy: str = "lru",
+         expert_residency: float | None = None, *, exact: bool = False,
+         mixed_precision: bool | None = None, t1: float = 0.6, t2: float = 0.9, skip: bool = False,
+         big_little: bool = False, little_threshold: float = 0.8, prefetch_layers: int = 1,
+         policy: str = "lru", policy_options: dict | None = None,
          max_context: int = DEFAULT_MAX_CONTEXT, prefill_step_size: int = DEFAULT_PREFILL_STEP,
          io_workers: int = 8, verify: str = "first", direct_io: bool = False, dtype: Any = None,
          tokenizer_config: dict | None = None, progress: bool = True):
@@ -128,11 +132,22 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     ``path``: a hobbit model directory, or anything ``python -m convert`` accepts (converted once
     into ``$HOBBIT_MLX_CACHE``), or None for the bundled reference model. ``memory_budget`` (bytes
     or "6GB"/"6GiB") caps MLX's peak memory while generating; ``expert_residency`` instead sizes
-    the expert cache as a fraction of the 4-bit expert bytes. ``exact=True`` (the only mode so
-    far) serves every expert in 4-bit and skips none, so outputs equal mlx-lm's.
+    the expert cache as a fraction of the 4-bit expert bytes.
+
+    Techniques, each a switch: ``mixed_precision`` (HOBBIT: a miss on a low-importance expert
+    loads its 2-bit copy; thresholds ``t1``/``t2``, ``skip`` drops the least important),
+    ``big_little`` (MoBiLE: confident tokens run top-k/2 experts), ``prefetch_layers`` (predict
+    and read the next layers' experts in the background; 0 turns it off), ``policy`` (cache
+    eviction: see ``hobbit_mlx.policies.POLICIES``). ``exact=True`` turns every lossy technique
+    off: 4-bit experts only, nothing skipped, outputs equal to mlx-lm's.
     """
-    if not exact:
-        raise NotImplementedError("lossy techniques are not built yet; use exact=True")
+    if exact and (mixed_precision or big_little or skip):
+        raise ValueError("exact=True cannot be combined with mixed_precision, big_little or skip")
+    options = PrecisionOptions(
+        mixed_precision=(not exact) if mixed_precision is None else bool(mixed_precision),
+        t1=t1, t2=t2, skip=skip, big_little=big_little, little_threshold=little_threshold)
+    if not 0 <= t1 <= t2 <= 1:
+        raise ValueError(f"thresholds must satisfy 0 <= t1 <= t2 <= 1 (got t1={t1}, t2={t2})")
     model_dir = resolve_model(path, progress=progress)
     manifest = load_manifest(model_dir)
     config = load_config(model_dir)
@@ -158,8 +173,12 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
         activation_bytes=_activation_bytes(config, manifest, itemsize, prefill_step_size),
         max_context=max_context, memory_budget=memory_budget, expert_residency=expert_residency)
     mx.set_cache_limit(plan.mlx_cache_limit_bytes)
-    runtime = OffloadRuntime(manifest, reader, ExpertCache(plan.expert_cache_bytes, make_policy(policy)),
-                             dtype=cdtype, working_set_bytes=plan.working_set_bytes, exact=exact)
+    scoring = "sigmoid" if text_config(config).get("scoring_func") == "sigmoid" else "softmax"
+    cache = ExpertCache(plan.expert_cache_bytes,
+                        make_policy(policy, num_layers=len(manifest.layers), **(policy_options or {})))
+    runtime = OffloadRuntime(manifest, reader, cache, dtype=cdtype,
+                             working_set_bytes=plan.working_set_bytes, precision=options,
+                             prefetch_layers=prefetch_layers, scoring=scoring)
     runtime.plan = plan
     runtime.model_dir = model_dir
     runtime.kv_bytes_per_token = kv_per_token
@@ -183,26 +202,34 @@ def runtime_of(model: nn.Module) -> OffloadRuntime:
 def offload_stats(model: nn.Module) -> dict:
     """Counters since the last reset, plus the cache's and MLX's memory right now."""
     rt = runtime_of(model)
-    s = dict(vars(rt.stats))
     plan: BudgetPlan = rt.plan
+    rt.wait_idle()
+    s = dict(vars(rt.stats))
     s.update(resident_expert_bytes=rt.cache.resident_bytes, resident_experts=len(rt.cache),
              expert_cache_bytes=plan.expert_cache_bytes, peak_memory_bytes=mx.get_peak_memory(),
              active_memory_bytes=mx.get_active_memory(), budget_bytes=plan.budget_bytes,
              dense_bytes=plan.dense_bytes)
     served = s["hits_high"] + s["hits_low"]
-    s["hit_rate"] = served / s["expert_requests"] if s["expert_requests"] else 0.0
+    demand = served + s["misses_high"] + s["misses_low"]
+    s["hit_rate"] = served / demand if demand else 0.0
+    s["prefetch_precision"] = s["prefetch_used"] / s["prefetch_issued"] if s["prefetch_issued"] else None
+    s["prediction_recall"] = (s["prediction_correct"] / s["prediction_total"]
+                              if s["prediction_total"] else None)
+    s["little_token_share"] = s["little_tokens"] / s["routed_tokens"] if s["routed_tokens"] else None
     return s
 
 
 def reset_stats(model: nn.Module) -> None:
     """Zero the counters and MLX's peak-memory mark (the cache's contents stay)."""
-    runtime_of(model).stats.reset()
+    rt = runtime_of(model)
+    rt.wait_idle()
+    rt.stats.reset()
     mx.reset_peak_memory()
 
 
 def footprint(path: str | Path | None = None) -> dict:
     """Sizes that decide what budget a model needs, read from its store and a one-token run."""
-    model, _ = load(path, expert_residency=0.0, progress=False)
+    model, _ = load(path, expert_residency=0.0, exact=True, prefetch_layers=0, progress=False)
     rt = runtime_of(model)
     m = rt.manifest
     out = {"dense_bytes": rt.plan.dense_bytes, "expert_bytes_high": m.expert_bytes("high"),

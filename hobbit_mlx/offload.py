@@ -14,7 +14,9 @@ the working set allows, they are processed in groups whose partial outputs are s
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, fields
 
 import mlx.core as mx
@@ -24,7 +26,9 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from .architectures import SWITCH_LINEAR_TYPES, switch_linear_paths
 from .cache import ExpertCache
+from .precision import DROP, HIGH, LOW, PrecisionOptions, plan_slots
 from .reader import RecordReader
+from .routing import chosen_weights, find_router, predict_indices, tap_router
 from .store import LayerEntry, Manifest, PrecisionEntry
 
 
@@ -41,6 +45,11 @@ class OffloadStats:
     bytes_read: int = 0
     prefetch_issued: int = 0
     prefetch_used: int = 0
+    prefetch_bytes: int = 0
+    prediction_correct: int = 0  # predicted experts (one layer ahead) the router then chose
+    prediction_total: int = 0  # experts the router chose where a prediction was made
+    little_tokens: int = 0
+    routed_tokens: int = 0
     layer_calls: int = 0
     host_syncs: int = 0
     read_wait_s: float = 0.0
@@ -62,18 +71,38 @@ class OffloadRuntime:
     """What every offloaded layer of one model shares: store reader, cache, stats, options."""
 
     def __init__(self, manifest: Manifest, reader: RecordReader, cache: ExpertCache, *,
-                 dtype: mx.Dtype | None, working_set_bytes: int, exact: bool = True):
+                 dtype: mx.Dtype | None, working_set_bytes: int,
+                 precision: PrecisionOptions | None = None, prefetch_layers: int = 0,
+                 scoring: str = "softmax"):
         self.manifest = manifest
         self.reader = reader
         self.cache = cache
         self.dtype = dtype
         self.working_set_bytes = working_set_bytes
-        self.exact = exact
+        self.precision = precision or PrecisionOptions()
+        self.prefetch_layers = prefetch_layers
+        self.scoring = scoring
         self.stats = OffloadStats()
         self.layers: list[OffloadedSwitch] = []
-        self.trace: list | None = None  # routing trace when recording (layer, experts, weights)
+        self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
+        self._inflight: dict[tuple, Future] = {}
+        self._prefetched: dict[int, set] = {}  # layer -> keys pinned by prefetch until it runs
+        self._predicted: dict[int, set] = {}  # layer -> experts predicted for its next call
+        self._lock = threading.Lock()
 
-    def fetch(self, layer: LayerEntry, experts: np.ndarray, precision: str = "high") -> list[dict]:
+    @property
+    def exact(self) -> bool:
+        return not self.precision.needs_weights
+
+    def _count(self, precision: str, hits: int, misses: int) -> None:
+        if precision == "high":
+            self.stats.hits_high += hits
+            self.stats.misses_high += misses
+        else:
+            self.stats.hits_low += hits
+            self.stats.misses_low += misses
+
+    def fetch(self, layer: LayerEntry, experts, precision: str = "high") -> list[dict]:
         """Arrays of the given experts of one layer, reading misses in parallel; cached if they fit."""
         entry = layer.precisions[precision]
         keys = [(layer.layer, int(e), precision) for e in experts]
@@ -85,26 +114,94 @@ class OffloadRuntime:
                 arrays = self.cache.get(key)
                 if arrays is not None:
                     out[i] = arrays
+                    continue
+                with self._lock:
+                    fut = self._inflight.get(key)
+                if fut is not None:  # a prefetch is reading it already: wait for that read
+                    pending.append((i, fut, False))
                 else:
-                    pending.append((i, self.reader.submit(entry, key[1], self.dtype)))
-            hits = len(keys) - len(pending)
-            if precision == "high":
-                self.stats.hits_high += hits
-                self.stats.misses_high += len(pending)
-            else:
-                self.stats.hits_low += hits
-                self.stats.misses_low += len(pending)
+                    pending.append((i, self.reader.submit(entry, key[1], self.dtype), True))
+            demand = sum(1 for p in pending if p[2])
+            self._count(precision, len(keys) - demand, demand)
             t0 = time.perf_counter()
-            for i, fut in pending:
+            for i, fut, is_demand in pending:
                 out[i] = fut.result()
-                self.stats.bytes_read += entry.records[keys[i][1]].nbytes
-                self.cache.put(keys[i], out[i])
+                if is_demand:
+                    self.stats.bytes_read += entry.records[keys[i][1]].nbytes
+                    self.cache.put(keys[i], out[i])
             self.stats.read_wait_s += time.perf_counter() - t0
         finally:
             self.cache.unpin(keys)
         return out
 
+    def has(self, layer: int, expert: int, precision: str) -> bool:
+        return (layer, expert, precision) in self.cache
+
+    # --- prefetch -------------------------------------------------------------------------
+    def prefetch_after(self, layer_pos: int, gate_input: mx.array) -> None:
+        """Predict the next layers' experts from this layer's gate input and start reading misses."""
+        k = self.manifest.experts_per_token
+        for distance in range(1, self.prefetch_layers + 1):
+            target = layer_pos + distance
+            if target >= len(self.layers) or self.layers[target].router is None:
+                break
+            switch = self.layers[target]
+            ind, _ = predict_indices(switch.router, gate_input, k)
+            experts = np.unique(ind)
+            if distance == 1:
+                self._predicted[target] = set(int(e) for e in experts)
+            entry = switch.layer.precisions["high"]
+            for e in experts:
+                key = (switch.layer.layer, int(e), "high")
+                if key in self.cache:
+                    continue
+                with self._lock:
+                    if key in self._inflight:
+                        continue
+                    fut = self.reader.submit(entry, int(e), self.dtype)
+                    self._inflight[key] = fut
+                self.stats.prefetch_issued += 1
+                fut.add_done_callback(lambda f, key=key, n=entry.records[int(e)].nbytes:
+                                      self._prefetch_done(key, f, n))
+
+    def _prefetch_done(self, key: tuple, fut: Future, nbytes: int) -> None:
+        try:
+            arrays = fut.result()
+        except Exception:  # the demand path will read it again and report the error
+            arrays = None
+        if arrays is not None:
+            self.stats.bytes_read += nbytes
+            self.stats.prefetch_bytes += nbytes
+            with self.cache.lock:
+                if self.cache.put(key, arrays):
+                    self.cache.pin([key])  # protected until its layer runs
+                    self._prefetched.setdefault(key[0], set()).add(key)
+        with self._lock:
+            self._inflight.pop(key, None)
+
+    def consume_prefetch(self, layer: int, needed: set) -> None:
+        """A layer ran: count which of its prefetches were used and release their protection."""
+        with self.cache.lock:
+            keys = self._prefetched.pop(layer, set())
+            self.stats.prefetch_used += sum(1 for k in keys if k[1] in needed)
+            self.cache.unpin(list(keys))
+        with self._lock:
+            inflight = [k for k in self._inflight if k[0] == layer]
+        self.stats.prefetch_used += sum(1 for k in inflight if k[1] in needed)
+
+    def wait_idle(self) -> None:
+        """Let outstanding prefetch reads finish (tests and benchmarks read stable counters)."""
+        while True:
+            with self._lock:
+                futs = list(self._inflight.values())
+            if not futs:
+                return
+            for f in futs:
+                f.exception()
+            time.sleep(0.001)
+
     def close(self) -> None:
+        self.wait_idle()
         self.reader.close()
         self.cache.clear()
 
@@ -112,7 +209,8 @@ class OffloadRuntime:
 class OffloadedSwitch(nn.Module):
     """Drop-in replacement for an mlx-lm switch module whose experts live in the store."""
 
-    def __init__(self, inner: nn.Module, layer: LayerEntry, runtime: OffloadRuntime | None = None):
+    def __init__(self, inner: nn.Module, layer: LayerEntry, position: int,
+                 router: nn.Module | None = None):
         super().__init__()
         for path in switch_linear_paths(inner):
             parent, _, name = path.rpartition(".")
@@ -120,10 +218,12 @@ class OffloadedSwitch(nn.Module):
             setattr(owner, name, _empty_projection())
         self.inner = inner
         self._proj = {p: m for p, m in inner.named_modules() if isinstance(m, SWITCH_LINEAR_TYPES)}
-        self._layer = layer
-        self._runtime = runtime
+        self.layer = layer
+        self.position = position
+        object.__setattr__(self, "router", router)  # a reference, not a child: its weights stay where they are
+        self._runtime: OffloadRuntime | None = None
 
-    def _run(self, x: mx.array, local_indices: mx.array, experts: list[dict],
+    def _run(self, x: mx.array, local_indices: np.ndarray, experts: list[dict],
              entry: PrecisionEntry) -> mx.array:
         for t in entry.tensors:
             proj, _, attr = t.name.rpartition(".")
@@ -132,49 +232,111 @@ class OffloadedSwitch(nn.Module):
             q = entry.quant[name]
             proj.bits, proj.group_size, proj.mode = q["bits"], q["group_size"], q["mode"]
         try:
-            return self.inner(x, local_indices)
+            return self.inner(x, mx.array(local_indices.astype(np.uint32)))
         finally:
             for proj in self._proj.values():
                 proj.clear()
+
+    def _weights(self, idx: np.ndarray) -> np.ndarray | None:
+        out = getattr(self.router, "_hobbit_out", None) if self.router is not None else None
+        if out is None:
+            return None
+        return chosen_weights(out, idx, self._runtime.scoring)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         rt = self._runtime
         idx = np.array(indices)  # the one host sync: which experts does this call need?
         rt.stats.host_syncs += 1
         rt.stats.layer_calls += 1
-        uniq, inverse = np.unique(idx.reshape(-1), return_inverse=True)
-        inverse = inverse.reshape(idx.shape).astype(np.uint32)
-        rt.stats.expert_requests += len(uniq)
+        k = idx.shape[-1]
+        flat = idx.reshape(-1, k)
+        opts = rt.precision
+        weights = self._weights(flat) if (opts.needs_weights or rt.trace is not None) else None
         if rt.trace is not None:
-            rt.trace.append((self._layer.layer, idx.reshape(-1, idx.shape[-1]).copy()))
-        entry = self._layer.precisions["high"]
-        group = max(1, rt.working_set_bytes // (2 * entry.expert_nbytes))
-        if len(uniq) <= group:
-            experts = rt.fetch(self._layer, uniq)
-            return self._run(x, mx.array(inverse), experts, entry)
-        # More experts than one working set: run them in groups and sum the masked partial outputs.
+            rt.trace.append((self.layer.layer, flat.copy(), None if weights is None else weights.copy()))
+        if weights is not None and opts.needs_weights:
+            level, scale = plan_slots(weights, opts)
+        else:
+            level, scale = np.zeros(flat.shape, np.int8), None
+        if opts.big_little:
+            rt.stats.routed_tokens += len(flat)
+            rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
+
+        needed = set(int(e) for e in np.unique(flat[level != DROP]))
+        predicted = rt._predicted.pop(self.position, None)
+        if predicted is not None:
+            rt.stats.prediction_total += len(needed)
+            rt.stats.prediction_correct += len(needed & predicted)
+        rt.stats.expert_requests += len(np.unique(flat))
+        rt.stats.skipped += len(set(int(e) for e in np.unique(flat)) - needed)
+
+        parts = self._serve(flat, level)  # [(precision, experts array, slot mask)]
+        if rt.prefetch_layers and self.router is not None:
+            rt.consume_prefetch(self.layer.layer, needed)
+            gate_in = getattr(self.router, "_hobbit_in", None)
+            if gate_in is not None:
+                rt.prefetch_after(self.position, gate_in)
+
+        y = self._compute(x, flat, parts, idx.shape)
+        if scale is not None and (scale != 1).any():
+            y = y * mx.array(scale.reshape(idx.shape))[..., None].astype(y.dtype)
+        return y
+
+    def _serve(self, flat: np.ndarray, level: np.ndarray) -> list:
+        """Decide, for each needed expert, which copy serves it: [(precision, experts, slot mask)]."""
+        rt = self._runtime
+        lid = self.layer.layer
+        high_needed = np.unique(flat[level == HIGH])
+        low_only = np.setdiff1d(np.unique(flat[level == LOW]), high_needed)
+        if len(low_only):
+            # A low-importance slot is served by a resident 4-bit copy when there is one.
+            resident_high = np.array([rt.has(lid, int(e), "high") for e in low_only], dtype=bool)
+            high_needed = np.union1d(high_needed, low_only[resident_high])
+            low_only = low_only[~resident_high]
+        parts = []
+        for precision, experts in (("high", high_needed), ("low", low_only)):
+            if len(experts):
+                mask = np.isin(flat, experts) & (level != DROP)
+                parts.append((precision, experts, mask))
+        return parts
+
+    def _compute(self, x: mx.array, flat: np.ndarray, parts: list, shape: tuple) -> mx.array:
+        rt = self._runtime
         total = None
-        for start in range(0, len(uniq), group):
-            stop = min(start + group, len(uniq))
-            experts = rt.fetch(self._layer, uniq[start:stop])
-            inside = (inverse >= start) & (inverse < stop)
-            local = np.where(inside, inverse - start, 0).astype(np.uint32)
-            y = self._run(x, mx.array(local), experts, entry)
-            y = mx.where(mx.array(inside)[..., None], y, mx.zeros((), dtype=y.dtype))
-            total = y if total is None else total + y
-            mx.eval(total)  # free this group's experts before the next group is read
-            del experts
+        single = len(parts) == 1 and parts[0][2].all()
+        for precision, experts, mask in parts:
+            entry = self.layer.precisions[precision]
+            group = max(1, rt.working_set_bytes // (2 * entry.expert_nbytes))
+            for start in range(0, len(experts), group):
+                chunk = experts[start:start + group]
+                arrays = rt.fetch(self.layer, chunk, precision)
+                pos = np.searchsorted(chunk, flat)
+                inside = mask & (pos < len(chunk)) & (chunk[np.minimum(pos, len(chunk) - 1)] == flat)
+                if single and len(chunk) == len(experts):  # the common case: one stacked run, no mask
+                    return self._run(x, pos.reshape(shape), arrays, entry)
+                y = self._run(x, np.where(inside, pos, 0).reshape(shape), arrays, entry)
+                y = mx.where(mx.array(inside.reshape(shape))[..., None], y, mx.zeros((), dtype=y.dtype))
+                total = y if total is None else total + y
+                if len(experts) > group:
+                    mx.eval(total)  # free this group's experts before the next group is read
+                del arrays
+        if total is None:  # every slot dropped
+            return mx.zeros((*shape, x.shape[-1]), dtype=x.dtype)
         return total
 
 
 def install(model: nn.Module, manifest: Manifest) -> list[OffloadedSwitch]:
-    """Replace the model's switch modules named in the manifest with offloaded (empty) ones."""
+    """Replace the model's switch modules named in the manifest with offloaded (empty) ones,
+    and tap each MoE block's router so its gate weights and input can be read."""
     modules = dict(model.named_modules())
     installed = []
-    for layer in manifest.layers:
+    for pos, layer in enumerate(manifest.layers):
         parent_path, _, name = layer.module_path.rpartition(".")
         parent = modules[parent_path] if parent_path else model
-        installed.append(OffloadedSwitch(modules[layer.module_path], layer))
+        router = find_router(parent, layer.num_experts)
+        if router is not None:
+            tap_router(router)
+        installed.append(OffloadedSwitch(modules[layer.module_path], layer, pos, router))
         setattr(parent, name, installed[-1])
     return installed
 
@@ -182,6 +344,7 @@ def install(model: nn.Module, manifest: Manifest) -> list[OffloadedSwitch]:
 def bind(model: nn.Module, runtime: OffloadRuntime) -> None:
     """Attach the runtime (reader, cache, stats) to every offloaded layer of the model."""
     runtime.layers = [m for _, m in model.named_modules() if isinstance(m, OffloadedSwitch)]
+    runtime.layers.sort(key=lambda m: m.position)
     for layer in runtime.layers:
         layer._runtime = runtime
     model._hobbit = runtime

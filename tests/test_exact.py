@@ -31,7 +31,7 @@ def test_logits_equal_mlx_lm_below_full_residency(tiny_factory, arch):
         mx.eval(expected)
     except RuntimeError as e:  # some mlx-lm models use Metal-only kernels
         pytest.skip(f"mlx-lm itself cannot run {arch} on this backend: {e}")
-    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, progress=False)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, exact=True, progress=False)
     got = model(tokens)
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=0, atol=1e-5)
     stats = hobbit_mlx.offload_stats(model)
@@ -46,7 +46,7 @@ def test_greedy_generation_identical(tiny_factory, arch):
     ref, tok = mlx_lm.load(str(src))
     ref.set_dtype(mx.float32)
     expected = mlx_lm.generate(ref, tok, "def main():", max_tokens=24)
-    model, tokenizer = hobbit_mlx.load(dst, expert_residency=0.4, progress=False)
+    model, tokenizer = hobbit_mlx.load(dst, expert_residency=0.4, exact=True, progress=False)
     got = hobbit_mlx.generate(model, tokenizer, "def main():", max_tokens=24)
     assert got == expected
     stats = hobbit_mlx.offload_stats(model)
@@ -59,7 +59,7 @@ def test_expert_groups_when_working_set_is_small(tiny_factory):
     src, dst = tiny_factory("qwen3_moe")
     tokens = mx.array(PROMPT)
     expected = _reference(src)(tokens)
-    model, _ = hobbit_mlx.load(dst, expert_residency=0.0, progress=False)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.0, exact=True, progress=False)
     runtime_of(model).working_set_bytes = 1  # one expert per group
     np.testing.assert_allclose(np.array(model(tokens)), np.array(expected), rtol=0, atol=1e-5)
     assert hobbit_mlx.offload_stats(model)["resident_expert_bytes"] == 0
@@ -72,13 +72,13 @@ def test_float_source_matches_mlx_lm_quantized(tiny_factory, tmp_path):
     mlx_lm.convert(str(src), str(ref_dir), quantize=True, q_bits=4, q_group_size=64)
     tokens = mx.array(PROMPT)
     expected = _reference(ref_dir)(tokens)
-    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, progress=False)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
     np.testing.assert_allclose(np.array(model(tokens)), np.array(expected), rtol=0, atol=1e-5)
 
 
 def test_stats_reset_and_hits_on_repeat(tiny_factory):
     _, dst = tiny_factory("olmoe")
-    model, _ = hobbit_mlx.load(dst, expert_residency=1.0, progress=False)
+    model, _ = hobbit_mlx.load(dst, expert_residency=1.0, exact=True, progress=False)
     tokens = mx.array(PROMPT)
     model(tokens)
     first = hobbit_mlx.offload_stats(model)

@@ -27,7 +27,11 @@ POLICIES: dict[str, Callable[..., Policy]] = {"lru": LRUPolicy}
 
 
 def make_policy(name: str, **kwargs) -> Policy:
-    try:
-        return POLICIES[name](**kwargs)
-    except KeyError:
-        raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(sorted(POLICIES))}") from None
+    """Build a policy by name; options it does not take (e.g. ``num_layers``) are ignored."""
+    import inspect
+
+    if name not in POLICIES:
+        raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(sorted(POLICIES))}")
+    factory = POLICIES[name]
+    accepted = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in kwargs.items() if k in accepted})

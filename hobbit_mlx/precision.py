@@ -1,0 +1,57 @@
+"""Which precision each (token, expert) slot gets: HOBBIT mixed precision and MoBiLE big-little.
+
+HOBBIT: sort a token's chosen experts by normalized gate weight; an expert's *unimportance* is the
+weight of the experts ranked above it (the top-1 has 0). On a cache miss, unimportance <= t1
+loads the 4-bit copy, t1 < u <= t2 the 2-bit copy, and u > t2 skips the expert when ``skip`` is
+on. Hits use whatever copy is resident, except that an important slot never uses a 2-bit copy.
+
+MoBiLE big-little: a token whose top-k/2 experts already carry ``little_threshold`` of the gate
+mass is "unimportant" and runs only those (their weights renormalized); every other token runs
+the full top-k (the fallback to big).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+HIGH, LOW, DROP = 0, 1, 2
+
+
+@dataclass
+class PrecisionOptions:
+    mixed_precision: bool = False
+    t1: float = 0.6
+    t2: float = 0.9
+    skip: bool = False
+    big_little: bool = False
+    little_threshold: float = 0.8
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.mixed_precision or self.big_little
+
+
+def plan_slots(weights: np.ndarray, opts: PrecisionOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Per slot: level (HIGH / LOW / DROP) and the factor its output is scaled by."""
+    k = weights.shape[-1]
+    order = np.argsort(-weights, axis=-1, kind="stable")
+    ranked = np.take_along_axis(weights, order, axis=-1)
+    unimportance_ranked = np.cumsum(ranked, axis=-1) - ranked
+    rank = np.argsort(order, axis=-1)
+    unimportance = np.take_along_axis(unimportance_ranked, rank, axis=-1)
+    level = np.full(weights.shape, HIGH, dtype=np.int8)
+    scale = np.ones(weights.shape, dtype=np.float32)
+    if opts.mixed_precision:
+        level[unimportance > opts.t1] = LOW
+        if opts.skip:
+            level[unimportance > opts.t2] = DROP
+    if opts.big_little and k > 1:
+        half = k // 2
+        mass = ranked[..., :half].sum(axis=-1, keepdims=True)
+        little = mass >= opts.little_threshold
+        dropped = little & (rank >= half)
+        level[dropped] = DROP
+        scale = np.where(little & ~dropped, 1.0 / np.maximum(mass, 1e-9), scale).astype(np.float32)
+    return level, scale
