@@ -1,0 +1,1 @@
+"""Test helpers for hobbit_mlx (tiny offline random-weight models)."""
