@@ -19,7 +19,10 @@ __version__ = "0.1.0"
 
 
 def _with_defaults(model, kwargs: dict) -> dict:
-    kwargs.setdefault("prefill_step_size", runtime_of(model).prefill_step_size)
+    """A new sequence starts: reset per-sequence cache statistics; use our prefill chunk size."""
+    runtime = runtime_of(model)
+    runtime.new_sequence()
+    kwargs.setdefault("prefill_step_size", runtime.prefill_step_size)
     return kwargs
 
 

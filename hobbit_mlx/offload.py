@@ -89,6 +89,12 @@ class OffloadRuntime:
         self._prefetched: dict[int, set] = {}  # layer -> keys pinned by prefetch until it runs
         self._predicted: dict[int, set] = {}  # layer -> experts predicted for its next call
         self._lock = threading.Lock()
+        self.on_layer = getattr(cache.policy, "on_layer", None)
+
+    def new_sequence(self) -> None:
+        """Per-sequence statistics (HOBBIT's frequency factors) start again."""
+        with self.cache.lock:
+            self.cache.policy.reset()
 
     @property
     def exact(self) -> bool:
@@ -209,8 +215,7 @@ class OffloadRuntime:
 class OffloadedSwitch(nn.Module):
     """Drop-in replacement for an mlx-lm switch module whose experts live in the store."""
 
-    def __init__(self, inner: nn.Module, layer: LayerEntry, position: int,
-                 router: nn.Module | None = None):
+    def __init__(self, inner: nn.Module, layer: LayerEntry, position: int):
         super().__init__()
         for path in switch_linear_paths(inner):
             parent, _, name = path.rpartition(".")
@@ -220,7 +225,8 @@ class OffloadedSwitch(nn.Module):
         self._proj = {p: m for p, m in inner.named_modules() if isinstance(m, SWITCH_LINEAR_TYPES)}
         self.layer = layer
         self.position = position
-        object.__setattr__(self, "router", router)  # a reference, not a child: its weights stay where they are
+        # The block's router: a reference, not a child (its weights stay where mlx-lm keeps them).
+        object.__setattr__(self, "router", None)
         self._runtime: OffloadRuntime | None = None
 
     def _run(self, x: mx.array, local_indices: np.ndarray, experts: list[dict],
@@ -248,6 +254,8 @@ class OffloadedSwitch(nn.Module):
         idx = np.array(indices)  # the one host sync: which experts does this call need?
         rt.stats.host_syncs += 1
         rt.stats.layer_calls += 1
+        if rt.on_layer is not None:
+            rt.on_layer(self.layer.layer)
         k = idx.shape[-1]
         flat = idx.reshape(-1, k)
         opts = rt.precision
@@ -326,25 +334,26 @@ class OffloadedSwitch(nn.Module):
 
 
 def install(model: nn.Module, manifest: Manifest) -> list[OffloadedSwitch]:
-    """Replace the model's switch modules named in the manifest with offloaded (empty) ones,
-    and tap each MoE block's router so its gate weights and input can be read."""
+    """Replace the model's switch modules named in the manifest with offloaded (empty) ones."""
     modules = dict(model.named_modules())
     installed = []
     for pos, layer in enumerate(manifest.layers):
         parent_path, _, name = layer.module_path.rpartition(".")
         parent = modules[parent_path] if parent_path else model
-        router = find_router(parent, layer.num_experts)
-        if router is not None:
-            tap_router(router)
-        installed.append(OffloadedSwitch(modules[layer.module_path], layer, pos, router))
+        installed.append(OffloadedSwitch(modules[layer.module_path], layer, pos))
         setattr(parent, name, installed[-1])
     return installed
 
 
 def bind(model: nn.Module, runtime: OffloadRuntime) -> None:
-    """Attach the runtime (reader, cache, stats) to every offloaded layer of the model."""
-    runtime.layers = [m for _, m in model.named_modules() if isinstance(m, OffloadedSwitch)]
-    runtime.layers.sort(key=lambda m: m.position)
+    """Attach the runtime to every offloaded layer, and tap each MoE block's router (after
+    loading: mlx-lm's quantization replaces router modules) so its gate weights can be read."""
+    modules = dict(model.named_modules())
+    runtime.layers = sorted((m for m in modules.values() if isinstance(m, OffloadedSwitch)),
+                            key=lambda m: m.position)
     for layer in runtime.layers:
         layer._runtime = runtime
+        parent_path = layer.layer.module_path.rpartition(".")[0]
+        router = find_router(modules[parent_path] if parent_path else model, layer.layer.num_experts)
+        object.__setattr__(layer, "router", router if router is None else tap_router(router))
     model._hobbit = runtime

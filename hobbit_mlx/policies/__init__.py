@@ -19,11 +19,15 @@ class Policy(Protocol):
     def on_evict(self, key: Key) -> None: ...
     def victim(self, evictable: Callable[[Key], bool]) -> Key: ...
     def reset(self) -> None: ...
+    # optional: on_layer(layer) is called before each MoE layer runs
 
 
+from .hobbit import HobbitPolicy, ShallowFavoringPolicy  # noqa: E402
+from .lfu import LFUPolicy  # noqa: E402
 from .lru import LRUPolicy  # noqa: E402
 
-POLICIES: dict[str, Callable[..., Policy]] = {"lru": LRUPolicy}
+POLICIES: dict[str, Callable[..., Policy]] = {
+    "lru": LRUPolicy, "lfu": LFUPolicy, "hobbit": HobbitPolicy, "shallow": ShallowFavoringPolicy}
 
 
 def make_policy(name: str, **kwargs) -> Policy:

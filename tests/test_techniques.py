@@ -1,0 +1,127 @@
+"""The seed techniques: each is a switch, each does what it claims, none breaks the budget."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import hobbit_mlx
+from hobbit_mlx.cache import ExpertCache
+from hobbit_mlx.loader import runtime_of
+from hobbit_mlx.policies import POLICIES, make_policy
+from hobbit_mlx.precision import DROP, HIGH, LOW, PrecisionOptions, plan_slots
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+
+
+def test_hobbit_thresholds_rank_by_gate_weight():
+    w = np.array([[0.2, 0.5, 0.3], [0.9, 0.05, 0.05]], dtype=np.float32)
+    level, scale = plan_slots(w, PrecisionOptions(mixed_precision=True, t1=0.6, t2=0.9))
+    # unimportance: row 0 -> [0.8, 0, 0.5]; row 1 -> [0, 0.9, 0.95] (ties keep index order)
+    assert level.tolist() == [[LOW, HIGH, HIGH], [HIGH, LOW, LOW]]
+    level, _ = plan_slots(w, PrecisionOptions(mixed_precision=True, t1=0.6, t2=0.9, skip=True))
+    assert level.tolist() == [[LOW, HIGH, HIGH], [HIGH, LOW, DROP]]
+    assert (scale == 1).all()
+
+
+def test_big_little_drops_the_lower_half_of_confident_tokens_and_renormalizes():
+    w = np.array([[0.7, 0.2, 0.05, 0.05], [0.3, 0.3, 0.2, 0.2]], dtype=np.float32)
+    level, scale = plan_slots(w, PrecisionOptions(big_little=True, little_threshold=0.8))
+    assert level.tolist() == [[HIGH, HIGH, DROP, DROP], [HIGH, HIGH, HIGH, HIGH]]
+    np.testing.assert_allclose(scale[0, :2], 1 / 0.9, rtol=1e-6)
+    assert (scale[1] == 1).all()
+
+
+def test_exact_refuses_lossy_options(tiny_factory):
+    _, dst = tiny_factory("qwen3_moe")
+    with pytest.raises(ValueError, match="exact=True cannot"):
+        hobbit_mlx.load(dst, exact=True, mixed_precision=True, progress=False)
+
+
+def _run(dst, **kw):
+    model, tok = hobbit_mlx.load(dst, progress=False, **kw)
+    text = hobbit_mlx.generate(model, tok, PROMPT, max_tokens=16)
+    return model, text, hobbit_mlx.offload_stats(model)
+
+
+def test_mixed_precision_loads_low_copies_on_unimportant_misses(tiny_factory):
+    _, dst = tiny_factory("qwen3_moe")
+    _, _, exact = _run(dst, expert_residency=0.3, exact=True)
+    _, _, mixed = _run(dst, expert_residency=0.3, mixed_precision=True, t1=0.3, t2=1.0)
+    assert exact["misses_low"] == exact["hits_low"] == 0
+    assert mixed["misses_low"] > 0
+    assert mixed["bytes_read"] < exact["bytes_read"]
+    assert mixed["peak_memory_bytes"] <= mixed["budget_bytes"]
+    # t1 = 1: nothing is unimportant enough, so the output is the exact one
+    m1, _ = hobbit_mlx.load(dst, expert_residency=0.3, mixed_precision=True, t1=1.0, t2=1.0, progress=False)
+    m2, _ = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, progress=False)
+    tokens = mx.array([[3, 5, 7, 11, 13, 17, 19, 23]])
+    np.testing.assert_array_equal(np.array(m1(tokens)), np.array(m2(tokens)))
+
+
+def test_big_little_runs_fewer_experts(tiny_factory):
+    _, dst = tiny_factory("olmoe")
+    _, _, big = _run(dst, expert_residency=0.0, exact=True)
+    _, _, little = _run(dst, expert_residency=0.0, mixed_precision=False, big_little=True,
+                        little_threshold=0.0)
+    assert little["little_token_share"] == 1.0
+    assert little["bytes_read"] < big["bytes_read"]
+    assert little["skipped"] > 0
+
+
+def test_prefetch_predicts_and_is_used_without_changing_output(tiny_factory):
+    _, dst = tiny_factory("mixtral")
+    off, text_off, s_off = _run(dst, expert_residency=0.5, exact=True, prefetch_layers=0)
+    on, text_on, s_on = _run(dst, expert_residency=0.5, exact=True, prefetch_layers=2)
+    assert text_on == text_off
+    assert s_off["prefetch_issued"] == 0 and s_off["prediction_total"] == 0
+    assert s_on["prefetch_issued"] > 0 and 0 <= s_on["prefetch_used"] <= s_on["prefetch_issued"]
+    assert s_on["prediction_total"] > 0 and 0 <= s_on["prediction_recall"] <= 1
+    assert s_on["resident_expert_bytes"] <= s_on["expert_cache_bytes"]
+    assert not runtime_of(on).cache._pins or all(v > 0 for v in runtime_of(on).cache._pins.values())
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_is_exact_and_within_budget(tiny_factory, policy):
+    _, dst = tiny_factory("qwen3_moe")
+    _, text_lru, _ = _run(dst, expert_residency=0.3, exact=True, policy="lru")
+    _, text, stats = _run(dst, expert_residency=0.3, exact=True, policy=policy)
+    assert text == text_lru
+    assert stats["resident_expert_bytes"] <= stats["expert_cache_bytes"]
+    assert stats["hits_high"] > 0
+
+
+def _arrays(n):
+    return {"w": mx.zeros((n,), dtype=mx.uint8)}
+
+
+def test_cache_never_exceeds_capacity_and_respects_pins():
+    cache = ExpertCache(300, make_policy("lru"))
+    for e in range(3):
+        assert cache.put((0, e, "high"), _arrays(100))
+    cache.pin([(0, 0, "high")])
+    assert cache.put((0, 3, "high"), _arrays(100))  # evicts (0,1), the oldest unpinned
+    assert (0, 0, "high") in cache and (0, 1, "high") not in cache
+    assert cache.resident_bytes == 300
+    assert not cache.put((0, 4, "high"), _arrays(400))  # larger than the whole cache
+
+
+def test_shallow_policy_evicts_deep_layers_first():
+    cache = ExpertCache(300, make_policy("shallow", num_layers=4, shallow_fraction=0.25))
+    cache.put((0, 0, "high"), _arrays(100))
+    cache.put((3, 0, "high"), _arrays(100))
+    cache.put((2, 0, "high"), _arrays(100))
+    cache.put((1, 0, "high"), _arrays(100))
+    assert (0, 0, "high") in cache and (3, 0, "high") not in cache
+
+
+def test_hobbit_policy_prefers_to_evict_the_layer_just_computed():
+    policy = make_policy("hobbit", num_layers=4, w_lru=0, w_lfu=0, w_lhu=0, w_fld=1)
+    cache = ExpertCache(200, policy)
+    cache.put((1, 0, "high"), _arrays(100))
+    cache.put((2, 0, "high"), _arrays(100))
+    policy.on_layer(2)  # layer 2 just ran: layer 1 is needed sooner than layer 2's next call? no:
+    # after layer 2 come 3, 0, 1, then 2 again, so layer 2's expert is the farthest
+    cache.put((3, 0, "high"), _arrays(100))
+    assert (1, 0, "high") in cache and (2, 0, "high") not in cache
