@@ -34,7 +34,7 @@ def cache_root() -> Path:
 def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
     """A hobbit model directory for ``path``: as is, or converted once into the cache directory."""
     if path is None:
-        path = REFERENCE_MODEL
+        path = REFERENCE_MODEL if (REFERENCE_MODEL / "config.json").is_file() else _stand_in_model()
     local = Path(path).expanduser()
     if local.exists() and is_hobbit_model(local):
         return local
@@ -51,6 +51,16 @@ def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
         if progress:
             print(f"[hobbit_mlx] converting {path} into {target} (once)")
         convert(path, target, force=True, progress=progress)
+    return target
+
+
+def _stand_in_model() -> Path:
+    """Without a bundled reference model, a tiny random MoE the project makes stands in."""
+    target = cache_root() / "stand-in-olmoe"
+    if not (target / "config.json").is_file():
+        from .testing.tiny_models import make_tiny_model
+
+        make_tiny_model("olmoe", target)
     return target
 
 
