@@ -1,0 +1,432 @@
+"""What ``python -m hobbit_mlx.generate`` and ``python -m hobbit_mlx.chat`` share.
+
+Argument groups (model loading, sampling, chat template), loading with one-line errors, mlx-lm's
+sampler and logits processors built from the flags, and the report printed after a generation.
+Bad input (a missing model directory, a corrupt store, a budget that is too small, a size that
+cannot be read) ends the program with one ``error: ...`` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .budget import BudgetError, format_size, parse_size
+
+# ``--exact`` turns exact mode on. It is the only mode for now; when lossy modes arrive (on by
+# default) this becomes False and ``exact = args.exact or DEFAULT_EXACT`` keeps the flag meaningful.
+DEFAULT_EXACT = True
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_MIN_P = 0.0
+DEFAULT_TOP_K = 0
+DEFAULT_XTC_PROBABILITY = 0.0
+DEFAULT_XTC_THRESHOLD = 0.1
+DEFAULT_MIN_TOKENS_TO_KEEP = 1
+
+EXIT_BAD_INPUT = 2
+SEPARATOR = "=========="
+
+
+class CLIError(Exception):
+    """Bad input found by the command line tools; printed as one ``error:`` line, exit status 2."""
+
+
+def str2bool(value: str) -> bool:
+    """mlx-lm's reading of ``--verbose``: anything but false/f (any case) is true."""
+    return value.lower() not in ("false", "f", "0", "no", "n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def _policy_names() -> list[str]:
+    from .policies import POLICIES
+
+    return sorted(POLICIES)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model and everything ``hobbit_mlx.load`` takes."""
+    from .loader import DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_STEP
+
+    g = parser.add_argument_group("model and memory")
+    g.add_argument("--model", type=str, default=None,
+                   help="A converted hobbit model directory, or an mlx-lm / Hugging Face "
+                        "checkpoint (directory or hub repo id) that is converted once into the "
+                        "cache. Without it the bundled reference model is used.")
+    mem = g.add_mutually_exclusive_group()
+    mem.add_argument("--memory-budget", "-b", type=str, default=None, metavar="SIZE",
+                     help="Ceiling for MLX's peak memory while generating, e.g. 6GB, 6GiB, "
+                          "512MiB or a byte count. Default: all experts if they fit in 60%% of "
+                          "the machine's memory, else as many as fit there.")
+    mem.add_argument("--expert-residency", type=float, default=None, metavar="F",
+                     help="Instead of --memory-budget: size the expert cache as a fraction "
+                          "(0..1) of the model's 4-bit expert bytes.")
+    g.add_argument("--exact", action="store_true",
+                   help="Exact mode: every expert is served in 4-bit and none is skipped, so the "
+                        "output equals mlx-lm's (currently the only mode).")
+    g.add_argument("--policy", default="lru", choices=_policy_names(),
+                   help="Expert cache replacement policy (default: %(default)s).")
+    g.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, metavar="TOKENS",
+                   help="Tokens of KV cache the budget reserves (default: %(default)s).")
+    g.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, metavar="N",
+                   help="Prompt tokens processed at a time; smaller values lower peak memory "
+                        "during prefill (default: %(default)s).")
+    g.add_argument("--io-workers", type=int, default=8, metavar="N",
+                   help="Threads reading experts from storage (default: %(default)s).")
+    g.add_argument("--verify", default="first", choices=("first", "always", "never"),
+                   help="Check expert checksums the first time each is read, on every read, or "
+                        "never (default: %(default)s).")
+    g.add_argument("--direct-io", action="store_true",
+                   help="Read experts with O_DIRECT, bypassing the OS page cache (where supported).")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="Enable trusting remote code for the tokenizer.")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, *,
+                      default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+    """mlx-lm's sampling flags, plus its repetition penalty."""
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", "-m", type=int, default=default_max_tokens,
+                   help="Maximum number of tokens to generate (default: %(default)s).")
+    g.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature.")
+    g.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Sampling top-p.")
+    g.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, help="Sampling min-p.")
+    g.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="Sampling top-k.")
+    g.add_argument("--min-tokens-to-keep", type=int, default=DEFAULT_MIN_TOKENS_TO_KEEP,
+                   help="Minimum tokens to keep for min-p sampling.")
+    g.add_argument("--xtc-probability", type=float, default=DEFAULT_XTC_PROBABILITY,
+                   help="Probability of XTC sampling to happen each next token.")
+    g.add_argument("--xtc-threshold", type=float, default=DEFAULT_XTC_THRESHOLD,
+                   help="Threshold the probs of each next token candidate to be sampled by XTC.")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="Penalty for repeated tokens (1.0 or unset: none).")
+    g.add_argument("--repetition-context-size", type=int, default=20,
+                   help="Tokens the repetition penalty looks back on (default: %(default)s).")
+    g.add_argument("--seed", type=int, default=None, help="PRNG seed.")
+    g.add_argument("--extra-eos-token", type=str, default=(), nargs="+",
+                   help="Add tokens to the list of EOS tokens that stop generation.")
+
+
+def add_template_args(parser: argparse.ArgumentParser, *, chat: bool = False) -> None:
+    g = parser.add_argument_group("chat template")
+    g.add_argument("--system-prompt", default=None,
+                   help="System prompt to be used for the chat template.")
+    if not chat:
+        g.add_argument("--ignore-chat-template", action="store_true",
+                       help="Use the raw prompt without the tokenizer's chat template.")
+        g.add_argument("--use-default-chat-template", action="store_true",
+                       help="Use the tokenizer's default chat template when it has none of its own.")
+    g.add_argument("--chat-template-config", default=None,
+                   help="Additional config for `apply_chat_template`: a JSON object of string "
+                        "keys to values.")
+
+
+def add_report_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("report")
+    g.add_argument("--quiet-report", action="store_true",
+                   help="Do not print the speed / memory / expert cache report.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything argparse cannot check itself; raises CLIError."""
+    if getattr(args, "memory_budget", None) is not None:
+        try:
+            size = parse_size(args.memory_budget)
+        except ValueError as e:
+            raise CLIError(f"--memory-budget: {e}") from None
+        if size <= 0:
+            raise CLIError(f"--memory-budget must be positive, not {args.memory_budget!r}")
+        args.memory_budget = size
+    r = getattr(args, "expert_residency", None)
+    if r is not None and not 0.0 <= r <= 1.0:
+        raise CLIError(f"--expert-residency must be between 0 and 1, not {r}")
+    for name in ("max_context", "prefill_step_size", "io_workers"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, not {v}")
+    mt = getattr(args, "max_tokens", None)
+    if mt is not None and mt == 0:
+        raise CLIError("--max-tokens must be non-zero (use -1 for no limit)")
+    if getattr(args, "chat_template_config", None) is not None:
+        try:
+            cfg = json.loads(args.chat_template_config)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--chat-template-config is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise CLIError("--chat-template-config must be a JSON object")
+        args.chat_template_kwargs = cfg
+    else:
+        args.chat_template_kwargs = {}
+
+
+def exact_of(args: argparse.Namespace) -> bool:
+    return bool(args.exact or DEFAULT_EXACT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith(("/", "./", "../", "~")) or name.endswith("/") or name.count("/") > 1
+            or name in (".", "..") or os.sep != "/" and os.sep in name)
+
+
+def _check_model_path(model: str | None) -> None:
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        if _looks_like_path(model) or "/" not in model:
+            raise CLIError(f"model directory not found: {model}")
+        return  # "org/name": a hub repo id, converted by load
+    if not path.is_dir():
+        raise CLIError(f"{model} is not a directory (--model takes a model directory)")
+    from .store import STORE_DIR, is_hobbit_model
+
+    if (path / STORE_DIR).is_dir() and not is_hobbit_model(path):
+        raise CLIError(f"{path / STORE_DIR}: the expert store has no manifest; the converted "
+                       f"model is incomplete or corrupt (reconvert it)")
+
+
+def load_model(args: argparse.Namespace):
+    """``hobbit_mlx.load`` with the parsed flags; returns (model, tokenizer, load seconds).
+
+    Conversion progress goes to stderr so that stdout carries only the generated text. Any failure
+    to load is bad input and becomes a CLIError (one line, exit status 2).
+    """
+    from . import load
+
+    _check_model_path(args.model)
+    tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else None
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            model, tokenizer = load(
+                args.model, memory_budget=args.memory_budget,
+                expert_residency=args.expert_residency, exact=exact_of(args), policy=args.policy,
+                max_context=args.max_context, prefill_step_size=args.prefill_step_size,
+                io_workers=args.io_workers, verify=args.verify, direct_io=args.direct_io,
+                tokenizer_config=tokenizer_config, progress=not getattr(args, "quiet_report", False))
+    except (KeyboardInterrupt, CLIError):
+        raise
+    except BudgetError as e:
+        raise CLIError(str(e)) from None
+    except Exception as e:  # corrupt files, unsupported models, conversion failures...
+        if os.environ.get("HOBBIT_MLX_DEBUG"):
+            traceback.print_exc()
+        raise CLIError(_describe_load_error(args.model, e)) from None
+    for tok in getattr(args, "extra_eos_token", ()) or ():
+        try:
+            tokenizer.add_eos_token(tok)
+        except (ValueError, KeyError) as e:
+            raise CLIError(f"--extra-eos-token {tok!r}: {e}") from None
+    return model, tokenizer, time.perf_counter() - t0
+
+
+def _describe_load_error(model: str | None, e: BaseException) -> str:
+    from .architectures import UnsupportedModelError
+    from .store import StoreError
+
+    what = model if model is not None else "the bundled reference model"
+    if isinstance(e, json.JSONDecodeError):
+        return f"cannot load {what}: a JSON file (config.json?) is not valid JSON ({e})"
+    known = (StoreError, UnsupportedModelError, OSError)
+    try:
+        from convert import ConversionError
+
+        known = known + (ConversionError,)
+    except ImportError:
+        pass
+    if isinstance(e, known):
+        return str(e)
+    return f"cannot load {what}: {type(e).__name__}: {e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def make_sampler(args: argparse.Namespace, tokenizer):
+    from mlx_lm.sample_utils import make_sampler as _make_sampler
+
+    return _make_sampler(
+        args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k,
+        xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
+        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids))
+
+
+def make_logits_processors(args: argparse.Namespace):
+    from mlx_lm.sample_utils import make_logits_processors as _make
+
+    return _make(repetition_penalty=args.repetition_penalty,
+                 repetition_context_size=args.repetition_context_size)
+
+
+def seed(args: argparse.Namespace) -> None:
+    if args.seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(args.seed)
+
+
+def use_default_template(tokenizer) -> None:
+    """mlx-lm's ``--use-default-chat-template``: the tokenizer's default when it has none."""
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
+    if getattr(tok, "chat_template", None) is None:
+        default = getattr(tok, "default_chat_template", None)
+        if default is not None:
+            tok.chat_template = default
+            with contextlib.suppress(AttributeError):
+                tokenizer.has_chat_template = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a command
+# ---------------------------------------------------------------------------------------------
+
+
+def error_line(message: str) -> None:
+    text = " ".join(str(message).split()) or "unknown error"
+    print(f"error: {text}", file=sys.stderr, flush=True)
+
+
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main`` and turn bad input into one ``error:`` line with exit status 2."""
+    from .store import StoreError
+
+    try:
+        return main(argv)
+    except CLIError as e:
+        error_line(str(e))
+        return EXIT_BAD_INPUT
+    except StoreError as e:  # e.g. a checksum mismatch found while generating
+        error_line(str(e))
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        with contextlib.suppress(Exception):
+            sys.stdout = open(os.devnull, "w")
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def run_stats(model, response, wall_s: float, load_s: float | None = None) -> dict:
+    """``offload_stats`` plus the generation's timings (from mlx-lm's last response)."""
+    from . import offload_stats
+
+    s = offload_stats(model)
+    gen = response.generation_tokens if response is not None else 0
+    s.update(
+        prompt_tokens=response.prompt_tokens if response is not None else 0,
+        prompt_tps=float(response.prompt_tps) if response is not None else 0.0,
+        generation_tokens=gen,
+        generation_tps=float(response.generation_tps) if response is not None else 0.0,
+        finish_reason=response.finish_reason if response is not None else None,
+        wall_s=wall_s,
+        bytes_read_per_token=(s["bytes_read"] / gen) if gen else 0.0,
+    )
+    if load_s is not None:
+        s["load_s"] = load_s
+    return s
+
+
+def format_report(s: dict) -> list[str]:
+    lines = [
+        f"Prompt: {s['prompt_tokens']} tokens, {s['prompt_tps']:.3f} tokens-per-sec",
+        f"Generation: {s['generation_tokens']} tokens, {s['generation_tps']:.3f} tokens-per-sec",
+    ]
+    budget = s.get("budget_bytes") or 0
+    peak = s.get("peak_memory_bytes", 0)
+    mem = f"Peak memory: {format_size(peak)}"
+    if budget:
+        mem += f" of {format_size(budget)} budget ({100.0 * peak / budget:.0f}%)"
+    if "expert_cache_bytes" in s:
+        mem += (f"; expert cache {format_size(s.get('resident_expert_bytes', 0))} resident of "
+                f"{format_size(s['expert_cache_bytes'])}")
+    lines.append(mem)
+    misses = s.get("misses_high", 0) + s.get("misses_low", 0)
+    experts = (f"Experts: {s.get('expert_requests', 0)} requests, hit rate "
+               f"{100.0 * s.get('hit_rate', 0.0):.1f}% (4-bit hits {s.get('hits_high', 0)}, "
+               f"2-bit hits {s.get('hits_low', 0)}, misses {misses}")
+    if s.get("misses_low"):
+        experts += f" [4-bit {s.get('misses_high', 0)}, 2-bit {s['misses_low']}]"
+    if s.get("skipped"):
+        experts += f", skipped {s['skipped']}"
+    lines.append(experts + ")")
+    per_tok = (f", {format_size(s['bytes_read'] / s['generation_tokens'])} per generated token"
+               if s.get("generation_tokens") else "")
+    lines.append(f"Read from storage: {format_size(s.get('bytes_read', 0))}{per_tok}")
+    wall = f"Wall time: {s.get('wall_s', 0.0):.2f} s"
+    if s.get("load_s") is not None:
+        wall += f" (load {s['load_s']:.2f} s)"
+    lines.append(wall)
+    return lines
+
+
+def print_report(s: dict, file=None) -> None:
+    file = file or sys.stderr
+    print(SEPARATOR, file=file)
+    for line in format_report(s):
+        print(line, file=file)
+    file.flush()
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` via a temporary file in the same directory + os.replace."""
+    path = Path(path).expanduser()
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)

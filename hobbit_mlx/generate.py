@@ -1,0 +1,138 @@
+"""Generate text with an MoE model whose experts stream from storage under a memory budget.
+
+    python -m hobbit_mlx.generate --model PATH --prompt "Why is the sky blue?" \\
+        --max-tokens 200 --memory-budget 6GB [--stats-json stats.json]
+
+The flags mirror ``mlx_lm.generate`` (``--prompt -`` reads stdin; ``--temp``, ``--top-p``,
+``--min-p``, ``--top-k``, ``--seed``, chat template handling, ...) plus the loading flags of
+``hobbit_mlx.load``. The text streams to stdout; a report (speed, peak memory against the budget,
+expert cache hits, bytes read from storage) follows on stderr after a separator line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import types
+from typing import Sequence
+
+from . import cli_common as cli
+
+# ``import hobbit_mlx.generate`` makes Python bind this module to the package attribute
+# ``hobbit_mlx.generate``, where the API function of the same name lives. Keep that name callable:
+# calling this module calls the function.
+_api_generate = getattr(sys.modules[__package__], "generate", None)
+if not isinstance(_api_generate, types.FunctionType):
+    _api_generate = None
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        """``hobbit_mlx.generate(model, tokenizer, prompt, ...)``: see the package's ``generate``."""
+        if _api_generate is None:
+            raise TypeError("module 'hobbit_mlx.generate' is not callable")
+        return _api_generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+DEFAULT_PROMPT = "hello"
+DEFAULT_MAX_TOKENS = 100
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hobbit_mlx.generate",
+        description="Generate text with an MoE model larger than memory: experts stream from "
+                    "storage under one memory budget.")
+    parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT,
+                        help="Message to be processed by the model ('-' reads from stdin).")
+    parser.add_argument("--prefill-response", default=None,
+                        help="Prefill response to be used for the chat template.")
+    cli.add_model_args(parser)
+    cli.add_sampling_args(parser, default_max_tokens=DEFAULT_MAX_TOKENS)
+    cli.add_template_args(parser)
+    g = parser.add_argument_group("output")
+    g.add_argument("--stats-json", metavar="PATH", default=None,
+                   help="Write the offload statistics and timings of the run to PATH as JSON.")
+    g.add_argument("--verbose", type=cli.str2bool, default=True,
+                   help="'False' or 'F' prints only the response (no report), like mlx-lm.")
+    g.add_argument("--quiet-report", action="store_true",
+                   help="Do not print the speed / memory / expert cache report.")
+    return parser
+
+
+def build_prompt(args: argparse.Namespace, tokenizer) -> list[int]:
+    """The prompt tokens, with the chat template applied the way mlx-lm's CLI does."""
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if args.use_default_chat_template:
+        cli.use_default_template(tokenizer)
+    use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template
+    if use_chat_template:
+        messages = []
+        if args.system_prompt is not None:
+            messages.append({"role": "system", "content": args.system_prompt})
+        messages.append({"role": "user", "content": prompt})
+        has_prefill = args.prefill_response is not None
+        if has_prefill:
+            messages.append({"role": "assistant", "content": args.prefill_response})
+        try:
+            prompt = tokenizer.apply_chat_template(
+                messages, tokenize=False, continue_final_message=has_prefill,
+                add_generation_prompt=not has_prefill, **args.chat_template_kwargs)
+        except Exception as e:  # a template error is bad input (e.g. a role it refuses)
+            raise cli.CLIError(f"the chat template failed: {type(e).__name__}: {e}") from None
+    tokens = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
+    if len(tokens) == 0:
+        raise cli.CLIError("the prompt is empty after tokenization")
+    return list(tokens)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import hobbit_mlx
+
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    cli.check_args(args)
+    quiet = args.quiet_report or not args.verbose
+    args.quiet_report = quiet
+    cli.seed(args)
+
+    model, tokenizer, load_s = cli.load_model(args)
+    prompt = build_prompt(args, tokenizer)
+    if args.max_tokens > 0 and len(prompt) + args.max_tokens > args.max_context:
+        print(f"[hobbit_mlx] warning: {len(prompt)} prompt tokens + --max-tokens "
+              f"{args.max_tokens} exceed --max-context {args.max_context}, which the memory "
+              f"budget reserves KV cache for; peak memory may exceed the budget", file=sys.stderr)
+
+    sampler = cli.make_sampler(args, tokenizer)
+    processors = cli.make_logits_processors(args)
+    hobbit_mlx.reset_stats(model)
+    last = None
+    t0 = time.perf_counter()
+    for response in hobbit_mlx.stream_generate(
+            model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
+            logits_processors=processors, prefill_step_size=args.prefill_step_size):
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+        last = response
+    wall_s = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+    stats = cli.run_stats(model, last, wall_s, load_s)
+    stats.update(model=str(getattr(hobbit_mlx.runtime_of(model), "model_dir", args.model)),
+                 exact=cli.exact_of(args), policy=args.policy, max_tokens=args.max_tokens,
+                 max_context=args.max_context)
+    if args.stats_json:
+        cli.write_json_atomic(args.stats_json, stats)
+    if not quiet:
+        cli.print_report(stats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

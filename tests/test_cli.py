@@ -1,0 +1,218 @@
+"""The command line tools: ``python -m hobbit_mlx.generate`` and ``python -m hobbit_mlx.chat``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT_LINES = ("Prompt:", "Generation:", "Peak memory:", "hit rate", "Read from storage:")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny qwen3_moe model, converted once for this module."""
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("cli")
+    src = make_tiny_model("qwen3_moe", root / "mlx")
+    return Path(convert(src, root / "hobbit", progress=False))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.update(HF_HUB_OFFLINE="1", HOBBIT_MLX_CACHE=str(tmp_path_factory.mktemp("cache")),
+             PYTHONUNBUFFERED="1")
+    e.pop("HOBBIT_MLX_DEBUG", None)
+    return e
+
+
+def run(env, module, *args, stdin=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", f"hobbit_mlx.{module}", *map(str, args)],
+                          input=stdin, capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=timeout)
+
+
+def assert_bad_input(p, *needles):
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1, p.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def test_generate_streams_and_reports(model_dir, env):
+    p = run(env, "generate", "--model", model_dir, "--prompt", "def hello(x):", "--max-tokens", 8,
+            "--expert-residency", 0.5, "--exact", "--temp", 0.7, "--seed", 0)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stdout.endswith("\n")  # the streamed text (random weights: it may be anything)
+    generated = re.search(r"Generation: (\d+) tokens", p.stderr)
+    assert generated and int(generated.group(1)) >= 1, p.stderr
+    for line in REPORT_LINES:
+        assert line in p.stderr, p.stderr
+    assert "4-bit hits" in p.stderr and "2-bit hits" in p.stderr and "misses" in p.stderr
+    assert "per generated token" in p.stderr
+
+
+def test_generate_stats_json(model_dir, env, tmp_path):
+    out = tmp_path / "sub" / "stats.json"
+    p = run(env, "generate", "--model", model_dir, "--prompt", "-", "--max-tokens", 6,
+            "--memory-budget", "2GB", "--policy", "lru", "--max-context", 512,
+            "--prefill-step-size", 4, "--io-workers", 2, "--ignore-chat-template",
+            "--top-k", 5, "--temp", 1.0, "--seed", 1, "--stats-json", out, "--quiet-report",
+            stdin="The quick brown fox jumps over the lazy dog.")
+    assert p.returncode == 0, p.stderr
+    assert "Generation:" not in p.stderr  # --quiet-report
+    stats = json.loads(out.read_text())
+    for key in ("expert_requests", "hits_high", "hits_low", "misses_high", "misses_low",
+                "skipped", "bytes_read", "prefetch_issued", "prefetch_used",
+                "resident_expert_bytes", "peak_memory_bytes", "budget_bytes", "hit_rate",
+                "prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "wall_s"):
+        assert key in stats, key
+    assert stats["budget_bytes"] == 2 * 10**9
+    assert stats["generation_tokens"] >= 1 and stats["prompt_tokens"] > 5
+    assert stats["expert_requests"] > 0 and stats["bytes_read"] > 0
+    assert stats["exact"] is True
+    assert [f.name for f in out.parent.iterdir()] == ["stats.json"]  # no temporary file left
+
+
+def test_budget_too_small(model_dir, env):
+    import hobbit_mlx
+    from hobbit_mlx.budget import format_size
+
+    minimum = hobbit_mlx.footprint(model_dir)["minimum_budget_bytes"]
+    p = run(env, "generate", "--model", model_dir, "--memory-budget", "1KB", "--max-tokens", 2)
+    line = assert_bad_input(p)
+    assert str(minimum) in line or format_size(minimum) in line, line
+
+
+def test_bad_input(model_dir, env, tmp_path):
+    assert_bad_input(run(env, "generate", "--model", tmp_path / "missing", "--max-tokens", 2),
+                     "not found", "missing")
+    bad = tmp_path / "bad_manifest"
+    shutil.copytree(model_dir, bad)
+    from hobbit_mlx.store import manifest_path
+
+    manifest_path(bad).write_text("{not json")
+    assert_bad_input(run(env, "generate", "--model", bad, "--max-tokens", 2), "manifest")
+
+
+def test_bad_flags_in_process(model_dir, capsys):
+    """Flags checked before loading anything: one error line, status 2 (run in-process: fast)."""
+    import importlib
+
+    from hobbit_mlx import chat, cli_common
+
+    generate = importlib.import_module("hobbit_mlx.generate")
+    cases = [(generate.main, ["--memory-budget", "12 bananas"], "12 bananas"),
+             (generate.main, ["--memory-budget", "0"], "--memory-budget"),
+             (chat.main, ["--expert-residency", "1.5"], "--expert-residency"),
+             (generate.main, ["--max-tokens", "0"], "--max-tokens"),
+             (generate.main, ["--chat-template-config", "[1"], "--chat-template-config"),
+             (chat.main, ["--model", "no-such-model-dir"], "not found")]
+    for main, argv, needle in cases:
+        assert cli_common.run(main, ["--model", str(model_dir), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_corrupt_expert_bytes(model_dir, env, tmp_path):
+    from hobbit_mlx.store import STORE_DIR, manifest_path
+
+    bad = tmp_path / "corrupt"
+    shutil.copytree(model_dir, bad)
+    files = [f for f in (bad / STORE_DIR).rglob("*") if f.is_file() and f != manifest_path(bad)]
+    assert files
+    for f in files:  # keep the header, flip the expert bytes
+        data = bytearray(f.read_bytes())
+        for i in range(len(data) // 2, len(data), 61):
+            data[i] ^= 0xFF
+        f.write_bytes(bytes(data))
+    p = run(env, "generate", "--model", bad, "--expert-residency", 0, "--max-tokens", 4,
+            "--prompt", "hello world, hello world")
+    assert_bad_input(p)
+
+
+def test_chat_piped(model_dir, env):
+    p = run(env, "chat", "--model", model_dir, "--memory-budget", "2GB", "--max-tokens", 6,
+            "--system-prompt", "You are tiny.", stdin="hello\nh\nhow are you?\ns\nr\nhi\nq\n")
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stdout.startswith(">> hello\n")
+    assert "commands:" in p.stdout and "[conversation reset]" in p.stdout
+    assert "Experts:" in p.stdout  # the `s` command
+    turns = [l for l in p.stderr.splitlines() if l.startswith("[") and "tokens/s" in l]
+    assert len(turns) == 3, p.stderr
+    assert "cached)" in turns[1]  # the second turn reused the first turn's KV cache
+
+
+def test_chat_eof_ends_cleanly(model_dir, env):
+    p = run(env, "chat", "--model", model_dir, "--expert-residency", 1, "--max-tokens", 3,
+            "--quiet-report", stdin="hello")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(">> hello\n") and p.stdout.rstrip().endswith(">>")
+    assert "tokens/s" not in p.stderr  # --quiet-report
+
+
+def test_chat_cache_reuse_matches_fresh_prefill(model_dir):
+    """Each turn's greedy reply equals generating from the whole conversation without a cache."""
+    import hobbit_mlx
+    from hobbit_mlx import chat, cli_common
+
+    args = chat.setup_arg_parser().parse_args(["--model", str(model_dir), "--expert-residency",
+                                               "1", "--max-tokens", "5"])
+    cli_common.check_args(args)
+    model, tokenizer, _ = cli_common.load_model(args)
+    conv = chat.Conversation(model, tokenizer, args)
+    sampler = cli_common.make_sampler(args, tokenizer)
+    for query in ("hello there", "and then?", "ok"):
+        full, feed = conv.prepare(query)
+        assert full[len(full) - len(feed):] == feed
+        got = [r for r in hobbit_mlx.stream_generate(model, tokenizer, feed, max_tokens=5,
+                                                     sampler=sampler, prompt_cache=conv.cache)]
+        ref = [r.token for r in hobbit_mlx.stream_generate(model, tokenizer, full, max_tokens=5,
+                                                           sampler=sampler)]
+        assert [r.token for r in got] == ref
+        conv.finish(query, full, "".join(r.text for r in got), [r.token for r in got])
+        assert len(conv.cached) > 0
+
+
+def test_importing_the_cli_keeps_the_generate_function(model_dir):
+    """``import hobbit_mlx.generate`` rebinds the package attribute; it must stay callable."""
+    import importlib
+
+    import hobbit_mlx
+
+    importlib.import_module("hobbit_mlx.generate")
+    model, tokenizer = hobbit_mlx.load(model_dir, expert_residency=1.0, progress=False)
+    text = hobbit_mlx.generate(model, tokenizer, "hello", max_tokens=3)
+    assert isinstance(text, str)
+
+
+def test_report_and_json_helpers(tmp_path):
+    from hobbit_mlx import cli_common
+
+    s = dict(prompt_tokens=10, prompt_tps=100.0, generation_tokens=4, generation_tps=8.0,
+             peak_memory_bytes=3 * 2**20, budget_bytes=6 * 2**20, expert_requests=20, hits_high=12,
+             hits_low=3, misses_high=4, misses_low=1, skipped=0, hit_rate=0.75,
+             bytes_read=4 * 2**20, wall_s=1.5)
+    text = "\n".join(cli_common.format_report(s))
+    assert "3.00 MiB of 6.00 MiB budget (50%)" in text
+    assert "4-bit hits 12, 2-bit hits 3, misses 5" in text
+    assert "4.00 MiB, 1.00 MiB per generated token" in text
+    out = tmp_path / "s.json"
+    cli_common.write_json_atomic(out, s)
+    assert json.loads(out.read_text()) == s
+    assert cli_common.exact_of(cli_common.argparse.Namespace(exact=False)) is True
