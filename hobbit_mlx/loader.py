@@ -109,12 +109,16 @@ def compute_dtype(dtype: Any = None) -> mx.Dtype | None:
 
 
 def _kv_bytes_per_token(model: nn.Module) -> int:
-    """Measured: run one token through the model and count the KV cache it produced."""
+    """Measured: run one token through the model and size the KV cache arrays it made.
+
+    mlx-lm caches allocate in steps along the sequence axis (-2), so each array's bytes are
+    divided by its length there; state without a sequence axis (recurrent layers) is constant.
+    """
     cache = make_prompt_cache(model)
     model(mx.array([[0]]), cache=cache)
     states = [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
     mx.eval(states)
-    return int(sum(a.nbytes for a in states))
+    return int(sum(a.nbytes // a.shape[-2] for a in states if a.ndim >= 3 and a.shape[-2] > 0))
 
 
 def _activation_bytes(config: dict, manifest: Manifest, itemsize: int, chunk: int) -> int:
