@@ -1,0 +1,800 @@
+#!/usr/bin/env python3
+"""The benchmark harness: every offloading configuration x expert residency against mlx-lm.
+
+    python bench/harness.py [--model PATH] [--quick] [--residencies 1,0.5,0.25,0.125]
+        [--budgets 200MB,...] [--configs on-demand,lru] [--cold] [--out bench/results] [--name NAME]
+
+For the workload of ``bench/workload.py`` (held-out prompts, prefill + greedy decode of a few hundred
+tokens each, deterministic) it runs, in one process:
+
+1. the baseline: mlx-lm with the whole 4-bit model resident (``mlx_lm.load``, float32 activations on
+   the CPU backend like hobbit_mlx), recording its tokens/s, peak memory, greedy tokens and the
+   teacher-forced log-likelihood / argmax of held-out text;
+2. every configuration of ``CONFIGS`` at every residency (and every ``--budgets`` value), each a
+   fresh ``hobbit_mlx.load``; the baseline model is freed first so MLX's peak memory counts only
+   the run being measured.
+
+Measured per run: requests served from memory split into high-precision hits, low-precision hits,
+misses and skipped; bytes read from storage per generated token (all, and decode only); prefetch
+precision (used / issued) and recall (used / (used + misses)), "n/a" while nothing is prefetched;
+perplexity of held-out text and top-1 agreement with mlx-lm's 4-bit model (teacher-forced), and
+whether greedy generations equal mlx-lm's; prompt and decode tokens/s and their ratio to the
+baseline; MLX peak memory against the budget. The run of the first cached configuration records
+the routing trace, and ``bench/replay.py`` replays it offline (LRU, LFU, FIFO, Belady) at the same
+cache sizes: every policy's distance from the optimum, and a check that replayed LRU reproduces the
+measured LRU hit rate.
+
+Storage: warm by default (the store's pages may sit in the OS page cache); ``--cold`` loads with
+``direct_io=True`` (O_DIRECT reads bypass the page cache) and drops the store's cached pages
+(``posix_fadvise(DONTNEED)``) before each run. Outputs: ``<out>/<name>.md`` (tables + the exact
+command), ``<name>.json``, ``<name>-speed.png`` (tokens/s ratio vs residency) and ``<name>-hit.png``
+(hit rate vs residency), one line per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
+
+import mlx.core as mx  # noqa: E402
+
+from bench import replay as rp  # noqa: E402
+from bench import trace as tr  # noqa: E402
+from bench.workload import RESULTS, Workload, make_workload, resolve_model_paths  # noqa: E402
+
+# The matrix: named configurations, each a dict of hobbit_mlx.load() keyword arguments. A new
+# technique joins with one line. A configuration that fixes ``expert_residency`` (or
+# ``memory_budget``) runs once; the others run at every residency and every --budgets value.
+# Configurations using an option (or a cache policy) that the installed hobbit_mlx.load() lacks
+# are left out of the run and listed as unavailable.
+EXACT = {"exact": True, "prefetch_layers": 0}  # 4-bit only, nothing skipped, no prefetch
+CONFIGS: list[tuple[str, dict]] = [
+    ("on-demand", {**EXACT, "expert_residency": 0.0}),  # no expert cache: read every expert needed
+    ("lru", {**EXACT, "policy": "lru"}),  # exact byte-budget LRU: what the MLX expert streamers do
+    ("lfu", {**EXACT, "policy": "lfu"}),
+    ("hobbit-cache", {**EXACT, "policy": "hobbit"}),  # HOBBIT's multidimensional eviction score
+    ("shallow-cache", {**EXACT, "policy": "shallow"}),  # Fate's shallow-favoring cache
+    ("prefetch", {"exact": True, "policy": "lru", "prefetch_layers": 1}),  # cross-layer prefetch
+    ("fate", {"exact": True, "policy": "shallow", "prefetch_layers": 1}),  # shallow cache + prefetch
+    ("mixed-precision", {"exact": False, "mixed_precision": True, "prefetch_layers": 0, "policy": "lru"}),
+    ("big-little", {"exact": False, "mixed_precision": False, "big_little": True, "prefetch_layers": 0,
+                    "policy": "lru"}),
+    ("hobbit", {"exact": False, "mixed_precision": True, "prefetch_layers": 1, "policy": "hobbit"}),
+    ("all", {"exact": False, "mixed_precision": True, "big_little": True, "prefetch_layers": 1,
+             "policy": "hobbit"}),
+]
+# What runs without --configs: each technique alone and HOBBIT's combination, within a few
+# minutes on 2 CPU cores. Cache policies alone are compared offline on the recorded trace (replay
+# of the runtime's own policy objects), which costs seconds instead of a run each.
+DEFAULT_CONFIGS = ["on-demand", "lru", "prefetch", "mixed-precision", "hobbit"]
+TRACE_CONFIG = "lru"  # its run records the routing trace (exact: routing equals mlx-lm's)
+
+
+def available(kwargs: dict) -> str | None:
+    """None if the installed hobbit_mlx.load() takes these options, else why not."""
+    import inspect
+
+    import hobbit_mlx
+    from hobbit_mlx import policies
+
+    params = inspect.signature(hobbit_mlx.load).parameters
+    missing = [k for k in kwargs if k not in params]
+    if missing:
+        return f"load() has no option {', '.join(missing)}"
+    pol = kwargs.get("policy")
+    if pol is not None and pol not in getattr(policies, "POLICIES", {"lru": None}):
+        return f"no cache policy {pol!r}"
+    return None
+
+
+def _is_exact_cache_only(kwargs: dict) -> bool:
+    """Runs whose hit rate offline replay must reproduce: exact, no prefetch, no big-little."""
+    return (kwargs.get("exact") is True and not kwargs.get("prefetch_layers")
+            and not kwargs.get("big_little") and not kwargs.get("mixed_precision"))
+
+
+DEFAULT_RESIDENCIES = [1.0, 0.5, 0.25, 0.125]
+QUICK_RESIDENCIES = [1.0, 0.25]
+REPLAY_POLICIES = ["lru", "lfu", "fifo", "belady"]  # + runtime:<name> for each runtime policy
+MB = 2**20
+
+
+# --------------------------------------------------------------------------- measurement
+def _np(a) -> np.ndarray:
+    return np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
+
+
+def teacher_forced(model, pieces: list[list[int]]) -> dict:
+    """Log-likelihood of each next token and the model's argmax, over held-out pieces."""
+    nll, top1 = [], []
+    for toks in pieces:
+        x = mx.array(toks)[None]
+        logits = model(x[:, :-1])[0].astype(mx.float32)
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        target = mx.array(toks[1:])
+        ll = mx.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+        am = mx.argmax(logits, axis=-1)
+        mx.eval(ll, am)
+        nll.append(-_np(ll))
+        top1.append(np.array(am))
+    nll_all = np.concatenate(nll) if nll else np.zeros(0)
+    return {"nll": nll_all, "argmax": np.concatenate(top1) if top1 else np.zeros(0, np.int64),
+            "ppl": float(math.exp(nll_all.mean())) if nll_all.size else None}
+
+
+def _stats(model):
+    import hobbit_mlx
+    return hobbit_mlx.offload_stats(model) if model is not None else None
+
+
+_COUNTERS = ["expert_requests", "hits_high", "hits_low", "misses_high", "misses_low", "skipped",
+             "bytes_read", "prefetch_issued", "prefetch_used", "prefetch_bytes", "prediction_correct",
+             "prediction_total", "little_tokens", "routed_tokens", "layer_calls", "host_syncs",
+             "read_wait_s"]
+
+
+def _diff(a: dict, b: dict) -> dict:
+    return {k: b.get(k, 0) - a.get(k, 0) for k in _COUNTERS}
+
+
+def _add(acc: dict, d: dict) -> None:
+    for k, v in d.items():
+        acc[k] = acc.get(k, 0) + v
+
+
+def generate_workload(model, workload: Workload, prefill_step: int, *, offloaded: bool) -> dict:
+    """Prefill + greedy decode of every prompt; timings as mlx-lm's stream_generate takes them.
+
+    Prompt time: until the first token is out (prefill; like mlx-lm's ``prompt_tps``). Decode
+    tokens/s: (N - 1) tokens over the time from the first token to the last. EOS does not stop
+    decoding, so every run decodes the same number of tokens.
+    """
+    from mlx_lm.generate import generate_step
+
+    from hobbit_mlx.loader import runtime_of
+
+    rt = runtime_of(model) if offloaded else None
+    tokens, prompt_s, decode_s, n_prompt, n_gen = [], 0.0, 0.0, 0, 0
+    prefill, decode = {}, {}
+    for s, prompt in enumerate(workload.prompts):
+        if offloaded and hasattr(rt, "new_sequence"):
+            rt.new_sequence()  # what hobbit_mlx.stream_generate does: per-sequence policy statistics
+        before = _stats(model) if offloaded else None
+        out = []
+        tic = time.perf_counter()
+        t_first = None
+        mid = None
+        for tok, _ in generate_step(mx.array(prompt), model, max_tokens=workload.max_tokens,
+                                    prefill_step_size=prefill_step):
+            if t_first is None:
+                t_first = time.perf_counter()
+                if offloaded:
+                    mid = _stats(model)
+            out.append(int(tok))
+        t_end = time.perf_counter()
+        if offloaded:
+            after = _stats(model)
+            _add(prefill, _diff(before, mid))
+            _add(decode, _diff(mid, after))
+        prompt_s += t_first - tic
+        decode_s += t_end - t_first
+        n_prompt += len(prompt)
+        n_gen += len(out)
+        tokens.append(out)
+    n_decode = n_gen - len(workload.prompts)
+    return {"tokens": tokens, "prompt_tokens": n_prompt, "generated_tokens": n_gen,
+            "decode_tokens": n_decode, "prompt_s": prompt_s, "decode_s": decode_s,
+            "prompt_tps": n_prompt / prompt_s if prompt_s else None,
+            "decode_tps": n_decode / decode_s if decode_s and n_decode > 0 else None,
+            "prefill_counters": prefill, "decode_counters": decode}
+
+
+def _warmup(model, prefill_step: int) -> None:
+    from mlx_lm.generate import generate_step
+
+    for _ in generate_step(mx.array([1, 2, 3, 4, 5, 6, 7, 8]), model, max_tokens=4,
+                           prefill_step_size=prefill_step):
+        pass
+
+
+def _free() -> None:
+    gc.collect()
+    mx.clear_cache()
+
+
+def run_baseline(paths, workload: Workload, *, ppl: bool = True) -> dict:
+    """mlx-lm, whole 4-bit model resident, same process and prompts."""
+    import mlx_lm
+
+    from hobbit_mlx.loader import compute_dtype
+
+    t0 = time.perf_counter()
+    model, _tok = mlx_lm.load(str(paths.src))
+    dtype = compute_dtype()
+    if dtype is not None:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    load_s = time.perf_counter() - t0
+    _warmup(model, 2048)
+    mx.reset_peak_memory()
+    gen = generate_workload(model, workload, 2048, offloaded=False)
+    peak = mx.get_peak_memory()
+    tf = teacher_forced(model, workload.ppl_pieces) if ppl and workload.ppl_pieces else None
+    from mlx.utils import tree_flatten
+    weight_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+    del model
+    _free()
+    return {"name": "mlx-lm (all resident)", "load_s": load_s, "peak_memory_bytes": peak,
+            "weight_bytes": weight_bytes, **gen, "teacher_forced": tf}
+
+
+def _rate(n, d):
+    return n / d if d else None
+
+
+def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None) -> dict:
+    """The reported metrics of one run (counters over the generation workload only)."""
+    c = {k: stats.get(k, 0) for k in _COUNTERS}
+    req = c["expert_requests"]
+    misses = c["misses_high"] + c["misses_low"]
+    dec = gen["decode_counters"]
+    dec_req = dec.get("expert_requests", 0)
+    dec_hits = dec.get("hits_high", 0) + dec.get("hits_low", 0)
+    pre = gen["prefill_counters"]
+    pre_req = pre.get("expert_requests", 0)
+    m = {
+        **run,
+        "requests": req,
+        "hit_rate": _rate(c["hits_high"] + c["hits_low"], req),
+        "high_hit_rate": _rate(c["hits_high"], req),
+        "low_hit_rate": _rate(c["hits_low"], req),
+        "miss_rate": _rate(misses, req),
+        "skip_rate": _rate(c["skipped"], req),
+        "decode_hit_rate": _rate(dec_hits, dec_req),
+        "prefill_hit_rate": _rate(pre.get("hits_high", 0) + pre.get("hits_low", 0), pre_req),
+        "bytes_read": c["bytes_read"],
+        "bytes_per_token": _rate(c["bytes_read"], gen["generated_tokens"]),
+        "decode_bytes_per_token": _rate(dec.get("bytes_read", 0), gen["decode_tokens"]),
+        "prefetch_issued": c["prefetch_issued"],
+        "prefetch_used": c["prefetch_used"],
+        "prefetch_precision": _rate(c["prefetch_used"], c["prefetch_issued"]) if c["prefetch_issued"] else None,
+        "prefetch_recall": (_rate(c["prefetch_used"], c["prefetch_used"] + misses)
+                            if c["prefetch_issued"] else None),
+        "prefetch_bytes": c["prefetch_bytes"],
+        "prediction_accuracy": _rate(c["prediction_correct"], c["prediction_total"]),
+        "little_token_share": _rate(c["little_tokens"], c["routed_tokens"]),
+        "read_wait_s": c["read_wait_s"],
+        "host_syncs": c["host_syncs"],
+        "prompt_tps": gen["prompt_tps"],
+        "decode_tps": gen["decode_tps"],
+        "prompt_tps_ratio": _rate(gen["prompt_tps"], baseline["prompt_tps"]),
+        "decode_tps_ratio": _rate(gen["decode_tps"], baseline["decode_tps"]),
+        "generated_tokens": gen["generated_tokens"],
+        "peak_memory_bytes": stats["peak_memory_bytes"],
+        "budget_bytes": stats["budget_bytes"],
+        "expert_cache_bytes": stats["expert_cache_bytes"],
+        "dense_bytes": stats.get("dense_bytes"),
+        "within_budget": stats["peak_memory_bytes"] <= stats["budget_bytes"],
+        "peak_vs_baseline": _rate(stats["peak_memory_bytes"], baseline["peak_memory_bytes"]),
+    }
+    same = [a == b for a, b in zip(gen["tokens"], baseline["tokens"])]
+    pos = [x == y for a, b in zip(gen["tokens"], baseline["tokens"]) for x, y in zip(a, b)]
+    m["generation_identical"] = all(same) and len(same) == len(baseline["tokens"])
+    m["generation_token_match"] = float(np.mean(pos)) if pos else None
+    base_tf = baseline.get("teacher_forced")
+    if tf is not None and base_tf is not None:
+        m["ppl"] = tf["ppl"]
+        m["ppl_baseline"] = base_tf["ppl"]
+        m["ppl_ratio"] = tf["ppl"] / base_tf["ppl"] if base_tf["ppl"] else None
+        m["argmax_agreement"] = float(np.mean(tf["argmax"] == base_tf["argmax"]))
+        m["max_abs_nll_diff"] = float(np.max(np.abs(tf["nll"] - base_tf["nll"])))
+    else:
+        m.update(ppl=None, ppl_baseline=None, ppl_ratio=None, argmax_agreement=None)
+    return m
+
+
+def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: dict, *,
+                  cold: bool, ppl: bool = True) -> dict:
+    """One hobbit_mlx configuration: fresh load, warm-up, empty cache, workload, then perplexity."""
+    import hobbit_mlx
+    from hobbit_mlx.cache import arrays_nbytes
+    from hobbit_mlx.loader import runtime_of
+
+    load_kwargs = dict(kwargs)
+    load_kwargs.setdefault("max_context", workload.max_context)
+    if cold:
+        load_kwargs["direct_io"] = True
+    run = {"config": name, "kwargs": {k: v for k, v in kwargs.items()},
+           "residency": kwargs.get("expert_residency"), "budget": kwargs.get("memory_budget"),
+           "storage": "cold" if cold else "warm"}
+    t0 = time.perf_counter()
+    try:
+        model, _tok = hobbit_mlx.load(paths.hobbit, progress=False, **load_kwargs)
+    except Exception as e:  # a budget too small, an option this build lacks: a row that says so
+        return {**run, "error": f"{type(e).__name__}: {e}"}
+    rt = runtime_of(model)
+    run["load_s"] = time.perf_counter() - t0
+    run["direct_io"] = bool(rt.reader.direct)
+    entry = rt.manifest.layers[0].precisions["high"]
+    run["resident_expert_nbytes"] = arrays_nbytes(rt.reader.read(entry, 0, rt.dtype))
+    run["capacity_experts"] = (rt.cache.capacity_bytes // run["resident_expert_nbytes"]
+                               if run["resident_expert_nbytes"] else 0)
+    run["effective_residency"] = rt.cache.capacity_bytes / max(1, rt.manifest.expert_bytes("high"))
+    try:
+        _warmup(model, rt.prefill_step_size)
+        rt.cache.clear()
+        rt.cache.policy.reset()
+        hobbit_mlx.reset_stats(model)
+        if cold:
+            rt.reader.drop_page_cache()
+        gen = generate_workload(model, workload, rt.prefill_step_size, offloaded=True)
+        stats = hobbit_mlx.offload_stats(model)
+        tf = None
+        if ppl and workload.ppl_pieces:
+            hobbit_mlx.reset_stats(model)
+            tf = teacher_forced(model, workload.ppl_pieces)
+            pst = hobbit_mlx.offload_stats(model)
+            run["ppl_eval_hit_rate"] = pst["hit_rate"]
+            run["ppl_eval_peak_memory_bytes"] = pst["peak_memory_bytes"]
+        out = summarize(run, gen, stats, baseline, tf)
+    finally:
+        rt.close()
+        del model
+        _free()
+    return out
+
+
+# --------------------------------------------------------------------------- the matrix
+def plan_runs(configs: list[tuple[str, dict]], residencies: list[float], budgets: list[str]):
+    runs = []
+    for name, kw in configs:
+        if available(kw) is not None:
+            continue
+        if "expert_residency" in kw or "memory_budget" in kw:
+            runs.append((name, dict(kw)))
+            continue
+        for r in residencies:
+            runs.append((name, {**kw, "expert_residency": r}))
+        for b in budgets:
+            runs.append((name, {**kw, "memory_budget": b}))
+    return runs
+
+
+def replay_policies() -> list[str]:
+    """The reference policies plus every cache policy the installed runtime has (``runtime:NAME``)."""
+    try:
+        from hobbit_mlx.policies import POLICIES
+    except ImportError:
+        POLICIES = {}
+    return REPLAY_POLICIES + [f"runtime:{n}" for n in POLICIES if n != "lru"]
+
+
+def replay_rows(trace: tr.Trace, runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Offline policies at the cache sizes the runs had (in experts of their resident size), and
+    for every exact cache-only run, its measured hit rate next to the replay of its own policy."""
+    caps = {}
+    for r in runs:
+        if "capacity_experts" in r and r.get("config") != "on-demand":
+            label = (f"{100 * r['residency']:g}%" if r.get("residency") is not None
+                     else f"budget {r.get('budget')}")
+            caps.setdefault(int(r["capacity_experts"]), label)
+    if not caps:
+        return [], []
+    items = sorted(caps.items(), reverse=True)
+    rows = rp.compare(trace, [c for c, _ in items], replay_policies(), labels=[l for _, l in items])
+    steps = rp.steps_of(trace)
+    checks = []
+    for r in runs:
+        if "capacity_experts" not in r or not _is_exact_cache_only(r.get("kwargs", {})):
+            continue
+        if r.get("config") == "on-demand":
+            continue
+        pol = r["kwargs"].get("policy", "lru")
+        t0 = time.perf_counter()
+        rep = rp.replay(trace, f"runtime:{pol}", r["capacity_experts"], steps=steps)
+        checks.append({"config": r["config"], "label": _res_label(r), "policy": pol,
+                       "capacity": int(r["capacity_experts"]), "replayed": rep["hit_rate"],
+                       "measured": r["hit_rate"], "replay_s": time.perf_counter() - t0,
+                       "belady": next((x["hit_rate"] for x in rows if x["policy"] == "belady"
+                                       and x["capacity"] == int(r["capacity_experts"])), None)})
+    return rows, checks
+
+
+# --------------------------------------------------------------------------- output
+def _f(x, fmt="{:.3f}", na="n/a"):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return na
+    return fmt.format(x)
+
+
+def _mb(x):
+    return _f(x / MB if x is not None else None, "{:.1f}")
+
+
+def _res_label(r: dict) -> str:
+    if r.get("residency") is not None:
+        return f"{100 * r['residency']:g}%"
+    if r.get("budget") is not None:
+        eff = r.get("effective_residency")
+        return f"{r['budget']}" + (f" (={100 * eff:.1f}%)" if eff is not None else "")
+    return "-"
+
+
+def markdown(result: dict) -> str:
+    meta, base, runs = result["meta"], result["baseline"], result["runs"]
+    random_routing = meta["model"]["routing"] != "trained"
+    hit_note = " (random routing)" if random_routing else ""
+    L = [f"# hobbit_mlx harness: {meta['model']['name']} -- {meta['storage']} storage", ""]
+    L += ["Command:", "", "```", meta["command"], "```", ""]
+    L += [f"- model: `{meta['model']['src']}` (hobbit store `{meta['model']['hobbit']}`); routing: "
+          f"**{meta['model']['routing']}**" + (" -- hit rates of random-weight routers say nothing "
+                                              "about trained ones" if random_routing else ""),
+          f"- experts: {meta['experts']['num_layers']} MoE layers x {meta['experts']['num_experts']}"
+          f" experts, top-{meta['experts']['experts_per_token']}; 4-bit expert bytes "
+          f"{_mb(meta['experts']['expert_bytes_high'])} MiB; dense {_mb(meta['experts'].get('dense_bytes'))} MiB",
+          f"- storage: **{meta['storage']}** -- " + (
+              "O_DIRECT reads, store pages dropped (posix_fadvise DONTNEED) before each run"
+              if meta["storage"] == "cold" else "page cache allowed (the store may be cached by the OS)"),
+          f"- workload: {meta['workload']['n_prompts']} prompts of {meta['workload']['prompt_tokens']} "
+          f"tokens, {meta['workload']['max_tokens']} greedy tokens each; perplexity on "
+          f"{len(meta['workload']['ppl_tokens'])} held-out pieces of {meta['workload']['ppl_tokens']} tokens; "
+          f"text: {meta['workload']['source'][:300]}",
+          f"- machine: {meta['machine']}; wall time {meta['wall_s']:.0f}s", ""]
+    L += ["## Baseline: mlx-lm, whole model resident", "",
+          "| pass | prompt tok/s | decode tok/s | peak MiB | weights MiB | ppl |", "|---|---|---|---|---|---|"]
+    passes = base.get("timing_passes") or []
+    for label, t in zip(["first (before the runs)", "again (after the runs)"], passes):
+        L.append(f"| {label} | {_f(t['prompt_tps'], '{:.1f}')} | {_f(t['decode_tps'], '{:.1f}')} | | | |")
+    L += [f"| {'both (used for the ratios)' if passes else 'measured'} | {_f(base['prompt_tps'], '{:.1f}')} | "
+          f"{_f(base['decode_tps'], '{:.1f}')} | {_mb(base['peak_memory_bytes'])} | {_mb(base['weight_bytes'])} | "
+          f"{_f(base.get('ppl'), '{:.3f}')} |", ""]
+    L += ["## Configurations (`hobbit_mlx.load` options)", ""]
+    for c in meta["configs"]:
+        kw = ", ".join(f"{k}={v!r}" for k, v in c["kwargs"].items())
+        L.append(f"- **{c['name']}**: `{kw}`" + (f" -- not run: {c['unavailable']}" if c.get("unavailable") else ""))
+    L += ["", "## hobbit_mlx runs", "",
+          "Hit rates are shares of expert requests (one request = one expert one layer call needs). "
+          "Bytes/token = bytes read from storage per generated token (decode: decode steps only). "
+          "Prefetch P/R = used/issued and used/(used+misses). ppl and top-1 agree are teacher-forced "
+          "on held-out text against mlx-lm's 4-bit model; gen = greedy generations identical to mlx-lm's. "
+          "Speed ratios are against the baseline above, measured in the same process.", ""]
+    head = ["config", "residency", "cache MiB", f"hit{hit_note}", "high hit", "low hit", "miss",
+            "skip", "decode hit", "KiB/token", "decode KiB/token", "prefetch P/R", "ppl",
+            "top-1 agree", "gen", "prompt tok/s", "decode tok/s", "prompt x", "decode x",
+            "peak MiB", "budget MiB"]
+    L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ok = [r for r in runs if "error" not in r]
+    for r in runs:
+        if "error" in r:
+            L.append(f"| {r['config']} | {_res_label(r)} | " + f"error: {r['error']}".replace("|", "/")
+                     + " |" * (len(head) - 2))
+            continue
+        pref = ("n/a" if r["prefetch_precision"] is None
+                else f"{r['prefetch_precision']:.2f}/{r['prefetch_recall']:.2f}")
+        kib = lambda x: _f(x / 1024 if x is not None else None, "{:.0f}")  # noqa: E731
+        cells = [r["config"], _res_label(r), _mb(r["expert_cache_bytes"]), _f(r["hit_rate"]),
+                 _f(r["high_hit_rate"]), _f(r["low_hit_rate"]), _f(r["miss_rate"]), _f(r["skip_rate"]),
+                 _f(r["decode_hit_rate"]), kib(r["bytes_per_token"]), kib(r["decode_bytes_per_token"]),
+                 pref, _f(r["ppl"], "{:.3f}"), _f(r["argmax_agreement"]),
+                 "same" if r["generation_identical"] else f"{_f(r['generation_token_match'], '{:.2f}')} match",
+                 _f(r["prompt_tps"], "{:.1f}"), _f(r["decode_tps"], "{:.1f}"),
+                 _f(r["prompt_tps_ratio"], "{:.2f}"), _f(r["decode_tps_ratio"], "{:.2f}"),
+                 _mb(r["peak_memory_bytes"]), _mb(r["budget_bytes"])]
+        L.append("| " + " | ".join(cells) + " |")
+    L.append("")
+    if ok:
+        L += ["Details: prefetch reads, next-layer prediction accuracy (share of the experts a layer "
+              "chose that the previous layer predicted), share of tokens run as 'little' (top-k/2), time "
+              "spent waiting for reads, host syncs per generated token, load time, perplexity-pass hit rate.", "",
+              "| config | residency | prefetch issued | prefetch used | prefetch MiB | prediction acc | "
+              "little tokens | read wait s | syncs/token | load s | ppl-pass hit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in ok:
+            L.append(f"| {r['config']} | {_res_label(r)} | {r['prefetch_issued']} | {r['prefetch_used']} | "
+                     f"{_mb(r['prefetch_bytes'])} | {_f(r['prediction_accuracy'])} | "
+                     f"{_f(r['little_token_share'])} | {r['read_wait_s']:.2f} | "
+                     f"{_f(_rate(r['host_syncs'], r['generated_tokens']), '{:.1f}')} | {r['load_s']:.2f} | "
+                     f"{_f(r.get('ppl_eval_hit_rate'))} |")
+        L.append("")
+    if result.get("replay"):
+        L += ["## Offline replay of the recorded routing trace", "",
+              f"The routing of the generation workload ({result['trace_summary']['calls']} layer calls), "
+              "replayed through a cache of the same size in experts (`bench/replay.py`). "
+              "Gap = Belady's hit rate minus the policy's." + (" Random routing." if random_routing else ""), "",
+              rp.format_table(result["replay"]), ""]
+        chk = result.get("replay_check")
+        if chk:
+            L += ["Each exact cache-only run (no prefetch, no lossy technique) against the offline replay "
+                  "of the runtime's own policy (`runtime:NAME`) on the same trace and cache size:", "",
+                  "| config | residency | capacity (experts) | measured hit | replayed hit | Belady | "
+                  "gap to Belady |", "|---|---|---|---|---|---|---|"]
+            for c in chk:
+                L.append(f"| {c['config']} | {c['label']} | {c['capacity']} | {c['measured']:.4f} | "
+                         f"{c['replayed']:.4f} | {_f(c['belady'], '{:.4f}')} | "
+                         + (f"{100 * (c['belady'] - c['measured']):+.1f} pp" if c['belady'] is not None else "n/a")
+                         + " |")
+            L.append("")
+    if result.get("plots"):
+        L += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in result["plots"]] + [""]
+    return "\n".join(L)
+
+
+def plots(result: dict, out_dir: Path, name: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"] if "error" not in r and r.get("residency") is not None]
+    configs = list(dict.fromkeys(r["config"] for r in runs))
+    routing = result["meta"]["model"]["routing"]
+    tag = f"{result['meta']['model']['name']}, {result['meta']['storage']}"
+    files = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, ax, title in (("prompt_tps_ratio", axes[0], "prompt tokens/s"),
+                           ("decode_tps_ratio", axes[1], "decode tokens/s")):
+        for c in configs:
+            pts = sorted((r["residency"], r[key]) for r in runs if r["config"] == c and r[key] is not None)
+            if pts:
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=c)
+        ax.axhline(1.0, color="gray", ls="--", lw=1, label="mlx-lm, all resident")
+        ax.set_xlabel("expert residency (% of 4-bit expert bytes)")
+        ax.set_ylabel("ratio to mlx-lm")
+        ax.set_title(f"{title} ({tag})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / f"{name}-speed.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    files.append(str(p))
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for c in configs:
+        pts = sorted((r["residency"], r["hit_rate"]) for r in runs if r["config"] == c)
+        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=c)
+    rows = result.get("replay") or []
+    by_res = {}
+    for r in runs:
+        if r["config"] != "on-demand" and "capacity_experts" in r:
+            by_res.setdefault(int(r["capacity_experts"]), r["residency"])
+    for pol in ["belady"] + [p for p in dict.fromkeys(x["policy"] for x in rows) if p.startswith("runtime:")]:
+        pts = sorted((by_res[x["capacity"]], x["hit_rate"]) for x in rows
+                     if x["policy"] == pol and x["capacity"] in by_res)
+        if pts:
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], ls="--", marker=".",
+                    label=f"replay: {pol}")
+    ax.set_xlabel("expert residency (% of 4-bit expert bytes)")
+    ax.set_ylabel("hit rate" + (" (random routing)" if routing != "trained" else ""))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"served from memory ({tag})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / f"{name}-hit.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    files.append(str(p))
+    return files
+
+
+def _machine() -> str:
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, MLX {mx.__version__} "
+            f"({'GPU' if mx.default_device() == mx.gpu else 'CPU'} backend)")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items() if k != "teacher_forced"}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def record_trace_pass(paths, workload: Workload, kwargs: dict) -> tr.Trace:
+    """An extra, untimed pass that records the routing (the hook costs time, so no measured run
+    carries it). Exact mode: the routing is mlx-lm's, whatever the cache size."""
+    import hobbit_mlx
+    from hobbit_mlx.loader import runtime_of
+
+    kw = {**kwargs, "expert_residency": 1.0, "max_context": workload.max_context}
+    model, _ = hobbit_mlx.load(paths.hobbit, progress=False, **kw)
+    try:
+        return tr.record(model, workload, {"model": paths.name, "routing": paths.routing,
+                                           "workload": workload.as_dict()})
+    finally:
+        runtime_of(model).close()
+        del model
+        _free()
+
+
+def time_baseline_again(paths, workload: Workload) -> dict:
+    """The baseline's speed once more at the end: the ratios use both passes (drift on a shared
+    machine shows up as a difference between them)."""
+    import mlx_lm
+
+    from hobbit_mlx.loader import compute_dtype
+
+    model, _ = mlx_lm.load(str(paths.src))
+    if compute_dtype() is not None:
+        model.set_dtype(compute_dtype())
+    mx.eval(model.parameters())
+    _warmup(model, 2048)
+    gen = generate_workload(model, workload, 2048, offloaded=False)
+    del model
+    _free()
+    return {k: gen[k] for k in ("prompt_tokens", "decode_tokens", "prompt_s", "decode_s",
+                                "prompt_tps", "decode_tps")}
+
+
+def apply_ratios(runs: list[dict], baseline: dict) -> None:
+    for r in runs:
+        if "error" not in r:
+            r["prompt_tps_ratio"] = _rate(r["prompt_tps"], baseline["prompt_tps"])
+            r["decode_tps_ratio"] = _rate(r["decode_tps"], baseline["decode_tps"])
+
+
+def run_matrix(paths, workload: Workload, runs_plan, *, cold: bool, ppl: bool = True,
+               record_trace: bool = True, retime_baseline: bool = True, log=print) -> dict:
+    t0 = time.perf_counter()
+    log(f"[bench] baseline: mlx-lm on {paths.src}")
+    baseline = run_baseline(paths, workload, ppl=ppl)
+    if baseline.get("teacher_forced"):
+        baseline["ppl"] = baseline["teacher_forced"]["ppl"]
+    log(f"[bench]   prompt {baseline['prompt_tps']:.1f} tok/s, decode {baseline['decode_tps']:.1f} tok/s, "
+        f"peak {baseline['peak_memory_bytes'] / MB:.1f} MiB")
+    runs = []
+    for name, kw in runs_plan:
+        t1 = time.perf_counter()
+        r = run_offloaded(paths, workload, baseline, name, kw, cold=cold, ppl=ppl)
+        r["wall_s"] = time.perf_counter() - t1
+        runs.append(r)
+        if "error" in r:
+            log(f"[bench] {name} {kw}: {r['error']}")
+        else:
+            log(f"[bench] {name:15s} {_res_label(r):>8s}: hit {r['hit_rate']:.3f}, decode "
+                f"{_f(r['decode_tps'], '{:.1f}')} tok/s (x{_f(r['decode_tps_ratio'], '{:.2f}')}), prompt "
+                f"{_f(r['prompt_tps'], '{:.1f}')} tok/s, peak {r['peak_memory_bytes'] / MB:.1f} MiB, "
+                f"{r['wall_s']:.0f}s")
+    if retime_baseline:
+        before = {k: baseline[k] for k in ("prompt_tokens", "decode_tokens", "prompt_s", "decode_s",
+                                           "prompt_tps", "decode_tps")}
+        after = time_baseline_again(paths, workload)
+        baseline["timing_passes"] = [before, after]
+        baseline["prompt_tps"] = _rate(before["prompt_tokens"] + after["prompt_tokens"],
+                                       before["prompt_s"] + after["prompt_s"])
+        baseline["decode_tps"] = _rate(before["decode_tokens"] + after["decode_tokens"],
+                                       before["decode_s"] + after["decode_s"])
+        apply_ratios(runs, baseline)
+        log(f"[bench] baseline again: prompt {after['prompt_tps']:.1f} tok/s, decode "
+            f"{after['decode_tps']:.1f} tok/s (ratios use both passes)")
+    result = {"baseline": baseline, "runs": runs}
+    # Facts about the store, from a zero-residency load (cheap).
+    import hobbit_mlx
+    from hobbit_mlx.loader import runtime_of
+    m, _ = hobbit_mlx.load(paths.hobbit, expert_residency=0.0, progress=False,
+                           max_context=workload.max_context)
+    rt = runtime_of(m)
+    result["experts"] = {**tr.runtime_meta(rt), "dense_bytes": rt.plan.dense_bytes,
+                         "expert_bytes_low": rt.manifest.expert_bytes("low")}
+    rt.close()
+    del m, rt
+    _free()
+    trace_kwargs = dict(CONFIGS).get(TRACE_CONFIG)
+    if record_trace and trace_kwargs is not None and available(trace_kwargs) is None:
+        t1 = time.perf_counter()
+        trace = record_trace_pass(paths, workload, trace_kwargs)
+        result["trace"] = trace
+        result["trace_summary"] = trace.summary()
+        result["replay"], result["replay_check"] = replay_rows(trace, runs)
+        log(f"[bench] routing trace recorded and replayed in {time.perf_counter() - t1:.0f}s")
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None,
+                   help="mlx-lm checkpoint (or hobbit dir with its source); default: the bundled "
+                        "reference model, else a tiny random model built under bench/results/tmp")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke variant: 1 prompt of 32 tokens, 16 decoded, residencies 1 and 0.25")
+    p.add_argument("--residencies", default=None, help="expert residencies, e.g. 1,0.5,0.25,0.125")
+    p.add_argument("--budgets", default="", help="absolute memory budgets, e.g. 200MB,1GB")
+    p.add_argument("--configs", default=None,
+                   help=f"configurations to run, or 'all' ({', '.join(n for n, _ in CONFIGS)}); "
+                        f"default: {','.join(DEFAULT_CONFIGS)}")
+    p.add_argument("--cold", action="store_true",
+                   help="cold storage: O_DIRECT reads and the store's page cache dropped before each run")
+    p.add_argument("--prompts", type=int, default=None)
+    p.add_argument("--prompt-tokens", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--ppl-pieces", type=int, default=None)
+    p.add_argument("--ppl-tokens", type=int, default=None)
+    p.add_argument("--no-ppl", action="store_true", help="skip the teacher-forced perplexity pass")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default=None, help="output file stem (default: harness-<model>-<warm|cold>)")
+    a = p.parse_args(argv)
+
+    quick = a.quick
+    n_prompts = a.prompts or (1 if quick else 2)
+    prompt_tokens = a.prompt_tokens or (32 if quick else 96)
+    max_tokens = a.max_tokens or (16 if quick else 128)
+    n_ppl = a.ppl_pieces if a.ppl_pieces is not None else 1
+    ppl_tokens = a.ppl_tokens or (33 if quick else 193)
+    residencies = _floats(a.residencies) if a.residencies else (QUICK_RESIDENCIES if quick else DEFAULT_RESIDENCIES)
+    budgets = [b for b in a.budgets.split(",") if b.strip()]
+    known = dict(CONFIGS)
+    configs = [(c, known[c]) for c in DEFAULT_CONFIGS]
+    if a.configs == "all":
+        configs = list(CONFIGS)
+    elif a.configs:
+        want = [c.strip() for c in a.configs.split(",") if c.strip()]
+        unknown = [c for c in want if c not in known]
+        if unknown:
+            p.error(f"unknown configuration(s) {unknown}; known: {list(known)}")
+        configs = [(c, known[c]) for c in want]
+
+    paths = resolve_model_paths(a.model)
+    import mlx_lm.utils
+    tok = mlx_lm.utils.load_tokenizer(paths.src)
+    workload = make_workload(tok, n_prompts=n_prompts, prompt_tokens=prompt_tokens,
+                             max_tokens=max_tokens, n_ppl=n_ppl, ppl_tokens=ppl_tokens)
+    storage = "cold" if a.cold else "warm"
+    name = a.name or f"harness-{paths.name}-{storage}" + ("-quick" if quick else "")
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    result = run_matrix(paths, workload, plan_runs(configs, residencies, budgets), cold=a.cold,
+                        ppl=not a.no_ppl)
+    try:
+        cmd_path = os.path.relpath(os.path.abspath(sys.argv[0]), Path.cwd())
+    except ValueError:
+        cmd_path = sys.argv[0]
+    script = cmd_path if cmd_path.endswith("harness.py") else "bench/harness.py"
+    result["meta"] = {
+        "command": "python " + " ".join(shlex.quote(x) for x in [script] + argv),
+        "model": paths.as_dict(), "storage": storage, "quick": quick,
+        "workload": workload.as_dict(), "experts": result.pop("experts"),
+        "configs": [{"name": n, "kwargs": kw, "unavailable": available(kw)} for n, kw in configs],
+        "residencies": residencies,
+        "budgets": budgets, "machine": _machine(), "wall_s": result["wall_s"],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    trace = result.pop("trace", None)
+    if trace is not None:
+        tpath = out_dir / "tmp" / f"{name}-trace.npz"
+        tr.save(trace, tpath)
+        result["meta"]["trace_file"] = str(tpath)
+    result["plots"] = plots(result, out_dir, name)
+    (out_dir / f"{name}.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (out_dir / f"{name}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"[bench] wrote {out_dir / name}.md, .json, {', '.join(Path(x).name for x in result['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Issue 2's benchmark: hobbit_mlx at 100/50/25% expert residency against mlx-lm fully resident.
+
+    python bench/offload_vs_mlx_lm.py [--model PATH] [--residencies 1,0.5,0.25] [--prompts 2]
+        [--prompt-tokens 64] [--max-tokens 32] [--cold] [--out bench/results] [--name NAME]
+
+Default model: the synthetic model of ``bench/make_synthetic.py`` (hidden 2048, 64 experts of
+intermediate 768 per layer, top-8, 4 layers: ~0.7 GB of 4-bit experts), built on first use under
+``bench/results/tmp/synthetic`` (git-ignored). In one process: mlx-lm with the whole 4-bit model
+resident, then hobbit_mlx in exact mode with an LRU expert cache and no prefetch (the plain
+offloader) at each residency, on the same prompts (greedy). Printed as a table -- prompt and decode
+tokens/s, their ratio to mlx-lm, MLX peak memory against mlx-lm's, hit rate (random routing on
+the synthetic model), bytes read per token, and whether the greedy tokens equal mlx-lm's -- and
+saved as ``<out>/<name>.md`` / ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
+
+from bench import harness  # noqa: E402
+from bench.workload import RESULTS, make_workload, resolve_model_paths  # noqa: E402
+
+MB = 2**20
+PLAIN = {"exact": True, "prefetch_layers": 0, "policy": "lru"}
+
+
+def table(result: dict) -> str:
+    base, runs = result["baseline"], result["runs"]
+    routing = result["meta"]["model"]["routing"]
+    hit = "hit rate" + (" (random routing)" if routing != "trained" else "")
+    head = ["run", "expert cache MiB", "prompt tok/s", "decode tok/s", "prompt x mlx-lm",
+            "decode x mlx-lm", "peak MiB", "peak x mlx-lm", hit, "MiB read/token", "tokens = mlx-lm"]
+    L = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    L.append(f"| mlx-lm, all resident | - | {base['prompt_tps']:.1f} | {base['decode_tps']:.1f} | 1.00 | "
+             f"1.00 | {base['peak_memory_bytes'] / MB:.0f} | 1.00 | - | - | - |")
+    for r in runs:
+        if "error" in r:
+            L.append(f"| hobbit_mlx {harness._res_label(r)} | error: {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        L.append(
+            f"| hobbit_mlx {harness._res_label(r)} | {r['expert_cache_bytes'] / MB:.0f} | "
+            f"{harness._f(r['prompt_tps'], '{:.1f}')} | {harness._f(r['decode_tps'], '{:.1f}')} | "
+            f"{harness._f(r['prompt_tps_ratio'], '{:.2f}')} | {harness._f(r['decode_tps_ratio'], '{:.2f}')} | "
+            f"{r['peak_memory_bytes'] / MB:.0f} | {harness._f(r['peak_vs_baseline'], '{:.2f}')} | "
+            f"{r['hit_rate']:.3f} | {harness._f(r['bytes_per_token'] / MB if r['bytes_per_token'] is not None else None, '{:.1f}')} | "
+            f"{'yes' if r['generation_identical'] else 'no'} |")
+    return "\n".join(L)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="mlx-lm checkpoint (default: the synthetic model)")
+    p.add_argument("--residencies", default="1,0.5,0.25")
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--cold", action="store_true", help="O_DIRECT reads, page cache dropped per run")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default=None)
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    if a.model is None:
+        from bench.make_synthetic import make_synthetic
+        src, _ = make_synthetic()
+        model = src
+    else:
+        model = a.model
+    paths = resolve_model_paths(model)
+    import mlx_lm.utils
+    tok = mlx_lm.utils.load_tokenizer(paths.src)
+    wl = make_workload(tok, n_prompts=a.prompts, prompt_tokens=a.prompt_tokens,
+                       max_tokens=a.max_tokens, n_ppl=0)
+    plan = [("lru", {**PLAIN, "expert_residency": float(r)}) for r in a.residencies.split(",") if r]
+    res = harness.run_matrix(paths, wl, plan, cold=a.cold, ppl=False, record_trace=False)
+    storage = "cold" if a.cold else "warm"
+    name = a.name or f"offload_vs_mlx_lm-{paths.name}-{storage}"
+    res["meta"] = {"command": "python " + " ".join(shlex.quote(x) for x in ["bench/offload_vs_mlx_lm.py"] + argv),
+                   "model": paths.as_dict(), "storage": storage, "workload": wl.as_dict(),
+                   "experts": res.pop("experts"), "machine": harness._machine(),
+                   "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    ex = res["meta"]["experts"]
+    text = "\n".join([
+        f"# hobbit_mlx vs mlx-lm: {paths.name} ({storage} storage)", "",
+        "Command:", "", "```", res["meta"]["command"], "```", "",
+        f"- model: `{paths.src}`: {ex['num_layers']} MoE layers x {ex['num_experts']} experts, "
+        f"top-{ex['experts_per_token']}, {ex['expert_bytes_high'] / MB:.0f} MiB of 4-bit experts "
+        f"({ex['expert_nbytes'][0] / MB:.2f} MiB each), dense {ex['dense_bytes'] / MB:.0f} MiB; routing: "
+        f"**{paths.routing}**" + (" (random weights: hit rates say nothing about trained routers)"
+                                  if paths.routing != "trained" else ""),
+        f"- hobbit_mlx: exact mode (4-bit experts, outputs equal mlx-lm's), LRU expert cache, no prefetch; "
+        f"storage {storage}" + (" (O_DIRECT, page cache dropped)" if a.cold else " (page cache allowed)"),
+        f"- workload: {len(wl.prompts)} prompts of {a.prompt_tokens} tokens + {a.max_tokens} greedy "
+        f"tokens each ({wl.source[:120]}); both sides float32 activations on the CPU backend",
+        f"- machine: {res['meta']['machine']}; measured in one process, wall {res['meta']['wall_s']:.0f}s", "",
+        table(res), ""])
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(harness._jsonable(res), indent=1))
+    print(text)
+    print(f"[bench] wrote {out / name}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

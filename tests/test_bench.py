@@ -1,0 +1,179 @@
+"""The benchmark harness (smoke: structure, not speed) and the offline cache-policy replay."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import replay as rp  # noqa: E402
+from bench import trace as tr  # noqa: E402
+
+
+def _calls(*experts_per_call, layer=0):
+    """A one-layer trace: each argument is the set of experts one (single-token) call chose."""
+    return tr.from_calls([(layer, np.array([list(e)])) for e in experts_per_call])
+
+
+# ---------------------------------------------------------------------------------------- replay
+def test_replay_cyclic_pattern_belady_beats_lru():
+    # A B C A B C A through 2 slots. LRU/FIFO: every access misses (the classic cyclic worst case).
+    # Belady: t2 C evicts B (next use t4, later than A's t3); t3 A hits; t4 B evicts A (next t6,
+    # later than C's t5); t5 C hits; t6 A misses -> 2 hits.
+    # LFU (counts kept across evictions, ties to the least recent) misses every time as well.
+    trace = _calls([0], [1], [2], [0], [1], [2], [0])
+    got = {p: rp.replay(trace, p, 2) for p in ("lru", "fifo", "lfu", "belady", "runtime:lru")}
+    assert {p: r["hits"] for p, r in got.items()} == {"lru": 0, "fifo": 0, "lfu": 0, "belady": 2,
+                                                      "runtime:lru": 0}
+    assert all(r["requests"] == 7 and r["hits"] + r["misses"] == 7 for r in got.values())
+    assert got["belady"]["hit_rate"] == pytest.approx(2 / 7)
+
+
+def test_replay_multi_expert_calls_pin_their_experts():
+    # Calls {0,1} {2,3} {0,1} {0,2}, 3 slots, 8 requests.
+    # LRU: c1 brings 2, then 3 evicts 0 (oldest, unpinned) -> [1,2,3]; c2: 1 hits, 0 evicts 2 ->
+    #      [3,1,0]; c3: 0 hits, 2 evicts 3 -> 2 hits.
+    # Belady: c1's 3 evicts 0 or 1 (both next used in c2); c2 hits one and its miss evicts 3 (never
+    #      used again) rather than 2 (used in c3); c3 hits 0 and 2 -> 3 hits.
+    trace = _calls([0, 1], [2, 3], [0, 1], [0, 2])
+    lru, opt = rp.replay(trace, "lru", 3), rp.replay(trace, "belady", 3)
+    assert (lru["requests"], lru["hits"], opt["hits"]) == (8, 2, 3)
+    assert rp.replay(trace, "runtime:lru", 3)["hits"] == 2
+    # Capacity 1 cannot hold a 2-expert call, and a call never evicts its own (pinned) experts:
+    # c0 caches 0, 1 cannot be placed; c1: 2 evicts 0, 3 not placed; c2: 0 evicts 2, 1 not placed;
+    # c3: 0 hits, 2 not placed -> 1 hit, 4 misses not cached.
+    tiny = rp.replay(trace, "lru", 1)
+    assert (tiny["hits"], tiny["not_cached"], tiny["evictions"]) == (1, 4, 2)
+
+
+def test_replay_accepts_policy_objects_and_compare_reports_gaps():
+    class MRU:  # most recently used: a policy the bench does not know, plugged in as an object
+        name = "mru"
+
+        def __init__(self):
+            self.order = []
+
+        def on_insert(self, key):
+            self.order.append(key)
+
+        def on_hit(self, key):
+            self.order.remove(key)
+            self.order.append(key)
+
+        def on_evict(self, key):
+            self.order.remove(key)
+
+        def victim(self, evictable):
+            for key in reversed(self.order):
+                if evictable(key):
+                    return key
+            raise LookupError
+
+        def reset(self):
+            pass
+
+    trace = _calls([0], [1], [2], [0], [1], [2], [0])
+    # MRU on A B C A B C A, 2 slots: C evicts B, A hits, B evicts A, C hits, A misses -> 2 hits.
+    assert rp.replay(trace, MRU(), 2)["hits"] == 2
+    rows = rp.compare(trace, [2, 3], ["lru", "belady"])
+    by = {(r["capacity"], r["policy"]): r for r in rows}
+    assert by[(2, "lru")]["gap_to_belady"] == pytest.approx(2 / 7)
+    assert by[(3, "lru")]["hits"] == by[(3, "belady")]["hits"] == 4  # everything fits: 3 cold misses
+    assert "belady hit" in rp.format_table(rows)
+
+
+def test_trace_roundtrip_with_and_without_gate_weights(tmp_path):
+    b = tr.TraceBuilder()
+    entries = [(0, np.array([[1, 2], [3, 1]])), (1, np.array([[0, 2]]), np.array([[0.7, 0.3]]))]
+    b.absorb(list(entries[:1]), sequence=0, phase=0)
+    b.absorb(list(entries[1:]), sequence=0, phase=1)
+    t = b.build({"num_layers": 2, "num_experts": 4})
+    assert t.weights is None  # only some calls carried weights
+    loaded = tr.load(tr.save(t, tmp_path / "t.npz"))
+    assert loaded.layer.tolist() == [0, 1] and loaded.offsets.tolist() == [0, 2, 3]
+    assert loaded.call(0).tolist() == [[1, 2], [3, 1]] and loaded.phase.tolist() == [0, 1]
+    assert loaded.meta == {"num_layers": 2, "num_experts": 4}
+    b2 = tr.TraceBuilder()
+    b2.absorb([(0, np.array([[1, 2]]), np.array([[0.6, 0.4]]))], 0, 1)
+    assert tr.load(tr.save(b2.build({}), tmp_path / "w.npz")).weights.tolist() == [
+        pytest.approx([0.6, 0.4])]
+    assert rp.capacity_for_residency(loaded, 0.5) == 4
+
+
+# ---------------------------------------------------------------------------------------- harness
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    from bench import harness, workload
+
+    root = tmp_path_factory.mktemp("bench")
+    src = make_tiny_model(workload.TINY_ARCH, root / "model" / "mlx", quantize=True,
+                          config_overrides=workload.TINY_OVERRIDES)
+    workload.write_marker(src, routing="random")
+    convert(src, root / "model" / "hobbit", progress=False)
+    out = root / "out"
+    assert harness.main(["--model", str(src), "--quick", "--out", str(out), "--name", "quick"]) == 0
+    return out, json.loads((out / "quick.json").read_text())
+
+
+def test_harness_quick_writes_outputs(quick_run):
+    out, _ = quick_run
+    for f in ("quick.md", "quick.json", "quick-speed.png", "quick-hit.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    md = (out / "quick.md").read_text()
+    assert "python bench/harness.py" in md and "--quick" in md  # the command that made it
+    assert "warm" in md and "random routing" in md
+    assert (out / "quick-speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_harness_quick_metrics_per_configuration(quick_run):
+    from bench import harness
+
+    _, res = quick_run
+    assert res["meta"]["storage"] == "warm" and res["meta"]["model"]["routing"] == "random"
+    base = res["baseline"]
+    assert base["prompt_tps"] > 0 and base["decode_tps"] > 0 and base["peak_memory_bytes"] > 0
+    runs = [r for r in res["runs"] if "error" not in r]
+    ran = {r["config"] for r in runs}
+    expected = {n for n in harness.DEFAULT_CONFIGS if harness.available(dict(harness.CONFIGS)[n]) is None}
+    assert expected <= ran and {"on-demand", "lru"} <= ran
+    assert {r["residency"] for r in runs if r["config"] == "lru"} == set(harness.QUICK_RESIDENCIES)
+    for r in runs:
+        for key in ("hit_rate", "high_hit_rate", "low_hit_rate", "miss_rate", "skip_rate",
+                    "decode_hit_rate", "argmax_agreement"):
+            assert 0.0 <= r[key] <= 1.0, (r["config"], key, r[key])
+        assert r["high_hit_rate"] + r["low_hit_rate"] + r["miss_rate"] + r["skip_rate"] == pytest.approx(1.0)
+        assert r["prompt_tps"] > 0 and r["decode_tps"] > 0
+        assert r["prompt_tps_ratio"] > 0 and r["decode_tps_ratio"] > 0
+        assert r["bytes_per_token"] >= 0 and r["peak_memory_bytes"] > 0 and r["budget_bytes"] > 0
+        assert r["ppl"] > 0 and r["generated_tokens"] == 16
+        if r["prefetch_issued"] == 0:
+            assert r["prefetch_precision"] is None and r["prefetch_recall"] is None
+        else:
+            assert 0.0 <= r["prefetch_precision"] <= 1.0 and 0.0 <= r["prefetch_recall"] <= 1.0
+    on_demand = next(r for r in runs if r["config"] == "on-demand")
+    assert on_demand["hit_rate"] == 0 and on_demand["bytes_read"] > 0
+    for r in runs:
+        if harness._is_exact_cache_only(r["kwargs"]):  # exact: same tokens and likelihoods as mlx-lm
+            assert r["generation_identical"] and r["argmax_agreement"] == 1.0
+            assert r["ppl"] == pytest.approx(r["ppl_baseline"], rel=1e-4)
+
+
+def test_harness_replay_reproduces_measured_lru(quick_run):
+    _, res = quick_run
+    assert res["replay"] and {"lru", "lfu", "fifo", "belady"} <= {r["policy"] for r in res["replay"]}
+    for row in res["replay"]:
+        assert 0.0 <= row["hit_rate"] <= row["belady_hit_rate"] + 1e-12
+    checks = [c for c in res["replay_check"] if c["config"] == "lru"]
+    assert len(checks) == 2
+    for c in checks:
+        assert c["replayed"] == pytest.approx(c["measured"], abs=1e-12)
