@@ -73,7 +73,7 @@ class OffloadRuntime:
     def __init__(self, manifest: Manifest, reader: RecordReader, cache: ExpertCache, *,
                  dtype: mx.Dtype | None, working_set_bytes: int,
                  precision: PrecisionOptions | None = None, prefetch_layers: int = 0,
-                 scoring: str = "softmax"):
+                 scoring: str = "softmax", overlap_io: bool = True):
         self.manifest = manifest
         self.reader = reader
         self.cache = cache
@@ -82,6 +82,7 @@ class OffloadRuntime:
         self.precision = precision or PrecisionOptions()
         self.prefetch_layers = prefetch_layers
         self.scoring = scoring
+        self.overlap_io = overlap_io
         self.stats = OffloadStats()
         self.layers: list[OffloadedSwitch] = []
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
@@ -108,37 +109,13 @@ class OffloadRuntime:
             self.stats.hits_low += hits
             self.stats.misses_low += misses
 
+    def begin_fetch(self, layer: LayerEntry, experts, precision: str = "high") -> "Fetch":
+        """Pin the experts, take the resident ones, and start reading the rest (in parallel)."""
+        return Fetch(self, layer, experts, precision)
+
     def fetch(self, layer: LayerEntry, experts, precision: str = "high") -> list[dict]:
         """Arrays of the given experts of one layer, reading misses in parallel; cached if they fit."""
-        entry = layer.precisions[precision]
-        keys = [(layer.layer, int(e), precision) for e in experts]
-        out: list = [None] * len(keys)
-        pending = []
-        self.cache.pin(keys)
-        try:
-            for i, key in enumerate(keys):
-                arrays = self.cache.get(key)
-                if arrays is not None:
-                    out[i] = arrays
-                    continue
-                with self._lock:
-                    fut = self._inflight.get(key)
-                if fut is not None:  # a prefetch is reading it already: wait for that read
-                    pending.append((i, fut, False))
-                else:
-                    pending.append((i, self.reader.submit(entry, key[1], self.dtype), True))
-            demand = sum(1 for p in pending if p[2])
-            self._count(precision, len(keys) - demand, demand)
-            t0 = time.perf_counter()
-            for i, fut, is_demand in pending:
-                out[i] = fut.result()
-                if is_demand:
-                    self.stats.bytes_read += entry.records[keys[i][1]].nbytes
-                    self.cache.put(keys[i], out[i])
-            self.stats.read_wait_s += time.perf_counter() - t0
-        finally:
-            self.cache.unpin(keys)
-        return out
+        return self.begin_fetch(layer, experts, precision).finish()
 
     def has(self, layer: int, expert: int, precision: str) -> bool:
         return (layer, expert, precision) in self.cache
@@ -210,6 +187,50 @@ class OffloadRuntime:
         self.wait_idle()
         self.reader.close()
         self.cache.clear()
+
+
+class Fetch:
+    """One layer call's experts at one precision: hits at once, misses as reads in flight."""
+
+    def __init__(self, rt: OffloadRuntime, layer: LayerEntry, experts, precision: str):
+        self.rt, self.precision = rt, precision
+        self.entry = layer.precisions[precision]
+        self.keys = [(layer.layer, int(e), precision) for e in experts]
+        self.arrays: list = [None] * len(self.keys)
+        self.pending: list = []  # (position, future, read on demand?)
+        rt.cache.pin(self.keys)
+        for i, key in enumerate(self.keys):
+            arrays = rt.cache.get(key)
+            if arrays is not None:
+                self.arrays[i] = arrays
+                continue
+            with rt._lock:
+                fut = rt._inflight.get(key)
+            if fut is not None:  # a prefetch is reading it already: wait for that read
+                self.pending.append((i, fut, False))
+            else:
+                self.pending.append((i, rt.reader.submit(self.entry, key[1], rt.dtype), True))
+        demand = sum(1 for p in self.pending if p[2])
+        rt._count(precision, len(self.keys) - demand, demand)
+
+    @property
+    def resident(self) -> np.ndarray:
+        """Positions of the experts that were resident when the fetch began."""
+        return np.array([i for i, a in enumerate(self.arrays) if a is not None], dtype=np.int64)
+
+    def finish(self) -> list[dict]:
+        rt = self.rt
+        t0 = time.perf_counter()
+        try:
+            for i, fut, is_demand in self.pending:
+                self.arrays[i] = fut.result()
+                if is_demand:
+                    rt.stats.bytes_read += self.entry.records[self.keys[i][1]].nbytes
+                    rt.cache.put(self.keys[i], self.arrays[i])
+        finally:
+            rt.stats.read_wait_s += time.perf_counter() - t0
+            rt.cache.unpin(self.keys)
+        return self.arrays
 
 
 class OffloadedSwitch(nn.Module):
@@ -308,29 +329,46 @@ class OffloadedSwitch(nn.Module):
                 parts.append((precision, experts, mask))
         return parts
 
+    def _masked_run(self, x, flat, mask, experts, arrays, entry, shape) -> mx.array:
+        """Run ``experts`` over the slots in ``mask`` that chose one of them; zeros elsewhere."""
+        pos = np.searchsorted(experts, flat)
+        inside = mask & (pos < len(experts)) & (experts[np.minimum(pos, len(experts) - 1)] == flat)
+        y = self._run(x, np.where(inside, pos, 0).reshape(shape), arrays, entry)
+        return mx.where(mx.array(inside.reshape(shape))[..., None], y, mx.zeros((), dtype=y.dtype))
+
     def _compute(self, x: mx.array, flat: np.ndarray, parts: list, shape: tuple) -> mx.array:
         rt = self._runtime
-        total = None
+        outputs = []
         single = len(parts) == 1 and parts[0][2].all()
         for precision, experts, mask in parts:
             entry = self.layer.precisions[precision]
             group = max(1, rt.working_set_bytes // (2 * entry.expert_nbytes))
             for start in range(0, len(experts), group):
                 chunk = experts[start:start + group]
-                arrays = rt.fetch(self.layer, chunk, precision)
-                pos = np.searchsorted(chunk, flat)
-                inside = mask & (pos < len(chunk)) & (chunk[np.minimum(pos, len(chunk) - 1)] == flat)
-                if single and len(chunk) == len(experts):  # the common case: one stacked run, no mask
-                    return self._run(x, pos.reshape(shape), arrays, entry)
-                y = self._run(x, np.where(inside, pos, 0).reshape(shape), arrays, entry)
-                y = mx.where(mx.array(inside.reshape(shape))[..., None], y, mx.zeros((), dtype=y.dtype))
-                total = y if total is None else total + y
+                fetch = rt.begin_fetch(self.layer, chunk, precision)
+                hit = fetch.resident
+                if rt.overlap_io and 0 < len(hit) < len(chunk):
+                    # Start the resident experts' compute while the misses are being read.
+                    outputs.append(self._masked_run(x, flat, mask, chunk[hit],
+                                                    [fetch.arrays[i] for i in hit], entry, shape))
+                    mx.async_eval(outputs[-1])
+                    arrays = fetch.finish()
+                    miss = np.setdiff1d(np.arange(len(chunk)), hit)
+                    outputs.append(self._masked_run(x, flat, mask, chunk[miss],
+                                                    [arrays[i] for i in miss], entry, shape))
+                else:
+                    arrays = fetch.finish()
+                    if single and len(chunk) == len(experts):  # one stacked run, no mask needed
+                        return self._run(x, np.searchsorted(chunk, flat).reshape(shape), arrays, entry)
+                    outputs.append(self._masked_run(x, flat, mask, chunk, arrays, entry, shape))
                 if len(experts) > group:
+                    total = sum(outputs[1:], outputs[0])
                     mx.eval(total)  # free this group's experts before the next group is read
+                    outputs = [total]
                 del arrays
-        if total is None:  # every slot dropped
+        if not outputs:  # every slot dropped
             return mx.zeros((*shape, x.shape[-1]), dtype=x.dtype)
-        return total
+        return sum(outputs[1:], outputs[0])
 
 
 def install(model: nn.Module, manifest: Manifest) -> list[OffloadedSwitch]:
