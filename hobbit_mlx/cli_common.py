@@ -21,9 +21,6 @@ from typing import Any, Callable, Sequence
 
 from .budget import BudgetError, format_size, parse_size
 
-# ``--exact`` turns exact mode on. It is the only mode for now; when lossy modes arrive (on by
-# default) this becomes False and ``exact = args.exact or DEFAULT_EXACT`` keeps the flag meaningful.
-DEFAULT_EXACT = True
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMP = 0.0
@@ -75,10 +72,28 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("--expert-residency", type=float, default=None, metavar="F",
                      help="Instead of --memory-budget: size the expert cache as a fraction "
                           "(0..1) of the model's 4-bit expert bytes.")
-    g.add_argument("--exact", action="store_true",
+    t = parser.add_argument_group("techniques (each can be turned off)")
+    t.add_argument("--exact", action="store_true",
                    help="Exact mode: every expert is served in 4-bit and none is skipped, so the "
-                        "output equals mlx-lm's (currently the only mode).")
-    g.add_argument("--policy", default="lru", choices=_policy_names(),
+                        "output equals mlx-lm's. Turns every lossy technique off.")
+    t.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
+                   help="HOBBIT: a miss on a low-importance expert loads its 2-bit copy "
+                        "(default: on unless --exact).")
+    t.add_argument("--t1", type=float, default=0.6,
+                   help="Unimportance above which a miss loads 2-bit (default: %(default)s).")
+    t.add_argument("--t2", type=float, default=0.9,
+                   help="Unimportance above which --skip drops the expert (default: %(default)s).")
+    t.add_argument("--skip", action="store_true", help="Skip experts whose unimportance exceeds --t2.")
+    t.add_argument("--big-little", action="store_true",
+                   help="MoBiLE: confident tokens run only their top-k/2 experts.")
+    t.add_argument("--little-threshold", type=float, default=0.8,
+                   help="Gate mass of the top-k/2 experts that makes a token 'little' (default: %(default)s).")
+    t.add_argument("--prefetch-layers", type=int, default=1, metavar="P",
+                   help="Predict and read the next P layers' experts in the background; 0 turns "
+                        "prefetch off (default: %(default)s).")
+    t.add_argument("--no-overlap-io", dest="overlap_io", action="store_false",
+                   help="Do not start resident experts' compute while misses are read.")
+    t.add_argument("--policy", default="lru", choices=_policy_names(),
                    help="Expert cache replacement policy (default: %(default)s).")
     g.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, metavar="TOKENS",
                    help="Tokens of KV cache the budget reserves (default: %(default)s).")
@@ -178,8 +193,17 @@ def check_args(args: argparse.Namespace) -> None:
         args.chat_template_kwargs = {}
 
 
-def exact_of(args: argparse.Namespace) -> bool:
-    return bool(args.exact or DEFAULT_EXACT)
+def technique_options(args: argparse.Namespace) -> dict:
+    """The ``hobbit_mlx.load`` keyword arguments that the technique flags set."""
+    if args.exact and (args.mixed_precision or args.big_little or args.skip):
+        raise CLIError("--exact cannot be combined with --mixed-precision, --big-little or --skip")
+    if not 0 <= args.t1 <= args.t2 <= 1:
+        raise CLIError(f"need 0 <= --t1 <= --t2 <= 1 (got {args.t1}, {args.t2})")
+    if args.prefetch_layers < 0:
+        raise CLIError(f"--prefetch-layers must be 0 or more, not {args.prefetch_layers}")
+    return dict(exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
+                skip=args.skip, big_little=args.big_little, little_threshold=args.little_threshold,
+                prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +248,7 @@ def load_model(args: argparse.Namespace):
         with contextlib.redirect_stdout(sys.stderr):
             model, tokenizer = load(
                 args.model, memory_budget=args.memory_budget,
-                expert_residency=args.expert_residency, exact=exact_of(args), policy=args.policy,
+                expert_residency=args.expert_residency, **technique_options(args),
                 max_context=args.max_context, prefill_step_size=args.prefill_step_size,
                 io_workers=args.io_workers, verify=args.verify, direct_io=args.direct_io,
                 tokenizer_config=tokenizer_config, progress=not getattr(args, "quiet_report", False))
@@ -384,6 +408,14 @@ def format_report(s: dict) -> list[str]:
     per_tok = (f", {format_size(s['bytes_read'] / s['generation_tokens'])} per generated token"
                if s.get("generation_tokens") else "")
     lines.append(f"Read from storage: {format_size(s.get('bytes_read', 0))}{per_tok}")
+    if s.get("prefetch_issued") or s.get("prediction_total"):
+        precision = s.get("prefetch_precision")
+        recall = s.get("prediction_recall")
+        lines.append(f"Prefetch: {s.get('prefetch_issued', 0)} reads issued, {s.get('prefetch_used', 0)} used"
+                     + (f" (precision {100.0 * precision:.0f}%)" if precision is not None else "")
+                     + (f"; next-layer prediction recall {100.0 * recall:.0f}%" if recall is not None else ""))
+    if s.get("little_token_share") is not None:
+        lines.append(f"Big-little: {100.0 * s['little_token_share']:.0f}% of routed tokens ran top-k/2")
     wall = f"Wall time: {s.get('wall_s', 0.0):.2f} s"
     if s.get("load_s") is not None:
         wall += f" (load {s['load_s']:.2f} s)"

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stats = cli.run_stats(model, last, wall_s, load_s)
     stats.update(model=str(getattr(hobbit_mlx.runtime_of(model), "model_dir", args.model)),
-                 exact=cli.exact_of(args), policy=args.policy, max_tokens=args.max_tokens,
+                 **cli.technique_options(args), max_tokens=args.max_tokens,
                  max_context=args.max_context)
     if args.stats_json:
         cli.write_json_atomic(args.stats_json, stats)

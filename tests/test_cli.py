@@ -84,7 +84,7 @@ def test_generate_stats_json(model_dir, env, tmp_path):
     assert stats["budget_bytes"] == 2 * 10**9
     assert stats["generation_tokens"] >= 1 and stats["prompt_tokens"] > 5
     assert stats["expert_requests"] > 0 and stats["bytes_read"] > 0
-    assert stats["exact"] is True
+    assert stats["exact"] is False and stats["prefetch_layers"] == 1  # lossy techniques on by default
     assert [f.name for f in out.parent.iterdir()] == ["stats.json"]  # no temporary file left
 
 
@@ -215,4 +215,7 @@ def test_report_and_json_helpers(tmp_path):
     out = tmp_path / "s.json"
     cli_common.write_json_atomic(out, s)
     assert json.loads(out.read_text()) == s
-    assert cli_common.exact_of(cli_common.argparse.Namespace(exact=False)) is True
+    args = cli_common.argparse.Namespace(exact=True, mixed_precision=True, big_little=False, skip=False,
+                                         t1=0.6, t2=0.9, prefetch_layers=1)
+    with pytest.raises(cli_common.CLIError, match="--exact cannot"):
+        cli_common.technique_options(args)
