@@ -53,7 +53,8 @@ import mlx.core as mx  # noqa: E402
 
 from bench import replay as rp  # noqa: E402
 from bench import trace as tr  # noqa: E402
-from bench.workload import RESULTS, Workload, make_workload, resolve_model_paths  # noqa: E402
+from bench.workload import (DEFAULT_WORKLOAD, QUICK_WORKLOAD, RESULTS, Workload,  # noqa: E402
+                            make_workload, resolve_model_paths)
 
 # The matrix: named configurations, each a dict of hobbit_mlx.load() keyword arguments. A new
 # technique joins with one line. A configuration that fixes ``expert_residency`` (or
@@ -215,38 +216,81 @@ def _free() -> None:
     mx.clear_cache()
 
 
-def run_baseline(paths, workload: Workload, *, ppl: bool = True) -> dict:
-    """mlx-lm, whole 4-bit model resident, same process and prompts."""
-    import mlx_lm
+_TIMING_KEYS = ("prompt_tokens", "decode_tokens", "prompt_s", "decode_s", "prompt_tps", "decode_tps")
 
-    from hobbit_mlx.loader import compute_dtype
 
-    t0 = time.perf_counter()
-    model, _tok = mlx_lm.load(str(paths.src))
-    dtype = compute_dtype()
-    if dtype is not None:
-        model.set_dtype(dtype)
-    mx.eval(model.parameters())
-    load_s = time.perf_counter() - t0
-    _warmup(model, 2048)
-    mx.reset_peak_memory()
-    gen = generate_workload(model, workload, 2048, offloaded=False)
-    peak = mx.get_peak_memory()
-    tf = teacher_forced(model, workload.ppl_pieces) if ppl and workload.ppl_pieces else None
-    from mlx.utils import tree_flatten
-    weight_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
-    del model
-    _free()
-    return {"name": "mlx-lm (all resident)", "load_s": load_s, "peak_memory_bytes": peak,
-            "weight_bytes": weight_bytes, **gen, "teacher_forced": tf}
+class Baseline:
+    """mlx-lm with the whole 4-bit model resident, kept loaded for the whole matrix so that each
+    hobbit_mlx run is timed next to a baseline pass on the same prompts (paired ratios stay
+    meaningful when the machine's speed drifts). Its weights stay allocated during the hobbit runs;
+    those runs subtract the memory that was already allocated before they loaded."""
+
+    def __init__(self, paths) -> None:
+        import mlx_lm
+        from mlx.utils import tree_flatten
+
+        from hobbit_mlx.loader import compute_dtype
+
+        t0 = time.perf_counter()
+        self.model, _tok = mlx_lm.load(str(paths.src))
+        if compute_dtype() is not None:
+            self.model.set_dtype(compute_dtype())  # float32 on the CPU backend, like hobbit_mlx
+        mx.eval(self.model.parameters())
+        self.load_s = time.perf_counter() - t0
+        self.weight_bytes = sum(a.nbytes for _, a in tree_flatten(self.model.parameters()))
+        self.cache_limit = mx.set_cache_limit(0)  # MLX's own default; hobbit_mlx.load changes it
+        mx.set_cache_limit(self.cache_limit)
+        _warmup(self.model, 2048)
+        self.passes: list[dict] = []
+
+    def timing_pass(self, workload: Workload) -> dict:
+        mx.set_cache_limit(self.cache_limit)
+        gen = generate_workload(self.model, workload, 2048, offloaded=False)
+        _free()
+        self.passes.append({k: gen[k] for k in _TIMING_KEYS})
+        return gen
+
+    def full_pass(self, workload: Workload, *, ppl: bool = True) -> dict:
+        """The reference tokens, peak memory and held-out likelihoods (first pass)."""
+        _free()
+        mx.reset_peak_memory()
+        gen = self.timing_pass(workload)
+        peak = mx.get_peak_memory()
+        tf = teacher_forced(self.model, workload.ppl_pieces) if ppl and workload.ppl_pieces else None
+        _free()
+        return {"name": "mlx-lm (all resident)", "load_s": self.load_s, "peak_memory_bytes": peak,
+                "weight_bytes": self.weight_bytes, **gen, "teacher_forced": tf,
+                "ppl": tf["ppl"] if tf else None}
+
+    def pooled(self) -> dict:
+        """Tokens/s over every baseline pass, and the spread between passes."""
+        tot = {k: sum(p[k] for p in self.passes) for k in ("prompt_tokens", "decode_tokens",
+                                                           "prompt_s", "decode_s")}
+        dec = [p["decode_tps"] for p in self.passes if p["decode_tps"]]
+        pre = [p["prompt_tps"] for p in self.passes if p["prompt_tps"]]
+        return {"prompt_tps": _rate(tot["prompt_tokens"], tot["prompt_s"]),
+                "decode_tps": _rate(tot["decode_tokens"], tot["decode_s"]),
+                "passes": len(self.passes), "decode_tps_min": min(dec, default=None),
+                "decode_tps_max": max(dec, default=None), "prompt_tps_min": min(pre, default=None),
+                "prompt_tps_max": max(pre, default=None)}
+
+    def close(self) -> None:
+        del self.model
+        _free()
 
 
 def _rate(n, d):
     return n / d if d else None
 
 
-def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None) -> dict:
-    """The reported metrics of one run (counters over the generation workload only)."""
+def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None,
+              paired: dict | None = None, background: int = 0) -> dict:
+    """The reported metrics of one run (counters over the generation workload only).
+
+    ``paired``: the baseline pass timed right before this run (else the first baseline pass);
+    ``background``: bytes MLX already held before the run loaded (the baseline's weights)."""
+    timing = paired or baseline
+    peak = stats["peak_memory_bytes"] - background
     c = {k: stats.get(k, 0) for k in _COUNTERS}
     req = c["expert_requests"]
     misses = c["misses_high"] + c["misses_low"]
@@ -280,15 +324,18 @@ def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None
         "host_syncs": c["host_syncs"],
         "prompt_tps": gen["prompt_tps"],
         "decode_tps": gen["decode_tps"],
-        "prompt_tps_ratio": _rate(gen["prompt_tps"], baseline["prompt_tps"]),
-        "decode_tps_ratio": _rate(gen["decode_tps"], baseline["decode_tps"]),
+        "baseline_prompt_tps": timing["prompt_tps"],
+        "baseline_decode_tps": timing["decode_tps"],
+        "prompt_tps_ratio": _rate(gen["prompt_tps"], timing["prompt_tps"]),
+        "decode_tps_ratio": _rate(gen["decode_tps"], timing["decode_tps"]),
         "generated_tokens": gen["generated_tokens"],
-        "peak_memory_bytes": stats["peak_memory_bytes"],
+        "peak_memory_bytes": peak,
+        "background_memory_bytes": background,
         "budget_bytes": stats["budget_bytes"],
         "expert_cache_bytes": stats["expert_cache_bytes"],
         "dense_bytes": stats.get("dense_bytes"),
-        "within_budget": stats["peak_memory_bytes"] <= stats["budget_bytes"],
-        "peak_vs_baseline": _rate(stats["peak_memory_bytes"], baseline["peak_memory_bytes"]),
+        "within_budget": peak <= stats["budget_bytes"],
+        "peak_vs_baseline": _rate(peak, baseline["peak_memory_bytes"]),
     }
     same = [a == b for a, b in zip(gen["tokens"], baseline["tokens"])]
     pos = [x == y for a, b in zip(gen["tokens"], baseline["tokens"]) for x, y in zip(a, b)]
@@ -307,7 +354,7 @@ def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None
 
 
 def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: dict, *,
-                  cold: bool, ppl: bool = True) -> dict:
+                  cold: bool, ppl: bool = True, paired: dict | None = None) -> dict:
     """One hobbit_mlx configuration: fresh load, warm-up, empty cache, workload, then perplexity."""
     import hobbit_mlx
     from hobbit_mlx.cache import arrays_nbytes
@@ -320,6 +367,8 @@ def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: 
     run = {"config": name, "kwargs": {k: v for k, v in kwargs.items()},
            "residency": kwargs.get("expert_residency"), "budget": kwargs.get("memory_budget"),
            "storage": "cold" if cold else "warm"}
+    _free()
+    background = mx.get_active_memory()  # the baseline's weights, kept loaded for pairing
     t0 = time.perf_counter()
     try:
         model, _tok = hobbit_mlx.load(paths.hobbit, progress=False, **load_kwargs)
@@ -349,7 +398,7 @@ def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: 
             pst = hobbit_mlx.offload_stats(model)
             run["ppl_eval_hit_rate"] = pst["hit_rate"]
             run["ppl_eval_peak_memory_bytes"] = pst["peak_memory_bytes"]
-        out = summarize(run, gen, stats, baseline, tf)
+        out = summarize(run, gen, stats, baseline, tf, paired, background)
     finally:
         rt.close()
         del model
@@ -448,19 +497,23 @@ def markdown(result: dict) -> str:
           f"- storage: **{meta['storage']}** -- " + (
               "O_DIRECT reads, store pages dropped (posix_fadvise DONTNEED) before each run"
               if meta["storage"] == "cold" else "page cache allowed (the store may be cached by the OS)"),
-          f"- workload: {meta['workload']['n_prompts']} prompts of {meta['workload']['prompt_tokens']} "
+          f"- workload: {meta['workload']['n_prompts']} prompt(s) of {meta['workload']['prompt_tokens']} "
           f"tokens, {meta['workload']['max_tokens']} greedy tokens each; perplexity on "
-          f"{len(meta['workload']['ppl_tokens'])} held-out pieces of {meta['workload']['ppl_tokens']} tokens; "
+          f"{len(meta['workload']['ppl_tokens'])} held-out piece(s) of {meta['workload']['ppl_tokens']} tokens; "
           f"text: {meta['workload']['source'][:300]}",
           f"- machine: {meta['machine']}; wall time {meta['wall_s']:.0f}s", ""]
+    pooled = base.get("pooled") or {}
     L += ["## Baseline: mlx-lm, whole model resident", "",
-          "| pass | prompt tok/s | decode tok/s | peak MiB | weights MiB | ppl |", "|---|---|---|---|---|---|"]
-    passes = base.get("timing_passes") or []
-    for label, t in zip(["first (before the runs)", "again (after the runs)"], passes):
-        L.append(f"| {label} | {_f(t['prompt_tps'], '{:.1f}')} | {_f(t['decode_tps'], '{:.1f}')} | | | |")
-    L += [f"| {'both (used for the ratios)' if passes else 'measured'} | {_f(base['prompt_tps'], '{:.1f}')} | "
-          f"{_f(base['decode_tps'], '{:.1f}')} | {_mb(base['peak_memory_bytes'])} | {_mb(base['weight_bytes'])} | "
-          f"{_f(base.get('ppl'), '{:.3f}')} |", ""]
+          "| pass | prompt tok/s | decode tok/s | peak MiB | weights MiB | ppl |", "|---|---|---|---|---|---|",
+          f"| first | {_f(base['prompt_tps'], '{:.1f}')} | {_f(base['decode_tps'], '{:.1f}')} | "
+          f"{_mb(base['peak_memory_bytes'])} | {_mb(base['weight_bytes'])} | {_f(base.get('ppl'), '{:.3f}')} |"]
+    if pooled.get("passes", 0) > 1:
+        L.append(f"| all {pooled['passes']} passes (min-max decode {_f(pooled['decode_tps_min'], '{:.1f}')}-"
+                 f"{_f(pooled['decode_tps_max'], '{:.1f}')}) | {_f(pooled['prompt_tps'], '{:.1f}')} | "
+                 f"{_f(pooled['decode_tps'], '{:.1f}')} | | | |")
+    L += ["", "Speed ratios: " + ("each run against the baseline pass timed right before it (column "
+          "'base decode tok/s'), so drift of a shared machine cancels out"
+          if base.get("pairing") == "each" else "against the first baseline pass") + ".", ""]
     L += ["## Configurations (`hobbit_mlx.load` options)", ""]
     for c in meta["configs"]:
         kw = ", ".join(f"{k}={v!r}" for k, v in c["kwargs"].items())
@@ -470,11 +523,11 @@ def markdown(result: dict) -> str:
           "Bytes/token = bytes read from storage per generated token (decode: decode steps only). "
           "Prefetch P/R = used/issued and used/(used+misses). ppl and top-1 agree are teacher-forced "
           "on held-out text against mlx-lm's 4-bit model; gen = greedy generations identical to mlx-lm's. "
-          "Speed ratios are against the baseline above, measured in the same process.", ""]
+          "Speed ratios are against mlx-lm measured in the same process (see above).", ""]
     head = ["config", "residency", "cache MiB", f"hit{hit_note}", "high hit", "low hit", "miss",
             "skip", "decode hit", "KiB/token", "decode KiB/token", "prefetch P/R", "ppl",
-            "top-1 agree", "gen", "prompt tok/s", "decode tok/s", "prompt x", "decode x",
-            "peak MiB", "budget MiB"]
+            "top-1 agree", "gen", "prompt tok/s", "decode tok/s", "base decode tok/s", "prompt x",
+            "decode x", "peak MiB", "budget MiB"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ok = [r for r in runs if "error" not in r]
     for r in runs:
@@ -491,6 +544,7 @@ def markdown(result: dict) -> str:
                  pref, _f(r["ppl"], "{:.3f}"), _f(r["argmax_agreement"]),
                  "same" if r["generation_identical"] else f"{_f(r['generation_token_match'], '{:.2f}')} match",
                  _f(r["prompt_tps"], "{:.1f}"), _f(r["decode_tps"], "{:.1f}"),
+                 _f(r.get("baseline_decode_tps"), "{:.1f}"),
                  _f(r["prompt_tps_ratio"], "{:.2f}"), _f(r["decode_tps_ratio"], "{:.2f}"),
                  _mb(r["peak_memory_bytes"]), _mb(r["budget_bytes"])]
         L.append("| " + " | ".join(cells) + " |")
@@ -625,66 +679,40 @@ def record_trace_pass(paths, workload: Workload, kwargs: dict) -> tr.Trace:
         _free()
 
 
-def time_baseline_again(paths, workload: Workload) -> dict:
-    """The baseline's speed once more at the end: the ratios use both passes (drift on a shared
-    machine shows up as a difference between them)."""
-    import mlx_lm
-
-    from hobbit_mlx.loader import compute_dtype
-
-    model, _ = mlx_lm.load(str(paths.src))
-    if compute_dtype() is not None:
-        model.set_dtype(compute_dtype())
-    mx.eval(model.parameters())
-    _warmup(model, 2048)
-    gen = generate_workload(model, workload, 2048, offloaded=False)
-    del model
-    _free()
-    return {k: gen[k] for k in ("prompt_tokens", "decode_tokens", "prompt_s", "decode_s",
-                                "prompt_tps", "decode_tps")}
-
-
-def apply_ratios(runs: list[dict], baseline: dict) -> None:
-    for r in runs:
-        if "error" not in r:
-            r["prompt_tps_ratio"] = _rate(r["prompt_tps"], baseline["prompt_tps"])
-            r["decode_tps_ratio"] = _rate(r["decode_tps"], baseline["decode_tps"])
-
-
 def run_matrix(paths, workload: Workload, runs_plan, *, cold: bool, ppl: bool = True,
-               record_trace: bool = True, retime_baseline: bool = True, log=print) -> dict:
+               record_trace: bool = True, pairing: str = "each", log=print) -> dict:
+    """Baseline, then every planned run; ``pairing="each"`` times a baseline pass right before
+    every run (ratios against that pass), ``"once"`` uses the first baseline pass for all."""
     t0 = time.perf_counter()
     log(f"[bench] baseline: mlx-lm on {paths.src}")
-    baseline = run_baseline(paths, workload, ppl=ppl)
-    if baseline.get("teacher_forced"):
-        baseline["ppl"] = baseline["teacher_forced"]["ppl"]
+    base_model = Baseline(paths)
+    baseline = base_model.full_pass(workload, ppl=ppl)
     log(f"[bench]   prompt {baseline['prompt_tps']:.1f} tok/s, decode {baseline['decode_tps']:.1f} tok/s, "
         f"peak {baseline['peak_memory_bytes'] / MB:.1f} MiB")
     runs = []
-    for name, kw in runs_plan:
-        t1 = time.perf_counter()
-        r = run_offloaded(paths, workload, baseline, name, kw, cold=cold, ppl=ppl)
-        r["wall_s"] = time.perf_counter() - t1
-        runs.append(r)
-        if "error" in r:
-            log(f"[bench] {name} {kw}: {r['error']}")
-        else:
-            log(f"[bench] {name:15s} {_res_label(r):>8s}: hit {r['hit_rate']:.3f}, decode "
-                f"{_f(r['decode_tps'], '{:.1f}')} tok/s (x{_f(r['decode_tps_ratio'], '{:.2f}')}), prompt "
-                f"{_f(r['prompt_tps'], '{:.1f}')} tok/s, peak {r['peak_memory_bytes'] / MB:.1f} MiB, "
-                f"{r['wall_s']:.0f}s")
-    if retime_baseline:
-        before = {k: baseline[k] for k in ("prompt_tokens", "decode_tokens", "prompt_s", "decode_s",
-                                           "prompt_tps", "decode_tps")}
-        after = time_baseline_again(paths, workload)
-        baseline["timing_passes"] = [before, after]
-        baseline["prompt_tps"] = _rate(before["prompt_tokens"] + after["prompt_tokens"],
-                                       before["prompt_s"] + after["prompt_s"])
-        baseline["decode_tps"] = _rate(before["decode_tokens"] + after["decode_tokens"],
-                                       before["decode_s"] + after["decode_s"])
-        apply_ratios(runs, baseline)
-        log(f"[bench] baseline again: prompt {after['prompt_tps']:.1f} tok/s, decode "
-            f"{after['decode_tps']:.1f} tok/s (ratios use both passes)")
+    try:
+        for name, kw in runs_plan:
+            t1 = time.perf_counter()
+            paired = None
+            if pairing == "each":
+                g = base_model.timing_pass(workload)
+                paired = {"prompt_tps": g["prompt_tps"], "decode_tps": g["decode_tps"]}
+            r = run_offloaded(paths, workload, baseline, name, kw, cold=cold, ppl=ppl, paired=paired)
+            r["wall_s"] = time.perf_counter() - t1
+            runs.append(r)
+            if "error" in r:
+                log(f"[bench] {name} {kw}: {r['error']}")
+            else:
+                log(f"[bench] {name:15s} {_res_label(r):>8s}: hit {r['hit_rate']:.3f}, decode "
+                    f"{_f(r['decode_tps'], '{:.1f}')} tok/s (x{_f(r['decode_tps_ratio'], '{:.2f}')} of "
+                    f"{_f(r['baseline_decode_tps'], '{:.1f}')}), prompt {_f(r['prompt_tps'], '{:.1f}')} tok/s "
+                    f"(x{_f(r['prompt_tps_ratio'], '{:.2f}')}), peak {r['peak_memory_bytes'] / MB:.1f} MiB, "
+                    f"{r['wall_s']:.0f}s")
+    finally:
+        baseline["pairing"] = pairing
+        baseline["pooled"] = base_model.pooled()
+        baseline["timing_passes"] = base_model.passes
+        base_model.close()
     result = {"baseline": baseline, "runs": runs}
     # Facts about the store, from a zero-residency load (cheap).
     import hobbit_mlx
@@ -734,16 +762,20 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-pieces", type=int, default=None)
     p.add_argument("--ppl-tokens", type=int, default=None)
     p.add_argument("--no-ppl", action="store_true", help="skip the teacher-forced perplexity pass")
+    p.add_argument("--pairing", choices=["each", "once"], default="each",
+                   help="'each' (default): time a baseline pass right before every run and use it "
+                        "for that run's ratios; 'once': only the first baseline pass (faster)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default=None, help="output file stem (default: harness-<model>-<warm|cold>)")
     a = p.parse_args(argv)
 
     quick = a.quick
-    n_prompts = a.prompts or (1 if quick else 2)
-    prompt_tokens = a.prompt_tokens or (32 if quick else 96)
-    max_tokens = a.max_tokens or (16 if quick else 128)
-    n_ppl = a.ppl_pieces if a.ppl_pieces is not None else 1
-    ppl_tokens = a.ppl_tokens or (33 if quick else 193)
+    wd = QUICK_WORKLOAD if quick else DEFAULT_WORKLOAD
+    n_prompts = a.prompts or wd["n_prompts"]
+    prompt_tokens = a.prompt_tokens or wd["prompt_tokens"]
+    max_tokens = a.max_tokens or wd["max_tokens"]
+    n_ppl = a.ppl_pieces if a.ppl_pieces is not None else wd["n_ppl"]
+    ppl_tokens = a.ppl_tokens or wd["ppl_tokens"]
     residencies = _floats(a.residencies) if a.residencies else (QUICK_RESIDENCIES if quick else DEFAULT_RESIDENCIES)
     budgets = [b for b in a.budgets.split(",") if b.strip()]
     known = dict(CONFIGS)
@@ -768,7 +800,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     result = run_matrix(paths, workload, plan_runs(configs, residencies, budgets), cold=a.cold,
-                        ppl=not a.no_ppl)
+                        ppl=not a.no_ppl, pairing=a.pairing)
     try:
         cmd_path = os.path.relpath(os.path.abspath(sys.argv[0]), Path.cwd())
     except ValueError:
@@ -780,7 +812,7 @@ def main(argv=None) -> int:
         "workload": workload.as_dict(), "experts": result.pop("experts"),
         "configs": [{"name": n, "kwargs": kw, "unavailable": available(kw)} for n, kw in configs],
         "residencies": residencies,
-        "budgets": budgets, "machine": _machine(), "wall_s": result["wall_s"],
+        "budgets": budgets, "pairing": a.pairing, "machine": _machine(), "wall_s": result["wall_s"],
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     trace = result.pop("trace", None)

@@ -37,11 +37,13 @@ def table(result: dict) -> str:
     base, runs = result["baseline"], result["runs"]
     routing = result["meta"]["model"]["routing"]
     hit = "hit rate" + (" (random routing)" if routing != "trained" else "")
-    head = ["run", "expert cache MiB", "prompt tok/s", "decode tok/s", "prompt x mlx-lm",
-            "decode x mlx-lm", "peak MiB", "peak x mlx-lm", hit, "MiB read/token", "tokens = mlx-lm"]
+    head = ["run", "expert cache MiB", "prompt tok/s", "decode tok/s", "mlx-lm prompt/decode tok/s (paired)",
+            "prompt x mlx-lm", "decode x mlx-lm", "peak MiB", "peak x mlx-lm", hit, "MiB read/token",
+            "tokens = mlx-lm"]
     L = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    L.append(f"| mlx-lm, all resident | - | {base['prompt_tps']:.1f} | {base['decode_tps']:.1f} | 1.00 | "
-             f"1.00 | {base['peak_memory_bytes'] / MB:.0f} | 1.00 | - | - | - |")
+    pooled = base.get("pooled") or base
+    L.append(f"| mlx-lm, all resident ({pooled.get('passes', 1)} passes) | - | {pooled['prompt_tps']:.1f} | "
+             f"{pooled['decode_tps']:.1f} | - | 1.00 | 1.00 | {base['peak_memory_bytes'] / MB:.0f} | 1.00 | - | - | - |")
     for r in runs:
         if "error" in r:
             L.append(f"| hobbit_mlx {harness._res_label(r)} | error: {r['error']} |" + " |" * (len(head) - 2))
@@ -49,6 +51,7 @@ def table(result: dict) -> str:
         L.append(
             f"| hobbit_mlx {harness._res_label(r)} | {r['expert_cache_bytes'] / MB:.0f} | "
             f"{harness._f(r['prompt_tps'], '{:.1f}')} | {harness._f(r['decode_tps'], '{:.1f}')} | "
+            f"{harness._f(r['baseline_prompt_tps'], '{:.1f}')} / {harness._f(r['baseline_decode_tps'], '{:.1f}')} | "
             f"{harness._f(r['prompt_tps_ratio'], '{:.2f}')} | {harness._f(r['decode_tps_ratio'], '{:.2f}')} | "
             f"{r['peak_memory_bytes'] / MB:.0f} | {harness._f(r['peak_vs_baseline'], '{:.2f}')} | "
             f"{r['hit_rate']:.3f} | {harness._f(r['bytes_per_token'] / MB if r['bytes_per_token'] is not None else None, '{:.1f}')} | "
@@ -101,7 +104,9 @@ def main(argv=None) -> int:
         f"storage {storage}" + (" (O_DIRECT, page cache dropped)" if a.cold else " (page cache allowed)"),
         f"- workload: {len(wl.prompts)} prompts of {a.prompt_tokens} tokens + {a.max_tokens} greedy "
         f"tokens each ({wl.source[:120]}); both sides float32 activations on the CPU backend",
-        f"- machine: {res['meta']['machine']}; measured in one process, wall {res['meta']['wall_s']:.0f}s", "",
+        f"- machine: {res['meta']['machine']}; measured in one process, wall {res['meta']['wall_s']:.0f}s; "
+        "each hobbit_mlx run is compared with an mlx-lm pass timed right before it (paired); peak memory "
+        "of a hobbit_mlx run excludes the mlx-lm weights still loaded for the pairing", "",
         table(res), ""])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

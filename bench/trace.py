@@ -2,7 +2,7 @@
 """Record a routing trace: which experts every MoE layer call chose, for a workload.
 
     python bench/trace.py [--model PATH] [--out bench/results/tmp/trace.npz] \
-        [--prompts 3 --prompt-tokens 128 --max-tokens 256] [--quick]
+        [--prompts 2 --prompt-tokens 96 --max-tokens 128] [--quick]
 
 The runtime appends ``(layer, indices[tokens, k])`` -- later also gate weights as a third element --
 to ``runtime_of(model).trace`` for every MoE layer call; this script runs the harness's workload
@@ -176,19 +176,20 @@ def record(model, workload, meta: dict | None = None) -> Trace:
 
 def main(argv=None) -> int:
     import hobbit_mlx
-    from bench.workload import TMP, make_workload, resolve_model_paths
+    from bench.workload import DEFAULT_WORKLOAD, QUICK_WORKLOAD, TMP, make_workload, resolve_model_paths
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="mlx-lm checkpoint or hobbit dir (default: the "
                    "reference model, else the tiny default)")
     p.add_argument("--out", default=str(TMP / "trace.npz"))
-    p.add_argument("--prompts", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--prompts", type=int, default=DEFAULT_WORKLOAD["n_prompts"])
+    p.add_argument("--prompt-tokens", type=int, default=DEFAULT_WORKLOAD["prompt_tokens"])
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_WORKLOAD["max_tokens"])
     p.add_argument("--quick", action="store_true", help="1 prompt of 32 tokens, 16 decoded")
     a = p.parse_args(argv)
     if a.quick:
-        a.prompts, a.prompt_tokens, a.max_tokens = 1, 32, 16
+        q = QUICK_WORKLOAD
+        a.prompts, a.prompt_tokens, a.max_tokens = q["n_prompts"], q["prompt_tokens"], q["max_tokens"]
     paths = resolve_model_paths(a.model)
     model, tok = hobbit_mlx.load(paths.hobbit, expert_residency=1.0, progress=False)
     wl = make_workload(tok, n_prompts=a.prompts, prompt_tokens=a.prompt_tokens,

@@ -33,7 +33,7 @@ REFERENCE_MODEL = REPO / "hobbit_mlx" / "reference_model"
 VAL_FILE_LISTS = [REPO / "reference" / "val_files.txt", REFERENCE_MODEL / "val_files.txt"]
 MARKER = "bench_model.json"  # written next to config.json of models the bench scripts generate
 MIN_FILE_BYTES = 3000
-MAX_FILE_CHARS = 20000
+MAX_FILE_CHARS = 6000  # enough for a prompt or a perplexity piece; keeps encodes short
 
 # The default model while the reference model does not exist: tiny, random weights, but with
 # enough experts per layer that residency fractions mean something.
@@ -250,6 +250,12 @@ def heldout_texts(max_files: int = 16) -> tuple[list[str], str]:
             return texts, (f"validation files from {lst.relative_to(REPO)} (read from {root}): "
                            + ", ".join(used))
     return list(FALLBACK_SNIPPETS), "fixed Python snippets (bench/workload.py FALLBACK_SNIPPETS)"
+
+
+# The harness's default workload (trace.py uses the same): prompts x (prefill + greedy decode),
+# and held-out pieces for teacher-forced perplexity. QUICK: the smoke variant of the test suite.
+DEFAULT_WORKLOAD = dict(n_prompts=2, prompt_tokens=96, max_tokens=128, n_ppl=1, ppl_tokens=129)
+QUICK_WORKLOAD = dict(n_prompts=1, prompt_tokens=32, max_tokens=16, n_ppl=1, ppl_tokens=33)
 
 
 @dataclass
