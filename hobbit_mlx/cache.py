@@ -32,6 +32,7 @@ class ExpertCache:
         self.resident_bytes = 0
         self._entries: dict[Hashable, tuple[Arrays, int]] = {}
         self._pins: Counter = Counter()
+        self._per_layer: Counter = Counter()  # (layer, precision) -> resident experts
         self.lock = threading.RLock()
 
     def __contains__(self, key: Hashable) -> bool:
@@ -70,13 +71,19 @@ class ExpertCache:
                 self._evict(victim)
             self._entries[key] = (arrays, nbytes)
             self.resident_bytes += nbytes
+            self._per_layer[key[0], key[2]] += 1
             self.policy.on_insert(key)
             return True
 
     def _evict(self, key: Hashable) -> None:
         _, nbytes = self._entries.pop(key)
         self.resident_bytes -= nbytes
+        self._per_layer[key[0], key[2]] -= 1
         self.policy.on_evict(key)
+
+    def resident_in_layer(self, layer: int, precision: str = "high") -> int:
+        """How many experts of a layer are resident at a precision."""
+        return self._per_layer[layer, precision]
 
     def pin(self, keys) -> None:
         with self.lock:

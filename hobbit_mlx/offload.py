@@ -129,6 +129,8 @@ class OffloadRuntime:
             if target >= len(self.layers) or self.layers[target].router is None:
                 break
             switch = self.layers[target]
+            if self.cache.resident_in_layer(switch.layer.layer) == switch.layer.num_experts:
+                continue  # nothing of that layer can miss: skip the prediction's host sync
             ind, _ = predict_indices(switch.router, gate_input, k)
             experts = np.unique(ind)
             if distance == 1:
@@ -330,11 +332,21 @@ class OffloadedSwitch(nn.Module):
         return parts
 
     def _masked_run(self, x, flat, mask, experts, arrays, entry, shape) -> mx.array:
-        """Run ``experts`` over the slots in ``mask`` that chose one of them; zeros elsewhere."""
+        """Run ``experts`` over just the slots in ``mask`` that chose one of them; zeros elsewhere.
+
+        The selected (token, slot) pairs are gathered into rows of their own (k=1), so each expert
+        computes only the tokens routed to it, and the results are scattered back into place.
+        """
         pos = np.searchsorted(experts, flat)
         inside = mask & (pos < len(experts)) & (experts[np.minimum(pos, len(experts) - 1)] == flat)
-        y = self._run(x, np.where(inside, pos, 0).reshape(shape), arrays, entry)
-        return mx.where(mx.array(inside.reshape(shape))[..., None], y, mx.zeros((), dtype=y.dtype))
+        rows, slots = np.nonzero(inside)
+        hidden = x.shape[-1]
+        out = mx.zeros((flat.size, hidden), dtype=x.dtype)
+        if len(rows):
+            xs = x.reshape(-1, hidden)[mx.array(rows.astype(np.uint32))]
+            y = self._run(xs, pos[rows, slots][:, None], arrays, entry)
+            out[mx.array((rows * flat.shape[1] + slots).astype(np.uint32))] = y.reshape(-1, hidden).astype(x.dtype)
+        return out.reshape(*shape, hidden)
 
     def _compute(self, x: mx.array, flat: np.ndarray, parts: list, shape: tuple) -> mx.array:
         rt = self._runtime
