@@ -22,7 +22,7 @@ The corpus is rebuilt from this machine's stdlib with the model's own tokenizer
 (only the files listed in val_files.txt / the train split of train.py's rule);
 files missing here are reported.
 
-    python reference/evaluate.py [--model hobbit_mlx/reference_model] [--max-tokens 65536]
+    python reference/evaluate.py [--model hobbit_mlx/reference_model] [--max-tokens 32768]
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ sys.path.insert(0, str(HERE))
 
 import train as T  # noqa: E402  (corpus rules and config live there)
 
+# Prompts end mid-line (after the ':'), not with a newline: the byte-level BPE merges a
+# newline with the next line's indentation, so a prompt ending in a lone "\n" token is
+# out of distribution (that token only occurs at the end of a file, before EOS).
 PROMPTS = [
-    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
-    "import os\nimport sys\n\n\ndef main(argv=None):\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
-    "    for i, line in enumerate(lines):\n        if line.startswith('#'):\n",
+    "def fibonacci(n):",
+    "import os\nimport sys\n\n\ndef main(argv=None):",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):",
+    "def read_config(path):\n    with open(path) as f:\n        for i, line in enumerate(f):\n"
+    "            if line.startswith('#'):",
 ]
 
 
@@ -124,33 +128,68 @@ class Recorder:
         self.cls.__call__ = self.orig
 
 
-def routing_stats(model, windows: np.ndarray) -> dict:
-    """windows: [n, L] token ids."""
+def run_windows(model, wins: np.ndarray, byte_len: np.ndarray, record: int) -> dict:
+    """One forward per window (wins: [n, ctx+1]); scores every target except special
+    tokens (BOS/EOS, 0 bytes); records routing for the first `record` windows."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    layers = model.model.layers
+    nL = len(layers)
+    X = [[] for _ in range(nL)]
+    I = [[] for _ in range(nL)]
+    nll_sum, n_tok, n_bytes, targets = 0.0, 0, 0, []
+    t0 = time.time()
+    with Recorder() as rec:
+        for i, w in enumerate(wins):
+            x, y = w[None, :-1], w[None, 1:]
+            rec.records = [] if i < record else None
+            logits = model(mx.array(x.astype(np.int32))).astype(mx.float32)
+            nll = nn.losses.cross_entropy(logits, mx.array(y.astype(np.int32)), reduction="none")
+            mx.eval(nll, *([a for r in rec.records for a in r] if rec.records else []))
+            nll = np.array(nll)
+            mask = byte_len[y] > 0
+            nll_sum += float(nll[mask].sum())
+            n_tok += int(mask.sum())
+            n_bytes += int(byte_len[y][mask].sum())
+            targets.append(y[mask])
+            if rec.records is not None:
+                assert len(rec.records) == nL
+                for l, (xx, inds) in enumerate(rec.records):
+                    X[l].append(xx[0])
+                    I[l].append(np.array(inds[0]))
+            if (i + 1) % 16 == 0:
+                log(f"[eval]   {i + 1}/{len(wins)} windows, {time.time() - t0:.0f}s")
+    dt = time.time() - t0
+    loss = {
+        "windows": int(len(wins)),
+        "ctx": int(wins.shape[1] - 1),
+        "scored_tokens": n_tok,
+        "scored_bytes": n_bytes,
+        "loss_nats_per_token": nll_sum / n_tok,
+        "bits_per_byte": nll_sum / math.log(2) / n_bytes,
+        "seconds": round(dt, 1),
+        "tokens_per_s": round(len(wins) * (wins.shape[1] - 1) / dt, 1),
+    }
+    routing = routing_stats(model, X, I) if record else None
+    return {"loss": loss, "targets": np.concatenate(targets), "routing": routing}
+
+
+def routing_stats(model, X, I) -> dict:
+    """X[l]: list of [ctx, H] gate inputs of layer l; I[l]: list of [ctx, k] top-k indices."""
     import mlx.core as mx
 
     layers = model.model.layers
     E = layers[0].mlp.num_experts
     k = layers[0].mlp.top_k
     nL = len(layers)
-    X = [[] for _ in range(nL)]
-    I = [[] for _ in range(nL)]
-    with Recorder() as rec:
-        for w in windows:
-            rec.records = []
-            out = model(mx.array(w[None, :].astype(np.int32)))
-            mx.eval(out, *[a for r in rec.records for a in r])
-            assert len(rec.records) == nL
-            for l, (x, inds) in enumerate(rec.records):
-                X[l].append(x[0])
-                I[l].append(np.array(inds[0]))
-            rec.records = None
-    Is = [np.stack(I[l]) for l in range(nL)]  # [n, L, k]
+    Is = [np.stack(I[l]) for l in range(nL)]  # [n, ctx, k]
 
     def overlap(a, b):  # a, b: [..., k] -> mean |a ∩ b| / k
         eq = a[..., :, None] == b[..., None, :]
         return float(eq.any(-1).sum(-1).mean() / k)
 
-    balance, temporal, xrecall, xrecall2, top1 = [], [], [], [], []
+    balance, temporal, xrecall, xrecall2 = [], [], [], []
     for l in range(nL):
         counts = np.bincount(Is[l].reshape(-1), minlength=E).astype(np.float64)
         p = counts / counts.sum()
@@ -162,13 +201,10 @@ def routing_stats(model, windows: np.ndarray) -> dict:
             if l + ahead >= nL:
                 continue
             gate = layers[l + ahead].mlp.gate
-            preds = []
-            for x in X[l]:
-                g = gate(x)
-                preds.append(np.array(mx.argpartition(g, kth=-k, axis=-1)[..., -k:]))
+            preds = [np.array(mx.argpartition(gate(x), kth=-k, axis=-1)[..., -k:]) for x in X[l]]
             store.append(overlap(np.stack(preds), Is[l + ahead]))
     return {
-        "tokens": int(windows.size),
+        "tokens": int(sum(a.shape[0] for a in I[0])),
         "num_experts": E,
         "top_k": k,
         "chance_overlap": k / E,
@@ -183,40 +219,14 @@ def routing_stats(model, windows: np.ndarray) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- loss
-def eval_loss(model, ids: np.ndarray, byte_len: np.ndarray, ctx: int, max_tokens: int, batch: int):
-    """Non-overlapping windows of ctx+1 tokens (stride ctx); every target except
-    special tokens (BOS/EOS, 0 bytes) is scored."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    n_win = max(1, min((ids.size - 1) // ctx, max_tokens // ctx))
-    wins = np.stack([ids[i * ctx : i * ctx + ctx + 1] for i in range(n_win)])
-    nll_sum, n_tok, n_bytes = 0.0, 0, 0
-    targets_all = []
-    t0 = time.time()
-    for i in range(0, n_win, batch):
-        w = wins[i : i + batch]
-        x, y = w[:, :-1], w[:, 1:]
-        logits = model(mx.array(x.astype(np.int32))).astype(mx.float32)
-        nll = nn.losses.cross_entropy(logits, mx.array(y.astype(np.int32)), reduction="none")
-        nll = np.array(nll)
-        mask = byte_len[y] > 0
-        nll_sum += float(nll[mask].sum())
-        n_tok += int(mask.sum())
-        n_bytes += int(byte_len[y][mask].sum())
-        targets_all.append(y[mask])
-    dt = time.time() - t0
-    return {
-        "windows": int(n_win),
-        "ctx": ctx,
-        "scored_tokens": n_tok,
-        "scored_bytes": n_bytes,
-        "loss_nats_per_token": nll_sum / n_tok,
-        "bits_per_byte": nll_sum / math.log(2) / n_bytes,
-        "seconds": round(dt, 1),
-        "tokens_per_s": round(n_win * ctx / dt, 1),
-    }, np.concatenate(targets_all), wins
+def make_windows(ids: np.ndarray, ctx: int, max_tokens: int) -> np.ndarray:
+    """Windows of ctx+1 tokens at evenly spaced, deterministic offsets over the whole
+    validation stream (so every part of the held-out set is sampled; the files differ
+    a lot in difficulty), non-overlapping; max_tokens <= 0: the whole stream."""
+    n_all = (ids.size - 1) // ctx
+    n_win = n_all if max_tokens <= 0 else max(1, min(n_all, max_tokens // ctx))
+    starts = (np.arange(n_win) * n_all // n_win) * ctx
+    return np.stack([ids[s : s + ctx + 1] for s in starts])
 
 
 def unigram_bpb(train_ids: np.ndarray, targets: np.ndarray, byte_len: np.ndarray, V: int) -> dict:
@@ -264,14 +274,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(T.DEFAULT_EXPORT_DIR))
     ap.add_argument("--stdlib-dir", default=None)
-    ap.add_argument("--max-tokens", type=int, default=65536, help="validation tokens scored (multiple of --ctx)")
+    ap.add_argument("--max-tokens", type=int, default=32768,
+                    help="validation tokens scored (a multiple of --ctx; mlx's CPU backend runs this model at "
+                         "~100-200 tokens/s on 2 cores)")
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--route-windows", type=int, default=16, help="windows of --ctx tokens for routing stats")
     ap.add_argument("--gen-tokens", type=int, default=96)
     ap.add_argument("--out-dir", default=str(HERE))
     ap.add_argument("--train-metrics", default=str(HERE / "train_metrics.json"))
+    ap.add_argument("--render-only", action="store_true", help="re-render REPORT.md from report.json")
     args = ap.parse_args(argv)
+    if args.render_only:
+        out = Path(args.out_dir)
+        (out / "REPORT.md").write_text(render_md(json.loads((out / "report.json").read_text())))
+        return
 
     import mlx.core as mx
     from mlx_lm import generate, load
@@ -297,9 +313,16 @@ def main(argv=None):
     log(f"[eval] val: {len(val_present)}/{len(val_rels)} files, {val_ids.size:,} tokens, {val_bytes:,} bytes; "
         f"train (for the unigram): {len(train_present)} files, {train_ids.size:,} tokens")
 
-    # ---- loss / bits per byte
-    res, targets, wins = eval_loss(model, val_ids, byte_len, args.ctx, args.max_tokens, args.batch)
-    res["unigram"] = unigram_bpb(train_ids, targets, byte_len, V)
+    # ---- loss / bits per byte, and routing of the trained model on the first windows
+    wins = make_windows(val_ids, args.ctx, args.max_tokens)
+    # routing is recorded on the first `route_windows` windows: put an evenly spread subset first
+    sel = np.unique(np.linspace(0, len(wins) - 1, min(args.route_windows, len(wins))).round().astype(int))
+    wins = np.concatenate([wins[sel], np.delete(wins, sel, axis=0)])
+    args.route_windows = len(sel)
+    log(f"[eval] scoring {len(wins)} windows of {args.ctx} tokens ...")
+    r_tr = run_windows(model, wins, byte_len, record=args.route_windows)
+    res = r_tr["loss"]
+    res["unigram"] = unigram_bpb(train_ids, r_tr["targets"], byte_len, V)
     log(f"[eval] val loss {res['loss_nats_per_token']:.4f} nats/token, {res['bits_per_byte']:.4f} bits/byte "
         f"({res['scored_tokens']:,} tokens, {res['tokens_per_s']} tok/s); unigram {res['unigram']['bits_per_byte']:.4f} bits/byte")
 
@@ -313,12 +336,10 @@ def main(argv=None):
         gens.append({"prompt": p, "continuation": txt})
         log("[eval] --- prompt:\n" + p + "\033[1m" + txt + "\033[0m")
 
-    # ---- routing: trained vs random twin, on the same windows
-    rw = wins[: args.route_windows, :-1]
-    route_trained = routing_stats(model, rw)
+    # ---- routing of a random-initialised twin on the same windows
     twin = random_twin(model_dir)
-    route_random = routing_stats(twin, rw)
-    twin_loss, _, _ = eval_loss(twin, val_ids, byte_len, args.ctx, args.route_windows * args.ctx, args.batch)
+    r_rand = run_windows(twin, wins[: args.route_windows], byte_len, record=args.route_windows)
+    route_trained, route_random, twin_loss = r_tr["routing"], r_rand["routing"], r_rand["loss"]
     for name, r in (("trained", route_trained), ("random", route_random)):
         log(f"[eval] routing {name}: balance {r['balance_mean']:.3f}, temporal overlap {r['temporal_overlap_mean']:.3f} "
             f"(chance {r['chance_overlap']:.3f}), next-layer recall {r['next_layer_recall_mean']:.3f}, "
@@ -366,14 +387,18 @@ def render_md(r: dict) -> str:
     L = []
     L.append("# Reference model — evaluation report\n")
     L.append("Generated by `python reference/evaluate.py` (mlx-lm on the CPU). Do not edit by hand.\n")
+    q = c["quantization"] or {}
+    per_layer = sorted({f"{v['bits']}-bit" for k, v in q.items() if isinstance(v, dict)})
+    qdesc = (f"{q.get('bits')}-bit {q.get('mode', 'affine')}, group {q.get('group_size')}"
+             + (f" (routers: {', '.join(per_layer)})" if per_layer else "")) if q else "none"
     L.append(f"Model: `{r['model_dir']}` ({r['checkpoint_bytes'] / 1e6:.2f} MB on disk), {c['model_type']}, "
              f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_experts']} experts/layer "
              f"(top-{c['num_experts_per_tok']}, intermediate {c['moe_intermediate_size']}), vocab {c['vocab_size']}, "
-             f"quantization {c['quantization']}.\n")
+             f"quantization: {qdesc}.\n")
     L.append("## Validation (held-out stdlib files, `reference/val_files.txt`)\n")
     L.append(f"{r['val_files_present']}/{r['val_files']} files present on this machine ({r['stdlib_dir']}, "
-             f"Python {r['python']}), {r['val_tokens_total']:,} tokens in all; scored: the first {v['windows']} "
-             f"non-overlapping windows of {v['ctx']} tokens ({v['scored_tokens']:,} tokens, {v['scored_bytes']:,} "
+             f"Python {r['python']}), {r['val_tokens_total']:,} tokens in all; scored: {v['windows']} windows of "
+             f"{v['ctx']} tokens at evenly spaced offsets over the whole validation stream ({v['scored_tokens']:,} tokens, {v['scored_bytes']:,} "
              "bytes; BOS/EOS targets not scored).\n")
     L.append("| model | loss (nats/token) | bits/byte |")
     L.append("| --- | ---: | ---: |")
@@ -381,10 +406,11 @@ def render_md(r: dict) -> str:
     L.append(f"| unigram baseline (add-one, fit on the train split) | {v['unigram']['loss_nats_per_token']:.4f} | "
              f"{v['unigram']['bits_per_byte']:.4f} |")
     tw = r["random_twin_validation_on_routing_windows"]
-    L.append(f"| random-initialised twin (first {tw['scored_tokens']:,} tokens only) | {tw['loss_nats_per_token']:.4f} | "
+    L.append(f"| random-initialised twin (routing windows only, {tw['scored_tokens']:,} tokens) | {tw['loss_nats_per_token']:.4f} | "
              f"{tw['bits_per_byte']:.4f} |")
     L.append(f"\nEval speed: {v['tokens_per_s']} tokens/s ({v['seconds']} s).\n")
-    L.append(f"## Routing statistics ({rt['tokens']:,} validation tokens, windows of {v['ctx']})\n")
+    L.append(f"## Routing statistics ({rt['tokens']:,} validation tokens: {rt['tokens'] // v['ctx']} of the scored "
+             "windows, evenly spread)\n")
     L.append(f"k = {rt['top_k']}, E = {rt['num_experts']}; chance temporal overlap k/E = {rt['chance_overlap']:.3f}.\n")
     L.append("| statistic | trained | random twin |")
     L.append("| --- | ---: | ---: |")
@@ -406,14 +432,14 @@ def render_md(r: dict) -> str:
         L.append("```python")
         L.append(g["prompt"] + g["continuation"])
         L.append("```")
-        L.append(f"(continuation starts after: `{g['prompt'].splitlines()[-1].strip()}`)\n")
+        L.append(f"(the model's continuation starts after `{g['prompt'].splitlines()[-1].strip()}`)\n")
     if r.get("training"):
         t = r["training"]
         L.append("## Training run (from reference/train_metrics.json)\n")
         L.append("| | |")
         L.append("| --- | --- |")
         for k, val in t.items():
-            L.append(f"| {k} | {val} |")
+            L.append(f"| {k} | {round(val, 4) if isinstance(val, float) else val} |")
     L.append("")
     return "\n".join(L)
 

@@ -629,6 +629,71 @@ def load_torch_state(ckpt_dir: Path) -> dict:
     return state
 
 
+def pack_for_transfer(ckpt_dir: Path, dst: Path, max_file_bytes: int = int(15.5 * 2**20)) -> int:
+    """Losslessly pack the bf16 shards of ``ckpt_dir`` into ``dst`` for a transfer that
+    limits the total size (the GPU machine returns at most 64 MiB): each bf16 tensor's
+    high bytes (sign + exponent) and low bytes (exponent bit + mantissa) are zlib-
+    compressed separately (the high bytes carry only a few bits of entropy), written
+    into ``packed-NNNN.bin`` files of at most ``max_file_bytes`` plus ``packed_index.json``.
+    ``unpack_transfer`` restores the exact safetensors shards."""
+    import zlib
+
+    import torch
+
+    state = load_torch_state(ckpt_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    index, files = [], []
+    cur, cur_n = bytearray(), 0
+
+    def flush():
+        nonlocal cur
+        if cur:
+            name = f"packed-{len(files) + 1:04d}.bin"
+            (dst / name).write_bytes(bytes(cur))
+            files.append(name)
+            cur = bytearray()
+
+    for k in sorted(state):
+        t = state[k]
+        assert t.dtype == torch.bfloat16, (k, t.dtype)
+        u16 = t.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+        hi = zlib.compress((u16 >> 8).astype(np.uint8).tobytes(), 6)
+        lo = zlib.compress((u16 & 0xFF).astype(np.uint8).tobytes(), 6)
+        if cur and len(cur) + len(hi) + len(lo) > max_file_bytes:
+            flush()
+        off = len(cur)
+        cur += hi + lo
+        index.append({"name": k, "shape": list(t.shape), "file": f"packed-{len(files) + 1:04d}.bin",
+                      "offset": off, "hi": len(hi), "lo": len(lo)})
+    flush()
+    (dst / "packed_index.json").write_text(json.dumps(index))
+    total = sum((dst / f).stat().st_size for f in files)
+    raw = sum(t.numel() * 2 for t in state.values())
+    log(f"[pack] {len(state)} tensors, {raw / 1e6:.1f} MB bf16 -> {len(files)} files, {total / 1e6:.1f} MB")
+    return total
+
+
+def unpack_transfer(src: Path, ckpt_dir: Path):
+    import zlib
+
+    import torch
+
+    index = json.loads((src / "packed_index.json").read_text())
+    blobs = {}
+    state = {}
+    for e in index:
+        if e["file"] not in blobs:
+            blobs[e["file"]] = (src / e["file"]).read_bytes()
+        b = blobs[e["file"]]
+        hi = np.frombuffer(zlib.decompress(b[e["offset"] : e["offset"] + e["hi"]]), dtype=np.uint8)
+        lo = np.frombuffer(zlib.decompress(b[e["offset"] + e["hi"] : e["offset"] + e["hi"] + e["lo"]]), dtype=np.uint8)
+        u16 = (hi.astype(np.uint16) << 8) | lo.astype(np.uint16)
+        state[e["name"]] = torch.from_numpy(u16.view(np.int16).copy()).view(torch.bfloat16).reshape(e["shape"])
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_shards(state, ckpt_dir, max_bytes=int(15.5 * 2**20))
+    log(f"[pack] unpacked {len(state)} tensors into {ckpt_dir}")
+
+
 # --------------------------------------------------------------------------- export
 def hub_config() -> dict:
     """config.json in the layout mlx-lm's qwen3_moe ModelArgs reads (hub style)."""
@@ -757,6 +822,10 @@ def main(argv=None):
     ap.add_argument("--no-export", action="store_true")
     ap.add_argument("--export-only", default=None, metavar="CKPT_DIR", help="skip training; export CKPT_DIR")
     ap.add_argument("--corpus-only", action="store_true")
+    ap.add_argument("--pack-to", default=None, metavar="DIR",
+                    help="after training, also write a lossless compressed copy of the weights to DIR (for transfer)")
+    ap.add_argument("--unpack", nargs=2, default=None, metavar=("PACKED_DIR", "CKPT_DIR"),
+                    help="restore the safetensors shards of a --pack-to directory, then exit")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=None, help="default 64 on cuda, 4 on cpu")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -779,6 +848,9 @@ def main(argv=None):
     if args.batch_size is None:
         args.batch_size = 64 if args.device == "cuda" else 4
 
+    if args.unpack:
+        unpack_transfer(Path(args.unpack[0]), Path(args.unpack[1]))
+        return
     corpus_dir = Path(args.corpus_dir)
     if not (corpus_dir / "meta.json").exists():
         build_corpus(Path(args.stdlib_dir) if args.stdlib_dir else default_stdlib_dir(), corpus_dir)
@@ -790,6 +862,10 @@ def main(argv=None):
         export(Path(args.export_only), corpus_dir, Path(args.export_dir))
         return
     train(args)
+    if args.pack_to:
+        pack_for_transfer(Path(args.out), Path(args.pack_to))
+        for f in ("metrics.json",):
+            shutil.copy(Path(args.out) / f, Path(args.pack_to) / f)
     if args.no_export:
         return
     try:
