@@ -63,14 +63,21 @@ class BudgetPlan:
         return asdict(self)
 
 
+def working_set_experts(experts_per_token: int, num_experts: int) -> int:
+    """How many experts one layer call may stack at once."""
+    return max(2 * experts_per_token, num_experts // 2)
+
+
 def plan_budget(*, dense_bytes: int, expert_bytes_high: int, expert_nbytes_max: int,
-                experts_per_token: int, kv_bytes_per_token: int, activation_bytes: int,
+                experts_per_token: int, num_experts: int, kv_bytes_per_token: int, activation_bytes: int,
                 max_context: int, memory_budget: int | str | None = None,
                 expert_residency: float | None = None) -> BudgetPlan:
     """Split a budget (or derive one from a residency fraction) into its parts."""
     if memory_budget is not None and expert_residency is not None:
         raise ValueError("give memory_budget or expert_residency, not both")
-    working = 2 * experts_per_token * expert_nbytes_max  # the stacked copy of one call's experts
+    # A call stacks the experts it runs; a prompt chunk may need most of a layer. Up to half a
+    # layer (at least two tokens' worth) is stacked at once; larger needs run in groups.
+    working = 2 * working_set_experts(experts_per_token, num_experts) * expert_nbytes_max
     kv = kv_bytes_per_token * max_context
     fixed = dense_bytes + kv + activation_bytes + working
     if expert_residency is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
 from .architectures import find_switch_modules, num_experts_of, text_config
-from .budget import BudgetPlan, plan_budget
+from .budget import BudgetPlan, plan_budget, working_set_experts
 from .cache import ExpertCache
 from .offload import OffloadRuntime, bind, install
 from .policies import make_policy
@@ -180,11 +181,13 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     itemsize = (cdtype or mx.bfloat16).size
     # A throw-away runtime with no cache measures the KV bytes one token adds.
     bind(model, OffloadRuntime(manifest, reader, ExpertCache(0, make_policy("lru")), dtype=cdtype,
-                               working_set_bytes=2 * manifest.experts_per_token * expert_max))
+                               working_set_bytes=2 * working_set_experts(
+                                   manifest.experts_per_token, manifest.num_experts) * expert_max))
     kv_per_token = _kv_bytes_per_token(model)
     plan = plan_budget(
         dense_bytes=dense_bytes, expert_bytes_high=manifest.expert_bytes("high"),
         expert_nbytes_max=expert_max, experts_per_token=manifest.experts_per_token,
+        num_experts=manifest.num_experts,
         kv_bytes_per_token=kv_per_token,
         activation_bytes=_activation_bytes(config, manifest, itemsize, prefill_step_size),
         max_context=max_context, memory_budget=memory_budget, expert_residency=expert_residency)
@@ -201,6 +204,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     runtime.prefill_step_size = prefill_step_size
     bind(model, runtime)
     reader.bytes_read = 0
+    gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
     mx.clear_cache()
     mx.reset_peak_memory()
     tokenizer = load_tokenizer(model_dir, tokenizer_config_extra=tokenizer_config or {},

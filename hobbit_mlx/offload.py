@@ -354,7 +354,7 @@ class OffloadedSwitch(nn.Module):
         single = len(parts) == 1 and parts[0][2].all()
         for precision, experts, mask in parts:
             entry = self.layer.precisions[precision]
-            group = max(1, rt.working_set_bytes // (2 * entry.expert_nbytes))
+            group = max(1, rt.working_set_bytes // (2 * entry.expert_nbytes))  # experts per stacked run
             for start in range(0, len(experts), group):
                 chunk = experts[start:start + group]
                 fetch = rt.begin_fetch(self.layer, chunk, precision)

@@ -44,21 +44,25 @@ class HobbitPolicy:
     def on_evict(self, key: Hashable) -> None:
         self._last.pop(key, None)
 
-    def score(self, key: Hashable) -> float:
+    def score(self, key: Hashable, norms: tuple[int, int, int] | None = None) -> float:
+        """Eviction priority of a resident key (higher goes first)."""
         w_lru, w_lfu, w_lhu, w_fld = self.weights
-        oldest = min(self._last.values())
-        span = max(1, self._clock - oldest)
-        staleness = (self._clock - self._last[key]) / span
-        max_use = max(self._uses.values(), default=1) or 1
-        max_high = max(self._high_uses.values(), default=1) or 1
+        oldest, max_use, max_high = norms or self._norms()
+        staleness = (self._clock - self._last[key]) / max(1, self._clock - oldest)
         expert = key[:2]
         frequency = self._uses.get(expert, 0) / max_use
         high_use = self._high_uses.get(expert, 0) / max_high
         distance = ((key[0] - self.current_layer - 1) % self.num_layers) / self.num_layers
         return w_lru * staleness + w_lfu * (1 - frequency) + w_lhu * (1 - high_use) + w_fld * distance
 
+    def _norms(self) -> tuple[int, int, int]:
+        return (min(self._last.values(), default=self._clock),
+                max(self._uses.values(), default=1) or 1, max(self._high_uses.values(), default=1) or 1)
+
     def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable:
-        best = max((k for k in self._last if evictable(k)), key=self.score, default=None)
+        norms = self._norms()  # once per eviction, not once per candidate
+        best = max((k for k in self._last if evictable(k)), key=lambda k: self.score(k, norms),
+                   default=None)
         if best is None:
             raise LookupError("no evictable expert")
         return best
