@@ -93,7 +93,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "prefetch off (default: %(default)s).")
     t.add_argument("--no-overlap-io", dest="overlap_io", action="store_false",
                    help="Do not start resident experts' compute while misses are read.")
-    t.add_argument("--policy", default="lru", choices=_policy_names(),
+    t.add_argument("--policy", default="hobbit", choices=_policy_names(),
                    help="Expert cache replacement policy (default: %(default)s).")
     g.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, metavar="TOKENS",
                    help="Tokens of KV cache the budget reserves (default: %(default)s).")

@@ -139,7 +139,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
          mixed_precision: bool | None = None, t1: float = 0.6, t2: float = 0.9, skip: bool = False,
          big_little: bool = False, little_threshold: float = 0.8, prefetch_layers: int = 1,
          overlap_io: bool = True,
-         policy: str = "lru", policy_options: dict | None = None,
+         policy: str = "hobbit", policy_options: dict | None = None,
          max_context: int = DEFAULT_MAX_CONTEXT, prefill_step_size: int = DEFAULT_PREFILL_STEP,
          io_workers: int = 8, verify: str = "first", direct_io: bool = False, dtype: Any = None,
          tokenizer_config: dict | None = None, progress: bool = True):
