@@ -2,27 +2,31 @@
 """The benchmark harness: every offloading configuration x expert residency against mlx-lm.
 
     python bench/harness.py [--model PATH] [--quick] [--residencies 1,0.5,0.25,0.125]
-        [--budgets 200MB,...] [--configs on-demand,lru] [--cold] [--out bench/results] [--name NAME]
+        [--budgets 200MB,...] [--configs NAMES|all] [--cold] [--pairing each|once]
+        [--out bench/results] [--name NAME]
 
-For the workload of ``bench/workload.py`` (held-out prompts, prefill + greedy decode of a few hundred
-tokens each, deterministic) it runs, in one process:
+For the workload of ``bench/workload.py`` (held-out prompts, prefill + greedy decode, deterministic)
+it runs, in one process:
 
 1. the baseline: mlx-lm with the whole 4-bit model resident (``mlx_lm.load``, float32 activations on
    the CPU backend like hobbit_mlx), recording its tokens/s, peak memory, greedy tokens and the
-   teacher-forced log-likelihood / argmax of held-out text;
+   teacher-forced log-likelihood / argmax of held-out text. It stays loaded: with ``--pairing each``
+   (default) a baseline pass is timed right before every hobbit_mlx run and that run's speed ratios
+   use it, so a shared machine's drift cancels out; hobbit_mlx peak memory excludes what was
+   allocated before the run (the baseline's weights);
 2. every configuration of ``CONFIGS`` at every residency (and every ``--budgets`` value), each a
-   fresh ``hobbit_mlx.load``; the baseline model is freed first so MLX's peak memory counts only
-   the run being measured.
+   fresh ``hobbit_mlx.load``, warmed up, then measured from an empty cache;
+3. an untimed pass with the routing hook on (the ``lru`` configuration, exact), replayed offline
+   by ``bench/replay.py`` at the cache sizes of the runs (LRU, LFU, FIFO, Belady and the runtime's
+   own policies): every policy's distance from the optimum, and a check that the replay of each
+   exact cache-only run's policy reproduces its measured hit rate.
 
 Measured per run: requests served from memory split into high-precision hits, low-precision hits,
 misses and skipped; bytes read from storage per generated token (all, and decode only); prefetch
 precision (used / issued) and recall (used / (used + misses)), "n/a" while nothing is prefetched;
 perplexity of held-out text and top-1 agreement with mlx-lm's 4-bit model (teacher-forced), and
 whether greedy generations equal mlx-lm's; prompt and decode tokens/s and their ratio to the
-baseline; MLX peak memory against the budget. The run of the first cached configuration records
-the routing trace, and ``bench/replay.py`` replays it offline (LRU, LFU, FIFO, Belady) at the same
-cache sizes: every policy's distance from the optimum, and a check that replayed LRU reproduces the
-measured LRU hit rate.
+baseline; MLX peak memory against the budget.
 
 Storage: warm by default (the store's pages may sit in the OS page cache); ``--cold`` loads with
 ``direct_io=True`` (O_DIRECT reads bypass the page cache) and drops the store's cached pages
