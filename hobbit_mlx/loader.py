@@ -176,16 +176,16 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     dense_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
 
     reader = RecordReader(model_dir, manifest, workers=io_workers, verify=verify, direct=direct_io)
-    high = [l.precisions["high"] for l in manifest.layers]
-    expert_max = max(e.expert_nbytes for e in high)
     itemsize = (cdtype or mx.bfloat16).size
+    float_size = cdtype.size if cdtype is not None else None  # experts' floats are cast on read
+    expert_max = max(l.precisions["high"].resident_nbytes(float_size) for l in manifest.layers)
     # A throw-away runtime with no cache measures the KV bytes one token adds.
     bind(model, OffloadRuntime(manifest, reader, ExpertCache(0, make_policy("lru")), dtype=cdtype,
                                working_set_bytes=2 * working_set_experts(
                                    manifest.experts_per_token, manifest.num_experts) * expert_max))
     kv_per_token = _kv_bytes_per_token(model)
     plan = plan_budget(
-        dense_bytes=dense_bytes, expert_bytes_high=manifest.expert_bytes("high"),
+        dense_bytes=dense_bytes, expert_bytes_high=manifest.expert_bytes("high", float_size),
         expert_nbytes_max=expert_max, experts_per_token=manifest.experts_per_token,
         num_experts=manifest.num_experts,
         kv_bytes_per_token=kv_per_token,
@@ -197,7 +197,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
                         make_policy(policy, num_layers=len(manifest.layers), **(policy_options or {})))
     runtime = OffloadRuntime(manifest, reader, cache, dtype=cdtype,
                              working_set_bytes=plan.working_set_bytes, precision=options,
-                             prefetch_layers=prefetch_layers, scoring=scoring, overlap_io=overlap_io)
+                             prefetch_layers=prefetch_layers, scoring=scoring, overlap_io=overlap_io,
+                             float_itemsize=float_size)
     runtime.plan = plan
     runtime.model_dir = model_dir
     runtime.kv_bytes_per_token = kv_per_token

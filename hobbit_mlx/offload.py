@@ -73,7 +73,8 @@ class OffloadRuntime:
     def __init__(self, manifest: Manifest, reader: RecordReader, cache: ExpertCache, *,
                  dtype: mx.Dtype | None, working_set_bytes: int,
                  precision: PrecisionOptions | None = None, prefetch_layers: int = 0,
-                 scoring: str = "softmax", overlap_io: bool = True):
+                 scoring: str = "softmax", overlap_io: bool = True,
+                 float_itemsize: int | None = None):
         self.manifest = manifest
         self.reader = reader
         self.cache = cache
@@ -83,6 +84,7 @@ class OffloadRuntime:
         self.prefetch_layers = prefetch_layers
         self.scoring = scoring
         self.overlap_io = overlap_io
+        self.float_itemsize = float_itemsize
         self.stats = OffloadStats()
         self.layers: list[OffloadedSwitch] = []
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
@@ -354,7 +356,8 @@ class OffloadedSwitch(nn.Module):
         single = len(parts) == 1 and parts[0][2].all()
         for precision, experts, mask in parts:
             entry = self.layer.precisions[precision]
-            group = max(1, rt.working_set_bytes // (2 * entry.expert_nbytes))  # experts per stacked run
+            per_expert = entry.resident_nbytes(rt.float_itemsize)
+            group = max(1, rt.working_set_bytes // (2 * per_expert))  # experts per stacked run
             for start in range(0, len(experts), group):
                 chunk = experts[start:start + group]
                 fetch = rt.begin_fetch(self.layer, chunk, precision)

@@ -34,6 +34,9 @@ DTYPE_ITEMSIZE = {
 }
 
 
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
 class StoreError(RuntimeError):
     """A hobbit model directory is missing, corrupt, or does not match its config."""
 
@@ -100,8 +103,15 @@ class PrecisionEntry:
 
     @property
     def expert_nbytes(self) -> int:
-        """Bytes one expert takes once resident (sum of its tensors)."""
+        """Bytes of one expert as stored (sum of its tensors)."""
         return sum(t.nbytes for t in self.tensors)
+
+    def resident_nbytes(self, float_itemsize: int | None = None) -> int:
+        """Bytes one expert takes once read, its floating tensors cast to ``float_itemsize``."""
+        if not float_itemsize:
+            return self.expert_nbytes
+        return sum(t.nbytes // DTYPE_ITEMSIZE[t.dtype] * float_itemsize if t.dtype in FLOAT_DTYPES
+                   else t.nbytes for t in self.tensors)
 
     def to_json(self) -> dict:
         return {
@@ -148,8 +158,10 @@ class Manifest:
     source: str = ""
     page_size: int = PAGE_SIZE
 
-    def expert_bytes(self, precision: str) -> int:
-        return sum(l.precisions[precision].expert_nbytes * l.num_experts for l in self.layers)
+    def expert_bytes(self, precision: str, float_itemsize: int | None = None) -> int:
+        """All experts at one precision: as stored, or once read with floats cast."""
+        return sum(l.precisions[precision].resident_nbytes(float_itemsize) * l.num_experts
+                   for l in self.layers)
 
     def to_json(self) -> dict:
         return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_type": self.model_type,
