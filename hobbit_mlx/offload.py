@@ -99,10 +99,6 @@ class OffloadRuntime:
         with self.cache.lock:
             self.cache.policy.reset()
 
-    @property
-    def exact(self) -> bool:
-        return not self.precision.needs_weights
-
     def _count(self, precision: str, hits: int, misses: int) -> None:
         if precision == "high":
             self.stats.hits_high += hits
@@ -157,8 +153,9 @@ class OffloadRuntime:
         except Exception:  # the demand path will read it again and report the error
             arrays = None
         if arrays is not None:
-            self.stats.bytes_read += nbytes
-            self.stats.prefetch_bytes += nbytes
+            with self._lock:  # this runs on an I/O thread
+                self.stats.bytes_read += nbytes
+                self.stats.prefetch_bytes += nbytes
             with self.cache.lock:
                 if self.cache.put(key, arrays):
                     self.cache.pin([key])  # protected until its layer runs
@@ -229,7 +226,8 @@ class Fetch:
             for i, fut, is_demand in self.pending:
                 self.arrays[i] = fut.result()
                 if is_demand:
-                    rt.stats.bytes_read += self.entry.records[self.keys[i][1]].nbytes
+                    with rt._lock:  # prefetch threads add to the same counter
+                        rt.stats.bytes_read += self.entry.records[self.keys[i][1]].nbytes
                     rt.cache.put(self.keys[i], self.arrays[i])
         finally:
             rt.stats.read_wait_s += time.perf_counter() - t0

@@ -88,3 +88,20 @@ def test_stats_reset_and_hits_on_repeat(tiny_factory):
     second = hobbit_mlx.offload_stats(model)
     assert second["misses_high"] == 0 and second["bytes_read"] == 0
     assert second["hits_high"] == second["expert_requests"] > 0
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_per_expert_hf_checkpoint_converts_like_mlx_lm(tiny_factory, tmp_path, arch):
+    """A Hugging Face checkpoint with one key per expert (bf16) converts through mlx-lm's sanitize."""
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import save_hf_per_expert
+
+    src, _ = tiny_factory(arch, quantize=False)
+    hf = save_hf_per_expert(src, tmp_path / "hf", dtype=mx.bfloat16)
+    ref_dir = tmp_path / "mlx-q4"
+    mlx_lm.convert(str(hf), str(ref_dir), quantize=True, q_bits=4, q_group_size=64)
+    dst = convert(hf, tmp_path / "hobbit", progress=False)
+    tokens = mx.array(PROMPT)
+    expected = _reference(ref_dir)(tokens)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, progress=False)
+    np.testing.assert_allclose(np.array(model(tokens)), np.array(expected), rtol=0, atol=1e-5)
