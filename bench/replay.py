@@ -81,25 +81,17 @@ class FIFO(LRU):
         pass  # insertion order only
 
 
-class LFU:
-    """Least frequently used; counts survive eviction (popularity), ties go to the least recent."""
-
-    name = "lfu"
+class _HeapPolicy:
+    """Evicts the resident key with the smallest priority; subclasses say what a touch records."""
 
     def __init__(self) -> None:
-        self._count: defaultdict = defaultdict(int)
-        self._stamp: dict = {}  # resident key -> (count, tick) of its live heap entry
+        self._stamp: dict = {}  # resident key -> priority of its live heap entry
         self._heap: list = []
         self._tick = itertools.count()
 
-    def _touch(self, key: Key) -> None:
-        self._count[key] += 1
-        entry = (self._count[key], next(self._tick))
-        self._stamp[key] = entry
-        heapq.heappush(self._heap, (entry, key))
-
-    on_insert = _touch
-    on_hit = _touch
+    def _push(self, key: Key, priority: tuple) -> None:
+        self._stamp[key] = priority
+        heapq.heappush(self._heap, (priority, key))
 
     def on_evict(self, key: Key) -> None:
         self._stamp.pop(key, None)
@@ -111,20 +103,35 @@ class LFU:
         pass
 
 
-class Belady:
+class LFU(_HeapPolicy):
+    """Least frequently used; counts survive eviction (popularity), ties go to the least recent."""
+
+    name = "lfu"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._count: defaultdict = defaultdict(int)
+
+    def _touch(self, key: Key) -> None:
+        self._count[key] += 1
+        self._push(key, (self._count[key], next(self._tick)))
+
+    on_insert = _touch
+    on_hit = _touch
+
+
+class Belady(_HeapPolicy):
     """Evict the resident expert whose next request lies farthest in the future (MIN)."""
 
     name = "belady"
 
     def __init__(self, steps: list[tuple]) -> None:
+        super().__init__()
         self._uses: defaultdict = defaultdict(list)  # key -> step indices where it is requested
         for i, (_seq, _layer, _phase, keys, _call) in enumerate(steps):
             for k in keys:
                 self._uses[k].append(i)
         self.now = -1
-        self._stamp: dict = {}
-        self._heap: list = []
-        self._tick = itertools.count()
 
     def advance(self, step: int) -> None:
         self.now = step
@@ -133,21 +140,10 @@ class Belady:
         uses = self._uses.get(key, [])
         j = bisect.bisect_right(uses, self.now)
         nxt = uses[j] if j < len(uses) else float("inf")
-        entry = (-nxt, next(self._tick))  # farthest next use pops first
-        self._stamp[key] = entry
-        heapq.heappush(self._heap, (entry, key))
+        self._push(key, (-nxt, next(self._tick)))  # farthest next use pops first
 
     on_insert = _touch
     on_hit = _touch
-
-    def on_evict(self, key: Key) -> None:
-        self._stamp.pop(key, None)
-
-    def victim(self, evictable: Callable[[Key], bool]) -> Key:
-        return _heap_victim(self._heap, self._stamp, evictable)
-
-    def reset(self) -> None:
-        pass
 
 
 def _heap_victim(heap: list, stamp: dict, evictable: Callable[[Key], bool]) -> Key:
