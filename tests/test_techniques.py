@@ -125,3 +125,15 @@ def test_hobbit_policy_prefers_to_evict_the_layer_just_computed():
     # after layer 2 come 3, 0, 1, then 2 again, so layer 2's expert is the farthest
     cache.put((3, 0, "high"), _arrays(100))
     assert (1, 0, "high") in cache and (2, 0, "high") not in cache
+
+
+def test_arc_keeps_a_reused_expert_through_a_scan():
+    """A scan of experts used once must not push out one used twice (LRU would evict it)."""
+    for name, survives in (("arc", True), ("lru", False)):
+        cache = ExpertCache(300, make_policy(name))
+        hot = (0, 0, "high")
+        cache.put(hot, _arrays(100))
+        cache.get(hot)  # used again: frequent
+        for e in range(1, 5):  # four experts seen once each
+            cache.put((0, e, "high"), _arrays(100))
+        assert (hot in cache) is survives, name

@@ -22,12 +22,14 @@ class Policy(Protocol):
     # optional: on_layer(layer) is called before each MoE layer runs
 
 
+from .arc import ARCPolicy  # noqa: E402
 from .hobbit import HobbitPolicy, ShallowFavoringPolicy  # noqa: E402
 from .lfu import LFUPolicy  # noqa: E402
 from .lru import LRUPolicy  # noqa: E402
 
 POLICIES: dict[str, Callable[..., Policy]] = {
-    "lru": LRUPolicy, "lfu": LFUPolicy, "hobbit": HobbitPolicy, "shallow": ShallowFavoringPolicy}
+    "lru": LRUPolicy, "lfu": LFUPolicy, "arc": ARCPolicy, "hobbit": HobbitPolicy,
+    "shallow": ShallowFavoringPolicy}
 
 
 def make_policy(name: str, **kwargs) -> Policy:
