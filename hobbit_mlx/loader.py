@@ -236,6 +236,8 @@ def offload_stats(model: nn.Module) -> dict:
     s["prefetch_precision"] = s["prefetch_used"] / s["prefetch_issued"] if s["prefetch_issued"] else None
     s["prediction_recall"] = (s["prediction_correct"] / s["prediction_total"]
                               if s["prediction_total"] else None)
+    s["prediction_recall_by_distance"] = {d: c / t for d, (c, t) in
+                                          sorted(s.pop("prediction_by_distance").items()) if t}
     s["little_token_share"] = s["little_tokens"] / s["routed_tokens"] if s["routed_tokens"] else None
     return s
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,6 +48,7 @@ class OffloadStats:
     prefetch_bytes: int = 0
     prediction_correct: int = 0  # predicted experts (one layer ahead) the router then chose
     prediction_total: int = 0  # experts the router chose where a prediction was made
+    prediction_by_distance: dict = field(default_factory=dict)  # distance -> (correct, total)
     little_tokens: int = 0
     routed_tokens: int = 0
     layer_calls: int = 0
@@ -90,7 +91,7 @@ class OffloadRuntime:
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
         self._inflight: dict[tuple, Future] = {}
         self._prefetched: dict[int, set] = {}  # layer -> keys pinned by prefetch until it runs
-        self._predicted: dict[int, set] = {}  # layer -> experts predicted for its next call
+        self._predicted: dict[int, dict[int, set]] = {}  # layer -> {distance: predicted experts}
         self._lock = threading.Lock()
         self.on_layer = getattr(cache.policy, "on_layer", None)
 
@@ -131,8 +132,7 @@ class OffloadRuntime:
                 continue  # nothing of that layer can miss: skip the prediction's host sync
             ind, _ = predict_indices(switch.router, gate_input, k)
             experts = np.unique(ind)
-            if distance == 1:
-                self._predicted[target] = set(int(e) for e in experts)
+            self._predicted.setdefault(target, {})[distance] = set(int(e) for e in experts)
             entry = switch.layer.precisions["high"]
             for e in experts:
                 key = (switch.layer.layer, int(e), "high")
@@ -294,10 +294,13 @@ class OffloadedSwitch(nn.Module):
             rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
 
         needed = set(int(e) for e in np.unique(flat[level != DROP]))
-        predicted = rt._predicted.pop(self.position, None)
-        if predicted is not None:
-            rt.stats.prediction_total += len(needed)
-            rt.stats.prediction_correct += len(needed & predicted)
+        for distance, predicted in rt._predicted.pop(self.position, {}).items():
+            correct, total = rt.stats.prediction_by_distance.get(distance, (0, 0))
+            rt.stats.prediction_by_distance[distance] = (correct + len(needed & predicted),
+                                                         total + len(needed))
+            if distance == 1:
+                rt.stats.prediction_total += len(needed)
+                rt.stats.prediction_correct += len(needed & predicted)
         rt.stats.expert_requests += len(np.unique(flat))
         rt.stats.skipped += len(set(int(e) for e in np.unique(flat)) - needed)
 

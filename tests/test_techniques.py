@@ -78,6 +78,9 @@ def test_prefetch_predicts_and_is_used_without_changing_output(tiny_factory):
     assert s_off["prefetch_issued"] == 0 and s_off["prediction_total"] == 0
     assert s_on["prefetch_issued"] > 0 and 0 <= s_on["prefetch_used"] <= s_on["prefetch_issued"]
     assert s_on["prediction_total"] > 0 and 0 <= s_on["prediction_recall"] <= 1
+    by_distance = s_on["prediction_recall_by_distance"]
+    assert 1 in by_distance and set(by_distance) <= {1, 2} and all(0 <= r <= 1 for r in by_distance.values())
+    assert s_on["prediction_recall_by_distance"][1] == s_on["prediction_recall"]
     assert s_on["resident_expert_bytes"] <= s_on["expert_cache_bytes"]
     assert not runtime_of(on).cache._pins or all(v > 0 for v in runtime_of(on).cache._pins.values())
 
