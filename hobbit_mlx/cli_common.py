@@ -91,6 +91,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--prefetch-layers", type=int, default=1, metavar="P",
                    help="Predict and read the next P layers' experts in the background; 0 turns "
                         "prefetch off (default: %(default)s).")
+    t.add_argument("--prefetch-low-precision", action="store_true",
+                   help="Prefetch predicted experts that are unimportant for every token in 2-bit.")
     t.add_argument("--no-overlap-io", dest="overlap_io", action="store_false",
                    help="Do not start resident experts' compute while misses are read.")
     t.add_argument("--policy", default="hobbit", choices=_policy_names(),
@@ -203,7 +205,8 @@ def technique_options(args: argparse.Namespace) -> dict:
         raise CLIError(f"--prefetch-layers must be 0 or more, not {args.prefetch_layers}")
     return dict(exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
                 skip=args.skip, big_little=args.big_little, little_threshold=args.little_threshold,
-                prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy)
+                prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy,
+                prefetch_low_precision=args.prefetch_low_precision)
 
 
 # ---------------------------------------------------------------------------------------------

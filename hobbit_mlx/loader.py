@@ -138,7 +138,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
          expert_residency: float | None = None, *, exact: bool = False,
          mixed_precision: bool | None = None, t1: float = 0.6, t2: float = 0.9, skip: bool = False,
          big_little: bool = False, little_threshold: float = 0.8, prefetch_layers: int = 1,
-         overlap_io: bool = True,
+         prefetch_low_precision: bool = False, overlap_io: bool = True,
          policy: str = "hobbit", policy_options: dict | None = None,
          max_context: int = DEFAULT_MAX_CONTEXT, prefill_step_size: int = DEFAULT_PREFILL_STEP,
          io_workers: int = 8, verify: str = "first", direct_io: bool = False, dtype: Any = None,
@@ -153,7 +153,9 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     Techniques, each a switch: ``mixed_precision`` (HOBBIT: a miss on a low-importance expert
     loads its 2-bit copy; thresholds ``t1``/``t2``, ``skip`` drops the least important),
     ``big_little`` (MoBiLE: confident tokens run top-k/2 experts), ``prefetch_layers`` (predict
-    and read the next layers' experts in the background; 0 turns it off), ``overlap_io``
+    and read the next layers' experts in the background; 0 turns it off;
+    ``prefetch_low_precision`` reads predictions that are unimportant for every token in 2-bit),
+    ``overlap_io``
     (resident experts start computing while the misses are read), ``policy`` (cache
     eviction: see ``hobbit_mlx.policies.POLICIES``). ``exact=True`` turns every lossy technique
     off: 4-bit experts only, nothing skipped, outputs equal to mlx-lm's.
@@ -198,7 +200,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     runtime = OffloadRuntime(manifest, reader, cache, dtype=cdtype,
                              working_set_bytes=plan.working_set_bytes, precision=options,
                              prefetch_layers=prefetch_layers, scoring=scoring, overlap_io=overlap_io,
-                             float_itemsize=float_size)
+                             float_itemsize=float_size, prefetch_low_precision=prefetch_low_precision)
     runtime.plan = plan
     runtime.model_dir = model_dir
     runtime.kv_bytes_per_token = kv_per_token

@@ -75,7 +75,7 @@ class OffloadRuntime:
                  dtype: mx.Dtype | None, working_set_bytes: int,
                  precision: PrecisionOptions | None = None, prefetch_layers: int = 0,
                  scoring: str = "softmax", overlap_io: bool = True,
-                 float_itemsize: int | None = None):
+                 float_itemsize: int | None = None, prefetch_low_precision: bool = False):
         self.manifest = manifest
         self.reader = reader
         self.cache = cache
@@ -86,6 +86,7 @@ class OffloadRuntime:
         self.scoring = scoring
         self.overlap_io = overlap_io
         self.float_itemsize = float_itemsize
+        self.prefetch_low_precision = prefetch_low_precision
         self.stats = OffloadStats()
         self.layers: list[OffloadedSwitch] = []
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
@@ -130,14 +131,14 @@ class OffloadRuntime:
             switch = self.layers[target]
             if self.cache.resident_in_layer(switch.layer.layer) == switch.layer.num_experts:
                 continue  # nothing of that layer can miss: skip the prediction's host sync
-            ind, _ = predict_indices(switch.router, gate_input, k)
-            experts = np.unique(ind)
+            ind, weights = predict_indices(switch.router, gate_input, k)
+            experts, precisions = self._prefetch_plan(ind, weights)
             self._predicted.setdefault(target, {})[distance] = set(int(e) for e in experts)
-            entry = switch.layer.precisions["high"]
-            for e in experts:
-                key = (switch.layer.layer, int(e), "high")
-                if key in self.cache:
+            for e, precision in zip(experts, precisions):
+                key = (switch.layer.layer, int(e), precision)
+                if key in self.cache or (switch.layer.layer, int(e), "high") in self.cache:
                     continue
+                entry = switch.layer.precisions[precision]
                 with self._lock:
                     if key in self._inflight:
                         continue
@@ -146,6 +147,17 @@ class OffloadRuntime:
                 self.stats.prefetch_issued += 1
                 fut.add_done_callback(lambda f, key=key, n=entry.records[int(e)].nbytes:
                                       self._prefetch_done(key, f, n))
+
+    def _prefetch_plan(self, ind: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Predicted experts, and the copy to prefetch: with mixed precision on, an expert that is
+        unimportant for every token (HOBBIT's rule on the predicted weights) is read in 2-bit,
+        which bounds the cost of a wrong or low-value guess."""
+        experts = np.unique(ind)
+        if not (self.precision.mixed_precision and self.prefetch_low_precision):
+            return experts, ["high"] * len(experts)
+        level, _ = plan_slots(weights, self.precision)
+        important = set(int(e) for e in ind[level == HIGH])
+        return experts, ["high" if int(e) in important else "low" for e in experts]
 
     def _prefetch_done(self, key: tuple, fut: Future, nbytes: int) -> None:
         try:

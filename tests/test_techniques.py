@@ -140,3 +140,12 @@ def test_arc_keeps_a_reused_expert_through_a_scan():
         for e in range(1, 5):  # four experts seen once each
             cache.put((0, e, "high"), _arrays(100))
         assert (hot in cache) is survives, name
+
+
+def test_low_precision_prefetch_reads_2bit_copies_for_unimportant_predictions(tiny_factory):
+    _, dst = tiny_factory("olmoe")
+    _, _, plain = _run(dst, expert_residency=0.3, prefetch_layers=1, t1=0.3)
+    model, _, low = _run(dst, expert_residency=0.3, prefetch_layers=1, t1=0.3, prefetch_low_precision=True)
+    assert low["prefetch_issued"] > 0
+    assert low["prefetch_bytes"] < plain["prefetch_bytes"] * (low["prefetch_issued"] / plain["prefetch_issued"])
+    assert low["resident_expert_bytes"] <= low["expert_cache_bytes"]
