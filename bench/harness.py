@@ -609,16 +609,8 @@ def plots(result: dict, out_dir: Path, name: str) -> list[str]:
             if pts:
                 ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=c)
         ax.axhline(1.0, color="gray", ls="--", lw=1, label="mlx-lm, all resident")
-        ax.set_xlabel("expert residency (% of 4-bit expert bytes)")
-        ax.set_ylabel("ratio to mlx-lm")
-        ax.set_title(f"{title} ({tag})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out_dir / f"{name}-speed.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    files.append(str(p))
+        _finish_axes(ax, "ratio to mlx-lm", f"{title} ({tag})")
+    files.append(_save(plt, fig, out_dir / f"{name}-speed.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for c in configs:
@@ -635,18 +627,26 @@ def plots(result: dict, out_dir: Path, name: str) -> list[str]:
         if pts:
             ax.plot([100 * x for x, _ in pts], [y for _, y in pts], ls="--", marker=".",
                     label=f"replay: {pol}")
-    ax.set_xlabel("expert residency (% of 4-bit expert bytes)")
-    ax.set_ylabel("hit rate" + (" (random routing)" if routing != "trained" else ""))
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"served from memory ({tag})")
+    _finish_axes(ax, "hit rate" + (" (random routing)" if routing != "trained" else ""),
+                 f"served from memory ({tag})")
+    files.append(_save(plt, fig, out_dir / f"{name}-hit.png"))
+    return files
+
+
+def _finish_axes(ax, ylabel: str, title: str) -> None:
+    ax.set_xlabel("expert residency (% of 4-bit expert bytes)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _save(plt, fig, path: Path) -> str:
     fig.tight_layout()
-    p = out_dir / f"{name}-hit.png"
-    fig.savefig(p, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    files.append(str(p))
-    return files
+    return str(path)
 
 
 def _machine() -> str:

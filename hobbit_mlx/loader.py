@@ -35,7 +35,7 @@ def cache_root() -> Path:
 def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
     """A hobbit model directory for ``path``: as is, or converted once into the cache directory."""
     if path is None:
-        path = REFERENCE_MODEL if (REFERENCE_MODEL / "config.json").is_file() else _stand_in_model()
+        path = REFERENCE_MODEL
     local = Path(path).expanduser()
     if local.exists() and is_hobbit_model(local):
         return local
@@ -52,16 +52,6 @@ def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
         if progress:
             print(f"[hobbit_mlx] converting {path} into {target} (once)")
         convert(path, target, force=True, progress=progress)
-    return target
-
-
-def _stand_in_model() -> Path:
-    """Without a bundled reference model, a tiny random MoE the project makes stands in."""
-    target = cache_root() / "stand-in-olmoe"
-    if not (target / "config.json").is_file():
-        from .testing.tiny_models import make_tiny_model
-
-        make_tiny_model("olmoe", target)
     return target
 
 
@@ -201,10 +191,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
                              working_set_bytes=plan.working_set_bytes, precision=options,
                              prefetch_layers=prefetch_layers, scoring=scoring, overlap_io=overlap_io,
                              float_itemsize=float_size, prefetch_low_precision=prefetch_low_precision)
-    runtime.plan = plan
-    runtime.model_dir = model_dir
-    runtime.kv_bytes_per_token = kv_per_token
-    runtime.prefill_step_size = prefill_step_size
+    runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
+                     prefill_step_size=prefill_step_size)
     bind(model, runtime)
     reader.bytes_read = 0
     gc.collect()  # models dropped earlier hold memory until their reference cycles are collected

@@ -95,6 +95,16 @@ class OffloadRuntime:
         self._predicted: dict[int, dict[int, set]] = {}  # layer -> {distance: predicted experts}
         self._lock = threading.Lock()
         self.on_layer = getattr(cache.policy, "on_layer", None)
+        # What load() decided, for stats and the generate wrappers (see describe()).
+        self.plan = None
+        self.model_dir = None
+        self.kv_bytes_per_token = 0
+        self.prefill_step_size = 512
+
+    def describe(self, *, plan, model_dir, kv_bytes_per_token: int, prefill_step_size: int) -> None:
+        """Record the budget plan and the model facts load() measured."""
+        self.plan, self.model_dir = plan, model_dir
+        self.kv_bytes_per_token, self.prefill_step_size = kv_bytes_per_token, prefill_step_size
 
     def new_sequence(self) -> None:
         """Per-sequence statistics (HOBBIT's frequency factors) start again."""
@@ -305,6 +315,7 @@ class OffloadedSwitch(nn.Module):
             rt.stats.routed_tokens += len(flat)
             rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
 
+        chosen = np.unique(flat)
         needed = set(int(e) for e in np.unique(flat[level != DROP]))
         for distance, predicted in rt._predicted.pop(self.position, {}).items():
             correct, total = rt.stats.prediction_by_distance.get(distance, (0, 0))
@@ -313,8 +324,8 @@ class OffloadedSwitch(nn.Module):
             if distance == 1:
                 rt.stats.prediction_total += len(needed)
                 rt.stats.prediction_correct += len(needed & predicted)
-        rt.stats.expert_requests += len(np.unique(flat))
-        rt.stats.skipped += len(set(int(e) for e in np.unique(flat)) - needed)
+        rt.stats.expert_requests += len(chosen)
+        rt.stats.skipped += len(chosen) - len(needed)
 
         parts = self._serve(flat, level)  # [(precision, experts array, slot mask)]
         if rt.prefetch_layers and self.router is not None:
