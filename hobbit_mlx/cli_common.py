@@ -57,7 +57,7 @@ def _policy_names() -> list[str]:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model and everything ``hobbit_mlx.load`` takes."""
-    from .loader import DEFAULT_MAX_CONTEXT, DEFAULT_PREFILL_STEP
+    from .loader import DEFAULT_MAX_CONTEXT, DEFAULT_PREFETCH_WIDTH, DEFAULT_PREFILL_STEP
 
     g = parser.add_argument_group("model and memory")
     g.add_argument("--model", type=str, default=None,
@@ -91,8 +91,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--prefetch-layers", type=int, default=1, metavar="P",
                    help="Predict and read the next P layers' experts in the background; 0 turns "
                         "prefetch off (default: %(default)s).")
+    t.add_argument("--prefetch-width", type=float, default=DEFAULT_PREFETCH_WIDTH, metavar="X",
+                   help="Experts predicted per token for each layer ahead, as a multiple of the "
+                        "model's top-k (default: %(default)s).")
     t.add_argument("--prefetch-low-precision", action="store_true",
-                   help="Prefetch predicted experts that are unimportant for every token in 2-bit.")
+                   help="Prefetch uncertain or unimportant predictions in 2-bit.")
+    t.add_argument("--prefill-low-precision", type=float, default=0.0, metavar="SHARE",
+                   help="Fate: in prefill, serve an expert chosen by less than SHARE of a "
+                        "chunk's tokens from its 2-bit copy (default: off).")
+    t.add_argument("--keep-shallow-layers", type=int, default=None, metavar="N",
+                   help="Experts of the first N layers are evicted last (default: 1 with "
+                        "prefetch on, the layer prefetch cannot predict; else 0).")
     t.add_argument("--no-overlap-io", dest="overlap_io", action="store_false",
                    help="Do not start resident experts' compute while misses are read.")
     t.add_argument("--policy", default="hobbit", choices=_policy_names(),
@@ -203,10 +212,18 @@ def technique_options(args: argparse.Namespace) -> dict:
         raise CLIError(f"need 0 <= --t1 <= --t2 <= 1 (got {args.t1}, {args.t2})")
     if args.prefetch_layers < 0:
         raise CLIError(f"--prefetch-layers must be 0 or more, not {args.prefetch_layers}")
+    if args.prefetch_width <= 0:
+        raise CLIError(f"--prefetch-width must be above 0, not {args.prefetch_width}")
+    if not 0 <= args.prefill_low_precision <= 1:
+        raise CLIError(f"--prefill-low-precision is a share in [0, 1], not {args.prefill_low_precision}")
+    if args.exact and args.prefill_low_precision:
+        raise CLIError("--exact cannot be combined with --prefill-low-precision")
     return dict(exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
                 skip=args.skip, big_little=args.big_little, little_threshold=args.little_threshold,
                 prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy,
-                prefetch_low_precision=args.prefetch_low_precision)
+                prefetch_low_precision=args.prefetch_low_precision,
+                prefetch_width=args.prefetch_width, prefill_low_precision=args.prefill_low_precision,
+                keep_shallow_layers=args.keep_shallow_layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +434,10 @@ def format_report(s: dict) -> list[str]:
         lines.append(f"Prefetch: {s.get('prefetch_issued', 0)} reads issued, {s.get('prefetch_used', 0)} used"
                      + (f" (precision {100.0 * precision:.0f}%)" if precision is not None else "")
                      + (f"; next-layer prediction recall {100.0 * recall:.0f}%" if recall is not None else ""))
+        by_distance = s.get("prediction_recall_by_distance") or {}
+        if len(by_distance) > 1:
+            lines.append("Prediction recall by distance: " + ", ".join(
+                f"{d} layer{'s' if int(d) > 1 else ''} ahead {100.0 * r:.0f}%" for d, r in by_distance.items()))
     if s.get("little_token_share") is not None:
         lines.append(f"Big-little: {100.0 * s['little_token_share']:.0f}% of routed tokens ran top-k/2")
     wall = f"Wall time: {s.get('wall_s', 0.0):.2f} s"

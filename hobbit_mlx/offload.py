@@ -26,9 +26,10 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from .architectures import SWITCH_LINEAR_TYPES, switch_linear_paths
 from .cache import ExpertCache
-from .precision import DROP, HIGH, LOW, PrecisionOptions, plan_slots
+from .precision import DROP, HIGH, LOW, PrecisionOptions, demote_unpopular, plan_slots
 from .reader import RecordReader
-from .routing import chosen_weights, find_router, predict_indices, tap_router
+from .routing import (StackedGates, chosen_weights, find_router, predict_indices, tap_router,
+                      top_predictions)
 from .store import LayerEntry, Manifest, PrecisionEntry
 
 
@@ -42,13 +43,16 @@ class OffloadStats:
     misses_high: int = 0
     misses_low: int = 0
     skipped: int = 0
+    hits_in_flight: int = 0  # hits whose prefetch read was still running: served, but waited for
     bytes_read: int = 0
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_bytes: int = 0
+    prefetch_by_distance: dict = field(default_factory=dict)  # distance -> (issued, used)
     prediction_correct: int = 0  # predicted experts (one layer ahead) the router then chose
     prediction_total: int = 0  # experts the router chose where a prediction was made
-    prediction_by_distance: dict = field(default_factory=dict)  # distance -> (correct, total)
+    # distance -> (predicted experts chosen, experts chosen, experts predicted)
+    prediction_by_distance: dict = field(default_factory=dict)
     little_tokens: int = 0
     routed_tokens: int = 0
     layer_calls: int = 0
@@ -75,7 +79,9 @@ class OffloadRuntime:
                  dtype: mx.Dtype | None, working_set_bytes: int,
                  precision: PrecisionOptions | None = None, prefetch_layers: int = 0,
                  scoring: str = "softmax", overlap_io: bool = True,
-                 float_itemsize: int | None = None, prefetch_low_precision: bool = False):
+                 float_itemsize: int | None = None, prefetch_low_precision: bool = False,
+                 prefetch_width: int | None = None, gate_stacks: dict | None = None,
+                 prefill_low_precision: float = 0.0):
         self.manifest = manifest
         self.reader = reader
         self.cache = cache
@@ -87,11 +93,15 @@ class OffloadRuntime:
         self.overlap_io = overlap_io
         self.float_itemsize = float_itemsize
         self.prefetch_low_precision = prefetch_low_precision
+        self.prefetch_width = prefetch_width or manifest.experts_per_token
+        self.gate_stacks: dict[int, StackedGates] = gate_stacks or {}
+        self.prefill_low_precision = prefill_low_precision
         self.stats = OffloadStats()
         self.layers: list[OffloadedSwitch] = []
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
         self._inflight: dict[tuple, Future] = {}
         self._prefetched: dict[int, set] = {}  # layer -> keys pinned by prefetch until it runs
+        self._issued: dict[int, dict] = {}  # layer -> {key: distance} of prefetches not yet used
         self._predicted: dict[int, dict[int, set]] = {}  # layer -> {distance: predicted experts}
         self._lock = threading.Lock()
         self.on_layer = getattr(cache.policy, "on_layer", None)
@@ -132,41 +142,59 @@ class OffloadRuntime:
 
     # --- prefetch -------------------------------------------------------------------------
     def prefetch_after(self, layer_pos: int, gate_input: mx.array) -> None:
-        """Predict the next layers' experts from this layer's gate input and start reading misses."""
-        k = self.manifest.experts_per_token
+        """Predict the next layers' experts from this layer's gate input and start reading misses,
+        nearest layer first."""
+        targets = []
         for distance in range(1, self.prefetch_layers + 1):
             target = layer_pos + distance
             if target >= len(self.layers) or self.layers[target].router is None:
                 break
             switch = self.layers[target]
-            if self.cache.resident_in_layer(switch.layer.layer) == switch.layer.num_experts:
-                continue  # nothing of that layer can miss: skip the prediction's host sync
-            ind, weights = predict_indices(switch.router, gate_input, k)
-            experts, precisions = self._prefetch_plan(ind, weights)
-            self._predicted.setdefault(target, {})[distance] = set(int(e) for e in experts)
-            for e, precision in zip(experts, precisions):
-                key = (switch.layer.layer, int(e), precision)
-                if key in self.cache or (switch.layer.layer, int(e), "high") in self.cache:
+            if self.cache.resident_in_layer(switch.layer.layer) < switch.layer.num_experts:
+                targets.append((distance, switch))  # a fully resident layer cannot miss: skip it
+        if not targets:
+            return
+        stack = self.gate_stacks.get(layer_pos)
+        stacked = stack(gate_input) if stack is not None else None  # one matmul, one host sync
+        for distance, switch in targets:
+            if stacked is not None:
+                ind, weights = top_predictions(stacked[distance - 1], self.prefetch_width)
+            else:
+                ind, weights = predict_indices(switch.router, gate_input, self.prefetch_width)
+            self._issue_prefetch(switch, distance, ind, weights)
+
+    def _issue_prefetch(self, switch: "OffloadedSwitch", distance: int, ind: np.ndarray,
+                        weights: np.ndarray) -> None:
+        experts, precisions = self._prefetch_plan(ind, weights)
+        lid = switch.layer.layer
+        self._predicted.setdefault(switch.position, {})[distance] = set(int(e) for e in experts)
+        for e, precision in zip(experts, precisions):
+            key = (lid, int(e), precision)
+            if key in self.cache or (lid, int(e), "high") in self.cache:
+                continue
+            entry = switch.layer.precisions[precision]
+            with self._lock:
+                if key in self._inflight:
                     continue
-                entry = switch.layer.precisions[precision]
-                with self._lock:
-                    if key in self._inflight:
-                        continue
-                    fut = self.reader.submit(entry, int(e), self.dtype)
-                    self._inflight[key] = fut
-                self.stats.prefetch_issued += 1
-                fut.add_done_callback(lambda f, key=key, n=entry.records[int(e)].nbytes:
-                                      self._prefetch_done(key, f, n))
+                fut = self.reader.submit(entry, int(e), self.dtype)
+                self._inflight[key] = fut
+                self._issued.setdefault(lid, {})[key] = distance
+            self.stats.prefetch_issued += 1
+            fut.add_done_callback(lambda f, key=key, n=entry.records[int(e)].nbytes:
+                                  self._prefetch_done(key, f, n))
 
     def _prefetch_plan(self, ind: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """Predicted experts, and the copy to prefetch: with mixed precision on, an expert that is
-        unimportant for every token (HOBBIT's rule on the predicted weights) is read in 2-bit,
-        which bounds the cost of a wrong or low-value guess."""
+        """Predicted experts, and the copy to prefetch. With ``prefetch_low_precision`` (and mixed
+        precision on) an uncertain or unimportant prediction is read in 2-bit: one that no token
+        predicts among its top-k with HOBBIT importance (unimportance <= t1). That bounds the
+        cost of a wrong or low-value guess."""
         experts = np.unique(ind)
         if not (self.precision.mixed_precision and self.prefetch_low_precision):
             return experts, ["high"] * len(experts)
-        level, _ = plan_slots(weights, self.precision)
-        important = set(int(e) for e in ind[level == HIGH])
+        k = min(self.manifest.experts_per_token, ind.shape[-1])
+        top_w = weights[:, :k] / weights[:, :k].sum(axis=-1, keepdims=True)
+        level, _ = plan_slots(top_w, self.precision)
+        important = set(int(e) for e in ind[:, :k][level == HIGH])
         return experts, ["high" if int(e) in important else "low" for e in experts]
 
     def _prefetch_done(self, key: tuple, fut: Future, nbytes: int) -> None:
@@ -188,12 +216,16 @@ class OffloadRuntime:
     def consume_prefetch(self, layer: int, needed: set) -> None:
         """A layer ran: count which of its prefetches were used and release their protection."""
         with self.cache.lock:
-            keys = self._prefetched.pop(layer, set())
-            self.stats.prefetch_used += sum(1 for k in keys if k[1] in needed)
-            self.cache.unpin(list(keys))
+            self.cache.unpin(list(self._prefetched.pop(layer, set())))
         with self._lock:
-            inflight = [k for k in self._inflight if k[0] == layer]
-        self.stats.prefetch_used += sum(1 for k in inflight if k[1] in needed)
+            issued = self._issued.pop(layer, {})
+            arrived = {key for key in issued if key in self._inflight or key in self.cache}
+        per_distance = self.stats.prefetch_by_distance
+        for key, distance in issued.items():
+            used = int(key[1] in needed and key in arrived)
+            self.stats.prefetch_used += used
+            n_issued, n_used = per_distance.get(distance, (0, 0))
+            per_distance[distance] = (n_issued + 1, n_used + used)
 
     def wait_idle(self) -> None:
         """Let outstanding prefetch reads finish (tests and benchmarks read stable counters)."""
@@ -235,6 +267,7 @@ class Fetch:
                 self.pending.append((i, rt.reader.submit(self.entry, key[1], rt.dtype), True))
         demand = sum(1 for p in self.pending if p[2])
         rt._count(precision, len(self.keys) - demand, demand)
+        rt.stats.hits_in_flight += len(self.pending) - demand
 
     @property
     def resident(self) -> np.ndarray:
@@ -311,6 +344,8 @@ class OffloadedSwitch(nn.Module):
             level, scale = plan_slots(weights, opts)
         else:
             level, scale = np.zeros(flat.shape, np.int8), None
+        if rt.prefill_low_precision and len(flat) > 1:
+            level = demote_unpopular(flat, level, rt.prefill_low_precision)
         if opts.big_little:
             rt.stats.routed_tokens += len(flat)
             rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
@@ -318,9 +353,9 @@ class OffloadedSwitch(nn.Module):
         chosen = np.unique(flat)
         needed = set(int(e) for e in np.unique(flat[level != DROP]))
         for distance, predicted in rt._predicted.pop(self.position, {}).items():
-            correct, total = rt.stats.prediction_by_distance.get(distance, (0, 0))
-            rt.stats.prediction_by_distance[distance] = (correct + len(needed & predicted),
-                                                         total + len(needed))
+            correct, total, guessed = rt.stats.prediction_by_distance.get(distance, (0, 0, 0))
+            rt.stats.prediction_by_distance[distance] = (
+                correct + len(needed & predicted), total + len(needed), guessed + len(predicted))
             if distance == 1:
                 rt.stats.prediction_total += len(needed)
                 rt.stats.prediction_correct += len(needed & predicted)

@@ -8,6 +8,9 @@ on. Hits use whatever copy is resident, except that an important slot never uses
 MoBiLE big-little: a token whose top-k/2 experts already carry ``little_threshold`` of the gate
 mass is "unimportant" and runs only those (their weights renormalized); every other token runs
 the full top-k (the fallback to big).
+
+Fate's prefill rule: in a prompt chunk, an expert chosen by few of the chunk's tokens contributes
+little to the chunk, so its 2-bit copy serves it (``demote_unpopular``).
 """
 
 from __future__ import annotations
@@ -55,3 +58,15 @@ def plan_slots(weights: np.ndarray, opts: PrecisionOptions) -> tuple[np.ndarray,
         level[dropped] = DROP
         scale = np.where(little & ~dropped, 1.0 / np.maximum(mass, 1e-9), scale).astype(np.float32)
     return level, scale
+
+
+def demote_unpopular(indices: np.ndarray, level: np.ndarray, min_share: float) -> np.ndarray:
+    """Level with the HIGH slots of experts chosen by fewer than ``min_share`` of the rows
+    (tokens) of ``indices`` turned LOW."""
+    experts, tokens = np.unique(indices[level != DROP], return_counts=True)
+    rare = experts[tokens < min_share * len(indices)]
+    if not len(rare):
+        return level
+    out = level.copy()
+    out[(level == HIGH) & np.isin(indices, rare)] = LOW
+    return out

@@ -77,16 +77,79 @@ def chosen_weights(router_out, indices: np.ndarray, scoring: str = "softmax") ->
     return w / np.where(total > 0, total, 1.0)
 
 
-def predict_indices(router: nn.Module, x: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """A later layer's router applied to this layer's gate input: (top-k indices, their weights)."""
-    inds, values = _split_output(untapped_call(router, x))
-    if inds is not None:
-        ind = np.array(inds).reshape(-1, inds.shape[-1])
-        w = np.abs(np.array(values.astype(mx.float32))).reshape(ind.shape) if values is not None \
-            else np.ones(ind.shape, np.float32)
-    else:
-        logits = np.array(values.astype(mx.float32)).reshape(-1, values.shape[-1])
-        ind = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
-        z = np.take_along_axis(logits, ind, axis=-1)
-        w = np.exp(z - z.max(axis=-1, keepdims=True))
+def top_predictions(logits: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``width`` largest logits, best first: (indices, softmax over those logits)."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    width = min(width, logits.shape[-1])
+    ind = np.argpartition(-logits, width - 1, axis=-1)[:, :width]
+    z = np.take_along_axis(logits, ind, axis=-1)
+    order = np.argsort(-z, axis=-1, kind="stable")
+    ind, z = np.take_along_axis(ind, order, axis=-1), np.take_along_axis(z, order, axis=-1)
+    w = np.exp(z - z[:, :1])
     return ind, w / w.sum(axis=-1, keepdims=True)
+
+
+def predict_indices(router: nn.Module, x: mx.array, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A later layer's router applied to this layer's gate input: (top-``width`` indices, weights).
+
+    Routers that return their finished choice (DeepSeek, GLM, ...) predict their own top-k."""
+    inds, values = _split_output(untapped_call(router, x))
+    if inds is None:
+        return top_predictions(np.array(values.astype(mx.float32)), width)
+    ind = np.array(inds).reshape(-1, inds.shape[-1])
+    w = np.abs(np.array(values.astype(mx.float32))).reshape(ind.shape) if values is not None \
+        else np.ones(ind.shape, np.float32)
+    return ind, w / w.sum(axis=-1, keepdims=True)
+
+
+def _is_plain_linear(router: nn.Module) -> bool:
+    return getattr(router, "_hobbit_untapped", type(router)) in (nn.Linear, nn.QuantizedLinear)
+
+
+def _linear_kind(router: nn.Module) -> tuple:
+    quant = (router.group_size, router.bits, router.mode) if isinstance(router, nn.QuantizedLinear) \
+        else None
+    return (quant, tuple(sorted(router.keys())), router.weight.shape[1:], router.weight.dtype)
+
+
+class StackedGates:
+    """The routers of the next few layers as one matmul over the same gate input.
+
+    Prefetch applies every later layer's gate to the current layer's gate input; with the gates
+    stacked that is one matmul and one host sync per layer instead of one per layer ahead. Only
+    plain linear gates (logits out, same quantization) stack; other routers are called one by one.
+    """
+
+    def __init__(self, routers: list[nn.Module]):
+        first = routers[0]
+        self.sizes = [r.weight.shape[0] for r in routers]
+        self.quant = _linear_kind(first)[0]
+        self.arrays = {name: mx.concatenate([r[name] for r in routers], axis=0)
+                       for name in ("weight", "scales", "biases", "bias") if name in first}
+        mx.eval(self.arrays)
+
+    @classmethod
+    def of(cls, routers: list[nn.Module | None]) -> "StackedGates | None":
+        if len(routers) < 2 or not all(r is not None and _is_plain_linear(r) for r in routers):
+            return None
+        if len({_linear_kind(r) for r in routers}) != 1:
+            return None
+        return cls(routers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def __call__(self, x: mx.array) -> list[np.ndarray]:
+        """Each stacked router's logits for ``x`` (host arrays, one sync)."""
+        a = self.arrays
+        if self.quant is not None:
+            group_size, bits, mode = self.quant
+            y = mx.quantized_matmul(x, a["weight"], a["scales"], a.get("biases"), transpose=True,
+                                    group_size=group_size, bits=bits, mode=mode)
+        else:
+            y = x @ a["weight"].T
+        if "bias" in a:
+            y = y + a["bias"]
+        logits = np.array(y.astype(mx.float32)).reshape(-1, sum(self.sizes))
+        return np.split(logits, np.cumsum(self.sizes)[:-1], axis=-1)

@@ -26,18 +26,40 @@ from .arc import ARCPolicy  # noqa: E402
 from .hobbit import HobbitPolicy, ShallowFavoringPolicy  # noqa: E402
 from .lfu import LFUPolicy  # noqa: E402
 from .lru import LRUPolicy  # noqa: E402
+from .seqfreq import SequenceFrequencyPolicy  # noqa: E402
 
 POLICIES: dict[str, Callable[..., Policy]] = {
     "lru": LRUPolicy, "lfu": LFUPolicy, "arc": ARCPolicy, "hobbit": HobbitPolicy,
-    "shallow": ShallowFavoringPolicy}
+    "shallow": ShallowFavoringPolicy, "seqfreq": SequenceFrequencyPolicy}
 
 
-def make_policy(name: str, **kwargs) -> Policy:
-    """Build a policy by name; options it does not take (e.g. ``num_layers``) are ignored."""
+class ProtectShallow:
+    """Any policy, with the experts of the first ``layers`` layers evicted only when nothing
+    deeper can be. Prefetch predicts a layer from the one before it, so the first layer is the
+    one it can never cover: keeping it resident is what Fate's shallow-favoring cache is for."""
+
+    def __init__(self, inner: Policy, layers: int) -> None:
+        self.inner, self.layers = inner, layers
+        self.name = f"{inner.name}+shallow{layers}"
+        for hook in ("on_insert", "on_hit", "on_evict", "reset", "on_layer"):
+            if hasattr(inner, hook):
+                setattr(self, hook, getattr(inner, hook))
+
+    def victim(self, evictable: Callable[[Key], bool]) -> Key:
+        try:
+            return self.inner.victim(lambda k: k[0] >= self.layers and evictable(k))
+        except LookupError:
+            return self.inner.victim(evictable)
+
+
+def make_policy(name: str, shallow_layers: int = 0, **kwargs) -> Policy:
+    """Build a policy by name; options it does not take (e.g. ``num_layers``) are ignored.
+    ``shallow_layers`` > 0 keeps that many leading layers resident first (``ProtectShallow``)."""
     import inspect
 
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(sorted(POLICIES))}")
     factory = POLICIES[name]
     accepted = inspect.signature(factory).parameters
-    return factory(**{k: v for k, v in kwargs.items() if k in accepted})
+    policy = factory(**{k: v for k, v in kwargs.items() if k in accepted})
+    return ProtectShallow(policy, shallow_layers) if shallow_layers > 0 else policy

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from typing import Callable, Hashable
 
+import numpy as np
+
+from .slots import SlotTable
+
 
 class HobbitPolicy:
     name = "hobbit"
@@ -26,53 +30,51 @@ class HobbitPolicy:
         self.weights = (w_lru, w_lfu, w_lhu, w_fld)
         self.current_layer = 0
         self._clock = 0
-        self._last: dict[Hashable, int] = {}
-        self._uses: dict[tuple, int] = {}
-        self._high_uses: dict[tuple, int] = {}
+        self._keys = SlotTable(last=np.int64, layer=np.int64, expert=np.int64)
+        self._experts = SlotTable(uses=np.int64, high_uses=np.int64)  # per (layer, expert)
 
     def on_layer(self, layer: int) -> None:
         self.current_layer = layer
 
     def _touch(self, key: Hashable) -> None:
         self._clock += 1
-        self._last[key] = self._clock
-        expert = key[:2]
-        self._uses[expert] = self._uses.get(expert, 0) + 1
+        s = self._keys.slot(key)
+        e = self._experts.slot(key[:2])
+        self._keys["last"][s], self._keys["layer"][s], self._keys["expert"][s] = self._clock, key[0], e
+        self._keys.set_resident(key, True)
+        self._experts["uses"][e] += 1
         if key[2] == "high":
-            self._high_uses[expert] = self._high_uses.get(expert, 0) + 1
+            self._experts["high_uses"][e] += 1
 
     on_insert = on_hit = _touch
 
     def on_evict(self, key: Hashable) -> None:
-        self._last.pop(key, None)
+        self._keys.set_resident(key, False)
 
-    def score(self, key: Hashable, norms: tuple[int, int, int] | None = None) -> float:
-        """Eviction priority of a resident key (higher goes first)."""
+    def scores(self, slots: np.ndarray) -> np.ndarray:
+        """Eviction priority of the keys in ``slots`` (higher goes first), all at once."""
         w_lru, w_lfu, w_lhu, w_fld = self.weights
-        oldest, max_use, max_high = norms or self._norms()
-        staleness = (self._clock - self._last[key]) / max(1, self._clock - oldest)
-        expert = key[:2]
-        frequency = self._uses.get(expert, 0) / max_use
-        high_use = self._high_uses.get(expert, 0) / max_high
-        distance = ((key[0] - self.current_layer - 1) % self.num_layers) / self.num_layers
+        last = self._keys["last"][slots]
+        expert = self._keys["expert"][slots]
+        uses, high = self._experts["uses"], self._experts["high_uses"]
+        staleness = (self._clock - last) / max(1, self._clock - int(last.min(initial=self._clock)))
+        frequency = uses[expert] / max(1, int(uses.max(initial=1)))
+        high_use = high[expert] / max(1, int(high.max(initial=1)))
+        distance = ((self._keys["layer"][slots] - self.current_layer - 1) % self.num_layers) / self.num_layers
         return w_lru * staleness + w_lfu * (1 - frequency) + w_lhu * (1 - high_use) + w_fld * distance
 
-    def _norms(self) -> tuple[int, int, int]:
-        return (min(self._last.values(), default=self._clock),
-                max(self._uses.values(), default=1) or 1, max(self._high_uses.values(), default=1) or 1)
+    def score(self, key: Hashable) -> float:
+        """One resident key's eviction priority (higher goes first)."""
+        return float(self.scores(np.array([self._keys.slot_of[key]]))[0])
 
     def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable:
-        norms = self._norms()  # once per eviction, not once per candidate
-        best = max((k for k in self._last if evictable(k)), key=lambda k: self.score(k, norms),
-                   default=None)
-        if best is None:
-            raise LookupError("no evictable expert")
-        return best
+        slots = self._keys.resident_slots()
+        return self._keys.first_evictable(slots, -self.scores(slots), evictable)
 
     def reset(self) -> None:
         """Statistics are per sequence (HOBBIT); recency of resident entries is kept."""
-        self._uses.clear()
-        self._high_uses.clear()
+        self._experts["uses"][:] = 0
+        self._experts["high_uses"][:] = 0
 
 
 class ShallowFavoringPolicy:
@@ -83,23 +85,24 @@ class ShallowFavoringPolicy:
     def __init__(self, num_layers: int = 1, shallow_fraction: float = 0.25) -> None:
         self.shallow_layers = max(1, round(num_layers * shallow_fraction))
         self._clock = 0
-        self._last: dict[Hashable, int] = {}
+        self._keys = SlotTable(last=np.int64, shallow=bool)
 
     def _touch(self, key: Hashable) -> None:
         self._clock += 1
-        self._last[key] = self._clock
+        s = self._keys.slot(key)
+        self._keys["last"][s], self._keys["shallow"][s] = self._clock, key[0] < self.shallow_layers
+        self._keys.set_resident(key, True)
 
     on_insert = on_hit = _touch
 
     def on_evict(self, key: Hashable) -> None:
-        self._last.pop(key, None)
+        self._keys.set_resident(key, False)
 
     def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable:
-        best = min((k for k in self._last if evictable(k)),
-                   key=lambda k: (k[0] < self.shallow_layers, self._last[k]), default=None)
-        if best is None:
-            raise LookupError("no evictable expert")
-        return best
+        slots = self._keys.resident_slots()
+        # deep before shallow, then least recent
+        priority = self._keys["shallow"][slots] * (self._clock + 1) + self._keys["last"][slots]
+        return self._keys.first_evictable(slots, priority, evictable)
 
     def reset(self) -> None:
         pass

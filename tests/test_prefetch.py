@@ -1,0 +1,135 @@
+"""Prefetch details: stacked gates, prediction width, per-distance counters, prefill 2-bit rule."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import hobbit_mlx
+from hobbit_mlx.cache import ExpertCache
+from hobbit_mlx.loader import runtime_of
+from hobbit_mlx.policies import make_policy
+from hobbit_mlx.precision import DROP, HIGH, LOW, demote_unpopular
+from hobbit_mlx.routing import StackedGates, predict_indices, top_predictions
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+
+
+def _run(dst, **kw):
+    model, tok = hobbit_mlx.load(dst, progress=False, **kw)
+    text = hobbit_mlx.generate(model, tok, PROMPT, max_tokens=12)
+    return model, text, hobbit_mlx.offload_stats(model)
+
+
+def test_top_predictions_orders_best_first():
+    logits = np.array([[0.0, 3.0, 1.0, 2.0]], dtype=np.float32)
+    ind, w = top_predictions(logits, 3)
+    assert ind.tolist() == [[1, 3, 2]]
+    assert np.isclose(w.sum(), 1) and w[0, 0] > w[0, 1] > w[0, 2]
+
+
+@pytest.fixture(scope="module")
+def deep_models(tmp_path_factory):
+    """Four-layer tiny models: two layers ahead of layer 0 exist to stack."""
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    def get(arch: str):
+        root = tmp_path_factory.mktemp(f"{arch}-deep")
+        overrides = {"num_hidden_layers": 4}
+        if arch == "gpt_oss":
+            overrides["layer_types"] = ["sliding_attention", "full_attention"] * 2
+        src = make_tiny_model(arch, root / "mlx", config_overrides=overrides)
+        return convert(src, root / "hobbit", progress=False)
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_stacked_gates_predict_what_each_router_predicts(deep_models, arch):
+    dst = deep_models(arch)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=2, progress=False)
+    rt = runtime_of(model)
+    assert rt.gate_stacks, "plain linear gates must stack"
+    stack = rt.gate_stacks[0]
+    x = mx.random.normal((5, model.args.hidden_size)).astype(mx.float32)
+    logits = stack(x)
+    assert len(logits) == 2
+    for distance, got in enumerate(logits, start=1):
+        want_ind, _ = predict_indices(rt.layers[distance].router, x, 4)
+        got_ind, _ = top_predictions(got, 4)
+        np.testing.assert_array_equal(np.sort(got_ind, axis=-1), np.sort(want_ind, axis=-1))
+
+
+def test_routers_that_choose_for_themselves_do_not_stack(tiny_factory):
+    _, dst = tiny_factory("deepseek_v2")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=2, progress=False)
+    rt = runtime_of(model)
+    assert rt.gate_stacks == {}
+    assert StackedGates.of([layer.router for layer in rt.layers[:2]]) is None
+
+
+def test_wider_prediction_issues_more_and_keeps_output_exact(deep_models):
+    dst = deep_models("mixtral")
+    _, text_off, _ = _run(dst, expert_residency=0.4, exact=True, prefetch_layers=0)
+    narrow_model, text_narrow, narrow = _run(dst, expert_residency=0.4, exact=True, prefetch_layers=2,
+                                             prefetch_width=1.0)
+    wide_model, text_wide, wide = _run(dst, expert_residency=0.4, exact=True, prefetch_layers=2,
+                                       prefetch_width=2.0)
+    assert text_narrow == text_wide == text_off
+    k = runtime_of(wide_model).manifest.experts_per_token
+    assert runtime_of(narrow_model).prefetch_width == k and runtime_of(wide_model).prefetch_width == 2 * k
+    for d in (1, 2):
+        assert wide["prediction_precision_by_distance"][d] <= 1
+        assert wide["prediction_recall_by_distance"][d] >= narrow["prediction_recall_by_distance"][d]
+    assert set(wide["prefetch_precision_by_distance"]) <= {1, 2}
+    assert all(0 <= p <= 1 for p in wide["prefetch_precision_by_distance"].values())
+    assert wide["prefetch_issued"] > narrow["prefetch_issued"]
+    assert 0 <= wide["hits_in_flight"] <= wide["hits_high"] + wide["hits_low"]
+    assert wide["resident_hit_rate"] <= wide["hit_rate"]
+    with pytest.raises(ValueError, match="prefetch_width"):
+        hobbit_mlx.load(dst, prefetch_width=0, progress=False)
+
+
+def test_demote_unpopular_marks_rarely_chosen_experts_low():
+    indices = np.array([[0, 1], [0, 2], [0, 1], [3, 1]])
+    level = np.full(indices.shape, HIGH, dtype=np.int8)
+    level[3, 0] = DROP
+    out = demote_unpopular(indices, level, min_share=0.5)
+    # expert 0: 3 of 4 tokens, 1: 3 of 4 -> stay HIGH; 2: 1 of 4 -> LOW; 3 is dropped, stays so
+    assert out.tolist() == [[HIGH, HIGH], [HIGH, LOW], [HIGH, HIGH], [DROP, HIGH]]
+    assert (demote_unpopular(indices, level, 0.0) == level).all()
+
+
+def test_prefill_low_precision_reads_2bit_copies_in_prefill_only(tiny_factory):
+    _, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.0, mixed_precision=False, prefetch_layers=0,
+                               prefill_low_precision=0.5, progress=False)
+    model(mx.array([list(range(3, 40))]))
+    prefill = hobbit_mlx.offload_stats(model)
+    assert prefill["misses_low"] > 0 and prefill["misses_high"] > 0
+    hobbit_mlx.reset_stats(model)
+    model(mx.array([[5]]))  # one token: every chosen expert is popular
+    assert hobbit_mlx.offload_stats(model)["misses_low"] == 0
+    with pytest.raises(ValueError, match="exact=True cannot"):
+        hobbit_mlx.load(dst, exact=True, prefill_low_precision=0.2, progress=False)
+
+
+def _arrays(n):
+    return {"w": mx.zeros((n,), dtype=mx.uint8)}
+
+
+@pytest.mark.parametrize("name", ["hobbit", "lru", "seqfreq"])
+def test_protected_shallow_layers_are_evicted_last(name):
+    policy = make_policy(name, num_layers=4, shallow_layers=1)
+    cache = ExpertCache(200, policy)
+    cache.put((0, 0, "high"), _arrays(100))  # the least used and oldest: LRU/LFU would evict it
+    cache.put((2, 0, "high"), _arrays(100))
+    cache.get((2, 0, "high"))
+    cache.put((3, 0, "high"), _arrays(100))
+    assert (0, 0, "high") in cache and (2, 0, "high") not in cache
+    cache.put((0, 1, "high"), _arrays(100))  # only layer 0 and the pinned-free (3, 0) remain
+    assert (3, 0, "high") not in cache
+    cache.put((0, 2, "high"), _arrays(100))  # nothing deeper is left: a shallow expert goes
+    assert len(cache) == 2
