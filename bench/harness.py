@@ -71,20 +71,33 @@ CONFIGS: list[tuple[str, dict]] = [
     ("lru", {**EXACT, "policy": "lru"}),  # exact byte-budget LRU: what the MLX expert streamers do
     ("lfu", {**EXACT, "policy": "lfu"}),
     ("hobbit-cache", {**EXACT, "policy": "hobbit"}),  # HOBBIT's multidimensional eviction score
+    ("seqfreq-cache", {**EXACT, "policy": "seqfreq"}),  # per-sequence frequency + burst + distance
     ("shallow-cache", {**EXACT, "policy": "shallow"}),  # Fate's shallow-favoring cache
-    ("prefetch", {"exact": True, "policy": "lru", "prefetch_layers": 1}),  # cross-layer prefetch
+    # cross-layer prefetch, step by step: top-k of the next layer (HOBBIT/Fate), a wider guess,
+    # then the first layers kept resident (what prefetch cannot predict)
+    ("prefetch-topk", {"exact": True, "policy": "lru", "prefetch_layers": 1, "prefetch_width": 1.0,
+                       "keep_shallow_layers": 0}),
+    ("prefetch-wide", {"exact": True, "policy": "lru", "prefetch_layers": 1, "keep_shallow_layers": 0}),
+    ("prefetch", {"exact": True, "policy": "lru", "prefetch_layers": 1}),
+    ("prefetch-2", {"exact": True, "policy": "lru", "prefetch_layers": 2}),  # two layers ahead
     ("fate", {"exact": True, "policy": "shallow", "prefetch_layers": 1}),  # shallow cache + prefetch
     ("mixed-precision", {"exact": False, "mixed_precision": True, "prefetch_layers": 0, "policy": "lru"}),
+    ("skip", {"exact": False, "mixed_precision": True, "skip": True, "prefetch_layers": 0,
+              "policy": "lru"}),  # mixed precision, and the least important experts dropped
     ("big-little", {"exact": False, "mixed_precision": False, "big_little": True, "prefetch_layers": 0,
                     "policy": "lru"}),
-    ("hobbit", {"exact": False, "mixed_precision": True, "prefetch_layers": 1, "policy": "hobbit"}),
-    ("all", {"exact": False, "mixed_precision": True, "big_little": True, "prefetch_layers": 1,
-             "policy": "hobbit"}),
+    ("prefill-2bit", {"exact": False, "mixed_precision": False, "prefetch_layers": 0, "policy": "lru",
+                      "prefill_low_precision": 0.25}),  # Fate: unpopular experts 2-bit in prefill
+    ("default", {}),  # hobbit_mlx.load's defaults: every technique that pays, combined
+    ("default-lru", {"policy": "lru"}),
+    ("default-hobbit", {"policy": "hobbit"}),
+    ("default-w3", {"prefetch_width": 3.0}),  # a wider guess: more served, more bytes read
+    ("all", {"big_little": True, "skip": True}),
 ]
-# What runs without --configs: each technique alone and HOBBIT's combination, within a few
+# What runs without --configs: each technique alone and the defaults combined, within a few
 # minutes on 2 CPU cores. Cache policies alone are compared offline on the recorded trace (replay
 # of the runtime's own policy objects), which costs seconds instead of a run each.
-DEFAULT_CONFIGS = ["on-demand", "lru", "prefetch", "mixed-precision", "hobbit"]
+DEFAULT_CONFIGS = ["on-demand", "lru", "prefetch", "mixed-precision", "default"]
 TRACE_CONFIG = "lru"  # its run records the routing trace (exact: routing equals mlx-lm's)
 
 

@@ -100,11 +100,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="Fate: in prefill, serve an expert chosen by less than SHARE of a "
                         "chunk's tokens from its 2-bit copy (default: off).")
     t.add_argument("--keep-shallow-layers", type=int, default=None, metavar="N",
-                   help="Experts of the first N layers are evicted last (default: 1 with "
-                        "prefetch on, the layer prefetch cannot predict; else 0).")
+                   help="Experts of the first N layers are evicted last (default with prefetch "
+                        "on: as many whole layers as the cache holds, 1 to a quarter of the "
+                        "layers; else 0).")
     t.add_argument("--no-overlap-io", dest="overlap_io", action="store_false",
                    help="Do not start resident experts' compute while misses are read.")
-    t.add_argument("--policy", default="hobbit", choices=_policy_names(),
+    t.add_argument("--policy", default="seqfreq", choices=_policy_names(),
                    help="Expert cache replacement policy (default: %(default)s).")
     g.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, metavar="TOKENS",
                    help="Tokens of KV cache the budget reserves (default: %(default)s).")

@@ -30,8 +30,16 @@ DEFAULT_PREFILL_STEP = 512
 
 # Experts predicted per token for each layer ahead, as a multiple of top-k: a later layer's router
 # applied to an earlier layer's input drifts from what it will choose, and a wider guess catches
-# most of the drift (reference model, one layer ahead: recall 0.79 at 1x top-k, 0.91 at 1.5x).
-DEFAULT_PREFETCH_WIDTH = 1.5
+# most of the drift (reference model, one layer ahead: recall 0.79 at 1x top-k, 0.91 at 1.5x,
+# 0.95 at 2x; bench/README.md has what each width reads and serves).
+DEFAULT_PREFETCH_WIDTH = 2.0
+
+
+def default_shallow_layers(num_layers: int, cache_experts: int, num_experts: int) -> int:
+    """How many leading layers' experts are evicted last while prefetching: as many whole layers as
+    the cache holds, at least the first (no earlier layer predicts it), at most a quarter of the
+    layers (Fate). Deeper layers are then served mostly by prefetch, which predicts them well."""
+    return max(1, min(cache_experts // max(1, num_experts), round(0.25 * num_layers)))
 
 
 def cache_root() -> Path:
@@ -136,7 +144,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
          big_little: bool = False, little_threshold: float = 0.8, prefetch_layers: int = 1,
          prefetch_width: float = DEFAULT_PREFETCH_WIDTH, prefetch_low_precision: bool = False,
          prefill_low_precision: float = 0.0, overlap_io: bool = True,
-         policy: str = "hobbit", policy_options: dict | None = None,
+         policy: str = "seqfreq", policy_options: dict | None = None,
          keep_shallow_layers: int | None = None,
          max_context: int = DEFAULT_MAX_CONTEXT, prefill_step_size: int = DEFAULT_PREFILL_STEP,
          io_workers: int = 8, verify: str = "first", direct_io: bool = False, dtype: Any = None,
@@ -158,8 +166,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     expert chosen by less than this share of the chunk's tokens is read in 2-bit), ``overlap_io``
     (resident experts start computing while the misses are read), ``policy`` (cache
     eviction: see ``hobbit_mlx.policies.POLICIES``), ``keep_shallow_layers`` (the experts of
-    that many leading layers are evicted last; default 1 with prefetch on, the layer prefetch
-    cannot predict, else 0). ``exact=True`` turns every lossy technique
+    that many leading layers are evicted last; default ``default_shallow_layers`` with prefetch
+    on, else 0). ``exact=True`` turns every lossy technique
     off: 4-bit experts only, nothing skipped, outputs equal to mlx-lm's.
     """
     if exact and (mixed_precision or big_little or skip):
@@ -210,7 +218,9 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     mx.set_cache_limit(plan.mlx_cache_limit_bytes)
     scoring = "sigmoid" if text_config(config).get("scoring_func") == "sigmoid" else "softmax"
     if keep_shallow_layers is None:
-        keep_shallow_layers = 1 if prefetch_layers else 0
+        keep_shallow_layers = default_shallow_layers(
+            len(manifest.layers), plan.expert_cache_bytes // max(1, expert_max),
+            manifest.num_experts) if prefetch_layers else 0
     policy_kwargs = {"num_layers": len(manifest.layers), "shallow_layers": keep_shallow_layers,
                      **(policy_options or {})}
     cache = ExpertCache(plan.expert_cache_bytes, make_policy(policy, **policy_kwargs))

@@ -176,7 +176,7 @@ class OffloadRuntime:
             with self._lock:
                 if key in self._inflight:
                     continue
-                fut = self.reader.submit(entry, int(e), self.dtype)
+                fut = self.reader.submit(entry, int(e), self.dtype, background=True)
                 self._inflight[key] = fut
                 self._issued.setdefault(lid, {})[key] = distance
             self.stats.prefetch_issued += 1

@@ -51,12 +51,16 @@ class RecordReader:
                 self.close()
                 raise StoreError(f"{path}: cannot open expert store file ({e.strerror})") from None
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hobbit-io")
+        # Prefetch reads queue apart, so a read the compute waits for never waits behind them.
+        self.background_pool = ThreadPoolExecutor(max_workers=max(1, workers // 2),
+                                                  thread_name_prefix="hobbit-prefetch")
         self.bytes_read = 0
 
     def close(self) -> None:
-        if getattr(self, "pool", None) is not None:
-            self.pool.shutdown(wait=True)
-            self.pool = None
+        for name in ("background_pool", "pool"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).shutdown(wait=True)
+                setattr(self, name, None)
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -115,8 +119,10 @@ class RecordReader:
         mx.eval(list(arrays.values()))
         return arrays
 
-    def submit(self, entry: PrecisionEntry, expert: int, dtype: mx.Dtype | None = None) -> Future:
-        return self.pool.submit(self.read, entry, expert, dtype)
+    def submit(self, entry: PrecisionEntry, expert: int, dtype: mx.Dtype | None = None,
+               background: bool = False) -> Future:
+        """Read in a worker thread; ``background`` (prefetch) reads use their own queue."""
+        return (self.background_pool if background else self.pool).submit(self.read, entry, expert, dtype)
 
 
 def _aligned_empty(length: int, align: int = 4096) -> np.ndarray:
