@@ -89,7 +89,7 @@ CONFIGS: list[tuple[str, dict]] = [
     ("prefill-2bit", {"exact": False, "mixed_precision": False, "prefetch_layers": 0, "policy": "lru",
                       "prefill_low_precision": 0.25}),  # Fate: unpopular experts 2-bit in prefill
     ("default", {}),  # hobbit_mlx.load's defaults: every technique that pays, combined
-    ("default-lru", {"policy": "lru"}),
+    ("default-seqfreq", {"policy": "seqfreq"}),
     ("default-hobbit", {"policy": "hobbit"}),
     ("default-w3", {"prefetch_width": 3.0}),  # a wider guess: more served, more bytes read
     ("all", {"big_little": True, "skip": True}),
@@ -337,6 +337,9 @@ def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None
                             if c["prefetch_issued"] else None),
         "prefetch_bytes": c["prefetch_bytes"],
         "prediction_accuracy": _rate(c["prediction_correct"], c["prediction_total"]),
+        **{key: {int(d): v for d, v in (stats.get(key) or {}).items()} for key in (
+            "prediction_recall_by_distance", "prediction_precision_by_distance",
+            "prefetch_precision_by_distance")},
         "little_token_share": _rate(c["little_tokens"], c["routed_tokens"]),
         "read_wait_s": c["read_wait_s"],
         "host_syncs": c["host_syncs"],
@@ -571,14 +574,23 @@ def markdown(result: dict) -> str:
     L.append("")
     if ok:
         L += ["Details: prefetch reads, next-layer prediction accuracy (share of the experts a layer "
-              "chose that the previous layer predicted), share of tokens run as 'little' (top-k/2), time "
+              "chose that the previous layer predicted); by distance d (layers ahead): prediction "
+              "recall / precision (chosen experts predicted / predicted experts chosen) and prefetch "
+              "precision (reads used / issued); share of tokens run as 'little' (top-k/2), time "
               "spent waiting for reads, host syncs per generated token, load time, perplexity-pass hit rate.", "",
               "| config | residency | prefetch issued | prefetch used | prefetch MiB | prediction acc | "
+              "by distance: recall / precision / prefetch precision | "
               "little tokens | read wait s | syncs/token | load s | ppl-pass hit |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in ok:
+            rec, prec, pf = (r.get(k) or {} for k in ("prediction_recall_by_distance",
+                                                       "prediction_precision_by_distance",
+                                                       "prefetch_precision_by_distance"))
+            f2 = lambda x: _f(x, "{:.2f}")  # noqa: E731
+            by_d = "; ".join(f"{d}: {f2(rec.get(d))} / {f2(prec.get(d))} / {f2(pf.get(d))}"
+                             for d in sorted(rec)) or "n/a"
             L.append(f"| {r['config']} | {_res_label(r)} | {r['prefetch_issued']} | {r['prefetch_used']} | "
-                     f"{_mb(r['prefetch_bytes'])} | {_f(r['prediction_accuracy'])} | "
+                     f"{_mb(r['prefetch_bytes'])} | {_f(r['prediction_accuracy'])} | {by_d} | "
                      f"{_f(r['little_token_share'])} | {r['read_wait_s']:.2f} | "
                      f"{_f(_rate(r['host_syncs'], r['generated_tokens']), '{:.1f}')} | {r['load_s']:.2f} | "
                      f"{_f(r.get('ppl_eval_hit_rate'))} |")

@@ -54,8 +54,9 @@ class ExpertCache:
             self.policy.on_hit(key)
             return entry[0]
 
-    def put(self, key: Hashable, arrays: Arrays) -> bool:
-        """Make ``key`` resident, evicting unpinned experts as needed; False if it cannot fit."""
+    def put(self, key: Hashable, arrays: Arrays, prefetched: bool = False) -> bool:
+        """Make ``key`` resident, evicting unpinned experts as needed; False if it cannot fit.
+        ``prefetched``: read ahead of any request, so a policy that counts uses does not count one."""
         nbytes = arrays_nbytes(arrays)
         with self.lock:
             if key in self._entries:
@@ -72,7 +73,8 @@ class ExpertCache:
             self._entries[key] = (arrays, nbytes)
             self.resident_bytes += nbytes
             self._per_layer[key[0], key[2]] += 1
-            self.policy.on_insert(key)
+            on_prefetch = getattr(self.policy, "on_prefetch", None) if prefetched else None
+            (on_prefetch or self.policy.on_insert)(key)
             return True
 
     def _evict(self, key: Hashable) -> None:

@@ -105,8 +105,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "layers; else 0).")
     t.add_argument("--no-overlap-io", dest="overlap_io", action="store_false",
                    help="Do not start resident experts' compute while misses are read.")
-    t.add_argument("--policy", default="seqfreq", choices=_policy_names(),
-                   help="Expert cache replacement policy (default: %(default)s).")
+    t.add_argument("--policy", default=None, choices=_policy_names(),
+                   help="Expert cache replacement policy (default: lru with prefetch on, "
+                        "seqfreq without).")
     g.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, metavar="TOKENS",
                    help="Tokens of KV cache the budget reserves (default: %(default)s).")
     g.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, metavar="N",

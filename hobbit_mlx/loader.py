@@ -35,6 +35,13 @@ DEFAULT_PREFILL_STEP = 512
 DEFAULT_PREFETCH_WIDTH = 2.0
 
 
+def default_policy(prefetch_layers: int) -> str:
+    """The cache policy that served best in the harness (bench/README.md): with prefetch on, LRU
+    (the cache is a staging area for predicted experts, and scores that favour frequent experts
+    evict fresh predictions); without prefetch, per-sequence frequency (``seqfreq``)."""
+    return "lru" if prefetch_layers else "seqfreq"
+
+
 def default_shallow_layers(num_layers: int, cache_experts: int, num_experts: int) -> int:
     """How many leading layers' experts are evicted last while prefetching: as many whole layers as
     the cache holds, at least the first (no earlier layer predicts it), at most a quarter of the
@@ -144,7 +151,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
          big_little: bool = False, little_threshold: float = 0.8, prefetch_layers: int = 1,
          prefetch_width: float = DEFAULT_PREFETCH_WIDTH, prefetch_low_precision: bool = False,
          prefill_low_precision: float = 0.0, overlap_io: bool = True,
-         policy: str = "seqfreq", policy_options: dict | None = None,
+         policy: str | None = None, policy_options: dict | None = None,
          keep_shallow_layers: int | None = None,
          max_context: int = DEFAULT_MAX_CONTEXT, prefill_step_size: int = DEFAULT_PREFILL_STEP,
          io_workers: int = 8, verify: str = "first", direct_io: bool = False, dtype: Any = None,
@@ -165,7 +172,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     uncertain or unimportant in 2-bit), ``prefill_low_precision`` (Fate: during prefill, an
     expert chosen by less than this share of the chunk's tokens is read in 2-bit), ``overlap_io``
     (resident experts start computing while the misses are read), ``policy`` (cache
-    eviction: see ``hobbit_mlx.policies.POLICIES``), ``keep_shallow_layers`` (the experts of
+    eviction, see ``hobbit_mlx.policies.POLICIES``; default ``default_policy(prefetch_layers)``),
+    ``keep_shallow_layers`` (the experts of
     that many leading layers are evicted last; default ``default_shallow_layers`` with prefetch
     on, else 0). ``exact=True`` turns every lossy technique
     off: 4-bit experts only, nothing skipped, outputs equal to mlx-lm's.
@@ -217,6 +225,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
         max_context=max_context, memory_budget=memory_budget, expert_residency=expert_residency)
     mx.set_cache_limit(plan.mlx_cache_limit_bytes)
     scoring = "sigmoid" if text_config(config).get("scoring_func") == "sigmoid" else "softmax"
+    policy = policy or default_policy(prefetch_layers)
     if keep_shallow_layers is None:
         keep_shallow_layers = default_shallow_layers(
             len(manifest.layers), plan.expert_cache_bytes // max(1, expert_max),

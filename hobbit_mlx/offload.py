@@ -207,7 +207,7 @@ class OffloadRuntime:
                 self.stats.bytes_read += nbytes
                 self.stats.prefetch_bytes += nbytes
             with self.cache.lock:
-                if self.cache.put(key, arrays):
+                if self.cache.put(key, arrays, prefetched=True):
                     self.cache.pin([key])  # protected until its layer runs
                     self._prefetched.setdefault(key[0], set()).add(key)
         with self._lock:

@@ -133,3 +133,43 @@ def test_protected_shallow_layers_are_evicted_last(name):
     assert (3, 0, "high") not in cache
     cache.put((0, 2, "high"), _arrays(100))  # nothing deeper is left: a shallow expert goes
     assert len(cache) == 2
+
+
+def test_demand_reads_do_not_queue_behind_prefetch_reads(tiny_factory):
+    import threading
+
+    _, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.0, prefetch_layers=1, io_workers=2,
+                               progress=False)
+    rt = runtime_of(model)
+    entry = rt.manifest.layers[0].precisions["high"]
+    release = threading.Event()
+    blockers = [rt.reader.background_pool.submit(release.wait) for _ in range(4)]  # every worker busy
+    try:
+        arrays = rt.reader.submit(entry, 0, rt.dtype).result(timeout=30)  # a demand read still runs
+        assert set(arrays) == {t.name for t in entry.tensors}
+        assert not any(b.done() for b in blockers)
+    finally:
+        release.set()
+
+
+def test_close_waits_for_prefetches_and_stops_the_readers(tiny_factory):
+    _, dst = tiny_factory("mixtral")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=1, progress=False)
+    rt = runtime_of(model)
+    model(mx.array([list(range(3, 30))]))  # prefill issues prefetches
+    rt.close()
+    assert rt._inflight == {}
+    assert rt.reader.pool is None and rt.reader.background_pool is None
+    assert rt.cache.resident_bytes == 0
+
+
+@pytest.mark.parametrize("name", ["hobbit", "lfu", "seqfreq"])
+def test_a_prefetched_expert_counts_no_use(name):
+    """A frequency policy must not mistake an unused prefetch for a frequently used expert."""
+    cache = ExpertCache(200, make_policy(name, num_layers=4))
+    cache.put((1, 0, "high"), _arrays(100))  # requested once
+    cache.get((1, 0, "high"))  # and again
+    cache.put((1, 1, "high"), _arrays(100), prefetched=True)  # guessed, never requested
+    cache.put((1, 2, "high"), _arrays(100))
+    assert (1, 0, "high") in cache and (1, 1, "high") not in cache

@@ -48,6 +48,14 @@ class HobbitPolicy:
 
     on_insert = on_hit = _touch
 
+    def on_prefetch(self, key: Hashable) -> None:
+        """Resident and recent, but not a use: a wrong guess must not look frequent."""
+        self._clock += 1
+        s = self._keys.slot(key)
+        self._keys["last"][s], self._keys["layer"][s] = self._clock, key[0]
+        self._keys["expert"][s] = self._experts.slot(key[:2])
+        self._keys.set_resident(key, True)
+
     def on_evict(self, key: Hashable) -> None:
         self._keys.set_resident(key, False)
 

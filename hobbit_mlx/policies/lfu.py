@@ -25,6 +25,13 @@ class LFUPolicy:
 
     on_insert = on_hit = _touch
 
+    def on_prefetch(self, key: Hashable) -> None:
+        """Read ahead of any request: resident and recent, with no use counted."""
+        self._clock += 1
+        s = self._keys.slot(key)  # first: a new slot may grow the columns
+        self._keys["last"][s] = self._clock
+        self._keys.set_resident(key, True)
+
     def on_evict(self, key: Hashable) -> None:
         # counts survive eviction: frequency is the expert's, not the entry's
         self._keys.set_resident(key, False)

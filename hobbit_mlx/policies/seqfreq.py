@@ -60,6 +60,12 @@ class SequenceFrequencyPolicy:
 
     on_insert = on_hit = _touch
 
+    def on_prefetch(self, key: Hashable) -> None:
+        """Read ahead of any request: resident, with no use counted (until the router asks)."""
+        s, e = self._keys.slot(key), self._experts.slot(key[:2])
+        self._keys["layer"][s], self._keys["expert"][s] = key[0], e
+        self._keys.set_resident(key, True)
+
     def on_evict(self, key: Hashable) -> None:
         self._keys.set_resident(key, False)  # statistics stay: they describe the expert
 
