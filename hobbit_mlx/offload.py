@@ -28,8 +28,8 @@ from .architectures import SWITCH_LINEAR_TYPES, switch_linear_paths
 from .cache import ExpertCache
 from .precision import DROP, HIGH, LOW, PrecisionOptions, demote_unpopular, plan_slots
 from .reader import RecordReader
-from .routing import (StackedGates, chosen_weights, find_router, predict_indices, tap_router,
-                      top_predictions)
+from .routing import (StackedGates, find_router, gate_weights, normalized, predictions_from,
+                      tap_router, untapped_call)
 from .store import LayerEntry, Manifest, PrecisionEntry
 
 
@@ -141,9 +141,10 @@ class OffloadRuntime:
         return (layer, expert, precision) in self.cache
 
     # --- prefetch -------------------------------------------------------------------------
-    def prefetch_after(self, layer_pos: int, gate_input: mx.array) -> None:
-        """Predict the next layers' experts from this layer's gate input and start reading misses,
-        nearest layer first."""
+    def predictions_after(self, layer_pos: int, gate_input: mx.array) -> list[tuple]:
+        """The next layers' routers applied to this layer's gate input, lazily (the caller
+        evaluates them with its own indices): [(distance, layer, router output)], skipping
+        layers that are fully resident (they cannot miss)."""
         targets = []
         for distance in range(1, self.prefetch_layers + 1):
             target = layer_pos + distance
@@ -151,16 +152,18 @@ class OffloadRuntime:
                 break
             switch = self.layers[target]
             if self.cache.resident_in_layer(switch.layer.layer) < switch.layer.num_experts:
-                targets.append((distance, switch))  # a fully resident layer cannot miss: skip it
+                targets.append((distance, switch))
         if not targets:
-            return
+            return []
         stack = self.gate_stacks.get(layer_pos)
-        stacked = stack(gate_input) if stack is not None else None  # one matmul, one host sync
-        for distance, switch in targets:
-            if stacked is not None:
-                ind, weights = top_predictions(stacked[distance - 1], self.prefetch_width)
-            else:
-                ind, weights = predict_indices(switch.router, gate_input, self.prefetch_width)
+        stacked = stack(gate_input) if stack is not None else None  # one matmul for all of them
+        return [(d, s, stacked[d - 1] if stacked is not None else untapped_call(s.router, gate_input))
+                for d, s in targets]
+
+    def prefetch(self, predictions: list[tuple]) -> None:
+        """Start reading the predicted experts that are not resident, nearest layer first."""
+        for distance, switch, out in predictions:
+            ind, weights = predictions_from(out, self.prefetch_width)
             self._issue_prefetch(switch, distance, ind, weights)
 
     def _issue_prefetch(self, switch: "OffloadedSwitch", distance: int, ind: np.ndarray,
@@ -321,23 +324,32 @@ class OffloadedSwitch(nn.Module):
             for proj in self._proj.values():
                 proj.clear()
 
-    def _weights(self, idx: np.ndarray) -> np.ndarray | None:
-        out = getattr(self.router, "_hobbit_out", None) if self.router is not None else None
-        if out is None:
-            return None
-        return chosen_weights(out, idx, self._runtime.scoring)
+    def _router_state(self) -> tuple:
+        """(router input, router output) of this layer's call, when the router is tapped."""
+        if self.router is None:
+            return None, None
+        return getattr(self.router, "_hobbit_in", None), getattr(self.router, "_hobbit_out", None)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         rt = self._runtime
-        idx = np.array(indices)  # the one host sync: which experts does this call need?
+        opts = rt.precision
+        gate_in, gate_out = self._router_state()
+        lazy_weights = (gate_weights(gate_out, indices, rt.scoring)
+                        if gate_out is not None and (opts.needs_weights or rt.trace is not None) else None)
+        predictions = (rt.predictions_after(self.position, gate_in)
+                       if rt.prefetch_layers and gate_in is not None else [])
+        # The one host sync: which experts this call needs, their gate weights and the next
+        # layers' predictions, all evaluated together.
+        mx.eval([a for a in (indices, lazy_weights) if a is not None], [p[2] for p in predictions])
+        idx = np.array(indices)
         rt.stats.host_syncs += 1
         rt.stats.layer_calls += 1
         if rt.on_layer is not None:
             rt.on_layer(self.layer.layer)
         k = idx.shape[-1]
         flat = idx.reshape(-1, k)
-        opts = rt.precision
-        weights = self._weights(flat) if (opts.needs_weights or rt.trace is not None) else None
+        weights = (normalized(lazy_weights, flat.shape)
+                   if gate_out is not None and (opts.needs_weights or rt.trace is not None) else None)
         if rt.trace is not None:
             rt.trace.append((self.layer.layer, flat.copy(), None if weights is None else weights.copy()))
         if weights is not None and opts.needs_weights:
@@ -365,9 +377,7 @@ class OffloadedSwitch(nn.Module):
         parts = self._serve(flat, level)  # [(precision, experts array, slot mask)]
         if rt.prefetch_layers and self.router is not None:
             rt.consume_prefetch(self.layer.layer, needed)
-            gate_in = getattr(self.router, "_hobbit_in", None)
-            if gate_in is not None:
-                rt.prefetch_after(self.position, gate_in)
+            rt.prefetch(predictions)
 
         y = self._compute(x, flat, parts, idx.shape)
         if scale is not None and (scale != 1).any():

@@ -61,18 +61,25 @@ def _split_output(out) -> tuple[mx.array | None, mx.array | None]:
     return None, out
 
 
-def chosen_weights(router_out, indices: np.ndarray, scoring: str = "softmax") -> np.ndarray:
-    """Normalized gate weights of the chosen experts, shape ``indices.shape`` (each row sums to 1)."""
+def gate_weights(router_out, indices: mx.array, scoring: str = "softmax") -> mx.array | None:
+    """The gate weights of the chosen experts, lazily (shape ``indices.shape``, not normalized);
+    None when the router gives none. Evaluated together with the indices: one host sync."""
     inds, values = _split_output(router_out)
     if values is None:
-        return np.full(indices.shape, 1.0 / indices.shape[-1], dtype=np.float32)
+        return None
     if inds is not None:  # the router already gave the weights of its choices
-        w = np.abs(np.array(values.astype(mx.float32))).reshape(indices.shape)
-    else:
-        logits = values.astype(mx.float32)
-        probs = mx.sigmoid(logits) if scoring == "sigmoid" else mx.softmax(logits, axis=-1)
-        flat = np.array(probs).reshape(-1, probs.shape[-1])
-        w = np.take_along_axis(flat, indices.reshape(flat.shape[0], -1), axis=-1).reshape(indices.shape)
+        return mx.abs(values.astype(mx.float32)).reshape(indices.shape)
+    logits = values.astype(mx.float32)
+    probs = mx.sigmoid(logits) if scoring == "sigmoid" else mx.softmax(logits, axis=-1)
+    probs = probs.reshape(-1, probs.shape[-1])
+    return mx.take_along_axis(probs, indices.reshape(probs.shape[0], -1), axis=-1).reshape(indices.shape)
+
+
+def normalized(weights: mx.array | None, shape: tuple) -> np.ndarray:
+    """Host copy of ``gate_weights`` with each row summing to 1 (uniform when there are none)."""
+    if weights is None:
+        return np.full(shape, 1.0 / shape[-1], dtype=np.float32)
+    w = np.array(weights).reshape(shape)
     total = w.sum(axis=-1, keepdims=True)
     return w / np.where(total > 0, total, 1.0)
 
@@ -90,10 +97,14 @@ def top_predictions(logits: np.ndarray, width: int) -> tuple[np.ndarray, np.ndar
 
 
 def predict_indices(router: nn.Module, x: mx.array, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """A later layer's router applied to this layer's gate input: (top-``width`` indices, weights).
+    """A later layer's router applied to this layer's gate input: (top-``width`` indices, weights)."""
+    return predictions_from(untapped_call(router, x), width)
 
-    Routers that return their finished choice (DeepSeek, GLM, ...) predict their own top-k."""
-    inds, values = _split_output(untapped_call(router, x))
+
+def predictions_from(router_out, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top-``width`` indices, weights) per row of a router's output (logits, or the finished
+    choice of routers that make one — DeepSeek, GLM, ...: those predict their own top-k)."""
+    inds, values = _split_output(router_out)
     if inds is None:
         return top_predictions(np.array(values.astype(mx.float32)), width)
     ind = np.array(inds).reshape(-1, inds.shape[-1])
@@ -140,8 +151,8 @@ class StackedGates:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
-    def __call__(self, x: mx.array) -> list[np.ndarray]:
-        """Each stacked router's logits for ``x`` (host arrays, one sync)."""
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        """Each stacked router's logits for ``x`` (lazy: evaluate them with the layer's indices)."""
         a = self.arrays
         if self.quant is not None:
             group_size, bits, mode = self.quant
@@ -151,5 +162,4 @@ class StackedGates:
             y = x @ a["weight"].T
         if "bias" in a:
             y = y + a["bias"]
-        logits = np.array(y.astype(mx.float32)).reshape(-1, sum(self.sizes))
-        return np.split(logits, np.cumsum(self.sizes)[:-1], axis=-1)
+        return mx.split(y, np.cumsum(self.sizes)[:-1].tolist(), axis=-1)

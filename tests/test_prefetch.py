@@ -58,7 +58,7 @@ def test_stacked_gates_predict_what_each_router_predicts(deep_models, arch):
     assert len(logits) == 2
     for distance, got in enumerate(logits, start=1):
         want_ind, _ = predict_indices(rt.layers[distance].router, x, 4)
-        got_ind, _ = top_predictions(got, 4)
+        got_ind, _ = top_predictions(np.array(got), 4)
         np.testing.assert_array_equal(np.sort(got_ind, axis=-1), np.sort(want_ind, axis=-1))
 
 
