@@ -72,6 +72,7 @@ def test_generate_stats_json(model_dir, env, tmp_path):
             "--memory-budget", "2GB", "--policy", "lru", "--max-context", 512,
             "--prefill-step-size", 4, "--io-workers", 2, "--ignore-chat-template",
             "--top-k", 5, "--temp", 1.0, "--seed", 1, "--stats-json", out, "--quiet-report",
+            "--prefetch-width", 1.5, "--keep-shallow-layers", 1, "--prefill-low-precision", 0.3,
             stdin="The quick brown fox jumps over the lazy dog.")
     assert p.returncode == 0, p.stderr
     assert "Generation:" not in p.stderr  # --quiet-report
@@ -85,6 +86,8 @@ def test_generate_stats_json(model_dir, env, tmp_path):
     assert stats["generation_tokens"] >= 1 and stats["prompt_tokens"] > 5
     assert stats["expert_requests"] > 0 and stats["bytes_read"] > 0
     assert stats["exact"] is False and stats["prefetch_layers"] == 1  # lossy techniques on by default
+    assert stats["prefetch_width"] == 1.5 and stats["keep_shallow_layers"] == 1
+    assert stats["misses_low"] > 0  # the prefill rule read 2-bit copies
     assert [f.name for f in out.parent.iterdir()] == ["stats.json"]  # no temporary file left
 
 
@@ -121,6 +124,9 @@ def test_bad_flags_in_process(model_dir, capsys):
              (chat.main, ["--expert-residency", "1.5"], "--expert-residency"),
              (generate.main, ["--max-tokens", "0"], "--max-tokens"),
              (generate.main, ["--chat-template-config", "[1"], "--chat-template-config"),
+             (generate.main, ["--prefetch-width", "0"], "--prefetch-width"),
+             (generate.main, ["--prefill-low-precision", "2"], "--prefill-low-precision"),
+             (generate.main, ["--exact", "--prefill-low-precision", "0.2"], "--exact"),
              (chat.main, ["--model", "no-such-model-dir"], "not found")]
     for main, argv, needle in cases:
         assert cli_common.run(main, ["--model", str(model_dir), *argv]) == 2, argv
