@@ -426,7 +426,7 @@ def format_report(s: dict) -> list[str]:
         experts += f" [4-bit {s.get('misses_high', 0)}, 2-bit {s['misses_low']}]"
     if s.get("skipped"):
         experts += f", skipped {s['skipped']}"
-    lines.append(experts + ")")
+    lines.append(experts + ")" + (f"; cache policy {s['policy']}" if s.get("policy") else ""))
     per_tok = (f", {format_size(s['bytes_read'] / s['generation_tokens'])} per generated token"
                if s.get("generation_tokens") else "")
     lines.append(f"Read from storage: {format_size(s.get('bytes_read', 0))}{per_tok}")

@@ -124,9 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
 
     stats = cli.run_stats(model, last, wall_s, load_s)
+    options = cli.technique_options(args)
+    options["policy"] = stats["policy"]  # as resolved by load() (its default depends on prefetch)
     stats.update(model=str(getattr(hobbit_mlx.runtime_of(model), "model_dir", args.model)),
-                 **cli.technique_options(args), max_tokens=args.max_tokens,
-                 max_context=args.max_context)
+                 **options, max_tokens=args.max_tokens, max_context=args.max_context)
     if args.stats_json:
         cli.write_json_atomic(args.stats_json, stats)
     if not quiet:

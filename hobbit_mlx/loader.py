@@ -163,20 +163,23 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     or "6GB"/"6GiB") caps MLX's peak memory while generating; ``expert_residency`` instead sizes
     the expert cache as a fraction of the 4-bit expert bytes.
 
-    Techniques, each a switch: ``mixed_precision`` (HOBBIT: a miss on a low-importance expert
-    loads its 2-bit copy; thresholds ``t1``/``t2``, ``skip`` drops the least important),
-    ``big_little`` (MoBiLE: confident tokens run top-k/2 experts), ``prefetch_layers`` (predict
-    and read the next layers' experts in the background; 0 turns it off; ``prefetch_width``:
-    experts predicted per token and layer ahead, as a multiple of the model's top-k;
-    ``prefetch_low_precision`` reads predictions that are
-    uncertain or unimportant in 2-bit), ``prefill_low_precision`` (Fate: during prefill, an
-    expert chosen by less than this share of the chunk's tokens is read in 2-bit), ``overlap_io``
-    (resident experts start computing while the misses are read), ``policy`` (cache
-    eviction, see ``hobbit_mlx.policies.POLICIES``; default ``default_policy(prefetch_layers)``),
-    ``keep_shallow_layers`` (the experts of
-    that many leading layers are evicted last; default ``default_shallow_layers`` with prefetch
-    on, else 0). ``exact=True`` turns every lossy technique
-    off: 4-bit experts only, nothing skipped, outputs equal to mlx-lm's.
+    Techniques, each a switch:
+
+    * ``mixed_precision`` (HOBBIT): a miss on a low-importance expert loads its 2-bit copy;
+      thresholds ``t1``/``t2``; ``skip`` drops the least important.
+    * ``big_little`` (MoBiLE): confident tokens run top-k/2 experts (``little_threshold``).
+    * ``prefetch_layers``: predict and read the next layers' experts in the background (0 turns it
+      off); ``prefetch_width``: experts predicted per token and layer ahead, as a multiple of
+      top-k; ``prefetch_low_precision``: uncertain or unimportant predictions are read in 2-bit.
+    * ``prefill_low_precision`` (Fate): during prefill, an expert chosen by less than this share
+      of a chunk's tokens is served from its 2-bit copy.
+    * ``overlap_io``: resident experts start computing while the misses are read.
+    * ``policy``: cache eviction (``hobbit_mlx.policies.POLICIES``), default
+      ``default_policy(prefetch_layers)``; ``keep_shallow_layers``: the experts of that many
+      leading layers are evicted last (default ``default_shallow_layers`` with prefetch on, else 0).
+
+    ``exact=True`` turns every lossy technique off: 4-bit experts only, nothing skipped, outputs
+    equal to mlx-lm's.
     """
     if exact and (mixed_precision or big_little or skip):
         raise ValueError("exact=True cannot be combined with mixed_precision, big_little or skip")
@@ -264,7 +267,8 @@ def offload_stats(model: nn.Module) -> dict:
     plan: BudgetPlan = rt.plan
     rt.wait_idle()
     s = dict(vars(rt.stats))
-    s.update(resident_expert_bytes=rt.cache.resident_bytes, resident_experts=len(rt.cache),
+    s.update(policy=rt.cache.policy.name, resident_expert_bytes=rt.cache.resident_bytes,
+             resident_experts=len(rt.cache),
              expert_cache_bytes=plan.expert_cache_bytes, peak_memory_bytes=mx.get_peak_memory(),
              active_memory_bytes=mx.get_active_memory(), budget_bytes=plan.budget_bytes,
              dense_bytes=plan.dense_bytes)

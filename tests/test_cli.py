@@ -87,6 +87,7 @@ def test_generate_stats_json(model_dir, env, tmp_path):
     assert stats["expert_requests"] > 0 and stats["bytes_read"] > 0
     assert stats["exact"] is False and stats["prefetch_layers"] == 1  # lossy techniques on by default
     assert stats["prefetch_width"] == 1.5 and stats["keep_shallow_layers"] == 1
+    assert stats["policy"] == "lru+shallow1"
     assert stats["misses_low"] > 0  # the prefill rule read 2-bit copies
     assert [f.name for f in out.parent.iterdir()] == ["stats.json"]  # no temporary file left
 
