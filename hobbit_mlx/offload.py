@@ -137,8 +137,13 @@ class OffloadRuntime:
         """Arrays of the given experts of one layer, reading misses in parallel; cached if they fit."""
         return self.begin_fetch(layer, experts, precision).finish()
 
-    def has(self, layer: int, expert: int, precision: str) -> bool:
-        return (layer, expert, precision) in self.cache
+    def has_or_reading(self, layer: int, expert: int, precision: str) -> bool:
+        """Resident, or a prefetch is reading it now."""
+        key = (layer, expert, precision)
+        if key in self.cache:
+            return True
+        with self._lock:
+            return key in self._inflight
 
     # --- prefetch -------------------------------------------------------------------------
     def predictions_after(self, layer_pos: int, gate_input: mx.array) -> list[tuple]:
@@ -391,8 +396,10 @@ class OffloadedSwitch(nn.Module):
         high_needed = np.unique(flat[level == HIGH])
         low_only = np.setdiff1d(np.unique(flat[level == LOW]), high_needed)
         if len(low_only):
-            # A low-importance slot is served by a resident 4-bit copy when there is one.
-            resident_high = np.array([rt.has(lid, int(e), "high") for e in low_only], dtype=bool)
+            # A low-importance slot is served by a resident 4-bit copy when there is one, or by
+            # the 4-bit copy a prefetch is reading (no second read of the 2-bit copy).
+            resident_high = np.array([rt.has_or_reading(lid, int(e), "high") for e in low_only],
+                                     dtype=bool)
             high_needed = np.union1d(high_needed, low_only[resident_high])
             low_only = low_only[~resident_high]
         parts = []
