@@ -127,8 +127,9 @@ class StackedGates:
     """The routers of the next few layers as one matmul over the same gate input.
 
     Prefetch applies every later layer's gate to the current layer's gate input; with the gates
-    stacked that is one matmul and one host sync per layer instead of one per layer ahead. Only
-    plain linear gates (logits out, same quantization) stack; other routers are called one by one.
+    stacked that is one matmul per layer instead of one per layer ahead (their results join the
+    layer's one host sync). Only plain linear gates (logits out, same quantization) stack; other
+    routers are called one by one.
     """
 
     def __init__(self, routers: list[nn.Module]):
