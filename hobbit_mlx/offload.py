@@ -343,8 +343,8 @@ class OffloadedSwitch(nn.Module):
         rt = self._runtime
         opts = rt.precision
         gate_in, gate_out = self._router_state()
-        lazy_weights = (gate_weights(gate_out, indices, rt.scoring)
-                        if gate_out is not None and (opts.needs_weights or rt.trace is not None) else None)
+        want_weights = gate_out is not None and (opts.needs_weights or rt.trace is not None)
+        lazy_weights = gate_weights(gate_out, indices, rt.scoring) if want_weights else None
         predictions = (rt.predictions_after(self.position, gate_in)
                        if rt.prefetch_layers and gate_in is not None else [])
         # The one host sync: which experts this call needs, their gate weights and the next
@@ -357,8 +357,7 @@ class OffloadedSwitch(nn.Module):
             rt.on_layer(self.layer.layer)
         k = idx.shape[-1]
         flat = idx.reshape(-1, k)
-        weights = (normalized(lazy_weights, flat.shape)
-                   if gate_out is not None and (opts.needs_weights or rt.trace is not None) else None)
+        weights = normalized(lazy_weights, flat.shape) if want_weights else None
         if rt.trace is not None:
             rt.trace.append((self.layer.layer, flat.copy(), None if weights is None else weights.copy()))
         if weights is not None and opts.needs_weights:
