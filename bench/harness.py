@@ -629,21 +629,25 @@ def plots(result: dict, out_dir: Path, name: str) -> list[str]:
     tag = f"{result['meta']['model']['name']}, {result['meta']['storage']}"
     files = []
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    wide = 3.5 if len(configs) > 6 else 0  # room for a legend beside the axes
+    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 configurations
+    fig, axes = plt.subplots(1, 2, figsize=(11 + 2 * wide, 4.2))
     for key, ax, title in (("prompt_tps_ratio", axes[0], "prompt tokens/s"),
                            ("decode_tps_ratio", axes[1], "decode tokens/s")):
         for c in configs:
             pts = sorted((r["residency"], r[key]) for r in runs if r["config"] == c and r[key] is not None)
             if pts:
-                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=c)
+                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=c,
+                        color=colors[configs.index(c) % len(colors)])
         ax.axhline(1.0, color="gray", ls="--", lw=1, label="mlx-lm, all resident")
         _finish_axes(ax, "ratio to mlx-lm", f"{title} ({tag})")
     files.append(_save(plt, fig, out_dir / f"{name}-speed.png"))
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5 + wide, 4.2 + wide / 2))
     for c in configs:
         pts = sorted((r["residency"], r["hit_rate"]) for r in runs if r["config"] == c)
-        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=c)
+        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=c,
+                color=colors[configs.index(c) % len(colors)])
     rows = result.get("replay") or []
     by_res = {}
     for r in runs:
@@ -654,7 +658,7 @@ def plots(result: dict, out_dir: Path, name: str) -> list[str]:
                      if x["policy"] == pol and x["capacity"] in by_res)
         if pts:
             ax.plot([100 * x for x, _ in pts], [y for _, y in pts], ls="--", marker=".",
-                    label=f"replay: {pol}")
+                    label=f"replay: {pol}", color="black" if pol == "belady" else None)
     ax.set_ylim(-0.02, 1.02)
     _finish_axes(ax, "hit rate" + (" (random routing)" if routing != "trained" else ""),
                  f"served from memory ({tag})")
@@ -667,7 +671,10 @@ def _finish_axes(ax, ylabel: str, title: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(ax.get_lines()) > 8:  # many lines: the legend goes beside the axes
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
 
 
 def _save(plt, fig, path: Path) -> str:
