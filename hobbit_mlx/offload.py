@@ -104,8 +104,8 @@ class OffloadRuntime:
         self.layers: list[OffloadedSwitch] = []
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
         self._inflight: dict[tuple, Future] = {}
-        self._prefetched: dict[int, set] = {}  # layer -> keys pinned by prefetch until it runs
-        self._issued: dict[int, dict] = {}  # layer -> {key: distance} of prefetches not yet used
+        # layer -> {key: distance}: prefetches issued for the layer's next call, pinned until it runs
+        self._issued: dict[int, dict] = {}
         self._predicted: dict[int, dict[int, set]] = {}  # layer -> {distance: predicted experts}
         self._lock = threading.Lock()
         self.on_layer = getattr(cache.policy, "on_layer", None)
@@ -136,10 +136,6 @@ class OffloadRuntime:
     def begin_fetch(self, layer: LayerEntry, experts, precision: str = "high") -> "Fetch":
         """Pin the experts, take the resident ones, and start reading the rest (in parallel)."""
         return Fetch(self, layer, experts, precision)
-
-    def fetch(self, layer: LayerEntry, experts, precision: str = "high") -> list[dict]:
-        """Arrays of the given experts of one layer, reading misses in parallel; cached if they fit."""
-        return self.begin_fetch(layer, experts, precision).finish()
 
     def has_or_reading(self, layer: int, expert: int, precision: str) -> bool:
         """Resident, or a prefetch is reading it now."""
@@ -188,6 +184,9 @@ class OffloadRuntime:
             with self._lock:
                 if key in self._inflight:
                     continue
+                # Pinned from now until its layer runs (a pin may precede residency), so a read
+                # that lands after that call leaves no stale pin behind.
+                self.cache.pin([key])
                 fut = self.reader.submit(entry, int(e), self.dtype, background=True)
                 self._inflight[key] = fut
                 self._issued.setdefault(lid, {})[key] = distance
@@ -218,23 +217,19 @@ class OffloadRuntime:
             with self._lock:  # this runs on an I/O thread
                 self.stats.bytes_read += nbytes
                 self.stats.prefetch_bytes += nbytes
-            with self.cache.lock:
-                if self.cache.put(key, arrays, prefetched=True):
-                    self.cache.pin([key])  # protected until its layer runs
-                    self._prefetched.setdefault(key[0], set()).add(key)
+            self.cache.put(key, arrays, prefetched=True)
         with self._lock:
             self._inflight.pop(key, None)
 
     def consume_prefetch(self, layer: int, needed: set) -> None:
         """A layer ran: count which of its prefetches were used and release their protection."""
-        with self.cache.lock:
-            self.cache.unpin(list(self._prefetched.pop(layer, set())))
         with self._lock:
             issued = self._issued.pop(layer, {})
-            arrived = {key for key in issued if key in self._inflight or key in self.cache}
+            available = {key for key in issued if key in self._inflight or key in self.cache}
+        self.cache.unpin(list(issued))
         per_distance = self.stats.prefetch_by_distance
         for key, distance in issued.items():
-            used = int(key[1] in needed and key in arrived)
+            used = int(key[1] in needed and key in available)
             self.stats.prefetch_used += used
             n_issued, n_used = per_distance.get(distance, (0, 0))
             per_distance[distance] = (n_issued + 1, n_used + used)

@@ -96,11 +96,6 @@ def top_predictions(logits: np.ndarray, width: int) -> tuple[np.ndarray, np.ndar
     return ind, w / w.sum(axis=-1, keepdims=True)
 
 
-def predict_indices(router: nn.Module, x: mx.array, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """A later layer's router applied to this layer's gate input: (top-``width`` indices, weights)."""
-    return predictions_from(untapped_call(router, x), width)
-
-
 def predictions_from(router_out, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(top-``width`` indices, weights) per row of a router's output (logits, or the finished
     choice of routers that make one — DeepSeek, GLM, ...: those predict their own top-k)."""

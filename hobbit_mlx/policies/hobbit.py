@@ -71,10 +71,6 @@ class HobbitPolicy:
         distance = ((self._keys["layer"][slots] - self.current_layer - 1) % self.num_layers) / self.num_layers
         return w_lru * staleness + w_lfu * (1 - frequency) + w_lhu * (1 - high_use) + w_fld * distance
 
-    def score(self, key: Hashable) -> float:
-        """One resident key's eviction priority (higher goes first)."""
-        return float(self.scores(np.array([self._keys.slot_of[key]]))[0])
-
     def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable:
         slots = self._keys.resident_slots()
         return self._keys.first_evictable(slots, -self.scores(slots), evictable)

@@ -47,16 +47,15 @@ class SequenceFrequencyPolicy:
         self.current_layer = layer
 
     def _touch(self, key: Hashable) -> None:
+        seen = key[:2] in self._experts.slot_of
         s, e = self._keys.slot(key), self._experts.slot(key[:2])
         self._keys["layer"][s], self._keys["expert"][s] = key[0], e
         self._keys.set_resident(key, True)
         ex = self._experts
-        seen = ex.is_resident(key[:2])  # "resident" marks experts seen before, in this table
         age = self.token - ex["last"][e] if seen else 0
         ex["uses"][e] += 1.0
         ex["recent"][e] = ex["recent"][e] * self.decay ** age + 1.0
         ex["last"][e] = self.token
-        ex.set_resident(key[:2], True)
 
     on_insert = on_hit = _touch
 

@@ -38,10 +38,6 @@ class SlotTable:
     def set_resident(self, key: Hashable, resident: bool) -> None:
         self._resident[self.slot(key)] = resident
 
-    def is_resident(self, key: Hashable) -> bool:
-        s = self.slot_of.get(key)
-        return s is not None and bool(self._resident[s])
-
     def resident_slots(self) -> np.ndarray:
         return np.flatnonzero(self._resident[:len(self.keys)])
 
