@@ -9,7 +9,7 @@ bit-equal to mlx-lm with everything resident.
 
 Prefetch: the same host sync also brings the gate weights (mixed precision) and the next layers'
 routers applied to this layer's gate input; the predicted experts that are not resident are read
-in the background (their own queue), pinned when they arrive until their layer has run.
+in the background (their own queue), pinned from the read until their layer has run.
 
 A prompt chunk is grouped by expert: every expert the chunk needs in a layer is read once, and
 ``gather_qmm`` runs each expert over all tokens routed to it. When a chunk needs more experts than
