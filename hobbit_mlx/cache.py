@@ -3,7 +3,9 @@
 The cache owns resident expert arrays and their byte count and never holds more than
 ``capacity_bytes``; a policy (``hobbit_mlx.policies``) only decides the eviction order. Keys are
 ``(layer, expert, precision)``. Experts that the current layer needs are pinned while it fetches,
-so bringing in one of its misses never evicts another of its experts.
+so bringing in one of its misses never evicts another of its experts. Experts predicted for a
+later layer are *held*: a prefetch never evicts them, but the current layer's own misses may when
+nothing else is left to evict (a guess must not starve what is needed now).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class ExpertCache:
         self.resident_bytes = 0
         self._entries: dict[Hashable, tuple[Arrays, int]] = {}
         self._pins: Counter = Counter()
+        self._holds: Counter = Counter()
         self._per_layer: Counter = Counter()  # (layer, precision) -> resident experts
         self.lock = threading.RLock()
 
@@ -63,12 +66,18 @@ class ExpertCache:
                 return True
             if nbytes > self.capacity_bytes:
                 return False
-            evictable = lambda k: k in self._entries and not self._pins[k]  # noqa: E731
+            unpinned = lambda k: k in self._entries and not self._pins[k]  # noqa: E731
+            free = lambda k: unpinned(k) and not self._holds[k]  # noqa: E731
             while self.resident_bytes + nbytes > self.capacity_bytes:
                 try:
-                    victim = self.policy.victim(evictable)
+                    victim = self.policy.victim(free)
                 except LookupError:
-                    return False
+                    if prefetched:
+                        return False
+                    try:
+                        victim = self.policy.victim(unpinned)
+                    except LookupError:
+                        return False
                 self._evict(victim)
             self._entries[key] = (arrays, nbytes)
             self.resident_bytes += nbytes
@@ -97,6 +106,18 @@ class ExpertCache:
             for k in keys:
                 if self._pins[k] <= 0:
                     del self._pins[k]
+
+    def hold(self, keys) -> None:
+        """Protect predicted experts (resident or not yet) from eviction by other predictions."""
+        with self.lock:
+            self._holds.update(keys)
+
+    def release(self, keys) -> None:
+        with self.lock:
+            self._holds.subtract(keys)
+            for k in keys:
+                if self._holds[k] <= 0:
+                    del self._holds[k]
 
     def clear(self) -> None:
         with self.lock:

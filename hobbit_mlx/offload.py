@@ -9,7 +9,8 @@ bit-equal to mlx-lm with everything resident.
 
 Prefetch: the same host sync also brings the gate weights (mixed precision) and the next layers'
 routers applied to this layer's gate input; the predicted experts that are not resident are read
-in the background (their own queue), pinned from the read until their layer has run.
+in the background (their own queue) and held (see ``cache``) from the read until their layer has
+run; so are the predicted experts that are resident already.
 
 A prompt chunk is grouped by expert: every expert the chunk needs in a layer is read once, and
 ``gather_qmm`` runs each expert over all tokens routed to it. When a chunk needs more experts than
@@ -104,9 +105,11 @@ class OffloadRuntime:
         self.layers: list[OffloadedSwitch] = []
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
         self._inflight: dict[tuple, Future] = {}
-        # layer -> {key: distance}: prefetches issued for the layer's next call, pinned until it runs
+        # layer -> {key: distance}: prefetches issued for the layer's next call, held until it runs
         self._issued: dict[int, dict] = {}
         self._predicted: dict[int, dict[int, set]] = {}  # layer -> {distance: predicted experts}
+        # layer -> resident experts predicted for its next call, held until it runs
+        self._held: dict[int, list] = {}
         self._lock = threading.Lock()
         self.on_layer = getattr(cache.policy, "on_layer", None)
         # What load() decided, for stats and the generate wrappers (see describe()).
@@ -178,21 +181,33 @@ class OffloadRuntime:
         self._predicted.setdefault(switch.position, {})[distance] = set(int(e) for e in experts)
         for e, precision in zip(experts, precisions):
             key = (lid, int(e), precision)
-            if key in self.cache or (lid, int(e), "high") in self.cache:
+            if self._hold_if_resident(lid, [(lid, int(e), "high"), key]):
                 continue
             entry = switch.layer.precisions[precision]
             with self._lock:
                 if key in self._inflight:
                     continue
-                # Pinned from now until its layer runs (a pin may precede residency), so a read
-                # that lands after that call leaves no stale pin behind.
-                self.cache.pin([key])
+                # Held from now until its layer runs (a hold may precede residency), so a read
+                # that lands after that call leaves no stale hold behind.
+                self.cache.hold([key])
                 fut = self.reader.submit(entry, int(e), self.dtype, background=True)
                 self._inflight[key] = fut
                 self._issued.setdefault(lid, {})[key] = distance
             self.stats.prefetch_issued += 1
             fut.add_done_callback(lambda f, key=key, n=entry.records[int(e)].nbytes:
                                   self._prefetch_done(key, f, n))
+
+    def _hold_if_resident(self, lid: int, keys: list) -> bool:
+        """True when one of ``keys`` is resident; that one is then held until layer ``lid``
+        runs, so bringing in other predictions (LRU evicts the layer that comes next) cannot
+        evict a predicted expert only to read it again."""
+        with self.cache.lock:
+            for key in keys:
+                if key in self.cache:
+                    self.cache.hold([key])
+                    self._held.setdefault(lid, []).append(key)
+                    return True
+        return False
 
     def _prefetch_plan(self, ind: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """Predicted experts, and the copy to prefetch. With ``prefetch_low_precision`` (and mixed
@@ -221,18 +236,19 @@ class OffloadRuntime:
         with self._lock:
             self._inflight.pop(key, None)
 
-    def consume_prefetch(self, layer: int, needed: set) -> None:
-        """A layer ran: count which of its prefetches were used and release their protection."""
+    def consume_prefetch(self, layer: int, needed: set) -> list:
+        """A layer is about to run: count which of its prefetches are used. Returns the keys
+        whose protection the caller releases once the layer's experts are pinned by its fetch."""
         with self._lock:
             issued = self._issued.pop(layer, {})
             available = {key for key in issued if key in self._inflight or key in self.cache}
-        self.cache.unpin(list(issued))
         per_distance = self.stats.prefetch_by_distance
         for key, distance in issued.items():
             used = int(key[1] in needed and key in available)
             self.stats.prefetch_used += used
             n_issued, n_used = per_distance.get(distance, (0, 0))
             per_distance[distance] = (n_issued + 1, n_used + used)
+        return list(issued) + self._held.pop(layer, [])
 
     def wait_idle(self) -> None:
         """Let outstanding prefetch reads finish (tests and benchmarks read stable counters)."""
@@ -378,11 +394,14 @@ class OffloadedSwitch(nn.Module):
         rt.stats.skipped += len(chosen) - len(needed)
 
         parts = self._serve(flat, level)  # [(precision, experts array, slot mask)]
+        protected = []
         if rt.prefetch_layers and self.router is not None:
-            rt.consume_prefetch(self.layer.layer, needed)
+            protected = rt.consume_prefetch(self.layer.layer, needed)
             rt.prefetch(predictions)
-
-        y = self._compute(x, flat, parts, idx.shape)
+        try:
+            y = self._compute(x, flat, parts, idx.shape)
+        finally:  # the layer's fetches have pinned (and used) what they need by now
+            rt.cache.release(protected)
         if scale is not None and (scale != 1).any():
             y = y * mx.array(scale.reshape(idx.shape))[..., None].astype(y.dtype)
         return y

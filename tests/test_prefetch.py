@@ -173,3 +173,53 @@ def test_a_prefetched_expert_counts_no_use(name):
     cache.put((1, 1, "high"), _arrays(100), prefetched=True)  # guessed, never requested
     cache.put((1, 2, "high"), _arrays(100))
     assert (1, 0, "high") in cache and (1, 1, "high") not in cache
+
+
+def test_a_predicted_expert_is_never_read_again_before_its_layer_runs(deep_models):
+    """An expert predicted for the next layer, resident or being read when predicted, stays
+    resident until that layer has fetched it: the reads that come in meanwhile (LRU evicts the
+    layer that comes next) may not evict it, nor may this layer's misses while room is left."""
+    dst = deep_models("qwen3_moe")
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.5, prefetch_layers=1,
+                                 policy="lru", progress=False)
+    rt = runtime_of(model)
+    protected: dict[int, set] = {}  # layer -> predicted keys that were resident or in flight
+    issue, begin = rt._issue_prefetch, rt.begin_fetch
+
+    def spy_issue(switch, distance, ind, weights):
+        lid = switch.layer.layer
+        keys = {(lid, int(e), "high") for e in np.unique(ind)}
+        issue(switch, distance, ind, weights)
+        with rt._lock:
+            protected[lid] = {k for k in keys if k in rt.cache or k in rt._inflight}
+
+    read_again = []
+
+    def spy_begin(layer, experts, precision="high"):
+        fetch = begin(layer, experts, precision)
+        expected = protected.pop(layer.layer, set()) if precision == "high" else set()
+        read_again.extend(fetch.keys[i] for i, _, demand in fetch.pending
+                          if demand and fetch.keys[i] in expected)
+        return fetch
+
+    rt._issue_prefetch, rt.begin_fetch = spy_issue, spy_begin
+    hobbit_mlx.generate(model, tok, PROMPT * 3, max_tokens=24)
+    rt.wait_idle()
+    assert rt.stats.prefetch_issued > 0
+    assert read_again == []
+    assert not rt.cache._pins and not rt.cache._holds  # all released once their layer ran
+
+
+def test_held_experts_yield_to_demand_but_not_to_other_predictions():
+    cache = ExpertCache(200, make_policy("lru"))
+    cache.put((1, 0, "high"), _arrays(100))
+    cache.put((1, 1, "high"), _arrays(100))
+    cache.hold([(1, 0, "high"), (1, 1, "high")])
+    assert not cache.put((1, 2, "high"), _arrays(100), prefetched=True)  # a guess evicts no guess
+    cache.pin([(1, 1, "high")])
+    assert cache.put((1, 3, "high"), _arrays(100))  # a demand read takes a held slot
+    assert (1, 0, "high") not in cache and (1, 1, "high") in cache  # never a pinned one
+    cache.pin([(1, 3, "high")])
+    assert not cache.put((1, 4, "high"), _arrays(100))  # every slot pinned: nothing to evict
+    cache.release([(1, 0, "high"), (1, 1, "high")])
+    assert not cache._holds
