@@ -92,6 +92,7 @@ CONFIGS: list[tuple[str, dict]] = [
     ("default-seqfreq", {"policy": "seqfreq"}),
     ("default-hobbit", {"policy": "hobbit"}),
     ("default-w3", {"prefetch_width": 3.0}),  # a wider guess: more served, more bytes read
+    ("default-adaptive", {"prefetch_recall": 0.98}),  # each layer's width sized to 0.98 recall
     ("all", {"big_little": True, "skip": True}),
 ]
 # What runs without --configs: each technique alone and the defaults combined, within a few

@@ -57,7 +57,8 @@ def _policy_names() -> list[str]:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model and everything ``hobbit_mlx.load`` takes."""
-    from .loader import DEFAULT_MAX_CONTEXT, DEFAULT_PREFETCH_WIDTH, DEFAULT_PREFILL_STEP
+    from .loader import (DEFAULT_MAX_CONTEXT, DEFAULT_PREFETCH_RECALL, DEFAULT_PREFETCH_WIDTH,
+                         DEFAULT_PREFILL_STEP)
 
     g = parser.add_argument_group("model and memory")
     g.add_argument("--model", type=str, default=None,
@@ -94,6 +95,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--prefetch-width", type=float, default=DEFAULT_PREFETCH_WIDTH, metavar="X",
                    help="Experts predicted per token for each layer ahead, as a multiple of the "
                         "model's top-k (default: %(default)s).")
+    t.add_argument("--prefetch-recall", type=float, default=DEFAULT_PREFETCH_RECALL or 0.0,
+                   metavar="R",
+                   help="Adapt each layer's prediction width (1 to 4x top-k, starting from "
+                        "--prefetch-width) so that it holds this share of the experts the router "
+                        "chooses; 0 keeps the fixed width (default: %(default)s).")
     t.add_argument("--prefetch-low-precision", action="store_true",
                    help="Prefetch uncertain or unimportant predictions in 2-bit.")
     t.add_argument("--prefill-low-precision", type=float, default=0.0, metavar="SHARE",
@@ -216,6 +222,8 @@ def technique_options(args: argparse.Namespace) -> dict:
         raise CLIError(f"--prefetch-layers must be 0 or more, not {args.prefetch_layers}")
     if args.prefetch_width <= 0:
         raise CLIError(f"--prefetch-width must be above 0, not {args.prefetch_width}")
+    if not 0 <= args.prefetch_recall <= 1:
+        raise CLIError(f"--prefetch-recall is a share in [0, 1], not {args.prefetch_recall}")
     if not 0 <= args.prefill_low_precision <= 1:
         raise CLIError(f"--prefill-low-precision is a share in [0, 1], not {args.prefill_low_precision}")
     if args.exact and args.prefill_low_precision:
@@ -224,7 +232,8 @@ def technique_options(args: argparse.Namespace) -> dict:
                 skip=args.skip, big_little=args.big_little, little_threshold=args.little_threshold,
                 prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy,
                 prefetch_low_precision=args.prefetch_low_precision,
-                prefetch_width=args.prefetch_width, prefill_low_precision=args.prefill_low_precision,
+                prefetch_width=args.prefetch_width, prefetch_recall=args.prefetch_recall or None,
+                prefill_low_precision=args.prefill_low_precision,
                 keep_shallow_layers=args.keep_shallow_layers)
 
 
@@ -440,6 +449,10 @@ def format_report(s: dict) -> list[str]:
         if len(by_distance) > 1:
             lines.append("Prediction recall by distance: " + ", ".join(
                 f"{d} layer{'s' if int(d) > 1 else ''} ahead {100.0 * r:.0f}%" for d, r in by_distance.items()))
+        widths = s.get("prefetch_widths")
+        if isinstance(widths, dict) and widths:
+            lines.append("Adaptive prediction width (experts per token): " + ", ".join(
+                f"layer {layer} {w}" for layer, w in widths.items()))
     if s.get("little_token_share") is not None:
         lines.append(f"Big-little: {100.0 * s['little_token_share']:.0f}% of routed tokens ran top-k/2")
     wall = f"Wall time: {s.get('wall_s', 0.0):.2f} s"

@@ -23,6 +23,7 @@ from .precision import PrecisionOptions
 from .reader import RecordReader
 from .routing import StackedGates
 from .store import Manifest, StoreError, is_hobbit_model, load_manifest
+from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
 DEFAULT_MAX_CONTEXT = 4096
@@ -33,6 +34,8 @@ DEFAULT_PREFILL_STEP = 512
 # most of the drift (reference model, one layer ahead: recall 0.79 at 1x top-k, 0.91 at 1.5x,
 # 0.95 at 2x; bench/README.md has what each width reads and serves).
 DEFAULT_PREFETCH_WIDTH = 2.0
+DEFAULT_PREFETCH_RECALL = None
+MAX_PREFETCH_WIDTH = 4.0  # an adaptive width never guesses more than this many × top-k
 
 
 def default_policy(prefetch_layers: int) -> str:
@@ -149,7 +152,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
          expert_residency: float | None = None, *, exact: bool = False,
          mixed_precision: bool | None = None, t1: float = 0.6, t2: float = 0.9, skip: bool = False,
          big_little: bool = False, little_threshold: float = 0.8, prefetch_layers: int = 1,
-         prefetch_width: float = DEFAULT_PREFETCH_WIDTH, prefetch_low_precision: bool = False,
+         prefetch_width: float = DEFAULT_PREFETCH_WIDTH,
+         prefetch_recall: float | None = DEFAULT_PREFETCH_RECALL, prefetch_low_precision: bool = False,
          prefill_low_precision: float = 0.0, overlap_io: bool = True,
          policy: str | None = None, policy_options: dict | None = None,
          keep_shallow_layers: int | None = None,
@@ -170,7 +174,10 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     * ``big_little`` (MoBiLE): confident tokens run top-k/2 experts (``little_threshold``).
     * ``prefetch_layers``: predict and read the next layers' experts in the background (0 turns it
       off); ``prefetch_width``: experts predicted per token and layer ahead, as a multiple of
-      top-k; ``prefetch_low_precision``: uncertain or unimportant predictions are read in 2-bit.
+      top-k; ``prefetch_recall``: instead, each layer's width adapts (from ``prefetch_width``,
+      between 1 and 4× top-k) so that its predictions hold this share of the experts its router
+      chooses (0 or None: the fixed width); ``prefetch_low_precision``: uncertain or unimportant
+      predictions are read in 2-bit.
     * ``prefill_low_precision`` (Fate): during prefill, an expert chosen by less than this share
       of a chunk's tokens is served from its 2-bit copy.
     * ``overlap_io``: resident experts start computing while the misses are read.
@@ -188,6 +195,9 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
         t1=t1, t2=t2, skip=skip, big_little=big_little, little_threshold=little_threshold)
     if prefetch_width <= 0:
         raise ValueError(f"prefetch_width is a multiple of top-k above 0 (got {prefetch_width})")
+    if prefetch_recall is not None and not 0 <= prefetch_recall <= 1:
+        raise ValueError(f"prefetch_recall is a share in (0, 1], or 0/None for the fixed width "
+                         f"(got {prefetch_recall})")
     if not 0 <= prefill_low_precision <= 1:
         raise ValueError(f"prefill_low_precision is a share of tokens in [0, 1] "
                          f"(got {prefill_low_precision})")
@@ -236,11 +246,16 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     policy_kwargs = {"num_layers": len(manifest.layers), "shallow_layers": keep_shallow_layers,
                      **(policy_options or {})}
     cache = ExpertCache(plan.expert_cache_bytes, make_policy(policy, **policy_kwargs))
+    k = manifest.experts_per_token
+    width = max(1, round(prefetch_width * k))
+    widths = None if not prefetch_recall else AdaptiveWidth(
+        k, manifest.num_experts, start=width, target=prefetch_recall,
+        max_width=round(MAX_PREFETCH_WIDTH * k))
     runtime = OffloadRuntime(manifest, reader, cache, dtype=cdtype,
                              working_set_bytes=plan.working_set_bytes, precision=options,
                              prefetch_layers=prefetch_layers, scoring=scoring, overlap_io=overlap_io,
                              float_itemsize=float_size, prefetch_low_precision=prefetch_low_precision,
-                             prefetch_width=max(1, round(prefetch_width * manifest.experts_per_token)),
+                             prefetch_width=width, widths=widths,
                              prefill_low_precision=prefill_low_precision, gate_stacks=gate_stacks)
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
                      prefill_step_size=prefill_step_size)
@@ -282,6 +297,9 @@ def offload_stats(model: nn.Module) -> dict:
     by_distance = sorted(s.pop("prediction_by_distance").items())
     s["prediction_recall_by_distance"] = {d: c / t for d, (c, t, _) in by_distance if t}
     s["prediction_precision_by_distance"] = {d: c / g for d, (c, _, g) in by_distance if g}
+    # the width each layer predicted with last (one layer ahead): adaptive, or the fixed one
+    s["prefetch_widths"] = ({layer: w for (layer, d), w in sorted(rt.widths.widths().items())
+                             if d == 1} if rt.widths is not None else rt.prefetch_width)
     s["prefetch_precision_by_distance"] = {d: u / i for d, (i, u) in
                                            sorted(s.pop("prefetch_by_distance").items()) if i}
     s["little_token_share"] = s["little_tokens"] / s["routed_tokens"] if s["routed_tokens"] else None

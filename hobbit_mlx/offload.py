@@ -34,8 +34,9 @@ from .cache import ExpertCache
 from .precision import DROP, HIGH, LOW, PrecisionOptions, demote_unpopular, plan_slots
 from .reader import RecordReader
 from .routing import (StackedGates, find_router, gate_weights, normalized, predictions_from,
-                      tap_router, untapped_call)
+                      router_logits, tap_router, top_predictions, untapped_call)
 from .store import LayerEntry, Manifest, PrecisionEntry
+from .widths import AdaptiveWidth
 
 
 @dataclass
@@ -86,7 +87,7 @@ class OffloadRuntime:
                  scoring: str = "softmax", overlap_io: bool = True,
                  float_itemsize: int | None = None, prefetch_low_precision: bool = False,
                  prefetch_width: int | None = None, gate_stacks: dict | None = None,
-                 prefill_low_precision: float = 0.0):
+                 prefill_low_precision: float = 0.0, widths: AdaptiveWidth | None = None):
         self.manifest = manifest
         self.reader = reader
         self.cache = cache
@@ -99,6 +100,7 @@ class OffloadRuntime:
         self.float_itemsize = float_itemsize
         self.prefetch_low_precision = prefetch_low_precision
         self.prefetch_width = prefetch_width or manifest.experts_per_token
+        self.widths = widths  # per-layer widths that reach a target recall (else the fixed one)
         self.gate_stacks: dict[int, StackedGates] = gate_stacks or {}
         self.prefill_low_precision = prefill_low_precision
         self.stats = OffloadStats()
@@ -110,6 +112,7 @@ class OffloadRuntime:
         self._predicted: dict[int, dict[int, set]] = {}  # layer -> {distance: predicted experts}
         # layer -> resident experts predicted for its next call, held until it runs
         self._held: dict[int, list] = {}
+        self._logits: dict[int, dict[int, np.ndarray]] = {}  # layer -> {distance: logits}
         self._lock = threading.Lock()
         self.on_layer = getattr(cache.policy, "on_layer", None)
         # What load() decided, for stats and the generate wrappers (see describe()).
@@ -171,8 +174,19 @@ class OffloadRuntime:
     def prefetch(self, predictions: list[tuple]) -> None:
         """Start reading the predicted experts that are not resident, nearest layer first."""
         for distance, switch, out in predictions:
-            ind, weights = predictions_from(out, self.prefetch_width)
+            logits = router_logits(out) if self.widths is not None else None
+            if logits is None:
+                ind, weights = predictions_from(out, self.prefetch_width)
+            else:  # the width this layer needs; its router's choice will say how well it did
+                self._logits.setdefault(switch.position, {})[distance] = logits
+                ind, weights = top_predictions(logits, self.widths.width(switch.position, distance))
             self._issue_prefetch(switch, distance, ind, weights)
+
+    def observe_choice(self, position: int, chosen: np.ndarray) -> None:
+        """A layer's router chose: score the predictions made for it (widths learn from it)."""
+        for distance, logits in self._logits.pop(position, {}).items():
+            if len(logits) == len(chosen):
+                self.widths.observe(position, distance, logits, chosen)
 
     def _issue_prefetch(self, switch: "OffloadedSwitch", distance: int, ind: np.ndarray,
                         weights: np.ndarray) -> None:
@@ -383,6 +397,8 @@ class OffloadedSwitch(nn.Module):
 
         chosen = np.unique(flat)
         needed = set(int(e) for e in np.unique(flat[level != DROP]))
+        if rt.widths is not None:
+            rt.observe_choice(self.position, flat)
         for distance, predicted in rt._predicted.pop(self.position, {}).items():
             correct, total, guessed = rt.stats.prediction_by_distance.get(distance, (0, 0, 0))
             rt.stats.prediction_by_distance[distance] = (

@@ -96,12 +96,20 @@ def top_predictions(logits: np.ndarray, width: int) -> tuple[np.ndarray, np.ndar
     return ind, w / w.sum(axis=-1, keepdims=True)
 
 
+def router_logits(router_out) -> np.ndarray | None:
+    """Host copy of a router's logits, ``[N, E]``; None for routers that make their own choice."""
+    inds, values = _split_output(router_out)
+    if inds is not None:
+        return None
+    return np.array(values.astype(mx.float32)).reshape(-1, values.shape[-1])
+
+
 def predictions_from(router_out, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(top-``width`` indices, weights) per row of a router's output (logits, or the finished
     choice of routers that make one — DeepSeek, GLM, ...: those predict their own top-k)."""
     inds, values = _split_output(router_out)
     if inds is None:
-        return top_predictions(np.array(values.astype(mx.float32)), width)
+        return top_predictions(router_logits(router_out), width)
     ind = np.array(inds).reshape(-1, inds.shape[-1])
     w = np.abs(np.array(values.astype(mx.float32))).reshape(ind.shape) if values is not None \
         else np.ones(ind.shape, np.float32)

@@ -73,7 +73,7 @@ def test_generate_stats_json(model_dir, env, tmp_path):
             "--prefill-step-size", 4, "--io-workers", 2, "--ignore-chat-template",
             "--top-k", 5, "--temp", 1.0, "--seed", 1, "--stats-json", out, "--quiet-report",
             "--prefetch-width", 1.5, "--keep-shallow-layers", 1, "--prefill-low-precision", 0.3,
-            stdin="The quick brown fox jumps over the lazy dog.")
+            "--prefetch-recall", 0.9, stdin="The quick brown fox jumps over the lazy dog.")
     assert p.returncode == 0, p.stderr
     assert "Generation:" not in p.stderr  # --quiet-report
     stats = json.loads(out.read_text())
@@ -87,6 +87,7 @@ def test_generate_stats_json(model_dir, env, tmp_path):
     assert stats["expert_requests"] > 0 and stats["bytes_read"] > 0
     assert stats["exact"] is False and stats["prefetch_layers"] == 1  # lossy techniques on by default
     assert stats["prefetch_width"] == 1.5 and stats["keep_shallow_layers"] == 1
+    assert stats["prefetch_recall"] == 0.9 and isinstance(stats["prefetch_widths"], dict)
     assert stats["policy"] == "lru+shallow1"
     assert stats["misses_low"] > 0  # the prefill rule read 2-bit copies
     assert [f.name for f in out.parent.iterdir()] == ["stats.json"]  # no temporary file left

@@ -1,0 +1,78 @@
+"""Adaptive prefetch width: each layer predicts as many experts as its recall target needs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hobbit_mlx
+from hobbit_mlx.loader import runtime_of
+from hobbit_mlx.widths import AdaptiveWidth
+
+E, K = 16, 2
+
+
+def _logits_ranking(order: list[int]) -> np.ndarray:
+    """One token's logits that rank the experts in ``order`` (best first)."""
+    logits = np.zeros((1, E), np.float32)
+    logits[0, order] = np.linspace(1.0, 0.0, len(order))
+    return logits
+
+
+def test_width_is_the_start_until_enough_choices_are_seen():
+    widths = AdaptiveWidth(K, E, start=4, target=0.9, max_width=8, warmup=4)
+    ranking = _logits_ranking(list(range(E)))
+    for _ in range(3):
+        widths.observe(1, 1, ranking, np.array([[0, 1]]))
+        assert widths.width(1, 1) == 4
+    widths.observe(1, 1, ranking, np.array([[0, 1]]))
+    assert widths.width(1, 1) == K  # always chosen among the top-k guesses: k is enough
+    assert widths.width(2, 1) == 4  # another layer learns on its own
+
+
+def test_width_grows_to_cover_the_target_share_and_stops_at_the_maximum():
+    ranking = _logits_ranking(list(range(E)))
+    easy = AdaptiveWidth(K, E, start=4, target=0.75, max_width=8, warmup=1)
+    hard = AdaptiveWidth(K, E, start=4, target=0.75, max_width=8, warmup=1)
+    for _ in range(10):
+        easy.observe(3, 1, ranking, np.array([[0, 5]]))  # ranks 0 and 5: 6 guesses cover both
+        hard.observe(3, 1, ranking, np.array([[0, 12]]))  # rank 12: beyond the maximum
+    assert easy.width(3, 1) == 6
+    assert hard.width(3, 1) == 8
+    half = AdaptiveWidth(K, E, start=4, target=0.5, max_width=8, warmup=1)
+    half.observe(3, 1, ranking, np.array([[0, 12]]))
+    assert half.width(3, 1) == K  # half of the choices rank first: the floor is k
+
+
+def test_ranks_are_per_token():
+    widths = AdaptiveWidth(K, E, start=4, target=1.0, max_width=E, warmup=1)
+    logits = np.concatenate([_logits_ranking(list(range(E))), _logits_ranking(list(range(E))[::-1])])
+    widths.observe(0, 1, logits, np.array([[0, 1], [15, 14]]))  # each token's own top 2
+    assert widths.width(0, 1) == K
+
+
+def test_bad_target_is_refused(tiny_factory):
+    with pytest.raises(ValueError, match="prefetch_recall"):
+        AdaptiveWidth(K, E, start=4, target=1.5, max_width=8)
+    _, dst = tiny_factory("qwen3_moe")
+    with pytest.raises(ValueError, match="prefetch_recall"):
+        hobbit_mlx.load(dst, prefetch_recall=-0.1, progress=False)
+
+
+def test_adaptive_width_learns_per_layer_and_keeps_exact_output(tiny_factory):
+    _, dst = tiny_factory("mixtral")
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+    ref_model, tok = hobbit_mlx.load(dst, expert_residency=0.25, exact=True, prefetch_layers=0,
+                                     progress=False)
+    want = hobbit_mlx.generate(ref_model, tok, prompt, max_tokens=16)
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.25, exact=True, prefetch_layers=1,
+                                 prefetch_recall=0.9, progress=False)
+    assert hobbit_mlx.generate(model, tok, prompt, max_tokens=16) == want
+    rt = runtime_of(model)
+    k = rt.manifest.experts_per_token
+    stats = hobbit_mlx.offload_stats(model)
+    widths = stats["prefetch_widths"]
+    assert set(widths) == set(range(1, len(rt.layers)))  # every layer that an earlier one predicts
+    assert all(k <= w <= rt.manifest.num_experts for w in widths.values())
+    fixed, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=1, progress=False)
+    assert hobbit_mlx.offload_stats(fixed)["prefetch_widths"] == runtime_of(fixed).prefetch_width
