@@ -298,8 +298,9 @@ def offload_stats(model: nn.Module) -> dict:
     s["prediction_recall_by_distance"] = {d: c / t for d, (c, t, _) in by_distance if t}
     s["prediction_precision_by_distance"] = {d: c / g for d, (c, _, g) in by_distance if g}
     # the width each layer predicted with last (one layer ahead): adaptive, or the fixed one
-    s["prefetch_widths"] = ({layer: w for (layer, d), w in sorted(rt.widths.widths().items())
-                             if d == 1} if rt.widths is not None else rt.prefetch_width)
+    s["prefetch_widths"] = ({rt.layers[pos].layer.layer: w for (pos, d), w in
+                             sorted(rt.widths.widths().items()) if d == 1}
+                            if rt.widths is not None else rt.prefetch_width)
     s["prefetch_precision_by_distance"] = {d: u / i for d, (i, u) in
                                            sorted(s.pop("prefetch_by_distance").items()) if i}
     s["little_token_share"] = s["little_tokens"] / s["routed_tokens"] if s["routed_tokens"] else None

@@ -201,12 +201,14 @@ class OffloadRuntime:
             with self._lock:
                 if key in self._inflight:
                     continue
-                # Held from now until its layer runs (a hold may precede residency), so a read
-                # that lands after that call leaves no stale hold behind.
-                self.cache.hold([key])
+                issued = self._issued.setdefault(lid, {})
+                if key not in issued:  # (issued before from farther away, but it found no room)
+                    # Held from now until its layer runs (a hold may precede residency), so a
+                    # read that lands after that call leaves no stale hold behind.
+                    self.cache.hold([key])
+                    issued[key] = distance
                 fut = self.reader.submit(entry, int(e), self.dtype, background=True)
                 self._inflight[key] = fut
-                self._issued.setdefault(lid, {})[key] = distance
             self.stats.prefetch_issued += 1
             fut.add_done_callback(lambda f, key=key, n=entry.records[int(e)].nbytes:
                                   self._prefetch_done(key, f, n))

@@ -210,6 +210,22 @@ def test_a_predicted_expert_is_never_read_again_before_its_layer_runs(deep_model
     assert not rt.cache._pins and not rt.cache._holds  # all released once their layer ran
 
 
+@pytest.mark.parametrize("layers_ahead", [1, 2])
+@pytest.mark.parametrize("residency", [0.125, 0.5])
+def test_every_protection_is_released_once_its_layer_runs(deep_models, layers_ahead, residency):
+    """Also when a layer is predicted twice (two layers ahead, then one) and the first read found
+    no room in a small cache."""
+    dst = deep_models("mixtral")
+    model, tok = hobbit_mlx.load(dst, expert_residency=residency, prefetch_layers=layers_ahead,
+                                 prefetch_width=2.0, progress=False)
+    rt = runtime_of(model)
+    hobbit_mlx.generate(model, tok, PROMPT * 2, max_tokens=24)
+    rt.wait_idle()
+    assert rt.stats.prefetch_issued > 0
+    assert not rt.cache._pins and not rt.cache._holds
+    assert rt._issued == {} and rt._held == {}
+
+
 def test_held_experts_yield_to_demand_but_not_to_other_predictions():
     cache = ExpertCache(200, make_policy("lru"))
     cache.put((1, 0, "high"), _arrays(100))
