@@ -57,6 +57,19 @@ class ExpertCache:
             self.policy.on_hit(key)
             return entry[0]
 
+    def pin_and_get(self, keys: list) -> list:
+        """Pin ``keys`` and return their resident arrays (None where not resident), each
+        counted as a use: one lock for a whole layer call's experts."""
+        with self.lock:
+            self._pins.update(keys)
+            out = []
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self.policy.on_hit(key)
+                out.append(None if entry is None else entry[0])
+            return out
+
     def put(self, key: Hashable, arrays: Arrays, prefetched: bool = False) -> bool:
         """Make ``key`` resident, evicting unpinned experts as needed; False if it cannot fit.
         ``prefetched``: read ahead of any request, so a policy that counts uses does not count one."""

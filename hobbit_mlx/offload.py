@@ -192,11 +192,9 @@ class OffloadRuntime:
                         weights: np.ndarray) -> None:
         experts, precisions = self._prefetch_plan(ind, weights)
         lid = switch.layer.layer
-        self._predicted.setdefault(switch.position, {})[distance] = set(int(e) for e in experts)
-        for e, precision in zip(experts, precisions):
-            key = (lid, int(e), precision)
-            if self._hold_if_resident(lid, [(lid, int(e), "high"), key]):
-                continue
+        self._predicted.setdefault(switch.position, {})[distance] = set(experts.tolist())
+        for e, precision in zip(*self._hold_resident(lid, experts, precisions)):
+            key = (lid, e, precision)
             entry = switch.layer.precisions[precision]
             with self._lock:
                 if key in self._inflight:
@@ -207,23 +205,29 @@ class OffloadRuntime:
                     # read that lands after that call leaves no stale hold behind.
                     self.cache.hold([key])
                     issued[key] = distance
-                fut = self.reader.submit(entry, int(e), self.dtype, background=True)
+                fut = self.reader.submit(entry, e, self.dtype, background=True)
                 self._inflight[key] = fut
             self.stats.prefetch_issued += 1
-            fut.add_done_callback(lambda f, key=key, n=entry.records[int(e)].nbytes:
+            fut.add_done_callback(lambda f, key=key, n=entry.records[e].nbytes:
                                   self._prefetch_done(key, f, n))
 
-    def _hold_if_resident(self, lid: int, keys: list) -> bool:
-        """True when one of ``keys`` is resident; that one is then held until layer ``lid``
-        runs, so bringing in other predictions (LRU evicts the layer that comes next) cannot
-        evict a predicted expert only to read it again."""
-        with self.cache.lock:
-            for key in keys:
+    def _hold_resident(self, lid: int, experts: np.ndarray, precisions: list) -> tuple[list, list]:
+        """Hold the predicted experts that are resident (the 4-bit copy, or the copy planned)
+        until layer ``lid`` runs, so bringing in other predictions (LRU evicts the layer that
+        comes next) cannot evict one only to read it again. Returns those still to read."""
+        to_read, to_read_precisions, held = [], [], []
+        with self.cache.lock:  # one lock for the whole prediction
+            for e, precision in zip(experts.tolist(), precisions):
+                high = (lid, e, "high")
+                key = high if high in self.cache else (lid, e, precision)
                 if key in self.cache:
-                    self.cache.hold([key])
-                    self._held.setdefault(lid, []).append(key)
-                    return True
-        return False
+                    held.append(key)
+                else:
+                    to_read.append(e)
+                    to_read_precisions.append(precision)
+            self.cache.hold(held)
+        self._held.setdefault(lid, []).extend(held)
+        return to_read, to_read_precisions
 
     def _prefetch_plan(self, ind: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """Predicted experts, and the copy to prefetch. With ``prefetch_low_precision`` (and mixed
@@ -290,13 +294,10 @@ class Fetch:
         self.rt, self.precision = rt, precision
         self.entry = layer.precisions[precision]
         self.keys = [(layer.layer, int(e), precision) for e in experts]
-        self.arrays: list = [None] * len(self.keys)
         self.pending: list = []  # (position, future, read on demand?)
-        rt.cache.pin(self.keys)
+        self.arrays = rt.cache.pin_and_get(self.keys)
         for i, key in enumerate(self.keys):
-            arrays = rt.cache.get(key)
-            if arrays is not None:
-                self.arrays[i] = arrays
+            if self.arrays[i] is not None:
                 continue
             with rt._lock:
                 fut = rt._inflight.get(key)
@@ -315,6 +316,9 @@ class Fetch:
 
     def finish(self) -> list[dict]:
         rt = self.rt
+        if not self.pending:  # every expert was resident
+            rt.cache.unpin(self.keys)
+            return self.arrays
         t0 = time.perf_counter()
         try:
             for i, fut, is_demand in self.pending:
@@ -428,20 +432,23 @@ class OffloadedSwitch(nn.Module):
         """Decide, for each needed expert, which copy serves it: [(precision, experts, slot mask)]."""
         rt = self._runtime
         lid = self.layer.layer
-        high_needed = np.unique(flat[level == HIGH])
-        low_only = np.setdiff1d(np.unique(flat[level == LOW]), high_needed)
-        if len(low_only):
-            # A low-importance slot is served by a resident 4-bit copy when there is one, or by
-            # the 4-bit copy a prefetch is reading (no second read of the 2-bit copy).
-            resident_high = np.array([rt.has_or_reading(lid, int(e), "high") for e in low_only],
-                                     dtype=bool)
-            high_needed = np.union1d(high_needed, low_only[resident_high])
-            low_only = low_only[~resident_high]
+        kept = level != DROP
+        if not (level == LOW).any():  # the common case (exact mode, or every slot important)
+            experts = np.unique(flat[kept])
+            return [("high", experts, kept)] if len(experts) else []
+        high = set(flat[level == HIGH].tolist())
+        # A low-importance slot is served by a resident 4-bit copy when there is one, or by the
+        # 4-bit copy a prefetch is reading (no second read of the 2-bit copy).
+        for e in set(flat[level == LOW].tolist()) - high:
+            if rt.has_or_reading(lid, e, "high"):
+                high.add(e)
+        copy = np.ones(self.layer.num_experts, dtype=np.int8)  # 0: 4-bit, 1: 2-bit
+        copy[list(high)] = 0
         parts = []
-        for precision, experts in (("high", high_needed), ("low", low_only)):
-            if len(experts):
-                mask = np.isin(flat, experts) & (level != DROP)
-                parts.append((precision, experts, mask))
+        for precision, code in (("high", 0), ("low", 1)):
+            mask = kept & (copy[flat] == code)
+            if mask.any():
+                parts.append((precision, np.unique(flat[mask]), mask))
         return parts
 
     def _masked_run(self, x, flat, mask, experts, arrays, entry, shape) -> mx.array:
