@@ -114,11 +114,7 @@ class ExpertCache:
             self._pins.update(keys)
 
     def unpin(self, keys) -> None:
-        with self.lock:
-            self._pins.subtract(keys)
-            for k in keys:
-                if self._pins[k] <= 0:
-                    del self._pins[k]
+        self._count_down(self._pins, keys)
 
     def hold(self, keys) -> None:
         """Protect predicted experts (resident or not yet) from eviction by other predictions."""
@@ -126,11 +122,14 @@ class ExpertCache:
             self._holds.update(keys)
 
     def release(self, keys) -> None:
+        self._count_down(self._holds, keys)
+
+    def _count_down(self, counts: Counter, keys) -> None:
         with self.lock:
-            self._holds.subtract(keys)
+            counts.subtract(keys)
             for k in keys:
-                if self._holds[k] <= 0:
-                    del self._holds[k]
+                if counts[k] <= 0:
+                    del counts[k]
 
     def clear(self) -> None:
         with self.lock:
