@@ -248,9 +248,12 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     cache = ExpertCache(plan.expert_cache_bytes, make_policy(policy, **policy_kwargs))
     k = manifest.experts_per_token
     width = max(1, round(prefetch_width * k))
+    # An adaptive width may grow to 4× top-k, but one layer's guesses never take more than a
+    # quarter of the cache (at 12.5% residency wider guesses crowded out the kept first layer).
+    cache_experts = plan.expert_cache_bytes // max(1, expert_max)
     widths = None if not prefetch_recall else AdaptiveWidth(
         k, manifest.num_experts, start=width, target=prefetch_recall,
-        max_width=round(MAX_PREFETCH_WIDTH * k))
+        max_width=min(round(MAX_PREFETCH_WIDTH * k), max(width, cache_experts // 4)))
     runtime = OffloadRuntime(manifest, reader, cache, dtype=cdtype,
                              working_set_bytes=plan.working_set_bytes, precision=options,
                              prefetch_layers=prefetch_layers, scoring=scoring, overlap_io=overlap_io,
