@@ -76,3 +76,23 @@ def test_adaptive_width_learns_per_layer_and_keeps_exact_output(tiny_factory):
     assert all(k <= w <= rt.manifest.num_experts for w in widths.values())
     fixed, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=1, progress=False)
     assert hobbit_mlx.offload_stats(fixed)["prefetch_widths"] == runtime_of(fixed).prefetch_width
+
+
+def test_adaptive_width_takes_at_most_a_quarter_of_a_small_cache(tmp_path):
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    src = make_tiny_model("mixtral", tmp_path / "mlx", config_overrides={"num_hidden_layers": 4})
+    dst = convert(src, tmp_path / "hobbit", progress=False)
+    for size in ({"expert_residency": 0.1}, {"memory_budget": "1GB"}):
+        model, _ = hobbit_mlx.load(dst, **size, prefetch_layers=1, prefetch_width=1.0,
+                                   prefetch_recall=0.9, progress=False)
+        rt = runtime_of(model)
+        k, n = rt.manifest.experts_per_token, rt.manifest.num_experts
+        entry = rt.manifest.layers[0].precisions["high"]
+        cache_experts = rt.cache.capacity_bytes // entry.resident_nbytes(rt.float_itemsize)
+        assert k <= rt.widths.max_width <= max(rt.widths.start, cache_experts // 4, k)
+        if "memory_budget" in size:  # a large cache: up to 4x top-k
+            assert cache_experts >= 4 * min(4 * k, n) and rt.widths.max_width == min(4 * k, n)
+        else:
+            assert rt.widths.max_width < min(4 * k, n)
