@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import prefetch_replay as pr  # noqa: E402
 from bench import replay as rp  # noqa: E402
 from bench import trace as tr  # noqa: E402
 
@@ -87,6 +88,49 @@ def test_replay_accepts_policy_objects_and_compare_reports_gaps():
     assert by[(2, "lru")]["gap_to_belady"] == pytest.approx(2 / 7)
     assert by[(3, "lru")]["hits"] == by[(3, "belady")]["hits"] == 4  # everything fits: 3 cold misses
     assert "belady hit" in rp.format_table(rows)
+
+
+def _k(layer, e):
+    return (layer, e, "high")
+
+
+def test_prefetch_replay_lru_and_belady_by_hand():
+    from hobbit_mlx.policies import make_policy
+
+    a, b, c = _k(0, 0), _k(1, 1), _k(0, 2)
+    events = [("seq",),
+              ("demand", 0, [a], 1),     # miss: {a}
+              ("predict", 1, [b]),       # read ahead: {a, b}, b held
+              ("demand", 1, [b], 1),     # hit
+              ("call_end", 1),           # b released
+              ("demand", 0, [c], 1),     # miss: LRU evicts a (older); Belady evicts b (never again)
+              ("demand", 0, [a], 1)]     # LRU: miss; Belady: hit
+    lru = pr.replay_with_prefetch(events, make_policy("lru"), capacity=2)
+    best = pr.replay_with_prefetch(events, "belady", capacity=2)
+    assert (lru["hits"], lru["misses"], lru["prefetch_reads"]) == (1, 3, 1)
+    assert (best["hits"], best["misses"]) == (2, 2)
+
+
+def test_prefetch_replay_holds_predicted_residents():
+    from hobbit_mlx.policies import make_policy
+
+    x, y, z = _k(1, 0), _k(1, 1), _k(1, 2)
+    events = [("seq",), ("demand", 1, [x], 1), ("call_end", 1), ("demand", 1, [y], 1),
+              ("call_end", 1),
+              ("predict", 1, [x, z]),    # x resident: held, so reading z evicts y, not the older x
+              ("demand", 1, [x, z], 1), ("call_end", 1)]
+    out = pr.replay_with_prefetch(events, make_policy("lru"), capacity=2)
+    assert (out["hits"], out["misses"]) == (2, 2)
+    uncovered = pr._demand_steps(events, uncovered_only=True)
+    assert [s[3] for s in uncovered] == [[x], [y], []]  # the last demand was all predicted
+
+
+def test_prefetch_replay_moves_each_release_after_its_layers_fetch():
+    spied = [("call_end", 0), ("predict", 1, ["b"]), ("demand", 0, ["a"], 0),
+             ("demand", 0, ["c"], 0), ("call_end", 1), ("demand", 1, ["b"], 0), ("seq",)]
+    assert pr._in_runtime_order(spied) == [
+        ("predict", 1, ["b"]), ("demand", 0, ["a"], 0), ("demand", 0, ["c"], 0), ("call_end", 0),
+        ("demand", 1, ["b"], 0), ("call_end", 1), ("seq",)]
 
 
 def test_trace_roundtrip_with_and_without_gate_weights(tmp_path):
