@@ -207,6 +207,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--residencies", default="0.5,0.25,0.125")
     ap.add_argument("--config", default="prefetch", help="harness configuration to record")
+    ap.add_argument("--others", default="seqfreq,hobbit",
+                    help="other runtime policies to replay on the same events (same kept layers)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     paths = resolve_model_paths(None, progress=False)
@@ -226,9 +228,12 @@ def main(argv=None) -> int:
         capacity = rt.cache.capacity_bytes // entry.resident_nbytes(rt.float_itemsize)
         shallow = int(getattr(rt.cache.policy, "layers", 0))
         inner = getattr(rt.cache.policy, "inner", rt.cache.policy)
-        runtime_policy = make_policy(inner.name, shallow_layers=shallow,
-                                     num_layers=len(rt.manifest.layers))
-        ours = replay_with_prefetch(events, runtime_policy, capacity)
+        def replayed(name: str) -> dict:
+            policy = make_policy(name, shallow_layers=shallow, num_layers=len(rt.manifest.layers))
+            return replay_with_prefetch(events, policy, capacity)
+
+        ours = replayed(inner.name)
+        others = {name: replayed(name)["hit_rate"] for name in args.others.split(",") if name}
         oracles = {name: replay_with_prefetch(events, name, capacity)
                    for name in ("belady", "belady-uncovered")}
         best = max(oracles.values(), key=lambda r: r["hit_rate"])
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
                      "replayed": ours["hit_rate"], "belady": oracles["belady"]["hit_rate"],
                      "belady_uncovered": oracles["belady-uncovered"]["hit_rate"],
                      "gap_points": 100 * (best["hit_rate"] - ours["hit_rate"]),
-                     "prefetch_reads": ours["prefetch_reads"],
+                     "others": others, "prefetch_reads": ours["prefetch_reads"],
                      "belady_prefetch_reads": best["prefetch_reads"]})
         rt.close()
         print(f"[prefetch_replay] {100 * residency:g}%: measured {measured['hit_rate']:.3f}, "
@@ -251,15 +256,20 @@ def main(argv=None) -> int:
              "is a proven optimum with prefetch; gap = the better of the two minus the replayed "
              "policy.", "",
              "| residency | capacity (experts) | policy | measured served | replayed | "
-             "Belady | Belady, uncovered | gap |", "|---|---|---|---|---|---|---|---|"]
+             "Belady | Belady, uncovered | gap | other policies, replayed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {100 * r['residency']:g}% | {r['capacity']} | {r['policy']} | "
                      f"{r['measured']:.3f} | {r['replayed']:.3f} | {r['belady']:.3f} | "
-                     f"{r['belady_uncovered']:.3f} | {r['gap_points']:+.1f} pp |")
+                     f"{r['belady_uncovered']:.3f} | {r['gap_points']:+.1f} pp | "
+                     + ", ".join(f"{n} {v:.3f}" for n, v in r["others"].items()) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"prefetch-replay-{args.config}.md").write_text("\n".join(lines) + "\n")
-    (out / f"prefetch-replay-{args.config}.json").write_text(json.dumps(rows, indent=1))
+    for suffix, text in (("md", "\n".join(lines) + "\n"), ("json", json.dumps(rows, indent=1))):
+        path = out / f"prefetch-replay-{args.config}.{suffix}"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # never a half-written result
     print("\n".join(lines))
     return 0
 
