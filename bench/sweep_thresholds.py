@@ -42,8 +42,11 @@ def measure(model_path, residency: float, tokens: int, t1: float, t2: float, ski
     model, tok = hobbit_mlx.load(model_path, expert_residency=residency, exact=exact,
                                  mixed_precision=not exact, t1=t1, t2=t2, skip=skip, progress=False)
     ids = tok.encode(HELD_OUT.read_text())[:tokens]
-    ppl = math.exp(decode_nll(model, ids))
-    s = hobbit_mlx.offload_stats(model)
+    try:
+        ppl = math.exp(decode_nll(model, ids))
+        s = hobbit_mlx.offload_stats(model)
+    finally:
+        hobbit_mlx.runtime_of(model).close()  # its readers and cache go before the next point
     req = max(s["expert_requests"], 1)
     return {"t1": t1, "t2": t2 if skip else None, "ppl": ppl, "high_loads": s["misses_high"] / req,
             "low_loads": s["misses_low"] / req, "skipped": s["skipped"] / req,

@@ -232,7 +232,7 @@ def technique_options(args: argparse.Namespace) -> dict:
                 skip=args.skip, big_little=args.big_little, little_threshold=args.little_threshold,
                 prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy,
                 prefetch_low_precision=args.prefetch_low_precision,
-                prefetch_width=args.prefetch_width, prefetch_recall=args.prefetch_recall or None,
+                prefetch_width=args.prefetch_width, prefetch_recall=args.prefetch_recall,
                 prefill_low_precision=args.prefill_low_precision,
                 keep_shallow_layers=args.keep_shallow_layers)
 

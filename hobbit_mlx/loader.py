@@ -39,9 +39,10 @@ MAX_PREFETCH_WIDTH = 4.0  # an adaptive width never guesses more than this many 
 
 
 def default_policy(prefetch_layers: int) -> str:
-    """The cache policy that served best in the harness (README): with prefetch on, LRU (the cache
-    is a staging area for predicted experts; it serves 0.5-1.5 points more than the frequency
-    scores there); without prefetch, per-sequence frequency (``seqfreq``, 4-15 points over LRU)."""
+    """The cache policy the harness supports (README): with prefetch on, LRU (the cache is a
+    staging area for predicted experts; the frequency scores serve within noise of it there and
+    their eviction ranking costs decode time); without prefetch, per-sequence frequency
+    (``seqfreq``, 4-15 points over LRU)."""
     return "lru" if prefetch_layers else "seqfreq"
 
 
@@ -239,10 +240,10 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     mx.set_cache_limit(plan.mlx_cache_limit_bytes)
     scoring = "sigmoid" if text_config(config).get("scoring_func") == "sigmoid" else "softmax"
     policy = policy or default_policy(prefetch_layers)
+    cache_experts = plan.expert_cache_bytes // max(1, expert_max)
     if keep_shallow_layers is None:
         keep_shallow_layers = default_shallow_layers(
-            len(manifest.layers), plan.expert_cache_bytes // max(1, expert_max),
-            manifest.num_experts) if prefetch_layers else 0
+            len(manifest.layers), cache_experts, manifest.num_experts) if prefetch_layers else 0
     policy_kwargs = {"num_layers": len(manifest.layers), "shallow_layers": keep_shallow_layers,
                      **(policy_options or {})}
     cache = ExpertCache(plan.expert_cache_bytes, make_policy(policy, **policy_kwargs))
@@ -250,7 +251,6 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     width = max(1, round(prefetch_width * k))
     # An adaptive width may grow to 4× top-k, but one layer's guesses never take more than a
     # quarter of the cache (at 12.5% residency wider guesses crowded out the kept first layer).
-    cache_experts = plan.expert_cache_bytes // max(1, expert_max)
     widths = None if not prefetch_recall else AdaptiveWidth(
         k, manifest.num_experts, start=width, target=prefetch_recall,
         max_width=min(round(MAX_PREFETCH_WIDTH * k), max(width, cache_experts // 4)))

@@ -401,8 +401,8 @@ class OffloadedSwitch(nn.Module):
             rt.stats.routed_tokens += len(flat)
             rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
 
-        chosen = np.unique(flat)
-        needed = set(int(e) for e in np.unique(flat[level != DROP]))
+        parts = self._serve(flat, level)  # [(precision, experts array, slot mask)]
+        needed = set(np.concatenate([p[1] for p in parts]).tolist()) if parts else set()
         if rt.widths is not None:
             rt.observe_choice(self.position, flat)
         for distance, predicted in rt._predicted.pop(self.position, {}).items():
@@ -412,10 +412,10 @@ class OffloadedSwitch(nn.Module):
             if distance == 1:
                 rt.stats.prediction_total += len(needed)
                 rt.stats.prediction_correct += len(needed & predicted)
-        rt.stats.expert_requests += len(chosen)
-        rt.stats.skipped += len(chosen) - len(needed)
+        chosen = len(np.unique(flat))
+        rt.stats.expert_requests += chosen
+        rt.stats.skipped += chosen - len(needed)
 
-        parts = self._serve(flat, level)  # [(precision, experts array, slot mask)]
         protected = []
         if rt.prefetch_layers and self.router is not None:
             protected = rt.consume_prefetch(self.layer.layer, needed)
