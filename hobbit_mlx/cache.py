@@ -1,114 +1,239 @@
-"""The expert cache: which experts, at which precision, are resident, with every byte accounted.
+"""The expert cache: which experts, at which precision, hold a slot in a pool, and when a slot may
+be written.
 
-The cache owns resident expert arrays and their byte count and never holds more than
-``capacity_bytes``; a policy (``hobbit_mlx.policies``) only decides the eviction order. Keys are
-``(layer, expert, precision)``. Experts that the current layer needs are pinned while it fetches,
-so bringing in one of its misses never evicts another of its experts. Experts predicted for a
-later layer are *held*: a prefetch never evicts them, but the current layer's own misses may when
-nothing else is left to evict (a guess must not starve what is needed now).
+Keys are ``(layer, expert, precision)``. Each key maps to a slot of the pool that serves its layer
+and precision (``pools.SlotPool``); the pools' sizes are the byte budget, so the cache can never
+exceed it. A policy per pool (``hobbit_mlx.policies``) only decides the eviction order.
+
+Protections:
+
+* *pinned*: the current layer call needs the expert; never evicted.
+* *held*: predicted for a later layer (prefetch); another prediction never evicts it, the current
+  layer's own miss may when nothing else is left.
+* *in use by a pending graph*: a slot whose last use was stamped at the current *epoch* may still
+  be read by a graph MLX has not run yet, so its bytes must not be overwritten. The epoch moves on
+  at every point where everything built before is known to be evaluated (a layer's router sync, or
+  an explicit evaluation), so a slot last used in an earlier epoch is safe to write.
+
+A read goes: ``reserve`` a slot (evicting a victim), write its bytes (any thread), ``commit``.
+The per-layer remap (expert -> slot) lives on the host; its device copy is rebuilt on the model's
+thread when it changed.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Hashable
+from typing import Callable, Hashable
 
 import mlx.core as mx
+import numpy as np
 
-from .policies import Policy
+from .pools import SlotPool
 
-Arrays = dict[str, mx.array]
-
-
-def arrays_nbytes(arrays: Arrays) -> int:
-    return sum(a.nbytes for a in arrays.values())
+Key = tuple  # (layer, expert, precision)
 
 
-class ExpertCache:
-    """Resident experts under a byte budget; thread-safe (the prefetcher inserts too)."""
+class PoolSlots:
+    """Bookkeeping of one pool: which key holds each slot, free slots, last use, policy."""
 
-    def __init__(self, capacity_bytes: int, policy: Policy):
-        self.capacity_bytes = int(capacity_bytes)
+    def __init__(self, pool: SlotPool, policy) -> None:
+        self.pool = pool
         self.policy = policy
-        self.resident_bytes = 0
-        self._entries: dict[Hashable, tuple[Arrays, int]] = {}
+        self.reset_slots()
+
+    def reset_slots(self) -> None:
+        n = self.pool.slots
+        self.key_of: list[Key | None] = [None] * n
+        self.free: list[int] = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
+        self.last_use = np.full(n, -1, dtype=np.int64)
+        self.resident = 0
+
+
+class SlotCache:
+    """Resident experts in slot pools; thread-safe (prefetch reads commit from I/O threads)."""
+
+    def __init__(self, pools: dict[tuple[int, str], SlotPool], num_experts: dict[int, int],
+                 make_policy: Callable[[], object]):
+        """``pools``: (layer, precision) -> the pool serving it (layers may share one pool)."""
+        self.lock = threading.RLock()
+        self._slots: dict[int, PoolSlots] = {}
+        self._pool_of: dict[tuple[int, str], PoolSlots] = {}
+        for lp, pool in pools.items():
+            if id(pool) not in self._slots:
+                self._slots[id(pool)] = PoolSlots(pool, make_policy())
+            self._pool_of[lp] = self._slots[id(pool)]
+        self._slot_of: dict[Key, int] = {}
+        self._remap = {lp: np.full(num_experts[lp[0]], -1, dtype=np.int64) for lp in pools}
+        self._device_remap: dict[tuple[int, str], mx.array | None] = {lp: None for lp in pools}
+        self._per_layer: Counter = Counter()  # (layer, precision) -> resident experts
         self._pins: Counter = Counter()
         self._holds: Counter = Counter()
-        self._per_layer: Counter = Counter()  # (layer, precision) -> resident experts
-        self.lock = threading.RLock()
+        self.epoch = 0
 
+    # --- what is resident -----------------------------------------------------------------
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._entries
+        return key in self._slot_of
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._slot_of)
 
-    def keys(self) -> list[Hashable]:
+    def keys(self) -> list[Key]:
         with self.lock:
-            return list(self._entries)
+            return list(self._slot_of)
 
-    def get(self, key: Hashable) -> Arrays | None:
-        """The resident arrays for ``key`` (counted as a use by the policy), or None."""
-        with self.lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            self.policy.on_hit(key)
-            return entry[0]
+    @property
+    def pools(self) -> list[PoolSlots]:
+        return list(self._slots.values())
 
-    def pin_and_get(self, keys: list) -> list:
-        """Pin ``keys`` and return their resident arrays (None where not resident), each
-        counted as a use: one lock for a whole layer call's experts."""
+    @property
+    def policy(self):
+        """The first pool's policy (the high-precision pool): names and per-sequence resets."""
+        return self.pools[0].policy
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(p.pool.nbytes for p in self.pools)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(p.resident * p.pool.slot_nbytes for p in self.pools)
+
+    def pool_for(self, layer: int, precision: str) -> SlotPool | None:
+        ps = self._pool_of.get((layer, precision))
+        return None if ps is None else ps.pool
+
+    def capacity(self, layer: int, precision: str) -> int:
+        """Slots of the pool serving this layer and precision."""
+        ps = self._pool_of.get((layer, precision))
+        return 0 if ps is None else ps.pool.slots
+
+    def experts_served(self, layer: int, precision: str) -> int:
+        """Experts of all the layers that share this layer's pool."""
+        ps = self._pool_of[layer, precision]
+        return sum(len(r) for lp, r in self._remap.items() if self._pool_of[lp] is ps)
+
+    def resident_in_layer(self, layer: int, precision: str = "high") -> int:
+        return self._per_layer[layer, precision]
+
+    def slot(self, key: Key) -> int | None:
+        return self._slot_of.get(key)
+
+    # --- a layer call ---------------------------------------------------------------------
+    def pin_and_lookup(self, keys: list[Key]) -> list[int]:
+        """Pin ``keys`` and return their slots (-1 where not resident); each resident one counts
+        as a use and is stamped with the current epoch. One lock for a whole layer call."""
         with self.lock:
             self._pins.update(keys)
             out = []
             for key in keys:
-                entry = self._entries.get(key)
-                if entry is not None:
-                    self.policy.on_hit(key)
-                out.append(None if entry is None else entry[0])
+                s = self._slot_of.get(key)
+                if s is None:
+                    out.append(-1)
+                    continue
+                ps = self._pool_of[key[0], key[2]]
+                ps.policy.on_hit(key)
+                ps.last_use[s] = self.epoch
+                out.append(s)
             return out
 
-    def put(self, key: Hashable, arrays: Arrays, prefetched: bool = False) -> bool:
-        """Make ``key`` resident, evicting unpinned experts as needed; False if it cannot fit.
-        ``prefetched``: read ahead of any request, so a policy that counts uses does not count one."""
-        nbytes = arrays_nbytes(arrays)
+    def stamp(self, keys: list[Key]) -> None:
+        """The current epoch's graphs read these keys' slots (they may not be written until the
+        epoch moves on)."""
         with self.lock:
-            if key in self._entries:
-                return True
-            if nbytes > self.capacity_bytes:
-                return False
-            unpinned = lambda k: k in self._entries and not self._pins[k]  # noqa: E731
-            free = lambda k: unpinned(k) and not self._holds[k]  # noqa: E731
-            while self.resident_bytes + nbytes > self.capacity_bytes:
+            for key in keys:
+                s = self._slot_of.get(key)
+                if s is not None:
+                    self._pool_of[key[0], key[2]].last_use[s] = self.epoch
+
+    def stamp_layer(self, layer: int, precision: str = "high") -> None:
+        """A lazy call may read any of the layer's slots: stamp them all (vectorized)."""
+        remap = self._remap[layer, precision]
+        ps = self._pool_of[layer, precision]
+        with self.lock:
+            ps.last_use[remap[remap >= 0]] = self.epoch
+
+    def record_hits(self, layer: int, experts, precision: str = "high") -> None:
+        """Uses seen after the fact (a lazy call's router choice, read at a later sync)."""
+        ps = self._pool_of[layer, precision]
+        with self.lock:
+            for e in experts:
+                key = (layer, int(e), precision)
+                if key in self._slot_of:
+                    ps.policy.on_hit(key)
+
+    def synced(self) -> None:
+        """Everything built so far has been evaluated: slots used until now may be written."""
+        with self.lock:
+            self.epoch += 1
+
+    # --- reads ----------------------------------------------------------------------------
+    def reserve(self, key: Key, prefetched: bool = False) -> int | None:
+        """A slot for ``key``'s bytes: a free one, or the policy's victim among the slots no
+        pinned, held or pending use protects (a demand read may take a held one when nothing
+        else is left; a prefetch may not). None when no slot can be had."""
+        with self.lock:
+            ps = self._pool_of.get((key[0], key[2]))
+            if ps is None or ps.pool.slots == 0:
+                return None
+            if ps.free:
+                return ps.free.pop()
+            epoch, pins, holds, slot_of, last = self.epoch, self._pins, self._holds, self._slot_of, ps.last_use
+            unused = lambda k: not pins[k] and last[slot_of[k]] < epoch  # noqa: E731
+            try:
+                victim = ps.policy.victim(lambda k: unused(k) and not holds[k])
+            except LookupError:
+                if prefetched:
+                    return None
                 try:
-                    victim = self.policy.victim(free)
+                    victim = ps.policy.victim(unused)
                 except LookupError:
-                    if prefetched:
-                        return False
-                    try:
-                        victim = self.policy.victim(unpinned)
-                    except LookupError:
-                        return False
-                self._evict(victim)
-            self._entries[key] = (arrays, nbytes)
-            self.resident_bytes += nbytes
+                    return None
+            return self._evict(victim)
+
+    def commit(self, key: Key, slot: int, prefetched: bool = False) -> None:
+        """The bytes of ``key`` are in ``slot``: make it resident."""
+        with self.lock:
+            ps = self._pool_of[key[0], key[2]]
+            ps.key_of[slot] = key
+            # A demand read is about to be used by this epoch's graphs; a prefetched one by none.
+            ps.last_use[slot] = -1 if prefetched else self.epoch
+            ps.resident += 1
+            self._slot_of[key] = slot
+            self._remap[key[0], key[2]][key[1]] = slot
+            self._device_remap[key[0], key[2]] = None
             self._per_layer[key[0], key[2]] += 1
-            on_prefetch = getattr(self.policy, "on_prefetch", None) if prefetched else None
-            (on_prefetch or self.policy.on_insert)(key)
-            return True
+            on_prefetch = getattr(ps.policy, "on_prefetch", None) if prefetched else None
+            (on_prefetch or ps.policy.on_insert)(key)
 
-    def _evict(self, key: Hashable) -> None:
-        _, nbytes = self._entries.pop(key)
-        self.resident_bytes -= nbytes
+    def abandon(self, key: Key, slot: int) -> None:
+        """A reserved slot whose read failed goes back to the free list."""
+        with self.lock:
+            self._pool_of[key[0], key[2]].free.append(slot)
+
+    def _evict(self, key: Key) -> int:
+        ps = self._pool_of[key[0], key[2]]
+        slot = self._slot_of.pop(key)
+        ps.key_of[slot] = None
+        ps.resident -= 1
+        self._remap[key[0], key[2]][key[1]] = -1
+        self._device_remap[key[0], key[2]] = None
         self._per_layer[key[0], key[2]] -= 1
-        self.policy.on_evict(key)
+        ps.policy.on_evict(key)
+        return slot
 
-    def resident_in_layer(self, layer: int, precision: str = "high") -> int:
-        """How many experts of a layer are resident at a precision."""
-        return self._per_layer[layer, precision]
+    def device_remap(self, layer: int, precision: str = "high") -> mx.array:
+        """Expert id -> slot on the device (experts not resident map to slot 0: a call only
+        indexes experts it made resident). Rebuilt on the model's thread when it changed."""
+        lp = (layer, precision)
+        remap = self._device_remap[lp]
+        if remap is None:
+            with self.lock:
+                host = np.maximum(self._remap[lp], 0).astype(np.uint32)
+            remap = self._device_remap[lp] = mx.array(host)
+        return remap
 
+    # --- protections ----------------------------------------------------------------------
     def pin(self, keys) -> None:
         with self.lock:
             self._pins.update(keys)
@@ -131,7 +256,31 @@ class ExpertCache:
                 if counts[k] <= 0:
                     del counts[k]
 
+    # --- whole cache ----------------------------------------------------------------------
+    def on_layer(self, layer: int) -> None:
+        for ps in self._slots.values():
+            hook = getattr(ps.policy, "on_layer", None)
+            if hook is not None:
+                hook(layer)
+
+    def reset_policies(self) -> None:
+        with self.lock:
+            for ps in self._slots.values():
+                ps.policy.reset()
+
+    def ranked_keys(self, pool: PoolSlots) -> list[Key]:
+        """The pool's resident keys, the one the policy would evict first first."""
+        with self.lock:
+            order, taken = [], set()
+            while len(order) < pool.resident:
+                k = pool.policy.victim(lambda k: k not in taken)
+                taken.add(k)
+                order.append(k)
+            return order
+
     def clear(self) -> None:
         with self.lock:
-            for key in list(self._entries):
+            for key in list(self._slot_of):
                 self._evict(key)
+            for ps in self._slots.values():
+                ps.reset_slots()

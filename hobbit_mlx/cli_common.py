@@ -57,7 +57,7 @@ def _policy_names() -> list[str]:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model and everything ``hobbit_mlx.load`` takes."""
-    from .loader import (DEFAULT_MAX_CONTEXT, DEFAULT_PREFETCH_RECALL, DEFAULT_PREFETCH_WIDTH,
+    from .loader import (INITIAL_CONTEXT, DEFAULT_PREFETCH_RECALL, DEFAULT_PREFETCH_WIDTH,
                          DEFAULT_PREFILL_STEP)
 
     g = parser.add_argument_group("model and memory")
@@ -114,8 +114,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--policy", default=None, choices=_policy_names(),
                    help="Expert cache replacement policy (default: lru with prefetch on, "
                         "seqfreq without).")
-    g.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, metavar="TOKENS",
-                   help="Tokens of KV cache the budget reserves (default: %(default)s).")
+    g.add_argument("--max-context", type=int, default=INITIAL_CONTEXT, metavar="TOKENS",
+                   help="Tokens of KV cache reserved when a sequence starts; a longer context "
+                        "takes its KV from the expert pools (default: %(default)s).")
     g.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, metavar="N",
                    help="Prompt tokens processed at a time; smaller values lower peak memory "
                         "during prefill (default: %(default)s).")

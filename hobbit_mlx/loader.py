@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +16,19 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
 from .architectures import find_switch_modules, num_experts_of, text_config
-from .budget import BudgetPlan, plan_budget, working_set_experts
-from .cache import ExpertCache
+from .budget import INITIAL_CONTEXT, BudgetPlan, plan_budget
+from .cache import SlotCache
 from .offload import OffloadRuntime, bind, install
 from .policies import make_policy
+from .pools import SlotPool, pool_signature
 from .precision import PrecisionOptions
+from .prefetch import Prefetcher
 from .reader import RecordReader
 from .routing import StackedGates
 from .store import Manifest, StoreError, is_hobbit_model, load_manifest
 from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
-DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_PREFILL_STEP = 512
 
 # Experts predicted per token for each layer ahead, as a multiple of top-k: a later layer's router
@@ -137,16 +139,97 @@ def _kv_bytes_per_token(model: nn.Module) -> int:
     return int(sum(a.nbytes // a.shape[-2] for a in states if a.ndim >= 3 and a.shape[-2] > 0))
 
 
-def _activation_bytes(config: dict, manifest: Manifest, itemsize: int, chunk: int) -> int:
-    """An upper estimate of one prefill chunk's live activations (attention scores included)."""
-    cfg = text_config(config)
-    hidden = int(cfg.get("hidden_size", 1024))
-    heads = int(cfg.get("num_attention_heads", 16))
-    vocab = int(cfg.get("vocab_size", 32000))
-    entry = manifest.layers[0].precisions["high"]
-    inter = max(t.shape[0] for t in entry.tensors if t.name.endswith("weight"))
-    k = manifest.experts_per_token
-    return itemsize * chunk * (8 * hidden + 3 * k * inter + vocab + heads * chunk)
+def _activation_bytes(model: nn.Module, chunk: int) -> int:
+    """Measured: the peak memory a prefill chunk of ``chunk`` tokens adds above the weights, less
+    the KV cache it leaves (which the KV reserve counts). Runs with the runtime measuring, so no
+    expert is read; the expert calls build the graphs a chunk with misses builds."""
+    cache = make_prompt_cache(model)
+    gc.collect()
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    tokens = mx.array([[(7 * i + 3) % 97 + 1 for i in range(chunk)]])
+    model(tokens, cache=cache)
+    states = [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
+    mx.eval(states)
+    peak = mx.get_peak_memory()
+    kv = sum(a.nbytes for a in states)
+    del states, cache
+    gc.collect()
+    mx.clear_cache()
+    return max(0, peak - base - kv)
+
+
+@dataclass
+class _PoolGroup:
+    """The layers one pool serves at one precision."""
+
+    precision: str
+    pool: SlotPool
+    layers: list[int]
+    num_experts: int
+
+    @property
+    def all_bytes(self) -> int:
+        return len(self.layers) * self.num_experts * self.pool.slot_nbytes
+
+
+def _make_pools(manifest: Manifest, precisions: tuple, float_dtype) -> list[_PoolGroup]:
+    """One pool (of one slot, for now) per precision and expert layout."""
+    groups: dict[tuple, _PoolGroup] = {}
+    for layer in manifest.layers:
+        for precision in precisions:
+            entry = layer.precisions[precision]
+            key = (precision, pool_signature(entry))
+            if key not in groups:
+                groups[key] = _PoolGroup(precision, SlotPool(entry, 1, float_dtype), [],
+                                         layer.num_experts)
+            groups[key].layers.append(layer.layer)
+    return list(groups.values())
+
+
+def _pool_slots(groups: list[_PoolGroup], plan: BudgetPlan, k: int) -> dict[int, int]:
+    """Slots per pool for the plan's pool bytes: each precision's bytes shared among its pools in
+    proportion to the experts they serve, none beyond what they serve."""
+    out = {}
+    for precision, budget in (("high", plan.high_expert_bytes), ("low", plan.low_expert_bytes)):
+        mine = [g for g in groups if g.precision == precision]
+        total = sum(g.all_bytes for g in mine)
+        for g in mine:
+            share = budget * g.all_bytes // max(1, total)
+            slots = min(len(g.layers) * g.num_experts, share // g.pool.slot_nbytes)
+            out[id(g.pool)] = int(slots) if slots >= k else (k if budget >= k * g.pool.slot_nbytes else 0)
+    return out
+
+
+def _apply_plan(rt: OffloadRuntime, groups: list[_PoolGroup], plan: BudgetPlan) -> None:
+    """Size the pools for ``plan`` (rebuilding those that change) and set the KV limit."""
+    k = rt.manifest.experts_per_token
+    by_pool = _pool_slots(groups, plan, k)
+    slots = {id(ps): by_pool[id(ps.pool)] for ps in rt.cache.pools}
+    if any(ps.pool.slots != slots[id(ps)] for ps in rt.cache.pools):
+        rt.resize_pools(slots)
+    rt.plan = plan
+    rt.context_limit = plan.kv_tokens
+    mx.set_cache_limit(plan.mlx_cache_limit_bytes)
+
+
+def _follow_context(rt: OffloadRuntime, groups: list[_PoolGroup]) -> None:
+    """KV growth: the pools give slots back when a sequence outgrows the KV reserve, and take
+    them again when a new sequence starts."""
+
+    def on_context(tokens: int) -> None:
+        _apply_plan(rt, groups, rt.plan.for_context(tokens))
+
+    def on_new_sequence(tokens: int) -> None:
+        plan = rt.plan.for_new_sequence() if tokens == 0 else rt.plan.for_context(tokens)
+        if tokens == 0 and plan.expert_cache_bytes <= rt.plan.expert_cache_bytes:
+            return  # the pools are as large as a new sequence allows already
+        _apply_plan(rt, groups, plan)
+
+    rt.on_context = on_context
+    rt.on_new_sequence = on_new_sequence
 
 
 def load(path: str | Path | None = None, memory_budget: int | str | None = None,
@@ -158,15 +241,16 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
          prefill_low_precision: float = 0.0, overlap_io: bool = True,
          policy: str | None = None, policy_options: dict | None = None,
          keep_shallow_layers: int | None = None,
-         max_context: int = DEFAULT_MAX_CONTEXT, prefill_step_size: int = DEFAULT_PREFILL_STEP,
+         max_context: int = INITIAL_CONTEXT, prefill_step_size: int = DEFAULT_PREFILL_STEP,
          io_workers: int = 8, verify: str = "first", direct_io: bool = False, dtype: Any = None,
          tokenizer_config: dict | None = None, progress: bool = True):
     """Load an MoE model with its experts offloaded; returns ``(model, tokenizer)`` like mlx-lm.
 
     ``path``: a hobbit model directory, or anything ``python -m convert`` accepts (converted once
     into ``$HOBBIT_MLX_CACHE``), or None for the bundled reference model. ``memory_budget`` (bytes
-    or "6GB"/"6GiB") caps MLX's peak memory while generating; ``expert_residency`` instead sizes
-    the expert cache as a fraction of the 4-bit expert bytes.
+    or "6GB"/"6GiB") caps MLX's memory while generating; ``expert_residency`` instead sizes the
+    expert pools as a fraction of the 4-bit expert bytes. ``max_context``: the KV reserved when a
+    sequence starts (it grows past that while the pools give slots back).
 
     Techniques, each a switch:
 
@@ -206,6 +290,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
         raise ValueError("exact=True cannot be combined with prefill_low_precision")
     if not 0 <= t1 <= t2 <= 1:
         raise ValueError(f"thresholds must satisfy 0 <= t1 <= t2 <= 1 (got t1={t1}, t2={t2})")
+    if max_context < 1:
+        raise ValueError(f"max_context is a number of tokens (got {max_context})")
     model_dir = resolve_model(path, progress=progress)
     manifest = load_manifest(model_dir)
     config = load_config(model_dir)
@@ -217,53 +303,65 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     dense_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
 
     reader = RecordReader(model_dir, manifest, workers=io_workers, verify=verify, direct=direct_io)
-    itemsize = (cdtype or mx.bfloat16).size
-    float_size = cdtype.size if cdtype is not None else None  # experts' floats are cast on read
-    expert_max = max(l.precisions["high"].resident_nbytes(float_size) for l in manifest.layers)
-    # A throw-away runtime with no cache measures the KV bytes one token adds.
-    bind(model, OffloadRuntime(manifest, reader, ExpertCache(0, make_policy("lru")), dtype=cdtype,
-                               working_set_bytes=2 * working_set_experts(
-                                   manifest.experts_per_token, manifest.num_experts) * expert_max))
+    uses_low = options.mixed_precision or prefill_low_precision > 0
+    groups = _make_pools(manifest, ("high", "low") if uses_low else ("high",), cdtype)
+    pools = {(lid, g.precision): g.pool for g in groups for lid in g.layers}
+    num_experts = {l.layer: l.num_experts for l in manifest.layers}
+    policy = policy or default_policy(prefetch_layers)
+    policy_kwargs = {"num_layers": len(manifest.layers), **(policy_options or {})}
+    make_policy(policy, **policy_kwargs)  # an unknown name fails here, before anything is measured
+    # The shallow layers are decided once the pool size is known; until then, the plain policy.
+    shallow = [0]
+    cache = SlotCache(pools, num_experts,
+                      lambda: make_policy(policy, shallow_layers=shallow[0], **policy_kwargs))
+    runtime = OffloadRuntime(manifest, reader, cache, precision=options,
+                             scoring="sigmoid" if text_config(config).get("scoring_func") == "sigmoid"
+                             else "softmax", overlap_io=overlap_io,
+                             prefill_low_precision=prefill_low_precision)
+    bind(model, runtime)
+    # Measured with the runtime reading nothing (every expert call computes on slot 0).
+    runtime.measuring = True
     kv_per_token = _kv_bytes_per_token(model)
+    activation = _activation_bytes(model, prefill_step_size)
+    runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
-    routers = [m.router for m in model._hobbit.layers]
+    routers = [m.router for m in runtime.layers]
     gate_stacks = {pos: stack for pos in range(len(routers)) if
                    (stack := StackedGates.of(routers[pos + 1:pos + 1 + prefetch_layers])) is not None}
     dense_bytes += sum(s.nbytes for s in gate_stacks.values())
+    k = manifest.experts_per_token
     plan = plan_budget(
-        dense_bytes=dense_bytes, expert_bytes_high=manifest.expert_bytes("high", float_size),
-        expert_nbytes_max=expert_max, experts_per_token=manifest.experts_per_token,
-        num_experts=manifest.num_experts,
-        kv_bytes_per_token=kv_per_token,
-        activation_bytes=_activation_bytes(config, manifest, itemsize, prefill_step_size),
-        max_context=max_context, memory_budget=memory_budget, expert_residency=expert_residency)
-    mx.set_cache_limit(plan.mlx_cache_limit_bytes)
-    scoring = "sigmoid" if text_config(config).get("scoring_func") == "sigmoid" else "softmax"
-    policy = policy or default_policy(prefetch_layers)
-    cache_experts = plan.expert_cache_bytes // max(1, expert_max)
+        dense_bytes=dense_bytes, activation_bytes=activation, kv_bytes_per_token=kv_per_token,
+        all_high_bytes=sum(g.all_bytes for g in groups if g.precision == "high"),
+        min_high_bytes=sum(k * g.pool.slot_nbytes for g in groups if g.precision == "high"),
+        min_low_bytes=sum(k * g.pool.slot_nbytes for g in groups if g.precision == "low"),
+        mixed_precision=uses_low, memory_budget=memory_budget, expert_residency=expert_residency,
+        initial_context=max_context)
+    high_slot = max(g.pool.slot_nbytes for g in groups if g.precision == "high")
+    cache_experts = plan.high_expert_bytes // high_slot
     if keep_shallow_layers is None:
         keep_shallow_layers = default_shallow_layers(
             len(manifest.layers), cache_experts, manifest.num_experts) if prefetch_layers else 0
-    policy_kwargs = {"num_layers": len(manifest.layers), "shallow_layers": keep_shallow_layers,
-                     **(policy_options or {})}
-    cache = ExpertCache(plan.expert_cache_bytes, make_policy(policy, **policy_kwargs))
-    k = manifest.experts_per_token
-    width = max(1, round(prefetch_width * k))
-    # An adaptive width may grow to 4× top-k, but one layer's guesses never take more than a
-    # quarter of the cache (at 12.5% residency wider guesses crowded out the kept first layer).
-    widths = None if not prefetch_recall else AdaptiveWidth(
-        k, manifest.num_experts, start=width, target=prefetch_recall,
-        max_width=min(round(MAX_PREFETCH_WIDTH * k), max(width, cache_experts // 4)))
-    runtime = OffloadRuntime(manifest, reader, cache, dtype=cdtype,
-                             working_set_bytes=plan.working_set_bytes, precision=options,
-                             prefetch_layers=prefetch_layers, scoring=scoring, overlap_io=overlap_io,
-                             float_itemsize=float_size, prefetch_low_precision=prefetch_low_precision,
-                             prefetch_width=width, widths=widths,
-                             prefill_low_precision=prefill_low_precision, gate_stacks=gate_stacks)
+    shallow[0] = keep_shallow_layers
+    for ps in cache.pools:
+        ps.policy = make_policy(policy, shallow_layers=keep_shallow_layers, **policy_kwargs)
+    _apply_plan(runtime, groups, plan)
+    _follow_context(runtime, groups)
+    if prefetch_layers:
+        width = max(1, round(prefetch_width * k))
+        # An adaptive width may grow to 4x top-k, but one layer's guesses never take more than a
+        # quarter of the pool (at 12.5% residency wider guesses crowded out the kept first layer).
+        widths = None if not prefetch_recall else AdaptiveWidth(
+            k, manifest.num_experts, start=width, target=prefetch_recall,
+            max_width=min(round(MAX_PREFETCH_WIDTH * k), max(width, cache_experts // 4)))
+        runtime.prefetcher = Prefetcher(runtime, prefetch_layers, width, widths, gate_stacks,
+                                        low_precision=prefetch_low_precision)
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
                      prefill_step_size=prefill_step_size)
-    bind(model, runtime)
+    runtime.preload()
     reader.bytes_read = 0
+    runtime.stats.reset()
+    runtime.context_tokens = 0
     gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -284,12 +382,16 @@ def offload_stats(model: nn.Module) -> dict:
     rt = runtime_of(model)
     plan: BudgetPlan = rt.plan
     rt.wait_idle()
+    rt.count_deferred()
     s = dict(vars(rt.stats))
     s.update(policy=rt.cache.policy.name, resident_expert_bytes=rt.cache.resident_bytes,
              resident_experts=len(rt.cache),
              expert_cache_bytes=plan.expert_cache_bytes, peak_memory_bytes=mx.get_peak_memory(),
              active_memory_bytes=mx.get_active_memory(), budget_bytes=plan.budget_bytes,
-             dense_bytes=plan.dense_bytes)
+             dense_bytes=plan.dense_bytes, kv_reserve_bytes=plan.kv_reserve_bytes,
+             kv_reserve_tokens=plan.kv_tokens, context_tokens=rt.context_tokens,
+             activation_reserve_bytes=plan.activation_reserve_bytes,
+             pool_slots=[ps.pool.slots for ps in rt.cache.pools])
     served = s["hits_high"] + s["hits_low"]
     demand = served + s["misses_high"] + s["misses_low"]
     s["hit_rate"] = served / demand if demand else 0.0
@@ -301,9 +403,10 @@ def offload_stats(model: nn.Module) -> dict:
     s["prediction_recall_by_distance"] = {d: c / t for d, (c, t, _) in by_distance if t}
     s["prediction_precision_by_distance"] = {d: c / g for d, (c, _, g) in by_distance if g}
     # the width each layer predicted with last (one layer ahead): adaptive, or the fixed one
-    s["prefetch_widths"] = ({rt.layers[pos].layer.layer: w for (pos, d), w in
-                             sorted(rt.widths.widths().items()) if d == 1}
-                            if rt.widths is not None else rt.prefetch_width)
+    pf = rt.prefetcher
+    s["prefetch_widths"] = (None if pf is None else pf.width if pf.widths is None else
+                            {rt.layers[pos].layer.layer: w for (pos, d), w in
+                             sorted(pf.widths.widths().items()) if d == 1})
     s["prefetch_precision_by_distance"] = {d: u / i for d, (i, u) in
                                            sorted(s.pop("prefetch_by_distance").items()) if i}
     s["little_token_share"] = s["little_tokens"] / s["routed_tokens"] if s["routed_tokens"] else None
@@ -314,6 +417,7 @@ def reset_stats(model: nn.Module) -> None:
     """Zero the counters and MLX's peak-memory mark (the cache's contents stay)."""
     rt = runtime_of(model)
     rt.wait_idle()
+    rt.count_deferred()
     rt.stats.reset()
     mx.reset_peak_memory()
 

@@ -1,26 +1,27 @@
-"""Patching mlx-lm's MoE modules: each routed-expert switch module becomes an offloaded one.
+"""Patching mlx-lm's MoE modules: each routed-expert switch module runs on slot pools.
 
-``OffloadedSwitch`` keeps the original mlx-lm switch module (``SwitchGLU``, ``SwitchMLP``, ...) but
-empties its projections: for each call it learns which experts the router chose (one host sync
-on the indices), makes them resident through the cache (misses are read by the I/O pool in
-parallel), stacks just those experts and runs the original module on them with the indices
-renumbered. Running mlx-lm's own code on the same quantized bytes is what keeps exact mode
-bit-equal to mlx-lm with everything resident.
+``OffloadedSwitch`` keeps the original mlx-lm switch module (``SwitchGLU``, ``SwitchMLP``, ...)
+but its projections read a pool (``pools.SlotPool``) instead of holding every expert: a layer
+call remaps the router's expert ids to slots on the device and runs mlx-lm's own module code on
+the pool. Exact mode is therefore bit-equal to mlx-lm with everything resident.
 
-Prefetch: the same host sync also brings the gate weights (mixed precision) and the next layers'
-routers applied to this layer's gate input; the predicted experts that are not resident are read
-in the background (their own queue) and held (see ``cache``) from the read until their layer has
-run; so are the predicted experts that are resident already.
-
-A prompt chunk is grouped by expert: every expert the chunk needs in a layer is read once, and
-``gather_qmm`` runs each expert over all tokens routed to it. When a chunk needs more experts than
-the working set allows, they are processed in groups whose partial outputs are summed.
+* **No host sync where nothing can miss.** When every expert of a layer has a slot (and no
+  technique needs the gate weights on the host), the call stays lazy: mlx-lm's pipelining works
+  as stock. Its hits are counted at the next sync, from the router indices kept meanwhile.
+* **Otherwise one host sync per layer call**, on the router indices, the gate weights (mixed
+  precision) and the next layers' predictions (prefetch) together. Misses are read in parallel
+  straight into free or evicted slots while the resident experts start computing.
+* A prompt chunk is grouped by expert: every expert a chunk needs in a layer is read once. When a
+  chunk needs more experts than the pool can give it, they run in groups whose partial outputs
+  are evaluated (so the slots may be reused) and summed.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 
@@ -29,14 +30,20 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
-from .architectures import SWITCH_LINEAR_TYPES, switch_linear_paths
-from .cache import ExpertCache
+from .architectures import switch_linear_paths
+from .cache import SlotCache
 from .precision import DROP, HIGH, LOW, PrecisionOptions, demote_unpopular, plan_slots
 from .reader import RecordReader
-from .routing import (StackedGates, find_router, gate_weights, normalized, predictions_from,
-                      router_logits, tap_router, top_predictions, untapped_call)
-from .store import LayerEntry, Manifest, PrecisionEntry
-from .widths import AdaptiveWidth
+from .routing import find_router, gate_weights, normalized, tap_router
+from .store import LayerEntry, Manifest
+
+# Lazy calls whose hits are counted later; beyond this many, the oldest half (whose tokens are
+# long evaluated) is counted at once.
+_DEFERRED_LIMIT = 512
+
+
+class PoolBudgetError(RuntimeError):
+    """The pool cannot give a layer call even one slot (every slot pinned or in use)."""
 
 
 @dataclass
@@ -63,6 +70,7 @@ class OffloadStats:
     routed_tokens: int = 0
     layer_calls: int = 0
     host_syncs: int = 0
+    pool_rebuilds: int = 0
     read_wait_s: float = 0.0
 
     def reset(self) -> None:
@@ -70,51 +78,69 @@ class OffloadStats:
             setattr(self, f.name, type(getattr(self, f.name))())
 
 
-def _empty_projection() -> QuantizedSwitchLinear:
-    """A QuantizedSwitchLinear with no arrays: each call lends it the stacked experts it needs."""
-    proj = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
-    nn.Module.__init__(proj)
-    proj.group_size, proj.bits, proj.mode, proj.global_scale = 64, 4, "affine", None
-    return proj
+class PoolProjection:
+    """One expert projection over a pool, called with mlx-lm's own ``QuantizedSwitchLinear``
+    code. Not an ``nn.Module``: the pool's arrays stay out of ``model.parameters()``."""
+
+    def __init__(self, cache: SlotCache, layer: int, precision: str, name: str, quant: dict):
+        self._cache, self._lp, self._prefix = cache, (layer, precision), name + "."
+        self.group_size, self.bits, self.mode = quant["group_size"], quant["bits"], quant["mode"]
+
+    @property
+    def _arrays(self) -> dict:
+        return self._cache.pool_for(*self._lp).arrays
+
+    def __getitem__(self, name: str) -> mx.array:
+        return self._arrays[self._prefix + name]
+
+    def get(self, name: str, default=None):
+        return self._arrays.get(self._prefix + name, default)
+
+    def __contains__(self, name: str) -> bool:
+        return self._prefix + name in self._arrays
+
+    @property
+    def global_scale(self):
+        return self.get("global_scale")
+
+    def __call__(self, x, indices, sorted_indices=False):
+        return QuantizedSwitchLinear.__call__(self, x, indices, sorted_indices)
+
+
+def _copy_switch(inner: nn.Module) -> nn.Module:
+    """A copy of the switch module whose own and nested modules can be rebound independently."""
+    out = copy.copy(inner)
+    for name, child in list(inner.items()):
+        if isinstance(child, nn.Module):
+            out[name] = _copy_switch(child)
+    return out
 
 
 class OffloadRuntime:
     """What every offloaded layer of one model shares: store reader, cache, stats, options."""
 
-    def __init__(self, manifest: Manifest, reader: RecordReader, cache: ExpertCache, *,
-                 dtype: mx.Dtype | None, working_set_bytes: int,
-                 precision: PrecisionOptions | None = None, prefetch_layers: int = 0,
-                 scoring: str = "softmax", overlap_io: bool = True,
-                 float_itemsize: int | None = None, prefetch_low_precision: bool = False,
-                 prefetch_width: int | None = None, gate_stacks: dict | None = None,
-                 prefill_low_precision: float = 0.0, widths: AdaptiveWidth | None = None):
+    def __init__(self, manifest: Manifest, reader: RecordReader, cache: SlotCache, *,
+                 precision: PrecisionOptions | None = None, scoring: str = "softmax",
+                 overlap_io: bool = True, prefill_low_precision: float = 0.0):
         self.manifest = manifest
         self.reader = reader
         self.cache = cache
-        self.dtype = dtype
-        self.working_set_bytes = working_set_bytes
         self.precision = precision or PrecisionOptions()
-        self.prefetch_layers = prefetch_layers
         self.scoring = scoring
         self.overlap_io = overlap_io
-        self.float_itemsize = float_itemsize
-        self.prefetch_low_precision = prefetch_low_precision
-        self.prefetch_width = prefetch_width or manifest.experts_per_token
-        self.widths = widths  # per-layer widths that reach a target recall (else the fixed one)
-        self.gate_stacks: dict[int, StackedGates] = gate_stacks or {}
         self.prefill_low_precision = prefill_low_precision
+        self.prefetcher = None  # a prefetch.Prefetcher when prefetch is on
         self.stats = OffloadStats()
+        self.stats_lock = threading.Lock()
         self.layers: list[OffloadedSwitch] = []
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
-        self._inflight: dict[tuple, Future] = {}
-        # layer -> {key: distance}: prefetches issued for the layer's next call, held until it runs
-        self._issued: dict[int, dict] = {}
-        self._predicted: dict[int, dict[int, set]] = {}  # layer -> {distance: predicted experts}
-        # layer -> resident experts predicted for its next call, held until it runs
-        self._held: dict[int, list] = {}
-        self._logits: dict[int, dict[int, np.ndarray]] = {}  # layer -> {distance: logits}
-        self._lock = threading.Lock()
-        self.on_layer = getattr(cache.policy, "on_layer", None)
+        self.measuring = False  # load() measuring activations: no reads, slot 0 for everything
+        self._deferred: list[tuple[int, mx.array]] = []  # lazy calls: (layer, router indices)
+        self._unsynced: list = []  # weak refs to outputs built since the last sync
+        self.context_tokens = 0  # tokens in the sequence's KV cache (counted at the first layer)
+        self.on_context = None  # called with the new count when it passes ``context_limit``
+        self.on_new_sequence = None  # called with the context a new sequence starts from
+        self.context_limit = 1 << 62
         # What load() decided, for stats and the generate wrappers (see describe()).
         self.plan = None
         self.model_dir = None
@@ -126,10 +152,56 @@ class OffloadRuntime:
         self.plan, self.model_dir = plan, model_dir
         self.kv_bytes_per_token, self.prefill_step_size = kv_bytes_per_token, prefill_step_size
 
-    def new_sequence(self) -> None:
-        """Per-sequence statistics (HOBBIT's frequency factors) start again."""
-        with self.cache.lock:
-            self.cache.policy.reset()
+    @property
+    def prefetch_layers(self) -> int:
+        return self.prefetcher.layers_ahead if self.prefetcher is not None else 0
+
+    def new_sequence(self, context_tokens: int = 0) -> None:
+        """Per-sequence statistics (HOBBIT's frequency factors) start again; the KV cache holds
+        ``context_tokens`` already (a continued chat)."""
+        self.cache.reset_policies()
+        self.context_tokens = context_tokens
+        if self.on_new_sequence is not None:
+            self.on_new_sequence(context_tokens)
+
+    def add_context(self, tokens: int) -> None:
+        self.context_tokens += tokens
+        if self.context_tokens > self.context_limit and self.on_context is not None:
+            self.on_context(self.context_tokens)
+
+    # --- lazy calls and pending graphs ------------------------------------------------------
+    def track(self, y: mx.array) -> None:
+        """Remember an output built on the pools until the next sync evaluates it: a graph the
+        caller still holds must not read a slot after it was rewritten."""
+        self._unsynced.append(weakref.ref(y))
+        if len(self._unsynced) > _DEFERRED_LIMIT:
+            del self._unsynced[:_DEFERRED_LIMIT // 2]
+
+    def pending_outputs(self) -> list[mx.array]:
+        out = [a for r in self._unsynced if (a := r()) is not None]
+        self._unsynced.clear()
+        return out
+
+    def settle(self) -> None:
+        """Evaluate every graph built on the pools so far; slots used until now may be written."""
+        mx.eval(self.pending_outputs())
+        mx.synchronize()
+        self.cache.synced()
+
+    def defer(self, layer: int, indices: mx.array) -> None:
+        self._deferred.append((layer, indices))
+        if len(self._deferred) > _DEFERRED_LIMIT:
+            self.count_deferred(_DEFERRED_LIMIT // 2)
+
+    def count_deferred(self, n: int | None = None) -> None:
+        """Count the hits of lazy calls (their indices are evaluated by now) and tell the policy."""
+        todo = self._deferred[:n] if n is not None else self._deferred
+        del self._deferred[:len(todo)]
+        for layer, indices in todo:
+            experts = np.unique(np.array(indices))
+            self.stats.expert_requests += len(experts)
+            self.stats.hits_high += len(experts)
+            self.cache.record_hits(layer, experts)
 
     def _count(self, precision: str, hits: int, misses: int) -> None:
         if precision == "high":
@@ -139,230 +211,202 @@ class OffloadRuntime:
             self.stats.hits_low += hits
             self.stats.misses_low += misses
 
-    def begin_fetch(self, layer: LayerEntry, experts, precision: str = "high") -> "Fetch":
-        """Pin the experts, take the resident ones, and start reading the rest (in parallel)."""
-        return Fetch(self, layer, experts, precision)
-
     def has_or_reading(self, layer: int, expert: int, precision: str) -> bool:
-        """Resident, or a prefetch is reading it now."""
-        key = (layer, expert, precision)
-        if key in self.cache:
-            return True
-        with self._lock:
-            return key in self._inflight
-
-    # --- prefetch -------------------------------------------------------------------------
-    def predictions_after(self, layer_pos: int, gate_input: mx.array) -> list[tuple]:
-        """The next layers' routers applied to this layer's gate input, lazily (the caller
-        evaluates them with its own indices): [(distance, layer, router output)], skipping
-        layers that are fully resident (they cannot miss)."""
-        targets = []
-        for distance in range(1, self.prefetch_layers + 1):
-            target = layer_pos + distance
-            if target >= len(self.layers) or self.layers[target].router is None:
-                break
-            switch = self.layers[target]
-            if self.cache.resident_in_layer(switch.layer.layer) < switch.layer.num_experts:
-                targets.append((distance, switch))
-        if not targets:
-            return []
-        stack = self.gate_stacks.get(layer_pos)
-        stacked = stack(gate_input) if stack is not None else None  # one matmul for all of them
-        return [(d, s, stacked[d - 1] if stacked is not None else untapped_call(s.router, gate_input))
-                for d, s in targets]
-
-    def prefetch(self, predictions: list[tuple]) -> None:
-        """Start reading the predicted experts that are not resident, nearest layer first."""
-        for distance, switch, out in predictions:
-            logits = router_logits(out) if self.widths is not None else None
-            if logits is None:
-                ind, weights = predictions_from(out, self.prefetch_width)
-            else:  # the width this layer needs; its router's choice will say how well it did
-                self._logits.setdefault(switch.position, {})[distance] = logits
-                ind, weights = top_predictions(logits, self.widths.width(switch.position, distance))
-            self._issue_prefetch(switch, distance, ind, weights)
-
-    def observe_choice(self, position: int, chosen: np.ndarray) -> None:
-        """A layer's router chose: score the predictions made for it (widths learn from it)."""
-        for distance, logits in self._logits.pop(position, {}).items():
-            if len(logits) == len(chosen):
-                self.widths.observe(position, distance, logits, chosen)
-
-    def _issue_prefetch(self, switch: "OffloadedSwitch", distance: int, ind: np.ndarray,
-                        weights: np.ndarray) -> None:
-        experts, precisions = self._prefetch_plan(ind, weights)
-        lid = switch.layer.layer
-        self._predicted.setdefault(switch.position, {})[distance] = set(experts.tolist())
-        for e, precision in zip(*self._hold_resident(lid, experts, precisions)):
-            key = (lid, e, precision)
-            entry = switch.layer.precisions[precision]
-            with self._lock:
-                if key in self._inflight:
-                    continue
-                issued = self._issued.setdefault(lid, {})
-                if key not in issued:  # (issued before from farther away, but it found no room)
-                    # Held from now until its layer runs (a hold may precede residency), so a
-                    # read that lands after that call leaves no stale hold behind.
-                    self.cache.hold([key])
-                    issued[key] = distance
-                fut = self.reader.submit(entry, e, self.dtype, background=True)
-                self._inflight[key] = fut
-            self.stats.prefetch_issued += 1
-            fut.add_done_callback(lambda f, key=key, n=entry.records[e].nbytes:
-                                  self._prefetch_done(key, f, n))
-
-    def _hold_resident(self, lid: int, experts: np.ndarray, precisions: list) -> tuple[list, list]:
-        """Hold the predicted experts that are resident (the 4-bit copy, or the copy planned)
-        until layer ``lid`` runs, so bringing in other predictions (LRU evicts the layer that
-        comes next) cannot evict one only to read it again. Returns those still to read."""
-        to_read, to_read_precisions, held = [], [], []
-        with self.cache.lock:  # one lock for the whole prediction
-            for e, precision in zip(experts.tolist(), precisions):
-                high = (lid, e, "high")
-                key = high if high in self.cache else (lid, e, precision)
-                if key in self.cache:
-                    held.append(key)
-                else:
-                    to_read.append(e)
-                    to_read_precisions.append(precision)
-            self.cache.hold(held)
-        self._held.setdefault(lid, []).extend(held)
-        return to_read, to_read_precisions
-
-    def _prefetch_plan(self, ind: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """Predicted experts, and the copy to prefetch. With ``prefetch_low_precision`` (and mixed
-        precision on) an uncertain or unimportant prediction is read in 2-bit: one that no token
-        predicts among its top-k with HOBBIT importance (unimportance <= t1). That bounds the
-        cost of a wrong or low-value guess."""
-        experts = np.unique(ind)
-        if not (self.precision.mixed_precision and self.prefetch_low_precision):
-            return experts, ["high"] * len(experts)
-        k = min(self.manifest.experts_per_token, ind.shape[-1])
-        top_w = weights[:, :k] / weights[:, :k].sum(axis=-1, keepdims=True)
-        level, _ = plan_slots(top_w, self.precision)
-        important = set(int(e) for e in ind[:, :k][level == HIGH])
-        return experts, ["high" if int(e) in important else "low" for e in experts]
-
-    def _prefetch_done(self, key: tuple, fut: Future, nbytes: int) -> None:
-        try:
-            arrays = fut.result()
-        except Exception:  # the demand path will read it again and report the error
-            arrays = None
-        if arrays is not None:
-            with self._lock:  # this runs on an I/O thread
-                self.stats.bytes_read += nbytes
-                self.stats.prefetch_bytes += nbytes
-            self.cache.put(key, arrays, prefetched=True)
-        with self._lock:
-            self._inflight.pop(key, None)
-
-    def consume_prefetch(self, layer: int, needed: set) -> list:
-        """A layer is about to run: count which of its prefetches are used. Returns the keys
-        whose protection the caller releases once the layer's experts are pinned by its fetch."""
-        with self._lock:
-            issued = self._issued.pop(layer, {})
-            available = {key for key in issued if key in self._inflight or key in self.cache}
-        per_distance = self.stats.prefetch_by_distance
-        for key, distance in issued.items():
-            used = int(key[1] in needed and key in available)
-            self.stats.prefetch_used += used
-            n_issued, n_used = per_distance.get(distance, (0, 0))
-            per_distance[distance] = (n_issued + 1, n_used + used)
-        return list(issued) + self._held.pop(layer, [])
+        if self.prefetcher is not None:
+            return self.prefetcher.has_or_reading(layer, expert, precision)
+        return (layer, expert, precision) in self.cache
 
     def wait_idle(self) -> None:
-        """Let outstanding prefetch reads finish (tests and benchmarks read stable counters)."""
-        while True:
-            with self._lock:
-                futs = list(self._inflight.values())
-            if not futs:
-                return
-            for f in futs:
-                f.exception()
-            time.sleep(0.001)
+        if self.prefetcher is not None:
+            self.prefetcher.wait_idle()
+
+    # --- resizing -------------------------------------------------------------------------
+    def resize_pools(self, slots: dict) -> None:
+        """Give each pool ``slots[pool]`` slots (``pool`` as in ``cache.pools``), keeping the
+        experts its policy ranks highest. The old arrays are freed before the new ones are made,
+        and the kept experts are read again from the store, so memory never holds both."""
+        self.wait_idle()
+        if self.prefetcher is not None:
+            self.prefetcher.forget()
+        self.settle()
+        keep = {}
+        for ps in self.cache.pools:
+            ranked = self.cache.ranked_keys(ps)  # evicted first, first
+            keep[id(ps)] = ranked[max(0, len(ranked) - slots[id(ps)]):]
+        self.cache.clear()
+        for ps in self.cache.pools:
+            ps.pool.release()
+        mx.clear_cache()
+        for ps in self.cache.pools:
+            ps.pool.allocate(slots[id(ps)])
+            ps.reset_slots()
+        futures = []
+        for ps in self.cache.pools:
+            for key in keep[id(ps)]:
+                slot = self.cache.reserve(key)
+                entry = self.manifest.layers[key[0]].precisions[key[2]]
+                futures.append((key, slot, self.reader.submit_into(entry, key[1], ps.pool, slot)))
+        for key, slot, fut in futures:
+            fut.result()
+            self.cache.commit(key, slot)
+        self.stats.pool_rebuilds += 1
+
+    def preload(self) -> None:
+        """Read every expert of every pool that can hold all of its layers' experts (as mlx-lm
+        loads a model whole): such layers never miss, so their calls stay lazy from the start."""
+        futures = []
+        for layer in self.manifest.layers:
+            for precision in ("high",):
+                pool = self.cache.pool_for(layer.layer, precision)
+                if pool is None or self.cache.capacity(layer.layer, precision) < \
+                        self.cache.experts_served(layer.layer, precision):
+                    continue
+                entry = layer.precisions[precision]
+                for e in range(layer.num_experts):
+                    key = (layer.layer, e, precision)
+                    if key in self.cache:
+                        continue
+                    slot = self.cache.reserve(key)
+                    futures.append((key, slot, self.reader.submit_into(entry, e, pool, slot)))
+        for key, slot, fut in futures:
+            fut.result()
+            self.cache.commit(key, slot)
 
     def close(self) -> None:
         self.wait_idle()
         self.reader.close()
         self.cache.clear()
+        for ps in self.cache.pools:
+            ps.pool.release()
 
 
 class Fetch:
-    """One layer call's experts at one precision: hits at once, misses as reads in flight."""
+    """One layer call's experts at one precision: resident ones at once, misses read into slots.
 
-    def __init__(self, rt: OffloadRuntime, layer: LayerEntry, experts, precision: str):
+    Experts for which no slot can be had now (the pool is smaller than the chunk's need) are
+    ``left`` for a later group."""
+
+    def __init__(self, rt: OffloadRuntime, layer: LayerEntry, experts: np.ndarray, precision: str):
         self.rt, self.precision = rt, precision
         self.entry = layer.precisions[precision]
-        self.keys = [(layer.layer, int(e), precision) for e in experts]
-        self.pending: list = []  # (position, future, read on demand?)
-        self.arrays = rt.cache.pin_and_get(self.keys)
-        for i, key in enumerate(self.keys):
-            if self.arrays[i] is not None:
+        self.pool = rt.cache.pool_for(layer.layer, precision)
+        keys = [(layer.layer, int(e), precision) for e in experts]
+        slots = rt.cache.pin_and_lookup(keys)
+        self.pending: list = []  # (position, future, slot or None: a prefetch's read)
+        left = []
+        for i, key in enumerate(keys):
+            if slots[i] >= 0:
                 continue
-            with rt._lock:
-                fut = rt._inflight.get(key)
+            fut = rt.prefetcher.inflight(key) if rt.prefetcher is not None else None
             if fut is not None:  # a prefetch is reading it already: wait for that read
-                self.pending.append((i, fut, False))
-            else:
-                self.pending.append((i, rt.reader.submit(self.entry, key[1], rt.dtype), True))
-        demand = sum(1 for p in self.pending if p[2])
+                self.pending.append((i, fut, None))
+                continue
+            slot = rt.cache.reserve(key) if not left else None
+            if slot is None:
+                left.append(i)
+                continue
+            slots[i] = slot
+            self.pending.append((i, rt.reader.submit_into(self.entry, key[1], self.pool, slot), slot))
+        taken = np.ones(len(keys), dtype=bool)
+        taken[left] = False
+        rt.cache.unpin([keys[i] for i in left])
+        self.keys = [k for k, t in zip(keys, taken) if t]
+        self.experts = experts[taken]
+        self.left = experts[~taken]
+        self.slots = np.array([s for s, t in zip(slots, taken) if t], dtype=np.int64)
+        order = np.cumsum(taken) - 1  # position in the original list -> position among taken
+        self.pending = [(int(order[i]), f, s) for i, f, s in self.pending]
+        demand = sum(1 for p in self.pending if p[2] is not None)
         rt._count(precision, len(self.keys) - demand, demand)
         rt.stats.hits_in_flight += len(self.pending) - demand
 
     @property
     def resident(self) -> np.ndarray:
-        """Positions of the experts that were resident when the fetch began."""
-        return np.array([i for i, a in enumerate(self.arrays) if a is not None], dtype=np.int64)
+        """Positions (among the experts taken) resident when the fetch began."""
+        waiting = np.zeros(len(self.keys), dtype=bool)
+        waiting[[p[0] for p in self.pending]] = True
+        return np.flatnonzero(~waiting)
 
-    def finish(self) -> list[dict]:
+    def finish(self) -> None:
+        """Wait for the reads and make them resident; then the pins go (the slots stay stamped
+        with this epoch, so nothing overwrites them before the graphs reading them ran)."""
         rt = self.rt
-        if not self.pending:  # every expert was resident
+        if not self.pending:
             rt.cache.unpin(self.keys)
-            return self.arrays
+            return
         t0 = time.perf_counter()
         try:
-            for i, fut, is_demand in self.pending:
-                self.arrays[i] = fut.result()
-                if is_demand:
-                    with rt._lock:  # prefetch threads add to the same counter
-                        rt.stats.bytes_read += self.entry.records[self.keys[i][1]].nbytes
-                    rt.cache.put(self.keys[i], self.arrays[i])
+            for i, fut, slot in self.pending:
+                key = self.keys[i]
+                if slot is None:  # a prefetch read
+                    fut.exception()
+                    slot = rt.cache.slot(key)
+                    if slot is None:  # it failed: read on demand (reports the error if it persists)
+                        slot = rt.cache.reserve(key)
+                        if slot is None:
+                            raise PoolBudgetError(f"no slot for expert {key}")
+                        self._read_now(key, slot)
+                    self.slots[i] = slot
+                    rt.cache.stamp([key])
+                    continue
+                try:
+                    nbytes = fut.result()
+                except BaseException:
+                    rt.cache.abandon(key, slot)
+                    raise
+                with rt.stats_lock:
+                    rt.stats.bytes_read += nbytes
+                rt.cache.commit(key, slot)
         finally:
             rt.stats.read_wait_s += time.perf_counter() - t0
             rt.cache.unpin(self.keys)
-        return self.arrays
+
+    def _read_now(self, key: tuple, slot: int) -> None:
+        try:
+            nbytes = self.rt.reader.read_into(self.entry, key[1], self.pool, slot)
+        except BaseException:
+            self.rt.cache.abandon(key, slot)
+            raise
+        with self.rt.stats_lock:
+            self.rt.stats.bytes_read += nbytes
+        self.rt.cache.commit(key, slot)
 
 
 class OffloadedSwitch(nn.Module):
-    """Drop-in replacement for an mlx-lm switch module whose experts live in the store."""
+    """Drop-in replacement for an mlx-lm switch module whose experts live in slot pools."""
 
     def __init__(self, inner: nn.Module, layer: LayerEntry, position: int):
         super().__init__()
-        for path in switch_linear_paths(inner):
+        self._proj_paths = switch_linear_paths(inner)
+        for path in self._proj_paths:  # the random initial experts are never materialised
             parent, _, name = path.rpartition(".")
             owner = inner if not parent else dict(inner.named_modules())[parent]
-            setattr(owner, name, _empty_projection())
+            owner[name] = nn.Module()
         self.inner = inner
-        self._proj = {p: m for p, m in inner.named_modules() if isinstance(m, SWITCH_LINEAR_TYPES)}
         self.layer = layer
         self.position = position
         # The block's router: a reference, not a child (its weights stay where mlx-lm keeps them).
         object.__setattr__(self, "router", None)
+        object.__setattr__(self, "_by_precision", {})
         self._runtime: OffloadRuntime | None = None
 
-    def _run(self, x: mx.array, local_indices: np.ndarray, experts: list[dict],
-             entry: PrecisionEntry) -> mx.array:
-        for t in entry.tensors:
-            proj, _, attr = t.name.rpartition(".")
-            self._proj[proj][attr] = mx.stack([e[t.name] for e in experts])
-        for name, proj in self._proj.items():
-            q = entry.quant[name]
-            proj.bits, proj.group_size, proj.mode = q["bits"], q["group_size"], q["mode"]
-        try:
-            return self.inner(x, mx.array(local_indices.astype(np.uint32)))
-        finally:
-            for proj in self._proj.values():
-                proj.clear()
+    def bind_pools(self, cache: SlotCache) -> None:
+        """Point the switch module's projections at the pools (a copy of it per precision)."""
+        by_precision = {}
+        for precision in self.layer.precisions:
+            if cache.pool_for(self.layer.layer, precision) is None:
+                continue
+            module = self.inner if not by_precision else _copy_switch(self.inner)
+            for path in self._proj_paths:
+                parent, _, name = path.rpartition(".")
+                owner = module if not parent else dict(module.named_modules())[parent]
+                if name in owner:
+                    del owner[name]
+                quant = self.layer.precisions[precision].quant[path]
+                object.__setattr__(owner, name, PoolProjection(cache, self.layer.layer, precision,
+                                                               path, quant))
+            by_precision[precision] = module
+        object.__setattr__(self, "_by_precision", by_precision)
 
     def _router_state(self) -> tuple:
         """(router input, router output) of this layer's call, when the router is tapped."""
@@ -370,22 +414,56 @@ class OffloadedSwitch(nn.Module):
             return None, None
         return getattr(self.router, "_hobbit_in", None), getattr(self.router, "_hobbit_out", None)
 
+    def _lazy_ok(self, rt: OffloadRuntime) -> bool:
+        """Nothing can miss and nothing needs the host: every expert of this layer (and of the
+        layers prefetch would predict) is resident in 4-bit, and no technique drops slots."""
+        if rt.trace is not None or rt.precision.drops:
+            return False
+        cache, lid = rt.cache, self.layer.layer
+        if cache.resident_in_layer(lid) < self.layer.num_experts:
+            return False
+        for d in range(1, rt.prefetch_layers + 1):
+            nxt = self.position + d
+            if nxt < len(rt.layers) and cache.resident_in_layer(rt.layers[nxt].layer.layer) < \
+                    rt.layers[nxt].layer.num_experts:
+                return False
+        return True
+
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         rt = self._runtime
+        if self.position == 0:
+            rt.add_context(x.size // x.shape[-1])
+        if rt.measuring:
+            return self._by_precision["high"](x, mx.zeros_like(indices))
+        rt.stats.layer_calls += 1
+        if self._lazy_ok(rt):
+            lid = self.layer.layer
+            rt.cache.stamp_layer(lid)
+            rt.defer(lid, indices)
+            y = self._by_precision["high"](x, rt.cache.device_remap(lid)[indices])
+            rt.track(y)
+            return y
+        return self._synced_call(x, indices)
+
+    def _synced_call(self, x: mx.array, indices: mx.array) -> mx.array:
+        rt = self._runtime
         opts = rt.precision
+        pf = rt.prefetcher
         gate_in, gate_out = self._router_state()
         want_weights = gate_out is not None and (opts.needs_weights or rt.trace is not None)
         lazy_weights = gate_weights(gate_out, indices, rt.scoring) if want_weights else None
-        predictions = (rt.predictions_after(self.position, gate_in)
-                       if rt.prefetch_layers and gate_in is not None else [])
-        # The one host sync: which experts this call needs, their gate weights and the next
-        # layers' predictions, all evaluated together.
-        mx.eval([a for a in (indices, lazy_weights) if a is not None], [p[2] for p in predictions])
-        idx = np.array(indices)
+        predictions = pf.predictions_after(self.position, gate_in) if pf is not None \
+            and self.router is not None and gate_in is not None else []
+        # The one host sync: which experts this call needs, their gate weights, the next layers'
+        # predictions, and every graph built on the pools since the last sync, evaluated together.
+        mx.eval([a for a in (indices, lazy_weights) if a is not None], [p[2] for p in predictions],
+                rt.pending_outputs())
+        rt.cache.synced()
         rt.stats.host_syncs += 1
-        rt.stats.layer_calls += 1
-        if rt.on_layer is not None:
-            rt.on_layer(self.layer.layer)
+        if rt._deferred:
+            rt.count_deferred()
+        idx = np.array(indices)
+        rt.cache.on_layer(self.layer.layer)
         k = idx.shape[-1]
         flat = idx.reshape(-1, k)
         weights = normalized(lazy_weights, flat.shape) if want_weights else None
@@ -403,29 +481,23 @@ class OffloadedSwitch(nn.Module):
 
         parts = self._serve(flat, level)  # [(precision, experts array, slot mask)]
         needed = set(np.concatenate([p[1] for p in parts]).tolist()) if parts else set()
-        if rt.widths is not None:
-            rt.observe_choice(self.position, flat)
-        for distance, predicted in rt._predicted.pop(self.position, {}).items():
-            correct, total, guessed = rt.stats.prediction_by_distance.get(distance, (0, 0, 0))
-            rt.stats.prediction_by_distance[distance] = (
-                correct + len(needed & predicted), total + len(needed), guessed + len(predicted))
-            if distance == 1:
-                rt.stats.prediction_total += len(needed)
-                rt.stats.prediction_correct += len(needed & predicted)
         chosen = len(np.unique(flat))
         rt.stats.expert_requests += chosen
         rt.stats.skipped += chosen - len(needed)
 
         protected = []
-        if rt.prefetch_layers and self.router is not None:
-            protected = rt.consume_prefetch(self.layer.layer, needed)
-            rt.prefetch(predictions)
+        if pf is not None and self.router is not None:
+            pf.observe_choice(self.position, flat)
+            pf.score(self.position, needed)
+            protected = pf.consume(self.layer.layer, needed)
+            pf.issue(predictions)
         try:
-            y = self._compute(x, flat, parts, idx.shape)
+            y = self._compute(x, indices, flat, parts, idx.shape)
         finally:  # the layer's fetches have pinned (and used) what they need by now
             rt.cache.release(protected)
         if scale is not None and (scale != 1).any():
             y = y * mx.array(scale.reshape(idx.shape))[..., None].astype(y.dtype)
+        rt.track(y)
         return y
 
     def _serve(self, flat: np.ndarray, level: np.ndarray) -> list:
@@ -433,7 +505,7 @@ class OffloadedSwitch(nn.Module):
         rt = self._runtime
         lid = self.layer.layer
         kept = level != DROP
-        if not (level == LOW).any():  # the common case (exact mode, or every slot important)
+        if not (level == LOW).any() or "low" not in self._by_precision:
             experts = np.unique(flat[kept])
             return [("high", experts, kept)] if len(experts) else []
         high = set(flat[level == HIGH].tolist())
@@ -442,63 +514,80 @@ class OffloadedSwitch(nn.Module):
         for e in set(flat[level == LOW].tolist()) - high:
             if rt.has_or_reading(lid, e, "high"):
                 high.add(e)
-        copy = np.ones(self.layer.num_experts, dtype=np.int8)  # 0: 4-bit, 1: 2-bit
-        copy[list(high)] = 0
+        copy_of = np.ones(self.layer.num_experts, dtype=np.int8)  # 0: 4-bit, 1: 2-bit
+        copy_of[list(high)] = 0
         parts = []
         for precision, code in (("high", 0), ("low", 1)):
-            mask = kept & (copy[flat] == code)
+            mask = kept & (copy_of[flat] == code)
             if mask.any():
                 parts.append((precision, np.unique(flat[mask]), mask))
         return parts
 
-    def _masked_run(self, x, flat, mask, experts, arrays, entry, shape) -> mx.array:
-        """Run ``experts`` over just the slots in ``mask`` that chose one of them; zeros elsewhere.
-
-        The selected (token, slot) pairs are gathered into rows of their own (k=1), so each expert
-        computes only the tokens routed to it, and the results are scattered back into place.
-        """
+    def _masked_run(self, x, flat, mask, experts, slots, precision, shape) -> mx.array:
+        """Run ``experts`` (in ``slots``) over just the (token, choice) pairs in ``mask`` that chose
+        one of them; zeros elsewhere. Each selected pair becomes a row of its own (k=1), so each
+        expert computes only the tokens routed to it."""
         pos = np.searchsorted(experts, flat)
         inside = mask & (pos < len(experts)) & (experts[np.minimum(pos, len(experts) - 1)] == flat)
-        rows, slots = np.nonzero(inside)
+        rows, ks = np.nonzero(inside)
         hidden = x.shape[-1]
         out = mx.zeros((flat.size, hidden), dtype=x.dtype)
         if len(rows):
             xs = x.reshape(-1, hidden)[mx.array(rows.astype(np.uint32))]
-            y = self._run(xs, pos[rows, slots][:, None], arrays, entry)
-            out[mx.array((rows * flat.shape[1] + slots).astype(np.uint32))] = y.reshape(-1, hidden).astype(x.dtype)
+            local = mx.array(slots[pos[rows, ks]].astype(np.uint32))[:, None]
+            y = self._by_precision[precision](xs, local)
+            out[mx.array((rows * flat.shape[1] + ks).astype(np.uint32))] = \
+                y.reshape(-1, hidden).astype(x.dtype)
         return out.reshape(*shape, hidden)
 
-    def _compute(self, x: mx.array, flat: np.ndarray, parts: list, shape: tuple) -> mx.array:
+    def _compute(self, x: mx.array, indices: mx.array, flat: np.ndarray, parts: list,
+                 shape: tuple) -> mx.array:
         rt = self._runtime
+        lid = self.layer.layer
         outputs = []
-        single = len(parts) == 1 and parts[0][2].all()
+        whole = len(parts) == 1 and parts[0][2].all()
         for precision, experts, mask in parts:
-            entry = self.layer.precisions[precision]
-            per_expert = entry.resident_nbytes(rt.float_itemsize)
-            group = max(1, rt.working_set_bytes // (2 * per_expert))  # experts per stacked run
-            for start in range(0, len(experts), group):
-                chunk = experts[start:start + group]
-                fetch = rt.begin_fetch(self.layer, chunk, precision)
+            remaining = experts
+            stuck = 0
+            while len(remaining):
+                fetch = Fetch(rt, self.layer, remaining, precision)
+                if not len(fetch.experts):  # no slot free: this call's graphs or reads hold them
+                    stuck += 1
+                    if stuck > 2:
+                        raise PoolBudgetError(
+                            f"the {precision} expert pool ({rt.cache.capacity(lid, precision)} "
+                            "slots) cannot hold even one more expert of this layer call")
+                    if outputs:
+                        total = sum(outputs[1:], outputs[0])
+                        mx.eval(total)
+                        outputs = [total]
+                    rt.wait_idle()  # prefetch reads in flight hold slots too
+                    rt.cache.synced()
+                    continue
+                stuck = 0
                 hit = fetch.resident
-                if rt.overlap_io and 0 < len(hit) < len(chunk):
+                if rt.overlap_io and fetch.pending and 0 < len(hit) < len(fetch.experts):
                     # Start the resident experts' compute while the misses are being read.
-                    outputs.append(self._masked_run(x, flat, mask, chunk[hit],
-                                                    [fetch.arrays[i] for i in hit], entry, shape))
+                    outputs.append(self._masked_run(x, flat, mask, fetch.experts[hit],
+                                                    fetch.slots[hit], precision, shape))
                     mx.async_eval(outputs[-1])
-                    arrays = fetch.finish()
-                    miss = np.setdiff1d(np.arange(len(chunk)), hit)
-                    outputs.append(self._masked_run(x, flat, mask, chunk[miss],
-                                                    [arrays[i] for i in miss], entry, shape))
+                    fetch.finish()
+                    miss = np.setdiff1d(np.arange(len(fetch.experts)), hit)
+                    outputs.append(self._masked_run(x, flat, mask, fetch.experts[miss],
+                                                    fetch.slots[miss], precision, shape))
                 else:
-                    arrays = fetch.finish()
-                    if single and len(chunk) == len(experts):  # one stacked run, no mask needed
-                        return self._run(x, np.searchsorted(chunk, flat).reshape(shape), arrays, entry)
-                    outputs.append(self._masked_run(x, flat, mask, chunk, arrays, entry, shape))
-                if len(experts) > group:
+                    fetch.finish()
+                    if whole and not outputs and not len(fetch.left):  # one run on the pool
+                        return self._by_precision[precision](
+                            x, rt.cache.device_remap(lid, precision)[indices])
+                    outputs.append(self._masked_run(x, flat, mask, fetch.experts, fetch.slots,
+                                                    precision, shape))
+                remaining = fetch.left
+                if len(remaining):  # free this group's slots before the next group is read
                     total = sum(outputs[1:], outputs[0])
-                    mx.eval(total)  # free this group's experts before the next group is read
+                    mx.eval(total)
+                    rt.cache.synced()
                     outputs = [total]
-                del arrays
         if not outputs:  # every slot dropped
             return mx.zeros((*shape, x.shape[-1]), dtype=x.dtype)
         return sum(outputs[1:], outputs[0])
@@ -517,13 +606,15 @@ def install(model: nn.Module, manifest: Manifest) -> list[OffloadedSwitch]:
 
 
 def bind(model: nn.Module, runtime: OffloadRuntime) -> None:
-    """Attach the runtime to every offloaded layer, and tap each MoE block's router (after
-    loading: mlx-lm's quantization replaces router modules) so its gate weights can be read."""
+    """Attach the runtime to every offloaded layer, point it at the pools, and tap each MoE
+    block's router (after loading: mlx-lm's quantization replaces router modules) so its gate
+    weights can be read."""
     modules = dict(model.named_modules())
     runtime.layers = sorted((m for m in modules.values() if isinstance(m, OffloadedSwitch)),
                             key=lambda m: m.position)
     for layer in runtime.layers:
         layer._runtime = runtime
+        layer.bind_pools(runtime.cache)
         parent_path = layer.layer.module_path.rpartition(".")[0]
         router = find_router(modules[parent_path] if parent_path else model, layer.layer.num_experts)
         object.__setattr__(layer, "router", router if router is None else tap_router(router))

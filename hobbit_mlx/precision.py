@@ -35,6 +35,11 @@ class PrecisionOptions:
     def needs_weights(self) -> bool:
         return self.mixed_precision or self.big_little
 
+    @property
+    def drops(self) -> bool:
+        """Some slots may be dropped whatever is resident (so every call needs the weights)."""
+        return self.skip or self.big_little
+
 
 def plan_slots(weights: np.ndarray, opts: PrecisionOptions) -> tuple[np.ndarray, np.ndarray]:
     """Per slot: level (HIGH / LOW / DROP) and the factor its output is scaled by."""

@@ -1,7 +1,8 @@
-"""Reading expert records from the store: a pool of ``pread`` workers and bytes -> mx.array.
+"""Reading expert records from the store: a pool of ``pread`` workers writing into pool slots.
 
 Reads run in threads (``os.preadv`` releases the GIL), so several experts of one layer are read in
-parallel and a background prefetcher can read while the model computes. Each record's CRC32 is
+parallel and a background prefetcher can read while the model computes. The threads only move
+bytes: every MLX call stays on the thread that runs the model. Each record's CRC32 is
 checked the first time it is read in this process (``verify="first"``), so a corrupt store fails
 with a clear error instead of producing garbage.
 """
@@ -14,16 +15,11 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
+from .pools import SlotPool, convert_into
 from .store import Manifest, PrecisionEntry, Record, StoreError
 
-_NP_DTYPES = {
-    "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "F16": np.float16,
-    "BF16": np.uint16, "U32": np.uint32, "I32": np.int32, "F32": np.float32,
-    "U64": np.uint64, "I64": np.int64, "F64": np.float64,
-}
 
 
 class RecordReader:
@@ -92,37 +88,95 @@ class RecordReader:
         out = []
         for span, crc in zip(record.spans, record.crc32):
             buf = self._read_span(*span)
-            if self.verify == "always" or (self.verify == "first" and span not in self._verified):
-                if zlib.crc32(buf) != crc:
-                    path = self.model_dir / self.manifest.files[span[0]]
-                    raise StoreError(f"{path}: checksum mismatch in bytes {span[1]}..{span[1] + span[2]}"
-                                     " (the expert store is corrupt; reconvert the model)")
-                with self._lock:
-                    self._verified.add(span)
+            self._check(span, crc, [buf])
             out.append(buf)
         with self._lock:
             self.bytes_read += record.nbytes
         return out
 
-    def read(self, entry: PrecisionEntry, expert: int, dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
-        """Read one expert at one precision into MLX arrays (floating tensors cast to ``dtype``)."""
-        spans = self.read_bytes(entry.records[expert])
-        arrays = {}
-        for t in entry.tensors:
-            raw = spans[t.span][t.offset:t.offset + t.nbytes].view(_NP_DTYPES[t.dtype]).reshape(t.shape)
-            a = mx.array(raw)
-            if t.dtype == "BF16":
-                a = a.view(mx.bfloat16)
-            if dtype is not None and mx.issubdtype(a.dtype, mx.floating) and a.dtype != dtype:
-                a = a.astype(dtype)
-            arrays[t.name] = a
-        mx.eval(list(arrays.values()))
-        return arrays
+    def read_into(self, entry: PrecisionEntry, expert: int, pool: "SlotPool", slot: int) -> int:
+        """Read one expert straight into a pool slot's memory; returns the bytes read.
 
-    def submit(self, entry: PrecisionEntry, expert: int, dtype: mx.Dtype | None = None,
-               background: bool = False) -> Future:
-        """Read in a worker thread; ``background`` (prefetch) reads use their own queue."""
-        return (self.background_pool if background else self.pool).submit(self.read, entry, expert, dtype)
+        Bytes whose stored and resident dtypes agree are read with one ``preadv`` per span into the
+        slot itself; the rest go through a scratch buffer and are converted with numpy. Only bytes
+        move here: no MLX call runs on a reader thread (MLX streams are thread-local).
+        """
+        record = entry.records[expert]
+        for span_idx, (span, crc) in enumerate(zip(record.spans, record.crc32)):
+            file_idx, offset, length = span
+            pieces, converts = [], []
+            pos = 0
+            for d in sorted((d for d in pool.destinations if d.tensor.span == span_idx),
+                            key=lambda d: d.tensor.offset):
+                t = d.tensor
+                if t.offset > pos:  # a gap between tensors
+                    pieces.append(np.empty(t.offset - pos, dtype=np.uint8))
+                target = pool.slot_bytes(t.name, slot)
+                if d.convert is None and not self.direct:
+                    pieces.append(target)
+                else:
+                    scratch = np.empty(t.nbytes, dtype=np.uint8)
+                    pieces.append(scratch)
+                    if d.convert is None:
+                        converts.append((None, scratch, target))
+                    else:
+                        converts.append((d.convert, scratch, target))
+                pos = t.offset + t.nbytes
+            if pos < length:
+                pieces.append(np.empty(length - pos, dtype=np.uint8))
+            if self.direct:  # O_DIRECT wants an aligned buffer: read there, then copy out
+                buf = self._read_span(file_idx, offset, length)
+                at = 0
+                for p in pieces:
+                    p[:] = buf[at:at + len(p)]
+                    at += len(p)
+            else:
+                self._preadv(file_idx, offset, length, pieces)
+            self._check(span, crc, pieces)
+            for conv, src, dst in converts:
+                if conv is None:
+                    dst[:] = src
+                else:
+                    convert_into(conv, src, dst)
+        with self._lock:
+            self.bytes_read += record.nbytes
+        return record.nbytes
+
+    def _preadv(self, file_idx: int, offset: int, length: int, pieces: list[np.ndarray]) -> None:
+        fd = self._fds[file_idx]
+        views = [memoryview(p) for p in pieces]
+        got = 0
+        while got < length:
+            n = os.preadv(fd, views, offset + got)
+            if n <= 0:
+                path = self.model_dir / self.manifest.files[file_idx]
+                raise StoreError(f"{path}: unexpected end of file at byte {offset + got} "
+                                 f"(record needs {offset}..{offset + length}); the store is truncated")
+            got += n
+            while views and n >= len(views[0]):  # drop the buffers filled, trim the next one
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+
+    def _check(self, span: tuple, crc: int, pieces: list[np.ndarray]) -> None:
+        if not (self.verify == "always" or (self.verify == "first" and span not in self._verified)):
+            return
+        value = 0
+        for p in pieces:
+            value = zlib.crc32(p, value)
+        if value != crc:
+            path = self.model_dir / self.manifest.files[span[0]]
+            raise StoreError(f"{path}: checksum mismatch in bytes {span[1]}..{span[1] + span[2]}"
+                             " (the expert store is corrupt; reconvert the model)")
+        with self._lock:
+            self._verified.add(span)
+
+    def submit_into(self, entry: PrecisionEntry, expert: int, pool: "SlotPool", slot: int,
+                    background: bool = False) -> Future:
+        """``read_into`` on a worker thread; ``background`` (prefetch) reads use their own queue."""
+        return (self.background_pool if background else self.pool).submit(
+            self.read_into, entry, expert, pool, slot)
 
 
 def _aligned_empty(length: int, align: int = 4096) -> np.ndarray:

@@ -1,0 +1,216 @@
+"""Prefetch (HOBBIT, Fate): the next layers' routers applied to this layer's gate input predict
+their experts, which are read into pool slots in the background while this layer computes.
+
+Slots are reserved and experts held on the model's thread, when the prediction is made; the
+reader threads only write bytes and commit the slot. A predicted expert is *held* from the
+prediction until its layer has fetched it, whether it is being read or was resident already
+(LRU would otherwise evict exactly the next layer's experts to make room for the guesses).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+import numpy as np
+
+from .precision import HIGH, plan_slots
+from .routing import predictions_from, router_logits, top_predictions, untapped_call
+
+if TYPE_CHECKING:
+    from .offload import OffloadedSwitch, OffloadRuntime
+
+
+class Prefetcher:
+    """Predictions for the layers ahead, their reads in flight, and what is held for them."""
+
+    def __init__(self, rt: "OffloadRuntime", layers_ahead: int, width: int, widths=None,
+                 gate_stacks: dict | None = None, low_precision: bool = False):
+        self.rt = rt
+        self.layers_ahead = layers_ahead
+        self.width = width
+        self.widths = widths  # per-layer widths that reach a target recall (else the fixed one)
+        self.gate_stacks = gate_stacks or {}
+        self.low_precision = low_precision
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple, Future] = {}
+        # layer -> {key: distance}: prefetches issued for the layer's next call, held until it runs
+        self._issued: dict[int, dict] = {}
+        self._predicted: dict[int, dict[int, set]] = {}  # position -> {distance: predicted experts}
+        self._held: dict[int, list] = {}  # layer -> resident experts held for its next call
+        self._logits: dict[int, dict[int, np.ndarray]] = {}  # position -> {distance: logits}
+
+    def inflight(self, key: tuple) -> Future | None:
+        with self._lock:
+            return self._inflight.get(key)
+
+    def has_or_reading(self, layer: int, expert: int, precision: str) -> bool:
+        """Resident, or a prefetch is reading it now."""
+        key = (layer, expert, precision)
+        return key in self.rt.cache or self.inflight(key) is not None
+
+    def predictions_after(self, position: int, gate_input: mx.array) -> list[tuple]:
+        """The next layers' routers applied to this layer's gate input, lazily (the caller
+        evaluates them with its own indices): [(distance, switch, router output)], skipping layers
+        that are fully resident (they cannot miss)."""
+        rt = self.rt
+        targets = []
+        for distance in range(1, self.layers_ahead + 1):
+            target = position + distance
+            if target >= len(rt.layers) or rt.layers[target].router is None:
+                break
+            switch = rt.layers[target]
+            if rt.cache.resident_in_layer(switch.layer.layer) < switch.layer.num_experts:
+                targets.append((distance, switch))
+        if not targets:
+            return []
+        stack = self.gate_stacks.get(position)
+        stacked = stack(gate_input) if stack is not None else None  # one matmul for all of them
+        return [(d, s, stacked[d - 1] if stacked is not None else untapped_call(s.router, gate_input))
+                for d, s in targets]
+
+    def issue(self, predictions: list[tuple]) -> None:
+        """Start reading the predicted experts that are not resident, nearest layer first."""
+        for distance, switch, out in predictions:
+            logits = router_logits(out) if self.widths is not None else None
+            if logits is None:
+                ind, weights = predictions_from(out, self.width)
+            else:  # the width this layer needs; its router's choice will say how well it did
+                self._logits.setdefault(switch.position, {})[distance] = logits
+                ind, weights = top_predictions(logits, self.widths.width(switch.position, distance))
+            self._issue(switch, distance, ind, weights)
+
+    def observe_choice(self, position: int, chosen: np.ndarray) -> None:
+        """A layer's router chose: score the predictions made for it (widths learn from it)."""
+        if self.widths is None:
+            return
+        for distance, logits in self._logits.pop(position, {}).items():
+            if len(logits) == len(chosen):
+                self.widths.observe(position, distance, logits, chosen)
+
+    def score(self, position: int, needed: set) -> None:
+        """Count how many of the experts a layer needed were predicted for it, per distance."""
+        stats = self.rt.stats
+        for distance, predicted in self._predicted.pop(position, {}).items():
+            correct, total, guessed = stats.prediction_by_distance.get(distance, (0, 0, 0))
+            stats.prediction_by_distance[distance] = (
+                correct + len(needed & predicted), total + len(needed), guessed + len(predicted))
+            if distance == 1:
+                stats.prediction_total += len(needed)
+                stats.prediction_correct += len(needed & predicted)
+
+    def _issue(self, switch: "OffloadedSwitch", distance: int, ind: np.ndarray,
+               weights: np.ndarray) -> None:
+        rt = self.rt
+        experts, precisions = self._plan(ind, weights)
+        lid = switch.layer.layer
+        self._predicted.setdefault(switch.position, {})[distance] = set(experts.tolist())
+        for e, precision in zip(*self._hold_resident(lid, experts, precisions)):
+            key = (lid, e, precision)
+            with self._lock:
+                if key in self._inflight:
+                    continue
+            slot = rt.cache.reserve(key, prefetched=True)
+            if slot is None:  # no room that a guess may take
+                continue
+            issued = self._issued.setdefault(lid, {})
+            if key not in issued:  # (issued before from farther away, but it found no room)
+                # Held from now until its layer runs, so a read that lands after that call leaves
+                # no stale hold behind.
+                rt.cache.hold([key])
+                issued[key] = distance
+            entry = switch.layer.precisions[precision]
+            pool = rt.cache.pool_for(lid, precision)
+            with self._lock:
+                fut = rt.reader.submit_into(entry, e, pool, slot, background=True)
+                self._inflight[key] = fut
+            rt.stats.prefetch_issued += 1
+            fut.add_done_callback(lambda f, key=key, slot=slot: self._done(key, slot, f))
+
+    def _hold_resident(self, lid: int, experts: np.ndarray, precisions: list) -> tuple[list, list]:
+        """Hold the predicted experts that are resident (the 4-bit copy, or the copy planned)
+        until layer ``lid`` runs, so bringing in other predictions cannot evict one only to read
+        it again. Returns those still to read."""
+        cache = self.rt.cache
+        to_read, to_read_precisions, held = [], [], []
+        with cache.lock:  # one lock for the whole prediction
+            for e, precision in zip(experts.tolist(), precisions):
+                high = (lid, e, "high")
+                key = high if high in cache else (lid, e, precision)
+                if key in cache:
+                    held.append(key)
+                else:
+                    to_read.append(e)
+                    to_read_precisions.append(precision)
+            cache.hold(held)
+        self._held.setdefault(lid, []).extend(held)
+        return to_read, to_read_precisions
+
+    def _plan(self, ind: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Predicted experts, and the copy to prefetch. With ``low_precision`` (and mixed precision
+        on) a prediction that no token ranks among its top-k as important (unimportance <= t1) is
+        read in 2-bit: that bounds the cost of a wrong or low-value guess."""
+        experts = np.unique(ind)
+        opts = self.rt.precision
+        if not (opts.mixed_precision and self.low_precision):
+            return experts, ["high"] * len(experts)
+        k = min(self.rt.manifest.experts_per_token, ind.shape[-1])
+        top_w = weights[:, :k] / weights[:, :k].sum(axis=-1, keepdims=True)
+        level, _ = plan_slots(top_w, opts)
+        important = set(int(e) for e in ind[:, :k][level == HIGH])
+        return experts, ["high" if int(e) in important else "low" for e in experts]
+
+    def _done(self, key: tuple, slot: int, fut: Future) -> None:
+        """On a reader thread: the bytes are in the slot (commit it), or the read failed (the
+        demand path reads it again and reports the error)."""
+        rt = self.rt
+        try:
+            nbytes = fut.result()
+        except Exception:
+            nbytes = None
+        if nbytes is not None:
+            rt.cache.commit(key, slot, prefetched=True)
+            with rt.stats_lock:  # the model's thread adds to the same counter
+                rt.stats.bytes_read += nbytes
+                rt.stats.prefetch_bytes += nbytes
+        else:
+            rt.cache.abandon(key, slot)
+        with self._lock:
+            self._inflight.pop(key, None)
+
+    def consume(self, layer: int, needed: set) -> list:
+        """A layer is about to run: count which of its prefetches are used. Returns the keys
+        whose protection the caller releases once the layer's experts are pinned by its fetch."""
+        cache = self.rt.cache
+        with self._lock:
+            issued = self._issued.pop(layer, {})
+            available = {key for key in issued if key in self._inflight or key in cache}
+        per_distance = self.rt.stats.prefetch_by_distance
+        for key, distance in issued.items():
+            used = int(key[1] in needed and key in available)
+            self.rt.stats.prefetch_used += used
+            n_issued, n_used = per_distance.get(distance, (0, 0))
+            per_distance[distance] = (n_issued + 1, n_used + used)
+        return list(issued) + self._held.pop(layer, [])
+
+    def wait_idle(self) -> None:
+        """Let outstanding reads finish (tests and benchmarks read stable counters)."""
+        while True:
+            with self._lock:
+                futs = list(self._inflight.values())
+            if not futs:
+                return
+            for f in futs:
+                f.exception()
+            time.sleep(0.001)
+
+    def forget(self) -> None:
+        """Drop every prediction and hold (after the pools are rebuilt)."""
+        self.wait_idle()
+        for layer in list(self._issued) + list(self._held):
+            self.rt.cache.release(list(self._issued.pop(layer, {})) + self._held.pop(layer, []))
+        self._predicted.clear()
+        self._logits.clear()
