@@ -15,7 +15,8 @@ it runs, in one process:
    use it, so a shared machine's drift cancels out; hobbit_mlx peak memory excludes what was
    allocated before the run (the baseline's weights);
 2. every configuration of ``CONFIGS`` at every residency (and every ``--budgets`` value), each a
-   fresh ``hobbit_mlx.load``, warmed up, then measured from an empty cache;
+   fresh ``hobbit_mlx.load``, warmed up, then measured from empty expert pools (``exact-resident``:
+   from full ones, every expert preloaded as mlx-lm has them);
 3. an untimed pass with the routing hook on (the ``lru`` configuration, exact), replayed offline
    by ``bench/replay.py`` at the cache sizes of the runs (LRU, LFU, FIFO, Belady and the runtime's
    own policies): every policy's distance from the optimum, and a check that the replay of each
@@ -26,7 +27,9 @@ misses and skipped; bytes read from storage per generated token (all, and decode
 precision (used / issued) and recall (used / (used + misses)), "n/a" while nothing is prefetched;
 perplexity of held-out text and top-1 agreement with mlx-lm's 4-bit model (teacher-forced), and
 whether greedy generations equal mlx-lm's; prompt and decode tokens/s and their ratio to the
-baseline; MLX peak memory against the budget.
+baseline; host syncs per decoded token; the Python time of one MoE layer call in the decode
+phase, next to mlx-lm's switch module call timed the same way; MLX peak memory after the warm-up
+against the budget (``peak_vs_budget``).
 
 Storage: warm by default (the store's pages may sit in the OS page cache); ``--cold`` loads with
 ``direct_io=True`` (O_DIRECT reads bypass the page cache) and drops the store's cached pages
@@ -68,6 +71,9 @@ from bench.workload import (DEFAULT_WORKLOAD, QUICK_WORKLOAD, RESULTS, Workload,
 EXACT = {"exact": True, "prefetch_layers": 0}  # 4-bit only, nothing skipped, no prefetch
 CONFIGS: list[tuple[str, dict]] = [
     ("on-demand", {**EXACT, "expert_residency": 0.0}),  # no expert cache: read every expert needed
+    # the whole model resident (every expert preloaded, as mlx-lm loads it): lazy layer calls, no
+    # reads, no host sync per layer -- what the pools cost against mlx-lm when nothing can miss
+    ("exact-resident", {**EXACT, "expert_residency": 1.0}),
     ("lru", {**EXACT, "policy": "lru"}),  # exact byte-budget LRU: what the MLX expert streamers do
     ("lfu", {**EXACT, "policy": "lfu"}),
     ("hobbit-cache", {**EXACT, "policy": "hobbit"}),  # HOBBIT's multidimensional eviction score
@@ -98,8 +104,11 @@ CONFIGS: list[tuple[str, dict]] = [
 # What runs without --configs: each technique alone and the defaults combined, within a few
 # minutes on 2 CPU cores. Cache policies alone are compared offline on the recorded trace (replay
 # of the runtime's own policy objects), which costs seconds instead of a run each.
-DEFAULT_CONFIGS = ["on-demand", "lru", "prefetch", "mixed-precision", "default"]
+DEFAULT_CONFIGS = ["exact-resident", "on-demand", "lru", "prefetch", "mixed-precision", "default"]
 TRACE_CONFIG = "lru"  # its run records the routing trace (exact: routing equals mlx-lm's)
+# Configurations measured with their pools full (every expert read before the timed workload), as
+# mlx-lm has every expert loaded; every other run starts from empty pools.
+PRELOADED = {"exact-resident"}
 
 
 def available(kwargs: dict) -> str | None:
@@ -162,7 +171,7 @@ def _stats(model):
 _COUNTERS = ["expert_requests", "hits_high", "hits_low", "misses_high", "misses_low", "skipped",
              "bytes_read", "prefetch_issued", "prefetch_used", "prefetch_bytes", "prediction_correct",
              "prediction_total", "little_tokens", "routed_tokens", "layer_calls", "host_syncs",
-             "read_wait_s", "hits_in_flight"]
+             "read_wait_s", "hits_in_flight", "pool_rebuilds"]
 
 
 def _diff(a: dict, b: dict) -> dict:
@@ -174,13 +183,86 @@ def _add(acc: dict, d: dict) -> None:
         acc[k] = acc.get(k, 0) + v
 
 
+class LayerCallTimer:
+    """Host (Python) time spent in the MoE layer calls: ``classes``' ``__call__`` wrapped with a
+    ``time.perf_counter()`` timer while the ``with`` block runs; calls count only while ``active``
+    (the harness turns it on for the decode phase).
+
+    A layer call that cannot miss is lazy (it only builds the graph), so this is mostly graph
+    building; a synced call also waits for its router indices and reads. The same timer on mlx-lm's
+    switch modules (``switch_classes``) makes the ratio meaningful."""
+
+    def __init__(self, classes) -> None:
+        self.classes = list(dict.fromkeys(classes))
+        self.active = False
+        self.seconds = 0.0
+        self.calls = 0
+        self._saved: list = []
+
+    def __enter__(self) -> "LayerCallTimer":
+        for cls in self.classes:
+            own = cls.__dict__.get("__call__")  # None: inherited (restored by deleting ours)
+            orig = cls.__call__
+
+            def timed(module, *args, _orig=orig, **kwargs):
+                if not self.active:
+                    return _orig(module, *args, **kwargs)
+                t0 = time.perf_counter()
+                try:
+                    return _orig(module, *args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - t0
+                    self.calls += 1
+
+            self._saved.append((cls, own))
+            cls.__call__ = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls, own in reversed(self._saved):
+            if own is None:
+                del cls.__call__
+            else:
+                cls.__call__ = own
+        self._saved.clear()
+        self.active = False
+
+    @property
+    def ms_per_call(self) -> float | None:
+        return 1000 * self.seconds / self.calls if self.calls else None
+
+
+def switch_classes(model) -> list[type]:
+    """The classes of the model's MoE switch modules: hobbit_mlx's ``OffloadedSwitch`` for an
+    offloaded model, else mlx-lm's ``SwitchGLU`` / ``SwitchMLP`` (subclasses included)."""
+    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+    from hobbit_mlx.offload import OffloadedSwitch
+
+    if getattr(model, "_hobbit", None) is not None:
+        return [OffloadedSwitch]
+    found = [type(m) for _, m in model.named_modules() if isinstance(m, (SwitchGLU, SwitchMLP))]
+    return list(dict.fromkeys(found)) or [SwitchGLU, SwitchMLP]
+
+
 def generate_workload(model, workload: Workload, prefill_step: int, *, offloaded: bool) -> dict:
     """Prefill + greedy decode of every prompt; timings as mlx-lm's stream_generate takes them.
 
     Prompt time: until the first token is out (prefill; like mlx-lm's ``prompt_tps``). Decode
     tokens/s: (N - 1) tokens over the time from the first token to the last. EOS does not stop
-    decoding, so every run decodes the same number of tokens.
+    decoding, so every run decodes the same number of tokens. The MoE layer calls' Python time is
+    taken in the decode phase only (``LayerCallTimer``; mlx-lm builds the first decode step's
+    graph before the first token is out, so that step is not in it).
     """
+    with LayerCallTimer(switch_classes(model)) as timer:
+        out = _generate_workload(model, workload, prefill_step, offloaded=offloaded, timer=timer)
+    out.update(python_s=timer.seconds, python_layer_calls=timer.calls,
+               python_ms_per_layer_call=timer.ms_per_call)
+    return out
+
+
+def _generate_workload(model, workload: Workload, prefill_step: int, *, offloaded: bool,
+                       timer: LayerCallTimer) -> dict:
     from mlx_lm.generate import generate_step
 
     from hobbit_mlx.loader import runtime_of
@@ -202,8 +284,10 @@ def generate_workload(model, workload: Workload, prefill_step: int, *, offloaded
                 t_first = time.perf_counter()
                 if offloaded:
                     mid = _stats(model)
+                timer.active = True
             out.append(int(tok))
         t_end = time.perf_counter()
+        timer.active = False
         if offloaded:
             after = _stats(model)
             _add(prefill, _diff(before, mid))
@@ -234,7 +318,8 @@ def _free() -> None:
     mx.clear_cache()
 
 
-_TIMING_KEYS = ("prompt_tokens", "decode_tokens", "prompt_s", "decode_s", "prompt_tps", "decode_tps")
+_TIMING_KEYS = ("prompt_tokens", "decode_tokens", "prompt_s", "decode_s", "prompt_tps", "decode_tps",
+                "python_s", "python_layer_calls", "python_ms_per_layer_call")
 
 
 class Baseline:
@@ -286,8 +371,11 @@ class Baseline:
                                                            "prompt_s", "decode_s")}
         dec = [p["decode_tps"] for p in self.passes if p["decode_tps"]]
         pre = [p["prompt_tps"] for p in self.passes if p["prompt_tps"]]
+        py_s = sum(p["python_s"] for p in self.passes)
+        py_calls = sum(p["python_layer_calls"] for p in self.passes)
         return {"prompt_tps": _rate(tot["prompt_tokens"], tot["prompt_s"]),
                 "decode_tps": _rate(tot["decode_tokens"], tot["decode_s"]),
+                "python_ms_per_layer_call": _rate(1000 * py_s, py_calls),
                 "passes": len(self.passes), "decode_tps_min": min(dec, default=None),
                 "decode_tps_max": max(dec, default=None), "prompt_tps_min": min(pre, default=None),
                 "prompt_tps_max": max(pre, default=None)}
@@ -314,6 +402,7 @@ def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None
     misses = c["misses_high"] + c["misses_low"]
     dec = gen["decode_counters"]
     dec_req = dec.get("expert_requests", 0)
+    budget = stats["budget_bytes"]
     dec_hits = dec.get("hits_high", 0) + dec.get("hits_low", 0)
     pre = gen["prefill_counters"]
     pre_req = pre.get("expert_requests", 0)
@@ -344,6 +433,15 @@ def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None
         "little_token_share": _rate(c["little_tokens"], c["routed_tokens"]),
         "read_wait_s": c["read_wait_s"],
         "host_syncs": c["host_syncs"],
+        "host_syncs_per_token": _rate(dec.get("host_syncs", 0), gen["decode_tokens"]),
+        "decode_lazy_call_share": (1 - _rate(dec.get("host_syncs", 0), dec.get("layer_calls", 0))
+                                   if dec.get("layer_calls") else None),
+        "pool_rebuilds": c["pool_rebuilds"],
+        "python_ms_per_layer_call": gen.get("python_ms_per_layer_call"),
+        "python_layer_calls": gen.get("python_layer_calls"),
+        "baseline_python_ms_per_layer_call": timing.get("python_ms_per_layer_call"),
+        "python_ms_ratio": _rate(gen.get("python_ms_per_layer_call"),
+                                 timing.get("python_ms_per_layer_call")),
         "prompt_tps": gen["prompt_tps"],
         "decode_tps": gen["decode_tps"],
         "baseline_prompt_tps": timing["prompt_tps"],
@@ -353,10 +451,15 @@ def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None
         "generated_tokens": gen["generated_tokens"],
         "peak_memory_bytes": peak,
         "background_memory_bytes": background,
-        "budget_bytes": stats["budget_bytes"],
+        "budget_bytes": budget,
+        "peak_vs_budget": _rate(peak, budget),
         "expert_cache_bytes": stats["expert_cache_bytes"],
         "dense_bytes": stats.get("dense_bytes"),
-        "within_budget": peak <= stats["budget_bytes"],
+        "kv_reserve_bytes": stats.get("kv_reserve_bytes"),
+        "kv_reserve_tokens": stats.get("kv_reserve_tokens"),
+        "activation_reserve_bytes": stats.get("activation_reserve_bytes"),
+        "pool_slots": stats.get("pool_slots"),
+        "within_budget": peak <= budget,
         "peak_vs_baseline": _rate(peak, baseline["peak_memory_bytes"]),
     }
     same = [a == b for a, b in zip(gen["tokens"], baseline["tokens"])]
@@ -375,11 +478,36 @@ def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None
     return m
 
 
+def high_pools(rt) -> list:
+    """The distinct pools that serve the 4-bit experts (layers of one layout share one)."""
+    pools = {}
+    for layer in rt.manifest.layers:
+        pool = rt.cache.pool_for(layer.layer, "high")
+        if pool is not None:
+            pools.setdefault(id(pool), pool)
+    return list(pools.values())
+
+
+def empty_pools(rt, *, preload: bool = False) -> None:
+    """Forget what the warm-up left: pending graphs evaluated, prefetch holds dropped, every slot
+    freed and the policies reset. With ``preload``, every expert is read back (the pools that can
+    hold all of their layers' experts, as ``load`` does)."""
+    rt.wait_idle()
+    if rt.prefetcher is not None:
+        rt.prefetcher.forget()
+    rt.settle()
+    rt.count_deferred()
+    rt.cache.clear()
+    rt.cache.reset_policies()
+    if preload:
+        rt.preload()
+
+
 def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: dict, *,
                   cold: bool, ppl: bool = True, paired: dict | None = None) -> dict:
-    """One hobbit_mlx configuration: fresh load, warm-up, empty cache, workload, then perplexity."""
+    """One hobbit_mlx configuration: fresh load, warm-up, empty pools (full ones for the
+    ``PRELOADED`` configurations), workload, then perplexity."""
     import hobbit_mlx
-    from hobbit_mlx.cache import arrays_nbytes
     from hobbit_mlx.loader import runtime_of
 
     load_kwargs = dict(kwargs)
@@ -399,15 +527,15 @@ def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: 
     rt = runtime_of(model)
     run["load_s"] = time.perf_counter() - t0
     run["direct_io"] = bool(rt.reader.direct)
-    entry = rt.manifest.layers[0].precisions["high"]
-    run["resident_expert_nbytes"] = arrays_nbytes(rt.reader.read(entry, 0, rt.dtype))
-    run["capacity_experts"] = (rt.cache.capacity_bytes // run["resident_expert_nbytes"]
-                               if run["resident_expert_nbytes"] else 0)
-    run["effective_residency"] = rt.cache.capacity_bytes / max(1, rt.manifest.expert_bytes("high"))
+    pools = high_pools(rt)
+    all_experts = sum(layer.num_experts for layer in rt.manifest.layers)
+    run["resident_expert_nbytes"] = pools[0].slot_nbytes if pools else 0
+    run["capacity_experts"] = sum(pool.slots for pool in pools)  # 4-bit slots
+    run["effective_residency"] = run["capacity_experts"] / max(1, all_experts)
+    run["preloaded"] = name in PRELOADED
     try:
         _warmup(model, rt.prefill_step_size)
-        rt.cache.clear()
-        rt.cache.policy.reset()
+        empty_pools(rt, preload=run["preloaded"])
         hobbit_mlx.reset_stats(model)
         if cold:
             rt.reader.drop_page_cache()
@@ -458,7 +586,7 @@ def replay_rows(trace: tr.Trace, runs: list[dict]) -> tuple[list[dict], list[dic
     for every exact cache-only run, its measured hit rate next to the replay of its own policy."""
     caps = {}
     for r in runs:
-        if "capacity_experts" in r and r.get("config") != "on-demand":
+        if "capacity_experts" in r and r.get("config") != "on-demand" and not r.get("preloaded"):
             label = (f"{100 * r['residency']:g}%" if r.get("residency") is not None
                      else f"budget {r.get('budget')}")
             caps.setdefault(int(r["capacity_experts"]), label)
@@ -471,7 +599,7 @@ def replay_rows(trace: tr.Trace, runs: list[dict]) -> tuple[list[dict], list[dic
     for r in runs:
         if "capacity_experts" not in r or not _is_exact_cache_only(r.get("kwargs", {})):
             continue
-        if r.get("config") == "on-demand":
+        if r.get("config") == "on-demand" or r.get("preloaded"):
             continue
         pol = r["kwargs"].get("policy", "lru")
         t0 = time.perf_counter()
@@ -526,13 +654,16 @@ def markdown(result: dict) -> str:
           f"- machine: {meta['machine']}; wall time {meta['wall_s']:.0f}s", ""]
     pooled = base.get("pooled") or {}
     L += ["## Baseline: mlx-lm, whole model resident", "",
-          "| pass | prompt tok/s | decode tok/s | peak MiB | weights MiB | ppl |", "|---|---|---|---|---|---|",
+          "| pass | prompt tok/s | decode tok/s | py ms/layer call | peak MiB | weights MiB | ppl |",
+          "|---|---|---|---|---|---|---|",
           f"| first | {_f(base['prompt_tps'], '{:.1f}')} | {_f(base['decode_tps'], '{:.1f}')} | "
+          f"{_f(base.get('python_ms_per_layer_call'), '{:.3f}')} | "
           f"{_mb(base['peak_memory_bytes'])} | {_mb(base['weight_bytes'])} | {_f(base.get('ppl'), '{:.3f}')} |"]
     if pooled.get("passes", 0) > 1:
         L.append(f"| all {pooled['passes']} passes (min-max decode {_f(pooled['decode_tps_min'], '{:.1f}')}-"
                  f"{_f(pooled['decode_tps_max'], '{:.1f}')}) | {_f(pooled['prompt_tps'], '{:.1f}')} | "
-                 f"{_f(pooled['decode_tps'], '{:.1f}')} | | | |")
+                 f"{_f(pooled['decode_tps'], '{:.1f}')} | "
+                 f"{_f(pooled.get('python_ms_per_layer_call'), '{:.3f}')} | | | |")
     L += ["", "Speed ratios: " + ("each run against the baseline pass timed right before it (column "
           "'base decode tok/s'), so drift of a shared machine cancels out"
           if base.get("pairing") == "each" else "against the first baseline pass") + ".", ""]
@@ -547,11 +678,16 @@ def markdown(result: dict) -> str:
           "Bytes/token = bytes read from storage per generated token (decode: decode steps only). "
           "Prefetch P/R = used/issued and used/(used+misses). ppl and top-1 agree are teacher-forced "
           "on held-out text against mlx-lm's 4-bit model; gen = greedy generations identical to mlx-lm's. "
-          "Speed ratios are against mlx-lm measured in the same process (see above).", ""]
+          "Speed ratios are against mlx-lm measured in the same process (see above). "
+          "Syncs/token = host syncs per decode step (one per layer call that can miss; 0 when every "
+          "layer is resident and its calls stay lazy). Py ms/call = Python time of one MoE layer call "
+          "in the decode phase (graph building; a synced call also waits for its router and reads), "
+          "py x = against mlx-lm's switch module call timed the same way. Peak/budget = MLX peak "
+          "memory after the warm-up over the memory budget.", ""]
     head = ["config", "residency", "cache MiB", f"hit{hit_note}", "resident at request", "high hit", "low hit", "miss",
             "skip", "decode hit", "KiB/token", "decode KiB/token", "prefetch P/R", "ppl",
             "top-1 agree", "gen", "prompt tok/s", "decode tok/s", "base decode tok/s", "prompt x",
-            "decode x", "peak MiB", "budget MiB"]
+            "decode x", "syncs/token", "py ms/call", "py x", "peak MiB", "budget MiB", "peak/budget"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ok = [r for r in runs if "error" not in r]
     for r in runs:
@@ -570,7 +706,9 @@ def markdown(result: dict) -> str:
                  _f(r["prompt_tps"], "{:.1f}"), _f(r["decode_tps"], "{:.1f}"),
                  _f(r.get("baseline_decode_tps"), "{:.1f}"),
                  _f(r["prompt_tps_ratio"], "{:.2f}"), _f(r["decode_tps_ratio"], "{:.2f}"),
-                 _mb(r["peak_memory_bytes"]), _mb(r["budget_bytes"])]
+                 _f(r.get("host_syncs_per_token"), "{:.1f}"),
+                 _f(r.get("python_ms_per_layer_call"), "{:.3f}"), _f(r.get("python_ms_ratio"), "{:.2f}"),
+                 _mb(r["peak_memory_bytes"]), _mb(r["budget_bytes"]), _f(r.get("peak_vs_budget"), "{:.2f}")]
         L.append("| " + " | ".join(cells) + " |")
     L.append("")
     if ok:
@@ -578,11 +716,15 @@ def markdown(result: dict) -> str:
               "chose that the previous layer predicted); by distance d (layers ahead): prediction "
               "recall / precision (chosen experts predicted / predicted experts chosen) and prefetch "
               "precision (reads used / issued); share of tokens run as 'little' (top-k/2), time "
-              "spent waiting for reads, host syncs per generated token, load time, perplexity-pass hit rate.", "",
+              "spent waiting for reads, host syncs per generated token (prefill included), share of "
+              "the decode layer calls that stayed lazy, slots of each expert pool, pool "
+              "rebuilds during the workload (the KV reserve growing), KV and activation reserves, "
+              "load time, perplexity-pass hit rate.", "",
               "| config | residency | prefetch issued | prefetch used | prefetch MiB | prediction acc | "
               "by distance: recall / precision / prefetch precision | "
-              "little tokens | read wait s | syncs/token | load s | ppl-pass hit |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "little tokens | read wait s | syncs/token | lazy decode calls | pool slots | pool rebuilds | "
+              "KV reserve MiB (tokens) | activation reserve MiB | load s | ppl-pass hit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in ok:
             rec, prec, pf = (r.get(k) or {} for k in ("prediction_recall_by_distance",
                                                        "prediction_precision_by_distance",
@@ -593,8 +735,12 @@ def markdown(result: dict) -> str:
             L.append(f"| {r['config']} | {_res_label(r)} | {r['prefetch_issued']} | {r['prefetch_used']} | "
                      f"{_mb(r['prefetch_bytes'])} | {_f(r['prediction_accuracy'])} | {by_d} | "
                      f"{_f(r['little_token_share'])} | {r['read_wait_s']:.2f} | "
-                     f"{_f(_rate(r['host_syncs'], r['generated_tokens']), '{:.1f}')} | {r['load_s']:.2f} | "
-                     f"{_f(r.get('ppl_eval_hit_rate'))} |")
+                     f"{_f(_rate(r['host_syncs'], r['generated_tokens']), '{:.1f}')} | "
+                     f"{_f(r.get('decode_lazy_call_share'), '{:.2f}')} | "
+                     f"{'/'.join(str(x) for x in r.get('pool_slots') or []) or 'n/a'} | "
+                     f"{r.get('pool_rebuilds', 'n/a')} | {_mb(r.get('kv_reserve_bytes'))} "
+                     f"({r.get('kv_reserve_tokens', 'n/a')}) | {_mb(r.get('activation_reserve_bytes'))} | "
+                     f"{r['load_s']:.2f} | {_f(r.get('ppl_eval_hit_rate'))} |")
         L.append("")
     if result.get("replay"):
         L += ["## Offline replay of the recorded routing trace", "",
@@ -728,6 +874,7 @@ def run_matrix(paths, workload: Workload, runs_plan, *, cold: bool, ppl: bool = 
     base_model = Baseline(paths)
     baseline = base_model.full_pass(workload, ppl=ppl)
     log(f"[bench]   prompt {baseline['prompt_tps']:.1f} tok/s, decode {baseline['decode_tps']:.1f} tok/s, "
+        f"{_f(baseline['python_ms_per_layer_call'], '{:.3f}')} ms/layer call, "
         f"peak {baseline['peak_memory_bytes'] / MB:.1f} MiB")
     runs = []
     try:
@@ -736,7 +883,7 @@ def run_matrix(paths, workload: Workload, runs_plan, *, cold: bool, ppl: bool = 
             paired = None
             if pairing == "each":
                 g = base_model.timing_pass(workload)
-                paired = {"prompt_tps": g["prompt_tps"], "decode_tps": g["decode_tps"]}
+                paired = {k: g[k] for k in ("prompt_tps", "decode_tps", "python_ms_per_layer_call")}
             r = run_offloaded(paths, workload, baseline, name, kw, cold=cold, ppl=ppl, paired=paired)
             r["wall_s"] = time.perf_counter() - t1
             runs.append(r)
@@ -746,8 +893,10 @@ def run_matrix(paths, workload: Workload, runs_plan, *, cold: bool, ppl: bool = 
                 log(f"[bench] {name:15s} {_res_label(r):>8s}: hit {r['hit_rate']:.3f}, decode "
                     f"{_f(r['decode_tps'], '{:.1f}')} tok/s (x{_f(r['decode_tps_ratio'], '{:.2f}')} of "
                     f"{_f(r['baseline_decode_tps'], '{:.1f}')}), prompt {_f(r['prompt_tps'], '{:.1f}')} tok/s "
-                    f"(x{_f(r['prompt_tps_ratio'], '{:.2f}')}), peak {r['peak_memory_bytes'] / MB:.1f} MiB, "
-                    f"{r['wall_s']:.0f}s")
+                    f"(x{_f(r['prompt_tps_ratio'], '{:.2f}')}), {_f(r['host_syncs_per_token'], '{:.1f}')} "
+                    f"syncs/token, {_f(r['python_ms_per_layer_call'], '{:.3f}')} ms/layer call "
+                    f"(x{_f(r['python_ms_ratio'], '{:.2f}')}), peak {r['peak_memory_bytes'] / MB:.1f} MiB "
+                    f"({_f(r['peak_vs_budget'], '{:.2f}')} of the budget), {r['wall_s']:.0f}s")
     finally:
         baseline["pairing"] = pairing
         baseline["pooled"] = base_model.pooled()

@@ -2,18 +2,22 @@
 """Evaluate expert-cache policies offline on a routing trace, against Belady's optimum.
 
     python bench/replay.py TRACE.npz [--capacity 64,128 | --residency 1,0.5,0.25,0.125] \
-        [--policies lru,lfu,fifo,belady,runtime:lru] [--group trace|none|N] [--json OUT]
+        [--policies lru,lfu,fifo,belady,runtime:lru] [--group trace|slots|none|N] [--json OUT]
 
 Access order: the trace's MoE layer calls in sequence; each call requests its unique experts (sorted,
 as the runtime does), keyed ``(layer, expert, "high")`` like the runtime's cache. The cache holds
 ``capacity`` experts across all layers (one global pool, like ``hobbit_mlx``'s); ``--residency``
 gives capacity as a fraction of all experts (rounded down). Mechanics mirror
-``hobbit_mlx.cache.ExpertCache``: a call's experts are pinned while it runs (it never evicts its own
-experts); hits are looked up first, then each miss is inserted, evicting the policy's victim among
-the resident, unpinned experts while the cache is full; a miss that cannot be placed (capacity 0,
-everything pinned) is not cached. With ``--group trace`` (default) a call needing more experts than
-the runtime's fetch group (one working set) is processed in groups like the runtime does, so the
-replayed LRU hit rate equals the one the runtime measures on the same run.
+``hobbit_mlx.cache.SlotCache`` (one pool): a call's experts are pinned while it runs (it never
+evicts its own experts); hits are looked up first, then each miss is inserted, evicting the policy's
+victim among the resident, unpinned experts while the cache is full. When no victim is left (the
+call needs more experts than the pool has slots), the runtime evaluates what the call has so far and
+continues with the remaining misses as a new group, in which only they are pinned: ``--group
+slots``, what ``--group trace`` (default) does for traces the runtime recorded (their meta says
+``"fetch_group": "slots"``), so the replayed LRU hit rate equals the one the runtime measures on the
+same run. Otherwise (``--group none``, hand-made traces) a miss that cannot be placed is not cached;
+``--group N`` splits each call into fixed groups of N experts (traces of older runtimes recorded a
+per-layer group size, which ``trace`` follows).
 
 Policies: ``lru``; ``lfu`` (request counts since the start of the trace, kept across evictions, ties
 to the least recent); ``fifo``; ``belady`` (evict the expert whose next request is farthest in the
@@ -169,9 +173,17 @@ DEFAULT_POLICIES = ["lru", "lfu", "fifo", "belady"]
 
 
 # --------------------------------------------------------------------------- replay
+def splits_on_slots(trace: Trace, group: str | int | None = "trace") -> bool:
+    """Whether a call whose misses find no slot continues in a new group (the slot-pool runtime)."""
+    return group == "slots" or (group == "trace" and trace.meta.get("fetch_group") == "slots")
+
+
 def steps_of(trace: Trace, group: str | int | None = "trace") -> list[tuple]:
-    """The access steps: ``(sequence, layer, phase, [keys], call)``, one per fetch (group) of a call."""
+    """The access steps: ``(sequence, layer, phase, [keys], call)``, one per fetch (group) of a call
+    (one per call where groups are decided by the slots, see ``splits_on_slots``)."""
     groups = trace.meta.get("fetch_group")
+    if isinstance(groups, str):
+        groups = None
     out = []
     for i in range(len(trace)):
         layer = int(trace.layer[i])
@@ -216,6 +228,7 @@ def replay(trace: Trace, policy, capacity: int, *, group: str | int | None = "tr
     policy interface. Returns hits/misses overall and split by prefill/decode.
     """
     steps = steps if steps is not None else steps_of(trace, group)
+    split = splits_on_slots(trace, group)
     pol = make_policy(policy, steps, trace.num_layers)
     name = policy if isinstance(policy, str) else getattr(pol, "name", type(pol).__name__)
     capacity = int(capacity)
@@ -246,7 +259,7 @@ def replay(trace: Trace, policy, capacity: int, *, group: str | int | None = "tr
                 pol.on_hit(k)
             else:
                 missing.append(k)
-        for k in missing:
+        for j, k in enumerate(missing):
             misses[phase] += 1
             if capacity < 1:
                 not_cached += 1
@@ -256,6 +269,11 @@ def replay(trace: Trace, policy, capacity: int, *, group: str | int | None = "tr
                 try:
                     v = pol.victim(evictable)
                 except LookupError:
+                    if split and pinned != set(missing[j:]):
+                        # The runtime's next group: what ran so far is evaluated, only the
+                        # remaining misses stay pinned.
+                        pinned = set(missing[j:])
+                        continue
                     placed = False
                     break
                 resident.discard(v)
@@ -336,12 +354,13 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                    help="lru,lfu,fifo,belady and/or runtime:NAME (hobbit_mlx.policies)")
     p.add_argument("--group", default="trace",
-                   help="'trace': split calls into the runtime's fetch groups (default); 'none': "
-                        "one step per call; N: groups of N experts")
+                   help="'trace': split calls as the runtime that recorded the trace does "
+                        "(default); 'slots': a new group when a miss finds no slot; 'none': one "
+                        "step per call; N: groups of N experts")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     a = p.parse_args(argv)
     trace = load_trace(a.trace)
-    group = a.group if a.group == "trace" else (None if a.group == "none" else int(a.group))
+    group = a.group if a.group in ("trace", "slots") else (None if a.group == "none" else int(a.group))
     if a.capacity:
         caps = [int(x) for x in a.capacity.split(",") if x.strip()]
         labels = None

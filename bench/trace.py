@@ -16,7 +16,8 @@ and saves the calls as an ``.npz``:
 * ``sequence`` int32 [calls]         which prompt the call belongs to
 * ``phase``   uint8 [calls]          0 = prefill, 1 = decode
 * ``meta``    JSON string            model, num_layers, num_experts, experts_per_token,
-                                     expert_nbytes per layer, the runtime's fetch group size, ...
+                                     expert_nbytes per layer, how the runtime splits a call
+                                     into fetch groups ("slots"), ...
 
 Routing does not depend on the cache in exact mode, so one trace serves every cache size;
 ``bench/replay.py`` evaluates cache policies on it offline.
@@ -111,7 +112,9 @@ def runtime_meta(rt) -> dict:
     m = rt.manifest
     high = [l.precisions["high"] for l in m.layers]
     nbytes = [e.expert_nbytes for e in high]
-    group = [max(1, rt.working_set_bytes // (2 * n)) for n in nbytes]
+    # A call runs as one group unless its misses find no slot: the rest then continue in further
+    # groups, each after the previous one was evaluated ("slots": replay.py splits calls so).
+    group = "slots"
     return {"num_layers": len(m.layers), "num_experts": int(m.num_experts),
             "experts_per_layer": [int(l.num_experts) for l in m.layers],
             "experts_per_token": int(m.experts_per_token), "expert_nbytes": nbytes,

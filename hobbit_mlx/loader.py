@@ -423,7 +423,7 @@ def reset_stats(model: nn.Module) -> None:
 
 
 def footprint(path: str | Path | None = None) -> dict:
-    """Sizes that decide what budget a model needs, read from its store and a one-token run."""
+    """Sizes that decide what budget a model needs, read from its store and measured runs."""
     model, _ = load(path, expert_residency=0.0, exact=True, prefetch_layers=0, progress=False)
     rt = runtime_of(model)
     m = rt.manifest
@@ -431,6 +431,8 @@ def footprint(path: str | Path | None = None) -> dict:
            "expert_bytes_low": m.expert_bytes("low"), "num_moe_layers": len(m.layers),
            "num_experts": m.num_experts, "experts_per_token": m.experts_per_token,
            "kv_bytes_per_token": rt.kv_bytes_per_token,
+           "activation_bytes": rt.plan.activation_reserve_bytes,
+           "prefill_step_size": rt.prefill_step_size,
            "minimum_budget_bytes": rt.plan.minimum_bytes}
     rt.close()
     return out

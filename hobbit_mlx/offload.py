@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import threading
 import time
-import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 
@@ -36,11 +35,6 @@ from .precision import DROP, HIGH, LOW, PrecisionOptions, demote_unpopular, plan
 from .reader import RecordReader
 from .routing import find_router, gate_weights, normalized, tap_router
 from .store import LayerEntry, Manifest
-
-# Lazy calls whose hits are counted later; beyond this many, the oldest half (whose tokens are
-# long evaluated) is counted at once.
-_DEFERRED_LIMIT = 512
-
 
 class PoolBudgetError(RuntimeError):
     """The pool cannot give a layer call even one slot (every slot pinned or in use)."""
@@ -136,7 +130,8 @@ class OffloadRuntime:
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
         self.measuring = False  # load() measuring activations: no reads, slot 0 for everything
         self._deferred: list[tuple[int, mx.array]] = []  # lazy calls: (layer, router indices)
-        self._unsynced: list = []  # weak refs to outputs built since the last sync
+        self._unsynced: list = []  # outputs built on the pools since the last sync
+        self.total_experts = sum(l.num_experts for l in manifest.layers)
         self.context_tokens = 0  # tokens in the sequence's KV cache (counted at the first layer)
         self.on_context = None  # called with the new count when it passes ``context_limit``
         self.on_new_sequence = None  # called with the context a new sequence starts from
@@ -171,15 +166,18 @@ class OffloadRuntime:
 
     # --- lazy calls and pending graphs ------------------------------------------------------
     def track(self, y: mx.array) -> None:
-        """Remember an output built on the pools until the next sync evaluates it: a graph the
-        caller still holds must not read a slot after it was rewritten."""
-        self._unsynced.append(weakref.ref(y))
-        if len(self._unsynced) > _DEFERRED_LIMIT:
-            del self._unsynced[:_DEFERRED_LIMIT // 2]
+        """Hold an output built on the pools until the next sync evaluates it, so a graph the
+        caller still holds (say, the logits of an earlier call not evaluated yet) never reads a
+        slot after it was rewritten. Outputs that later calls depend on cost nothing extra there.
+        With every expert resident no slot is ever rewritten, so nothing is held."""
+        if len(self.cache) >= self.total_experts:
+            return
+        self._unsynced.append(y)
+        if len(self._unsynced) > 4 * len(self.layers):
+            del self._unsynced[0]
 
     def pending_outputs(self) -> list[mx.array]:
-        out = [a for r in self._unsynced if (a := r()) is not None]
-        self._unsynced.clear()
+        out, self._unsynced = self._unsynced, []
         return out
 
     def settle(self) -> None:
@@ -190,8 +188,8 @@ class OffloadRuntime:
 
     def defer(self, layer: int, indices: mx.array) -> None:
         self._deferred.append((layer, indices))
-        if len(self._deferred) > _DEFERRED_LIMIT:
-            self.count_deferred(_DEFERRED_LIMIT // 2)
+        if len(self._deferred) > 4 * len(self.layers):  # the oldest tokens are evaluated by now
+            self.count_deferred(2 * len(self.layers))
 
     def count_deferred(self, n: int | None = None) -> None:
         """Count the hits of lazy calls (their indices are evaluated by now) and tell the policy."""
@@ -409,10 +407,14 @@ class OffloadedSwitch(nn.Module):
         object.__setattr__(self, "_by_precision", by_precision)
 
     def _router_state(self) -> tuple:
-        """(router input, router output) of this layer's call, when the router is tapped."""
+        """(router input, router output) of this layer's call, when the router is tapped. The
+        tap lets go of them, so a chunk's router input is not held until the next call."""
         if self.router is None:
             return None, None
-        return getattr(self.router, "_hobbit_in", None), getattr(self.router, "_hobbit_out", None)
+        state = getattr(self.router, "_hobbit_in", None), getattr(self.router, "_hobbit_out", None)
+        object.__setattr__(self.router, "_hobbit_in", None)
+        object.__setattr__(self.router, "_hobbit_out", None)
+        return state
 
     def _lazy_ok(self, rt: OffloadRuntime) -> bool:
         """Nothing can miss and nothing needs the host: every expert of this layer (and of the
@@ -434,9 +436,11 @@ class OffloadedSwitch(nn.Module):
         if self.position == 0:
             rt.add_context(x.size // x.shape[-1])
         if rt.measuring:
+            self._router_state()
             return self._by_precision["high"](x, mx.zeros_like(indices))
         rt.stats.layer_calls += 1
         if self._lazy_ok(rt):
+            self._router_state()
             lid = self.layer.layer
             rt.cache.stamp_layer(lid)
             rt.defer(lid, indices)

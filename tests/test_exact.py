@@ -84,6 +84,7 @@ def test_float_source_matches_mlx_lm_quantized(tiny_factory, tmp_path):
 def test_stats_reset_and_hits_on_repeat(tiny_factory):
     _, dst = tiny_factory("olmoe")
     model, _ = hobbit_mlx.load(dst, expert_residency=1.0, exact=True, progress=False)
+    runtime_of(model).cache.clear()  # cold: the pools hold every expert but are empty
     tokens = mx.array(PROMPT)
     model(tokens)
     first = hobbit_mlx.offload_stats(model)
@@ -93,6 +94,20 @@ def test_stats_reset_and_hits_on_repeat(tiny_factory):
     second = hobbit_mlx.offload_stats(model)
     assert second["misses_high"] == 0 and second["bytes_read"] == 0
     assert second["hits_high"] == second["expert_requests"] > 0
+
+
+def test_whole_model_resident_is_preloaded_and_never_syncs(tiny_factory):
+    """When the pools hold every expert, load() reads them all (as mlx-lm would) and no layer
+    call needs a host sync: mlx-lm's lazy pipelining runs as stock."""
+    src, dst = tiny_factory("olmoe")
+    tokens = mx.array(PROMPT)
+    expected = _reference(src)(tokens)
+    model, _ = hobbit_mlx.load(dst, expert_residency=1.0, exact=True, progress=False)
+    np.testing.assert_array_equal(np.array(model(tokens)), np.array(expected))
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["host_syncs"] == 0 and stats["misses_high"] == 0 and stats["bytes_read"] == 0
+    assert stats["layer_calls"] == len(runtime_of(model).manifest.layers)
+    assert stats["hits_high"] == stats["expert_requests"] > 0  # counted from the lazy calls
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])

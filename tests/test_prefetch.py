@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 
 import hobbit_mlx
-from hobbit_mlx.cache import ExpertCache
+from hobbit_mlx import offload
+from hobbit_mlx.cache import SlotCache
 from hobbit_mlx.loader import runtime_of
 from hobbit_mlx.policies import make_policy
+from hobbit_mlx.pools import SlotPool
 from hobbit_mlx.precision import DROP, HIGH, LOW, demote_unpopular
 from hobbit_mlx.routing import StackedGates, predictions_from, top_predictions, untapped_call
+from hobbit_mlx.store import PrecisionEntry, TensorLayout
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 
@@ -51,8 +54,8 @@ def test_stacked_gates_predict_what_each_router_predicts(deep_models, arch):
     dst = deep_models(arch)
     model, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=2, progress=False)
     rt = runtime_of(model)
-    assert rt.gate_stacks, "plain linear gates must stack"
-    stack = rt.gate_stacks[0]
+    assert rt.prefetcher.gate_stacks, "plain linear gates must stack"
+    stack = rt.prefetcher.gate_stacks[0]
     x = mx.random.normal((5, model.args.hidden_size)).astype(mx.float32)
     logits = stack(x)
     assert len(logits) == 2
@@ -66,7 +69,7 @@ def test_routers_that_choose_for_themselves_do_not_stack(tiny_factory):
     _, dst = tiny_factory("deepseek_v2")
     model, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=2, progress=False)
     rt = runtime_of(model)
-    assert rt.gate_stacks == {}
+    assert rt.prefetcher.gate_stacks == {}
     assert StackedGates.of([layer.router for layer in rt.layers[:2]]) is None
 
 
@@ -79,7 +82,7 @@ def test_wider_prediction_issues_more_and_keeps_output_exact(deep_models):
                                        prefetch_width=2.0)
     assert text_narrow == text_wide == text_off
     k = runtime_of(wide_model).manifest.experts_per_token
-    assert runtime_of(narrow_model).prefetch_width == k and runtime_of(wide_model).prefetch_width == 2 * k
+    assert runtime_of(narrow_model).prefetcher.width == k and runtime_of(wide_model).prefetcher.width == 2 * k
     for d in (1, 2):
         assert wide["prediction_precision_by_distance"][d] <= 1
         assert wide["prediction_recall_by_distance"][d] >= narrow["prediction_recall_by_distance"][d]
@@ -116,23 +119,46 @@ def test_prefill_low_precision_reads_2bit_copies_in_prefill_only(tiny_factory):
         hobbit_mlx.load(dst, exact=True, prefill_low_precision=0.2, progress=False)
 
 
-def _arrays(n):
-    return {"w": mx.zeros((n,), dtype=mx.uint8)}
+def _slot_cache(slots: int, policy, layers: int = 4, experts: int = 8) -> SlotCache:
+    """A cache over one pool of ``slots`` 100-byte experts shared by every layer."""
+    entry = PrecisionEntry(4, {}, [TensorLayout("w", "U8", (100,), 0, 0)], [])
+    pool = SlotPool(entry, slots)
+    return SlotCache({(layer, "high"): pool for layer in range(layers)},
+                     {layer: experts for layer in range(layers)}, lambda: policy)
+
+
+def _put(cache: SlotCache, key, prefetched: bool = False) -> bool:
+    """Read ``key`` into a slot (reserve, commit); then the graphs of that call have run (the
+    epoch moves on, so its slot may be reused). False when no slot can be had."""
+    slot = cache.reserve(key, prefetched=prefetched)
+    if slot is None:
+        return False
+    cache.commit(key, slot, prefetched=prefetched)
+    cache.synced()
+    return True
+
+
+def _get(cache: SlotCache, key) -> bool:
+    """A layer call that uses ``key`` (a hit when resident)."""
+    slot = cache.pin_and_lookup([key])[0]
+    cache.unpin([key])
+    cache.synced()
+    return slot >= 0
 
 
 @pytest.mark.parametrize("name", ["hobbit", "lru", "seqfreq"])
 def test_protected_shallow_layers_are_evicted_last(name):
     policy = make_policy(name, num_layers=4, shallow_layers=1)
-    cache = ExpertCache(200, policy)
-    cache.put((0, 0, "high"), _arrays(100))  # the least used and oldest: LRU/LFU would evict it
-    cache.put((2, 0, "high"), _arrays(100))
-    cache.get((2, 0, "high"))
-    cache.put((3, 0, "high"), _arrays(100))
+    cache = _slot_cache(2, policy)
+    assert _put(cache, (0, 0, "high"))  # the least used and oldest: LRU/LFU would evict it
+    assert _put(cache, (2, 0, "high"))
+    assert _get(cache, (2, 0, "high"))
+    assert _put(cache, (3, 0, "high"))
     assert (0, 0, "high") in cache and (2, 0, "high") not in cache
-    cache.put((0, 1, "high"), _arrays(100))  # only layer 0 and the pinned-free (3, 0) remain
+    assert _put(cache, (0, 1, "high"))  # only layer 0 and the pinned-free (3, 0) remain
     assert (3, 0, "high") not in cache
-    cache.put((0, 2, "high"), _arrays(100))  # nothing deeper is left: a shallow expert goes
-    assert len(cache) == 2
+    assert _put(cache, (0, 2, "high"))  # nothing deeper is left: a shallow expert goes
+    assert len(cache) == 2 and (0, 2, "high") in cache
 
 
 def test_demand_reads_do_not_queue_behind_prefetch_reads(tiny_factory):
@@ -143,14 +169,26 @@ def test_demand_reads_do_not_queue_behind_prefetch_reads(tiny_factory):
                                progress=False)
     rt = runtime_of(model)
     entry = rt.manifest.layers[0].precisions["high"]
+    pool = rt.cache.pool_for(0, "high")
+    key = (0, 0, "high")
+    slot = rt.cache.reserve(key)
+    assert slot is not None
     release = threading.Event()
     blockers = [rt.reader.background_pool.submit(release.wait) for _ in range(4)]  # every worker busy
     try:
-        arrays = rt.reader.submit(entry, 0, rt.dtype).result(timeout=30)  # a demand read still runs
-        assert set(arrays) == {t.name for t in entry.tensors}
+        # a demand read still runs, and its bytes land in the slot
+        nbytes = rt.reader.submit_into(entry, 0, pool, slot).result(timeout=30)
+        assert nbytes == entry.records[0].nbytes
         assert not any(b.done() for b in blockers)
     finally:
         release.set()
+    spans = rt.reader.read_bytes(entry.records[0])
+    same = [d.tensor for d in pool.destinations if d.convert is None]
+    assert same, "the quantized weights are resident as stored"
+    for t in same:
+        np.testing.assert_array_equal(pool.slot_bytes(t.name, slot),
+                                      spans[t.span][t.offset:t.offset + t.nbytes])
+    rt.cache.commit(key, slot)
 
 
 def test_close_waits_for_prefetches_and_stops_the_readers(tiny_factory):
@@ -158,24 +196,26 @@ def test_close_waits_for_prefetches_and_stops_the_readers(tiny_factory):
     model, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=1, progress=False)
     rt = runtime_of(model)
     model(mx.array([list(range(3, 30))]))  # prefill issues prefetches
+    assert rt.stats.prefetch_issued > 0
     rt.close()
-    assert rt._inflight == {}
+    assert rt.prefetcher._inflight == {}
     assert rt.reader.pool is None and rt.reader.background_pool is None
-    assert rt.cache.resident_bytes == 0
+    assert rt.cache.resident_bytes == 0 and len(rt.cache) == 0
+    assert all(ps.pool.slots == 0 and not ps.pool.arrays for ps in rt.cache.pools)  # pools freed
 
 
 @pytest.mark.parametrize("name", ["hobbit", "lfu", "seqfreq"])
 def test_a_prefetched_expert_counts_no_use(name):
     """A frequency policy must not mistake an unused prefetch for a frequently used expert."""
-    cache = ExpertCache(200, make_policy(name, num_layers=4))
-    cache.put((1, 0, "high"), _arrays(100))  # requested once
-    cache.get((1, 0, "high"))  # and again
-    cache.put((1, 1, "high"), _arrays(100), prefetched=True)  # guessed, never requested
-    cache.put((1, 2, "high"), _arrays(100))
+    cache = _slot_cache(2, make_policy(name, num_layers=4))
+    assert _put(cache, (1, 0, "high"))  # requested once
+    assert _get(cache, (1, 0, "high"))  # and again
+    assert _put(cache, (1, 1, "high"), prefetched=True)  # guessed, never requested
+    assert _put(cache, (1, 2, "high"))
     assert (1, 0, "high") in cache and (1, 1, "high") not in cache
 
 
-def test_a_predicted_expert_is_never_read_again_before_its_layer_runs(deep_models):
+def test_a_predicted_expert_is_never_read_again_before_its_layer_runs(deep_models, monkeypatch):
     """An expert predicted for the next layer, resident or being read when predicted, stays
     resident until that layer has fetched it: the reads that come in meanwhile (LRU evicts the
     layer that comes next) may not evict it, nor may this layer's misses while room is left."""
@@ -183,29 +223,35 @@ def test_a_predicted_expert_is_never_read_again_before_its_layer_runs(deep_model
     model, tok = hobbit_mlx.load(dst, expert_residency=0.5, prefetch_layers=1,
                                  policy="lru", progress=False)
     rt = runtime_of(model)
+    pf = rt.prefetcher
     protected: dict[int, set] = {}  # layer -> predicted keys that were resident or in flight
-    issue, begin = rt._issue_prefetch, rt.begin_fetch
+    issue = pf._issue
 
     def spy_issue(switch, distance, ind, weights):
         lid = switch.layer.layer
         keys = {(lid, int(e), "high") for e in np.unique(ind)}
         issue(switch, distance, ind, weights)
-        with rt._lock:
-            protected[lid] = {k for k in keys if k in rt.cache or k in rt._inflight}
+        with pf._lock:
+            protected[lid] = {k for k in keys if k in rt.cache or k in pf._inflight}
 
     read_again = []
+    checked = []  # protected keys that their layer's fetch then needed
 
-    def spy_begin(layer, experts, precision="high"):
-        fetch = begin(layer, experts, precision)
-        expected = protected.pop(layer.layer, set()) if precision == "high" else set()
-        read_again.extend(fetch.keys[i] for i, _, demand in fetch.pending
-                          if demand and fetch.keys[i] in expected)
-        return fetch
+    class SpyFetch(offload.Fetch):
+        def __init__(self, rt_, layer, experts, precision):
+            super().__init__(rt_, layer, experts, precision)
+            expected = protected.pop(layer.layer, set()) if precision == "high" else set()
+            checked.extend(k for k in self.keys if k in expected)
+            # a pending entry with a slot is a demand read (None: waiting on a prefetch's read)
+            read_again.extend(self.keys[i] for i, _, slot in self.pending
+                              if slot is not None and self.keys[i] in expected)
 
-    rt._issue_prefetch, rt.begin_fetch = spy_issue, spy_begin
+    pf._issue = spy_issue
+    monkeypatch.setattr(offload, "Fetch", SpyFetch)
     hobbit_mlx.generate(model, tok, PROMPT * 3, max_tokens=24)
     rt.wait_idle()
     assert rt.stats.prefetch_issued > 0
+    assert checked, "some predicted experts were needed by their layer"
     assert read_again == []
     assert not rt.cache._pins and not rt.cache._holds  # all released once their layer ran
 
@@ -223,19 +269,35 @@ def test_every_protection_is_released_once_its_layer_runs(deep_models, layers_ah
     rt.wait_idle()
     assert rt.stats.prefetch_issued > 0
     assert not rt.cache._pins and not rt.cache._holds
-    assert rt._issued == {} and rt._held == {}
+    assert rt.prefetcher._issued == {} and rt.prefetcher._held == {}
 
 
 def test_held_experts_yield_to_demand_but_not_to_other_predictions():
-    cache = ExpertCache(200, make_policy("lru"))
-    cache.put((1, 0, "high"), _arrays(100))
-    cache.put((1, 1, "high"), _arrays(100))
+    cache = _slot_cache(2, make_policy("lru"))
+    assert _put(cache, (1, 0, "high"))
+    assert _put(cache, (1, 1, "high"))
     cache.hold([(1, 0, "high"), (1, 1, "high")])
-    assert not cache.put((1, 2, "high"), _arrays(100), prefetched=True)  # a guess evicts no guess
+    assert not _put(cache, (1, 2, "high"), prefetched=True)  # a guess evicts no guess
     cache.pin([(1, 1, "high")])
-    assert cache.put((1, 3, "high"), _arrays(100))  # a demand read takes a held slot
+    assert _put(cache, (1, 3, "high"))  # a demand read takes a held slot
     assert (1, 0, "high") not in cache and (1, 1, "high") in cache  # never a pinned one
     cache.pin([(1, 3, "high")])
-    assert not cache.put((1, 4, "high"), _arrays(100))  # every slot pinned: nothing to evict
+    assert not _put(cache, (1, 4, "high"))  # every slot pinned: nothing to evict
     cache.release([(1, 0, "high"), (1, 1, "high")])
     assert not cache._holds
+
+
+def test_a_slot_a_pending_graph_reads_is_not_reused_before_the_sync():
+    """Unpinned, unheld, but used in the current epoch: no read may overwrite its slot until
+    everything built so far has been evaluated (``synced``)."""
+    cache = _slot_cache(2, make_policy("lru"))
+    assert _put(cache, (1, 0, "high")) and _put(cache, (1, 1, "high"))
+    slots = cache.pin_and_lookup([(1, 0, "high"), (1, 1, "high")])
+    assert sorted(slots) == [0, 1]
+    cache.unpin([(1, 0, "high"), (1, 1, "high")])
+    assert cache.reserve((1, 2, "high")) is None  # both still read by this epoch's graphs
+    cache.synced()
+    slot = cache.reserve((1, 2, "high"))
+    assert slot in slots
+    cache.commit((1, 2, "high"), slot)
+    assert len(cache) == 2 and (1, 2, "high") in cache

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 import convert as converter
 import hobbit_mlx
 from hobbit_mlx.budget import BudgetError, parse_size
+from hobbit_mlx.loader import runtime_of
 from hobbit_mlx.store import PAGE_SIZE, StoreError, load_manifest
 from hobbit_mlx.architectures import UnsupportedModelError
 
@@ -97,8 +98,15 @@ def test_budget_too_small_says_the_minimum(model_copy):
     minimum = int(info.value.args[0].split("(")[1].split(" bytes")[0])
     model = _forward(model_copy, memory_budget=minimum)  # the stated minimum runs
     stats = hobbit_mlx.offload_stats(model)
-    assert stats["expert_cache_bytes"] == 0
+    rt = runtime_of(model)
+    k = rt.manifest.experts_per_token
+    # at the minimum, each pool holds one layer's top-k experts: nothing beyond is cached
+    assert stats["pool_slots"] == [k] * len(rt.cache.pools)
+    assert stats["expert_cache_bytes"] == sum(ps.pool.nbytes for ps in rt.cache.pools)
+    assert stats["budget_bytes"] == minimum
     assert stats["peak_memory_bytes"] <= stats["budget_bytes"]
+    with pytest.raises(BudgetError, match="too small"):  # and a byte less does not
+        hobbit_mlx.load(model_copy, memory_budget=minimum - 1, progress=False)
 
 
 def test_unsupported_and_dense_models(tiny_factory, tmp_path):

@@ -75,7 +75,7 @@ def test_adaptive_width_learns_per_layer_and_keeps_exact_output(tiny_factory):
     assert set(widths) == {s.layer.layer for s in rt.layers[1:]}  # every layer an earlier one predicts
     assert all(k <= w <= rt.manifest.num_experts for w in widths.values())
     fixed, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=1, progress=False)
-    assert hobbit_mlx.offload_stats(fixed)["prefetch_widths"] == runtime_of(fixed).prefetch_width
+    assert hobbit_mlx.offload_stats(fixed)["prefetch_widths"] == runtime_of(fixed).prefetcher.width == 2 * k
 
 
 def test_adaptive_width_takes_at_most_a_quarter_of_a_small_cache(tmp_path):
@@ -89,10 +89,12 @@ def test_adaptive_width_takes_at_most_a_quarter_of_a_small_cache(tmp_path):
                                    prefetch_recall=0.9, progress=False)
         rt = runtime_of(model)
         k, n = rt.manifest.experts_per_token, rt.manifest.num_experts
-        entry = rt.manifest.layers[0].precisions["high"]
-        cache_experts = rt.cache.capacity_bytes // entry.resident_nbytes(rt.float_itemsize)
-        assert k <= rt.widths.max_width <= max(rt.widths.start, cache_experts // 4, k)
+        widths = rt.prefetcher.widths
+        cache_experts = rt.cache.capacity(0, "high")  # every layer shares one 4-bit pool here
+        assert all(rt.cache.pool_for(s.layer.layer, "high") is rt.cache.pool_for(0, "high")
+                   for s in rt.layers)
+        assert k <= widths.max_width <= max(widths.start, cache_experts // 4, k)
         if "memory_budget" in size:  # a large cache: up to 4x top-k
-            assert cache_experts >= 4 * min(4 * k, n) and rt.widths.max_width == min(4 * k, n)
+            assert cache_experts >= 4 * min(4 * k, n) and widths.max_width == min(4 * k, n)
         else:
-            assert rt.widths.max_width < min(4 * k, n)
+            assert widths.max_width < min(4 * k, n)

@@ -1,0 +1,201 @@
+"""Slot pools: exactness under heavy eviction, slots never rewritten under a pending graph, reader
+threads that run no MLX op, and a budget that holds while the KV cache grows."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load_model
+
+import hobbit_mlx
+from hobbit_mlx.budget import ContextBudgetError, kv_tokens_for
+from hobbit_mlx.loader import runtime_of
+
+
+def _reference(src):
+    model, _ = load_model(src)
+    model.set_dtype(mx.float32)
+    return model
+
+
+def _tokens(n: int, seed: int) -> mx.array:
+    rng = np.random.default_rng(seed)
+    return mx.array(rng.integers(1, 200, size=(1, n)))
+
+
+def test_bit_equal_after_thousands_of_evictions(tiny_factory):
+    """Token by token through the smallest pool (one layer's top-k): every call evicts, and every
+    logit still equals mlx-lm's bit for bit."""
+    src, dst = tiny_factory("qwen3_moe")
+    ref = _reference(src)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.0, exact=True, prefetch_layers=0,
+                               progress=False)
+    tokens = _tokens(400, seed=1)
+    ref_cache, cache = make_prompt_cache(ref), make_prompt_cache(model)
+    for i in range(tokens.shape[1]):
+        t = tokens[:, i:i + 1]
+        np.testing.assert_array_equal(np.array(model(t, cache=cache)), np.array(ref(t, cache=ref_cache)))
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["misses_high"] >= 1000  # each miss beyond the first k evicted an expert
+
+
+def test_slot_not_rewritten_under_a_pending_graph(tiny_factory):
+    """A graph built on the pools and evaluated only after other calls evicted and re-read its
+    slots must still see the experts it was built with."""
+    src, dst = tiny_factory("qwen3_moe")
+    ref = _reference(src)
+    a, b = _tokens(24, seed=2), _tokens(24, seed=3)
+    want_a = np.array(ref(a))
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.0, exact=True, prefetch_layers=0,
+                               progress=False)
+    lazy_a = model(a)  # built, not evaluated: its last layer's experts are in the pool now
+    before = hobbit_mlx.offload_stats(model)["misses_high"]
+    model(b)  # reads b's experts into the same few slots
+    assert hobbit_mlx.offload_stats(model)["misses_high"] > before
+    np.testing.assert_array_equal(np.array(lazy_a), want_a)
+
+
+def test_prefetch_writes_slots_while_the_model_computes(tiny_factory):
+    """Prefetch threads write slots concurrently with compute; greedy output equals mlx-lm's."""
+    src, dst = tiny_factory("qwen3_moe")
+    ref, tok = mlx_lm.load(str(src))
+    ref.set_dtype(mx.float32)
+    expected = mlx_lm.generate(ref, tok, "def main():", max_tokens=48)
+    model, tokenizer = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, prefetch_layers=1,
+                                       progress=False)
+    assert hobbit_mlx.generate(model, tokenizer, "def main():", max_tokens=48) == expected
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["prefetch_issued"] > 0 and stats["misses_high"] > 0
+
+
+def _foreign_stream_pool(workers: int, prefix: str) -> ThreadPoolExecutor:
+    """Worker threads whose default MLX stream belongs to another thread: any MLX op they
+    evaluate raises "There is no Stream(...) in current thread" (as every op in a thread without
+    a stream does on Apple GPUs)."""
+    foreign = mx.new_stream(mx.cpu)
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix,
+                              initializer=mx.set_default_stream, initargs=(foreign,))
+
+
+def test_foreign_stream_threads_cannot_run_mlx():
+    """The trap the next test relies on: an MLX op in such a thread fails."""
+    pool = _foreign_stream_pool(1, "trap")
+    with pytest.raises(RuntimeError, match="Stream"):
+        pool.submit(lambda: mx.eval(mx.ones((2,)) + 1)).result()
+    pool.shutdown()
+
+
+def test_reader_and_prefetch_threads_run_no_mlx_op(tiny_factory):
+    src, dst = tiny_factory("qwen3_moe")
+    ref = _reference(src)
+    tokens = _tokens(32, seed=4)
+    want = np.array(ref(tokens))
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, mixed_precision=False, prefetch_layers=1,
+                               progress=False)
+    reader = runtime_of(model).reader
+    reader.pool.shutdown()
+    reader.background_pool.shutdown()
+    reader.pool = _foreign_stream_pool(4, "hobbit-io")
+    reader.background_pool = _foreign_stream_pool(2, "hobbit-prefetch")
+    cache = make_prompt_cache(model)
+    got = model(tokens[:, :24], cache=cache)
+    mx.eval(got)
+    for i in range(24, 32):  # decode: prefetch reads run while the model computes
+        mx.eval(model(tokens[:, i:i + 1], cache=cache))
+    np.testing.assert_array_equal(np.array(got), want[:, :24])
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["misses_high"] > 0 and stats["prefetch_issued"] > 0
+
+
+def test_peak_within_budget_while_kv_growth_shrinks_the_pools(tiny_factory):
+    """A sequence that outgrows its KV reserve takes the KV from the pools: they are rebuilt
+    smaller, peak memory stays within the budget, and the output stays exact."""
+    src, dst = tiny_factory("qwen3_moe")
+    probe, _ = hobbit_mlx.load(dst, exact=True, prefetch_layers=0, max_context=256, progress=False)
+    plan = runtime_of(probe).plan
+    runtime_of(probe).close()
+    # Every expert fits beside a short context; at 1,000 tokens only half of them do.
+    budget = (plan.fixed_bytes + plan.kv_bytes_per_token * kv_tokens_for(1000)
+              + (plan.all_high_bytes + plan.min_expert_bytes) // 2)
+    tokens = _tokens(1000, seed=5)
+    chunks = [(0, 500)] + [(i, i + 100) for i in range(500, 1000, 100)]
+    def run(model, cache, i, j):  # as mlx-lm prefills: the chunk, then the logits of one token
+        model(tokens[:, i:j - 1], cache=cache)
+        mx.eval([c.state for c in cache])
+        return np.array(model(tokens[:, j - 1:j], cache=cache))
+
+    ref = _reference(src)
+    ref_cache = make_prompt_cache(ref)
+    want = [run(ref, ref_cache, i, j) for i, j in chunks]
+    del ref, ref_cache
+    gc.collect()
+    model, _ = hobbit_mlx.load(dst, memory_budget=budget, exact=True, prefetch_layers=0,
+                               max_context=256, progress=False)
+    rt = runtime_of(model)
+    slots_before = rt.cache.pools[0].pool.slots
+    assert slots_before * rt.cache.pools[0].pool.slot_nbytes == plan.all_high_bytes
+    cache = make_prompt_cache(model)
+    for (i, j), w in zip(chunks, want):
+        np.testing.assert_array_equal(run(model, cache, i, j), w)
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["pool_rebuilds"] >= 1
+    assert rt.cache.pools[0].pool.slots < slots_before
+    assert stats["kv_reserve_tokens"] >= 1000
+    assert stats["peak_memory_bytes"] <= stats["budget_bytes"] == budget
+
+
+def test_context_beyond_the_budget_stops_with_a_clear_error(tiny_factory):
+    _, dst = tiny_factory("qwen3_moe")
+    probe, _ = hobbit_mlx.load(dst, exact=True, prefetch_layers=0, max_context=256, progress=False)
+    plan = runtime_of(probe).plan
+    runtime_of(probe).close()
+    budget = plan.minimum_bytes + plan.kv_bytes_per_token * 512
+    model, _ = hobbit_mlx.load(dst, memory_budget=budget, exact=True, prefetch_layers=0,
+                               max_context=256, progress=False)
+    cache = make_prompt_cache(model)
+    with pytest.raises(ContextBudgetError, match=r"the context reached \d+ tokens"):
+        for i in range(0, 4000, 200):
+            mx.eval(model(_tokens(200, seed=i), cache=cache))
+    assert cache[0].offset < 4000
+
+
+def test_minimum_budget_is_small(tiny_factory):
+    """The smallest budget is dense + activations + one KV step + one layer's top-k per pool:
+    below the model's own size, and it runs."""
+    src, dst = tiny_factory("qwen3_moe")
+    info = hobbit_mlx.footprint(dst)
+    rt_plan_min = info["minimum_budget_bytes"]
+    expert_min = info["experts_per_token"] * info["expert_bytes_high"] // (
+        info["num_moe_layers"] * info["num_experts"])
+    assert rt_plan_min <= (info["dense_bytes"] + info["activation_bytes"]
+                           + info["kv_bytes_per_token"] * 512 + 2 * expert_min)
+    model, tok = hobbit_mlx.load(dst, memory_budget=rt_plan_min, exact=True, prefetch_layers=0,
+                                 progress=False)
+    assert hobbit_mlx.generate(model, tok, "hi", max_tokens=4) is not None
+    with pytest.raises(hobbit_mlx.BudgetError, match="too small"):
+        hobbit_mlx.load(dst, memory_budget=int(0.95 * rt_plan_min), exact=True, prefetch_layers=0,
+                        progress=False)
+
+
+def test_generation_on_a_thread_of_its_own(tiny_factory):
+    """Generation started off the main thread (as a server does) runs with its own stream."""
+    _, dst = tiny_factory("qwen3_moe")
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
+    want = hobbit_mlx.generate(model, tok, "def f():", max_tokens=12)
+    out = {}
+
+    def run():
+        with mx.stream(mx.new_stream(mx.default_device())):
+            out["text"] = hobbit_mlx.generate(model, tok, "def f():", max_tokens=12)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert out["text"] == want
