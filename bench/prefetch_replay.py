@@ -42,22 +42,36 @@ HIGH = "high"
 def record_events(model, workload) -> list[tuple]:
     """Run ``workload`` through ``model`` (loaded with prefetch on) and return its cache events:
     ("seq",), ("demand", layer, keys, phase) per fetch group, ("call_end", layer),
-    ("predict", layer, keys)."""
+    ("predict", layer, keys).
+
+    Spies: ``hobbit_mlx.offload.Fetch`` (one per fetch group of a synced layer call; the experts it
+    took), the prefetcher's ``_issue`` (a prediction) and ``consume`` (the layer's predictions
+    released), and the cache's ``record_hits`` (a lazy call of a fully resident layer: its experts,
+    all hits, reach the policy at the next sync, where they are recorded as a demand)."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
+    from hobbit_mlx import offload
     from hobbit_mlx.loader import runtime_of
 
     rt = runtime_of(model)
+    pf = rt.prefetcher
+    if pf is None:
+        raise ValueError("record_events needs a model loaded with prefetch on (prefetch_layers > 0)")
     events: list[tuple] = []
-    begin, issue = rt.begin_fetch, rt._issue_prefetch
-    consume = rt.consume_prefetch
+    fetch_init = offload.Fetch.__init__
     phase = [0]
 
-    def spy_begin(layer, experts, precision=HIGH):
-        events.append(("demand", layer.layer, [(layer.layer, int(e), HIGH) for e in experts],
-                       phase[0]))
-        return begin(layer, experts, precision)
+    def spy_fetch(fetch, runtime, layer, experts, precision=HIGH):
+        fetch_init(fetch, runtime, layer, experts, precision)
+        if runtime is rt and len(fetch.experts):  # the experts this group took (the rest: later)
+            events.append(("demand", layer.layer,
+                           [(layer.layer, int(e), HIGH) for e in fetch.experts], phase[0]))
+
+    def spy_hits(layer, experts, precision=HIGH):
+        if len(experts):
+            events.append(("demand", layer, [(layer, int(e), HIGH) for e in experts], phase[0]))
+        return record_hits(layer, experts, precision)
 
     def spy_consume(layer, needed):
         events.append(("call_end", layer))  # this layer's predictions are released after it runs
@@ -68,7 +82,10 @@ def record_events(model, workload) -> list[tuple]:
         events.append(("predict", lid, sorted({(lid, int(e), HIGH) for e in ind.ravel()})))
         return issue(switch, distance, ind, weights)
 
-    rt.begin_fetch, rt._issue_prefetch, rt.consume_prefetch = spy_begin, spy_issue, spy_consume
+    # Instance attributes shadow the methods (the runtime calls pf.consume, self._issue, ...).
+    issue, consume, record_hits = pf._issue, pf.consume, rt.cache.record_hits
+    offload.Fetch.__init__ = spy_fetch
+    pf._issue, pf.consume, rt.cache.record_hits = spy_issue, spy_consume, spy_hits
     try:
         for prompt in workload.prompts:
             rt.new_sequence()
@@ -77,14 +94,18 @@ def record_events(model, workload) -> list[tuple]:
             for _ in generate_step(mx.array(prompt), model, max_tokens=workload.max_tokens,
                                    prefill_step_size=rt.prefill_step_size):
                 phase[0] = 1
+        rt.wait_idle()
+        rt.count_deferred()  # the last lazy calls' hits, as offload_stats would count them
     finally:
-        rt.begin_fetch, rt._issue_prefetch, rt.consume_prefetch = begin, issue, consume
+        offload.Fetch.__init__ = fetch_init
+        for obj, name in ((pf, "_issue"), (pf, "consume"), (rt.cache, "record_hits")):
+            obj.__dict__.pop(name, None)
     return _in_runtime_order(events)
 
 
 def _in_runtime_order(events: list[tuple]) -> list[tuple]:
     """The runtime releases a layer's holds after that layer's fetch; the spy saw the release
-    (``consume_prefetch``) before the next layer's prediction and this layer's fetch. Move each
+    (``Prefetcher.consume``) before the next layer's prediction and this layer's fetch. Move each
     release after its layer's demand groups."""
     out, pending, fetched = [], None, False
     for ev in events:
@@ -199,7 +220,7 @@ def replay_with_prefetch(events: list[tuple], policy, capacity: int) -> dict:
 
 def main(argv=None) -> int:
     import hobbit_mlx
-    from bench.harness import CONFIGS, _warmup
+    from bench.harness import CONFIGS, _warmup, empty_pools, high_pools
     from bench.workload import DEFAULT_WORKLOAD, RESULTS, make_workload, resolve_model_paths
     from hobbit_mlx.loader import runtime_of
     from hobbit_mlx.policies import make_policy
@@ -219,13 +240,11 @@ def main(argv=None) -> int:
         rt = runtime_of(model)
         workload = make_workload(tok, **DEFAULT_WORKLOAD)
         _warmup(model, rt.prefill_step_size)
-        rt.cache.clear()
-        rt.cache.policy.reset()
+        empty_pools(rt)
         hobbit_mlx.reset_stats(model)
         events = record_events(model, workload)
         measured = hobbit_mlx.offload_stats(model)
-        entry = rt.manifest.layers[0].precisions["high"]
-        capacity = rt.cache.capacity_bytes // entry.resident_nbytes(rt.float_itemsize)
+        capacity = sum(pool.slots for pool in high_pools(rt))  # 4-bit slots
         shallow = int(getattr(rt.cache.policy, "layers", 0))
         inner = getattr(rt.cache.policy, "inner", rt.cache.policy)
         def replayed(name: str) -> dict:

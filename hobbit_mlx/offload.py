@@ -193,7 +193,7 @@ class OffloadRuntime:
 
     def count_deferred(self, n: int | None = None) -> None:
         """Count the hits of lazy calls (their indices are evaluated by now) and tell the policy."""
-        todo = self._deferred[:n] if n is not None else self._deferred
+        todo = self._deferred[:n] if n is not None else list(self._deferred)
         del self._deferred[:len(todo)]
         for layer, indices in todo:
             experts = np.unique(np.array(indices))
