@@ -178,6 +178,7 @@ def test_minimum_budget_is_small(tiny_factory):
                            + info["kv_bytes_per_token"] * 512 + 2 * expert_min)
     model, tok = hobbit_mlx.load(dst, memory_budget=rt_plan_min, exact=True, prefetch_layers=0,
                                  progress=False)
+    assert runtime_of(model).plan.minimum_bytes == rt_plan_min  # measured the same again
     assert hobbit_mlx.generate(model, tok, "hi", max_tokens=4) is not None
     with pytest.raises(hobbit_mlx.BudgetError, match="too small"):
         hobbit_mlx.load(dst, memory_budget=int(0.95 * rt_plan_min), exact=True, prefetch_layers=0,
