@@ -488,6 +488,12 @@ def high_pools(rt) -> list:
     return list(pools.values())
 
 
+def low_pool_without_slots(rt) -> bool:
+    """A 2-bit pool exists (mixed precision, or 2-bit prefill) but has no slot."""
+    return any(rt.cache.pool_for(layer.layer, "low") is not None
+               and rt.cache.capacity(layer.layer, "low") == 0 for layer in rt.manifest.layers)
+
+
 def empty_pools(rt, *, preload: bool = False) -> None:
     """Forget what the warm-up left: pending graphs evaluated, prefetch holds dropped, every slot
     freed and the policies reset. With ``preload``, every expert is read back (the pools that can
@@ -533,6 +539,12 @@ def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: 
     run["capacity_experts"] = sum(pool.slots for pool in pools)  # 4-bit slots
     run["effective_residency"] = run["capacity_experts"] / max(1, all_experts)
     run["preloaded"] = name in PRELOADED
+    if not run["preloaded"] and low_pool_without_slots(rt):
+        # Every expert fits in 4-bit, so the 2-bit pool got no slot; from empty pools the runtime
+        # would then have no copy to serve a 2-bit choice with (PoolBudgetError). The run starts
+        # as load() leaves it: every expert resident.
+        run["preloaded"] = True
+        run["preloaded_why"] = "no 2-bit slot: every expert fits in 4-bit"
     try:
         _warmup(model, rt.prefill_step_size)
         empty_pools(rt, preload=run["preloaded"])
@@ -549,6 +561,10 @@ def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: 
             run["ppl_eval_hit_rate"] = pst["hit_rate"]
             run["ppl_eval_peak_memory_bytes"] = pst["peak_memory_bytes"]
         out = summarize(run, gen, stats, baseline, tf, paired, background)
+    except Exception as e:  # one failing run is a row that says so, not the end of the matrix
+        import traceback
+        traceback.print_exc()
+        out = {**run, "error": f"{type(e).__name__}: {e}"}
     finally:
         rt.close()
         del model
@@ -624,11 +640,12 @@ def _mb(x):
 
 
 def _res_label(r: dict) -> str:
+    pre = " (preloaded)" if r.get("preloaded") else ""
     if r.get("residency") is not None:
-        return f"{100 * r['residency']:g}%"
+        return f"{100 * r['residency']:g}%{pre}"
     if r.get("budget") is not None:
         eff = r.get("effective_residency")
-        return f"{r['budget']}" + (f" (={100 * eff:.1f}%)" if eff is not None else "")
+        return f"{r['budget']}" + (f" (={100 * eff:.1f}%)" if eff is not None else "") + pre
     return "-"
 
 
@@ -683,7 +700,9 @@ def markdown(result: dict) -> str:
           "layer is resident and its calls stay lazy). Py ms/call = Python time of one MoE layer call "
           "in the decode phase (graph building; a synced call also waits for its router and reads), "
           "py x = against mlx-lm's switch module call timed the same way. Peak/budget = MLX peak "
-          "memory after the warm-up over the memory budget.", ""]
+          "memory after the warm-up over the memory budget. Runs start from empty pools, except "
+          "those marked (preloaded): every expert resident when the workload starts (`exact-resident`, "
+          "and runs whose 2-bit pool got no slot because every expert fits in 4-bit).", ""]
     head = ["config", "residency", "cache MiB", f"hit{hit_note}", "resident at request", "high hit", "low hit", "miss",
             "skip", "decode hit", "KiB/token", "decode KiB/token", "prefetch P/R", "ppl",
             "top-1 agree", "gen", "prompt tok/s", "decode tok/s", "base decode tok/s", "prompt x",

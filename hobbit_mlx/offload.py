@@ -31,6 +31,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from .architectures import switch_linear_paths
 from .cache import SlotCache
+from .pools import SlotPool
 from .precision import DROP, HIGH, LOW, PrecisionOptions, demote_unpopular, plan_slots
 from .reader import RecordReader
 from .routing import find_router, gate_weights, normalized, tap_router
@@ -76,22 +77,21 @@ class PoolProjection:
     """One expert projection over a pool, called with mlx-lm's own ``QuantizedSwitchLinear``
     code. Not an ``nn.Module``: the pool's arrays stay out of ``model.parameters()``."""
 
-    def __init__(self, cache: SlotCache, layer: int, precision: str, name: str, quant: dict):
-        self._cache, self._lp, self._prefix = cache, (layer, precision), name + "."
+    def __init__(self, pool: SlotPool, name: str, quant: dict):
+        self._pool = pool
+        self._names = {t.name.rpartition(".")[2]: t.name for t in pool.tensors
+                       if t.name.rpartition(".")[0] == name}
         self.group_size, self.bits, self.mode = quant["group_size"], quant["bits"], quant["mode"]
 
-    @property
-    def _arrays(self) -> dict:
-        return self._cache.pool_for(*self._lp).arrays
-
     def __getitem__(self, name: str) -> mx.array:
-        return self._arrays[self._prefix + name]
+        return self._pool.arrays[self._names[name]]
 
     def get(self, name: str, default=None):
-        return self._arrays.get(self._prefix + name, default)
+        full = self._names.get(name)
+        return default if full is None else self._pool.arrays[full]
 
     def __contains__(self, name: str) -> bool:
-        return self._prefix + name in self._arrays
+        return name in self._names
 
     @property
     def global_scale(self):
@@ -192,14 +192,18 @@ class OffloadRuntime:
             self.count_deferred(2 * len(self.layers))
 
     def count_deferred(self, n: int | None = None) -> None:
-        """Count the hits of lazy calls (their indices are evaluated by now) and tell the policy."""
+        """Count the hits of lazy calls (their indices are evaluated by now) and tell the policy
+        (unless every expert is resident: then nothing is ever evicted and order is moot)."""
         todo = self._deferred[:n] if n is not None else list(self._deferred)
         del self._deferred[:len(todo)]
+        tell_policy = len(self.cache) < self.total_experts
         for layer, indices in todo:
-            experts = np.unique(np.array(indices))
-            self.stats.expert_requests += len(experts)
-            self.stats.hits_high += len(experts)
-            self.cache.record_hits(layer, experts)
+            chosen = np.sort(np.array(indices).reshape(-1))
+            distinct = int((chosen[1:] != chosen[:-1]).sum()) + 1 if len(chosen) else 0
+            self.stats.expert_requests += distinct
+            self.stats.hits_high += distinct
+            if tell_policy:
+                self.cache.record_hits(layer, np.unique(chosen))
 
     def _count(self, precision: str, hits: int, misses: int) -> None:
         if precision == "high":
@@ -401,8 +405,8 @@ class OffloadedSwitch(nn.Module):
                 if name in owner:
                     del owner[name]
                 quant = self.layer.precisions[precision].quant[path]
-                object.__setattr__(owner, name, PoolProjection(cache, self.layer.layer, precision,
-                                                               path, quant))
+                pool = cache.pool_for(self.layer.layer, precision)
+                object.__setattr__(owner, name, PoolProjection(pool, path, quant))
             by_precision[precision] = module
         object.__setattr__(self, "_by_precision", by_precision)
 
@@ -502,6 +506,7 @@ class OffloadedSwitch(nn.Module):
         if scale is not None and (scale != 1).any():
             y = y * mx.array(scale.reshape(idx.shape))[..., None].astype(y.dtype)
         rt.track(y)
+        mx.async_eval(y)  # this layer computes while the host builds the next layer's graph
         return y
 
     def _serve(self, flat: np.ndarray, level: np.ndarray) -> list:

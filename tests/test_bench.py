@@ -54,6 +54,27 @@ def test_replay_multi_expert_calls_pin_their_experts():
     assert (tiny["hits"], tiny["not_cached"], tiny["evictions"]) == (1, 4, 2)
 
 
+def test_replay_splits_calls_on_slots_like_the_runtime():
+    # The slot-pool runtime: a call whose misses find no free slot (its own experts are pinned)
+    # evaluates what it has and continues with the remaining misses as a new group, in which only
+    # they are pinned. Calls {0,1,2,3,4} {3} {2} through 2 slots, LRU:
+    # c0: group 1 reads 0, 1 (2 finds no slot); group 2 reads 2 evicting 0, 3 evicting 1; group 3
+    #     reads 4 evicting 2 -> [3, 4]; c1: 3 hits -> [4, 3]; c2: 2 misses, evicts 4.
+    # -> 1 hit, 6 misses, 4 evictions, everything cached.
+    calls = ([0, 1, 2, 3, 4], [3], [2])  # one token per expert (top-1): c0 is a prefill chunk
+    split = tr.from_calls([(0, np.array(c)[:, None]) for c in calls], meta={"fetch_group": "slots"})
+    got = rp.replay(split, "lru", 2)
+    assert (got["hits"], got["misses"], got["evictions"], got["not_cached"]) == (1, 6, 4, 0)
+    assert rp.replay(split, "runtime:lru", 2)["hits"] == 1
+    # Without splitting (hand-made traces, --group none) the misses that find no slot are not
+    # cached: c0 keeps 0, 1; c1: 3 misses, evicts 0; c2: 2 misses, evicts 1 -> 0 hits.
+    plain = rp.replay(split, "lru", 2, group=None)
+    assert (plain["hits"], plain["misses"], plain["not_cached"]) == (0, 7, 3)
+    hand_made = tr.from_calls([(0, np.array(c)[:, None]) for c in calls])
+    assert rp.replay(hand_made, "lru", 2)["hits"] == 0  # no "slots" in the meta: no split
+    assert rp.replay(hand_made, "lru", 2, group="slots")["hits"] == 1
+
+
 def test_replay_accepts_policy_objects_and_compare_reports_gaps():
     class MRU:  # most recently used: a policy the bench does not know, plugged in as an object
         name = "mru"
@@ -153,20 +174,38 @@ def test_trace_roundtrip_with_and_without_gate_weights(tmp_path):
 
 # ---------------------------------------------------------------------------------------- harness
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def tiny_model(tmp_path_factory):
+    """The bench's tiny random qwen3_moe (4 layers x 32 experts, top-4): (mlx-lm dir, hobbit dir)."""
     from convert import convert
     from hobbit_mlx.testing.tiny_models import make_tiny_model
 
-    from bench import harness, workload
+    from bench import workload
 
-    root = tmp_path_factory.mktemp("bench")
-    src = make_tiny_model(workload.TINY_ARCH, root / "model" / "mlx", quantize=True,
+    root = tmp_path_factory.mktemp("bench-model")
+    src = make_tiny_model(workload.TINY_ARCH, root / "mlx", quantize=True,
                           config_overrides=workload.TINY_OVERRIDES)
     workload.write_marker(src, routing="random")
-    convert(src, root / "model" / "hobbit", progress=False)
-    out = root / "out"
-    assert harness.main(["--model", str(src), "--quick", "--out", str(out), "--name", "quick"]) == 0
+    convert(src, root / "hobbit", progress=False)
+    return src, root / "hobbit"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_model, tmp_path_factory):
+    from bench import harness
+
+    out = tmp_path_factory.mktemp("bench") / "out"
+    assert harness.main(["--model", str(tiny_model[0]), "--quick", "--out", str(out),
+                         "--name", "quick"]) == 0
     return out, json.loads((out / "quick.json").read_text())
+
+
+def _small_workload(src, max_tokens=8):
+    import mlx_lm.utils
+
+    from bench.workload import make_workload
+
+    return make_workload(mlx_lm.utils.load_tokenizer(src), n_prompts=1, prompt_tokens=32,
+                         max_tokens=max_tokens, n_ppl=0)
 
 
 def test_harness_quick_writes_outputs(quick_run):
@@ -210,6 +249,93 @@ def test_harness_quick_metrics_per_configuration(quick_run):
         if harness._is_exact_cache_only(r["kwargs"]):  # exact: same tokens and likelihoods as mlx-lm
             assert r["generation_identical"] and r["argmax_agreement"] == 1.0
             assert r["ppl"] == pytest.approx(r["ppl_baseline"], rel=1e-4)
+
+
+def test_harness_quick_host_time_syncs_and_memory(quick_run):
+    _, res = quick_run
+    base = res["baseline"]
+    assert base["python_ms_per_layer_call"] > 0 and base["python_layer_calls"] > 0
+    assert res["baseline"]["pooled"]["python_ms_per_layer_call"] > 0
+    runs = {(r["config"], r["residency"]): r for r in res["runs"] if "error" not in r}
+    for r in runs.values():
+        # decode only: (max_tokens - 1) steps timed (mlx-lm builds the first before the first
+        # token is out), one call per MoE layer each
+        assert r["python_layer_calls"] == 4 * 15, r["config"]
+        assert r["python_ms_per_layer_call"] > 0 and r["baseline_python_ms_per_layer_call"] > 0
+        assert r["python_ms_ratio"] == pytest.approx(
+            r["python_ms_per_layer_call"] / r["baseline_python_ms_per_layer_call"])
+        assert r["peak_vs_budget"] == pytest.approx(r["peak_memory_bytes"] / r["budget_bytes"])
+        assert 0 <= r["host_syncs_per_token"] <= 4 and r["pool_rebuilds"] == 0
+        assert r["kv_reserve_bytes"] > 0 and r["activation_reserve_bytes"] >= 0 and r["pool_slots"]
+    resident = runs[("exact-resident", 1.0)]
+    # every expert preloaded: nothing read, every layer call lazy (no host sync), mlx-lm's tokens
+    assert resident["preloaded"] and resident["hit_rate"] == 1.0 and resident["bytes_read"] == 0
+    assert resident["host_syncs_per_token"] == 0 and resident["decode_lazy_call_share"] == 1.0
+    assert resident["generation_identical"] and resident["capacity_experts"] == 4 * 32
+    # a quarter of the experts: every decode layer call can miss, so each syncs once
+    assert runs[("lru", 0.25)]["host_syncs_per_token"] == 4
+    assert runs[("lru", 0.25)]["capacity_experts"] == 32 and not runs[("lru", 0.25)]["preloaded"]
+    assert "peak/budget" in (Path(res["meta"]["trace_file"]).parent.parent / "quick.md").read_text()
+
+
+def test_replay_reproduces_the_runtime_when_calls_split(tiny_model):
+    """A pool smaller than a prefill chunk's experts: the runtime runs the chunk in groups, and the
+    replay of its trace (``fetch_group`` "slots") gives the hit rate the runtime measured."""
+    import hobbit_mlx
+    from bench import harness
+
+    src, store = tiny_model
+    model, _ = hobbit_mlx.load(store, expert_residency=0.0625, exact=True, prefetch_layers=0,
+                               policy="lru", progress=False)
+    rt = hobbit_mlx.runtime_of(model)
+    try:
+        capacity = sum(pool.slots for pool in harness.high_pools(rt))
+        assert capacity == 8
+        trace = tr.record(model, _small_workload(src, max_tokens=16))
+        measured = hobbit_mlx.offload_stats(model)
+    finally:
+        rt.close()
+    assert trace.meta["fetch_group"] == "slots"
+    assert max(len(np.unique(trace.call(i))) for i in range(len(trace))) > capacity  # it split
+    replayed = rp.replay(trace, "runtime:lru", capacity)
+    assert replayed["requests"] == measured["expert_requests"]
+    assert replayed["hits"] == measured["hits_high"] and replayed["not_cached"] == 0
+
+
+def test_prefetch_replay_records_a_live_run(tiny_model):
+    import hobbit_mlx
+    from bench import harness
+    from hobbit_mlx.offload import Fetch
+    from hobbit_mlx.policies import make_policy
+
+    src, store = tiny_model
+    model, _ = hobbit_mlx.load(store, expert_residency=0.25, exact=True, prefetch_layers=1,
+                               policy="lru", keep_shallow_layers=0, progress=False)
+    rt = hobbit_mlx.runtime_of(model)
+    init, pf = Fetch.__init__, rt.prefetcher
+    try:
+        harness._warmup(model, rt.prefill_step_size)
+        harness.empty_pools(rt)
+        hobbit_mlx.reset_stats(model)
+        events = pr.record_events(model, _small_workload(src))
+        measured = hobbit_mlx.offload_stats(model)
+        capacity = sum(pool.slots for pool in harness.high_pools(rt))
+    finally:
+        rt.close()
+    # the spies are gone again
+    assert Fetch.__init__ is init and "consume" not in vars(pf) and "_issue" not in vars(pf)
+    assert "record_hits" not in vars(rt.cache)
+    kinds = {ev[0] for ev in events}
+    assert {"seq", "demand", "predict", "call_end"} <= kinds
+    # one demand key per expert request the runtime counted (fetch groups and lazy calls)
+    assert sum(len(ev[2]) for ev in events if ev[0] == "demand") == measured["expert_requests"]
+    # each release comes after its layer's demand
+    for i, ev in enumerate(events):
+        if ev[0] == "call_end":
+            assert any(e[0] == "demand" and e[1] == ev[1] for e in events[:i])
+    out = pr.replay_with_prefetch(events, make_policy("lru", num_layers=4), capacity)
+    assert out["hits"] + out["misses"] == measured["expert_requests"]
+    assert 0 < out["prefetch_reads"] and abs(out["hit_rate"] - measured["hit_rate"]) < 0.2
 
 
 def test_harness_replay_reproduces_measured_lru(quick_run):

@@ -69,7 +69,7 @@ def test_generate_streams_and_reports(model_dir, env):
 def test_generate_stats_json(model_dir, env, tmp_path):
     out = tmp_path / "sub" / "stats.json"
     p = run(env, "generate", "--model", model_dir, "--prompt", "-", "--max-tokens", 6,
-            "--memory-budget", "2GB", "--policy", "lru", "--max-context", 512,
+            "--expert-residency", 0.5, "--policy", "lru", "--max-context", 512,
             "--prefill-step-size", 4, "--io-workers", 2, "--ignore-chat-template",
             "--top-k", 5, "--temp", 1.0, "--seed", 1, "--stats-json", out, "--quiet-report",
             "--prefetch-width", 1.5, "--keep-shallow-layers", 1, "--prefill-low-precision", 0.3,
@@ -82,9 +82,10 @@ def test_generate_stats_json(model_dir, env, tmp_path):
                 "resident_expert_bytes", "peak_memory_bytes", "budget_bytes", "hit_rate",
                 "prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "wall_s"):
         assert key in stats, key
-    assert stats["budget_bytes"] == 2 * 10**9
+    assert stats["resident_expert_bytes"] <= stats["expert_cache_bytes"] < stats["budget_bytes"]
     assert stats["generation_tokens"] >= 1 and stats["prompt_tokens"] > 5
     assert stats["expert_requests"] > 0 and stats["bytes_read"] > 0
+    assert stats["misses_high"] > 0 and stats["host_syncs"] > 0  # half the experts: calls miss
     assert stats["exact"] is False and stats["prefetch_layers"] == 1  # lossy techniques on by default
     assert stats["prefetch_width"] == 1.5 and stats["keep_shallow_layers"] == 1
     assert stats["prefetch_recall"] == 0.9 and isinstance(stats["prefetch_widths"], dict)
@@ -93,12 +94,32 @@ def test_generate_stats_json(model_dir, env, tmp_path):
     assert [f.name for f in out.parent.iterdir()] == ["stats.json"]  # no temporary file left
 
 
+def test_generate_with_a_budget_that_holds_every_expert(model_dir, env, tmp_path):
+    """--memory-budget is the budget; when the pools hold every expert they are read at load,
+    and generating reads nothing and never waits on the host."""
+    from hobbit_mlx.store import load_manifest
+
+    out = tmp_path / "stats.json"
+    p = run(env, "generate", "--model", model_dir, "--prompt", "hello there", "--max-tokens", 4,
+            "--memory-budget", "2GB", "--stats-json", out, "--quiet-report")
+    assert p.returncode == 0, p.stderr
+    stats = json.loads(out.read_text())
+    manifest = load_manifest(model_dir)
+    assert stats["budget_bytes"] == 2 * 10**9
+    assert stats["resident_experts"] == sum(l.num_experts for l in manifest.layers)
+    assert stats["expert_requests"] > 0 and stats["hits_high"] == stats["expert_requests"]
+    assert stats["bytes_read"] == 0 and stats["misses_high"] == stats["misses_low"] == 0
+    assert stats["host_syncs"] == 0
+
+
 def test_budget_too_small(model_dir, env):
     import hobbit_mlx
     from hobbit_mlx.budget import format_size
 
     minimum = hobbit_mlx.footprint(model_dir)["minimum_budget_bytes"]
-    p = run(env, "generate", "--model", model_dir, "--memory-budget", "1KB", "--max-tokens", 2)
+    # footprint's minimum is that of exact mode without prefetch (no 2-bit pool to size)
+    p = run(env, "generate", "--model", model_dir, "--memory-budget", "1KB", "--max-tokens", 2,
+            "--exact", "--prefetch-layers", 0)
     line = assert_bad_input(p)
     assert str(minimum) in line or format_size(minimum) in line, line
 
