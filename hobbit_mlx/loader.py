@@ -424,16 +424,22 @@ def reset_stats(model: nn.Module) -> None:
 
 
 def footprint(path: str | Path | None = None) -> dict:
-    """Sizes that decide what budget a model needs, read from its store and measured runs."""
-    model, _ = load(path, expert_residency=0.0, exact=True, prefetch_layers=0, progress=False)
-    rt = runtime_of(model)
+    """Sizes that decide what budget a model needs, read from its store and measured runs.
+    ``minimum_budget_bytes`` is the smallest budget that runs with the default techniques (a
+    2-bit pool and the stacked prefetch gates included); ``minimum_budget_bytes_exact`` with
+    ``exact=True, prefetch_layers=0``."""
+    out = {}
+    for key, options in (("minimum_budget_bytes_exact", {"exact": True, "prefetch_layers": 0}),
+                         ("minimum_budget_bytes", {})):
+        model, _ = load(path, expert_residency=0.0, progress=False, **options)
+        rt = runtime_of(model)
+        out[key] = rt.plan.minimum_bytes
+        rt.close()
     m = rt.manifest
-    out = {"dense_bytes": rt.plan.dense_bytes, "expert_bytes_high": m.expert_bytes("high"),
-           "expert_bytes_low": m.expert_bytes("low"), "num_moe_layers": len(m.layers),
-           "num_experts": m.num_experts, "experts_per_token": m.experts_per_token,
-           "kv_bytes_per_token": rt.kv_bytes_per_token,
-           "activation_bytes": rt.plan.activation_reserve_bytes,
-           "prefill_step_size": rt.prefill_step_size,
-           "minimum_budget_bytes": rt.plan.minimum_bytes}
-    rt.close()
+    out.update({"dense_bytes": rt.plan.dense_bytes, "expert_bytes_high": m.expert_bytes("high"),
+                "expert_bytes_low": m.expert_bytes("low"), "num_moe_layers": len(m.layers),
+                "num_experts": m.num_experts, "experts_per_token": m.experts_per_token,
+                "kv_bytes_per_token": rt.kv_bytes_per_token,
+                "activation_bytes": rt.plan.activation_reserve_bytes,
+                "prefill_step_size": rt.prefill_step_size})
     return out

@@ -116,12 +116,13 @@ def test_budget_too_small(model_dir, env):
     import hobbit_mlx
     from hobbit_mlx.budget import format_size
 
-    minimum = hobbit_mlx.footprint(model_dir)["minimum_budget_bytes"]
-    # footprint's minimum is that of exact mode without prefetch (no 2-bit pool to size)
-    p = run(env, "generate", "--model", model_dir, "--memory-budget", "1KB", "--max-tokens", 2,
-            "--exact", "--prefetch-layers", 0)
-    line = assert_bad_input(p)
-    assert str(minimum) in line or format_size(minimum) in line, line
+    fp = hobbit_mlx.footprint(model_dir)
+    for minimum, flags in ((fp["minimum_budget_bytes"], ()),
+                           (fp["minimum_budget_bytes_exact"], ("--exact", "--prefetch-layers", 0))):
+        p = run(env, "generate", "--model", model_dir, "--memory-budget", "1KB", "--max-tokens", 2,
+                *flags)
+        line = assert_bad_input(p)
+        assert str(minimum) in line or format_size(minimum) in line, line
 
 
 def test_bad_input(model_dir, env, tmp_path):
