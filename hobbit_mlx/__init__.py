@@ -12,6 +12,7 @@ import mlx_lm
 
 from .budget import BudgetError, parse_size
 from .loader import footprint, load, offload_stats, reset_stats, runtime_of
+from .options import LoadOptions
 from .store import StoreError
 from .architectures import UnsupportedModelError
 
@@ -38,5 +39,5 @@ def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
     return mlx_lm.generate(model, tokenizer, prompt, verbose=verbose, **_with_defaults(model, kwargs))
 
 
-__all__ = ["load", "generate", "stream_generate", "offload_stats", "reset_stats", "footprint",
+__all__ = ["load", "LoadOptions", "generate", "stream_generate", "offload_stats", "reset_stats", "footprint",
            "parse_size", "BudgetError", "StoreError", "UnsupportedModelError"]

@@ -17,9 +17,12 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .budget import BudgetError, format_size, parse_size
+
+if TYPE_CHECKING:
+    from .options import LoadOptions
 
 
 DEFAULT_MAX_TOKENS = 256
@@ -57,8 +60,8 @@ def _policy_names() -> list[str]:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model and everything ``hobbit_mlx.load`` takes."""
-    from .loader import (INITIAL_CONTEXT, DEFAULT_PREFETCH_RECALL, DEFAULT_PREFETCH_WIDTH,
-                         DEFAULT_PREFILL_STEP)
+    from .budget import INITIAL_CONTEXT
+    from .options import DEFAULT_PREFETCH_RECALL, DEFAULT_PREFETCH_WIDTH, DEFAULT_PREFILL_STEP
 
     g = parser.add_argument_group("model and memory")
     g.add_argument("--model", type=str, default=None,
@@ -213,8 +216,18 @@ def check_args(args: argparse.Namespace) -> None:
         args.chat_template_kwargs = {}
 
 
+def load_options(args: argparse.Namespace) -> "LoadOptions":
+    """The ``LoadOptions`` the flags set (memory, techniques, I/O)."""
+    from .options import LoadOptions
+
+    return LoadOptions(memory_budget=args.memory_budget, expert_residency=args.expert_residency,
+                       max_context=args.max_context, prefill_step_size=args.prefill_step_size,
+                       io_workers=args.io_workers, verify=args.verify, direct_io=args.direct_io,
+                       **technique_options(args))
+
+
 def technique_options(args: argparse.Namespace) -> dict:
-    """The ``hobbit_mlx.load`` keyword arguments that the technique flags set."""
+    """The ``LoadOptions`` fields that the technique flags set."""
     if args.exact and (args.mixed_precision or args.big_little or args.skip):
         raise CLIError("--exact cannot be combined with --mixed-precision, --big-little or --skip")
     if not 0 <= args.t1 <= args.t2 <= 1:
@@ -278,12 +291,9 @@ def load_model(args: argparse.Namespace):
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            model, tokenizer = load(
-                args.model, memory_budget=args.memory_budget,
-                expert_residency=args.expert_residency, **technique_options(args),
-                max_context=args.max_context, prefill_step_size=args.prefill_step_size,
-                io_workers=args.io_workers, verify=args.verify, direct_io=args.direct_io,
-                tokenizer_config=tokenizer_config, progress=not getattr(args, "quiet_report", False))
+            model, tokenizer = load(args.model, options=load_options(args),
+                                    tokenizer_config=tokenizer_config,
+                                    progress=not getattr(args, "quiet_report", False))
     except (KeyboardInterrupt, CLIError):
         raise
     except BudgetError as e:

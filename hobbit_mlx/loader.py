@@ -16,9 +16,11 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
 from .architectures import find_switch_modules, num_experts_of, text_config
-from .budget import INITIAL_CONTEXT, BudgetPlan, plan_budget
+from .budget import INITIAL_CONTEXT, BudgetPlan, plan_budget  # noqa: F401
 from .cache import SlotCache
 from .offload import OffloadRuntime, bind, install
+from .options import (DEFAULT_PREFETCH_RECALL, DEFAULT_PREFETCH_WIDTH,  # noqa: F401
+                      DEFAULT_PREFILL_STEP, MAX_PREFETCH_WIDTH, LoadOptions)
 from .policies import make_policy
 from .pools import SlotPool, pool_signature
 from .precision import PrecisionOptions
@@ -29,15 +31,6 @@ from .store import Manifest, StoreError, is_hobbit_model, load_manifest
 from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
-DEFAULT_PREFILL_STEP = 512
-
-# Experts predicted per token for each layer ahead, as a multiple of top-k: a later layer's router
-# applied to an earlier layer's input drifts from what it will choose, and a wider guess catches
-# most of the drift (reference model, one layer ahead: recall 0.79 at 1x top-k, 0.91 at 1.5x,
-# 0.95 at 2x; bench/README.md has what each width reads and serves).
-DEFAULT_PREFETCH_WIDTH = 2.0
-DEFAULT_PREFETCH_RECALL = None
-MAX_PREFETCH_WIDTH = 4.0  # an adaptive width never guesses more than this many × top-k
 
 
 def default_policy(prefetch_layers: int) -> str:
@@ -234,26 +227,15 @@ def _follow_context(rt: OffloadRuntime, groups: list[_PoolGroup]) -> None:
 
 
 def load(path: str | Path | None = None, memory_budget: int | str | None = None,
-         expert_residency: float | None = None, *, exact: bool = False,
-         mixed_precision: bool | None = None, t1: float = 0.6, t2: float = 0.9, skip: bool = False,
-         big_little: bool = False, little_threshold: float = 0.8, prefetch_layers: int = 1,
-         prefetch_width: float = DEFAULT_PREFETCH_WIDTH,
-         prefetch_recall: float | None = DEFAULT_PREFETCH_RECALL, prefetch_low_precision: bool = False,
-         prefill_low_precision: float = 0.0, overlap_io: bool = True,
-         policy: str | None = None, policy_options: dict | None = None,
-         keep_shallow_layers: int | None = None,
-         max_context: int = INITIAL_CONTEXT, prefill_step_size: int = DEFAULT_PREFILL_STEP,
-         io_workers: int = 8, verify: str = "first", direct_io: bool = False, dtype: Any = None,
-         tokenizer_config: dict | None = None, progress: bool = True):
+         expert_residency: float | None = None, *, options: LoadOptions | None = None,
+         **overrides):
     """Load an MoE model with its experts offloaded; returns ``(model, tokenizer)`` like mlx-lm.
 
     ``path``: a hobbit model directory, or anything ``python -m convert`` accepts (converted once
     into ``$HOBBIT_MLX_CACHE``), or None for the bundled reference model. ``memory_budget`` (bytes
     or "6GB"/"6GiB") caps MLX's memory while generating; ``expert_residency`` instead sizes the
-    expert pools as a fraction of the 4-bit expert bytes. ``max_context``: the KV reserved when a
-    sequence starts (it grows past that while the pools give slots back).
-
-    Techniques, each a switch:
+    expert pools as a fraction of the 4-bit expert bytes. Every other option is a field of
+    ``LoadOptions`` (``options``), each of which may also be given as a keyword:
 
     * ``mixed_precision`` (HOBBIT): a miss on a low-importance expert loads its 2-bit copy;
       thresholds ``t1``/``t2``; ``skip`` drops the least important.
@@ -261,7 +243,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     * ``prefetch_layers``: predict and read the next layers' experts in the background (0 turns it
       off); ``prefetch_width``: experts predicted per token and layer ahead, as a multiple of
       top-k; ``prefetch_recall``: instead, each layer's width adapts (from ``prefetch_width``,
-      between 1 and 4× top-k) so that its predictions hold this share of the experts its router
+      between 1 and 4x top-k) so that its predictions hold this share of the experts its router
       chooses (0 or None: the fixed width); ``prefetch_low_precision``: uncertain or unimportant
       predictions are read in 2-bit.
     * ``prefill_low_precision`` (Fate): during prefill, an expert chosen by less than this share
@@ -270,55 +252,45 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     * ``policy``: cache eviction (``hobbit_mlx.policies.POLICIES``), default
       ``default_policy(prefetch_layers)``; ``keep_shallow_layers``: the experts of that many
       leading layers are evicted last (default ``default_shallow_layers`` with prefetch on, else 0).
+    * ``max_context``: the KV reserved when a sequence starts; a longer context takes its KV
+      from the expert pools.
 
     ``exact=True`` turns every lossy technique off: 4-bit experts only, nothing skipped, outputs
     equal to mlx-lm's.
     """
-    if exact and (mixed_precision or big_little or skip):
-        raise ValueError("exact=True cannot be combined with mixed_precision, big_little or skip")
-    options = PrecisionOptions(
-        mixed_precision=(not exact) if mixed_precision is None else bool(mixed_precision),
-        t1=t1, t2=t2, skip=skip, big_little=big_little, little_threshold=little_threshold)
-    if prefetch_width <= 0:
-        raise ValueError(f"prefetch_width is a multiple of top-k above 0 (got {prefetch_width})")
-    if prefetch_recall is not None and not 0 <= prefetch_recall <= 1:
-        raise ValueError(f"prefetch_recall is a share in (0, 1], or 0/None for the fixed width "
-                         f"(got {prefetch_recall})")
-    if not 0 <= prefill_low_precision <= 1:
-        raise ValueError(f"prefill_low_precision is a share of tokens in [0, 1] "
-                         f"(got {prefill_low_precision})")
-    if exact and prefill_low_precision:
-        raise ValueError("exact=True cannot be combined with prefill_low_precision")
-    if not 0 <= t1 <= t2 <= 1:
-        raise ValueError(f"thresholds must satisfy 0 <= t1 <= t2 <= 1 (got t1={t1}, t2={t2})")
-    if max_context < 1:
-        raise ValueError(f"max_context is a number of tokens (got {max_context})")
+    if memory_budget is not None:
+        overrides["memory_budget"] = memory_budget
+    if expert_residency is not None:
+        overrides["expert_residency"] = expert_residency
+    o = (options or LoadOptions()).with_overrides(**overrides)
+    o.validate()
+    precision = o.precision()
+    progress, prefill_step_size, prefetch_layers = o.progress, o.prefill_step_size, o.prefetch_layers
     model_dir = resolve_model(path, progress=progress)
     manifest = load_manifest(model_dir)
     config = load_config(model_dir)
     model, config = load_model(model_dir, lazy=True, get_model_classes=_offloaded_classes(manifest))
-    cdtype = compute_dtype(dtype)
+    cdtype = compute_dtype(o.dtype)
     if cdtype is not None:
         model.set_dtype(cdtype)
     mx.eval(model.parameters())
     dense_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
 
-    reader = RecordReader(model_dir, manifest, workers=io_workers, verify=verify, direct=direct_io)
-    uses_low = options.mixed_precision or prefill_low_precision > 0
+    reader = RecordReader(model_dir, manifest, workers=o.io_workers, verify=o.verify,
+                          direct=o.direct_io)
+    uses_low = precision.mixed_precision or o.prefill_low_precision > 0
     groups = _make_pools(manifest, ("high", "low") if uses_low else ("high",), cdtype)
     pools = {(lid, g.precision): g.pool for g in groups for lid in g.layers}
     num_experts = {l.layer: l.num_experts for l in manifest.layers}
-    policy = policy or default_policy(prefetch_layers)
-    policy_kwargs = {"num_layers": len(manifest.layers), **(policy_options or {})}
+    policy = o.policy or default_policy(prefetch_layers)
+    policy_kwargs = {"num_layers": len(manifest.layers), **(o.policy_options or {})}
     make_policy(policy, **policy_kwargs)  # an unknown name fails here, before anything is measured
-    # The shallow layers are decided once the pool size is known; until then, the plain policy.
-    shallow = [0]
-    cache = SlotCache(pools, num_experts,
-                      lambda: make_policy(policy, shallow_layers=shallow[0], **policy_kwargs))
-    runtime = OffloadRuntime(manifest, reader, cache, precision=options,
+    # (the shallow layers it protects are decided once the pools' size is known)
+    cache = SlotCache(pools, num_experts, lambda: make_policy(policy, **policy_kwargs))
+    runtime = OffloadRuntime(manifest, reader, cache, precision=precision,
                              scoring="sigmoid" if text_config(config).get("scoring_func") == "sigmoid"
-                             else "softmax", overlap_io=overlap_io,
-                             prefill_low_precision=prefill_low_precision)
+                             else "softmax", overlap_io=o.overlap_io,
+                             prefill_low_precision=o.prefill_low_precision)
     bind(model, runtime)
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
@@ -336,27 +308,27 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
         all_high_bytes=sum(g.all_bytes for g in groups if g.precision == "high"),
         min_high_bytes=sum(k * g.pool.slot_nbytes for g in groups if g.precision == "high"),
         min_low_bytes=sum(k * g.pool.slot_nbytes for g in groups if g.precision == "low"),
-        mixed_precision=uses_low, memory_budget=memory_budget, expert_residency=expert_residency,
-        initial_context=max_context)
+        mixed_precision=uses_low, memory_budget=o.memory_budget,
+        expert_residency=o.expert_residency, initial_context=o.max_context)
     high_slot = max(g.pool.slot_nbytes for g in groups if g.precision == "high")
     cache_experts = plan.high_expert_bytes // high_slot
+    keep_shallow_layers = o.keep_shallow_layers
     if keep_shallow_layers is None:
         keep_shallow_layers = default_shallow_layers(
             len(manifest.layers), cache_experts, manifest.num_experts) if prefetch_layers else 0
-    shallow[0] = keep_shallow_layers
     for ps in cache.pools:
         ps.policy = make_policy(policy, shallow_layers=keep_shallow_layers, **policy_kwargs)
     _apply_plan(runtime, groups, plan)
     _follow_context(runtime, groups)
     if prefetch_layers:
-        width = max(1, round(prefetch_width * k))
+        width = max(1, round(o.prefetch_width * k))
         # An adaptive width may grow to 4x top-k, but one layer's guesses never take more than a
         # quarter of the pool (at 12.5% residency wider guesses crowded out the kept first layer).
-        widths = None if not prefetch_recall else AdaptiveWidth(
-            k, manifest.num_experts, start=width, target=prefetch_recall,
+        widths = None if not o.prefetch_recall else AdaptiveWidth(
+            k, manifest.num_experts, start=width, target=o.prefetch_recall,
             max_width=min(round(MAX_PREFETCH_WIDTH * k), max(width, cache_experts // 4)))
         runtime.prefetcher = Prefetcher(runtime, prefetch_layers, width, widths, gate_stacks,
-                                        low_precision=prefetch_low_precision)
+                                        low_precision=o.prefetch_low_precision)
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
                      prefill_step_size=prefill_step_size)
     runtime.preload()
@@ -366,7 +338,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
     mx.clear_cache()
     mx.reset_peak_memory()
-    tokenizer = load_tokenizer(model_dir, tokenizer_config_extra=tokenizer_config or {},
+    tokenizer = load_tokenizer(model_dir, tokenizer_config_extra=o.tokenizer_config or {},
                                eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
 

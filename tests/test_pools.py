@@ -201,3 +201,20 @@ def test_generation_on_a_thread_of_its_own(tiny_factory):
     t.start()
     t.join()
     assert out["text"] == want
+
+
+def test_load_options_and_keywords_are_the_same_call(tiny_factory):
+    """``load(path, options=LoadOptions(...))`` equals the keywords; unknown names are refused."""
+    _, dst = tiny_factory("qwen3_moe")
+    opts = hobbit_mlx.LoadOptions(exact=True, prefetch_layers=0, expert_residency=0.5,
+                                  progress=False)
+    a, _ = hobbit_mlx.load(dst, options=opts)
+    b, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, prefetch_layers=0, progress=False)
+    assert runtime_of(a).plan == runtime_of(b).plan
+    assert runtime_of(a).prefetcher is None and not runtime_of(a).precision.mixed_precision
+    c, _ = hobbit_mlx.load(dst, options=opts, prefetch_layers=1)  # a keyword overrides a field
+    assert runtime_of(c).prefetcher is not None
+    with pytest.raises(TypeError, match="prefetch_widht"):
+        hobbit_mlx.load(dst, prefetch_widht=2)
+    with pytest.raises(ValueError, match="not both"):
+        hobbit_mlx.load(dst, memory_budget="1GB", expert_residency=0.5)

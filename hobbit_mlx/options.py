@@ -1,0 +1,98 @@
+"""Every option of ``hobbit_mlx.load`` in one dataclass, shared by the API, the CLIs and bench.
+
+``LoadOptions()`` holds the defaults; ``load(path, memory_budget="6GB", exact=True)`` and
+``load(path, options=LoadOptions(exact=True), memory_budget="6GB")`` are the same call. Each
+technique is a switch here, so a benchmark configuration is a dict of these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .budget import INITIAL_CONTEXT
+from .precision import PrecisionOptions
+
+DEFAULT_PREFILL_STEP = 512
+# Experts predicted per token for each layer ahead, as a multiple of top-k: a later layer's router
+# applied to an earlier layer's input drifts from what it will choose, and a wider guess catches
+# most of the drift (reference model, one layer ahead: recall 0.79 at 1x top-k, 0.91 at 1.5x,
+# 0.95 at 2x; bench/README.md has what each width reads and serves).
+DEFAULT_PREFETCH_WIDTH = 2.0
+DEFAULT_PREFETCH_RECALL = None
+MAX_PREFETCH_WIDTH = 4.0  # an adaptive width never guesses more than this many x top-k
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Memory, techniques and I/O of an offloaded model (see ``hobbit_mlx.load``)."""
+
+    # memory
+    memory_budget: int | str | None = None  # bytes or "6GB"; None: 60% of RAM or the whole model
+    expert_residency: float | None = None  # instead: pools of this share of the 4-bit experts
+    max_context: int = INITIAL_CONTEXT  # KV reserved when a sequence starts (it grows from there)
+    prefill_step_size: int = DEFAULT_PREFILL_STEP
+    # techniques
+    exact: bool = False  # 4-bit only, nothing skipped: outputs equal mlx-lm's
+    mixed_precision: bool | None = None  # HOBBIT; None: on unless exact
+    t1: float = 0.6
+    t2: float = 0.9
+    skip: bool = False
+    big_little: bool = False  # MoBiLE
+    little_threshold: float = 0.8
+    prefetch_layers: int = 1
+    prefetch_width: float = DEFAULT_PREFETCH_WIDTH
+    prefetch_recall: float | None = DEFAULT_PREFETCH_RECALL
+    prefetch_low_precision: bool = False
+    prefill_low_precision: float = 0.0  # Fate
+    overlap_io: bool = True
+    policy: str | None = None  # None: lru with prefetch, seqfreq without
+    policy_options: dict | None = None
+    keep_shallow_layers: int | None = None
+    # I/O and compute
+    io_workers: int = 8
+    verify: str = "first"
+    direct_io: bool = False
+    dtype: Any = None
+    tokenizer_config: dict | None = None
+    progress: bool = True
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def with_overrides(self, **overrides) -> "LoadOptions":
+        """A copy with ``overrides`` applied; an unknown name is a TypeError, as for a function."""
+        unknown = set(overrides) - self.names()
+        if unknown:
+            raise TypeError(f"load() got unexpected option(s): {', '.join(sorted(unknown))}")
+        return replace(self, **overrides)
+
+    def precision(self) -> PrecisionOptions:
+        mixed = (not self.exact) if self.mixed_precision is None else bool(self.mixed_precision)
+        return PrecisionOptions(mixed_precision=mixed, t1=self.t1, t2=self.t2, skip=self.skip,
+                                big_little=self.big_little, little_threshold=self.little_threshold)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first option that cannot work."""
+        if self.exact and (self.mixed_precision or self.big_little or self.skip):
+            raise ValueError("exact=True cannot be combined with mixed_precision, big_little or skip")
+        if self.exact and self.prefill_low_precision:
+            raise ValueError("exact=True cannot be combined with prefill_low_precision")
+        if self.memory_budget is not None and self.expert_residency is not None:
+            raise ValueError("give memory_budget or expert_residency, not both")
+        if self.prefetch_layers < 0:
+            raise ValueError(f"prefetch_layers must be 0 or more (got {self.prefetch_layers})")
+        if self.prefetch_width <= 0:
+            raise ValueError(f"prefetch_width is a multiple of top-k above 0 (got {self.prefetch_width})")
+        if self.prefetch_recall is not None and not 0 <= self.prefetch_recall <= 1:
+            raise ValueError(f"prefetch_recall is a share in (0, 1], or 0/None for the fixed width "
+                             f"(got {self.prefetch_recall})")
+        if not 0 <= self.prefill_low_precision <= 1:
+            raise ValueError(f"prefill_low_precision is a share of tokens in [0, 1] "
+                             f"(got {self.prefill_low_precision})")
+        if not 0 <= self.t1 <= self.t2 <= 1:
+            raise ValueError(f"thresholds must satisfy 0 <= t1 <= t2 <= 1 (got t1={self.t1}, t2={self.t2})")
+        for name in ("max_context", "prefill_step_size", "io_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")
