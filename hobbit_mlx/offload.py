@@ -37,6 +37,12 @@ from .reader import RecordReader
 from .routing import find_router, gate_weights, normalized, tap_router
 from .store import LayerEntry, Manifest
 
+# Splitting a call into a resident part that starts at once and a part that waits for reads costs
+# a second expert run and a scatter; it pays only when the reads take longer than that (not on a
+# warm page cache, where a 38 KB read takes microseconds).
+OVERLAP_MIN_WAIT_S = 0.5e-3
+
+
 class PoolBudgetError(RuntimeError):
     """The pool cannot give a layer call even one slot (every slot pinned or in use)."""
 
@@ -575,7 +581,8 @@ class OffloadedSwitch(nn.Module):
                     continue
                 stuck = 0
                 hit = fetch.resident
-                if rt.overlap_io and fetch.pending and 0 < len(hit) < len(fetch.experts):
+                if rt.overlap_io and 0 < len(hit) < len(fetch.experts) and \
+                        rt.reader.read_seconds * len(fetch.pending) > OVERLAP_MIN_WAIT_S:
                     # Start the resident experts' compute while the misses are being read.
                     outputs.append(self._masked_run(x, flat, mask, fetch.experts[hit],
                                                     fetch.slots[hit], precision, shape))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,6 @@ import numpy as np
 
 from .pools import SlotPool, convert_into
 from .store import Manifest, PrecisionEntry, Record, StoreError
-
 
 
 class RecordReader:
@@ -51,6 +51,7 @@ class RecordReader:
         self.background_pool = ThreadPoolExecutor(max_workers=max(1, workers // 2),
                                                   thread_name_prefix="hobbit-prefetch")
         self.bytes_read = 0
+        self.read_seconds = 1e-3  # moving average of one read_into, until measured
 
     def close(self) -> None:
         for name in ("background_pool", "pool"):
@@ -102,6 +103,7 @@ class RecordReader:
         move here: no MLX call runs on a reader thread (MLX streams are thread-local).
         """
         record = entry.records[expert]
+        t0 = time.perf_counter()
         for span_idx, (span, crc) in enumerate(zip(record.spans, record.crc32)):
             file_idx, offset, length = span
             pieces, converts = [], []
@@ -140,6 +142,8 @@ class RecordReader:
                     convert_into(conv, src, dst)
         with self._lock:
             self.bytes_read += record.nbytes
+            # how long one read takes lately: decides whether compute waits on reads at all
+            self.read_seconds += 0.1 * (time.perf_counter() - t0 - self.read_seconds)
         return record.nbytes
 
     def _preadv(self, file_idx: int, offset: int, length: int, pieces: list[np.ndarray]) -> None:

@@ -218,3 +218,29 @@ def test_load_options_and_keywords_are_the_same_call(tiny_factory):
         hobbit_mlx.load(dst, prefetch_widht=2)
     with pytest.raises(ValueError, match="not both"):
         hobbit_mlx.load(dst, memory_budget="1GB", expert_residency=0.5)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlapped_reads_give_the_same_logits(tiny_factory, monkeypatch, overlap):
+    """With overlap, a call with hits and misses runs its resident experts while the misses are
+    read (two runs summed); without, one run after the reads. Both equal mlx-lm bit for bit."""
+    import hobbit_mlx.offload as offload
+
+    src, dst = tiny_factory("mixtral")
+    ref = _reference(src)
+    tokens = _tokens(40, seed=6)
+    ref_cache = make_prompt_cache(ref)
+    want = [np.array(ref(tokens[:, i:i + 1], cache=ref_cache)) for i in range(40)]
+    monkeypatch.setattr(offload, "OVERLAP_MIN_WAIT_S", 0.0 if overlap else float("inf"))
+    runs = []
+    masked = offload.OffloadedSwitch._masked_run
+    monkeypatch.setattr(offload.OffloadedSwitch, "_masked_run",
+                        lambda self, *a: runs.append(1) or masked(self, *a))
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, prefetch_layers=0,
+                               progress=False)
+    cache = make_prompt_cache(model)
+    for i in range(40):
+        np.testing.assert_array_equal(np.array(model(tokens[:, i:i + 1], cache=cache)), want[i])
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["misses_high"] > 0 and stats["hits_high"] > 0
+    assert (len(runs) > 0) == overlap  # the split ran only when overlapping
