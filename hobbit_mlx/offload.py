@@ -494,13 +494,14 @@ class OffloadedSwitch(nn.Module):
             rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
 
         parts = self._serve(flat, level)  # [(precision, experts array, slot mask)]
-        needed = set(np.concatenate([p[1] for p in parts]).tolist()) if parts else set()
-        chosen = len(np.unique(flat))
+        served = sum(len(p[1]) for p in parts)
+        chosen = len(np.unique(flat)) if (level == DROP).any() else served
         rt.stats.expert_requests += chosen
-        rt.stats.skipped += chosen - len(needed)
+        rt.stats.skipped += chosen - served
 
         protected = []
         if pf is not None and self.router is not None:
+            needed = set(np.concatenate([p[1] for p in parts]).tolist()) if parts else set()
             pf.observe_choice(self.position, flat)
             pf.score(self.position, needed)
             protected = pf.consume(self.layer.layer, needed)
