@@ -119,7 +119,11 @@ def available(kwargs: dict) -> str | None:
     from hobbit_mlx import policies
 
     params = inspect.signature(hobbit_mlx.load).parameters
-    missing = [k for k in kwargs if k not in params]
+    known = set(params)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # load(path, ..., **options)
+        options = getattr(hobbit_mlx, "LoadOptions", None)
+        known |= options.names() if hasattr(options, "names") else set(kwargs)
+    missing = [k for k in kwargs if k not in known]
     if missing:
         return f"load() has no option {', '.join(missing)}"
     pol = kwargs.get("policy")

@@ -9,8 +9,10 @@ intermediate 768 per layer, top-8, 4 layers: ~0.7 GB of 4-bit experts), built on
 ``bench/results/tmp/synthetic`` (git-ignored). In one process: mlx-lm with the whole 4-bit model
 resident, then hobbit_mlx in exact mode with an LRU expert cache and no prefetch (the plain
 offloader) at each residency, on the same prompts (greedy). Printed as a table -- prompt and decode
-tokens/s, their ratio to mlx-lm, MLX peak memory against mlx-lm's, hit rate (random routing on
-the synthetic model), bytes read per token, and whether the greedy tokens equal mlx-lm's -- and
+tokens/s, their ratio to mlx-lm, MLX peak memory against mlx-lm's and against the budget, hit rate
+(random routing on the synthetic model), bytes read per token, host syncs per decoded token, the
+Python time of one MoE layer call in decode (against mlx-lm's), and whether the greedy tokens equal
+mlx-lm's -- and
 saved as ``<out>/<name>.md`` / ``.json``.
 """
 
@@ -38,12 +40,13 @@ def table(result: dict) -> str:
     routing = result["meta"]["model"]["routing"]
     hit = "hit rate" + (" (random routing)" if routing != "trained" else "")
     head = ["run", "expert cache MiB", "prompt tok/s", "decode tok/s", "mlx-lm prompt/decode tok/s (paired)",
-            "prompt x mlx-lm", "decode x mlx-lm", "peak MiB", "peak x mlx-lm", hit, "MiB read/token",
-            "tokens = mlx-lm"]
+            "prompt x mlx-lm", "decode x mlx-lm", "peak MiB", "peak x mlx-lm", "peak / budget", hit,
+            "MiB read/token", "syncs/token", "py ms/layer call (x mlx-lm)", "tokens = mlx-lm"]
     L = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pooled = base.get("pooled") or base
     L.append(f"| mlx-lm, all resident ({pooled.get('passes', 1)} passes) | - | {pooled['prompt_tps']:.1f} | "
-             f"{pooled['decode_tps']:.1f} | - | 1.00 | 1.00 | {base['peak_memory_bytes'] / MB:.0f} | 1.00 | - | - | - |")
+             f"{pooled['decode_tps']:.1f} | - | 1.00 | 1.00 | {base['peak_memory_bytes'] / MB:.0f} | 1.00 | - | - | - | "
+             f"0 | {harness._f(pooled.get('python_ms_per_layer_call'), '{:.3f}')} | - |")
     for r in runs:
         if "error" in r:
             L.append(f"| hobbit_mlx {harness._res_label(r)} | error: {r['error']} |" + " |" * (len(head) - 2))
@@ -54,7 +57,11 @@ def table(result: dict) -> str:
             f"{harness._f(r['baseline_prompt_tps'], '{:.1f}')} / {harness._f(r['baseline_decode_tps'], '{:.1f}')} | "
             f"{harness._f(r['prompt_tps_ratio'], '{:.2f}')} | {harness._f(r['decode_tps_ratio'], '{:.2f}')} | "
             f"{r['peak_memory_bytes'] / MB:.0f} | {harness._f(r['peak_vs_baseline'], '{:.2f}')} | "
+            f"{harness._f(r['peak_vs_budget'], '{:.2f}')} | "
             f"{r['hit_rate']:.3f} | {harness._f(r['bytes_per_token'] / MB if r['bytes_per_token'] is not None else None, '{:.1f}')} | "
+            f"{harness._f(r['host_syncs_per_token'], '{:.1f}')} | "
+            f"{harness._f(r['python_ms_per_layer_call'], '{:.3f}')} "
+            f"(x{harness._f(r['python_ms_ratio'], '{:.1f}')}) | "
             f"{'yes' if r['generation_identical'] else 'no'} |")
     return "\n".join(L)
 

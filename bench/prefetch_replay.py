@@ -34,6 +34,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
+import numpy as np  # noqa: E402
+
 from bench.replay import Belady  # noqa: E402
 
 HIGH = "high"
@@ -46,8 +48,8 @@ def record_events(model, workload) -> list[tuple]:
 
     Spies: ``hobbit_mlx.offload.Fetch`` (one per fetch group of a synced layer call; the experts it
     took), the prefetcher's ``_issue`` (a prediction) and ``consume`` (the layer's predictions
-    released), and the cache's ``record_hits`` (a lazy call of a fully resident layer: its experts,
-    all hits, reach the policy at the next sync, where they are recorded as a demand)."""
+    released), and the runtime's ``defer`` (a lazy call of a fully resident layer: all hits; its
+    router indices are read once the run is over, so the spy adds no host sync)."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
@@ -68,10 +70,9 @@ def record_events(model, workload) -> list[tuple]:
             events.append(("demand", layer.layer,
                            [(layer.layer, int(e), HIGH) for e in fetch.experts], phase[0]))
 
-    def spy_hits(layer, experts, precision=HIGH):
-        if len(experts):
-            events.append(("demand", layer, [(layer, int(e), HIGH) for e in experts], phase[0]))
-        return record_hits(layer, experts, precision)
+    def spy_defer(layer, indices):
+        events.append(("lazy", layer, indices, phase[0]))  # resolved into a demand below
+        return defer(layer, indices)
 
     def spy_consume(layer, needed):
         events.append(("call_end", layer))  # this layer's predictions are released after it runs
@@ -83,9 +84,9 @@ def record_events(model, workload) -> list[tuple]:
         return issue(switch, distance, ind, weights)
 
     # Instance attributes shadow the methods (the runtime calls pf.consume, self._issue, ...).
-    issue, consume, record_hits = pf._issue, pf.consume, rt.cache.record_hits
+    issue, consume, defer = pf._issue, pf.consume, rt.defer
     offload.Fetch.__init__ = spy_fetch
-    pf._issue, pf.consume, rt.cache.record_hits = spy_issue, spy_consume, spy_hits
+    pf._issue, pf.consume, rt.defer = spy_issue, spy_consume, spy_defer
     try:
         for prompt in workload.prompts:
             rt.new_sequence()
@@ -94,12 +95,15 @@ def record_events(model, workload) -> list[tuple]:
             for _ in generate_step(mx.array(prompt), model, max_tokens=workload.max_tokens,
                                    prefill_step_size=rt.prefill_step_size):
                 phase[0] = 1
-        rt.wait_idle()
-        rt.count_deferred()  # the last lazy calls' hits, as offload_stats would count them
+        rt.settle()
     finally:
         offload.Fetch.__init__ = fetch_init
-        for obj, name in ((pf, "_issue"), (pf, "consume"), (rt.cache, "record_hits")):
+        for obj, name in ((pf, "_issue"), (pf, "consume"), (rt, "defer")):
             obj.__dict__.pop(name, None)
+    for i, ev in enumerate(events):
+        if ev[0] == "lazy":
+            experts = np.unique(np.array(ev[2]))
+            events[i] = ("demand", ev[1], [(ev[1], int(e), HIGH) for e in experts], ev[3])
     return _in_runtime_order(events)
 
 

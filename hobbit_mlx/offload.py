@@ -257,6 +257,7 @@ class OffloadRuntime:
         for key, slot, fut in futures:
             fut.result()
             self.cache.commit(key, slot)
+        self.preload()  # a pool that holds all its experts is filled, as load() leaves it
         self.stats.pool_rebuilds += 1
 
     def preload(self) -> None:
@@ -521,7 +522,8 @@ class OffloadedSwitch(nn.Module):
         rt = self._runtime
         lid = self.layer.layer
         kept = level != DROP
-        if not (level == LOW).any() or "low" not in self._by_precision:
+        if not (level == LOW).any() or "low" not in self._by_precision or \
+                rt.cache.capacity(lid, "low") == 0:  # (no 2-bit pool while 4-bit holds all)
             experts = np.unique(flat[kept])
             return [("high", experts, kept)] if len(experts) else []
         high = set(flat[level == HIGH].tolist())

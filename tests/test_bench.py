@@ -252,7 +252,7 @@ def test_harness_quick_metrics_per_configuration(quick_run):
 
 
 def test_harness_quick_host_time_syncs_and_memory(quick_run):
-    _, res = quick_run
+    out, res = quick_run
     base = res["baseline"]
     assert base["python_ms_per_layer_call"] > 0 and base["python_layer_calls"] > 0
     assert res["baseline"]["pooled"]["python_ms_per_layer_call"] > 0
@@ -275,7 +275,8 @@ def test_harness_quick_host_time_syncs_and_memory(quick_run):
     # a quarter of the experts: every decode layer call can miss, so each syncs once
     assert runs[("lru", 0.25)]["host_syncs_per_token"] == 4
     assert runs[("lru", 0.25)]["capacity_experts"] == 32 and not runs[("lru", 0.25)]["preloaded"]
-    assert "peak/budget" in (Path(res["meta"]["trace_file"]).parent.parent / "quick.md").read_text()
+    md = (out / "quick.md").read_text()
+    assert "peak/budget" in md and "py ms/call" in md and "syncs/token" in md
 
 
 def test_replay_reproduces_the_runtime_when_calls_split(tiny_model):
@@ -324,7 +325,7 @@ def test_prefetch_replay_records_a_live_run(tiny_model):
         rt.close()
     # the spies are gone again
     assert Fetch.__init__ is init and "consume" not in vars(pf) and "_issue" not in vars(pf)
-    assert "record_hits" not in vars(rt.cache)
+    assert "defer" not in vars(rt)
     kinds = {ev[0] for ev in events}
     assert {"seq", "demand", "predict", "call_end"} <= kinds
     # one demand key per expert request the runtime counted (fetch groups and lazy calls)
@@ -335,7 +336,7 @@ def test_prefetch_replay_records_a_live_run(tiny_model):
             assert any(e[0] == "demand" and e[1] == ev[1] for e in events[:i])
     out = pr.replay_with_prefetch(events, make_policy("lru", num_layers=4), capacity)
     assert out["hits"] + out["misses"] == measured["expert_requests"]
-    assert 0 < out["prefetch_reads"] and abs(out["hit_rate"] - measured["hit_rate"]) < 0.2
+    assert 0 < out["prefetch_reads"] and abs(out["hit_rate"] - measured["hit_rate"]) < 0.1
 
 
 def test_harness_replay_reproduces_measured_lru(quick_run):

@@ -244,3 +244,29 @@ def test_overlapped_reads_give_the_same_logits(tiny_factory, monkeypatch, overla
     stats = hobbit_mlx.offload_stats(model)
     assert stats["misses_high"] > 0 and stats["hits_high"] > 0
     assert (len(runs) > 0) == overlap  # the split ran only when overlapping
+
+
+def test_new_sequence_after_a_long_one_gets_its_pools_back(tiny_factory):
+    """Defaults (mixed precision) with every expert fitting in 4-bit: a long sequence shrinks the
+    pools (a 2-bit pool appears), the next short one grows them back, fills them, and runs
+    without a sync or a 2-bit pool."""
+    _, dst = tiny_factory("qwen3_moe")
+    probe, _ = hobbit_mlx.load(dst, max_context=256, progress=False)
+    plan = runtime_of(probe).plan
+    runtime_of(probe).close()
+    budget = (plan.fixed_bytes + plan.kv_bytes_per_token * kv_tokens_for(800)
+              + (plan.all_high_bytes + plan.min_expert_bytes) // 2)
+    model, _ = hobbit_mlx.load(dst, memory_budget=budget, max_context=256, progress=False)
+    rt = runtime_of(model)
+    full = [ps.pool.slots for ps in rt.cache.pools]
+    assert full[1] == 0  # everything fits in 4-bit: no 2-bit pool
+    cache = make_prompt_cache(model)
+    for i in range(0, 800, 200):
+        mx.eval(model(_tokens(200, seed=i), cache=cache))
+    assert [ps.pool.slots for ps in rt.cache.pools] != full
+    rt.new_sequence()
+    assert [ps.pool.slots for ps in rt.cache.pools] == full
+    hobbit_mlx.reset_stats(model)
+    mx.eval(model(_tokens(40, seed=7), cache=make_prompt_cache(model)))
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["host_syncs"] == 0 and stats["misses_high"] == stats["misses_low"] == 0
