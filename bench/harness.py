@@ -275,15 +275,17 @@ def _generate_workload(model, workload: Workload, prefill_step: int, *, offloade
     tokens, prompt_s, decode_s, n_prompt, n_gen = [], 0.0, 0.0, 0, 0
     prefill, decode = {}, {}
     for s, prompt in enumerate(workload.prompts):
-        if offloaded and hasattr(rt, "new_sequence"):
-            rt.new_sequence()  # what hobbit_mlx.stream_generate does: per-sequence policy statistics
+        step = prefill_step
+        if offloaded:  # what hobbit_mlx.stream_generate does: per-sequence statistics, a budget
+            rt.new_sequence(0, len(prompt), workload.max_tokens)  # planned for this sequence
+            step = min(prefill_step, rt.plan.chunk_tokens)
         before = _stats(model) if offloaded else None
         out = []
         tic = time.perf_counter()
         t_first = None
         mid = None
         for tok, _ in generate_step(mx.array(prompt), model, max_tokens=workload.max_tokens,
-                                    prefill_step_size=prefill_step):
+                                    prefill_step_size=step):
             if t_first is None:
                 t_first = time.perf_counter()
                 if offloaded:

@@ -1,12 +1,14 @@
 """One memory budget for the whole process, split into its parts.
 
-``memory_budget`` is the ceiling for MLX's memory while generating: the resident dense weights,
-the activations of a prefill chunk (measured at load; MLX's own freed-buffer cache is capped
-with ``mx.set_cache_limit`` at the same size and shares that reserve), the KV cache of the
-context in use, and the expert pools, which take everything that is left. The KV reserve follows the context: it starts at
-``INITIAL_CONTEXT`` tokens and, when a sequence outgrows it, doubles while the pools give slots
-back (``BudgetPlan.for_context``); a new sequence gets them back. The smallest budget that runs is
-dense + activations + KV for one KV step + one layer's top-k experts in each pool.
+``memory_budget`` is the ceiling for MLX's memory while generating: the resident dense weights;
+the activations of the longest model call the sequence makes (a prefill chunk: measured at load
+for a ladder of chunk sizes; MLX's own freed-buffer cache is capped with ``mx.set_cache_limit``
+at the same size and shares that reserve); the KV cache of the context; and the expert pools,
+which take everything that is left. The KV and activation reserves follow the sequence
+(``BudgetPlan.fit``): a sequence is planned when it starts (its prompt and ``max_tokens``), a
+context that outgrows its reserve doubles it while the pools give slots back, and a new sequence
+gives them back to the pools. The smallest budget that runs is dense + the smallest chunk's
+activations + one KV step + one layer's top-k experts in each pool.
 """
 
 from __future__ import annotations
@@ -61,23 +63,48 @@ def kv_tokens_for(tokens: int) -> int:
     return (max(tokens, 1) + KV_STEP - 1) // KV_STEP * KV_STEP + KV_STEP
 
 
-@dataclass
+@dataclass(frozen=True)
 class BudgetPlan:
+    """How one budget is split now. The KV reserve and the activation reserve follow what the
+    sequence needs (``fit``); the expert pools take what is left, up to every expert."""
+
     budget_bytes: int
     dense_bytes: int
-    activation_reserve_bytes: int  # measured: one prefill chunk's peak above the weights
-    mlx_cache_limit_bytes: int
     kv_bytes_per_token: int
+    activation_points: tuple  # ((chunk tokens, measured peak bytes above the weights), ...)
     kv_tokens: int  # context the KV reserve holds now
+    chunk_tokens: int  # the longest model call (prefill chunk) the activation reserve holds now
     high_expert_bytes: int  # the 4-bit pools
     low_expert_bytes: int  # the 2-bit pools
     all_high_bytes: int  # every expert in 4-bit
     min_expert_bytes: int  # one layer's top-k in each pool
+    min_low_bytes: int  # one layer's top-k in the 2-bit pool (mixed precision, else 0)
     mixed_precision: bool
-    fixed_budget: bool  # the user gave a budget (else it follows a residency)
-    min_low_bytes: int = 0  # one layer's top-k in the 2-bit pool (mixed precision)
-    initial_expert_bytes: int = 0  # a residency's pool bytes (the pools' cap then)
-    initial_context: int = INITIAL_CONTEXT  # KV reserved when a sequence starts
+    expert_cap_bytes: int  # the pools never take more (all experts, or a residency's share)
+    initial_context: int = INITIAL_CONTEXT  # KV reserved for a sequence of unknown length
+
+    def activation_for(self, tokens: int) -> int:
+        """Measured activations of the smallest measured chunk that holds ``tokens``."""
+        for n, nbytes in self.activation_points:
+            if n >= tokens:
+                return nbytes
+        raise BudgetError(f"a model call of {tokens} tokens is longer than the prefill chunk "
+                          f"({self.max_chunk} tokens) whose activations were measured; prefill "
+                          "in chunks of at most that many tokens")
+
+    @property
+    def max_chunk(self) -> int:
+        return self.activation_points[-1][0]
+
+    @property
+    def activation_reserve_bytes(self) -> int:
+        return self.activation_for(self.chunk_tokens)
+
+    @property
+    def mlx_cache_limit_bytes(self) -> int:
+        """MLX's freed-buffer cache keeps what a chunk freed for the next one to reuse: it shares
+        the activation reserve (the activations and the buffers they free never coexist)."""
+        return self.activation_reserve_bytes
 
     @property
     def kv_reserve_bytes(self) -> int:
@@ -88,24 +115,27 @@ class BudgetPlan:
         return self.high_expert_bytes + self.low_expert_bytes
 
     @property
-    def fixed_bytes(self) -> int:
-        return self.dense_bytes + self.activation_reserve_bytes
-
-    @property
     def minimum_bytes(self) -> int:
-        """The smallest budget that runs a one-step context at all."""
-        return self.fixed_bytes + self.kv_bytes_per_token * kv_tokens_for(1) + self.min_expert_bytes
+        """The smallest budget that runs: the smallest chunk, one KV step, one top-k per pool."""
+        return (self.dense_bytes + self.activation_points[0][1]
+                + self.kv_bytes_per_token * kv_tokens_for(1) + self.min_expert_bytes)
 
-    def max_context(self) -> int:
-        """The longest context this budget can hold with the pools at their minimum."""
-        room = self.budget_bytes - self.fixed_bytes - self.min_expert_bytes
+    def max_context(self, chunk: int = 1) -> int:
+        """The longest context the budget holds beside a ``chunk``-token call, pools at minimum."""
+        room = self.budget_bytes - self.dense_bytes - self.activation_for(chunk) - self.min_expert_bytes
         steps = room // max(1, self.kv_bytes_per_token) // KV_STEP - 1
         return max(0, steps * KV_STEP)
+
+    def largest_chunk(self, tokens: int) -> int:
+        """The longest measured chunk the budget affords beside a ``tokens`` context."""
+        fits = [n for n, _ in self.activation_points if self.max_context(n) >= tokens]
+        return fits[-1] if fits else 0
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(kv_reserve_bytes=self.kv_reserve_bytes, expert_cache_bytes=self.expert_cache_bytes,
-                 minimum_bytes=self.minimum_bytes)
+                 activation_reserve_bytes=self.activation_reserve_bytes,
+                 mlx_cache_limit_bytes=self.mlx_cache_limit_bytes, minimum_bytes=self.minimum_bytes)
         return d
 
     def _split(self, expert_bytes: int) -> tuple[int, int]:
@@ -115,72 +145,70 @@ class BudgetPlan:
         low = max(int(LOW_SHARE * expert_bytes), self.min_low_bytes)
         return expert_bytes - low, low
 
-    def _fit(self, tokens: int) -> "BudgetPlan":
-        """KV for ``tokens``, the pools take the rest (up to their cap); when the pools are at
-        their cap, the KV reserve takes whatever the budget has left."""
-        cap = self.all_high_bytes if self.fixed_budget else self.initial_expert_bytes
-        room = self.budget_bytes - self.fixed_bytes - self.kv_bytes_per_token * kv_tokens_for(tokens)
-        experts = min(room, cap)
-        if experts == cap:
-            spare = (self.budget_bytes - self.fixed_bytes - cap) // max(1, self.kv_bytes_per_token)
-            tokens = max(tokens, (spare // KV_STEP - 1) * KV_STEP)
-        high, low = self._split(experts)
-        return replace(self, kv_tokens=tokens, high_expert_bytes=high, low_expert_bytes=low)
-
-    def for_context(self, tokens: int) -> "BudgetPlan":
-        """The plan whose KV reserve holds ``tokens`` (doubling, so that a growing sequence
-        replans rarely): the pools give back what the KV needs. Raises ContextBudgetError when
-        even the smallest pools leave too little."""
-        if tokens > self.max_context():
-            need = self.fixed_bytes + self.min_expert_bytes + self.kv_bytes_per_token * kv_tokens_for(tokens)
+    def fit(self, tokens: int, chunk: int) -> "BudgetPlan":
+        """The plan for a context of ``tokens`` and calls of up to ``chunk`` tokens: KV and
+        activations reserved, the pools take the rest up to their cap; when the pools are at
+        their cap, what is left raises the chunk (up to the measured maximum), then the context.
+        Raises ContextBudgetError when even the smallest pools leave too little."""
+        chunk = max(1, min(chunk, self.max_chunk))
+        if tokens > self.max_context(chunk):
+            need = (self.dense_bytes + self.activation_for(chunk) + self.min_expert_bytes
+                    + self.kv_bytes_per_token * kv_tokens_for(tokens))
             raise ContextBudgetError(
                 f"the context reached {tokens} tokens, more than the memory budget "
-                f"{format_size(self.budget_bytes)} can hold ({self.max_context()} tokens with the "
-                f"expert pools at their minimum); {tokens} tokens need a budget of at least "
+                f"{format_size(self.budget_bytes)} can hold ({self.max_context(chunk)} tokens with "
+                f"the expert pools at their minimum); {tokens} tokens need a budget of at least "
                 f"{format_size(need)} ({need} bytes)")
-        return self._fit(max(tokens, min(2 * self.kv_tokens, self.max_context())))
+        chunk = next(n for n, _ in self.activation_points if n >= chunk)
+        kv = self.kv_bytes_per_token * kv_tokens_for(tokens)
+        room = self.budget_bytes - self.dense_bytes - self.activation_for(chunk) - kv
+        if room >= self.expert_cap_bytes:  # the pools hold all they may: spare to chunk, then KV
+            spare = self.budget_bytes - self.dense_bytes - kv - self.expert_cap_bytes
+            chunk = max([n for n, b in self.activation_points if b <= spare] + [chunk])
+            kv_room = self.budget_bytes - self.dense_bytes - self.expert_cap_bytes - self.activation_for(chunk)
+            tokens = max(tokens, (kv_room // max(1, self.kv_bytes_per_token) // KV_STEP - 1) * KV_STEP)
+            room = self.expert_cap_bytes
+        high, low = self._split(room)
+        return replace(self, kv_tokens=tokens, chunk_tokens=chunk, high_expert_bytes=high,
+                       low_expert_bytes=low)
 
-    def for_new_sequence(self) -> "BudgetPlan":
-        """The plan for a sequence that starts empty: the initial KV reserve, the rest to pools."""
-        return self._fit(min(self.initial_context, self.max_context()))
 
-
-def plan_budget(*, dense_bytes: int, activation_bytes: int, kv_bytes_per_token: int,
-                all_high_bytes: int, min_high_bytes: int, min_low_bytes: int,
-                mixed_precision: bool, memory_budget: int | str | None = None,
+def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
+                kv_bytes_per_token: int, all_high_bytes: int, min_high_bytes: int,
+                min_low_bytes: int, mixed_precision: bool, memory_budget: int | str | None = None,
                 expert_residency: float | None = None,
                 initial_context: int = INITIAL_CONTEXT) -> BudgetPlan:
-    """Split a budget (or derive one from a residency fraction of the 4-bit expert bytes)."""
+    """Split a budget (or derive one from a residency fraction of the 4-bit expert bytes) for a
+    sequence of ``initial_context`` tokens prefilled in the longest measured chunks."""
     if memory_budget is not None and expert_residency is not None:
         raise ValueError("give memory_budget or expert_residency, not both")
-    # MLX's freed-buffer cache holds the activations a chunk freed for the next chunk to reuse:
-    # at most the activation reserve, and never at the same time as the activations themselves.
-    cache_limit = activation_bytes
-    fixed = dense_bytes + activation_bytes
+    points = tuple(sorted(activation_points))
     min_low = min_low_bytes if mixed_precision else 0
-    plan = BudgetPlan(0, dense_bytes, activation_bytes, cache_limit, kv_bytes_per_token,
-                      initial_context, 0, 0, all_high_bytes, min_high_bytes + min_low,
-                      mixed_precision, expert_residency is None, min_low_bytes=min_low,
-                      initial_context=initial_context)
+    plan = BudgetPlan(0, dense_bytes, kv_bytes_per_token, points, initial_context, points[-1][0],
+                      0, 0, all_high_bytes, min_high_bytes + min_low, min_low, mixed_precision,
+                      all_high_bytes, initial_context)
     kv = kv_bytes_per_token * kv_tokens_for(initial_context)
+    full_chunk = dense_bytes + points[-1][1] + kv
     if expert_residency is not None:
         if not 0.0 <= expert_residency <= 1.0:
             raise ValueError(f"expert_residency must be between 0 and 1, not {expert_residency}")
         experts = max(int(expert_residency * all_high_bytes), plan.min_expert_bytes)
-        plan = replace(plan, budget_bytes=fixed + kv + experts, initial_expert_bytes=experts)
-        return plan._fit(initial_context)
+        plan = replace(plan, budget_bytes=full_chunk + experts, expert_cap_bytes=experts)
+        return plan.fit(initial_context, plan.max_chunk)
     if memory_budget is None:
         # Default: everything if it fits in 60% of the machine, else as much of it as fits there.
-        memory_budget = min(int(0.6 * system_memory_bytes()), fixed + kv + all_high_bytes)
+        memory_budget = min(int(0.6 * system_memory_bytes()), full_chunk + all_high_bytes)
     plan = replace(plan, budget_bytes=parse_size(memory_budget))
     if plan.budget_bytes < plan.minimum_bytes:
         minimum = plan.minimum_bytes
+        n, act = points[0]
         raise BudgetError(
             f"memory budget {format_size(plan.budget_bytes)} is too small for this model: it needs "
             f"at least {format_size(minimum)} ({minimum} bytes) = dense weights "
-            f"{format_size(dense_bytes)} + activations of a prefill chunk (measured) "
-            f"{format_size(activation_bytes)} (MLX's buffer cache shares it) + KV "
-            f"cache for {kv_tokens_for(1)} tokens {format_size(kv_bytes_per_token * kv_tokens_for(1))}"
-            f" + one layer's top-k experts {format_size(plan.min_expert_bytes)}; anything above "
-            "that caches experts or holds a longer context")
-    return plan.for_new_sequence()
+            f"{format_size(dense_bytes)} + activations of a {n}-token prefill chunk (measured; "
+            f"MLX's buffer cache shares them) {format_size(act)} + KV cache for "
+            f"{kv_tokens_for(1)} tokens {format_size(kv_bytes_per_token * kv_tokens_for(1))} + "
+            f"one layer's top-k experts {format_size(plan.min_expert_bytes)}; anything above "
+            "that caches experts, prefills in longer chunks or holds a longer context")
+    tokens = min(initial_context, plan.max_context())
+    return plan.fit(tokens, plan.largest_chunk(tokens))

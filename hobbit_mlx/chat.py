@@ -203,7 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampler = cli.make_sampler(args, tokenizer)
     conv = Conversation(model, tokenizer, args)
     tally = Tally()
-    warned_context = False
     while True:
         try:
             query = _read(tty)
@@ -231,11 +230,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
 
         full, feed = conv.prepare(query)
-        if len(full) + max(args.max_tokens, 0) > args.max_context and not warned_context:
-            warned_context = True
-            print(f"[hobbit_mlx] warning: the conversation ({len(full)} tokens + up to "
-                  f"{args.max_tokens} new) passes --max-context {args.max_context}, which the "
-                  f"memory budget reserves KV cache for; 'r' resets it", file=sys.stderr)
         hobbit_mlx.reset_stats(model)
         generated: list[int] = []
         pieces: list[str] = []
@@ -245,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for response in hobbit_mlx.stream_generate(
                     model, tokenizer, feed, max_tokens=args.max_tokens, sampler=sampler,
                     logits_processors=cli.make_logits_processors(args),
-                    prompt_cache=conv.cache, prefill_step_size=args.prefill_step_size):
+                    prompt_cache=conv.cache):
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
                 generated.append(response.token)
@@ -255,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n[interrupted]", flush=True)
             conv.finish(query, full, "".join(pieces), generated)
             conv.invalidate()  # the cache may hold a half-run step
+            continue
+        except hobbit_mlx.BudgetError as e:  # the conversation outgrew the budget
+            print(f"\n[hobbit_mlx] {e}; 'r' resets the conversation", file=sys.stderr, flush=True)
+            conv.finish(query, full, "".join(pieces), generated)
+            conv.invalidate()
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -387,7 +387,7 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except CLIError as e:
         error_line(str(e))
         return EXIT_BAD_INPUT
-    except StoreError as e:  # e.g. a checksum mismatch found while generating
+    except (StoreError, BudgetError) as e:  # a checksum mismatch, a context beyond the budget
         error_line(str(e))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

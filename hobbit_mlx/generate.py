@@ -103,10 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model, tokenizer, load_s = cli.load_model(args)
     prompt = build_prompt(args, tokenizer)
-    if args.max_tokens > 0 and len(prompt) + args.max_tokens > args.max_context:
-        print(f"[hobbit_mlx] warning: {len(prompt)} prompt tokens + --max-tokens "
-              f"{args.max_tokens} exceed --max-context {args.max_context}, which the memory "
-              f"budget reserves KV cache for; peak memory may exceed the budget", file=sys.stderr)
 
     sampler = cli.make_sampler(args, tokenizer)
     processors = cli.make_logits_processors(args)
@@ -115,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     for response in hobbit_mlx.stream_generate(
             model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
-            logits_processors=processors, prefill_step_size=args.prefill_step_size):
+            logits_processors=processors):
         sys.stdout.write(response.text)
         sys.stdout.flush()
         last = response

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,17 @@ def _kv_bytes_per_token(model: nn.Module) -> int:
     return int(sum(a.nbytes // a.shape[-2] for a in states if a.ndim >= 3 and a.shape[-2] > 0))
 
 
+def chunk_ladder(prefill_step_size: int) -> list[int]:
+    """The chunk sizes whose activations load() measures: 64, 96, 128, 192, ... up to the
+    prefill step (and the step itself), so a reserve is never far above what a prompt needs."""
+    sizes = {prefill_step_size}
+    n = 64
+    while n < prefill_step_size:
+        sizes.update(m for m in (n, n * 3 // 2) if m < prefill_step_size)
+        n *= 2
+    return sorted(sizes)
+
+
 def _activation_bytes(model: nn.Module, chunk: int) -> int:
     """Measured: the peak memory a prefill chunk of ``chunk`` tokens adds above the weights, less
     the KV cache it leaves (which the KV reserve counts). Runs with the runtime measuring, so no
@@ -198,32 +209,48 @@ def _pool_slots(groups: list[_PoolGroup], plan: BudgetPlan, k: int) -> dict[int,
 
 
 def _apply_plan(rt: OffloadRuntime, groups: list[_PoolGroup], plan: BudgetPlan) -> None:
-    """Size the pools for ``plan`` (rebuilding those that change) and set the KV limit."""
+    """Size the pools for ``plan`` and set the limits it reserves for. Pools are rebuilt when
+    they must shrink, or when they may grow by a tenth or more (a rebuild reads the kept experts
+    again); a smaller gain leaves them as they are, and the plan counts them as they are."""
     k = rt.manifest.experts_per_token
     by_pool = _pool_slots(groups, plan, k)
     slots = {id(ps): by_pool[id(ps.pool)] for ps in rt.cache.pools}
-    if any(ps.pool.slots != slots[id(ps)] for ps in rt.cache.pools):
+    now = sum(ps.pool.nbytes for ps in rt.cache.pools)
+    new = sum(slots[id(ps)] * ps.pool.slot_nbytes for ps in rt.cache.pools)
+    shrinks = any(slots[id(ps)] < ps.pool.slots for ps in rt.cache.pools)
+    if shrinks or new >= 1.1 * now:
         rt.resize_pools(slots)
+    elif rt.plan is not None and new != now:
+        plan = replace(plan, high_expert_bytes=rt.plan.high_expert_bytes,
+                       low_expert_bytes=rt.plan.low_expert_bytes)
     rt.plan = plan
-    rt.context_limit = plan.kv_tokens
+    rt.context_limit, rt.chunk_limit = plan.kv_tokens, plan.chunk_tokens
     mx.set_cache_limit(plan.mlx_cache_limit_bytes)
 
 
-def _follow_context(rt: OffloadRuntime, groups: list[_PoolGroup]) -> None:
-    """KV growth: the pools give slots back when a sequence outgrows the KV reserve, and take
-    them again when a new sequence starts."""
+def _follow_sequence(rt: OffloadRuntime, groups: list[_PoolGroup], prefill_step: int) -> None:
+    """KV and activation reserves that follow the sequence: planned when a sequence starts, grown
+    (the pools giving slots back) when a call outgrows them."""
 
-    def on_context(tokens: int) -> None:
-        _apply_plan(rt, groups, rt.plan.for_context(tokens))
+    def on_context(tokens: int, call_tokens: int) -> None:
+        plan = rt.plan
+        chunk = max(call_tokens, plan.chunk_tokens)
+        if tokens > plan.kv_tokens:  # double, so that a growing context replans rarely
+            tokens = max(tokens, min(2 * plan.kv_tokens, plan.max_context(chunk)))
+        _apply_plan(rt, groups, plan.fit(tokens, chunk))
 
-    def on_new_sequence(tokens: int) -> None:
-        plan = rt.plan.for_new_sequence() if tokens == 0 else rt.plan.for_context(tokens)
-        if tokens == 0 and plan.expert_cache_bytes <= rt.plan.expert_cache_bytes:
-            return  # the pools are as large as a new sequence allows already
-        _apply_plan(rt, groups, plan)
+    def on_sequence(context: int, prompt: int, max_new: int) -> None:
+        plan = rt.plan
+        if context + prompt > plan.max_context():
+            plan.fit(context + prompt, 1)  # raises ContextBudgetError with the numbers
+        tokens = context + prompt + max_new if max_new > 0 else max(context + prompt,
+                                                                    plan.initial_context)
+        tokens = min(tokens, plan.max_context())
+        chunk = min(max(prompt, 1), prefill_step, plan.largest_chunk(tokens) or 1)
+        _apply_plan(rt, groups, plan.fit(tokens, chunk))
 
     rt.on_context = on_context
-    rt.on_new_sequence = on_new_sequence
+    rt.on_sequence = on_sequence
 
 
 def load(path: str | Path | None = None, memory_budget: int | str | None = None,
@@ -295,7 +322,13 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
     kv_per_token = _kv_bytes_per_token(model)
-    activation = _activation_bytes(model, prefill_step_size)
+    ladder = chunk_ladder(prefill_step_size)
+    # Measured with MLX free to reuse cached buffers (a reused buffer may be larger than asked
+    # for, and counts whole): the same in every process, and not below what a run then sees.
+    limit = mx.set_cache_limit(1 << 40)
+    _activation_bytes(model, ladder[0])  # a first multi-token call makes one-time allocations
+    activation_points = [(n, _activation_bytes(model, n)) for n in ladder]
+    mx.set_cache_limit(limit)
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
     routers = [m.router for m in runtime.layers]
@@ -304,7 +337,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     dense_bytes += sum(s.nbytes for s in gate_stacks.values())
     k = manifest.experts_per_token
     plan = plan_budget(
-        dense_bytes=dense_bytes, activation_bytes=activation, kv_bytes_per_token=kv_per_token,
+        dense_bytes=dense_bytes, activation_points=activation_points,
+        kv_bytes_per_token=kv_per_token,
         all_high_bytes=sum(g.all_bytes for g in groups if g.precision == "high"),
         min_high_bytes=sum(k * g.pool.slot_nbytes for g in groups if g.precision == "high"),
         min_low_bytes=sum(k * g.pool.slot_nbytes for g in groups if g.precision == "low"),
@@ -319,7 +353,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     for ps in cache.pools:
         ps.policy = make_policy(policy, shallow_layers=keep_shallow_layers, **policy_kwargs)
     _apply_plan(runtime, groups, plan)
-    _follow_context(runtime, groups)
+    _follow_sequence(runtime, groups, prefill_step_size)
     if prefetch_layers:
         width = max(1, round(o.prefetch_width * k))
         # An adaptive width may grow to 4x top-k, but one layer's guesses never take more than a
@@ -363,6 +397,7 @@ def offload_stats(model: nn.Module) -> dict:
              active_memory_bytes=mx.get_active_memory(), budget_bytes=plan.budget_bytes,
              dense_bytes=plan.dense_bytes, kv_reserve_bytes=plan.kv_reserve_bytes,
              kv_reserve_tokens=plan.kv_tokens, context_tokens=rt.context_tokens,
+             chunk_reserve_tokens=plan.chunk_tokens,
              activation_reserve_bytes=plan.activation_reserve_bytes,
              pool_slots=[ps.pool.slots for ps in rt.cache.pools])
     served = s["hits_high"] + s["hits_low"]
@@ -412,6 +447,7 @@ def footprint(path: str | Path | None = None) -> dict:
                 "expert_bytes_low": m.expert_bytes("low"), "num_moe_layers": len(m.layers),
                 "num_experts": m.num_experts, "experts_per_token": m.experts_per_token,
                 "kv_bytes_per_token": rt.kv_bytes_per_token,
-                "activation_bytes": rt.plan.activation_reserve_bytes,
+                "activation_bytes": rt.plan.activation_for(rt.prefill_step_size),
+                "activation_points": list(rt.plan.activation_points),
                 "prefill_step_size": rt.prefill_step_size})
     return out

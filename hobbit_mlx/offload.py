@@ -139,9 +139,9 @@ class OffloadRuntime:
         self._unsynced: list = []  # outputs built on the pools since the last sync
         self.total_experts = sum(l.num_experts for l in manifest.layers)
         self.context_tokens = 0  # tokens in the sequence's KV cache (counted at the first layer)
-        self.on_context = None  # called with the new count when it passes ``context_limit``
-        self.on_new_sequence = None  # called with the context a new sequence starts from
-        self.context_limit = 1 << 62
+        self.on_context = None  # (context, call tokens) when a call outgrows the reserves
+        self.on_sequence = None  # (context, prompt tokens, max tokens) when a sequence starts
+        self.context_limit = self.chunk_limit = 1 << 62
         # What load() decided, for stats and the generate wrappers (see describe()).
         self.plan = None
         self.model_dir = None
@@ -157,18 +157,23 @@ class OffloadRuntime:
     def prefetch_layers(self) -> int:
         return self.prefetcher.layers_ahead if self.prefetcher is not None else 0
 
-    def new_sequence(self, context_tokens: int = 0) -> None:
-        """Per-sequence statistics (HOBBIT's frequency factors) start again; the KV cache holds
-        ``context_tokens`` already (a continued chat)."""
+    def new_sequence(self, context_tokens: int = 0, prompt_tokens: int = 0,
+                     max_tokens: int = 0) -> None:
+        """A sequence starts: per-sequence statistics (HOBBIT's frequency factors) start again,
+        and the budget is planned for it. The KV cache holds ``context_tokens`` already (a
+        continued chat); ``prompt_tokens`` come next, then up to ``max_tokens`` (0: unknown)."""
         self.cache.reset_policies()
         self.context_tokens = context_tokens
-        if self.on_new_sequence is not None:
-            self.on_new_sequence(context_tokens)
+        if self.on_sequence is not None:
+            self.on_sequence(context_tokens, prompt_tokens, max_tokens)
 
     def add_context(self, tokens: int) -> None:
+        """A call of ``tokens`` tokens starts (the first layer sees it): grow the reserves first
+        if the context or the call outgrow them."""
         self.context_tokens += tokens
-        if self.context_tokens > self.context_limit and self.on_context is not None:
-            self.on_context(self.context_tokens)
+        if (self.context_tokens > self.context_limit or tokens > self.chunk_limit) and \
+                self.on_context is not None:
+            self.on_context(self.context_tokens, tokens)
 
     # --- lazy calls and pending graphs ------------------------------------------------------
     def track(self, y: mx.array) -> None:
