@@ -325,9 +325,11 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     ladder = chunk_ladder(prefill_step_size)
     # Measured with MLX free to reuse cached buffers (a reused buffer may be larger than asked
     # for, and counts whole): the same in every process, and not below what a run then sees.
+    # The first calls of each size make one-time allocations that stay (they are not
+    # activations): of two passes over the ladder, the smaller measurement counts.
     limit = mx.set_cache_limit(1 << 40)
-    _activation_bytes(model, ladder[0])  # a first multi-token call makes one-time allocations
-    activation_points = [(n, _activation_bytes(model, n)) for n in ladder]
+    first = [_activation_bytes(model, n) for n in ladder]
+    activation_points = [(n, min(a, _activation_bytes(model, n))) for n, a in zip(ladder, first)]
     mx.set_cache_limit(limit)
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.

@@ -211,7 +211,9 @@ def test_load_options_and_keywords_are_the_same_call(tiny_factory):
                                   progress=False)
     a, _ = hobbit_mlx.load(dst, options=opts)
     b, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, prefetch_layers=0, progress=False)
-    assert runtime_of(a).plan == runtime_of(b).plan
+    plan_a, plan_b = runtime_of(a).plan, runtime_of(b).plan  # (activations measured apart)
+    assert plan_a.budget_bytes == plan_b.budget_bytes and plan_a.dense_bytes == plan_b.dense_bytes
+    assert plan_a.expert_cap_bytes == plan_b.expert_cap_bytes
     assert runtime_of(a).prefetcher is None and not runtime_of(a).precision.mixed_precision
     c, _ = hobbit_mlx.load(dst, options=opts, prefetch_layers=1)  # a keyword overrides a field
     assert runtime_of(c).prefetcher is not None
@@ -256,7 +258,7 @@ def test_new_sequence_after_a_long_one_gets_its_pools_back(tiny_factory):
     plan = runtime_of(probe).plan
     runtime_of(probe).close()
     budget = (plan.dense_bytes + plan.activation_for(200) + plan.kv_bytes_per_token
-              * kv_tokens_for(800) + (plan.all_high_bytes + plan.min_expert_bytes) // 2)
+              * kv_tokens_for(800) + plan.all_high_bytes // 4)
     model, _ = hobbit_mlx.load(dst, memory_budget=budget, max_context=256, progress=False)
     rt = runtime_of(model)
     full = [ps.pool.slots for ps in rt.cache.pools]
