@@ -148,7 +148,6 @@ def _activation_bytes(model: nn.Module, chunk: int) -> int:
     the KV cache it leaves (which the KV reserve counts). Runs with the runtime measuring, so no
     expert is read; the expert calls build the graphs a chunk with misses builds."""
     cache = make_prompt_cache(model)
-    gc.collect()
     mx.synchronize()
     mx.clear_cache()
     base = mx.get_active_memory()
@@ -160,7 +159,6 @@ def _activation_bytes(model: nn.Module, chunk: int) -> int:
     peak = mx.get_peak_memory()
     kv = sum(a.nbytes for a in states)
     del states, cache
-    gc.collect()
     mx.clear_cache()
     grain = 64 * 1024  # the allocator's rounding moves the peak by a few KiB from run to run
     return (max(0, peak - base - kv) + grain - 1) // grain * grain
@@ -328,6 +326,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     # The first calls of each size make one-time allocations that stay (they are not
     # activations): of two passes over the ladder, the smaller measurement counts.
     limit = mx.set_cache_limit(1 << 40)
+    gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
     first = [_activation_bytes(model, n) for n in ladder]
     activation_points = [(n, min(a, _activation_bytes(model, n))) for n, a in zip(ladder, first)]
     mx.set_cache_limit(limit)

@@ -435,9 +435,10 @@ class OffloadedSwitch(nn.Module):
     def _lazy_ok(self, rt: OffloadRuntime) -> bool:
         """Nothing can miss and nothing needs the host: every expert of this layer (and of the
         layers prefetch would predict) is resident in 4-bit, and no technique drops slots."""
-        if rt.trace is not None or rt.precision.drops:
-            return False
         cache, lid = rt.cache, self.layer.layer
+        if rt.trace is not None or rt.precision.drops or \
+                (rt.prefetcher is not None and rt.prefetcher.expects(lid)):
+            return False  # (a synced call scores and releases what was predicted for it)
         if cache.resident_in_layer(lid) < self.layer.num_experts:
             return False
         for d in range(1, rt.prefetch_layers + 1):

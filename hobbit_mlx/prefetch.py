@@ -43,6 +43,10 @@ class Prefetcher:
         self._held: dict[int, list] = {}  # layer -> resident experts held for its next call
         self._logits: dict[int, dict[int, np.ndarray]] = {}  # position -> {distance: logits}
 
+    def expects(self, layer: int) -> bool:
+        """Predictions were made for this layer's next call (their holds wait for it)."""
+        return layer in self._issued or layer in self._held
+
     def inflight(self, key: tuple) -> Future | None:
         with self._lock:
             return self._inflight.get(key)
