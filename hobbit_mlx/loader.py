@@ -133,14 +133,45 @@ def _kv_bytes_per_token(model: nn.Module) -> int:
 
 
 def chunk_ladder(prefill_step_size: int) -> list[int]:
-    """The chunk sizes whose activations load() measures: 64, 96, 128, 192, ... up to the
-    prefill step (and the step itself), so a reserve is never far above what a prompt needs."""
+    """The chunk sizes the budget plans with: 64, 96, 128, 192, ... up to the prefill step (and
+    the step itself), so a reserve is never far above what a prompt needs."""
     sizes = {prefill_step_size}
     n = 64
     while n < prefill_step_size:
         sizes.update(m for m in (n, n * 3 // 2) if m < prefill_step_size)
         n *= 2
     return sorted(sizes)
+
+
+# Sizes between the two measured ones are interpolated (a linear part for the per-token tensors,
+# a quadratic one for attention scores); this margin covers the fit (within 2.5% on the
+# reference model's fully measured ladder).
+INTERPOLATION_MARGIN = 1.1
+
+
+def _activation_ladder(model: nn.Module, prefill_step_size: int) -> list[tuple[int, int]]:
+    """(chunk tokens, activation bytes) for every size of ``chunk_ladder``: the smallest and the
+    largest measured (a prefill pass each), the sizes between from ``a*n + b*n^2`` through them."""
+    ladder = chunk_ladder(prefill_step_size)
+    # Measured with MLX free to reuse cached buffers (a reused buffer may be larger than asked
+    # for, and counts whole): the same in every process, and not below what a run then sees.
+    limit = mx.set_cache_limit(1 << 40)
+    gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
+    # The first multi-token call makes one-time allocations that stay (they are no activations).
+    small = min(_activation_bytes(model, ladder[0]), _activation_bytes(model, ladder[0]))
+    large = _activation_bytes(model, ladder[-1]) if len(ladder) > 1 else small
+    mx.set_cache_limit(limit)
+    n0, n1 = ladder[0], ladder[-1]
+    if n1 == n0:
+        return [(n0, small)]
+    quad = max(0.0, (large / n1 - small / n0) / (n1 - n0))  # through both points
+    lin = small / n0 - quad * n0
+    grain = 64 * 1024
+    points = [(n0, small)]
+    for n in ladder[1:-1]:
+        fit = int(INTERPOLATION_MARGIN * (lin * n + quad * n * n))
+        points.append((n, max(small, min(large, (fit + grain - 1) // grain * grain))))
+    return points + [(n1, large)]
 
 
 def _activation_bytes(model: nn.Module, chunk: int) -> int:
@@ -320,16 +351,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
     kv_per_token = _kv_bytes_per_token(model)
-    ladder = chunk_ladder(prefill_step_size)
-    # Measured with MLX free to reuse cached buffers (a reused buffer may be larger than asked
-    # for, and counts whole): the same in every process, and not below what a run then sees.
-    # The first calls of each size make one-time allocations that stay (they are not
-    # activations): of two passes over the ladder, the smaller measurement counts.
-    limit = mx.set_cache_limit(1 << 40)
-    gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
-    first = [_activation_bytes(model, n) for n in ladder]
-    activation_points = [(n, min(a, _activation_bytes(model, n))) for n, a in zip(ladder, first)]
-    mx.set_cache_limit(limit)
+    activation_points = _activation_ladder(model, prefill_step_size)
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
     routers = [m.router for m in runtime.layers]
