@@ -11,18 +11,12 @@ from typing import Generator
 import mlx_lm
 
 from .budget import BudgetError, parse_size
-from .loader import footprint, load, offload_stats, reset_stats, runtime_of
+from .loader import context_of, footprint, load, offload_stats, reset_stats, runtime_of
 from .options import LoadOptions
 from .store import StoreError
 from .architectures import UnsupportedModelError
 
 __version__ = "0.1.0"
-
-
-def _context_of(prompt_cache) -> int:
-    """Tokens a prompt cache holds already (a continued chat), 0 for a new one."""
-    offsets = [getattr(c, "offset", 0) for c in prompt_cache or []]
-    return max([o for o in offsets if isinstance(o, int)] + [0])
 
 
 def _with_defaults(model, tokenizer, prompt, kwargs: dict) -> dict:
@@ -34,7 +28,7 @@ def _with_defaults(model, tokenizer, prompt, kwargs: dict) -> dict:
     else:
         n_prompt = int(prompt.size) if hasattr(prompt, "size") else len(prompt)
     max_new = kwargs.get("max_tokens", 256)
-    runtime.new_sequence(_context_of(kwargs.get("prompt_cache")), n_prompt,
+    runtime.new_sequence(context_of(kwargs.get("prompt_cache")), n_prompt,
                          max_new if max_new and max_new > 0 else 0)
     step = kwargs.get("prefill_step_size") or runtime.prefill_step_size
     kwargs["prefill_step_size"] = max(1, min(step, runtime.plan.chunk_tokens))

@@ -34,6 +34,16 @@ from .pools import SlotPool
 Key = tuple  # (layer, expert, precision)
 
 
+class LayerView:
+    """One layer's experts as a slice of a pool (no copy: MLX slices share the buffer, so bytes
+    written into the pool show through), shaped like a pool for ``PoolProjection``."""
+
+    def __init__(self, pool: SlotPool, base: int, count: int):
+        self.tensors = pool.tensors
+        self.arrays = {name: a[base:base + count] for name, a in pool.arrays.items()}
+        mx.eval(list(self.arrays.values()))
+
+
 class PoolSlots:
     """Bookkeeping of one pool: which key holds each slot, free slots, last use, policy."""
 
@@ -66,6 +76,7 @@ class SlotCache:
         self._slot_of: dict[Key, int] = {}
         self._remap = {lp: np.full(num_experts[lp[0]], -1, dtype=np.int64) for lp in pools}
         self._device_remap: dict[tuple[int, str], mx.array | None] = {lp: None for lp in pools}
+        self._views: dict[tuple[int, str], LayerView | None] = {}  # (absent: not known yet)
         self._per_layer: Counter = Counter()  # (layer, precision) -> resident experts
         self._pins: Counter = Counter()
         self._holds: Counter = Counter()
@@ -110,8 +121,25 @@ class SlotCache:
 
     def experts_served(self, layer: int, precision: str) -> int:
         """Experts of all the layers that share this layer's pool."""
-        ps = self._pool_of[layer, precision]
+        return self.experts_served_by(self._pool_of[layer, precision])
+
+    def experts_served_by(self, ps: PoolSlots) -> int:
         return sum(len(r) for lp, r in self._remap.items() if self._pool_of[lp] is ps)
+
+    def layer_view(self, layer: int, precision: str = "high") -> "LayerView | None":
+        """When a layer's experts occupy consecutive slots in expert order (a preloaded pool),
+        the pool's arrays sliced to them: the router's indices then index it directly. Made on
+        the model's thread, once per layout."""
+        lp = (layer, precision)
+        view = self._views.get(lp, False)
+        if view is False:
+            with self.lock:
+                remap = self._remap[lp]
+                base = int(remap[0])
+                ordered = base >= 0 and bool((remap == base + np.arange(len(remap))).all())
+            view = LayerView(self._pool_of[lp].pool, base, len(remap)) if ordered else None
+            self._views[lp] = view
+        return view
 
     def resident_in_layer(self, layer: int, precision: str = "high") -> int:
         return self._per_layer[layer, precision]
@@ -202,6 +230,7 @@ class SlotCache:
             self._slot_of[key] = slot
             self._remap[key[0], key[2]][key[1]] = slot
             self._device_remap[key[0], key[2]] = None
+            self._views.pop((key[0], key[2]), None)
             self._per_layer[key[0], key[2]] += 1
             on_prefetch = getattr(ps.policy, "on_prefetch", None) if prefetched else None
             (on_prefetch or ps.policy.on_insert)(key)
@@ -218,6 +247,7 @@ class SlotCache:
         ps.resident -= 1
         self._remap[key[0], key[2]][key[1]] = -1
         self._device_remap[key[0], key[2]] = None
+        self._views.pop((key[0], key[2]), None)
         self._per_layer[key[0], key[2]] -= 1
         ps.policy.on_evict(key)
         return slot

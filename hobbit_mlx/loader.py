@@ -91,11 +91,25 @@ def _offloaded_classes(manifest: Manifest):
                 _check_manifest(self, manifest, config)
                 install(self, manifest)
 
+            def __call__(self, *args, **kwargs):
+                rt = getattr(self, "_hobbit", None)
+                if rt is not None:  # the KV cache says how long the context is
+                    inputs = args[0] if args else kwargs.get("inputs")
+                    cache = args[1] if len(args) > 1 else kwargs.get("cache")
+                    rt.see_call(context_of(cache), int(inputs.shape[-1]) if inputs is not None else 1)
+                return super().__call__(*args, **kwargs)
+
         OffloadedModel.__name__ = model_class.__name__
         OffloadedModel.__qualname__ = model_class.__qualname__
         return OffloadedModel, args_class
 
     return get_classes
+
+
+def context_of(cache) -> int:
+    """Tokens a prompt cache holds already (0 for none or a new one)."""
+    offsets = [getattr(c, "offset", 0) for c in cache or []]
+    return max([o for o in offsets if isinstance(o, int)] + [0])
 
 
 def _check_manifest(model: nn.Module, manifest: Manifest, config: dict) -> None:

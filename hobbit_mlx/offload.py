@@ -138,7 +138,7 @@ class OffloadRuntime:
         self._deferred: list[tuple[int, mx.array]] = []  # lazy calls: (layer, router indices)
         self._unsynced: list = []  # outputs built on the pools since the last sync
         self.total_experts = sum(l.num_experts for l in manifest.layers)
-        self.context_tokens = 0  # tokens in the sequence's KV cache (counted at the first layer)
+        self.context_tokens = 0  # tokens in the KV cache after the current call
         self.on_context = None  # (context, call tokens) when a call outgrows the reserves
         self.on_sequence = None  # (context, prompt tokens, max tokens) when a sequence starts
         self.context_limit = self.chunk_limit = 1 << 62
@@ -167,10 +167,10 @@ class OffloadRuntime:
         if self.on_sequence is not None:
             self.on_sequence(context_tokens, prompt_tokens, max_tokens)
 
-    def add_context(self, tokens: int) -> None:
-        """A call of ``tokens`` tokens starts (the first layer sees it): grow the reserves first
-        if the context or the call outgrow them."""
-        self.context_tokens += tokens
+    def see_call(self, context: int, tokens: int) -> None:
+        """A model call of ``tokens`` tokens starts on a KV cache holding ``context``: grow the
+        reserves first if the context or the call outgrow them."""
+        self.context_tokens = context + tokens
         if (self.context_tokens > self.context_limit or tokens > self.chunk_limit) and \
                 self.on_context is not None:
             self.on_context(self.context_tokens, tokens)
@@ -209,6 +209,10 @@ class OffloadRuntime:
         del self._deferred[:len(todo)]
         tell_policy = len(self.cache) < self.total_experts
         for layer, indices in todo:
+            if not tell_policy and indices.size == indices.shape[-1]:  # one token: its top-k
+                self.stats.expert_requests += indices.size          # are distinct, no need to
+                self.stats.hits_high += indices.size                # read them
+                continue
             chosen = np.sort(np.array(indices).reshape(-1))
             distinct = int((chosen[1:] != chosen[:-1]).sum()) + 1 if len(chosen) else 0
             self.stats.expert_requests += distinct
@@ -244,6 +248,9 @@ class OffloadRuntime:
         self.settle()
         keep = {}
         for ps in self.cache.pools:
+            if slots[id(ps)] >= self.cache.experts_served_by(ps):
+                keep[id(ps)] = []  # it will hold every expert: preload() reads them in order
+                continue
             ranked = self.cache.ranked_keys(ps)  # evicted first, first
             keep[id(ps)] = ranked[max(0, len(ranked) - slots[id(ps)]):]
         self.cache.clear()
@@ -402,6 +409,7 @@ class OffloadedSwitch(nn.Module):
         # The block's router: a reference, not a child (its weights stay where mlx-lm keeps them).
         object.__setattr__(self, "router", None)
         object.__setattr__(self, "_by_precision", {})
+        object.__setattr__(self, "_direct", None)  # (layer view, module reading it)
         self._runtime: OffloadRuntime | None = None
 
     def bind_pools(self, cache: SlotCache) -> None:
@@ -421,6 +429,18 @@ class OffloadedSwitch(nn.Module):
                 object.__setattr__(owner, name, PoolProjection(pool, path, quant))
             by_precision[precision] = module
         object.__setattr__(self, "_by_precision", by_precision)
+
+    def _direct_module(self, view) -> nn.Module:
+        """The switch module reading this layer's slice of the pool (built once per slice)."""
+        if self._direct is None or self._direct[0] is not view:
+            module = _copy_switch(self.inner)
+            for path in self._proj_paths:
+                parent, _, name = path.rpartition(".")
+                owner = module if not parent else dict(module.named_modules())[parent]
+                object.__setattr__(owner, name, PoolProjection(
+                    view, path, self.layer.precisions["high"].quant[path]))
+            object.__setattr__(self, "_direct", (view, module))
+        return self._direct[1]
 
     def _router_state(self) -> tuple:
         """(router input, router output) of this layer's call, when the router is tapped. The
@@ -450,8 +470,6 @@ class OffloadedSwitch(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         rt = self._runtime
-        if self.position == 0:
-            rt.add_context(x.size // x.shape[-1])
         if rt.measuring:
             self._router_state()
             return self._by_precision["high"](x, mx.zeros_like(indices))
@@ -459,9 +477,14 @@ class OffloadedSwitch(nn.Module):
         if self._lazy_ok(rt):
             self._router_state()
             lid = self.layer.layer
-            rt.cache.stamp_layer(lid)
+            if len(rt.cache) < rt.total_experts:  # (with every expert resident none is evicted)
+                rt.cache.stamp_layer(lid)
             rt.defer(lid, indices)
-            y = self._by_precision["high"](x, rt.cache.device_remap(lid)[indices])
+            view = rt.cache.layer_view(lid)
+            if view is not None:  # the layer's experts lie in order in the pool: no remap op
+                y = self._direct_module(view)(x, indices)
+            else:
+                y = self._by_precision["high"](x, rt.cache.device_remap(lid)[indices])
             rt.track(y)
             return y
         return self._synced_call(x, indices)
