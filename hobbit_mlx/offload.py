@@ -136,6 +136,7 @@ class OffloadRuntime:
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
         self.measuring = False  # load() measuring activations: no reads, slot 0 for everything
         self._deferred: list[tuple[int, mx.array]] = []  # lazy calls: (layer, router indices)
+        self._lazy_distinct: mx.array | None = None  # lazy calls' distinct experts, on device
         self._unsynced: list = []  # outputs built on the pools since the last sync
         self.total_experts = sum(l.num_experts for l in manifest.layers)
         self.context_tokens = 0  # tokens in the KV cache after the current call
@@ -198,27 +199,41 @@ class OffloadRuntime:
         self.cache.synced()
 
     def defer(self, layer: int, indices: mx.array) -> None:
+        """A lazy call's hits, counted without a host sync. With every expert resident nothing
+        is ever evicted, so only the stats need them: one token's top-k are k distinct experts,
+        and a longer call's distinct experts are counted on the device (read with the stats).
+        Otherwise the policy needs the experts too: they are read at the next sync, when the
+        call has been evaluated."""
+        if len(self.cache) >= self.total_experts:
+            if indices.size == indices.shape[-1]:
+                self.stats.expert_requests += indices.size
+                self.stats.hits_high += indices.size
+            else:
+                seen = mx.zeros((self.manifest.layers[layer].num_experts,), mx.int32)
+                distinct = (seen.at[indices.reshape(-1)].add(1) > 0).sum()
+                self._lazy_distinct = distinct if self._lazy_distinct is None \
+                    else self._lazy_distinct + distinct
+                mx.async_eval(self._lazy_distinct)  # (a pending count would hold the chunk)
+            return
         self._deferred.append((layer, indices))
-        if len(self._deferred) > 4 * len(self.layers):  # the oldest tokens are evaluated by now
-            self.count_deferred(2 * len(self.layers))
+        if len(self._deferred) > 16 * len(self.layers):  # no sync for long: count the oldest
+            self.count_deferred(8 * len(self.layers))
 
     def count_deferred(self, n: int | None = None) -> None:
-        """Count the hits of lazy calls (their indices are evaluated by now) and tell the policy
-        (unless every expert is resident: then nothing is ever evicted and order is moot)."""
-        todo = self._deferred[:n] if n is not None else list(self._deferred)
-        del self._deferred[:len(todo)]
-        tell_policy = len(self.cache) < self.total_experts
-        for layer, indices in todo:
-            if not tell_policy and indices.size == indices.shape[-1]:  # one token: its top-k
-                self.stats.expert_requests += indices.size          # are distinct, no need to
-                self.stats.hits_high += indices.size                # read them
-                continue
-            chosen = np.sort(np.array(indices).reshape(-1))
-            distinct = int((chosen[1:] != chosen[:-1]).sum()) + 1 if len(chosen) else 0
+        """Count the hits of lazy calls and tell the policy (reads their router indices: call
+        it where they are evaluated, at a sync or for the stats)."""
+        if n is None and self._lazy_distinct is not None:
+            distinct = int(self._lazy_distinct.item())
             self.stats.expert_requests += distinct
             self.stats.hits_high += distinct
-            if tell_policy:
-                self.cache.record_hits(layer, np.unique(chosen))
+            self._lazy_distinct = None
+        todo = self._deferred[:n] if n is not None else list(self._deferred)
+        del self._deferred[:len(todo)]
+        for layer, indices in todo:
+            experts = np.unique(np.array(indices))
+            self.stats.expert_requests += len(experts)
+            self.stats.hits_high += len(experts)
+            self.cache.record_hits(layer, experts)
 
     def _count(self, precision: str, hits: int, misses: int) -> None:
         if precision == "high":
@@ -504,8 +519,8 @@ class OffloadedSwitch(nn.Module):
                 rt.pending_outputs())
         rt.cache.synced()
         rt.stats.host_syncs += 1
-        if rt._deferred:
-            rt.count_deferred()
+        if rt._deferred:  # evaluated by this sync
+            rt.count_deferred(len(rt._deferred))
         idx = np.array(indices)
         rt.cache.on_layer(self.layer.layer)
         k = idx.shape[-1]
