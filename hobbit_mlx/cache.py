@@ -153,16 +153,18 @@ class SlotCache:
         as a use and is stamped with the current epoch. One lock for a whole layer call."""
         with self.lock:
             self._pins.update(keys)
-            out = []
-            for key in keys:
-                s = self._slot_of.get(key)
-                if s is None:
-                    out.append(-1)
-                    continue
-                ps = self._pool_of[key[0], key[2]]
-                ps.policy.on_hit(key)
-                ps.last_use[s] = self.epoch
-                out.append(s)
+            slot_of = self._slot_of
+            out = [slot_of.get(key, -1) for key in keys]
+            hits = [key for key, s in zip(keys, out) if s >= 0]
+            if hits:  # (all of one call's keys share a layer and precision: one pool)
+                ps = self._pool_of[hits[0][0], hits[0][2]]
+                on_hits = getattr(ps.policy, "on_hits", None)
+                if on_hits is not None:
+                    on_hits(hits)
+                else:
+                    for key in hits:
+                        ps.policy.on_hit(key)
+                ps.last_use[[s for s in out if s >= 0]] = self.epoch
             return out
 
     def stamp(self, keys: list[Key]) -> None:

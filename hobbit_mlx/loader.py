@@ -27,7 +27,7 @@ from .precision import PrecisionOptions
 from .prefetch import Prefetcher
 from .reader import RecordReader
 from .routing import StackedGates
-from .store import Manifest, StoreError, is_hobbit_model, load_manifest
+from .store import Manifest, StoreError, is_hobbit_model, load_manifest, manifest_path
 from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
@@ -161,6 +161,7 @@ def chunk_ladder(prefill_step_size: int) -> list[int]:
 # a quadratic one for attention scores); this margin covers the fit (within 2.5% on the
 # reference model's fully measured ladder).
 INTERPOLATION_MARGIN = 1.1
+_MEASURED_ACTIVATIONS: dict[tuple, list] = {}
 MEASURE_MARGIN = 1.05
 
 
@@ -368,7 +369,13 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
     kv_per_token = _kv_bytes_per_token(model)
-    activation_points = _activation_ladder(model, prefill_step_size)
+    # Measured once per model and chunk size in a process: a budget stated as the minimum by
+    # one load (or footprint()) is then the minimum of the next.
+    measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
+                    prefill_step_size, str(cdtype))
+    if measured_key not in _MEASURED_ACTIVATIONS:
+        _MEASURED_ACTIVATIONS[measured_key] = _activation_ladder(model, prefill_step_size)
+    activation_points = _MEASURED_ACTIVATIONS[measured_key]
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
     routers = [m.router for m in runtime.layers]

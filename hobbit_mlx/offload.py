@@ -41,6 +41,7 @@ from .store import LayerEntry, Manifest
 # a second expert run and a scatter; it pays only when the reads take longer than that (not on a
 # warm page cache, where a 38 KB read takes microseconds).
 OVERLAP_MIN_WAIT_S = 0.5e-3
+INLINE_READ_S = 0.1e-3  # reads faster than this run on the model's thread (no hand-off)
 
 
 class PoolBudgetError(RuntimeError):
@@ -326,9 +327,12 @@ class Fetch:
         self.rt, self.precision = rt, precision
         self.entry = layer.precisions[precision]
         self.pool = rt.cache.pool_for(layer.layer, precision)
-        keys = [(layer.layer, int(e), precision) for e in experts]
+        keys = [(layer.layer, e, precision) for e in experts.tolist()]
         slots = rt.cache.pin_and_lookup(keys)
-        self.pending: list = []  # (position, future, slot or None: a prefetch's read)
+        self.pending: list = []  # (position, future or None: read already, slot or None: prefetch)
+        # Reads that take microseconds (a warm page cache) run here: handing them to a thread
+        # costs more than the read.
+        inline = rt.reader.read_seconds < INLINE_READ_S
         left = []
         for i, key in enumerate(keys):
             if slots[i] >= 0:
@@ -342,16 +346,29 @@ class Fetch:
                 left.append(i)
                 continue
             slots[i] = slot
-            self.pending.append((i, rt.reader.submit_into(self.entry, key[1], self.pool, slot), slot))
-        taken = np.ones(len(keys), dtype=bool)
-        taken[left] = False
-        rt.cache.unpin([keys[i] for i in left])
-        self.keys = [k for k, t in zip(keys, taken) if t]
-        self.experts = experts[taken]
-        self.left = experts[~taken]
-        self.slots = np.array([s for s, t in zip(slots, taken) if t], dtype=np.int64)
-        order = np.cumsum(taken) - 1  # position in the original list -> position among taken
-        self.pending = [(int(order[i]), f, s) for i, f, s in self.pending]
+            if inline:
+                try:
+                    self._read_now(key, slot, commit=False)
+                except BaseException:
+                    rt.cache.unpin(keys)
+                    raise
+                self.pending.append((i, None, slot))
+            else:
+                self.pending.append((i, rt.reader.submit_into(self.entry, key[1], self.pool, slot),
+                                     slot))
+        if left:
+            taken = np.ones(len(keys), dtype=bool)
+            taken[left] = False
+            rt.cache.unpin([keys[i] for i in left])
+            order = np.cumsum(taken) - 1  # position in the original list -> among the taken
+            self.pending = [(int(order[i]), f, s) for i, f, s in self.pending]
+            keys = [k for k, t in zip(keys, taken) if t]
+            slots = [s for s, t in zip(slots, taken) if t]
+            self.experts, self.left = experts[taken], experts[~taken]
+        else:
+            self.experts, self.left = experts, experts[:0]
+        self.keys = keys
+        self.slots = np.array(slots, dtype=np.int64)
         demand = sum(1 for p in self.pending if p[2] is not None)
         rt._count(precision, len(self.keys) - demand, demand)
         rt.stats.hits_in_flight += len(self.pending) - demand
@@ -385,19 +402,20 @@ class Fetch:
                     self.slots[i] = slot
                     rt.cache.stamp([key])
                     continue
-                try:
-                    nbytes = fut.result()
-                except BaseException:
-                    rt.cache.abandon(key, slot)
-                    raise
-                with rt.stats_lock:
-                    rt.stats.bytes_read += nbytes
+                if fut is not None:
+                    try:
+                        nbytes = fut.result()
+                    except BaseException:
+                        rt.cache.abandon(key, slot)
+                        raise
+                    with rt.stats_lock:
+                        rt.stats.bytes_read += nbytes
                 rt.cache.commit(key, slot)
         finally:
             rt.stats.read_wait_s += time.perf_counter() - t0
             rt.cache.unpin(self.keys)
 
-    def _read_now(self, key: tuple, slot: int) -> None:
+    def _read_now(self, key: tuple, slot: int, commit: bool = True) -> None:
         try:
             nbytes = self.rt.reader.read_into(self.entry, key[1], self.pool, slot)
         except BaseException:
@@ -405,7 +423,8 @@ class Fetch:
             raise
         with self.rt.stats_lock:
             self.rt.stats.bytes_read += nbytes
-        self.rt.cache.commit(key, slot)
+        if commit:
+            self.rt.cache.commit(key, slot)
 
 
 class OffloadedSwitch(nn.Module):

@@ -19,7 +19,8 @@ class Policy(Protocol):
     def on_evict(self, key: Key) -> None: ...
     def victim(self, evictable: Callable[[Key], bool]) -> Key: ...
     def reset(self) -> None: ...
-    # optional: on_layer(layer) is called before each MoE layer runs; on_prefetch(key) instead of
+    # optional: on_layer(layer) is called before each MoE layer runs; on_hits(keys) for many
+    # resident keys at once (one layer call's hits); on_prefetch(key) instead of
     # on_insert for an expert read ahead of any request (a frequency policy counts no use)
 
 
@@ -42,7 +43,8 @@ class ProtectShallow:
     def __init__(self, inner: Policy, layers: int) -> None:
         self.inner, self.layers = inner, layers
         self.name = f"{inner.name}+shallow{layers}"
-        for hook in ("on_insert", "on_hit", "on_evict", "reset", "on_layer", "on_prefetch"):
+        for hook in ("on_insert", "on_hit", "on_hits", "on_evict", "reset", "on_layer",
+                     "on_prefetch"):
             if hasattr(inner, hook):
                 setattr(self, hook, getattr(inner, hook))
 

@@ -59,6 +59,20 @@ class SequenceFrequencyPolicy:
 
     on_insert = on_hit = _touch
 
+    def on_hits(self, keys: list) -> None:
+        """Uses of resident experts, all at once (one layer call's hits)."""
+        ex = self._experts
+        slot_of = ex.slot_of
+        if any(k[:2] not in slot_of for k in keys):
+            for key in keys:
+                self._touch(key)
+            return
+        e = np.fromiter((slot_of[k[:2]] for k in keys), dtype=np.int64, count=len(keys))
+        uses, recent, last = ex["uses"], ex["recent"], ex["last"]
+        uses[e] += 1.0
+        recent[e] = recent[e] * self.decay ** (self.token - last[e]) + 1.0
+        last[e] = self.token
+
     def on_prefetch(self, key: Hashable) -> None:
         """Read ahead of any request: resident, with no use counted (until the router asks)."""
         s, e = self._keys.slot(key), self._experts.slot(key[:2])
