@@ -97,7 +97,10 @@ def _offloaded_classes(manifest: Manifest):
                     inputs = args[0] if args else kwargs.get("inputs")
                     cache = args[1] if len(args) > 1 else kwargs.get("cache")
                     rt.see_call(context_of(cache), int(inputs.shape[-1]) if inputs is not None else 1)
-                return super().__call__(*args, **kwargs)
+                out = super().__call__(*args, **kwargs)
+                if rt is not None:
+                    rt.end_call(out)
+                return out
 
         OffloadedModel.__name__ = model_class.__name__
         OffloadedModel.__qualname__ = model_class.__qualname__

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 
@@ -139,6 +140,7 @@ class OffloadRuntime:
         self._deferred: list[tuple[int, mx.array]] = []  # lazy calls: (layer, router indices)
         self._lazy_distinct: mx.array | None = None  # lazy calls' distinct experts, on device
         self._unsynced: list = []  # outputs built on the pools since the last sync
+        self._finished: list = []  # (weak ref to a call's result, its outputs) since then
         self.total_experts = sum(l.num_experts for l in manifest.layers)
         self.context_tokens = 0  # tokens in the KV cache after the current call
         self.on_context = None  # (context, call tokens) when a call outgrows the reserves
@@ -189,8 +191,24 @@ class OffloadRuntime:
         if len(self._unsynced) > 4 * len(self.layers):
             del self._unsynced[0]
 
+    def end_call(self, out) -> None:
+        """A model call returned ``out``: its outputs stay held only while the caller holds
+        ``out`` (mlx-lm drops a prefill chunk's logits, and with them the last layer's output,
+        which must then not be computed at the next sync)."""
+        if not self._unsynced:
+            return
+        try:
+            ref = weakref.ref(out)
+        except TypeError:  # not an array: hold the outputs as they are
+            return
+        self._finished.append((ref, self._unsynced))
+        self._unsynced = []
+        if len(self._finished) > 4:
+            del self._finished[0]
+
     def pending_outputs(self) -> list[mx.array]:
-        out, self._unsynced = self._unsynced, []
+        out = self._unsynced + [y for ref, ys in self._finished if ref() is not None for y in ys]
+        self._unsynced, self._finished = [], []
         return out
 
     def settle(self) -> None:
@@ -647,8 +665,9 @@ class OffloadedSwitch(nn.Module):
                     continue
                 stuck = 0
                 hit = fetch.resident
+                waiting = sum(1 for p in fetch.pending if p[1] is not None)  # (not read inline)
                 if rt.overlap_io and 0 < len(hit) < len(fetch.experts) and \
-                        rt.reader.read_seconds * len(fetch.pending) > OVERLAP_MIN_WAIT_S:
+                        rt.reader.read_seconds * waiting > OVERLAP_MIN_WAIT_S:
                     # Start the resident experts' compute while the misses are being read.
                     outputs.append(self._masked_run(x, flat, mask, fetch.experts[hit],
                                                     fetch.slots[hit], precision, shape))

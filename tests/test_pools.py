@@ -236,6 +236,7 @@ def test_overlapped_reads_give_the_same_logits(tiny_factory, monkeypatch, overla
     ref_cache = make_prompt_cache(ref)
     want = [np.array(ref(tokens[:, i:i + 1], cache=ref_cache)) for i in range(40)]
     monkeypatch.setattr(offload, "OVERLAP_MIN_WAIT_S", 0.0 if overlap else float("inf"))
+    monkeypatch.setattr(offload, "INLINE_READ_S", 0.0)  # reads in threads, so there is a wait
     runs = []
     masked = offload.OffloadedSwitch._masked_run
     monkeypatch.setattr(offload.OffloadedSwitch, "_masked_run",
