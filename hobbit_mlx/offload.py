@@ -138,7 +138,6 @@ class OffloadRuntime:
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
         self.measuring = False  # load() measuring activations: no reads, slot 0 for everything
         self._deferred: list[tuple[int, mx.array]] = []  # lazy calls: (layer, router indices)
-        self._lazy_distinct: mx.array | None = None  # lazy calls' distinct experts, on device
         self._unsynced: list = []  # outputs built on the pools since the last sync
         self._finished: list = []  # (weak ref to a call's result, its outputs) since then
         self.total_experts = sum(l.num_experts for l in manifest.layers)
@@ -174,6 +173,10 @@ class OffloadRuntime:
     def see_call(self, context: int, tokens: int) -> None:
         """A model call of ``tokens`` tokens starts on a KV cache holding ``context``: grow the
         reserves first if the context or the call outgrow them."""
+        if self._deferred and len(self.cache) >= self.total_experts:
+            # the calls before (prompt chunks) are evaluated by now: count them, and let go of
+            # the last layer's indices that mlx-lm never evaluates (they hold a chunk's input)
+            self.count_deferred()
         self.context_tokens = context + tokens
         if (self.context_tokens > self.context_limit or tokens > self.chunk_limit) and \
                 self.on_context is not None:
@@ -219,20 +222,13 @@ class OffloadRuntime:
 
     def defer(self, layer: int, indices: mx.array) -> None:
         """A lazy call's hits, counted without a host sync. With every expert resident nothing
-        is ever evicted, so only the stats need them: one token's top-k are k distinct experts,
-        and a longer call's distinct experts are counted on the device (read with the stats).
+        is ever evicted, so only the stats need them: one token's top-k are k distinct experts;
+        a longer call's indices are kept and counted when the next call starts.
         Otherwise the policy needs the experts too: they are read at the next sync, when the
         call has been evaluated."""
-        if len(self.cache) >= self.total_experts:
-            if indices.size == indices.shape[-1]:
-                self.stats.expert_requests += indices.size
-                self.stats.hits_high += indices.size
-            else:
-                seen = mx.zeros((self.manifest.layers[layer].num_experts,), mx.int32)
-                distinct = (seen.at[indices.reshape(-1)].add(1) > 0).sum()
-                self._lazy_distinct = distinct if self._lazy_distinct is None \
-                    else self._lazy_distinct + distinct
-                mx.async_eval(self._lazy_distinct)  # (a pending count would hold the chunk)
+        if len(self.cache) >= self.total_experts and indices.size == indices.shape[-1]:
+            self.stats.expert_requests += indices.size
+            self.stats.hits_high += indices.size
             return
         self._deferred.append((layer, indices))
         if len(self._deferred) > 16 * len(self.layers):  # no sync for long: count the oldest
@@ -241,18 +237,15 @@ class OffloadRuntime:
     def count_deferred(self, n: int | None = None) -> None:
         """Count the hits of lazy calls and tell the policy (reads their router indices: call
         it where they are evaluated, at a sync or for the stats)."""
-        if n is None and self._lazy_distinct is not None:
-            distinct = int(self._lazy_distinct.item())
-            self.stats.expert_requests += distinct
-            self.stats.hits_high += distinct
-            self._lazy_distinct = None
         todo = self._deferred[:n] if n is not None else list(self._deferred)
         del self._deferred[:len(todo)]
+        tell_policy = len(self.cache) < self.total_experts
         for layer, indices in todo:
             experts = np.unique(np.array(indices))
             self.stats.expert_requests += len(experts)
             self.stats.hits_high += len(experts)
-            self.cache.record_hits(layer, experts)
+            if tell_policy:
+                self.cache.record_hits(layer, experts)
 
     def _count(self, precision: str, hits: int, misses: int) -> None:
         if precision == "high":
