@@ -43,6 +43,7 @@ from .store import LayerEntry, Manifest
 # warm page cache, where a 38 KB read takes microseconds).
 OVERLAP_MIN_WAIT_S = 0.5e-3
 INLINE_READ_S = 0.1e-3  # reads faster than this run on the model's thread (no hand-off)
+_ALL = None  # a slot mask that keeps every (token, choice)
 
 
 class PoolBudgetError(RuntimeError):
@@ -558,19 +559,19 @@ class OffloadedSwitch(nn.Module):
         weights = normalized(lazy_weights, flat.shape) if want_weights else None
         if rt.trace is not None:
             rt.trace.append((self.layer.layer, flat.copy(), None if weights is None else weights.copy()))
+        level, scale = None, None  # None: every slot 4-bit
         if weights is not None and opts.needs_weights:
             level, scale = plan_slots(weights, opts)
-        else:
-            level, scale = np.zeros(flat.shape, np.int8), None
         if rt.prefill_low_precision and len(flat) > 1:
-            level = demote_unpopular(flat, level, rt.prefill_low_precision)
-        if opts.big_little:
+            level = demote_unpopular(flat, np.zeros(flat.shape, np.int8) if level is None else level,
+                                     rt.prefill_low_precision)
+        if opts.big_little and level is not None:
             rt.stats.routed_tokens += len(flat)
             rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
 
         parts = self._serve(flat, level)  # [(precision, experts array, slot mask)]
         served = sum(len(p[1]) for p in parts)
-        chosen = len(np.unique(flat)) if (level == DROP).any() else served
+        chosen = len(np.unique(flat)) if level is not None and (level == DROP).any() else served
         rt.stats.expert_requests += chosen
         rt.stats.skipped += chosen - served
 
@@ -595,6 +596,9 @@ class OffloadedSwitch(nn.Module):
         """Decide, for each needed expert, which copy serves it: [(precision, experts, slot mask)]."""
         rt = self._runtime
         lid = self.layer.layer
+        if level is None:  # every slot 4-bit (one token's top-k are distinct already)
+            experts = np.sort(flat[0]) if len(flat) == 1 else np.unique(flat)
+            return [("high", experts, _ALL)]
         kept = level != DROP
         if not (level == LOW).any() or "low" not in self._by_precision or \
                 rt.cache.capacity(lid, "low") == 0:  # (no 2-bit pool while 4-bit holds all)
@@ -620,7 +624,9 @@ class OffloadedSwitch(nn.Module):
         one of them; zeros elsewhere. Each selected pair becomes a row of its own (k=1), so each
         expert computes only the tokens routed to it."""
         pos = np.searchsorted(experts, flat)
-        inside = mask & (pos < len(experts)) & (experts[np.minimum(pos, len(experts) - 1)] == flat)
+        inside = (pos < len(experts)) & (experts[np.minimum(pos, len(experts) - 1)] == flat)
+        if mask is not _ALL:
+            inside &= mask
         rows, ks = np.nonzero(inside)
         hidden = x.shape[-1]
         out = mx.zeros((flat.size, hidden), dtype=x.dtype)
@@ -637,7 +643,7 @@ class OffloadedSwitch(nn.Module):
         rt = self._runtime
         lid = self.layer.layer
         outputs = []
-        whole = len(parts) == 1 and parts[0][2].all()
+        whole = len(parts) == 1 and (parts[0][2] is _ALL or parts[0][2].all())
         for precision, experts, mask in parts:
             remaining = experts
             stuck = 0

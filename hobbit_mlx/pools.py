@@ -81,6 +81,7 @@ class SlotPool:
         self.slot_nbytes = sum(int(np.prod(t.shape)) * self.dtypes[t.name].size for t in self.tensors)
         self.arrays: dict[str, mx.array] = {}
         self._views: dict[str, np.ndarray] = {}
+        self._read_plans: dict[tuple, list] = {}
         self.allocate(self.slots)
 
     @property
@@ -100,6 +101,24 @@ class SlotPool:
 
     def release(self) -> None:
         self.arrays, self._views, self.slots = {}, {}, 0
+
+    def read_plan(self, span: int, length: int) -> list[tuple]:
+        """How one record span's bytes map onto a slot: [(tensor name or None for a gap, bytes,
+        conversion or None)], in file order (the same for every expert of the pool)."""
+        key = (span, length)
+        plan = self._read_plans.get(key)
+        if plan is None:
+            plan, pos = [], 0
+            for d in sorted((d for d in self.destinations if d.tensor.span == span),
+                            key=lambda d: d.tensor.offset):
+                if d.tensor.offset > pos:
+                    plan.append((None, d.tensor.offset - pos, None))
+                plan.append((d.tensor.name, d.tensor.nbytes, d.convert))
+                pos = d.tensor.offset + d.tensor.nbytes
+            if pos < length:
+                plan.append((None, length - pos, None))
+            self._read_plans[key] = plan
+        return plan
 
     def slot_bytes(self, name: str, slot: int) -> np.ndarray:
         """The writable bytes of one tensor in one slot."""

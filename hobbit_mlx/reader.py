@@ -107,25 +107,15 @@ class RecordReader:
         for span_idx, (span, crc) in enumerate(zip(record.spans, record.crc32)):
             file_idx, offset, length = span
             pieces, converts = [], []
-            pos = 0
-            for d in sorted((d for d in pool.destinations if d.tensor.span == span_idx),
-                            key=lambda d: d.tensor.offset):
-                t = d.tensor
-                if t.offset > pos:  # a gap between tensors
-                    pieces.append(np.empty(t.offset - pos, dtype=np.uint8))
-                target = pool.slot_bytes(t.name, slot)
-                if d.convert is None and not self.direct:
-                    pieces.append(target)
-                else:
-                    scratch = np.empty(t.nbytes, dtype=np.uint8)
+            for name, nbytes, conv in pool.read_plan(span_idx, length):
+                if name is None:  # a gap between tensors
+                    pieces.append(np.empty(nbytes, dtype=np.uint8))
+                elif conv is None and not self.direct:
+                    pieces.append(pool.slot_bytes(name, slot))
+                else:  # through a scratch buffer (converted, or O_DIRECT's aligned read)
+                    scratch = np.empty(nbytes, dtype=np.uint8)
                     pieces.append(scratch)
-                    if d.convert is None:
-                        converts.append((None, scratch, target))
-                    else:
-                        converts.append((d.convert, scratch, target))
-                pos = t.offset + t.nbytes
-            if pos < length:
-                pieces.append(np.empty(length - pos, dtype=np.uint8))
+                    converts.append((conv, scratch, pool.slot_bytes(name, slot)))
             if self.direct:  # O_DIRECT wants an aligned buffer: read there, then copy out
                 buf = self._read_span(file_idx, offset, length)
                 at = 0
