@@ -43,6 +43,7 @@ from .store import LayerEntry, Manifest
 # warm page cache, where a 38 KB read takes microseconds).
 OVERLAP_MIN_WAIT_S = 0.5e-3
 INLINE_READ_S = 0.1e-3  # reads faster than this run on the model's thread (no hand-off)
+ASYNC_MAX_TOKENS = 16  # calls up to this many tokens start computing as soon as built
 _ALL = None  # a slot mask that keeps every (token, choice)
 
 
@@ -589,7 +590,8 @@ class OffloadedSwitch(nn.Module):
         if scale is not None and (scale != 1).any():
             y = y * mx.array(scale.reshape(idx.shape))[..., None].astype(y.dtype)
         rt.track(y)
-        mx.async_eval(y)  # this layer computes while the host builds the next layer's graph
+        if len(flat) <= ASYNC_MAX_TOKENS:  # decode: this layer computes while the host builds the
+            mx.async_eval(y)              # next one's graph (a prefill chunk is better whole)
         return y
 
     def _serve(self, flat: np.ndarray, level: np.ndarray) -> list:
