@@ -38,7 +38,7 @@ import json
 import sys
 from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Callable, Hashable, Iterator
+from typing import Callable, Hashable
 
 import numpy as np
 

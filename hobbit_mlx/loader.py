@@ -16,14 +16,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
 from .architectures import find_switch_modules, num_experts_of, text_config
-from .budget import INITIAL_CONTEXT, BudgetPlan, plan_budget  # noqa: F401
+from .budget import BudgetPlan, plan_budget
 from .cache import SlotCache
 from .offload import OffloadRuntime, bind, install
-from .options import (DEFAULT_PREFETCH_RECALL, DEFAULT_PREFETCH_WIDTH,  # noqa: F401
-                      DEFAULT_PREFILL_STEP, MAX_PREFETCH_WIDTH, LoadOptions)
+from .options import MAX_PREFETCH_WIDTH, LoadOptions
 from .policies import make_policy
 from .pools import SlotPool, pool_signature
-from .precision import PrecisionOptions
 from .prefetch import Prefetcher
 from .reader import RecordReader
 from .routing import StackedGates

@@ -22,7 +22,6 @@ import copy
 import threading
 import time
 import weakref
-from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 
 import mlx.core as mx

@@ -8,13 +8,11 @@ import pytest
 
 import hobbit_mlx
 from hobbit_mlx import offload
-from hobbit_mlx.cache import SlotCache
 from hobbit_mlx.loader import runtime_of
+from hobbit_mlx.testing.slot_cache import put, slot_cache, use
 from hobbit_mlx.policies import make_policy
-from hobbit_mlx.pools import SlotPool
 from hobbit_mlx.precision import DROP, HIGH, LOW, demote_unpopular
 from hobbit_mlx.routing import StackedGates, predictions_from, top_predictions, untapped_call
-from hobbit_mlx.store import PrecisionEntry, TensorLayout
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 
@@ -119,45 +117,18 @@ def test_prefill_low_precision_reads_2bit_copies_in_prefill_only(tiny_factory):
         hobbit_mlx.load(dst, exact=True, prefill_low_precision=0.2, progress=False)
 
 
-def _slot_cache(slots: int, policy, layers: int = 4, experts: int = 8) -> SlotCache:
-    """A cache over one pool of ``slots`` 100-byte experts shared by every layer."""
-    entry = PrecisionEntry(4, {}, [TensorLayout("w", "U8", (100,), 0, 0)], [])
-    pool = SlotPool(entry, slots)
-    return SlotCache({(layer, "high"): pool for layer in range(layers)},
-                     {layer: experts for layer in range(layers)}, lambda: policy)
-
-
-def _put(cache: SlotCache, key, prefetched: bool = False) -> bool:
-    """Read ``key`` into a slot (reserve, commit); then the graphs of that call have run (the
-    epoch moves on, so its slot may be reused). False when no slot can be had."""
-    slot = cache.reserve(key, prefetched=prefetched)
-    if slot is None:
-        return False
-    cache.commit(key, slot, prefetched=prefetched)
-    cache.synced()
-    return True
-
-
-def _get(cache: SlotCache, key) -> bool:
-    """A layer call that uses ``key`` (a hit when resident)."""
-    slot = cache.pin_and_lookup([key])[0]
-    cache.unpin([key])
-    cache.synced()
-    return slot >= 0
-
-
 @pytest.mark.parametrize("name", ["hobbit", "lru", "seqfreq"])
 def test_protected_shallow_layers_are_evicted_last(name):
     policy = make_policy(name, num_layers=4, shallow_layers=1)
-    cache = _slot_cache(2, policy)
-    assert _put(cache, (0, 0, "high"))  # the least used and oldest: LRU/LFU would evict it
-    assert _put(cache, (2, 0, "high"))
-    assert _get(cache, (2, 0, "high"))
-    assert _put(cache, (3, 0, "high"))
+    cache = slot_cache(2, policy)
+    assert put(cache, (0, 0, "high"))  # the least used and oldest: LRU/LFU would evict it
+    assert put(cache, (2, 0, "high"))
+    assert use(cache, (2, 0, "high"))
+    assert put(cache, (3, 0, "high"))
     assert (0, 0, "high") in cache and (2, 0, "high") not in cache
-    assert _put(cache, (0, 1, "high"))  # only layer 0 and the pinned-free (3, 0) remain
+    assert put(cache, (0, 1, "high"))  # only layer 0 and the pinned-free (3, 0) remain
     assert (3, 0, "high") not in cache
-    assert _put(cache, (0, 2, "high"))  # nothing deeper is left: a shallow expert goes
+    assert put(cache, (0, 2, "high"))  # nothing deeper is left: a shallow expert goes
     assert len(cache) == 2 and (0, 2, "high") in cache
 
 
@@ -207,11 +178,11 @@ def test_close_waits_for_prefetches_and_stops_the_readers(tiny_factory):
 @pytest.mark.parametrize("name", ["hobbit", "lfu", "seqfreq"])
 def test_a_prefetched_expert_counts_no_use(name):
     """A frequency policy must not mistake an unused prefetch for a frequently used expert."""
-    cache = _slot_cache(2, make_policy(name, num_layers=4))
-    assert _put(cache, (1, 0, "high"))  # requested once
-    assert _get(cache, (1, 0, "high"))  # and again
-    assert _put(cache, (1, 1, "high"), prefetched=True)  # guessed, never requested
-    assert _put(cache, (1, 2, "high"))
+    cache = slot_cache(2, make_policy(name, num_layers=4))
+    assert put(cache, (1, 0, "high"))  # requested once
+    assert use(cache, (1, 0, "high"))  # and again
+    assert put(cache, (1, 1, "high"), prefetched=True)  # guessed, never requested
+    assert put(cache, (1, 2, "high"))
     assert (1, 0, "high") in cache and (1, 1, "high") not in cache
 
 
@@ -273,16 +244,16 @@ def test_every_protection_is_released_once_its_layer_runs(deep_models, layers_ah
 
 
 def test_held_experts_yield_to_demand_but_not_to_other_predictions():
-    cache = _slot_cache(2, make_policy("lru"))
-    assert _put(cache, (1, 0, "high"))
-    assert _put(cache, (1, 1, "high"))
+    cache = slot_cache(2, make_policy("lru"))
+    assert put(cache, (1, 0, "high"))
+    assert put(cache, (1, 1, "high"))
     cache.hold([(1, 0, "high"), (1, 1, "high")])
-    assert not _put(cache, (1, 2, "high"), prefetched=True)  # a guess evicts no guess
+    assert not put(cache, (1, 2, "high"), prefetched=True)  # a guess evicts no guess
     cache.pin([(1, 1, "high")])
-    assert _put(cache, (1, 3, "high"))  # a demand read takes a held slot
+    assert put(cache, (1, 3, "high"))  # a demand read takes a held slot
     assert (1, 0, "high") not in cache and (1, 1, "high") in cache  # never a pinned one
     cache.pin([(1, 3, "high")])
-    assert not _put(cache, (1, 4, "high"))  # every slot pinned: nothing to evict
+    assert not put(cache, (1, 4, "high"))  # every slot pinned: nothing to evict
     cache.release([(1, 0, "high"), (1, 1, "high")])
     assert not cache._holds
 
@@ -290,8 +261,8 @@ def test_held_experts_yield_to_demand_but_not_to_other_predictions():
 def test_a_slot_a_pending_graph_reads_is_not_reused_before_the_sync():
     """Unpinned, unheld, but used in the current epoch: no read may overwrite its slot until
     everything built so far has been evaluated (``synced``)."""
-    cache = _slot_cache(2, make_policy("lru"))
-    assert _put(cache, (1, 0, "high")) and _put(cache, (1, 1, "high"))
+    cache = slot_cache(2, make_policy("lru"))
+    assert put(cache, (1, 0, "high")) and put(cache, (1, 1, "high"))
     slots = cache.pin_and_lookup([(1, 0, "high"), (1, 1, "high")])
     assert sorted(slots) == [0, 1]
     cache.unpin([(1, 0, "high"), (1, 1, "high")])

@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 
 import hobbit_mlx
-from hobbit_mlx.cache import SlotCache
 from hobbit_mlx.loader import runtime_of
+from hobbit_mlx.testing.slot_cache import put, slot_cache, use
 from hobbit_mlx.policies import POLICIES, make_policy
-from hobbit_mlx.pools import SlotPool
 from hobbit_mlx.precision import DROP, HIGH, LOW, PrecisionOptions, plan_slots
-from hobbit_mlx.store import PrecisionEntry, TensorLayout
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 
@@ -97,51 +95,18 @@ def test_every_policy_is_exact_and_within_budget(tiny_factory, policy):
     assert stats["hits_high"] > 0
 
 
-def _slot_cache(slots: int, policy, layers: int = 4, experts: int = 8,
-                low_slots: int | None = None) -> SlotCache:
-    """A cache over one pool of ``slots`` 100-byte experts shared by every layer (and, with
-    ``low_slots``, a 2-bit pool of that many)."""
-    entry = PrecisionEntry(4, {}, [TensorLayout("w", "U8", (100,), 0, 0)], [])
-    high = SlotPool(entry, slots)
-    pools = {(layer, "high"): high for layer in range(layers)}
-    if low_slots is not None:
-        low = SlotPool(PrecisionEntry(2, {}, [TensorLayout("w", "U8", (50,), 0, 0)], []), low_slots)
-        pools.update({(layer, "low"): low for layer in range(layers)})
-    policies = iter([policy, make_policy("lru")])  # one per pool, the 4-bit pool's first
-    return SlotCache(pools, {layer: experts for layer in range(layers)}, lambda: next(policies))
-
-
-def _put(cache: SlotCache, key, prefetched: bool = False) -> bool:
-    """Read ``key`` into a slot (reserve, commit); then the graphs of that call have run (the
-    epoch moves on, so its slot may be reused). False when no slot can be had."""
-    slot = cache.reserve(key, prefetched=prefetched)
-    if slot is None:
-        return False
-    cache.commit(key, slot, prefetched=prefetched)
-    cache.synced()
-    return True
-
-
-def _get(cache: SlotCache, key) -> bool:
-    """A layer call that uses ``key`` (a hit when resident)."""
-    slot = cache.pin_and_lookup([key])[0]
-    cache.unpin([key])
-    cache.synced()
-    return slot >= 0
-
-
 def test_cache_never_exceeds_capacity_and_respects_pins():
-    cache = _slot_cache(3, make_policy("lru"), low_slots=0)
+    cache = slot_cache(3, make_policy("lru"), low_slots=0)
     assert cache.capacity(0, "high") == 3 and cache.capacity(0, "low") == 0
     for e in range(3):
-        assert _put(cache, (0, e, "high"))
+        assert put(cache, (0, e, "high"))
     cache.pin([(0, 0, "high")])
-    assert _put(cache, (0, 3, "high"))  # evicts (0,1), the oldest unpinned
+    assert put(cache, (0, 3, "high"))  # evicts (0,1), the oldest unpinned
     assert (0, 0, "high") in cache and (0, 1, "high") not in cache
     assert len(cache) == 3 and cache.resident_bytes == 300 == cache.capacity_bytes
-    assert not _put(cache, (0, 4, "low"))  # a pool with no slot takes nothing
+    assert not put(cache, (0, 4, "low"))  # a pool with no slot takes nothing
     cache.pin([(0, 2, "high"), (0, 3, "high")])
-    assert not _put(cache, (0, 5, "high"))  # every slot pinned: nothing to evict
+    assert not put(cache, (0, 5, "high"))  # every slot pinned: nothing to evict
     assert len(cache) == 3 and cache.resident_bytes == 300
     # the slots hold distinct experts, and the remap points each expert at its own slot
     slots = [cache.slot((0, e, "high")) for e in (0, 2, 3)]
@@ -151,34 +116,34 @@ def test_cache_never_exceeds_capacity_and_respects_pins():
 
 
 def test_shallow_policy_evicts_deep_layers_first():
-    cache = _slot_cache(3, make_policy("shallow", num_layers=4, shallow_fraction=0.25))
-    assert _put(cache, (0, 0, "high"))
-    assert _put(cache, (3, 0, "high"))
-    assert _put(cache, (2, 0, "high"))
-    assert _put(cache, (1, 0, "high"))
+    cache = slot_cache(3, make_policy("shallow", num_layers=4, shallow_fraction=0.25))
+    assert put(cache, (0, 0, "high"))
+    assert put(cache, (3, 0, "high"))
+    assert put(cache, (2, 0, "high"))
+    assert put(cache, (1, 0, "high"))
     assert (0, 0, "high") in cache and (3, 0, "high") not in cache
 
 
 def test_hobbit_policy_prefers_to_evict_the_layer_just_computed():
     policy = make_policy("hobbit", num_layers=4, w_lru=0, w_lfu=0, w_lhu=0, w_fld=1)
-    cache = _slot_cache(2, policy)
-    assert _put(cache, (1, 0, "high"))
-    assert _put(cache, (2, 0, "high"))
+    cache = slot_cache(2, policy)
+    assert put(cache, (1, 0, "high"))
+    assert put(cache, (2, 0, "high"))
     cache.on_layer(2)  # layer 2 just ran: layer 1 is needed sooner than layer 2's next call? no:
     # after layer 2 come 3, 0, 1, then 2 again, so layer 2's expert is the farthest
-    assert _put(cache, (3, 0, "high"))
+    assert put(cache, (3, 0, "high"))
     assert (1, 0, "high") in cache and (2, 0, "high") not in cache
 
 
 def test_arc_keeps_a_reused_expert_through_a_scan():
     """A scan of experts used once must not push out one used twice (LRU would evict it)."""
     for name, survives in (("arc", True), ("lru", False)):
-        cache = _slot_cache(3, make_policy(name))
+        cache = slot_cache(3, make_policy(name))
         hot = (0, 0, "high")
-        assert _put(cache, hot)
-        assert _get(cache, hot)  # used again: frequent
+        assert put(cache, hot)
+        assert use(cache, hot)  # used again: frequent
         for e in range(1, 5):  # four experts seen once each
-            assert _put(cache, (0, e, "high"))
+            assert put(cache, (0, e, "high"))
         assert (hot in cache) is survives, name
 
 
