@@ -80,6 +80,8 @@ class SlotCache:
         self._per_layer: Counter = Counter()  # (layer, precision) -> resident experts
         self._pins: Counter = Counter()
         self._holds: Counter = Counter()
+        self._high_resident = 0
+        self._high_total = sum(num_experts[lid] for lid, precision in pools if precision == "high")
         self.epoch = 0
 
     # --- what is resident -----------------------------------------------------------------
@@ -140,6 +142,11 @@ class SlotCache:
             view = LayerView(self._pool_of[lp].pool, base, len(remap)) if ordered else None
             self._views[lp] = view
         return view
+
+    @property
+    def all_high_resident(self) -> bool:
+        """Every expert of every layer has a 4-bit slot: nothing can miss or be evicted."""
+        return self._high_resident >= self._high_total
 
     def resident_in_layer(self, layer: int, precision: str = "high") -> int:
         return self._per_layer[layer, precision]
@@ -234,6 +241,7 @@ class SlotCache:
             self._device_remap[key[0], key[2]] = None
             self._views.pop((key[0], key[2]), None)
             self._per_layer[key[0], key[2]] += 1
+            self._high_resident += key[2] == "high"
             on_prefetch = getattr(ps.policy, "on_prefetch", None) if prefetched else None
             (on_prefetch or ps.policy.on_insert)(key)
 
@@ -251,6 +259,7 @@ class SlotCache:
         self._device_remap[key[0], key[2]] = None
         self._views.pop((key[0], key[2]), None)
         self._per_layer[key[0], key[2]] -= 1
+        self._high_resident -= key[2] == "high"
         ps.policy.on_evict(key)
         return slot
 

@@ -7,10 +7,10 @@ the pool. Exact mode is therefore bit-equal to mlx-lm with everything resident.
 
 * **No host sync where nothing can miss.** When every expert of a layer has a slot (and no
   technique needs the gate weights on the host), the call stays lazy: mlx-lm's pipelining works
-  as stock. Its hits are counted at the next sync, from the router indices kept meanwhile.
+  as stock. Its hits are counted later, from the router indices kept meanwhile.
 * **Otherwise one host sync per layer call**, on the router indices, the gate weights (mixed
-  precision) and the next layers' predictions (prefetch) together. Misses are read in parallel
-  straight into free or evicted slots while the resident experts start computing.
+  precision) and the next layers' predictions (prefetch) together. Misses are read straight into
+  free or evicted slots (when reads are slow, while the resident experts start computing).
 * A prompt chunk is grouped by expert: every expert a chunk needs in a layer is read once. When a
   chunk needs more experts than the pool can give it, they run in groups whose partial outputs
   are evaluated (so the slots may be reused) and summed.
@@ -141,7 +141,6 @@ class OffloadRuntime:
         self._deferred: list[tuple[int, mx.array]] = []  # lazy calls: (layer, router indices)
         self._unsynced: list = []  # outputs built on the pools since the last sync
         self._finished: list = []  # (weak ref to a call's result, its outputs) since then
-        self.total_experts = sum(l.num_experts for l in manifest.layers)
         self.context_tokens = 0  # tokens in the KV cache after the current call
         self.on_context = None  # (context, call tokens) when a call outgrows the reserves
         self.on_sequence = None  # (context, prompt tokens, max tokens) when a sequence starts
@@ -174,7 +173,7 @@ class OffloadRuntime:
     def see_call(self, context: int, tokens: int) -> None:
         """A model call of ``tokens`` tokens starts on a KV cache holding ``context``: grow the
         reserves first if the context or the call outgrow them."""
-        if self._deferred and len(self.cache) >= self.total_experts:
+        if self._deferred and self.cache.all_high_resident:
             # the calls before (prompt chunks) are evaluated by now: count them, and let go of
             # the last layer's indices that mlx-lm never evaluates (they hold a chunk's input)
             self.count_deferred()
@@ -189,7 +188,7 @@ class OffloadRuntime:
         caller still holds (say, the logits of an earlier call not evaluated yet) never reads a
         slot after it was rewritten. Outputs that later calls depend on cost nothing extra there.
         With every expert resident no slot is ever rewritten, so nothing is held."""
-        if len(self.cache) >= self.total_experts:
+        if self.cache.all_high_resident:
             return
         self._unsynced.append(y)
         if len(self._unsynced) > 4 * len(self.layers):
@@ -227,7 +226,7 @@ class OffloadRuntime:
         a longer call's indices are kept and counted when the next call starts.
         Otherwise the policy needs the experts too: they are read at the next sync, when the
         call has been evaluated."""
-        if len(self.cache) >= self.total_experts and indices.size == indices.shape[-1]:
+        if self.cache.all_high_resident and indices.size == indices.shape[-1]:
             self.stats.expert_requests += indices.size
             self.stats.hits_high += indices.size
             return
@@ -240,7 +239,7 @@ class OffloadRuntime:
         it where they are evaluated, at a sync or for the stats)."""
         todo = self._deferred[:n] if n is not None else list(self._deferred)
         del self._deferred[:len(todo)]
-        tell_policy = len(self.cache) < self.total_experts
+        tell_policy = not self.cache.all_high_resident
         for layer, indices in todo:
             experts = np.unique(np.array(indices))
             self.stats.expert_requests += len(experts)
@@ -523,7 +522,7 @@ class OffloadedSwitch(nn.Module):
         if self._lazy_ok(rt):
             self._router_state()
             lid = self.layer.layer
-            if len(rt.cache) < rt.total_experts:  # (with every expert resident none is evicted)
+            if not rt.cache.all_high_resident:  # (with every expert resident none is evicted)
                 rt.cache.stamp_layer(lid)
             rt.defer(lid, indices)
             view = rt.cache.layer_view(lid)
