@@ -23,6 +23,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 KV_STEP = 256  # mlx-lm's KV caches grow in steps of this many tokens
 INITIAL_CONTEXT = 1024  # tokens of KV reserved before a sequence shows it needs more
 LOW_SHARE = 0.125  # with mixed precision, the share of the expert bytes kept for 2-bit copies
+CHUNK_SHARE = 0.25  # a prefill chunk's activations take at most this share of the budget left
 
 
 class BudgetError(ValueError):
@@ -127,9 +128,14 @@ class BudgetPlan:
         return max(0, steps * KV_STEP)
 
     def largest_chunk(self, tokens: int) -> int:
-        """The longest measured chunk the budget affords beside a ``tokens`` context."""
-        fits = [n for n, _ in self.activation_points if self.max_context(n) >= tokens]
-        return fits[-1] if fits else 0
+        """The longest measured chunk the budget affords beside a ``tokens`` context, its
+        activations taking at most ``CHUNK_SHARE`` of what dense weights and KV leave (prefill
+        in shorter chunks is a little slower; smaller pools make every decoded token slower)."""
+        room = self.budget_bytes - self.dense_bytes - self.kv_bytes_per_token * kv_tokens_for(tokens)
+        fits = [n for n, b in self.activation_points
+                if self.max_context(n) >= tokens and b <= CHUNK_SHARE * room]
+        return fits[-1] if fits else (self.activation_points[0][0]
+                                      if self.max_context(1) >= tokens else 0)
 
     def as_dict(self) -> dict:
         d = asdict(self)

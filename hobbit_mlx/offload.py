@@ -497,6 +497,20 @@ class OffloadedSwitch(nn.Module):
         object.__setattr__(self.router, "_hobbit_out", None)
         return state
 
+    def _measure_call(self, x: mx.array, indices: mx.array) -> mx.array:
+        """What load() measures activations with: every expert on slot 0 (nothing is read), and
+        the costlier shape of a call, two masked runs summed (a call served by a 4-bit and a
+        2-bit part, or resident experts run while misses are read)."""
+        flat = np.array(indices).reshape(-1, indices.shape[-1])
+        if flat.size < 2:
+            return self._by_precision["high"](x, mx.zeros_like(indices))
+        half = np.zeros(flat.shape, dtype=bool)
+        half.reshape(-1)[::2] = True
+        experts, slots = np.unique(flat), np.zeros(len(np.unique(flat)), dtype=np.int64)
+        shape = indices.shape
+        return (self._masked_run(x, flat, half, experts, slots, "high", shape)
+                + self._masked_run(x, flat, ~half, experts, slots, "high", shape))
+
     def _lazy_ok(self, rt: OffloadRuntime) -> bool:
         """Nothing can miss and nothing needs the host: every expert of this layer (and of the
         layers prefetch would predict) is resident in 4-bit, and no technique drops slots."""
@@ -517,7 +531,7 @@ class OffloadedSwitch(nn.Module):
         rt = self._runtime
         if rt.measuring:
             self._router_state()
-            return self._by_precision["high"](x, mx.zeros_like(indices))
+            return self._measure_call(x, indices)
         rt.stats.layer_calls += 1
         if self._lazy_ok(rt):
             self._router_state()
