@@ -608,7 +608,8 @@ def replay_rows(trace: tr.Trace, runs: list[dict]) -> tuple[list[dict], list[dic
     for every exact cache-only run, its measured hit rate next to the replay of its own policy."""
     caps = {}
     for r in runs:
-        if "capacity_experts" in r and r.get("config") != "on-demand" and not r.get("preloaded"):
+        if "capacity_experts" in r and r.get("config") != "on-demand" and not r.get("preloaded") \
+                and "hit_rate" in r:
             label = (f"{100 * r['residency']:g}%" if r.get("residency") is not None
                      else f"budget {r.get('budget')}")
             caps.setdefault(int(r["capacity_experts"]), label)
@@ -621,7 +622,9 @@ def replay_rows(trace: tr.Trace, runs: list[dict]) -> tuple[list[dict], list[dic
     for r in runs:
         if "capacity_experts" not in r or not _is_exact_cache_only(r.get("kwargs", {})):
             continue
-        if r.get("config") == "on-demand" or r.get("preloaded"):
+        if r.get("config") == "on-demand" or r.get("preloaded") or "hit_rate" not in r:
+            continue
+        if r.get("pool_rebuilds"):  # the pools changed size during the run: no one capacity
             continue
         pol = r["kwargs"].get("policy", "lru")
         t0 = time.perf_counter()
