@@ -309,15 +309,13 @@ class SlotCache:
             for ps in self._slots.values():
                 ps.policy.reset()
 
-    def ranked_keys(self, pool: PoolSlots) -> list[Key]:
-        """The pool's resident keys, the one the policy would evict first first."""
+    def shrink_to(self, pool: PoolSlots, slots: int) -> list[Key]:
+        """Evict the pool's experts its policy ranks lowest until at most ``slots`` stay;
+        returns those that stay."""
         with self.lock:
-            order, taken = [], set()
-            while len(order) < pool.resident:
-                k = pool.policy.victim(lambda k: k not in taken)
-                taken.add(k)
-                order.append(k)
-            return order
+            while pool.resident > slots:
+                self._evict(pool.policy.victim(lambda k: True))
+            return [k for k in pool.key_of if k is not None]
 
     def clear(self) -> None:
         with self.lock:

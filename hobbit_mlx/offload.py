@@ -278,8 +278,7 @@ class OffloadRuntime:
             if slots[id(ps)] >= self.cache.experts_served_by(ps):
                 keep[id(ps)] = []  # it will hold every expert: preload() reads them in order
                 continue
-            ranked = self.cache.ranked_keys(ps)  # evicted first, first
-            keep[id(ps)] = ranked[max(0, len(ranked) - slots[id(ps)]):]
+            keep[id(ps)] = self.cache.shrink_to(ps, slots[id(ps)])
         self.cache.clear()
         for ps in self.cache.pools:
             ps.pool.release()
@@ -304,16 +303,13 @@ class OffloadRuntime:
         loads a model whole): such layers never miss, so their calls stay lazy from the start."""
         futures = []
         for layer in self.manifest.layers:
-            for precision in ("high",):
-                pool = self.cache.pool_for(layer.layer, precision)
-                if pool is None or self.cache.capacity(layer.layer, precision) < \
-                        self.cache.experts_served(layer.layer, precision):
-                    continue
-                entry = layer.precisions[precision]
-                for e in range(layer.num_experts):
-                    key = (layer.layer, e, precision)
-                    if key in self.cache:
-                        continue
+            pool = self.cache.pool_for(layer.layer, "high")
+            if self.cache.capacity(layer.layer, "high") < self.cache.experts_served(layer.layer, "high"):
+                continue
+            entry = layer.precisions["high"]
+            for e in range(layer.num_experts):
+                key = (layer.layer, e, "high")
+                if key not in self.cache:
                     slot = self.cache.reserve(key)
                     futures.append((key, slot, self.reader.submit_into(entry, e, pool, slot)))
         for key, slot, fut in futures:
