@@ -688,8 +688,10 @@ class OffloadedSwitch(nn.Module):
                 else:
                     fetch.finish()
                     if whole and not outputs and not len(fetch.left):  # one run on the pool
+                        # (the sync brought the indices to the host: remap them there)
+                        slots = fetch.slots[np.searchsorted(fetch.experts, flat)]
                         return self._by_precision[precision](
-                            x, rt.cache.device_remap(lid, precision)[indices])
+                            x, mx.array(slots.astype(np.uint32).reshape(shape)))
                     outputs.append(self._masked_run(x, flat, mask, fetch.experts, fetch.slots,
                                                     precision, shape))
                 remaining = fetch.left
