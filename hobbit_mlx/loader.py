@@ -5,23 +5,22 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 
 from .architectures import find_switch_modules, num_experts_of, text_config
 from .budget import BudgetPlan, plan_budget
 from .cache import SlotCache
+from .measure import kv_bytes_per_token, measured_activations
 from .offload import OffloadRuntime, bind, install
 from .options import MAX_PREFETCH_WIDTH, LoadOptions
 from .policies import make_policy
-from .pools import SlotPool, pool_signature
+from .pool_plan import apply_plan, follow_sequence, make_pools
 from .prefetch import Prefetcher
 from .reader import RecordReader
 from .routing import StackedGates
@@ -134,173 +133,6 @@ def compute_dtype(dtype: Any = None) -> mx.Dtype | None:
     return mx.float32 if mx.default_device() == mx.cpu else None
 
 
-def _kv_bytes_per_token(model: nn.Module) -> int:
-    """Measured: run one token through the model and size the KV cache arrays it made.
-
-    mlx-lm caches allocate in steps along the sequence axis (-2), so each array's bytes are
-    divided by its length there; state without a sequence axis (recurrent layers) is constant.
-    """
-    cache = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=cache)
-    states = [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
-    mx.eval(states)
-    return int(sum(a.nbytes // a.shape[-2] for a in states if a.ndim >= 3 and a.shape[-2] > 0))
-
-
-def chunk_ladder(prefill_step_size: int) -> list[int]:
-    """The chunk sizes the budget plans with: 64, 96, 128, 192, ... up to the prefill step (and
-    the step itself), so a reserve is never far above what a prompt needs."""
-    sizes = {prefill_step_size}
-    n = 64
-    while n < prefill_step_size:
-        sizes.update(m for m in (n, n * 3 // 2) if m < prefill_step_size)
-        n *= 2
-    return sorted(sizes)
-
-
-# Sizes between the two measured ones are interpolated (a linear part for the per-token tensors,
-# a quadratic one for attention scores); this margin covers the fit (within 2.5% on the
-# reference model's fully measured ladder).
-INTERPOLATION_MARGIN = 1.1
-_MEASURED_ACTIVATIONS: dict[tuple, list] = {}
-MEASURE_MARGIN = 1.05
-
-
-def _activation_ladder(model: nn.Module, prefill_step_size: int) -> list[tuple[int, int]]:
-    """(chunk tokens, activation bytes) for every size of ``chunk_ladder``: the smallest and the
-    largest measured (a prefill pass each), the sizes between from ``a*n + b*n^2`` through them."""
-    ladder = chunk_ladder(prefill_step_size)
-    # Measured with MLX free to reuse cached buffers (a reused buffer may be larger than asked
-    # for, and counts whole): the same in every process, and not below what a run then sees.
-    limit = mx.set_cache_limit(1 << 40)
-    gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
-    # The first multi-token call makes one-time allocations that stay (they are no activations).
-    small = min(_activation_bytes(model, ladder[0]), _activation_bytes(model, ladder[0]))
-    large = _activation_bytes(model, ladder[-1]) if len(ladder) > 1 else small
-    mx.set_cache_limit(limit)
-    n0, n1 = ladder[0], ladder[-1]
-    if n1 == n0:
-        return [(n0, small)]
-    quad = max(0.0, (large / n1 - small / n0) / (n1 - n0))  # through both points
-    lin = small / n0 - quad * n0
-    grain = 64 * 1024
-    points = [(n0, small)]
-    for n in ladder[1:-1]:
-        fit = int(INTERPOLATION_MARGIN * (lin * n + quad * n * n))
-        points.append((n, max(small, min(large, (fit + grain - 1) // grain * grain))))
-    return points + [(n1, large)]
-
-
-def _activation_bytes(model: nn.Module, chunk: int) -> int:
-    """Measured: the peak memory a prefill chunk of ``chunk`` tokens adds above the weights, less
-    the KV cache it leaves (which the KV reserve counts). Runs with the runtime measuring, so no
-    expert is read; the expert calls build the graphs a chunk with misses builds."""
-    cache = make_prompt_cache(model)
-    mx.synchronize()
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    tokens = mx.array([[(7 * i + 3) % 97 + 1 for i in range(chunk)]])
-    model(tokens, cache=cache)
-    states = [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
-    mx.eval(states)
-    peak = mx.get_peak_memory()
-    kv = sum(a.nbytes for a in states)
-    del states, cache
-    mx.clear_cache()
-    # The allocator's rounding moves the peak by a few KiB, and a run's buffer reuse by a few
-    # percent, from one run to the next: a margin of both.
-    grain = 64 * 1024
-    return (int(MEASURE_MARGIN * max(0, peak - base - kv)) + 2 * grain - 1) // grain * grain
-
-
-@dataclass
-class _PoolGroup:
-    """The layers one pool serves at one precision."""
-
-    precision: str
-    pool: SlotPool
-    layers: list[int]
-    num_experts: int
-
-    @property
-    def all_bytes(self) -> int:
-        return len(self.layers) * self.num_experts * self.pool.slot_nbytes
-
-
-def _make_pools(manifest: Manifest, precisions: tuple, float_dtype) -> list[_PoolGroup]:
-    """One pool (of one slot, for now) per precision and expert layout."""
-    groups: dict[tuple, _PoolGroup] = {}
-    for layer in manifest.layers:
-        for precision in precisions:
-            entry = layer.precisions[precision]
-            key = (precision, pool_signature(entry))
-            if key not in groups:
-                groups[key] = _PoolGroup(precision, SlotPool(entry, 1, float_dtype), [],
-                                         layer.num_experts)
-            groups[key].layers.append(layer.layer)
-    return list(groups.values())
-
-
-def _pool_slots(groups: list[_PoolGroup], plan: BudgetPlan, k: int) -> dict[int, int]:
-    """Slots per pool for the plan's pool bytes: each precision's bytes shared among its pools in
-    proportion to the experts they serve, none beyond what they serve."""
-    out = {}
-    for precision, budget in (("high", plan.high_expert_bytes), ("low", plan.low_expert_bytes)):
-        mine = [g for g in groups if g.precision == precision]
-        total = sum(g.all_bytes for g in mine)
-        for g in mine:
-            share = budget * g.all_bytes // max(1, total)
-            slots = min(len(g.layers) * g.num_experts, share // g.pool.slot_nbytes)
-            out[id(g.pool)] = int(slots) if slots >= k else (k if budget >= k * g.pool.slot_nbytes else 0)
-    return out
-
-
-def _apply_plan(rt: OffloadRuntime, groups: list[_PoolGroup], plan: BudgetPlan) -> None:
-    """Size the pools for ``plan`` and set the limits it reserves for. Pools are rebuilt when
-    they must shrink, or when they may grow by a tenth or more (a rebuild reads the kept experts
-    again); a smaller gain leaves them as they are, and the plan counts them as they are."""
-    k = rt.manifest.experts_per_token
-    by_pool = _pool_slots(groups, plan, k)
-    slots = {id(ps): by_pool[id(ps.pool)] for ps in rt.cache.pools}
-    now = sum(ps.pool.nbytes for ps in rt.cache.pools)
-    new = sum(slots[id(ps)] * ps.pool.slot_nbytes for ps in rt.cache.pools)
-    shrinks = any(slots[id(ps)] < ps.pool.slots for ps in rt.cache.pools)
-    if shrinks or new >= 1.1 * now:
-        rt.resize_pools(slots)
-    elif rt.plan is not None and new != now:
-        plan = replace(plan, high_expert_bytes=rt.plan.high_expert_bytes,
-                       low_expert_bytes=rt.plan.low_expert_bytes)
-    rt.plan = plan
-    rt.context_limit, rt.chunk_limit = plan.kv_tokens, plan.chunk_tokens
-    mx.set_cache_limit(plan.mlx_cache_limit_bytes)
-
-
-def _follow_sequence(rt: OffloadRuntime, groups: list[_PoolGroup], prefill_step: int) -> None:
-    """KV and activation reserves that follow the sequence: planned when a sequence starts, grown
-    (the pools giving slots back) when a call outgrows them."""
-
-    def on_context(tokens: int, call_tokens: int) -> None:
-        plan = rt.plan
-        chunk = max(call_tokens, plan.chunk_tokens)
-        if tokens > plan.kv_tokens:  # double, so that a growing context replans rarely
-            tokens = max(tokens, min(2 * plan.kv_tokens, plan.max_context(chunk)))
-        _apply_plan(rt, groups, plan.fit(tokens, chunk))
-
-    def on_sequence(context: int, prompt: int, max_new: int) -> None:
-        plan = rt.plan
-        if context + prompt > plan.max_context():
-            plan.fit(context + prompt, 1)  # raises ContextBudgetError with the numbers
-        tokens = context + prompt + max_new if max_new > 0 else max(context + prompt,
-                                                                    plan.initial_context)
-        tokens = min(tokens, plan.max_context())
-        chunk = min(max(prompt, 1), prefill_step, plan.largest_chunk(tokens) or 1)
-        _apply_plan(rt, groups, plan.fit(tokens, chunk))
-
-    rt.on_context = on_context
-    rt.on_sequence = on_sequence
-
-
 def load(path: str | Path | None = None, memory_budget: int | str | None = None,
          expert_residency: float | None = None, *, options: LoadOptions | None = None,
          **overrides):
@@ -354,7 +186,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     reader = RecordReader(model_dir, manifest, workers=o.io_workers, verify=o.verify,
                           direct=o.direct_io)
     uses_low = precision.mixed_precision or o.prefill_low_precision > 0
-    groups = _make_pools(manifest, ("high", "low") if uses_low else ("high",), cdtype)
+    groups = make_pools(manifest, ("high", "low") if uses_low else ("high",), cdtype)
     pools = {(lid, g.precision): g.pool for g in groups for lid in g.layers}
     num_experts = {l.layer: l.num_experts for l in manifest.layers}
     policy = o.policy or default_policy(prefetch_layers)
@@ -369,14 +201,10 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     bind(model, runtime)
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
-    kv_per_token = _kv_bytes_per_token(model)
-    # Measured once per model and chunk size in a process: a budget stated as the minimum by
-    # one load (or footprint()) is then the minimum of the next.
+    kv_per_token = kv_bytes_per_token(model)
     measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
                     prefill_step_size, str(cdtype))
-    if measured_key not in _MEASURED_ACTIVATIONS:
-        _MEASURED_ACTIVATIONS[measured_key] = _activation_ladder(model, prefill_step_size)
-    activation_points = _MEASURED_ACTIVATIONS[measured_key]
+    activation_points = measured_activations(model, prefill_step_size, measured_key)
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
     routers = [m.router for m in runtime.layers]
@@ -400,8 +228,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
             len(manifest.layers), cache_experts, manifest.num_experts) if prefetch_layers else 0
     for ps in cache.pools:
         ps.policy = make_policy(policy, shallow_layers=keep_shallow_layers, **policy_kwargs)
-    _apply_plan(runtime, groups, plan)
-    _follow_sequence(runtime, groups, prefill_step_size)
+    apply_plan(runtime, groups, plan)
+    follow_sequence(runtime, groups, prefill_step_size)
     if prefetch_layers:
         width = max(1, round(o.prefetch_width * k))
         # An adaptive width may grow to 4x top-k, but one layer's guesses never take more than a
