@@ -286,32 +286,27 @@ class OffloadRuntime:
         for ps in self.cache.pools:
             ps.pool.allocate(slots[id(ps)])
             ps.reset_slots()
-        futures = []
-        for ps in self.cache.pools:
-            for key in keep[id(ps)]:
-                slot = self.cache.reserve(key)
-                entry = self.manifest.layers[key[0]].precisions[key[2]]
-                futures.append((key, slot, self.reader.submit_into(entry, key[1], ps.pool, slot)))
-        for key, slot, fut in futures:
-            fut.result()
-            self.cache.commit(key, slot)
+        self._read_all([key for ps in self.cache.pools for key in keep[id(ps)]])
         self.preload()  # a pool that holds all its experts is filled, as load() leaves it
         self.stats.pool_rebuilds += 1
 
     def preload(self) -> None:
         """Read every expert of every pool that can hold all of its layers' experts (as mlx-lm
         loads a model whole): such layers never miss, so their calls stay lazy from the start."""
+        self._read_all([(layer.layer, e, "high") for layer in self.manifest.layers
+                        if self.cache.capacity(layer.layer, "high")
+                        >= self.cache.experts_served(layer.layer, "high")
+                        for e in range(layer.num_experts)
+                        if (layer.layer, e, "high") not in self.cache])
+
+    def _read_all(self, keys: list) -> None:
+        """Read ``keys`` into slots, in parallel, in order (no layer call is running)."""
         futures = []
-        for layer in self.manifest.layers:
-            pool = self.cache.pool_for(layer.layer, "high")
-            if self.cache.capacity(layer.layer, "high") < self.cache.experts_served(layer.layer, "high"):
-                continue
-            entry = layer.precisions["high"]
-            for e in range(layer.num_experts):
-                key = (layer.layer, e, "high")
-                if key not in self.cache:
-                    slot = self.cache.reserve(key)
-                    futures.append((key, slot, self.reader.submit_into(entry, e, pool, slot)))
+        for key in keys:
+            slot = self.cache.reserve(key)
+            entry = self.manifest.layers[key[0]].precisions[key[2]]
+            pool = self.cache.pool_for(key[0], key[2])
+            futures.append((key, slot, self.reader.submit_into(entry, key[1], pool, slot)))
         for key, slot, fut in futures:
             fut.result()
             self.cache.commit(key, slot)
@@ -455,33 +450,29 @@ class OffloadedSwitch(nn.Module):
 
     def bind_pools(self, cache: SlotCache) -> None:
         """Point the switch module's projections at the pools (a copy of it per precision)."""
-        by_precision = {}
-        for precision in self.layer.precisions:
-            if cache.pool_for(self.layer.layer, precision) is None:
-                continue
-            module = self.inner if not by_precision else _copy_switch(self.inner)
-            for path in self._proj_paths:
-                parent, _, name = path.rpartition(".")
-                owner = module if not parent else dict(module.named_modules())[parent]
-                if name in owner:
-                    del owner[name]
-                quant = self.layer.precisions[precision].quant[path]
-                pool = cache.pool_for(self.layer.layer, precision)
-                object.__setattr__(owner, name, PoolProjection(pool, path, quant))
-            by_precision[precision] = module
-        object.__setattr__(self, "_by_precision", by_precision)
+        object.__setattr__(self, "_by_precision", {
+            precision: self._module_over(cache.pool_for(self.layer.layer, precision), precision)
+            for precision in self.layer.precisions
+            if cache.pool_for(self.layer.layer, precision) is not None})
 
     def _direct_module(self, view) -> nn.Module:
         """The switch module reading this layer's slice of the pool (built once per slice)."""
         if self._direct is None or self._direct[0] is not view:
-            module = _copy_switch(self.inner)
-            for path in self._proj_paths:
-                parent, _, name = path.rpartition(".")
-                owner = module if not parent else dict(module.named_modules())[parent]
-                object.__setattr__(owner, name, PoolProjection(
-                    view, path, self.layer.precisions["high"].quant[path]))
-            object.__setattr__(self, "_direct", (view, module))
+            object.__setattr__(self, "_direct", (view, self._module_over(view, "high")))
         return self._direct[1]
+
+    def _module_over(self, source, precision: str) -> nn.Module:
+        """A copy of mlx-lm's switch module whose projections read ``source`` (a pool, or one
+        layer's slice of it) with this precision's quantization."""
+        module = _copy_switch(self.inner)
+        quant = self.layer.precisions[precision].quant
+        for path in self._proj_paths:
+            parent, _, name = path.rpartition(".")
+            owner = module if not parent else dict(module.named_modules())[parent]
+            if name in owner:  # (the empty placeholder)
+                del owner[name]
+            object.__setattr__(owner, name, PoolProjection(source, path, quant[path]))
+        return module
 
     def _router_state(self) -> tuple:
         """(router input, router output) of this layer's call, when the router is tapped. The

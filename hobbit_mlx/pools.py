@@ -151,7 +151,7 @@ _CONVERTERS = {
     "BF16->F32": _bf16_to_f32,
     "F16->F32": _f16_to_f32,
     "F32->F16": _f32_to_f16,
-    "F32->BF16": lambda src, dst: _to_bf16(src, dst),
+    "F32->BF16": _to_bf16,
     "F16->BF16": lambda src, dst: _to_bf16(src.view(np.float16).astype(np.float32), dst),
 }
 
