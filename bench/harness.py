@@ -94,7 +94,13 @@ CONFIGS: list[tuple[str, dict]] = [
                     "policy": "lru"}),
     ("prefill-2bit", {"exact": False, "mixed_precision": False, "prefetch_layers": 0, "policy": "lru",
                       "prefill_low_precision": 0.25}),  # Fate: unpopular experts 2-bit in prefill
+    # what pays under a Mac's storage cost: fewer bytes per miss and a better cache, no guessing
+    ("seqfreq-mixed", {"mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq"}),
+    ("seqfreq-mixed-bl", {"mixed_precision": True, "big_little": True, "prefetch_layers": 0,
+                          "policy": "seqfreq"}),
+    ("prefetch-lowprec", {"prefetch_width": 1.0, "prefetch_low_precision": True}),
     ("default", {}),  # hobbit_mlx.load's defaults: every technique that pays, combined
+    ("default-naive-prefetch", {"prefetch_cost_aware": False}),  # every guess read, none cancelled
     ("default-seqfreq", {"policy": "seqfreq"}),
     ("default-hobbit", {"policy": "hobbit"}),
     ("default-w3", {"prefetch_width": 3.0}),  # a wider guess: more served, more bytes read
@@ -175,7 +181,7 @@ def _stats(model):
 _COUNTERS = ["expert_requests", "hits_high", "hits_low", "misses_high", "misses_low", "skipped",
              "bytes_read", "prefetch_issued", "prefetch_used", "prefetch_bytes", "prediction_correct",
              "prediction_total", "little_tokens", "routed_tokens", "layer_calls", "host_syncs",
-             "read_wait_s", "hits_in_flight", "pool_rebuilds"]
+             "read_wait_s", "hits_in_flight", "pool_rebuilds", "prefetch_cancelled"]
 
 
 def _diff(a: dict, b: dict) -> dict:
@@ -432,6 +438,8 @@ def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None
         "prefetch_recall": (_rate(c["prefetch_used"], c["prefetch_used"] + misses)
                             if c["prefetch_issued"] else None),
         "prefetch_bytes": c["prefetch_bytes"],
+        "prefetch_cancelled": c["prefetch_cancelled"],
+        **storage_bound(run, gen, timing),
         "prediction_accuracy": _rate(c["prediction_correct"], c["prediction_total"]),
         **{key: {int(d): v for d, v in (stats.get(key) or {}).items()} for key in (
             "prediction_recall_by_distance", "prediction_precision_by_distance",
@@ -484,6 +492,27 @@ def summarize(run: dict, gen: dict, stats: dict, baseline: dict, tf: dict | None
     return m
 
 
+def storage_bound(run: dict, gen: dict, timing: dict) -> dict:
+    """The storage-time model of a decode step on the simulated device: tokens/s <= 1 /
+    max(compute + demand-miss bytes / bandwidth, all bytes / bandwidth), with compute = mlx-lm's
+    resident time per token. Demand misses stall the step; prefetch reads can hide behind compute
+    but still take the device. A run's share of its bound shows what overheads (and stalls that
+    prefetch should have hidden) cost it."""
+    bw = run.get("storage_bandwidth")
+    dec = gen["decode_counters"]
+    n = gen["decode_tokens"]
+    demand = (dec.get("bytes_read", 0) - dec.get("prefetch_bytes", 0)) / n if n else None
+    out = {"decode_demand_bytes_per_token": demand, "decode_prefetch_bytes_per_token":
+           dec.get("prefetch_bytes", 0) / n if n else None, "bound_decode_tps": None,
+           "of_bound": None}
+    if bw and demand is not None and timing.get("decode_tps"):
+        compute = 1.0 / timing["decode_tps"]
+        seconds = max(compute + demand / bw, dec.get("bytes_read", 0) / n / bw)
+        out["bound_decode_tps"] = 1.0 / seconds
+        out["of_bound"] = _rate(gen["decode_tps"], out["bound_decode_tps"])
+    return out
+
+
 def high_pools(rt) -> list:
     """The distinct pools that serve the 4-bit experts (layers of one layout share one)."""
     pools = {}
@@ -516,7 +545,8 @@ def empty_pools(rt, *, preload: bool = False) -> None:
 
 
 def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: dict, *,
-                  cold: bool, ppl: bool = True, paired: dict | None = None) -> dict:
+                  cold: bool, ppl: bool = True, paired: dict | None = None,
+                  storage_model=None) -> dict:
     """One hobbit_mlx configuration: fresh load, warm-up, empty pools (full ones for the
     ``PRELOADED`` configurations), workload, then perplexity."""
     import hobbit_mlx
@@ -526,9 +556,12 @@ def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: 
     load_kwargs.setdefault("max_context", workload.max_context)
     if cold:
         load_kwargs["direct_io"] = True
+    if storage_model is not None:
+        load_kwargs["simulated_storage"] = storage_model
     run = {"config": name, "kwargs": {k: v for k, v in kwargs.items()},
            "residency": kwargs.get("expert_residency"), "budget": kwargs.get("memory_budget"),
-           "storage": "cold" if cold else "warm"}
+           "storage": "cold" if cold else "simulated" if storage_model is not None else "warm",
+           "storage_bandwidth": storage_model.bandwidth if storage_model is not None else None}
     _free()
     background = mx.get_active_memory()  # the baseline's weights, kept loaded for pairing
     t0 = time.perf_counter()
@@ -559,6 +592,8 @@ def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: 
             rt.reader.drop_page_cache()
         gen = generate_workload(model, workload, rt.prefill_step_size, offloaded=True)
         stats = hobbit_mlx.offload_stats(model)
+        if rt.reader.device is not None:
+            run["cancelled_prefetch_bytes"] = rt.reader.device.cancelled_bytes
         tf = None
         if ppl and workload.ppl_pieces:
             hobbit_mlx.reset_stats(model)
@@ -672,7 +707,8 @@ def markdown(result: dict) -> str:
           f"{_mb(meta['experts']['expert_bytes_high'])} MiB; dense {_mb(meta['experts'].get('dense_bytes'))} MiB",
           f"- storage: **{meta['storage']}** -- " + (
               "O_DIRECT reads, store pages dropped (posix_fadvise DONTNEED) before each run"
-              if meta["storage"] == "cold" else "page cache allowed (the store may be cached by the OS)"),
+              if meta["storage"] == "cold" else _simulated_note(base.get("storage"))
+              if meta["storage"] == "mac-like" else "page cache allowed (the store may be cached by the OS)"),
           f"- workload: {meta['workload']['n_prompts']} prompt(s) of {meta['workload']['prompt_tokens']} "
           f"tokens, {meta['workload']['max_tokens']} greedy tokens each; perplexity on "
           f"{len(meta['workload']['ppl_tokens'])} held-out piece(s) of {meta['workload']['ppl_tokens']} tokens; "
@@ -693,6 +729,7 @@ def markdown(result: dict) -> str:
     L += ["", "Speed ratios: " + ("each run against the baseline pass timed right before it (column "
           "'base decode tok/s'), so drift of a shared machine cancels out"
           if base.get("pairing") == "each" else "against the first baseline pass") + ".", ""]
+    L += headline(runs, meta["storage"])
     L += ["## Configurations (`hobbit_mlx.load` options)", ""]
     for c in meta["configs"]:
         kw = ", ".join(f"{k}={v!r}" for k, v in c["kwargs"].items())
@@ -791,6 +828,42 @@ def markdown(result: dict) -> str:
     if result.get("plots"):
         L += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in result["plots"]] + [""]
     return "\n".join(L)
+
+
+def _simulated_note(st: dict | None) -> str:
+    if not st:
+        return "simulated device"
+    return (f"every read waits for one simulated device (hobbit_mlx/storage.py) of "
+            f"{st['bandwidth'] / 1e6:.2f} MB/s: one token's top-k 4-bit experts "
+            f"({st['topk_bytes_per_token'] / MB:.2f} MiB) take {st['ratio']:g}x mlx-lm's resident "
+            f"{1000 * st['resident_s_per_token']:.1f} ms/token, the ratio of a Mac SSD under "
+            f"Qwen3-30B-A3B; demand reads go ahead of prefetch reads")
+
+
+def headline(runs: list[dict], storage: str) -> list[str]:
+    """Decode tokens/s of every run, against mlx-lm and against exact LRU without prefetch at
+    the same residency, beside what each read and served, its quality and its storage bound."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return []
+    lru = {r["residency"]: r["decode_tps"] for r in ok if r["config"] == "lru"}
+    L = [f"## Headline: decode tokens/s, {storage} storage", "",
+         "x lru = against exact LRU without prefetch (what the exact MLX expert streamers do) at the "
+         "same residency. Demand / prefetch KiB = bytes read per decoded token on demand (the step "
+         "waits) and by prefetch. Bound = the storage-time model 1 / max(mlx-lm's resident time + "
+         "demand bytes / bandwidth, all bytes / bandwidth) (simulated storage only); of bound = "
+         "measured / bound.", "",
+         "| config | residency | decode tok/s | x mlx-lm | x lru | served | demand KiB/token | "
+         "prefetch KiB/token | ppl x | bound tok/s | of bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    kib = lambda x: _f(x / 1024 if x is not None else None, "{:.0f}")  # noqa: E731
+    for r in sorted(ok, key=lambda r: (-(r["residency"] or 0), r["config"])):
+        L.append(f"| {r['config']} | {_res_label(r)} | {_f(r['decode_tps'], '{:.1f}')} | "
+                 f"{_f(r['decode_tps_ratio'], '{:.2f}')} | "
+                 f"{_f(_rate(r['decode_tps'], lru.get(r['residency'])), '{:.2f}')} | "
+                 f"{_f(r['decode_hit_rate'])} | {kib(r.get('decode_demand_bytes_per_token'))} | "
+                 f"{kib(r.get('decode_prefetch_bytes_per_token'))} | {_f(r.get('ppl_ratio'), '{:.3f}')} | "
+                 f"{_f(r.get('bound_decode_tps'), '{:.1f}')} | {_f(r.get('of_bound'), '{:.2f}')} |")
+    return L + [""]
 
 
 def plots(result: dict, out_dir: Path, name: str) -> list[str]:
@@ -894,9 +967,13 @@ def record_trace_pass(paths, workload: Workload, kwargs: dict) -> tr.Trace:
 
 
 def run_matrix(paths, workload: Workload, runs_plan, *, cold: bool, ppl: bool = True,
-               record_trace: bool = True, pairing: str = "each", log=print) -> dict:
+               record_trace: bool = True, pairing: str = "each", log=print,
+               read_ratio: float | None = None) -> dict:
     """Baseline, then every planned run; ``pairing="each"`` times a baseline pass right before
-    every run (ratios against that pass), ``"once"`` uses the first baseline pass for all."""
+    every run (ratios against that pass), ``"once"`` uses the first baseline pass for all.
+    ``read_ratio``: every run reads through a simulated device on which one token's top-k expert
+    reads take this many times mlx-lm's measured resident time per decoded token (``mac-like``:
+    12, see ``hobbit_mlx.storage``)."""
     t0 = time.perf_counter()
     log(f"[bench] baseline: mlx-lm on {paths.src}")
     base_model = Baseline(paths)
@@ -904,6 +981,16 @@ def run_matrix(paths, workload: Workload, runs_plan, *, cold: bool, ppl: bool = 
     log(f"[bench]   prompt {baseline['prompt_tps']:.1f} tok/s, decode {baseline['decode_tps']:.1f} tok/s, "
         f"{_f(baseline['python_ms_per_layer_call'], '{:.3f}')} ms/layer call, "
         f"peak {baseline['peak_memory_bytes'] / MB:.1f} MiB")
+    storage_model = None
+    if read_ratio:
+        from hobbit_mlx.storage import mac_like
+        topk = topk_bytes_per_token(paths.hobbit)
+        storage_model = mac_like(topk, 1.0 / baseline["decode_tps"], ratio=read_ratio)
+        baseline["storage"] = {"ratio": read_ratio, "topk_bytes_per_token": topk,
+                               "bandwidth": storage_model.bandwidth,
+                               "resident_s_per_token": 1.0 / baseline["decode_tps"]}
+        log(f"[bench] simulated storage: {storage_model.describe()} (a token's top-k reads "
+            f"{topk / MB:.2f} MiB = {read_ratio:g}x mlx-lm's {1000 / baseline['decode_tps']:.1f} ms/token)")
     runs = []
     try:
         for name, kw in runs_plan:
@@ -912,7 +999,8 @@ def run_matrix(paths, workload: Workload, runs_plan, *, cold: bool, ppl: bool = 
             if pairing == "each":
                 g = base_model.timing_pass(workload)
                 paired = {k: g[k] for k in ("prompt_tps", "decode_tps", "python_ms_per_layer_call")}
-            r = run_offloaded(paths, workload, baseline, name, kw, cold=cold, ppl=ppl, paired=paired)
+            r = run_offloaded(paths, workload, baseline, name, kw, cold=cold, ppl=ppl, paired=paired,
+                              storage_model=storage_model)
             r["wall_s"] = time.perf_counter() - t1
             runs.append(r)
             if "error" in r:
@@ -954,6 +1042,18 @@ def run_matrix(paths, workload: Workload, runs_plan, *, cold: bool, ppl: bool = 
     return result
 
 
+def topk_bytes_per_token(hobbit_dir) -> int:
+    """Bytes of one token's top-k 4-bit experts over every MoE layer (mean expert size)."""
+    from hobbit_mlx.store import load_manifest
+
+    m = load_manifest(hobbit_dir)
+    total = 0
+    for layer in m.layers:
+        records = layer.precisions["high"].records
+        total += m.experts_per_token * sum(r.nbytes for r in records) / len(records)
+    return int(total)
+
+
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 
@@ -971,8 +1071,15 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=None,
                    help=f"configurations to run, or 'all' ({', '.join(n for n, _ in CONFIGS)}); "
                         f"default: {','.join(DEFAULT_CONFIGS)}")
-    p.add_argument("--cold", action="store_true",
-                   help="cold storage: O_DIRECT reads and the store's page cache dropped before each run")
+    p.add_argument("--storage", choices=["warm", "cold", "mac-like"], default="warm",
+                   help="warm: the OS page cache may hold the store; cold: O_DIRECT reads and the "
+                        "store's page cache dropped before each run; mac-like: every read waits "
+                        "for a simulated device calibrated to a Mac's storage/compute ratio "
+                        "(--read-ratio, hobbit_mlx/storage.py)")
+    p.add_argument("--cold", action="store_true", help="the same as --storage cold")
+    p.add_argument("--read-ratio", type=float, default=None,
+                   help="mac-like: one token's top-k expert reads / mlx-lm's resident time per "
+                        "token (default 12, a Mac SSD under Qwen3-30B-A3B)")
     p.add_argument("--prompts", type=int, default=None)
     p.add_argument("--prompt-tokens", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
@@ -1011,13 +1118,20 @@ def main(argv=None) -> int:
     tok = mlx_lm.utils.load_tokenizer(paths.src)
     workload = make_workload(tok, n_prompts=n_prompts, prompt_tokens=prompt_tokens,
                              max_tokens=max_tokens, n_ppl=n_ppl, ppl_tokens=ppl_tokens)
-    storage = "cold" if a.cold else "warm"
+    storage = "cold" if a.cold else a.storage
+    read_ratio = None
+    if storage == "mac-like":
+        from hobbit_mlx.storage import MAC_READ_RATIO
+        read_ratio = a.read_ratio or MAC_READ_RATIO
+    elif a.read_ratio:
+        p.error("--read-ratio goes with --storage mac-like")
     name = a.name or f"harness-{paths.name}-{storage}" + ("-quick" if quick else "")
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    result = run_matrix(paths, workload, plan_runs(configs, residencies, budgets), cold=a.cold,
-                        ppl=not a.no_ppl, pairing=a.pairing)
+    result = run_matrix(paths, workload, plan_runs(configs, residencies, budgets),
+                        cold=storage == "cold", ppl=not a.no_ppl, pairing=a.pairing,
+                        read_ratio=read_ratio)
     try:
         cmd_path = os.path.relpath(os.path.abspath(sys.argv[0]), Path.cwd())
     except ValueError:

@@ -29,6 +29,7 @@ from typing import Callable, Hashable
 import mlx.core as mx
 import numpy as np
 
+from .guess_value import DecayedRate
 from .pools import SlotPool
 
 Key = tuple  # (layer, expert, precision)
@@ -50,6 +51,9 @@ class PoolSlots:
     def __init__(self, pool: SlotPool, policy) -> None:
         self.pool = pool
         self.policy = policy
+        # P(an expert this pool's policy evicted is needed by its layer's next call), measured
+        # with ghosts: what a prefetch guess must beat to take a slot
+        self.victim_reuse = DecayedRate(prior=0.1)
         self.reset_slots()
 
     def reset_slots(self) -> None:
@@ -82,6 +86,7 @@ class SlotCache:
         self._holds: Counter = Counter()
         self._high_resident = 0
         self._high_total = sum(num_experts[lid] for lid, precision in pools if precision == "high")
+        self._ghosts: dict[tuple, set] = {}  # (layer, precision) -> evicted since its last call
         self.epoch = 0
 
     # --- what is resident -----------------------------------------------------------------
@@ -205,10 +210,12 @@ class SlotCache:
             self.epoch += 1
 
     # --- reads ----------------------------------------------------------------------------
-    def reserve(self, key: Key, prefetched: bool = False) -> int | None:
+    def reserve(self, key: Key, prefetched: bool = False, worth: float | None = None) -> int | None:
         """A slot for ``key``'s bytes: a free one, or the policy's victim among the slots no
         pinned, held or pending use protects (a demand read may take a held one when nothing
-        else is left; a prefetch may not). None when no slot can be had."""
+        else is left; a prefetch may not). A prefetch ``worth`` (the chance its guess is used,
+        less its bandwidth cost) evicts only when it beats the measured chance that a victim is
+        needed again (admission control). None when no slot can be had."""
         with self.lock:
             ps = self._pool_of.get((key[0], key[2]))
             if ps is None or ps.pool.slots == 0:
@@ -217,6 +224,8 @@ class SlotCache:
                 return ps.free.pop()
             epoch, pins, holds, slot_of, last = self.epoch, self._pins, self._holds, self._slot_of, ps.last_use
             unused = lambda k: not pins[k] and last[slot_of[k]] < epoch  # noqa: E731
+            if worth is not None and worth <= ps.victim_reuse.value:
+                return None
             try:
                 victim = ps.policy.victim(lambda k: unused(k) and not holds[k])
             except LookupError:
@@ -226,7 +235,22 @@ class SlotCache:
                     victim = ps.policy.victim(unused)
                 except LookupError:
                     return None
+            self._ghosts.setdefault((victim[0], victim[2]), set()).add(victim[1])
             return self._evict(victim)
+
+    def score_ghosts(self, layer: int, needed, learn: bool = True) -> None:
+        """Layer ``layer`` runs and needs ``needed`` (expert ids): of the experts evicted from it
+        since its last call, count how many it needed again (``learn=False``: a prompt chunk,
+        which needs nearly every expert, only clears them)."""
+        if not self._ghosts:
+            return
+        with self.lock:
+            for precision in ("high", "low"):
+                ghosts = self._ghosts.pop((layer, precision), None)
+                if ghosts and learn:
+                    needed = needed if isinstance(needed, set) else set(needed)
+                    self._pool_of[layer, precision].victim_reuse.add(len(ghosts & needed),
+                                                                      len(ghosts))
 
     def commit(self, key: Key, slot: int, prefetched: bool = False) -> None:
         """The bytes of ``key`` are in ``slot``: make it resident."""

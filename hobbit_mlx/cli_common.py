@@ -105,6 +105,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "chooses; 0 keeps the fixed width (default: %(default)s).")
     t.add_argument("--prefetch-low-precision", action="store_true",
                    help="Prefetch uncertain or unimportant predictions in 2-bit.")
+    t.add_argument("--prefetch-cost-aware", action=argparse.BooleanOptionalAction, default=True,
+                   help="Read a guess only when its measured chance of use beats the expert it "
+                        "evicts and the storage time it takes (default: on).")
     t.add_argument("--prefill-low-precision", type=float, default=0.0, metavar="SHARE",
                    help="Fate: in prefill, serve an expert chosen by less than SHARE of a "
                         "chunk's tokens from its 2-bit copy (default: off).")
@@ -130,6 +133,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "never (default: %(default)s).")
     g.add_argument("--direct-io", action="store_true",
                    help="Read experts with O_DIRECT, bypassing the OS page cache (where supported).")
+    g.add_argument("--simulated-storage", default=None, metavar="SPEC",
+                   help="Make every expert read wait as long as a modelled device would: "
+                        "'mac-ssd' (7 GB/s, 80 us per read) or e.g. '50MB/s,latency=100us,depth=8' "
+                        "(benchmarks on a machine whose page cache makes reads free).")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="Enable trusting remote code for the tokenizer.")
 
@@ -201,6 +208,12 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, not {v}")
+    if getattr(args, "simulated_storage", None) is not None:
+        from .storage import parse_storage
+        try:
+            parse_storage(args.simulated_storage)
+        except ValueError as e:
+            raise CLIError(f"--simulated-storage: {e}") from None
     mt = getattr(args, "max_tokens", None)
     if mt is not None and mt == 0:
         raise CLIError("--max-tokens must be non-zero (use -1 for no limit)")
@@ -223,6 +236,7 @@ def load_options(args: argparse.Namespace) -> "LoadOptions":
     return LoadOptions(memory_budget=args.memory_budget, expert_residency=args.expert_residency,
                        max_context=args.max_context, prefill_step_size=args.prefill_step_size,
                        io_workers=args.io_workers, verify=args.verify, direct_io=args.direct_io,
+                       simulated_storage=args.simulated_storage,
                        **technique_options(args))
 
 
@@ -246,6 +260,7 @@ def technique_options(args: argparse.Namespace) -> dict:
                 skip=args.skip, big_little=args.big_little, little_threshold=args.little_threshold,
                 prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy,
                 prefetch_low_precision=args.prefetch_low_precision,
+                prefetch_cost_aware=args.prefetch_cost_aware,
                 prefetch_width=args.prefetch_width, prefetch_recall=args.prefetch_recall,
                 prefill_low_precision=args.prefill_low_precision,
                 keep_shallow_layers=args.keep_shallow_layers)

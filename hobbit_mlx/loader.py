@@ -23,6 +23,7 @@ from .policies import make_policy
 from .pool_plan import apply_plan, follow_sequence, make_pools
 from .prefetch import Prefetcher
 from .reader import RecordReader
+from .storage import parse_storage
 from .routing import StackedGates
 from .store import Manifest, StoreError, is_hobbit_model, load_manifest, manifest_path
 from .widths import AdaptiveWidth
@@ -184,7 +185,7 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     dense_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
 
     reader = RecordReader(model_dir, manifest, workers=o.io_workers, verify=o.verify,
-                          direct=o.direct_io)
+                          direct=o.direct_io, storage=parse_storage(o.simulated_storage))
     uses_low = precision.mixed_precision or o.prefill_low_precision > 0
     groups = make_pools(manifest, ("high", "low") if uses_low else ("high",), cdtype)
     pools = {(lid, g.precision): g.pool for g in groups for lid in g.layers}
@@ -238,7 +239,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
             k, manifest.num_experts, start=width, target=o.prefetch_recall,
             max_width=min(round(MAX_PREFETCH_WIDTH * k), max(width, cache_experts // 4)))
         runtime.prefetcher = Prefetcher(runtime, prefetch_layers, width, widths, gate_stacks,
-                                        low_precision=o.prefetch_low_precision)
+                                        low_precision=o.prefetch_low_precision,
+                                        cost_aware=o.prefetch_cost_aware)
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
                      prefill_step_size=prefill_step_size)
     runtime.preload()

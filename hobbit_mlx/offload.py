@@ -65,6 +65,7 @@ class OffloadStats:
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_bytes: int = 0
+    prefetch_cancelled: int = 0  # prefetch reads stopped because their layer ran without them
     prefetch_by_distance: dict = field(default_factory=dict)  # distance -> (issued, used)
     prediction_correct: int = 0  # predicted experts (one layer ahead) the router then chose
     prediction_total: int = 0  # experts the router chose where a prediction was made
@@ -341,6 +342,7 @@ class Fetch:
                 continue
             fut = rt.prefetcher.inflight(key) if rt.prefetcher is not None else None
             if fut is not None:  # a prefetch is reading it already: wait for that read
+                rt.prefetcher.promote(key)
                 self.pending.append((i, fut, None))
                 continue
             slot = rt.cache.reserve(key) if not left else None
@@ -576,10 +578,12 @@ class OffloadedSwitch(nn.Module):
         rt.stats.skipped += chosen - served
 
         protected = []
+        decode = len(flat) <= ASYNC_MAX_TOKENS
+        rt.cache.score_ghosts(self.layer.layer, flat.reshape(-1).tolist(), learn=decode)
         if pf is not None and self.router is not None:
             needed = set(np.concatenate([p[1] for p in parts]).tolist()) if parts else set()
             pf.observe_choice(self.position, flat)
-            pf.score(self.position, needed)
+            pf.score(self.position, needed, learn=decode)
             protected = pf.consume(self.layer.layer, needed)
             pf.issue(predictions)
         try:
@@ -589,7 +593,7 @@ class OffloadedSwitch(nn.Module):
         if scale is not None and (scale != 1).any():
             y = y * mx.array(scale.reshape(idx.shape))[..., None].astype(y.dtype)
         rt.track(y)
-        if len(flat) <= ASYNC_MAX_TOKENS:  # decode: this layer computes while the host builds the
+        if decode:  # decode: this layer computes while the host builds the
             mx.async_eval(y)              # next one's graph (a prefill chunk is better whole)
         return y
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from .budget import INITIAL_CONTEXT
 from .precision import PrecisionOptions
+from .storage import parse_storage
 
 DEFAULT_PREFILL_STEP = 512
 # Experts predicted per token for each layer ahead, as a multiple of top-k: a later layer's router
@@ -44,6 +45,7 @@ class LoadOptions:
     prefetch_width: float = DEFAULT_PREFETCH_WIDTH
     prefetch_recall: float | None = DEFAULT_PREFETCH_RECALL
     prefetch_low_precision: bool = False
+    prefetch_cost_aware: bool = True  # read a guess only when worth its victim and bandwidth
     prefill_low_precision: float = 0.0  # Fate
     overlap_io: bool = True
     policy: str | None = None  # None: lru with prefetch, seqfreq without
@@ -53,6 +55,9 @@ class LoadOptions:
     io_workers: int = 8
     verify: str = "first"
     direct_io: bool = False
+    # a simulated storage device every read waits for (benchmarks): a storage.StorageModel,
+    # "mac-ssd" or "50MB/s,latency=100us,depth=8"; None reads at the real device's speed
+    simulated_storage: Any = None
     dtype: Any = None
     tokenizer_config: dict | None = None
     progress: bool = True
@@ -93,6 +98,7 @@ class LoadOptions:
                              f"(got {self.prefill_low_precision})")
         if not 0 <= self.t1 <= self.t2 <= 1:
             raise ValueError(f"thresholds must satisfy 0 <= t1 <= t2 <= 1 (got t1={self.t1}, t2={self.t2})")
+        parse_storage(self.simulated_storage)  # (names what is wrong with it)
         for name in ("max_context", "prefill_step_size", "io_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")

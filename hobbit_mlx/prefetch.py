@@ -5,6 +5,13 @@ Slots are reserved and experts held on the model's thread, when the prediction i
 reader threads only write bytes and commit the slot. A predicted expert is *held* from the
 prediction until its layer has fetched it, whether it is being read or was resident already
 (LRU would otherwise evict exactly the next layer's experts to make room for the guesses).
+
+With ``cost_aware`` (the default) a guess is read only when it is worth its cost
+(``guess_value``): likeliest first, only as many as storage can read in the time the layers in
+between compute (beyond that a guess delays demand reads or lands late), and only when its
+measured chance of being used beats the measured chance that the expert it evicts is needed
+again. Reads of guesses whose layer ran without them are cancelled; a guess the layer waits for
+is promoted to a demand read's priority.
 """
 
 from __future__ import annotations
@@ -17,19 +24,29 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
+from .guess_value import GuessValue
 from .precision import HIGH, plan_slots
 from .routing import predictions_from, router_logits, top_predictions, untapped_call
+from .storage import ReadCancelled, ReadTicket
 
 if TYPE_CHECKING:
     from .offload import OffloadedSwitch, OffloadRuntime
+
+UNCERTAIN_GUESS = 0.5  # a guess less likely than this to be used is read in 2-bit (low_precision)
 
 
 class Prefetcher:
     """Predictions for the layers ahead, their reads in flight, and what is held for them."""
 
     def __init__(self, rt: "OffloadRuntime", layers_ahead: int, width: int, widths=None,
-                 gate_stacks: dict | None = None, low_precision: bool = False):
+                 gate_stacks: dict | None = None, low_precision: bool = False,
+                 cost_aware: bool = True):
         self.rt = rt
+        self.cost_aware = cost_aware
+        self.value = GuessValue(rt.manifest.experts_per_token)
+        self._tickets: dict[tuple, ReadTicket] = {}
+        self._layer_seconds = 0.0  # measured time between two synced calls, less read waits
+        self._last_call = None  # (time, read wait so far) at the last synced call
         self.layers_ahead = layers_ahead
         self.width = width
         self.widths = widths  # per-layer widths that reach a target recall (else the fixed one)
@@ -39,7 +56,8 @@ class Prefetcher:
         self._inflight: dict[tuple, Future] = {}
         # layer -> {key: distance}: prefetches issued for the layer's next call, held until it runs
         self._issued: dict[int, dict] = {}
-        self._predicted: dict[int, dict[int, set]] = {}  # position -> {distance: predicted experts}
+        # position -> {distance: {predicted expert: rank bucket}}
+        self._predicted: dict[int, dict[int, dict]] = {}
         self._held: dict[int, list] = {}  # layer -> resident experts held for its next call
         self._logits: dict[int, dict[int, np.ndarray]] = {}  # position -> {distance: logits}
 
@@ -61,6 +79,11 @@ class Prefetcher:
         evaluates them with its own indices): [(distance, switch, router output)], skipping layers
         that are fully resident (they cannot miss)."""
         rt = self.rt
+        now, waited = time.perf_counter(), rt.stats.read_wait_s
+        if self._last_call is not None and gate_input.size <= gate_input.shape[-1] * 16:
+            busy = (now - self._last_call[0]) - (waited - self._last_call[1])  # computing
+            self._layer_seconds += 0.2 * (min(max(busy, 0.0), 0.1) - self._layer_seconds)
+        self._last_call = (now, waited)
         targets = []
         for distance in range(1, self.layers_ahead + 1):
             target = position + distance
@@ -95,10 +118,14 @@ class Prefetcher:
             if len(logits) == len(chosen):
                 self.widths.observe(position, distance, logits, chosen)
 
-    def score(self, position: int, needed: set) -> None:
-        """Count how many of the experts a layer needed were predicted for it, per distance."""
+    def score(self, position: int, needed: set, learn: bool = True) -> None:
+        """Count how many of the experts a layer needed were predicted for it, per distance, and
+        (``learn``: a decode step, not a prompt chunk) learn what a guess of each rank is worth."""
         stats = self.rt.stats
-        for distance, predicted in self._predicted.pop(position, {}).items():
+        for distance, buckets in self._predicted.pop(position, {}).items():
+            predicted = set(buckets)
+            if learn:
+                self.value.observe(distance, buckets, needed)
             correct, total, guessed = stats.prediction_by_distance.get(distance, (0, 0, 0))
             stats.prediction_by_distance[distance] = (
                 correct + len(needed & predicted), total + len(needed), guessed + len(predicted))
@@ -109,16 +136,28 @@ class Prefetcher:
     def _issue(self, switch: "OffloadedSwitch", distance: int, ind: np.ndarray,
                weights: np.ndarray) -> None:
         rt = self.rt
-        experts, precisions = self._plan(ind, weights)
+        buckets = self._buckets(ind)
+        experts, precisions = self._plan(ind, weights, distance, buckets)
         lid = switch.layer.layer
-        self._predicted.setdefault(switch.position, {})[distance] = set(experts.tolist())
-        for e, precision in zip(*self._hold_resident(lid, experts, precisions)):
+        self._predicted.setdefault(switch.position, {})[distance] = buckets
+        to_read = list(zip(*self._hold_resident(lid, experts, precisions)))
+        if self.cost_aware:  # likeliest first, as many as storage reads before the layer runs
+            to_read.sort(key=lambda ep: buckets[ep[0]])
+            idle = self._idle_seconds(distance)
+            per_byte = rt.reader.seconds_per_byte()
+        for e, precision in to_read:
             key = (lid, e, precision)
             with self._lock:
                 if key in self._inflight:
                     continue
-            slot = rt.cache.reserve(key, prefetched=True)
-            if slot is None:  # no room that a guess may take
+            worth = None
+            if self.cost_aware:
+                idle -= switch.layer.precisions[precision].records[e].nbytes * per_byte
+                if idle < 0:
+                    break
+                worth = self.value.probability(distance, buckets[e])
+            slot = rt.cache.reserve(key, prefetched=True, worth=worth)
+            if slot is None:  # no room that a guess may take (or none worth its victim)
                 continue
             issued = self._issued.setdefault(lid, {})
             if key not in issued:  # (issued before from farther away, but it found no room)
@@ -128,9 +167,11 @@ class Prefetcher:
                 issued[key] = distance
             entry = switch.layer.precisions[precision]
             pool = rt.cache.pool_for(lid, precision)
+            ticket = ReadTicket()
             with self._lock:
-                fut = rt.reader.submit_into(entry, e, pool, slot, background=True)
+                fut = rt.reader.submit_into(entry, e, pool, slot, background=True, ticket=ticket)
                 self._inflight[key] = fut
+                self._tickets[key] = ticket
             rt.stats.prefetch_issued += 1
             fut.add_done_callback(lambda f, key=key, slot=slot: self._done(key, slot, f))
 
@@ -153,10 +194,27 @@ class Prefetcher:
         self._held.setdefault(lid, []).extend(held)
         return to_read, to_read_precisions
 
-    def _plan(self, ind: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    def _buckets(self, ind: np.ndarray) -> dict[int, int]:
+        """Each predicted expert's best rank over the call's tokens, as a ``GuessValue`` bucket."""
+        best: dict[int, int] = {}
+        for rank in range(ind.shape[-1] - 1, -1, -1):  # (best rank written last)
+            bucket = self.value.bucket(rank)
+            for e in ind[:, rank].tolist():
+                best[e] = bucket
+        return best
+
+    def _idle_seconds(self, distance: int) -> float:
+        """Storage time free until the guess's layer runs: the layers in between compute (the
+        measured time between synced calls, less read waits) while storage finishes what is
+        booked already. A guess read beyond that delays a demand read or lands too late."""
+        return distance * self._layer_seconds - self.rt.reader.backlog_seconds()
+
+    def _plan(self, ind: np.ndarray, weights: np.ndarray, distance: int,
+              buckets: dict[int, int]) -> tuple[np.ndarray, list[str]]:
         """Predicted experts, and the copy to prefetch. With ``low_precision`` (and mixed precision
-        on) a prediction that no token ranks among its top-k as important (unimportance <= t1) is
-        read in 2-bit: that bounds the cost of a wrong or low-value guess."""
+        on) a prediction that no token ranks among its top-k as important (unimportance <= t1),
+        or (cost-aware) one more likely wrong than right, is read in 2-bit: that bounds the cost
+        of a wrong or low-value guess."""
         experts = np.unique(ind)
         opts = self.rt.precision
         if not (opts.mixed_precision and self.low_precision):
@@ -165,6 +223,9 @@ class Prefetcher:
         top_w = weights[:, :k] / weights[:, :k].sum(axis=-1, keepdims=True)
         level, _ = plan_slots(top_w, opts)
         important = set(int(e) for e in ind[:, :k][level == HIGH])
+        if self.cost_aware:
+            important = {e for e in important
+                         if self.value.probability(distance, buckets[e]) >= UNCERTAIN_GUESS}
         return experts, ["high" if int(e) in important else "low" for e in experts]
 
     def _done(self, key: tuple, slot: int, fut: Future) -> None:
@@ -173,8 +234,11 @@ class Prefetcher:
         rt = self.rt
         try:
             nbytes = fut.result()
-        except Exception:
+        except BaseException as e:  # (a cancelled future raises CancelledError)
             nbytes = None
+            if isinstance(e, ReadCancelled) or fut.cancelled():
+                with rt.stats_lock:
+                    rt.stats.prefetch_cancelled += 1
         if nbytes is not None:
             rt.cache.commit(key, slot, prefetched=True)
             with rt.stats_lock:  # the model's thread adds to the same counter
@@ -184,6 +248,14 @@ class Prefetcher:
             rt.cache.abandon(key, slot)
         with self._lock:
             self._inflight.pop(key, None)
+            self._tickets.pop(key, None)
+
+    def promote(self, key: tuple) -> None:
+        """A layer waits for this prefetch read: it goes ahead like a demand read."""
+        with self._lock:
+            ticket = self._tickets.get(key)
+        if ticket is not None:
+            ticket.promote()
 
     def consume(self, layer: int, needed: set) -> list:
         """A layer is about to run: count which of its prefetches are used. Returns the keys
@@ -192,6 +264,11 @@ class Prefetcher:
         with self._lock:
             issued = self._issued.pop(layer, {})
             available = {key for key in issued if key in self._inflight or key in cache}
+            unused = [(self._tickets[key], self._inflight[key]) for key in issued
+                      if key[1] not in needed and key in self._tickets]
+        for ticket, fut in unused:  # its layer runs without it: stop reading (outside the lock:
+            ticket.cancel()         # a future cancelled before it ran calls _done right here)
+            fut.cancel()
         per_distance = self.rt.stats.prefetch_by_distance
         for key, distance in issued.items():
             used = int(key[1] in needed and key in available)

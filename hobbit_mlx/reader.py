@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .pools import SlotPool, convert_into
+from .storage import ReadCancelled, ReadTicket, SimulatedDevice, StorageModel
 from .store import Manifest, PrecisionEntry, Record, StoreError
 
 
@@ -26,7 +27,9 @@ class RecordReader:
     """Reads records of one hobbit model's expert store; thread-safe."""
 
     def __init__(self, model_dir: str | Path, manifest: Manifest, *, workers: int = 8,
-                 verify: str = "first", direct: bool = False):
+                 verify: str = "first", direct: bool = False, storage: StorageModel | None = None):
+        """``storage``: a simulated device every read also waits for (benchmarks of a Mac's SSD
+        on a machine whose page cache makes reads free); None reads at the real device's speed."""
         if verify not in ("first", "always", "never"):
             raise ValueError(f"verify must be 'first', 'always' or 'never', not {verify!r}")
         self.model_dir = Path(model_dir)
@@ -48,10 +51,14 @@ class RecordReader:
                 raise StoreError(f"{path}: cannot open expert store file ({e.strerror})") from None
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hobbit-io")
         # Prefetch reads queue apart, so a read the compute waits for never waits behind them.
-        self.background_pool = ThreadPoolExecutor(max_workers=max(1, workers // 2),
+        self._background_workers = max(1, workers // 2)
+        self.background_pool = ThreadPoolExecutor(max_workers=self._background_workers,
                                                   thread_name_prefix="hobbit-prefetch")
         self.bytes_read = 0
         self.read_seconds = 1e-3  # moving average of one read_into, until measured
+        self._byte_seconds = 1e-9  # moving average of a read's seconds per byte, until measured
+        self.device = SimulatedDevice(storage) if storage is not None else None
+        self._background_inflight = 0
 
     def close(self) -> None:
         for name in ("background_pool", "pool"):
@@ -87,6 +94,8 @@ class RecordReader:
     def read_bytes(self, record: Record) -> list[np.ndarray]:
         """Read every span of a record, checking CRCs as configured."""
         out = []
+        if self.device is not None:
+            self.device.transfer(record.nbytes)
         for span, crc in zip(record.spans, record.crc32):
             buf = self._read_span(*span)
             self._check(span, crc, [buf])
@@ -95,8 +104,12 @@ class RecordReader:
             self.bytes_read += record.nbytes
         return out
 
-    def read_into(self, entry: PrecisionEntry, expert: int, pool: "SlotPool", slot: int) -> int:
+    def read_into(self, entry: PrecisionEntry, expert: int, pool: "SlotPool", slot: int,
+                  background: bool = False, ticket: ReadTicket | None = None) -> int:
         """Read one expert straight into a pool slot's memory; returns the bytes read.
+
+        ``background``: a prefetch read: behind demand reads on a simulated device, and, once its
+        ``ticket`` is cancelled, stopped there before its bytes are written (``ReadCancelled``).
 
         Bytes whose stored and resident dtypes agree are read with one ``preadv`` per span into the
         slot itself; the rest go through a scratch buffer and are converted with numpy. Only bytes
@@ -104,6 +117,10 @@ class RecordReader:
         """
         record = entry.records[expert]
         t0 = time.perf_counter()
+        if self.device is not None:
+            self.device.transfer(record.nbytes, demand=not background, ticket=ticket)
+        elif ticket is not None and ticket.cancelled and not ticket.urgent:
+            raise ReadCancelled()
         for span_idx, (span, crc) in enumerate(zip(record.spans, record.crc32)):
             file_idx, offset, length = span
             pieces, converts = [], []
@@ -133,7 +150,9 @@ class RecordReader:
         with self._lock:
             self.bytes_read += record.nbytes
             # how long one read takes lately: decides whether compute waits on reads at all
-            self.read_seconds += 0.1 * (time.perf_counter() - t0 - self.read_seconds)
+            took = time.perf_counter() - t0
+            self.read_seconds += 0.1 * (took - self.read_seconds)
+            self._byte_seconds += 0.1 * (took / max(1, record.nbytes) - self._byte_seconds)
         return record.nbytes
 
     def _preadv(self, file_idx: int, offset: int, length: int, pieces: list[np.ndarray]) -> None:
@@ -167,10 +186,33 @@ class RecordReader:
             self._verified.add(span)
 
     def submit_into(self, entry: PrecisionEntry, expert: int, pool: "SlotPool", slot: int,
-                    background: bool = False) -> Future:
+                    background: bool = False, ticket: ReadTicket | None = None) -> Future:
         """``read_into`` on a worker thread; ``background`` (prefetch) reads use their own queue."""
-        return (self.background_pool if background else self.pool).submit(
-            self.read_into, entry, expert, pool, slot)
+        if not background:
+            return self.pool.submit(self.read_into, entry, expert, pool, slot)
+        with self._lock:
+            self._background_inflight += 1
+        fut = self.background_pool.submit(self.read_into, entry, expert, pool, slot, True, ticket)
+        fut.add_done_callback(self._background_done)
+        return fut
+
+    def _background_done(self, _fut: Future) -> None:
+        with self._lock:
+            self._background_inflight -= 1
+
+    def seconds_per_byte(self) -> float:
+        """What one more byte costs the device: 1 / bandwidth when simulated, else measured
+        (a read's time over its size, lately; reads that queue behind others count long)."""
+        if self.device is not None:
+            return 1.0 / self.device.model.bandwidth
+        return self._byte_seconds
+
+    def backlog_seconds(self) -> float:
+        """How long the reads already queued keep storage busy: the simulated device's booked
+        time, else the prefetch reads in flight x the measured time of one read per thread."""
+        if self.device is not None:
+            return self.device.backlog_seconds()
+        return self._background_inflight * self.read_seconds / self._background_workers
 
 
 def _aligned_empty(length: int, align: int = 4096) -> np.ndarray:

@@ -189,9 +189,11 @@ def test_a_prefetched_expert_counts_no_use(name):
 def test_a_predicted_expert_is_never_read_again_before_its_layer_runs(deep_models, monkeypatch):
     """An expert predicted for the next layer, resident or being read when predicted, stays
     resident until that layer has fetched it: the reads that come in meanwhile (LRU evicts the
-    layer that comes next) may not evict it, nor may this layer's misses while room is left."""
+    layer that comes next) may not evict it, nor may this layer's misses while room is left.
+    (The pool holds two layers' experts: a prompt chunk needs all of a layer's, and with less
+    room a miss rightly takes a held slot when nothing else is left.)"""
     dst = deep_models("qwen3_moe")
-    model, tok = hobbit_mlx.load(dst, expert_residency=0.5, prefetch_layers=1,
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.75, prefetch_layers=1,
                                  policy="lru", progress=False)
     rt = runtime_of(model)
     pf = rt.prefetcher
