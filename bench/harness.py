@@ -98,6 +98,8 @@ CONFIGS: list[tuple[str, dict]] = [
     ("seqfreq-mixed", {"mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq"}),
     ("seqfreq-mixed-bl", {"mixed_precision": True, "big_little": True, "prefetch_layers": 0,
                           "policy": "seqfreq"}),
+    ("seqfreq-mixed-bl-up", {"mixed_precision": True, "big_little": True, "prefetch_layers": 0,
+                             "policy": "seqfreq", "upgrade_after": 1.5}),  # 2-bit until hot
     ("prefetch-lowprec", {"prefetch_width": 1.0, "prefetch_low_precision": True}),
     ("default", {}),  # hobbit_mlx.load's defaults: every technique that pays, combined
     ("default-naive-prefetch", {"prefetch_cost_aware": False}),  # every guess read, none cancelled

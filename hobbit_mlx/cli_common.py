@@ -87,6 +87,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="Unimportance above which a miss loads 2-bit (default: %(default)s).")
     t.add_argument("--t2", type=float, default=0.9,
                    help="Unimportance above which --skip drops the expert (default: %(default)s).")
+    t.add_argument("--upgrade-after", type=float, default=0.0, metavar="USES",
+                   help="With mixed precision, a miss reads the 4-bit copy only for an expert "
+                        "chosen about USES times lately (each use counts 1 and fades by 0.9 per "
+                        "call of its layer), else the 2-bit one; 0: off (default: %(default)s).")
     t.add_argument("--skip", action="store_true", help="Skip experts whose unimportance exceeds --t2.")
     t.add_argument("--big-little", action="store_true",
                    help="MoBiLE: confident tokens run only their top-k/2 experts.")
@@ -257,7 +261,8 @@ def technique_options(args: argparse.Namespace) -> dict:
     if args.exact and args.prefill_low_precision:
         raise CLIError("--exact cannot be combined with --prefill-low-precision")
     return dict(exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
-                skip=args.skip, big_little=args.big_little, little_threshold=args.little_threshold,
+                skip=args.skip, upgrade_after=args.upgrade_after, big_little=args.big_little,
+                little_threshold=args.little_threshold,
                 prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy,
                 prefetch_low_precision=args.prefetch_low_precision,
                 prefetch_cost_aware=args.prefetch_cost_aware,

@@ -32,7 +32,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from .architectures import switch_linear_paths
 from .cache import SlotCache
 from .pools import SlotPool
-from .precision import DROP, HIGH, LOW, PrecisionOptions, demote_unpopular, plan_slots
+from .precision import DROP, HIGH, LOW, ExpertHeat, PrecisionOptions, demote_unpopular, plan_slots
 from .reader import RecordReader
 from .routing import find_router, gate_weights, normalized, tap_router
 from .store import LayerEntry, Manifest
@@ -134,6 +134,9 @@ class OffloadRuntime:
         self.overlap_io = overlap_io
         self.prefill_low_precision = prefill_low_precision
         self.prefetcher = None  # a prefetch.Prefetcher when prefetch is on
+        # how often each expert was chosen lately: 2-bit reads until an expert proves hot
+        self.heat = ExpertHeat({l.layer: l.num_experts for l in manifest.layers},
+                               self.precision.upgrade_after) if self.precision.upgrades else None
         self.stats = OffloadStats()
         self.stats_lock = threading.Lock()
         self.layers: list[OffloadedSwitch] = []
@@ -167,6 +170,8 @@ class OffloadRuntime:
         and the budget is planned for it. The KV cache holds ``context_tokens`` already (a
         continued chat); ``prompt_tokens`` come next, then up to ``max_tokens`` (0: unknown)."""
         self.cache.reset_policies()
+        if self.heat is not None:
+            self.heat.reset()
         self.context_tokens = context_tokens
         if self.on_sequence is not None:
             self.on_sequence(context_tokens, prompt_tokens, max_tokens)
@@ -571,6 +576,8 @@ class OffloadedSwitch(nn.Module):
             rt.stats.routed_tokens += len(flat)
             rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
 
+        if rt.heat is not None and level is not None:
+            rt.heat.see(self.layer.layer, flat[level != DROP])
         parts = self._serve(flat, level)  # [(precision, experts array, slot mask)]
         served = sum(len(p[1]) for p in parts)
         chosen = len(np.unique(flat)) if level is not None and (level == DROP).any() else served
@@ -605,11 +612,13 @@ class OffloadedSwitch(nn.Module):
             experts = np.sort(flat[0]) if len(flat) == 1 else np.unique(flat)
             return [("high", experts, _ALL)]
         kept = level != DROP
-        if not (level == LOW).any() or "low" not in self._by_precision or \
-                rt.cache.capacity(lid, "low") == 0:  # (no 2-bit pool while 4-bit holds all)
+        if not ((level == LOW).any() or rt.heat is not None) or "low" not in self._by_precision \
+                or rt.cache.capacity(lid, "low") == 0:  # (no 2-bit pool while 4-bit holds all)
             experts = np.unique(flat[kept])
             return [("high", experts, kept)] if len(experts) else []
         high = set(flat[level == HIGH].tolist())
+        if rt.heat is not None:  # 2-bit first: a 4-bit miss only for an expert proven hot
+            high = {e for e in high if rt.heat.hot(lid, e) or rt.has_or_reading(lid, e, "high")}
         # A low-importance slot is served by a resident 4-bit copy when there is one, or by the
         # 4-bit copy a prefetch is reading (no second read of the 2-bit copy).
         for e in set(flat[level == LOW].tolist()) - high:

@@ -39,6 +39,9 @@ class LoadOptions:
     t1: float = 0.6
     t2: float = 0.9
     skip: bool = False
+    # mixed precision (so not in exact mode): a miss reads 4-bit only for an expert chosen this
+    # often lately (each use counts 1, fading by 0.9 per call of its layer), else 2-bit; 0: off
+    upgrade_after: float = 0.0
     big_little: bool = False  # MoBiLE
     little_threshold: float = 0.8
     prefetch_layers: int = 1
@@ -76,12 +79,15 @@ class LoadOptions:
     def precision(self) -> PrecisionOptions:
         mixed = (not self.exact) if self.mixed_precision is None else bool(self.mixed_precision)
         return PrecisionOptions(mixed_precision=mixed, t1=self.t1, t2=self.t2, skip=self.skip,
-                                big_little=self.big_little, little_threshold=self.little_threshold)
+                                big_little=self.big_little, little_threshold=self.little_threshold,
+                upgrade_after=self.upgrade_after if mixed else 0.0)
 
     def validate(self) -> None:
         """Raise ValueError naming the first option that cannot work."""
         if self.exact and (self.mixed_precision or self.big_little or self.skip):
             raise ValueError("exact=True cannot be combined with mixed_precision, big_little or skip")
+        if self.upgrade_after < 0:
+            raise ValueError(f"upgrade_after must be 0 (off) or more (got {self.upgrade_after})")
         if self.exact and self.prefill_low_precision:
             raise ValueError("exact=True cannot be combined with prefill_low_precision")
         if self.memory_budget is not None and self.expert_residency is not None:

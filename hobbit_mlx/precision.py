@@ -9,6 +9,12 @@ MoBiLE big-little: a token whose top-k/2 experts already carry ``little_threshol
 mass is "unimportant" and runs only those (their weights renormalized); every other token runs
 the full top-k (the fallback to big).
 
+Upgrade on heat (HOBBIT's high-precision-use factor turned into a read rule): with
+``upgrade_after`` > 0, a miss on an expert that has not proven hot is read in 2-bit even when the
+token needs it at full precision, and its 4-bit copy is read once the expert has been chosen
+``upgrade_after`` times lately (``ExpertHeat``). A 2-bit read costs about half the bytes, and
+an expert chosen once and never again is the common case at low residency.
+
 Fate's prefill rule: in a prompt chunk, an expert chosen by few of the chunk's tokens contributes
 little to the chunk, so its 2-bit copy serves it (``demote_unpopular``).
 """
@@ -30,10 +36,15 @@ class PrecisionOptions:
     skip: bool = False
     big_little: bool = False
     little_threshold: float = 0.8
+    upgrade_after: float = 0.0  # 0: off; else uses (decayed) before a miss reads the 4-bit copy
 
     @property
     def needs_weights(self) -> bool:
         return self.mixed_precision or self.big_little
+
+    @property
+    def upgrades(self) -> bool:
+        return self.mixed_precision and self.upgrade_after > 0
 
     @property
     def drops(self) -> bool:
@@ -75,3 +86,25 @@ def demote_unpopular(indices: np.ndarray, level: np.ndarray, min_share: float) -
     out = level.copy()
     out[(level == HIGH) & np.isin(indices, rare)] = LOW
     return out
+
+
+class ExpertHeat:
+    """How often each expert of each layer was chosen lately: every call of a layer fades its
+    counts by ``decay`` and adds one for each expert chosen (a prompt chunk counts once per
+    expert). An expert is hot once its count reaches ``threshold``."""
+
+    def __init__(self, num_experts: dict[int, int], threshold: float, decay: float = 0.9):
+        self.threshold, self.decay = threshold, decay
+        self._counts = {layer: np.zeros(n, dtype=np.float32) for layer, n in num_experts.items()}
+
+    def see(self, layer: int, experts: np.ndarray) -> None:
+        counts = self._counts[layer]
+        counts *= self.decay
+        counts[np.unique(experts)] += 1.0
+
+    def hot(self, layer: int, expert: int) -> bool:
+        return bool(self._counts[layer][expert] >= self.threshold)
+
+    def reset(self) -> None:
+        for counts in self._counts.values():
+            counts[:] = 0.0

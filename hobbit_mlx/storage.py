@@ -10,9 +10,10 @@ reader thread wait as long as the modelled device would take:
 * **latency**: each read waits ``latency`` seconds before its first byte; up to ``queue_depth``
   reads wait out their latency at the same time (an SSD's command queue);
 * **demand first**: a read the model waits for (a demand miss) goes ahead of prefetch reads. A
-  prefetch read moves in chunks and takes the next chunk only while no demand read is waiting,
-  so a demand read waits behind at most one prefetch chunk; a prefetch read can be cancelled
-  between chunks (its layer ran without it).
+  prefetch read moves in chunks and books the next chunk only when the device is idle and no
+  demand read waits, so a demand read waits behind at most one prefetch chunk; a prefetch read
+  can be cancelled until its last chunk is booked (its layer ran without it), and is promoted to
+  a demand read's priority when a layer waits for it.
 
 The ``mac-like`` setting used by the benchmarks keeps a Mac's ratio of storage to compute: on an
 M-series Mac, Qwen3-30B-A3B 4-bit needs about 48 layers x 8 experts x 2.6 MB = 1 GB of experts per
@@ -166,12 +167,15 @@ class SimulatedDevice:
     def _schedule(self, n: int, demand: bool, ticket: ReadTicket | None, left: int) -> float:
         """Book ``n`` bytes on the device's timeline; returns when they are delivered."""
         with self._cond:
-            if not demand:
-                while self._demand_waiting and not (ticket and (ticket.urgent or ticket.cancelled)):
-                    self._cond.wait(0.0005)
-                if ticket is not None and ticket.cancelled and not ticket.urgent:
+            while not demand:  # a prefetch chunk waits for an idle device, demand reads first
+                urgent = ticket is not None and ticket.urgent
+                if ticket is not None and ticket.cancelled and not urgent:
                     self.cancelled_bytes += left
                     raise ReadCancelled()
+                wait = self._busy_until - self._clock()
+                if urgent or (not self._demand_waiting and wait <= 0):
+                    break
+                self._cond.wait(min(max(wait, 1e-4), 5e-4))
             start = max(self._clock(), self._busy_until)
             self._busy_until = start + n / self.model.bandwidth
             self.busy_seconds += n / self.model.bandwidth

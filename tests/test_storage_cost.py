@@ -1,0 +1,151 @@
+"""What the storage-cost techniques promise: exact outputs under slow simulated storage with
+cancelled and promoted prefetch reads, guesses read only in free storage time and only when worth
+their victim, and 2-bit reads until an expert proves hot."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+import hobbit_mlx
+from hobbit_mlx import offload
+from hobbit_mlx.guess_value import GuessValue
+from hobbit_mlx.loader import runtime_of
+from hobbit_mlx.policies import make_policy
+from hobbit_mlx.precision import ExpertHeat
+from hobbit_mlx.storage import StorageModel
+from hobbit_mlx.testing.slot_cache import put, slot_cache
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+SLOW = StorageModel(bandwidth=1e6)  # a tiny expert read takes milliseconds: reads stay in flight
+
+
+def test_exact_output_under_slow_storage_with_prefetch(tiny_factory):
+    """Offloading never changes the output: with reads slow enough that prefetch reads are
+    cancelled and promoted while layers run, greedy tokens still equal mlx-lm's."""
+    src, dst = tiny_factory("qwen3_moe")
+    ref, tok = mlx_lm.load(str(src))
+    ref.set_dtype(mx.float32)
+    expected = mlx_lm.generate(ref, tok, PROMPT, max_tokens=24)
+    model, tokenizer = hobbit_mlx.load(dst, expert_residency=0.4, exact=True, prefetch_layers=1,
+                                       prefetch_width=2.0, simulated_storage=SLOW, progress=False)
+    rt = runtime_of(model)
+    pf = rt.prefetcher
+    idle = pf._idle_seconds
+    pf._idle_seconds = lambda d: max(idle(d), 1.0)  # read every guess: some are left unused
+    got = hobbit_mlx.generate(model, tokenizer, PROMPT, max_tokens=24)
+    rt.wait_idle()
+    assert got == expected
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["prefetch_issued"] > 0 and stats["misses_high"] > 0
+    assert stats["prefetch_cancelled"] > 0, "guesses their layer did not need were stopped"
+    assert rt.reader.device.demand_bytes > 0 and rt.reader.device.prefetch_bytes > 0
+    assert not rt.cache._pins and not rt.cache._holds and pf._tickets == {}
+
+
+def test_no_guess_is_read_without_free_storage_time(tiny_factory):
+    """Cost-aware prefetch reads guesses only in the storage time the layers in between leave
+    free; the same model without cost awareness reads them all."""
+    _, dst = tiny_factory("mixtral")
+    issued = {}
+    for cost_aware in (True, False):
+        model, tok = hobbit_mlx.load(dst, expert_residency=0.4, prefetch_layers=1,
+                                     prefetch_cost_aware=cost_aware, progress=False)
+        rt = runtime_of(model)
+        rt.prefetcher._idle_seconds = lambda d: 0.0  # storage booked until the layer runs
+        hobbit_mlx.generate(model, tok, PROMPT, max_tokens=16)
+        rt.wait_idle()
+        issued[cost_aware] = hobbit_mlx.offload_stats(model)["prefetch_issued"]
+        rt.close()
+    assert issued[True] == 0 < issued[False]
+
+
+def test_a_guess_evicts_only_a_victim_worth_less():
+    """Admission control: with the pool full, a guess takes a slot only when its chance of use
+    beats the measured chance that the victim is needed again; a free slot takes any guess."""
+    cache = slot_cache(2, make_policy("lru", num_layers=4))
+    assert put(cache, (1, 0, "high")) and put(cache, (1, 1, "high"))
+    cache.synced()
+    ps = cache.pools[0]
+    ps.victim_reuse.hits, ps.victim_reuse.total = 5.0, 10.0  # victims came back half the time
+    assert cache.reserve((1, 2, "high"), prefetched=True, worth=0.3) is None
+    assert (1, 0, "high") in cache and (1, 1, "high") in cache
+    slot = cache.reserve((1, 2, "high"), prefetched=True, worth=0.8)
+    assert slot is not None and (1, 0, "high") not in cache  # LRU's victim made room
+
+
+def test_ghosts_measure_how_often_a_victim_is_needed_again():
+    cache = slot_cache(1, make_policy("lru", num_layers=4), experts=128)
+    ps = cache.pools[0]
+    before = ps.victim_reuse.value
+    for step in range(20):  # each new expert evicts the last one, which the layer needs again
+        assert put(cache, (2, step % 2, "high"))
+        cache.synced()
+        cache.score_ghosts(2, [0, 1])
+    assert ps.victim_reuse.value > max(before, 0.8)
+    for step in range(100):  # now victims are never needed again
+        assert put(cache, (2, 10 + step, "high"))
+        cache.synced()
+        cache.score_ghosts(2, [99])
+    assert ps.victim_reuse.value < 0.2
+    cache.score_ghosts(2, [10], learn=False)  # (a prompt chunk only clears them)
+
+
+def test_guess_value_learns_per_rank():
+    value = GuessValue(top_k=2)
+    assert value.bucket(0) == value.bucket(1) == 0 and value.bucket(2) == 1 and value.bucket(99) == 3
+    for _ in range(50):
+        value.observe(1, {5: 0, 6: 0, 7: 1, 8: 1}, used={5, 6})
+    assert value.probability(1, 0) > 0.9 and value.probability(1, 1) < 0.1
+    assert value.probability(2, 0) == pytest.approx(0.6)  # nothing seen at distance 2: the prior
+
+
+def test_expert_heat():
+    heat = ExpertHeat({0: 4}, threshold=1.5)
+    heat.see(0, np.array([1, 1, 2]))
+    assert not heat.hot(0, 1)  # chosen once (twice in one call counts once)
+    heat.see(0, np.array([1]))
+    assert heat.hot(0, 1) and not heat.hot(0, 2) and not heat.hot(0, 3)
+    for _ in range(10):
+        heat.see(0, np.array([3]))
+    assert not heat.hot(0, 1)  # faded
+    heat.reset()
+    assert not heat.hot(0, 3)
+
+
+def test_four_bit_misses_only_for_hot_experts(tiny_factory, monkeypatch):
+    """With ``upgrade_after``, a miss reads the 4-bit copy only for an expert that proved hot;
+    every other miss reads 2-bit. Without it, important cold experts are read in 4-bit."""
+    _, dst = tiny_factory("qwen3_moe")
+    cold_high_reads = {}
+    for upgrade_after in (1.5, 0.0):
+        model, tok = hobbit_mlx.load(dst, expert_residency=0.3, mixed_precision=True,
+                                     prefetch_layers=0, upgrade_after=upgrade_after, progress=False)
+        rt = runtime_of(model)
+        heat = rt.heat or ExpertHeat({l.layer: l.num_experts for l in rt.manifest.layers}, 1.5)
+        seen = []
+
+        class SpyFetch(offload.Fetch):
+            def __init__(self, rt_, layer, experts, precision):
+                super().__init__(rt_, layer, experts, precision)
+                if precision == "high":
+                    seen.extend(not heat.hot(layer.layer, self.keys[i][1])
+                                for i, _, slot in self.pending if slot is not None)
+
+        if rt.heat is None:  # the control run keeps its own heat, as the runtime would
+            see = offload.OffloadedSwitch._serve
+
+            def spy_serve(self, flat, level, _see=see):
+                heat.see(self.layer.layer, flat if level is None else flat[level != 2])
+                return _see(self, flat, level)
+            monkeypatch.setattr(offload.OffloadedSwitch, "_serve", spy_serve)
+        monkeypatch.setattr(offload, "Fetch", SpyFetch)
+        hobbit_mlx.generate(model, tok, PROMPT * 2, max_tokens=24)
+        stats = hobbit_mlx.offload_stats(model)
+        assert stats["misses_low"] > 0
+        cold_high_reads[upgrade_after] = sum(seen)
+        monkeypatch.undo()
+        rt.close()
+    assert cold_high_reads[1.5] == 0 < cold_high_reads[0.0]
