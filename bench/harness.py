@@ -100,6 +100,12 @@ CONFIGS: list[tuple[str, dict]] = [
                           "policy": "seqfreq"}),
     ("seqfreq-mixed-bl-up", {"mixed_precision": True, "big_little": True, "prefetch_layers": 0,
                              "policy": "seqfreq", "upgrade_after": 1.5}),  # 2-bit until hot
+    ("seqfreq-mixed-up", {"mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq",
+                          "upgrade_after": 1.5}),
+    ("seqfreq-mixed-bl-up-pf", {"mixed_precision": True, "big_little": True, "prefetch_layers": 1,
+                                "prefetch_width": 1.0, "policy": "seqfreq", "upgrade_after": 1.5}),
+    ("exact-seqfreq-pf", {"exact": True, "policy": "seqfreq", "prefetch_layers": 1,
+                          "prefetch_width": 1.0}),  # exact, cost-aware prefetch of the top-k
     ("prefetch-lowprec", {"prefetch_width": 1.0, "prefetch_low_precision": True}),
     ("default", {}),  # hobbit_mlx.load's defaults: every technique that pays, combined
     ("default-naive-prefetch", {"prefetch_cost_aware": False}),  # every guess read, none cancelled

@@ -61,7 +61,8 @@ def _policy_names() -> list[str]:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model and everything ``hobbit_mlx.load`` takes."""
     from .budget import INITIAL_CONTEXT
-    from .options import DEFAULT_PREFETCH_RECALL, DEFAULT_PREFETCH_WIDTH, DEFAULT_PREFILL_STEP
+    from .options import (DEFAULT_PREFETCH_LAYERS, DEFAULT_PREFETCH_RECALL, DEFAULT_PREFETCH_WIDTH,
+                          DEFAULT_PREFILL_STEP, DEFAULT_UPGRADE_AFTER)
 
     g = parser.add_argument_group("model and memory")
     g.add_argument("--model", type=str, default=None,
@@ -87,16 +88,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="Unimportance above which a miss loads 2-bit (default: %(default)s).")
     t.add_argument("--t2", type=float, default=0.9,
                    help="Unimportance above which --skip drops the expert (default: %(default)s).")
-    t.add_argument("--upgrade-after", type=float, default=0.0, metavar="USES",
+    t.add_argument("--upgrade-after", type=float, default=DEFAULT_UPGRADE_AFTER, metavar="USES",
                    help="With mixed precision, a miss reads the 4-bit copy only for an expert "
                         "chosen about USES times lately (each use counts 1 and fades by 0.9 per "
                         "call of its layer), else the 2-bit one; 0: off (default: %(default)s).")
     t.add_argument("--skip", action="store_true", help="Skip experts whose unimportance exceeds --t2.")
-    t.add_argument("--big-little", action="store_true",
-                   help="MoBiLE: confident tokens run only their top-k/2 experts.")
+    t.add_argument("--big-little", action=argparse.BooleanOptionalAction, default=None,
+                   help="MoBiLE: confident tokens run only their top-k/2 experts (default: on "
+                        "unless --exact).")
     t.add_argument("--little-threshold", type=float, default=0.8,
                    help="Gate mass of the top-k/2 experts that makes a token 'little' (default: %(default)s).")
-    t.add_argument("--prefetch-layers", type=int, default=1, metavar="P",
+    t.add_argument("--prefetch-layers", type=int, default=DEFAULT_PREFETCH_LAYERS, metavar="P",
                    help="Predict and read the next P layers' experts in the background; 0 turns "
                         "prefetch off (default: %(default)s).")
     t.add_argument("--prefetch-width", type=float, default=DEFAULT_PREFETCH_WIDTH, metavar="X",

@@ -230,6 +230,11 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     for ps in cache.pools:
         ps.policy = make_policy(policy, shallow_layers=keep_shallow_layers, **policy_kwargs)
     apply_plan(runtime, groups, plan)
+    if o.big_little is None and all(cache.capacity(l.layer, "high") >= cache.experts_served(
+            l.layer, "high") for l in manifest.layers):
+        # Big-little by default saves reads; with every expert resident there are none to save,
+        # and its per-call choice would cost a host sync per layer.
+        runtime.precision.big_little = False
     follow_sequence(runtime, groups, prefill_step_size)
     if prefetch_layers:
         width = max(1, round(o.prefetch_width * k))

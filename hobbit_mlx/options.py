@@ -20,6 +20,11 @@ DEFAULT_PREFILL_STEP = 512
 # most of the drift (reference model, one layer ahead: recall 0.79 at 1x top-k, 0.91 at 1.5x,
 # 0.95 at 2x; bench/README.md has what each width reads and serves).
 DEFAULT_PREFETCH_WIDTH = 2.0
+# Chosen by decode tokens/s under mac-like storage (bench/results/storage-*.md): with a Mac's
+# ratio of read time to compute, guesses that miss cost more than the hits they buy, even read
+# only in free storage time; fewer bytes per miss (2-bit until hot, big-little) pay most.
+DEFAULT_PREFETCH_LAYERS = 0
+DEFAULT_UPGRADE_AFTER = 1.5  # a 4-bit miss only for an expert chosen again within ~6 tokens
 DEFAULT_PREFETCH_RECALL = None
 MAX_PREFETCH_WIDTH = 4.0  # an adaptive width never guesses more than this many x top-k
 
@@ -41,10 +46,10 @@ class LoadOptions:
     skip: bool = False
     # mixed precision (so not in exact mode): a miss reads 4-bit only for an expert chosen this
     # often lately (each use counts 1, fading by 0.9 per call of its layer), else 2-bit; 0: off
-    upgrade_after: float = 0.0
-    big_little: bool = False  # MoBiLE
+    upgrade_after: float = DEFAULT_UPGRADE_AFTER
+    big_little: bool | None = None  # MoBiLE; None: on unless exact
     little_threshold: float = 0.8
-    prefetch_layers: int = 1
+    prefetch_layers: int = DEFAULT_PREFETCH_LAYERS
     prefetch_width: float = DEFAULT_PREFETCH_WIDTH
     prefetch_recall: float | None = DEFAULT_PREFETCH_RECALL
     prefetch_low_precision: bool = False
@@ -79,7 +84,8 @@ class LoadOptions:
     def precision(self) -> PrecisionOptions:
         mixed = (not self.exact) if self.mixed_precision is None else bool(self.mixed_precision)
         return PrecisionOptions(mixed_precision=mixed, t1=self.t1, t2=self.t2, skip=self.skip,
-                                big_little=self.big_little, little_threshold=self.little_threshold,
+                                big_little=(not self.exact) if self.big_little is None
+                                else bool(self.big_little), little_threshold=self.little_threshold,
                 upgrade_after=self.upgrade_after if mixed else 0.0)
 
     def validate(self) -> None:

@@ -73,7 +73,8 @@ def test_generate_stats_json(model_dir, env, tmp_path):
             "--prefill-step-size", 4, "--io-workers", 2, "--ignore-chat-template",
             "--top-k", 5, "--temp", 1.0, "--seed", 1, "--stats-json", out, "--quiet-report",
             "--prefetch-width", 1.5, "--keep-shallow-layers", 1, "--prefill-low-precision", 0.3,
-            "--prefetch-recall", 0.9, stdin="The quick brown fox jumps over the lazy dog.")
+            "--prefetch-recall", 0.9, "--prefetch-layers", 1,
+            stdin="The quick brown fox jumps over the lazy dog.")
     assert p.returncode == 0, p.stderr
     assert "Generation:" not in p.stderr  # --quiet-report
     stats = json.loads(out.read_text())

@@ -164,7 +164,8 @@ def test_demand_reads_do_not_queue_behind_prefetch_reads(tiny_factory):
 
 def test_close_waits_for_prefetches_and_stops_the_readers(tiny_factory):
     _, dst = tiny_factory("mixtral")
-    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=1, progress=False)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=1,
+                               prefetch_cost_aware=False, progress=False)
     rt = runtime_of(model)
     model(mx.array([list(range(3, 30))]))  # prefill issues prefetches
     assert rt.stats.prefetch_issued > 0

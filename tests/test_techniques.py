@@ -48,13 +48,15 @@ def _run(dst, **kw):
 def test_mixed_precision_loads_low_copies_on_unimportant_misses(tiny_factory):
     _, dst = tiny_factory("qwen3_moe")
     _, _, exact = _run(dst, expert_residency=0.3, exact=True)
-    _, _, mixed = _run(dst, expert_residency=0.3, mixed_precision=True, t1=0.3, t2=1.0)
+    _, _, mixed = _run(dst, expert_residency=0.3, mixed_precision=True, t1=0.3, t2=1.0,
+                       big_little=False, upgrade_after=0)
     assert exact["misses_low"] == exact["hits_low"] == 0
     assert mixed["misses_low"] > 0
     assert mixed["bytes_read"] < exact["bytes_read"]
     assert mixed["peak_memory_bytes"] <= mixed["budget_bytes"]
     # t1 = 1: nothing is unimportant enough, so the output is the exact one
-    m1, _ = hobbit_mlx.load(dst, expert_residency=0.3, mixed_precision=True, t1=1.0, t2=1.0, progress=False)
+    m1, _ = hobbit_mlx.load(dst, expert_residency=0.3, mixed_precision=True, t1=1.0, t2=1.0,
+                            big_little=False, upgrade_after=0, progress=False)
     m2, _ = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, progress=False)
     tokens = mx.array([[3, 5, 7, 11, 13, 17, 19, 23]])
     np.testing.assert_array_equal(np.array(m1(tokens)), np.array(m2(tokens)))
