@@ -87,32 +87,40 @@ CONFIGS: list[tuple[str, dict]] = [
     ("prefetch", {"exact": True, "policy": "lru", "prefetch_layers": 1}),
     ("prefetch-2", {"exact": True, "policy": "lru", "prefetch_layers": 2}),  # two layers ahead
     ("fate", {"exact": True, "policy": "shallow", "prefetch_layers": 1}),  # shallow cache + prefetch
-    ("mixed-precision", {"exact": False, "mixed_precision": True, "prefetch_layers": 0, "policy": "lru"}),
+    ("mixed-precision", {"exact": False, "mixed_precision": True, "prefetch_layers": 0, "policy": "lru",
+                         "big_little": False, "upgrade_after": 0}),
     ("skip", {"exact": False, "mixed_precision": True, "skip": True, "prefetch_layers": 0,
+              "big_little": False, "upgrade_after": 0,
               "policy": "lru"}),  # mixed precision, and the least important experts dropped
     ("big-little", {"exact": False, "mixed_precision": False, "big_little": True, "prefetch_layers": 0,
                     "policy": "lru"}),
-    ("prefill-2bit", {"exact": False, "mixed_precision": False, "prefetch_layers": 0, "policy": "lru",
+    ("prefill-2bit", {"exact": False, "mixed_precision": False, "big_little": False,
+                      "prefetch_layers": 0, "policy": "lru",
                       "prefill_low_precision": 0.25}),  # Fate: unpopular experts 2-bit in prefill
     # what pays under a Mac's storage cost: fewer bytes per miss and a better cache, no guessing
-    ("seqfreq-mixed", {"mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq"}),
+    ("seqfreq-mixed", {"mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq",
+                       "big_little": False, "upgrade_after": 0}),
     ("seqfreq-mixed-bl", {"mixed_precision": True, "big_little": True, "prefetch_layers": 0,
-                          "policy": "seqfreq"}),
+                          "policy": "seqfreq", "upgrade_after": 0}),
     ("seqfreq-mixed-bl-up", {"mixed_precision": True, "big_little": True, "prefetch_layers": 0,
                              "policy": "seqfreq", "upgrade_after": 1.5}),  # 2-bit until hot
     ("seqfreq-mixed-up", {"mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq",
-                          "upgrade_after": 1.5}),
+                          "big_little": False, "upgrade_after": 1.5}),
     ("seqfreq-mixed-bl-up-pf", {"mixed_precision": True, "big_little": True, "prefetch_layers": 1,
                                 "prefetch_width": 1.0, "policy": "seqfreq", "upgrade_after": 1.5}),
     ("exact-seqfreq-pf", {"exact": True, "policy": "seqfreq", "prefetch_layers": 1,
                           "prefetch_width": 1.0}),  # exact, cost-aware prefetch of the top-k
     ("prefetch-lowprec", {"prefetch_width": 1.0, "prefetch_low_precision": True}),
     ("default", {}),  # hobbit_mlx.load's defaults: every technique that pays, combined
-    ("default-naive-prefetch", {"prefetch_cost_aware": False}),  # every guess read, none cancelled
-    ("default-seqfreq", {"policy": "seqfreq"}),
+    # the defaults before issue 11: LRU + prefetch of 2x top-k, every guess read, none cancelled
+    ("default-naive-prefetch", {"prefetch_layers": 1, "policy": "lru", "big_little": False,
+                                "upgrade_after": 0, "prefetch_cost_aware": False}),
+    ("exact-default", {"exact": True}),  # exact=True, everything else default
+    ("default-lru", {"policy": "lru"}),
     ("default-hobbit", {"policy": "hobbit"}),
-    ("default-w3", {"prefetch_width": 3.0}),  # a wider guess: more served, more bytes read
-    ("default-adaptive", {"prefetch_recall": 0.98}),  # each layer's width sized to 0.98 recall
+    ("default-prefetch", {"prefetch_layers": 1, "prefetch_width": 1.0}),  # + cost-aware top-k guesses
+    ("default-w3", {"prefetch_layers": 1, "prefetch_width": 3.0}),  # a wider guess
+    ("default-adaptive", {"prefetch_layers": 1, "prefetch_recall": 0.98}),  # width for 0.98 recall
     ("all", {"big_little": True, "skip": True}),
 ]
 # What runs without --configs: each technique alone and the defaults combined, within a few
