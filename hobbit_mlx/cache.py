@@ -213,9 +213,9 @@ class SlotCache:
     def reserve(self, key: Key, prefetched: bool = False, worth: float | None = None) -> int | None:
         """A slot for ``key``'s bytes: a free one, or the policy's victim among the slots no
         pinned, held or pending use protects (a demand read may take a held one when nothing
-        else is left; a prefetch may not). A prefetch ``worth`` (the chance its guess is used,
-        less its bandwidth cost) evicts only when it beats the measured chance that a victim is
-        needed again (admission control). None when no slot can be had."""
+        else is left; a prefetch may not). A prefetch of ``worth`` (the measured chance that its
+        guess is used) evicts only when that beats the measured chance that a victim is needed
+        again (admission control). None when no slot can be had."""
         with self.lock:
             ps = self._pool_of.get((key[0], key[2]))
             if ps is None or ps.pool.slots == 0:
