@@ -239,7 +239,7 @@ class SlotCache:
             return self._evict(victim)
 
     def score_ghosts(self, layer: int, needed, learn: bool = True) -> None:
-        """Layer ``layer`` runs and needs ``needed`` (expert ids): of the experts evicted from it
+        """Layer ``layer`` runs and needs ``needed`` (expert ids, any shape): of those evicted from it
         since its last call, count how many it needed again (``learn=False``: a prompt chunk,
         which needs nearly every expert, only clears them)."""
         if not self._ghosts:
@@ -247,8 +247,8 @@ class SlotCache:
         with self.lock:
             for precision in ("high", "low"):
                 ghosts = self._ghosts.pop((layer, precision), None)
-                if ghosts and learn:
-                    needed = needed if isinstance(needed, set) else set(needed)
+                if ghosts and learn:  # (the id set is built only when there are ghosts to score)
+                    needed = needed if isinstance(needed, set) else set(np.ravel(needed).tolist())
                     self._pool_of[layer, precision].victim_reuse.add(len(ghosts & needed),
                                                                       len(ghosts))
 

@@ -586,7 +586,7 @@ class OffloadedSwitch(nn.Module):
 
         protected = []
         decode = len(flat) <= ASYNC_MAX_TOKENS
-        rt.cache.score_ghosts(self.layer.layer, flat.reshape(-1).tolist(), learn=decode)
+        rt.cache.score_ghosts(self.layer.layer, flat, learn=decode)
         if pf is not None and self.router is not None:
             needed = set(np.concatenate([p[1] for p in parts]).tolist()) if parts else set()
             pf.observe_choice(self.position, flat)
