@@ -32,7 +32,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from .architectures import switch_linear_paths
 from .cache import SlotCache
 from .pools import SlotPool
-from .precision import DROP, HIGH, LOW, ExpertHeat, PrecisionOptions, demote_unpopular, plan_slots
+from .precision import DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions, demote_unpopular, plan_slots
 from .reader import RecordReader
 from .routing import find_router, gate_weights, normalized, tap_router
 from .store import LayerEntry, Manifest
@@ -575,6 +575,8 @@ class OffloadedSwitch(nn.Module):
         if opts.big_little and level is not None:
             rt.stats.routed_tokens += len(flat)
             rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
+        if opts.skip and level is not None:
+            level = self._skip_missing(flat, level)
 
         if rt.heat is not None and level is not None:
             rt.heat.see(self.layer.layer, flat[level != DROP])
@@ -603,6 +605,19 @@ class OffloadedSwitch(nn.Module):
         if decode:  # decode: this layer computes while the host builds the
             mx.async_eval(y)              # next one's graph (a prefill chunk is better whole)
         return y
+
+    def _skip_missing(self, flat: np.ndarray, level: np.ndarray) -> np.ndarray:
+        """Level with each SKIP_IF_MISSING slot turned DROP when no copy of its expert is resident
+        or being read (HOBBIT skips misses only), else LOW (the resident copy serves it)."""
+        maybe = level == SKIP_IF_MISSING
+        if not maybe.any():
+            return level
+        rt, lid = self._runtime, self.layer.layer
+        level = level.copy()
+        for e in np.unique(flat[maybe]).tolist():
+            held = rt.has_or_reading(lid, e, "high") or rt.has_or_reading(lid, e, "low")
+            level[maybe & (flat == e)] = LOW if held else DROP
+        return level
 
     def _serve(self, flat: np.ndarray, level: np.ndarray) -> list:
         """Decide, for each needed expert, which copy serves it: [(precision, experts, slot mask)]."""

@@ -4,6 +4,8 @@ HOBBIT: sort a token's chosen experts by normalized gate weight; an expert's *un
 weight of the experts ranked above it (the top-1 has 0). On a cache miss, unimportance <= t1
 loads the 4-bit copy, t1 < u <= t2 the 2-bit copy, and u > t2 skips the expert when ``skip`` is
 on. Hits use whatever copy is resident, except that an important slot never uses a 2-bit copy.
+As in HOBBIT, only a miss is skipped: a resident expert costs no read, so it is computed
+(``plan_slots`` marks such slots ``SKIP_IF_MISSING`` and the layer call decides).
 
 MoBiLE big-little: a token whose top-k/2 experts already carry ``little_threshold`` of the gate
 mass is "unimportant" and runs only those (their weights renormalized); every other token runs
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-HIGH, LOW, DROP = 0, 1, 2
+HIGH, LOW, DROP, SKIP_IF_MISSING = 0, 1, 2, 3
 
 
 @dataclass
@@ -49,11 +51,12 @@ class PrecisionOptions:
     @property
     def drops(self) -> bool:
         """Some slots may be dropped whatever is resident (so every call needs the weights)."""
-        return self.skip or self.big_little
+        return self.big_little
 
 
 def plan_slots(weights: np.ndarray, opts: PrecisionOptions) -> tuple[np.ndarray, np.ndarray]:
-    """Per slot: level (HIGH / LOW / DROP) and the factor its output is scaled by."""
+    """Per slot: level (HIGH / LOW / DROP / SKIP_IF_MISSING) and the factor its output is
+    scaled by."""
     k = weights.shape[-1]
     order = np.argsort(-weights, axis=-1, kind="stable")
     ranked = np.take_along_axis(weights, order, axis=-1)
@@ -65,7 +68,7 @@ def plan_slots(weights: np.ndarray, opts: PrecisionOptions) -> tuple[np.ndarray,
     if opts.mixed_precision:
         level[unimportance > opts.t1] = LOW
         if opts.skip:
-            level[unimportance > opts.t2] = DROP
+            level[unimportance > opts.t2] = SKIP_IF_MISSING
     if opts.big_little and k > 1:
         half = k // 2
         mass = ranked[..., :half].sum(axis=-1, keepdims=True)

@@ -149,3 +149,26 @@ def test_four_bit_misses_only_for_hot_experts(tiny_factory, monkeypatch):
         monkeypatch.undo()
         rt.close()
     assert cold_high_reads[1.5] == 0 < cold_high_reads[0.0]
+
+
+def test_skip_drops_only_misses(tiny_factory):
+    """HOBBIT's skip: a low-importance slot is skipped only when its expert is not resident. With
+    every expert resident nothing is skipped and the output is the unskipped one; with few
+    resident, misses are skipped and fewer bytes are read."""
+    _, dst = tiny_factory("qwen3_moe")
+    lossy = dict(mixed_precision=True, t1=0.3, t2=0.5, big_little=False, upgrade_after=0,
+                 prefetch_layers=0, progress=False)
+    tokens = mx.array([[3, 5, 7, 11, 13, 17, 19, 23]])
+    outputs, stats = {}, {}
+    for skip in (True, False):
+        for residency in (1.0, 0.2):
+            model, tok = hobbit_mlx.load(dst, expert_residency=residency, skip=skip, **lossy)
+            outputs[skip, residency] = np.array(model(tokens))
+            hobbit_mlx.generate(model, tok, PROMPT, max_tokens=12)
+            stats[skip, residency] = hobbit_mlx.offload_stats(model)
+            runtime_of(model).close()
+    np.testing.assert_array_equal(outputs[True, 1.0], outputs[False, 1.0])
+    assert stats[True, 1.0]["skipped"] == 0
+    assert stats[True, 0.2]["skipped"] > 0 and stats[False, 0.2]["skipped"] == 0
+    assert stats[True, 0.2]["bytes_read"] < stats[False, 0.2]["bytes_read"]
+    assert not np.array_equal(outputs[True, 0.2], outputs[False, 0.2])

@@ -10,7 +10,7 @@ import hobbit_mlx
 from hobbit_mlx.loader import runtime_of
 from hobbit_mlx.testing.slot_cache import put, slot_cache, use
 from hobbit_mlx.policies import POLICIES, make_policy
-from hobbit_mlx.precision import DROP, HIGH, LOW, PrecisionOptions, plan_slots
+from hobbit_mlx.precision import DROP, HIGH, LOW, SKIP_IF_MISSING, PrecisionOptions, plan_slots
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 
@@ -21,7 +21,7 @@ def test_hobbit_thresholds_rank_by_gate_weight():
     # unimportance: row 0 -> [0.8, 0, 0.5]; row 1 -> [0, 0.9, 0.95] (ties keep index order)
     assert level.tolist() == [[LOW, HIGH, HIGH], [HIGH, LOW, LOW]]
     level, _ = plan_slots(w, PrecisionOptions(mixed_precision=True, t1=0.6, t2=0.9, skip=True))
-    assert level.tolist() == [[LOW, HIGH, HIGH], [HIGH, LOW, DROP]]
+    assert level.tolist() == [[LOW, HIGH, HIGH], [HIGH, LOW, SKIP_IF_MISSING]]
     assert (scale == 1).all()
 
 
