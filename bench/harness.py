@@ -69,6 +69,8 @@ from bench.workload import (DEFAULT_WORKLOAD, QUICK_WORKLOAD, RESULTS, Workload,
 # Configurations using an option (or a cache policy) that the installed hobbit_mlx.load() lacks
 # are left out of the run and listed as unavailable.
 EXACT = {"exact": True, "prefetch_layers": 0}  # 4-bit only, nothing skipped, no prefetch
+# A lossy technique measured on its own: used on every call, however cheap reads are.
+FIXED = {"adapt_to_storage": False}
 CONFIGS: list[tuple[str, dict]] = [
     ("on-demand", {**EXACT, "expert_residency": 0.0}),  # no expert cache: read every expert needed
     # the whole model resident (every expert preloaded, as mlx-lm loads it): lazy layer calls, no
@@ -87,33 +89,36 @@ CONFIGS: list[tuple[str, dict]] = [
     ("prefetch", {"exact": True, "policy": "lru", "prefetch_layers": 1}),
     ("prefetch-2", {"exact": True, "policy": "lru", "prefetch_layers": 2}),  # two layers ahead
     ("fate", {"exact": True, "policy": "shallow", "prefetch_layers": 1}),  # shallow cache + prefetch
-    ("mixed-precision", {"exact": False, "mixed_precision": True, "prefetch_layers": 0, "policy": "lru",
+    ("mixed-precision", {**FIXED, "exact": False, "mixed_precision": True, "prefetch_layers": 0, "policy": "lru",
                          "big_little": False, "upgrade_after": 0}),
-    ("skip", {"exact": False, "mixed_precision": True, "skip": True, "prefetch_layers": 0,
+    ("skip", {**FIXED, "exact": False, "mixed_precision": True, "skip": True, "prefetch_layers": 0,
               "big_little": False, "upgrade_after": 0,
               "policy": "lru"}),  # mixed precision, and the least important experts dropped
-    ("big-little", {"exact": False, "mixed_precision": False, "big_little": True, "prefetch_layers": 0,
+    ("big-little", {**FIXED, "exact": False, "mixed_precision": False, "big_little": True, "prefetch_layers": 0,
                     "policy": "lru"}),
-    ("prefill-2bit", {"exact": False, "mixed_precision": False, "big_little": False,
+    ("prefill-2bit", {**FIXED, "exact": False, "mixed_precision": False, "big_little": False,
                       "prefetch_layers": 0, "policy": "lru",
                       "prefill_low_precision": 0.25}),  # Fate: unpopular experts 2-bit in prefill
     # what pays under a Mac's storage cost: fewer bytes per miss and a better cache, no guessing
-    ("seqfreq-mixed", {"mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq",
+    ("seqfreq-mixed", {**FIXED, "mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq",
                        "big_little": False, "upgrade_after": 0}),
-    ("seqfreq-mixed-bl", {"mixed_precision": True, "big_little": True, "prefetch_layers": 0,
+    ("seqfreq-mixed-bl", {**FIXED, "mixed_precision": True, "big_little": True, "prefetch_layers": 0,
                           "policy": "seqfreq", "upgrade_after": 0}),
-    ("seqfreq-mixed-bl-up", {"mixed_precision": True, "big_little": True, "prefetch_layers": 0,
+    ("seqfreq-mixed-bl-up", {**FIXED, "mixed_precision": True, "big_little": True, "prefetch_layers": 0,
                              "policy": "seqfreq", "upgrade_after": 1.5}),  # 2-bit until hot
-    ("seqfreq-mixed-up", {"mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq",
+    ("seqfreq-mixed-up", {**FIXED, "mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq",
                           "big_little": False, "upgrade_after": 1.5}),
-    ("seqfreq-mixed-bl-up-pf", {"mixed_precision": True, "big_little": True, "prefetch_layers": 1,
+    ("seqfreq-mixed-bl-up-pf", {**FIXED, "mixed_precision": True, "big_little": True, "prefetch_layers": 1,
                                 "prefetch_width": 1.0, "policy": "seqfreq", "upgrade_after": 1.5}),
     ("exact-seqfreq-pf", {"exact": True, "policy": "seqfreq", "prefetch_layers": 1,
                           "prefetch_width": 1.0}),  # exact, cost-aware prefetch of the top-k
     ("prefetch-lowprec", {"prefetch_width": 1.0, "prefetch_low_precision": True}),
     ("default", {}),  # hobbit_mlx.load's defaults: every technique that pays, combined
+    ("default-skip", {"skip": True}),  # + HOBBIT's skip of unimportant misses (u > t2 = 0.9)
+    ("default-skip-0.8", {"skip": True, "t2": 0.8}),
+    ("default-skip-0.7", {"skip": True, "t2": 0.7}),
     # the defaults before issue 11: LRU + prefetch of 2x top-k, every guess read, none cancelled
-    ("default-naive-prefetch", {"prefetch_layers": 1, "policy": "lru", "big_little": False,
+    ("default-naive-prefetch", {**FIXED, "prefetch_layers": 1, "policy": "lru", "big_little": False,
                                 "upgrade_after": 0, "prefetch_cost_aware": False}),
     ("exact-default", {"exact": True}),  # exact=True, everything else default
     ("default-lru", {"policy": "lru"}),

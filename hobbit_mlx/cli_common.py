@@ -114,6 +114,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--prefetch-cost-aware", action=argparse.BooleanOptionalAction, default=True,
                    help="Read a guess only when its measured chance of use beats the expert it "
                         "evicts and the storage time it takes (default: on).")
+    t.add_argument("--adapt-to-storage", action=argparse.BooleanOptionalAction, default=True,
+                   help="Use the lossy techniques (2-bit copies, --skip, big-little) only while "
+                        "reading a layer's top-k experts takes longer than the layer computes, "
+                        "as measured (default: on; off: always use them).")
     t.add_argument("--prefill-low-precision", type=float, default=0.0, metavar="SHARE",
                    help="Fate: in prefill, serve an expert chosen by less than SHARE of a "
                         "chunk's tokens from its 2-bit copy (default: off).")
@@ -268,6 +272,7 @@ def technique_options(args: argparse.Namespace) -> dict:
                 prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy,
                 prefetch_low_precision=args.prefetch_low_precision,
                 prefetch_cost_aware=args.prefetch_cost_aware,
+                adapt_to_storage=args.adapt_to_storage,
                 prefetch_width=args.prefetch_width, prefetch_recall=args.prefetch_recall,
                 prefill_low_precision=args.prefill_low_precision,
                 keep_shallow_layers=args.keep_shallow_layers)

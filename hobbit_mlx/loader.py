@@ -157,6 +157,9 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     * ``prefill_low_precision`` (Fate): during prefill, an expert chosen by less than this share
       of a chunk's tokens is served from its 2-bit copy.
     * ``overlap_io``: resident experts start computing while the misses are read.
+    * ``adapt_to_storage``: the lossy techniques (2-bit copies, skip, big-little, Fate's prefill
+      rule) serve a call only while reading a layer's top-k experts would take longer than the
+      layer computes, both measured as the model runs (off: always).
     * ``policy``: cache eviction (``hobbit_mlx.policies.POLICIES``), default
       ``default_policy(prefetch_layers)``; ``keep_shallow_layers``: the experts of that many
       leading layers are evicted last (default ``default_shallow_layers`` with prefetch on, else 0).
@@ -198,7 +201,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     runtime = OffloadRuntime(manifest, reader, cache, precision=precision,
                              scoring="sigmoid" if text_config(config).get("scoring_func") == "sigmoid"
                              else "softmax", overlap_io=o.overlap_io,
-                             prefill_low_precision=o.prefill_low_precision)
+                             prefill_low_precision=o.prefill_low_precision,
+                             adapt_to_storage=o.adapt_to_storage)
     bind(model, runtime)
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True

@@ -33,6 +33,7 @@ from .architectures import switch_linear_paths
 from .cache import SlotCache
 from .pools import SlotPool
 from .precision import DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions, demote_unpopular, plan_slots
+from .read_cost import ReadCost
 from .reader import RecordReader
 from .routing import find_router, gate_weights, normalized, tap_router
 from .store import LayerEntry, Manifest
@@ -125,7 +126,8 @@ class OffloadRuntime:
 
     def __init__(self, manifest: Manifest, reader: RecordReader, cache: SlotCache, *,
                  precision: PrecisionOptions | None = None, scoring: str = "softmax",
-                 overlap_io: bool = True, prefill_low_precision: float = 0.0):
+                 overlap_io: bool = True, prefill_low_precision: float = 0.0,
+                 adapt_to_storage: bool = True):
         self.manifest = manifest
         self.reader = reader
         self.cache = cache
@@ -134,6 +136,10 @@ class OffloadRuntime:
         self.overlap_io = overlap_io
         self.prefill_low_precision = prefill_low_precision
         self.prefetcher = None  # a prefetch.Prefetcher when prefetch is on
+        # the lossy techniques only while a layer's top-k reads cost more than its compute
+        self.adapt_to_storage = adapt_to_storage
+        high = [l.precisions["high"].expert_nbytes for l in manifest.layers]
+        self.read_cost = ReadCost(reader, manifest.experts_per_token * sum(high) // len(high))
         # how often each expert was chosen lately: 2-bit reads until an expert proves hot
         self.heat = ExpertHeat({l.layer: l.num_experts for l in manifest.layers},
                                self.precision.upgrade_after) if self.precision.upgrades else None
@@ -260,6 +266,11 @@ class OffloadRuntime:
         else:
             self.stats.hits_low += hits
             self.stats.misses_low += misses
+
+    def lossy_now(self) -> bool:
+        """Whether the lossy techniques (2-bit copies, skip, big-little) serve this call: always,
+        unless ``adapt_to_storage`` and reads are cheap next to compute (read_cost.py)."""
+        return not self.adapt_to_storage or self.read_cost.dear()
 
     def has_or_reading(self, layer: int, expert: int, precision: str) -> bool:
         if self.prefetcher is not None:
@@ -509,7 +520,7 @@ class OffloadedSwitch(nn.Module):
         """Nothing can miss and nothing needs the host: every expert of this layer (and of the
         layers prefetch would predict) is resident in 4-bit, and no technique drops slots."""
         cache, lid = rt.cache, self.layer.layer
-        if rt.trace is not None or rt.precision.drops or \
+        if rt.trace is not None or (rt.precision.drops and rt.lossy_now()) or \
                 (rt.prefetcher is not None and rt.prefetcher.expects(lid)):
             return False  # (a synced call scores and releases what was predicted for it)
         if cache.resident_in_layer(lid) < self.layer.num_experts:
@@ -547,7 +558,8 @@ class OffloadedSwitch(nn.Module):
         opts = rt.precision
         pf = rt.prefetcher
         gate_in, gate_out = self._router_state()
-        want_weights = gate_out is not None and (opts.needs_weights or rt.trace is not None)
+        lossy = opts.needs_weights and rt.lossy_now()
+        want_weights = gate_out is not None and (lossy or rt.trace is not None)
         lazy_weights = gate_weights(gate_out, indices, rt.scoring) if want_weights else None
         predictions = pf.predictions_after(self.position, gate_in) if pf is not None \
             and self.router is not None and gate_in is not None else []
@@ -557,6 +569,8 @@ class OffloadedSwitch(nn.Module):
                 rt.pending_outputs())
         rt.cache.synced()
         rt.stats.host_syncs += 1
+        decode = indices.size // indices.shape[-1] <= ASYNC_MAX_TOKENS
+        rt.read_cost.on_sync(time.perf_counter(), rt.stats.read_wait_s, rt.stats.layer_calls, decode)
         if rt._deferred:  # evaluated by this sync
             rt.count_deferred(len(rt._deferred))
         idx = np.array(indices)
@@ -567,9 +581,9 @@ class OffloadedSwitch(nn.Module):
         if rt.trace is not None:
             rt.trace.append((self.layer.layer, flat.copy(), None if weights is None else weights.copy()))
         level, scale = None, None  # None: every slot 4-bit
-        if weights is not None and opts.needs_weights:
+        if weights is not None and lossy:
             level, scale = plan_slots(weights, opts)
-        if rt.prefill_low_precision and len(flat) > 1:
+        if rt.prefill_low_precision and len(flat) > 1 and rt.lossy_now():
             level = demote_unpopular(flat, np.zeros(flat.shape, np.int8) if level is None else level,
                                      rt.prefill_low_precision)
         if opts.big_little and level is not None:
@@ -587,7 +601,6 @@ class OffloadedSwitch(nn.Module):
         rt.stats.skipped += chosen - served
 
         protected = []
-        decode = len(flat) <= ASYNC_MAX_TOKENS
         rt.cache.score_ghosts(self.layer.layer, flat, learn=decode)
         if pf is not None and self.router is not None:
             needed = set(np.concatenate([p[1] for p in parts]).tolist()) if parts else set()

@@ -55,6 +55,8 @@ class LoadOptions:
     prefetch_low_precision: bool = False
     prefetch_cost_aware: bool = True  # read a guess only when worth its victim and bandwidth
     prefill_low_precision: float = 0.0  # Fate
+    # the lossy techniques only while a layer's top-k reads cost more than its compute (measured)
+    adapt_to_storage: bool = True
     overlap_io: bool = True
     policy: str | None = None  # None: lru with prefetch, seqfreq without
     policy_options: dict | None = None

@@ -45,8 +45,6 @@ class Prefetcher:
         self.cost_aware = cost_aware
         self.value = GuessValue(rt.manifest.experts_per_token)
         self._tickets: dict[tuple, ReadTicket] = {}
-        self._layer_seconds = 0.0  # measured time between two synced calls, less read waits
-        self._last_call = None  # (time, read wait so far) at the last synced call
         self.layers_ahead = layers_ahead
         self.width = width
         self.widths = widths  # per-layer widths that reach a target recall (else the fixed one)
@@ -79,11 +77,6 @@ class Prefetcher:
         evaluates them with its own indices): [(distance, switch, router output)], skipping layers
         that are fully resident (they cannot miss)."""
         rt = self.rt
-        now, waited = time.perf_counter(), rt.stats.read_wait_s
-        if self._last_call is not None and gate_input.size <= gate_input.shape[-1] * 16:
-            busy = (now - self._last_call[0]) - (waited - self._last_call[1])  # computing
-            self._layer_seconds += 0.2 * (min(max(busy, 0.0), 0.1) - self._layer_seconds)
-        self._last_call = (now, waited)
         targets = []
         for distance in range(1, self.layers_ahead + 1):
             target = position + distance
@@ -205,9 +198,9 @@ class Prefetcher:
 
     def _idle_seconds(self, distance: int) -> float:
         """Storage time free until the guess's layer runs: the layers in between compute (the
-        measured time between synced calls, less read waits) while storage finishes what is
+        measured time of a decode layer call, less read waits) while storage finishes what is
         booked already. A guess read beyond that delays a demand read or lands too late."""
-        return distance * self._layer_seconds - self.rt.reader.backlog_seconds()
+        return distance * self.rt.read_cost.layer_seconds - self.rt.reader.backlog_seconds()
 
     def _plan(self, ind: np.ndarray, weights: np.ndarray, distance: int,
               buckets: dict[int, int]) -> tuple[np.ndarray, list[str]]:

@@ -1,6 +1,7 @@
 """What the storage-cost techniques promise: exact outputs under slow simulated storage with
 cancelled and promoted prefetch reads, guesses read only in free storage time and only when worth
-their victim, and 2-bit reads until an expert proves hot."""
+their victim, 2-bit reads until an expert proves hot, skips of misses only, and the lossy
+techniques only while reads are dear."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hobbit_mlx.guess_value import GuessValue
 from hobbit_mlx.loader import runtime_of
 from hobbit_mlx.policies import make_policy
 from hobbit_mlx.precision import ExpertHeat
+from hobbit_mlx.read_cost import ReadCost
 from hobbit_mlx.storage import StorageModel
 from hobbit_mlx.testing.slot_cache import put, slot_cache
 
@@ -121,7 +123,7 @@ def test_four_bit_misses_only_for_hot_experts(tiny_factory, monkeypatch):
     _, dst = tiny_factory("qwen3_moe")
     cold_high_reads = {}
     for upgrade_after in (1.5, 0.0):
-        model, tok = hobbit_mlx.load(dst, expert_residency=0.3, mixed_precision=True,
+        model, tok = hobbit_mlx.load(dst, expert_residency=0.3, mixed_precision=True, adapt_to_storage=False,
                                      prefetch_layers=0, upgrade_after=upgrade_after, progress=False)
         rt = runtime_of(model)
         heat = rt.heat or ExpertHeat({l.layer: l.num_experts for l in rt.manifest.layers}, 1.5)
@@ -156,7 +158,7 @@ def test_skip_drops_only_misses(tiny_factory):
     every expert resident nothing is skipped and the output is the unskipped one; with few
     resident, misses are skipped and fewer bytes are read."""
     _, dst = tiny_factory("qwen3_moe")
-    lossy = dict(mixed_precision=True, t1=0.3, t2=0.5, big_little=False, upgrade_after=0,
+    lossy = dict(mixed_precision=True, adapt_to_storage=False, t1=0.3, t2=0.5, big_little=False, upgrade_after=0,
                  prefetch_layers=0, progress=False)
     tokens = mx.array([[3, 5, 7, 11, 13, 17, 19, 23]])
     outputs, stats = {}, {}
@@ -172,3 +174,51 @@ def test_skip_drops_only_misses(tiny_factory):
     assert stats[True, 0.2]["skipped"] > 0 and stats[False, 0.2]["skipped"] == 0
     assert stats[True, 0.2]["bytes_read"] < stats[False, 0.2]["bytes_read"]
     assert not np.array_equal(outputs[True, 0.2], outputs[False, 0.2])
+
+
+class _FixedReader:
+    def __init__(self, seconds_per_byte: float):
+        self.spb = seconds_per_byte
+
+    def seconds_per_byte(self) -> float:
+        return self.spb
+
+
+def test_read_cost_measures_decode_layer_time():
+    cost = ReadCost(_FixedReader(1e-6), topk_bytes=1000)  # a top-k read takes 1 ms
+    assert cost.dear()  # nothing measured yet: reads are taken to be dear
+    cost.on_sync(10.0, 0.0, 1, decode=True)
+    cost.on_sync(10.004, 0.002, 3, decode=True)  # 2 calls in 4 ms, 2 of them waiting for reads
+    assert cost.layer_seconds == pytest.approx(0.001)
+    cost.on_sync(20.0, 0.002, 4, decode=False)  # a prompt chunk breaks the chain
+    cost.on_sync(21.0, 0.002, 5, decode=True)  # (a pause, not compute: nothing measured)
+    assert cost.layer_seconds == pytest.approx(0.001)
+    cost.on_sync(21.003, 0.002, 6, decode=True)
+    assert cost.layer_seconds == pytest.approx(0.8 * 0.001 + 0.2 * 0.003)
+    assert not cost.dear()  # a 1 ms read against 1.4 ms of compute
+    cost.reader.spb = 1e-5
+    assert cost.dear()
+
+
+@pytest.mark.parametrize("bandwidth, lossy", [(1e6, True), (1e11, False)])
+def test_lossy_techniques_only_while_reads_are_dear(tiny_factory, bandwidth, lossy):
+    """With reads far slower than compute, the defaults read 2-bit copies and run confident tokens
+    little; with reads far faster, they read 4-bit only and run every token big, as exact mode
+    does, unless ``adapt_to_storage`` is off."""
+    _, dst = tiny_factory("qwen3_moe")
+    storage = StorageModel(bandwidth=bandwidth)
+    for adapt in (True, False):
+        model, tok = hobbit_mlx.load(dst, expert_residency=0.3, simulated_storage=storage,
+                                     adapt_to_storage=adapt, little_threshold=0.0,
+                                     progress=False)  # (every token little: random routing)
+        rt = runtime_of(model)
+        hobbit_mlx.generate(model, tok, PROMPT, max_tokens=8)  # compute is measured
+        assert rt.read_cost.layer_seconds > 0 and rt.read_cost.dear() == lossy
+        hobbit_mlx.reset_stats(model)
+        hobbit_mlx.generate(model, tok, PROMPT, max_tokens=8)
+        stats = hobbit_mlx.offload_stats(model)
+        rt.close()
+        used = stats["misses_low"] > 0 and stats["little_token_share"] > 0
+        assert used == (lossy or not adapt), (adapt, stats)
+        if not used:
+            assert stats["misses_low"] == stats["hits_low"] == stats["skipped"] == 0

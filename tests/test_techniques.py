@@ -48,14 +48,14 @@ def _run(dst, **kw):
 def test_mixed_precision_loads_low_copies_on_unimportant_misses(tiny_factory):
     _, dst = tiny_factory("qwen3_moe")
     _, _, exact = _run(dst, expert_residency=0.3, exact=True)
-    _, _, mixed = _run(dst, expert_residency=0.3, mixed_precision=True, t1=0.3, t2=1.0,
+    _, _, mixed = _run(dst, expert_residency=0.3, mixed_precision=True, adapt_to_storage=False, t1=0.3, t2=1.0,
                        big_little=False, upgrade_after=0)
     assert exact["misses_low"] == exact["hits_low"] == 0
     assert mixed["misses_low"] > 0
     assert mixed["bytes_read"] < exact["bytes_read"]
     assert mixed["peak_memory_bytes"] <= mixed["budget_bytes"]
     # t1 = 1: nothing is unimportant enough, so the output is the exact one
-    m1, _ = hobbit_mlx.load(dst, expert_residency=0.3, mixed_precision=True, t1=1.0, t2=1.0,
+    m1, _ = hobbit_mlx.load(dst, expert_residency=0.3, mixed_precision=True, adapt_to_storage=False, t1=1.0, t2=1.0,
                             big_little=False, upgrade_after=0, progress=False)
     m2, _ = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, progress=False)
     tokens = mx.array([[3, 5, 7, 11, 13, 17, 19, 23]])
@@ -65,7 +65,7 @@ def test_mixed_precision_loads_low_copies_on_unimportant_misses(tiny_factory):
 def test_big_little_runs_fewer_experts(tiny_factory):
     _, dst = tiny_factory("olmoe")
     _, _, big = _run(dst, expert_residency=0.0, exact=True)
-    _, _, little = _run(dst, expert_residency=0.0, mixed_precision=False, big_little=True,
+    _, _, little = _run(dst, expert_residency=0.0, mixed_precision=False, big_little=True, adapt_to_storage=False,
                         little_threshold=0.0)
     assert little["little_token_share"] == 1.0
     assert little["bytes_read"] < big["bytes_read"]

@@ -1,0 +1,54 @@
+"""How dear a read is next to a layer's compute, measured while the model runs.
+
+Mixed precision, skip and big-little trade a little quality for fewer bytes read. They pay only
+while reads are dear: under a Mac's SSD one token's top-k reads take about 12x its resident
+compute, on a warm page cache about 1/20 of it, and there the lossy techniques cost speed (a
+second expert run per call, a host sync per layer) and quality for nothing. ``ReadCost``
+measures both sides -- the wall time of a decode layer call between host syncs, less the time
+spent waiting for reads, and the reader's time per byte -- so the runtime can use the lossy
+techniques only while one layer's top-k 4-bit reads would take longer than the layer computes.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+SMOOTHING = 0.2  # weight of the newest measurement in the moving average
+MAX_LAYER_SECONDS = 0.1  # a gap longer than this is a pause (the user, a new prompt), not compute
+
+
+class _Reader(Protocol):
+    def seconds_per_byte(self) -> float: ...
+
+
+class ReadCost:
+    """Measured compute per decode layer call, and whether a layer's top-k reads cost more."""
+
+    def __init__(self, reader: _Reader, topk_bytes: int, threshold: float = 1.0):
+        self.reader = reader
+        self.topk_bytes = topk_bytes  # one layer call's top-k experts at 4-bit, one token
+        self.threshold = threshold
+        self.layer_seconds = 0.0  # moving average; 0 until two decode syncs were seen
+        self._last: tuple[float, float, int] | None = None  # (time, read wait, layer calls)
+
+    def on_sync(self, now: float, read_wait_s: float, layer_calls: int, decode: bool) -> None:
+        """A synced layer call at ``now``: the layer calls since the last synced decode call took
+        the time between them, less what they waited for reads. Prefill calls do not count
+        (a chunk computes many tokens) and break the chain."""
+        if not decode:
+            self._last = None
+            return
+        if self._last is not None and layer_calls > self._last[2]:
+            busy = (now - self._last[0] - (read_wait_s - self._last[1])) / (layer_calls - self._last[2])
+            busy = min(max(busy, 0.0), MAX_LAYER_SECONDS)
+            self.layer_seconds += SMOOTHING * (busy - self.layer_seconds) if self.layer_seconds \
+                else busy
+        self._last = (now, read_wait_s, layer_calls)
+
+    def read_seconds(self) -> float:
+        """What reading one layer call's top-k experts in 4-bit would take, as measured lately."""
+        return self.reader.seconds_per_byte() * self.topk_bytes
+
+    def dear(self) -> bool:
+        """Reads cost more than compute (true until compute has been measured)."""
+        return self.layer_seconds == 0.0 or self.read_seconds() > self.threshold * self.layer_seconds
