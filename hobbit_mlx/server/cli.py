@@ -111,7 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model_id = args.served_model_name or args.model or REFERENCE_ID
     worker = Worker(load, model_id)
-    worker.start()
+    try:
+        worker.start()
+    except BaseException:
+        sock.close()
+        raise
     names = {"default_model", str(worker.model_dir), Path(worker.model_dir).name}
     if args.model:
         names.add(args.model)

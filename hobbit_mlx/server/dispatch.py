@@ -4,7 +4,7 @@ one JSON response or a stream of server-sent events.
 
 A client that disconnects cancels its job, whether it is still queued or generating (the
 generation thread checks between tokens and between prefill chunks), so the queue moves on.
-Each request ends with one log line: status, tokens, speed, served rate, bytes read, peak memory.
+A request refused here is logged here; the generation thread logs every other one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from ..budget import format_size
 from .errors import ApiError, bad_request
 from .params import Defaults, Generation
 from .prompts import Template
-from .tally import describe
 from .worker import Failed, Finished, Job, Piece, Worker
 
 log = logging.getLogger("hobbit_mlx.server")
@@ -120,9 +119,9 @@ class Dispatcher:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(prompt, gen, max_tokens, emit)
+        job = Job(prompt, gen, max_tokens, emit, label=f"{request.method} {request.url.path}",
+                  name=fmt.id)
         self.worker.submit(job)
-        where, name = f"{request.method} {request.url.path}", fmt.id
         try:
             async with watching(request, job):
                 first = await events.get()
@@ -130,10 +129,9 @@ class Dispatcher:
             job.cancel()
             raise
         if isinstance(first, Failed):
-            self._log(where, first.error.status, name, job, first)
             return JSONResponse(fmt.error_body(first.error), status_code=first.error.status)
         if gen.stream:
-            return StreamingResponse(self._stream(first, events, job, fmt, where, name),
+            return StreamingResponse(self._stream(first, events, job, fmt),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         pieces, event = [], first
@@ -145,14 +143,11 @@ class Dispatcher:
         finally:
             job.cancel()  # a no-op once it has finished
         if isinstance(event, Failed):
-            self._log(where, event.error.status, name, job, event)
             return JSONResponse(fmt.error_body(event.error), status_code=event.error.status)
-        self._log(where, 200, name, job, event)
         return JSONResponse(fmt.response(pieces, event))
 
-    async def _stream(self, event, events: asyncio.Queue, job: Job, fmt: Format, where: str,
-                      name: str) -> AsyncIterator[str]:
-        end = None
+    async def _stream(self, event, events: asyncio.Queue, job: Job,
+                      fmt: Format) -> AsyncIterator[str]:
         try:
             for chunk in fmt.stream_start():
                 yield chunk
@@ -160,7 +155,6 @@ class Dispatcher:
                 for chunk in fmt.stream_piece(event):
                     yield chunk
                 event = await events.get()
-            end = event
             if isinstance(event, Failed):
                 for chunk in fmt.stream_error(event.error):
                     yield chunk
@@ -169,19 +163,6 @@ class Dispatcher:
                     yield chunk
         finally:  # also when the client went away (the response task is cancelled)
             job.cancel()
-            if end is None:
-                end = Finished("cancelled", None, None)
-            status = end.error.status if isinstance(end, Failed) else 200
-            self._log(where, status, name, job, end)
-
-    def _log(self, where: str, status: int, name: str, job: Job, end) -> None:
-        stats = end.stats
-        head = f"{where} {status} {name}"
-        if isinstance(end, Failed):
-            head += f" {end.error.type}: {end.error.message}"
-        else:
-            head += f" {end.finish_reason}"
-        log.info("%s%s", head, f": {describe(stats)}" if stats else "")
 
     def refused(self, request: Request, error: ApiError) -> None:
         """A request answered with an error before it was queued: counted and logged."""

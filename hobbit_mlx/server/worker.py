@@ -25,7 +25,7 @@ from ..store import StoreError
 from .errors import ApiError
 from .params import Generation
 from .stops import StopMatcher
-from .tally import Tally, request_stats
+from .tally import Tally, describe, request_stats
 
 log = logging.getLogger("hobbit_mlx.server")
 
@@ -70,6 +70,8 @@ class Job:
     generation: Generation
     max_tokens: int
     emit: Callable[[Event], None]
+    label: str = ""  # for the log line: "POST /v1/chat/completions"
+    name: str = ""  # the response's id
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -182,8 +184,7 @@ class Worker:
         import hobbit_mlx
 
         if job.cancelled.is_set():  # the client left while the job waited in the queue
-            self.tally.record("cancelled", None)
-            job.emit(Finished("cancelled", None, None))
+            self._end(job, Finished("cancelled", None, None))
             return
         gen, s = job.generation, job.generation.sampling
         hobbit_mlx.reset_stats(self.model)
@@ -220,15 +221,23 @@ class Worker:
             error = api_error(e)
             if error.status >= 500 and error.code == "internal_error":
                 log.exception("generation failed")
-            stats = self._stats(job, last, n, t0)
-            self.tally.record("failed", stats, id=job.id, error=error.message)
-            job.emit(Failed(error, stats))
+            self._end(job, Failed(error, self._stats(job, last, n, t0)))
             return
-        finish = finish or "length"
-        stats = self._stats(job, last, n, t0)
-        self.tally.record("cancelled" if finish == "cancelled" else "served", stats, id=job.id,
-                          finish_reason=finish)
-        job.emit(Finished(finish, stops.matched, stats))
+        self._end(job, Finished(finish or "length", stops.matched, self._stats(job, last, n, t0)))
+
+    def _end(self, job: Job, end: Finished | Failed) -> None:
+        """Count the request, write its log line, and tell its handler (in that order, so the
+        line is written before the client has its answer)."""
+        stats = end.stats
+        if isinstance(end, Failed):
+            self.tally.record("failed", stats, id=job.id, error=end.error.message)
+            head = f"{job.label} {end.error.status} {job.name} {end.error.type}: {end.error.message}"
+        else:
+            outcome = "cancelled" if end.finish_reason == "cancelled" else "served"
+            self.tally.record(outcome, stats, id=job.id, finish_reason=end.finish_reason)
+            head = f"{job.label} 200 {job.name} {end.finish_reason}"
+        log.info("%s%s", head, f": {describe(stats)}" if stats else "")
+        job.emit(end)
 
     def _sampling(self, s):
         import mlx.core as mx
