@@ -5,6 +5,7 @@ cache holds."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -331,35 +332,59 @@ def test_client_disconnect_stops_generation_and_the_queue_moves_on(server, clien
     assert 3 <= generated < 1000, line
 
 
-def test_expert_store_failure_is_a_5xx_for_that_request_only(server, client):
+@contextlib.contextmanager
+def corrupted_store(server):
+    """Every expert record's bytes flipped in place (same size: a read never sees a short
+    file), then restored. The server checks every read's checksum (``--verify always``)."""
     from hobbit_mlx.store import STORE_DIR, manifest_path
 
     model_dir = Path(server.stats()["model_dir"])
     files = [f for f in (model_dir / STORE_DIR).rglob("*")
              if f.is_file() and f != manifest_path(model_dir)]
     saved = {f: f.read_bytes() for f in files}
-    prompt = "def fibonacci(n):\n    "
-    expected = complete(client, prompt, max_tokens=12)
-    failed = server.stats()["requests_failed"]
     try:
         for f, data in saved.items():  # keep the headers, flip the expert bytes
             bad = bytearray(data)
             for i in range(len(bad) // 2, len(bad), 61):
                 bad[i] ^= 0xFF
-            f.write_bytes(bytes(bad))
-        for stream in (False, True):
+            with open(f, "r+b") as out:
+                out.write(bytes(bad))
+        yield
+    finally:
+        for f, data in saved.items():
+            with open(f, "r+b") as out:
+                out.write(data)
+
+
+def test_expert_store_failure_is_a_5xx_for_that_request_only(server, client):
+    prompt = "def fibonacci(n):\n    "
+    expected = complete(client, prompt, max_tokens=12)
+    failed = server.stats()["requests_failed"]
+    with corrupted_store(server):
+        for stream in (False, True):  # fails in the prefill: an error status, no stream
             with pytest.raises(openai.InternalServerError) as e:
                 response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
                                                      temperature=0, stream=stream)
                 list(response) if stream else None
             assert "checksum mismatch" in e.value.message
             assert e.value.body["code"] == "expert_store_error"
-    finally:
-        for f, data in saved.items():
-            f.write_bytes(data)
     assert server.stats()["requests_failed"] == failed + 2
     assert complete(client, prompt, max_tokens=12) == expected  # served, and still exact
     assert server.request("/health")[0] == 200
+
+
+def test_expert_store_failure_mid_stream_ends_the_stream_with_an_error_event(server, client):
+    failed = server.stats()["requests_failed"]
+    chunks = iter(client.completions.create(model=MODEL, prompt="import os\n", max_tokens=1000,
+                                            temperature=0, stream=True))
+    next(chunks), next(chunks)  # streaming: the status was 200
+    with corrupted_store(server), pytest.raises(openai.APIError) as e:
+        for _ in chunks:
+            pass
+    assert "checksum mismatch" in e.value.message
+    assert e.value.body["code"] == "expert_store_error"
+    assert server.stats()["requests_failed"] == failed + 1
+    assert complete(client, "def add(a, b):", max_tokens=4)
 
 
 def test_one_log_line_per_request(server, client):
