@@ -83,6 +83,20 @@ class _Cancelled(Exception):
     """Raised from mlx-lm's prompt-progress callback to stop a prefill nobody waits for."""
 
 
+def _own_stream() -> dict:
+    """This thread's default stream, passed to mlx-lm's generation (as ``mlx_lm.server`` does),
+    so that the stream generation runs on is the one this thread owns. An older mlx-lm takes no
+    ``stream`` and uses its own module stream."""
+    import inspect
+
+    import mlx.core as mx
+    import mlx_lm
+
+    if "stream" not in inspect.signature(mlx_lm.stream_generate).parameters:
+        return {}
+    return {"stream": mx.default_stream(mx.default_device())}
+
+
 def context_limit(plan) -> int:
     """The longest context (prompt + generated tokens) the memory budget holds beside a prefill
     chunk of the smallest measured size: a longer one would fail part way."""
@@ -164,6 +178,7 @@ class Worker:
             self.context_limit = context_limit(rt.plan)
             self.tally = Tally(self.model_id, rt.plan.budget_bytes, self.context_limit)
             self._special = list(self.tokenizer.encode("\n")) + list(self.tokenizer.eos_token_ids)
+            self._stream = _own_stream()
         except BaseException as e:  # reported by start()
             self.error = e
             self._ready.set()
@@ -201,7 +216,7 @@ class Worker:
             for r in hobbit_mlx.stream_generate(
                     self.model, self.tokenizer, job.prompt, max_tokens=job.max_tokens,
                     sampler=sampler, logits_processors=processors,
-                    prompt_progress_callback=progress):
+                    prompt_progress_callback=progress, **self._stream):
                 n, last = n + 1, r
                 text, stopped = stops.feed(r.text)
                 if r.finish_reason is not None and not stopped:
