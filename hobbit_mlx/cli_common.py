@@ -314,7 +314,10 @@ def load_model(args: argparse.Namespace):
     from . import load
 
     _check_model_path(args.model)
-    tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else None
+    tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else {}
+    if getattr(args, "chat_template", None):  # the server's --chat-template
+        tokenizer_config["chat_template"] = args.chat_template
+    tokenizer_config = tokenizer_config or None
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):

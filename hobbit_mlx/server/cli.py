@@ -1,0 +1,143 @@
+"""``python -m hobbit_mlx.server``: the flags, loading the model, and running the HTTP server.
+
+Flags follow ``mlx_lm.server`` (``--model``, ``--host``, ``--port``, ``--chat-template``,
+``--chat-template-args``, ``--use-default-chat-template``, ``--allowed-origins``,
+``--log-level``, and the sampling defaults) plus every ``hobbit_mlx.load`` option, shared with
+``python -m hobbit_mlx.generate``. Bad flags, a port that is taken or a model that does not load
+end the program with one ``error:`` line and exit status 2, before anything is served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .. import cli_common as cli
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_TOKENS = 512
+REFERENCE_ID = "hobbit_mlx/reference_model"
+
+log = logging.getLogger("hobbit_mlx.server")
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hobbit_mlx.server",
+        description="An OpenAI- and Anthropic-compatible HTTP server for an MoE model larger "
+                    "than memory: experts stream from storage under one memory budget.")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="Address to listen on (default: %(default)s).")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help="Port to listen on; 0 picks a free one (default: %(default)s).")
+    g.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="The model id /v1/models reports and requests may name (default: "
+                        "--model as given).")
+    g.add_argument("--allowed-origins", type=lambda x: x.split(","), default=["*"],
+                   help="Comma-separated origins allowed by CORS (default: *).")
+    g.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="Logging level; INFO logs one line per request (default: %(default)s).")
+    cli.add_model_args(parser)
+    cli.add_sampling_args(parser, default_max_tokens=DEFAULT_MAX_TOKENS)
+    cli.add_template_args(parser)
+    t = parser.add_argument_group("chat template (server)")
+    t.add_argument("--chat-template", default=None,
+                   help="A chat template (Jinja text, or a file holding it) replacing the "
+                        "tokenizer's.")
+    t.add_argument("--chat-template-args", dest="chat_template_config", default=None,
+                   metavar="JSON",
+                   help="mlx_lm.server's name for --chat-template-config: a JSON object of "
+                        "arguments for apply_chat_template, e.g. '{\"enable_thinking\":false}'.")
+    return parser
+
+
+def check_server_args(args: argparse.Namespace) -> None:
+    cli.check_args(args)
+    if not 0 <= args.port <= 65535:
+        raise cli.CLIError(f"--port must be between 0 and 65535, not {args.port}")
+    if args.chat_template is not None:
+        path = Path(args.chat_template).expanduser()
+        if "{" not in args.chat_template and path.is_file():
+            args.chat_template = path.read_text()
+    cli.technique_options(args)  # its checks, before the model loads
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so a taken port fails fast."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise cli.CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .dispatch import Dispatcher
+    from .params import Defaults
+    from .prompts import Template
+    from .worker import Worker
+
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    check_server_args(args)
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    sock = bind(args.host, args.port)
+
+    def load():  # on the generation thread
+        model, tokenizer, _ = cli.load_model(args)
+        if args.use_default_chat_template:
+            cli.use_default_template(tokenizer)
+        return model, tokenizer
+
+    model_id = args.served_model_name or args.model or REFERENCE_ID
+    worker = Worker(load, model_id)
+    try:
+        worker.start()
+    except BaseException:
+        sock.close()
+        raise
+    names = {"default_model", str(worker.model_dir), Path(worker.model_dir).name}
+    if args.model:
+        names.add(args.model)
+    defaults = Defaults(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
+                        top_k=args.top_k, min_p=args.min_p,
+                        min_tokens_to_keep=args.min_tokens_to_keep,
+                        xtc_probability=args.xtc_probability, xtc_threshold=args.xtc_threshold,
+                        repetition_penalty=args.repetition_penalty,
+                        repetition_context_size=args.repetition_context_size, seed=args.seed)
+    template = Template(use_template=not args.ignore_chat_template,
+                        system_prompt=args.system_prompt, kwargs=args.chat_template_kwargs)
+    options = cli.technique_options(args)
+    options.update(memory_budget=args.memory_budget, expert_residency=args.expert_residency)
+    info = {"model_dir": str(worker.model_dir), "options": options}
+    dispatcher = Dispatcher(worker, template, defaults, names, info)
+    app = create_app(dispatcher, args.allowed_origins)
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                            log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    log.info("serving %s (context limit %d tokens) at %s", model_id, worker.context_limit,
+             _url(sock))
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        worker.stop()
+    return 0

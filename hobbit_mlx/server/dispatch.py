@@ -1,0 +1,172 @@
+"""Between the HTTP handlers (asyncio) and the generation thread: a request's prompt is
+tokenized, checked against the context the budget holds, queued, and its events become either
+one JSON response or a stream of server-sent events.
+
+A client that disconnects cancels its job, whether it is still queued or generating (the
+generation thread checks between tokens and between prefill chunks), so the queue moves on.
+A request refused here is logged here; the generation thread logs every other one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from typing import Any, AsyncIterator, Callable, Protocol
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..budget import format_size
+from .errors import ApiError, bad_request
+from .params import Defaults, Generation
+from .prompts import Template
+from .worker import Failed, Finished, Job, Piece, Worker
+
+log = logging.getLogger("hobbit_mlx.server")
+
+
+class Format(Protocol):
+    """How one API writes a generation: a JSON response, or server-sent events."""
+
+    id: str
+
+    def error_body(self, error: ApiError) -> dict: ...
+    def response(self, pieces: list[Piece], end: Finished) -> dict: ...
+    def stream_start(self) -> list[str]: ...
+    def stream_piece(self, piece: Piece) -> list[str]: ...
+    def stream_end(self, end: Finished) -> list[str]: ...
+    def stream_error(self, error: ApiError) -> list[str]: ...
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    """One server-sent event (``event:`` line only where the API names its events)."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON ({e})") from None
+
+
+@contextlib.asynccontextmanager
+async def watching(request: Request, job: Job):
+    """Cancel ``job`` if the client disconnects while the block runs."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.cancel()
+                return
+
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+class Dispatcher:
+    """Shared by every endpoint: the worker, the tokenizer, the defaults of the flags."""
+
+    def __init__(self, worker: Worker, template: Template, defaults: Defaults,
+                 model_names: set[str], info: dict | None = None):
+        self.worker, self.template, self.defaults = worker, template, defaults
+        self.model_id = worker.model_id
+        self.model_names = model_names | {worker.model_id}
+        self.info = info or {}
+        self._tokenizer_lock = threading.Lock()
+
+    @property
+    def context_limit(self) -> int:
+        return self.worker.context_limit
+
+    async def tokenize(self, fn: Callable[..., list[int]], *args, **kwargs) -> list[int]:
+        """``fn(tokenizer, *args)`` off the event loop (long prompts take a while)."""
+
+        def run() -> list[int]:
+            with self._tokenizer_lock:
+                return fn(self.worker.tokenizer, *args, **kwargs)
+
+        return await anyio.to_thread.run_sync(run)
+
+    def room(self, prompt: list[int], gen: Generation, param: str) -> int:
+        """Tokens the reply may take; a prompt that leaves none is refused before it is queued."""
+        limit = self.context_limit
+        if len(prompt) >= limit:
+            budget = format_size(self.worker.tally.budget_bytes)
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens, but the memory budget of "
+                                f"{budget} holds at most {limit} tokens of context (prompt and "
+                                f"reply together)", param=param, code="context_length_exceeded")
+        return min(gen.max_tokens, limit - len(prompt))
+
+    async def run(self, request: Request, prompt: list[int], gen: Generation, fmt: Format,
+                  param: str) -> Response:
+        """Queue the generation and answer with its JSON response or its event stream."""
+        max_tokens = self.room(prompt, gen, param)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event) -> None:  # called on the generation thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(prompt, gen, max_tokens, emit, label=f"{request.method} {request.url.path}",
+                  name=fmt.id)
+        self.worker.submit(job)
+        try:
+            async with watching(request, job):
+                first = await events.get()
+        except BaseException:
+            job.cancel()
+            raise
+        if isinstance(first, Failed):
+            return JSONResponse(fmt.error_body(first.error), status_code=first.error.status)
+        if gen.stream:
+            return StreamingResponse(self._stream(first, events, job, fmt),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        pieces, event = [], first
+        try:
+            async with watching(request, job):
+                while isinstance(event, Piece):
+                    pieces.append(event)
+                    event = await events.get()
+        finally:
+            job.cancel()  # a no-op once it has finished
+        if isinstance(event, Failed):
+            return JSONResponse(fmt.error_body(event.error), status_code=event.error.status)
+        return JSONResponse(fmt.response(pieces, event))
+
+    async def _stream(self, event, events: asyncio.Queue, job: Job,
+                      fmt: Format) -> AsyncIterator[str]:
+        try:
+            for chunk in fmt.stream_start():
+                yield chunk
+            while isinstance(event, Piece):
+                for chunk in fmt.stream_piece(event):
+                    yield chunk
+                event = await events.get()
+            if isinstance(event, Failed):
+                for chunk in fmt.stream_error(event.error):
+                    yield chunk
+            elif event.finish_reason != "cancelled":
+                for chunk in fmt.stream_end(event):
+                    yield chunk
+        finally:  # also when the client went away (the response task is cancelled)
+            job.cancel()
+
+    def refused(self, request: Request, error: ApiError) -> None:
+        """A request answered with an error before it was queued: counted and logged."""
+        if self.worker.tally is not None:
+            self.worker.tally.refused()
+        log.info("%s %s %d %s: %s", request.method, request.url.path, error.status, error.type,
+                 error.message)

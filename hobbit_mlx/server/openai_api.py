@@ -1,0 +1,163 @@
+"""The OpenAI API: ``/v1/chat/completions`` and ``/v1/completions``, streamed or not.
+
+The shapes follow the OpenAI API reference: ``chat.completion`` / ``chat.completion.chunk`` and
+``text_completion`` objects, ``usage``, ``logprobs``; a stream is ``data:`` events ended by
+``data: [DONE]``, with a final usage chunk when ``stream_options.include_usage`` is set.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .dispatch import Dispatcher, read_json, sse
+from .errors import ApiError, bad_request
+from .params import Fields, Generation, check_body, check_model, openai_generation
+from .prompts import chat_tokens, completion_tokens, openai_messages
+from .worker import Finished, Piece
+
+FINGERPRINT = "hobbit_mlx"
+
+
+def usage(end: Finished) -> dict:
+    s = end.stats or {}
+    prompt, completion = s.get("prompt_tokens", 0), s.get("generation_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def finish_reason(end: Finished) -> str:
+    return "length" if end.finish_reason == "length" else "stop"
+
+
+class _Base:
+    object = ""
+    prefix = ""
+
+    def __init__(self, model: str, gen: Generation):
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model, self.gen = model, gen
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": FINGERPRINT}
+
+    def error_body(self, error: ApiError) -> dict:
+        return error.openai_body()
+
+    def stream_error(self, error: ApiError) -> list[str]:
+        return [sse(error.openai_body())]  # the openai client raises it as an APIError
+
+    def _usage_chunk(self, end: Finished) -> list[str]:
+        if not self.gen.include_usage:
+            return []
+        return [sse(dict(self.head(self.chunk_object), choices=[], usage=usage(end)))]
+
+
+class ChatFormat(_Base):
+    prefix = "chatcmpl"
+    chunk_object = "chat.completion.chunk"
+
+    def _logprobs(self, pieces: list[Piece]) -> dict | None:
+        if not self.gen.logprobs:
+            return None
+
+        def entry(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        return {"content": [dict(entry(p.token_text or "", p.logprob),
+                                 top_logprobs=[entry(t, v) for t, v in p.top_logprobs or ()])
+                            for p in pieces]}
+
+    def response(self, pieces: list[Piece], end: Finished) -> dict:
+        text = "".join(p.text for p in pieces)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": self._logprobs(pieces), "finish_reason": finish_reason(end)}
+        return dict(self.head("chat.completion"), choices=[choice], usage=usage(end))
+
+    def _chunk(self, delta: dict, finish: str | None = None, pieces: list[Piece] = ()) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(list(pieces)),
+                  "finish_reason": finish}
+        return sse(dict(self.head(self.chunk_object), choices=[choice]))
+
+    def stream_start(self) -> list[str]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def stream_piece(self, piece: Piece) -> list[str]:
+        if not piece.text and not self.gen.logprobs:
+            return []
+        return [self._chunk({"content": piece.text}, pieces=[piece])]
+
+    def stream_end(self, end: Finished) -> list[str]:
+        return [self._chunk({}, finish_reason(end)), *self._usage_chunk(end), sse("[DONE]")]
+
+
+class CompletionFormat(_Base):
+    prefix = "cmpl"
+    chunk_object = "text_completion"
+
+    def _logprobs(self, pieces: list[Piece], offset: int = 0) -> dict | None:
+        if not self.gen.logprobs:
+            return None
+        offsets, at = [], offset
+        for p in pieces:
+            offsets.append(at)
+            at += len(p.token_text or "")
+        return {"tokens": [p.token_text for p in pieces],
+                "token_logprobs": [p.logprob for p in pieces],
+                "top_logprobs": [dict(p.top_logprobs or ()) for p in pieces]
+                if self.gen.top_logprobs else None,
+                "text_offset": offsets}
+
+    def response(self, pieces: list[Piece], end: Finished) -> dict:
+        choice = {"index": 0, "text": "".join(p.text for p in pieces),
+                  "logprobs": self._logprobs(pieces), "finish_reason": finish_reason(end)}
+        return dict(self.head("text_completion"), choices=[choice], usage=usage(end))
+
+    def _chunk(self, text: str, finish: str | None = None, pieces: list[Piece] = ()) -> str:
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs(list(pieces)),
+                  "finish_reason": finish}
+        return sse(dict(self.head(self.chunk_object), choices=[choice]))
+
+    def stream_start(self) -> list[str]:
+        return []
+
+    def stream_piece(self, piece: Piece) -> list[str]:
+        if not piece.text and not self.gen.logprobs:
+            return []
+        return [self._chunk(piece.text, pieces=[piece])]
+
+    def stream_end(self, end: Finished) -> list[str]:
+        return [self._chunk("", finish_reason(end)), *self._usage_chunk(end), sse("[DONE]")]
+
+
+async def chat_completions(request: Request) -> Response:
+    d: Dispatcher = request.app.state.dispatcher
+    body = check_body(await read_json(request))
+    check_model(body, d.model_names, d.model_id)
+    gen = openai_generation(body, d.defaults, d.context_limit, chat=True)
+    messages = openai_messages(body)
+    f = Fields(body)
+    tools = body.get("tools") or None
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request("tools must be a list", "tools")
+    prompt = await d.tokenize(chat_tokens, messages, d.template, tools=tools,
+                              template_kwargs=f.object("chat_template_kwargs"))
+    fmt = ChatFormat(d.model_id, gen)
+    return await d.run(request, prompt, gen, fmt, "messages")
+
+
+async def completions(request: Request) -> Response:
+    d: Dispatcher = request.app.state.dispatcher
+    body = check_body(await read_json(request))
+    check_model(body, d.model_names, d.model_id)
+    gen = openai_generation(body, d.defaults, d.context_limit, chat=False)
+    if Fields(body).boolean("echo", False):
+        raise bad_request("echo is not supported", "echo")
+    prompt = await d.tokenize(completion_tokens, body)
+    fmt = CompletionFormat(d.model_id, gen)
+    return await d.run(request, prompt, gen, fmt, "prompt")

@@ -1,0 +1,303 @@
+"""The generation thread: the one thread that runs MLX. It loads the model, then serves the
+queued requests one at a time, in the order they came.
+
+MLX streams are thread-local (since MLX 0.31.2): a stream made on one thread fails on another
+with "There is no Stream(..) in current thread", on the CPU backend too. So the model is loaded
+here, every generation runs here (mlx-lm's generation stream is one per thread), and so do the
+statistics, which evaluate router outputs. HTTP handlers only queue jobs and read the events a
+job emits. One request at a time is also what keeps a greedy request's text independent of the
+others: the expert pools, the budget plan and the per-sequence policy state belong to one
+sequence at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..budget import BudgetError, ContextBudgetError
+from ..store import StoreError
+from .errors import ApiError
+from .params import Generation
+from .stops import StopMatcher
+from .tally import Tally, describe, request_stats
+
+log = logging.getLogger("hobbit_mlx.server")
+
+
+@dataclass
+class Piece:
+    """One generated token and the text it releases (empty while a stop sequence may begin)."""
+
+    text: str
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[str, float]] | None = None
+    token_text: str | None = None
+
+
+@dataclass
+class Finished:
+    """Generation ended: ``stop`` (end of sequence or a stop sequence), ``length`` or
+    ``cancelled`` (the client went away)."""
+
+    finish_reason: str
+    stop_sequence: str | None
+    stats: dict | None
+
+
+@dataclass
+class Failed:
+    """Generation failed; the request ends with this error (the server goes on)."""
+
+    error: ApiError
+    stats: dict | None = None
+
+
+Event = Piece | Finished | Failed
+
+
+@dataclass
+class Job:
+    """One request's generation: its prompt, settings, and where its events go."""
+
+    prompt: list[int]
+    generation: Generation
+    max_tokens: int
+    emit: Callable[[Event], None]
+    label: str = ""  # for the log line: "POST /v1/chat/completions"
+    name: str = ""  # the response's id
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Cancelled(Exception):
+    """Raised from mlx-lm's prompt-progress callback to stop a prefill nobody waits for."""
+
+
+def _own_stream() -> dict:
+    """This thread's default stream, passed to mlx-lm's generation (as ``mlx_lm.server`` does),
+    so that the stream generation runs on is the one this thread owns. An older mlx-lm takes no
+    ``stream`` and uses its own module stream."""
+    import inspect
+
+    import mlx.core as mx
+    import mlx_lm
+
+    if "stream" not in inspect.signature(mlx_lm.stream_generate).parameters:
+        return {}
+    return {"stream": mx.default_stream(mx.default_device())}
+
+
+def context_limit(plan) -> int:
+    """The longest context (prompt + generated tokens) the memory budget holds beside a prefill
+    chunk of the smallest measured size: a longer one would fail part way."""
+    return plan.max_context(plan.activation_points[0][0])
+
+
+def api_error(e: BaseException) -> ApiError:
+    """The HTTP error for a failure during generation."""
+    if isinstance(e, ContextBudgetError):
+        return ApiError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, StoreError):
+        return ApiError(500, f"expert store error: {e}", code="expert_store_error")
+    if isinstance(e, OSError):
+        return ApiError(500, f"expert store I/O error: {e}", code="expert_store_error")
+    if isinstance(e, BudgetError):
+        return ApiError(500, f"memory budget: {e}", code="memory_budget")
+    return ApiError(500, f"generation failed: {type(e).__name__}: {e}", code="internal_error")
+
+
+class Worker:
+    """Owns the model; ``load`` runs on its thread and returns ``(model, tokenizer)``."""
+
+    def __init__(self, load: Callable[[], tuple[Any, Any]], model_id: str):
+        self._load = load
+        self.model_id = model_id
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="hobbit-generation", daemon=True)
+        self._ready = threading.Event()
+        self.error: BaseException | None = None
+        self.busy = False
+        self.model = self.tokenizer = None
+        self.context_limit = 0
+        self.model_dir = None
+        self.tally: Tally | None = None
+
+    # --- called from other threads -----------------------------------------------------------
+    def start(self) -> None:
+        """Start the thread and wait until the model is loaded; a load error is raised here."""
+        self.thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.error is None
+
+    @property
+    def queued(self) -> int:
+        return self.jobs.qsize()
+
+    def submit(self, job: Job) -> None:
+        if not self.alive:
+            raise ApiError(503, "the generation thread is not running", code="unavailable")
+        self.jobs.put(job)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Let the current job finish, drop the queued ones, end the thread."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+                job.emit(Finished("cancelled", None, None))
+        self.jobs.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    # --- the generation thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            from ..loader import runtime_of
+
+            self.model, self.tokenizer = self._load()
+            rt = runtime_of(self.model)
+            self.model_dir = rt.model_dir
+            self.context_limit = context_limit(rt.plan)
+            self.tally = Tally(self.model_id, rt.plan.budget_bytes, self.context_limit)
+            self._special = list(self.tokenizer.encode("\n")) + list(self.tokenizer.eos_token_ids)
+            self._stream = _own_stream()
+        except BaseException as e:  # reported by start()
+            self.error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        while (job := self.jobs.get()) is not None:
+            self.busy = True
+            try:
+                self._serve(job)
+            except BaseException as e:  # a bug here must not end the thread
+                log.exception("generation thread: unexpected error")
+                job.emit(Failed(api_error(e)))
+            finally:
+                self.busy = False
+        rt.reader.close()
+
+    def _serve(self, job: Job) -> None:
+        import hobbit_mlx
+
+        if job.cancelled.is_set():  # the client left while the job waited in the queue
+            self._end(job, Finished("cancelled", None, None))
+            return
+        gen, s = job.generation, job.generation.sampling
+        hobbit_mlx.reset_stats(self.model)
+        sampler, processors = self._sampling(s)
+        stops = StopMatcher(gen.stop)
+        finish, last, n = None, None, 0
+        t0 = time.perf_counter()
+
+        def progress(_done: int, _total: int) -> None:
+            if job.cancelled.is_set():
+                raise _Cancelled()
+
+        try:
+            for r in hobbit_mlx.stream_generate(
+                    self.model, self.tokenizer, job.prompt, max_tokens=job.max_tokens,
+                    sampler=sampler, logits_processors=processors,
+                    prompt_progress_callback=progress, **self._stream):
+                n, last = n + 1, r
+                text, stopped = stops.feed(r.text)
+                if r.finish_reason is not None and not stopped:
+                    text += stops.flush()
+                job.emit(self._piece(text, r, gen))
+                if stopped:
+                    finish = "stop"
+                elif r.finish_reason is not None:
+                    finish = r.finish_reason
+                elif job.cancelled.is_set():
+                    finish = "cancelled"
+                if finish is not None:
+                    break
+        except _Cancelled:
+            finish = "cancelled"
+        except Exception as e:
+            error = api_error(e)
+            if error.status >= 500 and error.code == "internal_error":
+                log.exception("generation failed")
+            self._end(job, Failed(error, self._stats(job, last, n, t0)))
+            return
+        self._end(job, Finished(finish or "length", stops.matched, self._stats(job, last, n, t0)))
+
+    def _end(self, job: Job, end: Finished | Failed) -> None:
+        """Count the request, write its log line, and tell its handler (in that order, so the
+        line is written before the client has its answer)."""
+        stats = end.stats
+        if isinstance(end, Failed):
+            self.tally.record("failed", stats, id=job.id, error=end.error.message)
+            head = f"{job.label} {end.error.status} {job.name} {end.error.type}: {end.error.message}"
+        else:
+            outcome = "cancelled" if end.finish_reason == "cancelled" else "served"
+            self.tally.record(outcome, stats, id=job.id, finish_reason=end.finish_reason)
+            head = f"{job.label} 200 {job.name} {end.finish_reason}"
+        log.info("%s%s", head, f": {describe(stats)}" if stats else "")
+        job.emit(end)
+
+    def _sampling(self, s):
+        import mlx.core as mx
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        if s.seed is not None:
+            mx.random.seed(s.seed)
+        sampler = make_sampler(s.temperature, s.top_p, s.min_p, s.min_tokens_to_keep,
+                               top_k=s.top_k, xtc_probability=s.xtc_probability,
+                               xtc_threshold=s.xtc_threshold, xtc_special_tokens=self._special)
+        penalties = {}
+        if s.presence_penalty:
+            penalties.update(presence_penalty=s.presence_penalty,
+                             presence_context_size=s.presence_context_size)
+        if s.frequency_penalty:
+            penalties.update(frequency_penalty=s.frequency_penalty,
+                             frequency_context_size=s.frequency_context_size)
+        processors = make_logits_processors(s.logit_bias, s.repetition_penalty,
+                                            s.repetition_context_size, **penalties)
+        return sampler, processors
+
+    def _piece(self, text: str, r, gen: Generation) -> Piece:
+        if not gen.logprobs:
+            return Piece(text, r.token)
+        import mlx.core as mx
+
+        lp = r.logprobs
+        top = None
+        if gen.top_logprobs:
+            k = min(gen.top_logprobs, lp.shape[-1])
+            ids = mx.argpartition(-lp, kth=k - 1)[:k]
+            pairs = sorted(zip(ids.tolist(), lp[ids].tolist()), key=lambda p: -p[1])
+            top = [(self.tokenizer.decode([i]), v) for i, v in pairs]
+        return Piece(text, r.token, float(lp[r.token].item()), top,
+                     self.tokenizer.decode([r.token]))
+
+    def _stats(self, job: Job, last, n: int, t0: float) -> dict | None:
+        import hobbit_mlx
+
+        try:
+            offload = hobbit_mlx.offload_stats(self.model)
+        except Exception:  # the statistics must not turn one failure into another
+            log.exception("offload statistics failed")
+            return None
+        return request_stats(offload, prompt_tokens=len(job.prompt), generation_tokens=n,
+                             prompt_tps=float(last.prompt_tps) if last is not None else 0.0,
+                             generation_tps=float(last.generation_tps) if last is not None else 0.0,
+                             wall_s=time.perf_counter() - t0)

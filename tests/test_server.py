@@ -1,0 +1,477 @@
+"""``python -m hobbit_mlx.server``: one real server process on the bundled reference model under a
+small budget (experts stream: about half the expert requests miss), driven by the official
+``openai`` and ``anthropic`` clients. Exact mode, so that greedy text is mlx-lm's whatever the
+cache holds."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+from hobbit_mlx.loader import REFERENCE_MODEL
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "hobbit_mlx/reference_model"
+BUDGET = "16MB"
+CODE = "def parse(text):\n    "  # greedy text runs to max_tokens (no early end of sequence)
+
+pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").is_file(),
+                                reason="reference model not bundled")
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log_path: Path):
+        self.proc, self.url, self.log_path = proc, url, log_path
+        self.v1 = f"{url}/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def request(self, path: str, body=None, method: str | None = None) -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stats(self) -> dict:
+        status, body = self.request("/v1/stats")
+        assert status == 200
+        return body
+
+
+def _wait_for_url(proc: subprocess.Popen, log_path: Path) -> str:
+    deadline = time.monotonic() + 600  # a safety net for a hung start, not a speed check
+    while time.monotonic() < deadline:
+        m = re.search(r"serving .* at (http://\S+)", log_path.read_text())
+        if m:
+            return m.group(1)
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
+        time.sleep(0.2)
+    pytest.fail(f"the server did not start:\n{log_path.read_text()}")
+
+
+def _wait_healthy(url: str) -> None:
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail("the server never answered /health")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The server on the bundled reference model (converted into a fresh cache), checking every
+    expert read's checksum so that a corrupted store fails the request that reads it."""
+    root = tmp_path_factory.mktemp("server")
+    env = dict(os.environ, HOBBIT_MLX_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    env.pop("HOBBIT_MLX_DEBUG", None)
+    log_path = root / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hobbit_mlx.server", "--port", "0", "--memory-budget", BUDGET,
+             "--exact", "--verify", "always", "--max-tokens", "32"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    try:
+        url = _wait_for_url(proc, log_path)
+        _wait_healthy(url)
+        yield Server(proc, url, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=300)
+
+
+def chat(client, content: str, stream: bool = False, **kw) -> str:
+    kw = dict(dict(max_tokens=16, temperature=0), **kw)
+    messages = [{"role": "user", "content": content}]
+    if not stream:
+        return client.chat.completions.create(model=MODEL, messages=messages, **kw) \
+            .choices[0].message.content
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, stream=True, **kw)
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def complete(client, prompt: str, **kw) -> str:
+    kw = dict(dict(max_tokens=16, temperature=0), **kw)
+    return client.completions.create(model=MODEL, prompt=prompt, **kw).choices[0].text
+
+
+# --- endpoints ------------------------------------------------------------------------------
+
+
+def test_health_models_and_stats(server, client):
+    assert server.request("/health") == (200, {"status": "ok"})
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+    complete(client, "def add(a, b):")
+    s = server.stats()
+    assert s["model"] == MODEL and s["requests_served"] >= 1 and s["busy"] is False
+    assert s["budget_bytes"] == 16 * 10**6 and 0 < s["peak_memory_bytes"] <= s["budget_bytes"]
+    assert s["bytes_read"] > 0 and 0 < s["served_rate"] < 1  # experts streamed, some resident
+    assert s["generation_tokens"] >= 16 and s["generation_tps"] > 0
+    assert s["context_limit_tokens"] > 0 and s["options"]["exact"] is True
+    last = s["last_request"]
+    assert last["outcome"] == "served" and last["generation_tokens"] == 16
+    assert last["bytes_read"] > 0 and last["served_rate"] is not None
+
+
+def test_completion_is_mlx_lm_greedy_text(client):
+    """Served in exact mode with half the experts streamed, the text is mlx-lm's."""
+    import mlx.core as mx
+    import mlx_lm
+
+    ref, tokenizer = mlx_lm.load(str(REFERENCE_MODEL))
+    ref.set_dtype(mx.float32)
+    expected = mlx_lm.generate(ref, tokenizer, CODE, max_tokens=24)
+    response = client.completions.create(model=MODEL, prompt=CODE, max_tokens=24, temperature=0)
+    assert response.choices[0].text == expected
+    assert response.usage.prompt_tokens == len(tokenizer.encode(CODE))
+    assert response.usage.completion_tokens >= 1
+
+
+def test_chat_and_streaming_equal_non_streaming(client):
+    full = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "You write Python."},
+                               {"role": "user", "content": "def fibonacci(n):"}],
+        max_tokens=20, temperature=0)
+    text = full.choices[0].message.content
+    assert text and full.choices[0].message.role == "assistant"
+    assert full.object == "chat.completion" and full.choices[0].finish_reason in ("stop", "length")
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "You write Python."},
+                               {"role": "user", "content": "def fibonacci(n):"}],
+        max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == \
+        full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        full.usage.completion_tokens
+
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=CODE, max_tokens=20, temperature=0, stream=True))
+    assert streamed == complete(client, CODE, max_tokens=20)
+
+
+def test_sampling_fields(client):
+    seeded = [complete(client, CODE, temperature=0.9, top_p=0.95, seed=7, max_tokens=12)
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]  # the same seed samples the same text
+    greedy = complete(client, CODE, max_tokens=24)
+    stop = greedy[len(greedy) // 2:][:3]  # a stop sequence the greedy text contains
+    stopped = client.completions.create(model=MODEL, prompt=CODE, max_tokens=24, temperature=0,
+                                        stop=[stop])
+    assert stopped.choices[0].text == greedy[:greedy.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    # mlx-lm's own fields, through extra_body as clients send them
+    text = complete(client, CODE, temperature=0.7, extra_body=dict(
+        top_k=20, min_p=0.05, repetition_penalty=1.1, presence_penalty=0.5,
+        frequency_penalty=0.5, xtc_probability=0.1, xtc_threshold=0.2, logit_bias={"5": -5}))
+    assert isinstance(text, str)
+    lp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                        max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == lp.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.logprob for c in content)  # greedy: the top one
+
+
+def test_concurrent_greedy_requests_give_the_text_of_one_alone(client):
+    prompts = ["def fibonacci(n):", "import os\n", "class Stack:", "for i in range("]
+    alone = [chat(client, p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda ps: chat(client, ps[0], stream=ps[1]),
+                                 zip(prompts, (False, True, False, True))))
+    assert together == alone
+
+
+def test_anthropic_messages(server):
+    claude = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0,
+                                 timeout=300)
+    kw = dict(model=MODEL, max_tokens=16, system="You write Python.",
+              messages=[{"role": "user", "content": "def fibonacci(n):"}],
+              extra_body={"temperature": 0, "top_p": 1.0, "top_k": 0})  # not in newer clients
+    message = claude.messages.create(**kw)
+    assert message.role == "assistant" and message.type == "message"
+    text = message.content[0].text
+    assert text and message.stop_reason in ("end_turn", "max_tokens")
+    assert message.usage.input_tokens > 0 and message.usage.output_tokens >= 1
+    with claude.messages.stream(**kw) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == text and final.stop_reason == message.stop_reason
+    assert final.usage.output_tokens == message.usage.output_tokens
+    stop = text[len(text) // 2:][:2]
+    stopped = claude.messages.create(**dict(kw, stop_sequences=[stop]))
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop
+    assert stopped.content[0].text == text[:text.index(stop)]
+    count = claude.messages.count_tokens(model=MODEL, system="You write Python.",
+                                         messages=kw["messages"])
+    assert count.input_tokens == message.usage.input_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(**dict(kw, model="claude-opus"))
+    with pytest.raises(anthropic.BadRequestError) as e:
+        claude.messages.create(**dict(kw, messages=[]))
+    assert "messages" in e.value.message
+
+
+# --- bad input, limits, disconnects, faults ---------------------------------------------------
+
+
+def test_bad_requests_get_json_4xx_errors_and_the_server_goes_on(server, client):
+    hi = [{"role": "user", "content": "hi"}]
+    chat_cases = [
+        (b"{not json", 400, None), (b"[1, 2]", 400, None), (b"", 400, None),
+        ({"messages": hi, "max_tokens": "5"}, 400, "max_tokens"),
+        ({"messages": hi, "max_tokens": -1}, 400, "max_tokens"),
+        ({"messages": hi, "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": hi, "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"messages": hi, "temperature": "hot"}, 400, "temperature"),
+        ({"messages": hi, "top_p": 2}, 400, "top_p"),
+        ({"messages": hi, "stop": 5}, 400, "stop"),
+        ({"messages": hi, "seed": 1.5}, 400, "seed"),
+        ({"messages": hi, "stream": "yes"}, 400, "stream"),
+        ({"messages": hi, "n": 2}, 400, "n"),
+        ({"messages": hi, "model": "gpt-4o"}, 404, "model"),
+        ({"messages": []}, 400, "messages"), ({}, 400, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages"),
+    ]
+    limit = server.stats()["context_limit_tokens"]
+    for body, status, param in chat_cases:
+        got, error = server.request("/v1/chat/completions", body)
+        assert got == status, (body, got, error)
+        assert set(error) == {"error"} and error["error"]["message"], error
+        given = error["error"]["param"]
+        assert (given.split("[")[0] if given else None) == param, (body, error)
+        if body == {"messages": hi, "max_tokens": 10**9}:
+            assert str(limit) in error["error"]["message"]
+    for path, body, status in [("/v1/completions", {"prompt": 5}, 400),
+                               ("/v1/completions", {"prompt": [10**9]}, 400),
+                               ("/v1/completions", {"prompt": ["a", "b"]}, 400),
+                               ("/v1/no-such-endpoint", {}, 404)]:
+        got, error = server.request(path, body)
+        assert got == status and error["error"]["message"], (path, body, got, error)
+    got, error = server.request("/v1/chat/completions", method="GET")
+    assert got == 405 and error["error"]["message"]
+    got, error = server.request("/v1/messages", {"messages": hi})  # max_tokens is required
+    assert got == 400 and error["type"] == "error"
+    assert error["error"]["type"] == "invalid_request_error" and "max_tokens" in \
+        error["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        chat(client, "hi", max_tokens=-3)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=hi, max_tokens=2)
+    assert chat(client, "def hello():", max_tokens=4)  # still serving
+    assert server.request("/health")[0] == 200
+
+
+def test_a_prompt_longer_than_the_budget_allows_is_refused_up_front(server, client):
+    before = server.stats()
+    limit = before["context_limit_tokens"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x = 1\n" * limit, max_tokens=4)
+    assert e.value.code == "context_length_exceeded"
+    assert f"at most {limit} tokens" in e.value.message and "budget" in e.value.message
+    after = server.stats()
+    assert after["requests_refused"] == before["requests_refused"] + 1
+    assert after["requests_served"] == before["requests_served"]  # nothing was generated
+    assert after["prompt_tokens"] == before["prompt_tokens"]
+
+
+def test_client_disconnect_stops_generation_and_the_queue_moves_on(server, client):
+    before = server.stats()["requests_cancelled"]
+    stream = client.completions.create(model=MODEL, prompt="import os\n", max_tokens=1000,
+                                       temperature=0, stream=True)
+    for n, _ in enumerate(stream):
+        if n == 2:
+            break
+    stream.close()
+    assert complete(client, "def add(a, b):", max_tokens=4)  # queued behind it, then served
+    assert server.stats()["requests_cancelled"] == before + 1
+    line = [l for l in server.log().splitlines() if re.search(r" 200 cmpl-\w+ cancelled: ", l)][-1]
+    generated = int(re.search(r"\+ (\d+) generated tokens", line).group(1))
+    assert 3 <= generated < 1000, line
+
+
+@contextlib.contextmanager
+def corrupted_store(server):
+    """Every expert record's bytes flipped in place (same size: a read never sees a short
+    file), then restored. The server checks every read's checksum (``--verify always``)."""
+    from hobbit_mlx.store import STORE_DIR, manifest_path
+
+    model_dir = Path(server.stats()["model_dir"])
+    files = [f for f in (model_dir / STORE_DIR).rglob("*")
+             if f.is_file() and f != manifest_path(model_dir)]
+    saved = {f: f.read_bytes() for f in files}
+    try:
+        for f, data in saved.items():  # keep the headers, flip the expert bytes
+            bad = bytearray(data)
+            for i in range(len(bad) // 2, len(bad), 61):
+                bad[i] ^= 0xFF
+            with open(f, "r+b") as out:
+                out.write(bytes(bad))
+        yield
+    finally:
+        for f, data in saved.items():
+            with open(f, "r+b") as out:
+                out.write(data)
+
+
+def test_expert_store_failure_is_a_5xx_for_that_request_only(server, client):
+    prompt = "def fibonacci(n):\n    "
+    expected = complete(client, prompt, max_tokens=12)
+    failed = server.stats()["requests_failed"]
+    with corrupted_store(server):
+        for stream in (False, True):  # fails in the prefill: an error status, no stream
+            with pytest.raises(openai.InternalServerError) as e:
+                response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                                     temperature=0, stream=stream)
+                list(response) if stream else None
+            assert "checksum mismatch" in e.value.message
+            assert e.value.body["code"] == "expert_store_error"
+    assert server.stats()["requests_failed"] == failed + 2
+    assert complete(client, prompt, max_tokens=12) == expected  # served, and still exact
+    assert server.request("/health")[0] == 200
+
+
+def test_expert_store_failure_mid_stream_ends_the_stream_with_an_error_event(server, client):
+    failed = server.stats()["requests_failed"]
+    chunks = iter(client.completions.create(model=MODEL, prompt="import os\n", max_tokens=1000,
+                                            temperature=0, stream=True))
+    next(chunks), next(chunks)  # streaming: the status was 200
+    with corrupted_store(server), pytest.raises(openai.APIError) as e:
+        for _ in chunks:
+            pass
+    assert "checksum mismatch" in e.value.message
+    assert e.value.body["code"] == "expert_store_error"
+    assert server.stats()["requests_failed"] == failed + 1
+    assert complete(client, "def add(a, b):", max_tokens=4)
+
+
+def test_one_log_line_per_request(server, client):
+    chat(client, "def log_me():", max_tokens=5)
+    lines = [l for l in server.log().splitlines() if "POST /v1/chat/completions 200 chatcmpl-" in l]
+    assert lines
+    last = lines[-1]
+    assert "+ 5 generated tokens" in last and "tok/s" in last
+    for needle in ("served ", "read ", "peak ", " of 15.26 MiB"):
+        assert needle in last, last
+
+
+def test_openai_client_example(server):
+    p = subprocess.run([sys.executable, str(REPO / "examples" / "server_openai_client.py"),
+                        "--base-url", server.v1, "--max-tokens", "8"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    for needle in (f"model: {MODEL}", "chat: ", "streamed: ", "completion: ", "server: "):
+        assert needle in p.stdout, p.stdout
+
+
+# --- in-process: the generation thread, flags, stop sequences ---------------------------------
+
+
+def test_generation_runs_off_the_main_thread(tiny_factory):
+    """The worker loads and generates on its own thread (MLX streams are thread-local); the
+    text equals what the main thread generates with the same model."""
+    import hobbit_mlx
+    from hobbit_mlx.server.params import Generation, Sampling
+    from hobbit_mlx.server.worker import Failed, Finished, Job, Worker
+
+    _, model_dir = tiny_factory("qwen3_moe")
+    threads = []
+
+    def load():
+        threads.append(threading.current_thread())
+        return hobbit_mlx.load(model_dir, expert_residency=0.5, exact=True, progress=False)
+
+    worker = Worker(load, "tiny")
+    worker.start()
+    try:
+        events: queue.Queue = queue.Queue()
+        prompt = worker.tokenizer.encode("hello world")
+        worker.submit(Job(prompt, Generation(max_tokens=8, sampling=Sampling()), 8, events.put))
+        pieces = []
+        while not isinstance(event := events.get(timeout=300), (Finished, Failed)):
+            pieces.append(event.text)
+        assert isinstance(event, Finished) and event.stats["generation_tokens"] >= 1
+        assert threads == [worker.thread] and worker.thread is not threading.main_thread()
+        expected = hobbit_mlx.generate(worker.model, worker.tokenizer, prompt, max_tokens=8)
+        assert "".join(pieces) == expected
+    finally:
+        worker.stop()
+
+
+def test_bad_flags_and_a_taken_port(capsys, tiny_factory):
+    import socket
+
+    from hobbit_mlx import cli_common
+    from hobbit_mlx.server.cli import main
+
+    _, model_dir = tiny_factory("qwen3_moe")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases = [(["--port", "70000"], "--port"),
+                 (["--memory-budget", "lots"], "--memory-budget"),
+                 (["--chat-template-args", "[1"], "--chat-template-config"),
+                 (["--port", str(taken.getsockname()[1])], "cannot listen"),
+                 (["--port", "0", "--memory-budget", "1KB"], "needs at least")]
+        for argv, needle in cases:
+            assert cli_common.run(main, ["--model", str(model_dir), *argv]) == 2, argv
+            err = capsys.readouterr().err
+            errors = [l for l in err.splitlines() if l.startswith("error: ")]
+            assert len(errors) == 1 and needle in errors[0], err
+
+
+def test_stop_matcher_holds_back_what_may_start_a_stop_sequence():
+    from hobbit_mlx.server.stops import StopMatcher
+
+    m = StopMatcher(["###", "\n\n"])
+    assert m.feed("abc#") == ("abc", False)
+    assert m.feed("#") == ("", False)
+    assert m.feed("x") == ("##x", False)
+    assert m.feed("y\n") == ("y", False)
+    assert m.feed("\nz") == ("", True) and m.matched == "\n\n"
+    m = StopMatcher(["END"])
+    assert m.feed("the E") == ("the ", False)
+    assert m.flush() == "E"
+    assert StopMatcher([]).feed("E") == ("E", False)
