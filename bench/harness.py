@@ -114,6 +114,7 @@ CONFIGS: list[tuple[str, dict]] = [
                           "prefetch_width": 1.0}),  # exact, cost-aware prefetch of the top-k
     ("prefetch-lowprec", {"prefetch_width": 1.0, "prefetch_low_precision": True}),
     ("default", {}),  # hobbit_mlx.load's defaults: every technique that pays, combined
+    ("default-always-lossy", FIXED),  # the defaults, lossy however cheap reads are
     ("default-skip", {"skip": True}),  # + HOBBIT's skip of unimportant misses (u > t2 = 0.9)
     ("default-skip-0.8", {"skip": True, "t2": 0.8}),
     ("default-skip-0.7", {"skip": True, "t2": 0.7}),

@@ -570,7 +570,7 @@ class OffloadedSwitch(nn.Module):
         rt.cache.synced()
         rt.stats.host_syncs += 1
         decode = indices.size // indices.shape[-1] <= ASYNC_MAX_TOKENS
-        rt.read_cost.on_sync(time.perf_counter(), rt.stats.read_wait_s, rt.stats.layer_calls, decode)
+        rt.read_cost.on_sync(time.perf_counter(), rt.stats.read_wait_s, self.position, decode)
         if rt._deferred:  # evaluated by this sync
             rt.count_deferred(len(rt._deferred))
         idx = np.array(indices)

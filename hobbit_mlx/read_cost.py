@@ -29,21 +29,20 @@ class ReadCost:
         self.topk_bytes = topk_bytes  # one layer call's top-k experts at 4-bit, one token
         self.threshold = threshold
         self.layer_seconds = 0.0  # moving average; 0 until two decode syncs were seen
-        self._last: tuple[float, float, int] | None = None  # (time, read wait, layer calls)
+        self._last: tuple[float, float, int] | None = None  # (time, read wait, layer position)
 
-    def on_sync(self, now: float, read_wait_s: float, layer_calls: int, decode: bool) -> None:
-        """A synced layer call at ``now``: the layer calls since the last synced decode call took
-        the time between them, less what they waited for reads. Prefill calls do not count
-        (a chunk computes many tokens) and break the chain."""
-        if not decode:
-            self._last = None
+    def on_sync(self, now: float, read_wait_s: float, position: int, decode: bool) -> None:
+        """A synced call of the layer at ``position`` at ``now``: the layers since the last synced
+        call of the same forward pass took the time between them, less what they waited for
+        reads. Gaps across a token boundary (sampling, the caller's own work) and prefill calls
+        (a chunk computes many tokens) are not layer compute and are not counted."""
+        last = self._last
+        self._last = (now, read_wait_s, position) if decode else None
+        if not decode or last is None or position <= last[2]:
             return
-        if self._last is not None and layer_calls > self._last[2]:
-            busy = (now - self._last[0] - (read_wait_s - self._last[1])) / (layer_calls - self._last[2])
-            busy = min(max(busy, 0.0), MAX_LAYER_SECONDS)
-            self.layer_seconds += SMOOTHING * (busy - self.layer_seconds) if self.layer_seconds \
-                else busy
-        self._last = (now, read_wait_s, layer_calls)
+        busy = (now - last[0] - (read_wait_s - last[1])) / (position - last[2])
+        busy = min(max(busy, 0.0), MAX_LAYER_SECONDS)
+        self.layer_seconds += SMOOTHING * (busy - self.layer_seconds) if self.layer_seconds else busy
 
     def read_seconds(self) -> float:
         """What reading one layer call's top-k experts in 4-bit would take, as measured lately."""

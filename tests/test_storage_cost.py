@@ -187,13 +187,14 @@ class _FixedReader:
 def test_read_cost_measures_decode_layer_time():
     cost = ReadCost(_FixedReader(1e-6), topk_bytes=1000)  # a top-k read takes 1 ms
     assert cost.dear()  # nothing measured yet: reads are taken to be dear
-    cost.on_sync(10.0, 0.0, 1, decode=True)
-    cost.on_sync(10.004, 0.002, 3, decode=True)  # 2 calls in 4 ms, 2 of them waiting for reads
+    cost.on_sync(10.0, 0.0, 0, decode=True)
+    cost.on_sync(10.004, 0.002, 2, decode=True)  # 2 layers in 4 ms, 2 of them waiting for reads
     assert cost.layer_seconds == pytest.approx(0.001)
-    cost.on_sync(20.0, 0.002, 4, decode=False)  # a prompt chunk breaks the chain
-    cost.on_sync(21.0, 0.002, 5, decode=True)  # (a pause, not compute: nothing measured)
+    cost.on_sync(10.5, 0.002, 0, decode=True)  # the next token: sampling is not layer compute
+    cost.on_sync(20.0, 0.002, 1, decode=False)  # nor is a prompt chunk
+    cost.on_sync(21.0, 0.002, 2, decode=True)
     assert cost.layer_seconds == pytest.approx(0.001)
-    cost.on_sync(21.003, 0.002, 6, decode=True)
+    cost.on_sync(21.003, 0.002, 3, decode=True)
     assert cost.layer_seconds == pytest.approx(0.8 * 0.001 + 0.2 * 0.003)
     assert not cost.dear()  # a 1 ms read against 1.4 ms of compute
     cost.reader.spb = 1e-5
