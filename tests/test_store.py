@@ -132,7 +132,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_factory, tmp_path, monkeypat
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(converter, "_write_dense", boom)
+    monkeypatch.setattr(converter, "_dense_weights", boom)
     with pytest.raises(KeyboardInterrupt):
         converter.convert(src, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
