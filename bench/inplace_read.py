@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         stores[mode] = dst
     low = load_manifest(stores["reference"]).expert_bytes("low")
     high = load_manifest(stores["copy"]).expert_bytes("high")
-    result = {"model": str(src), "source_bytes": disk_bytes(src), "expert_bytes_high": high,
+    from bench._path import REPO
+    shown = src.relative_to(REPO) if src.is_relative_to(REPO) else src
+    result = {"model": str(shown), "source_bytes": disk_bytes(src), "expert_bytes_high": high,
               "expert_bytes_low": low,
               "growth_bytes": {m: disk_bytes(d) for m, d in stores.items()}, "runs": []}
     for workers in [int(w) for w in args.workers.split(",")]:
