@@ -113,8 +113,8 @@ class RecordReader:
         ``background``: a prefetch read: behind demand reads on a simulated device, and, once its
         ``ticket`` is cancelled, stopped there before its bytes are written (``ReadCancelled``).
 
-        Bytes whose stored and resident dtypes agree are read with one ``preadv`` per span into the
-        slot itself; the rest go through a scratch buffer and are converted with numpy. Only bytes
+        Bytes whose stored and resident dtypes agree are read into the slot itself, with one
+        ``preadv`` per run of spans that lie back to back in one file; the rest go through a scratch buffer and are converted with numpy. Only bytes
         move here: no MLX call runs on a reader thread (MLX streams are thread-local).
         """
         record = entry.records[expert]

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "hobbit-expert-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files outside the model directory, read in place (``references``)
+READABLE_VERSIONS = (1, 2)
 STORE_DIR = "experts"
 MANIFEST_NAME = "manifest.json"
 PAGE_SIZE = 16384  # Apple Silicon page size; also a multiple of x86's 4096.
@@ -172,7 +173,10 @@ class Manifest:
                    for l in self.layers)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_type": self.model_type,
+        # A self-contained store stays version 1, so an older hobbit_mlx still reads it; one that
+        # reads its source in place is version 2, which an older one refuses by name.
+        version = FORMAT_VERSION if self.references else 1
+        return {"format": FORMAT_NAME, "version": version, "model_type": self.model_type,
                 "num_experts": self.num_experts, "experts_per_token": self.experts_per_token,
                 "page_size": self.page_size, "source": self.source, "files": self.files,
                 "references": self.references, "layers": [l.to_json() for l in self.layers]}
@@ -181,9 +185,9 @@ class Manifest:
     def from_json(cls, obj: dict) -> "Manifest":
         if obj.get("format") != FORMAT_NAME:
             raise StoreError(f"not a hobbit expert store manifest (format={obj.get('format')!r})")
-        if int(obj.get("version", -1)) != FORMAT_VERSION:
+        if int(obj.get("version", -1)) not in READABLE_VERSIONS:
             raise StoreError(f"expert store version {obj.get('version')} is not supported "
-                             f"(this hobbit_mlx reads version {FORMAT_VERSION}); reconvert the model")
+                             f"(this hobbit_mlx reads versions {READABLE_VERSIONS}); reconvert the model")
         return cls(obj["model_type"], int(obj["num_experts"]), int(obj["experts_per_token"]),
                    list(obj["files"]), [LayerEntry.from_json(l) for l in obj["layers"]],
                    obj.get("source", ""), int(obj.get("page_size", PAGE_SIZE)),

@@ -52,6 +52,9 @@ def test_plan_of_a_float_checkpoint_counts_what_the_converter_writes(tiny_factor
     assert p["expert_bytes_4bit"] == manifest.expert_bytes("high")
     assert p["expert_bytes_2bit"] == manifest.expert_bytes("low")
     assert p["resident_share_4bit"] == 1.0  # 1 GB holds every expert of a tiny model
+    converted = plan_model(str(dst), "1GB")  # a hobbit model directory: its manifest's experts
+    assert converted["expert_bytes_4bit"] == manifest.expert_bytes("high")
+    assert converted["dense_bytes"] == p["dense_bytes"]
 
 
 def test_cli_prints_table_and_json(capsys):
