@@ -174,3 +174,14 @@ def test_adjacent_spans_are_read_with_one_preadv(tmp_path, monkeypatch, direct):
         assert calls == [(0, 512), (4512, 256)]
     else:  # aligned reads: the merged run from 0, the third span from its 4 KiB boundary
         assert [c[0] for c in calls] == [0, 4096]
+
+
+def test_read_bench_runs(tmp_path):
+    """bench/inplace_read.py (one pass, one thread) on the reference model writes its tables."""
+    from bench.inplace_read import main as bench_main
+
+    out = tmp_path / "inplace-read"
+    assert bench_main(["--model", str(REFERENCE_MODEL), "--passes", "1", "--workers", "1",
+                       "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "| reference | 9 | cold | 1 |" in md and "| copy | 1 | warm | 1 |" in md
