@@ -5,6 +5,11 @@ Hugging Face checkpoint (float safetensors with per-expert or stacked expert ten
 repo id. mlx-lm's own ``sanitize`` maps the source's names onto the mlx-lm model, so every
 architecture mlx-lm knows converts the same way.
 
+An mlx-lm quantized source (an mlx-community 4-bit model) is converted *by reference* unless
+``copy=True``: the high-precision records point into its own safetensors files and its dense
+weights are links to them, so only the 2-bit copies and the manifest are written
+(``convert/reference.py``). Other sources, and ``copy=True``, write page-aligned copies.
+
 Memory stays near one source tensor: weights are loaded lazily, experts are processed one
 projection (and at most ``CHUNK_BYTES`` of float weights) at a time and written straight to their
 page-aligned places in the store files. Everything is written into a temporary directory that is
@@ -29,7 +34,9 @@ from hobbit_mlx.architectures import (UnsupportedModelError, describe_moe, exper
                                       num_experts_of, switch_linear_paths)
 from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, PrecisionEntry, Record,
                               StoreError, TensorLayout, align_up, is_hobbit_model,
-                              safetensors_header)
+                              record_alignment, safetensors_header)
+
+from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
 
 CHUNK_BYTES = 512 * 2**20  # float weights materialised at once while requantizing experts
 TENSOR_ALIGN = 64
@@ -60,10 +67,15 @@ def resolve_source(src: str | Path) -> Path:
         raise ConversionError(f"{src}: could not download from the hub ({type(e).__name__}: {e})") from None
 
 
-def _load_source_weights(src: Path) -> dict[str, mx.array]:
+def _source_files(src: Path) -> list[Path]:
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"{src}: no *.safetensors weight files found")
+    return files
+
+
+def _load_source_weights(src: Path) -> dict[str, mx.array]:
+    files = _source_files(src)
     weights = {}
     for f in files:
         try:
@@ -92,7 +104,10 @@ def _source_quantization(weights: dict, prefix: str, in_dims: int) -> dict | Non
 class _LayerWriter:
     """Lays out and writes one layer's experts at one precision into one safetensors file."""
 
-    def __init__(self, path: Path, num_experts: int, tensors: dict[str, tuple[str, tuple]]):
+    def __init__(self, path: Path, num_experts: int, tensors: dict[str, tuple[str, tuple]],
+                 compact: bool = False):
+        """``compact``: records start on ``record_alignment`` of their size instead of a page
+        (a store by reference, where disk is the point)."""
         self.path = path
         self.layout: list[TensorLayout] = []
         offset = 0
@@ -100,7 +115,8 @@ class _LayerWriter:
             self.layout.append(TensorLayout(name, dtype, shape, 0, offset))
             offset = align_up(offset + self.layout[-1].nbytes, TENSOR_ALIGN)
         self.record_len = self.layout[-1].offset + self.layout[-1].nbytes
-        self.stride = align_up(self.record_len, PAGE_SIZE)
+        align = record_alignment(self.record_len) if compact else PAGE_SIZE
+        self.stride = align_up(self.record_len, align)
         header_tensors, pos = {}, 0
         for e in range(num_experts):
             for t in self.layout:
@@ -109,7 +125,7 @@ class _LayerWriter:
                     header_tensors[f"__pad__.{len(header_tensors)}"] = ("U8", (start - pos,), pos, start)
                 header_tensors[f"{e}.{t.name}"] = (t.dtype, t.shape, start, start + t.nbytes)
                 pos = start + t.nbytes
-        header, self.data_start = safetensors_header(header_tensors)
+        header, self.data_start = safetensors_header(header_tensors, align)
         self.size = self.data_start + pos
         self.num_experts = num_experts
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -172,7 +188,7 @@ def _expert_tensors(weights: dict, key: str, in_dim: int, quant: dict, e0: int, 
 
 
 def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], precisions: dict,
-                   progress) -> LayerEntry:
+                   progress, refs: ReferenceBuilder | None = None) -> LayerEntry:
     num_experts = num_experts_of(switch)
     proj_names = switch_linear_paths(switch)
     modules = dict(switch.named_modules())
@@ -185,12 +201,20 @@ def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], preci
     for pname, want in precisions.items():
         quant = {p: _projection_quant(weights, f"{path}.{p}", in_dims[p], want, pname == "high")
                  for p in proj_names}
+        if refs is not None and pname == "high" and all(
+                quant[p] == _source_quantization(weights, f"{path}.{p}", in_dims[p]) for p in proj_names):
+            ref = refs.entry(path, proj_names, quant, num_experts, want["bits"])
+            if ref is not None:  # the source's own bytes, in place
+                entry.precisions[pname] = ref
+                progress.update(len(proj_names))
+                continue
         shapes = {}
         for p in proj_names:
             sample = _expert_tensors(weights, f"{path}.{p}", in_dims[p], quant[p], 0, 1)
             shapes.update({f"{p}.{k}": (_MX_TO_ST[v.dtype], tuple(v.shape[1:])) for k, v in sample.items()})
         rel = f"{STORE_DIR}/{pname}/layer_{li:03d}.safetensors"
-        writer = _LayerWriter(tmp / rel, num_experts, dict(sorted(shapes.items())))
+        writer = _LayerWriter(tmp / rel, num_experts, dict(sorted(shapes.items())),
+                              compact=refs is not None)
         for p in proj_names:
             out_dims, in_dim = modules[p].weight.shape[1:]
             step = max(1, CHUNK_BYTES // (out_dims * in_dim * 4))
@@ -241,8 +265,12 @@ def _write_dense(dense: dict, out: Path) -> None:
 
 
 def convert(src: str | Path, dst: str | Path, *, bits: int = 4, low_bits: int = 2,
-            group_size: int = 64, force: bool = False, progress: bool = True) -> Path:
-    """Convert ``src`` into the hobbit model directory ``dst`` and return its path."""
+            group_size: int = 64, force: bool = False, progress: bool = True,
+            copy: bool = False) -> Path:
+    """Convert ``src`` into the hobbit model directory ``dst`` and return its path.
+
+    An mlx-lm quantized source is read in place (by reference) unless ``copy``; the store then
+    depends on the source files staying where and as they are (checked at every load)."""
     from tqdm import tqdm
 
     dst = Path(dst).expanduser()
@@ -255,8 +283,12 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, low_bits: int = 
     facts = describe_moe(config)
     model, switches = facts["model"], facts["switches"]
     weights = _load_source_weights(src_dir)
+    loaded = dict(weights)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
+    unchanged = unchanged_by_sanitize(loaded, weights)
+    del loaded  # (an evaluated source tensor is held while anything refers to it)
+    by_reference = not copy and config.get("quantization") is not None
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
@@ -268,17 +300,30 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, low_bits: int = 
                       "low": {"bits": low_bits, "group_size": group_size}}
         total = sum(len(switch_linear_paths(s)) for _, s in switches) * len(precisions)
         files: list[str] = []
+        references: dict[str, dict] = {}
+        refs = (ReferenceBuilder(index_source(_source_files(src_dir)), unchanged, weights, files,
+                                 references) if by_reference else None)
         layers = []
-        with tqdm(total=total, desc="experts", unit="proj", disable=not progress) as bar:
-            for li, (path, switch) in enumerate(switches):
-                layers.append(_convert_layer(weights, li, path, switch, tmp, files, precisions, bar))
-                for k in [k for k in weights if k.startswith(path + ".")]:
-                    del weights[k]  # let the layer's source tensors go
+        try:
+            with tqdm(total=total, desc="experts", unit="proj", disable=not progress) as bar:
+                for li, (path, switch) in enumerate(switches):
+                    layers.append(_convert_layer(weights, li, path, switch, tmp, files, precisions,
+                                                 bar, refs))
+                    for k in [k for k in weights if k.startswith(path + ".")]:
+                        del weights[k]  # let the layer's source tensors go
+        finally:
+            if refs is not None:
+                refs.close()
         switch_paths = [p for p, _ in switches]
         dense, new_config = _dense_weights(model, weights, switch_paths, config, bits, group_size)
-        if progress:
-            print(f"[convert] writing {sum(v.nbytes for v in dense.values()) / 2**20:.1f} MiB of dense weights")
-        _write_dense(dense, tmp)
+        if by_reference:  # mlx-lm reads them from the source, as it would without hobbit_mlx
+            if progress:
+                print(f"[convert] linking the dense weights of {src_dir} (read in place)")
+            link_dense(_source_files(src_dir), tmp, references)
+        else:
+            if progress:
+                print(f"[convert] writing {sum(v.nbytes for v in dense.values()) / 2**20:.1f} MiB of dense weights")
+            _write_dense(dense, tmp)
         for key in ("quantization", "quantization_config"):
             if key in new_config:
                 raw_config[key] = new_config[key]
@@ -287,7 +332,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, low_bits: int = 
             if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP_FILES:
                 shutil.copy2(f, tmp / f.name)
         Manifest(config["model_type"], layers[0].num_experts, facts["experts_per_token"], files,
-                 layers, source=str(src)).save(tmp)
+                 layers, source=str(src), references=references).save(tmp)
         if dst.exists():
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             os.rename(dst, old)

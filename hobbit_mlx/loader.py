@@ -25,7 +25,8 @@ from .prefetch import Prefetcher
 from .reader import RecordReader
 from .storage import parse_storage
 from .routing import StackedGates
-from .store import Manifest, StoreError, is_hobbit_model, load_manifest, manifest_path
+from .store import (Manifest, StoreError, check_references, is_hobbit_model, load_manifest,
+                    manifest_path)
 from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
@@ -66,11 +67,21 @@ def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
     else:
         stamp, name = str(path), str(path).replace("/", "--")
     target = cache_root() / f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
-    if not is_hobbit_model(target):
-        if progress:
-            print(f"[hobbit_mlx] converting {path} into {target} (once)")
-        convert(path, target, force=True, progress=progress)
+    if is_hobbit_model(target) and _references_hold(target):
+        return target
+    if progress:  # (a cached conversion whose source changed is ours to redo)
+        print(f"[hobbit_mlx] converting {path} into {target} (once)")
+    convert(path, target, force=True, progress=progress)
     return target
+
+
+def _references_hold(model_dir: Path) -> bool:
+    """Whether a cached conversion's source files are still the ones it reads in place."""
+    try:
+        check_references(model_dir, load_manifest(model_dir, check_files=False))
+        return True
+    except StoreError:
+        return False
 
 
 def _offloaded_classes(manifest: Manifest):
@@ -88,6 +99,14 @@ def _offloaded_classes(manifest: Manifest):
                 super().__init__(args)
                 _check_manifest(self, manifest, config)
                 install(self, manifest)
+
+            def sanitize(self, weights):
+                # A store read in place links the source's weight files: their expert tensors
+                # stay on disk (lazy, never evaluated); the store serves them.
+                if hasattr(super(), "sanitize"):
+                    weights = super().sanitize(weights)
+                prefixes = tuple(l.module_path + "." for l in manifest.layers)
+                return {k: v for k, v in weights.items() if not k.startswith(prefixes)}
 
             def __call__(self, *args, **kwargs):
                 rt = getattr(self, "_hobbit", None)

@@ -30,8 +30,9 @@ _MX_DTYPES = {
 
 
 def pool_signature(entry: PrecisionEntry) -> tuple:
-    """Layers whose experts have this signature can share one pool."""
-    return (tuple((t.name, t.dtype, t.shape) for t in entry.tensors),
+    """Layers whose experts have this signature can share one pool (a pool's read plan maps
+    each span's bytes onto its tensors, so the spans' layout is part of it)."""
+    return (tuple((t.name, t.dtype, t.shape, t.span, t.offset) for t in entry.tensors),
             tuple(sorted((k, tuple(sorted(v.items()))) for k, v in entry.quant.items())))
 
 

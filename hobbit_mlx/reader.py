@@ -76,20 +76,22 @@ class RecordReader:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def _read_span(self, file_idx: int, offset: int, length: int) -> np.ndarray:
-        # O_DIRECT needs an aligned buffer and length; records start page-aligned.
-        want = (length + 4095) // 4096 * 4096 if self.direct else length
+        # O_DIRECT needs an aligned buffer, offset and length: a span that does not start on a
+        # 4 KiB boundary (a record inside a source checkpoint) is read from the boundary below.
+        lead = offset % 4096 if self.direct else 0
+        want = (lead + length + 4095) // 4096 * 4096 if self.direct else length
         buf = _aligned_empty(want) if self.direct else np.empty(length, dtype=np.uint8)
         view = memoryview(buf)
         fd = self._fds[file_idx]
         got = 0
-        while got < length:
-            n = os.preadv(fd, [view[got:want]], offset + got)
+        while got < lead + length:
+            n = os.preadv(fd, [view[got:want]], offset - lead + got)
             if n <= 0:
                 path = self.model_dir / self.manifest.files[file_idx]
-                raise StoreError(f"{path}: unexpected end of file at byte {offset + got} "
+                raise StoreError(f"{path}: unexpected end of file at byte {offset - lead + got} "
                                  f"(record needs {offset}..{offset + length}); the store is truncated")
             got += n
-        return buf[:length]
+        return buf[lead:lead + length]
 
     def read_bytes(self, record: Record) -> list[np.ndarray]:
         """Read every span of a record, checking CRCs as configured."""
@@ -111,8 +113,8 @@ class RecordReader:
         ``background``: a prefetch read: behind demand reads on a simulated device, and, once its
         ``ticket`` is cancelled, stopped there before its bytes are written (``ReadCancelled``).
 
-        Bytes whose stored and resident dtypes agree are read with one ``preadv`` per span into the
-        slot itself; the rest go through a scratch buffer and are converted with numpy. Only bytes
+        Bytes whose stored and resident dtypes agree are read into the slot itself, with one
+        ``preadv`` per run of spans that lie back to back in one file; the rest go through a scratch buffer and are converted with numpy. Only bytes
         move here: no MLX call runs on a reader thread (MLX streams are thread-local).
         """
         record = entry.records[expert]
@@ -121,32 +123,30 @@ class RecordReader:
             self.device.transfer(record.nbytes, demand=not background, ticket=ticket)
         elif ticket is not None and ticket.cancelled and not ticket.urgent:
             raise ReadCancelled()
-        for span_idx, (span, crc) in enumerate(zip(record.spans, record.crc32)):
-            file_idx, offset, length = span
-            pieces, converts = [], []
-            for name, nbytes, conv in pool.read_plan(span_idx, length):
-                if name is None:  # a gap between tensors
-                    pieces.append(np.empty(nbytes, dtype=np.uint8))
-                elif conv is None and not self.direct:
-                    pieces.append(pool.slot_bytes(name, slot))
-                else:  # through a scratch buffer (converted, or O_DIRECT's aligned read)
-                    scratch = np.empty(nbytes, dtype=np.uint8)
-                    pieces.append(scratch)
-                    converts.append((conv, scratch, pool.slot_bytes(name, slot)))
+        for run in adjacent_runs(record.spans):
+            # Spans that follow each other in one file are read with one preadv.
+            file_idx, offset = record.spans[run[0]][:2]
+            total = sum(record.spans[i][2] for i in run)
+            per_span, pieces = [], []
+            for span_idx in run:
+                mine, converts = self._slot_pieces(pool, slot, span_idx, record.spans[span_idx][2])
+                per_span.append((span_idx, mine, converts))
+                pieces += mine
             if self.direct:  # O_DIRECT wants an aligned buffer: read there, then copy out
-                buf = self._read_span(file_idx, offset, length)
+                buf = self._read_span(file_idx, offset, total)
                 at = 0
                 for p in pieces:
                     p[:] = buf[at:at + len(p)]
                     at += len(p)
             else:
-                self._preadv(file_idx, offset, length, pieces)
-            self._check(span, crc, pieces)
-            for conv, src, dst in converts:
-                if conv is None:
-                    dst[:] = src
-                else:
-                    convert_into(conv, src, dst)
+                self._preadv(file_idx, offset, total, pieces)
+            for span_idx, mine, converts in per_span:
+                self._check(record.spans[span_idx], record.crc32[span_idx], mine)
+                for conv, src, dst in converts:
+                    if conv is None:
+                        dst[:] = src
+                    else:
+                        convert_into(conv, src, dst)
         with self._lock:
             self.bytes_read += record.nbytes
             # how long one read takes lately: decides whether compute waits on reads at all
@@ -155,12 +155,28 @@ class RecordReader:
             self._byte_seconds += 0.1 * (took / max(1, record.nbytes) - self._byte_seconds)
         return record.nbytes
 
+    def _slot_pieces(self, pool: "SlotPool", slot: int, span_idx: int,
+                     length: int) -> tuple[list[np.ndarray], list[tuple]]:
+        """The buffers one span is read into (slot memory, or scratch for gaps and conversions),
+        and the conversions that then move scratch bytes into the slot."""
+        pieces, converts = [], []
+        for name, nbytes, conv in pool.read_plan(span_idx, length):
+            if name is None:  # a gap between tensors
+                pieces.append(np.empty(nbytes, dtype=np.uint8))
+            elif conv is None and not self.direct:
+                pieces.append(pool.slot_bytes(name, slot))
+            else:  # through a scratch buffer (converted, or O_DIRECT's aligned read)
+                scratch = np.empty(nbytes, dtype=np.uint8)
+                pieces.append(scratch)
+                converts.append((conv, scratch, pool.slot_bytes(name, slot)))
+        return pieces, converts
+
     def _preadv(self, file_idx: int, offset: int, length: int, pieces: list[np.ndarray]) -> None:
         fd = self._fds[file_idx]
         views = [memoryview(p) for p in pieces]
         got = 0
         while got < length:
-            n = os.preadv(fd, views, offset + got)
+            n = os.preadv(fd, views[:IOV_BATCH], offset + got)
             if n <= 0:
                 path = self.model_dir / self.manifest.files[file_idx]
                 raise StoreError(f"{path}: unexpected end of file at byte {offset + got} "
@@ -213,6 +229,22 @@ class RecordReader:
         if self.device is not None:
             return self.device.backlog_seconds()
         return self._background_inflight * self.read_seconds / self._background_workers
+
+
+IOV_BATCH = 512  # buffers per preadv call (the OS allows at least 1024)
+
+
+def adjacent_runs(spans) -> list[list[int]]:
+    """Span indices grouped into runs that lie back to back in one file, in record order."""
+    runs: list[list[int]] = []
+    end = None
+    for i, (file_idx, offset, length) in enumerate(spans):
+        if runs and end == (file_idx, offset):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+        end = (file_idx, offset + length)
+    return runs
 
 
 def _aligned_empty(length: int, align: int = 4096) -> np.ndarray:

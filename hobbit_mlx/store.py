@@ -8,8 +8,14 @@ A *record* is one expert at one precision: a list of byte spans ``(file, offset,
 store written by our converter each record is a single page-aligned span holding all of the
 expert's tensors back to back, so it is read with one ``pread``. The tensor layout inside a
 record is the same for every expert of a layer and precision, so the manifest stores it once per
-(layer, precision). Spans in safetensors files keep the door open to reading an mlx-lm
-checkpoint's stacked experts in place (one span per tensor) without a second copy on disk.
+(layer, precision).
+
+A store converted *by reference* from an mlx-lm quantized checkpoint writes no high-precision
+copy: its high records point into the source's own safetensors files (expert e of a stacked
+tensor ``[E, ...]`` is one contiguous byte range, so a record is one span per tensor), and its
+dense weights are links to those files. The manifest then lists those files by absolute path
+under ``references`` with their size and modification time, so a source that was moved, changed
+or deleted is caught before anything is read.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "hobbit-expert-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files outside the model directory, read in place (``references``)
+READABLE_VERSIONS = (1, 2)
 STORE_DIR = "experts"
 MANIFEST_NAME = "manifest.json"
 PAGE_SIZE = 16384  # Apple Silicon page size; also a multiple of x86's 4096.
@@ -157,6 +164,8 @@ class Manifest:
     layers: list[LayerEntry]
     source: str = ""
     page_size: int = PAGE_SIZE
+    # files outside the model directory this store reads in place: path -> {"size", "mtime_ns"}
+    references: dict[str, dict] = field(default_factory=dict)
 
     def expert_bytes(self, precision: str, float_itemsize: int | None = None) -> int:
         """All experts at one precision: as stored, or once read with floats cast."""
@@ -164,21 +173,25 @@ class Manifest:
                    for l in self.layers)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_type": self.model_type,
+        # A self-contained store stays version 1, so an older hobbit_mlx still reads it; one that
+        # reads its source in place is version 2, which an older one refuses by name.
+        version = FORMAT_VERSION if self.references else 1
+        return {"format": FORMAT_NAME, "version": version, "model_type": self.model_type,
                 "num_experts": self.num_experts, "experts_per_token": self.experts_per_token,
                 "page_size": self.page_size, "source": self.source, "files": self.files,
-                "layers": [l.to_json() for l in self.layers]}
+                "references": self.references, "layers": [l.to_json() for l in self.layers]}
 
     @classmethod
     def from_json(cls, obj: dict) -> "Manifest":
         if obj.get("format") != FORMAT_NAME:
             raise StoreError(f"not a hobbit expert store manifest (format={obj.get('format')!r})")
-        if int(obj.get("version", -1)) != FORMAT_VERSION:
+        if int(obj.get("version", -1)) not in READABLE_VERSIONS:
             raise StoreError(f"expert store version {obj.get('version')} is not supported "
-                             f"(this hobbit_mlx reads version {FORMAT_VERSION}); reconvert the model")
+                             f"(this hobbit_mlx reads versions {READABLE_VERSIONS}); reconvert the model")
         return cls(obj["model_type"], int(obj["num_experts"]), int(obj["experts_per_token"]),
                    list(obj["files"]), [LayerEntry.from_json(l) for l in obj["layers"]],
-                   obj.get("source", ""), int(obj.get("page_size", PAGE_SIZE)))
+                   obj.get("source", ""), int(obj.get("page_size", PAGE_SIZE)),
+                   {k: dict(v) for k, v in obj.get("references", {}).items()})
 
     def save(self, model_dir: Path) -> None:
         path = Path(model_dir) / STORE_DIR / MANIFEST_NAME
@@ -214,8 +227,36 @@ def load_manifest(model_dir: str | Path, check_files: bool = True) -> Manifest:
     return manifest
 
 
+def file_stamp(path: str | Path) -> dict:
+    """What a referenced file must still be at load: its size and modification time."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def reconvert_command(model_dir: Path, manifest: Manifest) -> str:
+    return f"python -m convert {manifest.source or 'SRC'} {model_dir} --force"
+
+
+def check_references(model_dir: Path, manifest: Manifest) -> None:
+    """A store read in place is only as good as its source: fail, naming the file and the
+    command that rebuilds the store, when a referenced file is gone or is not the one converted
+    (the per-record checksums would catch changed bytes only once read, mid-generation)."""
+    for path, want in manifest.references.items():
+        how = f"reconvert with `{reconvert_command(model_dir, manifest)}`"
+        if not os.path.isfile(path):
+            raise StoreError(f"{path}: this model reads its source checkpoint in place and the "
+                             f"file is missing (moved or deleted); {how}")
+        have = file_stamp(path)
+        if have != {"size": int(want["size"]), "mtime_ns": int(want["mtime_ns"])}:
+            raise StoreError(f"{path}: this model reads its source checkpoint in place and the "
+                             f"file has changed since it was converted (size {want['size']} -> "
+                             f"{have['size']}, mtime_ns {want['mtime_ns']} -> {have['mtime_ns']}); "
+                             f"{how}")
+
+
 def check_store_files(model_dir: Path, manifest: Manifest) -> None:
     """Catch missing or truncated store files up front, naming the file and the sizes."""
+    check_references(model_dir, manifest)
     needed = [0] * len(manifest.files)
     for layer in manifest.layers:
         for entry in layer.precisions.values():
@@ -234,6 +275,37 @@ def check_store_files(model_dir: Path, manifest: Manifest) -> None:
 
 def align_up(n: int, page: int = PAGE_SIZE) -> int:
     return (n + page - 1) // page * page
+
+
+SMALL_ALIGN = 64  # tensor alignment inside a record (and between small records)
+
+
+def record_alignment(nbytes: int) -> int:
+    """Where records of ``nbytes`` start when disk matters (a store by reference): on a page when
+    the padding costs at most 1/32 of a record, else on 4 KiB or 64 bytes (tiny models' records
+    are a few KiB, and padding each to 16 KiB would more than double the store)."""
+    for align in (PAGE_SIZE, 4096):
+        if nbytes >= 32 * align:
+            return align
+    return SMALL_ALIGN
+
+
+def read_safetensors_header(path: str | Path) -> tuple[int, dict[str, dict]]:
+    """(data section start, {tensor name: {"dtype", "shape", "data_offsets"}}) of a safetensors
+    file, reading only its header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise StoreError(f"{path}: not a safetensors file (shorter than its length prefix)")
+        n = int.from_bytes(head, "little")
+        if n > 100 * 2**20:
+            raise StoreError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            meta = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    meta.pop("__metadata__", None)
+    return 8 + n, meta
 
 
 def safetensors_header(tensors: dict[str, tuple[str, tuple[int, ...], int, int]],

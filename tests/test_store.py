@@ -19,9 +19,9 @@ from hobbit_mlx.architectures import UnsupportedModelError
 
 @pytest.fixture()
 def model_copy(tiny_factory, tmp_path):
-    """A private copy of a converted model that a test may damage."""
-    _, dst = tiny_factory("qwen3_moe")
-    return shutil.copytree(dst, tmp_path / "model")
+    """A private converted model (a copy, reading nothing in place) that a test may damage."""
+    src, _ = tiny_factory("qwen3_moe")
+    return converter.convert(src, tmp_path / "model", progress=False, copy=True)
 
 
 def _forward(path, **kw):
@@ -30,8 +30,9 @@ def _forward(path, **kw):
     return model
 
 
-def test_records_are_page_aligned_safetensors(tiny_factory):
-    _, dst = tiny_factory("mixtral")
+def test_records_are_page_aligned_safetensors(tiny_factory, tmp_path):
+    src, _ = tiny_factory("mixtral")
+    dst = converter.convert(src, tmp_path / "copy", progress=False, copy=True)
     manifest = load_manifest(dst)
     assert len(manifest.files) == 2 * len(manifest.layers)
     for layer in manifest.layers:
@@ -131,7 +132,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_factory, tmp_path, monkeypat
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(converter, "_write_dense", boom)
+    monkeypatch.setattr(converter, "_dense_weights", boom)
     with pytest.raises(KeyboardInterrupt):
         converter.convert(src, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []

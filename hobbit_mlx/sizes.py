@@ -1,0 +1,252 @@
+"""The sizes that decide a model's memory budget, from its config.json and safetensors headers only.
+
+``python -m hobbit_mlx.plan`` answers "what budget does this model need, and what would this
+machine give it?" before anything is downloaded or loaded: a local checkpoint is read through its
+headers; a hub id through the Hugging Face cache when it holds the files, else through
+``huggingface_hub``'s metadata calls (config.json and each file's safetensors header, no weights).
+The model is built lazily from its config (nothing is materialised) and the checkpoint's tensors
+become lazy placeholders of their shape and dtype, so mlx-lm's own ``sanitize`` and the
+converter's own rules decide what is dense and what the 4-bit and 2-bit experts hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
+
+from .architectures import describe_moe, num_experts_of, switch_linear_paths
+from .measure import chunk_ladder
+from .store import (DTYPE_ITEMSIZE, FLOAT_DTYPES, StoreError, is_hobbit_model,
+                    read_safetensors_header)
+
+_ST_TO_MX = {"U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16, "F16": mx.float16,
+             "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32, "F32": mx.float32,
+             "U64": mx.uint64, "I64": mx.int64, "BOOL": mx.bool_}
+_MX_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
+
+class ModelNotFound(ValueError):
+    """The model is neither a local checkpoint nor a hub id that can be read."""
+
+
+@dataclass
+class Checkpoint:
+    """What the plan reads: the config and every tensor's (dtype, shape)."""
+
+    where: str  # "local" or "hub metadata"
+    config: dict
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+
+
+def read_local(path: Path) -> Checkpoint:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelNotFound(f"{cfg}: not found (MODEL must be a model directory or a hub id)")
+    files = sorted(f for f in path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFound(f"{path}: no *.safetensors weight files found")
+    tensors = {}
+    for f in files:
+        try:
+            _, meta = read_safetensors_header(f)
+        except (StoreError, OSError) as e:
+            raise ModelNotFound(str(e)) from None
+        tensors.update({k: (v["dtype"], tuple(v["shape"])) for k, v in meta.items()})
+    if is_hobbit_model(path):  # a converted model: its experts as its store holds them in 4-bit
+        from .store import load_manifest
+
+        for layer in load_manifest(path, check_files=False).layers:
+            for t in layer.precisions["high"].tensors:
+                tensors[f"{layer.module_path}.{t.name}"] = (t.dtype, (layer.num_experts, *t.shape))
+    return Checkpoint("local", json.loads(cfg.read_text()), tensors)
+
+
+def read_hub(repo_id: str) -> Checkpoint:
+    """From the cache when it holds the checkpoint, else config.json and the headers only."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    try:
+        cached = Path(snapshot_download(repo_id, local_files_only=True))
+        if (cached / "config.json").is_file() and any(cached.glob("*.safetensors")):
+            return read_local(cached)
+    except Exception:  # not in the cache (or only part of it): ask the hub
+        pass
+    try:
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+        meta = HfApi().get_safetensors_metadata(repo_id)
+    except Exception as e:
+        raise ModelNotFound(f"{repo_id}: not a local directory, and its config and safetensors "
+                            f"headers could not be read from the Hugging Face hub or its cache "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    tensors = {}
+    for file_meta in meta.files_metadata.values():
+        tensors.update({k: (t.dtype, tuple(t.shape)) for k, t in file_meta.tensors.items()})
+    return Checkpoint("hub metadata", config, tensors)
+
+
+def read_checkpoint(model: str | Path) -> Checkpoint:
+    path = Path(model).expanduser()
+    if path.exists():
+        return read_local(path)
+    if str(model).count("/") != 1 or str(model).startswith((".", "/", "~")):
+        raise ModelNotFound(f"{model}: no such directory (and not a hub repo id like 'org/name')")
+    return read_hub(str(model))
+
+
+@dataclass
+class ModelSizes:
+    """Bytes as stored, and as resident on this machine (floats cast to ``compute_itemsize``)."""
+
+    model_type: str
+    num_moe_layers: int
+    num_experts: int
+    experts_per_token: int
+    dense_bytes: int  # resident
+    expert_bytes: dict[str, int]  # stored, every expert: {"high", "low"}
+    expert_slot_bytes: dict[str, list[int]]  # resident bytes of one expert, per distinct layout
+    expert_layers: dict[str, list[int]]  # MoE layers of each layout, in the same order
+    kv_bytes_per_token: int
+    activation_points: list[tuple[int, int]]  # estimated
+    compute_dtype: str
+
+    def all_bytes(self, precision: str) -> int:
+        """Every expert resident at one precision."""
+        return sum(b * n * self.num_experts for b, n in
+                   zip(self.expert_slot_bytes[precision], self.expert_layers[precision]))
+
+
+def _placeholders(tensors: dict) -> dict[str, mx.array]:
+    """Lazy arrays of the checkpoint's shapes (never evaluated, so they cost nothing)."""
+    return {k: mx.zeros(shape, _ST_TO_MX.get(dtype, mx.uint8)) for k, (dtype, shape) in tensors.items()}
+
+
+def _resident(a: mx.array, itemsize: int | None) -> int:
+    return a.size * itemsize if itemsize and a.dtype in _MX_FLOATS else a.nbytes
+
+
+def _float_dtype(weights: dict) -> mx.Dtype:
+    """The checkpoint's float dtype: that of its quantization scales, else its largest floats."""
+    scales = [v.dtype for k, v in weights.items() if k.endswith(".scales") and v.dtype in _MX_FLOATS]
+    if scales:
+        return scales[0]
+    floats = [v for v in weights.values() if v.dtype in _MX_FLOATS]
+    return max(floats, key=lambda v: v.size).dtype if floats else mx.float32
+
+
+def _expert_copy_bytes(weights: dict, prefix: str, in_dim: int, want: dict, keep_source: bool,
+                       itemsize: int | None, float_dtype: mx.Dtype) -> tuple[int, int]:
+    """(stored, resident) bytes of one expert of one projection in the store's copy."""
+    from convert import _projection_quant, _source_quantization
+
+    quant = _projection_quant(weights, prefix, in_dim, want, keep_source)
+    w = weights[f"{prefix}.weight"]
+    e, out = w.shape[0], w.shape[1]
+    stored = resident = 0
+    if quant == _source_quantization(weights, prefix, in_dim):  # the source's own bytes
+        parts = [weights[f"{prefix}.{k}"] for k in ("weight", "scales", "biases")
+                 if f"{prefix}.{k}" in weights]
+        stored = sum(p.nbytes for p in parts) // e
+        resident = sum(_resident(p, itemsize) for p in parts) // e
+    else:
+        groups = in_dim // quant["group_size"]
+        stored = resident = out * in_dim * quant["bits"] // 8
+        stored += 2 * out * groups * float_dtype.size
+        resident += 2 * out * groups * (itemsize or float_dtype.size)
+    if f"{prefix}.bias" in weights:
+        b = weights[f"{prefix}.bias"]
+        stored += b.nbytes // e
+        resident += _resident(b, itemsize) // e
+    return stored, resident
+
+
+def kv_bytes_per_token(model, dtype: mx.Dtype) -> int:
+    """KV bytes of one token, from the shapes of a one-token pass that is never evaluated."""
+    model.set_dtype(dtype)
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    states = [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
+    return int(sum(a.nbytes // a.shape[-2] for a in states if a.ndim >= 3 and a.shape[-2] > 0))
+
+
+def estimate_activations(config: dict, k: int, moe_intermediate: int, itemsize: int,
+                         prefill_step_size: int) -> list[tuple[int, int]]:
+    """An estimate of what load() measures for each prefill chunk: per token, the logits and
+    their softmax and a few hidden-size buffers and the experts' intermediates; per token pair,
+    the attention scores of a quarter of the heads (within 5% of the measured points of the
+    bundled reference model, and above them by the margin)."""
+    from .architectures import text_config
+
+    cfg = text_config(config)
+    vocab, hidden = int(cfg.get("vocab_size", 0)), int(cfg.get("hidden_size", 0))
+    heads = int(cfg.get("num_attention_heads", 1) or 1)
+    per_token = 3 * vocab + 8 * hidden + 3 * k * moe_intermediate
+    grain = 64 * 1024
+    out = []
+    for n in chunk_ladder(prefill_step_size):
+        est = 1.1 * itemsize * (n * per_token + heads * n * n / 4)
+        out.append((n, int((est + grain - 1) // grain * grain)))
+    return out
+
+
+def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_size: int = 64,
+                compute_dtype: mx.Dtype | None = None, prefill_step_size: int = 512) -> ModelSizes:
+    """Sizes of a checkpoint as hobbit_mlx would store and hold it (``compute_dtype``: the float
+    dtype of resident weights on this machine; None keeps the checkpoint's)."""
+    from convert import _dense_weights
+
+    config = dict(ckpt.config)
+    facts = describe_moe(config)
+    model, switches = facts["model"], facts["switches"]
+    weights = _placeholders(ckpt.tensors)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    float_dtype = _float_dtype(weights)
+    itemsize = compute_dtype.size if compute_dtype is not None else None
+    stored = {"high": 0, "low": 0}
+    layouts: dict[str, dict[int, int]] = {"high": {}, "low": {}}
+    moe_i = 0
+    for path, switch in switches:
+        modules = dict(switch.named_modules())
+        per = {"high": [0, 0], "low": [0, 0]}
+        for p in switch_linear_paths(switch):
+            in_dim = int(modules[p].weight.shape[-1])
+            moe_i = max(moe_i, min(int(modules[p].weight.shape[1]), in_dim))
+            if f"{path}.{p}.weight" not in weights:
+                raise StoreError(f"the checkpoint has no weights for {path}.{p} (after mlx-lm's "
+                                 "sanitize); is it the model its config.json names?")
+            for name, b in (("high", bits), ("low", low_bits)):
+                s, r = _expert_copy_bytes(weights, f"{path}.{p}", in_dim,
+                                          {"bits": b, "group_size": group_size}, name == "high",
+                                          itemsize, float_dtype)
+                per[name][0] += s
+                per[name][1] += r
+        n = num_experts_of(switch)
+        for name in per:
+            stored[name] += per[name][0] * n
+            layouts[name][per[name][1]] = layouts[name].get(per[name][1], 0) + 1
+    with contextlib.redirect_stdout(io.StringIO()):  # (mlx-lm's quantizer reports on stdout)
+        dense, _ = _dense_weights(model, weights, [p for p, _ in switches], config, bits, group_size)
+    dense_bytes = sum(_resident(v, itemsize) for v in dense.values())
+    k = facts["experts_per_token"]
+    dtype = compute_dtype or float_dtype
+    kv = kv_bytes_per_token(facts["model"], dtype)
+    return ModelSizes(
+        model_type=config.get("model_type", "?"), num_moe_layers=len(switches),
+        num_experts=num_experts_of(switches[0][1]), experts_per_token=k, dense_bytes=dense_bytes,
+        expert_bytes=stored,
+        expert_slot_bytes={p: list(layouts[p]) for p in layouts},
+        expert_layers={p: list(layouts[p].values()) for p in layouts},
+        kv_bytes_per_token=kv,
+        activation_points=estimate_activations(config, k, moe_i, dtype.size, prefill_step_size),
+        compute_dtype=str(dtype).replace("mlx.core.", ""))
+
+
+__all__ = ["Checkpoint", "ModelNotFound", "ModelSizes", "read_checkpoint", "model_sizes",
+           "is_hobbit_model", "DTYPE_ITEMSIZE", "FLOAT_DTYPES"]

@@ -1,0 +1,187 @@
+"""Converting an mlx-lm quantized checkpoint by reference: no second copy of its 4-bit experts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+import convert as converter
+import hobbit_mlx
+from convert.__main__ import main as convert_main
+from hobbit_mlx.loader import REFERENCE_MODEL
+from hobbit_mlx.pools import SlotPool
+from hobbit_mlx.reader import RecordReader
+from hobbit_mlx.store import (Manifest, PrecisionEntry, Record, StoreError, TensorLayout,
+                              load_manifest)
+
+PROMPT = [[(7 * i + 3) % 200 + 1 for i in range(40)]]
+
+
+def disk_bytes(root: Path) -> int:
+    """What a directory takes on disk, as ``du`` counts it (links count as links)."""
+    total = 0
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(dirpath, name))
+            total += max(st.st_blocks * 512, st.st_size if not os.path.isdir(
+                os.path.join(dirpath, name)) else 0)
+    return total
+
+
+@pytest.fixture()
+def source(tmp_path) -> Path:
+    """A private mlx-lm 4-bit checkpoint (the bundled reference model) that a test may move."""
+    return Path(shutil.copytree(REFERENCE_MODEL, tmp_path / "mlx-4bit"))
+
+
+def test_by_reference_writes_only_the_low_copies(source, tmp_path):
+    dst = converter.convert(source, tmp_path / "hobbit", progress=False)
+    manifest = load_manifest(dst)
+    blob = os.path.realpath(source / "model.safetensors")
+    assert manifest.references.keys() == {blob}
+    assert manifest.references[blob]["size"] == os.path.getsize(blob)
+    for layer in manifest.layers:
+        high = layer.precisions["high"]
+        assert {manifest.files[f] for r in high.records for f, _, _ in r.spans} == {blob}
+        assert len(high.records[0].spans) == len(high.tensors)  # one span per stacked tensor
+    assert not any((dst / "experts" / "high").glob("*"))
+    assert os.path.islink(dst / "model-00001-of-00001.safetensors")
+    growth, low = disk_bytes(dst), manifest.expert_bytes("low")
+    assert growth <= 1.15 * low, (growth, low)
+    # --copy keeps today's store: page-aligned copies of both precisions and the dense weights
+    copied = tmp_path / "copied"
+    assert convert_main([str(source), str(copied), "--copy", "--quiet"]) == 0
+    assert load_manifest(copied).references == {}
+    assert disk_bytes(copied) > disk_bytes(source)
+
+
+def test_by_reference_is_exact(source, tmp_path):
+    dst = converter.convert(source, tmp_path / "hobbit", progress=False)
+    ref, tokenizer = mlx_lm.load(str(source))
+    ref.set_dtype(mx.float32)
+    tokens = mx.array(PROMPT)
+    expected = ref(tokens)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, exact=True, progress=False)
+    np.testing.assert_array_equal(np.array(model(tokens)), np.array(expected))
+    assert hobbit_mlx.offload_stats(model)["misses_high"] > 0
+    want = mlx_lm.generate(ref, tokenizer, "def fibonacci(n):", max_tokens=16)
+    model, tokenizer = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, progress=False)
+    assert hobbit_mlx.generate(model, tokenizer, "def fibonacci(n):", max_tokens=16) == want
+
+
+@pytest.mark.parametrize("damage", ["moved", "changed", "touched"])
+def test_moved_or_changed_source_names_file_and_command(source, tmp_path, damage):
+    dst = converter.convert(source, tmp_path / "hobbit", progress=False)
+    weights = source / "model.safetensors"
+    if damage == "moved":
+        weights.rename(tmp_path / "elsewhere.safetensors")
+    elif damage == "changed":
+        with open(weights, "ab") as f:
+            f.write(b"\0" * 16)
+    else:
+        st = weights.stat()
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    what = "missing" if damage == "moved" else "changed"
+    with pytest.raises(StoreError, match=rf"{weights}: .*{what}.*python -m convert {source} {dst} --force"):
+        hobbit_mlx.load(dst, progress=False)
+
+
+def test_cached_conversion_follows_a_changed_source(source, tmp_path, monkeypatch):
+    """load() of an unconverted directory owns its cached store: a stale one is converted again."""
+    from hobbit_mlx.loader import resolve_model
+
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(tmp_path / "cache"))
+    target = resolve_model(source, progress=False)
+    assert resolve_model(source, progress=False) == target  # converted once
+    weights = source / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert resolve_model(source, progress=False) == target
+    again = load_manifest(target)  # (checks the references)
+    assert again.references[str(weights.resolve())]["mtime_ns"] == st.st_mtime_ns + 10**9
+
+
+def test_hub_id_resolves_to_cache_blobs(tmp_path, monkeypatch):
+    """A hub id's snapshot files are symlinks into blobs/: the store points at the blobs."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--tiny-org--ref-4bit"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for i, f in enumerate(sorted(REFERENCE_MODEL.iterdir())):
+        blob = repo / "blobs" / f"{i:040x}"
+        shutil.copy2(f, blob)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    dst = converter.convert("tiny-org/ref-4bit", tmp_path / "hobbit", progress=False)
+    manifest = load_manifest(dst)
+    blob = os.path.realpath(snapshot / "model.safetensors")
+    assert Path(blob).parent == (repo / "blobs").resolve()
+    assert list(manifest.references) == [blob]
+    assert manifest.files[0] == blob
+    assert os.readlink(dst / "model-00001-of-00001.safetensors") == blob
+    assert manifest.source == "tiny-org/ref-4bit"
+
+
+def _two_tensor_store(tmp_path: Path):
+    """A record of three spans: the first two back to back in one file, the third elsewhere."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 2**32, size=3 * 64, dtype=np.uint32)
+    raw = data.tobytes()
+    path = tmp_path / "experts.safetensors"
+    # [a (256 B)][b (256 B)][gap 4000 B][c (256 B)]
+    path.write_bytes(raw[:512] + b"\0" * 4000 + raw[512:])
+    import zlib
+    spans = ((0, 0, 256), (0, 256, 256), (0, 4512, 256))
+    crcs = tuple(zlib.crc32(path.read_bytes()[o:o + n]) for _, o, n in spans)
+    tensors = [TensorLayout(n, "U32", (64,), i, 0) for i, n in enumerate(("a", "b", "c"))]
+    entry = PrecisionEntry(4, {}, tensors, [Record(spans, crcs)])
+    manifest = Manifest("test", 1, 1, [str(path)], [])
+    return manifest, entry, data
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_adjacent_spans_are_read_with_one_preadv(tmp_path, monkeypatch, direct):
+    manifest, entry, data = _two_tensor_store(tmp_path)
+    try:
+        reader = RecordReader(tmp_path, manifest, workers=1, direct=direct)
+    except StoreError:
+        pytest.skip("this file system refuses O_DIRECT")
+    calls = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset):
+        calls.append((offset, sum(len(b) for b in buffers)))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counting)
+    pool = SlotPool(entry, 1)
+    assert reader.read_into(entry, 0, pool, 0) == 768
+    reader.close()
+    for i, name in enumerate(("a", "b", "c")):
+        np.testing.assert_array_equal(np.array(pool.arrays[name][0]), data[64 * i:64 * (i + 1)])
+    if not reader.direct:
+        assert calls == [(0, 512), (4512, 256)]
+    else:  # aligned reads: the merged run from 0, the third span from its 4 KiB boundary
+        assert [c[0] for c in calls] == [0, 4096]
+
+
+def test_read_bench_runs(tmp_path):
+    """bench/inplace_read.py (one pass, one thread) on the reference model writes its tables."""
+    from bench.inplace_read import main as bench_main
+
+    out = tmp_path / "inplace-read"
+    assert bench_main(["--model", str(REFERENCE_MODEL), "--passes", "1", "--workers", "1",
+                       "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "| reference | 9 | cold | 1 |" in md and "| copy | 1 | warm | 1 |" in md

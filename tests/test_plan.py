@@ -1,0 +1,128 @@
+"""``python -m hobbit_mlx.plan``: a model's budget from config.json and safetensors headers only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import hobbit_mlx
+from hobbit_mlx.loader import REFERENCE_MODEL, runtime_of
+from hobbit_mlx.plan import main, plan_model
+from hobbit_mlx.store import read_safetensors_header
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def headers_only(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint whose safetensors files hold their headers and no weights."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        start, _ = read_safetensors_header(f)
+        with open(f, "r+b") as fh:
+            fh.truncate(start)
+    return dst
+
+
+def test_plan_reads_headers_only_and_agrees_with_load(tmp_path):
+    p = plan_model(str(headers_only(REFERENCE_MODEL, tmp_path / "ref")), "14MB")
+    model, _ = hobbit_mlx.load(REFERENCE_MODEL, memory_budget="14MB", progress=False)
+    rt = runtime_of(model)
+    assert p["dense_bytes"] == rt.plan.dense_bytes
+    assert p["kv_bytes_per_token"] == rt.kv_bytes_per_token
+    assert p["expert_bytes_4bit"] == rt.manifest.expert_bytes("high")
+    assert p["expert_bytes_2bit"] == rt.manifest.expert_bytes("low")
+    # only the activations are estimated: the minimum is within 10% of the measured one
+    assert abs(p["minimum_budget_bytes"] - rt.plan.minimum_bytes) < 0.1 * rt.plan.minimum_bytes
+    assert p["budget_bytes"] == 14 * 10**6 and 0 < p["resident_share_4bit"] < 0.2
+    rt.close()
+
+
+def test_plan_of_a_float_checkpoint_counts_what_the_converter_writes(tiny_factory):
+    src, dst = tiny_factory("mixtral", quantize=False)
+    from hobbit_mlx.store import load_manifest
+
+    p = plan_model(str(src), "1GB")
+    manifest = load_manifest(dst)
+    assert p["expert_bytes_4bit"] == manifest.expert_bytes("high")
+    assert p["expert_bytes_2bit"] == manifest.expert_bytes("low")
+    assert p["resident_share_4bit"] == 1.0  # 1 GB holds every expert of a tiny model
+    converted = plan_model(str(dst), "1GB")  # a hobbit model directory: its manifest's experts
+    assert converted["expert_bytes_4bit"] == manifest.expert_bytes("high")
+    assert converted["dense_bytes"] == p["dense_bytes"]
+
+
+def test_cli_prints_table_and_json(capsys):
+    assert main([str(REFERENCE_MODEL), "--memory-budget", "20MB"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("dense weights", "experts, 4-bit", "experts, 2-bit", "KV cache per token",
+                   "minimum budget", "budget", "% of the 4-bit experts resident"):
+        assert needle in out
+    assert main([str(REFERENCE_MODEL), "--json"]) == 0  # this machine's default budget
+    p = json.loads(capsys.readouterr().out)
+    assert not p["budget_given"] and p["budget_bytes"] >= p["minimum_budget_bytes"]
+
+
+def test_hub_id_through_metadata_calls(tmp_path, monkeypatch):
+    """Not cached: config.json and the headers come from huggingface_hub's metadata calls."""
+    import huggingface_hub
+
+    _, meta = read_safetensors_header(REFERENCE_MODEL / "model.safetensors")
+    tensors = {k: types.SimpleNamespace(dtype=v["dtype"], shape=v["shape"]) for k, v in meta.items()}
+    calls = []
+
+    def fake_download(repo_id, filename, **kw):
+        calls.append(("download", repo_id, filename))
+        assert filename == "config.json"  # never a weight file
+        return str(REFERENCE_MODEL / "config.json")
+
+    def fake_metadata(self, repo_id, **kw):
+        calls.append(("metadata", repo_id))
+        return types.SimpleNamespace(files_metadata={
+            "model.safetensors": types.SimpleNamespace(tensors=tensors)})
+
+    def not_cached(*a, **kw):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_safetensors_metadata", fake_metadata)
+    p = plan_model("tiny-org/ref-4bit", "14MB")
+    assert p["read_from"] == "hub metadata"
+    assert calls == [("download", "tiny-org/ref-4bit", "config.json"), ("metadata", "tiny-org/ref-4bit")]
+    assert p["dense_bytes"] == plan_model(str(REFERENCE_MODEL), "14MB")["dense_bytes"]
+
+
+def _run(*argv, env_extra=None):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "hobbit_mlx.plan", *argv], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_errors_are_one_line_exit_2(tmp_path, tiny_factory):
+    src, _ = tiny_factory("qwen3_moe")
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    shutil.copy(src / "model.safetensors", dense / "model.safetensors")
+    (dense / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 64,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 32, "rms_norm_eps": 1e-5}))
+    cases = [(["/no/such/model"], "no such directory"),
+             ([str(dense)], "no routed experts"),
+             (["nobody-here/not-cached-model"], "could not be read from the Hugging Face hub"),
+             ([str(REFERENCE_MODEL), "--memory-budget", "1MB"], "too small"),
+             ([str(REFERENCE_MODEL), "--memory-budget", "12 bananas"], "12 bananas")]
+    for argv, needle in cases:
+        p = _run(*argv, env_extra={"HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+        assert p.returncode == 2, (argv, p.stderr)
+        assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+        assert needle in p.stderr, p.stderr
+        assert p.stdout == ""
