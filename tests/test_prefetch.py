@@ -30,23 +30,6 @@ def test_top_predictions_orders_best_first():
     assert np.isclose(w.sum(), 1) and w[0, 0] > w[0, 1] > w[0, 2]
 
 
-@pytest.fixture(scope="module")
-def deep_models(tmp_path_factory):
-    """Four-layer tiny models: two layers ahead of layer 0 exist to stack."""
-    from convert import convert
-    from hobbit_mlx.testing.tiny_models import make_tiny_model
-
-    def get(arch: str):
-        root = tmp_path_factory.mktemp(f"{arch}-deep")
-        overrides = {"num_hidden_layers": 4}
-        if arch == "gpt_oss":
-            overrides["layer_types"] = ["sliding_attention", "full_attention"] * 2
-        src = make_tiny_model(arch, root / "mlx", config_overrides=overrides)
-        return convert(src, root / "hobbit", progress=False)
-
-    return get
-
-
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
 def test_stacked_gates_predict_what_each_router_predicts(deep_models, arch):
     dst = deep_models(arch)
