@@ -32,6 +32,8 @@ class StoreFaults:
                     for file_idx, offset, _ in record.spans:
                         self._spans[fds[file_idx], offset] = (layer.layer, expert, precision)
         self._fail: Callable | None = None
+        self._fail_times: int | None = None
+        self._lock = threading.Lock()
         self._stall: Callable | None = None
         self._released = threading.Event()
         self.stalled = threading.Event()  # set once a read is stalled
@@ -42,8 +44,10 @@ class StoreFaults:
     def __getattr__(self, name):  # everything but preadv is the real os
         return getattr(os, name)
 
-    def fail(self, rule: Callable[[tuple, bool], bool] | None) -> None:
-        self._fail = rule
+    def fail(self, rule: Callable[[tuple, bool], bool] | None, times: int | None = None) -> None:
+        """Reads ``rule`` accepts fail (the first ``times`` of them; None: all)."""
+        with self._lock:
+            self._fail, self._fail_times, self.failed = rule, times, []
 
     def stall(self, rule: Callable[[tuple, bool], bool] | None) -> None:
         self._released.clear()
@@ -56,12 +60,16 @@ class StoreFaults:
         key = self._spans.get((fd, offset))
         prefetch = threading.current_thread().name.startswith("hobbit-prefetch")
         if key is not None:
-            self.reads.append((key, prefetch))
+            with self._lock:
+                self.reads.append((key, prefetch))
+                fails = self._fail is not None and self._fail(key, prefetch) and (
+                    self._fail_times is None or len(self.failed) < self._fail_times)
+                if fails:
+                    self.failed.append((key, prefetch))
             if self._stall is not None and self._stall(key, prefetch):
                 self.stalled.set()
                 self._released.wait(timeout=60)
-            if self._fail is not None and self._fail(key, prefetch):
-                self.failed.append((key, prefetch))
+            if fails:
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
         return os.preadv(fd, buffers, offset)
 
