@@ -152,9 +152,11 @@ def test_close_waits_for_prefetches_and_stops_the_readers(tiny_factory):
     rt = runtime_of(model)
     model(mx.array([list(range(3, 30))]))  # prefill issues prefetches
     assert rt.stats.prefetch_issued > 0
+    with rt.prefetcher._lock:
+        reads = list(rt.prefetcher._inflight.values())
     rt.close()
-    assert rt.prefetcher._inflight == {}
-    assert rt.reader.pool is None and rt.reader.background_pool is None
+    assert all(f.done() for f in reads)  # no read writes into a freed pool
+    assert not [t for t in threading.enumerate() if t.name.startswith("hobbit-")]
     assert rt.cache.resident_bytes == 0 and len(rt.cache) == 0
     assert all(ps.pool.slots == 0 and not ps.pool.arrays for ps in rt.cache.pools)  # pools freed
 
