@@ -264,6 +264,21 @@ def _write_dense(dense: dict, out: Path) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
+def _remove_stale(dst: Path) -> None:
+    """Remove what conversions into ``dst`` that were killed left behind (their temporary
+    directories name their process, which no longer runs)."""
+    for d in dst.parent.glob(f".{dst.name}.*-*"):
+        kind, _, pid = d.name[len(dst.name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
+
+
 def convert(src: str | Path, dst: str | Path, *, bits: int = 4, low_bits: int = 2,
             group_size: int = 64, force: bool = False, progress: bool = True,
             copy: bool = False) -> Path:
@@ -291,6 +306,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, low_bits: int = 
     by_reference = not copy and config.get("quantization") is not None
 
     dst.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(dst)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -370,6 +370,7 @@ class Fetch:
                 try:
                     self._read_now(key, slot, commit=False)
                 except BaseException:
+                    self._settle(keys, self.pending)  # (the reads before it landed)
                     rt.cache.unpin(keys)
                     raise
                 self.pending.append((i, None, slot))
@@ -408,8 +409,9 @@ class Fetch:
             rt.cache.unpin(self.keys)
             return
         t0 = time.perf_counter()
+        n = 0
         try:
-            for i, fut, slot in self.pending:
+            for n, (i, fut, slot) in enumerate(self.pending):
                 key = self.keys[i]
                 if slot is None:  # a prefetch read
                     fut.exception()
@@ -431,9 +433,26 @@ class Fetch:
                     with rt.stats_lock:
                         rt.stats.bytes_read += nbytes
                 rt.cache.commit(key, slot)
+        except BaseException:
+            self._settle(self.keys, self.pending[n + 1:])
+            raise
         finally:
             rt.stats.read_wait_s += time.perf_counter() - t0
             rt.cache.unpin(self.keys)
+
+    def _settle(self, keys: list, pending: list) -> None:
+        """After a read of this fetch failed: its other demand reads land (their slots become
+        resident) or fail (their slots go back), so that no reserved slot is lost."""
+        for i, fut, slot in pending:
+            if slot is None:  # a prefetch read: the prefetcher settles its slot
+                continue
+            if fut is not None and fut.exception() is not None:
+                self.rt.cache.abandon(keys[i], slot)
+                continue
+            if fut is not None:
+                with self.rt.stats_lock:
+                    self.rt.stats.bytes_read += fut.result()
+            self.rt.cache.commit(keys[i], slot)
 
     def _read_now(self, key: tuple, slot: int, commit: bool = True) -> None:
         try:

@@ -85,7 +85,7 @@ class RecordReader:
         fd = self._fds[file_idx]
         got = 0
         while got < lead + length:
-            n = os.preadv(fd, [view[got:want]], offset - lead + got)
+            n = self._pread(file_idx, fd, [view[got:want]], offset - lead + got)
             if n <= 0:
                 path = self.model_dir / self.manifest.files[file_idx]
                 raise StoreError(f"{path}: unexpected end of file at byte {offset - lead + got} "
@@ -176,7 +176,7 @@ class RecordReader:
         views = [memoryview(p) for p in pieces]
         got = 0
         while got < length:
-            n = os.preadv(fd, views[:IOV_BATCH], offset + got)
+            n = self._pread(file_idx, fd, views[:IOV_BATCH], offset + got)
             if n <= 0:
                 path = self.model_dir / self.manifest.files[file_idx]
                 raise StoreError(f"{path}: unexpected end of file at byte {offset + got} "
@@ -187,6 +187,15 @@ class RecordReader:
                 views.pop(0)
             if views and n:
                 views[0] = views[0][n:]
+
+    def _pread(self, file_idx: int, fd: int, buffers: list, offset: int) -> int:
+        """``os.preadv``; an I/O error names the store file and the byte it failed at."""
+        try:
+            return os.preadv(fd, buffers, offset)
+        except OSError as e:
+            path = self.model_dir / self.manifest.files[file_idx]
+            raise StoreError(f"{path}: reading byte {offset} failed ({e.strerror or e}); the "
+                             "expert store's device may be failing") from e
 
     def _check(self, span: tuple, crc: int, pieces: list[np.ndarray]) -> None:
         if not (self.verify == "always" or (self.verify == "first" and span not in self._verified)):

@@ -27,3 +27,25 @@ def tiny_factory(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def deep_models(tmp_path_factory):
+    """``get(arch) -> converted hobbit dir`` of four-layer tiny models (two layers ahead of layer
+    0 exist to stack predictions), cached."""
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    built: dict = {}
+
+    def get(arch: str):
+        if arch not in built:
+            root = tmp_path_factory.mktemp(f"{arch}-deep")
+            overrides = {"num_hidden_layers": 4}
+            if arch == "gpt_oss":
+                overrides["layer_types"] = ["sliding_attention", "full_attention"] * 2
+            src = make_tiny_model(arch, root / "mlx", config_overrides=overrides)
+            built[arch] = convert(src, root / "hobbit", progress=False)
+        return built[arch]
+
+    return get

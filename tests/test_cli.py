@@ -177,7 +177,7 @@ def test_corrupt_expert_bytes(model_dir, env, tmp_path):
         f.write_bytes(bytes(data))
     p = run(env, "generate", "--model", bad, "--expert-residency", 0, "--max-tokens", 4,
             "--prompt", "hello world, hello world")
-    assert_bad_input(p)
+    assert_bad_input(p, "checksum mismatch", str(bad / STORE_DIR))
 
 
 def test_chat_piped(model_dir, env):
@@ -230,10 +230,13 @@ def test_importing_the_cli_keeps_the_generate_function(model_dir):
 
     import hobbit_mlx
 
+    import mlx_lm
+
     importlib.import_module("hobbit_mlx.generate")
+    assert callable(hobbit_mlx.generate)
     model, tokenizer = hobbit_mlx.load(model_dir, expert_residency=1.0, progress=False)
     text = hobbit_mlx.generate(model, tokenizer, "hello", max_tokens=3)
-    assert isinstance(text, str)
+    assert text == mlx_lm.generate(model, tokenizer, "hello", max_tokens=3)  # greedy: the same
 
 
 def test_report_and_json_helpers(tmp_path):

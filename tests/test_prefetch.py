@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -28,23 +30,6 @@ def test_top_predictions_orders_best_first():
     ind, w = top_predictions(logits, 3)
     assert ind.tolist() == [[1, 3, 2]]
     assert np.isclose(w.sum(), 1) and w[0, 0] > w[0, 1] > w[0, 2]
-
-
-@pytest.fixture(scope="module")
-def deep_models(tmp_path_factory):
-    """Four-layer tiny models: two layers ahead of layer 0 exist to stack."""
-    from convert import convert
-    from hobbit_mlx.testing.tiny_models import make_tiny_model
-
-    def get(arch: str):
-        root = tmp_path_factory.mktemp(f"{arch}-deep")
-        overrides = {"num_hidden_layers": 4}
-        if arch == "gpt_oss":
-            overrides["layer_types"] = ["sliding_attention", "full_attention"] * 2
-        src = make_tiny_model(arch, root / "mlx", config_overrides=overrides)
-        return convert(src, root / "hobbit", progress=False)
-
-    return get
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
@@ -169,9 +154,11 @@ def test_close_waits_for_prefetches_and_stops_the_readers(tiny_factory):
     rt = runtime_of(model)
     model(mx.array([list(range(3, 30))]))  # prefill issues prefetches
     assert rt.stats.prefetch_issued > 0
+    with rt.prefetcher._lock:
+        reads = list(rt.prefetcher._inflight.values())
     rt.close()
-    assert rt.prefetcher._inflight == {}
-    assert rt.reader.pool is None and rt.reader.background_pool is None
+    assert all(f.done() for f in reads)  # no read writes into a freed pool
+    assert not [t for t in threading.enumerate() if t.name.startswith("hobbit-")]
     assert rt.cache.resident_bytes == 0 and len(rt.cache) == 0
     assert all(ps.pool.slots == 0 and not ps.pool.arrays for ps in rt.cache.pools)  # pools freed
 

@@ -44,8 +44,21 @@ def test_records_are_page_aligned_safetensors(tiny_factory, tmp_path):
             assert len(entry.records) == layer.num_experts
             for rec in entry.records:
                 assert len(rec.spans) == 1 and rec.spans[0][1] % PAGE_SIZE == 0
-    tensors = load_file(str(dst / manifest.files[0]))  # a valid safetensors file
-    assert "0.gate_proj.weight" in tensors or "0.w1.weight" in tensors or len(tensors) > 0
+    # each record file is a valid safetensors file, and its tensors are the bytes the manifest
+    # says each expert's record holds
+    for layer in manifest.layers[:1]:
+        for entry in layer.precisions.values():
+            file_idx = entry.records[0].spans[0][0]
+            tensors = load_file(str(dst / manifest.files[file_idx]))
+            raw = (dst / manifest.files[file_idx]).read_bytes()
+            for expert, rec in enumerate(entry.records):
+                f, off, n = rec.spans[0]
+                assert f == file_idx
+                for t in entry.tensors:
+                    stored = tensors[f"{expert}.{t.name}"]
+                    assert stored.shape == tuple(t.shape)
+                    assert stored.tobytes() == raw[off + t.offset:off + t.offset + t.nbytes]
+                    assert t.offset + t.nbytes <= n
 
 
 def test_missing_store_file(model_copy):
@@ -161,10 +174,28 @@ def test_parse_size_rejects_garbage():
 
 
 def test_footprint(tiny_factory):
+    """Each size measured another way, and the minimum budgets are the smallest that load."""
+    from mlx_lm.models.cache import make_prompt_cache
+
     _, dst = tiny_factory("qwen2_moe")
     fp = hobbit_mlx.footprint(dst)
     manifest = load_manifest(dst)
-    assert fp["num_moe_layers"] == len(manifest.layers)
-    assert fp["expert_bytes_low"] < fp["expert_bytes_high"] == manifest.expert_bytes("high")
-    assert fp["kv_bytes_per_token"] > 0 and fp["dense_bytes"] > 0
-    assert fp["experts_per_token"] == manifest.experts_per_token
+    assert fp["num_moe_layers"] == len(manifest.layers) == 2
+    for precision in ("high", "low"):  # every record's bytes, as stored
+        assert fp[f"expert_bytes_{precision}"] == sum(
+            r.nbytes for layer in manifest.layers for r in layer.precisions[precision].records)
+    assert fp["expert_bytes_low"] < fp["expert_bytes_high"]
+    assert fp["experts_per_token"] == manifest.experts_per_token == 2
+    model, _ = hobbit_mlx.load(dst, exact=True, prefetch_layers=0, progress=False)
+    cache = make_prompt_cache(model)  # mlx-lm's KV cache holds 256 tokens after one
+    mx.eval(model(mx.array([[1, 2, 3]]), cache=cache))
+    kv = sum(c.keys.nbytes + c.values.nbytes for c in cache if getattr(c, "keys", None) is not None)
+    assert fp["kv_bytes_per_token"] == kv // 256 > 0
+    assert fp["dense_bytes"] < sum(f.stat().st_size for f in dst.glob("*.safetensors")) * 2
+    for key, options in (("minimum_budget_bytes_exact", dict(exact=True, prefetch_layers=0)),
+                         ("minimum_budget_bytes", {})):
+        assert fp[key] > fp["dense_bytes"]
+        _forward(dst, memory_budget=fp[key], **options)
+        with pytest.raises(BudgetError, match="too small"):
+            hobbit_mlx.load(dst, memory_budget=fp[key] - 1, progress=False, **options)
+    assert fp["minimum_budget_bytes"] > fp["minimum_budget_bytes_exact"]

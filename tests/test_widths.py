@@ -59,6 +59,20 @@ def test_bad_target_is_refused(tiny_factory):
         hobbit_mlx.load(dst, prefetch_recall=-0.1, progress=False)
 
 
+def _guesses_per_token(model) -> dict:
+    """layer -> the experts per token each prediction one layer ahead guessed (in order)."""
+    pf = runtime_of(model).prefetcher
+    issue, seen = pf._issue, {}
+
+    def spy(switch, distance, ind, weights):
+        if distance == 1:
+            seen.setdefault(switch.layer.layer, []).append(ind.shape[-1])
+        return issue(switch, distance, ind, weights)
+
+    pf._issue = spy
+    return seen
+
+
 def test_adaptive_width_learns_per_layer_and_keeps_exact_output(tiny_factory):
     _, dst = tiny_factory("mixtral")
     prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n"
@@ -67,6 +81,7 @@ def test_adaptive_width_learns_per_layer_and_keeps_exact_output(tiny_factory):
     want = hobbit_mlx.generate(ref_model, tok, prompt, max_tokens=16)
     model, tok = hobbit_mlx.load(dst, expert_residency=0.25, exact=True, prefetch_layers=1,
                                  prefetch_recall=0.9, progress=False)
+    guessed = _guesses_per_token(model)
     assert hobbit_mlx.generate(model, tok, prompt, max_tokens=16) == want
     rt = runtime_of(model)
     k = rt.manifest.experts_per_token
@@ -74,8 +89,13 @@ def test_adaptive_width_learns_per_layer_and_keeps_exact_output(tiny_factory):
     widths = stats["prefetch_widths"]
     assert set(widths) == {s.layer.layer for s in rt.layers[1:]}  # every layer an earlier one predicts
     assert all(k <= w <= rt.manifest.num_experts for w in widths.values())
-    fixed, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=1, progress=False)
-    assert hobbit_mlx.offload_stats(fixed)["prefetch_widths"] == runtime_of(fixed).prefetcher.width == 2 * k
+    # the reported width is the one the last prediction for each layer used
+    assert widths == {layer: used[-1] for layer, used in guessed.items()}
+    fixed, tok = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=1, progress=False)
+    guessed = _guesses_per_token(fixed)
+    hobbit_mlx.generate(fixed, tok, prompt, max_tokens=4)
+    assert hobbit_mlx.offload_stats(fixed)["prefetch_widths"] == 2 * k  # prefetch_width=2.0
+    assert guessed and all(set(used) == {2 * k} for used in guessed.values())
 
 
 def test_adaptive_width_takes_at_most_a_quarter_of_a_small_cache(tmp_path):

@@ -1,0 +1,131 @@
+"""Mutation testing of the core (not run by CI: it takes tens of minutes on two cores).
+
+Each target mutates one module (or some functions of one) with mutmut and runs only the fast
+tests that exercise it, in a scratch copy of the repository, so the working tree is untouched:
+
+    pip install -e ".[test,mutation]"
+    nice python bench/mutation.py --targets cache,budget,precision,reader,counters \\
+        --out bench/results/mutation.md
+
+A mutant *survives* when every selected test still passes with it; the report lists each
+survivor with its diff, so that it can be judged an equivalent mutant or answered by a test.
+Score = killed / (killed + survived); mutants no selected test reaches count as survivors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TARGETS = {
+    "budget": dict(module="hobbit_mlx/budget.py", tests=[
+        "tests/test_budget_properties.py",
+        "tests/test_store.py::test_parse_size", "tests/test_store.py::test_parse_size_rejects_garbage",
+    ]),
+    "cache": dict(module="hobbit_mlx/cache.py", tests=[
+        "tests/test_cache_properties.py",
+        "tests/test_techniques.py::test_cache_never_exceeds_capacity_and_respects_pins",
+        "tests/test_techniques.py::test_shallow_policy_evicts_deep_layers_first",
+        "tests/test_techniques.py::test_hobbit_policy_prefers_to_evict_the_layer_just_computed",
+        "tests/test_techniques.py::test_arc_keeps_a_reused_expert_through_a_scan",
+        "tests/test_prefetch.py::test_held_experts_yield_to_demand_but_not_to_other_predictions",
+        "tests/test_prefetch.py::test_a_slot_a_pending_graph_reads_is_not_reused_before_the_sync",
+        "tests/test_prefetch.py::test_a_prefetched_expert_counts_no_use",
+        "tests/test_prefetch.py::test_protected_shallow_layers_are_evicted_last",
+        "tests/test_cache_details.py",
+    ]),
+    "precision": dict(module="hobbit_mlx/precision.py", tests=[
+        "tests/test_techniques.py::test_hobbit_thresholds_rank_by_gate_weight",
+        "tests/test_techniques.py::test_big_little_drops_the_lower_half_of_confident_tokens_and_renormalizes",
+        "tests/test_prefetch.py::test_demote_unpopular_marks_rarely_chosen_experts_low",
+        "tests/test_precision_served.py",
+        "tests/test_precision_rules.py",
+    ]),
+    "reader": dict(module="hobbit_mlx/reader.py", tests=[
+        "tests/test_faults.py", "tests/test_shutdown.py", "tests/test_reader_modes.py",
+        "tests/test_store.py::test_truncated_store_file",
+        "tests/test_store.py::test_checksum_mismatch_names_the_file",
+        "tests/test_storage.py",
+    ]),
+    # the offload counters: a fetch's hits and misses, lazy calls counted later
+    "counters": dict(module="hobbit_mlx/offload.py", mutants=[
+        "hobbit_mlx.offload.xǁFetchǁ*", "hobbit_mlx.offload.xǁOffloadRuntimeǁ_count__*",
+        "hobbit_mlx.offload.xǁOffloadRuntimeǁdefer__*",
+        "hobbit_mlx.offload.xǁOffloadRuntimeǁcount_deferred__*"],
+        tests=["tests/test_counters.py", "tests/test_faults.py"]),
+}
+
+
+def _copy_repo(dst: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    for rel in filter(None, files):
+        if rel.startswith("bench/results/") or not (REPO / rel).is_file():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dst / rel)
+
+
+def run_target(name: str, spec: dict, workdir: Path, children: int) -> dict:
+    tests = [t for t in spec["tests"] if (REPO / t.split("::")[0]).exists()]
+    (workdir / "setup.cfg").write_text(
+        "[mutmut]\nsource_paths=hobbit_mlx\n"
+        f"only_mutate={spec['module']}\nalso_copy=convert\n"
+        "pytest_add_cli_args_test_selection=\n    " + "\n    ".join(tests) + "\n"
+        "pytest_add_cli_args=-p no:cacheprovider -q -x\n")
+    t0 = time.time()
+    run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children),
+                          *spec.get("mutants", [])], cwd=workdir, capture_output=True, text=True)
+    if run.returncode not in (0, 1):
+        raise RuntimeError(f"mutmut failed on {name}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    results = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"],
+                             cwd=workdir, capture_output=True, text=True).stdout
+    status = {}
+    for line in results.splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m:
+            status[m.group(1)] = m.group(2).strip()
+    pats = [re.compile("^" + re.escape(p).replace(r"\*", ".*") + "$") for p in spec.get("mutants", [])]
+    if pats:
+        status = {k: v for k, v in status.items() if any(p.match(k) for p in pats)}
+    survivors = {}
+    for mutant, st in sorted(status.items()):
+        if st != "killed":
+            diff = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=workdir,
+                                  capture_output=True, text=True).stdout
+            survivors[mutant] = dict(status=st, diff=diff)
+    killed = sum(1 for s in status.values() if s == "killed")
+    return dict(module=spec["module"], tests=tests, mutants=len(status), killed=killed,
+                score=killed / max(1, len(status)), seconds=round(time.time() - t0),
+                survivors=survivors)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "bench/results/mutation.json")
+    args = ap.parse_args()
+    out = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for name in args.targets.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"mutmut-{name}-") as tmp:
+            _copy_repo(Path(tmp))
+            out[name] = run_target(name, TARGETS[name], Path(tmp), args.max_children)
+        print(f"{name}: {out[name]['killed']}/{out[name]['mutants']} killed "
+              f"({out[name]['score']:.0%}) in {out[name]['seconds']} s", flush=True)
+        args.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

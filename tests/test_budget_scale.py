@@ -1,0 +1,58 @@
+"""Peak memory within the budget at a scale where it can fail: the model's experts are four times
+the pools the budget leaves them, and the KV cache of the generation is the largest part of the
+budget. A plan that forgot a part (the KV cache, the activations) hands its bytes to the pools,
+and the pools can take them, so the peak then goes over the budget."""
+
+from __future__ import annotations
+
+import pytest
+
+import hobbit_mlx
+from hobbit_mlx.budget import kv_tokens_for
+from hobbit_mlx.loader import runtime_of
+
+NEW_TOKENS = 500
+PROMPT = "def f(x):"
+# 4 layers x 32 experts (2 MB of 4-bit experts), 4 KiB of KV per token (2 MB per 500 tokens)
+OVERRIDES = {"num_hidden_layers": 4, "num_key_value_heads": 4, "head_dim": 32,
+             "num_experts": 32, "moe_intermediate_size": 128}
+
+
+@pytest.fixture(scope="module")
+def kv_heavy(tmp_path_factory):
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("kv-heavy")
+    src = make_tiny_model("qwen3_moe", root / "mlx", config_overrides=OVERRIDES)
+    return convert(src, root / "hobbit", progress=False)
+
+
+def _no_eos(tokenizer):
+    eos = sorted(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})
+
+    def processor(tokens, logits):  # the generation runs its full length
+        logits[:, eos] = -1e9
+        return logits
+
+    return processor
+
+
+@pytest.mark.parametrize("options", [{"exact": True}, {}], ids=["exact", "defaults"])
+def test_peak_within_budget_when_experts_and_kv_outgrow_it(kv_heavy, options):
+    probe, tok = hobbit_mlx.load(kv_heavy, exact=True, progress=False)
+    plan = runtime_of(probe).plan
+    runtime_of(probe).close()
+    kv = plan.kv_bytes_per_token * kv_tokens_for(len(tok.encode(PROMPT)) + NEW_TOKENS)
+    budget = plan.dense_bytes + plan.activation_for(64) + kv + plan.all_high_bytes // 4
+    model, tok = hobbit_mlx.load(kv_heavy, memory_budget=budget, progress=False, **options)
+    hobbit_mlx.generate(model, tok, PROMPT, max_tokens=NEW_TOKENS,
+                        logits_processors=[_no_eos(tok)])
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["peak_memory_bytes"] <= stats["budget_bytes"] == budget, stats
+    # the scale the check needs: experts several times their pools, KV the largest part
+    assert plan.all_high_bytes >= 3 * stats["expert_cache_bytes"]
+    assert stats["context_tokens"] >= NEW_TOKENS
+    assert stats["kv_reserve_bytes"] >= kv_tokens_for(stats["context_tokens"]) * plan.kv_bytes_per_token
+    assert stats["kv_reserve_bytes"] > budget / 3
+    assert stats["misses_high"] + stats["misses_low"] > 0

@@ -1,0 +1,100 @@
+"""Storage faults injected at the reader's ``preadv`` (EIO, or a read that stalls): one clear
+error for a demand read, a retry for a prefetch read, a cache left consistent (every slot
+resident, free, or nothing; no pin or hold left behind), the next generation exact once the
+fault is gone, and ``close()`` that returns once a stalled read is let go."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import hobbit_mlx
+from hobbit_mlx.loader import runtime_of
+from hobbit_mlx.store import StoreError
+from hobbit_mlx.testing.faults import StoreFaults
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+
+
+def _consistent(rt) -> None:
+    """Every slot holds the expert the cache says, or is free; nothing is pinned."""
+    cache = rt.cache
+    for ps in cache.pools:
+        resident = [s for s, k in enumerate(ps.key_of) if k is not None]
+        assert ps.resident == len(resident)
+        assert sorted(resident + ps.free) == list(range(ps.pool.slots)), "a slot was lost"
+        for s in resident:
+            assert cache.slot(ps.key_of[s]) == s
+    assert not cache._pins
+
+
+@pytest.fixture()
+def exact_text(deep_models):
+    model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
+                                 progress=False)
+    return hobbit_mlx.generate(model, tok, PROMPT, max_tokens=12)
+
+
+@pytest.mark.parametrize("threads", [True, False], ids=["reader-threads", "inline-reads"])
+def test_eio_on_a_demand_read_is_one_clear_error_and_the_next_generation_works(
+        deep_models, monkeypatch, exact_text, threads):
+    import hobbit_mlx.offload as offload
+
+    # reads in threads, or on the model's thread (as on a warm page cache)
+    monkeypatch.setattr(offload, "INLINE_READ_S", 0.0 if threads else float("inf"))
+    model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
+                                 progress=False)
+    rt = runtime_of(model)
+    faults = StoreFaults(monkeypatch, rt)
+    layer_2 = []
+
+    def second_read_of_layer_2(key, prefetch):  # (its call's other reads succeed)
+        layer_2.append(key[0] == 2)
+        return key[0] == 2 and sum(layer_2) == 2
+
+    faults.fail(second_read_of_layer_2, times=1)
+    with pytest.raises(StoreError, match=r"experts.*Input/output error"):
+        hobbit_mlx.generate(model, tok, PROMPT, max_tokens=12)
+    assert len(faults.failed) == 1
+    _consistent(rt)
+    faults.fail(None)
+    assert hobbit_mlx.generate(model, tok, PROMPT, max_tokens=12) == exact_text
+    _consistent(rt)
+    assert not rt.cache._holds
+
+
+def test_eio_on_prefetch_reads_is_retried_on_demand(deep_models, monkeypatch, exact_text):
+    model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
+                                 prefetch_layers=1, prefetch_cost_aware=False, progress=False)
+    rt = runtime_of(model)
+    faults = StoreFaults(monkeypatch, rt)
+    faults.fail(lambda key, prefetch: prefetch)  # every prefetch read fails
+    assert hobbit_mlx.generate(model, tok, PROMPT, max_tokens=12) == exact_text
+    rt.wait_idle()
+    assert faults.failed and all(prefetch for _, prefetch in faults.failed)
+    _consistent(rt)
+    assert not rt.cache._holds
+    assert rt.stats.prefetch_used == 0 or rt.stats.misses_high > 0
+
+
+def test_close_returns_once_a_stalled_prefetch_read_is_let_go(deep_models, monkeypatch):
+    model, _ = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
+                               prefetch_layers=1, prefetch_cost_aware=False, progress=False)
+    rt = runtime_of(model)
+    faults = StoreFaults(monkeypatch, rt)
+    mx.eval(model(mx.array([[3, 5, 7, 11, 13, 17, 19, 23, 29]])))
+    faults.stall(lambda key, prefetch: prefetch)
+    switch = rt.layers[1]  # predict two experts of layer 1 that are not resident: read ahead
+    missing = [e for e in range(switch.layer.num_experts) if (1, e, "high") not in rt.cache][:2]
+    rt.prefetcher._issue(switch, 1, np.array([missing]), np.ones((1, 2), np.float32))
+    assert faults.stalled.wait(10)
+    done = threading.Event()
+    closer = threading.Thread(target=lambda: (rt.close(), done.set()), daemon=True)
+    closer.start()
+    assert not done.wait(0.2), "close() returned while a read was still writing a slot"
+    faults.release()
+    assert done.wait(60), "close() deadlocked on a stalled read"
+    assert not [t for t in threading.enumerate() if t.name.startswith("hobbit-")]

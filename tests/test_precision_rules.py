@@ -1,0 +1,76 @@
+"""The precision rules against a direct reading of their definitions, on random gate weights
+(hypothesis): HOBBIT's thresholds, MoBiLE's big-little, and the heat that earns a 4-bit read."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from hobbit_mlx.precision import DROP, HIGH, LOW, ExpertHeat, PrecisionOptions, plan_slots
+
+weights = st.integers(1, 8).flatmap(lambda k: arrays(
+    np.float32, st.tuples(st.integers(1, 6), st.just(k)),
+    elements=st.floats(0.015625, 1.0, width=32))).map(lambda w: w / w.sum(axis=-1, keepdims=True))
+thresholds = st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted)
+
+
+def _unimportance(row):
+    order = sorted(range(len(row)), key=lambda j: -row[j])
+    out, above = np.zeros(len(row)), 0.0
+    for j in order:
+        out[j], above = above, above + row[j]
+    return out, order
+
+
+@settings(max_examples=150, deadline=None)
+@given(w=weights, t=thresholds, skip=st.booleans(), big_little=st.booleans(),
+       little=st.floats(0.05, 1.0), mixed=st.booleans())
+def test_levels_follow_the_definitions(w, t, skip, big_little, little, mixed):
+    t1, t2 = t
+    opts = PrecisionOptions(mixed_precision=mixed, t1=t1, t2=t2, skip=skip,
+                            big_little=big_little, little_threshold=little)
+    level, scale = plan_slots(w, opts)
+    k = w.shape[-1]
+    for row, lv, sc in zip(w, level, scale):
+        u, order = _unimportance(row)
+        want = np.full(k, HIGH)
+        if mixed:
+            want[u > t1 + 1e-6] = LOW
+            if skip:
+                want[u > t2 + 1e-6] = DROP
+        ambiguous = mixed & (np.isclose(u, t1, atol=1e-5) | np.isclose(u, t2, atol=1e-5))
+        want_scale = np.ones(k)
+        if big_little and k > 1:
+            top = order[:k // 2]
+            mass = row[top].sum()
+            if np.isclose(mass, little, atol=1e-5):
+                continue  # (float rounding decides)
+            if mass >= little:
+                want[[j for j in range(k) if j not in top]] = DROP
+                want_scale[top] = 1 / mass
+        assert (lv == want)[~ambiguous].all(), (row, lv, want)
+        np.testing.assert_allclose(sc, want_scale, rtol=1e-5)
+
+
+def test_heat_counts_uses_fading_per_call_and_a_chunk_once():
+    heat = ExpertHeat({0: 4, 1: 4}, threshold=1.5, decay=0.5)
+    heat.see(0, np.array([[1, 1], [1, 2]]))  # a chunk: expert 1 counts once
+    assert not heat.hot(0, 1)  # 1.0
+    heat.see(0, np.array([[1, 3]]))  # 0.5 + 1
+    assert heat.hot(0, 1) and not heat.hot(0, 3) and not heat.hot(1, 1)
+    heat.see(0, np.array([[3, 0]]))  # expert 1 fades: 0.75
+    assert not heat.hot(0, 1) and heat.hot(0, 3)  # 0.5 + 1
+    heat.reset()
+    assert not any(heat.hot(0, e) for e in range(4))
+
+
+def test_options_say_what_needs_the_gate_weights():
+    assert not PrecisionOptions().needs_weights and not PrecisionOptions().drops
+    assert PrecisionOptions(mixed_precision=True).needs_weights
+    assert PrecisionOptions(big_little=True).needs_weights and PrecisionOptions(big_little=True).drops
+    assert PrecisionOptions(skip=True).drops
+    assert PrecisionOptions(mixed_precision=True, upgrade_after=1.5).upgrades
+    assert not PrecisionOptions(mixed_precision=False, upgrade_after=1.5).upgrades
+    assert not PrecisionOptions(mixed_precision=True, upgrade_after=0).upgrades
