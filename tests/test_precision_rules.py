@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from hobbit_mlx.precision import DROP, HIGH, LOW, ExpertHeat, PrecisionOptions, plan_slots
+from hobbit_mlx.precision import DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions, plan_slots
 
 weights = st.integers(1, 8).flatmap(lambda k: arrays(
     np.float32, st.tuples(st.integers(1, 6), st.just(k)),
@@ -38,8 +38,8 @@ def test_levels_follow_the_definitions(w, t, skip, big_little, little, mixed):
         want = np.full(k, HIGH)
         if mixed:
             want[u > t1 + 1e-6] = LOW
-            if skip:
-                want[u > t2 + 1e-6] = DROP
+            if skip:  # (the layer call drops such a slot only when its expert is not resident)
+                want[u > t2 + 1e-6] = SKIP_IF_MISSING
         ambiguous = mixed & (np.isclose(u, t1, atol=1e-5) | np.isclose(u, t2, atol=1e-5))
         want_scale = np.ones(k)
         if big_little and k > 1:
@@ -70,7 +70,7 @@ def test_options_say_what_needs_the_gate_weights():
     assert not PrecisionOptions().needs_weights and not PrecisionOptions().drops
     assert PrecisionOptions(mixed_precision=True).needs_weights
     assert PrecisionOptions(big_little=True).needs_weights and PrecisionOptions(big_little=True).drops
-    assert PrecisionOptions(skip=True).drops
+    assert not PrecisionOptions(skip=True).drops  # a skip drops a miss, never a resident expert
     assert PrecisionOptions(mixed_precision=True, upgrade_after=1.5).upgrades
     assert not PrecisionOptions(mixed_precision=False, upgrade_after=1.5).upgrades
     assert not PrecisionOptions(mixed_precision=True, upgrade_after=0).upgrades

@@ -5,7 +5,6 @@ our converter writes one span per record)."""
 from __future__ import annotations
 
 import os
-import shutil
 import zlib
 from dataclasses import replace
 
@@ -21,8 +20,11 @@ TOKENS = mx.array([[(7 * i + 3) % 200 + 1 for i in range(24)]])
 
 @pytest.fixture()
 def store(tiny_factory, tmp_path):
-    _, dst = tiny_factory("qwen3_moe")
-    return shutil.copytree(dst, tmp_path / "model")
+    """A store of its own, copied out of the source (tests here damage its files)."""
+    from convert import convert
+
+    src, _ = tiny_factory("qwen3_moe")
+    return convert(src, tmp_path / "model", copy=True, progress=False)
 
 
 def _logits(path, **options):

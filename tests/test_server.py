@@ -85,14 +85,20 @@ def _wait_healthy(url: str) -> None:
 def server(tmp_path_factory):
     """The server on the bundled reference model (converted into a fresh cache), checking every
     expert read's checksum so that a corrupted store fails the request that reads it."""
+    from convert import convert
+
     root = tmp_path_factory.mktemp("server")
+    # a store of its own (not reading the bundled checkpoint in place), so that corrupting the
+    # store's files for a fault test leaves the bundled model alone
+    store = convert(REFERENCE_MODEL, root / "reference-copy", copy=True, progress=False)
     env = dict(os.environ, HOBBIT_MLX_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
                PYTHONUNBUFFERED="1")
     env.pop("HOBBIT_MLX_DEBUG", None)
     log_path = root / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hobbit_mlx.server", "--port", "0", "--memory-budget", BUDGET,
+            [sys.executable, "-m", "hobbit_mlx.server", "--model", str(store),
+             "--served-model-name", MODEL, "--port", "0", "--memory-budget", BUDGET,
              "--exact", "--verify", "always", "--max-tokens", "32"],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     try:
