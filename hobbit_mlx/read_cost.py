@@ -15,6 +15,7 @@ from typing import Protocol
 
 SMOOTHING = 0.2  # weight of the newest measurement in the moving average
 MAX_LAYER_SECONDS = 0.1  # a gap longer than this is a pause (the user, a new prompt), not compute
+SPIKE = 2.0  # one measurement moves the average as if it were at most this many times the average
 
 
 class _Reader(Protocol):
@@ -42,7 +43,11 @@ class ReadCost:
             return
         busy = (now - last[0] - (read_wait_s - last[1])) / (position - last[2])
         busy = min(max(busy, 0.0), MAX_LAYER_SECONDS)
-        self.layer_seconds += SMOOTHING * (busy - self.layer_seconds) if self.layer_seconds else busy
+        if self.layer_seconds:  # a stall (the process descheduled, a collection) counts at most
+            busy = min(busy, SPIKE * self.layer_seconds)  # double: compute drifts, it does not jump
+            self.layer_seconds += SMOOTHING * (busy - self.layer_seconds)
+        else:
+            self.layer_seconds = busy
 
     def read_seconds(self) -> float:
         """What reading one layer call's top-k experts in 4-bit would take, as measured lately."""

@@ -194,9 +194,11 @@ def test_read_cost_measures_decode_layer_time():
     cost.on_sync(20.0, 0.002, 1, decode=False)  # nor is a prompt chunk
     cost.on_sync(21.0, 0.002, 2, decode=True)
     assert cost.layer_seconds == pytest.approx(0.001)
-    cost.on_sync(21.003, 0.002, 3, decode=True)
-    assert cost.layer_seconds == pytest.approx(0.8 * 0.001 + 0.2 * 0.003)
-    assert not cost.dear()  # a 1 ms read against 1.4 ms of compute
+    cost.on_sync(21.0015, 0.002, 3, decode=True)
+    assert cost.layer_seconds == pytest.approx(0.8 * 0.001 + 0.2 * 0.0015)
+    cost.on_sync(21.0515, 0.002, 4, decode=True)  # a 50 ms stall counts as twice the average
+    assert cost.layer_seconds == pytest.approx(0.8 * 0.0011 + 0.2 * 0.0022)
+    assert not cost.dear()  # a 1 ms read against 1.32 ms of compute
     cost.reader.spb = 1e-5
     assert cost.dear()
 
