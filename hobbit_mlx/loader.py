@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import os
@@ -25,7 +26,8 @@ from .prefetch import Prefetcher
 from .reader import RecordReader
 from .storage import parse_storage
 from .routing import StackedGates
-from .store import Manifest, StoreError, is_hobbit_model, load_manifest, manifest_path
+from .store import (Manifest, StoreError, check_store_files, is_hobbit_model, load_manifest,
+                    manifest_path)
 from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
@@ -73,11 +75,13 @@ def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
     return target
 
 
-def _offloaded_classes(manifest: Manifest):
+def _offloaded_classes(manifest: Manifest, pipe=None):
     """mlx-lm's model classes, with the switch modules replaced as soon as the model is built.
 
     Replacing them inside ``__init__`` means mlx-lm's own loader then loads (strictly) exactly
-    the dense weights, and the random initial expert weights are never materialised.
+    the dense weights, and the random initial expert weights are never materialised. With a
+    pipeline (``pipe``), the model keeps only this rank's layers first, and drops the other
+    ranks' weights as it loads them.
     """
 
     def get_classes(config: dict):
@@ -86,8 +90,17 @@ def _offloaded_classes(manifest: Manifest):
         class OffloadedModel(model_class):
             def __init__(self, args):
                 super().__init__(args)
-                _check_manifest(self, manifest, config)
-                install(self, manifest)
+                local = manifest
+                if pipe is not None:
+                    pipe.split_model(self)
+                    local = pipe.local_manifest(manifest)
+                _check_manifest(self, local, config)
+                install(self, local)
+
+            def sanitize(self, weights):
+                if hasattr(super(), "sanitize"):
+                    weights = super().sanitize(weights)
+                return weights if pipe is None else pipe.keep_local(weights)
 
             def __call__(self, *args, **kwargs):
                 rt = getattr(self, "_hobbit", None)
@@ -175,12 +188,28 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
         overrides["expert_residency"] = expert_residency
     o = (options or LoadOptions()).with_overrides(**overrides)
     o.validate()
+    model_dir = resolve_model(path, progress=o.progress)
+    if o.pipeline is None:
+        return _load(model_dir, o)
+    from .pipeline import Pipeline, pipeline_budget
+
+    pipe = Pipeline.start(o.pipeline, model_dir, pipeline_budget(o), o.pipeline_split)
+    model, tokenizer = pipe.agreed(lambda: _load(model_dir, o, pipe))
+    model._hobbit_pipeline = pipe
+    return model, tokenizer
+
+
+def _load(model_dir: Path, o: LoadOptions, pipe=None):
+    """``load`` once the options are checked and the model directory found; with ``pipe``,
+    this rank's layers only (its dense weights, expert records and budget)."""
     precision = o.precision()
     progress, prefill_step_size, prefetch_layers = o.progress, o.prefill_step_size, o.prefetch_layers
-    model_dir = resolve_model(path, progress=progress)
-    manifest = load_manifest(model_dir)
-    config = load_config(model_dir)
-    model, config = load_model(model_dir, lazy=True, get_model_classes=_offloaded_classes(manifest))
+    manifest = load_manifest(model_dir, check_files=pipe is None)
+    model, config = load_model(model_dir, lazy=True,
+                               get_model_classes=_offloaded_classes(manifest, pipe))
+    if pipe is not None:
+        manifest = pipe.manifest
+        check_store_files(Path(model_dir), manifest)
     cdtype = compute_dtype(o.dtype)
     if cdtype is not None:
         model.set_dtype(cdtype)
@@ -206,10 +235,11 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     bind(model, runtime)
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
-    kv_per_token = kv_bytes_per_token(model)
-    measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
-                    prefill_step_size, str(cdtype))
-    activation_points = measured_activations(model, prefill_step_size, measured_key)
+    with pipe.local_only() if pipe is not None else contextlib.nullcontext():
+        kv_per_token = kv_bytes_per_token(model)
+        measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
+                        prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
+        activation_points = measured_activations(model, prefill_step_size, measured_key)
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
     routers = [m.router for m in runtime.layers]
