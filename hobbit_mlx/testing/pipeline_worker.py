@@ -94,6 +94,7 @@ def main(argv: list[str]) -> int:
     from hobbit_mlx.pipeline import init_group
 
     group = init_group("ring")
+    out.with_name(out.name + ".started").touch()  # the ring backend could start
     files_read: set = set()
     _log_reads(files_read)
     results = {}
