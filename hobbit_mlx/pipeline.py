@@ -296,7 +296,7 @@ def _with_rank(error: Exception, rank: int) -> Exception:
 # Seen here (mlx 0.32.4, ring backend, loaded machine): a rank that connects before the rank it
 # connects to listens retries, and then sometimes hangs in init. Higher ranks connect to lower
 # ones, so each rank waits this long per rank number before it joins.
-INIT_STAGGER_S = 1.5
+INIT_STAGGER_S = 3.0
 
 
 def init_group(backend: str = "any") -> mx.distributed.Group:
