@@ -114,6 +114,9 @@ def run(models, tmp_path_factory):
         dict(case, name="small_budget", model=str(models["olmoe"]), budgets=["2MB", "0.3MB"]),
         dict(case, name="mismatch", model=[str(models["qwen3_moe"]), str(models["olmoe"])],
              budgets=["2MB", "2MB"]),
+        # last: rank 1 exits after loading (with status 0, so mlx.launch does not kill rank 0)
+        dict(case, name="dead_rank", model=str(models["olmoe"]), budgets=["2MB", "2MB"],
+             die_rank=1),
     ]
     return launch(spec, tmp_path_factory.mktemp("pipeline-run"))
 
@@ -148,3 +151,22 @@ def test_mismatched_stores_fail_on_every_rank(run):
     errors = run["mismatch"]["errors"]
     assert all("ranks hold different models or expert stores" in e for e in errors)
     assert all("rank 1" in e for e in errors)
+
+
+def test_a_dead_rank_fails_the_others(run):
+    result = run["dead_rank"]
+    assert result["error"] is not None and "connection to a peer was lost" in result["error"]
+    assert result["after_s"] < 60
+
+
+def test_watchdog_ends_a_rank_that_waits_too_long():
+    """A peer that hangs without closing its connection: the watchdog exits with one line."""
+    code = ("import time, mlx.core as mx\n"
+            "from hobbit_mlx.pipeline import Pipeline\n"
+            "Pipeline(mx.distributed.init()).watchdog(0.5)\n"
+            "time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [str(WORKER.parents[2])] + sys.path)))
+    assert proc.returncode == 3
+    assert "rank 0: no progress in the pipeline for" in proc.stderr

@@ -60,6 +60,16 @@ def run_case(case: dict, group, files_read: set) -> dict:
         errors = gather_json(group, f"{type(e).__name__}: {e}")
         return {"errors": errors}
     gather_json(group, None)  # the same collectives as a failed load
+    if case.get("die_rank") is not None:  # a rank that dies: the others must fail, not hang
+        if rank == case["die_rank"]:
+            os._exit(0)
+        t0 = time.perf_counter()
+        try:
+            hobbit_mlx.generate(model, tokenizer, case["prompt"], max_tokens=case["max_tokens"])
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            return {"dead": True, "error": f"{type(e).__name__}: {e}",
+                    "after_s": time.perf_counter() - t0}
+        return {"dead": True, "error": None}
     prompt = mx.array(case["prompt"])
     hobbit_mlx.reset_stats(model)
     from hobbit_mlx import _with_defaults
@@ -100,6 +110,9 @@ def main(argv: list[str]) -> int:
     results = {}
     for case in spec:
         results[case["name"]] = run_case(case, group, files_read)
+        if results[case["name"]].get("dead"):  # the group is gone: report and stop
+            out.write_text(json.dumps(results, default=str))
+            return 0
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
     if group.rank() == 0:
         out.write_text(json.dumps(results, default=str))
