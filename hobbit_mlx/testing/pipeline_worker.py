@@ -37,10 +37,6 @@ def _log_reads(files_read: set) -> None:
 
 
 def run_case(case: dict, group, files_read: set) -> dict:
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_sampler
-
     import hobbit_mlx
     from hobbit_mlx.pipeline import gather_stats, gather_json
 
@@ -70,17 +66,11 @@ def run_case(case: dict, group, files_read: set) -> dict:
             return {"dead": True, "error": f"{type(e).__name__}: {e}",
                     "after_s": time.perf_counter() - t0}
         return {"dead": True, "error": None}
-    prompt = mx.array(case["prompt"])
     hobbit_mlx.reset_stats(model)
     from hobbit_mlx import _with_defaults
 
     _with_defaults(model, tokenizer, case["prompt"], {"max_tokens": case["max_tokens"]})
-    tokens = []
-    t0 = time.perf_counter()
-    for (tok, _), _ in zip(generate_step(prompt, model, sampler=make_sampler(0.0)),
-                           range(case["max_tokens"])):
-        tokens.append(int(tok))
-    wall = time.perf_counter() - t0
+    tokens, timing = timed_tokens(model, case["prompt"], case["max_tokens"])
     stats = gather_stats(model)
     own = {"files_read": sorted(files_read),
            "modules": [l.module_path for l in hobbit_mlx.runtime_of(model).manifest.layers]}
@@ -91,7 +81,24 @@ def run_case(case: dict, group, files_read: set) -> dict:
 
     pipeline_of(model).barrier()
     hobbit_mlx.runtime_of(model).close()
-    return {"tokens": tokens, "stats": stats, "wall_s": wall}
+    return {"tokens": tokens, "stats": stats, **timing}
+
+
+def timed_tokens(model, prompt: list[int], max_tokens: int) -> tuple[list[int], dict]:
+    """Greedy tokens, the time to the first one and the decode rate after it."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    tokens, stamps = [], []
+    t0 = time.perf_counter()
+    for (tok, _), _ in zip(generate_step(mx.array(prompt), model, sampler=make_sampler(0.0)),
+                           range(max_tokens)):
+        tokens.append(int(tok))
+        stamps.append(time.perf_counter())
+    decode_s = stamps[-1] - stamps[0]
+    return tokens, {"first_token_s": stamps[0] - t0, "decode_s": decode_s,
+                    "decode_tps": (len(stamps) - 1) / decode_s if decode_s > 0 else None}
 
 
 def main(argv: list[str]) -> int:
