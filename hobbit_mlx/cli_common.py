@@ -73,7 +73,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("--memory-budget", "-b", type=str, default=None, metavar="SIZE",
                      help="Ceiling for MLX's peak memory while generating, e.g. 6GB, 6GiB, "
                           "512MiB or a byte count. Default: all experts if they fit in 60%% of "
-                          "the machine's memory, else as many as fit there.")
+                          "the machine's memory, else as many as fit there. With --pipeline, "
+                          "one per rank in rank order (48GB,24GB) or one for all.")
     mem.add_argument("--expert-residency", type=float, default=None, metavar="F",
                      help="Instead of --memory-budget: size the expert cache as a fraction "
                           "(0..1) of the model's 4-bit expert bytes.")
@@ -214,6 +215,12 @@ def add_report_args(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything argparse cannot check itself; raises CLIError."""
+    group = getattr(args, "pipeline_group", None)
+    if group is not None and "," in str(getattr(args, "memory_budget", None) or ""):
+        budgets = str(args.memory_budget).split(",")  # one per rank: mlx.launch runs one command
+        if len(budgets) != group.size():
+            raise CLIError(f"--memory-budget lists {len(budgets)} budgets for {group.size()} ranks")
+        args.memory_budget = budgets[group.rank()]
     if getattr(args, "memory_budget", None) is not None:
         try:
             size = parse_size(args.memory_budget)

@@ -51,23 +51,27 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def launch(spec: list[dict], tmp: Path) -> dict:
-    """Run the worker on 2 ranks; skip when the ring backend cannot start here."""
-    spec_path, out = tmp / "spec.json", tmp / "out.json"
-    spec_path.write_text(json.dumps(spec))
+def mlx_launch(args: list[str]) -> subprocess.CompletedProcess:
+    """``mlx.launch -n 2`` on localhost's ring with ``args``, under a timeout."""
     launcher = Path(sys.executable).with_name("mlx.launch")
     cmd = [str(launcher) if launcher.exists() else "mlx.launch", "-n", "2", "--backend", "ring",
-           "-p", str(_free_port_pair()), "--python", sys.executable, str(WORKER), str(spec_path),
-           str(out)]
+           "-p", str(_free_port_pair()), "--python", sys.executable, *args]
     env = dict(os.environ, HOBBIT_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT_S - 60),
                PYTHONPATH=os.pathsep.join([str(WORKER.parents[2])] + sys.path))
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+        return subprocess.run(cmd, env=env, capture_output=True, text=True,
                               timeout=LAUNCH_TIMEOUT_S)
     except FileNotFoundError:
         pytest.skip("mlx.launch is not installed")
     except subprocess.TimeoutExpired:
         pytest.fail(f"the 2-rank launch did not finish in {LAUNCH_TIMEOUT_S} s")
+
+
+def launch(spec: list[dict], tmp: Path) -> dict:
+    """Run the worker on 2 ranks; skip when the ring backend cannot start here."""
+    spec_path, out = tmp / "spec.json", tmp / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = mlx_launch([str(WORKER), str(spec_path), str(out)])
     log = (proc.stdout + proc.stderr)[-3000:]
     if not (tmp / "out.json.started").exists():
         pytest.skip(f"the ring backend could not start 2 ranks on localhost: {log}")
@@ -170,3 +174,22 @@ def test_watchdog_ends_a_rank_that_waits_too_long():
                               [str(WORKER.parents[2])] + sys.path)))
     assert proc.returncode == 3
     assert "rank 0: no progress in the pipeline for" in proc.stderr
+
+
+def test_generate_cli_pipeline(models, tmp_path):
+    """``generate --pipeline`` under mlx.launch: rank 0 prints the text and a report with every
+    rank; per-rank budgets from one flag."""
+    stats = tmp_path / "stats.json"
+    proc = mlx_launch(["-m", "hobbit_mlx.generate", "--model", str(models["olmoe"]), "--prompt",
+                       "hello there", "--max-tokens", "6", "--exact", "--pipeline",
+                       "--memory-budget", "1.4MB,0.9MB", "--ignore-chat-template",
+                       "--stats-json", str(stats), "--pipeline-timeout", "120"])
+    if "connecting to" in proc.stderr and not stats.exists() and proc.returncode != 0:
+        pytest.skip(f"the ring backend could not start 2 ranks: {proc.stderr[-2000:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.strip().splitlines()) == 1  # the text, from rank 0 only
+    assert proc.stderr.count("==========") == 1  # one report: rank 0's
+    assert "Rank 0: layers 2-3" in proc.stderr and "Rank 1: layers 0-1" in proc.stderr
+    s = json.loads(stats.read_text())
+    assert [r["budget_bytes"] for r in s["ranks"]] == [1_400_000, 900_000]
+    assert s["pipeline"]["kind"] == "generic" and s["generation_tokens"] == 6
