@@ -114,7 +114,10 @@ def run(models, tmp_path_factory):
         dict(case, name="qwen3_moe", model=str(models["qwen3_moe"]), budgets=["0.95MB", "0.62MB"],
              split=[3, 1]),
         # the generic split, by budget; rank 1 cannot hold its experts
-        dict(case, name="olmoe", model=str(models["olmoe"]), budgets=["0.9MB", "0.8MB"]),
+        dict(case, name="olmoe", model=str(models["olmoe"]), budgets=["0.9MB", "0.75MB"]),
+        # prefetch within each rank (exact: it changes what is read, never the tokens)
+        dict(case, name="olmoe_prefetch", model=str(models["olmoe"]), budgets=["0.9MB", "0.75MB"],
+             options={"prefetch_layers": 1}),
         dict(case, name="small_budget", model=str(models["olmoe"]), budgets=["2MB", "0.3MB"]),
         dict(case, name="mismatch", model=[str(models["qwen3_moe"]), str(models["olmoe"])],
              budgets=["2MB", "2MB"]),
@@ -143,6 +146,12 @@ def test_two_ranks_equal_one_process(run, models, arch, kind, layers):
         assert s["modules"] == [f"model.layers.{i}.mlp.switch_mlp" for i in range(start, end)]
         own = {f"experts/high/layer_{i:03d}.safetensors" for i in range(start, end)}
         assert set(s["files_read"]) <= own and (s["files_read"] or not s["misses_high"])
+
+
+def test_prefetch_within_each_rank(run, models):
+    result = run["olmoe_prefetch"]
+    assert result["tokens"] == single_process_tokens(models["olmoe"])
+    assert sum(s["prefetch_issued"] for s in result["stats"]) > 0
 
 
 def test_budget_too_small_names_the_rank(run):
