@@ -459,6 +459,9 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except CLIError as e:
         error_line(str(e))
         return EXIT_BAD_INPUT
+    except (StoreError, BudgetError) as e:  # a checksum mismatch, a context beyond the budget
+        error_line(str(e))
+        return EXIT_BAD_INPUT
     except PipelineError as e:  # ranks that disagree (stores, split) or one that failed to load
         error_line(str(e))
         return EXIT_BAD_INPUT
@@ -467,9 +470,6 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
             raise
         error_line(f"lost the connection to another pipeline rank ({e}); did a rank exit?")
         return 1
-    except (StoreError, BudgetError) as e:  # a checksum mismatch, a context beyond the budget
-        error_line(str(e))
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
