@@ -52,7 +52,7 @@ def one_rank(model_dir: Path, budget: str, prompt: list[int], max_tokens: int,
     arg = json.dumps({"model": str(model_dir), "budget": budget, "prompt": prompt,
                       "max_tokens": max_tokens, "options": options})
     out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
-                         check=True, env=_env())
+                         check=True, env=_env(), stdin=subprocess.DEVNULL)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -66,7 +66,8 @@ def two_ranks(model_dir: Path, budgets: list[str], prompt: list[int], max_tokens
         launcher = Path(sys.executable).with_name("mlx.launch")
         subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "-p", str(_free_port()),
                         "--python", sys.executable, str(WORKER), str(spec), str(out)],
-                       check=True, timeout=900, env=dict(_env(), HOBBIT_WORKER_TIMEOUT="800"))
+                       check=True, timeout=900, env=dict(_env(), HOBBIT_WORKER_TIMEOUT="800"),
+                       stdin=subprocess.DEVNULL)  # a background job's rank reading a tty stops
         result = json.loads(out.read_text())["run"]
     if "errors" in result:
         raise SystemExit(f"the 2-rank run failed: {result['errors']}")

@@ -59,8 +59,9 @@ def mlx_launch(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, HOBBIT_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT_S - 60),
                PYTHONPATH=os.pathsep.join([str(WORKER.parents[2])] + sys.path))
     try:
+        # (no stdin: a rank of a background job that touches the terminal is stopped)
         return subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=LAUNCH_TIMEOUT_S)
+                              stdin=subprocess.DEVNULL, timeout=LAUNCH_TIMEOUT_S)
     except FileNotFoundError:
         pytest.skip("mlx.launch is not installed")
     except subprocess.TimeoutExpired:
