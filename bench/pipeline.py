@@ -67,7 +67,7 @@ def two_ranks(model_dir: Path, budgets: list[str], prompt: list[int], max_tokens
         subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "-p", str(_free_port()),
                         "--python", sys.executable, str(WORKER), str(spec), str(out)],
                        check=True, timeout=900, env=dict(_env(), HOBBIT_WORKER_TIMEOUT="800"),
-                       stdin=subprocess.DEVNULL)  # a background job's rank reading a tty stops
+                       stdin=subprocess.DEVNULL)  # mlx.launch forwards stdin to the ranks
         result = json.loads(out.read_text())["run"]
     if "errors" in result:
         raise SystemExit(f"the 2-rank run failed: {result['errors']}")

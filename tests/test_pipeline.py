@@ -59,7 +59,7 @@ def mlx_launch(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, HOBBIT_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT_S - 60),
                PYTHONPATH=os.pathsep.join([str(WORKER.parents[2])] + sys.path))
     try:
-        # (no stdin: a rank of a background job that touches the terminal is stopped)
+        # (mlx.launch forwards its stdin to the ranks: give them none)
         return subprocess.run(cmd, env=env, capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, timeout=LAUNCH_TIMEOUT_S)
     except FileNotFoundError:
