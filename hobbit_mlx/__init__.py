@@ -13,6 +13,7 @@ import mlx_lm
 from .budget import BudgetError, parse_size
 from .loader import context_of, footprint, load, offload_stats, reset_stats, runtime_of
 from .options import LoadOptions
+from .pipeline import PipelineError, gather_stats as pipeline_stats
 from .store import StoreError
 from .architectures import UnsupportedModelError
 
@@ -49,4 +50,5 @@ def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
 
 
 __all__ = ["load", "LoadOptions", "generate", "stream_generate", "offload_stats", "reset_stats", "footprint",
-           "parse_size", "BudgetError", "StoreError", "UnsupportedModelError"]
+           "parse_size", "BudgetError", "StoreError", "UnsupportedModelError", "PipelineError",
+           "pipeline_stats"]

@@ -73,7 +73,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("--memory-budget", "-b", type=str, default=None, metavar="SIZE",
                      help="Ceiling for MLX's peak memory while generating, e.g. 6GB, 6GiB, "
                           "512MiB or a byte count. Default: all experts if they fit in 60%% of "
-                          "the machine's memory, else as many as fit there.")
+                          "the machine's memory, else as many as fit there. With --pipeline, "
+                          "one per rank in rank order (48GB,24GB) or one for all.")
     mem.add_argument("--expert-residency", type=float, default=None, metavar="F",
                      help="Instead of --memory-budget: size the expert cache as a fraction "
                           "(0..1) of the model's 4-bit expert bytes.")
@@ -149,6 +150,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "(benchmarks on a machine whose page cache makes reads free).")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="Enable trusting remote code for the tokenizer.")
+    p = parser.add_argument_group("several machines (start every rank with mlx.launch)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="Join the mx.distributed group mlx.launch started: each rank holds a block "
+                        "of layers and streams its own experts under its own --memory-budget; "
+                        "rank 0 prints.")
+    p.add_argument("--pipeline-split", default=None, metavar="N,N,...",
+                   help="Layers per rank, in rank order (rank 0 holds the last layers); default: "
+                        "in proportion to each rank's memory budget.")
+    p.add_argument("--pipeline-timeout", type=float, default=300.0, metavar="S",
+                   help="Exit with an error when the pipeline makes no progress for S seconds "
+                        "(a rank hangs or its machine went away; default: %(default)s).")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, *,
@@ -203,6 +215,12 @@ def add_report_args(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything argparse cannot check itself; raises CLIError."""
+    group = getattr(args, "pipeline_group", None)
+    if group is not None and "," in str(getattr(args, "memory_budget", None) or ""):
+        budgets = str(args.memory_budget).split(",")  # one per rank: mlx.launch runs one command
+        if len(budgets) != group.size():
+            raise CLIError(f"--memory-budget lists {len(budgets)} budgets for {group.size()} ranks")
+        args.memory_budget = budgets[group.rank()]
     if getattr(args, "memory_budget", None) is not None:
         try:
             size = parse_size(args.memory_budget)
@@ -224,6 +242,14 @@ def check_args(args: argparse.Namespace) -> None:
             parse_storage(args.simulated_storage)
         except ValueError as e:
             raise CLIError(f"--simulated-storage: {e}") from None
+    split = getattr(args, "pipeline_split", None)
+    if split is not None:
+        try:
+            args.pipeline_split = tuple(int(n) for n in str(split).split(","))
+        except ValueError:
+            raise CLIError(f"--pipeline-split takes layer counts like 30,18, not {split!r}") from None
+        if not getattr(args, "pipeline", False) or min(args.pipeline_split) < 1:
+            raise CLIError("--pipeline-split needs --pipeline and a positive count per rank")
     mt = getattr(args, "max_tokens", None)
     if mt is not None and mt == 0:
         raise CLIError("--max-tokens must be non-zero (use -1 for no limit)")
@@ -239,6 +265,18 @@ def check_args(args: argparse.Namespace) -> None:
         args.chat_template_kwargs = {}
 
 
+def join_pipeline(args: argparse.Namespace) -> None:
+    """With ``--pipeline``, join the group mlx.launch started, as early as possible (the ranks'
+    start-up times then differ least; see ``pipeline.INIT_STAGGER_S``)."""
+    if getattr(args, "pipeline", False):
+        from .pipeline import init_group
+
+        args.pipeline_group = init_group()
+        if args.pipeline_group.size() < 2:
+            raise CLIError("--pipeline needs at least 2 ranks: start every rank with mlx.launch "
+                           "(e.g. mlx.launch -n 2 --backend ring --python $(which python) ...)")
+
+
 def load_options(args: argparse.Namespace) -> "LoadOptions":
     """The ``LoadOptions`` the flags set (memory, techniques, I/O)."""
     from .options import LoadOptions
@@ -247,6 +285,9 @@ def load_options(args: argparse.Namespace) -> "LoadOptions":
                        max_context=args.max_context, prefill_step_size=args.prefill_step_size,
                        io_workers=args.io_workers, verify=args.verify, direct_io=args.direct_io,
                        simulated_storage=args.simulated_storage,
+                       pipeline=(getattr(args, "pipeline_group", None) or True)
+                       if getattr(args, "pipeline", False) else None,
+                       pipeline_split=getattr(args, "pipeline_split", None),
                        **technique_options(args))
 
 
@@ -410,6 +451,7 @@ def error_line(message: str) -> None:
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main`` and turn bad input into one ``error:`` line with exit status 2."""
+    from .pipeline import PipelineError
     from .store import StoreError
 
     try:
@@ -420,6 +462,14 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except (StoreError, BudgetError) as e:  # a checksum mismatch, a context beyond the budget
         error_line(str(e))
         return EXIT_BAD_INPUT
+    except PipelineError as e:  # ranks that disagree (stores, split) or one that failed to load
+        error_line(str(e))
+        return EXIT_BAD_INPUT
+    except RuntimeError as e:
+        if "[ring]" not in str(e) and "[distributed]" not in str(e):
+            raise
+        error_line(f"lost the connection to another pipeline rank ({e}); did a rank exit?")
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -452,6 +502,29 @@ def run_stats(model, response, wall_s: float, load_s: float | None = None) -> di
     if load_s is not None:
         s["load_s"] = load_s
     return s
+
+
+def gather_ranks(model, stats: dict) -> dict:
+    """With a pipeline, every rank's stats under ``ranks`` (a collective: all ranks call it)."""
+    from .pipeline import gather_json, pipeline_of
+
+    pipe = pipeline_of(model)
+    if pipe is None:
+        return stats
+    stats["pipeline"] = pipe.describe()
+    stats["ranks"] = gather_json(pipe.group, stats)
+    return stats
+
+
+def format_rank(s: dict) -> str:
+    """One line per pipeline rank: its layers, memory against its budget, hits and reads."""
+    p = s["pipeline"]
+    budget = s.get("budget_bytes") or 0
+    peak = s.get("peak_memory_bytes", 0)
+    share = f" ({100.0 * peak / budget:.0f}%)" if budget else ""
+    return (f"Rank {p['rank']}: layers {p['layers'][0]}-{p['layers'][1] - 1}, peak "
+            f"{format_size(peak)} of {format_size(budget)}{share}, hit rate "
+            f"{100.0 * s.get('hit_rate', 0.0):.1f}%, read {format_size(s.get('bytes_read', 0))}")
 
 
 def format_report(s: dict) -> list[str]:
@@ -500,6 +573,10 @@ def format_report(s: dict) -> list[str]:
     if s.get("load_s") is not None:
         wall += f" (load {s['load_s']:.2f} s)"
     lines.append(wall)
+    if s.get("ranks"):
+        lines.append(f"Pipeline: {len(s['ranks'])} ranks ({s['pipeline']['kind']} split "
+                     f"{s['pipeline']['split']}); the lines above are rank {s['pipeline']['rank']}'s")
+        lines.extend(format_rank(r) for r in s["ranks"])
     return lines
 
 

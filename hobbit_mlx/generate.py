@@ -12,12 +12,14 @@ expert cache hits, bytes read from storage) follows on stderr after a separator 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import types
 from typing import Sequence
 
 from . import cli_common as cli
+from .pipeline import pipeline_of
 
 # ``import hobbit_mlx.generate`` makes Python bind this module to the package attribute
 # ``hobbit_mlx.generate``, where the API function of the same name lives. Keep that name callable:
@@ -96,12 +98,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
+    cli.join_pipeline(args)
     cli.check_args(args)
     quiet = args.quiet_report or not args.verbose
     args.quiet_report = quiet
     cli.seed(args)
 
     model, tokenizer, load_s = cli.load_model(args)
+    pipe = pipeline_of(model)
+    if pipe is not None:  # rank 0 prints; a rank that stops answering ends every rank
+        pipe.watchdog(args.pipeline_timeout)
+    printer = pipe is None or pipe.rank == 0
+    out = sys.stdout if printer else open(os.devnull, "w")
     prompt = build_prompt(args, tokenizer)
 
     sampler = cli.make_sampler(args, tokenizer)
@@ -112,14 +120,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for response in hobbit_mlx.stream_generate(
             model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
             logits_processors=processors):
-        sys.stdout.write(response.text)
-        sys.stdout.flush()
+        out.write(response.text)
+        out.flush()
         last = response
+        if pipe is not None:
+            pipe.progress()
     wall_s = time.perf_counter() - t0
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    out.write("\n")
+    out.flush()
 
-    stats = cli.run_stats(model, last, wall_s, load_s)
+    stats = cli.gather_ranks(model, cli.run_stats(model, last, wall_s, load_s))
+    if pipe is not None:
+        pipe.barrier()  # no rank exits while another still evaluates (mlx-lm looks a token ahead)
+        if not printer:
+            return 0
     options = cli.technique_options(args)
     options["policy"] = stats["policy"]  # as resolved by load() (its default depends on prefetch)
     stats.update(model=str(getattr(hobbit_mlx.runtime_of(model), "model_dir", args.model)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import os
@@ -11,7 +12,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
+from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .architectures import find_switch_modules, num_experts_of, text_config
 from .budget import BudgetPlan, plan_budget
@@ -25,8 +26,8 @@ from .prefetch import Prefetcher
 from .reader import RecordReader
 from .storage import parse_storage
 from .routing import StackedGates
-from .store import (Manifest, StoreError, check_references, is_hobbit_model, load_manifest,
-                    manifest_path)
+from .store import (Manifest, StoreError, check_references, check_store_files, is_hobbit_model,
+                    load_manifest, manifest_path)
 from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
@@ -84,11 +85,13 @@ def _references_hold(model_dir: Path) -> bool:
         return False
 
 
-def _offloaded_classes(manifest: Manifest):
+def _offloaded_classes(manifest: Manifest, pipe=None):
     """mlx-lm's model classes, with the switch modules replaced as soon as the model is built.
 
     Replacing them inside ``__init__`` means mlx-lm's own loader then loads (strictly) exactly
-    the dense weights, and the random initial expert weights are never materialised.
+    the dense weights, and the random initial expert weights are never materialised. With a
+    pipeline (``pipe``), the model keeps only this rank's layers first, and drops the other
+    ranks' weights as it loads them.
     """
 
     def get_classes(config: dict):
@@ -97,16 +100,22 @@ def _offloaded_classes(manifest: Manifest):
         class OffloadedModel(model_class):
             def __init__(self, args):
                 super().__init__(args)
-                _check_manifest(self, manifest, config)
-                install(self, manifest)
+                local = manifest
+                if pipe is not None:
+                    pipe.split_model(self)
+                    local = pipe.local_manifest(manifest)
+                _check_manifest(self, local, config)
+                install(self, local)
 
             def sanitize(self, weights):
                 # A store read in place links the source's weight files: their expert tensors
-                # stay on disk (lazy, never evaluated); the store serves them.
+                # stay on disk (lazy, never evaluated); the store serves them. A pipeline rank
+                # then keeps only its own layers' weights.
                 if hasattr(super(), "sanitize"):
                     weights = super().sanitize(weights)
                 prefixes = tuple(l.module_path + "." for l in manifest.layers)
-                return {k: v for k, v in weights.items() if not k.startswith(prefixes)}
+                weights = {k: v for k, v in weights.items() if not k.startswith(prefixes)}
+                return weights if pipe is None else pipe.keep_local(weights)
 
             def __call__(self, *args, **kwargs):
                 rt = getattr(self, "_hobbit", None)
@@ -194,12 +203,28 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
         overrides["expert_residency"] = expert_residency
     o = (options or LoadOptions()).with_overrides(**overrides)
     o.validate()
+    model_dir = resolve_model(path, progress=o.progress)
+    if o.pipeline is None:
+        return _load(model_dir, o)
+    from .pipeline import Pipeline, pipeline_budget
+
+    pipe = Pipeline.start(o.pipeline, model_dir, pipeline_budget(o), o.pipeline_split)
+    model, tokenizer = pipe.agreed(lambda: _load(model_dir, o, pipe))
+    model._hobbit_pipeline = pipe
+    return model, tokenizer
+
+
+def _load(model_dir: Path, o: LoadOptions, pipe=None):
+    """``load`` once the options are checked and the model directory found; with ``pipe``,
+    this rank's layers only (its dense weights, expert records and budget)."""
     precision = o.precision()
-    progress, prefill_step_size, prefetch_layers = o.progress, o.prefill_step_size, o.prefetch_layers
-    model_dir = resolve_model(path, progress=progress)
-    manifest = load_manifest(model_dir)
-    config = load_config(model_dir)
-    model, config = load_model(model_dir, lazy=True, get_model_classes=_offloaded_classes(manifest))
+    prefill_step_size, prefetch_layers = o.prefill_step_size, o.prefetch_layers
+    manifest = load_manifest(model_dir, check_files=pipe is None)
+    model, config = load_model(model_dir, lazy=True,
+                               get_model_classes=_offloaded_classes(manifest, pipe))
+    if pipe is not None:
+        manifest = pipe.manifest
+        check_store_files(Path(model_dir), manifest)
     cdtype = compute_dtype(o.dtype)
     if cdtype is not None:
         model.set_dtype(cdtype)
@@ -225,10 +250,11 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     bind(model, runtime)
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
-    kv_per_token = kv_bytes_per_token(model)
-    measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
-                    prefill_step_size, str(cdtype))
-    activation_points = measured_activations(model, prefill_step_size, measured_key)
+    with pipe.local_only() if pipe is not None else contextlib.nullcontext():
+        kv_per_token = kv_bytes_per_token(model)
+        measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
+                        prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
+        activation_points = measured_activations(model, prefill_step_size, measured_key)
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
     routers = [m.router for m in runtime.layers]

@@ -71,6 +71,10 @@ class LoadOptions:
     dtype: Any = None
     tokenizer_config: dict | None = None
     progress: bool = True
+    # several machines: an mx.distributed group (or True / a backend name: mx.distributed.init);
+    # each rank holds a block of layers (hobbit_mlx.pipeline)
+    pipeline: Any = None
+    pipeline_split: tuple | None = None  # layers per rank, in rank order; None: by budget
 
     @classmethod
     def names(cls) -> set[str]:
@@ -113,6 +117,10 @@ class LoadOptions:
         if not 0 <= self.t1 <= self.t2 <= 1:
             raise ValueError(f"thresholds must satisfy 0 <= t1 <= t2 <= 1 (got t1={self.t1}, t2={self.t2})")
         parse_storage(self.simulated_storage)  # (names what is wrong with it)
+        if self.pipeline_split is not None and (self.pipeline is None or any(
+                int(n) < 1 for n in self.pipeline_split)):
+            raise ValueError(f"pipeline_split needs a pipeline and a positive layer count per "
+                             f"rank (got {self.pipeline_split})")
         for name in ("max_context", "prefill_step_size", "io_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")

@@ -9,7 +9,6 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
 
 import hobbit_mlx
 from hobbit_mlx.loader import REFERENCE_MODEL, runtime_of

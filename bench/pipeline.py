@@ -1,0 +1,151 @@
+"""Issue 13's benchmark: decode tokens/s on 1 rank against 2 pipeline ranks on this machine, at
+the same total memory budget (each rank gets half), exact mode, greedy.
+
+    python bench/pipeline.py [--model PATH] [--budget 20MB] [--max-tokens 64]
+        [--simulated-storage mac-ssd] [--out bench/results/pipeline-reference.md]
+
+Both ranks run on this machine's cores, so the 2-rank rate includes their competing for the CPU
+and the localhost ring's latency; it is not what two Macs would see (README: "Several Macs").
+The 1-rank run and each 2-rank run are separate processes (the page cache is warm for both).
+"""
+
+from __future__ import annotations
+
+import _path  # noqa: F401  (the repository root on sys.path)
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.workload import heldout_texts
+
+WORKER = _path.REPO / "hobbit_mlx" / "testing" / "pipeline_worker.py"
+
+
+def prompt_tokens(model_dir: Path, n: int) -> list[int]:
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    texts, _ = heldout_texts(max_files=1)
+    return list(tokenizer.encode(texts[0]))[:n]
+
+
+def one_rank(model_dir: Path, budget: str, prompt: list[int], max_tokens: int,
+             options: dict) -> dict:
+    """The single-process run, in a child process so both sides start cold alike."""
+    code = (
+        "import json, sys, hobbit_mlx\n"
+        "from hobbit_mlx import _with_defaults\n"
+        "from hobbit_mlx.testing.pipeline_worker import timed_tokens\n"
+        "a = json.loads(sys.argv[1])\n"
+        "m, tok = hobbit_mlx.load(a['model'], exact=True, progress=False, memory_budget=a['budget'], **a['options'])\n"
+        "_with_defaults(m, tok, a['prompt'], {'max_tokens': a['max_tokens']})\n"
+        "hobbit_mlx.reset_stats(m)\n"
+        "tokens, timing = timed_tokens(m, a['prompt'], a['max_tokens'])\n"
+        "print(json.dumps({'tokens': tokens, 'stats': [hobbit_mlx.offload_stats(m)], **timing}, default=str))\n")
+    arg = json.dumps({"model": str(model_dir), "budget": budget, "prompt": prompt,
+                      "max_tokens": max_tokens, "options": options})
+    out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
+                         check=True, env=_env(), stdin=subprocess.DEVNULL)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def two_ranks(model_dir: Path, budgets: list[str], prompt: list[int], max_tokens: int,
+              options: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps([{"name": "run", "model": str(model_dir), "budgets": budgets,
+                                     "prompt": prompt, "max_tokens": max_tokens,
+                                     "options": options}]))
+        launcher = Path(sys.executable).with_name("mlx.launch")
+        subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "-p", str(_free_port()),
+                        "--python", sys.executable, str(WORKER), str(spec), str(out)],
+                       check=True, timeout=900, env=dict(_env(), HOBBIT_WORKER_TIMEOUT="800"),
+                       stdin=subprocess.DEVNULL)  # mlx.launch forwards stdin to the ranks
+        result = json.loads(out.read_text())["run"]
+    if "errors" in result:
+        raise SystemExit(f"the 2-rank run failed: {result['errors']}")
+    return result
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(_path.REPO)] + sys.path))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    from hobbit_mlx.budget import format_size, parse_size
+    from hobbit_mlx.loader import REFERENCE_MODEL, resolve_model
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--budget", default="20MB", help="total budget (2 ranks: half each)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--simulated-storage", default="mac-ssd")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=str(_path.REPO / "bench" / "results" / "pipeline-reference.md"))
+    args = p.parse_args(argv)
+    model_dir = resolve_model(args.model or REFERENCE_MODEL, progress=False)
+    prompt = prompt_tokens(model_dir, args.prompt_tokens)
+    total = parse_size(args.budget)
+    options = {"simulated_storage": args.simulated_storage} if args.simulated_storage else {}
+    rows = []
+    # the comparison the issue asks for (same total), and two machines' worth of memory
+    configs = [(1, [total]), (2, [total // 2] * 2), (2, [total] * 2)]
+    for rep in range(args.repeats):
+        for ranks, budgets in configs:
+            t0 = time.perf_counter()
+            if ranks == 1:
+                r = one_rank(model_dir, str(budgets[0]), prompt, args.max_tokens, options)
+            else:
+                r = two_ranks(model_dir, [str(b) for b in budgets], prompt, args.max_tokens,
+                              options)
+            r.update(ranks=ranks, repeat=rep, run_s=time.perf_counter() - t0)
+            rows.append(r)
+            print(f"{ranks} rank(s) x {format_size(budgets[0])}: {r['decode_tps']:.1f} tok/s "
+                  "decode", flush=True)
+    same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
+    lines = [
+        "# 1 rank vs 2 pipeline ranks on one machine",
+        "",
+        f"Command: `python bench/pipeline.py --budget {args.budget} --prompt-tokens "
+        f"{args.prompt_tokens} --max-tokens {args.max_tokens} --simulated-storage "
+        f"{args.simulated_storage}`" + (f" --model {args.model}" if args.model else ""),
+        "",
+        f"Model: {model_dir.name}; exact mode; greedy; {len(prompt)} prompt tokens, "
+        f"{args.max_tokens} decoded; storage: {args.simulated_storage or 'real (page cache)'}; "
+        f"machine: {os.cpu_count()} CPU cores shared by both ranks. Same tokens in every run: "
+        f"{same}.",
+        "",
+        "| ranks | budget per rank | decode tok/s | first token s | hit rate per rank | "
+        "read per rank | peak / budget per rank |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        st = r["stats"]
+        lines.append(
+            f"| {r['ranks']} | {format_size(st[0]['budget_bytes'])} | {r['decode_tps']:.1f} | "
+            f"{r['first_token_s']:.2f} | "
+            + ", ".join(f"{100 * s['hit_rate']:.0f}%" for s in st) + " | "
+            + ", ".join(format_size(s['bytes_read']) for s in st) + " | "
+            + ", ".join(f"{s['peak_memory_bytes'] / s['budget_bytes']:.2f}" for s in st) + " |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Layer-pipelined offloading across processes or machines on ``mx.distributed`` (issue 13).
+
+Each rank of a group holds a contiguous block of decoder layers: their dense weights, and a
+store reader, slot pools and budget plan over their experts only. Ranks follow mlx-lm's order
+(rank 0 holds the *last* layers, the last rank the first), so after the last layer rank 0's
+hidden state is the output and one ``all_gather`` gives it to every rank.
+
+* Models with mlx-lm's own ``model.model.pipeline(group, split)`` (qwen3_moe, deepseek_v2/v3,
+  glm4_moe, ...) use it.
+* Every other architecture gets a generic split: the layers outside the block become
+  pass-throughs, the first local layer receives the hidden state from the next rank up and the
+  last one sends it on, then gathers the output (as exo does).
+
+The split is made while the model is built (before any weight is read), so a rank never reads
+another rank's dense weights or expert records. Load-time failures are agreed on: a rank whose
+load fails tells the others, and every rank raises an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .store import LayerEntry, Manifest, PrecisionEntry, Record, manifest_path
+
+LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class PipelineError(RuntimeError):
+    """A pipeline rank failed, disagrees with the others or stopped answering; names the rank."""
+
+
+# --- splits ------------------------------------------------------------------------------------
+
+def proportional_split(num_layers: int, weights: Sequence[float]) -> list[int]:
+    """Layers per rank (in rank order) in proportion to ``weights`` (their memory budgets), each
+    rank at least one layer; largest remainders get the layers rounding leaves over."""
+    size = len(weights)
+    if num_layers < size:
+        raise PipelineError(f"{size} ranks cannot share {num_layers} layers (at least one each)")
+    total = float(sum(weights))
+    if total <= 0 or any(w <= 0 for w in weights):
+        weights, total = [1.0] * size, float(size)
+    exact = [(num_layers - size) * w / total for w in weights]
+    split = [1 + int(e) for e in exact]
+    for r in sorted(range(size), key=lambda r: (int(exact[r]) - exact[r], r))[:num_layers - sum(split)]:
+        split[r] += 1
+    return split
+
+
+def check_split(split: Sequence[int], num_layers: int, size: int) -> list[int]:
+    """An explicit split, checked: one positive count per rank summing to the layers."""
+    split = [int(s) for s in split]
+    if len(split) != size:
+        raise PipelineError(f"pipeline split {split} has {len(split)} entries for {size} ranks")
+    if any(s < 1 for s in split) or sum(split) != num_layers:
+        raise PipelineError(f"pipeline split {split} must be positive and sum to the model's "
+                            f"{num_layers} layers")
+    return split
+
+
+def layer_range(split: Sequence[int], rank: int) -> tuple[int, int]:
+    """(start, end) of rank's layers: the higher ranks hold the layers before (mlx-lm's order)."""
+    start = sum(split[rank + 1:])
+    return start, start + split[rank]
+
+
+# --- collectives on small host data ---------------------------------------------------------
+
+def settle() -> None:
+    """Wait for the model's pending work: mlx-lm evaluates the next token ahead, and its
+    collectives must finish before any other collective starts, or ranks pair them differently."""
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+
+
+def gather_bytes(group: mx.distributed.Group, data: bytes) -> list[bytes]:
+    """Every rank's ``data``, in rank order (two all_gathers: the lengths, then the padded bytes)."""
+    settle()
+    lengths = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=group,
+                                        stream=mx.cpu)
+    lengths = [int(n) for n in np.array(lengths)]
+    buf = np.zeros((1, max(lengths + [1])), dtype=np.int32)
+    buf[0, :len(data)] = np.frombuffer(data, dtype=np.uint8)
+    rows = np.array(mx.distributed.all_gather(mx.array(buf), group=group, stream=mx.cpu))
+    return [bytes(rows[r, :n].astype(np.uint8)) for r, n in enumerate(lengths)]
+
+
+def gather_json(group: mx.distributed.Group, obj: Any) -> list[Any]:
+    return [json.loads(b) for b in gather_bytes(group, json.dumps(obj, default=str).encode())]
+
+
+def store_digest(model_dir: str | Path) -> str:
+    """What identifies a store across machines: its manifest and config, hashed."""
+    h = hashlib.sha256(manifest_path(model_dir).read_bytes())
+    cfg = Path(model_dir) / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    return h.hexdigest()
+
+
+# --- the pipeline --------------------------------------------------------------------------
+
+class Pipeline:
+    """One rank's place in a layer pipeline, and the hooks the loader calls while building."""
+
+    def __init__(self, group: mx.distributed.Group, split: Sequence[int] | None = None,
+                 budgets: Sequence[int] | None = None):
+        self.group = group
+        self.rank, self.size = group.rank(), group.size()
+        self.requested_split = list(split) if split is not None else None
+        self.budgets = list(budgets) if budgets is not None else None
+        self.split: list[int] | None = None
+        self.start = self.end = 0
+        self.num_layers = 0
+        self.kind: str | None = None  # "mlx-lm" or "generic" once the model is split
+        self.active = True  # False: run the local layers only (load-time measurements)
+        self.manifest: Manifest | None = None  # this rank's share of the store
+        self._model: nn.Module | None = None
+        self.last_progress = time.monotonic()
+
+    @classmethod
+    def start(cls, group: Any, model_dir: str | Path, budget_bytes: int | None,
+              split: Sequence[int] | None = None) -> "Pipeline":
+        """Join the group: check that every rank has the same store, share the budgets (which
+        set the split unless ``split`` is given)."""
+        group = resolve_group(group)
+        if group.size() < 2:
+            raise PipelineError("a pipeline needs a group of at least 2 ranks (start the ranks "
+                                "with mlx.launch -n 2 ...)")
+        digest = store_digest(model_dir)
+        shared = gather_json(group, {"digest": digest, "budget": budget_bytes or 0,
+                                     "dir": str(model_dir)})
+        odd = [r for r, s in enumerate(shared) if s["digest"] != shared[0]["digest"]]
+        if odd:
+            raise PipelineError(
+                "the ranks hold different models or expert stores (manifest and config hashes "
+                "differ): " + ", ".join(f"rank {r} {s['dir']} {s['digest'][:12]}"
+                                        for r, s in enumerate(shared)))
+        return cls(group, split, [s["budget"] for s in shared])
+
+    # --- building the model ---------------------------------------------------------------
+    def split_model(self, model: nn.Module) -> None:
+        """Keep this rank's layers (before any weight is loaded): mlx-lm's own ``pipeline``
+        where the model has one, the generic split otherwise."""
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if not isinstance(layers, list) or not layers:
+            raise PipelineError(f"cannot pipeline {type(model).__name__}: no model.layers list")
+        self.num_layers = len(layers)
+        if self.requested_split is not None:
+            self.split = check_split(self.requested_split, self.num_layers, self.size)
+        else:
+            self.split = proportional_split(self.num_layers, self.budgets or [1] * self.size)
+        self.start, self.end = layer_range(self.split, self.rank)
+        self._model = model
+        if hasattr(inner, "pipeline"):
+            self.kind = "mlx-lm"
+            inner.pipeline(self.group, self.split)
+        else:
+            self.kind = "generic"
+            self._split_generic(layers)
+
+    def _split_generic(self, layers: list) -> None:
+        for i in range(len(layers)):
+            if not self.start <= i < self.end:
+                layers[i] = PassThrough()
+        first, last = layers[self.start], layers[self.end - 1]
+        recv_from = self.rank + 1 if self.rank < self.size - 1 else None
+        send_to = self.rank - 1 if self.rank > 0 else None
+        if first is last:
+            _stage(first, self, recv_from=recv_from, send_to=send_to, gather=True)
+        else:
+            _stage(first, self, recv_from=recv_from)
+            _stage(last, self, send_to=send_to, gather=True)
+
+    def is_local_key(self, key: str) -> bool:
+        m = LAYER_KEY.search(key)
+        return m is None or self.start <= int(m.group(1)) < self.end
+
+    def keep_local(self, weights: dict) -> dict:
+        """The checkpoint's weights this rank holds: its layers', plus embeddings, norm, head."""
+        return {k: v for k, v in weights.items() if self.is_local_key(k)}
+
+    def local_manifest(self, manifest: Manifest) -> Manifest:
+        """The store as this rank sees it: its layers only, and only the files they use (so the
+        reader opens nothing else). Its MoE layers are numbered from 0 here, as the runtime
+        indexes them; their module paths keep the global layer numbers."""
+        layers = [l for l in manifest.layers if self.is_local_key(l.module_path + ".")]
+        if not layers:
+            raise PipelineError(f"rank {self.rank} holds layers {self.start}-{self.end - 1}, "
+                                "which have no routed experts; give it more layers")
+        used = sorted({s[0] for l in layers for p in l.precisions.values() for r in p.records
+                       for s in r.spans})
+        remap = {old: new for new, old in enumerate(used)}
+
+        def rec(r: Record) -> Record:
+            return Record(tuple((remap[f], o, n) for f, o, n in r.spans), r.crc32)
+
+        layers = [LayerEntry(i, l.module_path, l.num_experts, {
+            name: PrecisionEntry(p.bits, p.quant, p.tensors, [rec(r) for r in p.records])
+            for name, p in l.precisions.items()}) for i, l in enumerate(layers)]
+        self.manifest = replace(manifest, files=[manifest.files[i] for i in used], layers=layers)
+        return self.manifest
+
+    @contextmanager
+    def local_only(self) -> Iterator[None]:
+        """Model calls run this rank's layers alone, with no communication (load() measures
+        its KV bytes and activations this way, each rank on its own)."""
+        inner = self._model.model if self._model is not None else None
+        saved = (inner.pipeline_rank, inner.pipeline_size) if self.kind == "mlx-lm" else None
+        self.active = False
+        if saved:
+            inner.pipeline_rank, inner.pipeline_size = 0, 1
+        try:
+            yield
+        finally:
+            self.active = True
+            if saved:
+                inner.pipeline_rank, inner.pipeline_size = saved
+
+    # --- agreement, barrier, progress -------------------------------------------------------
+    def agreed(self, build: Callable[[], Any]) -> Any:
+        """``build()`` on every rank; if it fails on any, every rank raises an error naming the
+        rank(s) that failed (the failing rank's own error keeps its type and gains its rank)."""
+        error = None
+        try:
+            result = build()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+        msg = None if error is None else f"{type(error).__name__}: {error}"
+        failed = [(r, m) for r, m in enumerate(gather_json(self.group, msg)) if m is not None]
+        if error is not None:
+            raise _with_rank(error, self.rank) from error
+        if failed:
+            raise PipelineError("; ".join(f"rank {r} failed to load: {m}" for r, m in failed))
+        self.barrier()
+        return result
+
+    def barrier(self) -> None:
+        """Wait for every rank (before exit, so no rank loses its peer mid-evaluation)."""
+        settle()
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group, stream=mx.cpu))
+        self.progress()
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def watchdog(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> threading.Thread:
+        """Exit this process with a one-line error when the pipeline makes no progress for
+        ``timeout_s`` (a rank that hangs or whose machine went away without closing its
+        connection; a rank that exits closes it and the ring backend fails at once)."""
+        def watch() -> None:
+            while True:
+                time.sleep(min(1.0, timeout_s / 4))
+                idle = time.monotonic() - self.last_progress
+                if idle > timeout_s:
+                    sys.stderr.write(f"hobbit_mlx: error: rank {self.rank}: no progress in the "
+                                     f"pipeline for {idle:.0f} s (another rank died or hangs); "
+                                     "exiting\n")
+                    sys.stderr.flush()
+                    os._exit(3)
+
+        t = threading.Thread(target=watch, name="hobbit-pipeline-watchdog", daemon=True)
+        t.start()
+        return t
+
+    def describe(self) -> dict:
+        return {"rank": self.rank, "size": self.size, "kind": self.kind, "split": self.split,
+                "layers": [self.start, self.end]}
+
+
+def _with_rank(error: Exception, rank: int) -> Exception:
+    try:
+        return type(error)(f"rank {rank}: {error}")
+    except Exception:  # noqa: BLE001 - an exception type with another signature
+        return PipelineError(f"rank {rank}: {type(error).__name__}: {error}")
+
+
+# Seen here (mlx 0.32.4, ring backend, loaded machine): a rank that connects before the rank it
+# connects to listens retries, and then sometimes hangs in init. Higher ranks connect to lower
+# ones, so each rank waits this long per rank number before it joins.
+INIT_STAGGER_S = 3.0
+
+
+def init_group(backend: str = "any") -> mx.distributed.Group:
+    """``mx.distributed.init`` for a launched rank, the lower ranks given time to listen first."""
+    rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) or 0)
+    time.sleep(INIT_STAGGER_S * rank)
+    return mx.distributed.init(strict=backend != "any", backend=backend)
+
+
+def resolve_group(group: Any) -> mx.distributed.Group:
+    """A group as given, or ``init_group()`` for True / a backend name ("ring", ...)."""
+    if isinstance(group, mx.distributed.Group):
+        return group
+    if group is True:
+        return init_group()
+    if isinstance(group, str):
+        return init_group(group)
+    raise TypeError(f"pipeline takes an mx.distributed group, True or a backend name, not {group!r}")
+
+
+# --- the generic split -----------------------------------------------------------------------
+
+class PassThrough(nn.Module):
+    """A layer another rank holds: the hidden state passes through untouched."""
+
+    def __call__(self, x, *args, **kwargs):
+        return x
+
+
+def _find_cache(args: tuple, kwargs: dict):
+    from mlx_lm.models.cache import _BaseCache
+
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, _BaseCache):
+            return a
+    return None
+
+
+def _stage(layer: nn.Module, pipe: Pipeline, *, recv_from: int | None = None,
+           send_to: int | None = None, gather: bool = False) -> None:
+    """Turn ``layer`` into a pipeline stage in place (its class, not its module path, changes,
+    so weights and the expert store's module paths still match)."""
+    base = type(layer)
+
+    def __call__(self, x, *args, **kwargs):
+        if pipe.active and recv_from is not None:
+            x = mx.distributed.recv_like(x, recv_from, group=pipe.group)
+        h = base.__call__(self, x, *args, **kwargs)
+        if pipe.active and gather:
+            if send_to is not None:
+                h = mx.distributed.send(h, send_to, group=pipe.group)
+                cache = _find_cache(args, kwargs)
+                if cache is not None and getattr(cache, "keys", None) is not None:
+                    # a prompt chunk evaluates only the caches: the send must run with them
+                    cache.keys = mx.depends(cache.keys, h)
+            h = mx.distributed.all_gather(h, group=pipe.group)[: h.shape[0]]
+        return h
+
+    layer.__class__ = type(base.__name__, (base,), {"__call__": __call__})
+
+
+# --- per-rank statistics -------------------------------------------------------------------
+
+def pipeline_of(model: nn.Module) -> Pipeline | None:
+    return getattr(model, "_hobbit_pipeline", None)
+
+
+def gather_stats(model: nn.Module) -> list[dict]:
+    """``offload_stats`` of every rank, in rank order (a collective: every rank must call it).
+    Without a pipeline, a one-element list."""
+    from .loader import offload_stats
+
+    own = offload_stats(model)
+    pipe = pipeline_of(model)
+    if pipe is None:
+        return [own]
+    own["pipeline"] = pipe.describe()
+    return gather_json(pipe.group, own)
+
+
+def pipeline_budget(options) -> int | None:
+    """The budget a rank weighs its share of layers by: its memory budget, or (none given) the
+    60% of RAM load() would take; None with ``expert_residency`` (an even split)."""
+    from .budget import parse_size, system_memory_bytes
+
+    if options.memory_budget is not None:
+        return parse_size(options.memory_budget)
+    if options.expert_residency is not None:
+        return None
+    return int(0.6 * system_memory_bytes())

@@ -1,0 +1,205 @@
+"""Layer pipeline across 2 ranks on localhost (ring backend), started once with mlx.launch.
+
+One launch runs every case (hobbit_mlx/testing/pipeline_worker.py): an mlx-lm-pipelined
+architecture (qwen3_moe) and a generic-split one (olmoe) under budgets that make them read,
+plus the load faults. Greedy tokens must equal a single process's in exact mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hobbit_mlx.pipeline import PipelineError, check_split, layer_range, proportional_split
+
+PROMPT = [5, 17, 33, 2, 41, 9, 12, 60, 7, 3]
+MAX_TOKENS = 10
+LAUNCH_TIMEOUT_S = 300
+WORKER = Path(__file__).resolve().parents[1] / "hobbit_mlx" / "testing" / "pipeline_worker.py"
+
+
+def test_split_by_budget():
+    assert proportional_split(48, [64, 32]) == [32, 16]
+    assert proportional_split(4, [1, 1]) == [2, 2]
+    assert proportional_split(5, [10, 1]) == [4, 1]  # every rank keeps a layer
+    assert sum(proportional_split(94, [64, 32, 16])) == 94
+    assert layer_range([3, 1], 0) == (1, 4) and layer_range([3, 1], 1) == (0, 1)  # rank 0: last
+    assert check_split((1, 3), 4, 2) == [1, 3]
+    with pytest.raises(PipelineError, match="sum to the model's 4 layers"):
+        check_split([2, 3], 4, 2)
+    with pytest.raises(PipelineError, match="3 entries for 2 ranks"):
+        check_split([1, 1, 2], 4, 2)
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def mlx_launch(args: list[str]) -> subprocess.CompletedProcess:
+    """``mlx.launch -n 2`` on localhost's ring with ``args``, under a timeout."""
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    cmd = [str(launcher) if launcher.exists() else "mlx.launch", "-n", "2", "--backend", "ring",
+           "-p", str(_free_port_pair()), "--python", sys.executable, *args]
+    env = dict(os.environ, HOBBIT_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT_S - 60),
+               PYTHONPATH=os.pathsep.join([str(WORKER.parents[2])] + sys.path))
+    try:
+        # (mlx.launch forwards its stdin to the ranks: give them none)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=LAUNCH_TIMEOUT_S)
+    except FileNotFoundError:
+        pytest.skip("mlx.launch is not installed")
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the 2-rank launch did not finish in {LAUNCH_TIMEOUT_S} s")
+
+
+def launch(spec: list[dict], tmp: Path) -> dict:
+    """Run the worker on 2 ranks; skip when the ring backend cannot start here."""
+    spec_path, out = tmp / "spec.json", tmp / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = mlx_launch([str(WORKER), str(spec_path), str(out)])
+    log = (proc.stdout + proc.stderr)[-3000:]
+    if not (tmp / "out.json.started").exists():
+        pytest.skip(f"the ring backend could not start 2 ranks on localhost: {log}")
+    assert proc.returncode == 0 and out.exists(), log
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("pipeline-models")
+    out = {}
+    for arch in ("qwen3_moe", "olmoe"):
+        src = make_tiny_model(arch, root / f"{arch}-src", config_overrides={"num_hidden_layers": 4})
+        out[arch] = convert(src, root / arch, progress=False)
+    return out
+
+
+def single_process_tokens(model_dir: Path) -> list[int]:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    import hobbit_mlx
+
+    model, _ = hobbit_mlx.load(model_dir, exact=True, progress=False)
+    steps = generate_step(mx.array(PROMPT), model, sampler=make_sampler(0.0))
+    tokens = [int(t) for (t, _), _ in zip(steps, range(MAX_TOKENS))]
+    hobbit_mlx.runtime_of(model).close()
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def run(models, tmp_path_factory):
+    case = {"prompt": PROMPT, "max_tokens": MAX_TOKENS}
+    spec = [
+        # mlx-lm's pipeline, an explicit uneven split; rank 0 (3 layers) cannot hold its experts
+        dict(case, name="qwen3_moe", model=str(models["qwen3_moe"]), budgets=["0.95MB", "0.62MB"],
+             split=[3, 1]),
+        # the generic split, by budget; rank 1 cannot hold its experts
+        dict(case, name="olmoe", model=str(models["olmoe"]), budgets=["0.9MB", "0.75MB"]),
+        # prefetch within each rank (exact: it changes what is read, never the tokens)
+        dict(case, name="olmoe_prefetch", model=str(models["olmoe"]), budgets=["0.9MB", "0.75MB"],
+             options={"prefetch_layers": 1}),
+        dict(case, name="small_budget", model=str(models["olmoe"]), budgets=["2MB", "0.3MB"]),
+        dict(case, name="mismatch", model=[str(models["qwen3_moe"]), str(models["olmoe"])],
+             budgets=["2MB", "2MB"]),
+        # last: rank 1 exits after loading (with status 0, so mlx.launch does not kill rank 0)
+        dict(case, name="dead_rank", model=str(models["olmoe"]), budgets=["2MB", "2MB"],
+             die_rank=1),
+    ]
+    return launch(spec, tmp_path_factory.mktemp("pipeline-run"))
+
+
+@pytest.mark.parametrize("arch,kind,layers", [
+    ("qwen3_moe", "mlx-lm", [[1, 4], [0, 1]]),
+    ("olmoe", "generic", [[2, 4], [0, 2]]),
+])
+def test_two_ranks_equal_one_process(run, models, arch, kind, layers):
+    result = run[arch]
+    assert "errors" not in result, result.get("errors")
+    assert result["tokens"] == single_process_tokens(models[arch])
+    stats = result["stats"]
+    assert [s["pipeline"]["kind"] for s in stats] == [kind, kind]
+    assert [s["pipeline"]["layers"] for s in stats] == layers
+    assert sum(s["misses_high"] for s in stats) > 0  # the budgets made some rank read
+    for s in stats:
+        start, end = s["pipeline"]["layers"]
+        assert s["peak_memory_bytes"] <= s["budget_bytes"]
+        assert s["modules"] == [f"model.layers.{i}.mlp.switch_mlp" for i in range(start, end)]
+        own = {f"experts/high/layer_{i:03d}.safetensors" for i in range(start, end)}
+        assert set(s["files_read"]) <= own and (s["files_read"] or not s["misses_high"])
+
+
+def test_prefetch_within_each_rank(run, models):
+    result = run["olmoe_prefetch"]
+    assert result["tokens"] == single_process_tokens(models["olmoe"])
+    assert sum(s["prefetch_issued"] for s in result["stats"]) > 0
+
+
+def test_budget_too_small_names_the_rank(run):
+    errors = run["small_budget"]["errors"]
+    assert errors[1].startswith("BudgetError: rank 1: memory budget") and "at least" in errors[1]
+    assert errors[0].startswith("PipelineError: rank 1 failed to load: BudgetError")
+
+
+def test_mismatched_stores_fail_on_every_rank(run):
+    errors = run["mismatch"]["errors"]
+    assert all("ranks hold different models or expert stores" in e for e in errors)
+    assert all("rank 1" in e for e in errors)
+
+
+def test_a_dead_rank_fails_the_others(run):
+    result = run["dead_rank"]
+    assert result["error"] is not None and "connection to a peer was lost" in result["error"]
+    assert result["after_s"] < 60
+
+
+def test_watchdog_ends_a_rank_that_waits_too_long():
+    """A peer that hangs without closing its connection: the watchdog exits with one line."""
+    code = ("import time, mlx.core as mx\n"
+            "from hobbit_mlx.pipeline import Pipeline\n"
+            "Pipeline(mx.distributed.init()).watchdog(0.5)\n"
+            "time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [str(WORKER.parents[2])] + sys.path)))
+    assert proc.returncode == 3
+    assert "rank 0: no progress in the pipeline for" in proc.stderr
+
+
+def test_generate_cli_pipeline(models, tmp_path):
+    """``generate --pipeline`` under mlx.launch: rank 0 prints the text and a report with every
+    rank; per-rank budgets from one flag."""
+    stats = tmp_path / "stats.json"
+    proc = mlx_launch(["-m", "hobbit_mlx.generate", "--model", str(models["olmoe"]), "--prompt",
+                       "hello there", "--max-tokens", "6", "--exact", "--pipeline",
+                       "--memory-budget", "1.4MB,0.9MB", "--ignore-chat-template",
+                       "--stats-json", str(stats), "--pipeline-timeout", "120"])
+    if "connecting to" in proc.stderr and not stats.exists() and proc.returncode != 0:
+        pytest.skip(f"the ring backend could not start 2 ranks: {proc.stderr[-2000:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.strip().splitlines()) == 1  # the text, from rank 0 only
+    assert proc.stderr.count("==========") == 1  # one report: rank 0's
+    assert "Rank 0: layers 2-3" in proc.stderr and "Rank 1: layers 0-1" in proc.stderr
+    s = json.loads(stats.read_text())
+    assert [r["budget_bytes"] for r in s["ranks"]] == [1_400_000, 900_000]
+    assert s["pipeline"]["kind"] == "generic" and s["generation_tokens"] == 6
