@@ -89,7 +89,9 @@ def models(tmp_path_factory):
     out = {}
     for arch in ("qwen3_moe", "olmoe"):
         src = make_tiny_model(arch, root / f"{arch}-src", config_overrides={"num_hidden_layers": 4})
-        out[arch] = convert(src, root / arch, progress=False)
+        # copies, one expert file per layer: which files a rank opened shows whose records it
+        # read (a store read in place has every layer's 4-bit records in the source's one file)
+        out[arch] = convert(src, root / arch, copy=True, progress=False)
     return out
 
 
