@@ -19,23 +19,6 @@ MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
-class Defaults:
-    """What a request gets for a field it leaves out (the server's flags)."""
-
-    max_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    min_tokens_to_keep: int = 1
-    xtc_probability: float = 0.0
-    xtc_threshold: float = 0.1
-    repetition_penalty: float | None = None
-    repetition_context_size: int = 20
-    seed: int | None = None
-
-
-@dataclass
 class Sampling:
     """Arguments of mlx-lm's ``make_sampler`` and ``make_logits_processors``, and the seed."""
 
@@ -54,6 +37,13 @@ class Sampling:
     frequency_context_size: int = 20
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
+
+
+@dataclass
+class Defaults(Sampling):
+    """What a request gets for a field it leaves out (the server's flags)."""
+
+    max_tokens: int = 512
 
 
 @dataclass
