@@ -89,13 +89,13 @@ CONFIGS: list[tuple[str, dict]] = [
     ("prefetch", {"exact": True, "policy": "lru", "prefetch_layers": 1}),
     ("prefetch-2", {"exact": True, "policy": "lru", "prefetch_layers": 2}),  # two layers ahead
     ("fate", {"exact": True, "policy": "shallow", "prefetch_layers": 1}),  # shallow cache + prefetch
-    ("mixed-precision", {**FIXED, "exact": False, "mixed_precision": True, "prefetch_layers": 0, "policy": "lru",
-                         "big_little": False, "upgrade_after": 0}),
+    ("mixed-precision", {**FIXED, "exact": False, "mixed_precision": True, "prefetch_layers": 0,
+                         "policy": "lru", "big_little": False, "upgrade_after": 0}),
     ("skip", {**FIXED, "exact": False, "mixed_precision": True, "skip": True, "prefetch_layers": 0,
               "big_little": False, "upgrade_after": 0,
               "policy": "lru"}),  # mixed precision, and the least important experts dropped
-    ("big-little", {**FIXED, "exact": False, "mixed_precision": False, "big_little": True, "prefetch_layers": 0,
-                    "policy": "lru"}),
+    ("big-little", {**FIXED, "exact": False, "mixed_precision": False, "big_little": True,
+                    "prefetch_layers": 0, "policy": "lru"}),
     ("prefill-2bit", {**FIXED, "exact": False, "mixed_precision": False, "big_little": False,
                       "prefetch_layers": 0, "policy": "lru",
                       "prefill_low_precision": 0.25}),  # Fate: unpopular experts 2-bit in prefill
@@ -108,8 +108,9 @@ CONFIGS: list[tuple[str, dict]] = [
                              "policy": "seqfreq", "upgrade_after": 1.5}),  # 2-bit until hot
     ("seqfreq-mixed-up", {**FIXED, "mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq",
                           "big_little": False, "upgrade_after": 1.5}),
-    ("seqfreq-mixed-bl-up-pf", {**FIXED, "mixed_precision": True, "big_little": True, "prefetch_layers": 1,
-                                "prefetch_width": 1.0, "policy": "seqfreq", "upgrade_after": 1.5}),
+    ("seqfreq-mixed-bl-up-pf", {**FIXED, "mixed_precision": True, "big_little": True,
+                                "prefetch_layers": 1, "prefetch_width": 1.0, "policy": "seqfreq",
+                                "upgrade_after": 1.5}),
     ("exact-seqfreq-pf", {"exact": True, "policy": "seqfreq", "prefetch_layers": 1,
                           "prefetch_width": 1.0}),  # exact, cost-aware prefetch of the top-k
     ("prefetch-lowprec", {"prefetch_width": 1.0, "prefetch_low_precision": True}),

@@ -32,7 +32,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from .architectures import switch_linear_paths
 from .cache import SlotCache
 from .pools import SlotPool
-from .precision import DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions, demote_unpopular, plan_slots
+from .precision import (DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions,
+                        demote_unpopular, plan_slots)
 from .read_cost import ReadCost
 from .reader import RecordReader
 from .routing import find_router, gate_weights, normalized, tap_router
