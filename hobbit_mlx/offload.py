@@ -578,7 +578,8 @@ class OffloadedSwitch(nn.Module):
         opts = rt.precision
         pf = rt.prefetcher
         gate_in, gate_out = self._router_state()
-        lossy = opts.needs_weights and rt.lossy_now()
+        lossy_allowed = rt.lossy_now()
+        lossy = opts.needs_weights and lossy_allowed
         want_weights = gate_out is not None and (lossy or rt.trace is not None)
         lazy_weights = gate_weights(gate_out, indices, rt.scoring) if want_weights else None
         predictions = pf.predictions_after(self.position, gate_in) if pf is not None \
@@ -603,7 +604,7 @@ class OffloadedSwitch(nn.Module):
         level, scale = None, None  # None: every slot 4-bit
         if weights is not None and lossy:
             level, scale = plan_slots(weights, opts)
-        if rt.prefill_low_precision and len(flat) > 1 and rt.lossy_now():
+        if rt.prefill_low_precision and len(flat) > 1 and lossy_allowed:
             level = demote_unpopular(flat, np.zeros(flat.shape, np.int8) if level is None else level,
                                      rt.prefill_low_precision)
         if opts.big_little and level is not None:
