@@ -425,15 +425,7 @@ class Fetch:
                     self.slots[i] = slot
                     rt.cache.stamp([key])
                     continue
-                if fut is not None:
-                    try:
-                        nbytes = fut.result()
-                    except BaseException:
-                        rt.cache.abandon(key, slot)
-                        raise
-                    with rt.stats_lock:
-                        rt.stats.bytes_read += nbytes
-                rt.cache.commit(key, slot)
+                self._land(key, fut, slot)
         except BaseException:
             self._settle(self.keys, self.pending[n + 1:])
             raise
@@ -441,19 +433,29 @@ class Fetch:
             rt.stats.read_wait_s += time.perf_counter() - t0
             rt.cache.unpin(self.keys)
 
+    def _land(self, key: tuple, fut, slot: int) -> None:
+        """A demand read into ``slot`` lands: its bytes are counted and the slot made resident
+        (``fut`` None: read already, on this thread). If it failed, the slot goes back and the
+        error is raised."""
+        if fut is not None:
+            try:
+                nbytes = fut.result()
+            except BaseException:
+                self.rt.cache.abandon(key, slot)
+                raise
+            with self.rt.stats_lock:
+                self.rt.stats.bytes_read += nbytes
+        self.rt.cache.commit(key, slot)
+
     def _settle(self, keys: list, pending: list) -> None:
-        """After a read of this fetch failed: its other demand reads land (their slots become
-        resident) or fail (their slots go back), so that no reserved slot is lost."""
+        """After a read of this fetch failed: its other demand reads land or fail (their slots go
+        back), so that no reserved slot is lost. A prefetch read's slot is the prefetcher's."""
         for i, fut, slot in pending:
-            if slot is None:  # a prefetch read: the prefetcher settles its slot
-                continue
-            if fut is not None and fut.exception() is not None:
-                self.rt.cache.abandon(keys[i], slot)
-                continue
-            if fut is not None:
-                with self.rt.stats_lock:
-                    self.rt.stats.bytes_read += fut.result()
-            self.rt.cache.commit(keys[i], slot)
+            if slot is not None:
+                try:
+                    self._land(keys[i], fut, slot)
+                except BaseException:
+                    pass  # (the first error is the one raised)
 
     def _read_now(self, key: tuple, slot: int, commit: bool = True) -> None:
         try:

@@ -87,9 +87,7 @@ class RecordReader:
         while got < lead + length:
             n = self._pread(file_idx, fd, [view[got:want]], offset - lead + got)
             if n <= 0:
-                path = self.model_dir / self.manifest.files[file_idx]
-                raise StoreError(f"{path}: unexpected end of file at byte {offset - lead + got} "
-                                 f"(record needs {offset}..{offset + length}); the store is truncated")
+                raise self._truncated(file_idx, offset - lead + got, offset, length)
             got += n
         return buf[lead:lead + length]
 
@@ -178,15 +176,18 @@ class RecordReader:
         while got < length:
             n = self._pread(file_idx, fd, views[:IOV_BATCH], offset + got)
             if n <= 0:
-                path = self.model_dir / self.manifest.files[file_idx]
-                raise StoreError(f"{path}: unexpected end of file at byte {offset + got} "
-                                 f"(record needs {offset}..{offset + length}); the store is truncated")
+                raise self._truncated(file_idx, offset + got, offset, length)
             got += n
             while views and n >= len(views[0]):  # drop the buffers filled, trim the next one
                 n -= len(views[0])
                 views.pop(0)
             if views and n:
                 views[0] = views[0][n:]
+
+    def _truncated(self, file_idx: int, at: int, offset: int, length: int) -> StoreError:
+        path = self.model_dir / self.manifest.files[file_idx]
+        return StoreError(f"{path}: unexpected end of file at byte {at} (record needs "
+                          f"{offset}..{offset + length}); the store is truncated")
 
     def _pread(self, file_idx: int, fd: int, buffers: list, offset: int) -> int:
         """``os.preadv``; an I/O error names the store file and the byte it failed at."""
