@@ -114,7 +114,8 @@ def run(models, tmp_path_factory):
     case = {"prompt": PROMPT, "max_tokens": MAX_TOKENS}
     spec = [
         # mlx-lm's pipeline, an explicit uneven split; rank 0 (3 layers) cannot hold its experts
-        dict(case, name="qwen3_moe", model=str(models["qwen3_moe"]), budgets=["0.95MB", "0.62MB"],
+        # (rank 1: a margin over its measured minimum, which varies a little from run to run)
+        dict(case, name="qwen3_moe", model=str(models["qwen3_moe"]), budgets=["0.95MB", "0.66MB"],
              split=[3, 1]),
         # the generic split, by budget; rank 1 cannot hold its experts
         dict(case, name="olmoe", model=str(models["olmoe"]), budgets=["0.9MB", "0.75MB"]),
