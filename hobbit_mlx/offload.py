@@ -140,7 +140,8 @@ class OffloadRuntime:
         # the lossy techniques only while a layer's top-k reads cost more than its compute
         self.adapt_to_storage = adapt_to_storage
         high = [l.precisions["high"].expert_nbytes for l in manifest.layers]
-        self.read_cost = ReadCost(reader, manifest.experts_per_token * sum(high) // len(high))
+        self.read_cost = ReadCost(reader, manifest.experts_per_token * sum(high) // len(high),
+                                  manifest.experts_per_token)
         # how often each expert was chosen lately: 2-bit reads until an expert proves hot
         self.heat = ExpertHeat({l.layer: l.num_experts for l in manifest.layers},
                                self.precision.upgrade_after) if self.precision.upgrades else None

@@ -20,14 +20,16 @@ SPIKE = 2.0  # one measurement moves the average as if it were at most this many
 
 class _Reader(Protocol):
     def seconds_per_byte(self) -> float: ...
+    def latency_seconds(self, reads: int) -> float: ...
 
 
 class ReadCost:
     """Measured compute per decode layer call, and whether a layer's top-k reads cost more."""
 
-    def __init__(self, reader: _Reader, topk_bytes: int, threshold: float = 1.0):
+    def __init__(self, reader: _Reader, topk_bytes: int, top_k: int = 1, threshold: float = 1.0):
         self.reader = reader
         self.topk_bytes = topk_bytes  # one layer call's top-k experts at 4-bit, one token
+        self.top_k = top_k  # reads in one layer call's top-k
         self.threshold = threshold
         self.layer_seconds = 0.0  # moving average; 0 until two decode syncs were seen
         self._last: tuple[float, float, int] | None = None  # (time, read wait, layer position)
@@ -50,8 +52,10 @@ class ReadCost:
             self.layer_seconds = busy
 
     def read_seconds(self) -> float:
-        """What reading one layer call's top-k experts in 4-bit would take, as measured lately."""
-        return self.reader.seconds_per_byte() * self.topk_bytes
+        """What reading one layer call's top-k experts in 4-bit would take, as measured lately:
+        their bytes, and the device's latency before the first byte of each batch of reads."""
+        return self.reader.seconds_per_byte() * self.topk_bytes + \
+            self.reader.latency_seconds(self.top_k)
 
     def dear(self) -> bool:
         """Reads cost more than compute (true until compute has been measured)."""

@@ -233,6 +233,15 @@ class RecordReader:
             return 1.0 / self.device.model.bandwidth
         return self._byte_seconds
 
+    def latency_seconds(self, reads: int) -> float:
+        """The wait before the first byte that ``reads`` parallel reads add beyond their bytes:
+        the simulated device's latency once per queue-depth batch; a real device's latency is
+        already inside its measured seconds per byte."""
+        if self.device is None or reads <= 0:
+            return 0.0
+        model = self.device.model
+        return model.latency * -(-reads // model.queue_depth)
+
     def backlog_seconds(self) -> float:
         """How long the reads already queued keep storage busy: the simulated device's booked
         time, else the prefetch reads in flight x the measured time of one read per thread."""

@@ -177,11 +177,14 @@ def test_skip_drops_only_misses(tiny_factory):
 
 
 class _FixedReader:
-    def __init__(self, seconds_per_byte: float):
-        self.spb = seconds_per_byte
+    def __init__(self, seconds_per_byte: float, latency: float = 0.0):
+        self.spb, self.latency = seconds_per_byte, latency
 
     def seconds_per_byte(self) -> float:
         return self.spb
+
+    def latency_seconds(self, reads: int) -> float:
+        return self.latency * reads
 
 
 def test_read_cost_measures_decode_layer_time():
@@ -201,6 +204,28 @@ def test_read_cost_measures_decode_layer_time():
     assert not cost.dear()  # a 1 ms read against 1.32 ms of compute
     cost.reader.spb = 1e-5
     assert cost.dear()
+
+
+def test_read_cost_counts_per_read_latency():
+    """Small experts on a device with a long latency per read: the latency, not the bytes, makes
+    reads dear."""
+    cost = ReadCost(_FixedReader(1e-9, latency=0.0), topk_bytes=1000, top_k=8)
+    cost.on_sync(0.0, 0.0, 0, decode=True)
+    cost.on_sync(0.001, 0.0, 1, decode=True)  # 1 ms of compute per layer
+    assert not cost.dear()  # 1 us of bytes
+    cost.reader.latency = 0.5e-3
+    assert cost.read_seconds() == pytest.approx(1e-6 + 8 * 0.5e-3) and cost.dear()
+
+
+def test_simulated_latency_counts_once_per_queue_depth_batch(tmp_path, tiny_factory):
+    _, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.3, progress=False,
+                               simulated_storage="1GB/s,latency=100us,depth=4")
+    reader = runtime_of(model).reader
+    assert reader.latency_seconds(0) == 0.0
+    assert reader.latency_seconds(4) == pytest.approx(100e-6)
+    assert reader.latency_seconds(5) == pytest.approx(200e-6)
+    runtime_of(model).close()
 
 
 @pytest.mark.parametrize("bandwidth, lossy", [(1e6, True), (1e11, False)])
