@@ -58,6 +58,8 @@ def plan_slots(weights: np.ndarray, opts: PrecisionOptions) -> tuple[np.ndarray,
     """Per slot: level (HIGH / LOW / DROP / SKIP_IF_MISSING) and the factor its output is
     scaled by."""
     k = weights.shape[-1]
+    if weights.ndim == 2 and len(weights) == 1:
+        return _plan_one_token(weights[0].tolist(), opts)
     order = np.argsort(-weights, axis=-1, kind="stable")
     ranked = np.take_along_axis(weights, order, axis=-1)
     unimportance_ranked = np.cumsum(ranked, axis=-1) - ranked
@@ -77,6 +79,31 @@ def plan_slots(weights: np.ndarray, opts: PrecisionOptions) -> tuple[np.ndarray,
         level[dropped] = DROP
         scale = np.where(little & ~dropped, 1.0 / np.maximum(mass, 1e-9), scale).astype(np.float32)
     return level, scale
+
+
+def _plan_one_token(row: list, opts: PrecisionOptions) -> tuple[np.ndarray, np.ndarray]:
+    """``plan_slots`` for one token (every decode layer call), in plain Python: on k values a
+    numpy call costs more than the arithmetic."""
+    k = len(row)
+    order = sorted(range(k), key=lambda i: -row[i])  # (stable: ties keep their order)
+    level, scale = [HIGH] * k, [1.0] * k
+    if opts.mixed_precision:
+        above = 0.0  # unimportance: the weight of the experts ranked above
+        for i in order:
+            if above > opts.t2 and opts.skip:
+                level[i] = SKIP_IF_MISSING
+            elif above > opts.t1:
+                level[i] = LOW
+            above += row[i]
+    if opts.big_little and k > 1:
+        half = k // 2
+        mass = sum(row[i] for i in order[:half])
+        if mass >= opts.little_threshold:
+            for i in order[half:]:
+                level[i] = DROP
+            for i in order[:half]:
+                scale[i] = 1.0 / max(mass, 1e-9)
+    return np.array([level], dtype=np.int8), np.array([scale], dtype=np.float32)
 
 
 def demote_unpopular(indices: np.ndarray, level: np.ndarray, min_share: float) -> np.ndarray:
@@ -103,7 +130,7 @@ class ExpertHeat:
     def see(self, layer: int, experts: np.ndarray) -> None:
         counts = self._counts[layer]
         counts *= self.decay
-        counts[np.unique(experts)] += 1.0
+        counts[np.ravel(experts)] += 1.0  # (a repeated index adds once)
 
     def hot(self, layer: int, expert: int) -> bool:
         return bool(self._counts[layer][expert] >= self.threshold)

@@ -1,5 +1,5 @@
 """The precision rules against a direct reading of their definitions, on random gate weights
-(hypothesis): HOBBIT's thresholds, MoBiLE's big-little, and the heat that earns a 4-bit read."""
+(hypothesis; one-token rows often, as decode runs them through a path of their own): HOBBIT's thresholds, MoBiLE's big-little, and the heat that earns a 4-bit read."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 from hobbit_mlx.precision import DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions, plan_slots
 
 weights = st.integers(1, 8).flatmap(lambda k: arrays(
-    np.float32, st.tuples(st.integers(1, 6), st.just(k)),
+    np.float32, st.tuples(st.sampled_from([1, 1, 2, 6]), st.just(k)),
     elements=st.floats(0.015625, 1.0, width=32))).map(lambda w: w / w.sum(axis=-1, keepdims=True))
 thresholds = st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted)
 
