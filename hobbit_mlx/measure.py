@@ -26,17 +26,20 @@ def kv_bytes_per_token(model: nn.Module) -> int:
 
 
 def chunk_ladder(prefill_step_size: int) -> list[int]:
-    """The chunk sizes the budget plans with: 64, 96, 128, 192, ... up to the prefill step (and
-    the step itself), so a reserve is never far above what a prompt needs."""
+    """The chunk sizes the budget plans with: 16, 24, 32, 48, 64, 96, ... up to the prefill step
+    (and the step itself), so a reserve is never far above what a prompt needs; a short prompt
+    and decoding reserve only a 16-token chunk's activations."""
     sizes = {prefill_step_size}
-    n = 64
+    n = SMALLEST_CHUNK
     while n < prefill_step_size:
         sizes.update(m for m in (n, n * 3 // 2) if m < prefill_step_size)
         n *= 2
     return sorted(sizes)
 
 
-# Sizes between the two measured ones are interpolated (a linear part for the per-token tensors,
+SMALLEST_CHUNK = 16
+KNEE_CHUNK = 64  # measured too: below it a chunk's activations grow about linearly
+# Sizes between the measured ones are interpolated (a linear part for the per-token tensors,
 # a quadratic one for attention scores); this margin covers the fit (within 2.5% on the
 # reference model's fully measured ladder).
 INTERPOLATION_MARGIN = 1.1
@@ -45,28 +48,35 @@ MEASURE_MARGIN = 1.05
 
 
 def activation_ladder(model: nn.Module, prefill_step_size: int) -> list[tuple[int, int]]:
-    """(chunk tokens, activation bytes) for every size of ``chunk_ladder``: the smallest and the
-    largest measured (a prefill pass each), the sizes between from ``a*n + b*n^2`` through them."""
+    """(chunk tokens, activation bytes) for every size of ``chunk_ladder``: the smallest, the knee
+    (64) and the largest measured (a prefill pass each); sizes up to the knee interpolated
+    linearly, larger ones from ``a*n + b*n^2`` through the knee and the largest."""
     ladder = chunk_ladder(prefill_step_size)
     # Measured with MLX free to reuse cached buffers (a reused buffer may be larger than asked
     # for, and counts whole): the same in every process, and not below what a run then sees.
     limit = mx.set_cache_limit(1 << 40)
     gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
     # The first multi-token call makes one-time allocations that stay (they are no activations).
-    small = min(activation_bytes(model, ladder[0]), activation_bytes(model, ladder[0]))
-    large = activation_bytes(model, ladder[-1]) if len(ladder) > 1 else small
+    measured = {ladder[0]: min(activation_bytes(model, ladder[0]), activation_bytes(model, ladder[0]))}
+    for n in {min(KNEE_CHUNK, ladder[-1]), ladder[-1]} - set(measured):
+        measured[n] = activation_bytes(model, n)
     mx.set_cache_limit(limit)
-    n0, n1 = ladder[0], ladder[-1]
-    if n1 == n0:
-        return [(n0, small)]
-    quad = max(0.0, (large / n1 - small / n0) / (n1 - n0))  # through both points
-    lin = small / n0 - quad * n0
+    knots = sorted(measured.items())
     grain = 64 * 1024
-    points = [(n0, small)]
-    for n in ladder[1:-1]:
-        fit = int(INTERPOLATION_MARGIN * (lin * n + quad * n * n))
-        points.append((n, max(small, min(large, (fit + grain - 1) // grain * grain))))
-    return points + [(n1, large)]
+    points = []
+    for n in ladder:
+        if n in measured:
+            points.append((n, measured[n]))
+            continue
+        (n0, a0), (n1, a1) = next((lo, hi) for lo, hi in zip(knots, knots[1:]) if n < hi[0])
+        if n1 <= KNEE_CHUNK:  # linear between the two
+            fit = a0 + (a1 - a0) * (n - n0) / (n1 - n0)
+        else:  # through (n0, a0) and (n1, a1) with no constant term
+            quad = max(0.0, (a1 / n1 - a0 / n0) / (n1 - n0))
+            fit = (a0 / n0 - quad * n0) * n + quad * n * n
+        fit = int(INTERPOLATION_MARGIN * fit)
+        points.append((n, max(a0, min(a1, (fit + grain - 1) // grain * grain))))
+    return points
 
 
 def activation_bytes(model: nn.Module, chunk: int) -> int:
