@@ -274,6 +274,14 @@ class OffloadRuntime:
         unless ``adapt_to_storage`` and reads are cheap next to compute (read_cost.py)."""
         return not self.adapt_to_storage or self.read_cost.dear()
 
+    def wants_low_pool(self, has_low: bool) -> bool:
+        """Whether the next sequence's plan gives the 2-bit copies a pool (``has_low``: the plan
+        now does): while reads are cheap the lossy techniques are off, and its memory caches
+        4-bit experts instead."""
+        if not self.adapt_to_storage:
+            return has_low
+        return not self.read_cost.cheap() if has_low else self.read_cost.dear()
+
     def has_or_reading(self, layer: int, expert: int, precision: str) -> bool:
         if self.prefetcher is not None:
             return self.prefetcher.has_or_reading(layer, expert, precision)

@@ -86,8 +86,12 @@ def follow_sequence(rt: OffloadRuntime, groups: list[PoolGroup], prefill_step: i
             tokens = max(tokens, min(2 * plan.kv_tokens, plan.max_context(chunk)))
         apply_plan(rt, groups, plan.fit(tokens, chunk))
 
+    uses_low = rt.plan.mixed_precision  # (the model has 2-bit pools at all)
+
     def on_sequence(context: int, prompt: int, max_new: int) -> None:
         plan = rt.plan
+        if uses_low:  # 2-bit pools only while reads are dear (ReadCost)
+            plan = replace(plan, mixed_precision=rt.wants_low_pool(plan.mixed_precision))
         if context + prompt > plan.max_context():
             plan.fit(context + prompt, 1)  # raises ContextBudgetError with the numbers
         tokens = context + prompt + max_new if max_new > 0 else max(context + prompt,

@@ -6,7 +6,8 @@ compute, on a warm page cache about 1/20 of it, and there the lossy techniques c
 second expert run per call, a host sync per layer) and quality for nothing. ``ReadCost``
 measures both sides -- the wall time of a decode layer call between host syncs, less the time
 spent waiting for reads, and the reader's time per byte -- so the runtime can use the lossy
-techniques only while one layer's top-k 4-bit reads would take longer than the layer computes.
+techniques only while one layer's top-k 4-bit reads would take longer than the layer computes,
+and give the 2-bit pool's memory to the 4-bit pool while they cost well under it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 
 SMOOTHING = 0.2  # weight of the newest measurement in the moving average
 MAX_LAYER_SECONDS = 0.1  # a gap longer than this is a pause (the user, a new prompt), not compute
+CHEAP = 0.5  # reads below this share of a layer's compute make the 2-bit pool idle memory
 SPIKE = 2.0  # one measurement moves the average as if it were at most this many times the average
 
 
@@ -56,6 +58,11 @@ class ReadCost:
         their bytes, and the device's latency before the first byte of each batch of reads."""
         return self.reader.seconds_per_byte() * self.topk_bytes + \
             self.reader.latency_seconds(self.top_k)
+
+    def cheap(self) -> bool:
+        """Reads measured well below compute (``CHEAP`` x): the 2-bit pool is not worth its
+        memory. The gap to ``dear`` keeps a pool from being rebuilt back and forth."""
+        return self.layer_seconds > 0.0 and self.read_seconds() < CHEAP * self.layer_seconds
 
     def dear(self) -> bool:
         """Reads cost more than compute (true until compute has been measured)."""

@@ -250,3 +250,29 @@ def test_lossy_techniques_only_while_reads_are_dear(tiny_factory, bandwidth, los
         assert used == (lossy or not adapt), (adapt, stats)
         if not used:
             assert stats["misses_low"] == stats["hits_low"] == stats["skipped"] == 0
+
+
+@pytest.mark.parametrize("bandwidth, adapt, low_pool", [(1e6, True, True), (1e11, True, False),
+                                                        (1e11, False, True)])
+def test_the_2bit_pool_exists_only_while_reads_are_dear(tiny_factory, bandwidth, adapt, low_pool):
+    """Once reads measure cheap, the next sequence's plan gives the 2-bit pool's memory to the
+    4-bit pool (its copies would serve nothing); slow reads keep it, as does adapt_to_storage off."""
+    _, dst = tiny_factory("qwen3_moe")
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.3, progress=False, adapt_to_storage=adapt,
+                                 simulated_storage=StorageModel(bandwidth=bandwidth))
+    rt = runtime_of(model)
+    def slots(precision: str) -> int:
+        pools = {id(p): p for p in (rt.cache.pool_for(layer.layer, precision)
+                                    for layer in rt.manifest.layers) if p is not None}
+        return sum(p.slots for p in pools.values())
+
+    high, low = slots("high"), slots("low")
+    assert low > 0  # (nothing measured at load: reads are taken to be dear)
+    hobbit_mlx.generate(model, tok, PROMPT, max_tokens=8)  # compute and reads are measured
+    hobbit_mlx.generate(model, tok, PROMPT, max_tokens=8)  # the next sequence is planned on them
+    if low_pool:
+        assert slots("low") == low and slots("high") == high
+    else:
+        assert slots("low") == 0 and slots("high") > high
+        assert hobbit_mlx.offload_stats(model)["peak_memory_bytes"] <= rt.plan.budget_bytes
+    rt.close()
