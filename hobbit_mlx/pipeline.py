@@ -134,6 +134,7 @@ class Pipeline:
         self.manifest: Manifest | None = None  # this rank's share of the store
         self._model: nn.Module | None = None
         self.last_progress = time.monotonic()
+        self.waiting_since: float | None = None  # set while a rank waits for input (no timeout)
 
     @classmethod
     def start(cls, group: Any, model_dir: str | Path, budget_bytes: int | None,
@@ -236,20 +237,23 @@ class Pipeline:
                 inner.pipeline_rank, inner.pipeline_size = saved
 
     # --- agreement, barrier, progress -------------------------------------------------------
-    def agreed(self, build: Callable[[], Any]) -> Any:
+    def agreed(self, build: Callable[[], Any], what: str = "failed to load") -> Any:
         """``build()`` on every rank; if it fails on any, every rank raises an error naming the
-        rank(s) that failed (the failing rank's own error keeps its type and gains its rank)."""
+        rank(s) that failed (the failing rank's own error keeps its type and gains its rank; the
+        others raise a ``PipelineError`` whose ``error_types`` names the failures' types)."""
         error = None
         try:
             result = build()
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = e
-        msg = None if error is None else f"{type(error).__name__}: {error}"
+        msg = None if error is None else [type(error).__name__, str(error)]
         failed = [(r, m) for r, m in enumerate(gather_json(self.group, msg)) if m is not None]
         if error is not None:
             raise _with_rank(error, self.rank) from error
         if failed:
-            raise PipelineError("; ".join(f"rank {r} failed to load: {m}" for r, m in failed))
+            e = PipelineError("; ".join(f"rank {r} {what}: {t}: {m}" for r, (t, m) in failed))
+            e.error_types = [t for _, (t, _) in failed]
+            raise e
         self.barrier()
         return result
 
@@ -262,6 +266,16 @@ class Pipeline:
     def progress(self) -> None:
         self.last_progress = time.monotonic()
 
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The watchdog sleeps meanwhile: the ranks wait for a person's next line (chat)."""
+        self.waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.progress()
+            self.waiting_since = None
+
     def watchdog(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> threading.Thread:
         """Exit this process with a one-line error when the pipeline makes no progress for
         ``timeout_s`` (a rank that hangs or whose machine went away without closing its
@@ -270,7 +284,7 @@ class Pipeline:
             while True:
                 time.sleep(min(1.0, timeout_s / 4))
                 idle = time.monotonic() - self.last_progress
-                if idle > timeout_s:
+                if idle > timeout_s and self.waiting_since is None:
                     sys.stderr.write(f"hobbit_mlx: error: rank {self.rank}: no progress in the "
                                      f"pipeline for {idle:.0f} s (another rank died or hangs); "
                                      "exiting\n")
@@ -387,3 +401,99 @@ def pipeline_budget(options) -> int | None:
     if options.expert_residency is not None:
         return None
     return int(0.6 * system_memory_bytes())
+
+
+# --- following rank 0 (chat, server) ---------------------------------------------------------
+
+class _Stopped(Exception):
+    """Rank 0 ended the generation during the prompt (raised from mlx-lm's progress callback)."""
+
+
+class Lockstep:
+    """Rank 0 leads, the other ranks follow: every step of a generation needs the same forward
+    calls on every rank, so rank 0 tells the others what to generate (``broadcast``), and after
+    each token every rank learns from rank 0 whether to go on (``generate``). A rank that
+    follows runs exactly the collectives rank 0 runs, in the same order."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe = pipe
+        self.leader = pipe.rank == 0
+        self.started = False  # the last generate() got past its agreement (errors then are fatal)
+
+    def broadcast(self, obj: Any = None) -> Any:
+        """Rank 0's ``obj`` on every rank (a collective; the others pass nothing)."""
+        out = gather_json(self.pipe.group, obj if self.leader else None)[0]
+        self.pipe.progress()
+        return out
+
+    def shared_seed(self, seed: int | None) -> int:
+        """Seed every rank's random generator alike (rank 0's ``seed``, or one rank 0 draws), so
+        that sampling picks the same token on every rank."""
+        if self.leader and seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2 ** 31))
+        seed = int(self.broadcast(seed))
+        mx.random.seed(seed)
+        return seed
+
+    def exchange(self, go_on: bool, token: int) -> bool:
+        """Rank 0's ``go_on`` on every rank; every rank's token must be the same."""
+        settle()
+        rows = np.array(mx.distributed.all_gather(
+            mx.array([[int(go_on), int(token)]], dtype=mx.int32), group=self.pipe.group,
+            stream=mx.cpu))
+        self.pipe.progress()
+        if (rows[:, 1] != rows[0, 1]).any():
+            raise PipelineError("the ranks sampled different tokens (" + ", ".join(
+                f"rank {r}: {t}" for r, t in enumerate(rows[:, 1])) + "); sampling must give "
+                "the same token on every rank")
+        return bool(rows[0, 0])
+
+    def generate(self, model: nn.Module, tokenizer, prompt: list[int], max_tokens: int,
+                 keep_going: Callable[[], bool] | None = None, **kwargs) -> Iterator[Any]:
+        """``hobbit_mlx.stream_generate`` on every rank in lockstep: its budget planning is
+        agreed first (a prompt one rank cannot hold is that rank's error, raised on every rank
+        before any forward call), then rank 0's ``keep_going()`` (and rank 0 closing this
+        generator, or raising into it) decides after each prompt chunk and each token whether
+        every rank goes on. A generation stopped during the prompt yields nothing."""
+        import mlx_lm
+
+        from . import _with_defaults
+
+        self.started = False
+        kwargs = self.pipe.agreed(
+            lambda: _with_defaults(model, tokenizer, prompt, dict(kwargs, max_tokens=max_tokens)),
+            what="cannot run this prompt")
+        self.started = True
+
+        def progress(_done: int, _total: int) -> None:
+            go = not self.leader or keep_going is None or keep_going()
+            if not self.exchange(go, -1):
+                raise _Stopped()
+
+        kwargs["prompt_progress_callback"] = progress
+        gen = mlx_lm.stream_generate(model, tokenizer, prompt, **kwargs)
+        try:
+            for r in gen:
+                go = False
+                try:
+                    yield r
+                    go = r.finish_reason is None and (
+                        not self.leader or keep_going is None or keep_going())
+                finally:  # also when the caller closed this generator or raised into it
+                    go = self.exchange(go, r.token)
+                if not go:
+                    break
+                if r.finish_reason is not None:
+                    raise PipelineError(f"rank {self.pipe.rank} ended its generation "
+                                        f"({r.finish_reason}) where rank 0 went on")
+        except _Stopped:
+            return
+        finally:
+            gen.close()
+            settle()
+
+
+def follow_seed(pipe: Pipeline | None, seed: int | None) -> None:
+    """The same random state on every rank (generate --pipeline with a temperature)."""
+    if pipe is not None:
+        Lockstep(pipe).shared_seed(seed)
