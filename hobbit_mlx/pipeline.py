@@ -38,6 +38,9 @@ from .store import LayerEntry, Manifest, PrecisionEntry, Record, manifest_path
 
 LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 DEFAULT_TIMEOUT_S = 300.0
+# How long a rank waits for the others while the pipeline loads (``Pipeline.start`` to the end of
+# ``load``) before it exits with an error; the CLIs set it from --pipeline-timeout.
+LOAD_TIMEOUT_S = DEFAULT_TIMEOUT_S
 
 
 class PipelineError(RuntimeError):
@@ -135,6 +138,9 @@ class Pipeline:
         self._model: nn.Module | None = None
         self.last_progress = time.monotonic()
         self.waiting_since: float | None = None  # set while a rank waits for input (no timeout)
+        self.watch_timeout: float | None = None  # None: the watchdog sleeps
+        self.phase = "pipeline"  # what the watchdog's error says the ranks were doing
+        self._watch: threading.Thread | None = None
 
     @classmethod
     def start(cls, group: Any, model_dir: str | Path, budget_bytes: int | None,
@@ -146,15 +152,23 @@ class Pipeline:
             raise PipelineError("a pipeline needs a group of at least 2 ranks (start the ranks "
                                 "with mlx.launch -n 2 ...)")
         digest = store_digest(model_dir)
+        pipe = cls(group, split)
+        # a rank that dies closes its connection and the others fail at once; one that hangs
+        # (or whose machine went away) would keep them waiting: until load() ends, the watchdog
+        # ends them (load() sends it to sleep again; the CLIs then wake it for generation)
+        pipe.watchdog(LOAD_TIMEOUT_S, "while loading")
         shared = gather_json(group, {"digest": digest, "budget": budget_bytes or 0,
                                      "dir": str(model_dir)})
+        pipe.progress()
         odd = [r for r, s in enumerate(shared) if s["digest"] != shared[0]["digest"]]
         if odd:
+            pipe.watch_timeout = None
             raise PipelineError(
                 "the ranks hold different models or expert stores (manifest and config hashes "
                 "differ): " + ", ".join(f"rank {r} {s['dir']} {s['digest'][:12]}"
                                         for r, s in enumerate(shared)))
-        return cls(group, split, [s["budget"] for s in shared])
+        pipe.budgets = [s["budget"] for s in shared]
+        return pipe
 
     # --- building the model ---------------------------------------------------------------
     def split_model(self, model: nn.Module) -> None:
@@ -276,24 +290,38 @@ class Pipeline:
             self.progress()
             self.waiting_since = None
 
-    def watchdog(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> threading.Thread:
+    def watchdog(self, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                 phase: str = "") -> threading.Thread:
         """Exit this process with a one-line error when the pipeline makes no progress for
         ``timeout_s`` (a rank that hangs or whose machine went away without closing its
-        connection; a rank that exits closes it and the ring backend fails at once)."""
+        connection; a rank that exits closes it and the ring backend fails at once). Called
+        again, it changes the timeout (None: the watchdog sleeps)."""
+        self.watch_timeout, self.phase = timeout_s, phase
+        self.progress()
+
         def watch() -> None:
             while True:
-                time.sleep(min(1.0, timeout_s / 4))
+                timeout = self.watch_timeout
+                time.sleep(min(1.0, (timeout or 4.0) / 4))
                 idle = time.monotonic() - self.last_progress
-                if idle > timeout_s and self.waiting_since is None:
+                if timeout is not None and idle > timeout and self.waiting_since is None \
+                        and self.watch_timeout is not None:
+                    doing = f" {self.phase}" if self.phase else ""
                     sys.stderr.write(f"hobbit_mlx: error: rank {self.rank}: no progress in the "
-                                     f"pipeline for {idle:.0f} s (another rank died or hangs); "
-                                     "exiting\n")
+                                     f"pipeline{doing} for {idle:.0f} s (another rank died, "
+                                     "failed or hangs); exiting\n")
                     sys.stderr.flush()
                     os._exit(3)
 
-        t = threading.Thread(target=watch, name="hobbit-pipeline-watchdog", daemon=True)
-        t.start()
-        return t
+        if self._watch is None:
+            self._watch = threading.Thread(target=watch, name="hobbit-pipeline-watchdog",
+                                           daemon=True)
+            self._watch.start()
+        return self._watch
+
+    def loaded(self) -> None:
+        """load() is done: the watchdog sleeps until the caller wakes it (``watchdog()``)."""
+        self.watch_timeout = None
 
     def describe(self) -> dict:
         return {"rank": self.rank, "size": self.size, "kind": self.kind, "split": self.split,

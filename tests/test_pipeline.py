@@ -196,6 +196,35 @@ def test_watchdog_ends_a_rank_that_waits_too_long():
     assert "rank 0: no progress in the pipeline for" in proc.stderr
 
 
+def _watch_load(model_dir: Path, then: str) -> subprocess.CompletedProcess:
+    """Pipeline.start on a group whose peer never answers (a rank that hangs while loading),
+    with a 1 s load timeout; ``then`` runs once start() returned (it did not, where the
+    watchdog worked)."""
+    code = ("import sys, time\n"
+            "import hobbit_mlx.pipeline as P\n"
+            "class Group:\n"
+            "    def rank(self): return 0\n"
+            "    def size(self): return 2\n"
+            "P.resolve_group = lambda g: g\n"
+            "P.gather_json = lambda g, obj: (time.sleep(float(sys.argv[2])), [obj, obj])[1]\n"
+            "P.LOAD_TIMEOUT_S = 1.0\n"
+            "p = P.Pipeline.start(Group(), sys.argv[1], 1)\n" + then)
+    return subprocess.run([sys.executable, "-c", code, str(model_dir), "0" if then else "30"],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [str(WORKER.parents[2])] + sys.path)))
+
+
+def test_watchdog_while_loading(models):
+    """A rank left waiting for another while the pipeline loads exits with one line; once
+    load() is done (``loaded``) the watchdog sleeps until the CLI wakes it."""
+    hung = _watch_load(models["olmoe"], "")
+    assert hung.returncode == 3, hung.stderr
+    assert "rank 0: no progress in the pipeline while loading for" in hung.stderr
+    done = _watch_load(models["olmoe"], "p.loaded()\ntime.sleep(3)\nprint('alive')\n")
+    assert done.returncode == 0 and "alive" in done.stdout, done.stderr
+
+
 def test_generate_cli_pipeline(models, tmp_path):
     """``generate --pipeline`` under mlx.launch: rank 0 prints the text and a report with every
     rank; per-rank budgets from one flag."""
