@@ -236,6 +236,8 @@ class Worker:
 
     def _follow(self) -> None:
         """A pipeline rank other than 0: run the generations rank 0 sends until it ends."""
+        import hobbit_mlx
+
         from .params import Sampling
 
         while (msg := self.lock.broadcast())["op"] != "exit":
@@ -244,6 +246,7 @@ class Worker:
             s = Sampling(**msg["sampling"])
             if s.logit_bias:
                 s.logit_bias = {int(k): v for k, v in s.logit_bias.items()}  # (JSON keys)
+            hobbit_mlx.reset_stats(self.model)  # as rank 0 does
             sampler, processors = self._sampling(s)
             try:
                 for _ in self.lock.generate(self.model, self.tokenizer, msg["prompt"],
