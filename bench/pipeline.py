@@ -95,6 +95,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--simulated-storage", default="mac-ssd")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--prefetch-study", action="store_true",
+                   help="issue 13 item 4: with --prefetch-layers 1, 1 rank against 2 ranks at the "
+                        "same total whose first layers are kept resident (the default) or not")
     p.add_argument("--out", default=str(_path.REPO / "bench" / "results" / "pipeline-reference.md"))
     args = p.parse_args(argv)
     model_dir = resolve_model(args.model or REFERENCE_MODEL, progress=False)
@@ -103,16 +106,21 @@ def main(argv=None) -> int:
     options = {"simulated_storage": args.simulated_storage} if args.simulated_storage else {}
     rows = []
     # the comparison the issue asks for (same total), and two machines' worth of memory
-    configs = [(1, [total]), (2, [total // 2] * 2), (2, [total] * 2)]
+    configs = [(1, [total], {}), (2, [total // 2] * 2, {}), (2, [total] * 2, {})]
+    if args.prefetch_study:
+        options["prefetch_layers"] = 1
+        configs = [(1, [total], {}), (2, [total // 2] * 2, {}),
+                   (2, [total // 2] * 2, {"keep_shallow_layers": 0})]
     for rep in range(args.repeats):
-        for ranks, budgets in configs:
+        for ranks, budgets, extra in configs:
             t0 = time.perf_counter()
             if ranks == 1:
-                r = one_rank(model_dir, str(budgets[0]), prompt, args.max_tokens, options)
+                r = one_rank(model_dir, str(budgets[0]), prompt, args.max_tokens,
+                             dict(options, **extra))
             else:
                 r = two_ranks(model_dir, [str(b) for b in budgets], prompt, args.max_tokens,
-                              options)
-            r.update(ranks=ranks, repeat=rep, run_s=time.perf_counter() - t0)
+                              dict(options, **extra))
+            r.update(ranks=ranks, repeat=rep, run_s=time.perf_counter() - t0, options=extra)
             rows.append(r)
             print(f"{ranks} rank(s) x {format_size(budgets[0])}: {r['decode_tps']:.1f} tok/s "
                   "decode", flush=True)
@@ -122,24 +130,31 @@ def main(argv=None) -> int:
         "",
         f"Command: `python bench/pipeline.py --budget {args.budget} --prompt-tokens "
         f"{args.prompt_tokens} --max-tokens {args.max_tokens} --simulated-storage "
-        f"{args.simulated_storage}`" + (f" --model {args.model}" if args.model else ""),
+        f"{args.simulated_storage}" + (" --prefetch-study" if args.prefetch_study else "")
+        + (f" --model {args.model}" if args.model else "") + "`",
         "",
         f"Model: {model_dir.name}; exact mode; greedy; {len(prompt)} prompt tokens, "
         f"{args.max_tokens} decoded; storage: {args.simulated_storage or 'real (page cache)'}; "
         f"machine: {os.cpu_count()} CPU cores shared by both ranks. Same tokens in every run: "
         f"{same}.",
         "",
-        "| ranks | budget per rank | decode tok/s | first token s | hit rate per rank | "
-        "read per rank | peak / budget per rank |",
-        "|---|---|---|---|---|---|---|",
+        "| ranks | budget per rank | options | decode tok/s | first token s | hit rate per rank | "
+        "read per rank | read wait s per rank | recall at distance 1 per rank | "
+        "peak / budget per rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         st = r["stats"]
+        recall = [(s.get("prediction_recall_by_distance") or {}) for s in st]
+        recall = [f"{100 * float(d.get('1', d.get(1, 0))):.0f}%" if d else "-" for d in recall]
         lines.append(
-            f"| {r['ranks']} | {format_size(st[0]['budget_bytes'])} | {r['decode_tps']:.1f} | "
+            f"| {r['ranks']} | {format_size(st[0]['budget_bytes'])} | "
+            f"{', '.join(f'{k}={v}' for k, v in r['options'].items()) or '-'} | "
+            f"{r['decode_tps']:.1f} | "
             f"{r['first_token_s']:.2f} | "
             + ", ".join(f"{100 * s['hit_rate']:.0f}%" for s in st) + " | "
             + ", ".join(format_size(s['bytes_read']) for s in st) + " | "
+            + ", ".join(f"{s['read_wait_s']:.2f}" for s in st) + " | " + ", ".join(recall) + " | "
             + ", ".join(f"{s['peak_memory_bytes'] / s['budget_bytes']:.2f}" for s in st) + " |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))

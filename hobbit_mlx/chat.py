@@ -12,7 +12,10 @@ input ends the session.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -47,11 +50,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _cache_offset(cache) -> int | None:
-    for c in cache or ():
-        off = getattr(c, "offset", None)
-        if isinstance(off, int):
-            return off
-    return None
+    """Tokens the cache holds: the most any layer's holds (a pipeline rank's caches of the
+    layers other ranks run stay empty)."""
+    offsets = [c.offset for c in cache or () if isinstance(getattr(c, "offset", None), int)]
+    return max(offsets) if offsets else None
+
+
+def _trim(cache, n: int) -> int:
+    """Trim ``n`` tokens from the caches that hold any; the number trimmed (as mlx-lm's
+    ``trim_prompt_cache``, which reads it from the first layer's cache, empty on a pipeline
+    rank that does not run the first layer)."""
+    full = [c for c in cache if getattr(c, "offset", 1)]
+    return min([c.trim(n) for c in full] or [0])
 
 
 class Conversation:
@@ -89,15 +99,20 @@ class Conversation:
 
     def prepare(self, query: str) -> tuple[list[int], list[int]]:
         """(all tokens of the conversation, the suffix the model still has to process)."""
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
         full = self._render(query)
+        return full, self.feed(full)
+
+    def feed(self, full: list[int]) -> list[int]:
+        """The suffix of ``full`` the cache does not hold yet (the cache trimmed or renewed to
+        fit it; a pipeline rank that follows gets ``full`` from rank 0)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
         common = min(_common_prefix(self.cached, full), len(full) - 1)
         if common == len(self.cached):
             pass  # the cache is a prefix of the new prompt: feed the rest
         elif common > 0 and can_trim_prompt_cache(self.cache):
             # e.g. the template renders the last reply differently than it was generated
-            trimmed = trim_prompt_cache(self.cache, len(self.cached) - common)
+            trimmed = _trim(self.cache, len(self.cached) - common)
             if trimmed != len(self.cached) - common:
                 self._new_cache()
                 common = 0
@@ -106,11 +121,15 @@ class Conversation:
         else:
             self._new_cache()
             common = 0
-        return full, full[common:]
+        return full[common:]
 
     def finish(self, query: str, full: list[int], reply: str, generated: list[int]) -> None:
         self.messages.append({"role": "user", "content": query})
         self.messages.append({"role": "assistant", "content": reply})
+        self.finish_tokens(full, generated)
+
+    def finish_tokens(self, full: list[int], generated: list[int]) -> None:
+        """The cache now holds ``full`` and the generated tokens (or the last but one)."""
         expected = full + generated
         offset = _cache_offset(self.cache)
         if offset is None or offset == len(expected):
@@ -182,14 +201,57 @@ def _read(tty: bool) -> str | None:
     return line
 
 
+def _follow(lock, model, tokenizer, args: argparse.Namespace) -> int:
+    """A pipeline rank other than 0: run the turns rank 0 sends, print nothing, until it ends
+    the session (rank 0 reads the input and handles Ctrl-C; mlx.launch gives every rank the
+    same input, which the others leave unread)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conv = Conversation(model, tokenizer, args)
+    sampler = cli.make_sampler(args, tokenizer)
+    while True:
+        with lock.pipe.waiting():
+            msg = lock.broadcast()
+        if msg["op"] == "exit":
+            break
+        if msg["op"] == "reset":
+            conv.reset()
+            continue
+        full = msg["full"]
+        generated, last = [], None
+        try:
+            for r in lock.generate(model, tokenizer, conv.feed(full), max_tokens=args.max_tokens,
+                                   sampler=sampler, prompt_cache=conv.cache,
+                                   logits_processors=cli.make_logits_processors(args)):
+                generated.append(r.token)
+                last = r
+        except Exception:  # noqa: BLE001 - before any forward call every rank has the error
+            if lock.started:
+                raise
+        conv.finish_tokens(full, generated)
+        if last is None or last.finish_reason is None:
+            conv.invalidate()  # stopped early or refused: as rank 0 does
+    lock.pipe.barrier()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import hobbit_mlx
+    from .pipeline import Lockstep, pipeline_of
 
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
+    cli.join_pipeline(args)
     cli.check_args(args)
     cli.seed(args)
     model, tokenizer, _ = cli.load_model(args)
+    pipe = pipeline_of(model)
+    lock = None
+    if pipe is not None:  # rank 0 chats; the other ranks follow it
+        pipe.watchdog(args.pipeline_timeout)
+        lock = Lockstep(pipe)
+        lock.shared_seed(args.seed)
+        if not lock.leader:
+            return _follow(lock, model, tokenizer, args)
 
     tty = sys.stdin.isatty()
     if tty:
@@ -205,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tally = Tally()
     while True:
         try:
-            query = _read(tty)
+            with pipe.waiting() if pipe is not None else contextlib.nullcontext():
+                query = _read(tty)
         except KeyboardInterrupt:
             print()
             break
@@ -218,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             break
         if command == "r":
             conv.reset()
+            if lock is not None:
+                lock.broadcast({"op": "reset"})
             print("[conversation reset]", flush=True)
             continue
         if command == "h":
@@ -235,11 +300,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         pieces: list[str] = []
         last = None
         t0 = time.perf_counter()
+        kwargs = dict(max_tokens=args.max_tokens, sampler=sampler, prompt_cache=conv.cache,
+                      logits_processors=cli.make_logits_processors(args))
+        if lock is not None:
+            # Ctrl-C stops the turn at the next token on every rank (a KeyboardInterrupt in
+            # the middle of a forward call would leave the other ranks waiting)
+            interrupted = threading.Event()
+            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+            lock.broadcast({"op": "turn", "full": full})
+            steps = lock.generate(model, tokenizer, feed,
+                                  keep_going=lambda: not interrupted.is_set(), **kwargs)
+        else:
+            steps = hobbit_mlx.stream_generate(model, tokenizer, feed, **kwargs)
         try:
-            for response in hobbit_mlx.stream_generate(
-                    model, tokenizer, feed, max_tokens=args.max_tokens, sampler=sampler,
-                    logits_processors=cli.make_logits_processors(args),
-                    prompt_cache=conv.cache):
+            for response in steps:
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
                 generated.append(response.token)
@@ -250,8 +324,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             conv.finish(query, full, "".join(pieces), generated)
             conv.invalidate()  # the cache may hold a half-run step
             continue
-        except hobbit_mlx.BudgetError as e:  # the conversation outgrew the budget
+        except (hobbit_mlx.BudgetError, hobbit_mlx.PipelineError) as e:
+            # the conversation outgrew the budget (of some rank)
+            if lock is not None and lock.started:
+                raise
             print(f"\n[hobbit_mlx] {e}; 'r' resets the conversation", file=sys.stderr, flush=True)
+            conv.finish(query, full, "".join(pieces), generated)
+            conv.invalidate()
+            continue
+        finally:
+            if lock is not None:
+                steps.close()
+                signal.signal(signal.SIGINT, previous)
+        if lock is not None and (last is None or last.finish_reason is None):
+            print("\n[interrupted]", flush=True)
             conv.finish(query, full, "".join(pieces), generated)
             conv.invalidate()
             continue
@@ -262,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tally.add(stats)
         if not args.quiet_report:
             print(_turn_summary(stats, len(feed), len(full)), file=sys.stderr, flush=True)
+    if lock is not None:  # the other ranks end too, after the same collectives
+        lock.broadcast({"op": "exit"})
+        pipe.barrier()
     return 0
 
 

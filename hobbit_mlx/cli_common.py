@@ -269,9 +269,10 @@ def join_pipeline(args: argparse.Namespace) -> None:
     """With ``--pipeline``, join the group mlx.launch started, as early as possible (the ranks'
     start-up times then differ least; see ``pipeline.INIT_STAGGER_S``)."""
     if getattr(args, "pipeline", False):
-        from .pipeline import init_group
+        from . import pipeline
 
-        args.pipeline_group = init_group()
+        pipeline.LOAD_TIMEOUT_S = args.pipeline_timeout  # (the watchdog while the ranks load)
+        args.pipeline_group = pipeline.init_group()
         if args.pipeline_group.size() < 2:
             raise CLIError("--pipeline needs at least 2 ranks: start every rank with mlx.launch "
                            "(e.g. mlx.launch -n 2 --backend ring --python $(which python) ...)")

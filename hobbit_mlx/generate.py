@@ -19,7 +19,7 @@ import types
 from typing import Sequence
 
 from . import cli_common as cli
-from .pipeline import pipeline_of
+from .pipeline import follow_seed, pipeline_of
 
 # ``import hobbit_mlx.generate`` makes Python bind this module to the package attribute
 # ``hobbit_mlx.generate``, where the API function of the same name lives. Keep that name callable:
@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe = pipeline_of(model)
     if pipe is not None:  # rank 0 prints; a rank that stops answering ends every rank
         pipe.watchdog(args.pipeline_timeout)
+        follow_seed(pipe, args.seed)  # every rank samples the same token
     printer = pipe is None or pipe.rank == 0
     out = sys.stdout if printer else open(os.devnull, "w")
     prompt = build_prompt(args, tokenizer)

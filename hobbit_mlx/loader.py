@@ -209,7 +209,10 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     from .pipeline import Pipeline, pipeline_budget
 
     pipe = Pipeline.start(o.pipeline, model_dir, pipeline_budget(o), o.pipeline_split)
-    model, tokenizer = pipe.agreed(lambda: _load(model_dir, o, pipe))
+    try:
+        model, tokenizer = pipe.agreed(lambda: _load(model_dir, o, pipe))
+    finally:
+        pipe.loaded()
     model._hobbit_pipeline = pipe
     return model, tokenizer
 

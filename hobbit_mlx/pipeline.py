@@ -38,6 +38,9 @@ from .store import LayerEntry, Manifest, PrecisionEntry, Record, manifest_path
 
 LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 DEFAULT_TIMEOUT_S = 300.0
+# How long a rank waits for the others while the pipeline loads (``Pipeline.start`` to the end of
+# ``load``) before it exits with an error; the CLIs set it from --pipeline-timeout.
+LOAD_TIMEOUT_S = DEFAULT_TIMEOUT_S
 
 
 class PipelineError(RuntimeError):
@@ -134,6 +137,10 @@ class Pipeline:
         self.manifest: Manifest | None = None  # this rank's share of the store
         self._model: nn.Module | None = None
         self.last_progress = time.monotonic()
+        self.waiting_since: float | None = None  # set while a rank waits for input (no timeout)
+        self.watch_timeout: float | None = None  # None: the watchdog sleeps
+        self.phase = "pipeline"  # what the watchdog's error says the ranks were doing
+        self._watch: threading.Thread | None = None
 
     @classmethod
     def start(cls, group: Any, model_dir: str | Path, budget_bytes: int | None,
@@ -145,15 +152,23 @@ class Pipeline:
             raise PipelineError("a pipeline needs a group of at least 2 ranks (start the ranks "
                                 "with mlx.launch -n 2 ...)")
         digest = store_digest(model_dir)
+        pipe = cls(group, split)
+        # a rank that dies closes its connection and the others fail at once; one that hangs
+        # (or whose machine went away) would keep them waiting: until load() ends, the watchdog
+        # ends them (load() sends it to sleep again; the CLIs then wake it for generation)
+        pipe.watchdog(LOAD_TIMEOUT_S, "while loading")
         shared = gather_json(group, {"digest": digest, "budget": budget_bytes or 0,
                                      "dir": str(model_dir)})
+        pipe.progress()
         odd = [r for r, s in enumerate(shared) if s["digest"] != shared[0]["digest"]]
         if odd:
+            pipe.watch_timeout = None
             raise PipelineError(
                 "the ranks hold different models or expert stores (manifest and config hashes "
                 "differ): " + ", ".join(f"rank {r} {s['dir']} {s['digest'][:12]}"
                                         for r, s in enumerate(shared)))
-        return cls(group, split, [s["budget"] for s in shared])
+        pipe.budgets = [s["budget"] for s in shared]
+        return pipe
 
     # --- building the model ---------------------------------------------------------------
     def split_model(self, model: nn.Module) -> None:
@@ -236,20 +251,23 @@ class Pipeline:
                 inner.pipeline_rank, inner.pipeline_size = saved
 
     # --- agreement, barrier, progress -------------------------------------------------------
-    def agreed(self, build: Callable[[], Any]) -> Any:
+    def agreed(self, build: Callable[[], Any], what: str = "failed to load") -> Any:
         """``build()`` on every rank; if it fails on any, every rank raises an error naming the
-        rank(s) that failed (the failing rank's own error keeps its type and gains its rank)."""
+        rank(s) that failed (the failing rank's own error keeps its type and gains its rank; the
+        others raise a ``PipelineError`` whose ``error_types`` names the failures' types)."""
         error = None
         try:
             result = build()
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = e
-        msg = None if error is None else f"{type(error).__name__}: {error}"
+        msg = None if error is None else [type(error).__name__, str(error)]
         failed = [(r, m) for r, m in enumerate(gather_json(self.group, msg)) if m is not None]
         if error is not None:
             raise _with_rank(error, self.rank) from error
         if failed:
-            raise PipelineError("; ".join(f"rank {r} failed to load: {m}" for r, m in failed))
+            e = PipelineError("; ".join(f"rank {r} {what}: {t}: {m}" for r, (t, m) in failed))
+            e.error_types = [t for _, (t, _) in failed]
+            raise e
         self.barrier()
         return result
 
@@ -262,24 +280,48 @@ class Pipeline:
     def progress(self) -> None:
         self.last_progress = time.monotonic()
 
-    def watchdog(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> threading.Thread:
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The watchdog sleeps meanwhile: the ranks wait for a person's next line (chat)."""
+        self.waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.progress()
+            self.waiting_since = None
+
+    def watchdog(self, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                 phase: str = "") -> threading.Thread:
         """Exit this process with a one-line error when the pipeline makes no progress for
         ``timeout_s`` (a rank that hangs or whose machine went away without closing its
-        connection; a rank that exits closes it and the ring backend fails at once)."""
+        connection; a rank that exits closes it and the ring backend fails at once). Called
+        again, it changes the timeout (None: the watchdog sleeps)."""
+        self.watch_timeout, self.phase = timeout_s, phase
+        self.progress()
+
         def watch() -> None:
             while True:
-                time.sleep(min(1.0, timeout_s / 4))
+                timeout = self.watch_timeout
+                time.sleep(min(1.0, (timeout or 4.0) / 4))
                 idle = time.monotonic() - self.last_progress
-                if idle > timeout_s:
+                if timeout is not None and idle > timeout and self.waiting_since is None \
+                        and self.watch_timeout is not None:
+                    doing = f" {self.phase}" if self.phase else ""
                     sys.stderr.write(f"hobbit_mlx: error: rank {self.rank}: no progress in the "
-                                     f"pipeline for {idle:.0f} s (another rank died or hangs); "
-                                     "exiting\n")
+                                     f"pipeline{doing} for {idle:.0f} s (another rank died, "
+                                     "failed or hangs); exiting\n")
                     sys.stderr.flush()
                     os._exit(3)
 
-        t = threading.Thread(target=watch, name="hobbit-pipeline-watchdog", daemon=True)
-        t.start()
-        return t
+        if self._watch is None:
+            self._watch = threading.Thread(target=watch, name="hobbit-pipeline-watchdog",
+                                           daemon=True)
+            self._watch.start()
+        return self._watch
+
+    def loaded(self) -> None:
+        """load() is done: the watchdog sleeps until the caller wakes it (``watchdog()``)."""
+        self.watch_timeout = None
 
     def describe(self) -> dict:
         return {"rank": self.rank, "size": self.size, "kind": self.kind, "split": self.split,
@@ -387,3 +429,99 @@ def pipeline_budget(options) -> int | None:
     if options.expert_residency is not None:
         return None
     return int(0.6 * system_memory_bytes())
+
+
+# --- following rank 0 (chat, server) ---------------------------------------------------------
+
+class _Stopped(Exception):
+    """Rank 0 ended the generation during the prompt (raised from mlx-lm's progress callback)."""
+
+
+class Lockstep:
+    """Rank 0 leads, the other ranks follow: every step of a generation needs the same forward
+    calls on every rank, so rank 0 tells the others what to generate (``broadcast``), and after
+    each token every rank learns from rank 0 whether to go on (``generate``). A rank that
+    follows runs exactly the collectives rank 0 runs, in the same order."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe = pipe
+        self.leader = pipe.rank == 0
+        self.started = False  # the last generate() got past its agreement (errors then are fatal)
+
+    def broadcast(self, obj: Any = None) -> Any:
+        """Rank 0's ``obj`` on every rank (a collective; the others pass nothing)."""
+        out = gather_json(self.pipe.group, obj if self.leader else None)[0]
+        self.pipe.progress()
+        return out
+
+    def shared_seed(self, seed: int | None) -> int:
+        """Seed every rank's random generator alike (rank 0's ``seed``, or one rank 0 draws), so
+        that sampling picks the same token on every rank."""
+        if self.leader and seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2 ** 31))
+        seed = int(self.broadcast(seed))
+        mx.random.seed(seed)
+        return seed
+
+    def exchange(self, go_on: bool, token: int) -> bool:
+        """Rank 0's ``go_on`` on every rank; every rank's token must be the same."""
+        settle()
+        rows = np.array(mx.distributed.all_gather(
+            mx.array([[int(go_on), int(token)]], dtype=mx.int32), group=self.pipe.group,
+            stream=mx.cpu))
+        self.pipe.progress()
+        if (rows[:, 1] != rows[0, 1]).any():
+            raise PipelineError("the ranks sampled different tokens (" + ", ".join(
+                f"rank {r}: {t}" for r, t in enumerate(rows[:, 1])) + "); sampling must give "
+                "the same token on every rank")
+        return bool(rows[0, 0])
+
+    def generate(self, model: nn.Module, tokenizer, prompt: list[int], max_tokens: int,
+                 keep_going: Callable[[], bool] | None = None, **kwargs) -> Iterator[Any]:
+        """``hobbit_mlx.stream_generate`` on every rank in lockstep: its budget planning is
+        agreed first (a prompt one rank cannot hold is that rank's error, raised on every rank
+        before any forward call), then rank 0's ``keep_going()`` (and rank 0 closing this
+        generator, or raising into it) decides after each prompt chunk and each token whether
+        every rank goes on. A generation stopped during the prompt yields nothing."""
+        import mlx_lm
+
+        from . import _with_defaults
+
+        self.started = False
+        kwargs = self.pipe.agreed(
+            lambda: _with_defaults(model, tokenizer, prompt, dict(kwargs, max_tokens=max_tokens)),
+            what="cannot run this prompt")
+        self.started = True
+
+        def progress(_done: int, _total: int) -> None:
+            go = not self.leader or keep_going is None or keep_going()
+            if not self.exchange(go, -1):
+                raise _Stopped()
+
+        kwargs["prompt_progress_callback"] = progress
+        gen = mlx_lm.stream_generate(model, tokenizer, prompt, **kwargs)
+        try:
+            for r in gen:
+                go = False
+                try:
+                    yield r
+                    go = r.finish_reason is None and (
+                        not self.leader or keep_going is None or keep_going())
+                finally:  # also when the caller closed this generator or raised into it
+                    go = self.exchange(go, r.token)
+                if not go:
+                    break
+                if r.finish_reason is not None:
+                    raise PipelineError(f"rank {self.pipe.rank} ended its generation "
+                                        f"({r.finish_reason}) where rank 0 went on")
+        except _Stopped:
+            return
+        finally:
+            gen.close()
+            settle()
+
+
+def follow_seed(pipe: Pipeline | None, seed: int | None) -> None:
+    """The same random state on every rank (generate --pipeline with a temperature)."""
+    if pipe is not None:
+        Lockstep(pipe).shared_seed(seed)

@@ -7,6 +7,7 @@ plus the load faults. Greedy tokens must equal a single process's in exact mode.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -51,17 +52,23 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def mlx_launch(args: list[str]) -> subprocess.CompletedProcess:
-    """``mlx.launch -n 2`` on localhost's ring with ``args``, under a timeout."""
+def _launch_cmd(args: list[str]) -> tuple[list[str], dict]:
     launcher = Path(sys.executable).with_name("mlx.launch")
     cmd = [str(launcher) if launcher.exists() else "mlx.launch", "-n", "2", "--backend", "ring",
            "-p", str(_free_port_pair()), "--python", sys.executable, *args]
     env = dict(os.environ, HOBBIT_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT_S - 60),
                PYTHONPATH=os.pathsep.join([str(WORKER.parents[2])] + sys.path))
+    return cmd, env
+
+
+def mlx_launch(args: list[str], input: str | None = None) -> subprocess.CompletedProcess:
+    """``mlx.launch -n 2`` on localhost's ring with ``args``, under a timeout."""
+    cmd, env = _launch_cmd(args)
     try:
-        # (mlx.launch forwards its stdin to the ranks: give them none)
-        return subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=LAUNCH_TIMEOUT_S)
+        # (mlx.launch forwards its stdin to every rank: give them none, or ``input``)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, input=input,
+                              stdin=subprocess.DEVNULL if input is None else None,
+                              timeout=LAUNCH_TIMEOUT_S)
     except FileNotFoundError:
         pytest.skip("mlx.launch is not installed")
     except subprocess.TimeoutExpired:
@@ -189,6 +196,35 @@ def test_watchdog_ends_a_rank_that_waits_too_long():
     assert "rank 0: no progress in the pipeline for" in proc.stderr
 
 
+def _watch_load(model_dir: Path, then: str) -> subprocess.CompletedProcess:
+    """Pipeline.start on a group whose peer never answers (a rank that hangs while loading),
+    with a 1 s load timeout; ``then`` runs once start() returned (it did not, where the
+    watchdog worked)."""
+    code = ("import sys, time\n"
+            "import hobbit_mlx.pipeline as P\n"
+            "class Group:\n"
+            "    def rank(self): return 0\n"
+            "    def size(self): return 2\n"
+            "P.resolve_group = lambda g: g\n"
+            "P.gather_json = lambda g, obj: (time.sleep(float(sys.argv[2])), [obj, obj])[1]\n"
+            "P.LOAD_TIMEOUT_S = 1.0\n"
+            "p = P.Pipeline.start(Group(), sys.argv[1], 1)\n" + then)
+    return subprocess.run([sys.executable, "-c", code, str(model_dir), "0" if then else "30"],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [str(WORKER.parents[2])] + sys.path)))
+
+
+def test_watchdog_while_loading(models):
+    """A rank left waiting for another while the pipeline loads exits with one line; once
+    load() is done (``loaded``) the watchdog sleeps until the CLI wakes it."""
+    hung = _watch_load(models["olmoe"], "")
+    assert hung.returncode == 3, hung.stderr
+    assert "rank 0: no progress in the pipeline while loading for" in hung.stderr
+    done = _watch_load(models["olmoe"], "p.loaded()\ntime.sleep(3)\nprint('alive')\n")
+    assert done.returncode == 0 and "alive" in done.stdout, done.stderr
+
+
 def test_generate_cli_pipeline(models, tmp_path):
     """``generate --pipeline`` under mlx.launch: rank 0 prints the text and a report with every
     rank; per-rank budgets from one flag."""
@@ -206,3 +242,133 @@ def test_generate_cli_pipeline(models, tmp_path):
     s = json.loads(stats.read_text())
     assert [r["budget_bytes"] for r in s["ranks"]] == [1_400_000, 900_000]
     assert s["pipeline"]["kind"] == "generic" and s["generation_tokens"] == 6
+
+
+CHAT_INPUT = "hello there\nhow are you\nr\nwhat now\nq\n"
+
+
+def test_chat_cli_pipeline(models, monkeypatch, capsys):
+    """``chat --pipeline``: rank 0 reads the input and prints the same greedy transcript as one
+    process (a second turn that reuses the cache, a reset, a third turn); the other rank follows
+    and prints nothing."""
+    import io
+
+    from hobbit_mlx import chat
+
+    flags = ["--model", str(models["olmoe"]), "--exact", "--max-tokens", "6", "--quiet-report"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(CHAT_INPUT))
+    assert chat.main(flags) == 0
+    single = capsys.readouterr().out
+    proc = mlx_launch(["-m", "hobbit_mlx.chat", *flags, "--pipeline", "--memory-budget",
+                       "1.4MB,0.9MB", "--pipeline-timeout", "120"], input=CHAT_INPUT)
+    if "connecting to" in proc.stderr and proc.returncode != 0 and ">>" not in proc.stdout:
+        pytest.skip(f"the ring backend could not start 2 ranks: {proc.stderr[-2000:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert single.count(">> ") == 5 and "[conversation reset]" in single
+    assert proc.stdout == single
+    assert proc.stderr.count("chatting with") == 1  # rank 0 only
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _serve(cmd: list[str], env: dict, port: int, log: Path):
+    """Start a server, wait until it answers /health (None: it exited first)."""
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    if proc.poll() is None:
+        proc.kill()
+        pytest.fail(f"the server did not answer in {LAUNCH_TIMEOUT_S} s: {log.read_text()[-3000:]}")
+    return None
+
+
+def _ranks(module: str, marker: str) -> list[int]:
+    """The processes running ``python -m module ... marker ...`` (the ranks, not mlx.launch nor
+    its shells)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if argv[1:3] == ["-m", module] and marker in argv:
+            pids.append(int(entry.name))
+    assert len(pids) == 2, pids
+    return pids
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_pipeline(models, tmp_path):
+    """``server --pipeline`` under mlx.launch: rank 0 answers an OpenAI chat completion with the
+    single-process server's greedy text; a stop sequence ends every rank's generation early (the
+    next request still pairs the ranks' collectives); Ctrl-C (SIGINT to rank 0's process group
+    leader, mlx.launch) ends both ranks with status 0."""
+    import signal
+
+    flags = ["--model", str(models["olmoe"]), "--exact", "--log-level", "WARNING"]
+    body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8,
+            "temperature": 0}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(WORKER.parents[2])] + sys.path))
+    port = _free_port()
+    single = _serve([sys.executable, "-m", "hobbit_mlx.server", *flags, "--port", str(port)],
+                    env, port, tmp_path / "single.log")
+    assert single is not None, (tmp_path / "single.log").read_text()[-3000:]
+    try:
+        want = _post(f"http://127.0.0.1:{port}", body)["choices"][0]["message"]["content"]
+    finally:
+        single.terminate()
+        single.wait(60)
+
+    port = _free_port()
+    cmd, env = _launch_cmd(["-m", "hobbit_mlx.server", *flags, "--port", str(port), "--pipeline",
+                            "--memory-budget", "1.4MB,0.9MB", "--pipeline-timeout", "120"])
+    log = tmp_path / "pipeline.log"
+    proc = _serve(cmd, env, port, log)
+    if proc is None:
+        text = log.read_text()
+        if "connecting to" in text:
+            pytest.skip(f"the ring backend could not start 2 ranks: {text[-2000:]}")
+        pytest.fail(text[-3000:])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        got = _post(url, body)
+        stopped = _post(url, dict(body, stop=[want.split()[1]]))
+        again = _post(url, body)
+    finally:
+        # Ctrl-C reaches every rank (mlx.launch runs them in its process group)
+        for pid in _ranks("hobbit_mlx.server", str(port)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+        try:
+            code = proc.wait(LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"the ranks did not end after Ctrl-C: {log.read_text()[-3000:]}")
+    assert got["choices"][0]["message"]["content"] == want and want
+    assert got["choices"][0]["finish_reason"] == "length"
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["usage"]["completion_tokens"] < 8
+    assert again["choices"][0]["message"]["content"] == want
+    assert code == 0, log.read_text()[-3000:]
+    assert "exited with code" not in log.read_text()

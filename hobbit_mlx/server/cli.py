@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -97,10 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
+    cli.join_pipeline(args)
     check_server_args(args)
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    group = getattr(args, "pipeline_group", None)
+    if group is not None and group.rank() != 0:  # rank 0 serves; this rank follows it
+        return _follow(args)
     sock = bind(args.host, args.port)
 
     def load():  # on the generation thread
@@ -116,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException:
         sock.close()
         raise
+    _watch(worker, args)
     names = {"default_model", str(worker.model_dir), Path(worker.model_dir).name}
     if args.model:
         names.add(args.model)
@@ -136,8 +142,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                             log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     log.info("serving %s (context limit %d tokens) at %s", model_id, worker.context_limit,
              _url(sock))
+    server = uvicorn.Server(config)
+    worker.on_dead = lambda: setattr(server, "should_exit", True)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it handled again once it has stopped
+        pass
     finally:
         worker.stop()
+    if worker.error is not None:  # the pipeline broke (its log line gave the cause)
+        raise cli.CLIError(f"the pipeline broke: {type(worker.error).__name__}: {worker.error}")
+    return 0
+
+
+def _watch(worker, args: argparse.Namespace) -> None:
+    """With a pipeline, the watchdog (an idle rank 0 says it is alive more often than the
+    watchdog's timeout)."""
+    from ..pipeline import pipeline_of
+
+    pipe = pipeline_of(worker.model)
+    if pipe is not None:
+        worker.heartbeat_s = min(10.0, args.pipeline_timeout / 4)
+        pipe.watchdog(args.pipeline_timeout)
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """A pipeline rank other than 0: load its layers and run what rank 0 serves, until rank 0
+    ends (its Ctrl-C ends every rank; this rank ignores its own)."""
+    from .worker import Worker
+
+    def load():
+        model, tokenizer, _ = cli.load_model(args)
+        if args.use_default_chat_template:
+            cli.use_default_template(tokenizer)
+        return model, tokenizer
+
+    worker = Worker(load, args.served_model_name or args.model or REFERENCE_ID)
+    worker.start()
+    _watch(worker, args)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker.thread.join()
+    if worker.error is not None:
+        raise worker.error
     return 0

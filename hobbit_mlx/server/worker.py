@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from ..budget import BudgetError, ContextBudgetError
+from ..pipeline import Lockstep, pipeline_of
 from ..store import StoreError
 from .errors import ApiError
 from .params import Generation
@@ -79,6 +81,10 @@ class Job:
         self.cancelled.set()
 
 
+class _PipelineBroken(Exception):
+    """A pipeline generation failed after its forward calls began (see Worker.on_dead)."""
+
+
 class _Cancelled(Exception):
     """Raised from mlx-lm's prompt-progress callback to stop a prefill nobody waits for."""
 
@@ -105,7 +111,8 @@ def context_limit(plan) -> int:
 
 def api_error(e: BaseException) -> ApiError:
     """The HTTP error for a failure during generation."""
-    if isinstance(e, ContextBudgetError):
+    if isinstance(e, ContextBudgetError) or "ContextBudgetError" in getattr(e, "error_types", ()):
+        # (the latter: another pipeline rank's context outgrew its budget)
         return ApiError(400, str(e), code="context_length_exceeded")
     if isinstance(e, StoreError):
         return ApiError(500, f"expert store error: {e}", code="expert_store_error")
@@ -131,6 +138,10 @@ class Worker:
         self.context_limit = 0
         self.model_dir = None
         self.tally: Tally | None = None
+        # with a pipeline (--pipeline): rank 0 serves and tells the other ranks what to generate
+        self.lock = None
+        self.heartbeat_s = 10.0  # rank 0 idle: how often it tells the others it is alive
+        self.on_dead: Callable[[], None] | None = None  # the pipeline broke: stop serving
 
     # --- called from other threads -----------------------------------------------------------
     def start(self) -> None:
@@ -179,21 +190,73 @@ class Worker:
             self.tally = Tally(self.model_id, rt.plan.budget_bytes, self.context_limit)
             self._special = list(self.tokenizer.encode("\n")) + list(self.tokenizer.eos_token_ids)
             self._stream = _own_stream()
+            pipe = pipeline_of(self.model)
+            if pipe is not None:
+                self.lock = Lockstep(pipe)
         except BaseException as e:  # reported by start()
             self.error = e
             self._ready.set()
             return
         self._ready.set()
-        while (job := self.jobs.get()) is not None:
+        if self.lock is not None and not self.lock.leader:
+            try:
+                self._follow()
+            except BaseException as e:  # the thread's owner raises it
+                self.error = e
+            rt.reader.close()
+            return
+        while (job := self._next_job()) is not None:
             self.busy = True
             try:
                 self._serve(job)
+            except _PipelineBroken as e:  # the ranks' collectives no longer pair up
+                self.error = e.__cause__ or e
+                log.error("the pipeline broke; stopping the server: %s", self.error)
+                if self.on_dead is not None:
+                    self.on_dead()
+                return
             except BaseException as e:  # a bug here must not end the thread
                 log.exception("generation thread: unexpected error")
                 job.emit(Failed(api_error(e)))
             finally:
                 self.busy = False
+        if self.lock is not None:  # the other ranks end too
+            self.lock.broadcast({"op": "exit"})
+            self.lock.pipe.barrier()
         rt.reader.close()
+
+    def _next_job(self) -> Job | None:
+        """The next job; with a pipeline, an idle rank 0 tells the others now and then that it
+        is alive (their watchdog ends them when no word comes)."""
+        while True:
+            try:
+                return self.jobs.get(timeout=self.heartbeat_s if self.lock is not None else None)
+            except queue.Empty:
+                self.lock.broadcast({"op": "idle"})
+
+    def _follow(self) -> None:
+        """A pipeline rank other than 0: run the generations rank 0 sends until it ends."""
+        import hobbit_mlx
+
+        from .params import Sampling
+
+        while (msg := self.lock.broadcast())["op"] != "exit":
+            if msg["op"] != "generate":
+                continue
+            s = Sampling(**msg["sampling"])
+            if s.logit_bias:
+                s.logit_bias = {int(k): v for k, v in s.logit_bias.items()}  # (JSON keys)
+            hobbit_mlx.reset_stats(self.model)  # as rank 0 does
+            sampler, processors = self._sampling(s)
+            try:
+                for _ in self.lock.generate(self.model, self.tokenizer, msg["prompt"],
+                                            max_tokens=msg["max_tokens"], sampler=sampler,
+                                            logits_processors=processors, **self._stream):
+                    pass
+            except Exception:  # noqa: BLE001 - refused on every rank before any forward call
+                if self.lock.started:
+                    raise
+        self.lock.pipe.barrier()
 
     def _serve(self, job: Job) -> None:
         import hobbit_mlx
@@ -203,6 +266,11 @@ class Worker:
             return
         gen, s = job.generation, job.generation.sampling
         hobbit_mlx.reset_stats(self.model)
+        if self.lock is not None:  # the other ranks generate the same (same seed too)
+            if s.seed is None:
+                s = replace(s, seed=random.randrange(2 ** 31))
+            self.lock.broadcast({"op": "generate", "prompt": list(job.prompt),
+                                 "max_tokens": job.max_tokens, "sampling": asdict(s)})
         sampler, processors = self._sampling(s)
         stops = StopMatcher(gen.stop)
         finish, last, n = None, None, 0
@@ -212,11 +280,18 @@ class Worker:
             if job.cancelled.is_set():
                 raise _Cancelled()
 
+        if self.lock is None:
+            steps = hobbit_mlx.stream_generate(
+                self.model, self.tokenizer, job.prompt, max_tokens=job.max_tokens,
+                sampler=sampler, logits_processors=processors,
+                prompt_progress_callback=progress, **self._stream)
+        else:  # every rank runs it; rank 0 decides after each step whether all go on
+            steps = self.lock.generate(
+                self.model, self.tokenizer, job.prompt, max_tokens=job.max_tokens,
+                sampler=sampler, logits_processors=processors,
+                keep_going=lambda: not job.cancelled.is_set(), **self._stream)
         try:
-            for r in hobbit_mlx.stream_generate(
-                    self.model, self.tokenizer, job.prompt, max_tokens=job.max_tokens,
-                    sampler=sampler, logits_processors=processors,
-                    prompt_progress_callback=progress, **self._stream):
+            for r in steps:
                 n, last = n + 1, r
                 text, stopped = stops.feed(r.text)
                 if r.finish_reason is not None and not stopped:
@@ -237,7 +312,14 @@ class Worker:
             if error.status >= 500 and error.code == "internal_error":
                 log.exception("generation failed")
             self._end(job, Failed(error, self._stats(job, last, n, t0)))
+            if self.lock is not None and self.lock.started:
+                # the ranks may be part way through different collectives: no way on
+                raise _PipelineBroken() from e
             return
+        finally:
+            steps.close()
+        if finish is None and job.cancelled.is_set():
+            finish = "cancelled"  # (a pipeline stops a cancelled prompt without a token)
         self._end(job, Finished(finish or "length", stops.matched, self._stats(job, last, n, t0)))
 
     def _end(self, job: Job, end: Finished | Failed) -> None:
