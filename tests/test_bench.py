@@ -265,7 +265,9 @@ def test_harness_quick_host_time_syncs_and_memory(quick_run):
         assert r["python_ms_ratio"] == pytest.approx(
             r["python_ms_per_layer_call"] / r["baseline_python_ms_per_layer_call"])
         assert r["peak_vs_budget"] == pytest.approx(r["peak_memory_bytes"] / r["budget_bytes"])
-        assert 0 <= r["host_syncs_per_token"] <= 4 and r["pool_rebuilds"] == 0
+        # no rebuild for KV growth here; one when reads measured cheap gave the 2-bit pool back
+        given_back = len(r["pool_slots"] or []) > 1 and 0 in r["pool_slots"]
+        assert 0 <= r["host_syncs_per_token"] <= 4 and r["pool_rebuilds"] <= int(given_back)
         assert r["kv_reserve_bytes"] > 0 and r["activation_reserve_bytes"] >= 0 and r["pool_slots"]
     resident = runs[("exact-resident", 1.0)]
     # every expert preloaded: nothing read, every layer call lazy (no host sync), mlx-lm's tokens
