@@ -451,7 +451,28 @@ def error_line(message: str) -> None:
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main`` and turn bad input into one ``error:`` line with exit status 2."""
+    """Run ``main`` and turn bad input into one ``error:`` line with exit status 2. A pipeline
+    rank ends here, its output flushed, without the interpreter's teardown (``pipeline.JOINED``)."""
+    from . import pipeline
+
+    try:
+        code = _run(main, argv)
+    except BaseException:
+        if not pipeline.JOINED:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if pipeline.JOINED:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code if isinstance(code, int) else 1)
+    return code
+
+
+def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     from .pipeline import PipelineError
     from .store import StoreError
 

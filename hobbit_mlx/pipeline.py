@@ -341,11 +341,21 @@ def _with_rank(error: Exception, rank: int) -> Exception:
 INIT_STAGGER_S = 3.0
 
 
+# A group of more than one rank was joined in this process: the command-line tools then end it
+# with os._exit once their output is flushed (``cli_common.run``), since the ring backend's
+# threads may still be running when the interpreter tears down ("terminate called without an
+# active exception", status -6, on a rank that had finished cleanly).
+JOINED = False
+
+
 def init_group(backend: str = "any") -> mx.distributed.Group:
     """``mx.distributed.init`` for a launched rank, the lower ranks given time to listen first."""
+    global JOINED
     rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) or 0)
     time.sleep(INIT_STAGGER_S * rank)
-    return mx.distributed.init(strict=backend != "any", backend=backend)
+    group = mx.distributed.init(strict=backend != "any", backend=backend)
+    JOINED = JOINED or group.size() > 1
+    return group
 
 
 def resolve_group(group: Any) -> mx.distributed.Group:

@@ -371,4 +371,4 @@ def test_server_pipeline(models, tmp_path):
     assert stopped["usage"]["completion_tokens"] < 8
     assert again["choices"][0]["message"]["content"] == want
     assert code == 0, log.read_text()[-3000:]
-    assert "exited with code" not in log.read_text()
+    assert "exited with code" not in log.read_text(), log.read_text()[-3000:]
