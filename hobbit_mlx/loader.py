@@ -297,6 +297,8 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None):
                                         cost_aware=o.prefetch_cost_aware)
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
                      prefill_step_size=prefill_step_size)
+    runtime.speculative = (4 if o.speculative is True else o.speculative or 0,
+                           o.speculative_adaptive)  # (max draft tokens, adaptive); 0: off
     runtime.preload()
     reader.bytes_read = 0
     runtime.stats.reset()

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Self-speculative decoding (issue 14): the premise, then tokens/s against plain decoding.
+
+    python bench/speculative.py premise [--residencies 0.5,0.25,0.125] [--ks 1,2,4]
+    python bench/speculative.py bench [--residencies 0.5,0.25,0.125] [--rounds 3] [--storage mac-like]
+
+``premise`` answers, before speed: (a) how often a draft from the resident experts only equals the
+exact greedy token, and (b) the bytes read per generated token when each pass verifies K + 1
+tokens (each missing expert read once per pass) against plain decoding with the same cache. Bytes
+and acceptance do not depend on the storage speed in exact mode, so it runs on the page cache. It
+measures the live runtime and, as a cross-check, replays the exact routing trace with decode
+tokens grouped K + 1 at a time (``bench/replay.py``).
+
+``bench`` times decode tokens/s under simulated Mac-like storage (``hobbit_mlx/storage.py``:
+a token's top-k reads take 12x mlx-lm's resident step, measured in this process): plain exact
+decoding, the lossy defaults, and self-speculation (fixed K and adaptive K), each from empty
+pools, in alternating rounds in one process; medians and ratios to the best plain configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    import _path  # noqa: F401
+
+import mlx.core as mx
+
+from bench import replay as rp
+from bench import trace as tr
+from bench.harness import empty_pools, topk_bytes_per_token, _warmup
+from bench.workload import DEFAULT_WORKLOAD, RESULTS, make_workload, resolve_model_paths
+
+MB = 1 << 20
+
+
+def _load(paths, **kw):
+    import hobbit_mlx
+    from hobbit_mlx.loader import runtime_of
+
+    model, tok = hobbit_mlx.load(paths.hobbit, progress=False, **kw)
+    rt = runtime_of(model)
+    _warmup(model, rt.prefill_step_size)
+    return model, tok, rt
+
+
+def decode_run(model, rt, workload, *, k: int | None, adaptive: bool = False) -> dict:
+    """Every prompt from empty pools' state at call time: prefill, then decode with draft length
+    ``k`` (None or 0: plain decoding through the same loop). Counts decode passes only."""
+    from hobbit_mlx.speculative import AdaptiveK, SpeculativeStats, speculative_generate_step
+
+    st = SpeculativeStats()
+    tokens, decode_s = [], 0.0
+    for prompt in workload.prompts:
+        rt.new_sequence(0, len(prompt), workload.max_tokens + (k or 0) + 1)
+        ctl = AdaptiveK(k or 0, adaptive=adaptive)
+        out, t_first = [], None
+        for tok, _lp, _d in speculative_generate_step(
+                mx.array(prompt), model, num_draft_tokens=max(1, k or 1), max_tokens=workload.max_tokens,
+                prefill_step_size=min(rt.prefill_step_size, rt.plan.chunk_tokens), stats=st,
+                controller=ctl):
+            if t_first is None:
+                t_first = time.perf_counter()
+            out.append(int(tok))
+        decode_s += time.perf_counter() - t_first
+        tokens.append(out)
+    n = sum(len(t) for t in tokens)
+    return {"tokens": tokens, "generated": n, "decode_s": decode_s,
+            "decode_tps": (n - len(tokens)) / decode_s if decode_s else None, **st.summary()}
+
+
+def plain_run(model, rt, workload) -> dict:
+    """mlx-lm's own decode loop (hobbit_mlx.stream_generate), timed as the harness times it."""
+    import hobbit_mlx
+
+    tokens, decode_s = [], 0.0
+    before = rt.stats.bytes_read
+    for prompt in workload.prompts:
+        out, t_first = [], None
+        for r in hobbit_mlx.stream_generate(model, None if False else _TOK[0], prompt,
+                                            max_tokens=workload.max_tokens + 1):
+            if t_first is None:
+                t_first = time.perf_counter()
+            out.append(r.token)
+        decode_s += time.perf_counter() - t_first
+        tokens.append(out[:workload.max_tokens])
+    n = sum(len(t) for t in tokens)
+    return {"tokens": tokens, "generated": n, "decode_s": decode_s,
+            "decode_tps": (n - len(tokens)) / decode_s if decode_s else None,
+            "bytes_read": rt.stats.bytes_read - before}
+
+
+_TOK = [None]
+
+
+# ----------------------------------------------------------------------------- premise
+def grouped_trace(trace, group: int, accept: float | None = None, k: int | None = None,
+                  seed: int = 0):
+    """The trace with each sequence's decode calls regrouped: one call per layer for ``group``
+    consecutive tokens (a verify pass of group - 1 drafts). With ``accept``, each pass keeps
+    a geometric number of its ``k`` drafts (plus one token) and the next pass starts after
+    them, so tokens after a rejection are verified again (their routing taken as the true next
+    tokens' routing: an approximation). Returns (trace, decode tokens, passes)."""
+    rng = np.random.default_rng(seed)
+    b = tr.TraceBuilder()
+    L = trace.num_layers
+    tokens = passes = 0
+    for s in np.unique(trace.sequence):
+        calls = np.flatnonzero(trace.sequence == s)
+        pre = [i for i in calls if trace.phase[i] == 0]
+        dec = [i for i in calls if trace.phase[i] == 1]
+        for i in pre:
+            b.absorb([(int(trace.layer[i]), trace.call(i))], int(s), 0)
+        # decode: calls in token order, layers 0..L-1 per token
+        rows = {}  # layer -> [token rows]
+        for i in dec:
+            rows.setdefault(int(trace.layer[i]), []).append(trace.call(i))
+        n = min(len(v) for v in rows.values()) if rows else 0
+        p = 0
+        while p < n:
+            end = min(n, p + group)
+            for layer in range(L):
+                b.absorb([(layer, np.concatenate(rows[layer][p:end]))], int(s), 1)
+            passes += 1
+            if accept is None:
+                step = end - p
+            else:
+                kept = 0
+                while kept < min(k, end - p - 1) and rng.random() < accept:
+                    kept += 1
+                step = kept + 1
+            tokens += min(step, n - p)
+            p += step
+    return b.build(dict(trace.meta)), tokens, passes
+
+
+def trace_sim(trace, residencies, ks, policies, accept_by_res: dict) -> list[dict]:
+    rows = []
+    nbytes = float(np.mean(trace.meta["expert_nbytes"]))
+    for res in residencies:
+        cap = rp.capacity_for_residency(trace, res)
+        for pol in policies:
+            base, n0, _ = grouped_trace(trace, 1)
+            r0 = rp.replay(base, pol, cap, group="slots")
+            plain_dec = r0["decode_requests"] * (1 - r0["decode_hit_rate"])
+            row = {"residency": res, "policy": pol, "plain_kib_per_token": plain_dec * nbytes / n0 / 1024}
+            for k in ks:
+                g, n, _ = grouped_trace(trace, k + 1)
+                r = rp.replay(g, pol, cap, group="slots")
+                row[f"k{k}_all_accepted"] = r["decode_requests"] * (1 - r["decode_hit_rate"]) * nbytes / n / 1024
+                a = accept_by_res.get((res, k))
+                if a is not None:
+                    g, n, _ = grouped_trace(trace, k + 1, accept=a, k=k)
+                    r = rp.replay(g, pol, cap, group="slots")
+                    row[f"k{k}_measured_accept"] = r["decode_requests"] * (1 - r["decode_hit_rate"]) * nbytes / n / 1024
+            rows.append(row)
+    return rows
+
+
+def premise(a) -> int:
+    paths = resolve_model_paths(a.model)
+    import hobbit_mlx
+
+    m, tok = hobbit_mlx.load(paths.hobbit, expert_residency=1.0, progress=False)
+    _TOK[0] = tok
+    wl = make_workload(tok, n_prompts=a.prompts, prompt_tokens=a.prompt_tokens,
+                       max_tokens=a.max_tokens, n_ppl=0)
+    trace = tr.record(m, wl, {"model": paths.name})
+    del m
+    live = []
+    accept = {}
+    for res in a.residencies:
+        for pol in a.policies:
+            ref = None
+            model, _tok, rt = _load(paths, exact=True, expert_residency=res, policy=pol,
+                                    max_context=wl.max_context)
+            for k in [0] + a.ks:
+                empty_pools(rt)
+                hobbit_mlx.reset_stats(model)
+                r = decode_run(model, rt, wl, k=k)
+                if ref is None:
+                    ref = r["tokens"]
+                same = r["tokens"] == ref
+                row = {"residency": res, "policy": pol, "k": k, "identical": same,
+                       "acceptance": r["acceptance_rate"], "tokens_per_pass": r["tokens_per_pass"],
+                       "kib_per_token": r["bytes_per_token"] / 1024,
+                       "draft_kib_per_token": r["draft_bytes"] / max(1, r["emitted"]) / 1024,
+                       "reads_per_token": r["reads_per_token"]}
+                if k:
+                    accept[(res, k)] = r["acceptance_rate"] if pol == a.policies[0] else accept.get((res, k))
+                live.append(row)
+                print(json.dumps(row), flush=True)
+            rt.close()
+            del model
+    sim = trace_sim(trace, a.residencies, a.ks, ["runtime:" + p for p in a.policies], accept)
+    for row in sim:
+        print(json.dumps(row), flush=True)
+    out = Path(a.out) / "speculative-premise.json"
+    out.write_text(json.dumps({"live": live, "trace_sim": sim, "workload": wl.as_dict(),
+                               "command": " ".join(sys.argv)}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=["premise", "bench"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--residencies", type=lambda s: [float(x) for x in s.split(",")],
+                   default=[0.5, 0.25, 0.125])
+    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    p.add_argument("--policies", type=lambda s: s.split(","), default=["seqfreq", "lru"])
+    p.add_argument("--prompts", type=int, default=DEFAULT_WORKLOAD["n_prompts"])
+    p.add_argument("--prompt-tokens", type=int, default=DEFAULT_WORKLOAD["prompt_tokens"])
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_WORKLOAD["max_tokens"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=str(RESULTS))
+    a = p.parse_args(argv)
+    if a.mode == "premise":
+        return premise(a)
+    raise SystemExit("bench: not yet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
