@@ -76,30 +76,6 @@ def decode_run(model, rt, workload, *, k: int | None, adaptive: bool = False) ->
             "decode_tps": (n - len(tokens)) / decode_s if decode_s else None, **st.summary()}
 
 
-def plain_run(model, rt, workload) -> dict:
-    """mlx-lm's own decode loop (hobbit_mlx.stream_generate), timed as the harness times it."""
-    import hobbit_mlx
-
-    tokens, decode_s = [], 0.0
-    before = rt.stats.bytes_read
-    for prompt in workload.prompts:
-        out, t_first = [], None
-        for r in hobbit_mlx.stream_generate(model, None if False else _TOK[0], prompt,
-                                            max_tokens=workload.max_tokens + 1):
-            if t_first is None:
-                t_first = time.perf_counter()
-            out.append(r.token)
-        decode_s += time.perf_counter() - t_first
-        tokens.append(out[:workload.max_tokens])
-    n = sum(len(t) for t in tokens)
-    return {"tokens": tokens, "generated": n, "decode_s": decode_s,
-            "decode_tps": (n - len(tokens)) / decode_s if decode_s else None,
-            "bytes_read": rt.stats.bytes_read - before}
-
-
-_TOK = [None]
-
-
 # ----------------------------------------------------------------------------- premise
 def grouped_trace(trace, group: int, accept: float | None = None, k: int | None = None,
                   seed: int = 0):
@@ -210,6 +186,133 @@ def premise(a) -> int:
 
 
 # ----------------------------------------------------------------------------- bench
+CONFIGS = {  # name -> (load options, speculative: K, "adaptive" K <= 4, or None: plain)
+    "exact": (dict(exact=True), None),
+    "default": (dict(), None),
+    "exact-spec-k2": (dict(exact=True), 2),
+    "exact-spec-adaptive": (dict(exact=True), "adaptive"),
+    "default-spec-adaptive": (dict(), "adaptive"),
+}
+PLAIN = ("exact", "default")
+
+
+def timed_run(model, tok, rt, workload, spec) -> dict:
+    """Every prompt from empty pools, through ``hobbit_mlx.stream_generate``; decode tokens/s is
+    (tokens - 1) over the time from the first token to the last, summed over prompts."""
+    import hobbit_mlx
+
+    empty_pools(rt)
+    hobbit_mlx.reset_stats(model)
+    tokens, decode_s, drafted, accepted, passes, kc = [], 0.0, 0, 0, 0, {}
+    bytes0 = rt.stats.bytes_read
+    extra = {} if spec is None else dict(speculative=4 if spec == "adaptive" else spec)
+    for prompt in workload.prompts:
+        if spec is not None:
+            rt.speculative = (extra["speculative"], spec == "adaptive")
+        out, t_first = [], None
+        for r in hobbit_mlx.stream_generate(model, tok, prompt, max_tokens=workload.max_tokens,
+                                            **({"speculative": False} if spec is None else {})):
+            if t_first is None:
+                t_first = time.perf_counter()
+            out.append(r.token)
+        decode_s += time.perf_counter() - t_first
+        tokens.append(out)
+        st = rt.speculative_stats if spec is not None else None
+        if st is not None:
+            drafted, accepted, passes = drafted + st.drafted, accepted + st.accepted, passes + st.passes
+            for k, v in st.k_counts.items():
+                kc[k] = kc.get(k, 0) + v
+    n = sum(len(t) - 1 for t in tokens)
+    return {"tokens": tokens, "decode_tps": n / decode_s, "decode_tokens": n,
+            "kib_per_token": (rt.stats.bytes_read - bytes0) / 1024 / max(1, n + len(tokens)),
+            "acceptance": accepted / drafted if drafted else None,
+            "tokens_per_pass": (accepted + passes) / passes if passes else None, "k_counts": kc}
+
+
+def bench(a) -> int:
+    import hobbit_mlx
+    from bench.harness import Baseline
+    from hobbit_mlx.storage import mac_like
+
+    paths = resolve_model_paths(a.model)
+    base = Baseline(paths)
+    _m, tok = hobbit_mlx.load(paths.hobbit, expert_residency=0.0, progress=False)
+    _TOK[0] = tok
+    wl = make_workload(tok, n_prompts=a.prompts, prompt_tokens=a.prompt_tokens,
+                       max_tokens=a.max_tokens, n_ppl=0)
+    del _m
+    b = base.timing_pass(wl)
+    storage = None
+    if a.storage == "mac-like":
+        topk = topk_bytes_per_token(paths.hobbit)
+        storage = mac_like(topk, 1.0 / b["decode_tps"])
+        print(f"[bench] mac-like storage: {storage.describe()}; mlx-lm {b['decode_tps']:.1f} tok/s",
+              flush=True)
+    base.close()
+    configs = [c for c in a.configs]
+    results = {}
+    for res in a.residencies:
+        models = {}
+        for name in configs:
+            kw, spec = CONFIGS[name]
+            m, t, rt = _load(paths, expert_residency=res, max_context=wl.max_context,
+                             simulated_storage=storage, **kw)
+            models[name] = (m, t, rt, spec)
+        for rnd in range(a.rounds):
+            order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
+            for name in order:
+                m, t, rt, spec = models[name]
+                r = timed_run(m, t, rt, wl, spec)
+                results.setdefault((res, name), []).append(r)
+                print(json.dumps({"residency": res, "config": name, "round": rnd,
+                                  **{k: v for k, v in r.items() if k != "tokens"}}), flush=True)
+        for name in configs:
+            models[name][2].close()
+        del models
+    rows = []
+    for res in a.residencies:
+        med = {n: statistics.median(r["decode_tps"] for r in results[(res, n)]) for n in configs}
+        best_plain = max((n for n in configs if n in PLAIN), key=med.get, default=None)
+        exact_tokens = results.get((res, "exact"), [{}])[0].get("tokens")
+        for n in configs:
+            rs = results[(res, n)]
+            rows.append({
+                "residency": res, "config": n, "decode_tps_median": med[n],
+                "decode_tps_runs": [r["decode_tps"] for r in rs],
+                "x_best_plain": med[n] / med[best_plain] if best_plain else None,
+                "best_plain": best_plain,
+                "x_exact": med[n] / med["exact"] if "exact" in med else None,
+                "acceptance": rs[0]["acceptance"], "tokens_per_pass": rs[0]["tokens_per_pass"],
+                "kib_per_token": statistics.median(r["kib_per_token"] for r in rs),
+                "k_counts": rs[-1]["k_counts"],
+                "same_as_exact": None if exact_tokens is None else rs[0]["tokens"] == exact_tokens})
+    name = a.name or f"speculative-{paths.name}-{a.storage}"
+    out = Path(a.out)
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "mlx_lm_decode_tps": b["decode_tps"],
+                                                  "storage": storage.describe() if storage else a.storage,
+                                                  "workload": wl.as_dict(), "rounds": a.rounds,
+                                                  "command": " ".join(sys.argv)}, indent=1))
+    lines = [f"# Self-speculative decoding: {paths.name}, {a.storage} storage", "",
+             "Command:", "", "```", "python " + " ".join(sys.argv), "```", "",
+             f"- storage: {storage.describe() if storage else a.storage}; mlx-lm resident "
+             f"{b['decode_tps']:.1f} tok/s in this process",
+             f"- workload: {len(wl.prompts)} prompts x {wl.max_tokens} greedy tokens; "
+             f"{a.rounds} rounds, configurations alternating, each run from empty pools; "
+             "medians", "",
+             "| residency | config | decode tok/s (median) | x best plain | x exact plain | "
+             "acceptance | tokens/pass | KiB read/token | draft lengths used | tokens = exact |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = lambda x, p="{:.2f}": "n/a" if x is None else p.format(x)  # noqa: E731
+        lines.append(f"| {r['residency']:.1%} | {r['config']} | {r['decode_tps_median']:.1f} | "
+                     f"{f(r['x_best_plain'])} ({r['best_plain']}) | {f(r['x_exact'])} | "
+                     f"{f(r['acceptance'])} | {f(r['tokens_per_pass'])} | {r['kib_per_token']:.0f} | "
+                     f"{r['k_counts'] or '-'} | {r['same_as_exact']} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["premise", "bench"])
@@ -222,11 +325,14 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=DEFAULT_WORKLOAD["prompt_tokens"])
     p.add_argument("--max-tokens", type=int, default=DEFAULT_WORKLOAD["max_tokens"])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS))
+    p.add_argument("--storage", choices=["mac-like", "warm"], default="mac-like")
+    p.add_argument("--name", default=None)
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
     if a.mode == "premise":
         return premise(a)
-    raise SystemExit("bench: not yet")
+    return bench(a)
 
 
 if __name__ == "__main__":
