@@ -203,6 +203,7 @@ def timed_run(model, tok, rt, workload, spec) -> dict:
 
     empty_pools(rt)
     hobbit_mlx.reset_stats(model)
+    rt.speculative_controller = None  # each run learns its draft length from scratch
     tokens, decode_s, drafted, accepted, passes, kc = [], 0.0, 0, 0, 0, {}
     bytes0 = rt.stats.bytes_read
     extra = {} if spec is None else dict(speculative=4 if spec == "adaptive" else spec)

@@ -55,6 +55,12 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, draft_model
     off; None: as loaded, ``load(..., speculative=K)``); ``draft_model`` takes mlx-lm's path."""
     k, adaptive = _draft_tokens(model, speculative) if draft_model is None else (0, True)
     kwargs = _with_defaults(model, tokenizer, prompt, dict(kwargs, max_tokens=max_tokens), k + 1)
+    loaded_draft = getattr(runtime_of(model), "draft_model", None)
+    if k and loaded_draft is not None:  # load(draft_model=...): mlx-lm's speculative decoding
+        kwargs["num_draft_tokens"] = k
+        yield from mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=loaded_draft,
+                                          **kwargs)
+        return
     if k:
         from . import speculative as spec
         yield from spec.stream_generate(model, tokenizer, prompt, num_draft_tokens=k,

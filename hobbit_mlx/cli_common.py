@@ -135,6 +135,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--speculative-fixed", dest="speculative_adaptive", action="store_false",
                    help="Draft K tokens every pass instead of adapting the draft length (0..K) to "
                         "the measured acceptance and pass times.")
+    t.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="A small mlx-lm model with the same tokenizer, held resident, drafts "
+                        "instead (mlx-lm's speculative decoding); its weights count inside "
+                        "--memory-budget. K: --num-draft-tokens (default 3).")
+    t.add_argument("--num-draft-tokens", dest="speculative", type=int, default=None, metavar="K",
+                   help="The same as --speculative K (mlx_lm.generate's name).")
     t.add_argument("--policy", default=None, choices=_policy_names(),
                    help="Expert cache replacement policy (default: lru with prefetch on, "
                         "seqfreq without).")
@@ -319,7 +325,7 @@ def technique_options(args: argparse.Namespace) -> dict:
         raise CLIError(f"--speculative drafts K >= 1 tokens per pass, not {speculative}")
     if speculative is not None and getattr(args, "pipeline", False):
         raise CLIError("--speculative does not run with --pipeline")
-    return dict(speculative=speculative,
+    return dict(speculative=speculative, draft_model=getattr(args, "draft_model", None),
                 speculative_adaptive=getattr(args, "speculative_adaptive", True),exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
                 skip=args.skip, upgrade_after=args.upgrade_after, big_little=args.big_little,
                 little_threshold=args.little_threshold,

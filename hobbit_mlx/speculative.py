@@ -283,6 +283,12 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
     rt = _runtime(model)
     if rt is not None:
         rt.speculative_stats = stats
+        # what the draft length learned carries over to the next sequence of this model
+        ctl = getattr(rt, "speculative_controller", None)
+        k = check_draft_tokens(num_draft_tokens)
+        if ctl is None or (ctl.max_k, ctl.adaptive) != (k, adaptive):
+            ctl = rt.speculative_controller = AdaptiveK(k, adaptive=adaptive)
+        kwargs.setdefault("controller", ctl)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     steps = speculative_generate_step(prompt, model, num_draft_tokens=num_draft_tokens,
@@ -313,3 +319,47 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
     detokenizer.finalize()
     yield response(detokenizer.last_segment,
                    "stop" if token in tokenizer.eos_token_ids else "length")
+
+
+# --- a separate draft model (mlx-lm's own speculative path) ------------------------------------
+def load_draft(path, dtype=None):
+    """A small resident draft model for mlx-lm's speculative decoding: (model, tokenizer, bytes
+    of its weights, which count inside the memory budget)."""
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    from .loader import compute_dtype
+
+    model, tokenizer = mlx_lm.load(str(path))
+    cdtype = compute_dtype(dtype)
+    if cdtype is not None:
+        model.set_dtype(cdtype)
+    mx.eval(model.parameters())
+    return model, tokenizer, sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+
+
+def check_same_tokenizer(target, draft, draft_path="the draft model") -> None:
+    """A draft must tokenize as the target does: the same vocabulary, id for id."""
+    a, b = target.get_vocab(), draft.get_vocab()
+    if a != b:
+        differ = sum(1 for t, i in a.items() if b.get(t) != i) + len(set(b) - set(a))
+        raise ValueError(f"{draft_path}'s tokenizer differs from the model's ({len(b)} vs "
+                         f"{len(a)} tokens, {differ} differ): a draft model must share the "
+                         "model's tokenizer")
+
+
+def with_draft_minimum(err: Exception, draft_bytes: int, budget_bytes: int) -> Exception:
+    """The budget error of the model loaded beside a draft, with the minimum stated draft
+    included."""
+    import re
+
+    from .budget import BudgetError, format_size
+
+    m = re.search(r"\((\d+) bytes\)", str(err))
+    if m is None:
+        return err
+    minimum = int(m.group(1)) + draft_bytes
+    return BudgetError(
+        f"memory budget {format_size(budget_bytes)} is too small for this model with its draft "
+        f"model: it needs at least {format_size(minimum)} ({minimum} bytes) = the draft model's "
+        f"weights {format_size(draft_bytes)} + the model's own minimum: {err}")

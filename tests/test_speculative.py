@@ -269,3 +269,88 @@ def test_adaptive_k_follows_acceptance_and_cost():
     assert b.k == 0
     # never beyond what is left to generate
     assert AdaptiveK(4, adaptive=False).next_k(2) == 2
+
+
+def test_premise_trace_grouping():
+    """bench/speculative.py's trace simulation: decode tokens regrouped K + 1 per layer call."""
+    from bench import trace as tr
+    from bench.speculative import grouped_trace
+
+    calls = [(0, [[9, 8], [7, 6]]), (1, [[5, 4], [3, 2]]),  # a 2-token prompt chunk
+             (0, [0, 1]), (1, [2, 3]), (0, [0, 4]), (1, [2, 5]), (0, [6, 1]), (1, [7, 3])]
+    t = tr.from_calls(calls, meta={"num_layers": 2, "num_experts": 10})
+    g, tokens, passes = grouped_trace(t, 2)
+    assert (tokens, passes) == (3, 2)
+    assert g.phase.tolist() == [0, 0, 1, 1, 1, 1]
+    assert g.call(2).tolist() == [[0, 1], [0, 4]] and g.call(3).tolist() == [[2, 3], [2, 5]]
+    assert g.call(4).tolist() == [[6, 1]] and g.call(5).tolist() == [[7, 3]]
+    # nothing accepted: every pass keeps one token, and verifies the next ones again
+    g, tokens, passes = grouped_trace(t, 3, accept=0.0, k=2)
+    assert (tokens, passes) == (3, 3)
+    assert [len(g.call(i)) for i in range(2, len(g))] == [3, 3, 2, 2, 1, 1]
+
+
+# --- a separate draft model -------------------------------------------------------------------
+def _dense_draft(out, vocab_size: int):
+    """A tiny random dense llama with the tiny models' tokenizer (trained for ``vocab_size``)."""
+    from mlx_lm.models import llama
+    from mlx_lm.utils import save_config, save_model
+
+    from hobbit_mlx.testing.tiny_models import make_tokenizer
+
+    config = dict(model_type="llama", hidden_size=64, num_hidden_layers=1, intermediate_size=128,
+                  num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5,
+                  vocab_size=vocab_size, tie_word_embeddings=True)
+    mx.random.seed(1)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model)
+    save_config(config, config_path=out / "config.json")
+    make_tokenizer(out, vocab_size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dense_draft(tmp_path_factory):
+    from hobbit_mlx.testing.tiny_models import VOCAB_SIZE
+    return _dense_draft(tmp_path_factory.mktemp("draft"), VOCAB_SIZE)
+
+
+def test_draft_model_greedy_identical(tiny_factory, dense_draft):
+    _src, dst = tiny_factory("qwen3_moe")
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, draft_model=str(dense_draft),
+                                 progress=False)
+    rt = runtime_of(model)
+    try:
+        assert rt.draft_model is not None and rt.draft_bytes > 0
+        plain = _plain(model, tok, "def main():", 24)
+        drafted = [r for r in hobbit_mlx.stream_generate(model, tok, "def main():", max_tokens=24)]
+        assert [r.token for r in drafted] == plain
+        assert any(r.from_draft for r in drafted) or len(plain) < 24  # (the draft was consulted)
+    finally:
+        rt.close()
+
+
+def test_draft_model_with_another_tokenizer_is_refused(tiny_factory, tmp_path):
+    _src, dst = tiny_factory("qwen3_moe")
+    other = _dense_draft(tmp_path / "other", 300)
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        hobbit_mlx.load(dst, expert_residency=0.3, draft_model=str(other), progress=False)
+
+
+def test_budget_too_small_for_the_draft_states_the_minimum(tiny_factory, dense_draft):
+    from hobbit_mlx.speculative import load_draft
+    _src, dst = tiny_factory("qwen3_moe")
+    own_min = hobbit_mlx.footprint(dst)["minimum_budget_bytes_exact"]
+    draft_bytes = load_draft(dense_draft)[2]
+    budget = own_min + draft_bytes // 2  # enough for the model alone, not with the draft
+    hobbit_mlx.load(dst, memory_budget=budget, exact=True, progress=False)[0]._hobbit.close()
+    with pytest.raises(hobbit_mlx.BudgetError, match="with its draft model") as e:
+        hobbit_mlx.load(dst, memory_budget=budget, exact=True, draft_model=str(dense_draft),
+                        progress=False)
+    assert f"({own_min + draft_bytes} bytes)" in str(e.value)
+    # the minimum it states runs
+    model, _ = hobbit_mlx.load(dst, memory_budget=own_min + draft_bytes, exact=True,
+                               draft_model=str(dense_draft), progress=False)
+    runtime_of(model).close()
