@@ -309,6 +309,19 @@ def _timed_run(model, tok, rt, workload, spec) -> dict:
             "tokens_per_pass": (accepted + passes) / passes if passes else None, "k_counts": kc}
 
 
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _summed(dicts):
+    out = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))
+
+
 def bench(a) -> int:
     import hobbit_mlx
     from bench.harness import Baseline
@@ -361,9 +374,10 @@ def bench(a) -> int:
                 "x_best_plain": med[n] / med[best_plain] if best_plain else None,
                 "best_plain": best_plain,
                 "x_exact": med[n] / med["exact"] if "exact" in med else None,
-                "acceptance": rs[0]["acceptance"], "tokens_per_pass": rs[0]["tokens_per_pass"],
+                "acceptance": _median([r["acceptance"] for r in rs]),
+                "tokens_per_pass": _median([r["tokens_per_pass"] for r in rs]),
                 "kib_per_token": statistics.median(r["kib_per_token"] for r in rs),
-                "k_counts": rs[-1]["k_counts"],
+                "k_counts": _summed([r["k_counts"] for r in rs]),
                 "same_as_exact": None if exact_tokens is None else rs[0]["tokens"] == exact_tokens})
     name = a.name or f"speculative-{paths.name}-{a.storage}"
     out = Path(a.out)
@@ -379,7 +393,8 @@ def bench(a) -> int:
              f"{a.rounds} rounds, configurations alternating, each run from empty pools; "
              "medians", "",
              "| residency | config | decode tok/s (median) | x best plain | x exact plain | "
-             "acceptance | tokens/pass | KiB read/token | draft lengths used | tokens = exact |",
+             "acceptance | tokens/pass | KiB read/token (prefill included) | draft lengths used "
+             "(passes, all rounds) | tokens = exact |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda x, p="{:.2f}": "n/a" if x is None else p.format(x)  # noqa: E731

@@ -21,7 +21,9 @@ resident: there is nothing to read).
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Generator, Sequence
 
@@ -78,49 +80,56 @@ class AdaptiveK:
     """Chooses each pass's draft length in 0..``max_k`` by expected tokens per second.
 
     A pass with ``k`` drafts yields ``(1 - a^(k+1)) / (1 - a)`` tokens on average when each draft
-    is accepted with chance ``a`` (measured over all drafts, fading). Its seconds are measured per
-    length (fading averages); a length not measured yet is estimated from the nearest measured
-    one, plus ``k`` drafting steps at the measured draft step time. Every ``probe_every`` passes a
-    neighbour of the current length is tried, so the estimates follow the cache and the text."""
+    is accepted with chance ``a`` (measured over all drafts, fading). Its seconds (drafting is
+    compute; verifying is compute plus the reads of its misses) are the median of the last few
+    passes of that length, so one pass slowed by the machine does not decide; a length not
+    measured yet is estimated from the nearest measured one plus or minus the measured draft step
+    time. After ``probe_every`` passes the length measured longest ago is tried again, so every
+    estimate follows the cache and the text; while probes do not change the choice, the gap
+    between them doubles (up to ``max_probe_every``): a probe costs a pass at a worse length."""
 
     def __init__(self, max_k: int, *, adaptive: bool = True, fade: float = 0.8,
-                 probe_every: int = 12):
+                 probe_every: int = 8, max_probe_every: int = 64, window: int = 5):
         self.max_k, self.adaptive = max_k, adaptive
-        self.fade, self.probe_every = fade, probe_every
+        self.fade, self.probe_every, self.max_probe_every = fade, probe_every, max_probe_every
+        self._gap, self._last_probe, self._probed_from = probe_every, 0, None
         self.accept = 0.5  # prior: a draft is accepted half the time
-        self.seconds: dict[int, float] = {}
-        self.draft_step_s: float | None = None
+        self._seconds: dict[int, deque] = {}
+        self._draft_steps: deque = deque(maxlen=window)
+        self._window = window
+        self._seen_at: dict[int, int] = {}
         self.k = max_k if not adaptive else min(max_k, 2)
         self._passes = 0
-        self._probe_up = True
 
-    def _avg(self, old, new):
-        return new if old is None else self.fade * old + (1 - self.fade) * new
+    @property
+    def seconds(self) -> dict[int, float]:
+        return {k: statistics.median(v) for k, v in self._seconds.items()}
 
     def observe(self, k: int, accepted: int, seconds: float, draft_seconds: float) -> None:
         """A pass with ``k`` drafts, ``accepted`` of them kept, took ``seconds`` in all."""
         self._passes += 1
+        self._seen_at[k] = self._passes
         if k:
             # a pass stops at the first rejection: the drafts after it say nothing
             seen = min(k, accepted + 1)
-            rate = accepted / seen
             w = self.fade ** seen
-            self.accept = w * self.accept + (1 - w) * rate
-            self.draft_step_s = self._avg(self.draft_step_s, draft_seconds / k)
-        self.seconds[k] = self._avg(self.seconds.get(k), seconds)
+            self.accept = w * self.accept + (1 - w) * accepted / seen
+            self._draft_steps.append(draft_seconds / k)
+        self._seconds.setdefault(k, deque(maxlen=self._window)).append(seconds)
 
     def expected_tokens(self, k: int) -> float:
         a = min(self.accept, 0.999)
         return (1 - a ** (k + 1)) / (1 - a)
 
     def estimated_seconds(self, k: int) -> float | None:
-        if k in self.seconds:
-            return self.seconds[k]
-        if not self.seconds:
+        seconds = self.seconds
+        if k in seconds:
+            return seconds[k]
+        if not seconds:
             return None
-        near = min(self.seconds, key=lambda m: abs(m - k))
-        step = self.draft_step_s if self.draft_step_s is not None else self.seconds[near]
-        return max(1e-9, self.seconds[near] + (k - near) * step)
+        near = min(seconds, key=lambda m: abs(m - k))
+        step = statistics.median(self._draft_steps) if self._draft_steps else seconds[near]
+        return max(1e-9, seconds[near] + (k - near) * step)
 
     def rate(self, k: int) -> float:
         s = self.estimated_seconds(k)
@@ -130,12 +139,17 @@ class AdaptiveK:
         """The draft length for the next pass, at most ``limit``."""
         if not self.adaptive:
             return min(self.k, limit)
-        if self.seconds:
+        if self._seconds:
             self.k = max(range(self.max_k + 1), key=self.rate)
+        if self._probed_from is not None:  # the pass after a probe: did it change the choice?
+            same = self.k == self._probed_from
+            self._gap = min(2 * self._gap, self.max_probe_every) if same else self.probe_every
+            self._probed_from = None
         k = self.k
-        if self._passes and self._passes % self.probe_every == 0:  # try a neighbour
-            self._probe_up = not self._probe_up
-            k = min(self.max_k, k + 1) if self._probe_up or k == 0 else k - 1
+        if self._passes - self._last_probe >= self._gap:  # refresh the stalest length
+            self._last_probe, self._probed_from = self._passes, self.k
+            k = min((m for m in range(self.max_k + 1) if m != self.k),
+                    key=lambda m: self._seen_at.get(m, -1), default=self.k)
         return max(0, min(k, limit))
 
 

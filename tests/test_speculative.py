@@ -354,3 +354,38 @@ def test_budget_too_small_for_the_draft_states_the_minimum(tiny_factory, dense_d
     model, _ = hobbit_mlx.load(dst, memory_budget=own_min + draft_bytes, exact=True,
                                draft_model=str(dense_draft), progress=False)
     runtime_of(model).close()
+
+
+def test_generate_cli_speculative(tiny_factory, tmp_path, capsys):
+    import importlib
+    import json
+
+    from hobbit_mlx import cli_common
+
+    generate = importlib.import_module("hobbit_mlx.generate")
+    _src, dst = tiny_factory("qwen3_moe")
+    base = ["--model", str(dst), "--prompt", "def main():", "--max-tokens", "12", "--exact",
+            "--expert-residency", "0.3", "--ignore-chat-template"]
+    assert cli_common.run(generate.main, [*base, "--speculative", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--speculative" in err
+    assert cli_common.run(generate.main, [*base, "--speculative", "2", "--speculative-fixed",
+                                          "--stats-json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr()
+    assert "Speculative: " in out.err
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["speculative"] == 2 and stats["speculation"]["drafted"] > 0
+    assert cli_common.run(generate.main, base) == 0
+    assert capsys.readouterr().out == out.out  # greedy text unchanged
+
+
+def test_adaptive_k_recovers_from_one_slow_pass():
+    """One pass slowed by the machine (here the first plain one) does not lock a length out:
+    lengths are timed by the median of their last passes and the stalest one is tried again."""
+    a = AdaptiveK(4)
+    a.observe(0, 0, seconds=10.0, draft_seconds=0.0)  # an outlier
+    for _ in range(80):
+        k = a.next_k(100)
+        a.observe(k, 0, seconds=1.0 + 0.6 * k, draft_seconds=0.6 * k)  # drafts never kept
+    assert a.k == 0
+    assert a.seconds[0] == pytest.approx(1.0)
