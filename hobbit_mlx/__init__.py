@@ -20,7 +20,18 @@ from .architectures import UnsupportedModelError
 __version__ = "0.1.0"
 
 
-def _with_defaults(model, tokenizer, prompt, kwargs: dict) -> dict:
+def _draft_tokens(model, speculative) -> tuple[int, bool]:
+    """(K, adaptive) for this call: ``speculative`` (an int K, False: off) or load()'s setting."""
+    k, adaptive = getattr(runtime_of(model), "speculative", (0, True))
+    if speculative is None:
+        return k, adaptive
+    if speculative is False:
+        return 0, adaptive
+    from .speculative import check_draft_tokens
+    return check_draft_tokens(speculative), adaptive
+
+
+def _with_defaults(model, tokenizer, prompt, kwargs: dict, extra_tokens: int = 0) -> dict:
     """A new sequence starts: per-sequence cache statistics reset, the budget planned for its
     prompt and ``max_tokens``, and prefill chunks no longer than the plan reserved for."""
     runtime = runtime_of(model)
@@ -30,21 +41,46 @@ def _with_defaults(model, tokenizer, prompt, kwargs: dict) -> dict:
         n_prompt = int(prompt.size) if hasattr(prompt, "size") else len(prompt)
     max_new = kwargs.get("max_tokens", 256)
     runtime.new_sequence(context_of(kwargs.get("prompt_cache")), n_prompt,
-                         max_new if max_new and max_new > 0 else 0)
+                         max_new + extra_tokens if max_new and max_new > 0 else 0)
     step = kwargs.get("prefill_step_size") or runtime.prefill_step_size
     kwargs["prefill_step_size"] = max(1, min(step, runtime.plan.chunk_tokens))
     return kwargs
 
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, draft_model=None,
+                    speculative=None,
                     **kwargs) -> Generator["mlx_lm.generate.GenerationResponse", None, None]:
-    """mlx-lm's ``stream_generate``, with the budget planned for this sequence first."""
-    kwargs = _with_defaults(model, tokenizer, prompt, dict(kwargs, max_tokens=max_tokens))
+    """mlx-lm's ``stream_generate``, with the budget planned for this sequence first.
+    ``speculative``: draft up to K tokens per pass from the resident experts (an int; False:
+    off; None: as loaded, ``load(..., speculative=K)``); ``draft_model`` takes mlx-lm's path."""
+    k, adaptive = _draft_tokens(model, speculative) if draft_model is None else (0, True)
+    kwargs = _with_defaults(model, tokenizer, prompt, dict(kwargs, max_tokens=max_tokens), k + 1)
+    loaded_draft = getattr(runtime_of(model), "draft_model", None)
+    if k and loaded_draft is not None:  # load(draft_model=...): mlx-lm's speculative decoding
+        kwargs["num_draft_tokens"] = k
+        yield from mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=loaded_draft,
+                                          **kwargs)
+        return
+    if k:
+        from . import speculative as spec
+        yield from spec.stream_generate(model, tokenizer, prompt, num_draft_tokens=k,
+                                        adaptive=adaptive, **kwargs)
+        return
     yield from mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=draft_model, **kwargs)
 
 
-def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
-    """mlx-lm's ``generate``, with the budget planned for this sequence first."""
+def generate(model, tokenizer, prompt, verbose: bool = False, speculative=None, **kwargs) -> str:
+    """mlx-lm's ``generate``, with the budget planned for this sequence first (``speculative``:
+    see ``stream_generate``)."""
+    if _draft_tokens(model, speculative)[0] and kwargs.get("draft_model") is None:
+        text = ""
+        for r in stream_generate(model, tokenizer, prompt, speculative=speculative, **kwargs):
+            if verbose:
+                print(r.text, end="", flush=True)
+            text += r.text
+        if verbose:
+            print()
+        return text
     return mlx_lm.generate(model, tokenizer, prompt, verbose=verbose,
                            **_with_defaults(model, tokenizer, prompt, kwargs))
 

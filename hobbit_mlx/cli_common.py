@@ -128,6 +128,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "layers; else 0).")
     t.add_argument("--no-overlap-io", dest="overlap_io", action="store_false",
                    help="Do not start resident experts' compute while misses are read.")
+    t.add_argument("--speculative", type=int, default=None, metavar="K",
+                   help="Self-speculative decoding: draft up to K tokens per pass from the "
+                        "resident experts (no reads), verify them in one exact pass (each missing "
+                        "expert read once per pass); greedy output is unchanged (default: off).")
+    t.add_argument("--speculative-fixed", dest="speculative_adaptive", action="store_false",
+                   help="Draft K tokens every pass instead of adapting the draft length (0..K) to "
+                        "the measured acceptance and pass times.")
+    t.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="A small mlx-lm model with the same tokenizer, held resident, drafts "
+                        "instead (mlx-lm's speculative decoding); its weights count inside "
+                        "--memory-budget. K: --num-draft-tokens (default 3).")
+    t.add_argument("--num-draft-tokens", dest="speculative", type=int, default=None, metavar="K",
+                   help="The same as --speculative K (mlx_lm.generate's name).")
     t.add_argument("--policy", default=None, choices=_policy_names(),
                    help="Expert cache replacement policy (default: lru with prefetch on, "
                         "seqfreq without).")
@@ -308,7 +321,13 @@ def technique_options(args: argparse.Namespace) -> dict:
         raise CLIError(f"--prefill-low-precision is a share in [0, 1], not {args.prefill_low_precision}")
     if args.exact and args.prefill_low_precision:
         raise CLIError("--exact cannot be combined with --prefill-low-precision")
-    return dict(exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
+    speculative = getattr(args, "speculative", None)
+    if speculative is not None and speculative < 1:
+        raise CLIError(f"--speculative drafts K >= 1 tokens per pass, not {speculative}")
+    if speculative is not None and getattr(args, "pipeline", False):
+        raise CLIError("--speculative does not run with --pipeline")
+    return dict(speculative=speculative, draft_model=getattr(args, "draft_model", None),
+                speculative_adaptive=getattr(args, "speculative_adaptive", True),exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
                 skip=args.skip, upgrade_after=args.upgrade_after, big_little=args.big_little,
                 little_threshold=args.little_threshold,
                 prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy,
@@ -523,6 +542,9 @@ def run_stats(model, response, wall_s: float, load_s: float | None = None) -> di
     )
     if load_s is not None:
         s["load_s"] = load_s
+    spec = getattr(getattr(model, "_hobbit", None), "speculative_stats", None)
+    if spec is not None:
+        s["speculation"] = spec.summary()
     return s
 
 
@@ -589,6 +611,15 @@ def format_report(s: dict) -> list[str]:
         if isinstance(widths, dict) and widths:
             lines.append("Adaptive prediction width (experts per token): " + ", ".join(
                 f"layer {layer} {w}" for layer, w in widths.items()))
+    sp = s.get("speculation")
+    if sp:
+        rate = sp.get("acceptance_rate")
+        lines.append(
+            f"Speculative: {sp['drafted']} drafted, {sp['accepted']} accepted"
+            + (f" ({100.0 * rate:.0f}%)" if rate is not None else "")
+            + f", {sp['passes']} passes ({sp['plain_passes']} without drafts), "
+            f"{sp['reads_per_token']:.1f} expert reads per token; draft {sp['draft_s']:.2f} s, "
+            f"verify {sp['verify_s']:.2f} s, of which waiting for reads {sp['read_s']:.2f} s")
     if s.get("little_token_share") is not None:
         lines.append(f"Big-little: {100.0 * s['little_token_share']:.0f}% of routed tokens ran top-k/2")
     wall = f"Wall time: {s.get('wall_s', 0.0):.2f} s"

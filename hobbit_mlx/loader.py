@@ -31,6 +31,7 @@ from .store import (Manifest, StoreError, check_references, check_store_files, i
 from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
+DRAFT_MODEL_TOKENS = 3  # tokens a separate draft model drafts per pass unless told (as mlx-lm)
 
 
 def default_policy(prefetch_layers: int) -> str:
@@ -204,6 +205,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     o = (options or LoadOptions()).with_overrides(**overrides)
     o.validate()
     model_dir = resolve_model(path, progress=o.progress)
+    if o.draft_model is not None:
+        return _load_with_draft(model_dir, o)
     if o.pipeline is None:
         return _load(model_dir, o)
     from .pipeline import Pipeline, pipeline_budget
@@ -214,6 +217,28 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
     finally:
         pipe.loaded()
     model._hobbit_pipeline = pipe
+    return model, tokenizer
+
+
+def _load_with_draft(model_dir: Path, o: LoadOptions):
+    """``load`` with a resident draft model beside the offloaded one: the draft's weights come
+    out of the budget first, and its tokenizer must be the model's."""
+    from .budget import BudgetError, parse_size
+    from .speculative import check_same_tokenizer, load_draft, with_draft_minimum
+
+    draft, draft_tok, draft_bytes = load_draft(o.draft_model, o.dtype)
+    check_same_tokenizer(load_tokenizer(model_dir), draft_tok, str(o.draft_model))
+    own = o
+    if o.memory_budget is not None:
+        own = o.with_overrides(memory_budget=max(1, parse_size(o.memory_budget) - draft_bytes))
+    try:
+        model, tokenizer = _load(model_dir, own)
+    except BudgetError as e:
+        raise with_draft_minimum(e, draft_bytes, parse_size(o.memory_budget)) from None
+    rt = runtime_of(model)
+    rt.draft_model, rt.draft_bytes = draft, draft_bytes
+    if not rt.speculative[0]:  # a draft model given: speculation is on (mlx-lm's default K)
+        rt.speculative = (DRAFT_MODEL_TOKENS, False)
     return model, tokenizer
 
 
@@ -300,6 +325,8 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None):
                                         cost_aware=o.prefetch_cost_aware)
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
                      prefill_step_size=prefill_step_size)
+    runtime.speculative = (4 if o.speculative is True else o.speculative or 0,
+                           o.speculative_adaptive)  # (max draft tokens, adaptive); 0: off
     runtime.preload()
     reader.bytes_read = 0
     runtime.stats.reset()

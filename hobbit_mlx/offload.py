@@ -150,6 +150,11 @@ class OffloadRuntime:
         self.layers: list[OffloadedSwitch] = []
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
         self.measuring = False  # load() measuring activations: no reads, slot 0 for everything
+        # speculative drafting (speculative.py): each token runs only its resident chosen experts
+        # (gate weights renormalized over them), or its top-1 read when none is resident
+        self.draft_only = False
+        self.speculative = (0, True)  # (max draft tokens per pass, adaptive); 0: off
+        self.speculative_stats = None  # the last speculative sequence's SpeculativeStats
         self._deferred: list[tuple[int, mx.array]] = []  # lazy calls: (layer, router indices)
         self._unsynced: list = []  # outputs built on the pools since the last sync
         self._finished: list = []  # (weak ref to a call's result, its outputs) since then
@@ -591,7 +596,7 @@ class OffloadedSwitch(nn.Module):
         gate_in, gate_out = self._router_state()
         lossy_allowed = rt.lossy_now()
         lossy = opts.needs_weights and lossy_allowed
-        want_weights = gate_out is not None and (lossy or rt.trace is not None)
+        want_weights = gate_out is not None and (lossy or rt.draft_only or rt.trace is not None)
         lazy_weights = gate_weights(gate_out, indices, rt.scoring) if want_weights else None
         predictions = pf.predictions_after(self.position, gate_in) if pf is not None \
             and self.router is not None and gate_in is not None else []
@@ -623,6 +628,8 @@ class OffloadedSwitch(nn.Module):
             rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
         if opts.skip and level is not None:
             level = self._skip_missing(flat, level)
+        if rt.draft_only:
+            level, scale = self._draft_levels(flat, weights, level)
 
         if rt.heat is not None and level is not None:
             rt.heat.see(self.layer.layer, flat[level != DROP])
@@ -663,6 +670,32 @@ class OffloadedSwitch(nn.Module):
             held = rt.has_or_reading(lid, e, "high") or rt.has_or_reading(lid, e, "low")
             level[maybe & (flat == e)] = LOW if held else DROP
         return level
+
+    def _draft_levels(self, flat: np.ndarray, weights: np.ndarray | None,
+                      level: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """A draft token's levels: its chosen experts that have a resident copy (any precision)
+        are kept, the others dropped; a token left with none keeps its top-1, which is read (2-bit
+        when a 2-bit pool exists). The kept slots' outputs are scaled so that their gate weights
+        sum as all the token's chosen ones did."""
+        rt, lid = self._runtime, self.layer.layer
+        if weights is None:
+            weights = normalized(None, flat.shape)
+        out = np.full(flat.shape, HIGH, dtype=np.int8) if level is None else level.copy()
+        held = {e: rt.has_or_reading(lid, e, "high") or rt.has_or_reading(lid, e, "low")
+                for e in np.unique(flat).tolist()}
+        kept = (out != DROP) & np.vectorize(held.__getitem__, otypes=[bool])(flat)
+        out[(out != DROP) & ~kept] = DROP
+        empty = np.flatnonzero(~kept.any(axis=-1))
+        if len(empty):
+            top = np.argmax(np.where(level[empty] != DROP, weights[empty], -1.0), axis=-1) \
+                if level is not None else np.argmax(weights[empty], axis=-1)
+            low = "low" in self._by_precision and rt.cache.capacity(lid, "low") > 0 and \
+                rt.lossy_now()
+            out[empty, top] = LOW if low else HIGH
+            kept[empty, top] = True
+        mass = np.where(kept, weights, 0.0).sum(axis=-1, keepdims=True)
+        scale = np.where(kept, 1.0 / np.maximum(mass, 1e-9), 1.0).astype(np.float32)
+        return out, scale
 
     def _serve(self, flat: np.ndarray, level: np.ndarray) -> list:
         """Decide, for each needed expert, which copy serves it: [(precision, experts, slot mask)]."""

@@ -75,6 +75,13 @@ class LoadOptions:
     # each rank holds a block of layers (hobbit_mlx.pipeline)
     pipeline: Any = None
     pipeline_split: tuple | None = None  # layers per rank, in rank order; None: by budget
+    # self-speculative decoding (speculative.py): draft up to this many tokens per pass from the
+    # resident experts, verify them in one exact pass; True: the default K; None/False: off
+    speculative: int | bool | None = None
+    speculative_adaptive: bool = True  # the draft length follows acceptance and read time (0..K)
+    # a small resident draft model (mlx-lm checkpoint, same tokenizer) drafts instead, through
+    # mlx-lm's own speculative decoding; its weights count inside memory_budget
+    draft_model: str | None = None
 
     @classmethod
     def names(cls) -> set[str]:
@@ -121,6 +128,13 @@ class LoadOptions:
                 int(n) < 1 for n in self.pipeline_split)):
             raise ValueError(f"pipeline_split needs a pipeline and a positive layer count per "
                              f"rank (got {self.pipeline_split})")
+        if self.speculative is not None and self.speculative is not False and (
+                self.speculative is not True and (not isinstance(self.speculative, int)
+                                                  or self.speculative < 1)):
+            raise ValueError(f"speculative decoding drafts K >= 1 tokens per pass "
+                             f"(got speculative={self.speculative!r})")
+        if self.draft_model is not None and self.pipeline is not None:
+            raise ValueError("a draft model does not run with a pipeline")
         for name in ("max_context", "prefill_step_size", "io_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")
