@@ -104,18 +104,25 @@ def _mutmut_run(name: str, workdir: Path, children: int, mutants: list) -> None:
 
 
 def run_target(name: str, spec: dict, workdir: Path, children: int, sample: int = 1,
-               timeout_multiplier: float = 40.0) -> dict:
+               timeout_multiplier: float = 15.0, only: list | None = None) -> dict:
     tests = [t for t in spec["tests"] if (REPO / t.split("::")[0]).exists()]
     (workdir / "setup.cfg").write_text(
         "[mutmut]\nsource_paths=hobbit_mlx\n"
         f"only_mutate={spec['module']}\nalso_copy=convert\n"
         f"timeout_multiplier={timeout_multiplier}\n"
+        # A child forked from a process that ran MLX waits forever on its first evaluation (the
+        # streams' worker threads are not forked): each mutant runs in a child of a fork server
+        # that has only collected the tests (imports start no MLX thread). The constant covers a
+        # fresh child's start on a loaded machine.
+        "process_isolation=forkserver\ntimeout_constant=5\n"
         "pytest_add_cli_args_test_selection=\n    " + "\n    ".join(tests) + "\n"
         "pytest_add_cli_args=-p no:cacheprovider -q -x\n")
     t0 = time.time()
-    if sample > 1:  # generate the mutants and the test map (no mutant matches), then every N-th
+    if sample > 1 or only is not None:
+        # generate the mutants and the test map (no mutant matches), then every N-th (or those
+        # named)
         _mutmut_run(name, workdir, children, ["no.such.mutant"])
-        chosen = sorted(_statuses(workdir, spec))[::sample]
+        chosen = sorted(_statuses(workdir, spec))[::sample] if only is None else sorted(only)
         _mutmut_run(name, workdir, children, chosen)
         status = {k: v for k, v in _statuses(workdir, spec).items() if k in set(chosen)}
     else:
@@ -139,16 +146,26 @@ def main() -> None:
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--sample", type=int, default=1, help="try every N-th mutant (sorted names)")
-    ap.add_argument("--timeout-multiplier", type=float, default=40.0)
+    ap.add_argument("--timeout-multiplier", type=float, default=15.0)
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/mutation.json")
+    ap.add_argument("--rerun-survivors", action="store_true",
+                    help="run only the survivors of the last run in --out again (after tests were "
+                         "added) and update its counts; score_before keeps the first score")
     args = ap.parse_args()
     out = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.targets.split(","):
+        prev = out.get(name) if args.rerun_survivors else None
         with tempfile.TemporaryDirectory(prefix=f"mutmut-{name}-") as tmp:
             _copy_repo(Path(tmp))
-            out[name] = run_target(name, TARGETS[name], Path(tmp), args.max_children,
-                                   args.sample, args.timeout_multiplier)
-        r = out[name]
+            r = run_target(name, TARGETS[name], Path(tmp), args.max_children, args.sample,
+                           args.timeout_multiplier, only=list(prev["survivors"]) if prev else None)
+        if prev:
+            r = dict(prev, tests=r["tests"], killed=prev["killed"] + r["killed"],
+                     timeout=prev["timeout"] + r["timeout"], survivors=r["survivors"],
+                     score_before=prev.get("score_before", prev["score"]),
+                     seconds=prev["seconds"] + r["seconds"])
+            r["score"] = (r["killed"] + r["timeout"]) / max(1, r["mutants"])
+        out[name] = r
         print(f"{name}: {r['killed']} killed + {r['timeout']} timeouts of {r['mutants']} "
               f"({r['score']:.0%}) in {r['seconds']} s", flush=True)
         with open(args.out.with_name(f"mutation-{name}-survivors.txt"), "w") as f:
