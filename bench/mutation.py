@@ -158,10 +158,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"mutmut-{name}-") as tmp:
             _copy_repo(Path(tmp))
             r = run_target(name, TARGETS[name], Path(tmp), args.max_children, args.sample,
-                           args.timeout_multiplier, only=list(prev["survivors"]) if prev else None)
+                           args.timeout_multiplier, only=[k for k, v in prev["survivors"].items()
+                                                          if v["status"] != "timeout"] if prev else None)
         if prev:
             r = dict(prev, tests=r["tests"], killed=prev["killed"] + r["killed"],
-                     timeout=prev["timeout"] + r["timeout"], survivors=r["survivors"],
+                     timeout=prev["timeout"] + r["timeout"],
+                     survivors={**{k: v for k, v in prev["survivors"].items()
+                                   if v["status"] == "timeout"}, **r["survivors"]},
                      score_before=prev.get("score_before", prev["score"]),
                      seconds=prev["seconds"] + r["seconds"])
             r["score"] = (r["killed"] + r["timeout"]) / max(1, r["mutants"])
