@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TARGETS = {
     "budget": dict(module="hobbit_mlx/budget.py", tests=[
-        "tests/test_budget_properties.py",
+        "tests/test_budget_properties.py", "tests/test_budget_plan.py",
         "tests/test_store.py::test_parse_size", "tests/test_store.py::test_parse_size_rejects_garbage",
     ]),
     "cache": dict(module="hobbit_mlx/cache.py", tests=[
@@ -58,7 +58,8 @@ TARGETS = {
         "tests/test_precision_rules.py",
     ]),
     "reader": dict(module="hobbit_mlx/reader.py", tests=[
-        "tests/test_faults.py", "tests/test_shutdown.py", "tests/test_reader_modes.py",
+        "tests/test_reader_reads.py", "tests/test_faults.py", "tests/test_shutdown.py",
+        "tests/test_reader_modes.py",
         "tests/test_store.py::test_truncated_store_file",
         "tests/test_store.py::test_checksum_mismatch_names_the_file",
         "tests/test_storage.py",
