@@ -72,6 +72,20 @@ def test_heat_counts_uses_fading_per_call_and_a_chunk_once():
     assert heat.hot(0, 1) and heat.hot(0, 2)
 
 
+def test_heat_fades_with_the_default_decay():
+    """As the runtime builds it (default decay): an expert chosen once is hot for a while, then
+    its count fades with every call of its layer that does not choose it, until it is cold."""
+    heat = ExpertHeat({0: 4}, threshold=0.5)
+    heat.see(0, np.array([[1, 2]]))
+    assert heat.hot(0, 1)
+    calls = 0
+    while heat.hot(0, 1) and calls < 100:
+        heat.see(0, np.array([[2, 3]]))
+        calls += 1
+    assert 1 < calls < 100  # it faded: neither at once nor never
+    assert heat.hot(0, 2) and heat.hot(0, 3)
+
+
 def test_demote_unpopular_demotes_only_experts_chosen_by_fewer_than_the_share():
     indices = np.array([[0, 1], [0, 2], [0, 1], [3, 2]])  # 0: 3 rows, 1 and 2: 2 rows, 3: 1 row
     level = np.full(indices.shape, HIGH, dtype=np.int8)
