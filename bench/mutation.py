@@ -69,7 +69,8 @@ TARGETS = {
         "hobbit_mlx.offload.xǁFetchǁ*", "hobbit_mlx.offload.xǁOffloadRuntimeǁ_count__*",
         "hobbit_mlx.offload.xǁOffloadRuntimeǁdefer__*",
         "hobbit_mlx.offload.xǁOffloadRuntimeǁcount_deferred__*"],
-        tests=["tests/test_counters.py", "tests/test_faults.py"]),
+        tests=["tests/test_counters.py", "tests/test_faults.py", "tests/test_pins_e2e.py",
+               "tests/test_exact.py::test_expert_groups_when_pool_is_small"]),
 }
 
 
