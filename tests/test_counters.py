@@ -72,3 +72,20 @@ def test_layers_all_resident_run_lazily_beside_layers_that_miss(deep_models):
     assert stats["misses_high"] > 0 and stats["layer_calls"] > stats["host_syncs"]
     _requests_add_up(stats)
     assert not runtime_of(model).cache._pins
+
+
+@pytest.mark.parametrize("threads", [True, False], ids=["reader-threads", "inline-reads"])
+def test_bytes_read_are_the_bytes_the_reader_read(deep_models, monkeypatch, threads):
+    """Demand reads (on reader threads, or inline) and prefetch reads each add their bytes once."""
+    import hobbit_mlx.offload as offload
+
+    monkeypatch.setattr(offload, "INLINE_READ_S", 0.0 if threads else float("inf"))
+    model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
+                                 prefetch_layers=1, prefetch_cost_aware=False, progress=False)
+    rt = runtime_of(model)
+    before = rt.stats.bytes_read, rt.reader.bytes_read
+    hobbit_mlx.generate(model, tok, PROMPT, max_tokens=12)
+    rt.wait_idle()
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["misses_high"] > 0 and stats["prefetch_bytes"] > 0
+    assert rt.stats.bytes_read - before[0] == rt.reader.bytes_read - before[1] > 0
