@@ -46,6 +46,10 @@ TARGETS = {
         "tests/test_prefetch.py::test_held_experts_yield_to_demand_but_not_to_other_predictions",
         "tests/test_prefetch.py::test_a_slot_a_pending_graph_reads_is_not_reused_before_the_sync",
         "tests/test_prefetch.py::test_a_prefetched_expert_counts_no_use",
+        "tests/test_prefetch.py::test_a_prefetched_expert_ranks_below_one_used_once",
+        # lazy calls: layer views, remaps on the device, hits told later, every expert resident
+        "tests/test_counters.py::test_layers_all_resident_run_lazily_beside_layers_that_miss",
+        "tests/test_exact.py::test_whole_model_resident_is_preloaded_and_never_syncs",
         "tests/test_prefetch.py::test_protected_shallow_layers_are_evicted_last",
         "tests/test_pins_e2e.py",  # a model-level test: layer views, remaps, hits recorded later
         "tests/test_exact.py::test_expert_groups_when_pool_is_small",
