@@ -63,6 +63,7 @@ TARGETS = {
     ]),
     "reader": dict(module="hobbit_mlx/reader.py", tests=[
         "tests/test_reader_reads.py", "tests/test_faults.py", "tests/test_shutdown.py",
+        "tests/test_counters.py::test_bytes_read_are_the_bytes_the_reader_read",
         "tests/test_reader_modes.py",
         "tests/test_store.py::test_truncated_store_file",
         "tests/test_store.py::test_checksum_mismatch_names_the_file",
