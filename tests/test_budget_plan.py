@@ -76,6 +76,8 @@ def test_a_residency_plan_holds_the_longest_chunk_and_caps_the_pools(mixed):
     assert plan.min_low_bytes == (sizes["min_low_bytes"] if mixed else 0)
     assert plan.min_expert_bytes == sizes["min_high_bytes"] + plan.min_low_bytes
     assert (plan.low_expert_bytes > 0) == mixed
+    if mixed:  # the 2-bit pools keep their share of the expert bytes (at least one top-k)
+        assert plan.low_expert_bytes == max(int(budget.LOW_SHARE * experts), plan.min_low_bytes)
     # a residency of 0 still holds one layer's top-k
     tiny = plan_budget(**sizes, expert_residency=0.0)
     assert tiny.high_expert_bytes + tiny.low_expert_bytes == tiny.min_expert_bytes
@@ -171,6 +173,7 @@ def test_sizes_read_and_print():
     for garbage in ("", "GB", "1.2.3", "5 parsecs", "-5"):
         with pytest.raises(ValueError, match="cannot read"):
             parse_size(garbage)
+    assert format_size(2**30) == "1.00 GiB" and format_size(2**20) == "1.00 MiB"
     assert format_size(3 * 2**30) == "3.00 GiB" and format_size(-3 * 2**30) == "-3.00 GiB"
     assert format_size(2**30 - 1) == "1024.00 MiB" and format_size(1536 * 2**10) == "1.50 MiB"
     assert format_size(2048) == "2.00 KiB" and format_size(1023) == "1023 B"
