@@ -50,8 +50,13 @@ def _logits(path, **options):
 
 
 @pytest.mark.parametrize("most", [1000, 4097])  # cuts inside a buffer and across buffers
-def test_reads_cut_short_are_continued_where_they_stopped(tiny_factory, monkeypatch, most):
-    _, dst = tiny_factory("qwen3_moe")
+def test_reads_cut_short_are_continued_where_they_stopped(tiny_factory, monkeypatch, tmp_path,
+                                                         most):
+    from convert import convert
+
+    src, _ = tiny_factory("qwen3_moe")
+    # a store of its own: each record's tensors back to back (one preadv, several buffers)
+    dst = convert(src, tmp_path / "model", copy=True, progress=False)
     _, want = _logits(dst)
     short = ShortReads(most)
     monkeypatch.setattr(reader_module, "os", short)
