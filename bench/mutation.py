@@ -173,7 +173,7 @@ def main() -> None:
                      survivors={**{k: v for k, v in prev["survivors"].items()
                                    if v["status"] == "timeout"}, **r["survivors"]},
                      score_before=prev.get("score_before", prev["score"]),
-                     seconds=prev["seconds"] + r["seconds"])
+                     seconds=(prev["seconds"] or 0) + r["seconds"])
             r["score"] = (r["killed"] + r["timeout"]) / max(1, r["mutants"])
         out[name] = r
         print(f"{name}: {r['killed']} killed + {r['timeout']} timeouts of {r['mutants']} "
