@@ -430,6 +430,7 @@ class Fetch:
                 key = self.keys[i]
                 if slot is None:  # a prefetch read
                     fut.exception()
+                    rt.prefetcher.wait_landed(key)  # (committed after the future completes)
                     slot = rt.cache.slot(key)
                     if slot is None:  # it failed: read on demand (reports the error if it persists)
                         slot = rt.cache.reserve(key)

@@ -52,6 +52,7 @@ class Prefetcher:
         self.low_precision = low_precision
         self._lock = threading.Lock()
         self._inflight: dict[tuple, Future] = {}
+        self._landed = threading.Condition(self._lock)  # a read in flight was committed or dropped
         # layer -> {key: distance}: prefetches issued for the layer's next call, held until it runs
         self._issued: dict[int, dict] = {}
         # position -> {distance: {predicted expert: rank bucket}}
@@ -226,22 +227,33 @@ class Prefetcher:
         demand path reads it again and reports the error)."""
         rt = self.rt
         try:
-            nbytes = fut.result()
-        except BaseException as e:  # (a cancelled future raises CancelledError)
-            nbytes = None
-            if isinstance(e, ReadCancelled) or fut.cancelled():
-                with rt.stats_lock:
-                    rt.stats.prefetch_cancelled += 1
-        if nbytes is not None:
-            rt.cache.commit(key, slot, prefetched=True)
-            with rt.stats_lock:  # the model's thread adds to the same counter
-                rt.stats.bytes_read += nbytes
-                rt.stats.prefetch_bytes += nbytes
-        else:
-            rt.cache.abandon(key, slot)
+            try:
+                nbytes = fut.result()
+            except BaseException as e:  # (a cancelled future raises CancelledError)
+                nbytes = None
+                if isinstance(e, ReadCancelled) or fut.cancelled():
+                    with rt.stats_lock:
+                        rt.stats.prefetch_cancelled += 1
+            if nbytes is not None:
+                rt.cache.commit(key, slot, prefetched=True)
+                with rt.stats_lock:  # the model's thread adds to the same counter
+                    rt.stats.bytes_read += nbytes
+                    rt.stats.prefetch_bytes += nbytes
+            else:
+                rt.cache.abandon(key, slot)
+        finally:  # (a layer may be waiting for this: wait_landed)
+            with self._lock:
+                self._inflight.pop(key, None)
+                self._tickets.pop(key, None)
+                self._landed.notify_all()
+
+    def wait_landed(self, key: tuple) -> None:
+        """Wait until the read of ``key`` in flight is resident or dropped. Its future completes
+        on the reader thread a moment before that thread commits the slot (a future's callbacks
+        run after its waiters wake): a layer that saw the future done must wait for this too."""
         with self._lock:
-            self._inflight.pop(key, None)
-            self._tickets.pop(key, None)
+            while key in self._inflight:
+                self._landed.wait()
 
     def promote(self, key: tuple) -> None:
         """A layer waits for this prefetch read: it goes ahead like a demand read."""

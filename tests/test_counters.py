@@ -23,6 +23,7 @@ CONFIGS = {
                          t1=0.3),
     "prefill-low": dict(prefill_low_precision=0.3, big_little=False),
     "resident": dict(expert_residency=1.0, exact=True),
+    "partly-lazy": dict(expert_residency=0.75, exact=True),  # some layers all resident: lazy
 }
 
 
@@ -57,3 +58,34 @@ def test_hits_on_reads_in_flight_are_counted(deep_models):
     assert stats["prefetch_used"] > 0 and stats["prefetch_cancelled"] > 0
     _requests_add_up(stats)
     assert not rt.cache._pins and not rt.cache._holds
+
+
+def test_layers_all_resident_run_lazily_beside_layers_that_miss(deep_models):
+    """At 3/4 residency some layers hold all their experts: their calls stay lazy (hits counted
+    later, and told to the policy) while other layers miss; the text is exact mode's."""
+    dst = deep_models("qwen3_moe")
+    whole, tok = hobbit_mlx.load(dst, expert_residency=1.0, exact=True, progress=False)
+    expected = hobbit_mlx.generate(whole, tok, PROMPT, max_tokens=12)
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.75, exact=True, progress=False)
+    assert hobbit_mlx.generate(model, tok, PROMPT, max_tokens=12) == expected
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["misses_high"] > 0 and stats["layer_calls"] > stats["host_syncs"]
+    _requests_add_up(stats)
+    assert not runtime_of(model).cache._pins
+
+
+@pytest.mark.parametrize("threads", [True, False], ids=["reader-threads", "inline-reads"])
+def test_bytes_read_are_the_bytes_the_reader_read(deep_models, monkeypatch, threads):
+    """Demand reads (on reader threads, or inline) and prefetch reads each add their bytes once."""
+    import hobbit_mlx.offload as offload
+
+    monkeypatch.setattr(offload, "INLINE_READ_S", 0.0 if threads else float("inf"))
+    model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
+                                 prefetch_layers=1, prefetch_cost_aware=False, progress=False)
+    rt = runtime_of(model)
+    before = rt.stats.bytes_read, rt.reader.bytes_read
+    hobbit_mlx.generate(model, tok, PROMPT, max_tokens=12)
+    rt.wait_idle()
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["misses_high"] > 0 and stats["prefetch_bytes"] > 0
+    assert rt.stats.bytes_read - before[0] == rt.reader.bytes_read - before[1] > 0

@@ -80,6 +80,28 @@ def test_eio_on_prefetch_reads_is_retried_on_demand(deep_models, monkeypatch, ex
     assert rt.stats.prefetch_used == 0 or rt.stats.misses_high > 0
 
 
+def test_eio_on_a_prefetch_read_a_layer_waits_for_is_read_again_on_demand(deep_models, monkeypatch,
+                                                                          exact_text):
+    """The layer asks for a prefetch read still in flight (held until then), which then fails:
+    the layer reads the expert itself, into a slot it makes resident (no slot lost)."""
+    from hobbit_mlx.testing.faults import hold_prefetch_reads
+
+    model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
+                                 prefetch_layers=1, prefetch_cost_aware=False, progress=False)
+    rt = runtime_of(model)
+    faults = StoreFaults(monkeypatch, rt)
+    timed_out = hold_prefetch_reads(rt)
+    faults.fail(lambda key, prefetch: prefetch)
+    assert hobbit_mlx.generate(model, tok, PROMPT, max_tokens=12) == exact_text
+    rt.wait_idle()
+    assert not timed_out
+    assert faults.failed and rt.stats.hits_in_flight > 0  # layers waited on reads that failed
+    _consistent(rt)
+    assert not rt.cache._holds
+    resident = {k for ps in rt.cache.pools for k in ps.key_of if k is not None}
+    assert resident == set(rt.cache.keys())
+
+
 def test_close_returns_once_a_stalled_prefetch_read_is_let_go(deep_models, monkeypatch):
     model, _ = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
                                prefetch_layers=1, prefetch_cost_aware=False, progress=False)

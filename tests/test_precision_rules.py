@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from hobbit_mlx.precision import DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions, plan_slots
+from hobbit_mlx.precision import (DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions,
+                                  demote_unpopular, plan_slots)
 
 weights = st.integers(1, 8).flatmap(lambda k: arrays(
     np.float32, st.tuples(st.sampled_from([1, 1, 2, 6]), st.just(k)),
@@ -64,6 +65,38 @@ def test_heat_counts_uses_fading_per_call_and_a_chunk_once():
     assert not heat.hot(0, 1) and heat.hot(0, 3)  # 0.5 + 1
     heat.reset()
     assert not any(heat.hot(0, e) for e in range(4))
+    # a new sequence counts from zero: one choice is 1.0 (not hot), a second makes it 1.5
+    heat.see(0, np.array([[1, 2]]))
+    assert not heat.hot(0, 1)
+    heat.see(0, np.array([[1, 2]]))
+    assert heat.hot(0, 1) and heat.hot(0, 2)
+
+
+def test_heat_fades_with_the_default_decay():
+    """As the runtime builds it (default decay): an expert chosen once is hot for a while, then
+    its count fades with every call of its layer that does not choose it, until it is cold."""
+    heat = ExpertHeat({0: 4}, threshold=0.5)
+    heat.see(0, np.array([[1, 2]]))
+    assert heat.hot(0, 1)
+    calls = 0
+    while heat.hot(0, 1) and calls < 100:
+        heat.see(0, np.array([[2, 3]]))
+        calls += 1
+    assert 1 < calls < 100  # it faded: neither at once nor never
+    assert heat.hot(0, 2) and heat.hot(0, 3)
+
+
+def test_demote_unpopular_demotes_only_experts_chosen_by_fewer_than_the_share():
+    indices = np.array([[0, 1], [0, 2], [0, 1], [3, 2]])  # 0: 3 rows, 1 and 2: 2 rows, 3: 1 row
+    level = np.full(indices.shape, HIGH, dtype=np.int8)
+    out = demote_unpopular(indices, level, 0.5)  # fewer than 2 of 4 rows: expert 3 only
+    assert out.tolist() == [[HIGH, HIGH], [HIGH, HIGH], [HIGH, HIGH], [LOW, HIGH]]
+    out = demote_unpopular(indices, level, 0.75)  # fewer than 3 rows: 1, 2 and 3
+    assert out.tolist() == [[HIGH, LOW], [HIGH, LOW], [HIGH, LOW], [LOW, LOW]]
+    # dropped slots are not counted as choices, and stay dropped
+    level[2, 1] = DROP
+    out = demote_unpopular(indices, level, 0.5)
+    assert out.tolist() == [[HIGH, LOW], [HIGH, HIGH], [HIGH, DROP], [LOW, HIGH]]
 
 
 def test_options_say_what_needs_the_gate_weights():

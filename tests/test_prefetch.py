@@ -174,6 +174,16 @@ def test_a_prefetched_expert_counts_no_use(name):
     assert (1, 0, "high") in cache and (1, 1, "high") not in cache
 
 
+@pytest.mark.parametrize("name", ["hobbit", "lfu", "seqfreq"])
+def test_a_prefetched_expert_ranks_below_one_used_once(name):
+    """Even an expert requested once (and older) outranks a guess nobody asked for."""
+    cache = slot_cache(2, make_policy(name, num_layers=4))
+    assert put(cache, (1, 0, "high"))  # requested once
+    assert put(cache, (1, 1, "high"), prefetched=True)  # guessed, never requested
+    assert put(cache, (1, 2, "high"))
+    assert (1, 0, "high") in cache and (1, 1, "high") not in cache
+
+
 def test_a_predicted_expert_is_never_read_again_before_its_layer_runs(deep_models, monkeypatch):
     """An expert predicted for the next layer, resident or being read when predicted, stays
     resident until that layer has fetched it: the reads that come in meanwhile (LRU evicts the

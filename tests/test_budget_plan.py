@@ -1,0 +1,179 @@
+"""The budget plan's rules, case by case (the properties are in test_budget_properties.py): the
+default budget, residency plans, the chunk the plan picks, where the context limit lies, and the
+numbers its errors give (a budget of that many bytes runs, one byte less does not)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import hobbit_mlx.budget as budget
+from hobbit_mlx.budget import (CHUNK_SHARE, INITIAL_CONTEXT, KV_STEP, BudgetError,
+                               ContextBudgetError, format_size, kv_tokens_for, parse_size,
+                               plan_budget)
+
+MB = 10**6
+POINTS = [(64, 2 * MB), (128, 4 * MB), (256, 8 * MB)]
+
+
+def _sizes(**over):
+    sizes = dict(dense_bytes=100 * MB, activation_points=POINTS, kv_bytes_per_token=1000,
+                 all_high_bytes=400 * MB, min_high_bytes=8 * MB, min_low_bytes=4 * MB,
+                 mixed_precision=True)
+    sizes.update(over)
+    return sizes
+
+
+def _full(sizes, context=INITIAL_CONTEXT):
+    """Dense + the longest chunk's activations + the KV of ``context`` tokens."""
+    return (sizes["dense_bytes"] + sizes["activation_points"][-1][1]
+            + sizes["kv_bytes_per_token"] * kv_tokens_for(context))
+
+
+@pytest.mark.parametrize("ram_share", [0.5, 4.0])  # the model fits 60% of RAM, or not
+def test_the_default_budget_is_the_whole_model_or_60_percent_of_memory(monkeypatch, ram_share):
+    sizes = _sizes()
+    whole = _full(sizes) + sizes["all_high_bytes"]
+    ram = int(whole / 0.6 * ram_share)
+    monkeypatch.setattr(budget, "system_memory_bytes", lambda: ram)
+    plan = plan_budget(**sizes)
+    assert plan.budget_bytes == min(int(0.6 * ram), whole)
+    pools = plan.high_expert_bytes + plan.low_expert_bytes
+    assert (pools == sizes["all_high_bytes"]) == (ram_share >= 1.0)
+
+
+def test_system_memory_is_the_physical_memory_or_16_gib(monkeypatch):
+    sysconf = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1000}
+    monkeypatch.setattr(budget.os, "sysconf", lambda name: sysconf[name])
+    assert budget.system_memory_bytes() == 4096 * 1000
+
+    def unknown(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(budget.os, "sysconf", unknown)
+    assert budget.system_memory_bytes() == 16 * 2**30
+
+
+@pytest.mark.parametrize("residency", [-0.01, 1.01])
+def test_a_residency_outside_0_to_1_is_refused(residency):
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        plan_budget(**_sizes(), expert_residency=residency)
+    with pytest.raises(ValueError, match="not both"):
+        plan_budget(**_sizes(), expert_residency=0.5, memory_budget="1GB")
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_a_residency_plan_holds_the_longest_chunk_and_caps_the_pools(mixed):
+    sizes = _sizes(mixed_precision=mixed)
+    plan = plan_budget(**sizes, expert_residency=0.25)
+    experts = int(0.25 * sizes["all_high_bytes"])
+    assert plan.expert_cap_bytes == experts
+    assert plan.budget_bytes == _full(sizes) + experts
+    assert plan.chunk_tokens == POINTS[-1][0] and plan.kv_tokens >= INITIAL_CONTEXT
+    assert plan.high_expert_bytes + plan.low_expert_bytes == experts
+    # the 2-bit pools exist only with mixed precision, and then count in the minimum
+    assert plan.min_low_bytes == (sizes["min_low_bytes"] if mixed else 0)
+    assert plan.min_expert_bytes == sizes["min_high_bytes"] + plan.min_low_bytes
+    assert (plan.low_expert_bytes > 0) == mixed
+    if mixed:  # the 2-bit pools keep their share of the expert bytes (at least one top-k)
+        assert plan.low_expert_bytes == max(int(budget.LOW_SHARE * experts), plan.min_low_bytes)
+    # a residency of 0 still holds one layer's top-k
+    tiny = plan_budget(**sizes, expert_residency=0.0)
+    assert tiny.high_expert_bytes + tiny.low_expert_bytes == tiny.min_expert_bytes
+
+
+BIG_ACTIVATIONS = [(64, 20 * MB), (128, 200 * MB), (256, 400 * MB)]
+
+
+def test_the_plan_picks_the_longest_chunk_whose_activations_fit_a_quarter_of_the_room():
+    sizes = _sizes(activation_points=BIG_ACTIVATIONS, all_high_bytes=4000 * MB)
+    kv = sizes["kv_bytes_per_token"] * kv_tokens_for(INITIAL_CONTEXT)
+    for n, act in BIG_ACTIVATIONS:
+        # a budget whose room (after dense and KV) is just enough for this chunk's share
+        room = int(act / CHUNK_SHARE) + 1
+        plan = plan_budget(**sizes, memory_budget=sizes["dense_bytes"] + kv + room)
+        assert plan.chunk_tokens == n
+        assert plan.largest_chunk(INITIAL_CONTEXT) == n
+
+
+def test_max_context_is_the_longest_whose_kv_fits_beside_the_smallest_pools():
+    sizes = _sizes()
+    for extra in (0, 1, 999, 1000 * KV_STEP - 1, 1000 * KV_STEP, 7 * 1000 * KV_STEP + 5):
+        plan = plan_budget(**sizes, memory_budget=plan_budget(**sizes, expert_residency=0.0)
+                           .minimum_bytes + extra)
+        for chunk in (1, 64, 200):
+            n = plan.max_context(chunk)
+            room = (plan.budget_bytes - plan.dense_bytes - plan.activation_for(chunk)
+                    - plan.min_expert_bytes)
+            assert n % KV_STEP == 0
+            assert n == 0 or plan.kv_bytes_per_token * kv_tokens_for(n) <= room
+            assert plan.kv_bytes_per_token * kv_tokens_for(n + KV_STEP) > room
+
+
+def test_a_context_error_names_the_budget_that_holds_that_context():
+    sizes = _sizes()
+    plan = plan_budget(**sizes, memory_budget=130 * MB)
+    tokens = plan.max_context(64) + 1
+    with pytest.raises(ContextBudgetError, match=f"reached {tokens} tokens") as e:
+        plan.fit(tokens, 64)
+    assert f"({plan.max_context(64)} tokens with" in str(e.value)
+    need = int(re.search(r"at least .* \((\d+) bytes\)", str(e.value)).group(1))
+    assert format_size(need) in str(e.value) and format_size(plan.budget_bytes) in str(e.value)
+    bigger = plan_budget(**sizes, memory_budget=need)
+    assert bigger.fit(tokens, 64).kv_tokens >= tokens
+    smaller = plan_budget(**sizes, memory_budget=need - 1)
+    with pytest.raises(ContextBudgetError):
+        smaller.fit(tokens, 64)
+
+
+def test_a_too_small_budget_error_names_the_minimum_that_runs():
+    sizes = _sizes()
+    with pytest.raises(BudgetError, match="too small") as e:
+        plan_budget(**sizes, memory_budget=MB)
+    minimum = int(re.search(r"at least .* \((\d+) bytes\)", str(e.value)).group(1))
+    assert format_size(minimum) in str(e.value)
+    assert f"{POINTS[0][0]}-token prefill chunk" in str(e.value)
+    plan = plan_budget(**sizes, memory_budget=minimum)  # runs, with the smallest parts
+    assert plan.chunk_tokens == POINTS[0][0]
+    assert plan.high_expert_bytes + plan.low_expert_bytes == plan.min_expert_bytes
+    with pytest.raises(BudgetError):
+        plan_budget(**sizes, memory_budget=minimum - 1)
+
+
+def test_pools_at_their_cap_give_the_rest_to_the_chunk_then_the_context():
+    # activations large next to the experts: the budget's quarter rule picks the shortest chunk
+    sizes = _sizes(activation_points=BIG_ACTIVATIONS, all_high_bytes=100 * MB)
+    cap = sizes["all_high_bytes"]
+    for spare in (250 * MB, 450 * MB + 5 * 1000 * KV_STEP):
+        budget_bytes = (sizes["dense_bytes"] + cap + sizes["kv_bytes_per_token"]
+                        * kv_tokens_for(INITIAL_CONTEXT) + spare)
+        plan = plan_budget(**sizes, memory_budget=budget_bytes)
+        assert plan.high_expert_bytes == cap and plan.low_expert_bytes == 0
+        assert plan.largest_chunk(INITIAL_CONTEXT) == BIG_ACTIVATIONS[0][0]
+        assert plan.chunk_tokens == max(n for n, b in BIG_ACTIVATIONS if b <= spare) > 64
+        left = budget_bytes - sizes["dense_bytes"] - cap - plan.activation_reserve_bytes
+        # the KV reserve takes whole steps of what is left, and no further step fits
+        assert plan.kv_reserve_bytes <= left
+        assert plan.kv_bytes_per_token * kv_tokens_for(plan.kv_tokens + KV_STEP) > left
+        assert plan.kv_tokens >= INITIAL_CONTEXT
+
+
+def test_an_activation_for_a_call_longer_than_measured_is_refused():
+    plan = plan_budget(**_sizes(), expert_residency=0.5)
+    assert plan.activation_for(1) == POINTS[0][1] and plan.activation_for(65) == POINTS[1][1]
+    assert plan.activation_for(256) == POINTS[2][1]
+    with pytest.raises(BudgetError, match="257 tokens is longer than the prefill chunk \\(256"):
+        plan.activation_for(257)
+
+
+def test_sizes_read_and_print():
+    assert parse_size(" 2 kib ") == 2048 and parse_size("1.5GB") == 1_500_000_000
+    assert parse_size(".5k") == 500 and parse_size(3.9) == 3
+    for garbage in ("", "GB", "1.2.3", "5 parsecs", "-5"):
+        with pytest.raises(ValueError, match="cannot read"):
+            parse_size(garbage)
+    assert format_size(2**30) == "1.00 GiB" and format_size(2**20) == "1.00 MiB"
+    assert format_size(3 * 2**30) == "3.00 GiB" and format_size(-3 * 2**30) == "-3.00 GiB"
+    assert format_size(2**30 - 1) == "1024.00 MiB" and format_size(1536 * 2**10) == "1.50 MiB"
+    assert format_size(2048) == "2.00 KiB" and format_size(1023) == "1023 B"
