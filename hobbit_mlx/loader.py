@@ -231,8 +231,8 @@ def _load_with_draft(model_dir: Path, o: LoadOptions):
     own = o
     if o.memory_budget is not None:
         own = o.with_overrides(memory_budget=max(1, parse_size(o.memory_budget) - draft_bytes))
-    try:
-        model, tokenizer = _load(model_dir, own)
+    try:  # the draft's KV cache grows with the model's: its bytes per token join the KV reserve
+        model, tokenizer = _load(model_dir, own, extra_kv_per_token=kv_bytes_per_token(draft))
     except BudgetError as e:
         raise with_draft_minimum(e, draft_bytes, parse_size(o.memory_budget)) from None
     rt = runtime_of(model)
@@ -242,9 +242,10 @@ def _load_with_draft(model_dir: Path, o: LoadOptions):
     return model, tokenizer
 
 
-def _load(model_dir: Path, o: LoadOptions, pipe=None):
+def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_per_token: int = 0):
     """``load`` once the options are checked and the model directory found; with ``pipe``,
-    this rank's layers only (its dense weights, expert records and budget)."""
+    this rank's layers only (its dense weights, expert records and budget). The KV reserve
+    counts ``extra_kv_per_token`` more bytes per token (a draft model's cache)."""
     precision = o.precision()
     prefill_step_size, prefetch_layers = o.prefill_step_size, o.prefetch_layers
     manifest = load_manifest(model_dir, check_files=pipe is None)
@@ -279,7 +280,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None):
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
     with pipe.local_only() if pipe is not None else contextlib.nullcontext():
-        kv_per_token = kv_bytes_per_token(model)
+        kv_per_token = kv_bytes_per_token(model) + extra_kv_per_token
         measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
                         prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
         activation_points = measured_activations(model, prefill_step_size, measured_key)

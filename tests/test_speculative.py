@@ -3,6 +3,8 @@ the draft reads nothing it does not have to, the KV cache is trimmed, and bad in
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 import hobbit_mlx
+from hobbit_mlx.budget import kv_tokens_for
 from hobbit_mlx.loader import runtime_of
+from hobbit_mlx.measure import kv_bytes_per_token
 from hobbit_mlx.speculative import (AdaptiveK, SpeculativeStats, check_draft_tokens,
                                     speculative_generate_step)
 
@@ -349,10 +353,26 @@ def test_budget_too_small_for_the_draft_states_the_minimum(tiny_factory, dense_d
     with pytest.raises(hobbit_mlx.BudgetError, match="with its draft model") as e:
         hobbit_mlx.load(dst, memory_budget=budget, exact=True, draft_model=str(dense_draft),
                         progress=False)
-    assert f"({own_min + draft_bytes} bytes)" in str(e.value)
+    stated = int(re.search(r"needs at least [^(]*\((\d+) bytes\)", str(e.value)).group(1))
+    # the draft's weights, and its KV cache beside the model's (one KV step of both)
+    assert stated - own_min - draft_bytes == kv_bytes_per_token(load_draft(dense_draft)[0]) * \
+        kv_tokens_for(1) > 0
     # the minimum it states runs
-    model, _ = hobbit_mlx.load(dst, memory_budget=own_min + draft_bytes, exact=True,
+    model, _ = hobbit_mlx.load(dst, memory_budget=stated, exact=True,
                                draft_model=str(dense_draft), progress=False)
+    runtime_of(model).close()
+
+
+def test_the_draft_models_kv_cache_is_inside_the_budget(tiny_factory, dense_draft):
+    from hobbit_mlx.speculative import load_draft
+    _src, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, progress=False)
+    own = runtime_of(model).plan.kv_bytes_per_token
+    runtime_of(model).close()
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, draft_model=str(dense_draft),
+                               progress=False)
+    assert runtime_of(model).plan.kv_bytes_per_token == \
+        own + kv_bytes_per_token(load_draft(dense_draft)[0])
     runtime_of(model).close()
 
 
