@@ -159,6 +159,7 @@ def main() -> None:
                     help="run only the survivors of the last run in --out again (after tests were "
                          "added) and update its counts; score_before keeps the first score")
     args = ap.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     out = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.targets.split(","):
         prev = out.get(name) if args.rerun_survivors else None

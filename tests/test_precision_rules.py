@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -107,3 +108,24 @@ def test_options_say_what_needs_the_gate_weights():
     assert PrecisionOptions(mixed_precision=True, upgrade_after=1.5).upgrades
     assert not PrecisionOptions(mixed_precision=False, upgrade_after=1.5).upgrades
     assert not PrecisionOptions(mixed_precision=True, upgrade_after=0).upgrades
+
+
+@pytest.mark.parametrize("row, opts, want_level, want_scale", [
+    # unimportance exactly t1 stays 4-bit; exactly t2 is 2-bit, not skipped (u > t is the rule)
+    ([0.5, 0.25, 0.25], PrecisionOptions(mixed_precision=True, t1=0.5, t2=0.75, skip=True),
+     [HIGH, HIGH, LOW], [1.0, 1.0, 1.0]),
+    # the top half's mass exactly at the threshold runs the token little
+    ([0.75, 0.25], PrecisionOptions(big_little=True, little_threshold=0.75), [HIGH, DROP],
+     [1 / 0.75, 1.0]),
+    # one expert per token has no little half, whatever the threshold
+    ([1.0], PrecisionOptions(big_little=True, little_threshold=0.0), [HIGH], [1.0]),
+])
+def test_levels_at_the_thresholds_one_token_and_batched(row, opts, want_level, want_scale):
+    """Decode's one-token path and the batched path agree, values and dtypes, exactly at the
+    thresholds (weights that are exact in binary)."""
+    w = np.array([row], dtype=np.float32)
+    one, batch = plan_slots(w, opts), plan_slots(np.concatenate([w, w]), opts)
+    for got in (one, (batch[0][:1], batch[1][:1])):
+        np.testing.assert_array_equal(got[0], [want_level])
+        np.testing.assert_allclose(got[1], [want_scale], rtol=1e-6)
+    assert [a.dtype for a in one] == [a.dtype for a in batch] == [np.int8, np.float32]
