@@ -193,6 +193,18 @@ def test_chat_piped(model_dir, env):
     assert "cached)" in turns[1]  # the second turn reused the first turn's KV cache
 
 
+def test_chat_speculative_replies_equal_plain_ones(model_dir, env):
+    """Speculative decoding in the chat (drafts, verify passes and trims on the conversation's
+    own KV cache, turn after turn) gives the replies of plain exact decoding."""
+    args = ("chat", "--model", model_dir, "--exact", "--expert-residency", 0.3, "--max-tokens", 12,
+            "--quiet-report")
+    stdin = "hello\nhow are you?\nq\n"
+    plain = run(env, *args, stdin=stdin)
+    spec = run(env, *args, "--speculative", 2, "--speculative-fixed", stdin=stdin)
+    assert plain.returncode == spec.returncode == 0, plain.stderr + spec.stderr
+    assert spec.stdout == plain.stdout and spec.stdout.count(">> ") >= 3
+
+
 def test_chat_eof_ends_cleanly(model_dir, env):
     p = run(env, "chat", "--model", model_dir, "--expert-residency", 1, "--max-tokens", 3,
             "--quiet-report", stdin="hello")
