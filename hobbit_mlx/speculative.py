@@ -281,7 +281,8 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
 
     if max_tokens == 0:
         raise ValueError("max_tokens must be non-zero (-1 for no limit)")
-    for name in ("max_kv_size", "prompt_progress_callback", "num_draft_tokens"):
+    # (``stream``: the caller's thread's default stream, which every op here runs on anyway)
+    for name in ("max_kv_size", "prompt_progress_callback", "num_draft_tokens", "stream"):
         kwargs.pop(name, None)
     for name in ("input_embeddings", "kv_bits"):
         if kwargs.pop(name, None) is not None:

@@ -81,25 +81,19 @@ def _wait_healthy(url: str) -> None:
     pytest.fail("the server never answered /health")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The server on the bundled reference model (converted into a fresh cache), checking every
-    expert read's checksum so that a corrupted store fails the request that reads it."""
-    from convert import convert
-
-    root = tmp_path_factory.mktemp("server")
-    # a store of its own (not reading the bundled checkpoint in place), so that corrupting the
-    # store's files for a fault test leaves the bundled model alone
-    store = convert(REFERENCE_MODEL, root / "reference-copy", copy=True, progress=False)
+@contextlib.contextmanager
+def _serving(root: Path, store: Path, *flags: str):
+    """A server process on ``store`` (exact, 32 tokens at most, every read's checksum checked),
+    stopped on exit."""
     env = dict(os.environ, HOBBIT_MLX_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
                PYTHONUNBUFFERED="1")
     env.pop("HOBBIT_MLX_DEBUG", None)
-    log_path = root / "server.log"
+    log_path = root / f"server{len(list(root.glob('server*.log')))}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "hobbit_mlx.server", "--model", str(store),
              "--served-model-name", MODEL, "--port", "0", "--memory-budget", BUDGET,
-             "--exact", "--verify", "always", "--max-tokens", "32"],
+             "--exact", "--verify", "always", "--max-tokens", "32", *flags],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     try:
         url = _wait_for_url(proc, log_path)
@@ -112,6 +106,21 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The server on the bundled reference model (converted into a fresh cache), checking every
+    expert read's checksum so that a corrupted store fails the request that reads it."""
+    from convert import convert
+
+    root = tmp_path_factory.mktemp("server")
+    # a store of its own (not reading the bundled checkpoint in place), so that corrupting the
+    # store's files for a fault test leaves the bundled model alone
+    store = convert(REFERENCE_MODEL, root / "reference-copy", copy=True, progress=False)
+    with _serving(root, store) as running:
+        running.store = store
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -481,3 +490,13 @@ def test_stop_matcher_holds_back_what_may_start_a_stop_sequence():
     assert m.feed("the E") == ("the ", False)
     assert m.flush() == "E"
     assert StopMatcher([]).feed("E") == ("E", False)
+
+
+def test_speculative_server_gives_the_plain_servers_text(server, client, tmp_path):
+    """``--speculative`` on the server (drafts from the resident experts, one verify pass per
+    draft): greedy replies equal the plain exact server's."""
+    want = chat(client, CODE, max_tokens=20)
+    with _serving(tmp_path, server.store, "--speculative", "2", "--speculative-fixed") as spec:
+        other = openai.OpenAI(base_url=spec.v1, api_key="unused", max_retries=0, timeout=300)
+        assert chat(other, CODE, max_tokens=20) == want and want
+        assert chat(other, CODE, max_tokens=20, stream=True) == want
