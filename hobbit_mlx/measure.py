@@ -25,6 +25,10 @@ def kv_bytes_per_token(model: nn.Module) -> int:
     return int(sum(a.nbytes // a.shape[-2] for a in states if a.ndim >= 3 and a.shape[-2] > 0))
 
 
+SMALLEST_CHUNK = 16
+KNEE_CHUNK = 64  # measured too: below it a chunk's activations grow about linearly
+
+
 def chunk_ladder(prefill_step_size: int) -> list[int]:
     """The chunk sizes the budget plans with: 16, 24, 32, 48, 64, 96, ... up to the prefill step
     (and the step itself), so a reserve is never far above what a prompt needs; a short prompt
@@ -37,8 +41,6 @@ def chunk_ladder(prefill_step_size: int) -> list[int]:
     return sorted(sizes)
 
 
-SMALLEST_CHUNK = 16
-KNEE_CHUNK = 64  # measured too: below it a chunk's activations grow about linearly
 # Sizes between the measured ones are interpolated (a linear part for the per-token tensors,
 # a quadratic one for attention scores); this margin covers the fit (within 2.5% on the
 # reference model's fully measured ladder).

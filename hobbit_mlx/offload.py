@@ -682,9 +682,10 @@ class OffloadedSwitch(nn.Module):
         if weights is None:
             weights = normalized(None, flat.shape)
         out = np.full(flat.shape, HIGH, dtype=np.int8) if level is None else level.copy()
-        held = {e: rt.has_or_reading(lid, e, "high") or rt.has_or_reading(lid, e, "low")
-                for e in np.unique(flat).tolist()}
-        kept = (out != DROP) & np.vectorize(held.__getitem__, otypes=[bool])(flat)
+        held = np.zeros(self.layer.num_experts, dtype=bool)
+        for e in np.unique(flat).tolist():
+            held[e] = rt.has_or_reading(lid, e, "high") or rt.has_or_reading(lid, e, "low")
+        kept = (out != DROP) & held[flat]
         out[(out != DROP) & ~kept] = DROP
         empty = np.flatnonzero(~kept.any(axis=-1))
         if len(empty):

@@ -153,10 +153,6 @@ class AdaptiveK:
         return max(0, min(k, limit))
 
 
-def _runtime(model):
-    return getattr(model, "_hobbit", None)
-
-
 def speculative_generate_step(
         prompt: mx.array, model, *, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
         adaptive: bool = True, max_tokens: int = 256,
@@ -167,10 +163,10 @@ def speculative_generate_step(
 ) -> Generator[tuple[int, mx.array, bool], None, None]:
     """Yields ``(token, logprobs, from_draft)`` like mlx-lm's ``speculative_generate_step``, with
     the model itself drafting from its resident experts (see the module docstring)."""
+    from .loader import runtime_of
+
     k_max = check_draft_tokens(num_draft_tokens)
-    rt = _runtime(model)
-    if rt is None:
-        raise ValueError("self-speculation needs a model loaded by hobbit_mlx.load")
+    rt = runtime_of(model)  # (a ValueError for a model hobbit_mlx.load did not load)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     if not can_trim_prompt_cache(cache):
         kinds = sorted({type(c).__name__ for c in cache if not c.is_trimmable()})
@@ -222,7 +218,7 @@ def speculative_generate_step(
                 rt.draft_only = False
             trim_prompt_cache(cache, k)
         t1 = time.perf_counter()
-        wait1, bytes1 = rt.stats.read_wait_s, rt.stats.bytes_read
+        bytes1 = rt.stats.bytes_read
         miss1 = rt.stats.misses_high + rt.stats.misses_low
         inputs = mx.concatenate([y] + drafts) if drafts else y
         logits = model(inputs[None], cache=cache)[0]
@@ -295,15 +291,16 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
             prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
         prompt = mx.array(prompt)
     stats = stats if stats is not None else SpeculativeStats()
-    rt = _runtime(model)
-    if rt is not None:
-        rt.speculative_stats = stats
-        # what the draft length learned carries over to the next sequence of this model
-        ctl = getattr(rt, "speculative_controller", None)
-        k = check_draft_tokens(num_draft_tokens)
-        if ctl is None or (ctl.max_k, ctl.adaptive) != (k, adaptive):
-            ctl = rt.speculative_controller = AdaptiveK(k, adaptive=adaptive)
-        kwargs.setdefault("controller", ctl)
+    from .loader import runtime_of
+
+    rt = runtime_of(model)
+    rt.speculative_stats = stats
+    # what the draft length learned carries over to the next sequence of this model
+    ctl = getattr(rt, "speculative_controller", None)
+    k = check_draft_tokens(num_draft_tokens)
+    if ctl is None or (ctl.max_k, ctl.adaptive) != (k, adaptive):
+        ctl = rt.speculative_controller = AdaptiveK(k, adaptive=adaptive)
+    kwargs.setdefault("controller", ctl)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     steps = speculative_generate_step(prompt, model, num_draft_tokens=num_draft_tokens,
