@@ -89,39 +89,47 @@ CONFIGS: list[tuple[str, dict]] = [
     ("prefetch", {"exact": True, "policy": "lru", "prefetch_layers": 1}),
     ("prefetch-2", {"exact": True, "policy": "lru", "prefetch_layers": 2}),  # two layers ahead
     ("fate", {"exact": True, "policy": "shallow", "prefetch_layers": 1}),  # shallow cache + prefetch
-    ("mixed-precision", {**FIXED, "exact": False, "mixed_precision": True, "prefetch_layers": 0,
-                         "policy": "lru", "big_little": False, "upgrade_after": 0}),
+    ("mixed-precision", {**FIXED, "skip": False, "exact": False, "mixed_precision": True,
+                         "prefetch_layers": 0, "policy": "lru", "big_little": False,
+                         "upgrade_after": 0}),
     ("skip", {**FIXED, "exact": False, "mixed_precision": True, "skip": True, "prefetch_layers": 0,
               "big_little": False, "upgrade_after": 0,
               "policy": "lru"}),  # mixed precision, and the least important experts dropped
-    ("big-little", {**FIXED, "exact": False, "mixed_precision": False, "big_little": True,
-                    "prefetch_layers": 0, "policy": "lru"}),
-    ("prefill-2bit", {**FIXED, "exact": False, "mixed_precision": False, "big_little": False,
-                      "prefetch_layers": 0, "policy": "lru",
+    ("big-little", {**FIXED, "skip": False, "exact": False, "mixed_precision": False,
+                    "big_little": True, "prefetch_layers": 0, "policy": "lru"}),
+    ("prefill-2bit", {**FIXED, "skip": False, "exact": False, "mixed_precision": False,
+                      "big_little": False, "prefetch_layers": 0, "policy": "lru",
                       "prefill_low_precision": 0.25}),  # Fate: unpopular experts 2-bit in prefill
     # what pays under a Mac's storage cost: fewer bytes per miss and a better cache, no guessing
-    ("seqfreq-mixed", {**FIXED, "mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq",
-                       "big_little": False, "upgrade_after": 0}),
-    ("seqfreq-mixed-bl", {**FIXED, "mixed_precision": True, "big_little": True, "prefetch_layers": 0,
-                          "policy": "seqfreq", "upgrade_after": 0}),
-    ("seqfreq-mixed-bl-up", {**FIXED, "mixed_precision": True, "big_little": True, "prefetch_layers": 0,
-                             "policy": "seqfreq", "upgrade_after": 1.5}),  # 2-bit until hot
-    ("seqfreq-mixed-up", {**FIXED, "mixed_precision": True, "prefetch_layers": 0, "policy": "seqfreq",
-                          "big_little": False, "upgrade_after": 1.5}),
-    ("seqfreq-mixed-bl-up-pf", {**FIXED, "mixed_precision": True, "big_little": True,
-                                "prefetch_layers": 1, "prefetch_width": 1.0, "policy": "seqfreq",
-                                "upgrade_after": 1.5}),
+    ("seqfreq-mixed", {**FIXED, "skip": False, "mixed_precision": True, "prefetch_layers": 0,
+                       "policy": "seqfreq", "big_little": False, "upgrade_after": 0}),
+    ("seqfreq-mixed-bl", {**FIXED, "skip": False, "mixed_precision": True, "big_little": True,
+                          "prefetch_layers": 0, "policy": "seqfreq", "upgrade_after": 0}),
+    ("seqfreq-mixed-bl-up", {**FIXED, "skip": False, "mixed_precision": True, "big_little": True,
+                             "prefetch_layers": 0, "policy": "seqfreq",
+                             "upgrade_after": 1.5}),  # 2-bit until hot
+    ("seqfreq-mixed-up", {**FIXED, "skip": False, "mixed_precision": True, "prefetch_layers": 0,
+                          "policy": "seqfreq", "big_little": False, "upgrade_after": 1.5}),
+    ("seqfreq-mixed-bl-up-pf", {**FIXED, "skip": False, "mixed_precision": True,
+                                "big_little": True, "prefetch_layers": 1, "prefetch_width": 1.0,
+                                "policy": "seqfreq", "upgrade_after": 1.5}),
     ("exact-seqfreq-pf", {"exact": True, "policy": "seqfreq", "prefetch_layers": 1,
                           "prefetch_width": 1.0}),  # exact, cost-aware prefetch of the top-k
     ("prefetch-lowprec", {"prefetch_width": 1.0, "prefetch_low_precision": True}),
     ("default", {}),  # hobbit_mlx.load's defaults: every technique that pays, combined
     ("default-always-lossy", FIXED),  # the defaults, lossy however cheap reads are
-    ("default-skip", {"skip": True}),  # + HOBBIT's skip of unimportant misses (u > t2 = 0.9)
+    # the defaults of the previous session: 2-bit reads until an expert proves hot, and big-little
+    # dropping a little token's other experts even when they are resident
+    ("default-previous", {"upgrade_after": 1.5, "little_keeps_resident": False, "skip": False}),
+    ("default-upgrade", {"upgrade_after": 1.5}),  # + 2-bit reads until an expert proves hot
+    ("default-noskip", {"skip": False}),  # without HOBBIT's skip of unimportant misses
+    ("default-skip", {"skip": True}),  # (the default since HOBBIT's skip drops misses only)
     ("default-skip-0.8", {"skip": True, "t2": 0.8}),
     ("default-skip-0.7", {"skip": True, "t2": 0.7}),
     # the defaults before issue 11: LRU + prefetch of 2x top-k, every guess read, none cancelled
-    ("default-naive-prefetch", {**FIXED, "prefetch_layers": 1, "policy": "lru", "big_little": False,
-                                "upgrade_after": 0, "prefetch_cost_aware": False}),
+    ("default-naive-prefetch", {**FIXED, "skip": False, "prefetch_layers": 1, "policy": "lru",
+                                "big_little": False, "upgrade_after": 0,
+                                "prefetch_cost_aware": False}),
     ("exact-default", {"exact": True}),  # exact=True, everything else default
     ("default-lru", {"policy": "lru"}),
     ("default-hobbit", {"policy": "hobbit"}),

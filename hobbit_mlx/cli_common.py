@@ -93,12 +93,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="With mixed precision, a miss reads the 4-bit copy only for an expert "
                         "chosen about USES times lately (each use counts 1 and fades by 0.9 per "
                         "call of its layer), else the 2-bit one; 0: off (default: %(default)s).")
-    t.add_argument("--skip", action="store_true", help="Skip experts whose unimportance exceeds --t2.")
+    t.add_argument("--skip", action=argparse.BooleanOptionalAction, default=None,
+                   help="HOBBIT: a miss on an expert whose unimportance exceeds --t2 is dropped, "
+                        "not read (default: on unless --exact).")
     t.add_argument("--big-little", action=argparse.BooleanOptionalAction, default=None,
                    help="MoBiLE: confident tokens run only their top-k/2 experts (default: on "
                         "unless --exact).")
     t.add_argument("--little-threshold", type=float, default=0.8,
                    help="Gate mass of the top-k/2 experts that makes a token 'little' (default: %(default)s).")
+    t.add_argument("--little-keeps-resident", action=argparse.BooleanOptionalAction, default=True,
+                   help="Big-little drops a little token's other experts only where they would "
+                        "be read; resident ones still run (default: on).")
     t.add_argument("--prefetch-layers", type=int, default=DEFAULT_PREFETCH_LAYERS, metavar="P",
                    help="Predict and read the next P layers' experts in the background; 0 turns "
                         "prefetch off (default: %(default)s).")
@@ -327,9 +332,10 @@ def technique_options(args: argparse.Namespace) -> dict:
     if speculative is not None and getattr(args, "pipeline", False):
         raise CLIError("--speculative does not run with --pipeline")
     return dict(speculative=speculative, draft_model=getattr(args, "draft_model", None),
-                speculative_adaptive=getattr(args, "speculative_adaptive", True),exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
+                speculative_adaptive=getattr(args, "speculative_adaptive", True), exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
                 skip=args.skip, upgrade_after=args.upgrade_after, big_little=args.big_little,
                 little_threshold=args.little_threshold,
+                little_keeps_resident=args.little_keeps_resident,
                 prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy,
                 prefetch_low_precision=args.prefetch_low_precision,
                 prefetch_cost_aware=args.prefetch_cost_aware,

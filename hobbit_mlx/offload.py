@@ -33,7 +33,7 @@ from .architectures import switch_linear_paths
 from .cache import SlotCache
 from .pools import SlotPool
 from .precision import (DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions,
-                        demote_unpopular, plan_slots)
+                        demote_unpopular, little_scale, plan_slots)
 from .read_cost import ReadCost
 from .reader import RecordReader
 from .routing import find_router, gate_weights, normalized, tap_router
@@ -624,11 +624,15 @@ class OffloadedSwitch(nn.Module):
         if rt.prefill_low_precision and len(flat) > 1 and lossy_allowed:
             level = demote_unpopular(flat, np.zeros(flat.shape, np.int8) if level is None else level,
                                      rt.prefill_low_precision)
+        little = None  # rows (tokens) that big-little runs on top-k/2 experts
         if opts.big_little and level is not None:
+            little = (scale != 1).any(axis=-1)
             rt.stats.routed_tokens += len(flat)
-            rt.stats.little_tokens += int((level == DROP).any(axis=-1).sum())
-        if opts.skip and level is not None:
+            rt.stats.little_tokens += int(little.sum())
+        if opts.drops_misses and level is not None:
             level = self._skip_missing(flat, level)
+            if little is not None and opts.little_keeps_resident and little.any():
+                scale = little_scale(weights, level, scale, little)
         if rt.draft_only:
             level, scale = self._draft_levels(flat, weights, level)
 
@@ -661,14 +665,17 @@ class OffloadedSwitch(nn.Module):
 
     def _skip_missing(self, flat: np.ndarray, level: np.ndarray) -> np.ndarray:
         """Level with each SKIP_IF_MISSING slot turned DROP when no copy of its expert is resident
-        or being read (HOBBIT skips misses only), else LOW (the resident copy serves it)."""
+        or being read (HOBBIT skips misses only), else LOW (the resident copy serves it). An
+        expert that other tokens of the call run anyway is read anyway: it serves these slots."""
         maybe = level == SKIP_IF_MISSING
         if not maybe.any():
             return level
         rt, lid = self._runtime, self.layer.layer
         level = level.copy()
+        run = set(flat[(level == HIGH) | (level == LOW)].tolist()) if len(flat) > 1 else ()
         for e in np.unique(flat[maybe]).tolist():
-            held = rt.has_or_reading(lid, e, "high") or rt.has_or_reading(lid, e, "low")
+            held = e in run or rt.has_or_reading(lid, e, "high") or \
+                rt.has_or_reading(lid, e, "low")
             level[maybe & (flat == e)] = LOW if held else DROP
         return level
 

@@ -22,9 +22,12 @@ DEFAULT_PREFILL_STEP = 512
 DEFAULT_PREFETCH_WIDTH = 2.0
 # Chosen by decode tokens/s under mac-like storage (bench/results/storage-*.md): with a Mac's
 # ratio of read time to compute, guesses that miss cost more than the hits they buy, even read
-# only in free storage time; fewer bytes per miss (2-bit until hot, big-little) pay most.
+# only in free storage time; fewer bytes per miss (2-bit copies, big-little) pay most.
 DEFAULT_PREFETCH_LAYERS = 0
-DEFAULT_UPGRADE_AFTER = 1.5  # a 4-bit miss only for an expert chosen again within ~6 tokens
+# Off: reading important experts in 2-bit until they prove hot reads 5-10% fewer bytes, but it
+# costs +2-4% decode perplexity (teacher-forced decoding, bench/results/forced-reference-*.md),
+# above the quality bound at 50% residency; the tok/s it buys at 25% is within the noise.
+DEFAULT_UPGRADE_AFTER = 0.0
 DEFAULT_PREFETCH_RECALL = None
 MAX_PREFETCH_WIDTH = 4.0  # an adaptive width never guesses more than this many x top-k
 
@@ -43,12 +46,16 @@ class LoadOptions:
     mixed_precision: bool | None = None  # HOBBIT; None: on unless exact
     t1: float = 0.6
     t2: float = 0.9
-    skip: bool = False
+    # HOBBIT's skip of the least important misses (unimportance > t2); None: on unless exact.
+    # Chosen by teacher-forced decode under mac-like storage: 1.07-1.11x the tok/s without it,
+    # 10-13% fewer bytes read, for perplexity within the noise (bench/results/forced-*.md)
+    skip: bool | None = None
     # mixed precision (so not in exact mode): a miss reads 4-bit only for an expert chosen this
     # often lately (each use counts 1, fading by 0.9 per call of its layer), else 2-bit; 0: off
     upgrade_after: float = DEFAULT_UPGRADE_AFTER
     big_little: bool | None = None  # MoBiLE; None: on unless exact
     little_threshold: float = 0.8
+    little_keeps_resident: bool = True  # big-little drops only experts that would be read
     prefetch_layers: int = DEFAULT_PREFETCH_LAYERS
     prefetch_width: float = DEFAULT_PREFETCH_WIDTH
     prefetch_recall: float | None = DEFAULT_PREFETCH_RECALL
@@ -96,9 +103,11 @@ class LoadOptions:
 
     def precision(self) -> PrecisionOptions:
         mixed = (not self.exact) if self.mixed_precision is None else bool(self.mixed_precision)
-        return PrecisionOptions(mixed_precision=mixed, t1=self.t1, t2=self.t2, skip=self.skip,
+        skip = (not self.exact) if self.skip is None else bool(self.skip)
+        return PrecisionOptions(mixed_precision=mixed, t1=self.t1, t2=self.t2, skip=skip,
                                 big_little=(not self.exact) if self.big_little is None
                                 else bool(self.big_little), little_threshold=self.little_threshold,
+                                little_keeps_resident=self.little_keeps_resident,
                 upgrade_after=self.upgrade_after if mixed else 0.0)
 
     def validate(self) -> None:

@@ -38,6 +38,7 @@ class PrecisionOptions:
     skip: bool = False
     big_little: bool = False
     little_threshold: float = 0.8
+    little_keeps_resident: bool = True  # big-little drops only experts that would be read
     upgrade_after: float = 0.0  # 0: off; else uses (decayed) before a miss reads the 4-bit copy
 
     @property
@@ -51,7 +52,12 @@ class PrecisionOptions:
     @property
     def drops(self) -> bool:
         """Some slots may be dropped whatever is resident (so every call needs the weights)."""
-        return self.big_little
+        return self.big_little and not self.little_keeps_resident
+
+    @property
+    def drops_misses(self) -> bool:
+        """Some slots are dropped if their expert is not resident (``SKIP_IF_MISSING``)."""
+        return self.skip or (self.big_little and self.little_keeps_resident)
 
 
 def plan_slots(weights: np.ndarray, opts: PrecisionOptions) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +82,7 @@ def plan_slots(weights: np.ndarray, opts: PrecisionOptions) -> tuple[np.ndarray,
         mass = ranked[..., :half].sum(axis=-1, keepdims=True)
         little = mass >= opts.little_threshold
         dropped = little & (rank >= half)
-        level[dropped] = DROP
+        level[dropped] = SKIP_IF_MISSING if opts.little_keeps_resident else DROP
         scale = np.where(little & ~dropped, 1.0 / np.maximum(mass, 1e-9), scale).astype(np.float32)
     return level, scale
 
@@ -99,11 +105,23 @@ def _plan_one_token(row: list, opts: PrecisionOptions) -> tuple[np.ndarray, np.n
         half = k // 2
         mass = sum(row[i] for i in order[:half])
         if mass >= opts.little_threshold:
+            dropped = SKIP_IF_MISSING if opts.little_keeps_resident else DROP
             for i in order[half:]:
-                level[i] = DROP
+                level[i] = dropped
             for i in order[:half]:
                 scale[i] = 1.0 / max(mass, 1e-9)
     return np.array([level], dtype=np.int8), np.array([scale], dtype=np.float32)
+
+
+def little_scale(weights: np.ndarray, level: np.ndarray, scale: np.ndarray,
+                 little: np.ndarray) -> np.ndarray:
+    """The output factors once a call decided which ``SKIP_IF_MISSING`` slots run: each
+    ``little`` token's kept experts are renormalized over the gate mass that runs (its plan
+    assumed all its other experts dropped; the resident ones ran)."""
+    kept = level != DROP
+    mass = np.where(kept, weights, 0.0).sum(axis=-1, keepdims=True)
+    renormalized = np.where(kept, 1.0 / np.maximum(mass, 1e-9), 1.0)
+    return np.where(little[:, None], renormalized, scale).astype(np.float32)
 
 
 def demote_unpopular(indices: np.ndarray, level: np.ndarray, min_share: float) -> np.ndarray:

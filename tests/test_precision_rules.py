@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from hobbit_mlx.precision import (DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions,
-                                  demote_unpopular, plan_slots)
+                                  demote_unpopular, little_scale, plan_slots)
 
 weights = st.integers(1, 8).flatmap(lambda k: arrays(
     np.float32, st.tuples(st.sampled_from([1, 1, 2, 6]), st.just(k)),
@@ -28,11 +28,12 @@ def _unimportance(row):
 
 @settings(max_examples=150, deadline=None)
 @given(w=weights, t=thresholds, skip=st.booleans(), big_little=st.booleans(),
-       little=st.floats(0.05, 1.0), mixed=st.booleans())
-def test_levels_follow_the_definitions(w, t, skip, big_little, little, mixed):
+       little=st.floats(0.05, 1.0), mixed=st.booleans(), keeps_resident=st.booleans())
+def test_levels_follow_the_definitions(w, t, skip, big_little, little, mixed, keeps_resident):
     t1, t2 = t
     opts = PrecisionOptions(mixed_precision=mixed, t1=t1, t2=t2, skip=skip,
-                            big_little=big_little, little_threshold=little)
+                            big_little=big_little, little_threshold=little,
+                            little_keeps_resident=keeps_resident)
     level, scale = plan_slots(w, opts)
     k = w.shape[-1]
     for row, lv, sc in zip(w, level, scale):
@@ -50,10 +51,31 @@ def test_levels_follow_the_definitions(w, t, skip, big_little, little, mixed):
             if np.isclose(mass, little, atol=1e-5):
                 continue  # (float rounding decides)
             if mass >= little:
-                want[[j for j in range(k) if j not in top]] = DROP
+                want[[j for j in range(k) if j not in top]] = \
+                    SKIP_IF_MISSING if keeps_resident else DROP
                 want_scale[top] = 1 / mass
         assert (lv == want)[~ambiguous].all(), (row, lv, want)
         np.testing.assert_allclose(sc, want_scale, rtol=1e-5)
+
+
+def test_little_scale_renormalizes_little_tokens_over_what_runs():
+    w = np.array([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.4, 0.3, 0.2, 0.1]],
+                 dtype=np.float32)
+    plan = np.array([[1 / 0.8] * 2 + [1.0] * 2] * 2 + [[1.0] * 4], dtype=np.float32)
+    # row 0: its third expert was resident and ran; row 1: neither ran; row 2 is not little
+    # (its dropped slot is a HOBBIT skip, which keeps its factors)
+    level = np.array([[HIGH, HIGH, LOW, DROP], [HIGH, HIGH, DROP, DROP],
+                      [HIGH, HIGH, HIGH, DROP]], dtype=np.int8)
+    little = np.array([True, True, False])
+    got = little_scale(w, level, plan, little)
+    np.testing.assert_allclose(got[0], [1 / 0.95] * 3 + [1.0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], [1 / 0.8] * 2 + [1.0] * 2, rtol=1e-6)
+    np.testing.assert_array_equal(got[2], plan[2])
+    # every expert resident: the little token runs whole, unscaled
+    np.testing.assert_array_equal(
+        little_scale(w[:1], np.array([[HIGH, HIGH, LOW, LOW]], np.int8), plan[:1], little[:1]),
+        np.ones((1, 4), np.float32))
+    assert got.dtype == np.float32
 
 
 def test_heat_counts_uses_fading_per_call_and_a_chunk_once():
@@ -103,8 +125,14 @@ def test_demote_unpopular_demotes_only_experts_chosen_by_fewer_than_the_share():
 def test_options_say_what_needs_the_gate_weights():
     assert not PrecisionOptions().needs_weights and not PrecisionOptions().drops
     assert PrecisionOptions(mixed_precision=True).needs_weights
-    assert PrecisionOptions(big_little=True).needs_weights and PrecisionOptions(big_little=True).drops
+    # big-little drops whatever is resident only when it may not keep resident experts
+    assert PrecisionOptions(big_little=True).needs_weights
+    assert not PrecisionOptions(big_little=True).drops
+    assert PrecisionOptions(big_little=True).drops_misses
+    assert PrecisionOptions(big_little=True, little_keeps_resident=False).drops
+    assert not PrecisionOptions(big_little=True, little_keeps_resident=False).drops_misses
     assert not PrecisionOptions(skip=True).drops  # a skip drops a miss, never a resident expert
+    assert PrecisionOptions(skip=True).drops_misses and not PrecisionOptions().drops_misses
     assert PrecisionOptions(mixed_precision=True, upgrade_after=1.5).upgrades
     assert not PrecisionOptions(mixed_precision=False, upgrade_after=1.5).upgrades
     assert not PrecisionOptions(mixed_precision=True, upgrade_after=0).upgrades
@@ -115,8 +143,10 @@ def test_options_say_what_needs_the_gate_weights():
     ([0.5, 0.25, 0.25], PrecisionOptions(mixed_precision=True, t1=0.5, t2=0.75, skip=True),
      [HIGH, HIGH, LOW], [1.0, 1.0, 1.0]),
     # the top half's mass exactly at the threshold runs the token little
-    ([0.75, 0.25], PrecisionOptions(big_little=True, little_threshold=0.75), [HIGH, DROP],
-     [1 / 0.75, 1.0]),
+    ([0.75, 0.25], PrecisionOptions(big_little=True, little_threshold=0.75,
+                                    little_keeps_resident=False), [HIGH, DROP], [1 / 0.75, 1.0]),
+    ([0.75, 0.25], PrecisionOptions(big_little=True, little_threshold=0.75),
+     [HIGH, SKIP_IF_MISSING], [1 / 0.75, 1.0]),
     # one expert per token has no little half, whatever the threshold
     ([1.0], PrecisionOptions(big_little=True, little_threshold=0.0), [HIGH], [1.0]),
 ])

@@ -237,8 +237,10 @@ def test_lossy_techniques_only_while_reads_are_dear(tiny_factory, bandwidth, los
     storage = StorageModel(bandwidth=bandwidth)
     for adapt in (True, False):
         model, tok = hobbit_mlx.load(dst, expert_residency=0.3, simulated_storage=storage,
-                                     adapt_to_storage=adapt, little_threshold=0.0,
-                                     progress=False)  # (every token little: random routing)
+                                     adapt_to_storage=adapt, t1=0.3, little_threshold=0.6,
+                                     progress=False)
+        # (top-2 of random routing: a token's second expert weighs 0.5 or less, so above t1 it
+        # reads 2-bit; a token whose first weighs 0.6 or more runs little)
         rt = runtime_of(model)
         hobbit_mlx.generate(model, tok, PROMPT, max_tokens=8)  # compute is measured
         assert rt.read_cost.layer_seconds > 0 and rt.read_cost.dear() == lossy

@@ -27,10 +27,15 @@ def test_hobbit_thresholds_rank_by_gate_weight():
 
 def test_big_little_drops_the_lower_half_of_confident_tokens_and_renormalizes():
     w = np.array([[0.7, 0.2, 0.05, 0.05], [0.3, 0.3, 0.2, 0.2]], dtype=np.float32)
-    level, scale = plan_slots(w, PrecisionOptions(big_little=True, little_threshold=0.8))
+    level, scale = plan_slots(w, PrecisionOptions(big_little=True, little_threshold=0.8,
+                                                  little_keeps_resident=False))
     assert level.tolist() == [[HIGH, HIGH, DROP, DROP], [HIGH, HIGH, HIGH, HIGH]]
     np.testing.assert_allclose(scale[0, :2], 1 / 0.9, rtol=1e-6)
     assert (scale[1] == 1).all()
+    # by default only the experts that would be read are dropped (the layer call decides)
+    level, scale = plan_slots(w, PrecisionOptions(big_little=True, little_threshold=0.8))
+    assert level.tolist() == [[HIGH, HIGH, SKIP_IF_MISSING, SKIP_IF_MISSING], [HIGH] * 4]
+    np.testing.assert_allclose(scale[0, :2], 1 / 0.9, rtol=1e-6)
 
 
 def test_exact_refuses_lossy_options(tiny_factory):
@@ -70,6 +75,46 @@ def test_big_little_runs_fewer_experts(tiny_factory):
     assert little["little_token_share"] == 1.0
     assert little["bytes_read"] < big["bytes_read"]
     assert little["skipped"] > 0
+
+
+def test_big_little_drops_only_what_it_would_read(tiny_factory):
+    """A little token's other experts are dropped where they would be read (test above); with
+    every expert resident nothing is dropped and the output is exact, where the old rule drops
+    them anyway."""
+    _, dst = tiny_factory("olmoe")
+    tokens = mx.array([[3, 5, 7, 11, 13, 17, 19, 23]])
+    exact, _ = hobbit_mlx.load(dst, expert_residency=1.0, exact=True, progress=False)
+    want = np.array(exact(tokens))
+    for keeps in (True, False):
+        model, _ = hobbit_mlx.load(dst, expert_residency=1.0, mixed_precision=False,
+                                   big_little=True, little_threshold=0.0, adapt_to_storage=False,
+                                   little_keeps_resident=keeps, progress=False)
+        rt = runtime_of(model)
+        rt.preload()  # (load preloads a model that fits whole; this says so)
+        got = np.array(model(tokens))
+        assert rt.stats.bytes_read == 0
+        if keeps:  # nothing can be dropped: the calls stay lazy, as in exact mode
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            assert rt.stats.skipped == 0 and rt.stats.host_syncs == 0
+        else:
+            assert rt.stats.little_tokens > 0 and rt.stats.skipped > 0
+            assert not np.allclose(got, want, atol=1e-4)
+
+
+def test_a_skipped_slot_runs_when_its_expert_is_read_for_another_token(tiny_factory):
+    """In a prompt chunk, an expert that one token runs is read anyway: another token's
+    skip-if-missing slot on it runs too; a slot whose expert nobody runs is dropped."""
+    _, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, skip=True, adapt_to_storage=False,
+                               progress=False)
+    switch = runtime_of(model).layers[0]
+    assert not any((switch.layer.layer, e, p) in runtime_of(model).cache
+                   for e in (1, 2, 3) for p in ("high", "low"))
+    level = np.array([[HIGH, LOW], [SKIP_IF_MISSING, SKIP_IF_MISSING]], dtype=np.int8)
+    out = switch._skip_missing(np.array([[1, 2], [2, 3]]), level)
+    assert out.tolist() == [[HIGH, LOW], [LOW, DROP]]
+    one = switch._skip_missing(np.array([[2, 3]]), np.array([[HIGH, SKIP_IF_MISSING]], np.int8))
+    assert one.tolist() == [[HIGH, DROP]]
 
 
 def test_prefetch_predicts_and_is_used_without_changing_output(tiny_factory):

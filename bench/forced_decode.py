@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Configurations compared on the same tokens: teacher-forced decoding under simulated storage.
+
+    python bench/forced_decode.py [--model PATH] [--residencies 0.5,0.25,0.125]
+        [--configs lru,exact-default,default] [--config NAME='{"t1": 0.5}' ...]
+        [--prompt-tokens 64] [--tokens 256] [--pieces 2] [--storage mac-like|warm|SPEC]
+        [--out bench/results] [--name NAME]
+
+The harness decodes greedily, so a lossy configuration writes other text than an exact one, and
+its routing (and with it what it reads) follows that text. Here every configuration decodes the
+same held-out text one token at a time (each step is fed the true next token, as a chat reply
+would be fed its tokens), so bytes read and time per token compare like for like, and the
+likelihood of each next token is scored as the model decodes it: decode-mode perplexity, the
+quality a user gets from the lossy techniques, which a one-pass prefill does not measure.
+
+Per configuration and residency: decode tokens/s, time per token against exact LRU (x lru) and
+against mlx-lm with the whole model resident (x mlx-lm, same loop, same process), bytes read per
+token, misses per token (4-bit / 2-bit), skipped requests, decode perplexity (ppl x: against
+mlx-lm's) and top-1 agreement with mlx-lm. Storage: ``mac-like`` (default; reading one token's
+top-k experts takes 12x mlx-lm's resident decode step, measured first in this process), ``warm``
+(no simulation) or a ``hobbit_mlx.storage`` spec such as ``50MB/s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.harness import CONFIGS, topk_bytes_per_token  # noqa: E402
+from bench.workload import heldout_texts, resolve_model_paths  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def text_pieces(tokenizer, count: int, length: int) -> list[list[int]]:
+    """``count`` held-out pieces of ``length`` tokens, one validation text each."""
+    texts, _ = heldout_texts(max_files=max(4, 2 * count))
+    pieces = [t for t in (list(tokenizer.encode(x))[:length] for x in texts) if len(t) == length]
+    if len(pieces) < count:
+        raise SystemExit(f"only {len(pieces)} held-out texts have {length} tokens")
+    return pieces[:count]
+
+
+def forced_decode(model, piece: list[int], prompt_tokens: int, *, before_prompt=None) -> dict:
+    """Prefill ``prompt_tokens`` of ``piece``, then decode the rest one true token at a time.
+    Returns decode seconds, and per decoded position the log-likelihood of the next token and
+    the argmax."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    if before_prompt is not None:
+        before_prompt(len(piece))
+    logits = model(mx.array(piece[:prompt_tokens])[None], cache=cache)[:, -1]
+    mx.eval(logits)
+    lls, tops = [], []
+    t0 = time.perf_counter()
+    for i in range(prompt_tokens, len(piece)):
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        lls.append(logp[0, piece[i]])
+        tops.append(mx.argmax(logits, axis=-1)[0])
+        logits = model(mx.array([[piece[i]]]), cache=cache)[:, -1]
+        mx.async_eval(logits, lls[-1], tops[-1])
+    mx.eval(logits)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": len(piece) - prompt_tokens,
+            "ll": np.array([x.item() for x in lls]), "top": np.array([x.item() for x in tops])}
+
+
+def run_pieces(model, pieces, prompt_tokens, before_prompt=None) -> dict:
+    runs = [forced_decode(model, p, prompt_tokens, before_prompt=before_prompt) for p in pieces]
+    seconds, tokens = sum(r["seconds"] for r in runs), sum(r["tokens"] for r in runs)
+    return {"seconds": seconds, "tokens": tokens, "tps": tokens / seconds,
+            "ll": np.concatenate([r["ll"] for r in runs]),
+            "top": np.concatenate([r["top"] for r in runs])}
+
+
+def run_hobbit(paths, kwargs: dict, residency: float, storage, pieces, prompt_tokens) -> dict:
+    import hobbit_mlx
+    from hobbit_mlx.loader import runtime_of
+
+    model, _ = hobbit_mlx.load(str(paths.hobbit), expert_residency=residency, progress=False,
+                               simulated_storage=storage, **kwargs)
+    rt = runtime_of(model)
+    try:
+        def before_prompt(n):
+            rt.new_sequence(0, prompt_tokens, n - prompt_tokens)
+        run_pieces(model, [pieces[0][:prompt_tokens + 8]], prompt_tokens, before_prompt)  # warm-up
+        rt.wait_idle()
+        before = dict(vars(rt.stats))
+        out = run_pieces(model, pieces, prompt_tokens, before_prompt)
+        rt.settle()
+        rt.count_deferred()
+        rt.wait_idle()
+        after = vars(rt.stats)
+    finally:
+        rt.close()
+    d = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))
+         and k in before}
+    n = out["tokens"]
+    out["per_token"] = {"bytes": d["bytes_read"] / n, "misses_high": d["misses_high"] / n,
+                        "misses_low": d["misses_low"] / n, "skipped": d["skipped"] / n,
+                        "requests": d["expert_requests"] / n}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--residencies", default="0.5,0.25,0.125")
+    ap.add_argument("--configs", default="lru,exact-default,default")
+    ap.add_argument("--config", action="append", default=[],
+                    help="NAME=JSON: an extra configuration (hobbit_mlx.load options)")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=256, help="tokens decoded per piece")
+    ap.add_argument("--pieces", type=int, default=2)
+    ap.add_argument("--storage", default="mac-like")
+    ap.add_argument("--ratio", type=float, default=None, help="mac-like read/compute ratio")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args(argv)
+
+    import mlx_lm
+
+    from hobbit_mlx.loader import compute_dtype
+    from hobbit_mlx.storage import MAC_READ_RATIO, mac_like, parse_storage
+
+    known = dict(CONFIGS)
+    configs = [(c, known[c]) for c in args.configs.split(",") if c]
+    for spec in args.config:
+        name, _, text = spec.partition("=")
+        configs.append((name, json.loads(text)))
+    residencies = [float(r) for r in args.residencies.split(",")]
+    paths = resolve_model_paths(args.model)
+    base, tokenizer = mlx_lm.load(str(paths.src))
+    if compute_dtype() is not None:
+        base.set_dtype(compute_dtype())
+    pieces = text_pieces(tokenizer, args.pieces, args.prompt_tokens + args.tokens)
+    run_pieces(base, [pieces[0][:args.prompt_tokens + 8]], args.prompt_tokens)  # warm-up
+    ref = run_pieces(base, pieces, args.prompt_tokens)
+    ref_ppl = math.exp(-ref["ll"].mean())
+    if args.storage == "mac-like":
+        ratio = args.ratio or MAC_READ_RATIO
+        storage = mac_like(topk_bytes_per_token(paths.hobbit), 1.0 / ref["tps"], ratio=ratio)
+    else:
+        storage = parse_storage(None if args.storage == "warm" else args.storage)
+    print(f"mlx-lm: {ref['tps']:.1f} tok/s, decode ppl {ref_ppl:.3f}; storage "
+          f"{storage.describe() if storage else 'warm page cache'}", file=sys.stderr)
+
+    rows = []
+    for residency in residencies:
+        lru_tps = None
+        for name, kwargs in configs:
+            out = run_hobbit(paths, kwargs, residency, storage, pieces, args.prompt_tokens)
+            ppl = math.exp(-out["ll"].mean())
+            row = {"config": name, "residency": residency, "tps": out["tps"],
+                   "x_mlx_lm": out["tps"] / ref["tps"], "ppl": ppl, "ppl_x": ppl / ref_ppl,
+                   "top1_agree": float((out["top"] == ref["top"]).mean()), **out["per_token"]}
+            if name == "lru":
+                lru_tps = out["tps"]
+            row["x_lru"] = out["tps"] / lru_tps if lru_tps else None
+            rows.append(row)
+            print(f"{name:>24} {residency:>5}: {out['tps']:6.1f} tok/s  x lru "
+                  f"{row['x_lru'] or float('nan'):.2f}  KiB/token {row['bytes'] / 1024:6.0f}  "
+                  f"ppl x {row['ppl_x']:.3f}  top-1 {row['top1_agree']:.3f}", file=sys.stderr)
+
+    name = args.name or f"forced-{paths.name}-{args.storage}"
+    lines = [f"# Teacher-forced decode: {paths.name}, {args.storage} storage", "",
+             f"Command: `python bench/forced_decode.py {' '.join(argv or sys.argv[1:])}`", "",
+             f"- {len(pieces)} held-out piece(s): {args.prompt_tokens}-token prompt, then "
+             f"{args.tokens} tokens decoded one at a time, each fed the true next token",
+             f"- mlx-lm, whole model resident: {ref['tps']:.1f} tok/s, decode perplexity "
+             f"{ref_ppl:.3f}",
+             f"- storage: {storage.describe() if storage else 'warm page cache (no simulation)'}",
+             "", "| config | residency | tok/s | x lru | x mlx-lm | KiB/token | 4-bit misses | "
+             "2-bit misses | skipped | ppl x | top-1 agree |", "|---|---|---|---|---|---|---|---|"
+             "---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['residency']:.1%} | {r['tps']:.1f} | "
+                     f"{'n/a' if r['x_lru'] is None else format(r['x_lru'], '.2f')} | "
+                     f"{r['x_mlx_lm']:.2f} | {r['bytes'] / 1024:.0f} | {r['misses_high']:.2f} | "
+                     f"{r['misses_low']:.2f} | {r['skipped']:.2f} | {r['ppl_x']:.3f} | "
+                     f"{r['top1_agree']:.3f} |")
+    lines += ["", "Configurations: " + "; ".join(f"**{n}** `{json.dumps(k)}`" for n, k in configs)]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(
+        {"rows": rows, "mlx_lm_tps": ref["tps"], "mlx_lm_ppl": ref_ppl,
+         "configs": dict(configs), "storage": storage.describe() if storage else None},
+        indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
