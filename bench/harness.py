@@ -120,7 +120,9 @@ CONFIGS: list[tuple[str, dict]] = [
     ("default-always-lossy", FIXED),  # the defaults, lossy however cheap reads are
     # the defaults of the previous session: 2-bit reads until an expert proves hot, and big-little
     # dropping a little token's other experts even when they are resident
-    ("default-previous", {"upgrade_after": 1.5, "little_keeps_resident": False, "skip": False}),
+    ("default-previous", {"upgrade_after": 1.5, "little_keeps_resident": False, "skip": False,
+                          "t1": 0.6, "t2": 0.9}),
+    ("default-t-0.6-0.9", {"t1": 0.6, "t2": 0.9}),  # HOBBIT's thresholds as they were
     ("default-upgrade", {"upgrade_after": 1.5}),  # + 2-bit reads until an expert proves hot
     ("default-noskip", {"skip": False}),  # without HOBBIT's skip of unimportant misses
     ("default-skip", {"skip": True}),  # (the default since HOBBIT's skip drops misses only)

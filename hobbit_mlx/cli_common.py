@@ -62,7 +62,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model and everything ``hobbit_mlx.load`` takes."""
     from .budget import INITIAL_CONTEXT
     from .options import (DEFAULT_PREFETCH_LAYERS, DEFAULT_PREFETCH_RECALL, DEFAULT_PREFETCH_WIDTH,
-                          DEFAULT_PREFILL_STEP, DEFAULT_UPGRADE_AFTER)
+                          DEFAULT_PREFILL_STEP, DEFAULT_UPGRADE_AFTER, LoadOptions)
 
     g = parser.add_argument_group("model and memory")
     g.add_argument("--model", type=str, default=None,
@@ -85,9 +85,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
                    help="HOBBIT: a miss on a low-importance expert loads its 2-bit copy "
                         "(default: on unless --exact).")
-    t.add_argument("--t1", type=float, default=0.6,
+    t.add_argument("--t1", type=float, default=LoadOptions.t1,
                    help="Unimportance above which a miss loads 2-bit (default: %(default)s).")
-    t.add_argument("--t2", type=float, default=0.9,
+    t.add_argument("--t2", type=float, default=LoadOptions.t2,
                    help="Unimportance above which --skip drops the expert (default: %(default)s).")
     t.add_argument("--upgrade-after", type=float, default=DEFAULT_UPGRADE_AFTER, metavar="USES",
                    help="With mixed precision, a miss reads the 4-bit copy only for an expert "

@@ -33,8 +33,8 @@ HIGH, LOW, DROP, SKIP_IF_MISSING = 0, 1, 2, 3
 @dataclass
 class PrecisionOptions:
     mixed_precision: bool = False
-    t1: float = 0.6
-    t2: float = 0.9
+    t1: float = 0.4  # (load()'s defaults: options.py)
+    t2: float = 0.8
     skip: bool = False
     big_little: bool = False
     little_threshold: float = 0.8

@@ -38,6 +38,18 @@ def test_big_little_drops_the_lower_half_of_confident_tokens_and_renormalizes():
     np.testing.assert_allclose(scale[0, :2], 1 / 0.9, rtol=1e-6)
 
 
+def test_lossy_techniques_are_on_unless_exact():
+    """The defaults turn on what pays under a Mac's storage cost, and exact mode none of it; an
+    explicit choice wins."""
+    lossy = hobbit_mlx.LoadOptions().precision()
+    assert lossy.mixed_precision and lossy.skip and lossy.big_little and lossy.little_keeps_resident
+    assert lossy.drops_misses and not lossy.drops  # nothing resident is ever dropped
+    exact = hobbit_mlx.LoadOptions(exact=True).precision()
+    assert not (exact.mixed_precision or exact.skip or exact.big_little or exact.needs_weights)
+    assert not hobbit_mlx.LoadOptions(skip=False).precision().skip
+    assert not hobbit_mlx.LoadOptions(mixed_precision=False).precision().upgrades
+
+
 def test_exact_refuses_lossy_options(tiny_factory):
     _, dst = tiny_factory("qwen3_moe")
     with pytest.raises(ValueError, match="exact=True cannot"):
