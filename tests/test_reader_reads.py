@@ -164,7 +164,8 @@ def test_a_file_that_ends_inside_a_read_of_several_buffers_names_the_byte(tmp_pa
     manifest, entry, _ = _gappy_store(tmp_path, truncate_at=400)  # inside b, after a and a gap
     reader = RecordReader(tmp_path, manifest, workers=1)
     try:
-        with pytest.raises(StoreError, match=r"end of file at byte 400 \(record needs 0\.\.544\)") as e:
+        with pytest.raises(StoreError,
+                           match=r"end of file at byte 400 \(record needs 0\.\.544\)") as e:
             reader.read_into(entry, 0, SlotPool(entry, 1, float_dtype=mx.float32), 0)
     finally:
         reader.close()

@@ -144,7 +144,8 @@ def test_the_reader_waits_for_the_device_and_counts_prefetch_apart(tmp_path):
             assert np.array_equal(pools[0].slot_bytes(name, 0), pools[1].slot_bytes(name, 0))
         # whole records are demand reads too, and read the same bytes
         rec = entry.records[4]
-        assert [p.tobytes() for p in slow.read_bytes(rec)] == [p.tobytes() for p in plain.read_bytes(rec)]
+        got, want = slow.read_bytes(rec), plain.read_bytes(rec)
+        assert [p.tobytes() for p in got] == [p.tobytes() for p in want]
         assert slow.device.demand_bytes == nbytes + rec.nbytes
         # a byte costs what the simulated device's bandwidth says (what prefetch guesses weigh)
         assert slow.seconds_per_byte() == 1 / 200e6
