@@ -238,3 +238,30 @@ def test_every_expert_resident_is_known_until_one_is_evicted():
     assert cache.all_high_resident
     cache.shrink_to(cache.pools[0], 7)
     assert not cache.all_high_resident
+
+
+def test_a_slot_a_pending_graph_reads_is_not_rewritten_before_the_sync():
+    """``stamp``: the current graphs read these experts' slots (a key not resident is ignored);
+    a read evicts another expert until the next sync, even the least recently used."""
+    cache = slot_cache(2, make_policy("lru"), layers=1, experts=8)
+    for e in (0, 1):
+        _read(cache, (0, e, "high"), e)
+    cache.synced()
+    cache.stamp([(0, 0, "high"), (0, 7, "high")])
+    slot = cache.reserve((0, 2, "high"))
+    assert slot is not None and (0, 0, "high") in cache and (0, 1, "high") not in cache
+    cache.commit((0, 2, "high"), slot)
+    cache.synced()  # the graphs ran: the LRU expert may go now
+    assert cache.reserve((0, 3, "high")) is not None and (0, 0, "high") not in cache
+
+
+def test_hits_told_later_rank_the_resident_experts_used():
+    """``record_hits``: a lazy call's router choices, read at a later sync, count as uses of
+    the experts resident (an expert not resident is ignored)."""
+    cache = slot_cache(2, make_policy("lru"), layers=1, experts=8)
+    for e in (0, 1):
+        _read(cache, (0, e, "high"), e)
+    cache.synced()
+    cache.record_hits(0, np.array([0, 5]))  # expert 0 used: the LRU one is now expert 1
+    assert cache.reserve((0, 2, "high")) is not None
+    assert (0, 0, "high") in cache and (0, 1, "high") not in cache
