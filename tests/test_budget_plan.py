@@ -78,6 +78,10 @@ def test_a_residency_plan_holds_the_longest_chunk_and_caps_the_pools(mixed):
     assert (plan.low_expert_bytes > 0) == mixed
     if mixed:  # the 2-bit pools keep their share of the expert bytes (at least one top-k)
         assert plan.low_expert_bytes == max(int(budget.LOW_SHARE * experts), plan.min_low_bytes)
+    # the context asked for is kept: a sequence of unknown length reserves it (pool_plan)
+    longer = plan_budget(**sizes, expert_residency=0.25, initial_context=3000)
+    assert longer.initial_context == 3000 and longer.kv_tokens >= 3000
+    assert plan_budget(**sizes, memory_budget="1GB", initial_context=3000).initial_context == 3000
     # a residency of 0 still holds one layer's top-k
     tiny = plan_budget(**sizes, expert_residency=0.0)
     assert tiny.high_expert_bytes + tiny.low_expert_bytes == tiny.min_expert_bytes
@@ -145,7 +149,8 @@ def test_pools_at_their_cap_give_the_rest_to_the_chunk_then_the_context():
     # activations large next to the experts: the budget's quarter rule picks the shortest chunk
     sizes = _sizes(activation_points=BIG_ACTIVATIONS, all_high_bytes=100 * MB)
     cap = sizes["all_high_bytes"]
-    for spare in (250 * MB, 450 * MB + 5 * 1000 * KV_STEP):
+    # (400 MB: exactly the longest chunk's activations, which then fit)
+    for spare in (250 * MB, 400 * MB, 450 * MB + 5 * 1000 * KV_STEP):
         budget_bytes = (sizes["dense_bytes"] + cap + sizes["kv_bytes_per_token"]
                         * kv_tokens_for(INITIAL_CONTEXT) + spare)
         plan = plan_budget(**sizes, memory_budget=budget_bytes)
