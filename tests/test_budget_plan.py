@@ -78,6 +78,10 @@ def test_a_residency_plan_holds_the_longest_chunk_and_caps_the_pools(mixed):
     assert (plan.low_expert_bytes > 0) == mixed
     if mixed:  # the 2-bit pools keep their share of the expert bytes (at least one top-k)
         assert plan.low_expert_bytes == max(int(budget.LOW_SHARE * experts), plan.min_low_bytes)
+    # the context asked for is kept: a sequence of unknown length reserves it (pool_plan)
+    longer = plan_budget(**sizes, expert_residency=0.25, initial_context=3000)
+    assert longer.initial_context == 3000 and longer.kv_tokens >= 3000
+    assert plan_budget(**sizes, memory_budget="1GB", initial_context=3000).initial_context == 3000
     # a residency of 0 still holds one layer's top-k
     tiny = plan_budget(**sizes, expert_residency=0.0)
     assert tiny.high_expert_bytes + tiny.low_expert_bytes == tiny.min_expert_bytes
@@ -145,7 +149,8 @@ def test_pools_at_their_cap_give_the_rest_to_the_chunk_then_the_context():
     # activations large next to the experts: the budget's quarter rule picks the shortest chunk
     sizes = _sizes(activation_points=BIG_ACTIVATIONS, all_high_bytes=100 * MB)
     cap = sizes["all_high_bytes"]
-    for spare in (250 * MB, 450 * MB + 5 * 1000 * KV_STEP):
+    # (400 MB: exactly the longest chunk's activations, which then fit)
+    for spare in (250 * MB, 400 * MB, 450 * MB + 5 * 1000 * KV_STEP):
         budget_bytes = (sizes["dense_bytes"] + cap + sizes["kv_bytes_per_token"]
                         * kv_tokens_for(INITIAL_CONTEXT) + spare)
         plan = plan_budget(**sizes, memory_budget=budget_bytes)
@@ -157,6 +162,8 @@ def test_pools_at_their_cap_give_the_rest_to_the_chunk_then_the_context():
         assert plan.kv_reserve_bytes <= left
         assert plan.kv_bytes_per_token * kv_tokens_for(plan.kv_tokens + KV_STEP) > left
         assert plan.kv_tokens >= INITIAL_CONTEXT
+        # a whole number of tokens (``hobbit plan`` and offload_stats report it)
+        assert type(plan.kv_tokens) is int and type(plan.chunk_tokens) is int
 
 
 def test_an_activation_for_a_call_longer_than_measured_is_refused():
@@ -177,3 +184,21 @@ def test_sizes_read_and_print():
     assert format_size(3 * 2**30) == "3.00 GiB" and format_size(-3 * 2**30) == "-3.00 GiB"
     assert format_size(2**30 - 1) == "1024.00 MiB" and format_size(1536 * 2**10) == "1.50 MiB"
     assert format_size(2048) == "2.00 KiB" and format_size(1023) == "1023 B"
+
+
+def test_a_plan_as_a_dict_gives_every_part_and_the_reserves():
+    """``BudgetPlan.as_dict`` (the plan as JSON for reports): the plan's fields and the parts
+    derived from them, which add up to at most the budget."""
+    import json
+
+    plan = plan_budget(**_sizes(), memory_budget=300 * MB)
+    d = json.loads(json.dumps(plan.as_dict()))
+    assert d["budget_bytes"] == 300 * MB and d["kv_tokens"] == plan.kv_tokens
+    assert d["kv_reserve_bytes"] == plan.kv_bytes_per_token * kv_tokens_for(plan.kv_tokens)
+    assert d["activation_reserve_bytes"] == d["mlx_cache_limit_bytes"] == plan.activation_for(
+        plan.chunk_tokens)
+    assert d["expert_cache_bytes"] == d["high_expert_bytes"] + d["low_expert_bytes"] > 0
+    assert d["minimum_bytes"] == plan.minimum_bytes
+    parts = (d["dense_bytes"] + d["activation_reserve_bytes"] + d["kv_reserve_bytes"]
+             + d["expert_cache_bytes"])
+    assert parts == d["budget_bytes"]  # (the pools below their cap take the rest)

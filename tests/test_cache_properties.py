@@ -2,7 +2,9 @@
 whatever the order of reads, pins, holds, releases, syncs and resizes, the pools are never
 overfilled, a pinned expert is never evicted, a held one never yields to a prediction, the
 bookkeeping (slot -> key, key -> slot, expert -> slot remap, free list) stays one consistent
-picture, and no pin or hold outlives its release."""
+picture, and no pin or hold outlives its release. Then examples of what a lazy call (a layer
+whose experts are all resident) reads: the layer's view of the pool, the device remap, and
+whether every expert is resident."""
 
 from __future__ import annotations
 
@@ -173,3 +175,93 @@ SlotCacheMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestSlotCache = SlotCacheMachine.TestCase
+
+
+# --- examples: what a lazy call reads ----------------------------------------------------------
+def _read(cache, key, value: int) -> int:
+    """A read of ``key`` whose bytes are all ``value``; returns its slot."""
+    slot = cache.reserve(key)
+    cache.pool_for(key[0], key[2]).slot_bytes("w", slot)[:] = value
+    cache.commit(key, slot)
+    return slot
+
+
+def _first_bytes(a) -> list[int]:
+    return np.array(a)[:, 0].tolist()
+
+
+def test_a_layer_view_exists_exactly_while_the_layer_lies_in_expert_order():
+    """A lazy call indexes the layer's view with the router's expert ids directly, so the view
+    must exist only while expert e sits in the view's row e; otherwise the device remap maps
+    each resident expert to its slot."""
+    cache = slot_cache(8, make_policy("lru", num_layers=3), layers=3, experts=4)
+    pool = cache.pool_for(0, "high")
+    for e in (0, 1):
+        _read(cache, (0, e, "high"), 10 + e)
+    assert cache.layer_view(0) is None  # two of four experts resident
+    for e in (2, 3):
+        _read(cache, (0, e, "high"), 10 + e)
+    view = cache.layer_view(0)  # (asked before: the answer follows the layout)
+    assert view is not None and _first_bytes(view.arrays["w"]) == [10, 11, 12, 13]
+    assert _first_bytes(cache.device_remap(0)[:, None]) == [0, 1, 2, 3]
+    for e in (1, 0, 3, 2):  # layer 1 resident, out of expert order
+        _read(cache, (1, e, "high"), 20 + e)
+    assert cache.layer_view(1) is None
+    remap = cache.device_remap(1)
+    assert _first_bytes(pool.arrays["w"][remap]) == [20, 21, 22, 23]
+    # layer 0 loses expert 1 to a read of layer 2 that then fails: no view, and the remap
+    # no longer sends expert 1 to the slot it left
+    cache.synced()
+    cache.pin_and_lookup([(0, 0, "high")])
+    cache.unpin([(0, 0, "high")])
+    cache.synced()
+    slot = cache.reserve((2, 0, "high"))
+    assert slot == 1 and (0, 1, "high") not in cache
+    cache.abandon((2, 0, "high"), slot)
+    assert cache.layer_view(0) is None
+    assert np.array(cache.device_remap(0)).tolist() == [0, 0, 2, 3]
+    _read(cache, (0, 1, "high"), 11)  # read again into the same slot: in order again
+    assert _first_bytes(cache.layer_view(0).arrays["w"]) == [10, 11, 12, 13]
+
+
+def test_every_expert_resident_is_known_until_one_is_evicted():
+    """With every 4-bit expert resident nothing can miss, so the runtime stops tracking lazy
+    calls; one eviction must end that."""
+    cache = slot_cache(8, make_policy("lru", num_layers=2), layers=2, experts=4, low_slots=2)
+    keys = [(layer, e, "high") for layer in range(2) for e in range(4)]
+    for key in keys[:-1]:
+        _read(cache, key, 1)
+        assert not cache.all_high_resident
+    _read(cache, (0, 0, "low"), 1)  # a 2-bit copy is not a 4-bit expert
+    assert not cache.all_high_resident
+    _read(cache, keys[-1], 1)
+    assert cache.all_high_resident
+    cache.shrink_to(cache.pools[0], 7)
+    assert not cache.all_high_resident
+
+
+def test_a_slot_a_pending_graph_reads_is_not_rewritten_before_the_sync():
+    """``stamp``: the current graphs read these experts' slots (a key not resident is ignored);
+    a read evicts another expert until the next sync, even the least recently used."""
+    cache = slot_cache(2, make_policy("lru"), layers=1, experts=8)
+    for e in (0, 1):
+        _read(cache, (0, e, "high"), e)
+    cache.synced()
+    cache.stamp([(0, 0, "high"), (0, 7, "high")])
+    slot = cache.reserve((0, 2, "high"))
+    assert slot is not None and (0, 0, "high") in cache and (0, 1, "high") not in cache
+    cache.commit((0, 2, "high"), slot)
+    cache.synced()  # the graphs ran: the LRU expert may go now
+    assert cache.reserve((0, 3, "high")) is not None and (0, 0, "high") not in cache
+
+
+def test_hits_told_later_rank_the_resident_experts_used():
+    """``record_hits``: a lazy call's router choices, read at a later sync, count as uses of
+    the experts resident (an expert not resident is ignored)."""
+    cache = slot_cache(2, make_policy("lru"), layers=1, experts=8)
+    for e in (0, 1):
+        _read(cache, (0, e, "high"), e)
+    cache.synced()
+    cache.record_hits(0, np.array([0, 5]))  # expert 0 used: the LRU one is now expert 1
+    assert cache.reserve((0, 2, "high")) is not None
+    assert (0, 0, "high") in cache and (0, 1, "high") not in cache

@@ -111,3 +111,133 @@ def test_spans_back_to_back_in_one_file_form_one_run():
     assert adjacent_runs(spans) == [[0, 1], [2, 3], [4], [5, 6]]
     assert adjacent_runs([]) == []
     assert adjacent_runs([(2, 7, 3)]) == [[0]]
+
+
+def _gappy_store(tmp_path, truncate_at: int | None = None):
+    """A record of two spans back to back in one file (one ``preadv`` of several buffers):
+    span 0 = [a: 64 x U32][gap 64 B][b: 64 x F16][gap 32 B], span 1 = [c: 16 x U32]. Read into a
+    float32 pool, ``b`` is converted; the gaps are skipped. ``truncate_at``: the file ends there."""
+    from hobbit_mlx.store import Manifest, PrecisionEntry, Record, TensorLayout
+
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 2**32, size=64, dtype=np.uint32)
+    b = rng.standard_normal(64).astype(np.float16)
+    c = rng.integers(0, 2**32, size=16, dtype=np.uint32)
+    raw = a.tobytes() + b"\xaa" * 64 + b.tobytes() + b"\xbb" * 32 + c.tobytes()
+    path = tmp_path / "experts.bin"
+    path.write_bytes(raw if truncate_at is None else raw[:truncate_at])
+    import zlib
+    spans = ((0, 0, 480), (0, 480, 64))
+    crcs = tuple(zlib.crc32(raw[o:o + n]) for _, o, n in spans)
+    tensors = [TensorLayout("a", "U32", (64,), 0, 0), TensorLayout("b", "F16", (64,), 0, 320),
+               TensorLayout("c", "U32", (16,), 1, 0)]
+    entry = PrecisionEntry(4, {}, tensors, [Record(spans, crcs)])
+    return Manifest("test", 1, 1, [str(path)], []), entry, dict(a=a, b=b, c=c)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_record_with_gaps_and_converted_floats_lands_as_stored(tmp_path, direct):
+    """Bytes between tensors are skipped and a float tensor stored in float16 lands converted in
+    a float32 pool; the tensors around them land byte for byte (a record read in place from a
+    checkpoint whose dtypes or layout differ from the pool's)."""
+    from hobbit_mlx.pools import SlotPool
+
+    manifest, entry, data = _gappy_store(tmp_path)
+    try:
+        reader = RecordReader(tmp_path, manifest, workers=1, direct=direct)
+    except StoreError:
+        pytest.skip("this file system refuses O_DIRECT")
+    pool = SlotPool(entry, 2, float_dtype=mx.float32)
+    try:
+        assert reader.read_into(entry, 0, pool, 1) == 544
+    finally:
+        reader.close()
+    np.testing.assert_array_equal(np.array(pool.arrays["a"][1]), data["a"])
+    assert pool.arrays["b"].dtype == mx.float32
+    np.testing.assert_array_equal(np.array(pool.arrays["b"][1]), data["b"].astype(np.float32))
+    np.testing.assert_array_equal(np.array(pool.arrays["c"][1]), data["c"])
+
+
+def test_a_file_that_ends_inside_a_read_of_several_buffers_names_the_byte(tmp_path):
+    from hobbit_mlx.pools import SlotPool
+
+    manifest, entry, _ = _gappy_store(tmp_path, truncate_at=400)  # inside b, after a and a gap
+    reader = RecordReader(tmp_path, manifest, workers=1)
+    try:
+        with pytest.raises(StoreError,
+                           match=r"end of file at byte 400 \(record needs 0\.\.544\)") as e:
+            reader.read_into(entry, 0, SlotPool(entry, 1, float_dtype=mx.float32), 0)
+    finally:
+        reader.close()
+    assert str(e.value).startswith(manifest.files[0])
+
+
+def test_io_workers_bound_the_reads_at_once_and_prefetch_reads_take_half(tmp_path):
+    """``io_workers=2``: two reads at once, prefetch reads on one thread of their own (so a read
+    the model waits for never queues behind them); the threads are named for shutdown checks.
+    Prefetch reads in flight make the storage backlog that prefetch admission looks at; it is
+    0 before any and once they are done."""
+    import threading
+
+    manifest, entry, _ = _gappy_store(tmp_path)
+    before = set(threading.enumerate())
+    reader = RecordReader(tmp_path, manifest, workers=2)
+    go, cond, started = threading.Event(), threading.Condition(), []
+
+    def blocking_read(entry, expert, pool, slot, background=False, ticket=None):
+        with cond:
+            started.append(background)
+            cond.notify_all()
+        assert go.wait(30)
+        return 7
+
+    reader.read_into = blocking_read
+    futures = []
+    try:
+        assert reader.backlog_seconds() == 0.0
+        futures += [reader.submit_into(entry, 0, None, 0) for _ in range(3)]
+        futures += [reader.submit_into(entry, 0, None, 0, background=True) for _ in range(3)]
+        names = sorted(t.name.split("_")[0] for t in set(threading.enumerate()) - before
+                       if "hobbit" in t.name)
+        assert names == ["hobbit-io", "hobbit-io", "hobbit-prefetch"]
+        with cond:
+            assert cond.wait_for(lambda: len(started) >= 3, 30)
+        assert sorted(started) == [False, False, True]
+        assert reader.backlog_seconds() > 0.0
+    finally:
+        go.set()
+        reader.close()
+    assert [f.result() for f in futures] == [7] * 6
+    assert reader.backlog_seconds() == 0.0
+
+
+def test_read_time_estimates_follow_the_reads_timed(tmp_path, monkeypatch):
+    """The reader's estimates of one read's time and of a byte's cost (whether the model waits
+    on a read inline; what a prefetch guess costs) follow the reads it times: on a clock where
+    every read takes 2 ms, after 40 reads they are 2 ms and 2 ms / the record's bytes."""
+    import time
+
+    from hobbit_mlx.pools import SlotPool
+
+    class Clock:  # ``time`` for the reader module: every reading moves 2 ms on
+        now = 0.0
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def perf_counter(self):
+            self.now += 2e-3
+            return self.now
+
+    manifest, entry, _ = _gappy_store(tmp_path)
+    reader = RecordReader(tmp_path, manifest, workers=1)
+    pool = SlotPool(entry, 1, float_dtype=mx.float32)
+    monkeypatch.setattr(reader_module, "time", Clock())
+    try:
+        for _ in range(40):
+            reader.read_into(entry, 0, pool, 0)
+    finally:
+        monkeypatch.undo()
+        reader.close()
+    assert reader.read_seconds == pytest.approx(2e-3, rel=0.02)
+    assert reader.seconds_per_byte() == pytest.approx(2e-3 / 544, rel=0.05)

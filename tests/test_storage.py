@@ -142,10 +142,25 @@ def test_the_reader_waits_for_the_device_and_counts_prefetch_apart(tmp_path):
         assert slow.device.prefetch_bytes == entry.records[2].nbytes
         for name in pools[0].arrays:
             assert np.array_equal(pools[0].slot_bytes(name, 0), pools[1].slot_bytes(name, 0))
+        # whole records are demand reads too, and read the same bytes
+        rec = entry.records[4]
+        got, want = slow.read_bytes(rec), plain.read_bytes(rec)
+        assert [p.tobytes() for p in got] == [p.tobytes() for p in want]
+        assert slow.device.demand_bytes == nbytes + rec.nbytes
+        # a byte costs what the simulated device's bandwidth says (what prefetch guesses weigh)
+        assert slow.seconds_per_byte() == 1 / 200e6
+        # a cancelled prefetch read stops before its bytes, on the device or not, whether the
+        # caller reads or a prefetch thread does
         ticket = ReadTicket()
         ticket.cancel()
-        with pytest.raises(ReadCancelled):
-            plain.read_into(entry, 3, pools[0], 1, background=True, ticket=ticket)
+        for reader in (plain, slow):
+            with pytest.raises(ReadCancelled):
+                reader.read_into(entry, 3, pools[0], 1, background=True, ticket=ticket)
+            fut = reader.submit_into(entry, 3, pools[0], 1, background=True, ticket=ticket)
+            assert isinstance(fut.exception(30), ReadCancelled)
+        assert slow.device.cancelled_bytes == 2 * entry.records[3].nbytes
+        assert slow.device.prefetch_bytes == entry.records[2].nbytes
+        assert plain.bytes_read == nbytes + rec.nbytes  # (the cancelled reads read nothing)
     finally:
         plain.close()
         slow.close()

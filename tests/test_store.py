@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -87,8 +88,13 @@ def test_checksum_mismatch_names_the_file(model_copy):
                 byte = fh.read(1)
                 fh.seek(off + n // 2)
                 fh.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(StoreError, match="checksum mismatch"):
+    with pytest.raises(StoreError, match="checksum mismatch") as e:
         _forward(model_copy)
+    # the error names the file and the damaged record's bytes (where to look, what to reconvert)
+    damaged = {(str(model_copy / manifest.files[f]), off, off + n) for layer in manifest.layers
+               for rec in layer.precisions["high"].records for f, off, n in rec.spans[:1]}
+    m = re.match(r"(.+): checksum mismatch in bytes (\d+)\.\.(\d+) ", str(e.value))
+    assert m and (m.group(1), int(m.group(2)), int(m.group(3))) in damaged, str(e.value)
 
 
 def test_manifest_that_does_not_match_config(model_copy):

@@ -209,14 +209,17 @@ def test_shallow_policy_evicts_deep_layers_first():
 
 
 def test_hobbit_policy_prefers_to_evict_the_layer_just_computed():
-    policy = make_policy("hobbit", num_layers=4, w_lru=0, w_lfu=0, w_lhu=0, w_fld=1)
-    cache = slot_cache(2, policy)
-    assert put(cache, (1, 0, "high"))
-    assert put(cache, (2, 0, "high"))
-    cache.on_layer(2)  # layer 2 just ran: layer 1 is needed sooner than layer 2's next call? no:
-    # after layer 2 come 3, 0, 1, then 2 again, so layer 2's expert is the farthest
-    assert put(cache, (3, 0, "high"))
-    assert (1, 0, "high") in cache and (2, 0, "high") not in cache
+    # (just_ran=1: a policy never told which layer ran would count from layer 0 and evict
+    # layer 0's expert, the one needed next)
+    for just_ran in (2, 1):
+        policy = make_policy("hobbit", num_layers=4, w_lru=0, w_lfu=0, w_lhu=0, w_fld=1)
+        cache = slot_cache(2, policy)
+        assert put(cache, (just_ran - 1, 0, "high"))
+        assert put(cache, (just_ran, 0, "high"))
+        cache.on_layer(just_ran)  # after layer L come L+1, ..., L-1, then L again: L's expert
+        # is needed last
+        assert put(cache, (3, 0, "high"))
+        assert (just_ran - 1, 0, "high") in cache and (just_ran, 0, "high") not in cache
 
 
 def test_arc_keeps_a_reused_expert_through_a_scan():
