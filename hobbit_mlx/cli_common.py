@@ -332,7 +332,8 @@ def technique_options(args: argparse.Namespace) -> dict:
     if speculative is not None and getattr(args, "pipeline", False):
         raise CLIError("--speculative does not run with --pipeline")
     return dict(speculative=speculative, draft_model=getattr(args, "draft_model", None),
-                speculative_adaptive=getattr(args, "speculative_adaptive", True), exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
+                speculative_adaptive=getattr(args, "speculative_adaptive", True),
+                exact=args.exact, mixed_precision=args.mixed_precision, t1=args.t1, t2=args.t2,
                 skip=args.skip, upgrade_after=args.upgrade_after, big_little=args.big_little,
                 little_threshold=args.little_threshold,
                 little_keeps_resident=args.little_keeps_resident,

@@ -626,7 +626,7 @@ class OffloadedSwitch(nn.Module):
                                      rt.prefill_low_precision)
         little = None  # rows (tokens) that big-little runs on top-k/2 experts
         if opts.big_little and level is not None:
-            little = (scale != 1).any(axis=-1)
+            little = (scale != 1).any(axis=-1)  # (its top half is scaled by 1 / its mass)
             rt.stats.routed_tokens += len(flat)
             rt.stats.little_tokens += int(little.sum())
         if opts.drops_misses and level is not None:

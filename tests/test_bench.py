@@ -350,3 +350,22 @@ def test_harness_replay_reproduces_measured_lru(quick_run):
     assert len(checks) == 2
     for c in checks:
         assert c["replayed"] == pytest.approx(c["measured"], abs=1e-12)
+
+
+def test_forced_decode_compares_configurations_on_the_same_tokens(tiny_model, tmp_path):
+    """Every configuration decodes the same held-out tokens: exact offloading scores mlx-lm's
+    likelihoods and argmax exactly; a lossy one reads fewer bytes than exact LRU."""
+    from bench import forced_decode
+
+    out = tmp_path / "out"
+    assert forced_decode.main(["--model", str(tiny_model[0]), "--residencies", "0.25",
+                               "--prompt-tokens", "8", "--tokens", "8", "--pieces", "1",
+                               "--configs", "lru,default",
+                               "--out", str(out), "--name", "fd"]) == 0
+    res = json.loads((out / "fd.json").read_text())
+    rows = {r["config"]: r for r in res["rows"]}
+    assert rows["lru"]["ppl_x"] == pytest.approx(1.0, abs=1e-5)
+    assert rows["lru"]["top1_agree"] == 1.0 and rows["lru"]["x_lru"] == 1.0
+    assert rows["lru"]["bytes"] > 0 and rows["lru"]["misses_low"] == 0
+    assert rows["default"]["bytes"] < rows["lru"]["bytes"]
+    assert rows["default"]["x_lru"] > 0 and "| default | 25.0% |" in (out / "fd.md").read_text()
