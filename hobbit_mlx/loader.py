@@ -26,6 +26,7 @@ from .prefetch import Prefetcher
 from .reader import RecordReader
 from .storage import parse_storage
 from .routing import StackedGates
+from .speculative import check_draft_tokens
 from .store import (Manifest, StoreError, check_references, check_store_files, is_hobbit_model,
                     load_manifest, manifest_path)
 from .widths import AdaptiveWidth
@@ -326,7 +327,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_per_token: int = 
                                         cost_aware=o.prefetch_cost_aware)
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
                      prefill_step_size=prefill_step_size)
-    runtime.speculative = (4 if o.speculative is True else o.speculative or 0,
+    runtime.speculative = (check_draft_tokens(o.speculative) if o.speculative else 0,
                            o.speculative_adaptive)  # (max draft tokens, adaptive); 0: off
     runtime.preload()
     reader.bytes_read = 0

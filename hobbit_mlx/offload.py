@@ -33,7 +33,7 @@ from .architectures import switch_linear_paths
 from .cache import SlotCache
 from .pools import SlotPool
 from .precision import (DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions,
-                        demote_unpopular, little_scale, plan_slots)
+                        demote_unpopular, plan_slots, renormalized)
 from .read_cost import ReadCost
 from .reader import RecordReader
 from .routing import find_router, gate_weights, normalized, tap_router
@@ -292,6 +292,12 @@ class OffloadRuntime:
             return self.prefetcher.has_or_reading(layer, expert, precision)
         return (layer, expert, precision) in self.cache
 
+
+    def has_any_copy(self, layer: int, expert: int) -> bool:
+        """A copy of the expert, 4-bit or 2-bit, is resident or being read: running it reads
+        nothing more (what skip, big-little and drafting keep)."""
+        return self.has_or_reading(layer, expert, "high") or \
+            self.has_or_reading(layer, expert, "low")
     def wait_idle(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.wait_idle()
@@ -632,7 +638,7 @@ class OffloadedSwitch(nn.Module):
         if opts.drops_misses and level is not None:
             level = self._skip_missing(flat, level)
             if little is not None and opts.little_keeps_resident and little.any():
-                scale = little_scale(weights, level, scale, little)
+                scale = renormalized(weights, level, scale, little)
         if rt.draft_only:
             level, scale = self._draft_levels(flat, weights, level)
 
@@ -674,8 +680,7 @@ class OffloadedSwitch(nn.Module):
         level = level.copy()
         run = set(flat[(level == HIGH) | (level == LOW)].tolist()) if len(flat) > 1 else ()
         for e in np.unique(flat[maybe]).tolist():
-            held = e in run or rt.has_or_reading(lid, e, "high") or \
-                rt.has_or_reading(lid, e, "low")
+            held = e in run or rt.has_any_copy(lid, e)
             level[maybe & (flat == e)] = LOW if held else DROP
         return level
 
@@ -691,9 +696,9 @@ class OffloadedSwitch(nn.Module):
         out = np.full(flat.shape, HIGH, dtype=np.int8) if level is None else level.copy()
         held = np.zeros(self.layer.num_experts, dtype=bool)
         for e in np.unique(flat).tolist():
-            held[e] = rt.has_or_reading(lid, e, "high") or rt.has_or_reading(lid, e, "low")
+            held[e] = rt.has_any_copy(lid, e)
         kept = (out != DROP) & held[flat]
-        out[(out != DROP) & ~kept] = DROP
+        out[~kept] = DROP
         empty = np.flatnonzero(~kept.any(axis=-1))
         if len(empty):
             top = np.argmax(np.where(level[empty] != DROP, weights[empty], -1.0), axis=-1) \
@@ -701,10 +706,8 @@ class OffloadedSwitch(nn.Module):
             low = "low" in self._by_precision and rt.cache.capacity(lid, "low") > 0 and \
                 rt.lossy_now()
             out[empty, top] = LOW if low else HIGH
-            kept[empty, top] = True
-        mass = np.where(kept, weights, 0.0).sum(axis=-1, keepdims=True)
-        scale = np.where(kept, 1.0 / np.maximum(mass, 1e-9), 1.0).astype(np.float32)
-        return out, scale
+        every = np.ones(len(flat), dtype=bool)
+        return out, renormalized(weights, out, np.ones(flat.shape, np.float32), every)
 
     def _serve(self, flat: np.ndarray, level: np.ndarray) -> list:
         """Decide, for each needed expert, which copy serves it: [(precision, experts, slot mask)]."""

@@ -9,7 +9,10 @@ As in HOBBIT, only a miss is skipped: a resident expert costs no read, so it is 
 
 MoBiLE big-little: a token whose top-k/2 experts already carry ``little_threshold`` of the gate
 mass is "unimportant" and runs only those (their weights renormalized); every other token runs
-the full top-k (the fallback to big).
+the full top-k (the fallback to big). With ``little_keeps_resident`` (the default) its other
+experts are dropped only where they would be read, as HOBBIT skips misses only: a resident one
+costs no read, so it runs, and the token's weights are renormalized over what ran
+(``renormalized``). The same bytes are saved and less of the gate mass is lost.
 
 Upgrade on heat (HOBBIT's high-precision-use factor turned into a read rule): with
 ``upgrade_after`` > 0, a miss on an expert that has not proven hot is read in 2-bit even when the
@@ -113,15 +116,15 @@ def _plan_one_token(row: list, opts: PrecisionOptions) -> tuple[np.ndarray, np.n
     return np.array([level], dtype=np.int8), np.array([scale], dtype=np.float32)
 
 
-def little_scale(weights: np.ndarray, level: np.ndarray, scale: np.ndarray,
-                 little: np.ndarray) -> np.ndarray:
-    """The output factors once a call decided which ``SKIP_IF_MISSING`` slots run: each
-    ``little`` token's kept experts are renormalized over the gate mass that runs (its plan
-    assumed all its other experts dropped; the resident ones ran)."""
+def renormalized(weights: np.ndarray, level: np.ndarray, scale: np.ndarray,
+                 rows: np.ndarray) -> np.ndarray:
+    """The output factors once a call decided which slots run: in ``rows`` (a little token whose
+    resident experts ran after all, a draft token) the kept experts are renormalized over the
+    gate mass that runs; other rows keep ``scale``."""
     kept = level != DROP
     mass = np.where(kept, weights, 0.0).sum(axis=-1, keepdims=True)
-    renormalized = np.where(kept, 1.0 / np.maximum(mass, 1e-9), 1.0)
-    return np.where(little[:, None], renormalized, scale).astype(np.float32)
+    factors = np.where(kept, 1.0 / np.maximum(mass, 1e-9), 1.0)
+    return np.where(rows[:, None], factors, scale).astype(np.float32)
 
 
 def demote_unpopular(indices: np.ndarray, level: np.ndarray, min_share: float) -> np.ndarray:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from hobbit_mlx.precision import (DROP, HIGH, LOW, SKIP_IF_MISSING, ExpertHeat, PrecisionOptions,
-                                  demote_unpopular, little_scale, plan_slots)
+                                  demote_unpopular, plan_slots, renormalized)
 
 weights = st.integers(1, 8).flatmap(lambda k: arrays(
     np.float32, st.tuples(st.sampled_from([1, 1, 2, 6]), st.just(k)),
@@ -58,7 +58,7 @@ def test_levels_follow_the_definitions(w, t, skip, big_little, little, mixed, ke
         np.testing.assert_allclose(sc, want_scale, rtol=1e-5)
 
 
-def test_little_scale_renormalizes_little_tokens_over_what_runs():
+def test_renormalized_rescales_little_tokens_over_what_runs():
     w = np.array([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.4, 0.3, 0.2, 0.1]],
                  dtype=np.float32)
     plan = np.array([[1 / 0.8] * 2 + [1.0] * 2] * 2 + [[1.0] * 4], dtype=np.float32)
@@ -67,13 +67,13 @@ def test_little_scale_renormalizes_little_tokens_over_what_runs():
     level = np.array([[HIGH, HIGH, LOW, DROP], [HIGH, HIGH, DROP, DROP],
                       [HIGH, HIGH, HIGH, DROP]], dtype=np.int8)
     little = np.array([True, True, False])
-    got = little_scale(w, level, plan, little)
+    got = renormalized(w, level, plan, little)
     np.testing.assert_allclose(got[0], [1 / 0.95] * 3 + [1.0], rtol=1e-6)
     np.testing.assert_allclose(got[1], [1 / 0.8] * 2 + [1.0] * 2, rtol=1e-6)
     np.testing.assert_array_equal(got[2], plan[2])
     # every expert resident: the little token runs whole, unscaled
     np.testing.assert_array_equal(
-        little_scale(w[:1], np.array([[HIGH, HIGH, LOW, LOW]], np.int8), plan[:1], little[:1]),
+        renormalized(w[:1], np.array([[HIGH, HIGH, LOW, LOW]], np.int8), plan[:1], little[:1]),
         np.ones((1, 4), np.float32))
     assert got.dtype == np.float32
 
