@@ -79,7 +79,7 @@ class SlotCache:
             self._pool_of[lp] = self._slots[id(pool)]
         self._slot_of: dict[Key, int] = {}
         self._remap = {lp: np.full(num_experts[lp[0]], -1, dtype=np.int64) for lp in pools}
-        self._device_remap: dict[tuple[int, str], mx.array | None] = {lp: None for lp in pools}
+        self._device_remap: dict[tuple[int, str], tuple | None] = {lp: None for lp in pools}
         self._views: dict[tuple[int, str], LayerView | None] = {}  # (absent: not known yet)
         self._per_layer: Counter = Counter()  # (layer, precision) -> resident experts
         self._pins: Counter = Counter()
@@ -290,15 +290,23 @@ class SlotCache:
     def device_remap(self, layer: int, precision: str = "high") -> mx.array:
         """Expert id -> slot on the device (experts not resident map to slot 0: a call only
         indexes experts it made resident). Rebuilt on the model's thread when it changed."""
-        lp = (layer, precision)
-        remap = self._device_remap[lp]
-        if remap is None:
-            with self.lock:
-                host = np.maximum(self._remap[lp], 0).astype(np.uint32)
-            remap = self._device_remap[lp] = mx.array(host)
-        return remap
+        return self.device_residency(layer, precision)[0]
 
-    # --- protections ----------------------------------------------------------------------
+    def device_residency(self, layer: int,
+                         precision: str = "high") -> tuple[mx.array, mx.array, np.ndarray]:
+        """The layer's remap on the device, which experts it holds (on the device, and on the
+        host as they were when it was built): a call may start its resident experts before the
+        host knows which experts it needs, and mask out the rest."""
+        lp = (layer, precision)
+        state = self._device_remap[lp]
+        if state is None:
+            with self.lock:
+                host = self._remap[lp].copy()
+            held = host >= 0
+            state = self._device_remap[lp] = (mx.array(np.maximum(host, 0).astype(np.uint32)),
+                                              mx.array(held), held)
+        return state
+
     def pin(self, keys) -> None:
         with self.lock:
             self._pins.update(keys)

@@ -132,7 +132,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "on: as many whole layers as the cache holds, 1 to a quarter of the "
                         "layers; else 0).")
     t.add_argument("--no-overlap-io", dest="overlap_io", action="store_false",
-                   help="Do not start resident experts' compute while misses are read.")
+                   help="Do not start resident experts' compute before the router sync (decode) or "
+                        "while misses are read (prompt chunks).")
     t.add_argument("--speculative", type=int, default=None, metavar="K",
                    help="Self-speculative decoding: draft up to K tokens per pass from the "
                         "resident experts (no reads), verify them in one exact pass (each missing "

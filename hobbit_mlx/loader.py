@@ -186,7 +186,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
       predictions are read in 2-bit.
     * ``prefill_low_precision`` (Fate): during prefill, an expert chosen by less than this share
       of a chunk's tokens is served from its 2-bit copy.
-    * ``overlap_io``: resident experts start computing while the misses are read.
+    * ``overlap_io``: resident experts start computing before the router sync (decode) or while
+      the misses are read (prompt chunks).
     * ``adapt_to_storage``: the lossy techniques (2-bit copies, skip, big-little, Fate's prefill
       rule) serve a call only while reading a layer's top-k experts would take longer than the
       layer computes, both measured as the model runs (off: always).

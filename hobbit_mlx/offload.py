@@ -10,7 +10,10 @@ the pool. Exact mode is therefore bit-equal to mlx-lm with everything resident.
   as stock. Its hits are counted later, from the router indices kept meanwhile.
 * **Otherwise one host sync per layer call**, on the router indices, the gate weights (mixed
   precision) and the next layers' predictions (prefetch) together. Misses are read straight into
-  free or evicted slots (when reads are slow, while the resident experts start computing).
+  free or evicted slots. In a decode call the resident 4-bit experts start computing before that
+  sync (the *early run*: the device remap sends every choice to a slot and masks the non-resident
+  ones to zero), so they run while the host plans the call and reads its misses; after it only the
+  misses and the 2-bit part run. In a prompt chunk, resident experts start while misses are read.
 * A prompt chunk is grouped by expert: every expert a chunk needs in a layer is read once. When a
   chunk needs more experts than the pool can give it, they run in groups whose partial outputs
   are evaluated (so the slots may be reused) and summed.
@@ -77,6 +80,8 @@ class OffloadStats:
     routed_tokens: int = 0
     layer_calls: int = 0
     host_syncs: int = 0
+    early_runs: int = 0  # decode calls whose resident experts started before the router sync
+    early_unused: int = 0  # ... whose early output the plan could not use (it served them otherwise)
     pool_rebuilds: int = 0
     read_wait_s: float = 0.0
 
@@ -607,13 +612,19 @@ class OffloadedSwitch(nn.Module):
         lazy_weights = gate_weights(gate_out, indices, rt.scoring) if want_weights else None
         predictions = pf.predictions_after(self.position, gate_in) if pf is not None \
             and self.router is not None and gate_in is not None else []
+        decode = indices.size // indices.shape[-1] <= ASYNC_MAX_TOKENS
+        early = self._start_resident(x, indices) if decode else None
         # The one host sync: which experts this call needs, their gate weights, the next layers'
-        # predictions, and every graph built on the pools since the last sync, evaluated together.
-        mx.eval([a for a in (indices, lazy_weights) if a is not None], [p[2] for p in predictions],
-                rt.pending_outputs())
+        # predictions, and every graph built on the pools since the last sync, evaluated together
+        # (while the early run, scheduled after them, goes on computing).
+        routed = [[a for a in (indices, lazy_weights) if a is not None], [p[2] for p in predictions],
+                  rt.pending_outputs()]
+        if early is not None:
+            mx.async_eval(routed)
+            mx.async_eval(early[0])
+        mx.eval(routed)
         rt.cache.synced()
         rt.stats.host_syncs += 1
-        decode = indices.size // indices.shape[-1] <= ASYNC_MAX_TOKENS
         rt.read_cost.on_sync(time.perf_counter(), rt.stats.read_wait_s, self.position, decode)
         if rt._deferred:  # evaluated by this sync
             rt.count_deferred(len(rt._deferred))
@@ -621,6 +632,9 @@ class OffloadedSwitch(nn.Module):
         rt.cache.on_layer(self.layer.layer)
         k = idx.shape[-1]
         flat = idx.reshape(-1, k)
+        if early is not None:  # its slots stay unwritten until it has run (a prefetch may evict)
+            ran = set(flat[early[1][flat]].tolist())
+            rt.cache.stamp([(self.layer.layer, e, "high") for e in ran])
         weights = normalized(lazy_weights, flat.shape) if want_weights else None
         if rt.trace is not None:
             rt.trace.append((self.layer.layer, flat.copy(), None if weights is None else weights.copy()))
@@ -659,7 +673,7 @@ class OffloadedSwitch(nn.Module):
             protected = pf.consume(self.layer.layer, needed)
             pf.issue(predictions)
         try:
-            y = self._compute(x, indices, flat, parts, idx.shape)
+            y = self._compute(x, indices, flat, parts, idx.shape, early)
         finally:  # the layer's fetches have pinned (and used) what they need by now
             rt.cache.release(protected)
         if scale is not None and (scale != 1).any():
@@ -668,6 +682,33 @@ class OffloadedSwitch(nn.Module):
         if decode:  # decode: this layer computes while the host builds the
             mx.async_eval(y)              # next one's graph (a prefill chunk is better whole)
         return y
+
+    def _start_resident(self, x: mx.array, indices: mx.array) -> tuple | None:
+        """A decode call's resident 4-bit experts, run before the host has seen the router's
+        choice (through the device remap, every other choice masked to zero), so that they compute
+        while the host plans the call and its misses are read: (output, experts held then).
+        None where it cannot pay: overlap off, or nothing resident. (Only the model's thread
+        evicts, and it stamps the slots this run reads right after the sync.)"""
+        rt, lid = self._runtime, self.layer.layer
+        if not rt.overlap_io or rt.cache.resident_in_layer(lid) == 0:
+            return None
+        remap, held_device, held = rt.cache.device_residency(lid)
+        y = self._by_precision["high"](x, remap[indices])
+        y = mx.where(held_device[indices][..., None], y, mx.zeros((), dtype=y.dtype))
+        return y.astype(x.dtype), held
+
+    @staticmethod
+    def _early_serves(flat: np.ndarray, parts: list, held: np.ndarray) -> bool:
+        """Whether the early run's output is what the plan wants for the (token, choice) pairs
+        it computed: every pair whose expert was resident in 4-bit is served by the 4-bit part
+        (none dropped, none given to a 2-bit copy)."""
+        computed = held[flat]
+        if not computed.any():
+            return False
+        for precision, experts, mask in parts:
+            if precision == "high":
+                return mask is _ALL or not (computed & ~mask).any()
+        return False
 
     def _skip_missing(self, flat: np.ndarray, level: np.ndarray) -> np.ndarray:
         """Level with each SKIP_IF_MISSING slot turned DROP when no copy of its expert is resident
@@ -758,10 +799,20 @@ class OffloadedSwitch(nn.Module):
         return out.reshape(*shape, hidden)
 
     def _compute(self, x: mx.array, indices: mx.array, flat: np.ndarray, parts: list,
-                 shape: tuple) -> mx.array:
+                 shape: tuple, early: tuple | None = None) -> mx.array:
+        """The call's output: each part's experts fetched and run. ``early`` (output, experts held
+        when it was built): the resident 4-bit experts already running; then only the 4-bit
+        part's misses run here, unless the plan serves some of those pairs otherwise."""
         rt = self._runtime
         lid = self.layer.layer
         outputs = []
+        early_held = None
+        if early is not None:
+            if self._early_serves(flat, parts, early[1]):
+                outputs, early_held = [early[0]], early[1]
+                rt.stats.early_runs += 1
+            else:
+                rt.stats.early_unused += 1
         whole = len(parts) == 1 and (parts[0][2] is _ALL or parts[0][2].all())
         for precision, experts, mask in parts:
             remaining = experts
@@ -784,7 +835,18 @@ class OffloadedSwitch(nn.Module):
                 stuck = 0
                 hit = fetch.resident
                 waiting = sum(1 for p in fetch.pending if p[1] is not None)  # (not read inline)
-                if rt.overlap_io and 0 < len(hit) < len(fetch.experts) and \
+                if early_held is not None and precision == "high":
+                    ran = early_held[fetch.experts]  # (a prefetch may have landed others since)
+                    if not np.isin(np.flatnonzero(ran), hit).all():
+                        fetch.finish()
+                        raise RuntimeError("an expert the early run read was evicted before the "
+                                           "call's fetch")
+                    fetch.finish()
+                    rest = np.flatnonzero(~ran)
+                    if len(rest):
+                        outputs.append(self._masked_run(x, flat, mask, fetch.experts[rest],
+                                                        fetch.slots[rest], precision, shape))
+                elif rt.overlap_io and 0 < len(hit) < len(fetch.experts) and \
                         rt.reader.read_seconds * waiting > OVERLAP_MIN_WAIT_S:
                     # Start the resident experts' compute while the misses are being read.
                     outputs.append(self._masked_run(x, flat, mask, fetch.experts[hit],

@@ -226,30 +226,39 @@ def test_load_options_and_keywords_are_the_same_call(tiny_factory):
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_overlapped_reads_give_the_same_logits(tiny_factory, monkeypatch, overlap):
-    """With overlap, a call with hits and misses runs its resident experts while the misses are
-    read (two runs summed); without, one run after the reads. Both equal mlx-lm bit for bit."""
+    """With overlap, a prompt chunk with hits and misses runs its resident experts while the misses
+    are read, and a decode call starts them before the router sync (the early run); each adds a
+    masked run of the misses, summed. Without, one run after the reads. Both equal mlx-lm bit for
+    bit."""
     import hobbit_mlx.offload as offload
 
     src, dst = tiny_factory("mixtral")
     ref = _reference(src)
     tokens = _tokens(40, seed=6)
+    # 8 tokens decoded, then a 24-token chunk (the cache holds experts by then), then 8 decoded
+    steps = [(i, i + 1) for i in range(8)] + [(8, 32)] + [(i, i + 1) for i in range(32, 40)]
     ref_cache = make_prompt_cache(ref)
-    want = [np.array(ref(tokens[:, i:i + 1], cache=ref_cache)) for i in range(40)]
-    monkeypatch.setattr(offload, "OVERLAP_MIN_WAIT_S", 0.0 if overlap else float("inf"))
+    want = [np.array(ref(tokens[:, a:b], cache=ref_cache)) for a, b in steps]
+    monkeypatch.setattr(offload, "OVERLAP_MIN_WAIT_S", 0.0)
     monkeypatch.setattr(offload, "INLINE_READ_S", 0.0)  # reads in threads, so there is a wait
     runs = []
     masked = offload.OffloadedSwitch._masked_run
     monkeypatch.setattr(offload.OffloadedSwitch, "_masked_run",
                         lambda self, *a: runs.append(1) or masked(self, *a))
     model, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, prefetch_layers=0,
-                               progress=False)
+                               overlap_io=overlap, prefill_step_size=32, progress=False)
     runs.clear()  # (load measures activations with masked runs)
     cache = make_prompt_cache(model)
-    for i in range(40):
-        np.testing.assert_array_equal(np.array(model(tokens[:, i:i + 1], cache=cache)), want[i])
+    prompt_runs = 0
+    for (a, b), expected in zip(steps, want):
+        before = len(runs)
+        np.testing.assert_array_equal(np.array(model(tokens[:, a:b], cache=cache)), expected)
+        if b - a > 1:
+            prompt_runs = len(runs) - before
     stats = hobbit_mlx.offload_stats(model)
     assert stats["misses_high"] > 0 and stats["hits_high"] > 0
-    assert (len(runs) > 0) == overlap  # the split ran only when overlapping
+    assert (prompt_runs > 0) == overlap  # the split ran only when overlapping
+    assert (stats["early_runs"] > 0) == (len(runs) > prompt_runs) == overlap
 
 
 def test_new_sequence_after_a_long_one_gets_its_pools_back(tiny_factory):
