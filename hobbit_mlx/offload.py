@@ -14,6 +14,7 @@ the pool. Exact mode is therefore bit-equal to mlx-lm with everything resident.
   sync (the *early run*: the device remap sends every choice to a slot and masks the non-resident
   ones to zero), so they run while the host plans the call and reads its misses; after it only the
   misses and the 2-bit part run. In a prompt chunk, resident experts start while misses are read.
+  A call served by a 4-bit and a 2-bit part sends both parts' reads before it waits for either.
 * A prompt chunk is grouped by expert: every expert a chunk needs in a layer is read once. When a
   chunk needs more experts than the pool can give it, they run in groups whose partial outputs
   are evaluated (so the slots may be reused) and summed.
@@ -804,7 +805,6 @@ class OffloadedSwitch(nn.Module):
         when it was built): the resident 4-bit experts already running; then only the 4-bit
         part's misses run here, unless the plan serves some of those pairs otherwise."""
         rt = self._runtime
-        lid = self.layer.layer
         outputs = []
         early_held = None
         if early is not None:
@@ -814,11 +814,33 @@ class OffloadedSwitch(nn.Module):
             else:
                 rt.stats.early_unused += 1
         whole = len(parts) == 1 and (parts[0][2] is _ALL or parts[0][2].all())
+        # Every part's reads go out before any is waited for: the device reads the 2-bit part's
+        # misses while the host waits for the 4-bit part's and builds its run.
+        ahead = {}
+        try:
+            for precision, experts, _ in parts if len(parts) > 1 else ():
+                if len(experts):
+                    ahead[precision] = Fetch(rt, self.layer, experts, precision)
+            return self._run_parts(x, flat, parts, shape, outputs, early_held, whole, ahead)
+        except BaseException:
+            for fetch in ahead.values():  # (not reached: its pins go, its reads land)
+                try:
+                    fetch.finish()
+                except BaseException:
+                    pass
+            raise
+
+    def _run_parts(self, x: mx.array, flat: np.ndarray, parts: list, shape: tuple, outputs: list,
+                   early_held: np.ndarray | None, whole: bool, ahead: dict) -> mx.array:
+        """Each part's fetches (``ahead``: each part's first, made already) finished and run, in
+        groups where the pool cannot hold a part's experts at once."""
+        rt = self._runtime
+        lid = self.layer.layer
         for precision, experts, mask in parts:
             remaining = experts
             stuck = 0
             while len(remaining):
-                fetch = Fetch(rt, self.layer, remaining, precision)
+                fetch = ahead.pop(precision, None) or Fetch(rt, self.layer, remaining, precision)
                 if not len(fetch.experts):  # no slot free: this call's graphs or reads hold them
                     stuck += 1
                     if stuck > 2:
