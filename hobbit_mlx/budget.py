@@ -63,8 +63,22 @@ def system_memory_bytes() -> int:
 
 def kv_tokens_for(tokens: int) -> int:
     """Tokens of KV memory mlx-lm holds for ``tokens`` (whole steps, plus the step a growing
-    cache allocates before it copies the old one over)."""
+    cache allocates before it copies the old one over): the rule where the largest layer's
+    share of the KV is not known (``kv_bytes_for``)."""
     return (max(tokens, 1) + KV_STEP - 1) // KV_STEP * KV_STEP + KV_STEP
+
+
+def kv_bytes_for(tokens: int, per_token: int, layer_per_token: int = 0) -> int:
+    """KV bytes at the peak of holding ``tokens``: every layer's cache in whole steps, and, while
+    a layer's cache grows, its old buffer beside the new one (mlx-lm's KVCache concatenates the
+    old buffer with the new step, one layer at a time): one layer's whole size more, measured
+    at up to 3072 tokens on the reference model. ``layer_per_token``: the largest layer's KV
+    bytes per token; 0 (not known) reserves one step of every layer instead (``kv_tokens_for``),
+    which is short of the growth peak once one layer's cache exceeds a step of all of them."""
+    if not layer_per_token:
+        return per_token * kv_tokens_for(tokens)
+    whole = (max(tokens, 1) + KV_STEP - 1) // KV_STEP * KV_STEP
+    return (per_token + layer_per_token) * whole
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,10 @@ class BudgetPlan:
     mixed_precision: bool
     expert_cap_bytes: int  # the pools never take more (all experts, or a residency's share)
     initial_context: int = INITIAL_CONTEXT  # KV reserved for a sequence of unknown length
+    kv_layer_bytes_per_token: int = 0  # the largest layer's share (0: not known)
+
+    def kv_bytes(self, tokens: int) -> int:
+        return kv_bytes_for(tokens, self.kv_bytes_per_token, self.kv_layer_bytes_per_token)
 
     def activation_for(self, tokens: int) -> int:
         """Measured activations of the smallest measured chunk that holds ``tokens``."""
@@ -112,7 +130,7 @@ class BudgetPlan:
 
     @property
     def kv_reserve_bytes(self) -> int:
-        return self.kv_bytes_per_token * kv_tokens_for(self.kv_tokens)
+        return self.kv_bytes(self.kv_tokens)
 
     @property
     def expert_cache_bytes(self) -> int:
@@ -122,19 +140,26 @@ class BudgetPlan:
     def minimum_bytes(self) -> int:
         """The smallest budget that runs: the smallest chunk, one KV step, one top-k per pool."""
         return (self.dense_bytes + self.activation_points[0][1]
-                + self.kv_bytes_per_token * kv_tokens_for(1) + self.min_expert_bytes)
+                + self.kv_bytes(1) + self.min_expert_bytes)
 
     def max_context(self, chunk: int = 1) -> int:
         """The longest context the budget holds beside a ``chunk``-token call, pools at minimum."""
         room = self.budget_bytes - self.dense_bytes - self.activation_for(chunk) - self.min_expert_bytes
-        steps = room // max(1, self.kv_bytes_per_token) // KV_STEP - 1
+        return self._kv_tokens_within(room)
+
+    def _kv_tokens_within(self, room: int) -> int:
+        """The longest context (whole steps) whose KV fits in ``room`` bytes."""
+        if self.kv_layer_bytes_per_token:
+            steps = room // max(1, self.kv_bytes_per_token + self.kv_layer_bytes_per_token) // KV_STEP
+        else:
+            steps = room // max(1, self.kv_bytes_per_token) // KV_STEP - 1
         return max(0, steps * KV_STEP)
 
     def largest_chunk(self, tokens: int) -> int:
         """The longest measured chunk the budget affords beside a ``tokens`` context, its
         activations taking at most ``CHUNK_SHARE`` of what dense weights and KV leave (prefill
         in shorter chunks is a little slower; smaller pools make every decoded token slower)."""
-        room = self.budget_bytes - self.dense_bytes - self.kv_bytes_per_token * kv_tokens_for(tokens)
+        room = self.budget_bytes - self.dense_bytes - self.kv_bytes(tokens)
         fits = [n for n, b in self.activation_points
                 if self.max_context(n) >= tokens and b <= CHUNK_SHARE * room]
         return fits[-1] if fits else (self.activation_points[0][0]
@@ -162,20 +187,20 @@ class BudgetPlan:
         chunk = max(1, min(chunk, self.max_chunk))
         if tokens > self.max_context(chunk):
             need = (self.dense_bytes + self.activation_for(chunk) + self.min_expert_bytes
-                    + self.kv_bytes_per_token * kv_tokens_for(tokens))
+                    + self.kv_bytes(tokens))
             raise ContextBudgetError(
                 f"the context reached {tokens} tokens, more than the memory budget "
                 f"{format_size(self.budget_bytes)} can hold ({self.max_context(chunk)} tokens with "
                 f"the expert pools at their minimum); {tokens} tokens need a budget of at least "
                 f"{format_size(need)} ({need} bytes)")
         chunk = next(n for n, _ in self.activation_points if n >= chunk)
-        kv = self.kv_bytes_per_token * kv_tokens_for(tokens)
+        kv = self.kv_bytes(tokens)
         room = self.budget_bytes - self.dense_bytes - self.activation_for(chunk) - kv
         if room >= self.expert_cap_bytes:  # the pools hold all they may: spare to chunk, then KV
             spare = self.budget_bytes - self.dense_bytes - kv - self.expert_cap_bytes
             chunk = max([n for n, b in self.activation_points if b <= spare] + [chunk])
             kv_room = self.budget_bytes - self.dense_bytes - self.expert_cap_bytes - self.activation_for(chunk)
-            tokens = max(tokens, (kv_room // max(1, self.kv_bytes_per_token) // KV_STEP - 1) * KV_STEP)
+            tokens = max(tokens, self._kv_tokens_within(kv_room))
             room = self.expert_cap_bytes
         high, low = self._split(room)
         return replace(self, kv_tokens=tokens, chunk_tokens=chunk, high_expert_bytes=high,
@@ -186,7 +211,8 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
                 kv_bytes_per_token: int, all_high_bytes: int, min_high_bytes: int,
                 min_low_bytes: int, mixed_precision: bool, memory_budget: int | str | None = None,
                 expert_residency: float | None = None,
-                initial_context: int = INITIAL_CONTEXT) -> BudgetPlan:
+                initial_context: int = INITIAL_CONTEXT,
+                kv_layer_bytes_per_token: int = 0) -> BudgetPlan:
     """Split a budget (or derive one from a residency fraction of the 4-bit expert bytes) for a
     sequence of ``initial_context`` tokens prefilled in the longest measured chunks."""
     if memory_budget is not None and expert_residency is not None:
@@ -195,8 +221,8 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
     min_low = min_low_bytes if mixed_precision else 0
     plan = BudgetPlan(0, dense_bytes, kv_bytes_per_token, points, initial_context, points[-1][0],
                       0, 0, all_high_bytes, min_high_bytes + min_low, min_low, mixed_precision,
-                      all_high_bytes, initial_context)
-    kv = kv_bytes_per_token * kv_tokens_for(initial_context)
+                      all_high_bytes, initial_context, kv_layer_bytes_per_token)
+    kv = plan.kv_bytes(initial_context)
     full_chunk = dense_bytes + points[-1][1] + kv
     if expert_residency is not None:
         if not 0.0 <= expert_residency <= 1.0:
@@ -215,8 +241,8 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
             f"memory budget {format_size(plan.budget_bytes)} is too small for this model: it needs "
             f"at least {format_size(minimum)} ({minimum} bytes) = dense weights "
             f"{format_size(dense_bytes)} + activations of a {n}-token prefill chunk (measured; "
-            f"MLX's buffer cache shares them) {format_size(act)} + KV cache for "
-            f"{kv_tokens_for(1)} tokens {format_size(kv_bytes_per_token * kv_tokens_for(1))} + "
+            f"MLX's buffer cache shares them) {format_size(act)} + KV cache of a first "
+            f"{KV_STEP}-token step, while it grows {format_size(plan.kv_bytes(1))} + "
             f"one layer's top-k experts {format_size(plan.min_expert_bytes)}; anything above "
             "that caches experts, prefills in longer chunks or holds a longer context")
     tokens = min(initial_context, plan.max_context())

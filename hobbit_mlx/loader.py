@@ -17,7 +17,7 @@ from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 from .architectures import find_switch_modules, num_experts_of, text_config
 from .budget import BudgetPlan, plan_budget
 from .cache import SlotCache
-from .measure import kv_bytes_per_token, measured_activations
+from .measure import kv_bytes_by_layer, measured_activations
 from .offload import OffloadRuntime, bind, install
 from .options import MAX_PREFETCH_WIDTH, LoadOptions
 from .policies import make_policy
@@ -234,7 +234,7 @@ def _load_with_draft(model_dir: Path, o: LoadOptions):
     if o.memory_budget is not None:
         own = o.with_overrides(memory_budget=max(1, parse_size(o.memory_budget) - draft_bytes))
     try:  # the draft's KV cache grows with the model's: its bytes per token join the KV reserve
-        model, tokenizer = _load(model_dir, own, extra_kv_per_token=kv_bytes_per_token(draft))
+        model, tokenizer = _load(model_dir, own, extra_kv_layers=kv_bytes_by_layer(draft))
     except BudgetError as e:
         raise with_draft_minimum(e, draft_bytes, parse_size(o.memory_budget)) from None
     rt = runtime_of(model)
@@ -244,10 +244,10 @@ def _load_with_draft(model_dir: Path, o: LoadOptions):
     return model, tokenizer
 
 
-def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_per_token: int = 0):
+def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int] = ()):
     """``load`` once the options are checked and the model directory found; with ``pipe``,
     this rank's layers only (its dense weights, expert records and budget). The KV reserve
-    counts ``extra_kv_per_token`` more bytes per token (a draft model's cache)."""
+    counts ``extra_kv_layers`` too (a draft model's KV bytes per token, per layer)."""
     precision = o.precision()
     prefill_step_size, prefetch_layers = o.prefill_step_size, o.prefetch_layers
     manifest = load_manifest(model_dir, check_files=pipe is None)
@@ -282,7 +282,8 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_per_token: int = 
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
     with pipe.local_only() if pipe is not None else contextlib.nullcontext():
-        kv_per_token = kv_bytes_per_token(model) + extra_kv_per_token
+        kv_layers = kv_bytes_by_layer(model) + list(extra_kv_layers)
+        kv_per_token = sum(kv_layers)
         measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
                         prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
         activation_points = measured_activations(model, prefill_step_size, measured_key)
@@ -300,7 +301,8 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_per_token: int = 
         min_high_bytes=sum(k * g.pool.slot_nbytes for g in groups if g.precision == "high"),
         min_low_bytes=sum(k * g.pool.slot_nbytes for g in groups if g.precision == "low"),
         mixed_precision=uses_low, memory_budget=o.memory_budget,
-        expert_residency=o.expert_residency, initial_context=o.max_context)
+        expert_residency=o.expert_residency, initial_context=o.max_context,
+        kv_layer_bytes_per_token=max(kv_layers, default=0))
     high_slot = max(g.pool.slot_nbytes for g in groups if g.precision == "high")
     cache_experts = plan.high_expert_bytes // high_slot
     keep_shallow_layers = o.keep_shallow_layers

@@ -12,17 +12,22 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 
-def kv_bytes_per_token(model: nn.Module) -> int:
-    """Measured: run one token through the model and size the KV cache arrays it made.
+def kv_bytes_by_layer(model: nn.Module) -> list[int]:
+    """KV bytes per token of each layer's cache, from the shapes of a one-token pass (built, never
+    evaluated: shapes and dtypes are known without computing anything).
 
     mlx-lm caches allocate in steps along the sequence axis (-2), so each array's bytes are
     divided by its length there; state without a sequence axis (recurrent layers) is constant.
     """
     cache = make_prompt_cache(model)
     model(mx.array([[0]]), cache=cache)
-    states = [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
-    mx.eval(states)
-    return int(sum(a.nbytes // a.shape[-2] for a in states if a.ndim >= 3 and a.shape[-2] > 0))
+    return [int(sum(a.nbytes // a.shape[-2] for _, a in tree_flatten(c.state)
+                    if isinstance(a, mx.array) and a.ndim >= 3 and a.shape[-2] > 0))
+            for c in cache or []]
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    return sum(kv_bytes_by_layer(model))
 
 
 SMALLEST_CHUNK = 16

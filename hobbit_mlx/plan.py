@@ -31,7 +31,8 @@ def _plan(sizes, mixed_precision: bool, memory_budget) -> BudgetPlan:
         kv_bytes_per_token=sizes.kv_bytes_per_token, all_high_bytes=sizes.all_bytes("high"),
         min_high_bytes=sum(k * b for b in sizes.expert_slot_bytes["high"]),
         min_low_bytes=sum(k * b for b in sizes.expert_slot_bytes["low"]),
-        mixed_precision=mixed_precision, memory_budget=memory_budget)
+        mixed_precision=mixed_precision, memory_budget=memory_budget,
+        kv_layer_bytes_per_token=sizes.kv_layer_bytes_per_token)
 
 
 def plan_model(model: str, memory_budget: int | str | None = None,

@@ -18,11 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
-from mlx_lm.models.cache import make_prompt_cache
 
 from .architectures import describe_moe, num_experts_of, switch_linear_paths
-from .measure import chunk_ladder
+from .measure import chunk_ladder, kv_bytes_by_layer
 from .store import (DTYPE_ITEMSIZE, FLOAT_DTYPES, StoreError, is_hobbit_model,
                     read_safetensors_header)
 
@@ -113,6 +111,7 @@ class ModelSizes:
     expert_slot_bytes: dict[str, list[int]]  # resident bytes of one expert, per distinct layout
     expert_layers: dict[str, list[int]]  # MoE layers of each layout, in the same order
     kv_bytes_per_token: int
+    kv_layer_bytes_per_token: int  # the largest layer's share
     activation_points: list[tuple[int, int]]  # estimated
     compute_dtype: str
 
@@ -164,15 +163,6 @@ def _expert_copy_bytes(weights: dict, prefix: str, in_dim: int, want: dict, keep
         stored += b.nbytes // e
         resident += _resident(b, itemsize) // e
     return stored, resident
-
-
-def kv_bytes_per_token(model, dtype: mx.Dtype) -> int:
-    """KV bytes of one token, from the shapes of a one-token pass that is never evaluated."""
-    model.set_dtype(dtype)
-    cache = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=cache)
-    states = [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
-    return int(sum(a.nbytes // a.shape[-2] for a in states if a.ndim >= 3 and a.shape[-2] > 0))
 
 
 def estimate_activations(config: dict, k: int, moe_intermediate: int, itemsize: int,
@@ -236,14 +226,15 @@ def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_siz
     dense_bytes = sum(_resident(v, itemsize) for v in dense.values())
     k = facts["experts_per_token"]
     dtype = compute_dtype or float_dtype
-    kv = kv_bytes_per_token(facts["model"], dtype)
+    facts["model"].set_dtype(dtype)
+    kv = kv_bytes_by_layer(facts["model"])
     return ModelSizes(
         model_type=config.get("model_type", "?"), num_moe_layers=len(switches),
         num_experts=num_experts_of(switches[0][1]), experts_per_token=k, dense_bytes=dense_bytes,
         expert_bytes=stored,
         expert_slot_bytes={p: list(layouts[p]) for p in layouts},
         expert_layers={p: list(layouts[p].values()) for p in layouts},
-        kv_bytes_per_token=kv,
+        kv_bytes_per_token=sum(kv), kv_layer_bytes_per_token=max(kv, default=0),
         activation_points=estimate_activations(config, k, moe_i, dtype.size, prefill_step_size),
         compute_dtype=str(dtype).replace("mlx.core.", ""))
 

@@ -10,8 +10,8 @@ import pytest
 
 import hobbit_mlx.budget as budget
 from hobbit_mlx.budget import (CHUNK_SHARE, INITIAL_CONTEXT, KV_STEP, BudgetError,
-                               ContextBudgetError, format_size, kv_tokens_for, parse_size,
-                               plan_budget)
+                               ContextBudgetError, format_size, kv_bytes_for, kv_tokens_for,
+                               parse_size, plan_budget)
 
 MB = 10**6
 POINTS = [(64, 2 * MB), (128, 4 * MB), (256, 8 * MB)]
@@ -101,8 +101,9 @@ def test_the_plan_picks_the_longest_chunk_whose_activations_fit_a_quarter_of_the
         assert plan.largest_chunk(INITIAL_CONTEXT) == n
 
 
-def test_max_context_is_the_longest_whose_kv_fits_beside_the_smallest_pools():
-    sizes = _sizes()
+@pytest.mark.parametrize("layer_share", [0, 250])
+def test_max_context_is_the_longest_whose_kv_fits_beside_the_smallest_pools(layer_share):
+    sizes = _sizes(kv_layer_bytes_per_token=layer_share)
     for extra in (0, 1, 999, 1000 * KV_STEP - 1, 1000 * KV_STEP, 7 * 1000 * KV_STEP + 5):
         plan = plan_budget(**sizes, memory_budget=plan_budget(**sizes, expert_residency=0.0)
                            .minimum_bytes + extra)
@@ -111,8 +112,8 @@ def test_max_context_is_the_longest_whose_kv_fits_beside_the_smallest_pools():
             room = (plan.budget_bytes - plan.dense_bytes - plan.activation_for(chunk)
                     - plan.min_expert_bytes)
             assert n % KV_STEP == 0
-            assert n == 0 or plan.kv_bytes_per_token * kv_tokens_for(n) <= room
-            assert plan.kv_bytes_per_token * kv_tokens_for(n + KV_STEP) > room
+            assert n == 0 or plan.kv_bytes(n) <= room
+            assert plan.kv_bytes(n + KV_STEP) > room
 
 
 def test_a_context_error_names_the_budget_that_holds_that_context():
@@ -202,3 +203,18 @@ def test_a_plan_as_a_dict_gives_every_part_and_the_reserves():
     parts = (d["dense_bytes"] + d["activation_reserve_bytes"] + d["kv_reserve_bytes"]
              + d["expert_cache_bytes"])
     assert parts == d["budget_bytes"]  # (the pools below their cap take the rest)
+
+
+def test_kv_reserve_holds_a_growing_layer_beside_the_others():
+    """mlx-lm grows one layer's cache at a time, its old buffer beside the new one: whole steps of
+    every layer plus one layer's whole cache. Without the largest layer's share known, one more
+    step of every layer (short of that peak once a layer holds more than a step of all)."""
+    assert kv_bytes_for(1, 1000, 125) == 1125 * KV_STEP  # (8 layers of 125 bytes per token)
+    assert kv_bytes_for(KV_STEP, 1000, 125) == 1125 * KV_STEP
+    assert kv_bytes_for(KV_STEP + 1, 1000, 125) == 1125 * 2 * KV_STEP
+    assert kv_bytes_for(300, 1000) == 1000 * kv_tokens_for(300) == 1000 * 3 * KV_STEP
+    plan = plan_budget(**_sizes(kv_layer_bytes_per_token=125), memory_budget=300 * MB)
+    assert plan.kv_reserve_bytes == kv_bytes_for(plan.kv_tokens, 1000, 125)
+    old = plan_budget(**_sizes(), memory_budget=300 * MB)  # (pools below their cap)
+    assert plan.kv_tokens == old.kv_tokens and plan.kv_reserve_bytes < old.kv_reserve_bytes
+    assert plan.expert_cache_bytes > old.expert_cache_bytes  # what the KV no longer takes

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hobbit_mlx.budget import (KV_STEP, BudgetError, ContextBudgetError, kv_tokens_for,
-                               plan_budget)
+from hobbit_mlx.budget import KV_STEP, BudgetError, ContextBudgetError, plan_budget
 from hobbit_mlx.pool_plan import PoolGroup, pool_slots
 
 SETTINGS = settings(max_examples=150, deadline=None)
@@ -31,8 +30,9 @@ def models(draw):
     points = [(n, n * per_token + draw(st.integers(0, MB))) for n in chunks]
     points = [(n, max(b for _, b in points[:i + 1])) for i, (n, _) in enumerate(points)]
     mixed = draw(st.booleans())
+    kv = draw(st.integers(1, 200_000))
     return dict(dense_bytes=draw(st.integers(MB, 2000 * MB)), activation_points=points,
-                kv_bytes_per_token=draw(st.integers(1, 200_000)),
+                kv_bytes_per_token=kv, kv_layer_bytes_per_token=draw(st.integers(0, kv)),
                 all_high_bytes=layers * experts * slot_high, min_high_bytes=k * slot_high,
                 min_low_bytes=k * slot_low, mixed_precision=mixed,
                 _groups=(k, layers, experts, slot_high, slot_low))
@@ -85,7 +85,7 @@ def test_a_plan_fitted_to_a_context_holds_it_or_says_why_not(model, extra, token
     fitted = plan.fit(tokens, chunk)
     _check(fitted)
     assert fitted.kv_tokens >= tokens
-    assert fitted.kv_reserve_bytes >= fitted.kv_bytes_per_token * kv_tokens_for(tokens)
+    assert fitted.kv_reserve_bytes >= fitted.kv_bytes(tokens) >= fitted.kv_bytes_per_token * tokens
     assert fitted.chunk_tokens >= min(chunk, plan.max_chunk)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import hobbit_mlx
-from hobbit_mlx.budget import kv_tokens_for
+from hobbit_mlx.budget import KV_STEP
 from hobbit_mlx.loader import runtime_of
 
 NEW_TOKENS = 500
@@ -38,21 +38,40 @@ def _no_eos(tokenizer):
     return processor
 
 
-@pytest.mark.parametrize("options", [{"exact": True}, {}], ids=["exact", "defaults"])
-def test_peak_within_budget_when_experts_and_kv_outgrow_it(kv_heavy, options):
+def _generate_within(kv_heavy, options: dict, new_tokens: int) -> tuple[dict, object, int]:
+    """Generate ``new_tokens`` under a budget of dense + the KV reserve of the whole generation
+    + a decode call's activations + a quarter of the experts; (stats, plan, budget)."""
     probe, tok = hobbit_mlx.load(kv_heavy, exact=True, progress=False)
     plan = runtime_of(probe).plan
     runtime_of(probe).close()
-    kv = plan.kv_bytes_per_token * kv_tokens_for(len(tok.encode(PROMPT)) + NEW_TOKENS)
+    kv = plan.kv_bytes(len(tok.encode(PROMPT)) + new_tokens)
     budget = plan.dense_bytes + plan.activation_for(1) + kv + plan.all_high_bytes // 4
     model, tok = hobbit_mlx.load(kv_heavy, memory_budget=budget, progress=False, **options)
-    hobbit_mlx.generate(model, tok, PROMPT, max_tokens=NEW_TOKENS,
+    hobbit_mlx.generate(model, tok, PROMPT, max_tokens=new_tokens,
                         logits_processors=[_no_eos(tok)])
     stats = hobbit_mlx.offload_stats(model)
+    runtime_of(model).close()
+    return stats, plan, budget
+
+
+@pytest.mark.parametrize("options", [{"exact": True}, {}], ids=["exact", "defaults"])
+def test_peak_within_budget_when_experts_and_kv_outgrow_it(kv_heavy, options):
+    stats, plan, budget = _generate_within(kv_heavy, options, NEW_TOKENS)
     assert stats["peak_memory_bytes"] <= stats["budget_bytes"] == budget, stats
     # the scale the check needs: experts several times their pools, KV the largest part
     assert plan.all_high_bytes >= 3 * stats["expert_cache_bytes"]
     assert stats["context_tokens"] >= NEW_TOKENS
-    assert stats["kv_reserve_bytes"] >= kv_tokens_for(stats["context_tokens"]) * plan.kv_bytes_per_token
+    assert stats["kv_reserve_bytes"] >= plan.kv_bytes(stats["context_tokens"])
     assert stats["kv_reserve_bytes"] > budget / 3
     assert stats["misses_high"] + stats["misses_low"] > 0
+
+
+def test_kv_growth_peak_past_one_layer_exceeding_a_step(kv_heavy):
+    """While a layer's cache grows, its old buffer and the new one coexist. Past 1,024 tokens one
+    of this model's 4 layers holds more than a step of all of them, so a reserve of one extra step
+    (the rule without the largest layer's share) would fall short; the plan reserves one layer's
+    whole cache instead."""
+    stats, plan, budget = _generate_within(kv_heavy, {"exact": True}, 1300)
+    assert plan.kv_layer_bytes_per_token * 1300 > plan.kv_bytes_per_token * KV_STEP
+    assert stats["context_tokens"] > 1300
+    assert stats["peak_memory_bytes"] <= stats["budget_bytes"] == budget, stats

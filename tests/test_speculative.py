@@ -12,9 +12,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 import hobbit_mlx
-from hobbit_mlx.budget import kv_tokens_for
+from hobbit_mlx.budget import kv_bytes_for
 from hobbit_mlx.loader import runtime_of
-from hobbit_mlx.measure import kv_bytes_per_token
+from hobbit_mlx.measure import kv_bytes_by_layer, kv_bytes_per_token
 from hobbit_mlx.speculative import (AdaptiveK, SpeculativeStats, check_draft_tokens,
                                     speculative_generate_step)
 
@@ -349,14 +349,19 @@ def test_budget_too_small_for_the_draft_states_the_minimum(tiny_factory, dense_d
     own_min = hobbit_mlx.footprint(dst)["minimum_budget_bytes_exact"]
     draft_bytes = load_draft(dense_draft)[2]
     budget = own_min + draft_bytes // 2  # enough for the model alone, not with the draft
-    hobbit_mlx.load(dst, memory_budget=budget, exact=True, progress=False)[0]._hobbit.close()
+    alone = hobbit_mlx.load(dst, memory_budget=budget, exact=True, progress=False)[0]
+    own = runtime_of(alone).plan
+    runtime_of(alone).close()
     with pytest.raises(hobbit_mlx.BudgetError, match="with its draft model") as e:
         hobbit_mlx.load(dst, memory_budget=budget, exact=True, draft_model=str(dense_draft),
                         progress=False)
     stated = int(re.search(r"needs at least [^(]*\((\d+) bytes\)", str(e.value)).group(1))
-    # the draft's weights, and its KV cache beside the model's (one KV step of both)
-    assert stated - own_min - draft_bytes == kv_bytes_per_token(load_draft(dense_draft)[0]) * \
-        kv_tokens_for(1) > 0
+    # the draft's weights, and its KV cache beside the model's (a first KV step of both, while
+    # the largest layer of either grows)
+    draft_kv = kv_bytes_by_layer(load_draft(dense_draft)[0])
+    both = kv_bytes_for(1, own.kv_bytes_per_token + sum(draft_kv),
+                        max(own.kv_layer_bytes_per_token, *draft_kv))
+    assert stated - own_min - draft_bytes == both - own.kv_bytes(1) > 0
     # the minimum it states runs
     model, _ = hobbit_mlx.load(dst, memory_budget=stated, exact=True,
                                draft_model=str(dense_draft), progress=False)
