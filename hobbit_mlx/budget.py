@@ -2,8 +2,9 @@
 
 ``memory_budget`` is the ceiling for MLX's memory while generating: the resident dense weights;
 the activations of the longest model call the sequence makes (a prefill chunk: measured at load
-for a ladder of chunk sizes; MLX's own freed-buffer cache is capped with ``mx.set_cache_limit``
-at the same size and shares that reserve); the KV cache of the context; and the expert pools,
+for a ladder of chunk sizes, and their growth with the context the call attends to; MLX's own
+freed-buffer cache is capped with ``mx.set_cache_limit`` at the same size and shares that
+reserve); the KV cache of the context (with the largest layer's growth); and the expert pools,
 which take everything that is left. The KV and activation reserves follow the sequence
 (``BudgetPlan.fit``): a sequence is planned when it starts (its prompt and ``max_tokens``), a
 context that outgrows its reserve doubles it while the pools give slots back, and a new sequence
@@ -101,15 +102,20 @@ class BudgetPlan:
     expert_cap_bytes: int  # the pools never take more (all experts, or a residency's share)
     initial_context: int = INITIAL_CONTEXT  # KV reserved for a sequence of unknown length
     kv_layer_bytes_per_token: int = 0  # the largest layer's share (0: not known)
+    # activations grow with the context a call attends to: (bytes per chunk token per context
+    # token, bytes per context token), measured at load
+    context_activation: tuple = (0.0, 0.0)
 
     def kv_bytes(self, tokens: int) -> int:
         return kv_bytes_for(tokens, self.kv_bytes_per_token, self.kv_layer_bytes_per_token)
 
-    def activation_for(self, tokens: int) -> int:
-        """Measured activations of the smallest measured chunk that holds ``tokens``."""
+    def activation_for(self, tokens: int, context: int = 0) -> int:
+        """Measured activations of the smallest measured chunk that holds ``tokens``, attending
+        to a ``context`` of that many tokens."""
+        per_pair, per_token = self.context_activation
         for n, nbytes in self.activation_points:
             if n >= tokens:
-                return nbytes
+                return nbytes + int(context * (n * per_pair + per_token))
         raise BudgetError(f"a model call of {tokens} tokens is longer than the prefill chunk "
                           f"({self.max_chunk} tokens) whose activations were measured; prefill "
                           "in chunks of at most that many tokens")
@@ -120,7 +126,7 @@ class BudgetPlan:
 
     @property
     def activation_reserve_bytes(self) -> int:
-        return self.activation_for(self.chunk_tokens)
+        return self.activation_for(self.chunk_tokens, self.kv_tokens)
 
     @property
     def mlx_cache_limit_bytes(self) -> int:
@@ -138,30 +144,43 @@ class BudgetPlan:
 
     @property
     def minimum_bytes(self) -> int:
-        """The smallest budget that runs: the smallest chunk, one KV step, one top-k per pool."""
-        return (self.dense_bytes + self.activation_points[0][1]
-                + self.kv_bytes(1) + self.min_expert_bytes)
+        """The smallest budget that runs: the smallest chunk (attending to itself), one KV step,
+        one top-k per pool."""
+        n = self.activation_points[0][0]
+        return (self.dense_bytes + self.activation_for(n, n) + self.kv_bytes(1)
+                + self.min_expert_bytes)
 
     def max_context(self, chunk: int = 1) -> int:
         """The longest context the budget holds beside a ``chunk``-token call, pools at minimum."""
-        room = self.budget_bytes - self.dense_bytes - self.activation_for(chunk) - self.min_expert_bytes
-        return self._kv_tokens_within(room)
+        return self._context_within(self.budget_bytes - self.dense_bytes - self.min_expert_bytes,
+                                    chunk)
 
-    def _kv_tokens_within(self, room: int) -> int:
-        """The longest context (whole steps) whose KV fits in ``room`` bytes."""
-        if self.kv_layer_bytes_per_token:
-            steps = room // max(1, self.kv_bytes_per_token + self.kv_layer_bytes_per_token) // KV_STEP
-        else:
-            steps = room // max(1, self.kv_bytes_per_token) // KV_STEP - 1
-        return max(0, steps * KV_STEP)
+    def _context_within(self, room: int, chunk: int) -> int:
+        """The longest context whose KV, beside a ``chunk``-token call attending to it, fits in
+        ``room`` bytes (in tokens: within a KV step the activations still grow)."""
+        def fits(tokens: int) -> bool:
+            return self.kv_bytes(tokens) + self.activation_for(chunk, tokens) <= room
+
+        def last_fitting(lo: int, hi: int) -> int:  # fits(lo) holds (or lo == 0), fits(hi) not
+            while lo + 1 < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+            return lo
+        if not fits(KV_STEP):
+            return last_fitting(0, KV_STEP)
+        lo, hi = 1, max(2, room // max(1, self.kv_bytes_per_token) // KV_STEP + 1)
+        while lo + 1 < hi:  # whole steps: fits(lo * KV_STEP) holds, fits(hi * KV_STEP) does not
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid * KV_STEP) else (lo, mid)
+        return last_fitting(lo * KV_STEP, (lo + 1) * KV_STEP)
 
     def largest_chunk(self, tokens: int) -> int:
         """The longest measured chunk the budget affords beside a ``tokens`` context, its
         activations taking at most ``CHUNK_SHARE`` of what dense weights and KV leave (prefill
         in shorter chunks is a little slower; smaller pools make every decoded token slower)."""
         room = self.budget_bytes - self.dense_bytes - self.kv_bytes(tokens)
-        fits = [n for n, b in self.activation_points
-                if self.max_context(n) >= tokens and b <= CHUNK_SHARE * room]
+        fits = [n for n, _ in self.activation_points if self.max_context(n) >= tokens
+                and self.activation_for(n, tokens) <= CHUNK_SHARE * room]
         return fits[-1] if fits else (self.activation_points[0][0]
                                       if self.max_context(1) >= tokens else 0)
 
@@ -186,7 +205,7 @@ class BudgetPlan:
         Raises ContextBudgetError when even the smallest pools leave too little."""
         chunk = max(1, min(chunk, self.max_chunk))
         if tokens > self.max_context(chunk):
-            need = (self.dense_bytes + self.activation_for(chunk) + self.min_expert_bytes
+            need = (self.dense_bytes + self.activation_for(chunk, tokens) + self.min_expert_bytes
                     + self.kv_bytes(tokens))
             raise ContextBudgetError(
                 f"the context reached {tokens} tokens, more than the memory budget "
@@ -195,12 +214,13 @@ class BudgetPlan:
                 f"{format_size(need)} ({need} bytes)")
         chunk = next(n for n, _ in self.activation_points if n >= chunk)
         kv = self.kv_bytes(tokens)
-        room = self.budget_bytes - self.dense_bytes - self.activation_for(chunk) - kv
+        room = self.budget_bytes - self.dense_bytes - self.activation_for(chunk, tokens) - kv
         if room >= self.expert_cap_bytes:  # the pools hold all they may: spare to chunk, then KV
             spare = self.budget_bytes - self.dense_bytes - kv - self.expert_cap_bytes
-            chunk = max([n for n, b in self.activation_points if b <= spare] + [chunk])
-            kv_room = self.budget_bytes - self.dense_bytes - self.expert_cap_bytes - self.activation_for(chunk)
-            tokens = max(tokens, self._kv_tokens_within(kv_room))
+            chunk = max([n for n, _ in self.activation_points
+                         if self.activation_for(n, tokens) <= spare] + [chunk])
+            left = self.budget_bytes - self.dense_bytes - self.expert_cap_bytes
+            tokens = max(tokens, self._context_within(left, chunk))
             room = self.expert_cap_bytes
         high, low = self._split(room)
         return replace(self, kv_tokens=tokens, chunk_tokens=chunk, high_expert_bytes=high,
@@ -212,7 +232,8 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
                 min_low_bytes: int, mixed_precision: bool, memory_budget: int | str | None = None,
                 expert_residency: float | None = None,
                 initial_context: int = INITIAL_CONTEXT,
-                kv_layer_bytes_per_token: int = 0) -> BudgetPlan:
+                kv_layer_bytes_per_token: int = 0,
+                context_activation: tuple = (0.0, 0.0)) -> BudgetPlan:
     """Split a budget (or derive one from a residency fraction of the 4-bit expert bytes) for a
     sequence of ``initial_context`` tokens prefilled in the longest measured chunks."""
     if memory_budget is not None and expert_residency is not None:
@@ -221,9 +242,10 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
     min_low = min_low_bytes if mixed_precision else 0
     plan = BudgetPlan(0, dense_bytes, kv_bytes_per_token, points, initial_context, points[-1][0],
                       0, 0, all_high_bytes, min_high_bytes + min_low, min_low, mixed_precision,
-                      all_high_bytes, initial_context, kv_layer_bytes_per_token)
+                      all_high_bytes, initial_context, kv_layer_bytes_per_token,
+                      tuple(context_activation))
     kv = plan.kv_bytes(initial_context)
-    full_chunk = dense_bytes + points[-1][1] + kv
+    full_chunk = dense_bytes + plan.activation_for(points[-1][0], initial_context) + kv
     if expert_residency is not None:
         if not 0.0 <= expert_residency <= 1.0:
             raise ValueError(f"expert_residency must be between 0 and 1, not {expert_residency}")
@@ -236,7 +258,8 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
     plan = replace(plan, budget_bytes=parse_size(memory_budget))
     if plan.budget_bytes < plan.minimum_bytes:
         minimum = plan.minimum_bytes
-        n, act = points[0]
+        n = points[0][0]
+        act = plan.activation_for(n, n)
         raise BudgetError(
             f"memory budget {format_size(plan.budget_bytes)} is too small for this model: it needs "
             f"at least {format_size(minimum)} ({minimum} bytes) = dense weights "

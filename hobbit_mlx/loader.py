@@ -286,7 +286,8 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
         kv_per_token = sum(kv_layers)
         measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
                         prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
-        activation_points = measured_activations(model, prefill_step_size, measured_key)
+        activation_points, context_activation = measured_activations(model, prefill_step_size,
+                                                                     measured_key)
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
     routers = [m.router for m in runtime.layers]
@@ -302,7 +303,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
         min_low_bytes=sum(k * g.pool.slot_nbytes for g in groups if g.precision == "low"),
         mixed_precision=uses_low, memory_budget=o.memory_budget,
         expert_residency=o.expert_residency, initial_context=o.max_context,
-        kv_layer_bytes_per_token=max(kv_layers, default=0))
+        kv_layer_bytes_per_token=max(kv_layers, default=0), context_activation=context_activation)
     high_slot = max(g.pool.slot_nbytes for g in groups if g.precision == "high")
     cache_experts = plan.high_expert_bytes // high_slot
     keep_shallow_layers = o.keep_shallow_layers

@@ -50,7 +50,7 @@ def chunk_ladder(prefill_step_size: int) -> list[int]:
 # a quadratic one for attention scores); this margin covers the fit (within 2.5% on the
 # reference model's fully measured ladder).
 INTERPOLATION_MARGIN = 1.1
-_MEASURED: dict[tuple, list] = {}
+_MEASURED: dict[tuple, tuple] = {}
 MEASURE_MARGIN = 1.05
 
 
@@ -86,32 +86,71 @@ def activation_ladder(model: nn.Module, prefill_step_size: int) -> list[tuple[in
     return points
 
 
-def activation_bytes(model: nn.Module, chunk: int) -> int:
-    """Measured: the peak memory a prefill chunk of ``chunk`` tokens adds above the weights, less
-    the KV cache it leaves (which the KV reserve counts). Runs with the runtime measuring, so no
-    expert is read; the expert calls build the graphs a chunk with misses builds."""
+def _kv_state(cache) -> list:
+    return [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
+
+
+def _raw_activation(model: nn.Module, chunk: int, context: int = 0) -> int:
+    """The peak memory a ``chunk``-token call adds above the weights and the KV cache of
+    ``context`` tokens already held, less the KV cache it adds. Runs with the runtime measuring,
+    so no expert is read; the expert calls build the graphs a chunk with misses builds."""
     cache = make_prompt_cache(model)
+    tokens = mx.array([[(7 * i + 3) % 97 + 1 for i in range(chunk + context)]])
+    if context:
+        model(tokens[:, :context], cache=cache)
+        mx.eval(_kv_state(cache))
+    held = sum(a.nbytes for a in _kv_state(cache))
     mx.synchronize()
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    tokens = mx.array([[(7 * i + 3) % 97 + 1 for i in range(chunk)]])
-    model(tokens, cache=cache)
-    states = [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
+    model(tokens[:, context:], cache=cache)
+    states = _kv_state(cache)
     mx.eval(states)
     peak = mx.get_peak_memory()
-    kv = sum(a.nbytes for a in states)
+    kv = sum(a.nbytes for a in states) - held
     del states, cache
     mx.clear_cache()
+    return max(0, peak - base - kv)
+
+
+def activation_bytes(model: nn.Module, chunk: int) -> int:
+    """Measured: the activations of a prefill chunk of ``chunk`` tokens on an empty cache."""
     # The allocator's rounding moves the peak by a few KiB, and a run's buffer reuse by a few
     # percent, from one run to the next: a margin of both.
     grain = 64 * 1024
-    return (int(MEASURE_MARGIN * max(0, peak - base - kv)) + 2 * grain - 1) // grain * grain
+    raw = _raw_activation(model, chunk)
+    return (int(MEASURE_MARGIN * raw) + 2 * grain - 1) // grain * grain
 
 
-def measured_activations(model: nn.Module, prefill_step_size: int, key: tuple) -> list[tuple[int, int]]:
-    """``activation_ladder``, measured once per ``key`` (model, chunk size, dtype) in a process:
-    a budget that one load (or ``footprint``) states as the minimum is the next load's minimum."""
+CONTEXT_PROBE = 192  # tokens held while a call's growth with the context is measured
+CONTEXT_MARGIN = 1.5  # (1.25 left a long prompt 0.1% over its budget in one run)
+
+
+def context_activation(model: nn.Module) -> tuple[float, float]:
+    """How a call's activations grow with the context it attends to: (bytes per chunk token per
+    context token, bytes per context token), e.g. attention scores and the keys and values a
+    backend's attention copies. Measured from 16- and 64-token calls with and without 192
+    tokens held (no KV step is crossed)."""
+    limit = mx.set_cache_limit(1 << 40)
+    gc.collect()
+    grown = {}
+    for n in (SMALLEST_CHUNK, KNEE_CHUNK):
+        empty = min(_raw_activation(model, n), _raw_activation(model, n))
+        held = max(_raw_activation(model, n, CONTEXT_PROBE), _raw_activation(model, n, CONTEXT_PROBE))
+        grown[n] = max(0, held - empty)
+    mx.set_cache_limit(limit)
+    per_pair = max(0.0, (grown[KNEE_CHUNK] - grown[SMALLEST_CHUNK])
+                   / ((KNEE_CHUNK - SMALLEST_CHUNK) * CONTEXT_PROBE))
+    per_token = max(0.0, grown[SMALLEST_CHUNK] / CONTEXT_PROBE - SMALLEST_CHUNK * per_pair)
+    return CONTEXT_MARGIN * per_pair, CONTEXT_MARGIN * per_token
+
+
+def measured_activations(model: nn.Module, prefill_step_size: int,
+                         key: tuple) -> tuple[list[tuple[int, int]], tuple[float, float]]:
+    """``activation_ladder`` and ``context_activation``, measured once per ``key`` (model, chunk
+    size, dtype) in a process: a budget that one load (or ``footprint``) states as the minimum is
+    the next load's minimum."""
     if key not in _MEASURED:
-        _MEASURED[key] = activation_ladder(model, prefill_step_size)
+        _MEASURED[key] = (activation_ladder(model, prefill_step_size), context_activation(model))
     return _MEASURED[key]

@@ -49,6 +49,11 @@ from .store import LayerEntry, Manifest
 OVERLAP_MIN_WAIT_S = 0.5e-3
 INLINE_READ_S = 0.1e-3  # reads faster than this run on the model's thread (no hand-off)
 ASYNC_MAX_TOKENS = 16  # calls up to this many tokens start computing as soon as built
+# Calls up to this many tokens (decode, a speculative verify pass) start their resident experts
+# before the router sync. The early run computes every choice of every token and the misses run
+# again beside it: within the activations measured for the smallest prefill chunk (16 tokens) only
+# for calls this short (a 16-token prefill chunk taking it went over a 12 MB budget by 1.6%).
+EARLY_MAX_TOKENS = 8
 _ALL = None  # a slot mask that keeps every (token, choice)
 
 
@@ -613,8 +618,9 @@ class OffloadedSwitch(nn.Module):
         lazy_weights = gate_weights(gate_out, indices, rt.scoring) if want_weights else None
         predictions = pf.predictions_after(self.position, gate_in) if pf is not None \
             and self.router is not None and gate_in is not None else []
-        decode = indices.size // indices.shape[-1] <= ASYNC_MAX_TOKENS
-        early = self._start_resident(x, indices) if decode else None
+        tokens = indices.size // indices.shape[-1]
+        decode = tokens <= ASYNC_MAX_TOKENS
+        early = self._start_resident(x, indices) if tokens <= EARLY_MAX_TOKENS else None
         # The one host sync: which experts this call needs, their gate weights, the next layers'
         # predictions, and every graph built on the pools since the last sync, evaluated together
         # (while the early run, scheduled after them, goes on computing).

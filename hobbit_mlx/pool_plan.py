@@ -82,6 +82,8 @@ def follow_sequence(rt: OffloadRuntime, groups: list[PoolGroup], prefill_step: i
     def on_context(tokens: int, call_tokens: int) -> None:
         plan = rt.plan
         chunk = max(call_tokens, plan.chunk_tokens)
+        if tokens > plan.max_context(chunk):  # a longer context leaves less for long chunks
+            chunk = call_tokens
         if tokens > plan.kv_tokens:  # double, so that a growing context replans rarely
             tokens = max(tokens, min(2 * plan.kv_tokens, plan.max_context(chunk)))
         apply_plan(rt, groups, plan.fit(tokens, chunk))

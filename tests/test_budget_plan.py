@@ -218,3 +218,24 @@ def test_kv_reserve_holds_a_growing_layer_beside_the_others():
     old = plan_budget(**_sizes(), memory_budget=300 * MB)  # (pools below their cap)
     assert plan.kv_tokens == old.kv_tokens and plan.kv_reserve_bytes < old.kv_reserve_bytes
     assert plan.expert_cache_bytes > old.expert_cache_bytes  # what the KV no longer takes
+
+
+def test_activations_grow_with_the_context_a_call_attends_to():
+    """A call's activations grow with its context (attention scores per chunk and context token,
+    copies per context token): the reserve, the longest context and the minimum count it."""
+    flat = plan_budget(**_sizes(kv_layer_bytes_per_token=125), memory_budget=130 * MB)
+    grown = plan_budget(**_sizes(kv_layer_bytes_per_token=125, context_activation=(40.0, 2000.0)),
+                        memory_budget=130 * MB)
+    assert grown.activation_for(64, 1000) == 2 * MB + int(1000 * (64 * 40.0 + 2000.0))
+    assert grown.activation_for(64) == flat.activation_for(64) == 2 * MB
+    assert grown.activation_reserve_bytes == grown.activation_for(grown.chunk_tokens, grown.kv_tokens)
+    assert grown.minimum_bytes > flat.minimum_bytes
+    for chunk in (1, 64, 256):
+        n = grown.max_context(chunk)
+        assert 0 < n < flat.max_context(chunk)
+        room = grown.budget_bytes - grown.dense_bytes - grown.min_expert_bytes
+        assert grown.kv_bytes(n) + grown.activation_for(chunk, n) <= room
+        assert grown.kv_bytes(n + KV_STEP) + grown.activation_for(chunk, n + KV_STEP) > room
+    fitted = grown.fit(grown.max_context(64), 64)
+    assert (fitted.dense_bytes + fitted.activation_reserve_bytes + fitted.kv_reserve_bytes
+            + fitted.expert_cache_bytes) <= fitted.budget_bytes

@@ -44,8 +44,9 @@ def _generate_within(kv_heavy, options: dict, new_tokens: int) -> tuple[dict, ob
     probe, tok = hobbit_mlx.load(kv_heavy, exact=True, progress=False)
     plan = runtime_of(probe).plan
     runtime_of(probe).close()
-    kv = plan.kv_bytes(len(tok.encode(PROMPT)) + new_tokens)
-    budget = plan.dense_bytes + plan.activation_for(1) + kv + plan.all_high_bytes // 4
+    context = len(tok.encode(PROMPT)) + new_tokens
+    budget = (plan.dense_bytes + plan.activation_for(1, context) + plan.kv_bytes(context)
+              + plan.all_high_bytes // 4)
     model, tok = hobbit_mlx.load(kv_heavy, memory_budget=budget, progress=False, **options)
     hobbit_mlx.generate(model, tok, PROMPT, max_tokens=new_tokens,
                         logits_processors=[_no_eos(tok)])
@@ -75,3 +76,25 @@ def test_kv_growth_peak_past_one_layer_exceeding_a_step(kv_heavy):
     assert plan.kv_layer_bytes_per_token * 1300 > plan.kv_bytes_per_token * KV_STEP
     assert stats["context_tokens"] > 1300
     assert stats["peak_memory_bytes"] <= stats["budget_bytes"] == budget, stats
+
+
+@pytest.mark.parametrize("options", [{"exact": True}, {}], ids=["exact", "defaults"])
+def test_peak_within_budget_for_a_long_prompt_in_the_smallest_chunks(kv_heavy, options):
+    """A budget that leaves a prompt of several hundred tokens only the smallest (16-token)
+    chunks: every chunk stays within the activations measured for that chunk, grown with the
+    context it attends to (measured at empty context alone, a chunk late in the prompt went over;
+    so did a chunk that took the decode path, resident experts run early beside masked misses)."""
+    probe, tok = hobbit_mlx.load(kv_heavy, exact=True, progress=False)
+    plan = runtime_of(probe).plan
+    runtime_of(probe).close()
+    prompt = [(7 * i + 3) % 200 + 1 for i in range(300)]
+    context = len(prompt) + 8
+    budget = (plan.dense_bytes + plan.activation_for(16, context) + plan.kv_bytes(context)
+              + plan.all_high_bytes // 4)
+    model, tok = hobbit_mlx.load(kv_heavy, memory_budget=budget, progress=False, **options)
+    hobbit_mlx.generate(model, tok, prompt, max_tokens=8, logits_processors=[_no_eos(tok)])
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["chunk_reserve_tokens"] == 16 and stats["context_tokens"] >= len(prompt)
+    assert stats["misses_high"] + stats["misses_low"] > 0
+    assert stats["peak_memory_bytes"] <= stats["budget_bytes"] == budget, stats
+    runtime_of(model).close()

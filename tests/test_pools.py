@@ -123,7 +123,7 @@ def test_peak_within_budget_while_kv_growth_shrinks_the_pools(tiny_factory):
     runtime_of(probe).close()
     # Every expert fits beside a short context; at 1,000 tokens a quarter of them do (a margin
     # wider than the activation measurement moves between loads).
-    budget = (plan.dense_bytes + plan.activation_for(500) + plan.kv_bytes(1000)
+    budget = (plan.dense_bytes + plan.activation_for(500, 1000) + plan.kv_bytes(1000)
               + plan.all_high_bytes // 4)
     tokens = _tokens(1000, seed=5)
     chunks = [(0, 500)] + [(i, i + 100) for i in range(500, 1000, 100)]
@@ -269,7 +269,7 @@ def test_new_sequence_after_a_long_one_gets_its_pools_back(tiny_factory):
     probe, _ = hobbit_mlx.load(dst, max_context=256, progress=False)
     plan = runtime_of(probe).plan
     runtime_of(probe).close()
-    budget = (plan.dense_bytes + plan.activation_for(200) + plan.kv_bytes(800)
+    budget = (plan.dense_bytes + plan.activation_for(200, 800) + plan.kv_bytes(800)
               + plan.all_high_bytes // 4)
     model, _ = hobbit_mlx.load(dst, memory_budget=budget, max_context=256, progress=False)
     rt = runtime_of(model)
