@@ -307,6 +307,7 @@ class SlotCache:
                                               mx.array(held), held)
         return state
 
+    # --- protections ----------------------------------------------------------------------
     def pin(self, keys) -> None:
         with self.lock:
             self._pins.update(keys)
