@@ -158,21 +158,14 @@ class BudgetPlan:
     def _context_within(self, room: int, chunk: int) -> int:
         """The longest context whose KV, beside a ``chunk``-token call attending to it, fits in
         ``room`` bytes (in tokens: within a KV step the activations still grow)."""
-        def fits(tokens: int) -> bool:
+        def fits(tokens: int) -> bool:  # (KV and activations both grow with the context)
             return self.kv_bytes(tokens) + self.activation_for(chunk, tokens) <= room
 
-        def last_fitting(lo: int, hi: int) -> int:  # fits(lo) holds (or lo == 0), fits(hi) not
-            while lo + 1 < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-            return lo
-        if not fits(KV_STEP):
-            return last_fitting(0, KV_STEP)
-        lo, hi = 1, max(2, room // max(1, self.kv_bytes_per_token) // KV_STEP + 1)
-        while lo + 1 < hi:  # whole steps: fits(lo * KV_STEP) holds, fits(hi * KV_STEP) does not
+        lo, hi = 0, (max(0, room) // max(1, self.kv_bytes_per_token) // KV_STEP + 1) * KV_STEP
+        while lo + 1 < hi:  # fits(lo) holds (or lo is 0), fits(hi) does not
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid * KV_STEP) else (lo, mid)
-        return last_fitting(lo * KV_STEP, (lo + 1) * KV_STEP)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
     def largest_chunk(self, tokens: int) -> int:
         """The longest measured chunk the budget affords beside a ``tokens`` context, its

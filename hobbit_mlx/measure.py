@@ -26,10 +26,6 @@ def kv_bytes_by_layer(model: nn.Module) -> list[int]:
             for c in cache or []]
 
 
-def kv_bytes_per_token(model: nn.Module) -> int:
-    return sum(kv_bytes_by_layer(model))
-
-
 SMALLEST_CHUNK = 16
 KNEE_CHUNK = 64  # measured too: below it a chunk's activations grow about linearly
 

@@ -639,8 +639,8 @@ class OffloadedSwitch(nn.Module):
         rt.cache.on_layer(self.layer.layer)
         k = idx.shape[-1]
         flat = idx.reshape(-1, k)
-        if early is not None:  # its slots stay unwritten until it has run (a prefetch may evict)
-            ran = set(flat[early[1][flat]].tolist())
+        if early is not None and pf is not None:  # a prefetch may evict before the fetch pins:
+            ran = set(flat[early[1][flat]].tolist())  # the early run's slots stay unwritten
             rt.cache.stamp([(self.layer.layer, e, "high") for e in ran])
         weights = normalized(lazy_weights, flat.shape) if want_weights else None
         if rt.trace is not None:
@@ -695,7 +695,7 @@ class OffloadedSwitch(nn.Module):
         choice (through the device remap, every other choice masked to zero), so that they compute
         while the host plans the call and its misses are read: (output, experts held then).
         None where it cannot pay: overlap off, or nothing resident. (Only the model's thread
-        evicts, and it stamps the slots this run reads right after the sync.)"""
+        evicts; with prefetch on, it stamps the slots this run reads right after the sync.)"""
         rt, lid = self._runtime, self.layer.layer
         if not rt.overlap_io or rt.cache.resident_in_layer(lid) == 0:
             return None
@@ -819,7 +819,6 @@ class OffloadedSwitch(nn.Module):
                 rt.stats.early_runs += 1
             else:
                 rt.stats.early_unused += 1
-        whole = len(parts) == 1 and (parts[0][2] is _ALL or parts[0][2].all())
         # Every part's reads go out before any is waited for: the device reads the 2-bit part's
         # misses while the host waits for the 4-bit part's and builds its run.
         ahead = {}
@@ -827,7 +826,7 @@ class OffloadedSwitch(nn.Module):
             for precision, experts, _ in parts if len(parts) > 1 else ():
                 if len(experts):
                     ahead[precision] = Fetch(rt, self.layer, experts, precision)
-            return self._run_parts(x, flat, parts, shape, outputs, early_held, whole, ahead)
+            return self._run_parts(x, flat, parts, shape, outputs, early_held, ahead)
         except BaseException:
             for fetch in ahead.values():  # (not reached: its pins go, its reads land)
                 try:
@@ -837,11 +836,12 @@ class OffloadedSwitch(nn.Module):
             raise
 
     def _run_parts(self, x: mx.array, flat: np.ndarray, parts: list, shape: tuple, outputs: list,
-                   early_held: np.ndarray | None, whole: bool, ahead: dict) -> mx.array:
+                   early_held: np.ndarray | None, ahead: dict) -> mx.array:
         """Each part's fetches (``ahead``: each part's first, made already) finished and run, in
         groups where the pool cannot hold a part's experts at once."""
         rt = self._runtime
         lid = self.layer.layer
+        whole = len(parts) == 1 and (parts[0][2] is _ALL or parts[0][2].all())
         for precision, experts, mask in parts:
             remaining = experts
             stuck = 0

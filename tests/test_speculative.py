@@ -14,7 +14,7 @@ from mlx_lm.sample_utils import make_sampler
 import hobbit_mlx
 from hobbit_mlx.budget import kv_bytes_for
 from hobbit_mlx.loader import runtime_of
-from hobbit_mlx.measure import kv_bytes_by_layer, kv_bytes_per_token
+from hobbit_mlx.measure import kv_bytes_by_layer
 from hobbit_mlx.speculative import (AdaptiveK, SpeculativeStats, check_draft_tokens,
                                     speculative_generate_step)
 
@@ -377,7 +377,7 @@ def test_the_draft_models_kv_cache_is_inside_the_budget(tiny_factory, dense_draf
     model, _ = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, draft_model=str(dense_draft),
                                progress=False)
     assert runtime_of(model).plan.kv_bytes_per_token == \
-        own + kv_bytes_per_token(load_draft(dense_draft)[0])
+        own + sum(kv_bytes_by_layer(load_draft(dense_draft)[0]))
     runtime_of(model).close()
 
 
