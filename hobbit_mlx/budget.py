@@ -103,8 +103,8 @@ class BudgetPlan:
     initial_context: int = INITIAL_CONTEXT  # KV reserved for a sequence of unknown length
     kv_layer_bytes_per_token: int = 0  # the largest layer's share (0: not known)
     # activations grow with the context a call attends to: (bytes per chunk token per context
-    # token, bytes per context token), measured at load
-    context_activation: tuple = (0.0, 0.0)
+    # token, bytes added by any context, and by any context per chunk token), measured at load
+    context_activation: tuple = (0.0, 0.0, 0.0)
 
     def kv_bytes(self, tokens: int) -> int:
         return kv_bytes_for(tokens, self.kv_bytes_per_token, self.kv_layer_bytes_per_token)
@@ -112,10 +112,11 @@ class BudgetPlan:
     def activation_for(self, tokens: int, context: int = 0) -> int:
         """Measured activations of the smallest measured chunk that holds ``tokens``, attending
         to a ``context`` of that many tokens."""
-        per_pair, per_token = self.context_activation
+        per_pair, constant, per_token = self.context_activation
         for n, nbytes in self.activation_points:
             if n >= tokens:
-                return nbytes + int(context * (n * per_pair + per_token))
+                return nbytes + (int(constant + n * (per_token + context * per_pair))
+                                 if context else 0)
         raise BudgetError(f"a model call of {tokens} tokens is longer than the prefill chunk "
                           f"({self.max_chunk} tokens) whose activations were measured; prefill "
                           "in chunks of at most that many tokens")
@@ -226,7 +227,7 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
                 expert_residency: float | None = None,
                 initial_context: int = INITIAL_CONTEXT,
                 kv_layer_bytes_per_token: int = 0,
-                context_activation: tuple = (0.0, 0.0)) -> BudgetPlan:
+                context_activation: tuple = (0.0, 0.0, 0.0)) -> BudgetPlan:
     """Split a budget (or derive one from a residency fraction of the 4-bit expert bytes) for a
     sequence of ``initial_context`` tokens prefilled in the longest measured chunks."""
     if memory_budget is not None and expert_residency is not None:

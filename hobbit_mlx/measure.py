@@ -9,7 +9,7 @@ import gc
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 
 def kv_bytes_by_layer(model: nn.Module) -> list[int]:
@@ -93,8 +93,7 @@ def _raw_activation(model: nn.Module, chunk: int, context: int = 0) -> int:
     cache = make_prompt_cache(model)
     tokens = mx.array([[(7 * i + 3) % 97 + 1 for i in range(chunk + context)]])
     if context:
-        model(tokens[:, :context], cache=cache)
-        mx.eval(_kv_state(cache))
+        _hold_context(model, cache, tokens[:, :context])
     held = sum(a.nbytes for a in _kv_state(cache))
     mx.synchronize()
     mx.clear_cache()
@@ -110,6 +109,24 @@ def _raw_activation(model: nn.Module, chunk: int, context: int = 0) -> int:
     return max(0, peak - base - kv)
 
 
+def _hold_context(model: nn.Module, cache: list, tokens: mx.array) -> None:
+    """Puts ``tokens``' worth of context in ``cache``. Attention caches get zero keys and values
+    of the shapes a one-token pass gives them: the memory a call attending to them needs does
+    not depend on their values, and nothing is computed, so long contexts cost little to probe.
+    A model with any other kind of cache runs the tokens instead."""
+    probe = make_prompt_cache(model)
+    model(tokens[:, :1], cache=probe)
+    if not all(type(c) is KVCache for c in probe):
+        model(tokens, cache=cache)
+    else:
+        n = tokens.shape[-1]
+        for c, p in zip(cache, probe):
+            k, v = p.keys, p.values
+            c.update_and_fetch(mx.zeros((*k.shape[:2], n, k.shape[-1]), k.dtype),
+                               mx.zeros((*v.shape[:2], n, v.shape[-1]), v.dtype))
+    mx.eval(_kv_state(cache))
+
+
 def activation_bytes(model: nn.Module, chunk: int) -> int:
     """Measured: the activations of a prefill chunk of ``chunk`` tokens on an empty cache."""
     # The allocator's rounding moves the peak by a few KiB, and a run's buffer reuse by a few
@@ -119,31 +136,41 @@ def activation_bytes(model: nn.Module, chunk: int) -> int:
     return (int(MEASURE_MARGIN * raw) + 2 * grain - 1) // grain * grain
 
 
-CONTEXT_PROBE = 192  # tokens held while a call's growth with the context is measured
-CONTEXT_MARGIN = 1.5  # (1.25 left a long prompt 0.1% over its budget in one run)
+# Contexts held while a call's growth with the context is measured; each leaves room for a
+# 64-token call in its KV step. Up to a model-dependent length the growth is a constant (buffers
+# an attending call copies); beyond it the attention scores of each (call token, context token)
+# pair outgrow the expert activations they share the peak with, so the far pair gives the slope.
+CONTEXT_PROBES = (192, 1984, 4032)
+CONTEXT_MARGIN = 1.25
 
 
-def context_activation(model: nn.Module) -> tuple[float, float]:
-    """How a call's activations grow with the context it attends to: (bytes per chunk token per
-    context token, bytes per context token), e.g. attention scores and the keys and values a
-    backend's attention copies. Measured from 16- and 64-token calls with and without 192
-    tokens held (no KV step is crossed)."""
+def context_activation(model: nn.Module) -> tuple[float, float, float]:
+    """How a call's activations grow with the context it attends to, as (bytes per call token per
+    context token, bytes added by any context, and per call token): ``activation_for`` reserves
+    the second, the third times the call's tokens and the first times the pairs. Measured with
+    16- and 64-token calls against the contexts of ``CONTEXT_PROBES``; the fit lies above every
+    measurement."""
     limit = mx.set_cache_limit(1 << 40)
     gc.collect()
     grown = {}
     for n in (SMALLEST_CHUNK, KNEE_CHUNK):
         empty = min(_raw_activation(model, n), _raw_activation(model, n))
-        held = max(_raw_activation(model, n, CONTEXT_PROBE), _raw_activation(model, n, CONTEXT_PROBE))
-        grown[n] = max(0, held - empty)
+        grown[n] = [max(0, max(_raw_activation(model, n, c), _raw_activation(model, n, c)) - empty)
+                    for c in CONTEXT_PROBES]
     mx.set_cache_limit(limit)
-    per_pair = max(0.0, (grown[KNEE_CHUNK] - grown[SMALLEST_CHUNK])
-                   / ((KNEE_CHUNK - SMALLEST_CHUNK) * CONTEXT_PROBE))
-    per_token = max(0.0, grown[SMALLEST_CHUNK] / CONTEXT_PROBE - SMALLEST_CHUNK * per_pair)
-    return CONTEXT_MARGIN * per_pair, CONTEXT_MARGIN * per_token
+    per_pair = max(max(0.0, (g1 - g0) / (c1 - c0)) / n for n, g in grown.items()
+                   for c0, c1, g0, g1 in zip(CONTEXT_PROBES, CONTEXT_PROBES[1:], g, g[1:]))
+    # what each call adds beside its pairs (the nearest context's stands for any shorter one:
+    # the copies come at once), then a line in the call's tokens above both calls
+    fixed = {n: max(g[0], *(gi - per_pair * n * c for c, gi in zip(CONTEXT_PROBES, g)))
+             for n, g in grown.items()}
+    per_token = max(0.0, (fixed[KNEE_CHUNK] - fixed[SMALLEST_CHUNK]) / (KNEE_CHUNK - SMALLEST_CHUNK))
+    constant = max(f - per_token * n for n, f in fixed.items())
+    return CONTEXT_MARGIN * per_pair, CONTEXT_MARGIN * constant, CONTEXT_MARGIN * per_token
 
 
 def measured_activations(model: nn.Module, prefill_step_size: int,
-                         key: tuple) -> tuple[list[tuple[int, int]], tuple[float, float]]:
+                         key: tuple) -> tuple[list[tuple[int, int]], tuple[float, float, float]]:
     """``activation_ladder`` and ``context_activation``, measured once per ``key`` (model, chunk
     size, dtype) in a process: a budget that one load (or ``footprint``) states as the minimum is
     the next load's minimum."""

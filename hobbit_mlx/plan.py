@@ -32,7 +32,8 @@ def _plan(sizes, mixed_precision: bool, memory_budget) -> BudgetPlan:
         min_high_bytes=sum(k * b for b in sizes.expert_slot_bytes["high"]),
         min_low_bytes=sum(k * b for b in sizes.expert_slot_bytes["low"]),
         mixed_precision=mixed_precision, memory_budget=memory_budget,
-        kv_layer_bytes_per_token=sizes.kv_layer_bytes_per_token)
+        kv_layer_bytes_per_token=sizes.kv_layer_bytes_per_token,
+        context_activation=sizes.context_activation)
 
 
 def plan_model(model: str, memory_budget: int | str | None = None,
@@ -62,6 +63,7 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         "expert_bytes_4bit": sizes.expert_bytes["high"], "expert_bytes_2bit": sizes.expert_bytes["low"],
         "kv_bytes_per_token": sizes.kv_bytes_per_token,
         "activation_bytes_estimated": dict(sizes.activation_points),
+        "context_activation_estimated": sizes.context_activation,
         "compute_dtype": sizes.compute_dtype,
         "minimum_budget_bytes": minimum, "minimum_budget_bytes_exact": minimum_exact,
         "system_memory_bytes": system_memory_bytes(),

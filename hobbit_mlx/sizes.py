@@ -20,7 +20,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from .architectures import describe_moe, num_experts_of, switch_linear_paths
-from .measure import chunk_ladder, kv_bytes_by_layer
+from .budget import KV_STEP
+from .measure import CONTEXT_MARGIN, chunk_ladder, kv_bytes_by_layer
 from .store import (DTYPE_ITEMSIZE, FLOAT_DTYPES, StoreError, is_hobbit_model,
                     read_safetensors_header)
 
@@ -114,6 +115,7 @@ class ModelSizes:
     kv_layer_bytes_per_token: int  # the largest layer's share
     activation_points: list[tuple[int, int]]  # estimated
     compute_dtype: str
+    context_activation: tuple[float, float, float] = (0.0, 0.0, 0.0)  # estimated, as load() measures it
 
     def all_bytes(self, precision: str) -> int:
         """Every expert resident at one precision."""
@@ -185,6 +187,20 @@ def estimate_activations(config: dict, k: int, moe_intermediate: int, itemsize: 
     return out
 
 
+def estimate_context_activation(config: dict, itemsize: int,
+                                kv_layer_bytes_per_token: int) -> tuple[float, float, float]:
+    """An estimate of the growth with the context that load() measures: per (call token, context
+    token) pair, one attention score per head; for any context, the two step buffers of a layer's
+    keys and values that an attending call copies (on the bundled reference model, before the
+    margin: 33 bytes per pair, and 215 KB for a 16-token call, 440 KB for a 64-token one,
+    measured; 32 bytes and 328 KB estimated)."""
+    from .architectures import text_config
+
+    heads = int(text_config(config).get("num_attention_heads", 1) or 1)
+    return (CONTEXT_MARGIN * heads * itemsize,
+            CONTEXT_MARGIN * 2 * kv_layer_bytes_per_token * KV_STEP, 0.0)
+
+
 def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_size: int = 64,
                 compute_dtype: mx.Dtype | None = None, prefill_step_size: int = 512) -> ModelSizes:
     """Sizes of a checkpoint as hobbit_mlx would store and hold it (``compute_dtype``: the float
@@ -236,7 +252,8 @@ def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_siz
         expert_layers={p: list(layouts[p].values()) for p in layouts},
         kv_bytes_per_token=sum(kv), kv_layer_bytes_per_token=max(kv, default=0),
         activation_points=estimate_activations(config, k, moe_i, dtype.size, prefill_step_size),
-        compute_dtype=str(dtype).replace("mlx.core.", ""))
+        compute_dtype=str(dtype).replace("mlx.core.", ""),
+        context_activation=estimate_context_activation(config, dtype.size, max(kv, default=0)))
 
 
 __all__ = ["Checkpoint", "ModelNotFound", "ModelSizes", "read_checkpoint", "model_sizes",

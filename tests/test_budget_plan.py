@@ -222,11 +222,12 @@ def test_kv_reserve_holds_a_growing_layer_beside_the_others():
 
 def test_activations_grow_with_the_context_a_call_attends_to():
     """A call's activations grow with its context (attention scores per chunk and context token,
-    copies per context token): the reserve, the longest context and the minimum count it."""
+    buffers copied once any context is held): the reserve, the longest context and the minimum
+    count it."""
     flat = plan_budget(**_sizes(kv_layer_bytes_per_token=125), memory_budget=130 * MB)
-    grown = plan_budget(**_sizes(kv_layer_bytes_per_token=125, context_activation=(40.0, 2000.0)),
+    grown = plan_budget(**_sizes(kv_layer_bytes_per_token=125, context_activation=(40.0, 300_000.0, 1000.0)),
                         memory_budget=130 * MB)
-    assert grown.activation_for(64, 1000) == 2 * MB + int(1000 * (64 * 40.0 + 2000.0))
+    assert grown.activation_for(64, 1000) == 2 * MB + int(300_000.0 + 64 * (1000.0 + 1000 * 40.0))
     assert grown.activation_for(64) == flat.activation_for(64) == 2 * MB
     assert grown.activation_reserve_bytes == grown.activation_for(grown.chunk_tokens, grown.kv_tokens)
     assert grown.minimum_bytes > flat.minimum_bytes

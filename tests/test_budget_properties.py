@@ -33,7 +33,8 @@ def models(draw):
     kv = draw(st.integers(1, 200_000))
     return dict(dense_bytes=draw(st.integers(MB, 2000 * MB)), activation_points=points,
                 kv_bytes_per_token=kv, kv_layer_bytes_per_token=draw(st.integers(0, kv)),
-                context_activation=(draw(st.floats(0, 64)), draw(st.floats(0, 8192))),
+                context_activation=(draw(st.floats(0, 64)), draw(st.floats(0, 2 * MB)),
+                                    draw(st.floats(0, 8192))),
                 all_high_bytes=layers * experts * slot_high, min_high_bytes=k * slot_high,
                 min_low_bytes=k * slot_low, mixed_precision=mixed,
                 _groups=(k, layers, experts, slot_high, slot_low))

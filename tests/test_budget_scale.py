@@ -98,3 +98,23 @@ def test_peak_within_budget_for_a_long_prompt_in_the_smallest_chunks(kv_heavy, o
     assert stats["misses_high"] + stats["misses_low"] > 0
     assert stats["peak_memory_bytes"] <= stats["budget_bytes"] == budget, stats
     runtime_of(model).close()
+
+
+@pytest.mark.parametrize("chunk, context", [(16, 9000), (64, 7000)])
+def test_a_call_far_past_the_probed_contexts_stays_within_its_reserve(kv_heavy, chunk, context):
+    """The growth with the context is probed up to 4,032 tokens; past them attention scores
+    (one per call token, context token and head) dominate, and the fit must still lie above
+    what a call then takes (a slope read where the scores still hid under the expert
+    activations would not)."""
+    from hobbit_mlx.measure import _raw_activation
+
+    model, _ = hobbit_mlx.load(kv_heavy, exact=True, memory_budget="1GB", progress=False)
+    rt = runtime_of(model)
+    rt.measuring = True  # (as load measures: every expert call on one slot, nothing read)
+    try:
+        used = _raw_activation(model, chunk, context)
+        assert used > 2 * rt.plan.activation_for(chunk)  # the context is what this call pays for
+        assert used <= rt.plan.activation_for(chunk, context)
+    finally:
+        rt.measuring = False
+        rt.close()
