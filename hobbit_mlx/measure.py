@@ -9,7 +9,10 @@ import gc
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import (ArraysCache, CacheList, KVCache, RotatingKVCache,
+                                  make_prompt_cache)
+
+from .budget import KV_STEP
 
 
 def kv_bytes_by_layer(model: nn.Module) -> list[int]:
@@ -111,20 +114,34 @@ def _raw_activation(model: nn.Module, chunk: int, context: int = 0) -> int:
 
 def _hold_context(model: nn.Module, cache: list, tokens: mx.array) -> None:
     """Puts ``tokens``' worth of context in ``cache``. Attention caches get zero keys and values
-    of the shapes a one-token pass gives them: the memory a call attending to them needs does
-    not depend on their values, and nothing is computed, so long contexts cost little to probe.
-    A model with any other kind of cache runs the tokens instead."""
+    of the shapes a one-token pass gives them (a sliding window keeps its window), recurrent ones
+    that pass's state: the memory a call attending to them needs does not depend on the values,
+    and nothing is computed, so long contexts cost little to probe. A model with a cache of any
+    other kind runs the tokens instead, in 256-token calls."""
     probe = make_prompt_cache(model)
     model(tokens[:, :1], cache=probe)
-    if not all(type(c) is KVCache for c in probe):
-        model(tokens, cache=cache)
-    else:
-        n = tokens.shape[-1]
-        for c, p in zip(cache, probe):
-            k, v = p.keys, p.values
-            c.update_and_fetch(mx.zeros((*k.shape[:2], n, k.shape[-1]), k.dtype),
-                               mx.zeros((*v.shape[:2], n, v.shape[-1]), v.dtype))
+    if not all(_fill(c, p, tokens.shape[-1]) for c, p in zip(cache, probe)):
+        cache[:] = make_prompt_cache(model)
+        for start in range(0, tokens.shape[-1], KV_STEP):
+            model(tokens[:, start:start + KV_STEP], cache=cache)
+            mx.eval(_kv_state(cache))
     mx.eval(_kv_state(cache))
+
+
+def _fill(cache, probe, tokens: int) -> bool:
+    """``_hold_context`` for one layer's cache; False for a kind it does not know."""
+    if isinstance(cache, CacheList):
+        return all(_fill(c, p, tokens) for c, p in zip(cache.caches, probe.caches))
+    if isinstance(cache, ArraysCache):
+        cache.cache = list(probe.cache)
+        return True
+    k, v = getattr(probe, "keys", None), getattr(probe, "values", None)
+    if not (isinstance(cache, (KVCache, RotatingKVCache)) and isinstance(k, mx.array)
+            and isinstance(v, mx.array) and k.ndim == v.ndim == 4):
+        return False
+    cache.update_and_fetch(mx.zeros((*k.shape[:2], tokens, k.shape[-1]), k.dtype),
+                           mx.zeros((*v.shape[:2], tokens, v.shape[-1]), v.dtype))
+    return True
 
 
 def activation_bytes(model: nn.Module, chunk: int) -> int:
@@ -139,8 +156,9 @@ def activation_bytes(model: nn.Module, chunk: int) -> int:
 # Contexts held while a call's growth with the context is measured; each leaves room for a
 # 64-token call in its KV step. Up to a model-dependent length the growth is a constant (buffers
 # an attending call copies); beyond it the attention scores of each (call token, context token)
-# pair outgrow the expert activations they share the peak with, so the far pair gives the slope.
-CONTEXT_PROBES = (192, 1984, 4032)
+# pair outgrow the expert activations they share the peak with, so the far pair gives the slope
+# (the same per call token for 16- and 64-token calls, measured: only the shorter one goes far).
+CONTEXT_PROBES = {SMALLEST_CHUNK: (192, 1984, 4032), KNEE_CHUNK: (192,)}
 CONTEXT_MARGIN = 1.25
 
 
@@ -153,19 +171,19 @@ def context_activation(model: nn.Module) -> tuple[float, float, float]:
     limit = mx.set_cache_limit(1 << 40)
     gc.collect()
     grown = {}
-    for n in (SMALLEST_CHUNK, KNEE_CHUNK):
+    for n, contexts in CONTEXT_PROBES.items():
         empty = min(_raw_activation(model, n), _raw_activation(model, n))
-        grown[n] = [max(0, max(_raw_activation(model, n, c), _raw_activation(model, n, c)) - empty)
-                    for c in CONTEXT_PROBES]
+        grown[n] = {c: max(0, max(_raw_activation(model, n, c), _raw_activation(model, n, c)) - empty)
+                    for c in contexts}
     mx.set_cache_limit(limit)
-    per_pair = max(max(0.0, (g1 - g0) / (c1 - c0)) / n for n, g in grown.items()
-                   for c0, c1, g0, g1 in zip(CONTEXT_PROBES, CONTEXT_PROBES[1:], g, g[1:]))
+    per_pair = max([0.0] + [(g[c1] - g[c0]) / (c1 - c0) / n for n, g in grown.items()
+                            for c0, c1 in zip(sorted(g), sorted(g)[1:])])
     # what each call adds beside its pairs (the nearest context's stands for any shorter one:
     # the copies come at once), then a line in the call's tokens above both calls
-    fixed = {n: max(g[0], *(gi - per_pair * n * c for c, gi in zip(CONTEXT_PROBES, g)))
+    fixed = {n: max(g[min(g)], *(gc - per_pair * n * c for c, gc in g.items()))
              for n, g in grown.items()}
     per_token = max(0.0, (fixed[KNEE_CHUNK] - fixed[SMALLEST_CHUNK]) / (KNEE_CHUNK - SMALLEST_CHUNK))
-    constant = max(f - per_token * n for n, f in fixed.items())
+    constant = max(0.0, *(f - per_token * n for n, f in fixed.items()))
     return CONTEXT_MARGIN * per_pair, CONTEXT_MARGIN * constant, CONTEXT_MARGIN * per_token
 
 
