@@ -223,12 +223,17 @@ def pass_costs(paths, residency: float, widths=(1, 3, 5), reps: int = 7, n: int 
 
 
 # ----------------------------------------------------------------------------- bench
+REFERENCE_DRAFT = str(Path(__file__).resolve().parents[1] / "hobbit_mlx" / "reference_draft")
 CONFIGS = {  # name -> (load options, speculative: K, "adaptive" K <= 4, or None: plain)
     "exact": (dict(exact=True), None),
     "default": (dict(), None),
     "exact-spec-k2": (dict(exact=True), 2),
     "exact-spec-adaptive": (dict(exact=True), "adaptive"),
     "default-spec-adaptive": (dict(), "adaptive"),
+    # a separate resident draft (mlx-lm's speculative decoding), at the memory of the plain
+    # configuration: its weights and KV come out of the budget the pools would have had
+    "exact-draft-k2": (dict(exact=True, draft_model=REFERENCE_DRAFT), 2),
+    "exact-draft-k3": (dict(exact=True, draft_model=REFERENCE_DRAFT), 3),
 }
 PLAIN = ("exact", "default")
 
@@ -284,20 +289,26 @@ def _timed_run(model, tok, rt, workload, spec) -> dict:
     hobbit_mlx.reset_stats(model)
     rt.speculative_controller = None  # each run learns its draft length from scratch
     tokens, decode_s, drafted, accepted, passes, kc = [], 0.0, 0, 0, 0, {}
+    separate = getattr(rt, "draft_model", None) is not None
     bytes0 = rt.stats.bytes_read
     extra = {} if spec is None else dict(speculative=4 if spec == "adaptive" else spec)
     for prompt in workload.prompts:
         if spec is not None:
             rt.speculative = (extra["speculative"], spec == "adaptive")
-        out, t_first = [], None
+        out, t_first, from_draft = [], None, []
         for r in hobbit_mlx.stream_generate(model, tok, prompt, max_tokens=workload.max_tokens,
                                             **({"speculative": False} if spec is None else {})):
             if t_first is None:
                 t_first = time.perf_counter()
             out.append(r.token)
+            from_draft.append(bool(getattr(r, "from_draft", False)))
         decode_s += time.perf_counter() - t_first
         tokens.append(out)
-        st = rt.speculative_stats if spec is not None else None
+        if separate:  # mlx-lm's loop: each pass yields its accepted drafts, then one of its own
+            d, a, p = _draft_counts(from_draft, spec, workload.max_tokens)
+            drafted, accepted, passes = drafted + d, accepted + a, passes + p
+            kc[spec] = kc.get(spec, 0) + p
+        st = rt.speculative_stats if spec is not None and not separate else None
         if st is not None:
             drafted, accepted, passes = drafted + st.drafted, accepted + st.accepted, passes + st.passes
             for k, v in st.k_counts.items():
@@ -307,6 +318,38 @@ def _timed_run(model, tok, rt, workload, spec) -> dict:
             "kib_per_token": (rt.stats.bytes_read - bytes0) / 1024 / max(1, n + len(tokens)),
             "acceptance": accepted / drafted if drafted else None,
             "tokens_per_pass": (accepted + passes) / passes if passes else None, "k_counts": kc}
+
+
+def _draft_residency(residency: float, paths, context: int) -> float:
+    """The pools' share of the experts that leaves a separate draft model the memory it takes
+    (its weights and its KV cache for ``context`` tokens) out of the pools at ``residency``: the
+    draft runs at the same memory as the plain configuration."""
+    import hobbit_mlx
+    from hobbit_mlx.budget import kv_bytes_for
+    from hobbit_mlx.loader import runtime_of
+    from hobbit_mlx.measure import kv_bytes_by_layer
+    from hobbit_mlx.speculative import load_draft
+
+    draft, _, weights = load_draft(REFERENCE_DRAFT)
+    kv = kv_bytes_by_layer(draft)
+    model, _ = hobbit_mlx.load(paths.hobbit, expert_residency=0.0, progress=False)
+    all_high = runtime_of(model).plan.all_high_bytes
+    runtime_of(model).close()
+    return max(0.0, residency - (weights + kv_bytes_for(context, sum(kv), max(kv))) / all_high)
+
+
+def _draft_counts(from_draft: list[bool], k: int, max_tokens: int) -> tuple[int, int, int]:
+    """(drafted, accepted, verify passes) of one mlx-lm speculative generation, from its
+    ``from_draft`` flags: a pass drafts min(k, tokens left) and yields the drafts accepted, then
+    one token of the model's own (unless the accepted drafts reached ``max_tokens``)."""
+    drafted = accepted = passes = i = 0
+    while i < len(from_draft):
+        d, run = min(k, max_tokens - i), 0
+        while run < d and i + run < len(from_draft) and from_draft[i + run]:
+            run += 1
+        drafted, accepted, passes = drafted + d, accepted + run, passes + 1
+        i += run + (1 if i + run < len(from_draft) else 0)
+    return drafted, accepted, passes
 
 
 def _median(xs):
@@ -347,7 +390,8 @@ def bench(a) -> int:
         models = {}
         for name in configs:
             kw, spec = CONFIGS[name]
-            m, t, rt = _load(paths, expert_residency=res, max_context=wl.max_context,
+            share = _draft_residency(res, paths, wl.max_context) if "draft_model" in kw else res
+            m, t, rt = _load(paths, expert_residency=share, max_context=wl.max_context,
                              simulated_storage=storage, **kw)
             models[name] = (m, t, rt, spec)
         for rnd in range(a.rounds):
