@@ -124,11 +124,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, draft_model
 def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwargs):
     k, adaptive = _draft_tokens(model, speculative) if draft_model is None else (0, True)
     kwargs = _with_defaults(model, tokenizer, prompt, dict(kwargs, max_tokens=max_tokens), k + 1)
-    loaded_draft = getattr(runtime_of(model), "draft_model", None)
-    if k and loaded_draft is not None:  # load(draft_model=...): mlx-lm's speculative decoding
-        kwargs["num_draft_tokens"] = k
-        yield from mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=loaded_draft,
-                                          **kwargs)
+    rt = runtime_of(model)
+    loaded_draft = getattr(rt, "draft_model", None)
+    if k and loaded_draft is not None:  # load(draft_model=...): mlx-lm's speculative decoding,
+        if not rt.cache.all_high_resident:  # unless nothing is read, where it cannot pay
+            kwargs["num_draft_tokens"] = k
+            yield from mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=loaded_draft,
+                                              **kwargs)
+        else:
+            yield from mlx_lm.stream_generate(model, tokenizer, prompt, **kwargs)
     elif k:
         from . import speculative as spec
         yield from spec.stream_generate(model, tokenizer, prompt, num_draft_tokens=k,

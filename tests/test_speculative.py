@@ -336,6 +336,22 @@ def test_draft_model_greedy_identical(tiny_factory, dense_draft):
         rt.close()
 
 
+def test_draft_model_is_left_out_when_every_expert_is_resident(tiny_factory, dense_draft):
+    """Nothing is read, so a verify pass only adds compute (the reference model with its trained
+    draft decoded at 0.6x plain, resident on this CPU): plain decoding, the same tokens."""
+    _src, dst = tiny_factory("qwen3_moe")
+    model, tok = hobbit_mlx.load(dst, expert_residency=1.0, exact=True,
+                                 draft_model=str(dense_draft), progress=False)
+    rt = runtime_of(model)
+    try:
+        assert rt.cache.all_high_resident and rt.speculative[0] > 0
+        plain = _plain(model, tok, "def main():", 24)
+        out = list(hobbit_mlx.stream_generate(model, tok, "def main():", max_tokens=24))
+        assert [r.token for r in out] == plain and not any(r.from_draft for r in out)
+    finally:
+        rt.close()
+
+
 def test_draft_model_with_another_tokenizer_is_refused(tiny_factory, tmp_path):
     _src, dst = tiny_factory("qwen3_moe")
     other = _dense_draft(tmp_path / "other", 300)
