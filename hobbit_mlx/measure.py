@@ -180,7 +180,7 @@ def context_activation(model: nn.Module) -> tuple[float, float, float]:
                             for c0, c1 in zip(sorted(g), sorted(g)[1:])])
     # what each call adds beside its pairs (the nearest context's stands for any shorter one:
     # the copies come at once), then a line in the call's tokens above both calls
-    fixed = {n: max(g[min(g)], *(gc - per_pair * n * c for c, gc in g.items()))
+    fixed = {n: max(g[min(g)], *(grew - per_pair * n * c for c, grew in g.items()))
              for n, g in grown.items()}
     per_token = max(0.0, (fixed[KNEE_CHUNK] - fixed[SMALLEST_CHUNK]) / (KNEE_CHUNK - SMALLEST_CHUNK))
     constant = max(0.0, *(f - per_token * n for n, f in fixed.items()))
