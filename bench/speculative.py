@@ -284,6 +284,7 @@ def _timed_run(model, tok, rt, workload, spec) -> dict:
     """Every prompt from empty pools, through ``hobbit_mlx.stream_generate``; decode tokens/s is
     (tokens - 1) over the time from the first token to the last, summed over prompts."""
     import hobbit_mlx
+    from hobbit_mlx.speculative import draft_passes
 
     empty_pools(rt)
     hobbit_mlx.reset_stats(model)
@@ -305,7 +306,7 @@ def _timed_run(model, tok, rt, workload, spec) -> dict:
         decode_s += time.perf_counter() - t_first
         tokens.append(out)
         if separate:  # mlx-lm's loop: each pass yields its accepted drafts, then one of its own
-            d, a, p = _draft_counts(from_draft, spec, workload.max_tokens)
+            d, a, p = draft_passes(from_draft, spec, workload.max_tokens)
             drafted, accepted, passes = drafted + d, accepted + a, passes + p
             kc[spec] = kc.get(spec, 0) + p
         st = rt.speculative_stats if spec is not None and not separate else None
@@ -336,20 +337,6 @@ def _draft_residency(residency: float, paths, context: int) -> float:
     all_high = runtime_of(model).plan.all_high_bytes
     runtime_of(model).close()
     return max(0.0, residency - (weights + kv_bytes_for(context, sum(kv), max(kv))) / all_high)
-
-
-def _draft_counts(from_draft: list[bool], k: int, max_tokens: int) -> tuple[int, int, int]:
-    """(drafted, accepted, verify passes) of one mlx-lm speculative generation, from its
-    ``from_draft`` flags: a pass drafts min(k, tokens left) and yields the drafts accepted, then
-    one token of the model's own (unless the accepted drafts reached ``max_tokens``)."""
-    drafted = accepted = passes = i = 0
-    while i < len(from_draft):
-        d, run = min(k, max_tokens - i), 0
-        while run < d and i + run < len(from_draft) and from_draft[i + run]:
-            run += 1
-        drafted, accepted, passes = drafted + d, accepted + run, passes + 1
-        i += run + (1 if i + run < len(from_draft) else 0)
-    return drafted, accepted, passes
 
 
 def _median(xs):

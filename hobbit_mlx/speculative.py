@@ -334,6 +334,21 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
 
 
 # --- a separate draft model (mlx-lm's own speculative path) ------------------------------------
+def draft_passes(from_draft: Sequence[bool], k: int, max_tokens: int) -> tuple[int, int, int]:
+    """(drafted, accepted, verify passes) of one generation by mlx-lm's speculative loop (a
+    separate draft model), from its responses' ``from_draft`` flags: a pass drafts
+    min(``k``, tokens left), yields the drafts it accepted, then one token of the model's own
+    unless the accepted drafts reached ``max_tokens``."""
+    drafted = accepted = passes = i = 0
+    while i < len(from_draft):
+        d, run = min(k, max_tokens - i), 0
+        while run < d and i + run < len(from_draft) and from_draft[i + run]:
+            run += 1
+        drafted, accepted, passes = drafted + d, accepted + run, passes + 1
+        i += run + (1 if i + run < len(from_draft) else 0)
+    return drafted, accepted, passes
+
+
 def load_draft(path, dtype=None):
     """A small resident draft model for mlx-lm's speculative decoding: (model, tokenizer, bytes
     of its weights, which count inside the memory budget)."""

@@ -310,6 +310,9 @@ def measure_acceptance(draft_dir: Path, prompts: list[tuple[str, str]], max_toke
     import mlx_lm
     from mlx_lm.generate import generate_step, speculative_generate_step
 
+    sys.path.insert(0, str(REPO))
+    from hobbit_mlx.speculative import draft_passes
+
     target, tok = mlx_lm.load(str(REFERENCE_MODEL))
     target.set_dtype(mx.float32)
     draft = mlx_load(draft_dir)
@@ -327,7 +330,7 @@ def measure_acceptance(draft_dir: Path, prompts: list[tuple[str, str]], max_toke
                                                  max_tokens=max_tokens))
             got = [int(t) for t, _, _ in seq]
             identical &= got == plain
-            a, d, p = count_passes([f for _, _, f in seq], k, max_tokens)
+            d, a, p = draft_passes([f for _, _, f in seq], k, max_tokens)
             accepted, drafted, passes, tokens = accepted + a, drafted + d, passes + p, tokens + len(got)
         r = {"acceptance": accepted / drafted, "tokens_per_pass": tokens / passes,
              "drafted": drafted, "accepted": accepted, "passes": passes, "tokens": tokens,
@@ -336,22 +339,6 @@ def measure_acceptance(draft_dir: Path, prompts: list[tuple[str, str]], max_toke
         log(f"[accept] K={k}: {accepted}/{drafted} drafted tokens accepted ({r['acceptance']:.3f}), "
             f"{r['tokens_per_pass']:.2f} tokens per verify pass, greedy-identical: {identical}")
     return result
-
-
-def count_passes(from_draft: list[bool], k: int, max_tokens: int) -> tuple[int, int, int]:
-    """(accepted, drafted, verify passes) from mlx-lm's ``from_draft`` flags. As mlx-lm's loop
-    runs, a pass drafts ``min(k, tokens left)``, yields the accepted drafts, then the target's own
-    token unless the accepted drafts already reached ``max_tokens``."""
-    accepted = drafted = passes = 0
-    i, n = 0, len(from_draft)
-    while i < n:
-        d = min(k, max_tokens - i)
-        run = 0
-        while run < d and i + run < n and from_draft[i + run]:
-            run += 1
-        accepted, drafted, passes = accepted + run, drafted + d, passes + 1
-        i += run + (1 if i + run < n else 0)
-    return accepted, drafted, passes
 
 
 # --------------------------------------------------------------------------- main

@@ -11,6 +11,7 @@ import pytest
 
 import hobbit_mlx
 from hobbit_mlx.loader import REFERENCE_MODEL, runtime_of
+from hobbit_mlx.speculative import draft_passes
 
 DRAFT = REFERENCE_MODEL.parent / "reference_draft"
 # held out: the opening of xml/dom/pulldom.py, a validation file (reference/val_files.txt), cut
@@ -37,20 +38,6 @@ def with_draft():
     runtime_of(model).close()
 
 
-def _acceptance(from_draft: list[bool], k: int, max_tokens: int) -> float:
-    """Drafted tokens accepted / drafted, from mlx-lm's ``from_draft`` flags: each verify pass
-    drafts min(k, tokens left) and yields the accepted ones, then one of the model's own unless
-    the accepted drafts reached ``max_tokens``."""
-    accepted = drafted = i = 0
-    while i < len(from_draft):
-        d, run = min(k, max_tokens - i), 0
-        while run < d and i + run < len(from_draft) and from_draft[i + run]:
-            run += 1
-        accepted, drafted = accepted + run, drafted + d
-        i += run + (1 if i + run < len(from_draft) else 0)
-    return accepted / drafted
-
-
 def test_reference_draft_is_a_small_dense_4bit_checkpoint():
     config = json.loads((DRAFT / "config.json").read_text())
     reference = json.loads((REFERENCE_MODEL / "config.json").read_text())
@@ -69,4 +56,5 @@ def test_greedy_with_the_trained_draft_is_exact_and_mostly_accepted(with_draft):
                                                          speculative=False)]
     drafted = list(hobbit_mlx.stream_generate(model, tok, PROMPT, max_tokens=TOKENS, speculative=K))
     assert [r.token for r in drafted] == plain and len(plain) == TOKENS  # (no eos in the way)
-    assert _acceptance([r.from_draft for r in drafted], K, TOKENS) > MIN_ACCEPTANCE
+    n, accepted, _ = draft_passes([r.from_draft for r in drafted], K, TOKENS)
+    assert accepted / n > MIN_ACCEPTANCE
