@@ -20,6 +20,7 @@ pools, in alternating rounds in one process; medians and ratios to the best plai
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -321,10 +322,11 @@ def _timed_run(model, tok, rt, workload, spec) -> dict:
             "tokens_per_pass": (accepted + passes) / passes if passes else None, "k_counts": kc}
 
 
-def _draft_residency(residency: float, paths, context: int) -> float:
-    """The pools' share of the experts that leaves a separate draft model the memory it takes
-    (its weights and its KV cache for ``context`` tokens) out of the pools at ``residency``: the
-    draft runs at the same memory as the plain configuration."""
+@functools.lru_cache(maxsize=None)
+def _draft_share(model_dir: str, context: int) -> float:
+    """The memory a separate draft model takes (its weights and its KV cache for ``context``
+    tokens), as a share of the 4-bit experts: the pools give that up, so the draft runs at the
+    memory of the plain configuration. Measured once per run."""
     import hobbit_mlx
     from hobbit_mlx.budget import kv_bytes_for
     from hobbit_mlx.loader import runtime_of
@@ -333,10 +335,10 @@ def _draft_residency(residency: float, paths, context: int) -> float:
 
     draft, _, weights = load_draft(REFERENCE_DRAFT)
     kv = kv_bytes_by_layer(draft)
-    model, _ = hobbit_mlx.load(paths.hobbit, expert_residency=0.0, progress=False)
+    model, _ = hobbit_mlx.load(model_dir, expert_residency=0.0, progress=False)
     all_high = runtime_of(model).plan.all_high_bytes
     runtime_of(model).close()
-    return max(0.0, residency - (weights + kv_bytes_for(context, sum(kv), max(kv))) / all_high)
+    return (weights + kv_bytes_for(context, sum(kv), max(kv))) / all_high
 
 
 def _median(xs):
@@ -377,7 +379,8 @@ def bench(a) -> int:
         models = {}
         for name in configs:
             kw, spec = CONFIGS[name]
-            share = _draft_residency(res, paths, wl.max_context) if "draft_model" in kw else res
+            share = (max(0.0, res - _draft_share(str(paths.hobbit), wl.max_context))
+                     if "draft_model" in kw else res)
             m, t, rt = _load(paths, expert_residency=share, max_context=wl.max_context,
                              simulated_storage=storage, **kw)
             models[name] = (m, t, rt, spec)
