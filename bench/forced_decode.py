@@ -109,7 +109,10 @@ def run_hobbit(paths, kwargs: dict, residency: float, storage, pieces, prompt_to
     n = out["tokens"]
     out["per_token"] = {"bytes": d["bytes_read"] / n, "misses_high": d["misses_high"] / n,
                         "misses_low": d["misses_low"] / n, "skipped": d["skipped"] / n,
-                        "requests": d["expert_requests"] / n}
+                        "requests": d["expert_requests"] / n,
+                        "prefetch_bytes": d["prefetch_bytes"] / n,
+                        "prefetch_issued": d["prefetch_issued"] / n,
+                        "prefetch_used": d["prefetch_used"] / n}
     return out
 
 
@@ -171,6 +174,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name:>24} {residency:>5}: {out['tps']:6.1f} tok/s  x lru "
                   f"{row['x_lru'] or float('nan'):.2f}  KiB/token {row['bytes'] / 1024:6.0f}  "
+                  f"(prefetch {row['prefetch_bytes'] / 1024:4.0f}, used {row['prefetch_used']:.2f} "
+                  f"of {row['prefetch_issued']:.2f})  "
                   f"ppl x {row['ppl_x']:.3f}  top-1 {row['top1_agree']:.3f}", file=sys.stderr)
 
     name = args.name or f"forced-{paths.name}-{args.storage}"

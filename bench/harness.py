@@ -81,14 +81,18 @@ CONFIGS: list[tuple[str, dict]] = [
     ("hobbit-cache", {**EXACT, "policy": "hobbit"}),  # HOBBIT's multidimensional eviction score
     ("seqfreq-cache", {**EXACT, "policy": "seqfreq"}),  # per-sequence frequency + burst + distance
     ("shallow-cache", {**EXACT, "policy": "shallow"}),  # Fate's shallow-favoring cache
-    # cross-layer prefetch, step by step: top-k of the next layer (HOBBIT/Fate), a wider guess,
-    # then the first layers kept resident (what prefetch cannot predict)
+    # cross-layer prefetch, step by step, with guesses taking pool slots (the design before scratch
+    # slots): top-k of the next layer (HOBBIT/Fate), a wider guess, then the first layers kept
+    # resident (what prefetch cannot predict)
     ("prefetch-topk", {"exact": True, "policy": "lru", "prefetch_layers": 1, "prefetch_width": 1.0,
-                       "keep_shallow_layers": 0}),
-    ("prefetch-wide", {"exact": True, "policy": "lru", "prefetch_layers": 1, "keep_shallow_layers": 0}),
-    ("prefetch", {"exact": True, "policy": "lru", "prefetch_layers": 1}),
-    ("prefetch-2", {"exact": True, "policy": "lru", "prefetch_layers": 2}),  # two layers ahead
-    ("fate", {"exact": True, "policy": "shallow", "prefetch_layers": 1}),  # shallow cache + prefetch
+                       "keep_shallow_layers": 0, "prefetch_scratch": 0}),
+    ("prefetch-wide", {"exact": True, "policy": "lru", "prefetch_layers": 1, "keep_shallow_layers": 0,
+                       "prefetch_scratch": 0}),
+    ("prefetch", {"exact": True, "policy": "lru", "prefetch_layers": 1, "prefetch_scratch": 0}),
+    ("prefetch-2", {"exact": True, "policy": "lru", "prefetch_layers": 2,  # two layers ahead
+                    "prefetch_scratch": 0}),
+    ("fate", {"exact": True, "policy": "shallow", "prefetch_layers": 1,  # shallow cache + prefetch
+              "prefetch_scratch": 0}),
     ("mixed-precision", {**FIXED, "skip": False, "exact": False, "mixed_precision": True,
                          "prefetch_layers": 0, "policy": "lru", "big_little": False,
                          "upgrade_after": 0}),
@@ -131,11 +135,15 @@ CONFIGS: list[tuple[str, dict]] = [
     # the defaults before issue 11: LRU + prefetch of 2x top-k, every guess read, none cancelled
     ("default-naive-prefetch", {**FIXED, "skip": False, "prefetch_layers": 1, "policy": "lru",
                                 "big_little": False, "upgrade_after": 0,
-                                "prefetch_cost_aware": False}),
+                                "prefetch_cost_aware": False, "prefetch_scratch": 0}),
     ("exact-default", {"exact": True}),  # exact=True, everything else default
     ("default-lru", {"policy": "lru"}),
     ("default-hobbit", {"policy": "hobbit"}),
-    ("default-prefetch", {"prefetch_layers": 1, "prefetch_width": 1.0}),  # + cost-aware top-k guesses
+    # + cost-aware top-k guesses in scratch slots (read as their misses would be), or in pool slots
+    ("default-prefetch", {"prefetch_layers": 1, "prefetch_width": 1.0}),
+    ("default-prefetch-evicting", {"prefetch_layers": 1, "prefetch_width": 1.0,
+                                   "prefetch_scratch": 0}),
+    ("exact-prefetch", {"exact": True, "prefetch_layers": 1, "prefetch_width": 1.0}),
     ("default-w3", {"prefetch_layers": 1, "prefetch_width": 3.0}),  # a wider guess
     ("default-adaptive", {"prefetch_layers": 1, "prefetch_recall": 0.98}),  # width for 0.98 recall
     ("all", {"big_little": True, "skip": True}),

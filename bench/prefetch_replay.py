@@ -108,15 +108,16 @@ def record_events(model, workload) -> list[tuple]:
 
 
 def _in_runtime_order(events: list[tuple]) -> list[tuple]:
-    """The runtime releases a layer's holds after that layer's fetch; the spy saw the release
-    (``Prefetcher.consume``) before the next layer's prediction and this layer's fetch. Move each
-    release after its layer's demand groups."""
+    """The runtime releases a layer's holds once that layer's call is built: after its fetch and
+    the predictions it issued behind its demand reads; the spy saw the release
+    (``Prefetcher.consume``) before both. Move each release after its layer's demand groups and
+    the predictions that follow them."""
     out, pending, fetched = [], None, False
     for ev in events:
         if pending is not None:
             if ev[0] == "demand" and ev[1] == pending[1]:
                 fetched = True
-            elif fetched or ev[0] in ("call_end", "seq"):
+            elif (fetched and ev[0] != "predict") or ev[0] in ("call_end", "seq"):
                 out.append(pending)
                 pending = None
         if ev[0] == "call_end":
@@ -203,7 +204,8 @@ def replay_with_prefetch(events: list[tuple], policy, capacity: int) -> dict:
                 if key not in resident:
                     stats[f"misses{phase}"] += 1
                     insert(key, prefetched=False)
-            pinned = set()
+            # (they stay pinned: the predictions this call issues behind its demand reads may
+            # not evict what its graph reads before the next sync)
         elif kind == "call_end":
             for key in held_by_layer.pop(ev[1], []):
                 held[key] -= 1

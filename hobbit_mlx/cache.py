@@ -15,6 +15,12 @@ Protections:
   at every point where everything built before is known to be evaluated (a layer's router sync, or
   an explicit evaluation), so a slot last used in an earlier epoch is safe to write.
 
+*Guests* (scratch slots): a pool may set ``scratch`` of its slots aside for prefetch guesses. A
+guess read there never evicts a resident expert and is not known to the policy: when its layer
+uses it, it is *adopted* as a demand miss would have been inserted (the policy's victim goes,
+into the scratch room); when its layer runs without it, it is dropped. So the experts the policy
+keeps are the same as without prefetch, and a wrong guess costs only its read.
+
 A read goes: ``reserve`` a slot (evicting a victim), write its bytes (any thread), ``commit``.
 The per-layer remap (expert -> slot) lives on the host; its device copy is rebuilt on the model's
 thread when it changed.
@@ -54,6 +60,8 @@ class PoolSlots:
         # P(an expert this pool's policy evicted is needed by its layer's next call), measured
         # with ghosts: what a prefetch guess must beat to take a slot
         self.victim_reuse = DecayedRate(prior=0.1)
+        self.wanted_scratch = 0  # slots asked for guests (set_scratch); ``scratch`` is what fits
+        self.min_regular = 0  # slots the policy's experts keep however many guests want
         self.reset_slots()
 
     def reset_slots(self) -> None:
@@ -62,6 +70,14 @@ class PoolSlots:
         self.free: list[int] = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
         self.last_use = np.full(n, -1, dtype=np.int64)
         self.resident = 0
+        self.scratch = 0  # slots only guests may take (the policy's experts keep n - scratch)
+        self.guests = 0  # slots guests hold (being read, or landed and not yet used)
+        self.retired: list[int] = []  # a dropped guest's slot a pending graph may still read
+
+    def regular_room(self) -> bool:
+        """A free slot that the policy's experts may take: free slots beyond the scratch room
+        that guests do not use now."""
+        return len(self.free) > self.scratch - self.guests
 
 
 class SlotCache:
@@ -87,6 +103,7 @@ class SlotCache:
         self._high_resident = 0
         self._high_total = sum(num_experts[lid] for lid, precision in pools if precision == "high")
         self._ghosts: dict[tuple, set] = {}  # (layer, precision) -> evicted since its last call
+        self._guests: set[Key] = set()  # landed guesses in scratch slots, not yet used
         self.epoch = 0
 
     # --- what is resident -----------------------------------------------------------------
@@ -170,13 +187,17 @@ class SlotCache:
             hits = [key for key, s in zip(keys, out) if s >= 0]
             if hits:  # (all of one call's keys share a layer and precision: one pool)
                 ps = self._pool_of[hits[0][0], hits[0][2]]
+                ps.last_use[[s for s in out if s >= 0]] = self.epoch
+                guests = [key for key in hits if key in self._guests] if self._guests else ()
+                if guests:  # (the policy is told of these as of a miss's insert)
+                    self._adopt(guests)
+                    hits = [key for key in hits if key not in set(guests)]
                 on_hits = getattr(ps.policy, "on_hits", None)
                 if on_hits is not None:
                     on_hits(hits)
                 else:
                     for key in hits:
                         ps.policy.on_hit(key)
-                ps.last_use[[s for s in out if s >= 0]] = self.epoch
             return out
 
     def stamp(self, keys: list[Key]) -> None:
@@ -208,6 +229,15 @@ class SlotCache:
         """Everything built so far has been evaluated: slots used until now may be written."""
         with self.lock:
             self.epoch += 1
+            for ps in self._slots.values():
+                if ps.retired:
+                    ps.free.extend(ps.retired)
+                    ps.retired.clear()
+                while len(ps.free) < ps.scratch - ps.guests:  # demand reads borrowed scratch
+                    slot = self._evict_victim(ps, may_take_held=True)  # slots: give them back
+                    if slot is None:
+                        break
+                    ps.free.append(slot)
 
     # --- reads ----------------------------------------------------------------------------
     def reserve(self, key: Key, prefetched: bool = False, worth: float | None = None) -> int | None:
@@ -220,23 +250,118 @@ class SlotCache:
             ps = self._pool_of.get((key[0], key[2]))
             if ps is None or ps.pool.slots == 0:
                 return None
-            if ps.free:
+            if ps.regular_room():
                 return ps.free.pop()
-            epoch, pins, holds, slot_of, last = self.epoch, self._pins, self._holds, self._slot_of, ps.last_use
-            unused = lambda k: not pins[k] and last[slot_of[k]] < epoch  # noqa: E731
             if worth is not None and worth <= ps.victim_reuse.value:
                 return None
+            slot = self._evict_victim(ps, may_take_held=not prefetched)
+            if slot is None and not prefetched and ps.free:
+                # Every expert is protected: a demand read borrows a scratch slot (the policy
+                # gives one back at the next sync).
+                slot = ps.free.pop()
+            return slot
+
+    def _evict_victim(self, ps: PoolSlots, may_take_held: bool) -> int | None:
+        """Evict the policy's victim among the experts nothing protects (``may_take_held``: a held
+        one when nothing else is left); its slot, or None when every expert is protected."""
+        epoch, pins, holds, slot_of, last = self.epoch, self._pins, self._holds, self._slot_of, ps.last_use
+        unused = lambda k: not pins[k] and last[slot_of[k]] < epoch  # noqa: E731
+        try:
+            victim = ps.policy.victim(lambda k: unused(k) and not holds[k])
+        except LookupError:
+            if not may_take_held:
+                return None
             try:
-                victim = ps.policy.victim(lambda k: unused(k) and not holds[k])
+                victim = ps.policy.victim(unused)
             except LookupError:
-                if prefetched:
-                    return None
-                try:
-                    victim = ps.policy.victim(unused)
-                except LookupError:
-                    return None
-            self._ghosts.setdefault((victim[0], victim[2]), set()).add(victim[1])
-            return self._evict(victim)
+                return None
+        self._ghosts.setdefault((victim[0], victim[2]), set()).add(victim[1])
+        return self._evict(victim)
+
+    # --- guests (prefetch guesses in scratch slots) -------------------------------------------
+    def set_scratch(self, slots: int, min_regular: int) -> None:
+        """Set ``slots`` of each pool aside for guests, where the pool keeps at least
+        ``min_regular`` slots for its policy and cannot hold every expert it serves (a pool
+        holding them all never misses: nothing to guess). Call it with no guest in the pools."""
+        with self.lock:
+            for ps in self._slots.values():
+                ps.wanted_scratch, ps.min_regular = slots, min_regular
+                ps.scratch = self.scratch_fits(ps, ps.pool.slots)
+
+    def scratch_fits(self, ps: PoolSlots, slots: int) -> int:
+        """The scratch room of ``ps`` were it ``slots`` slots large."""
+        if slots >= self.experts_served_by(ps):
+            return 0
+        return max(0, min(ps.wanted_scratch, slots - ps.min_regular))
+
+    def reset_pool(self, ps: PoolSlots) -> None:
+        """The pool was reallocated: every slot free, the scratch room sized for its new size."""
+        ps.reset_slots()
+        ps.scratch = self.scratch_fits(ps, ps.pool.slots)
+
+    def reserve_guest(self, key: Key) -> int | None:
+        """A scratch slot for a guess of ``key``, or None when the scratch room is taken (a guess
+        never evicts)."""
+        with self.lock:
+            ps = self._pool_of.get((key[0], key[2]))
+            if ps is None or ps.guests >= ps.scratch or not ps.free:
+                return None
+            ps.guests += 1
+            return ps.free.pop()
+
+    def commit_guest(self, key: Key, slot: int) -> None:
+        """A guess's bytes are in its scratch slot: it serves lookups, unknown to the policy."""
+        with self.lock:
+            ps = self._pool_of[key[0], key[2]]
+            ps.key_of[slot] = key
+            ps.last_use[slot] = -1
+            ps.resident += 1
+            self._guests.add(key)
+            self._index(key, slot, +1)
+
+    def abandon_guest(self, key: Key, slot: int) -> None:
+        """A guess's read was cancelled or failed: its scratch slot goes back."""
+        with self.lock:
+            ps = self._pool_of[key[0], key[2]]
+            ps.guests -= 1
+            ps.free.append(slot)
+
+    def is_guest(self, key: Key) -> bool:
+        return key in self._guests
+
+    def adopt(self, key: Key) -> None:
+        """A guest that its layer uses joins the policy's experts (see ``_adopt``)."""
+        with self.lock:
+            if key in self._guests:
+                self._adopt([key])
+
+    def _adopt(self, keys: list[Key]) -> None:
+        """Guests their layer uses join the policy's experts as a demand miss would: the policy's
+        victim goes when its experts have no room, and its slot joins the scratch room. One that
+        finds no victim (all protected) stays a guest; the layer uses it all the same."""
+        for key in keys:
+            ps = self._pool_of[key[0], key[2]]
+            ps.guests -= 1
+            if len(ps.free) < ps.scratch - ps.guests:
+                slot = self._evict_victim(ps, may_take_held=True)
+                if slot is None:
+                    ps.guests += 1
+                    continue
+                ps.free.append(slot)
+            self._guests.discard(key)
+            ps.policy.on_insert(key)
+
+    def drop_guest(self, key: Key) -> None:
+        """A guest its layer ran without: its slot goes back to the scratch room (once no pending
+        graph may read it)."""
+        with self.lock:
+            if key not in self._guests:
+                return
+            ps = self._pool_of[key[0], key[2]]
+            self._guests.discard(key)
+            slot = self._unindex(key)
+            ps.guests -= 1
+            (ps.retired if ps.last_use[slot] >= self.epoch else ps.free).append(slot)
 
     def score_ghosts(self, layer: int, needed, learn: bool = True) -> None:
         """Layer ``layer`` runs and needs ``needed`` (expert ids, any shape): of those evicted from it
@@ -260,21 +385,21 @@ class SlotCache:
             # A demand read is about to be used by this epoch's graphs; a prefetched one by none.
             ps.last_use[slot] = -1 if prefetched else self.epoch
             ps.resident += 1
-            self._slot_of[key] = slot
-            self._remap[key[0], key[2]][key[1]] = slot
-            self._device_remap[key[0], key[2]] = None
-            self._views.pop((key[0], key[2]), None)
-            self._per_layer[key[0], key[2]] += 1
-            self._high_resident += key[2] == "high"
+            self._index(key, slot, +1)
             on_prefetch = getattr(ps.policy, "on_prefetch", None) if prefetched else None
             (on_prefetch or ps.policy.on_insert)(key)
 
-    def abandon(self, key: Key, slot: int) -> None:
-        """A reserved slot whose read failed goes back to the free list."""
-        with self.lock:
-            self._pool_of[key[0], key[2]].free.append(slot)
+    def _index(self, key: Key, slot: int, count: int) -> None:
+        """``key`` now lives in ``slot`` (remaps, per-layer counts; the policy is not told)."""
+        self._slot_of[key] = slot
+        self._remap[key[0], key[2]][key[1]] = slot
+        self._device_remap[key[0], key[2]] = None
+        self._views.pop((key[0], key[2]), None)
+        self._per_layer[key[0], key[2]] += count
+        self._high_resident += count * (key[2] == "high")
 
-    def _evict(self, key: Key) -> int:
+    def _unindex(self, key: Key) -> int:
+        """``key`` leaves its slot (remaps, per-layer counts); returns the slot."""
         ps = self._pool_of[key[0], key[2]]
         slot = self._slot_of.pop(key)
         ps.key_of[slot] = None
@@ -284,7 +409,16 @@ class SlotCache:
         self._views.pop((key[0], key[2]), None)
         self._per_layer[key[0], key[2]] -= 1
         self._high_resident -= key[2] == "high"
-        ps.policy.on_evict(key)
+        return slot
+
+    def abandon(self, key: Key, slot: int) -> None:
+        """A reserved slot whose read failed goes back to the free list."""
+        with self.lock:
+            self._pool_of[key[0], key[2]].free.append(slot)
+
+    def _evict(self, key: Key) -> int:
+        slot = self._unindex(key)
+        self._pool_of[key[0], key[2]].policy.on_evict(key)
         return slot
 
     def device_remap(self, layer: int, precision: str = "high") -> mx.array:
@@ -350,9 +484,16 @@ class SlotCache:
                 self._evict(pool.policy.victim(lambda k: True))
             return [k for k in pool.key_of if k is not None]
 
+    def drop_guests(self) -> None:
+        """Every guest leaves (the pools are about to be rebuilt, or prefetch starts over)."""
+        with self.lock:
+            for key in list(self._guests):
+                self.drop_guest(key)
+
     def clear(self) -> None:
         with self.lock:
+            self.drop_guests()
             for key in list(self._slot_of):
                 self._evict(key)
             for ps in self._slots.values():
-                ps.reset_slots()
+                self.reset_pool(ps)

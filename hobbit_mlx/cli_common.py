@@ -120,6 +120,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--prefetch-cost-aware", action=argparse.BooleanOptionalAction, default=True,
                    help="Read a guess only when its measured chance of use beats the expert it "
                         "evicts and the storage time it takes (default: on).")
+    t.add_argument("--prefetch-scratch", type=int, default=None, metavar="N",
+                   help="Slots of each expert pool set aside for guesses: a guess then evicts "
+                        "nothing, and a used one joins the cache as its miss would have (default: "
+                        "2 per layer ahead; 0: guesses take pool slots like demand reads).")
     t.add_argument("--adapt-to-storage", action=argparse.BooleanOptionalAction, default=True,
                    help="Use the lossy techniques (2-bit copies, --skip, big-little) only while "
                         "reading a layer's top-k experts takes longer than the layer computes, "
@@ -128,9 +132,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="Fate: in prefill, serve an expert chosen by less than SHARE of a "
                         "chunk's tokens from its 2-bit copy (default: off).")
     t.add_argument("--keep-shallow-layers", type=int, default=None, metavar="N",
-                   help="Experts of the first N layers are evicted last (default with prefetch "
-                        "on: as many whole layers as the cache holds, 1 to a quarter of the "
-                        "layers; else 0).")
+                   help="Experts of the first N layers are evicted last (default where "
+                        "guesses take pool slots (--prefetch-scratch 0): as many whole layers as "
+                        "the cache holds, 1 to a quarter of the layers; else 0).")
     t.add_argument("--no-overlap-io", dest="overlap_io", action="store_false",
                    help="Do not start resident experts' compute before the router sync (decode) or "
                         "while misses are read (prompt chunks).")
@@ -148,8 +152,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--num-draft-tokens", dest="speculative", type=int, default=None, metavar="K",
                    help="The same as --speculative K (mlx_lm.generate's name).")
     t.add_argument("--policy", default=None, choices=_policy_names(),
-                   help="Expert cache replacement policy (default: lru with prefetch on, "
-                        "seqfreq without).")
+                   help="Expert cache replacement policy (default: lru where guesses take "
+                        "pool slots (--prefetch-scratch 0), else seqfreq).")
     g.add_argument("--max-context", type=int, default=INITIAL_CONTEXT, metavar="TOKENS",
                    help="Tokens of KV cache reserved when a sequence starts; a longer context "
                         "takes its KV from the expert pools (default: %(default)s).")
@@ -321,6 +325,8 @@ def technique_options(args: argparse.Namespace) -> dict:
         raise CLIError(f"--prefetch-layers must be 0 or more, not {args.prefetch_layers}")
     if args.prefetch_width <= 0:
         raise CLIError(f"--prefetch-width must be above 0, not {args.prefetch_width}")
+    if args.prefetch_scratch is not None and args.prefetch_scratch < 0:
+        raise CLIError(f"--prefetch-scratch is a slot count, 0 or more, not {args.prefetch_scratch}")
     if not 0 <= args.prefetch_recall <= 1:
         raise CLIError(f"--prefetch-recall is a share in [0, 1], not {args.prefetch_recall}")
     if not 0 <= args.prefill_low_precision <= 1:
@@ -341,6 +347,7 @@ def technique_options(args: argparse.Namespace) -> dict:
                 prefetch_layers=args.prefetch_layers, overlap_io=args.overlap_io, policy=args.policy,
                 prefetch_low_precision=args.prefetch_low_precision,
                 prefetch_cost_aware=args.prefetch_cost_aware,
+                prefetch_scratch=args.prefetch_scratch,
                 adapt_to_storage=args.adapt_to_storage,
                 prefetch_width=args.prefetch_width, prefetch_recall=args.prefetch_recall,
                 prefill_low_precision=args.prefill_low_precision,

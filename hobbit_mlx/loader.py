@@ -19,7 +19,7 @@ from .budget import BudgetPlan, plan_budget
 from .cache import SlotCache
 from .measure import kv_bytes_by_layer, measured_activations
 from .offload import OffloadRuntime, bind, install
-from .options import MAX_PREFETCH_WIDTH, LoadOptions
+from .options import DEFAULT_PREFETCH_SCRATCH, MAX_PREFETCH_WIDTH, LoadOptions
 from .policies import make_policy
 from .pool_plan import apply_plan, follow_sequence, make_pools
 from .prefetch import Prefetcher
@@ -35,12 +35,12 @@ REFERENCE_MODEL = Path(__file__).parent / "reference_model"
 DRAFT_MODEL_TOKENS = 3  # tokens a separate draft model drafts per pass unless told (as mlx-lm)
 
 
-def default_policy(prefetch_layers: int) -> str:
-    """The cache policy the harness supports (README): with prefetch on, LRU (the cache is a
-    staging area for predicted experts; the frequency scores serve within noise of it there and
-    their eviction ranking costs decode time); without prefetch, per-sequence frequency
-    (``seqfreq``, 4-15 points over LRU)."""
-    return "lru" if prefetch_layers else "seqfreq"
+def default_policy(guesses_evict: bool) -> str:
+    """The cache policy the harness supports (README): where prefetch guesses take pool slots,
+    LRU (the cache is a staging area for predicted experts; the frequency scores serve within
+    noise of it there and their eviction ranking costs decode time); otherwise (no prefetch, or
+    guesses in scratch slots) per-sequence frequency (``seqfreq``, 4-15 points over LRU)."""
+    return "lru" if guesses_evict else "seqfreq"
 
 
 def default_shallow_layers(num_layers: int, cache_experts: int, num_experts: int) -> int:
@@ -183,7 +183,9 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
       top-k; ``prefetch_recall``: instead, each layer's width adapts (from ``prefetch_width``,
       between 1 and 4x top-k) so that its predictions hold this share of the experts its router
       chooses (0 or None: the fixed width); ``prefetch_low_precision``: uncertain or unimportant
-      predictions are read in 2-bit.
+      predictions are read in 2-bit; ``prefetch_scratch``: slots of each pool set aside for
+      guesses, which then evict nothing (None: ``DEFAULT_PREFETCH_SCRATCH`` per layer ahead; 0:
+      guesses take pool slots).
     * ``prefill_low_precision`` (Fate): during prefill, an expert chosen by less than this share
       of a chunk's tokens is served from its 2-bit copy.
     * ``overlap_io``: resident experts start computing before the router sync (decode) or while
@@ -192,8 +194,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
       rule) serve a call only while reading a layer's top-k experts would take longer than the
       layer computes, both measured as the model runs (off: always).
     * ``policy``: cache eviction (``hobbit_mlx.policies.POLICIES``), default
-      ``default_policy(prefetch_layers)``; ``keep_shallow_layers``: the experts of that many
-      leading layers are evicted last (default ``default_shallow_layers`` with prefetch on, else 0).
+      ``default_policy``; ``keep_shallow_layers``: the experts of that many leading layers are
+      evicted last (default ``default_shallow_layers`` where guesses take pool slots, else 0).
     * ``max_context``: the KV reserved when a sequence starts; a longer context takes its KV
       from the expert pools.
 
@@ -268,7 +270,11 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     groups = make_pools(manifest, ("high", "low") if uses_low else ("high",), cdtype)
     pools = {(lid, g.precision): g.pool for g in groups for lid in g.layers}
     num_experts = {l.layer: l.num_experts for l in manifest.layers}
-    policy = o.policy or default_policy(prefetch_layers)
+    k = manifest.experts_per_token
+    scratch = (DEFAULT_PREFETCH_SCRATCH * prefetch_layers if o.prefetch_scratch is None
+               else o.prefetch_scratch) if prefetch_layers else 0
+    guesses_evict = bool(prefetch_layers) and not scratch
+    policy = o.policy or default_policy(guesses_evict)
     policy_kwargs = {"num_layers": len(manifest.layers), **(o.policy_options or {})}
     make_policy(policy, **policy_kwargs)  # an unknown name fails here, before anything is measured
     # (the shallow layers it protects are decided once the pools' size is known)
@@ -294,7 +300,6 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     gate_stacks = {pos: stack for pos in range(len(routers)) if
                    (stack := StackedGates.of(routers[pos + 1:pos + 1 + prefetch_layers])) is not None}
     dense_bytes += sum(s.nbytes for s in gate_stacks.values())
-    k = manifest.experts_per_token
     plan = plan_budget(
         dense_bytes=dense_bytes, activation_points=activation_points,
         kv_bytes_per_token=kv_per_token,
@@ -309,9 +314,10 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     keep_shallow_layers = o.keep_shallow_layers
     if keep_shallow_layers is None:
         keep_shallow_layers = default_shallow_layers(
-            len(manifest.layers), cache_experts, manifest.num_experts) if prefetch_layers else 0
+            len(manifest.layers), cache_experts, manifest.num_experts) if guesses_evict else 0
     for ps in cache.pools:
         ps.policy = make_policy(policy, shallow_layers=keep_shallow_layers, **policy_kwargs)
+    cache.set_scratch(scratch, min_regular=k)
     apply_plan(runtime, groups, plan)
     if o.big_little is None and all(cache.capacity(l.layer, "high") >= cache.experts_served(
             l.layer, "high") for l in manifest.layers):
@@ -328,7 +334,8 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
             max_width=min(round(MAX_PREFETCH_WIDTH * k), max(width, cache_experts // 4)))
         runtime.prefetcher = Prefetcher(runtime, prefetch_layers, width, widths, gate_stacks,
                                         low_precision=o.prefetch_low_precision,
-                                        cost_aware=o.prefetch_cost_aware)
+                                        cost_aware=o.prefetch_cost_aware,
+                                        scratch=bool(scratch))
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
                      prefill_step_size=prefill_step_size)
     runtime.speculative = (check_draft_tokens(o.speculative) if o.speculative else 0,

@@ -327,14 +327,15 @@ class OffloadRuntime:
             if slots[id(ps)] >= self.cache.experts_served_by(ps):
                 keep[id(ps)] = []  # it will hold every expert: preload() reads them in order
                 continue
-            keep[id(ps)] = self.cache.shrink_to(ps, slots[id(ps)])
+            keep[id(ps)] = self.cache.shrink_to(
+                ps, slots[id(ps)] - self.cache.scratch_fits(ps, slots[id(ps)]))
         self.cache.clear()
         for ps in self.cache.pools:
             ps.pool.release()
         mx.clear_cache()
         for ps in self.cache.pools:
             ps.pool.allocate(slots[id(ps)])
-            ps.reset_slots()
+            self.cache.reset_pool(ps)
         self._read_all([key for ps in self.cache.pools for key in keep[id(ps)]])
         self.preload()  # a pool that holds all its experts is filled, as load() leaves it
         self.stats.pool_rebuilds += 1
@@ -393,6 +394,13 @@ class Fetch:
                 rt.prefetcher.promote(key)
                 self.pending.append((i, fut, None))
                 continue
+            if rt.prefetcher is not None and key in rt.cache:
+                # A prefetch landed since the lookup (it commits before it leaves the reads in
+                # flight): a hit, not a second read.
+                rt.cache.adopt(key)
+                rt.cache.stamp([key])
+                slots[i] = rt.cache.slot(key)
+                continue
             slot = rt.cache.reserve(key) if not left else None
             if slot is None:
                 left.append(i)
@@ -449,11 +457,14 @@ class Fetch:
                     fut.exception()
                     rt.prefetcher.wait_landed(key)  # (committed after the future completes)
                     slot = rt.cache.slot(key)
-                    if slot is None:  # it failed: read on demand (reports the error if it persists)
-                        slot = rt.cache.reserve(key)
+                    if slot is None:  # it failed (or was cancelled before the layer asked for
+                        slot = rt.cache.reserve(key)  # it): read on demand, a miss after all
                         if slot is None:
                             raise PoolBudgetError(f"no slot for expert {key}")
                         self._read_now(key, slot)
+                        rt._count(self.precision, -1, 1)
+                        rt.stats.hits_in_flight -= 1
+                    rt.cache.adopt(key)  # (a guess in a scratch slot joins the cache)
                     self.slots[i] = slot
                     rt.cache.stamp([key])
                     continue
@@ -678,11 +689,13 @@ class OffloadedSwitch(nn.Module):
             pf.observe_choice(self.position, flat)
             pf.score(self.position, needed, learn=decode)
             protected = pf.consume(self.layer.layer, needed)
-            pf.issue(predictions)
+        issue = (lambda: pf.issue(predictions)) if predictions else None
         try:
-            y = self._compute(x, indices, flat, parts, idx.shape, early)
+            y = self._compute(x, indices, flat, parts, idx.shape, early, issue)
         finally:  # the layer's fetches have pinned (and used) what they need by now
             rt.cache.release(protected)
+            if pf is not None:
+                pf.after_layer(self.layer.layer)
         if scale is not None and (scale != 1).any():
             y = y * mx.array(scale.reshape(idx.shape))[..., None].astype(y.dtype)
         rt.track(y)
@@ -806,10 +819,11 @@ class OffloadedSwitch(nn.Module):
         return out.reshape(*shape, hidden)
 
     def _compute(self, x: mx.array, indices: mx.array, flat: np.ndarray, parts: list,
-                 shape: tuple, early: tuple | None = None) -> mx.array:
+                 shape: tuple, early: tuple | None = None, reads_out=None) -> mx.array:
         """The call's output: each part's experts fetched and run. ``early`` (output, experts held
         when it was built): the resident 4-bit experts already running; then only the 4-bit
-        part's misses run here, unless the plan serves some of those pairs otherwise."""
+        part's misses run here, unless the plan serves some of those pairs otherwise.
+        ``reads_out``: called once every part's first reads are out (prefetch goes behind them)."""
         rt = self._runtime
         outputs = []
         early_held = None
@@ -823,9 +837,11 @@ class OffloadedSwitch(nn.Module):
         # misses while the host waits for the 4-bit part's and builds its run.
         ahead = {}
         try:
-            for precision, experts, _ in parts if len(parts) > 1 else ():
+            for precision, experts, _ in parts if len(parts) > 1 or reads_out else ():
                 if len(experts):
                     ahead[precision] = Fetch(rt, self.layer, experts, precision)
+            if reads_out is not None:
+                reads_out()
             return self._run_parts(x, flat, parts, shape, outputs, early_held, ahead)
         except BaseException:
             for fetch in ahead.values():  # (not reached: its pins go, its reads land)

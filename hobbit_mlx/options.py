@@ -29,6 +29,10 @@ DEFAULT_PREFETCH_LAYERS = 0
 # above the quality bound at 50% residency; the tok/s it buys at 25% is within the noise.
 DEFAULT_UPGRADE_AFTER = 0.0
 DEFAULT_PREFETCH_RECALL = None
+# Scratch slots per layer ahead: about one or two guesses fit in the storage time one layer's
+# compute leaves free; 4 or 8 were no faster (reference model, bench/forced_decode.py), and the
+# slots come out of the cache.
+DEFAULT_PREFETCH_SCRATCH = 2
 MAX_PREFETCH_WIDTH = 4.0  # an adaptive width never guesses more than this many x top-k
 
 
@@ -65,6 +69,11 @@ class LoadOptions:
     prefetch_recall: float | None = DEFAULT_PREFETCH_RECALL
     prefetch_low_precision: bool = False
     prefetch_cost_aware: bool = True  # read a guess only when worth its victim and bandwidth
+    # slots of each pool set aside for guesses (scratch slots: a guess evicts nothing, a used one
+    # joins the cache as its miss would have); None: DEFAULT_PREFETCH_SCRATCH per layer ahead; 0:
+    # guesses take pool slots like demand reads, and predicted resident experts are held until
+    # their layer runs
+    prefetch_scratch: int | None = None
     prefill_low_precision: float = 0.0  # Fate
     # the lossy techniques only while a layer's top-k reads cost more than its compute (measured)
     adapt_to_storage: bool = True
@@ -126,6 +135,8 @@ class LoadOptions:
             raise ValueError("give memory_budget or expert_residency, not both")
         if self.prefetch_layers < 0:
             raise ValueError(f"prefetch_layers must be 0 or more (got {self.prefetch_layers})")
+        if self.prefetch_scratch is not None and self.prefetch_scratch < 0:
+            raise ValueError(f"prefetch_scratch is a slot count, 0 or more (got {self.prefetch_scratch})")
         if self.prefetch_width <= 0:
             raise ValueError(f"prefetch_width is a multiple of top-k above 0 (got {self.prefetch_width})")
         if self.prefetch_recall is not None and not 0 <= self.prefetch_recall <= 1:

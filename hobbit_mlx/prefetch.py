@@ -6,12 +6,20 @@ reader threads only write bytes and commit the slot. A predicted expert is *held
 prediction until its layer has fetched it, whether it is being read or was resident already
 (LRU would otherwise evict exactly the next layer's experts to make room for the guesses).
 
+With ``scratch`` (the default) guesses are read into scratch slots (``cache``: guests): they
+evict nothing and hold nothing, so the experts the policy keeps are those it keeps without
+prefetch, a used guess is adopted as its demand miss would have been inserted, and a wrong guess
+costs only its read. Without it, guesses take pool slots like demand reads, and the predicted
+resident experts are held until their layer runs.
+
 With ``cost_aware`` (the default) a guess is read only when it is worth its cost
-(``guess_value``): likeliest first, only as many as storage can read in the time the layers in
-between compute (beyond that a guess delays demand reads or lands late), and only when its
-measured chance of being used beats the measured chance that the expert it evicts is needed
-again. Reads of guesses whose layer ran without them are cancelled; a guess the layer waits for
-is promoted to a demand read's priority.
+(``guess_value``): likeliest first, and only in the storage time that the layers in between
+leave free while they compute. The last guess may run past that time when its measured chance
+of being used times the time it saves beats the chance of it being wrong times the delay it
+then adds to demand reads. Without scratch slots a guess also has to beat the measured chance
+that the expert it evicts is needed again. The guesses are issued after the current layer's
+demand reads, which go first on the device. Reads of guesses whose layer ran without them are
+cancelled; a guess the layer waits for is promoted to a demand read's priority.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 from .guess_value import GuessValue
-from .precision import HIGH, plan_slots
+from .precision import HIGH, LOW, plan_slots
 from .routing import predictions_from, router_logits, top_predictions, untapped_call
 from .storage import ReadCancelled, ReadTicket
 
@@ -40,9 +48,10 @@ class Prefetcher:
 
     def __init__(self, rt: "OffloadRuntime", layers_ahead: int, width: int, widths=None,
                  gate_stacks: dict | None = None, low_precision: bool = False,
-                 cost_aware: bool = True):
+                 cost_aware: bool = True, scratch: bool = False):
         self.rt = rt
         self.cost_aware = cost_aware
+        self.scratch = scratch  # guesses go to scratch slots (the cache's guests)
         self.value = GuessValue(rt.manifest.experts_per_token)
         self._tickets: dict[tuple, ReadTicket] = {}
         self.layers_ahead = layers_ahead
@@ -59,6 +68,8 @@ class Prefetcher:
         self._predicted: dict[int, dict[int, dict]] = {}
         self._held: dict[int, list] = {}  # layer -> resident experts held for its next call
         self._logits: dict[int, dict[int, np.ndarray]] = {}  # position -> {distance: logits}
+        self._seconds: dict[tuple, float] = {}  # guesses in flight -> storage time they take
+        self._wanted: dict[int, set] = {}  # layer -> its guesses in flight that it waits for
 
     def expects(self, layer: int) -> bool:
         """Predictions were made for this layer's next call (their holds wait for it)."""
@@ -94,7 +105,8 @@ class Prefetcher:
                 for d, s in targets]
 
     def issue(self, predictions: list[tuple]) -> None:
-        """Start reading the predicted experts that are not resident, nearest layer first."""
+        """Start reading the predicted experts that are not resident, nearest layer first (call
+        it once the current layer's demand reads are out: they go first)."""
         for distance, switch, out in predictions:
             logits = router_logits(out) if self.widths is not None else None
             if logits is None:
@@ -134,30 +146,36 @@ class Prefetcher:
         experts, precisions = self._plan(ind, weights, distance, buckets)
         lid = switch.layer.layer
         self._predicted.setdefault(switch.position, {})[distance] = buckets
-        to_read = list(zip(*self._hold_resident(lid, experts, precisions)))
-        if self.cost_aware:  # likeliest first, as many as storage reads before the layer runs
+        to_read = self._missing(lid, experts, precisions) if self.scratch else \
+            list(zip(*self._hold_resident(lid, experts, precisions)))
+        per_byte = rt.reader.seconds_per_byte()
+        if self.cost_aware:  # likeliest first, while storage has free time before the layer runs
             to_read.sort(key=lambda ep: buckets[ep[0]])
             idle = self._idle_seconds(distance)
-            per_byte = rt.reader.seconds_per_byte()
         for e, precision in to_read:
             key = (lid, e, precision)
             with self._lock:
                 if key in self._inflight:
                     continue
             worth = None
+            seconds = switch.layer.precisions[precision].records[e].nbytes * per_byte
             if self.cost_aware:
-                idle -= switch.layer.precisions[precision].records[e].nbytes * per_byte
-                if idle < 0:
-                    break
                 worth = self.value.probability(distance, buckets[e])
-            slot = rt.cache.reserve(key, prefetched=True, worth=worth)
+                if idle <= 0 or worth * min(seconds, idle) <= (1 - worth) * max(0.0, seconds - idle):
+                    break  # (the guesses after it are no likelier)
+                idle -= seconds
+            slot = rt.cache.reserve_guest(key) if self.scratch else \
+                rt.cache.reserve(key, prefetched=True, worth=worth)
             if slot is None:  # no room that a guess may take (or none worth its victim)
+                if self.scratch:
+                    break
                 continue
             issued = self._issued.setdefault(lid, {})
             if key not in issued:  # (issued before from farther away, but it found no room)
                 # Held from now until its layer runs, so a read that lands after that call leaves
                 # no stale hold behind.
-                rt.cache.hold([key])
+                if not self.scratch:
+                    rt.cache.hold([key])
                 issued[key] = distance
             entry = switch.layer.precisions[precision]
             pool = rt.cache.pool_for(lid, precision)
@@ -166,8 +184,16 @@ class Prefetcher:
                 fut = rt.reader.submit_into(entry, e, pool, slot, background=True, ticket=ticket)
                 self._inflight[key] = fut
                 self._tickets[key] = ticket
+                self._seconds[key] = seconds
             rt.stats.prefetch_issued += 1
             fut.add_done_callback(lambda f, key=key, slot=slot: self._done(key, slot, f))
+
+    def _missing(self, lid: int, experts: np.ndarray, precisions: list) -> list[tuple]:
+        """The predicted (expert, copy) pairs with no resident copy that would serve them (the
+        4-bit copy serves either)."""
+        cache = self.rt.cache
+        return [(e, precision) for e, precision in zip(experts.tolist(), precisions)
+                if (lid, e, "high") not in cache and (lid, e, precision) not in cache]
 
     def _hold_resident(self, lid: int, experts: np.ndarray, precisions: list) -> tuple[list, list]:
         """Hold the predicted experts that are resident (the 4-bit copy, or the copy planned)
@@ -199,28 +225,41 @@ class Prefetcher:
 
     def _idle_seconds(self, distance: int) -> float:
         """Storage time free until the guess's layer runs: the layers in between compute (the
-        measured time of a decode layer call, less read waits) while storage finishes what is
-        booked already. A guess read beyond that delays a demand read or lands too late."""
-        return distance * self.rt.read_cost.layer_seconds - self.rt.reader.backlog_seconds()
+        measured time of a decode layer call, less read waits; they start once the current
+        layer's demand reads are in) while storage finishes the guesses already in flight. A
+        guess read beyond that delays a demand read or lands too late."""
+        with self._lock:
+            booked = sum(self._seconds.values())
+        return distance * self.rt.read_cost.layer_seconds - booked
 
     def _plan(self, ind: np.ndarray, weights: np.ndarray, distance: int,
               buckets: dict[int, int]) -> tuple[np.ndarray, list[str]]:
-        """Predicted experts, and the copy to prefetch. With ``low_precision`` (and mixed precision
-        on) a prediction that no token ranks among its top-k as important (unimportance <= t1),
-        or (cost-aware) one more likely wrong than right, is read in 2-bit: that bounds the cost
-        of a wrong or low-value guess."""
+        """Predicted experts worth reading, and the copy to read. While the lossy techniques
+        serve (mixed precision, skip, big-little), a guess is read as its miss would be: the
+        predicted gate weights planned as the layer will plan them; a guess the plan would serve
+        in 2-bit is read in 2-bit, one it would skip or drop if missing is not read. With
+        ``low_precision`` (mixed precision on) every prediction that no token ranks among its
+        top-k as important, or (cost-aware) one more likely wrong than right, is read in 2-bit:
+        that bounds the cost of a wrong or low-value guess."""
         experts = np.unique(ind)
-        opts = self.rt.precision
-        if not (opts.mixed_precision and self.low_precision):
+        rt, opts = self.rt, self.rt.precision
+        as_planned = opts.needs_weights and rt.lossy_now()
+        if not as_planned and not (opts.mixed_precision and self.low_precision):
             return experts, ["high"] * len(experts)
-        k = min(self.rt.manifest.experts_per_token, ind.shape[-1])
+        k = min(rt.manifest.experts_per_token, ind.shape[-1])
         top_w = weights[:, :k] / weights[:, :k].sum(axis=-1, keepdims=True)
         level, _ = plan_slots(top_w, opts)
-        important = set(int(e) for e in ind[:, :k][level == HIGH])
-        if self.cost_aware:
+        top = ind[:, :k]
+        important = set(top[level == HIGH].tolist())
+        if self.low_precision and self.cost_aware:
             important = {e for e in important
                          if self.value.probability(distance, buckets[e]) >= UNCERTAIN_GUESS}
-        return experts, ["high" if int(e) in important else "low" for e in experts]
+        if as_planned:  # (a guess ranked below every token's top-k would be a 2-bit miss)
+            read = set(top[(level == HIGH) | (level == LOW)].tolist()) | \
+                set(ind[:, k:].ravel().tolist())
+            experts = np.array([e for e in experts.tolist() if e in read], dtype=experts.dtype)
+        low = "low" if opts.mixed_precision else "high"
+        return experts, ["high" if int(e) in important else low for e in experts]
 
     def _done(self, key: tuple, slot: int, fut: Future) -> None:
         """On a reader thread: the bytes are in the slot (commit it), or the read failed (the
@@ -235,16 +274,28 @@ class Prefetcher:
                     with rt.stats_lock:
                         rt.stats.prefetch_cancelled += 1
             if nbytes is not None:
-                rt.cache.commit(key, slot, prefetched=True)
                 with rt.stats_lock:  # the model's thread adds to the same counter
                     rt.stats.bytes_read += nbytes
                     rt.stats.prefetch_bytes += nbytes
-            else:
-                rt.cache.abandon(key, slot)
+            if not self.scratch:
+                if nbytes is not None:
+                    rt.cache.commit(key, slot, prefetched=True)
+                else:
+                    rt.cache.abandon(key, slot)
+                return
+            with self._lock:  # a guess its layer ran without (its cancel came too late) goes,
+                ticket = self._tickets.get(key)  # unless a layer waits for it now
+                live = key in self._issued.get(key[0], ()) or \
+                    key in self._wanted.get(key[0], ()) or (ticket is not None and ticket.urgent)
+                if nbytes is not None and live:
+                    rt.cache.commit_guest(key, slot)
+                else:
+                    rt.cache.abandon_guest(key, slot)
         finally:  # (a layer may be waiting for this: wait_landed)
             with self._lock:
                 self._inflight.pop(key, None)
                 self._tickets.pop(key, None)
+                self._seconds.pop(key, None)
                 self._landed.notify_all()
 
     def wait_landed(self, key: tuple) -> None:
@@ -271,16 +322,35 @@ class Prefetcher:
             available = {key for key in issued if key in self._inflight or key in cache}
             unused = [(self._tickets[key], self._inflight[key]) for key in issued
                       if key[1] not in needed and key in self._tickets]
+            if self.scratch:  # used guests still being read land as guests; the layer adopts them
+                self._wanted[layer] = {key for key in issued
+                                       if key[1] in needed and key in self._inflight}
         for ticket, fut in unused:  # its layer runs without it: stop reading (outside the lock:
             ticket.cancel()         # a future cancelled before it ran calls _done right here)
             fut.cancel()
+        if self.scratch:  # the landed guesses it does not use leave their scratch slots
+            for key in issued:
+                if key[1] not in needed:
+                    cache.drop_guest(key)
         per_distance = self.rt.stats.prefetch_by_distance
         for key, distance in issued.items():
             used = int(key[1] in needed and key in available)
             self.rt.stats.prefetch_used += used
             n_issued, n_used = per_distance.get(distance, (0, 0))
             per_distance[distance] = (n_issued + 1, n_used + used)
+        if self.scratch:
+            return []
         return list(issued) + self._held.pop(layer, [])
+
+    def after_layer(self, layer: int) -> None:
+        """A layer's call has fetched what it needs: a guest it used but could not adopt (no
+        victim was free) leaves, as a used guess whose read failed does."""
+        if not self.scratch:
+            return
+        with self._lock:
+            wanted = self._wanted.pop(layer, set())
+        for key in wanted:
+            self.rt.cache.drop_guest(key)
 
     def wait_idle(self) -> None:
         """Let outstanding reads finish (tests and benchmarks read stable counters)."""
@@ -297,6 +367,9 @@ class Prefetcher:
         """Drop every prediction and hold (after the pools are rebuilt)."""
         self.wait_idle()
         for layer in list(self._issued) + list(self._held):
-            self.rt.cache.release(list(self._issued.pop(layer, {})) + self._held.pop(layer, []))
+            issued = list(self._issued.pop(layer, {}))
+            self.rt.cache.release(([] if self.scratch else issued) + self._held.pop(layer, []))
+        self._wanted.clear()
+        self.rt.cache.drop_guests()
         self._predicted.clear()
         self._logits.clear()

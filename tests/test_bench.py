@@ -313,7 +313,8 @@ def test_prefetch_replay_records_a_live_run(tiny_model):
 
     src, store = tiny_model
     model, _ = hobbit_mlx.load(store, expert_residency=0.25, exact=True, prefetch_layers=1,
-                               policy="lru", keep_shallow_layers=0, progress=False)
+                               prefetch_scratch=0, policy="lru", keep_shallow_layers=0,
+                               progress=False)  # (the replay models guesses in pool slots)
     rt = hobbit_mlx.runtime_of(model)
     init, pf = Fetch.__init__, rt.prefetcher
     try:

@@ -1,8 +1,9 @@
 """Properties of the slot cache under random sequences of operations (hypothesis state machine):
-whatever the order of reads, pins, holds, releases, syncs and resizes, the pools are never
-overfilled, a pinned expert is never evicted, a held one never yields to a prediction, the
-bookkeeping (slot -> key, key -> slot, expert -> slot remap, free list) stays one consistent
-picture, and no pin or hold outlives its release. Then examples of what a lazy call (a layer
+whatever the order of reads, pins, holds, releases, syncs, resizes and guesses read into scratch
+slots, the pools are never overfilled, a pinned expert is never evicted, a held one never yields
+to a prediction, a guess in a scratch slot evicts nothing, the bookkeeping (slot -> key, key ->
+slot, expert -> slot remap, free list, scratch room) stays one consistent picture, and no pin or
+hold outlives its release. Then examples of what a lazy call (a layer
 whose experts are all resident) reads: the layer's view of the pool, the device remap, and
 whether every expert is resident."""
 
@@ -27,17 +28,19 @@ class SlotCacheMachine(RuleBasedStateMachine):
     """The cache against a model of what the callers asked for (pins and holds they own)."""
 
     @initialize(policy=st.sampled_from(sorted(POLICIES)), high=st.integers(1, 5),
-                low=st.integers(0, 3))
-    def start(self, policy, high, low):
+                low=st.integers(0, 3), scratch=st.integers(0, 2))
+    def start(self, policy, high, low, scratch):
         self.cache = slot_cache(high, make_policy(policy, num_layers=LAYERS), layers=LAYERS,
                                 experts=EXPERTS, low_slots=low)
+        self.cache.set_scratch(scratch, min_regular=1)
         self.pins: Counter = Counter()
         self.holds: Counter = Counter()
         self.reserved: dict = {}  # key -> slot reserved, bytes not committed yet
+        self.guessing: dict = {}  # key -> scratch slot reserved for a guess being read
 
     # --- operations ---------------------------------------------------------------------
     def _reserve(self, key, prefetched):
-        if key in self.cache or key in self.reserved:
+        if key in self.cache or key in self.reserved or key in self.guessing:
             return None
         pinned_before = {k for k in self.pins if k in self.cache}
         held_before = {k for k in self.holds if k in self.cache}
@@ -76,6 +79,40 @@ class SlotCacheMachine(RuleBasedStateMachine):
             self.cache.abandon(key, slot)
 
     @rule(key=keys)
+    def guess(self, key):
+        """A prefetch guess into a scratch slot: it evicts nothing."""
+        if key in self.cache or key in self.reserved or key in self.guessing:
+            return
+        before = set(self.cache.keys())
+        slot = self.cache.reserve_guest(key)
+        assert set(self.cache.keys()) == before, "a guess evicted an expert"
+        if slot is not None:
+            pool = self.cache._pool_of[key[0], key[2]]
+            assert slot not in [s for k, s in self.reserved.items()
+                                if self.cache._pool_of[k[0], k[2]] is pool]
+            self.guessing[key] = slot
+
+    @precondition(lambda self: self.guessing)
+    @rule(data=st.data(), ok=st.booleans())
+    def land_guess(self, data, ok):
+        key = data.draw(st.sampled_from(sorted(self.guessing)))
+        slot = self.guessing.pop(key)
+        before = set(self.cache.keys())
+        if ok:
+            self.cache.commit_guest(key, slot)
+            assert set(self.cache.keys()) == before | {key} and self.cache.is_guest(key)
+        else:
+            self.cache.abandon_guest(key, slot)
+
+    @precondition(lambda self: self.cache._guests)
+    @rule(data=st.data())
+    def drop_guess(self, data):
+        """Its layer ran without it."""
+        key = data.draw(st.sampled_from(sorted(self.cache._guests)))
+        self.cache.drop_guest(key)
+        assert key not in self.cache
+
+    @rule(key=keys)
     def use(self, key):
         """A layer call: pin and look up (stamps a hit with this epoch)."""
         self.cache.pin_and_lookup([key])
@@ -111,19 +148,21 @@ class SlotCacheMachine(RuleBasedStateMachine):
     def sync(self):
         self.cache.synced()
 
-    @precondition(lambda self: not self.pins and not self.reserved)
+    @precondition(lambda self: not self.pins and not self.reserved and not self.guessing)
     @rule(data=st.data())
     def resize(self, data):
-        """As ``OffloadRuntime.resize_pools`` does between calls: keep the policy's best experts,
-        rebuild each pool at its new size, read the kept ones again."""
+        """As ``OffloadRuntime.resize_pools`` does between calls: drop the guests, keep the
+        policy's best experts, rebuild each pool at its new size, read the kept ones again."""
         cache = self.cache
         new = {id(ps): data.draw(st.integers(1 if i == 0 else 0, 5), label=f"slots{i}")
                for i, ps in enumerate(cache.pools)}
-        keep = [k for ps in cache.pools for k in cache.shrink_to(ps, new[id(ps)])]
+        cache.drop_guests()
+        keep = [k for ps in cache.pools
+                for k in cache.shrink_to(ps, new[id(ps)] - cache.scratch_fits(ps, new[id(ps)]))]
         cache.clear()
         for ps in cache.pools:
             ps.pool.allocate(new[id(ps)])
-            ps.reset_slots()
+            cache.reset_pool(ps)
         for key in keep:
             slot = cache.reserve(key)
             assert slot is not None, "a kept expert found no slot in its own rebuilt pool"
@@ -137,13 +176,18 @@ class SlotCacheMachine(RuleBasedStateMachine):
         assert cache.resident_bytes <= cache.capacity_bytes
         assert len(cache) <= sum(ps.pool.slots for ps in cache.pools)
         reserved = Counter(id(cache._pool_of[k[0], k[2]]) for k in self.reserved)
+        guessing = Counter(id(cache._pool_of[k[0], k[2]]) for k in self.guessing)
         for ps in cache.pools:
             held = [(s, k) for s, k in enumerate(ps.key_of) if k is not None]
             assert ps.resident == len(held) <= ps.pool.slots
-            # every slot is exactly one of: resident, free, reserved for a read in flight
-            assert len(set(ps.free)) == len(ps.free)
-            assert not set(ps.free) & {s for s, _ in held}
-            assert ps.resident + len(ps.free) + reserved[id(ps)] == ps.pool.slots
+            # every slot is exactly one of: resident, free (or retired: free after the next
+            # sync), reserved for a read or a guess in flight
+            assert len(set(ps.free + ps.retired)) == len(ps.free) + len(ps.retired)
+            assert not set(ps.free + ps.retired) & {s for s, _ in held}
+            assert ps.resident + len(ps.free) + len(ps.retired) + reserved[id(ps)] + \
+                guessing[id(ps)] == ps.pool.slots
+            guests = sum(1 for _, k in held if cache.is_guest(k))
+            assert ps.guests == guests + guessing[id(ps)] <= ps.scratch
             for s, k in held:
                 assert cache.slot(k) == s and cache._pool_of[k[0], k[2]] is ps
         for key in cache.keys():

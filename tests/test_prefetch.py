@@ -147,10 +147,10 @@ def test_demand_reads_do_not_queue_behind_prefetch_reads(tiny_factory):
     rt.cache.commit(key, slot)
 
 
-def test_close_waits_for_prefetches_and_stops_the_readers(tiny_factory):
-    _, dst = tiny_factory("mixtral")
-    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, prefetch_layers=1,
-                               prefetch_cost_aware=False, progress=False)
+@pytest.mark.parametrize("scratch", [None, 0])
+def test_close_waits_for_prefetches_and_stops_the_readers(deep_models, scratch):
+    model, _ = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.5, prefetch_layers=1,
+                               prefetch_scratch=scratch, prefetch_cost_aware=False, progress=False)
     rt = runtime_of(model)
     model(mx.array([list(range(3, 30))]))  # prefill issues prefetches
     assert rt.stats.prefetch_issued > 0
@@ -191,7 +191,7 @@ def test_a_predicted_expert_is_never_read_again_before_its_layer_runs(deep_model
     (The pool holds two layers' experts: a prompt chunk needs all of a layer's, and with less
     room a miss rightly takes a held slot when nothing else is left.)"""
     dst = deep_models("qwen3_moe")
-    model, tok = hobbit_mlx.load(dst, expert_residency=0.75, prefetch_layers=1,
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.75, prefetch_layers=1, prefetch_scratch=0,
                                  policy="lru", progress=False)
     rt = runtime_of(model)
     pf = rt.prefetcher
@@ -230,11 +230,11 @@ def test_a_predicted_expert_is_never_read_again_before_its_layer_runs(deep_model
 @pytest.mark.parametrize("layers_ahead", [1, 2])
 @pytest.mark.parametrize("residency", [0.125, 0.5])
 def test_every_protection_is_released_once_its_layer_runs(deep_models, layers_ahead, residency):
-    """Also when a layer is predicted twice (two layers ahead, then one) and the first read found
-    no room in a small cache."""
+    """Guesses that take pool slots: also when a layer is predicted twice (two layers ahead, then
+    one) and the first read found no room in a small cache."""
     dst = deep_models("mixtral")
     model, tok = hobbit_mlx.load(dst, expert_residency=residency, prefetch_layers=layers_ahead,
-                                 prefetch_width=2.0, progress=False)
+                                 prefetch_width=2.0, prefetch_scratch=0, progress=False)
     rt = runtime_of(model)
     hobbit_mlx.generate(model, tok, PROMPT * 2, max_tokens=24)
     rt.wait_idle()
@@ -272,3 +272,110 @@ def test_a_slot_a_pending_graph_reads_is_not_reused_before_the_sync():
     assert slot in slots
     cache.commit((1, 2, "high"), slot)
     assert len(cache) == 2 and (1, 2, "high") in cache
+
+
+# --- guesses in scratch slots -------------------------------------------------------------------
+
+
+def test_a_guess_evicts_nothing_and_joins_the_cache_only_when_used():
+    cache = slot_cache(4, make_policy("lru"))
+    cache.set_scratch(1, min_regular=1)
+    for e in range(3):  # the policy's experts fill the pool but for the scratch slot
+        assert put(cache, (1, e, "high"))
+    assert cache.reserve_guest((2, 0, "high")) is not None
+    assert cache.reserve_guest((2, 1, "high")) is None  # one scratch slot: taken
+    regular = set(cache.keys())
+    slot = next(s for s in range(4) if s not in [cache.slot(k) for k in regular])
+    cache.commit_guest((2, 0, "high"), slot)
+    assert set(cache.keys()) == regular | {(2, 0, "high")}  # nothing evicted for it
+    assert cache.pin_and_lookup([(2, 0, "high")]) == [slot]  # its layer uses it: adopted
+    cache.unpin([(2, 0, "high")])
+    assert not cache.is_guest((2, 0, "high")) and (1, 0, "high") not in cache  # LRU's victim left
+    cache.synced()
+    assert cache.reserve_guest((2, 1, "high")) is not None  # the victim's slot is scratch now
+    assert put(cache, (1, 3, "high"))  # a demand read evicts a policy expert, never the guess
+
+
+def test_a_guess_its_layer_ran_without_leaves_without_a_trace():
+    cache = slot_cache(3, make_policy("lru"))
+    cache.set_scratch(1, min_regular=1)
+    assert put(cache, (1, 0, "high")) and put(cache, (1, 1, "high"))
+    slot = cache.reserve_guest((2, 5, "high"))
+    cache.commit_guest((2, 5, "high"), slot)
+    cache.drop_guest((2, 5, "high"))
+    assert (2, 5, "high") not in cache and cache.pools[0].guests == 0
+    assert cache.pools[0].free == [slot]
+    assert put(cache, (1, 2, "high"))  # no room for the policy: LRU evicts (1, 0), not the guess
+    assert (1, 0, "high") not in cache and (1, 1, "high") in cache
+
+
+def test_a_demand_read_borrows_a_scratch_slot_only_while_every_expert_is_protected():
+    cache = slot_cache(3, make_policy("lru"))
+    cache.set_scratch(1, min_regular=1)
+    assert put(cache, (1, 0, "high")) and put(cache, (1, 1, "high"))
+    cache.pin([(1, 0, "high"), (1, 1, "high")])
+    slot = cache.reserve((1, 2, "high"))  # nothing to evict: the scratch slot
+    assert slot is not None
+    cache.commit((1, 2, "high"), slot)
+    cache.unpin([(1, 0, "high"), (1, 1, "high")])
+    assert cache.pools[0].free == []
+    cache.synced()  # the policy gives the scratch room its slot back
+    assert len(cache.pools[0].free) == 1 and len(cache) == 2
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_guesses_in_scratch_slots_keep_output_exact_and_leave_no_guest_behind(deep_models, arch):
+    dst = deep_models(arch)
+    _, text_off, off = _run(dst, expert_residency=0.5, exact=True)
+    model, text_on, on = _run(dst, expert_residency=0.5, exact=True, prefetch_layers=1,
+                              prefetch_cost_aware=False, prefetch_scratch=2)
+    rt = runtime_of(model)
+    rt.wait_idle()
+    assert text_on == text_off
+    assert on["prefetch_issued"] > 0 and on["prefetch_used"] > 0
+    assert rt.prefetcher.scratch and [ps.scratch for ps in rt.cache.pools] == [2]
+    assert not rt.cache._guests and all(ps.guests == 0 for ps in rt.cache.pools)
+    assert not rt.cache._pins and not rt.cache._holds and rt.prefetcher._issued == {}
+    ps = rt.cache.pools[0]
+    assert ps.resident <= ps.pool.slots - ps.scratch  # the policy's experts left the room free
+
+
+def test_a_guess_that_lands_between_lookup_and_read_is_a_hit_not_a_second_read(deep_models):
+    """The prefetch commits its slot a moment before it leaves the reads in flight: a layer that
+    found the expert missing, then no read in flight, finds it resident."""
+    model, _ = hobbit_mlx.load(deep_models("qwen3_moe"), expert_residency=0.5, exact=True,
+                               prefetch_layers=1, prefetch_scratch=2, progress=False)
+    rt = runtime_of(model)
+    pf, layer = rt.prefetcher, rt.manifest.layers[1]
+    key = (1, next(e for e in range(layer.num_experts) if (1, e, "high") not in rt.cache), "high")
+    in_flight = pf.inflight
+
+    def lands_now(k):
+        if k == key and k not in rt.cache:
+            rt.cache.commit_guest(k, rt.cache.reserve_guest(k))
+        return in_flight(k)
+
+    pf.inflight = lands_now
+    before = rt.stats.bytes_read
+    fetch = offload.Fetch(rt, layer, np.array([key[1]]), "high")
+    fetch.finish()
+    assert fetch.pending == [] and fetch.slots[0] == rt.cache.slot(key)
+    assert rt.stats.bytes_read == before and not rt.cache.is_guest(key)  # adopted, not read
+
+
+def test_guesses_are_read_as_their_misses_would_be(deep_models):
+    """While the lossy techniques serve, a predicted expert the plan would read in 2-bit is
+    guessed in 2-bit, and one it would skip if missing is not guessed."""
+    model, _ = hobbit_mlx.load(deep_models("qwen3_moe"), expert_residency=0.5, prefetch_layers=1,
+                               adapt_to_storage=False, big_little=False, progress=False)
+    rt = runtime_of(model)
+    k = rt.manifest.experts_per_token
+    assert k >= 2 and rt.precision.skip and rt.precision.mixed_precision
+    ind = np.arange(2 * k).reshape(2, k)
+    weights = np.zeros((2, k), np.float32)
+    weights[0, :2] = [0.9, 0.1]  # the second: unimportance 0.9 > t2, skipped if missing
+    weights[1, :2] = [0.5, 0.5]  # the second: unimportance 0.5 > t1, read in 2-bit
+    experts, precisions = rt.prefetcher._plan(ind, weights, 1, rt.prefetcher._buckets(ind))
+    got = dict(zip(experts.tolist(), precisions))
+    assert got[0] == "high" and got[k] == "high" and got[k + 1] == "low"
+    assert 1 not in got

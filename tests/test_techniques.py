@@ -235,9 +235,19 @@ def test_arc_keeps_a_reused_expert_through_a_scan():
 
 
 def test_low_precision_prefetch_reads_2bit_copies_for_unimportant_predictions(tiny_factory):
+    """Also while the lossy techniques are off (reads measured cheap), when a guess would
+    otherwise be read in 4-bit."""
     _, dst = tiny_factory("olmoe")
-    _, _, plain = _run(dst, expert_residency=0.3, prefetch_layers=1, t1=0.3)
     model, _, low = _run(dst, expert_residency=0.3, prefetch_layers=1, t1=0.3, prefetch_low_precision=True)
     assert low["prefetch_issued"] > 0
-    assert low["prefetch_bytes"] < plain["prefetch_bytes"] * (low["prefetch_issued"] / plain["prefetch_issued"])
     assert low["resident_expert_bytes"] <= low["expert_cache_bytes"]
+    rt = runtime_of(model)
+    rt.lossy_now = lambda: False
+    pf, k = rt.prefetcher, rt.manifest.experts_per_token
+    ind = np.arange(k)[None]
+    weights = np.linspace(1.0, 0.1, k, dtype=np.float32)[None]
+    pf.low_precision = False
+    assert pf._plan(ind, weights, 1, pf._buckets(ind))[1] == ["high"] * k
+    pf.low_precision = True
+    experts, precisions = pf._plan(ind, weights, 1, pf._buckets(ind))
+    assert precisions[0] == "high" and "low" in precisions  # the top-1, and the unimportant
