@@ -204,9 +204,10 @@ def replay_with_prefetch(events: list[tuple], policy, capacity: int) -> dict:
                 if key not in resident:
                     stats[f"misses{phase}"] += 1
                     insert(key, prefetched=False)
-            # (they stay pinned: the predictions this call issues behind its demand reads may
-            # not evict what its graph reads before the next sync)
+            # (they stay pinned until the call ends: the predictions it issues behind its demand
+            # reads may not evict what its graph reads)
         elif kind == "call_end":
+            pinned = set()
             for key in held_by_layer.pop(ev[1], []):
                 held[key] -= 1
         elif kind == "predict":

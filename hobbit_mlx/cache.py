@@ -222,7 +222,7 @@ class SlotCache:
         with self.lock:
             for e in experts:
                 key = (layer, int(e), precision)
-                if key in self._slot_of:
+                if key in self._slot_of and key not in self._guests:  # (guests: not the policy's)
                     ps.policy.on_hit(key)
 
     def synced(self) -> None:
@@ -310,8 +310,12 @@ class SlotCache:
             return ps.free.pop()
 
     def commit_guest(self, key: Key, slot: int) -> None:
-        """A guess's bytes are in its scratch slot: it serves lookups, unknown to the policy."""
+        """A guess's bytes are in its scratch slot: it serves lookups, unknown to the policy
+        (unless a copy is resident already: then the slot goes back)."""
         with self.lock:
+            if key in self._slot_of:
+                self.abandon_guest(key, slot)
+                return
             ps = self._pool_of[key[0], key[2]]
             ps.key_of[slot] = key
             ps.last_use[slot] = -1

@@ -154,9 +154,9 @@ class Prefetcher:
             idle = self._idle_seconds(distance)
         for e, precision in to_read:
             key = (lid, e, precision)
-            with self._lock:
-                if key in self._inflight:
-                    continue
+            with self._lock:  # (a read that landed since _missing is resident by now: it
+                if key in self._inflight or key in rt.cache or (lid, e, "high") in rt.cache:
+                    continue  # commits before it leaves the reads in flight)
             worth = None
             seconds = switch.layer.precisions[precision].records[e].nbytes * per_byte
             if self.cost_aware:

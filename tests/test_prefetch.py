@@ -379,3 +379,16 @@ def test_guesses_are_read_as_their_misses_would_be(deep_models):
     got = dict(zip(experts.tolist(), precisions))
     assert got[0] == "high" and got[k] == "high" and got[k + 1] == "low"
     assert 1 not in got
+
+
+def test_a_guess_that_finds_its_expert_resident_gives_its_slot_back():
+    """Two reads of one expert can be in flight only by a race (the first landed between the
+    prefetcher's look and its read); the second never overwrites the first."""
+    cache = slot_cache(4, make_policy("seqfreq", num_layers=4))
+    cache.set_scratch(2, min_regular=1)
+    assert put(cache, (1, 0, "high"))
+    slot = cache.reserve_guest((1, 0, "high"))
+    before = cache.slot((1, 0, "high"))
+    cache.commit_guest((1, 0, "high"), slot)
+    assert cache.slot((1, 0, "high")) == before and not cache.is_guest((1, 0, "high"))
+    assert cache.pools[0].guests == 0 and slot in cache.pools[0].free
