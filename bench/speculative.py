@@ -231,10 +231,12 @@ CONFIGS = {  # name -> (load options, speculative: K, "adaptive" K <= 4, or None
     "exact-spec-k2": (dict(exact=True), 2),
     "exact-spec-adaptive": (dict(exact=True), "adaptive"),
     "default-spec-adaptive": (dict(), "adaptive"),
-    # a separate resident draft (mlx-lm's speculative decoding), at the memory of the plain
-    # configuration: its weights and KV come out of the budget the pools would have had
+    # a separate resident draft, at the memory of the plain configuration: its weights and KV
+    # come out of the budget the pools would have had; K fixed (as mlx-lm's loop drafts) or
+    # adaptive (0..4: 0 is a plain pass)
     "exact-draft-k2": (dict(exact=True, draft_model=REFERENCE_DRAFT), 2),
     "exact-draft-k3": (dict(exact=True, draft_model=REFERENCE_DRAFT), 3),
+    "exact-draft-adaptive": (dict(exact=True, draft_model=REFERENCE_DRAFT), "adaptive"),
 }
 PLAIN = ("exact", "default")
 
@@ -285,32 +287,25 @@ def _timed_run(model, tok, rt, workload, spec) -> dict:
     """Every prompt from empty pools, through ``hobbit_mlx.stream_generate``; decode tokens/s is
     (tokens - 1) over the time from the first token to the last, summed over prompts."""
     import hobbit_mlx
-    from hobbit_mlx.speculative import draft_passes
 
     empty_pools(rt)
     hobbit_mlx.reset_stats(model)
     rt.speculative_controller = None  # each run learns its draft length from scratch
     tokens, decode_s, drafted, accepted, passes, kc = [], 0.0, 0, 0, 0, {}
-    separate = getattr(rt, "draft_model", None) is not None
     bytes0 = rt.stats.bytes_read
     extra = {} if spec is None else dict(speculative=4 if spec == "adaptive" else spec)
     for prompt in workload.prompts:
         if spec is not None:
             rt.speculative = (extra["speculative"], spec == "adaptive")
-        out, t_first, from_draft = [], None, []
+        out, t_first = [], None
         for r in hobbit_mlx.stream_generate(model, tok, prompt, max_tokens=workload.max_tokens,
                                             **({"speculative": False} if spec is None else {})):
             if t_first is None:
                 t_first = time.perf_counter()
             out.append(r.token)
-            from_draft.append(bool(getattr(r, "from_draft", False)))
         decode_s += time.perf_counter() - t_first
         tokens.append(out)
-        if separate:  # mlx-lm's loop: each pass yields its accepted drafts, then one of its own
-            d, a, p = draft_passes(from_draft, spec, workload.max_tokens)
-            drafted, accepted, passes = drafted + d, accepted + a, passes + p
-            kc[spec] = kc.get(spec, 0) + p
-        st = rt.speculative_stats if spec is not None and not separate else None
+        st = rt.speculative_stats if spec is not None else None
         if st is not None:
             drafted, accepted, passes = drafted + st.drafted, accepted + st.accepted, passes + st.passes
             for k, v in st.k_counts.items():

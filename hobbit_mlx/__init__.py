@@ -126,15 +126,13 @@ def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwar
     kwargs = _with_defaults(model, tokenizer, prompt, dict(kwargs, max_tokens=max_tokens), k + 1)
     rt = runtime_of(model)
     loaded_draft = getattr(rt, "draft_model", None)
-    if k and loaded_draft is not None:  # load(draft_model=...): mlx-lm's speculative decoding,
-        if not rt.cache.all_high_resident:  # unless nothing is read, where it cannot pay
-            kwargs["num_draft_tokens"] = k
-            yield from mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=loaded_draft,
-                                              **kwargs)
-        else:
-            yield from mlx_lm.stream_generate(model, tokenizer, prompt, **kwargs)
-    elif k:
+    if k and loaded_draft is not None and rt.cache.all_high_resident:
+        # (a loaded draft model cannot pay where nothing is read)
+        yield from mlx_lm.stream_generate(model, tokenizer, prompt, **kwargs)
+    elif k:  # self-speculation, or the loaded draft model drafting (its draft length adapts)
         from . import speculative as spec
+        if loaded_draft is not None:
+            kwargs["draft_model"] = loaded_draft
         yield from spec.stream_generate(model, tokenizer, prompt, num_draft_tokens=k,
                                         adaptive=adaptive, **kwargs)
     else:

@@ -147,8 +147,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "the measured acceptance and pass times.")
     t.add_argument("--draft-model", default=None, metavar="PATH",
                    help="A small mlx-lm model with the same tokenizer, held resident, drafts "
-                        "instead (mlx-lm's speculative decoding); its weights count inside "
-                        "--memory-budget. K: --num-draft-tokens (default 3).")
+                        "instead; its weights and KV cache count inside --memory-budget. K: "
+                        "--num-draft-tokens (default 3), adapted to the measured acceptance and "
+                        "pass times unless --speculative-fixed.")
     t.add_argument("--num-draft-tokens", dest="speculative", type=int, default=None, metavar="K",
                    help="The same as --speculative K (mlx_lm.generate's name).")
     t.add_argument("--policy", default=None, choices=_policy_names(),

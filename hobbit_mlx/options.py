@@ -100,7 +100,8 @@ class LoadOptions:
     speculative: int | bool | None = None
     speculative_adaptive: bool = True  # the draft length follows acceptance and read time (0..K)
     # a small resident draft model (mlx-lm checkpoint, same tokenizer) drafts instead, through
-    # mlx-lm's own speculative decoding; its weights and KV cache count inside memory_budget
+    # the same loop (its draft length adapts too); its weights and KV cache count inside
+    # memory_budget
     draft_model: str | None = None
 
     @classmethod

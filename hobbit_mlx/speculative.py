@@ -17,6 +17,10 @@ the drafts and trimmed back before the verify pass, then trimmed over the reject
 a pass of each length takes (drafting is compute, verifying is compute plus reads). A draft
 length of 0 is plain decoding, taken when drafting does not pay (always when every expert is
 resident: there is nothing to read).
+
+A separate draft model (``load(..., draft_model=...)``: small, resident, same tokenizer) drafts
+through the same loop instead of the model itself, so its draft length adapts the same way
+(mlx-lm's own speculative loop drafts a fixed number every pass).
 """
 
 from __future__ import annotations
@@ -159,18 +163,22 @@ def speculative_generate_step(
         sampler: Callable[[mx.array], mx.array] | None = None,
         logits_processors: Sequence[Callable] | None = None, prompt_cache=None,
         prefill_step_size: int = 512, stats: SpeculativeStats | None = None,
-        controller: AdaptiveK | None = None,
+        controller: AdaptiveK | None = None, draft_model=None,
 ) -> Generator[tuple[int, mx.array, bool], None, None]:
     """Yields ``(token, logprobs, from_draft)`` like mlx-lm's ``speculative_generate_step``, with
-    the model itself drafting from its resident experts (see the module docstring)."""
+    the model itself drafting from its resident experts (see the module docstring), or with
+    ``draft_model`` (a small resident mlx-lm model, same tokenizer) drafting; either way the
+    draft length follows ``controller`` (0: a plain pass)."""
     from .loader import runtime_of
 
     k_max = check_draft_tokens(num_draft_tokens)
     rt = runtime_of(model)  # (a ValueError for a model hobbit_mlx.load did not load)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
-    if not can_trim_prompt_cache(cache):
-        kinds = sorted({type(c).__name__ for c in cache if not c.is_trimmable()})
-        raise ValueError(f"speculative decoding needs a trimmable KV cache (got {', '.join(kinds)})")
+    drafter = None if draft_model is None else _DraftModel(draft_model)
+    for c in [cache] + ([drafter.cache] if drafter is not None else []):
+        if not can_trim_prompt_cache(c):
+            kinds = sorted({type(x).__name__ for x in c if not x.is_trimmable()})
+            raise ValueError(f"speculative decoding needs a trimmable KV cache (got {', '.join(kinds)})")
     stats = stats if stats is not None else SpeculativeStats()
     ctl = controller or AdaptiveK(k_max, adaptive=adaptive)
     history = prompt[:-1].astype(mx.uint32) if logits_processors else None
@@ -190,6 +198,8 @@ def speculative_generate_step(
         n = min(prefill_step_size, y.size - 1)
         model(y[:n][None], cache=cache)
         mx.eval([c.state for c in cache])
+        if drafter is not None:
+            drafter.feed(y[:n])
         y = y[n:]
         mx.clear_cache()
 
@@ -202,7 +212,9 @@ def speculative_generate_step(
         wait0, bytes0 = rt.stats.read_wait_s, rt.stats.bytes_read
         miss0 = rt.stats.misses_high + rt.stats.misses_low
         drafts = []
-        if k:
+        if k and drafter is not None:
+            drafts = drafter.draft(y, k, history, choose)
+        elif k:
             rt.draft_only = True
             try:
                 t, hist = y, history
@@ -237,6 +249,8 @@ def speculative_generate_step(
         while n < k and drafted[n] == target[n]:
             n += 1
         trim_prompt_cache(cache, k - n)
+        if drafter is not None:
+            drafter.accepted(y, drafts, n)
         t2 = time.perf_counter()
 
         stats.passes += 1
@@ -263,6 +277,51 @@ def speculative_generate_step(
             stats.emitted += 1
             yield target[i], logprobs[i], i < n
         y = mx.array([target[n]], dtype=mx.uint32)
+
+
+class _DraftModel:
+    """A separate draft model and its KV cache, which trails the target's: tokens the target has
+    seen and the draft not yet wait in ``lag`` and go with the draft's next call (a pass that
+    drafts nothing costs the draft nothing)."""
+
+    MAX_LAG = 64  # tokens: beyond this the draft catches up at once (a run of plain passes)
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.cache = make_prompt_cache(model)
+        self.lag: list[mx.array] = []
+
+    def feed(self, tokens: mx.array) -> None:
+        """The target has seen ``tokens`` (the prompt, or a plain pass's token)."""
+        self.lag.append(tokens)
+        if sum(t.size for t in self.lag) > self.MAX_LAG:
+            self.model(mx.concatenate(self.lag)[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            self.lag = []
+
+    def draft(self, y: mx.array, k: int, history, choose) -> list[mx.array]:
+        """``k`` draft tokens after ``y`` (greedy, with the caller's logits processors)."""
+        drafts, t, hist = [], mx.concatenate(self.lag + [y]), history
+        self.lag = []
+        for _ in range(k):
+            logits = self.model(t[None], cache=self.cache)[0, -1]
+            if hist is not None:
+                hist = mx.concatenate([hist, t[-1:]])
+            t, _ = choose(logits, hist, draw=False)
+            t = t.reshape(1).astype(mx.uint32)
+            mx.eval(t)
+            drafts.append(t)
+        return drafts
+
+    def accepted(self, y: mx.array, drafts: list[mx.array], n: int) -> None:
+        """The pass kept ``y`` and the first ``n`` drafts: the draft's cache keeps as much (it
+        has seen ``y`` and all drafts but the last)."""
+        if not drafts:
+            self.feed(y)
+        elif n < len(drafts):
+            trim_prompt_cache(self.cache, len(drafts) - 1 - n)
+        else:
+            self.lag = [drafts[-1]]
 
 
 def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
@@ -295,11 +354,13 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
 
     rt = runtime_of(model)
     rt.speculative_stats = stats
-    # what the draft length learned carries over to the next sequence of this model
+    # what the draft length learned carries over to the next sequence of this model (and drafter)
     ctl = getattr(rt, "speculative_controller", None)
     k = check_draft_tokens(num_draft_tokens)
-    if ctl is None or (ctl.max_k, ctl.adaptive) != (k, adaptive):
+    drafter = id(kwargs.get("draft_model"))
+    if ctl is None or (ctl.max_k, ctl.adaptive, getattr(ctl, "drafter", None)) != (k, adaptive, drafter):
         ctl = rt.speculative_controller = AdaptiveK(k, adaptive=adaptive)
+        ctl.drafter = drafter
     kwargs.setdefault("controller", ctl)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()

@@ -336,6 +336,30 @@ def test_draft_model_greedy_identical(tiny_factory, dense_draft):
         rt.close()
 
 
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_a_draft_models_draft_length_adapts(tiny_factory, dense_draft, adaptive):
+    """An untrained draft is rarely right: the adaptive length falls back to plain passes (K = 0),
+    where the draft's cache catches up later; a fixed length drafts K every pass. Either way the
+    tokens are the plain ones."""
+    _src, dst = tiny_factory("qwen3_moe")
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, speculative=3,
+                                 speculative_adaptive=adaptive, draft_model=str(dense_draft),
+                                 progress=False)
+    rt = runtime_of(model)
+    try:
+        plain = _plain(model, tok, "def main():", 48)
+        out = [r.token for r in hobbit_mlx.stream_generate(model, tok, "def main():", max_tokens=48)]
+        assert out == plain
+        stats = rt.speculative_stats
+        assert stats.drafted > 0
+        if adaptive:
+            assert stats.plain_passes > 0 and len(stats.k_counts) > 1
+        else:  # (but for the last passes, which may draft only as many as are left to emit)
+            assert stats.k_counts[3] >= stats.passes - 3 and not stats.plain_passes > 3
+    finally:
+        rt.close()
+
+
 def test_draft_model_is_left_out_when_every_expert_is_resident(tiny_factory, dense_draft):
     """Nothing is read, so a verify pass only adds compute (the reference model with its trained
     draft decoded at 0.6x plain, resident on this CPU): plain decoding, the same tokens."""
