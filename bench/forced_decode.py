@@ -15,8 +15,8 @@ quality a user gets from the lossy techniques, which a one-pass prefill does not
 
 Per configuration and residency: decode tokens/s, time per token against exact LRU (x lru) and
 against mlx-lm with the whole model resident (x mlx-lm, same loop, same process), bytes read per
-token, misses per token (4-bit / 2-bit), skipped requests, decode perplexity (ppl x: against
-mlx-lm's) and top-1 agreement with mlx-lm. Storage: ``mac-like`` (default; reading one token's
+token (and of them by prefetch guesses; guesses used / read per token), misses per token (4-bit /
+2-bit), skipped requests, decode perplexity (ppl x: against mlx-lm's) and top-1 agreement with mlx-lm. Storage: ``mac-like`` (default; reading one token's
 top-k experts takes 12x mlx-lm's resident decode step, measured first in this process), ``warm``
 (no simulation) or a ``hobbit_mlx.storage`` spec such as ``50MB/s``.
 """
@@ -186,13 +186,15 @@ def main(argv=None) -> int:
              f"- mlx-lm, whole model resident: {ref['tps']:.1f} tok/s, decode perplexity "
              f"{ref_ppl:.3f}",
              f"- storage: {storage.describe() if storage else 'warm page cache (no simulation)'}",
-             "", "| config | residency | tok/s | x lru | x mlx-lm | KiB/token | 4-bit misses | "
-             "2-bit misses | skipped | ppl x | top-1 agree |", "|---|---|---|---|---|---|---|---|"
-             "---|---|---|"]
+             "", "| config | residency | tok/s | x lru | x mlx-lm | KiB/token | of which guesses | "
+             "guesses used / read | 4-bit misses | 2-bit misses | skipped | ppl x | top-1 agree |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['residency']:.1%} | {r['tps']:.1f} | "
                      f"{'n/a' if r['x_lru'] is None else format(r['x_lru'], '.2f')} | "
-                     f"{r['x_mlx_lm']:.2f} | {r['bytes'] / 1024:.0f} | {r['misses_high']:.2f} | "
+                     f"{r['x_mlx_lm']:.2f} | {r['bytes'] / 1024:.0f} | "
+                     f"{r['prefetch_bytes'] / 1024:.0f} | {r['prefetch_used']:.2f} / "
+                     f"{r['prefetch_issued']:.2f} | {r['misses_high']:.2f} | "
                      f"{r['misses_low']:.2f} | {r['skipped']:.2f} | {r['ppl_x']:.3f} | "
                      f"{r['top1_agree']:.3f} |")
     lines += ["", "Configurations: " + "; ".join(f"**{n}** `{json.dumps(k)}`" for n, k in configs)]

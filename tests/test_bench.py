@@ -361,7 +361,8 @@ def test_forced_decode_compares_configurations_on_the_same_tokens(tiny_model, tm
     out = tmp_path / "out"
     assert forced_decode.main(["--model", str(tiny_model[0]), "--residencies", "0.25",
                                "--prompt-tokens", "8", "--tokens", "8", "--pieces", "1",
-                               "--configs", "lru,default",
+                               "--configs", "lru,default", "--config",
+                               'pf={"exact": true, "prefetch_layers": 1, "prefetch_cost_aware": false}',
                                "--out", str(out), "--name", "fd"]) == 0
     res = json.loads((out / "fd.json").read_text())
     rows = {r["config"]: r for r in res["rows"]}
@@ -370,3 +371,7 @@ def test_forced_decode_compares_configurations_on_the_same_tokens(tiny_model, tm
     assert rows["lru"]["bytes"] > 0 and rows["lru"]["misses_low"] == 0
     assert rows["default"]["bytes"] < rows["lru"]["bytes"]
     assert rows["default"]["x_lru"] > 0 and "| default | 25.0% |" in (out / "fd.md").read_text()
+    pf = rows["pf"]  # exact with prefetch: the same likelihoods; its guesses are part of the bytes
+    assert pf["ppl_x"] == pytest.approx(1.0, abs=1e-5) and pf["top1_agree"] == 1.0
+    assert 0 < pf["prefetch_bytes"] <= pf["bytes"] and pf["prefetch_used"] <= pf["prefetch_issued"]
+    assert rows["lru"]["prefetch_issued"] == 0
