@@ -292,8 +292,8 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
         kv_per_token = sum(kv_layers)
         measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
                         prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
-        activation_points, context_activation = measured_activations(model, prefill_step_size,
-                                                                     measured_key)
+        activation_points, context_activation = measured_activations(
+            model, prefill_step_size, measured_key, store=cache_root() / "measured")
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
     routers = [m.router for m in runtime.layers]

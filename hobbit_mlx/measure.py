@@ -1,10 +1,18 @@
 """What load() measures on the model itself: KV bytes per token, and the activations of prefill
 chunks of each size the budget plans with (the runtime computes every expert call on slot 0 while
-measuring, so nothing is read)."""
+measuring, so nothing is read). The activations take most of a load's time (7 of 7.3 s for the
+reference model on a 2-core CPU), so they are kept on disk for the next process, keyed by the
+model, the options that shape them, the machine and the code that measures them."""
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -187,11 +195,65 @@ def context_activation(model: nn.Module) -> tuple[float, float, float]:
     return CONTEXT_MARGIN * per_pair, CONTEXT_MARGIN * constant, CONTEXT_MARGIN * per_token
 
 
-def measured_activations(model: nn.Module, prefill_step_size: int,
-                         key: tuple) -> tuple[list[tuple[int, int]], tuple[float, float, float]]:
+def measured_activations(model: nn.Module, prefill_step_size: int, key: tuple,
+                         store: Path | None = None
+                         ) -> tuple[list[tuple[int, int]], tuple[float, float, float]]:
     """``activation_ladder`` and ``context_activation``, measured once per ``key`` (model, chunk
-    size, dtype) in a process: a budget that one load (or ``footprint``) states as the minimum is
-    the next load's minimum."""
-    if key not in _MEASURED:
-        _MEASURED[key] = (activation_ladder(model, prefill_step_size), context_activation(model))
-    return _MEASURED[key]
+    size, dtype): a budget that one load (or ``footprint``) states as the minimum is the next
+    load's minimum. With ``store`` (a directory), also across processes: read from there when a
+    process on this machine measured them with this code, else measured and written there."""
+    if key in _MEASURED:
+        return _MEASURED[key]
+    path = None if store is None else Path(store) / f"{_disk_key(key)}.json"
+    got = _read_measured(path) if path is not None else None
+    if got is None:
+        got = (activation_ladder(model, prefill_step_size), context_activation(model))
+        if path is not None:
+            _write_measured(path, got)
+    _MEASURED[key] = got
+    return got
+
+
+def _disk_key(key: tuple) -> str:
+    """``key`` with what else decides the numbers: the machine, MLX and mlx-lm, and the code that
+    measures (this module and the offloaded calls it runs)."""
+    import mlx_lm
+
+    from . import offload
+
+    code = hashlib.sha1()
+    for module in (__file__, offload.__file__):
+        code.update(Path(module).read_bytes())
+    parts = (repr(key), mx.__version__, getattr(mlx_lm, "__version__", ""), platform.machine(),
+             platform.system(), str(mx.default_device()), code.hexdigest())
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+
+
+def _read_measured(path: Path):
+    """The measurements kept at ``path``, or None (none kept, or unreadable: measured again)."""
+    try:
+        data = json.loads(path.read_text())
+        ladder = [(int(n), int(b)) for n, b in data["ladder"]]
+        context = tuple(float(x) for x in data["context"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (ladder, context) if ladder and len(context) == 3 else None
+
+
+def _write_measured(path: Path, measured) -> None:
+    """Kept for the next process: written whole (a temporary file renamed), or not at all."""
+    ladder, context = measured
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    except OSError:
+        return  # (a read-only cache directory: measured again next time)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"ladder": ladder, "context": list(context)}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        if os.path.exists(tmp):  # (not renamed: a failed write leaves nothing behind)
+            os.unlink(tmp)

@@ -1,0 +1,62 @@
+"""The activations load() measures are kept on disk for the next process (they take most of a
+load's time): read back instead of measured again, written whole, and measured again when the
+kept file is unreadable or the options that shape them change."""
+
+from __future__ import annotations
+
+import pytest
+
+import hobbit_mlx
+from hobbit_mlx import measure
+from hobbit_mlx.loader import runtime_of
+
+
+def _plan(dst, **kw):
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, progress=False, **kw)
+    rt = runtime_of(model)
+    rt.close()
+    return rt.plan
+
+
+@pytest.fixture()
+def fresh(monkeypatch, tmp_path):
+    """A new process's view: nothing measured in memory, an empty cache directory."""
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(tmp_path))
+    monkeypatch.setattr(measure, "_MEASURED", {})
+    return tmp_path / "measured"
+
+
+def _measuring_fails(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(measure, "activation_ladder", fail)
+    monkeypatch.setattr(measure, "context_activation", fail)
+
+
+def test_the_next_process_reads_what_one_measured(tiny_factory, fresh, monkeypatch):
+    _, dst = tiny_factory("qwen3_moe")
+    first = _plan(dst)
+    kept = list(fresh.glob("*.json"))
+    assert len(kept) == 1 and not list(fresh.glob("*.tmp"))
+    monkeypatch.setattr(measure, "_MEASURED", {})  # the next process
+    _measuring_fails(monkeypatch)
+    assert _plan(dst) == first
+    with pytest.raises(AssertionError, match="measured again"):  # another chunk size: measured
+        _plan(dst, prefill_step_size=128)
+
+
+def test_an_unreadable_kept_file_is_measured_again(tiny_factory, fresh, monkeypatch):
+    _, dst = tiny_factory("qwen3_moe")
+    first = _plan(dst)
+    (kept,) = fresh.glob("*.json")
+    kept.write_text('{"ladder": [[16, ')  # cut short
+    monkeypatch.setattr(measure, "_MEASURED", {})
+    assert _plan(dst).chunk_tokens == first.chunk_tokens
+    assert measure._read_measured(kept) is not None  # written whole again
+
+
+def test_a_cache_directory_that_cannot_be_written_only_costs_the_measurement(tiny_factory, fresh):
+    _, dst = tiny_factory("qwen3_moe")
+    fresh.parent.mkdir(parents=True, exist_ok=True)
+    fresh.write_text("a file where the directory would go")
+    assert _plan(dst).budget_bytes > 0
