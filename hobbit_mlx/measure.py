@@ -257,3 +257,17 @@ def _write_measured(path: Path, measured) -> None:
     finally:
         if os.path.exists(tmp):  # (not renamed: a failed write leaves nothing behind)
             os.unlink(tmp)
+    _prune(path.parent)
+
+
+KEPT_MEASUREMENTS = 256  # files kept (each ~1 KB; models come and go, test runs make many)
+
+
+def _prune(store: Path) -> None:
+    """The oldest kept measurements go beyond ``KEPT_MEASUREMENTS``."""
+    try:
+        kept = sorted(store.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        for old in kept[:max(0, len(kept) - KEPT_MEASUREMENTS)]:
+            old.unlink()
+    except OSError:
+        pass  # (another process pruned it first)

@@ -2,8 +2,9 @@
 their experts, which are read into pool slots in the background while this layer computes.
 
 Slots are reserved and experts held on the model's thread, when the prediction is made; the
-reader threads only write bytes and commit the slot. A predicted expert is *held* from the
-prediction until its layer has fetched it, whether it is being read or was resident already
+reader threads only write bytes and commit the slot. Where guesses take pool slots
+(``prefetch_scratch=0``), a predicted expert is *held* from the prediction until its layer has
+fetched it, whether it is being read or was resident already
 (LRU would otherwise evict exactly the next layer's experts to make room for the guesses).
 
 With ``scratch`` (the default) guesses are read into scratch slots (``cache``: guests): they

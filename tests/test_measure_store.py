@@ -4,6 +4,8 @@ kept file is unreadable or the options that shape them change."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import hobbit_mlx
@@ -60,3 +62,12 @@ def test_a_cache_directory_that_cannot_be_written_only_costs_the_measurement(tin
     fresh.parent.mkdir(parents=True, exist_ok=True)
     fresh.write_text("a file where the directory would go")
     assert _plan(dst).budget_bytes > 0
+
+
+def test_only_the_newest_measurements_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(measure, "KEPT_MEASUREMENTS", 3)
+    for i in range(5):
+        measure._write_measured(tmp_path / f"{i}.json", ([(16, 1)], (0.0, 1.0, 2.0)))
+        os.utime(tmp_path / f"{i}.json", (i, i))
+    measure._prune(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["2.json", "3.json", "4.json"]
