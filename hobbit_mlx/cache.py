@@ -233,11 +233,7 @@ class SlotCache:
                 if ps.retired:
                     ps.free.extend(ps.retired)
                     ps.retired.clear()
-                while len(ps.free) < ps.scratch - ps.guests:  # demand reads borrowed scratch
-                    slot = self._evict_victim(ps, may_take_held=True)  # slots: give them back
-                    if slot is None:
-                        break
-                    ps.free.append(slot)
+                self._restore_scratch(ps)
 
     # --- reads ----------------------------------------------------------------------------
     def reserve(self, key: Key, prefetched: bool = False, worth: float | None = None) -> int | None:
@@ -256,8 +252,8 @@ class SlotCache:
                 return None
             slot = self._evict_victim(ps, may_take_held=not prefetched)
             if slot is None and not prefetched and ps.free:
-                # Every expert is protected: a demand read borrows a scratch slot (the policy
-                # gives one back at the next sync).
+                # Every expert is protected: a demand read borrows a scratch slot (given back at
+                # the next sync: _restore_scratch).
                 slot = ps.free.pop()
             return slot
 
@@ -341,19 +337,23 @@ class SlotCache:
 
     def _adopt(self, keys: list[Key]) -> None:
         """Guests their layer uses join the policy's experts as a demand miss would: the policy's
-        victim goes when its experts have no room, and its slot joins the scratch room. One that
-        finds no victim (all protected) stays a guest; the layer uses it all the same."""
+        victim goes when its experts have no room, and its slot joins the scratch room."""
         for key in keys:
             ps = self._pool_of[key[0], key[2]]
             ps.guests -= 1
-            if len(ps.free) < ps.scratch - ps.guests:
-                slot = self._evict_victim(ps, may_take_held=True)
-                if slot is None:
-                    ps.guests += 1
-                    continue
-                ps.free.append(slot)
             self._guests.discard(key)
             ps.policy.on_insert(key)
+            self._restore_scratch(ps)
+
+    def _restore_scratch(self, ps: PoolSlots) -> None:
+        """The policy's victims go until the scratch room is free again, as far as unprotected
+        experts allow (the rest at a later sync): guests joined the policy's experts, or demand
+        reads borrowed scratch slots."""
+        while len(ps.free) < ps.scratch - ps.guests:
+            slot = self._evict_victim(ps, may_take_held=True)
+            if slot is None:
+                return
+            ps.free.append(slot)
 
     def drop_guest(self, key: Key) -> None:
         """A guest its layer ran without: its slot goes back to the scratch room (once no pending

@@ -147,7 +147,7 @@ class Prefetcher:
         experts, precisions = self._plan(ind, weights, distance, buckets)
         lid = switch.layer.layer
         self._predicted.setdefault(switch.position, {})[distance] = buckets
-        to_read = self._missing(lid, experts, precisions) if self.scratch else \
+        to_read = list(zip(experts.tolist(), precisions)) if self.scratch else \
             list(zip(*self._hold_resident(lid, experts, precisions)))
         per_byte = rt.reader.seconds_per_byte()
         if self.cost_aware:  # likeliest first, while storage has free time before the layer runs
@@ -155,9 +155,9 @@ class Prefetcher:
             idle = self._idle_seconds(distance)
         for e, precision in to_read:
             key = (lid, e, precision)
-            with self._lock:  # (a read that landed since _missing is resident by now: it
+            with self._lock:  # being read, or a copy that serves it resident (the 4-bit one
                 if key in self._inflight or key in rt.cache or (lid, e, "high") in rt.cache:
-                    continue  # commits before it leaves the reads in flight)
+                    continue  # serves either; a read commits before it leaves the reads in flight)
             worth = None
             seconds = switch.layer.precisions[precision].records[e].nbytes * per_byte
             if self.cost_aware:
@@ -188,13 +188,6 @@ class Prefetcher:
                 self._seconds[key] = seconds
             rt.stats.prefetch_issued += 1
             fut.add_done_callback(lambda f, key=key, slot=slot: self._done(key, slot, f))
-
-    def _missing(self, lid: int, experts: np.ndarray, precisions: list) -> list[tuple]:
-        """The predicted (expert, copy) pairs with no resident copy that would serve them (the
-        4-bit copy serves either)."""
-        cache = self.rt.cache
-        return [(e, precision) for e, precision in zip(experts.tolist(), precisions)
-                if (lid, e, "high") not in cache and (lid, e, precision) not in cache]
 
     def _hold_resident(self, lid: int, experts: np.ndarray, precisions: list) -> tuple[list, list]:
         """Hold the predicted experts that are resident (the 4-bit copy, or the copy planned)
@@ -344,8 +337,8 @@ class Prefetcher:
         return list(issued) + self._held.pop(layer, [])
 
     def after_layer(self, layer: int) -> None:
-        """A layer's call has fetched what it needs: a guest it used but could not adopt (no
-        victim was free) leaves, as a used guess whose read failed does."""
+        """A layer's call has fetched what it needs: a guess it was waiting for that landed
+        without being used (the call took another copy of its expert) leaves."""
         if not self.scratch:
             return
         with self._lock:

@@ -93,8 +93,10 @@ class AdaptiveK:
     between them doubles (up to ``max_probe_every``): a probe costs a pass at a worse length."""
 
     def __init__(self, max_k: int, *, adaptive: bool = True, fade: float = 0.8,
-                 probe_every: int = 8, max_probe_every: int = 64, window: int = 5):
+                 probe_every: int = 8, max_probe_every: int = 64, window: int = 5,
+                 drafter: int | None = None):
         self.max_k, self.adaptive = max_k, adaptive
+        self.drafter = drafter  # id() of the separate draft model it measured (None: self-drafts)
         self.fade, self.probe_every, self.max_probe_every = fade, probe_every, max_probe_every
         self._gap, self._last_probe, self._probed_from = probe_every, 0, None
         self.accept = 0.5  # prior: a draft is accepted half the time
@@ -217,15 +219,7 @@ def speculative_generate_step(
         elif k:
             rt.draft_only = True
             try:
-                t, hist = y, history
-                for _ in range(k):
-                    logits = model(t[None], cache=cache)[0, -1]
-                    if hist is not None:
-                        hist = mx.concatenate([hist, t])
-                    t, _ = choose(logits, hist, draw=False)
-                    t = t.reshape(1).astype(mx.uint32)
-                    mx.eval(t)
-                    drafts.append(t)
+                drafts = greedy_drafts(model, cache, y, k, history, choose)
             finally:
                 rt.draft_only = False
             trim_prompt_cache(cache, k)
@@ -279,6 +273,22 @@ def speculative_generate_step(
         y = mx.array([target[n]], dtype=mx.uint32)
 
 
+def greedy_drafts(model, cache, first: mx.array, k: int, history, choose) -> list[mx.array]:
+    """``k`` tokens drafted greedily by ``model`` on ``cache`` after the tokens ``first`` (with the
+    caller's logits processors, through ``choose``); the cache keeps ``first`` and all drafts but
+    the last."""
+    drafts, t, hist = [], first, history
+    for _ in range(k):
+        logits = model(t[None], cache=cache)[0, -1]
+        if hist is not None:
+            hist = mx.concatenate([hist, t[-1:]])
+        t, _ = choose(logits, hist, draw=False)
+        t = t.reshape(1).astype(mx.uint32)
+        mx.eval(t)
+        drafts.append(t)
+    return drafts
+
+
 class _DraftModel:
     """A separate draft model and its KV cache, which trails the target's: tokens the target has
     seen and the draft not yet wait in ``lag`` and go with the draft's next call (a pass that
@@ -300,18 +310,9 @@ class _DraftModel:
             self.lag = []
 
     def draft(self, y: mx.array, k: int, history, choose) -> list[mx.array]:
-        """``k`` draft tokens after ``y`` (greedy, with the caller's logits processors)."""
-        drafts, t, hist = [], mx.concatenate(self.lag + [y]), history
-        self.lag = []
-        for _ in range(k):
-            logits = self.model(t[None], cache=self.cache)[0, -1]
-            if hist is not None:
-                hist = mx.concatenate([hist, t[-1:]])
-            t, _ = choose(logits, hist, draw=False)
-            t = t.reshape(1).astype(mx.uint32)
-            mx.eval(t)
-            drafts.append(t)
-        return drafts
+        """``k`` draft tokens after ``y`` (the tokens waiting in the lag go first)."""
+        first, self.lag = mx.concatenate(self.lag + [y]), []
+        return greedy_drafts(self.model, self.cache, first, k, history, choose)
 
     def accepted(self, y: mx.array, drafts: list[mx.array], n: int) -> None:
         """The pass kept ``y`` and the first ``n`` drafts: the draft's cache keeps as much (it
@@ -357,10 +358,9 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
     # what the draft length learned carries over to the next sequence of this model (and drafter)
     ctl = getattr(rt, "speculative_controller", None)
     k = check_draft_tokens(num_draft_tokens)
-    drafter = id(kwargs.get("draft_model"))
-    if ctl is None or (ctl.max_k, ctl.adaptive, getattr(ctl, "drafter", None)) != (k, adaptive, drafter):
-        ctl = rt.speculative_controller = AdaptiveK(k, adaptive=adaptive)
-        ctl.drafter = drafter
+    drafter = None if kwargs.get("draft_model") is None else id(kwargs["draft_model"])
+    if ctl is None or (ctl.max_k, ctl.adaptive, ctl.drafter) != (k, adaptive, drafter):
+        ctl = rt.speculative_controller = AdaptiveK(k, adaptive=adaptive, drafter=drafter)
     kwargs.setdefault("controller", ctl)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
