@@ -116,6 +116,37 @@ def run_hobbit(paths, kwargs: dict, residency: float, storage, pieces, prompt_to
     return out
 
 
+def write_results(out_dir: Path, name: str, rows: list[dict], *, runs: int, head: list[str],
+                  configs: list, json_extra: dict) -> str:
+    """``<name>.md`` and ``.json`` with the rows so far, each written whole (a temporary file,
+    renamed): a long run cut short keeps what it measured. Returns the markdown."""
+    lines = list(head)
+    if len(rows) < runs:
+        lines.append(f"- **partial**: {len(rows)} of {runs} runs measured so far")
+    lines += ["", "| config | residency | tok/s | x lru | x mlx-lm | KiB/token | of which guesses | "
+              "guesses used / read | 4-bit misses | 2-bit misses | skipped | ppl x | top-1 agree |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['residency']:.1%} | {r['tps']:.3g} | "
+                     f"{'n/a' if r['x_lru'] is None else format(r['x_lru'], '.2f')} | "
+                     f"{r['x_mlx_lm']:.2f} | {r['bytes'] / 1024:.0f} | "
+                     f"{r['prefetch_bytes'] / 1024:.0f} | {r['prefetch_used']:.2f} / "
+                     f"{r['prefetch_issued']:.2f} | {r['misses_high']:.2f} | "
+                     f"{r['misses_low']:.2f} | {r['skipped']:.2f} | {r['ppl_x']:.3f} | "
+                     f"{r['top1_agree']:.3f} |")
+    lines += ["", "Configurations: " + "; ".join(f"**{n}** `{json.dumps(k)}`" for n, k in configs)]
+    text = "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path, data in ((out_dir / f"{name}.md", text),
+                       (out_dir / f"{name}.json",
+                        json.dumps({"rows": rows, **json_extra, "configs": dict(configs),
+                                    "complete": len(rows) == runs}, indent=1))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(data)
+        tmp.replace(path)
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None)
@@ -159,7 +190,17 @@ def main(argv=None) -> int:
     print(f"mlx-lm: {ref['tps']:.1f} tok/s, decode ppl {ref_ppl:.3f}; storage "
           f"{storage.describe() if storage else 'warm page cache'}", file=sys.stderr)
 
-    rows = []
+    stem = args.name or f"forced-{paths.name}-{args.storage}"
+    head = [f"# Teacher-forced decode: {paths.name}, {args.storage} storage", "",
+            f"Command: `python bench/forced_decode.py {' '.join(argv or sys.argv[1:])}`", "",
+            f"- {len(pieces)} held-out piece(s): {args.prompt_tokens}-token prompt, then "
+            f"{args.tokens} tokens decoded one at a time, each fed the true next token",
+            f"- mlx-lm, whole model resident: {ref['tps']:.3g} tok/s, decode perplexity "
+            f"{ref_ppl:.3f}",
+            f"- storage: {storage.describe() if storage else 'warm page cache (no simulation)'}"]
+    json_extra = {"mlx_lm_tps": ref["tps"], "mlx_lm_ppl": ref_ppl,
+                  "storage": storage.describe() if storage else None}
+    rows, text = [], ""
     for residency in residencies:
         lru_tps = None
         for name, kwargs in configs:
@@ -177,35 +218,10 @@ def main(argv=None) -> int:
                   f"(prefetch {row['prefetch_bytes'] / 1024:4.0f}, used {row['prefetch_used']:.2f} "
                   f"of {row['prefetch_issued']:.2f})  "
                   f"ppl x {row['ppl_x']:.3f}  top-1 {row['top1_agree']:.3f}", file=sys.stderr)
+            text = write_results(Path(args.out), stem, rows, runs=len(residencies) * len(configs),
+                          head=head, configs=configs, json_extra=json_extra)
 
-    name = args.name or f"forced-{paths.name}-{args.storage}"
-    lines = [f"# Teacher-forced decode: {paths.name}, {args.storage} storage", "",
-             f"Command: `python bench/forced_decode.py {' '.join(argv or sys.argv[1:])}`", "",
-             f"- {len(pieces)} held-out piece(s): {args.prompt_tokens}-token prompt, then "
-             f"{args.tokens} tokens decoded one at a time, each fed the true next token",
-             f"- mlx-lm, whole model resident: {ref['tps']:.1f} tok/s, decode perplexity "
-             f"{ref_ppl:.3f}",
-             f"- storage: {storage.describe() if storage else 'warm page cache (no simulation)'}",
-             "", "| config | residency | tok/s | x lru | x mlx-lm | KiB/token | of which guesses | "
-             "guesses used / read | 4-bit misses | 2-bit misses | skipped | ppl x | top-1 agree |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['residency']:.1%} | {r['tps']:.1f} | "
-                     f"{'n/a' if r['x_lru'] is None else format(r['x_lru'], '.2f')} | "
-                     f"{r['x_mlx_lm']:.2f} | {r['bytes'] / 1024:.0f} | "
-                     f"{r['prefetch_bytes'] / 1024:.0f} | {r['prefetch_used']:.2f} / "
-                     f"{r['prefetch_issued']:.2f} | {r['misses_high']:.2f} | "
-                     f"{r['misses_low']:.2f} | {r['skipped']:.2f} | {r['ppl_x']:.3f} | "
-                     f"{r['top1_agree']:.3f} |")
-    lines += ["", "Configurations: " + "; ".join(f"**{n}** `{json.dumps(k)}`" for n, k in configs)]
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
-    (out_dir / f"{name}.json").write_text(json.dumps(
-        {"rows": rows, "mlx_lm_tps": ref["tps"], "mlx_lm_ppl": ref_ppl,
-         "configs": dict(configs), "storage": storage.describe() if storage else None},
-        indent=1))
-    print("\n".join(lines))
+    print(text)
     return 0
 
 

@@ -14,6 +14,15 @@ It exists for I/O and memory behaviour at realistic expert sizes. Its weights ar
 routing is random: hit rates measured on it are labelled "random routing" and say nothing about a
 trained router (random routers are sticky and flatter every cache).
 
+    python bench/make_synthetic.py --widen-reference 70 [--out bench/results/tmp/reference-wide70]
+
+builds the other kind: the bundled reference model (trained routing) with every expert widened
+from 64 to 64 x 70 intermediate units, ~2.7 MB per 4-bit expert like Qwen3-30B-A3B's. The added
+units have random gate and up rows and an all-zero down projection, so every expert computes what
+it computed before, in 4-bit and in 2-bit (the original groups are kept bit for bit): the wide
+model's tokens, routing and perplexity are the reference model's, while each expert read and each
+expert matmul costs what a realistic expert's does.
+
 Memory: parameters are created lazily and quantized lazily, then materialised one decoder layer at
 a time (the float weights of one stacked projection live briefly), so generation needs about the
 4-bit model plus one projection's float experts (~0.4 GB), never the float model.
@@ -91,6 +100,81 @@ def build_checkpoint(out: Path, config: dict, *, seed: int = 0, bits: int = 4,
     return out
 
 
+def widen_reference(out: Path, factor: int, *, seed: int = 0, log=print) -> Path:
+    """The reference checkpoint with each expert's intermediate size x ``factor`` (see the module
+    docstring): new gate/up rows random, new down-projection columns zero, old groups untouched."""
+    import mlx.core as mx
+
+    from bench.workload import REFERENCE_MODEL
+
+    if factor < 1:
+        raise SystemExit(f"--widen-reference must be >= 1, not {factor}")
+    config = json.loads((REFERENCE_MODEL / "config.json").read_text())
+    q = config["quantization"]
+    group, bits = q["group_size"], q["bits"]
+    inter = config["moe_intermediate_size"]
+    if inter % group:
+        raise SystemExit(f"the reference's expert width {inter} is not a multiple of group {group}")
+    extra = inter * (factor - 1)
+    weights = {}
+    for f in sorted(REFERENCE_MODEL.glob("*.safetensors")):
+        weights.update(mx.load(str(f)))
+    mx.random.seed(seed)
+    for i in range(config["num_hidden_layers"]):
+        pre = f"model.layers.{i}.mlp.switch_mlp."
+        for proj in ("gate_proj", "up_proj"):  # [E, I, H]: new rows, quantized like the old ones
+            w = weights[pre + proj + ".weight"]
+            n_exp, hidden = w.shape[0], w.shape[2] * 32 // bits
+            old = mx.dequantize(w, weights[pre + proj + ".scales"], weights[pre + proj + ".biases"],
+                                group_size=group, bits=bits)
+            std = mx.std(old).item()
+            new = mx.random.normal((n_exp, extra, hidden)) * std
+            nw, ns, nb = mx.quantize(new, group_size=group, bits=bits)
+            for part, add in ((".weight", nw), (".scales", ns), (".biases", nb)):
+                weights[pre + proj + part] = mx.concatenate(
+                    [weights[pre + proj + part], add.astype(weights[pre + proj + part].dtype)], axis=1)
+        for part in (".weight", ".scales", ".biases"):  # [E, H, I]: new columns all zero
+            a = weights[pre + "down_proj" + part]
+            cols = extra * bits // 32 if part == ".weight" else extra // group
+            weights[pre + "down_proj" + part] = mx.concatenate(
+                [a, mx.zeros((*a.shape[:2], cols), dtype=a.dtype)], axis=2)
+        mx.eval({k: v for k, v in weights.items() if k.startswith(pre)})
+        log(f"[wide] layer {i + 1}/{config['num_hidden_layers']} widened x{factor}")
+    config["moe_intermediate_size"] = inter * factor
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.safetensors.tmp.safetensors"
+    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+    tmp.rename(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config, indent=4))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (REFERENCE_MODEL / name).is_file():
+            shutil.copy2(REFERENCE_MODEL / name, out / name)
+    return out
+
+
+def make_wide_reference(out: str | Path, factor: int, *, force: bool = False, seed: int = 0,
+                        log=print) -> tuple[Path, Path]:
+    """Build (once) ``OUT/mlx`` (the widened reference) and ``OUT/hobbit``; returns both paths."""
+    from convert import convert
+    from hobbit_mlx.store import is_hobbit_model
+
+    out = Path(out)
+    src, dst = out / "mlx", out / "hobbit"
+    stamp = {"routing": "trained", "made_by": "bench/make_synthetic.py --widen-reference",
+             "widen": factor, "seed": seed}
+    marker = src / "bench_model.json"
+    same = marker.is_file() and json.loads(marker.read_text()) == stamp
+    if force or not same:
+        shutil.rmtree(out, ignore_errors=True)
+        widen_reference(src, factor, seed=seed, log=log)
+        write_marker(src, **stamp)
+    if force or not is_hobbit_model(dst):
+        t0 = time.perf_counter()
+        convert(src, dst, force=True, progress=False)
+        log(f"[wide] converted into {dst} in {time.perf_counter() - t0:.0f}s")
+    return src, dst
+
+
 def make_synthetic(out: str | Path = DEFAULT_OUT, *, force: bool = False, seed: int = 0,
                    log=print, **dims) -> tuple[Path, Path]:
     """Build (once) ``OUT/mlx`` and ``OUT/hobbit``; returns both paths."""
@@ -130,16 +214,26 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if OUT holds this model")
+    p.add_argument("--widen-reference", type=int, default=None, metavar="FACTOR",
+                   help="instead: the bundled reference model (trained routing) with experts "
+                        "FACTOR x wider, computing what they computed (default out: "
+                        "bench/results/tmp/reference-wideFACTOR)")
     a = p.parse_args(argv)
-    dims = dict(layers=a.layers, experts=a.experts, hidden=a.hidden,
-                moe_intermediate=a.moe_intermediate, top_k=a.top_k, vocab=a.vocab)
-    src, dst = make_synthetic(a.out, force=a.force, seed=a.seed, **dims)
+    routing = "random"
+    if a.widen_reference is not None:
+        out = a.out if a.out != str(DEFAULT_OUT) else str(TMP / f"reference-wide{a.widen_reference}")
+        src, dst = make_wide_reference(out, a.widen_reference, force=a.force, seed=a.seed)
+        routing = "trained (the reference model's)"
+    else:
+        dims = dict(layers=a.layers, experts=a.experts, hidden=a.hidden,
+                    moe_intermediate=a.moe_intermediate, top_k=a.top_k, vocab=a.vocab)
+        src, dst = make_synthetic(a.out, force=a.force, seed=a.seed, **dims)
     from hobbit_mlx.store import load_manifest
     m = load_manifest(dst)
     print(f"mlx-lm checkpoint: {src}\nhobbit model:      {dst}\nexperts: {len(m.layers)} layers x "
           f"{m.num_experts}, top-{m.experts_per_token}; 4-bit {m.expert_bytes('high') / 2**20:.0f} MiB "
           f"({m.layers[0].precisions['high'].expert_nbytes / 2**20:.2f} MiB each), 2-bit "
-          f"{m.expert_bytes('low') / 2**20:.0f} MiB; routing: random")
+          f"{m.expert_bytes('low') / 2**20:.0f} MiB; routing: {routing}")
     return 0
 
 

@@ -365,6 +365,8 @@ def test_forced_decode_compares_configurations_on_the_same_tokens(tiny_model, tm
                                'pf={"exact": true, "prefetch_layers": 1, "prefetch_cost_aware": false}',
                                "--out", str(out), "--name", "fd"]) == 0
     res = json.loads((out / "fd.json").read_text())
+    assert res["complete"] and "partial" not in (out / "fd.md").read_text()
+    assert sorted(x.name for x in out.iterdir()) == ["fd.json", "fd.md"]  # no temporary left
     rows = {r["config"]: r for r in res["rows"]}
     assert rows["lru"]["ppl_x"] == pytest.approx(1.0, abs=1e-5)
     assert rows["lru"]["top1_agree"] == 1.0 and rows["lru"]["x_lru"] == 1.0
@@ -375,3 +377,49 @@ def test_forced_decode_compares_configurations_on_the_same_tokens(tiny_model, tm
     assert pf["ppl_x"] == pytest.approx(1.0, abs=1e-5) and pf["top1_agree"] == 1.0
     assert 0 < pf["prefetch_bytes"] <= pf["bytes"] and pf["prefetch_used"] <= pf["prefetch_issued"]
     assert rows["lru"]["prefetch_issued"] == 0
+
+
+def test_forced_decode_keeps_the_rows_of_a_run_cut_short(tmp_path):
+    """Results are rewritten after every run, so an 80-minute run stopped early keeps its rows,
+    marked partial."""
+    from bench.forced_decode import write_results
+
+    row = {"config": "lru", "residency": 0.25, "tps": 0.594, "x_lru": 1.0, "x_mlx_lm": 0.15,
+           "bytes": 1024.0, "prefetch_bytes": 0.0, "prefetch_used": 0.0, "prefetch_issued": 0.0,
+           "misses_high": 1.0, "misses_low": 0.0, "skipped": 0.0, "ppl_x": 1.0, "top1_agree": 1.0}
+    text = write_results(tmp_path, "cut", [row], runs=3, head=["# cut"], configs=[("lru", {})],
+                         json_extra={})
+    assert "**partial**: 1 of 3 runs" in text and "| lru | 25.0% | 0.594 |" in text
+    saved = json.loads((tmp_path / "cut.json").read_text())
+    assert saved["complete"] is False and saved["rows"] == [row]
+    write_results(tmp_path, "cut", [row] * 3, runs=3, head=["# cut"], configs=[("lru", {})],
+                  json_extra={})
+    assert json.loads((tmp_path / "cut.json").read_text())["complete"] is True
+    assert "partial" not in (tmp_path / "cut.md").read_text()
+
+
+def test_widened_reference_computes_what_the_reference_computes(tmp_path):
+    """The realistic-size model of ``make_synthetic.py --widen-reference``: experts twice as wide
+    (new down-projection columns zero, old quantized groups kept), the same logits as the
+    reference model, so its trained routing and tokens carry over."""
+    import mlx.core as mx
+    from mlx_lm.utils import load as mlx_load
+
+    from bench.make_synthetic import widen_reference
+    from bench.workload import REFERENCE_MODEL
+
+    out = widen_reference(tmp_path / "wide", 2, log=lambda *_: None)
+    ref_config = json.loads((REFERENCE_MODEL / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["moe_intermediate_size"] == 2 * ref_config["moe_intermediate_size"]
+    ref, tok = mlx_load(str(REFERENCE_MODEL))
+    wide, _ = mlx_load(str(out))
+    inter = ref_config["moe_intermediate_size"]
+    ref_mlp, wide_mlp = ref.model.layers[3].mlp.switch_mlp, wide.model.layers[3].mlp.switch_mlp
+    assert mx.array_equal(wide_mlp.gate_proj.weight[:, :inter], ref_mlp.gate_proj.weight)
+    assert not mx.array_equal(wide_mlp.gate_proj.weight[:, inter:], wide_mlp.gate_proj.weight[:, :inter])
+    down = mx.dequantize(wide_mlp.down_proj.weight, wide_mlp.down_proj.scales,
+                         wide_mlp.down_proj.biases, group_size=64, bits=4)
+    assert down.shape[-1] == 2 * inter and mx.all(down[..., inter:] == 0).item()
+    ids = mx.array([tok.encode("def main():\n    return sorted(items)\n")])
+    assert mx.array_equal(ref(ids), wide(ids))
