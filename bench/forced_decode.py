@@ -218,8 +218,9 @@ def main(argv=None) -> int:
                   f"(prefetch {row['prefetch_bytes'] / 1024:4.0f}, used {row['prefetch_used']:.2f} "
                   f"of {row['prefetch_issued']:.2f})  "
                   f"ppl x {row['ppl_x']:.3f}  top-1 {row['top1_agree']:.3f}", file=sys.stderr)
-            text = write_results(Path(args.out), stem, rows, runs=len(residencies) * len(configs),
-                          head=head, configs=configs, json_extra=json_extra)
+            text = write_results(Path(args.out), stem, rows,
+                                 runs=len(residencies) * len(configs), head=head,
+                                 configs=configs, json_extra=json_extra)
 
     print(text)
     return 0
