@@ -152,55 +152,51 @@ def widen_reference(out: Path, factor: int, *, seed: int = 0, log=print) -> Path
     return out
 
 
-def make_wide_reference(out: str | Path, factor: int, *, force: bool = False, seed: int = 0,
-                        log=print) -> tuple[Path, Path]:
-    """Build (once) ``OUT/mlx`` (the widened reference) and ``OUT/hobbit``; returns both paths."""
+def build_once(out: str | Path, stamp: dict, build, *, same_keys: tuple, force: bool = False,
+               log=print) -> tuple[Path, Path]:
+    """``OUT/mlx`` made by ``build(src)`` and stamped, and ``OUT/hobbit`` its conversion, each
+    made only when missing, when the stamp's ``same_keys`` differ, or with ``force``."""
+    import mlx.core as mx
+
     from convert import convert
     from hobbit_mlx.store import is_hobbit_model
 
     out = Path(out)
     src, dst = out / "mlx", out / "hobbit"
-    stamp = {"routing": "trained", "made_by": "bench/make_synthetic.py --widen-reference",
-             "widen": factor, "seed": seed}
     marker = src / "bench_model.json"
-    same = marker.is_file() and json.loads(marker.read_text()) == stamp
-    if force or not same:
+    old = json.loads(marker.read_text()) if marker.is_file() else {}
+    if force or any(old.get(k) != stamp[k] for k in same_keys):
         shutil.rmtree(out, ignore_errors=True)
-        widen_reference(src, factor, seed=seed, log=log)
+        build(src)
         write_marker(src, **stamp)
     if force or not is_hobbit_model(dst):
+        mx.reset_peak_memory()
         t0 = time.perf_counter()
         convert(src, dst, force=True, progress=False)
-        log(f"[wide] converted into {dst} in {time.perf_counter() - t0:.0f}s")
+        log(f"[bench model] converted into {dst} in {time.perf_counter() - t0:.0f}s "
+            f"(MLX peak {mx.get_peak_memory() / 2**30:.2f} GiB)")
     return src, dst
+
+
+def make_wide_reference(out: str | Path, factor: int, *, force: bool = False, seed: int = 0,
+                        log=print) -> tuple[Path, Path]:
+    """Build (once) ``OUT/mlx`` (the widened reference) and ``OUT/hobbit``; returns both paths."""
+    if factor < 1:  # before anything in OUT is replaced
+        raise SystemExit(f"--widen-reference must be >= 1, not {factor}")
+    stamp = {"routing": "trained", "made_by": "bench/make_synthetic.py --widen-reference",
+             "widen": factor, "seed": seed}
+    return build_once(out, stamp, lambda src: widen_reference(src, factor, seed=seed, log=log),
+                      same_keys=("made_by", "widen", "seed"), force=force, log=log)
 
 
 def make_synthetic(out: str | Path = DEFAULT_OUT, *, force: bool = False, seed: int = 0,
                    log=print, **dims) -> tuple[Path, Path]:
     """Build (once) ``OUT/mlx`` and ``OUT/hobbit``; returns both paths."""
-    from convert import convert
-    from hobbit_mlx.store import is_hobbit_model
-
-    out = Path(out)
-    src, dst = out / "mlx", out / "hobbit"
     config = synthetic_config(**dims)
     stamp = {"routing": "random", "made_by": "bench/make_synthetic.py", "seed": seed,
              "dims": dims or "defaults", "config": config}
-    marker = src / "bench_model.json"
-    same = marker.is_file() and json.loads(marker.read_text()).get("config") == config \
-        and json.loads(marker.read_text()).get("seed") == seed
-    if force or not same:
-        shutil.rmtree(out, ignore_errors=True)
-        build_checkpoint(src, config, seed=seed, log=log)
-        write_marker(src, **stamp)
-    if force or not is_hobbit_model(dst):
-        import mlx.core as mx
-        mx.reset_peak_memory()
-        t0 = time.perf_counter()
-        convert(src, dst, force=True, progress=False)
-        log(f"[synthetic] converted into {dst} in {time.perf_counter() - t0:.0f}s "
-            f"(MLX peak {mx.get_peak_memory() / 2**30:.2f} GiB)")
-    return src, dst
+    return build_once(out, stamp, lambda src: build_checkpoint(src, config, seed=seed, log=log),
+                      same_keys=("config", "seed"), force=force, log=log)
 
 
 def main(argv=None) -> int:
