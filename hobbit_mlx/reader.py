@@ -56,7 +56,9 @@ class RecordReader:
                                                   thread_name_prefix="hobbit-prefetch")
         self.bytes_read = 0
         self.read_seconds = 1e-3  # moving average of one read_into, until measured
-        self._byte_seconds = 1e-9  # moving average of a read's seconds per byte, until measured
+        self._byte_seconds = 1e-9  # moving average of storage's seconds per byte, until measured
+        # storage's busy stretch (reads in flight > 0): its start, reads still in it, bytes done
+        self._busy_start, self._busy_reads, self._busy_bytes, self._busy_done = 0.0, 0, 0, 0
         self.device = SimulatedDevice(storage) if storage is not None else None
         self._background_inflight = 0
 
@@ -117,6 +119,34 @@ class RecordReader:
         """
         record = entry.records[expert]
         t0 = time.perf_counter()
+        with self._lock:
+            if self._busy_reads == 0:
+                self._busy_start, self._busy_bytes, self._busy_done = t0, 0, 0
+            self._busy_reads += 1
+        try:
+            self._read_record(record, pool, slot, background, ticket)
+        except BaseException:
+            with self._lock:
+                self._busy_reads -= 1
+            raise
+        with self._lock:
+            self.bytes_read += record.nbytes
+            # how long one read takes lately: decides whether compute waits on reads at all
+            now = time.perf_counter()
+            self.read_seconds += 0.1 * (now - t0 - self.read_seconds)
+            self._busy_reads -= 1
+            self._busy_bytes += record.nbytes
+            self._busy_done += 1
+            if self._busy_reads == 0 or self._busy_done >= BUSY_WINDOW_READS:
+                # bytes over the time storage was busy: reads that overlap share that time, so
+                # a batch read in parallel does not count each read's wait as its own cost
+                per_byte = (now - self._busy_start) / max(1, self._busy_bytes)
+                self._byte_seconds += 0.1 * (per_byte - self._byte_seconds)
+                self._busy_start, self._busy_bytes, self._busy_done = now, 0, 0
+        return record.nbytes
+
+    def _read_record(self, record, pool: "SlotPool", slot: int, background: bool,
+                     ticket: ReadTicket | None) -> None:
         if self.device is not None:
             self.device.transfer(record.nbytes, demand=not background, ticket=ticket)
         elif ticket is not None and ticket.cancelled and not ticket.urgent:
@@ -145,13 +175,6 @@ class RecordReader:
                         dst[:] = src
                     else:
                         convert_into(conv, src, dst)
-        with self._lock:
-            self.bytes_read += record.nbytes
-            # how long one read takes lately: decides whether compute waits on reads at all
-            took = time.perf_counter() - t0
-            self.read_seconds += 0.1 * (took - self.read_seconds)
-            self._byte_seconds += 0.1 * (took / max(1, record.nbytes) - self._byte_seconds)
-        return record.nbytes
 
     def _slot_pieces(self, pool: "SlotPool", slot: int, span_idx: int,
                      length: int) -> tuple[list[np.ndarray], list[tuple]]:
@@ -228,7 +251,7 @@ class RecordReader:
 
     def seconds_per_byte(self) -> float:
         """What one more byte costs the device: 1 / bandwidth when simulated, else measured
-        (a read's time over its size, lately; reads that queue behind others count long)."""
+        (lately: bytes read over the time reads were in flight, overlapping reads sharing it)."""
         if self.device is not None:
             return 1.0 / self.device.model.bandwidth
         return self._byte_seconds
@@ -251,6 +274,7 @@ class RecordReader:
 
 
 IOV_BATCH = 512  # buffers per preadv call (the OS allows at least 1024)
+BUSY_WINDOW_READS = 16  # storage never idle (a long prompt, prefetch): measure every this many reads
 
 
 def adjacent_runs(spans) -> list[list[int]]:

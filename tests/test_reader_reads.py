@@ -241,3 +241,53 @@ def test_read_time_estimates_follow_the_reads_timed(tmp_path, monkeypatch):
         reader.close()
     assert reader.read_seconds == pytest.approx(2e-3, rel=0.02)
     assert reader.seconds_per_byte() == pytest.approx(2e-3 / 544, rel=0.05)
+
+
+def test_reads_in_parallel_share_the_time_storage_was_busy(tmp_path, monkeypatch):
+    """Two reads in flight together for 1 s moved two records' bytes in 1 s: a byte costs
+    1 s / (2 records), not 1 s / (1 record) as each read's own wait would say. (A prompt's
+    parallel reads once made a warm page cache look dearer than compute, and the lossy techniques
+    served some of its calls.)"""
+    import threading
+    import time
+
+    from hobbit_mlx.pools import SlotPool
+
+    class Clock:  # ``time`` for the reader module, moved by the test
+        now = 0.0
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def perf_counter(self):
+            return self.now
+
+    manifest, entry, _ = _gappy_store(tmp_path)
+    reader = RecordReader(tmp_path, manifest, workers=2)
+    pool = SlotPool(entry, 2, float_dtype=mx.float32)
+    clock, inside, go = Clock(), threading.Semaphore(0), threading.Event()
+    real = reader._read_record
+
+    def held(*args):
+        inside.release()
+        go.wait(10)
+        real(*args)
+
+    monkeypatch.setattr(reader_module, "time", clock)
+    monkeypatch.setattr(reader, "_read_record", held)
+    try:
+        futures = [reader.submit_into(entry, 0, pool, s) for s in (0, 1)]
+        assert inside.acquire(timeout=10) and inside.acquire(timeout=10)  # both in flight
+        clock.now = 1.0
+        go.set()
+        nbytes = [f.result(timeout=10) for f in futures]
+    finally:
+        go.set()
+        monkeypatch.undo()
+        reader.close()
+    start = 1e-9  # the estimate before any read
+    assert reader._byte_seconds == pytest.approx(start + 0.1 * (1.0 / sum(nbytes) - start))
+    one_read = 1e-3  # each read's own time (whether a read is waited for inline) counts in full
+    for _ in nbytes:
+        one_read += 0.1 * (1.0 - one_read)
+    assert reader.read_seconds == pytest.approx(one_read)
