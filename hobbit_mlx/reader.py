@@ -147,6 +147,7 @@ class RecordReader:
 
     def _read_record(self, record, pool: "SlotPool", slot: int, background: bool,
                      ticket: ReadTicket | None) -> None:
+        """The bytes of one record into its slot (``read_into`` times and counts around it)."""
         if self.device is not None:
             self.device.transfer(record.nbytes, demand=not background, ticket=ticket)
         elif ticket is not None and ticket.cancelled and not ticket.urgent:
