@@ -102,13 +102,12 @@ def build_checkpoint(out: Path, config: dict, *, seed: int = 0, bits: int = 4,
 
 def widen_reference(out: Path, factor: int, *, seed: int = 0, log=print) -> Path:
     """The reference checkpoint with each expert's intermediate size x ``factor`` (see the module
-    docstring): new gate/up rows random, new down-projection columns zero, old groups untouched."""
+    docstring): new gate/up rows random, new down-projection columns zero, old groups untouched.
+    ``factor`` >= 1 (``make_wide_reference`` checks it before replacing anything)."""
     import mlx.core as mx
 
     from bench.workload import REFERENCE_MODEL
 
-    if factor < 1:
-        raise SystemExit(f"--widen-reference must be >= 1, not {factor}")
     config = json.loads((REFERENCE_MODEL / "config.json").read_text())
     q = config["quantization"]
     group, bits = q["group_size"], q["bits"]
