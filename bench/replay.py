@@ -22,7 +22,9 @@ per-layer group size, which ``trace`` follows).
 Policies: ``lru``; ``lfu`` (request counts since the start of the trace, kept across evictions, ties
 to the least recent); ``fifo``; ``belady`` (evict the expert whose next request is farthest in the
 future: the optimum for a cache that must admit every miss, as the runtime's does);
-``runtime:NAME``: the runtime's own ``hobbit_mlx.policies.make_policy(NAME)``. ``replay()`` also
+``runtime:NAME``: the runtime's own ``hobbit_mlx.policies.make_policy(NAME)``; ``oracleT:POLICY``:
+POLICY told which experts are requested before the end of this token (T = 0) or the next (T = 1),
+never evicting those (``Lookahead``: what a perfect predictor of that would be worth). ``replay()`` also
 accepts any object with the runtime policy interface (``on_insert``, ``on_hit``, ``on_evict``,
 ``victim(evictable)``, ``reset``); optional hooks it calls when present: ``on_layer(layer)`` before
 each layer call, and ``reset()`` at the start of each sequence (prompt).
@@ -150,6 +152,47 @@ class Belady(_HeapPolicy):
     on_hit = _touch
 
 
+class Lookahead:
+    """An online policy told part of the future: its victim is never an expert requested again
+    before the end of the current token (``tokens_ahead`` = 0) or of the next one (1), unless
+    nothing else can go. What knowing that is worth bounds what any predictor of it can buy —
+    a predictor from the hidden state (``tokens_ahead`` 0: the next layers' gates applied to the
+    current hidden state) or a speculative draft (1: the next token's routing)."""
+
+    def __init__(self, inner, steps: list[tuple], tokens_ahead: int = 0) -> None:
+        self.inner, self.steps, self.tokens_ahead = inner, steps, tokens_ahead
+        self.name = f"{getattr(inner, 'name', type(inner).__name__)}+oracle{tokens_ahead}"
+        for hook in ("on_insert", "on_hit", "on_hits", "on_evict", "reset", "on_layer",
+                     "on_prefetch"):
+            if hasattr(inner, hook):
+                setattr(self, hook, getattr(inner, hook))
+        self.token = []  # token number of each step: a new one where the layer does not grow
+        t, prev = 0, None
+        for seq, layer, _phase, _keys, call in steps:
+            if prev is not None and call != prev[2] and (seq != prev[0] or layer <= prev[1]):
+                t += 1
+            self.token.append(t)
+            prev = (seq, layer, call)
+        self.needed: set = set()
+
+    def advance(self, step: int) -> None:
+        if hasattr(self.inner, "advance"):
+            self.inner.advance(step)
+        last = self.token[step] + self.tokens_ahead
+        self.needed = set()
+        j = step + 1
+        while j < len(self.steps) and self.token[j] <= last and \
+                self.steps[j][0] == self.steps[step][0]:
+            self.needed.update(self.steps[j][3])
+            j += 1
+
+    def victim(self, evictable: Callable[[Key], bool]) -> Key:
+        try:
+            return self.inner.victim(lambda k: evictable(k) and k not in self.needed)
+        except LookupError:
+            return self.inner.victim(evictable)
+
+
 def _heap_victim(heap: list, stamp: dict, evictable: Callable[[Key], bool]) -> Key:
     """Top valid, evictable entry of a lazily invalidated heap (the entry stays for on_evict)."""
     held = []
@@ -206,6 +249,9 @@ def make_policy(policy, steps: list[tuple], num_layers: int | None = None):
         return policy
     if policy == "belady":
         return Belady(steps)
+    if policy.startswith("oracle"):  # oracleT:INNER, e.g. oracle1:runtime:seqfreq
+        head, _, inner = policy.partition(":")
+        return Lookahead(make_policy(inner, steps, num_layers), steps, int(head[6:] or 0))
     if policy.startswith("runtime:"):
         from hobbit_mlx.policies import make_policy as runtime_policy
         name = policy.split(":", 1)[1]
@@ -352,7 +398,9 @@ def main(argv=None) -> int:
     p.add_argument("--residency", default="1,0.5,0.25,0.125",
                    help="cache sizes as fractions of all experts (used when --capacity is not given)")
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
-                   help="lru,lfu,fifo,belady and/or runtime:NAME (hobbit_mlx.policies)")
+                   help="lru,lfu,fifo,belady and/or runtime:NAME (hobbit_mlx.policies), "
+                        "oracleT:POLICY (POLICY told the rest of this token, T=0, or also the next "
+                        "one, T=1)")
     p.add_argument("--group", default="trace",
                    help="'trace': split calls as the runtime that recorded the trace does "
                         "(default); 'slots': a new group when a miss finds no slot; 'none': one "

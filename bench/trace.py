@@ -177,6 +177,32 @@ def record(model, workload, meta: dict | None = None) -> Trace:
     return builder.build({**runtime_meta(rt), **(meta or {})})
 
 
+def record_forced(model, pieces: list[list[int]], prompt_tokens: int,
+                  meta: dict | None = None) -> Trace:
+    """Teacher-forced routing on held-out text: prefill ``prompt_tokens`` of each piece, then feed
+    its true tokens one at a time (what ``bench/forced_decode.py`` times). Held-out text routes
+    less repetitively than the model's own greedy text, so its traces are the harder test."""
+    from bench.forced_decode import forced_decode
+    from hobbit_mlx.loader import runtime_of
+
+    rt = runtime_of(model)
+    builder = TraceBuilder()
+    rt.trace = []
+    try:
+        for s, piece in enumerate(pieces):
+            forced_decode(model, piece, prompt_tokens,
+                          before_prompt=lambda n: rt.new_sequence(0, prompt_tokens, n - prompt_tokens))
+            calls = rt.trace
+            n_prefill = next((i for i, c in enumerate(calls) if np.asarray(c[1]).size
+                              == np.asarray(c[1]).shape[-1]), len(calls))
+            builder.absorb(calls[:n_prefill], s, 0)
+            builder.absorb(calls[n_prefill:], s, 1)
+            calls.clear()
+    finally:
+        rt.trace = None
+    return builder.build({**runtime_meta(rt), **(meta or {})})
+
+
 def main(argv=None) -> int:
     import hobbit_mlx
     from bench.workload import DEFAULT_WORKLOAD, QUICK_WORKLOAD, TMP, make_workload, resolve_model_paths
@@ -189,6 +215,11 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=DEFAULT_WORKLOAD["prompt_tokens"])
     p.add_argument("--max-tokens", type=int, default=DEFAULT_WORKLOAD["max_tokens"])
     p.add_argument("--quick", action="store_true", help="1 prompt of 32 tokens, 16 decoded")
+    p.add_argument("--held-out", type=int, default=0, metavar="N",
+                   help="teacher-forced decoding of N held-out pieces (--prompt-tokens, then "
+                   "--max-tokens true tokens; as bench/forced_decode.py) instead of greedy decoding")
+    p.add_argument("--skip", type=int, default=0,
+                   help="with --held-out: leave out the first SKIP pieces (those the benchmark decodes)")
     a = p.parse_args(argv)
     if a.quick:
         q = QUICK_WORKLOAD
@@ -198,6 +229,16 @@ def main(argv=None) -> int:
     wl = make_workload(tok, n_prompts=a.prompts, prompt_tokens=a.prompt_tokens,
                        max_tokens=a.max_tokens, n_ppl=0)
     t0 = time.perf_counter()
+    if a.held_out:
+        from bench.forced_decode import text_pieces
+        pieces = text_pieces(tok, a.skip + a.held_out, a.prompt_tokens + a.max_tokens)[a.skip:]
+        tr = record_forced(model, pieces, a.prompt_tokens, {
+            "model": paths.name, "routing": paths.routing, "workload": {
+                "held_out": a.held_out, "skip": a.skip, "prompt_tokens": a.prompt_tokens,
+                "max_tokens": a.max_tokens}})
+        out = save(tr, a.out)
+        print(f"{out}: {tr.summary()} in {time.perf_counter() - t0:.1f}s (teacher-forced)")
+        return 0
     tr = record(model, wl, {"model": paths.name, "routing": paths.routing, "workload": wl.as_dict()})
     out = save(tr, a.out)
     print(f"{out}: {tr.summary()} in {time.perf_counter() - t0:.1f}s (routing: {paths.routing})")

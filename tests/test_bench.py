@@ -37,6 +37,23 @@ def test_replay_cyclic_pattern_belady_beats_lru():
     assert got["belady"]["hit_rate"] == pytest.approx(2 / 7)
 
 
+def test_replay_oracle_keeps_what_the_rest_of_the_token_and_the_next_one_request():
+    # 2 slots. Token 0: L1 x, L2 c; token 1: L0 a, L1 b, L2 c; token 2: L0 z.
+    # LRU: [x, c]; t1 L0 a evicts x; L1 b evicts c (the older); L2 c misses -> 0 hits.
+    # Told the rest of the token: L1 b may not evict c (L2 asks for it) and evicts a; c hits.
+    calls = [(1, [[0]]), (2, [[2]]), (0, [[1]]), (1, [[3]]), (2, [[2]]), (0, [[4]])]
+    trace = tr.from_calls([(layer, np.array(e)) for layer, e in calls])
+    hits = [rp.replay(trace, p, 2)["hits"] for p in ("lru", "oracle0:lru", "oracle1:lru")]
+    assert hits == [0, 1, 1]
+    steps = rp.steps_of(trace)
+    rest, ahead = rp.Lookahead(rp.LRU(), steps, 0), rp.Lookahead(rp.LRU(), steps, 1)
+    rest.advance(2), ahead.advance(2)  # token 1, layer 0
+    assert rest.needed == {(1, 3, "high"), (2, 2, "high")}
+    assert ahead.needed == rest.needed | {(0, 4, "high")}
+    ahead.advance(5)  # the last step: nothing after it
+    assert ahead.needed == set()
+
+
 def test_replay_multi_expert_calls_pin_their_experts():
     # Calls {0,1} {2,3} {0,1} {0,2}, 3 slots, 8 requests.
     # LRU: c1 brings 2, then 3 evicts 0 (oldest, unpinned) -> [1,2,3]; c2: 1 hits, 0 evicts 2 ->
@@ -303,6 +320,35 @@ def test_replay_reproduces_the_runtime_when_calls_split(tiny_model):
     replayed = rp.replay(trace, "runtime:lru", capacity)
     assert replayed["requests"] == measured["expert_requests"]
     assert replayed["hits"] == measured["hits_high"] and replayed["not_cached"] == 0
+
+
+def test_teacher_forced_trace_tags_prompt_and_decode_calls(tiny_model):
+    """``trace.py --held-out``: each piece's prompt calls are tagged prefill, one call per layer
+    per fed token decode, and replaying LRU gives the runtime's own hit count."""
+    import hobbit_mlx
+    from bench import harness
+
+    _src, store = tiny_model
+    model, _ = hobbit_mlx.load(store, expert_residency=0.25, exact=True, prefetch_layers=0,
+                               policy="lru", progress=False)
+    rt = hobbit_mlx.runtime_of(model)
+    pieces = [[3, 5, 7, 9, 11, 13, 2, 4, 6, 8], [21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
+    try:
+        hobbit_mlx.reset_stats(model)
+        trace = tr.record_forced(model, pieces, 6)
+        measured = hobbit_mlx.offload_stats(model)
+        capacity = sum(pool.slots for pool in harness.high_pools(rt))
+    finally:
+        rt.close()
+    layers = trace.num_layers
+    decode = trace.phase == 1
+    assert list(np.bincount(trace.sequence[decode])) == [4 * layers, 4 * layers]
+    rows = np.diff(trace.offsets)
+    assert (rows[decode] == 1).all() and (rows[~decode] == 6).all()
+    assert list(np.bincount(trace.sequence[~decode])) == [layers, layers]
+    replayed = rp.replay(trace, "runtime:lru", capacity)
+    assert replayed["requests"] == measured["expert_requests"]
+    assert replayed["hits"] == measured["hits_high"]
 
 
 def test_prefetch_replay_records_a_live_run(tiny_model):
