@@ -48,6 +48,7 @@ if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
 from bench.trace import Trace, load as load_trace  # noqa: E402
+from hobbit_mlx.policies import forward_hooks  # noqa: E402
 
 Key = Hashable
 PRECISION = "high"
@@ -162,10 +163,7 @@ class Lookahead:
     def __init__(self, inner, steps: list[tuple], tokens_ahead: int = 0) -> None:
         self.inner, self.steps, self.tokens_ahead = inner, steps, tokens_ahead
         self.name = f"{getattr(inner, 'name', type(inner).__name__)}+oracle{tokens_ahead}"
-        for hook in ("on_insert", "on_hit", "on_hits", "on_evict", "reset", "on_layer",
-                     "on_prefetch"):
-            if hasattr(inner, hook):
-                setattr(self, hook, getattr(inner, hook))
+        forward_hooks(self, inner)
         self.token = []  # token number of each step: a new one where the layer does not grow
         t, prev = 0, None
         for seq, layer, _phase, _keys, call in steps:

@@ -192,9 +192,9 @@ def record_forced(model, pieces: list[list[int]], prompt_tokens: int,
         for s, piece in enumerate(pieces):
             forced_decode(model, piece, prompt_tokens,
                           before_prompt=lambda n: rt.new_sequence(0, prompt_tokens, n - prompt_tokens))
-            calls = rt.trace
-            n_prefill = next((i for i, c in enumerate(calls) if np.asarray(c[1]).size
-                              == np.asarray(c[1]).shape[-1]), len(calls))
+            calls = rt.trace  # the prompt's calls route prompt_tokens rows per MoE layer
+            rows = np.cumsum([len(c[1]) for c in calls])
+            n_prefill = int(np.searchsorted(rows, prompt_tokens * len(rt.layers), side="right"))
             builder.absorb(calls[:n_prefill], s, 0)
             builder.absorb(calls[n_prefill:], s, 1)
             calls.clear()
@@ -226,22 +226,23 @@ def main(argv=None) -> int:
         a.prompts, a.prompt_tokens, a.max_tokens = q["n_prompts"], q["prompt_tokens"], q["max_tokens"]
     paths = resolve_model_paths(a.model)
     model, tok = hobbit_mlx.load(paths.hobbit, expert_residency=1.0, progress=False)
-    wl = make_workload(tok, n_prompts=a.prompts, prompt_tokens=a.prompt_tokens,
-                       max_tokens=a.max_tokens, n_ppl=0)
     t0 = time.perf_counter()
+    meta = {"model": paths.name, "routing": paths.routing}
     if a.held_out:
         from bench.forced_decode import text_pieces
         pieces = text_pieces(tok, a.skip + a.held_out, a.prompt_tokens + a.max_tokens)[a.skip:]
-        tr = record_forced(model, pieces, a.prompt_tokens, {
-            "model": paths.name, "routing": paths.routing, "workload": {
-                "held_out": a.held_out, "skip": a.skip, "prompt_tokens": a.prompt_tokens,
-                "max_tokens": a.max_tokens}})
-        out = save(tr, a.out)
-        print(f"{out}: {tr.summary()} in {time.perf_counter() - t0:.1f}s (teacher-forced)")
-        return 0
-    tr = record(model, wl, {"model": paths.name, "routing": paths.routing, "workload": wl.as_dict()})
+        tr = record_forced(model, pieces, a.prompt_tokens, {**meta, "workload": {
+            "held_out": a.held_out, "skip": a.skip, "prompt_tokens": a.prompt_tokens,
+            "max_tokens": a.max_tokens}})
+        how = "teacher-forced"
+    else:
+        wl = make_workload(tok, n_prompts=a.prompts, prompt_tokens=a.prompt_tokens,
+                           max_tokens=a.max_tokens, n_ppl=0)
+        tr = record(model, wl, {**meta, "workload": wl.as_dict()})
+        how = "greedy"
     out = save(tr, a.out)
-    print(f"{out}: {tr.summary()} in {time.perf_counter() - t0:.1f}s (routing: {paths.routing})")
+    print(f"{out}: {tr.summary()} in {time.perf_counter() - t0:.1f}s ({how}; routing: "
+          f"{paths.routing})")
     return 0
 
 

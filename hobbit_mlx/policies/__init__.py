@@ -35,6 +35,17 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "shallow": ShallowFavoringPolicy, "seqfreq": SequenceFrequencyPolicy}
 
 
+HOOKS = ("on_insert", "on_hit", "on_hits", "on_evict", "reset", "on_layer", "on_prefetch")
+
+
+def forward_hooks(wrapper, inner: Policy) -> None:
+    """Give a policy that wraps ``inner`` (and only changes ``victim``) every hook ``inner`` has,
+    and none it lacks: callers test for the optional ones with ``hasattr``."""
+    for hook in HOOKS:
+        if hasattr(inner, hook):
+            setattr(wrapper, hook, getattr(inner, hook))
+
+
 class ProtectShallow:
     """Any policy, with the experts of the first ``layers`` layers evicted only when nothing
     deeper can be. Prefetch predicts a layer from the one before it, so the first layer is the
@@ -43,10 +54,7 @@ class ProtectShallow:
     def __init__(self, inner: Policy, layers: int) -> None:
         self.inner, self.layers = inner, layers
         self.name = f"{inner.name}+shallow{layers}"
-        for hook in ("on_insert", "on_hit", "on_hits", "on_evict", "reset", "on_layer",
-                     "on_prefetch"):
-            if hasattr(inner, hook):
-                setattr(self, hook, getattr(inner, hook))
+        forward_hooks(self, inner)
 
     def victim(self, evictable: Callable[[Key], bool]) -> Key:
         try:
