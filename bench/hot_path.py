@@ -10,6 +10,8 @@ turn, so drift on a shared machine hits all alike; the medians are reported. Mea
 
 * prefill and decode tokens/s (mlx-lm's ``generate_step``; decode from the first token out);
 * host syncs per decoded token, and misses per decoded token;
+* main-thread CPU time per decoded token (``time.thread_time``): what the host spends building
+  and dispatching graphs, planning calls and reading misses, whether or not the device waits;
 * Python time per MoE layer call while decoding: ``OffloadedSwitch.__call__`` for hobbit_mlx
   (with the mlx-lm switch module it runs inside it), mlx-lm's ``SwitchGLU``/``SwitchMLP`` call
   for the baseline; with everything resident the call only builds the graph, so this is the
@@ -85,12 +87,15 @@ def run_once(model, prompt: mx.array, max_tokens: int, prefill_step: int, timer:
     timer.reset()
     timer.active = True
     n = 1
+    c1 = time.thread_time()
     for _ in gen:
         n += 1
     t2 = time.perf_counter()
+    c2 = time.thread_time()
     timer.active = False
     out = {"prefill_tps": prompt.size / (t1 - t0), "decode_tps": (n - 1) / (t2 - t1),
-           "python_us_per_layer_call": timer.us_per_call()}
+           "python_us_per_layer_call": timer.us_per_call(),
+           "host_cpu_ms_per_token": 1e3 * (c2 - c1) / (n - 1)}
     if runtime is not None:
         runtime.count_deferred()
         after = vars(runtime.stats)
@@ -151,7 +156,8 @@ def main(argv=None) -> int:
         vals = [r[key] for r in runs[label] if r.get(key) is not None]
         return statistics.median(vals) if vals else None
 
-    base = {k: med("mlx-lm", k) for k in ("prefill_tps", "decode_tps", "python_us_per_layer_call")}
+    base = {k: med("mlx-lm", k) for k in ("prefill_tps", "decode_tps", "python_us_per_layer_call",
+                                          "host_cpu_ms_per_token")}
     rows = []
     for r in residencies:
         row = {"residency": r, **{k: med(r, k) for k in runs[r][0]},
@@ -167,15 +173,17 @@ def main(argv=None) -> int:
              f"`{result['command']}` — median of {args.reps} alternating runs; prompt "
              f"{prompt.size} tokens, {args.max_tokens} decoded; float32, CPU backend.", "",
              f"mlx-lm: prefill {base['prefill_tps']:.1f} tok/s, decode {base['decode_tps']:.1f} "
-             f"tok/s, {base['python_us_per_layer_call']:.1f} µs of Python per MoE layer call.", "",
+             f"tok/s, {base['python_us_per_layer_call']:.1f} µs of Python per MoE layer call, "
+             f"{base['host_cpu_ms_per_token']:.2f} ms of host CPU per decoded token.", "",
              "| residency | prefill tok/s | x mlx-lm | decode tok/s | x mlx-lm | host syncs / token "
-             "| misses / token | Python µs / layer call | same tokens |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| misses / token | Python µs / layer call | host CPU ms / token | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['residency']:.0%} | {row['prefill_tps']:.1f} | {row['prefill_ratio']:.2f} | "
                      f"{row['decode_tps']:.1f} | {row['decode_ratio']:.2f} | "
                      f"{row['host_syncs_per_token']:.1f} | {row['misses_per_token']:.2f} | "
-                     f"{row['python_us_per_layer_call']:.1f} | {row['same_tokens']} |")
+                     f"{row['python_us_per_layer_call']:.1f} | {row['host_cpu_ms_per_token']:.2f} | "
+                     f"{row['same_tokens']} |")
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

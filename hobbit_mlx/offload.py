@@ -435,11 +435,17 @@ class Fetch:
         rt.stats.hits_in_flight += len(self.pending) - demand
 
     @property
-    def resident(self) -> np.ndarray:
-        """Positions (among the experts taken) resident when the fetch began."""
+    def waiting(self) -> np.ndarray:
+        """Which experts taken were not resident when the fetch began (read, or being read)."""
         waiting = np.zeros(len(self.keys), dtype=bool)
-        waiting[[p[0] for p in self.pending]] = True
-        return np.flatnonzero(~waiting)
+        if self.pending:
+            waiting[[p[0] for p in self.pending]] = True
+        return waiting
+
+    @property
+    def reads_in_flight(self) -> int:
+        """Reads of this fetch handed to threads (not read inline) and not waited for yet."""
+        return sum(1 for p in self.pending if p[1] is not None)
 
     def finish(self) -> None:
         """Wait for the reads and make them resident; then the pins go (the slots stay stamped
@@ -831,6 +837,14 @@ class OffloadedSwitch(nn.Module):
             if self._early_serves(flat, parts, early[1]):
                 outputs, early_held = [early[0]], early[1]
                 rt.stats.early_runs += 1
+                experts = parts[0][1]
+                if len(parts) == 1 and early_held[experts].all() and \
+                        rt.cache.use_resident(self.layer.layer, experts):
+                    # Every expert the call needs was resident and ran early: nothing to fetch.
+                    rt._count("high", len(experts), 0)
+                    if reads_out is not None:
+                        reads_out()
+                    return early[0]
             else:
                 rt.stats.early_unused += 1
         # Every part's reads go out before any is waited for: the device reads the 2-bit part's
@@ -877,11 +891,10 @@ class OffloadedSwitch(nn.Module):
                     rt.cache.synced()
                     continue
                 stuck = 0
-                hit = fetch.resident
-                waiting = sum(1 for p in fetch.pending if p[1] is not None)  # (not read inline)
+                missed = fetch.waiting
                 if early_held is not None and precision == "high":
                     ran = early_held[fetch.experts]  # (a prefetch may have landed others since)
-                    if not np.isin(np.flatnonzero(ran), hit).all():
+                    if (ran & missed).any():
                         fetch.finish()
                         raise RuntimeError("an expert the early run read was evicted before the "
                                            "call's fetch")
@@ -890,16 +903,15 @@ class OffloadedSwitch(nn.Module):
                     if len(rest):
                         outputs.append(self._masked_run(x, flat, mask, fetch.experts[rest],
                                                         fetch.slots[rest], precision, shape))
-                elif rt.overlap_io and 0 < len(hit) < len(fetch.experts) and \
-                        rt.reader.read_seconds * waiting > OVERLAP_MIN_WAIT_S:
+                elif rt.overlap_io and 0 < missed.sum() < len(missed) and \
+                        rt.reader.read_seconds * fetch.reads_in_flight > OVERLAP_MIN_WAIT_S:
                     # Start the resident experts' compute while the misses are being read.
-                    outputs.append(self._masked_run(x, flat, mask, fetch.experts[hit],
-                                                    fetch.slots[hit], precision, shape))
+                    outputs.append(self._masked_run(x, flat, mask, fetch.experts[~missed],
+                                                    fetch.slots[~missed], precision, shape))
                     mx.async_eval(outputs[-1])
                     fetch.finish()
-                    miss = np.setdiff1d(np.arange(len(fetch.experts)), hit)
-                    outputs.append(self._masked_run(x, flat, mask, fetch.experts[miss],
-                                                    fetch.slots[miss], precision, shape))
+                    outputs.append(self._masked_run(x, flat, mask, fetch.experts[missed],
+                                                    fetch.slots[missed], precision, shape))
                 else:
                     fetch.finish()
                     if whole and not outputs and not len(fetch.left):  # one run on the pool

@@ -48,6 +48,9 @@ class SlotTable:
         head = min(len(slots), 16)
         if head == 0:
             raise LookupError("no evictable expert")
+        first = self.keys[slots[int(np.argmin(priority))]]  # (argmin: the first of equals)
+        if evictable(first):  # the usual case
+            return first
         best = np.argpartition(priority, head - 1)[:head] if head < len(slots) else np.arange(head)
         tried = best[np.argsort(priority[best], kind="stable")]
         for i in tried:
