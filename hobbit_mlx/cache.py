@@ -185,38 +185,20 @@ class SlotCache:
             slot_of = self._slot_of
             out = [slot_of.get(key, -1) for key in keys]
             hits = [key for key, s in zip(keys, out) if s >= 0]
-            if hits:
-                self._use(hits, [s for s in out if s >= 0])
+            if hits:  # (all of one call's keys share a layer and precision: one pool)
+                ps = self._pool_of[hits[0][0], hits[0][2]]
+                ps.last_use[[s for s in out if s >= 0]] = self.epoch
+                guests = [key for key in hits if key in self._guests] if self._guests else ()
+                if guests:  # (the policy is told of these as of a miss's insert)
+                    self._adopt(guests)
+                    hits = [key for key in hits if key not in set(guests)]
+                on_hits = getattr(ps.policy, "on_hits", None)
+                if on_hits is not None:
+                    on_hits(hits)
+                else:
+                    for key in hits:
+                        ps.policy.on_hit(key)
             return out
-
-    def use_resident(self, layer: int, experts: np.ndarray) -> bool:
-        """A call whose every expert is resident in 4-bit and already ran (the early run): each
-        counts as a use and is stamped, as ``pin_and_lookup`` would, with no pins (nothing is
-        read). False, and nothing done, when one of them is no longer resident."""
-        remap = self._remap[layer, "high"]
-        with self.lock:
-            slots = remap[experts]
-            if (slots < 0).any():
-                return False
-            self._use([(layer, e, "high") for e in experts.tolist()], slots)
-            return True
-
-    def _use(self, hits: list[Key], slots) -> None:
-        """Resident ``hits`` (in ``slots``) are used by the current epoch's graphs: stamped, and
-        the policy told (a guest joins the policy's experts as a miss's insert would). All of one
-        call's keys share a layer and precision: one pool."""
-        ps = self._pool_of[hits[0][0], hits[0][2]]
-        ps.last_use[slots] = self.epoch
-        guests = [key for key in hits if key in self._guests] if self._guests else ()
-        if guests:  # (the policy is told of these as of a miss's insert)
-            self._adopt(guests)
-            hits = [key for key in hits if key not in set(guests)]
-        on_hits = getattr(ps.policy, "on_hits", None)
-        if on_hits is not None:
-            on_hits(hits)
-        else:
-            for key in hits:
-                ps.policy.on_hit(key)
 
     def stamp(self, keys: list[Key]) -> None:
         """The current epoch's graphs read these keys' slots (they may not be written until the

@@ -837,14 +837,6 @@ class OffloadedSwitch(nn.Module):
             if self._early_serves(flat, parts, early[1]):
                 outputs, early_held = [early[0]], early[1]
                 rt.stats.early_runs += 1
-                experts = parts[0][1]
-                if len(parts) == 1 and early_held[experts].all() and \
-                        rt.cache.use_resident(self.layer.layer, experts):
-                    # Every expert the call needs was resident and ran early: nothing to fetch.
-                    rt._count("high", len(experts), 0)
-                    if reads_out is not None:
-                        reads_out()
-                    return early[0]
             else:
                 rt.stats.early_unused += 1
         # Every part's reads go out before any is waited for: the device reads the 2-bit part's

@@ -309,25 +309,3 @@ def test_hits_told_later_rank_the_resident_experts_used():
     cache.record_hits(0, np.array([0, 5]))  # expert 0 used: the LRU one is now expert 1
     assert cache.reserve((0, 2, "high")) is not None
     assert (0, 0, "high") in cache and (0, 1, "high") not in cache
-
-
-def test_a_call_served_whole_by_resident_experts_uses_them_without_pins():
-    """``use_resident``: a decode call whose experts all ran early counts each as a use and
-    stamps its slot, as a lookup would, but pins nothing; with one of them not resident it does
-    nothing and says so (the call then fetches as usual)."""
-    cache = slot_cache(3, make_policy("lru"), layers=1, experts=8)
-    for e in (0, 1, 2):
-        _read(cache, (0, e, "high"), e)
-    cache.synced()
-    assert not cache.use_resident(0, np.array([1, 5]))
-    slot = cache.reserve((0, 6, "high"))  # nothing stamped or used: LRU expert 0 goes
-    assert slot is not None and (0, 0, "high") not in cache
-    cache.commit((0, 6, "high"), slot)
-    cache.synced()
-    assert cache.use_resident(0, np.array([1]))
-    assert not cache._pins
-    slot = cache.reserve((0, 7, "high"))  # expert 1 is stamped (graphs read it) and just used
-    assert slot is not None and (0, 1, "high") in cache and (0, 2, "high") not in cache
-    cache.commit((0, 7, "high"), slot)
-    cache.synced()
-    assert cache.reserve((0, 3, "high")) is not None and (0, 1, "high") in cache  # (LRU: 6 went)
