@@ -9,8 +9,9 @@ Converts one mlx-lm 4-bit checkpoint twice (``convert`` by reference, and ``--co
 slots, the records in one shuffled order, with ``RecordReader.read_into`` (the runtime's read):
 *cold* after asking the OS to drop the files' cached pages (``posix_fadvise(DONTNEED)``), *warm*
 right after. A record by reference is one span per stacked tensor of the source (9 for a
-SwiGLU expert); a copied record is one page-aligned span. Also reports each store's growth on
-disk. Default model: the synthetic model of ``make_synthetic.py`` when it was built, else the
+SwiGLU expert), read with its spans one after another (the default) and sent at once
+(``parallel_runs=True``); a copied record is one page-aligned span. Also reports each store's
+growth on disk. Default model: the synthetic model of ``make_synthetic.py`` when it was built, else the
 bundled reference model.
 """
 
@@ -41,14 +42,17 @@ def disk_bytes(root: Path) -> int:
     return total
 
 
-def read_pass(model_dir: Path, workers: int, cold: bool, order_seed: int = 0) -> dict:
-    """Read every high record once (shuffled) into per-thread slots; bytes, seconds, reads."""
+def read_pass(model_dir: Path, workers: int, cold: bool, order_seed: int = 0,
+              parallel_runs: bool = False) -> dict:
+    """Read every high record once (shuffled) into per-thread slots; bytes, seconds, reads.
+    ``parallel_runs``: a record's spans go out at once (``parallel_runs=True``), or in turn."""
     from hobbit_mlx.pool_plan import make_pools
     from hobbit_mlx.reader import RecordReader
     from hobbit_mlx.store import load_manifest
 
     manifest = load_manifest(model_dir)
-    reader = RecordReader(model_dir, manifest, workers=workers, verify="never")
+    reader = RecordReader(model_dir, manifest, workers=workers, verify="never",
+                          parallel_runs=parallel_runs)
     groups = make_pools(manifest, ("high",), None)
     for g in groups:
         g.pool.allocate(workers)
@@ -110,20 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": str(shown), "source_bytes": disk_bytes(src), "expert_bytes_high": high,
               "expert_bytes_low": low,
               "growth_bytes": {m: disk_bytes(d) for m, d in stores.items()}, "runs": []}
+    variants = [("reference", False), ("reference", True), ("copy", False)]
     for workers in [int(w) for w in args.workers.split(",")]:
-        for mode, dst in stores.items():
+        for mode, parallel in variants:
+            dst = stores[mode]
             for temp in ("cold", "warm"):
                 runs = []
                 for i in range(args.passes):
                     if temp == "warm":
                         read_pass(dst, workers, cold=False, order_seed=100 + i)  # warm it
-                    runs.append(read_pass(dst, workers, cold=temp == "cold", order_seed=i))
+                    runs.append(read_pass(dst, workers, cold=temp == "cold", order_seed=i,
+                                          parallel_runs=parallel))
                 runs.sort(key=lambda r: r["mb_per_s"])
                 med = runs[len(runs) // 2]
-                row = dict(med, store=mode, temperature=temp, workers=workers,
+                spans = "at once" if parallel and med["spans_per_record"] > 1 else "in turn"
+                row = dict(med, store=mode, temperature=temp, workers=workers, span_reads=spans,
                            mb_per_s_all=[round(r["mb_per_s"], 1) for r in runs])
                 result["runs"].append(row)
-                print(f"{mode:9s} {temp} workers={workers}: {med['mb_per_s']:8.1f} MB/s "
+                print(f"{mode:9s} {spans:7s} {temp} workers={workers}: {med['mb_per_s']:8.1f} MB/s "
                       f"{med['reads_per_s']:8.0f} reads/s ({med['spans_per_record']:.0f} spans/record)",
                       flush=True)
     write(result, args.out, argv)
@@ -141,9 +149,11 @@ def write(result: dict, out: Path, argv) -> None:
     for mode, n in result["growth_bytes"].items():
         lines.append(f"| {mode} | {n / 2**20:.1f} MiB | {n / result['expert_bytes_low']:.3f} |")
     lines += ["", "Every 4-bit record read once, shuffled (median of the passes; all passes in brackets):", "",
-              "| store | spans/record | page cache | workers | MB/s | reads/s |", "|---|---|---|---|---|---|"]
+              "| store | spans/record | spans read | page cache | workers | MB/s | reads/s |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        lines.append(f"| {r['store']} | {r['spans_per_record']:.0f} | {r['temperature']} | {r['workers']} | "
+        lines.append(f"| {r['store']} | {r['spans_per_record']:.0f} | {r.get('span_reads', 'in turn')} | "
+                     f"{r['temperature']} | {r['workers']} | "
                      f"{r['mb_per_s']:.0f} {r['mb_per_s_all']} | {r['reads_per_s']:.0f} |")
     for suffix, text in ((".md", "\n".join(lines) + "\n"), (".json", json.dumps(result, indent=2))):
         path = out.with_suffix(suffix)

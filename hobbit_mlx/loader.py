@@ -265,7 +265,8 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     dense_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
 
     reader = RecordReader(model_dir, manifest, workers=o.io_workers, verify=o.verify,
-                          direct=o.direct_io, storage=parse_storage(o.simulated_storage))
+                          direct=o.direct_io, storage=parse_storage(o.simulated_storage),
+                          parallel_runs=o.parallel_runs)
     uses_low = precision.mixed_precision or o.prefill_low_precision > 0
     groups = make_pools(manifest, ("high", "low") if uses_low else ("high",), cdtype)
     pools = {(lid, g.precision): g.pool for g in groups for lid in g.layers}

@@ -27,9 +27,12 @@ class RecordReader:
     """Reads records of one hobbit model's expert store; thread-safe."""
 
     def __init__(self, model_dir: str | Path, manifest: Manifest, *, workers: int = 8,
-                 verify: str = "first", direct: bool = False, storage: StorageModel | None = None):
+                 verify: str = "first", direct: bool = False, storage: StorageModel | None = None,
+                 parallel_runs: bool = False):
         """``storage``: a simulated device every read also waits for (benchmarks of a Mac's SSD
-        on a machine whose page cache makes reads free); None reads at the real device's speed."""
+        on a machine whose page cache makes reads free); None reads at the real device's speed.
+        ``parallel_runs``: a record's runs of spans are read at once when reads are slow (see
+        ``_read_record``); off, one after another."""
         if verify not in ("first", "always", "never"):
             raise ValueError(f"verify must be 'first', 'always' or 'never', not {verify!r}")
         self.model_dir = Path(model_dir)
@@ -54,6 +57,11 @@ class RecordReader:
         self._background_workers = max(1, workers // 2)
         self.background_pool = ThreadPoolExecutor(max_workers=self._background_workers,
                                                   thread_name_prefix="hobbit-prefetch")
+        # A record's later runs of spans, read beside its first (a pool of their own: a read
+        # waits for them, so they must never queue behind reads).
+        self.parallel_runs = parallel_runs
+        self.run_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hobbit-run")
+        self.runs_per_record = _runs_per_record(manifest)
         self.bytes_read = 0
         self.read_seconds = 1e-3  # moving average of one read_into, until measured
         self._byte_seconds = 1e-9  # moving average of storage's seconds per byte, until measured
@@ -63,7 +71,7 @@ class RecordReader:
         self._background_inflight = 0
 
     def close(self) -> None:
-        for name in ("background_pool", "pool"):
+        for name in ("background_pool", "pool", "run_pool"):
             if getattr(self, name, None) is not None:
                 getattr(self, name).shutdown(wait=True)
                 setattr(self, name, None)
@@ -96,9 +104,9 @@ class RecordReader:
     def read_bytes(self, record: Record) -> list[np.ndarray]:
         """Read every span of a record, checking CRCs as configured."""
         out = []
-        if self.device is not None:
-            self.device.transfer(record.nbytes)
         for span, crc in zip(record.spans, record.crc32):
+            if self.device is not None:
+                self.device.transfer(span[2])
             buf = self._read_span(*span)
             self._check(span, crc, [buf])
             out.append(buf)
@@ -147,35 +155,57 @@ class RecordReader:
 
     def _read_record(self, record, pool: "SlotPool", slot: int, background: bool,
                      ticket: ReadTicket | None) -> None:
-        """The bytes of one record into its slot (``read_into`` times and counts around it)."""
-        if self.device is not None:
-            self.device.transfer(record.nbytes, demand=not background, ticket=ticket)
-        elif ticket is not None and ticket.cancelled and not ticket.urgent:
+        """The bytes of one record into its slot (``read_into`` times and counts around it).
+
+        Spans that follow each other in one file are read with one ``preadv``: one command to
+        the device. A record read in place from a downloaded checkpoint has several (an expert's
+        rows of each stacked tensor: 9 for a SwitchGLU's weights, scales and biases); one after
+        another, each command would wait out the device's latency in turn, so once reads are
+        slow enough that a thread hand-off is cheap beside them they are issued together."""
+        if self.device is None and ticket is not None and ticket.cancelled and not ticket.urgent:
             raise ReadCancelled()
-        for run in adjacent_runs(record.spans):
-            # Spans that follow each other in one file are read with one preadv.
-            file_idx, offset = record.spans[run[0]][:2]
-            total = sum(record.spans[i][2] for i in run)
-            per_span, pieces = [], []
-            for span_idx in run:
-                mine, converts = self._slot_pieces(pool, slot, span_idx, record.spans[span_idx][2])
-                per_span.append((span_idx, mine, converts))
-                pieces += mine
-            if self.direct:  # O_DIRECT wants an aligned buffer: read there, then copy out
-                buf = self._read_span(file_idx, offset, total)
-                at = 0
-                for p in pieces:
-                    p[:] = buf[at:at + len(p)]
-                    at += len(p)
-            else:
-                self._preadv(file_idx, offset, total, pieces)
-            for span_idx, mine, converts in per_span:
-                self._check(record.spans[span_idx], record.crc32[span_idx], mine)
-                for conv, src, dst in converts:
-                    if conv is None:
-                        dst[:] = src
-                    else:
-                        convert_into(conv, src, dst)
+        runs = adjacent_runs(record.spans)
+        if len(runs) > 1 and self.parallel_runs and self.read_seconds >= PARALLEL_RUNS_MIN_S:
+            others = [self.run_pool.submit(self._read_run, record, run, pool, slot, background,
+                                           ticket) for run in runs[1:]]
+            try:
+                self._read_run(record, runs[0], pool, slot, background, ticket)
+            finally:
+                errors = [f.exception() for f in others]  # (all land before the slot goes back)
+            for error in errors:
+                if error is not None:
+                    raise error
+        else:
+            for run in runs:
+                self._read_run(record, run, pool, slot, background, ticket)
+
+    def _read_run(self, record, run: list[int], pool: "SlotPool", slot: int, background: bool,
+                  ticket: ReadTicket | None) -> None:
+        """One run of a record's spans (back to back in one file) into the slot: one command."""
+        file_idx, offset = record.spans[run[0]][:2]
+        total = sum(record.spans[i][2] for i in run)
+        if self.device is not None:
+            self.device.transfer(total, demand=not background, ticket=ticket)
+        per_span, pieces = [], []
+        for span_idx in run:
+            mine, converts = self._slot_pieces(pool, slot, span_idx, record.spans[span_idx][2])
+            per_span.append((span_idx, mine, converts))
+            pieces += mine
+        if self.direct:  # O_DIRECT wants an aligned buffer: read there, then copy out
+            buf = self._read_span(file_idx, offset, total)
+            at = 0
+            for p in pieces:
+                p[:] = buf[at:at + len(p)]
+                at += len(p)
+        else:
+            self._preadv(file_idx, offset, total, pieces)
+        for span_idx, mine, converts in per_span:
+            self._check(record.spans[span_idx], record.crc32[span_idx], mine)
+            for conv, src, dst in converts:
+                if conv is None:
+                    dst[:] = src
+                else:
+                    convert_into(conv, src, dst)
 
     def _slot_pieces(self, pool: "SlotPool", slot: int, span_idx: int,
                      length: int) -> tuple[list[np.ndarray], list[tuple]]:
@@ -259,12 +289,17 @@ class RecordReader:
 
     def latency_seconds(self, reads: int) -> float:
         """The wait before the first byte that ``reads`` parallel reads add beyond their bytes:
-        the simulated device's latency once per queue-depth batch; a real device's latency is
-        already inside its measured seconds per byte."""
+        the simulated device's latency once per queue-depth batch of commands (a record read in
+        place is one command per run of spans); a real device's latency is already inside its
+        measured seconds per byte."""
         if self.device is None or reads <= 0:
             return 0.0
         model = self.device.model
-        return model.latency * -(-reads // model.queue_depth)
+        commands = reads * (self.runs_per_record if self.parallel_runs else 1)
+        batches = -(-commands // model.queue_depth)
+        if not self.parallel_runs:  # each record's runs wait out the latency in turn
+            batches *= self.runs_per_record
+        return model.latency * batches
 
     def backlog_seconds(self) -> float:
         """How long the reads already queued keep storage busy: the simulated device's booked
@@ -275,6 +310,10 @@ class RecordReader:
 
 
 IOV_BATCH = 512  # buffers per preadv call (the OS allows at least 1024)
+# A record's runs are read at once only when one read takes this long: each thread hand-off
+# costs ~30 us on a busy CPU, which doubled a 2.5 MB record's read from a warm page cache (0.3 ms;
+# bench/results/inplace-read.md), and slowed none read cold (2 ms).
+PARALLEL_RUNS_MIN_S = 1e-3
 BUSY_WINDOW_READS = 16  # storage never idle (a long prompt, prefetch): measure every this many reads
 
 
@@ -296,3 +335,12 @@ def _aligned_empty(length: int, align: int = 4096) -> np.ndarray:
     raw = np.empty(length + align, dtype=np.uint8)
     start = (-raw.ctypes.data) % align
     return raw[start:start + length]
+
+
+def _runs_per_record(manifest: Manifest) -> int:
+    """Commands one record read takes: runs of back-to-back spans in the first layer's 4-bit
+    records (1 in our own copies; one per stacked tensor in a checkpoint read in place)."""
+    if not manifest.layers:
+        return 1
+    records = manifest.layers[0].precisions["high"].records
+    return max((len(adjacent_runs(r.spans)) for r in records[:8]), default=1)

@@ -217,14 +217,22 @@ def test_read_cost_counts_per_read_latency():
     assert cost.read_seconds() == pytest.approx(1e-6 + 8 * 0.5e-3) and cost.dear()
 
 
-def test_simulated_latency_counts_once_per_queue_depth_batch(tmp_path, tiny_factory):
+def test_simulated_latency_counts_once_per_queue_depth_batch_of_commands(tmp_path, tiny_factory):
+    """A record read in place is one command per run of spans (an expert's rows of each stacked
+    tensor). Read together, a queue-depth batch of commands waits out the latency once; read one
+    after another, each of a record's runs waits it out in turn."""
     _, dst = tiny_factory("qwen3_moe")
-    model, _ = hobbit_mlx.load(dst, expert_residency=0.3, progress=False,
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.3, progress=False, parallel_runs=True,
                                simulated_storage="1GB/s,latency=100us,depth=4")
     reader = runtime_of(model).reader
+    runs = reader.runs_per_record
+    assert runs == 9  # (gate, up, down) x (weight, scales, biases), read in place
     assert reader.latency_seconds(0) == 0.0
-    assert reader.latency_seconds(4) == pytest.approx(100e-6)
-    assert reader.latency_seconds(5) == pytest.approx(200e-6)
+    assert reader.latency_seconds(1) == pytest.approx(3 * 100e-6)  # 9 commands, 4 at a time
+    assert reader.latency_seconds(4) == pytest.approx(9 * 100e-6)
+    reader.parallel_runs = False  # (the default)
+    assert reader.latency_seconds(1) == pytest.approx(9 * 100e-6)
+    assert reader.latency_seconds(5) == pytest.approx(2 * 9 * 100e-6)
     runtime_of(model).close()
 
 
