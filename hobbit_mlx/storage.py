@@ -8,7 +8,9 @@ reader thread wait as long as the modelled device would take:
 * **bandwidth**: bytes leave the device one after another at ``bandwidth`` bytes/s, whichever
   thread asked for them, so parallel reads share it (one timeline of when the device is busy);
 * **latency**: each read waits ``latency`` seconds before its first byte; up to ``queue_depth``
-  reads wait out their latency at the same time (an SSD's command queue);
+  reads wait out their latency at the same time (an SSD's command queue). A read is one command:
+  the reader sends one per run of back-to-back spans, so an expert read in place from a
+  checkpoint (one span per stacked tensor) pays it once per tensor;
 * **demand first**: a read the model waits for (a demand miss) goes ahead of prefetch reads. A
   prefetch read moves in chunks and books the next chunk only when the device is idle and no
   demand read waits, so a demand read waits behind at most one prefetch chunk; a prefetch read
