@@ -176,8 +176,14 @@ class RecordReader:
                 if error is not None:
                     raise error
         else:
-            for run in runs:
-                self._read_run(record, run, pool, slot, background, ticket)
+            for i, run in enumerate(runs):
+                try:
+                    self._read_run(record, run, pool, slot, background, ticket)
+                except ReadCancelled:
+                    if self.device is not None:  # (the runs not sent were never delivered)
+                        self.device.count_cancelled(sum(record.spans[j][2] for later in runs[i + 1:]
+                                                        for j in later))
+                    raise
 
     def _read_run(self, record, run: list[int], pool: "SlotPool", slot: int, background: bool,
                   ticket: ReadTicket | None) -> None:

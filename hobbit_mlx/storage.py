@@ -13,7 +13,8 @@ reader thread wait as long as the modelled device would take:
   checkpoint (one span per stacked tensor) pays it once per tensor;
 * **demand first**: a read the model waits for (a demand miss) goes ahead of prefetch reads. A
   prefetch read moves in chunks and books the next chunk only when the device is idle and no
-  demand read waits, so a demand read waits behind at most one prefetch chunk; a prefetch read
+  demand read waits, so a demand read waits behind at most one prefetch chunk (as long as a Mac's
+  SSD takes to move 64 KiB, ``StorageModel.chunk_bytes``); a prefetch read
   can be cancelled until its last chunk is booked (its layer ran without it), and is promoted to
   a demand read's priority when a layer waits for it.
 
@@ -33,9 +34,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 MAC_READ_RATIO = 12.0  # reading a token's top-k experts / one resident decode step, on a Mac
-CHUNK_BYTES = 64 * 1024  # a prefetch read yields to demand reads at this grain
 MAC_SSD_BANDWIDTH = 7e9  # bytes/s: an M-series internal SSD, large sequential reads
 MAC_SSD_LATENCY = 80e-6  # seconds: one NVMe read's latency
+CHUNK_BYTES = 64 * 1024  # a prefetch read yields to demand reads at this grain on a Mac's SSD:
+CHUNK_SECONDS = CHUNK_BYTES / MAC_SSD_BANDWIDTH  # ~9 us, the wait it costs a demand read there
+MIN_CHUNK_BYTES = 4096  # (a slower simulated device keeps that wait, down to one page)
 
 
 class ReadCancelled(Exception):
@@ -62,6 +65,14 @@ class StorageModel:
     def seconds(self, nbytes: int) -> float:
         """How long one read of ``nbytes`` takes on an idle device."""
         return self.latency + nbytes / self.bandwidth
+
+    @property
+    def chunk_bytes(self) -> int:
+        """The grain at which a prefetch read yields to demand reads: what takes the device as
+        long as a Mac's SSD takes to move 64 KiB. A fixed 64 KiB on a device slowed to keep a
+        small model's ratio of reads to compute would hold a demand read back for milliseconds
+        (a whole expert of the reference model), where an SSD interleaves the two."""
+        return max(MIN_CHUNK_BYTES, int(self.bandwidth * CHUNK_SECONDS))
 
     def describe(self) -> str:
         return (f"{self.bandwidth / 1e6:.1f} MB/s, {self.latency * 1e6:.0f} us per read, "
@@ -157,7 +168,7 @@ class SimulatedDevice:
                     self._sleep(self.model.latency)
                 left = nbytes
                 while left > 0:
-                    n = left if demand else min(left, CHUNK_BYTES)
+                    n = left if demand else min(left, self.model.chunk_bytes)
                     self._wait_until(self._schedule(n, demand, ticket, left))
                     left -= n
             finally:
@@ -186,6 +197,12 @@ class SimulatedDevice:
             else:
                 self.prefetch_bytes += n
             return self._busy_until
+
+    def count_cancelled(self, nbytes: int) -> None:
+        """Bytes of a cancelled prefetch read that were never sent to the device (the later
+        commands of a record whose first one was cancelled)."""
+        with self._cond:
+            self.cancelled_bytes += nbytes
 
     def _wait_until(self, t: float) -> None:
         wait = t - self._clock()

@@ -87,6 +87,28 @@ def test_a_cancelled_prefetch_stops_and_a_promoted_one_finishes():
     assert dev.prefetch_bytes == CHUNK_BYTES
 
 
+def test_a_prefetch_yields_at_the_grain_a_macs_ssd_moves_in_nine_microseconds():
+    """On a Mac's SSD a prefetch read yields to demand reads every 64 KiB; a device slowed to a
+    small model's read-to-compute ratio keeps that wait (down to one page), so a prefetch of one
+    small expert does not hold a demand read back for the whole expert."""
+    assert StorageModel(bandwidth=7e9).chunk_bytes == CHUNK_BYTES
+    slow = StorageModel(bandwidth=17.6e6)
+    assert slow.chunk_bytes == 4096
+    clock = VirtualClock()
+    dev = SimulatedDevice(slow, clock=clock, sleep=clock.sleep)
+    ticket = ReadTicket()
+    sleep = clock.sleep
+
+    def sleep_then_cancel(seconds):  # the prefetch's layer runs after its first chunk is out
+        sleep(seconds)
+        ticket.cancel()
+
+    clock.sleep = dev._sleep = sleep_then_cancel
+    with pytest.raises(ReadCancelled):
+        dev.transfer(38_400, demand=False, ticket=ticket)  # one 4-bit expert of the reference
+    assert dev.prefetch_bytes == 4096 and dev.cancelled_bytes == 38_400 - 4096
+
+
 def test_mac_like_keeps_the_ratio_of_a_token_read_to_a_resident_step():
     model = mac_like(topk_bytes_per_token=2_400_000, resident_seconds_per_token=0.01)
     assert model.seconds(2_400_000) == pytest.approx(MAC_READ_RATIO * 0.01)
