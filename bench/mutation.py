@@ -32,6 +32,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the offload counters: a fetch's hits and misses, lazy calls counted later
+COUNTER_TESTS = ["tests/test_counters.py", "tests/test_faults.py", "tests/test_pins_e2e.py",
+                 "tests/test_exact.py::test_expert_groups_when_pool_is_small"]
+
 TARGETS = {
     "budget": dict(module="hobbit_mlx/budget.py", tests=[
         "tests/test_budget_properties.py", "tests/test_budget_plan.py",
@@ -74,13 +78,12 @@ TARGETS = {
         # O_DIRECT reads of spans off a 4 KiB boundary (a record inside a source checkpoint)
         "tests/test_inplace.py::test_adjacent_spans_are_read_with_one_preadv",
     ]),
-    # the offload counters: a fetch's hits and misses, lazy calls counted later
-    "counters": dict(module="hobbit_mlx/offload.py", mutants=[
-        "hobbit_mlx.offload.xǁFetchǁ*", "hobbit_mlx.offload.xǁOffloadRuntimeǁ_count__*",
-        "hobbit_mlx.offload.xǁOffloadRuntimeǁdefer__*",
-        "hobbit_mlx.offload.xǁOffloadRuntimeǁcount_deferred__*"],
-        tests=["tests/test_counters.py", "tests/test_faults.py", "tests/test_pins_e2e.py",
-               "tests/test_exact.py::test_expert_groups_when_pool_is_small"]),
+    "counters": dict(module="hobbit_mlx/fetch.py", mutants=["hobbit_mlx.fetch.xǁFetchǁ*"],
+                     tests=COUNTER_TESTS),
+    "deferred-counters": dict(module="hobbit_mlx/runtime.py", mutants=[
+        "hobbit_mlx.runtime.xǁOffloadRuntimeǁ_count__*",
+        "hobbit_mlx.runtime.xǁOffloadRuntimeǁdefer__*",
+        "hobbit_mlx.runtime.xǁOffloadRuntimeǁcount_deferred__*"], tests=COUNTER_TESTS),
 }
 
 

@@ -18,7 +18,8 @@ from .architectures import find_switch_modules, num_experts_of, text_config
 from .budget import BudgetPlan, plan_budget
 from .cache import SlotCache
 from .measure import kv_bytes_by_layer, measured_activations
-from .offload import OffloadRuntime, bind, install
+from .offload import bind, install
+from .runtime import OffloadRuntime
 from .options import DEFAULT_PREFETCH_SCRATCH, MAX_PREFETCH_WIDTH, LoadOptions
 from .policies import make_policy
 from .pool_plan import apply_plan, follow_sequence, make_pools

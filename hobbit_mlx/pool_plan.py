@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 
 from .budget import BudgetPlan
-from .offload import OffloadRuntime
+from .runtime import OffloadRuntime
 from .pools import SlotPool, pool_signature
 from .store import Manifest
 

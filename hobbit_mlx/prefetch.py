@@ -39,7 +39,8 @@ from .routing import predictions_from, router_logits, top_predictions, untapped_
 from .storage import ReadCancelled, ReadTicket
 
 if TYPE_CHECKING:
-    from .offload import OffloadedSwitch, OffloadRuntime
+    from .offload import OffloadedSwitch
+    from .runtime import OffloadRuntime
 
 UNCERTAIN_GUESS = 0.5  # a guess less likely than this to be used is read in 2-bit (low_precision)
 

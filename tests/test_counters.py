@@ -77,9 +77,9 @@ def test_layers_all_resident_run_lazily_beside_layers_that_miss(deep_models):
 @pytest.mark.parametrize("threads", [True, False], ids=["reader-threads", "inline-reads"])
 def test_bytes_read_are_the_bytes_the_reader_read(deep_models, monkeypatch, threads):
     """Demand reads (on reader threads, or inline) and prefetch reads each add their bytes once."""
-    import hobbit_mlx.offload as offload
+    import hobbit_mlx.fetch as fetch_module
 
-    monkeypatch.setattr(offload, "INLINE_READ_S", 0.0 if threads else float("inf"))
+    monkeypatch.setattr(fetch_module, "INLINE_READ_S", 0.0 if threads else float("inf"))
     model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
                                  prefetch_layers=1, prefetch_cost_aware=False, progress=False)
     rt = runtime_of(model)

@@ -41,10 +41,10 @@ def exact_text(deep_models):
 @pytest.mark.parametrize("threads", [True, False], ids=["reader-threads", "inline-reads"])
 def test_eio_on_a_demand_read_is_one_clear_error_and_the_next_generation_works(
         deep_models, monkeypatch, exact_text, threads):
-    import hobbit_mlx.offload as offload
+    import hobbit_mlx.fetch as fetch_module
 
     # reads in threads, or on the model's thread (as on a warm page cache)
-    monkeypatch.setattr(offload, "INLINE_READ_S", 0.0 if threads else float("inf"))
+    monkeypatch.setattr(fetch_module, "INLINE_READ_S", 0.0 if threads else float("inf"))
     model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
                                  progress=False)
     rt = runtime_of(model)
@@ -85,6 +85,7 @@ def test_eio_on_a_prefetch_read_a_layer_waits_for_is_read_again_on_demand(deep_m
     """The layer asks for a prefetch read still in flight (held until then), which then fails:
     the layer reads the expert itself, into a slot it makes resident (no slot lost)."""
     from hobbit_mlx.testing.faults import hold_prefetch_reads
+
 
     import hobbit_mlx.offload as offload
 

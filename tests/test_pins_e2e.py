@@ -15,7 +15,7 @@ import time
 import pytest
 
 import hobbit_mlx
-import hobbit_mlx.offload as offload
+import hobbit_mlx.fetch as fetch_module
 from hobbit_mlx.loader import runtime_of
 from hobbit_mlx.testing.faults import hold_prefetch_reads
 
@@ -45,7 +45,7 @@ def test_a_generation_with_prefetch_never_evicts_a_pinned_expert(deep_models, mo
     plain, tok = hobbit_mlx.load(dst, **options)
     expected = hobbit_mlx.generate(plain, tok, PROMPT, max_tokens=24)
 
-    monkeypatch.setattr(offload, "INLINE_READ_S", 0.0)  # every read on a reader thread
+    monkeypatch.setattr(fetch_module, "INLINE_READ_S", 0.0)  # every read on a reader thread
     model, tok = hobbit_mlx.load(dst, prefetch_layers=layers_ahead, prefetch_width=1.0,
                                  prefetch_cost_aware=False, **options)
     rt = runtime_of(model)

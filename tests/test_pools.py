@@ -230,6 +230,7 @@ def test_overlapped_reads_give_the_same_logits(tiny_factory, monkeypatch, overla
     are read, and a decode call starts them before the router sync (the early run); each adds a
     masked run of the misses, summed. Without, one run after the reads. Both equal mlx-lm bit for
     bit."""
+    import hobbit_mlx.fetch as fetch_module
     import hobbit_mlx.offload as offload
 
     src, dst = tiny_factory("mixtral")
@@ -240,7 +241,7 @@ def test_overlapped_reads_give_the_same_logits(tiny_factory, monkeypatch, overla
     ref_cache = make_prompt_cache(ref)
     want = [np.array(ref(tokens[:, a:b], cache=ref_cache)) for a, b in steps]
     monkeypatch.setattr(offload, "OVERLAP_MIN_WAIT_S", 0.0)
-    monkeypatch.setattr(offload, "INLINE_READ_S", 0.0)  # reads in threads, so there is a wait
+    monkeypatch.setattr(fetch_module, "INLINE_READ_S", 0.0)  # reads in threads, so there is a wait
     runs = []
     masked = offload.OffloadedSwitch._masked_run
     monkeypatch.setattr(offload.OffloadedSwitch, "_masked_run",

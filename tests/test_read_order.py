@@ -8,13 +8,14 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 import hobbit_mlx
+import hobbit_mlx.fetch as fetch_module
 import hobbit_mlx.offload as offload
 from hobbit_mlx.loader import runtime_of
 
 
 def test_both_parts_read_before_either_is_waited_for(tiny_factory, monkeypatch):
     _, dst = tiny_factory("qwen3_moe")
-    monkeypatch.setattr(offload, "INLINE_READ_S", 0.0)  # reads go to reader threads
+    monkeypatch.setattr(fetch_module, "INLINE_READ_S", 0.0)  # reads go to reader threads
     events = []  # ("submit" | "wait", precision), per layer call: ("call",)
     finish = offload.Fetch.finish
 
