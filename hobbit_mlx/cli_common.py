@@ -173,7 +173,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "storage at once, when reads are slow, not one after another.")
     g.add_argument("--simulated-storage", default=None, metavar="SPEC",
                    help="Make every expert read wait as long as a modelled device would: "
-                        "'mac-ssd' (7 GB/s, 80 us per read) or e.g. '50MB/s,latency=100us,depth=8' "
+                        "'mac-ssd' (7 GB/s, 80 us per command) or e.g. '50MB/s,latency=100us,depth=8' "
                         "(benchmarks on a machine whose page cache makes reads free).")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="Enable trusting remote code for the tokenizer.")

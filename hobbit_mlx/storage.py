@@ -75,7 +75,7 @@ class StorageModel:
         return max(MIN_CHUNK_BYTES, int(self.bandwidth * CHUNK_SECONDS))
 
     def describe(self) -> str:
-        return (f"{self.bandwidth / 1e6:.1f} MB/s, {self.latency * 1e6:.0f} us per read, "
+        return (f"{self.bandwidth / 1e6:.1f} MB/s, {self.latency * 1e6:.0f} us per command, "
                 f"queue depth {self.queue_depth}")
 
 

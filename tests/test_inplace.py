@@ -217,6 +217,24 @@ def test_a_records_runs_are_read_together_when_reads_are_slow(tmp_path, monkeypa
     reader.close()
 
 
+def test_a_cancelled_prefetch_read_sends_none_of_its_runs(tmp_path):
+    """A prefetch read cancelled before it starts: whether its runs go out together or in turn,
+    none is sent, the whole record counts as cancelled, and the reader says so."""
+    from hobbit_mlx.storage import ReadCancelled, ReadTicket
+
+    manifest, entry, _ = _two_tensor_store(tmp_path)
+    for parallel in (True, False):
+        reader = RecordReader(tmp_path, manifest, workers=2, parallel_runs=parallel,
+                              storage=StorageModel(1e9, latency=2e-3))
+        reader.read_seconds = 1.0  # (slow reads: the runs would go out together)
+        ticket = ReadTicket()
+        ticket.cancel()
+        with pytest.raises(ReadCancelled):
+            reader.read_into(entry, 0, SlotPool(entry, 1), 0, background=True, ticket=ticket)
+        assert reader.device.cancelled_bytes == 768 and reader.device.prefetch_bytes == 0
+        reader.close()
+
+
 def test_read_bench_runs(tmp_path):
     """bench/inplace_read.py (one pass, one thread) on the reference model writes its tables."""
     from bench.inplace_read import main as bench_main
