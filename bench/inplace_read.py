@@ -9,8 +9,8 @@ Converts one mlx-lm 4-bit checkpoint twice (``convert`` by reference, and ``--co
 slots, the records in one shuffled order, with ``RecordReader.read_into`` (the runtime's read):
 *cold* after asking the OS to drop the files' cached pages (``posix_fadvise(DONTNEED)``), *warm*
 right after. A record by reference is one span per stacked tensor of the source (9 for a
-SwiGLU expert), read with its spans one after another (the default) and sent at once
-(``parallel_runs=True``); a copied record is one page-aligned span. Also reports each store's
+SwiGLU expert), read with its spans one after another, sent at once, and as the reader's own
+trial of the first slow reads decides (``parallel_runs="auto"``, the runtime's default); a copied record is one page-aligned span. Also reports each store's
 growth on disk. Default model: the synthetic model of ``make_synthetic.py`` when it was built, else the
 bundled reference model.
 """
@@ -43,9 +43,10 @@ def disk_bytes(root: Path) -> int:
 
 
 def read_pass(model_dir: Path, workers: int, cold: bool, order_seed: int = 0,
-              parallel_runs: bool = False) -> dict:
+              parallel_runs: bool | str = False) -> dict:
     """Read every high record once (shuffled) into per-thread slots; bytes, seconds, reads.
-    ``parallel_runs``: a record's spans go out at once (``parallel_runs=True``), or in turn."""
+    ``parallel_runs``: a record's spans go out at once (True), in turn (False), or as the
+    reader's first slow reads measure faster ("auto", the runtime's default)."""
     from hobbit_mlx.pool_plan import make_pools
     from hobbit_mlx.reader import RecordReader
     from hobbit_mlx.store import load_manifest
@@ -77,9 +78,11 @@ def read_pass(model_dir: Path, workers: int, cold: bool, order_seed: int = 0,
         with ThreadPoolExecutor(workers) as ex:
             nbytes = sum(ex.map(one, jobs))
     seconds = time.perf_counter() - t0
+    chosen = reader.run_mode_trial.choice
     reader.close()
     spans = sum(len(l.precisions["high"].records[0].spans) for l in manifest.layers) / len(manifest.layers)
     return {"bytes": nbytes, "seconds": seconds, "reads": len(jobs), "spans_per_record": spans,
+            "auto_chose": None if chosen is None else ("at once" if chosen else "in turn"),
             "mb_per_s": nbytes / seconds / 1e6, "reads_per_s": len(jobs) / seconds}
 
 
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": str(shown), "source_bytes": disk_bytes(src), "expert_bytes_high": high,
               "expert_bytes_low": low,
               "growth_bytes": {m: disk_bytes(d) for m, d in stores.items()}, "runs": []}
-    variants = [("reference", False), ("reference", True), ("copy", False)]
+    variants = [("reference", False), ("reference", True), ("reference", "auto"), ("copy", False)]
     for workers in [int(w) for w in args.workers.split(",")]:
         for mode, parallel in variants:
             dst = stores[mode]
@@ -127,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                                           parallel_runs=parallel))
                 runs.sort(key=lambda r: r["mb_per_s"])
                 med = runs[len(runs) // 2]
-                spans = "at once" if parallel and med["spans_per_record"] > 1 else "in turn"
+                spans = "auto: " + (med["auto_chose"] or "undecided") if parallel == "auto" else \
+                    "at once" if parallel and med["spans_per_record"] > 1 else "in turn"
                 row = dict(med, store=mode, temperature=temp, workers=workers, span_reads=spans,
                            mb_per_s_all=[round(r["mb_per_s"], 1) for r in runs])
                 result["runs"].append(row)
-                print(f"{mode:9s} {spans:7s} {temp} workers={workers}: {med['mb_per_s']:8.1f} MB/s "
+                print(f"{mode:9s} {spans:17s} {temp} workers={workers}: {med['mb_per_s']:8.1f} MB/s "
                       f"{med['reads_per_s']:8.0f} reads/s ({med['spans_per_record']:.0f} spans/record)",
                       flush=True)
     write(result, args.out, argv)

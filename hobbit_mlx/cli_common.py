@@ -168,9 +168,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "never (default: %(default)s).")
     g.add_argument("--direct-io", action="store_true",
                    help="Read experts with O_DIRECT, bypassing the OS page cache (where supported).")
-    g.add_argument("--parallel-span-reads", action="store_true",
-                   help="Send the spans of an expert read in place (one per stacked tensor) to "
-                        "storage at once, when reads are slow, not one after another.")
+    g.add_argument("--span-reads", default="auto", choices=("auto", "together", "in-turn"),
+                   help="How a slow expert read in place (one span per stacked tensor) sends its "
+                        "spans to storage: at once, one after another, or whichever the first "
+                        "reads measure faster (default: %(default)s).")
     g.add_argument("--simulated-storage", default=None, metavar="SPEC",
                    help="Make every expert read wait as long as a modelled device would: "
                         "'mac-ssd' (7 GB/s, 80 us per command) or e.g. '50MB/s,latency=100us,depth=8' "
@@ -312,7 +313,8 @@ def load_options(args: argparse.Namespace) -> "LoadOptions":
     return LoadOptions(memory_budget=args.memory_budget, expert_residency=args.expert_residency,
                        max_context=args.max_context, prefill_step_size=args.prefill_step_size,
                        io_workers=args.io_workers, verify=args.verify, direct_io=args.direct_io,
-                       parallel_runs=args.parallel_span_reads,
+                       parallel_runs={"auto": "auto", "together": True,
+                                      "in-turn": False}[args.span_reads],
                        simulated_storage=args.simulated_storage,
                        pipeline=(getattr(args, "pipeline_group", None) or True)
                        if getattr(args, "pipeline", False) else None,

@@ -85,10 +85,10 @@ class LoadOptions:
     io_workers: int = 8
     verify: str = "first"
     direct_io: bool = False
-    # a record read in place (one span per stacked tensor) sends its spans to the device at once
-    # when reads are slow, instead of one after another, each waiting out the latency in turn
-    # (off: on this machine's disk it bought nothing, and cost warm reads; see the README)
-    parallel_runs: bool = False
+    # a slow record read in place (one span per stacked tensor) sends its spans to the device at
+    # once (True), one after another, each waiting out the latency in turn (False), or whichever
+    # the first reads measure faster on this device ("auto")
+    parallel_runs: bool | str = "auto"
     # a simulated storage device every read waits for (benchmarks): a storage.StorageModel,
     # "mac-ssd" or "50MB/s,latency=100us,depth=8"; None reads at the real device's speed
     simulated_storage: Any = None

@@ -28,11 +28,12 @@ class RecordReader:
 
     def __init__(self, model_dir: str | Path, manifest: Manifest, *, workers: int = 8,
                  verify: str = "first", direct: bool = False, storage: StorageModel | None = None,
-                 parallel_runs: bool = False):
+                 parallel_runs: bool | str = "auto"):
         """``storage``: a simulated device every read also waits for (benchmarks of a Mac's SSD
         on a machine whose page cache makes reads free); None reads at the real device's speed.
-        ``parallel_runs``: a record's runs of spans are read at once when reads are slow (see
-        ``_read_record``); off, one after another."""
+        ``parallel_runs``: a slow record's runs of spans are read at once (True), one after
+        another (False), or whichever this device turns out to read faster ("auto"; see
+        ``_read_record`` and ``RunModeTrial``)."""
         if verify not in ("first", "always", "never"):
             raise ValueError(f"verify must be 'first', 'always' or 'never', not {verify!r}")
         self.model_dir = Path(model_dir)
@@ -59,7 +60,10 @@ class RecordReader:
                                                   thread_name_prefix="hobbit-prefetch")
         # A record's later runs of spans, read beside its first (a pool of their own: a read
         # waits for them, so they must never queue behind reads).
+        if parallel_runs not in (True, False, "auto"):
+            raise ValueError(f"parallel_runs must be True, False or 'auto', not {parallel_runs!r}")
         self.parallel_runs = parallel_runs
+        self.run_mode_trial = RunModeTrial()
         self.run_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hobbit-run")
         self.runs_per_record = _runs_per_record(manifest)
         self.bytes_read = 0
@@ -165,7 +169,11 @@ class RecordReader:
         if self.device is None and ticket is not None and ticket.cancelled and not ticket.urgent:
             raise ReadCancelled()
         runs = adjacent_runs(record.spans)
-        if len(runs) > 1 and self.parallel_runs and self.read_seconds >= PARALLEL_RUNS_MIN_S:
+        slow = len(runs) > 1 and self.read_seconds >= PARALLEL_RUNS_MIN_S
+        together = slow and (self.parallel_runs if self.parallel_runs != "auto"
+                             else self.run_mode_trial.pick())
+        t0 = time.perf_counter()
+        if together:
             others = [self.run_pool.submit(self._read_run, record, run, pool, slot, background,
                                            ticket) for run in runs[1:]]
             try:
@@ -184,6 +192,8 @@ class RecordReader:
                         self.device.count_cancelled(sum(record.spans[j][2] for later in runs[i + 1:]
                                                         for j in later))
                     raise
+        if slow and self.parallel_runs == "auto":
+            self.run_mode_trial.record(together, (time.perf_counter() - t0) / record.nbytes)
 
     def _read_run(self, record, run: list[int], pool: "SlotPool", slot: int, background: bool,
                   ticket: ReadTicket | None) -> None:
@@ -301,9 +311,11 @@ class RecordReader:
         if self.device is None or reads <= 0:
             return 0.0
         model = self.device.model
-        commands = reads * (self.runs_per_record if self.parallel_runs else 1)
+        together = self.parallel_runs if self.parallel_runs != "auto" else \
+            bool(self.run_mode_trial.choice)  # (until the trial decides: in turn)
+        commands = reads * (self.runs_per_record if together else 1)
         batches = -(-commands // model.queue_depth)
-        if not self.parallel_runs:  # each record's runs wait out the latency in turn
+        if not together:  # each record's runs wait out the latency in turn
             batches *= self.runs_per_record
         return model.latency * batches
 
@@ -341,6 +353,49 @@ def _aligned_empty(length: int, align: int = 4096) -> np.ndarray:
     raw = np.empty(length + align, dtype=np.uint8)
     start = (-raw.ctypes.data) % align
     return raw[start:start + length]
+
+
+class RunModeTrial:
+    """Whether a slow record's runs go out at once or in turn, measured on this device: the first
+    ``2 * trials`` slow reads alternate between the two, then the one with the lower mean
+    seconds per byte is kept. Sending them at once saves the latency of every command but the
+    first on an SSD that serves commands in parallel; the thread hand-offs cost more where
+    latency is small (this machine's disk, a warm page cache: ``bench/inplace_read.py``)."""
+
+    def __init__(self, trials: int = 16) -> None:
+        self.trials = trials
+        self.choice: bool | None = None  # None: still trying both
+        self._lock = threading.Lock()
+        self._picked = 0
+        self._sums = {True: [0.0, 0], False: [0.0, 0]}
+
+    def pick(self) -> bool:
+        with self._lock:
+            if self.choice is not None:
+                return self.choice
+            self._picked += 1
+            return self._picked % 2 == 1
+
+    def record(self, together: bool, seconds_per_byte: float) -> None:
+        with self._lock:
+            if self.choice is not None:
+                return
+            total = self._sums[together]
+            total[0] += seconds_per_byte
+            total[1] += 1
+            if min(n for _, n in self._sums.values()) >= self.trials:
+                mean = {mode: s / n for mode, (s, n) in self._sums.items()}
+                self.choice = mean[True] < mean[False]
+
+    def measured(self) -> dict:
+        """Mean seconds per byte of each mode so far, and the choice (for stats and tests)."""
+        with self._lock:
+            return {"together": self._mean(True), "in_turn": self._mean(False),
+                    "choice": self.choice}
+
+    def _mean(self, mode: bool) -> float | None:
+        s, n = self._sums[mode]
+        return s / n if n else None
 
 
 def _runs_per_record(manifest: Manifest) -> int:

@@ -17,7 +17,7 @@ import hobbit_mlx
 from convert.__main__ import main as convert_main
 from hobbit_mlx.loader import REFERENCE_MODEL
 from hobbit_mlx.pools import SlotPool
-from hobbit_mlx.reader import RecordReader
+from hobbit_mlx.reader import RecordReader, RunModeTrial
 from hobbit_mlx.storage import StorageModel
 from hobbit_mlx.store import (Manifest, PrecisionEntry, Record, StoreError, TensorLayout,
                               load_manifest)
@@ -182,8 +182,8 @@ def test_adjacent_spans_are_read_with_one_preadv(tmp_path, monkeypatch, direct):
 def test_a_records_runs_are_read_together_when_reads_are_slow(tmp_path, monkeypatch, parallel):
     """Each run of a record read in place is one command to the device: where a read is slow
     (here: the simulated device's latency) its runs go out together, each on a thread of its own,
-    and the slot gets the same bytes; ``parallel_runs`` off (the default), or reads as fast as a
-    warm page cache's, one after another on the reading thread."""
+    and the slot gets the same bytes; ``parallel_runs`` off, or reads as fast as a warm page
+    cache's, one after another on the reading thread."""
     manifest, entry, data = _two_tensor_store(tmp_path)
     reader = RecordReader(tmp_path, manifest, workers=2, parallel_runs=parallel,
                           storage=StorageModel(1e9, latency=2e-3))
@@ -214,6 +214,42 @@ def test_a_records_runs_are_read_together_when_reads_are_slow(tmp_path, monkeypa
     threads.clear()
     assert reader.read_into(entry, 0, pool, 0) == 768
     assert threads == [threading.current_thread().name] * 2
+    reader.close()
+
+
+def test_the_first_slow_reads_decide_whether_runs_go_out_together():
+    """``RunModeTrial``: the first reads alternate between the two ways, then the one with the
+    lower mean seconds per byte is kept, whatever later reads measure."""
+    trial = RunModeTrial(trials=3)
+    picks = [trial.pick() for _ in range(6)]
+    assert picks == [True, False] * 3
+    for together in picks:
+        trial.record(together, 1e-9 if together else 3e-9)
+    assert trial.choice is True and trial.pick() is True
+    trial.record(True, 1.0)  # (decided: later reads change nothing)
+    assert trial.choice is True and trial.measured()["in_turn"] == pytest.approx(3e-9)
+    slower = RunModeTrial(trials=1)
+    slower.record(True, 2e-9)
+    assert slower.choice is None  # (one way measured only)
+    slower.record(False, 1e-9)
+    assert slower.choice is False
+
+
+def test_auto_sends_runs_together_where_each_command_waits_out_a_latency(tmp_path):
+    """On a device whose every command waits 2 ms, a 2-run record takes ~4 ms in turn and ~2 ms
+    together: after its trial, "auto" keeps sending runs together."""
+    manifest, entry, data = _two_tensor_store(tmp_path)
+    reader = RecordReader(tmp_path, manifest, workers=2, storage=StorageModel(1e9, latency=2e-3))
+    assert reader.parallel_runs == "auto"
+    reader.run_mode_trial.trials = 4
+    pool = SlotPool(entry, 1)
+    for _ in range(8):
+        assert reader.read_into(entry, 0, pool, 0) == 768
+    measured = reader.run_mode_trial.measured()
+    assert measured["choice"] is True, measured
+    assert measured["together"] < measured["in_turn"]
+    for i, name in enumerate(("a", "b", "c")):
+        np.testing.assert_array_equal(np.array(pool.arrays[name][0]), data[64 * i:64 * (i + 1)])
     reader.close()
 
 
