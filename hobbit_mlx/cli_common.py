@@ -618,7 +618,8 @@ def format_report(s: dict) -> list[str]:
     lines.append(experts + ")" + (f"; cache policy {s['policy']}" if s.get("policy") else ""))
     per_tok = (f", {format_size(s['bytes_read'] / s['generation_tokens'])} per generated token"
                if s.get("generation_tokens") else "")
-    lines.append(f"Read from storage: {format_size(s.get('bytes_read', 0))}{per_tok}")
+    span_reads = f"; an expert's spans read {s['span_reads']}" if s.get("span_reads") else ""
+    lines.append(f"Read from storage: {format_size(s.get('bytes_read', 0))}{per_tok}{span_reads}")
     if s.get("prefetch_issued") or s.get("prediction_total"):
         precision = s.get("prefetch_precision")
         recall = s.get("prediction_recall")

@@ -395,7 +395,21 @@ def offload_stats(model: nn.Module) -> dict:
     s["prefetch_precision_by_distance"] = {d: u / i for d, (i, u) in
                                            sorted(s.pop("prefetch_by_distance").items()) if i}
     s["little_token_share"] = s["little_tokens"] / s["routed_tokens"] if s["routed_tokens"] else None
+    s["span_reads"] = _span_reads(rt.reader)
     return s
+
+
+def _span_reads(reader) -> str | None:
+    """How slow records read in place send their runs: "together", "in turn", "trying" (auto,
+    still measuring); None where no record has several runs or none was slow."""
+    if reader.runs_per_record < 2:
+        return None
+    if reader.parallel_runs != "auto":
+        return "together" if reader.parallel_runs else "in turn"
+    trial = reader.run_mode_trial.measured()
+    if trial["choice"] is not None:
+        return "together" if trial["choice"] else "in turn"
+    return "trying" if trial["together"] is not None or trial["in_turn"] is not None else None
 
 
 def reset_stats(model: nn.Module) -> None:
