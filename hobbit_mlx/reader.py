@@ -170,9 +170,10 @@ class RecordReader:
             raise ReadCancelled()
         runs = adjacent_runs(record.spans)
         slow = len(runs) > 1 and self.read_seconds >= PARALLEL_RUNS_MIN_S
-        together = slow and (self.parallel_runs if self.parallel_runs != "auto"
-                             else self.run_mode_trial.pick())
-        t0 = time.perf_counter()
+        trying = slow and self.parallel_runs == "auto" and self.run_mode_trial.choice is None
+        together = slow and (self.run_mode_trial.pick() if self.parallel_runs == "auto"
+                             else self.parallel_runs)
+        t0 = time.perf_counter() if trying else 0.0
         if together:
             others = [self.run_pool.submit(self._read_run, record, run, pool, slot, background,
                                            ticket) for run in runs[1:]]
@@ -192,7 +193,7 @@ class RecordReader:
                         self.device.count_cancelled(sum(record.spans[j][2] for later in runs[i + 1:]
                                                         for j in later))
                     raise
-        if slow and self.parallel_runs == "auto":
+        if trying:
             self.run_mode_trial.record(together, (time.perf_counter() - t0) / record.nbytes)
 
     def _read_run(self, record, run: list[int], pool: "SlotPool", slot: int, background: bool,
