@@ -165,14 +165,17 @@ class RecordReader:
         the device. A record read in place from a downloaded checkpoint has several (an expert's
         rows of each stacked tensor: 9 for a SwitchGLU's weights, scales and biases); one after
         another, each command would wait out the device's latency in turn, so once reads are
-        slow enough that a thread hand-off is cheap beside them they are issued together."""
+        slow enough that a thread hand-off is cheap beside them they may go out together: as
+        ``parallel_runs`` says, or as the demand reads of its trial measured (``RunModeTrial``;
+        a prefetch read, slowed by demand reads going first, does not take part)."""
         if self.device is None and ticket is not None and ticket.cancelled and not ticket.urgent:
             raise ReadCancelled()
         runs = adjacent_runs(record.spans)
         slow = len(runs) > 1 and self.read_seconds >= PARALLEL_RUNS_MIN_S
-        trying = slow and self.parallel_runs == "auto" and self.run_mode_trial.choice is None
-        together = slow and (self.run_mode_trial.pick() if self.parallel_runs == "auto"
-                             else self.parallel_runs)
+        auto = self.parallel_runs == "auto"
+        trying = slow and auto and not background and self.run_mode_trial.choice is None
+        together = slow and (self.run_mode_trial.pick() if trying else
+                             bool(self.run_mode_trial.choice) if auto else self.parallel_runs)
         t0 = time.perf_counter() if trying else 0.0
         if together:
             others = [self.run_pool.submit(self._read_run, record, run, pool, slot, background,
