@@ -404,11 +404,10 @@ def _span_reads(reader) -> str | None:
     still measuring); None where no record has several runs or none was slow."""
     if reader.runs_per_record < 2:
         return None
-    if reader.parallel_runs != "auto":
-        return "together" if reader.parallel_runs else "in turn"
+    mode = reader.runs_together()
+    if mode is not None:
+        return "together" if mode else "in turn"
     trial = reader.run_mode_trial.measured()
-    if trial["choice"] is not None:
-        return "together" if trial["choice"] else "in turn"
     return "trying" if trial["together"] is not None or trial["in_turn"] is not None else None
 
 

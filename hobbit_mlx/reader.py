@@ -172,10 +172,9 @@ class RecordReader:
             raise ReadCancelled()
         runs = adjacent_runs(record.spans)
         slow = len(runs) > 1 and self.read_seconds >= PARALLEL_RUNS_MIN_S
-        auto = self.parallel_runs == "auto"
-        trying = slow and auto and not background and self.run_mode_trial.choice is None
-        together = slow and (self.run_mode_trial.pick() if trying else
-                             bool(self.run_mode_trial.choice) if auto else self.parallel_runs)
+        mode = self.runs_together()
+        trying = slow and mode is None and not background
+        together = slow and (self.run_mode_trial.pick() if trying else bool(mode))
         t0 = time.perf_counter() if trying else 0.0
         if together:
             others = [self.run_pool.submit(self._read_run, record, run, pool, slot, background,
@@ -198,6 +197,11 @@ class RecordReader:
                     raise
         if trying:
             self.run_mode_trial.record(together, (time.perf_counter() - t0) / record.nbytes)
+
+    def runs_together(self) -> bool | None:
+        """Whether a slow record sends its runs at once: as ``parallel_runs`` says, or as the
+        trial chose (None: "auto" and still trying both)."""
+        return self.run_mode_trial.choice if self.parallel_runs == "auto" else self.parallel_runs
 
     def _read_run(self, record, run: list[int], pool: "SlotPool", slot: int, background: bool,
                   ticket: ReadTicket | None) -> None:
@@ -315,8 +319,7 @@ class RecordReader:
         if self.device is None or reads <= 0:
             return 0.0
         model = self.device.model
-        together = self.parallel_runs if self.parallel_runs != "auto" else \
-            bool(self.run_mode_trial.choice)  # (until the trial decides: in turn)
+        together = bool(self.runs_together())  # (until the trial decides: in turn)
         commands = reads * (self.runs_per_record if together else 1)
         batches = -(-commands // model.queue_depth)
         if not together:  # each record's runs wait out the latency in turn
