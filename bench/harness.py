@@ -32,8 +32,9 @@ phase, next to mlx-lm's switch module call timed the same way; MLX peak memory a
 against the budget (``peak_vs_budget``).
 
 Storage: warm by default (the store's pages may sit in the OS page cache); ``--cold`` loads with
-``direct_io=True`` (O_DIRECT reads bypass the page cache) and drops the store's cached pages
-(``posix_fadvise(DONTNEED)``) before each run. Outputs: ``<out>/<name>.md`` (tables + the exact
+``direct_io=True`` (O_DIRECT reads bypass the page cache; F_NOCACHE on macOS) and drops the
+store's cached pages (``posix_fadvise(DONTNEED)``) before each run; macOS cannot drop one file's
+pages, so there run ``sudo purge`` first (the report says whether pages were dropped). Outputs: ``<out>/<name>.md`` (tables + the exact
 command), ``<name>.json``, ``<name>-speed.png`` (tokens/s ratio vs residency) and ``<name>-hit.png``
 (hit rate vs residency), one line per configuration.
 """
@@ -60,6 +61,7 @@ import mlx.core as mx  # noqa: E402
 
 from bench import replay as rp  # noqa: E402
 from bench import trace as tr  # noqa: E402
+from hobbit_mlx.reader import can_drop_page_cache  # noqa: E402
 from bench.workload import (DEFAULT_WORKLOAD, QUICK_WORKLOAD, RESULTS, Workload,  # noqa: E402
                             make_workload, resolve_model_paths)
 
@@ -612,7 +614,7 @@ def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: 
         return {**run, "error": f"{type(e).__name__}: {e}"}
     rt = runtime_of(model)
     run["load_s"] = time.perf_counter() - t0
-    run["direct_io"] = bool(rt.reader.direct)
+    run["direct_io"] = rt.reader.bypass  # "O_DIRECT", "F_NOCACHE" or None
     pools = high_pools(rt)
     all_experts = sum(layer.num_experts for layer in rt.manifest.layers)
     run["resident_expert_nbytes"] = pools[0].slot_nbytes if pools else 0
@@ -630,7 +632,7 @@ def run_offloaded(paths, workload: Workload, baseline: dict, name: str, kwargs: 
         empty_pools(rt, preload=run["preloaded"])
         hobbit_mlx.reset_stats(model)
         if cold:
-            rt.reader.drop_page_cache()
+            run["page_cache_dropped"] = rt.reader.drop_page_cache()
         gen = generate_workload(model, workload, rt.prefill_step_size, offloaded=True)
         stats = hobbit_mlx.offload_stats(model)
         if rt.reader.device is not None:
@@ -747,8 +749,7 @@ def markdown(result: dict) -> str:
           f" experts, top-{meta['experts']['experts_per_token']}; 4-bit expert bytes "
           f"{_mb(meta['experts']['expert_bytes_high'])} MiB; dense {_mb(meta['experts'].get('dense_bytes'))} MiB",
           f"- storage: **{meta['storage']}** -- " + (
-              "O_DIRECT reads, store pages dropped (posix_fadvise DONTNEED) before each run"
-              if meta["storage"] == "cold" else _simulated_note(base.get("storage"))
+              _cold_note(runs) if meta["storage"] == "cold" else _simulated_note(base.get("storage"))
               if meta["storage"] == "mac-like" else "page cache allowed (the store may be cached by the OS)"),
           f"- workload: {meta['workload']['n_prompts']} prompt(s) of {meta['workload']['prompt_tokens']} "
           f"tokens, {meta['workload']['max_tokens']} greedy tokens each; perplexity on "
@@ -869,6 +870,16 @@ def markdown(result: dict) -> str:
     if result.get("plots"):
         L += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in result["plots"]] + [""]
     return "\n".join(L)
+
+
+def _cold_note(runs: list[dict]) -> str:
+    """How cold the cold runs were: which bypass the reads had, and whether cached pages went."""
+    bypass = sorted({str(r.get("direct_io")) for r in runs if "error" not in r})
+    dropped = {r.get("page_cache_dropped", True) for r in runs if "error" not in r}
+    return (f"reads past the page cache ({', '.join(bypass)}), " +
+            ("store pages dropped (posix_fadvise DONTNEED) before each run" if dropped == {True}
+             else "**store pages not dropped** (this OS has no posix_fadvise: pages cached "
+                  "before the harness read warm unless `sudo purge` ran first)"))
 
 
 def _simulated_note(st: dict | None) -> str:
@@ -1160,6 +1171,10 @@ def main(argv=None) -> int:
     workload = make_workload(tok, n_prompts=n_prompts, prompt_tokens=prompt_tokens,
                              max_tokens=max_tokens, n_ppl=n_ppl, ppl_tokens=ppl_tokens)
     storage = "cold" if a.cold else a.storage
+    if storage == "cold" and not can_drop_page_cache():
+        print("warning: this OS cannot drop one file's cached pages; run `sudo purge` before the "
+              "harness, or pages cached earlier read warm (reads bypass the cache from then on)",
+              file=sys.stderr)
     read_ratio = None
     if storage == "mac-like":
         from hobbit_mlx.storage import MAC_READ_RATIO

@@ -61,7 +61,7 @@ def read_pass(model_dir: Path, workers: int, cold: bool, order_seed: int = 0,
     jobs = [(l, e) for l in manifest.layers for e in range(l.num_experts)]
     random.Random(order_seed).shuffle(jobs)
     if cold:
-        reader.drop_page_cache()
+        reader.drop_page_cache()  # (main refused to start where it cannot)
     local, counter, lock = threading.local(), [0], threading.Lock()
 
     def one(job) -> int:
@@ -102,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/inplace-read"))
     args = parser.parse_args(argv)
     from convert import convert
+    from hobbit_mlx.reader import can_drop_page_cache
     from hobbit_mlx.store import load_manifest
+
+    if not can_drop_page_cache():
+        parser.error("its cold passes drop the store's cached pages with posix_fadvise, which "
+                     "this OS lacks (macOS: only `sudo purge` drops them, for the whole cache)")
 
     src = (args.model or default_model()).resolve()
     stores = {}

@@ -167,7 +167,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="Check expert checksums the first time each is read, on every read, or "
                         "never (default: %(default)s).")
     g.add_argument("--direct-io", action="store_true",
-                   help="Read experts with O_DIRECT, bypassing the OS page cache (where supported).")
+                   help="Read experts past the OS page cache (O_DIRECT; F_NOCACHE on macOS).")
     g.add_argument("--span-reads", default="auto", choices=("auto", "together", "in-turn"),
                    help="How a slow expert read in place (one span per stacked tensor) sends its "
                         "spans to storage: at once, one after another, or whichever the first "

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,9 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     reader = RecordReader(model_dir, manifest, workers=o.io_workers, verify=o.verify,
                           direct=o.direct_io, storage=parse_storage(o.simulated_storage),
                           parallel_runs=o.parallel_runs)
+    if o.direct_io and reader.bypass is None:
+        warnings.warn("direct_io: this OS offers no way to read past its page cache (neither "
+                      "O_DIRECT nor F_NOCACHE); experts are read through it", stacklevel=2)
     uses_low = precision.mixed_precision or o.prefill_low_precision > 0
     groups = make_pools(manifest, ("high", "low") if uses_low else ("high",), cdtype)
     pools = {(lid, g.precision): g.pool for g in groups for lid in g.layers}

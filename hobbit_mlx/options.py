@@ -84,7 +84,7 @@ class LoadOptions:
     # I/O and compute
     io_workers: int = 8
     verify: str = "first"
-    direct_io: bool = False
+    direct_io: bool = False  # reads bypass the page cache: O_DIRECT, or F_NOCACHE on macOS
     # a slow record read in place (one span per stacked tensor) sends its spans to the device at
     # once (True), one after another, each waiting out the latency in turn (False), or whichever
     # the first reads measure faster on this device ("auto")

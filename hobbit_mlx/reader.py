@@ -10,6 +10,7 @@ with a clear error instead of producing garbage.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import zlib
@@ -21,6 +22,26 @@ import numpy as np
 from .pools import SlotPool, convert_into
 from .storage import ReadCancelled, ReadTicket, SimulatedDevice, StorageModel
 from .store import Manifest, PrecisionEntry, Record, StoreError
+
+
+# macOS has no O_DIRECT: ``fcntl(fd, F_NOCACHE, 1)`` keeps what a descriptor reads out of the
+# unified buffer cache (48 in <sys/fcntl.h>; Python's fcntl module names it only in recent versions).
+F_NOCACHE = 48
+
+
+def page_cache_bypass() -> str | None:
+    """How this platform reads past the OS page cache: "O_DIRECT", "F_NOCACHE", or None."""
+    if hasattr(os, "O_DIRECT"):
+        return "O_DIRECT"
+    if sys.platform == "darwin":
+        return "F_NOCACHE"
+    return None
+
+
+def can_drop_page_cache() -> bool:
+    """Whether a store's cached pages can be dropped without privileges (``posix_fadvise``;
+    macOS has none: ``sudo purge`` drops the whole cache)."""
+    return hasattr(os, "posix_fadvise")
 
 
 class RecordReader:
@@ -42,14 +63,18 @@ class RecordReader:
         self._verified: set[tuple[int, int, int]] = set()
         self._lock = threading.Lock()
         self._fds = []
-        flags = os.O_RDONLY
-        if direct and hasattr(os, "O_DIRECT"):
-            flags |= os.O_DIRECT
-        self.direct = bool(flags & getattr(os, "O_DIRECT", 0))
+        # ``direct``: reads bypass the page cache, by O_DIRECT (aligned reads, see _read_span)
+        # or, on macOS, F_NOCACHE; ``self.bypass`` says which one this platform gave (None: none).
+        self.bypass = page_cache_bypass() if direct else None
+        self.direct = self.bypass == "O_DIRECT"
+        flags = os.O_RDONLY | (os.O_DIRECT if self.direct else 0)
         for rel in manifest.files:
             path = self.model_dir / rel
             try:
                 self._fds.append(os.open(path, flags))
+                if self.bypass == "F_NOCACHE":
+                    import fcntl
+                    fcntl.fcntl(self._fds[-1], getattr(fcntl, "F_NOCACHE", F_NOCACHE), 1)
             except OSError as e:
                 self.close()
                 raise StoreError(f"{path}: cannot open expert store file ({e.strerror})") from None
@@ -83,11 +108,15 @@ class RecordReader:
             os.close(fd)
         self._fds = []
 
-    def drop_page_cache(self) -> None:
-        """Ask the OS to forget the store's cached pages, for cold-storage measurements."""
-        if hasattr(os, "posix_fadvise"):
-            for fd in self._fds:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    def drop_page_cache(self) -> bool:
+        """Ask the OS to forget the store's cached pages, for cold-storage measurements. False
+        where it cannot (macOS: only ``sudo purge``, for the whole cache): the pages cached
+        before then still read warm, so a cold measurement must say so."""
+        if not can_drop_page_cache():
+            return False
+        for fd in self._fds:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
 
     def _read_span(self, file_idx: int, offset: int, length: int) -> np.ndarray:
         # O_DIRECT needs an aligned buffer, offset and length: a span that does not start on a

@@ -282,3 +282,32 @@ def test_read_bench_runs(tmp_path):
     for row in ("| reference | 9 | in turn | cold | 1 |", "| reference | 9 | at once | warm | 1 |",
                 "| copy | 1 | in turn | warm | 1 |"):
         assert row in md
+
+
+def test_macos_reads_past_the_page_cache_with_f_nocache(tmp_path, monkeypatch):
+    """macOS has no O_DIRECT: ``direct`` sets F_NOCACHE on each store file instead (no aligned
+    reads needed), and a cold measurement learns that the cached pages could not be dropped."""
+    import fcntl
+
+    from hobbit_mlx import reader as reader_module
+
+    manifest, entry, data = _two_tensor_store(tmp_path)
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    monkeypatch.delattr(os, "posix_fadvise", raising=False)
+    monkeypatch.setattr(reader_module.sys, "platform", "darwin")
+    calls = []
+    monkeypatch.setattr(fcntl, "fcntl", lambda fd, cmd, arg: calls.append((fd, cmd, arg)) or 0)
+    reader = RecordReader(tmp_path, manifest, workers=1, direct=True)
+    try:
+        assert reader.bypass == "F_NOCACHE" and not reader.direct
+        assert [(cmd, arg) for _, cmd, arg in calls] == \
+            [(getattr(fcntl, "F_NOCACHE", reader_module.F_NOCACHE), 1)] * len(manifest.files)
+        pool = SlotPool(entry, 1)
+        assert reader.read_into(entry, 0, pool, 0) == 768
+        np.testing.assert_array_equal(np.array(pool.arrays["a"][0]), data[:64])
+        assert reader.drop_page_cache() is False
+    finally:
+        reader.close()
+    plain = RecordReader(tmp_path, manifest, workers=1)  # no bypass asked: no fcntl call
+    plain.close()
+    assert plain.bypass is None and len(calls) == len(manifest.files)
