@@ -7,10 +7,15 @@ The API mirrors mlx-lm: ``model, tokenizer = hobbit_mlx.load(path, memory_budget
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Generator
 
+import mlx.core as mx
 import mlx_lm
+
+from . import layer_major
 
 from .budget import BudgetError, parse_size
 from .loader import context_of, footprint, load, offload_stats, reset_stats, runtime_of
@@ -83,16 +88,18 @@ def _draft_tokens(model, speculative) -> tuple[int, bool]:
     return check_draft_tokens(speculative), adaptive
 
 
-def _with_defaults(model, tokenizer, prompt, kwargs: dict, extra_tokens: int = 0) -> dict:
+def _with_defaults(model, tokenizer, prompt, kwargs: dict, extra_tokens: int = 0,
+                   held_tokens: int = 0) -> dict:
     """A new sequence starts: per-sequence cache statistics reset, the budget planned for its
-    prompt and ``max_tokens``, and prefill chunks no longer than the plan reserved for."""
+    prompt and ``max_tokens``, and prefill chunks no longer than the plan reserved for.
+    ``held_tokens``: memory the prefill holds beside the KV, in KV tokens."""
     runtime = runtime_of(model)
     if isinstance(prompt, str):
         n_prompt = len(tokenizer.encode(prompt))
     else:
         n_prompt = int(prompt.size) if hasattr(prompt, "size") else len(prompt)
     max_new = kwargs.get("max_tokens", 256)
-    runtime.new_sequence(context_of(kwargs.get("prompt_cache")), n_prompt,
+    runtime.new_sequence(context_of(kwargs.get("prompt_cache")), n_prompt + held_tokens,
                          max_new + extra_tokens if max_new and max_new > 0 else 0)
     step = kwargs.get("prefill_step_size") or runtime.prefill_step_size
     kwargs["prefill_step_size"] = max(1, min(step, runtime.plan.chunk_tokens))
@@ -123,7 +130,14 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, draft_model
 
 def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwargs):
     k, adaptive = _draft_tokens(model, speculative) if draft_model is None else (0, True)
-    kwargs = _with_defaults(model, tokenizer, prompt, dict(kwargs, max_tokens=max_tokens), k + 1)
+    kwargs = dict(kwargs, max_tokens=max_tokens)
+    by_layer = not k and draft_model is None and _layer_major_candidate(model, kwargs)
+    held = 0
+    if by_layer:  # (the prompt's hidden states are held between layers)
+        tokens = _prompt_tokens(tokenizer, prompt)
+        held = layer_major.extra_context_tokens(model, tokens.size,
+                                                runtime_of(model).kv_bytes_per_token)
+    kwargs = _with_defaults(model, tokenizer, tokens if by_layer else prompt, kwargs, k + 1, held)
     rt = runtime_of(model)
     loaded_draft = getattr(rt, "draft_model", None)
     if k and loaded_draft is not None and rt.cache.all_high_resident:
@@ -135,35 +149,77 @@ def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwar
             kwargs["draft_model"] = loaded_draft
         yield from spec.stream_generate(model, tokenizer, prompt, num_draft_tokens=k,
                                         adaptive=adaptive, **kwargs)
+    elif draft_model is None and by_layer:
+        yield from _prefilled_by_layer(model, tokenizer, tokens, kwargs)
     else:
         yield from mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=draft_model,
                                           **kwargs)
 
 
+def _prompt_tokens(tokenizer, prompt) -> mx.array:
+    """The prompt's tokens, encoded as mlx-lm's ``stream_generate`` encodes them."""
+    if isinstance(prompt, mx.array):
+        return prompt
+    if isinstance(prompt, str):
+        bos = getattr(tokenizer, "bos_token", None)
+        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    return mx.array(prompt)
+
+
+def _layer_major_candidate(model, kwargs: dict) -> bool:
+    """Whether this generation may prefill layer by layer (``layer_major.py``): the option is
+    on, some expert is not resident (with all of them resident nothing is read), and nothing in
+    ``kwargs`` needs mlx-lm to see the whole prompt (penalties, a windowed or quantized KV cache,
+    embeddings)."""
+    rt = runtime_of(model)
+    return rt.layer_major_prefill and not rt.cache.all_high_resident and \
+        layer_major.decoder_of(model) is not None and not kwargs.get("logits_processors") and \
+        not any(kwargs.get(k) is not None for k in ("max_kv_size", "kv_bits", "input_embeddings"))
+
+
+def _prefilled_by_layer(model, tokenizer, tokens: mx.array, kwargs: dict):
+    """All but the prompt's last token prefilled layer by layer, then mlx-lm's
+    ``stream_generate`` from that token on, its responses counting the whole prompt."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = kwargs.get("prompt_cache") or make_prompt_cache(model)
+    step = kwargs["prefill_step_size"]
+    if not layer_major.applies(model, cache, tokens.size, step):
+        yield from mlx_lm.stream_generate(model, tokenizer, tokens, **kwargs)
+        return
+    rt = runtime_of(model)
+    rt.see_call(context_of(cache) + tokens.size - 1 - step, step)  # (the reserves it ends at)
+    start = time.perf_counter()
+    layer_major.prefill(model, tokens[:-1], cache, step, rt)
+    seconds = time.perf_counter() - start
+    for r in mlx_lm.stream_generate(model, tokenizer, tokens[-1:], **dict(kwargs, prompt_cache=cache)):
+        yield replace(r, prompt_tokens=tokens.size,
+                      prompt_tps=tokens.size / (seconds + r.prompt_tokens / r.prompt_tps))
+
+
 def generate(model, tokenizer, prompt, verbose: bool = False, speculative=None, **kwargs) -> str:
-    """mlx-lm's ``generate``, with the budget planned for this sequence first (``speculative``:
-    see ``stream_generate``).
+    """mlx-lm's ``generate`` over this package's ``stream_generate`` (the budget planned for the
+    sequence first, long prompts prefilled layer by layer; ``speculative``: see there).
 
     Thread-safe per model: generations on one model (this and ``stream_generate``) run one at a
     time, each with the text a lone generation gives; a second thread waits for the first."""
-    if _draft_tokens(model, speculative)[0] and kwargs.get("draft_model") is None:
-        text = ""  # (stream_generate holds the model)
-        for r in stream_generate(model, tokenizer, prompt, speculative=speculative, **kwargs):
-            if verbose:
-                print(r.text, end="", flush=True)
-            text += r.text
+    if verbose:
+        print("=" * 10)
+    text, r = "", None
+    for r in stream_generate(model, tokenizer, prompt, speculative=speculative, **kwargs):
         if verbose:
-            print()
-        return text
-    with _generation_lock(model).held():
-        try:
-            text = mlx_lm.generate(model, tokenizer, prompt, verbose=verbose,
-                                   **_with_defaults(model, tokenizer, prompt, kwargs))
-        except BaseException:
-            _finish(model, failed=True)
-            raise
-        _finish(model)
-        return text
+            print(r.text, end="", flush=True)
+        text += r.text
+    if verbose:
+        print()
+        print("=" * 10)
+        if not text:
+            print("No text generated for this prompt")
+        else:
+            print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec")
+            print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec")
+            print(f"Peak memory: {r.peak_memory:.3f} GB")
+    return text
 
 
 __all__ = ["load", "LoadOptions", "generate", "stream_generate", "offload_stats", "reset_stats", "footprint",

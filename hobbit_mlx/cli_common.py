@@ -161,6 +161,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, metavar="N",
                    help="Prompt tokens processed at a time; smaller values lower peak memory "
                         "during prefill (default: %(default)s).")
+    g.add_argument("--prefill-order", default="layers", choices=("layers", "chunks"),
+                   help="A prompt longer than one step passes the model a layer at a time (every "
+                        "chunk through a layer first: its experts are read once) or a chunk at a "
+                        "time, as mlx-lm does (each chunk reads them again) (default: %(default)s).")
     g.add_argument("--io-workers", type=int, default=8, metavar="N",
                    help="Threads reading experts from storage (default: %(default)s).")
     g.add_argument("--verify", default="first", choices=("first", "always", "never"),
@@ -312,6 +316,7 @@ def load_options(args: argparse.Namespace) -> "LoadOptions":
 
     return LoadOptions(memory_budget=args.memory_budget, expert_residency=args.expert_residency,
                        max_context=args.max_context, prefill_step_size=args.prefill_step_size,
+                       layer_major_prefill=args.prefill_order == "layers",
                        io_workers=args.io_workers, verify=args.verify, direct_io=args.direct_io,
                        parallel_runs={"auto": "auto", "together": True,
                                       "in-turn": False}[args.span_reads],

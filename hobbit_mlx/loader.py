@@ -344,6 +344,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
                                         scratch=bool(scratch))
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
                      prefill_step_size=prefill_step_size)
+    runtime.layer_major_prefill = o.layer_major_prefill and pipe is None
     runtime.speculative = (check_draft_tokens(o.speculative) if o.speculative else 0,
                            o.speculative_adaptive)  # (max draft tokens, adaptive); 0: off
     runtime.preload()

@@ -45,6 +45,9 @@ class LoadOptions:
     expert_residency: float | None = None  # instead: pools of this share of the 4-bit experts
     max_context: int = INITIAL_CONTEXT  # KV reserved when a sequence starts (it grows from there)
     prefill_step_size: int = DEFAULT_PREFILL_STEP
+    # a prompt longer than one chunk passes the model layer by layer (every chunk through a layer
+    # before the next), so each layer's experts are read once per prompt, not once per chunk
+    layer_major_prefill: bool = True
     # techniques
     exact: bool = False  # 4-bit only, nothing skipped: outputs equal mlx-lm's
     mixed_precision: bool | None = None  # HOBBIT; None: on unless exact

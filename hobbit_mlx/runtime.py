@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from .cache import SlotCache
@@ -111,6 +113,7 @@ class OffloadRuntime:
         self.model_dir = None
         self.kv_bytes_per_token = 0
         self.prefill_step_size = 512
+        self.layer_major_prefill = False  # long prompts prefilled layer by layer (layer_major.py)
 
     def describe(self, *, plan, model_dir, kv_bytes_per_token: int, prefill_step_size: int) -> None:
         """Record the budget plan and the model facts load() measured."""
@@ -132,6 +135,20 @@ class OffloadRuntime:
         self.context_tokens = context_tokens
         if self.on_sequence is not None:
             self.on_sequence(context_tokens, prompt_tokens, max_tokens)
+
+    @contextmanager
+    def experts_held(self, module: nn.Module):
+        """The experts of the offloaded layers inside ``module`` are held (``SlotCache.hold``)
+        while the block runs: other layers' misses evict them last."""
+        mine = {id(s): s for s in self.layers}
+        keys = [(s.layer.layer, e, p) for _, m in module.named_modules() if id(m) in mine
+                for s in (mine[id(m)],) for p in s.layer.precisions
+                for e in range(s.layer.num_experts)]
+        self.cache.hold(keys)
+        try:
+            yield
+        finally:
+            self.cache.release(keys)
 
     def see_call(self, context: int, tokens: int) -> None:
         """A model call of ``tokens`` tokens starts on a KV cache holding ``context``: grow the

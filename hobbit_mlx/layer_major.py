@@ -1,0 +1,106 @@
+"""Prefill layer by layer: every chunk of a long prompt passes a layer before any enters the next.
+
+mlx-lm prefills a prompt chunk by chunk, each chunk through every layer. A chunk of a few hundred
+tokens routes to nearly every expert of a layer, so with the experts offloaded each chunk reads
+nearly the whole model again: a prompt of N chunks reads it N times. Taken layer by layer, a
+layer's experts are read once for all the chunks (when the pools can hold one layer's experts),
+and the chunks' hidden states are all that is held between layers (prompt tokens × hidden size).
+
+The model's own code does the work: the decoder module (``model.model``) is called once per
+(layer, chunk) with its layer list cut to that layer and its cache list to that layer's cache, its
+embedding replaced by the chunk's hidden state and its final norm by the identity. The chunks
+reach each layer in order, so each layer's KV cache grows as it would chunk by chunk, and every
+operation sees the inputs it would see there: the KV cache and the logits are mlx-lm's exactly.
+That holds where the decoder builds its attention mask from ``cache[0]`` alone and a prompt
+chunk's mask does not depend on the cache's offset (plain ``KVCache``, no window): the
+architectures in ``LAYER_MAJOR_TYPES``, each checked against chunked prefill by the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+
+# Decoders whose call is: embed, mask from cache[0], each layer with its cache, norm (checked
+# against mlx-lm's chunked prefill in tests/test_layer_major.py). Not here: gpt_oss (masks from
+# sliding-window caches), llama4 (chunked attention), granitemoe (scales the embedding inside
+# the call), hybrid models with recurrent state, and anything untested.
+LAYER_MAJOR_TYPES = frozenset({
+    "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+    "glm4_moe",
+})
+
+
+class _HiddenState(nn.Module):
+    """Stands in for the embedding: returns the hidden state the current chunk has reached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = None
+
+    def __call__(self, inputs: mx.array) -> mx.array:
+        return self.h
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The decoder module layer-major prefill drives, or None where it does not apply."""
+    if getattr(model, "model_type", None) not in LAYER_MAJOR_TYPES:
+        return None
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("layers", "embed_tokens", "norm")):
+        return None
+    if getattr(inner, "pipeline_size", 1) > 1:  # (a pipeline's ranks hold a share of the layers)
+        return None
+    return inner
+
+
+def applies(model: nn.Module, cache: list, prompt_tokens: int, chunk: int) -> bool:
+    """Whether a prompt of ``prompt_tokens`` (the last one stays for mlx-lm's first step) is
+    prefilled layer by layer: a supported decoder, more than one chunk, plain KV caches."""
+    inner = decoder_of(model)
+    return inner is not None and prompt_tokens - 1 > chunk and \
+        len(cache) == len(inner.layers) and all(type(c) is KVCache for c in cache)
+
+
+def hidden_bytes_per_token(model: nn.Module) -> int:
+    """What holding one prompt token's hidden state between layers costs."""
+    h = decoder_of(model).embed_tokens(mx.array([[0]]))
+    return h.shape[-1] * h.dtype.size
+
+
+def extra_context_tokens(model: nn.Module, prompt_tokens: int, kv_bytes_per_token: int) -> int:
+    """The prompt's hidden states, held between layers, counted as KV tokens for the budget."""
+    if kv_bytes_per_token <= 0:
+        return 0
+    return math.ceil(prompt_tokens * hidden_bytes_per_token(model) / kv_bytes_per_token)
+
+
+def prefill(model: nn.Module, tokens: mx.array, cache: list, chunk: int, runtime=None) -> None:
+    """Run ``tokens`` (1-D) into ``cache`` layer by layer, in chunks of ``chunk`` tokens.
+    ``runtime`` (the model's ``OffloadRuntime``): while a layer's chunks pass, its experts are
+    kept from eviction by the other layers' (a frequency policy would otherwise evict the ones
+    the first chunks read, counted once so far, ahead of the layers behind, counted once per
+    chunk); and each call's output is handed to it as the model's own call does."""
+    inner = decoder_of(model)
+    layers, embed, norm = inner.layers, inner.embed_tokens, inner.norm
+    chunks = [tokens[s:s + chunk][None] for s in range(0, tokens.size, chunk)]
+    hidden = [embed(c) for c in chunks]
+    mx.eval(hidden)
+    state = _HiddenState()
+    try:
+        inner.embed_tokens, inner.norm = state, nn.Identity()
+        for layer, layer_cache in zip(layers, cache):
+            inner.layers = [layer]
+            with runtime.experts_held(layer) if runtime is not None else nullcontext():
+                for i, c in enumerate(chunks):
+                    state.h = hidden[i]
+                    hidden[i] = inner(c, cache=[layer_cache])
+                    mx.eval(hidden[i], layer_cache.state)
+                    if runtime is not None:
+                        runtime.end_call(hidden[i])
+    finally:
+        inner.layers, inner.embed_tokens, inner.norm = layers, embed, norm

@@ -1,0 +1,89 @@
+"""Layer-major prefill: each layer's experts read once per prompt, with mlx-lm's KV and logits."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load_model
+
+import hobbit_mlx
+from hobbit_mlx import layer_major
+from hobbit_mlx.loader import runtime_of
+from hobbit_mlx.testing.tiny_models import TINY_ARCHS
+
+PROMPT = [(11 * i + 5) % 200 + 1 for i in range(50)]  # 50 tokens: chunks of 16, 16, 16, 2
+CHUNK = 16
+
+
+def _chunked(model, tokens: mx.array, chunk: int):
+    """mlx-lm's prefill: chunk after chunk through every layer; the next token's logits."""
+    cache = make_prompt_cache(model)
+    for s in range(0, tokens.size - 1, chunk):
+        model(tokens[s:min(s + chunk, tokens.size - 1)][None], cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache, model(tokens[-1:][None], cache=cache)
+
+
+@pytest.mark.parametrize("arch", sorted(layer_major.LAYER_MAJOR_TYPES & set(TINY_ARCHS)))
+def test_kv_and_logits_equal_chunked_prefill(deep_models, arch):
+    """Every chunk through a layer before the next layer: the model's KV cache and the next
+    token's logits are those of mlx-lm's chunked prefill (whole model resident). Four layers: a
+    hidden state passed on wrongly shows in the KV of the layers after the next one."""
+    dst = deep_models(arch)
+    ref, _ = load_model(dst.parent / "mlx")
+    ref.set_dtype(mx.float32)
+    tokens = mx.array(PROMPT)
+    try:
+        ref_cache, expected = _chunked(ref, tokens, CHUNK)
+        mx.eval(expected)
+    except RuntimeError as e:  # some mlx-lm models use Metal-only kernels
+        pytest.skip(f"mlx-lm itself cannot run {arch} on this backend: {e}")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
+    cache = make_prompt_cache(model)
+    assert layer_major.applies(model, cache, tokens.size, CHUNK)
+    layer_major.prefill(model, tokens[:-1], cache, CHUNK, runtime_of(model))
+    got = model(tokens[-1:][None], cache=cache)
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=0, atol=1e-5)
+    for mine, theirs in zip(cache, ref_cache):
+        assert mine.offset == theirs.offset == tokens.size
+        for a, b in zip(mine.state, theirs.state):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-5)
+    assert hobbit_mlx.offload_stats(model)["misses_high"] > 0
+
+
+def test_a_long_prompt_reads_each_layers_experts_once(tmp_path):
+    """The bundled reference model, a prompt of many chunks, pools of about half the experts:
+    the same text as chunk-by-chunk prefill, the whole prompt counted in the responses, the
+    budget kept, and a fraction of the bytes read."""
+    text = open(hobbit_mlx.__file__).read()[:2500]
+    out = {}
+    for order in (False, True):
+        model, tok = hobbit_mlx.load(None, memory_budget="24MB", exact=True, progress=False,
+                                     prefill_step_size=64, layer_major_prefill=order)
+        responses = list(hobbit_mlx.stream_generate(model, tok, text, max_tokens=12))
+        stats = hobbit_mlx.offload_stats(model)
+        assert stats["peak_memory_bytes"] <= stats["budget_bytes"]
+        out[order] = ("".join(r.text for r in responses), responses[-1].prompt_tokens,
+                      stats["bytes_read"])
+        runtime_of(model).close()
+        del model
+    (text_c, n_c, read_c), (text_l, n_l, read_l) = out[False], out[True]
+    assert text_l == text_c and n_l == n_c == len(tok.encode(text))
+    assert read_l < read_c / 3
+
+
+def test_not_where_mlx_lm_must_see_the_whole_prompt(tiny_factory):
+    """Penalties see the prompt's tokens, a windowed cache masks by its offset: those keep
+    mlx-lm's own prefill, as does an architecture outside the checked list."""
+    _, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
+    assert hobbit_mlx._layer_major_candidate(model, {})
+    assert not hobbit_mlx._layer_major_candidate(model, {"logits_processors": [lambda t, l: l]})
+    assert not hobbit_mlx._layer_major_candidate(model, {"max_kv_size": 64})
+    assert not layer_major.applies(model, make_prompt_cache(model, max_kv_size=64), 200, CHUNK)
+    assert not layer_major.applies(model, make_prompt_cache(model), CHUNK + 1, CHUNK)
+    _, dst = tiny_factory("gpt_oss")
+    other, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
+    assert layer_major.decoder_of(other) is None
