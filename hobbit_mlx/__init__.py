@@ -168,12 +168,14 @@ def _prompt_tokens(tokenizer, prompt) -> mx.array:
 
 def _layer_major_candidate(model, kwargs: dict) -> bool:
     """Whether this generation may prefill layer by layer (``layer_major.py``): the option is
-    on, some expert is not resident (with all of them resident nothing is read), and nothing in
-    ``kwargs`` needs mlx-lm to see the whole prompt (penalties, a windowed or quantized KV cache,
-    embeddings)."""
+    on, some expert is not resident (with all of them resident nothing is read), no prefetch
+    (it guesses the next layer of the same tokens, which this order does not run next), and
+    nothing in ``kwargs`` needs mlx-lm to see the whole prompt (penalties, a windowed or
+    quantized KV cache, embeddings)."""
     rt = runtime_of(model)
     return rt.layer_major_prefill and not rt.cache.all_high_resident and \
-        layer_major.decoder_of(model) is not None and not kwargs.get("logits_processors") and \
+        rt.prefetcher is None and layer_major.decoder_of(model) is not None and \
+        not kwargs.get("logits_processors") and \
         not any(kwargs.get(k) is not None for k in ("max_kv_size", "kv_bits", "input_embeddings"))
 
 

@@ -87,3 +87,10 @@ def test_not_where_mlx_lm_must_see_the_whole_prompt(tiny_factory):
     _, dst = tiny_factory("gpt_oss")
     other, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
     assert layer_major.decoder_of(other) is None
+
+
+def test_not_with_prefetch(tiny_factory):
+    """Prefetch guesses the next layer of the same tokens, which this order does not run next."""
+    _, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, prefetch_layers=1, progress=False)
+    assert not hobbit_mlx._layer_major_candidate(model, {})
