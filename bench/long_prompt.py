@@ -34,9 +34,10 @@ def run(budget: str, step: int, layer_major: bool, prompt: list[int], storage) -
                                  prefill_step_size=step, layer_major_prefill=layer_major,
                                  simulated_storage=storage)
     rt = runtime_of(model)
+    used = layer_major and not rt.cache.all_high_resident  # (nothing to read: mlx-lm's order)
     responses = list(hobbit_mlx.stream_generate(model, tok, prompt, max_tokens=8))
     stats = hobbit_mlx.offload_stats(model)
-    row = {"budget": budget, "step": step, "order": "layers" if layer_major else "chunks",
+    row = {"budget": budget, "step": step, "order": "layers" if used else "chunks" + (" (every expert resident)" if layer_major else ""),
            "chunk": rt.plan.chunk_tokens, "prompt_tokens": responses[-1].prompt_tokens,
            "prompt_tps": responses[-1].prompt_tps, "bytes_read": stats["bytes_read"],
            "all_experts": rt.manifest.expert_bytes("high"),
@@ -44,6 +45,10 @@ def run(budget: str, step: int, layer_major: bool, prompt: list[int], storage) -
            "tokens": [r.token for r in responses]}
     rt.close()
     return row
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "—"
 
 
 def main(argv=None) -> int:
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['budget']} | {r['step']} ({r['chunk']}) | {r['order']} | "
                      f"{r['prompt_tps']:.1f} | {r['bytes_read'] / 2**20:.1f} | "
                      f"{r['bytes_read'] / r['all_experts']:.2f} | "
-                     f"{r['bytes_read'] / base['bytes_read']:.2f} | {r['peak_vs_budget']:.2f} |")
+                     f"{_ratio(r['bytes_read'], base['bytes_read'])} | {r['peak_vs_budget']:.2f} |")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))

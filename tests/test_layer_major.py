@@ -53,6 +53,29 @@ def test_kv_and_logits_equal_chunked_prefill(deep_models, arch):
     assert hobbit_mlx.offload_stats(model)["misses_high"] > 0
 
 
+def test_a_continued_context_equals_chunked_prefill(tiny_factory):
+    """A second prompt on a KV cache that holds a first one (a chat's next turn): each layer's
+    chunks continue from that layer's own offset."""
+    src, dst = tiny_factory("qwen3_moe")
+    ref, _ = load_model(src)
+    ref.set_dtype(mx.float32)
+    tokens = mx.array(PROMPT)
+    first, second = tokens[:20], tokens[20:-1]
+    ref_cache = make_prompt_cache(ref)
+    for part in (first, second):
+        for s in range(0, part.size, CHUNK):
+            ref(part[s:s + CHUNK][None], cache=ref_cache)
+            mx.eval([c.state for c in ref_cache])
+    expected = ref(tokens[-1:][None], cache=ref_cache)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
+    cache = make_prompt_cache(model)
+    for part in (first, second):
+        layer_major.prefill(model, part, cache, CHUNK, runtime_of(model))
+    got = model(tokens[-1:][None], cache=cache)
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=0, atol=1e-5)
+    assert [c.offset for c in cache] == [tokens.size] * len(cache)
+
+
 def test_a_long_prompt_reads_each_layers_experts_once(tmp_path):
     """The bundled reference model, a prompt of many chunks, pools of about half the experts:
     the same text as chunk-by-chunk prefill, the whole prompt counted in the responses, the
