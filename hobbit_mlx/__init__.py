@@ -192,7 +192,7 @@ def _prefilled_by_layer(model, tokenizer, tokens: mx.array, kwargs: dict):
     rt = runtime_of(model)
     rt.see_call(context_of(cache) + tokens.size - 1 - step, step)  # (the reserves it ends at)
     start = time.perf_counter()
-    layer_major.prefill(model, tokens[:-1], cache, step, rt)
+    layer_major.prefill(model, tokens[:-1], cache, step, rt, kwargs.get("prompt_progress_callback"))
     seconds = time.perf_counter() - start
     for r in mlx_lm.stream_generate(model, tokenizer, tokens[-1:], **dict(kwargs, prompt_cache=cache)):
         yield replace(r, prompt_tokens=tokens.size,

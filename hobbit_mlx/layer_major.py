@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -79,12 +80,15 @@ def extra_context_tokens(model: nn.Module, prompt_tokens: int, kv_bytes_per_toke
     return math.ceil(prompt_tokens * hidden_bytes_per_token(model) / kv_bytes_per_token)
 
 
-def prefill(model: nn.Module, tokens: mx.array, cache: list, chunk: int, runtime=None) -> None:
+def prefill(model: nn.Module, tokens: mx.array, cache: list, chunk: int, runtime=None,
+            progress: Callable[[int, int], None] | None = None) -> None:
     """Run ``tokens`` (1-D) into ``cache`` layer by layer, in chunks of ``chunk`` tokens.
     ``runtime`` (the model's ``OffloadRuntime``): while a layer's chunks pass, its experts are
     kept from eviction by the other layers' (a frequency policy would otherwise evict the ones
     the first chunks read, counted once so far, ahead of the layers behind, counted once per
-    chunk); and each call's output is handed to it as the model's own call does."""
+    chunk); and each call's output is handed to it as the model's own call does.
+    ``progress(done, total)``: mlx-lm's prompt progress callback, called after each (layer,
+    chunk) with the share of the work done, in tokens (a server cancels a prefill through it)."""
     inner = decoder_of(model)
     layers, embed, norm = inner.layers, inner.embed_tokens, inner.norm
     chunks = [tokens[s:s + chunk][None] for s in range(0, tokens.size, chunk)]
@@ -93,7 +97,7 @@ def prefill(model: nn.Module, tokens: mx.array, cache: list, chunk: int, runtime
     state = _HiddenState()
     try:
         inner.embed_tokens, inner.norm = state, nn.Identity()
-        for layer, layer_cache in zip(layers, cache):
+        for li, (layer, layer_cache) in enumerate(zip(layers, cache)):
             inner.layers = [layer]
             with runtime.experts_held(layer) if runtime is not None else nullcontext():
                 for i, c in enumerate(chunks):
@@ -102,5 +106,8 @@ def prefill(model: nn.Module, tokens: mx.array, cache: list, chunk: int, runtime
                     mx.eval(hidden[i], layer_cache.state)
                     if runtime is not None:
                         runtime.end_call(hidden[i])
+                    if progress is not None:
+                        done = li * tokens.size + min((i + 1) * chunk, tokens.size)
+                        progress(done // len(layers), tokens.size)
     finally:
         inner.layers, inner.embed_tokens, inner.norm = layers, embed, norm

@@ -117,3 +117,27 @@ def test_not_with_prefetch(tiny_factory):
     _, dst = tiny_factory("qwen3_moe")
     model, _ = hobbit_mlx.load(dst, expert_residency=0.5, prefetch_layers=1, progress=False)
     assert not hobbit_mlx._layer_major_candidate(model, {})
+
+
+def test_progress_is_reported_and_can_stop_the_prefill(tiny_factory):
+    """mlx-lm's prompt progress callback is called as the layers pass (rising to the prompt's
+    length), and an exception raised in it (a server's cancelled request) stops the prefill."""
+    _, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
+    tokens = mx.array(PROMPT[:-1])
+    seen = []
+    layer_major.prefill(model, tokens, make_prompt_cache(model), CHUNK, runtime_of(model),
+                        lambda done, total: seen.append((done, total)))
+    assert seen == sorted(seen) and seen[-1] == (tokens.size, tokens.size) and len(seen) > 2
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        raise Stop
+
+    decoder = layer_major.decoder_of(model)
+    layers = decoder.layers
+    with pytest.raises(Stop):
+        layer_major.prefill(model, tokens, make_prompt_cache(model), CHUNK, runtime_of(model), stop)
+    assert decoder.layers is layers  # (the decoder is whole again)
