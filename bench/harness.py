@@ -34,8 +34,8 @@ against the budget (``peak_vs_budget``).
 Storage: warm by default (the store's pages may sit in the OS page cache); ``--cold`` loads with
 ``direct_io=True`` (O_DIRECT reads bypass the page cache; F_NOCACHE on macOS) and drops the
 store's cached pages (``posix_fadvise(DONTNEED)``) before each run; macOS cannot drop one file's
-pages, so there run ``sudo purge`` first (the report says whether pages were dropped). Outputs: ``<out>/<name>.md`` (tables + the exact
-command), ``<name>.json``, ``<name>-speed.png`` (tokens/s ratio vs residency) and ``<name>-hit.png``
+pages, so there run ``sudo purge`` first (the report says whether pages were dropped).
+Outputs: ``<out>/<name>.md`` (tables + the exact command), ``<name>.json``, ``<name>-speed.png`` (tokens/s ratio vs residency) and ``<name>-hit.png``
 (hit rate vs residency), one line per configuration.
 """
 
@@ -61,9 +61,9 @@ import mlx.core as mx  # noqa: E402
 
 from bench import replay as rp  # noqa: E402
 from bench import trace as tr  # noqa: E402
-from hobbit_mlx.reader import can_drop_page_cache  # noqa: E402
 from bench.workload import (DEFAULT_WORKLOAD, QUICK_WORKLOAD, RESULTS, Workload,  # noqa: E402
                             make_workload, resolve_model_paths)
+from hobbit_mlx.reader import can_drop_page_cache  # noqa: E402
 
 # The matrix: named configurations, each a dict of hobbit_mlx.load() keyword arguments. A new
 # technique joins with one line. A configuration that fixes ``expert_residency`` (or

@@ -16,7 +16,6 @@ import mlx.core as mx
 import mlx_lm
 
 from . import layer_major
-
 from .budget import BudgetError, parse_size
 from .loader import context_of, footprint, load, offload_stats, reset_stats, runtime_of
 from .options import LoadOptions
@@ -149,7 +148,7 @@ def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwar
             kwargs["draft_model"] = loaded_draft
         yield from spec.stream_generate(model, tokenizer, prompt, num_draft_tokens=k,
                                         adaptive=adaptive, **kwargs)
-    elif draft_model is None and by_layer:
+    elif by_layer:
         yield from _prefilled_by_layer(model, tokenizer, tokens, kwargs)
     else:
         yield from mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=draft_model,
