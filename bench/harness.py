@@ -35,8 +35,9 @@ Storage: warm by default (the store's pages may sit in the OS page cache); ``--c
 ``direct_io=True`` (O_DIRECT reads bypass the page cache; F_NOCACHE on macOS) and drops the
 store's cached pages (``posix_fadvise(DONTNEED)``) before each run; macOS cannot drop one file's
 pages, so there run ``sudo purge`` first (the report says whether pages were dropped).
-Outputs: ``<out>/<name>.md`` (tables + the exact command), ``<name>.json``, ``<name>-speed.png`` (tokens/s ratio vs residency) and ``<name>-hit.png``
-(hit rate vs residency), one line per configuration.
+Outputs: ``<out>/<name>.md`` (tables + the exact command), ``<name>.json``, ``<name>-speed.png``
+(tokens/s ratio vs residency) and ``<name>-hit.png`` (hit rate vs residency), one line per
+configuration.
 """
 
 from __future__ import annotations
