@@ -26,13 +26,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
-# Decoders whose call is: embed, mask from cache[0], each layer with its cache, norm (checked
-# against mlx-lm's chunked prefill in tests/test_layer_major.py). Not here: gpt_oss (masks from
-# sliding-window caches), llama4 (chunked attention), granitemoe (scales the embedding inside
-# the call), hybrid models with recurrent state, and anything untested.
+# Decoders whose call is: embed, mask (and mistral4's attention scale) from cache[0], each layer
+# with its cache, norm (each read in mlx-lm's source and checked against its chunked prefill in
+# tests/test_layer_major.py). Not here: gpt_oss (masks from sliding-window caches), llama4
+# (chunked attention), granitemoe (scales the embedding inside the call), hunyuan (cross-layer
+# KV sharing), hybrids with recurrent state, and anything untested.
 LAYER_MAJOR_TYPES = frozenset({
-    "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-    "glm4_moe",
+    "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek", "deepseek_v2",
+    "deepseek_v3", "kimi_k25", "glm4_moe", "glm4_moe_lite", "solar_open", "Klear", "dots1",
+    "ernie4_5_moe", "minimax", "mistral4",
 })
 
 
