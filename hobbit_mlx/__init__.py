@@ -192,6 +192,8 @@ def _prefilled_by_layer(model, tokenizer, tokens: mx.array, kwargs: dict):
     rt.see_call(context_of(cache) + tokens.size - 1 - step, step)  # (the reserves it ends at)
     start = time.perf_counter()
     layer_major.prefill(model, tokens[:-1], cache, step, rt, kwargs.get("prompt_progress_callback"))
+    # The hidden states are gone: the rest of the sequence plans without them (the pools grow).
+    rt.plan_rest(context_of(cache), 1, kwargs.get("max_tokens", 256) + 1)
     seconds = time.perf_counter() - start
     for r in mlx_lm.stream_generate(model, tokenizer, tokens[-1:], **dict(kwargs, prompt_cache=cache)):
         yield replace(r, prompt_tokens=tokens.size,

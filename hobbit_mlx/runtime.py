@@ -136,6 +136,14 @@ class OffloadRuntime:
         if self.on_sequence is not None:
             self.on_sequence(context_tokens, prompt_tokens, max_tokens)
 
+    def plan_rest(self, context_tokens: int, prompt_tokens: int, max_tokens: int) -> None:
+        """Plan the budget again for the rest of the current sequence (its statistics go on): a
+        reserve it held for a while (a layer-major prefill's hidden states) goes back to the
+        pools."""
+        self.context_tokens = context_tokens
+        if self.on_sequence is not None:
+            self.on_sequence(context_tokens, prompt_tokens, max_tokens)
+
     @contextmanager
     def experts_held(self, module: nn.Module):
         """The experts of the offloaded layers inside ``module`` are held (``SlotCache.hold``)

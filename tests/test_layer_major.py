@@ -79,8 +79,8 @@ def test_a_continued_context_equals_chunked_prefill(tiny_factory):
 def test_a_long_prompt_reads_each_layers_experts_once(tmp_path):
     """The bundled reference model, a prompt of many chunks, pools of about half the experts:
     the same text as chunk-by-chunk prefill, the whole prompt counted in the responses, the
-    budget kept, and a fraction of the bytes read."""
-    text = open(hobbit_mlx.__file__).read()[:2500]
+    budget kept, a fraction of the bytes read, and pools as large for decoding."""
+    text = open(hobbit_mlx.__file__).read()[:4000]
     out = {}
     for order in (False, True):
         model, tok = hobbit_mlx.load(None, memory_budget="24MB", exact=True, progress=False,
@@ -89,12 +89,13 @@ def test_a_long_prompt_reads_each_layers_experts_once(tmp_path):
         stats = hobbit_mlx.offload_stats(model)
         assert stats["peak_memory_bytes"] <= stats["budget_bytes"]
         out[order] = ("".join(r.text for r in responses), responses[-1].prompt_tokens,
-                      stats["bytes_read"])
+                      stats["bytes_read"], stats["expert_cache_bytes"])
         runtime_of(model).close()
         del model
-    (text_c, n_c, read_c), (text_l, n_l, read_l) = out[False], out[True]
+    (text_c, n_c, read_c, pools_c), (text_l, n_l, read_l, pools_l) = out[False], out[True]
     assert text_l == text_c and n_l == n_c == len(tok.encode(text))
     assert read_l < read_c / 3
+    assert pools_l >= pools_c  # the hidden states' reserve went back to the pools for decoding
 
 
 def test_not_where_mlx_lm_must_see_the_whole_prompt(tiny_factory):
