@@ -169,33 +169,35 @@ def _layer_major_candidate(model, kwargs: dict) -> bool:
     """Whether this generation may prefill layer by layer (``layer_major.py``): the option is
     on, some expert is not resident (with all of them resident nothing is read), no prefetch
     (it guesses the next layer of the same tokens, which this order does not run next), and
-    nothing in ``kwargs`` needs mlx-lm to see the whole prompt (penalties, a windowed or
-    quantized KV cache, embeddings)."""
+    nothing in ``kwargs`` needs mlx-lm to see the whole prompt (a logits processor not marked
+    with how far it looks back, a windowed or quantized KV cache, embeddings)."""
     rt = runtime_of(model)
     return rt.layer_major_prefill and not rt.cache.all_high_resident and \
         rt.prefetcher is None and layer_major.decoder_of(model) is not None and \
-        not kwargs.get("logits_processors") and \
+        layer_major.prompt_tail(kwargs.get("logits_processors")) is not None and \
         not any(kwargs.get(k) is not None for k in ("max_kv_size", "kv_bits", "input_embeddings"))
 
 
 def _prefilled_by_layer(model, tokenizer, tokens: mx.array, kwargs: dict):
-    """All but the prompt's last token prefilled layer by layer, then mlx-lm's
-    ``stream_generate`` from that token on, its responses counting the whole prompt."""
+    """The prompt prefilled layer by layer but for its tail (its last token, or as many as the
+    logits processors look back), then mlx-lm's ``stream_generate`` from that tail on, its
+    responses counting the whole prompt."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = kwargs.get("prompt_cache") or make_prompt_cache(model)
     step = kwargs["prefill_step_size"]
-    if not layer_major.applies(model, cache, tokens.size, step):
+    head = tokens.size - layer_major.prompt_tail(kwargs.get("logits_processors"))
+    if not layer_major.applies(model, cache, head, step):
         yield from mlx_lm.stream_generate(model, tokenizer, tokens, **kwargs)
         return
     rt = runtime_of(model)
-    rt.see_call(context_of(cache) + tokens.size - 1 - step, step)  # (the reserves it ends at)
+    rt.see_call(context_of(cache) + head - step, step)  # (the reserves it ends at)
     start = time.perf_counter()
-    layer_major.prefill(model, tokens[:-1], cache, step, rt, kwargs.get("prompt_progress_callback"))
+    layer_major.prefill(model, tokens[:head], cache, step, rt, kwargs.get("prompt_progress_callback"))
     # The hidden states are gone: the rest of the sequence plans without them (the pools grow).
-    rt.plan_rest(context_of(cache), 1, kwargs.get("max_tokens", 256) + 1)
+    rt.plan_rest(context_of(cache), tokens.size - head, kwargs.get("max_tokens", 256) + 1)
     seconds = time.perf_counter() - start
-    for r in mlx_lm.stream_generate(model, tokenizer, tokens[-1:], **dict(kwargs, prompt_cache=cache)):
+    for r in mlx_lm.stream_generate(model, tokenizer, tokens[head:], **dict(kwargs, prompt_cache=cache)):
         yield replace(r, prompt_tokens=tokens.size,
                       prompt_tps=tokens.size / (seconds + r.prompt_tokens / r.prompt_tps))
 

@@ -464,8 +464,11 @@ def make_sampler(args: argparse.Namespace, tokenizer):
 def make_logits_processors(args: argparse.Namespace):
     from mlx_lm.sample_utils import make_logits_processors as _make
 
-    return _make(repetition_penalty=args.repetition_penalty,
-                 repetition_context_size=args.repetition_context_size)
+    from .layer_major import looking_back
+
+    return looking_back(_make(repetition_penalty=args.repetition_penalty,
+                              repetition_context_size=args.repetition_context_size),
+                        args.repetition_context_size)
 
 
 def seed(args: argparse.Namespace) -> None:

@@ -61,12 +61,40 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
     return inner
 
 
-def applies(model: nn.Module, cache: list, prompt_tokens: int, chunk: int) -> bool:
-    """Whether a prompt of ``prompt_tokens`` (the last one stays for mlx-lm's first step) is
-    prefilled layer by layer: a supported decoder, more than one chunk, plain KV caches."""
+def applies(model: nn.Module, cache: list, tokens: int, chunk: int) -> bool:
+    """Whether ``tokens`` prompt tokens are prefilled layer by layer: a supported decoder, more
+    than one chunk of them, plain KV caches."""
     inner = decoder_of(model)
-    return inner is not None and prompt_tokens - 1 > chunk and \
+    return inner is not None and tokens > chunk and \
         len(cache) == len(inner.layers) and all(type(c) is KVCache for c in cache)
+
+
+# A logits processor marked with this attribute looks back at most that many tokens (mlx-lm's
+# penalties look at a window, 20 by default), so mlx-lm need only prefill that much of the prompt
+# itself; an unmarked processor may look at the whole prompt, which then stays mlx-lm's.
+LOOKS_BACK = "hobbit_looks_back"
+
+
+def looking_back(processors: list, tokens: int) -> list:
+    """Mark mlx-lm logits processors as seeing at most the last ``tokens`` tokens (see
+    ``LOOKS_BACK``): what lets a long prompt with a repetition penalty be prefilled layer by
+    layer. Returns ``processors``."""
+    for p in processors:
+        setattr(p, LOOKS_BACK, int(tokens))
+    return processors
+
+
+def prompt_tail(processors) -> int | None:
+    """The prompt tokens mlx-lm must prefill itself for ``processors`` to see what they would:
+    the last one at least, the longest look-back of a marked processor, None for an unmarked
+    one."""
+    tail = 1
+    for p in processors or ():
+        back = getattr(p, LOOKS_BACK, None)
+        if back is None:
+            return None
+        tail = max(tail, back)
+    return tail
 
 
 def hidden_bytes_per_token(model: nn.Module) -> int:

@@ -42,7 +42,7 @@ def test_kv_and_logits_equal_chunked_prefill(deep_models, arch):
         pytest.skip(f"mlx-lm itself cannot run {arch} on this backend: {e}")
     model, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
     cache = make_prompt_cache(model)
-    assert layer_major.applies(model, cache, tokens.size, CHUNK)
+    assert layer_major.applies(model, cache, tokens.size - 1, CHUNK)
     layer_major.prefill(model, tokens[:-1], cache, CHUNK, runtime_of(model))
     got = model(tokens[-1:][None], cache=cache)
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=0, atol=1e-5)
@@ -107,7 +107,7 @@ def test_not_where_mlx_lm_must_see_the_whole_prompt(tiny_factory):
     assert not hobbit_mlx._layer_major_candidate(model, {"logits_processors": [lambda t, l: l]})
     assert not hobbit_mlx._layer_major_candidate(model, {"max_kv_size": 64})
     assert not layer_major.applies(model, make_prompt_cache(model, max_kv_size=64), 200, CHUNK)
-    assert not layer_major.applies(model, make_prompt_cache(model), CHUNK + 1, CHUNK)
+    assert not layer_major.applies(model, make_prompt_cache(model), CHUNK, CHUNK)
     _, dst = tiny_factory("gpt_oss")
     other, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
     assert layer_major.decoder_of(other) is None
@@ -142,3 +142,33 @@ def test_progress_is_reported_and_can_stop_the_prefill(tiny_factory):
     with pytest.raises(Stop):
         layer_major.prefill(model, tokens, make_prompt_cache(model), CHUNK, runtime_of(model), stop)
     assert decoder.layers is layers  # (the decoder is whole again)
+
+
+def test_penalties_that_look_back_a_window_keep_only_that_window_for_mlx_lm(tiny_factory):
+    """A repetition penalty marked with its window (as the CLIs and the server mark mlx-lm's
+    penalties) sees the same last tokens: the prompt but for that window is prefilled layer by
+    layer, and the text equals chunk-by-chunk prefill's. An unmarked processor keeps mlx-lm's
+    prefill."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    assert layer_major.prompt_tail(None) == 1
+    assert layer_major.prompt_tail(layer_major.looking_back(make_logits_processors(
+        {5: 1.0}, 1.5, 12), 12)) == 12
+    assert layer_major.prompt_tail([lambda t, l: l]) is None
+    _, dst = tiny_factory("qwen3_moe")
+    prompt = [(13 * i + 7) % 200 + 1 for i in range(120)]
+    out = {}
+    for order in (False, True):
+        model, tok = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False,
+                                     prefill_step_size=16, layer_major_prefill=order)
+        seen = []
+        real = make_logits_processors(repetition_penalty=2.0, repetition_context_size=12)[0]
+        spy = lambda tokens, logits: (seen.append(tokens.size), real(tokens, logits))[1]  # noqa: E731
+        processors = layer_major.looking_back([spy], 12)
+        rs = list(hobbit_mlx.stream_generate(model, tok, prompt, max_tokens=12,
+                                             logits_processors=processors))
+        out[order] = ([r.token for r in rs], rs[-1].prompt_tokens, seen[0],
+                      hobbit_mlx.offload_stats(model)["bytes_read"])
+    assert out[True][:2] == out[False][:2] and out[True][1] == len(prompt)
+    assert out[False][2] == len(prompt) and out[True][2] == 12  # what mlx-lm's loop was given
+    assert out[True][3] < out[False][3]

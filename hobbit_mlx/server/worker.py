@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from ..budget import BudgetError, ContextBudgetError
+from ..layer_major import looking_back
 from ..pipeline import Lockstep, pipeline_of
 from ..store import StoreError
 from .errors import ApiError
@@ -354,7 +355,10 @@ class Worker:
                              frequency_context_size=s.frequency_context_size)
         processors = make_logits_processors(s.logit_bias, s.repetition_penalty,
                                             s.repetition_context_size, **penalties)
-        return sampler, processors
+        looks_back = max([s.repetition_context_size if s.repetition_penalty else 0,
+                          s.presence_context_size if s.presence_penalty else 0,
+                          s.frequency_context_size if s.frequency_penalty else 0])
+        return sampler, looking_back(processors, looks_back)  # (long prompts: layer_major.py)
 
     def _piece(self, text: str, r, gen: Generation) -> Piece:
         if not gen.logprobs:
