@@ -93,10 +93,7 @@ def _with_defaults(model, tokenizer, prompt, kwargs: dict, extra_tokens: int = 0
     prompt and ``max_tokens``, and prefill chunks no longer than the plan reserved for.
     ``held_tokens``: memory the prefill holds beside the KV, in KV tokens."""
     runtime = runtime_of(model)
-    if isinstance(prompt, str):
-        n_prompt = len(tokenizer.encode(prompt))
-    else:
-        n_prompt = int(prompt.size) if hasattr(prompt, "size") else len(prompt)
+    n_prompt = _prompt_tokens(tokenizer, prompt).size
     max_new = kwargs.get("max_tokens", 256)
     runtime.new_sequence(context_of(kwargs.get("prompt_cache")), n_prompt + held_tokens,
                          max_new + extra_tokens if max_new and max_new > 0 else 0)

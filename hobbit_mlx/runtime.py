@@ -132,14 +132,12 @@ class OffloadRuntime:
         self.cache.reset_policies()
         if self.heat is not None:
             self.heat.reset()
-        self.context_tokens = context_tokens
-        if self.on_sequence is not None:
-            self.on_sequence(context_tokens, prompt_tokens, max_tokens)
+        self.plan_rest(context_tokens, prompt_tokens, max_tokens)
 
     def plan_rest(self, context_tokens: int, prompt_tokens: int, max_tokens: int) -> None:
-        """Plan the budget again for the rest of the current sequence (its statistics go on): a
-        reserve it held for a while (a layer-major prefill's hidden states) goes back to the
-        pools."""
+        """Plan the budget for the rest of the current sequence, its statistics going on (a new
+        sequence starts here too; later, a reserve held for a while, as a layer-major prefill's
+        hidden states, goes back to the pools)."""
         self.context_tokens = context_tokens
         if self.on_sequence is not None:
             self.on_sequence(context_tokens, prompt_tokens, max_tokens)
