@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx_lm
 
 from . import layer_major
-from .budget import BudgetError, parse_size
+from .budget import BudgetError, ContextBudgetError, parse_size
 from .loader import context_of, footprint, load, offload_stats, reset_stats, runtime_of
 from .options import LoadOptions
 from .pipeline import PipelineError, gather_stats as pipeline_stats
@@ -128,12 +128,16 @@ def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwar
     k, adaptive = _draft_tokens(model, speculative) if draft_model is None else (0, True)
     kwargs = dict(kwargs, max_tokens=max_tokens)
     by_layer = not k and draft_model is None and _layer_major_candidate(model, kwargs)
-    held = 0
     if by_layer:  # (the prompt's hidden states are held between layers)
         tokens = _prompt_tokens(tokenizer, prompt)
         held = layer_major.extra_context_tokens(model, tokens.size,
                                                 runtime_of(model).kv_bytes_per_token)
-    kwargs = _with_defaults(model, tokenizer, tokens if by_layer else prompt, kwargs, k + 1, held)
+        try:
+            kwargs = _with_defaults(model, tokenizer, tokens, kwargs, k + 1, held)
+        except ContextBudgetError:  # the budget holds the prompt, not its hidden states too:
+            by_layer = False        # chunk by chunk it still runs
+    if not by_layer:
+        kwargs = _with_defaults(model, tokenizer, prompt, kwargs, k + 1)
     rt = runtime_of(model)
     loaded_draft = getattr(rt, "draft_model", None)
     if k and loaded_draft is not None and rt.cache.all_high_resident:

@@ -172,3 +172,22 @@ def test_penalties_that_look_back_a_window_keep_only_that_window_for_mlx_lm(tiny
     assert out[True][:2] == out[False][:2] and out[True][1] == len(prompt)
     assert out[False][2] == len(prompt) and out[True][2] == 12  # what mlx-lm's loop was given
     assert out[True][3] < out[False][3]
+
+
+def test_a_prompt_that_fits_only_chunk_by_chunk_is_prefilled_chunk_by_chunk():
+    """The budget holds the prompt's KV but not its hidden states beside it: the prompt is not
+    refused (the server advertised it as fitting) but prefilled chunk by chunk, as mlx-lm does."""
+    model, tok = hobbit_mlx.load(None, memory_budget="12MB", exact=True, progress=False)
+    rt = runtime_of(model)
+    limit = rt.plan.max_context()
+    n = limit - 8
+    held = layer_major.extra_context_tokens(model, n, rt.kv_bytes_per_token)
+    assert n + held > limit  # (else this budget does not test the fallback)
+    words = tok.encode(open(hobbit_mlx.__file__).read(), add_special_tokens=False)
+    prompt = (words * (n // len(words) + 1))[:n]
+    before = hobbit_mlx.offload_stats(model)["bytes_read"]
+    responses = list(hobbit_mlx.stream_generate(model, tok, prompt, max_tokens=2))
+    assert responses[-1].prompt_tokens == n
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["peak_memory_bytes"] <= stats["budget_bytes"]
+    assert stats["bytes_read"] > before
