@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anthropic
+import numpy as np
 import openai
 import pytest
 
@@ -173,7 +174,8 @@ def test_completion_is_mlx_lm_greedy_text(client):
     ref.set_dtype(mx.float32)
     expected = mlx_lm.generate(ref, tokenizer, CODE, max_tokens=24)
     response = client.completions.create(model=MODEL, prompt=CODE, max_tokens=24, temperature=0)
-    assert response.choices[0].text == expected
+    # (mlx-lm drops the first token's leading space, which a completion keeps: a test below)
+    assert response.choices[0].text in (expected, " " + expected)
     assert response.usage.prompt_tokens == len(tokenizer.encode(CODE))
     assert response.usage.completion_tokens >= 1
 
@@ -214,6 +216,13 @@ def test_sampling_fields(client):
                                         stop=[stop])
     assert stopped.choices[0].text == greedy[:greedy.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
+    # more than the budget's context is cut to it, as mlx-lm's server takes it (agents ask 32k)
+    big = client.completions.create(model=MODEL, prompt=CODE, max_tokens=10**9, temperature=0,
+                                    stop=[stop])
+    assert big.choices[0].text == stopped.choices[0].text
+    # a top-k of the whole vocabulary or more keeps every token (mlx-lm's sampler refuses it)
+    assert isinstance(complete(client, CODE, temperature=0.7, max_tokens=4,
+                               extra_body=dict(top_k=10**6)), str)
     # mlx-lm's own fields, through extra_body as clients send them
     text = complete(client, CODE, temperature=0.7, extra_body=dict(
         top_k=20, min_p=0.05, repetition_penalty=1.1, presence_penalty=0.5,
@@ -225,6 +234,53 @@ def test_sampling_fields(client):
     assert len(content) == lp.usage.completion_tokens
     assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
     assert all(c.top_logprobs[0].logprob >= c.logprob for c in content)  # greedy: the top one
+
+
+def test_a_continued_text_keeps_its_first_tokens_leading_space(client):
+    """mlx-lm's detokenizer drops the leading space of a text's first token: right for a new
+    chat turn, wrong where the reply continues the prompt (a completion, an assistant prefill)."""
+    done = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3,
+                                     temperature=0, logprobs=1)
+    choice = done.choices[0]
+    assert choice.text == "".join(choice.logprobs.tokens)
+    assert choice.logprobs.text_offset == [0, *np.cumsum([len(t) for t in
+                                                          choice.logprobs.tokens])[:-1]]
+    streamed = list(client.completions.create(model=MODEL, prompt="Once upon a time",
+                                              max_tokens=3, temperature=0, logprobs=1,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    offsets = [o for c in streamed if c.choices[0].logprobs
+               for o in c.choices[0].logprobs.text_offset]
+    assert offsets == choice.logprobs.text_offset
+    assert choice.text.startswith(" ")  # (what makes this a test: the model's first token)
+
+
+def test_unsupported_output_constraints_are_refused(server):
+    hi = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for body, param in [({"messages": hi, "response_format": {"type": "json_object"}},
+                         "response_format"),
+                        ({"messages": hi, "tools": [tool], "tool_choice": "required"},
+                         "tool_choice")]:
+        status, error = server.request("/v1/chat/completions", dict(body, max_tokens=2))
+        assert status == 400 and error["error"]["param"] == param, error
+    status, _ = server.request("/v1/chat/completions",
+                               {"messages": hi, "max_tokens": 2, "tools": [tool],
+                                "response_format": {"type": "text"}})
+    assert status == 200
+    status, error = server.request("/v1/messages", {
+        "messages": hi, "max_tokens": 2, "tool_choice": {"type": "any"},
+        "tools": [{"name": "f", "input_schema": {"type": "object"}}]})
+    assert status == 400 and "tool_choice" in error["error"]["message"]
+
+
+def test_anthropic_tools_reach_the_chat_template_as_functions():
+    from hobbit_mlx.server.prompts import anthropic_tools
+
+    body = {"tools": [{"name": "weather", "description": "d", "input_schema": {"type": "object"}}]}
+    assert anthropic_tools(body) == [{"type": "function", "function": {
+        "name": "weather", "description": "d", "parameters": {"type": "object"}}}]
+    assert anthropic_tools(dict(body, tool_choice={"type": "none"})) is None
 
 
 def test_concurrent_greedy_requests_give_the_text_of_one_alone(client):
@@ -276,7 +332,14 @@ def test_bad_requests_get_json_4xx_errors_and_the_server_goes_on(server, client)
         ({"messages": hi, "max_tokens": "5"}, 400, "max_tokens"),
         ({"messages": hi, "max_tokens": -1}, 400, "max_tokens"),
         ({"messages": hi, "max_tokens": 0}, 400, "max_tokens"),
-        ({"messages": hi, "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"messages": hi, "logit_bias": {"99999999": 100}}, 400, "logit_bias"),  # (crashed)
+        ({"messages": hi, "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+        ({"messages": hi, "logit_bias": {"5": "-inf"}}, 400, "logit_bias"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": Infinity}}',
+         400, "logit_bias"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+         400, "temperature"),
+        ({"messages": hi, "seed": -1}, 400, "seed"), ({"messages": hi, "seed": 2**70}, 400, "seed"),
         ({"messages": hi, "temperature": "hot"}, 400, "temperature"),
         ({"messages": hi, "top_p": 2}, 400, "top_p"),
         ({"messages": hi, "stop": 5}, 400, "stop"),
@@ -290,15 +353,12 @@ def test_bad_requests_get_json_4xx_errors_and_the_server_goes_on(server, client)
         ({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages"),
     ]
-    limit = server.stats()["context_limit_tokens"]
     for body, status, param in chat_cases:
         got, error = server.request("/v1/chat/completions", body)
         assert got == status, (body, got, error)
         assert set(error) == {"error"} and error["error"]["message"], error
         given = error["error"]["param"]
         assert (given.split("[")[0] if given else None) == param, (body, error)
-        if body == {"messages": hi, "max_tokens": 10**9}:
-            assert str(limit) in error["error"]["message"]
     for path, body, status in [("/v1/completions", {"prompt": 5}, 400),
                                ("/v1/completions", {"prompt": [10**9]}, 400),
                                ("/v1/completions", {"prompt": ["a", "b"]}, 400),
@@ -475,6 +535,28 @@ def test_bad_flags_and_a_taken_port(capsys, tiny_factory):
             err = capsys.readouterr().err
             errors = [l for l in err.splitlines() if l.startswith("error: ")]
             assert len(errors) == 1 and needle in errors[0], err
+
+
+def test_a_failed_compiled_sampler_leaves_no_broken_random_state():
+    """mlx-lm's compiled top-k carries MLX's random state; raising while it is traced leaves a
+    placeholder there that fails every later unseeded sample, unless the worker reseeds."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    from hobbit_mlx.server.worker import _fresh_random_state
+
+    logits = mx.zeros((1, 8))
+    with pytest.raises(ValueError):
+        make_sampler(0.7, top_k=8)(logits)
+    try:
+        mx.eval(make_sampler(0.7)(logits))
+        broke = False
+    except RuntimeError:
+        broke = True
+    _fresh_random_state()
+    mx.eval(make_sampler(0.7)(logits))  # samples again
+    if not broke:
+        pytest.skip("this mlx-lm leaves the random state intact after the failure")
 
 
 def test_stop_matcher_holds_back_what_may_start_a_stop_sequence():

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from .dispatch import Dispatcher, read_json, sse
 from .errors import ApiError
 from .params import Fields, Generation, anthropic_generation, check_body, check_model
-from .prompts import anthropic_messages, chat_tokens
+from .prompts import anthropic_messages, anthropic_tools, chat_tokens
 from .worker import Finished, Piece
 
 
@@ -68,18 +68,20 @@ class MessagesFormat:
         return [sse(error.anthropic_body(), "error")]
 
 
-async def _prompt(d: Dispatcher, body: dict) -> list[int]:
+async def _prompt(d: Dispatcher, body: dict) -> tuple[list[int], bool]:
+    """The prompt's tokens, and whether the reply continues its last (assistant) message."""
     messages = anthropic_messages(body)
-    return await d.tokenize(chat_tokens, messages, d.template,
-                            template_kwargs=Fields(body).object("chat_template_kwargs"))
+    tokens = await d.tokenize(chat_tokens, messages, d.template, tools=anthropic_tools(body),
+                              template_kwargs=Fields(body).object("chat_template_kwargs"))
+    return tokens, messages[-1]["role"] == "assistant"
 
 
 async def messages(request: Request) -> Response:
     d: Dispatcher = request.app.state.dispatcher
     body = check_body(await read_json(request))
     check_model(body, d.model_names, d.model_id)
-    gen = anthropic_generation(body, d.defaults, d.context_limit)
-    prompt = await _prompt(d, body)
+    gen = anthropic_generation(body, d.defaults, d.context_limit, d.vocab_size)
+    prompt, gen.continues = await _prompt(d, body)
     return await d.run(request, prompt, gen, MessagesFormat(d.model_id, gen, len(prompt)),
                        "messages")
 
@@ -88,4 +90,4 @@ async def count_tokens(request: Request) -> Response:
     d: Dispatcher = request.app.state.dispatcher
     body = check_body(await read_json(request))
     check_model(body, d.model_names, d.model_id)
-    return JSONResponse({"input_tokens": len(await _prompt(d, body))})
+    return JSONResponse({"input_tokens": len((await _prompt(d, body))[0])})

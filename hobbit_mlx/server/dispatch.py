@@ -89,6 +89,10 @@ class Dispatcher:
     def context_limit(self) -> int:
         return self.worker.context_limit
 
+    @property
+    def vocab_size(self) -> int:
+        return self.worker.vocab_size
+
     async def tokenize(self, fn: Callable[..., list[int]], *args, **kwargs) -> list[int]:
         """``fn(tokenizer, *args)`` off the event loop (long prompts take a while)."""
 

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from .dispatch import Dispatcher, read_json, sse
 from .errors import ApiError, bad_request
 from .params import Fields, Generation, check_body, check_model, openai_generation
-from .prompts import chat_tokens, completion_tokens, openai_messages
+from .prompts import chat_tokens, completion_tokens, openai_messages, openai_tools
 from .worker import Finished, Piece
 
 FINGERPRINT = "hobbit_mlx"
@@ -99,6 +99,7 @@ class ChatFormat(_Base):
 class CompletionFormat(_Base):
     prefix = "cmpl"
     chunk_object = "text_completion"
+    _streamed = 0  # characters of the tokens streamed so far (their ``text_offset``)
 
     def _logprobs(self, pieces: list[Piece], offset: int = 0) -> dict | None:
         if not self.gen.logprobs:
@@ -118,8 +119,9 @@ class CompletionFormat(_Base):
                   "logprobs": self._logprobs(pieces), "finish_reason": finish_reason(end)}
         return dict(self.head("text_completion"), choices=[choice], usage=usage(end))
 
-    def _chunk(self, text: str, finish: str | None = None, pieces: list[Piece] = ()) -> str:
-        choice = {"index": 0, "text": text, "logprobs": self._logprobs(list(pieces)),
+    def _chunk(self, text: str, finish: str | None = None, pieces: list[Piece] = (),
+               offset: int = 0) -> str:
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs(list(pieces), offset),
                   "finish_reason": finish}
         return sse(dict(self.head(self.chunk_object), choices=[choice]))
 
@@ -129,7 +131,9 @@ class CompletionFormat(_Base):
     def stream_piece(self, piece: Piece) -> list[str]:
         if not piece.text and not self.gen.logprobs:
             return []
-        return [self._chunk(piece.text, pieces=[piece])]
+        chunk = self._chunk(piece.text, pieces=[piece], offset=self._streamed)
+        self._streamed += len(piece.token_text or "")
+        return [chunk]
 
     def stream_end(self, end: Finished) -> list[str]:
         return [self._chunk("", finish_reason(end)), *self._usage_chunk(end), sse("[DONE]")]
@@ -139,14 +143,11 @@ async def chat_completions(request: Request) -> Response:
     d: Dispatcher = request.app.state.dispatcher
     body = check_body(await read_json(request))
     check_model(body, d.model_names, d.model_id)
-    gen = openai_generation(body, d.defaults, d.context_limit, chat=True)
+    gen = openai_generation(body, d.defaults, d.context_limit, d.vocab_size, chat=True)
     messages = openai_messages(body)
-    f = Fields(body)
-    tools = body.get("tools") or None
-    if tools is not None and not isinstance(tools, list):
-        raise bad_request("tools must be a list", "tools")
-    prompt = await d.tokenize(chat_tokens, messages, d.template, tools=tools,
-                              template_kwargs=f.object("chat_template_kwargs"))
+    gen.continues = messages[-1]["role"] == "assistant"  # (a prefill: the reply continues it)
+    prompt = await d.tokenize(chat_tokens, messages, d.template, tools=openai_tools(body),
+                              template_kwargs=Fields(body).object("chat_template_kwargs"))
     fmt = ChatFormat(d.model_id, gen)
     return await d.run(request, prompt, gen, fmt, "messages")
 
@@ -155,9 +156,11 @@ async def completions(request: Request) -> Response:
     d: Dispatcher = request.app.state.dispatcher
     body = check_body(await read_json(request))
     check_model(body, d.model_names, d.model_id)
-    gen = openai_generation(body, d.defaults, d.context_limit, chat=False)
+    gen = openai_generation(body, d.defaults, d.context_limit, d.vocab_size,
+                            chat=False)
     if Fields(body).boolean("echo", False):
         raise bad_request("echo is not supported", "echo")
+    gen.continues = True
     prompt = await d.tokenize(completion_tokens, body)
     fmt = CompletionFormat(d.model_id, gen)
     return await d.run(request, prompt, gen, fmt, "prompt")

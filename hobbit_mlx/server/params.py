@@ -9,6 +9,7 @@ Unknown fields are ignored, as the OpenAI API's clients send many.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from .errors import ApiError, bad_request
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_LOGPROBS = 20
+MAX_SEED = 2 ** 64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Generation:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    continues: bool = False  # the reply continues the prompt's text (a completion, a prefill)
 
 
 class Fields:
@@ -73,10 +76,9 @@ class Fields:
         value = self.body.get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad_request(f"{name} must be a number, not {_kind(value)}", name)
+        value = _finite(value, name)
         self._range(name, value, lo, hi)
-        return float(value)
+        return value
 
     def integer(self, name: str, default: int | None, lo: int | None = None,
                 hi: int | None = None, hi_reason: str = "") -> int | None:
@@ -133,6 +135,15 @@ class Fields:
             raise bad_request(f"{name} must be at most {hi}{hi_reason}, not {value}", name)
 
 
+def _finite(value: Any, name: str) -> float:
+    """A JSON number that is finite (Python's JSON reader also takes NaN and Infinity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(f"{name} must be a number, not {_kind(value)}", name)
+    if not math.isfinite(value):
+        raise bad_request(f"{name} must be a finite number, not {value}", name)
+    return float(value)
+
+
 def _kind(value: Any) -> str:
     return {bool: "a boolean", str: "a string", list: "a list", dict: "an object",
             int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
@@ -141,28 +152,46 @@ def _kind(value: Any) -> str:
 def max_tokens_field(f: Fields, names: tuple[str, ...], default: int | None,
                      context_limit: int) -> int:
     """The first of ``names`` the body has (OpenAI's ``max_completion_tokens`` replaces
-    ``max_tokens``), at least 1 and at most the context the memory budget holds."""
-    reason = f" (the memory budget holds {context_limit} tokens of context)"
+    ``max_tokens``), at least 1; more than the context the memory budget holds is cut to it
+    (as mlx-lm's server takes it: agents ask for tens of thousands)."""
     for name in names:
         if f.present(name):
-            return f.integer(name, None, lo=1, hi=context_limit, hi_reason=reason)
+            return min(f.integer(name, None, lo=1), context_limit)
     if default is None:
         raise bad_request(f"{names[0]} is required", names[0])
     return context_limit if default < 0 else min(default, context_limit)  # -1: no limit
 
 
-def sampling_fields(f: Fields, d: Defaults) -> Sampling:
-    """mlx-lm's sampling and logits-processor fields."""
+def logit_bias_field(f: Fields, vocab_size: int) -> dict[int, float] | None:
+    """``logit_bias``: token ids (JSON keys) inside the vocabulary, mapped to numbers in OpenAI's
+    -100..100 (mlx-lm adds them to the logits unchecked: an id outside writes outside the
+    array)."""
     bias = f.object("logit_bias")
-    if bias is not None:
+    if bias is None:
+        return None
+    out = {}
+    for k, v in bias.items():
         try:
-            bias = {int(k): float(v) for k, v in bias.items()}
-        except (TypeError, ValueError):
-            raise bad_request("logit_bias must map token ids to numbers", "logit_bias") from None
+            token = int(k)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, not {k!r}", "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise bad_request(f"logit_bias has token id {token}, outside the vocabulary "
+                              f"(0..{vocab_size - 1})", "logit_bias")
+        value = out[token] = _finite(v, f"logit_bias[{k!r}]")
+        if not -100 <= value <= 100:  # (OpenAI's range; more overflows float16 logits)
+            raise bad_request(f"logit_bias values must be between -100 and 100, not {value}",
+                              "logit_bias")
+    return out
+
+
+def sampling_fields(f: Fields, d: Defaults, vocab_size: int) -> Sampling:
+    """mlx-lm's sampling and logits-processor fields."""
+    top_k = f.integer("top_k", d.top_k, lo=0)
     return Sampling(
         temperature=f.number("temperature", d.temperature, lo=0),
         top_p=f.number("top_p", d.top_p, lo=0, hi=1),
-        top_k=f.integer("top_k", d.top_k, lo=0),
+        top_k=top_k if top_k < vocab_size else 0,  # (keeping every token is no top-k at all)
         min_p=f.number("min_p", d.min_p, lo=0, hi=1),
         min_tokens_to_keep=d.min_tokens_to_keep,
         xtc_probability=f.number("xtc_probability", d.xtc_probability, lo=0, hi=1),
@@ -173,12 +202,13 @@ def sampling_fields(f: Fields, d: Defaults) -> Sampling:
         presence_context_size=f.integer("presence_context_size", 20, lo=0),
         frequency_penalty=f.number("frequency_penalty", None, lo=-2, hi=2) or None,
         frequency_context_size=f.integer("frequency_context_size", 20, lo=0),
-        logit_bias=bias,
-        seed=f.integer("seed", d.seed),
+        logit_bias=logit_bias_field(f, vocab_size),
+        seed=f.integer("seed", d.seed, lo=0, hi=MAX_SEED),
     )
 
 
-def openai_generation(body: dict, d: Defaults, context_limit: int, *, chat: bool) -> Generation:
+def openai_generation(body: dict, d: Defaults, context_limit: int, vocab_size: int, *,
+                      chat: bool) -> Generation:
     """The generation settings of a ``/v1/chat/completions`` or ``/v1/completions`` body."""
     f = Fields(body)
     if f.integer("n", 1, lo=1) != 1:
@@ -186,6 +216,11 @@ def openai_generation(body: dict, d: Defaults, context_limit: int, *, chat: bool
     if not chat and f.integer("best_of", 1, lo=1) != 1:
         raise bad_request("best_of must be 1: this server generates one choice per request",
                           "best_of")
+    fmt = f.object("response_format") or {}
+    if fmt.get("type", "text") != "text":
+        raise bad_request(f"response_format of type {fmt.get('type')!r} is not supported: this "
+                          "server does not constrain the output (ask for JSON in the prompt)",
+                          "response_format")
     stream = f.boolean("stream", False)
     options = f.object("stream_options") or {}
     include_usage = Fields(options).boolean("include_usage", False)
@@ -198,15 +233,18 @@ def openai_generation(body: dict, d: Defaults, context_limit: int, *, chat: bool
         top = top or 0
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     return Generation(max_tokens=max_tokens_field(f, names, d.max_tokens, context_limit),
-                      sampling=sampling_fields(f, d), stop=f.strings("stop"), stream=stream,
-                      include_usage=include_usage, logprobs=logprobs, top_logprobs=top)
+                      sampling=sampling_fields(f, d, vocab_size), stop=f.strings("stop"),
+                      stream=stream, include_usage=include_usage, logprobs=logprobs,
+                      top_logprobs=top)
 
 
-def anthropic_generation(body: dict, d: Defaults, context_limit: int) -> Generation:
+def anthropic_generation(body: dict, d: Defaults, context_limit: int,
+                         vocab_size: int) -> Generation:
     """The generation settings of a ``/v1/messages`` body (``max_tokens`` is required there)."""
     f = Fields(body)
     return Generation(max_tokens=max_tokens_field(f, ("max_tokens",), None, context_limit),
-                      sampling=sampling_fields(f, d), stop=f.strings("stop_sequences"),
+                      sampling=sampling_fields(f, d, vocab_size),
+                      stop=f.strings("stop_sequences"),
                       stream=f.boolean("stream", False))
 
 

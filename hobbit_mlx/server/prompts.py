@@ -88,6 +88,46 @@ def anthropic_messages(body: dict) -> list[dict]:
     return out
 
 
+def openai_tools(body: dict) -> list | None:
+    """The ``tools`` for the chat template (the model sees them; its calls come back as text,
+    since there is no tool-call parsing), None with ``tool_choice`` "none". A choice that forces
+    a call is a 400: nothing here can force one."""
+    tools, choice = body.get("tools") or None, body.get("tool_choice")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request("tools must be a list", "tools")
+    if choice in (None, "auto", "none"):
+        return None if choice == "none" else tools
+    raise bad_request(f"tool_choice {choice!r} is not supported: this server cannot force a "
+                      "tool call (tools are shown to the model; \"auto\" and \"none\" work)",
+                      "tool_choice")
+
+
+def anthropic_tools(body: dict) -> list | None:
+    """An Anthropic request's custom ``tools``, in the function form chat templates read."""
+    tools, choice = body.get("tools") or None, body.get("tool_choice")
+    if choice is not None:
+        kind = choice.get("type") if isinstance(choice, dict) else choice
+        if kind not in ("auto", "none"):
+            raise bad_request(f"tool_choice of type {kind!r} is not supported: this server "
+                              "cannot force a tool call (\"auto\" and \"none\" work)",
+                              "tool_choice")
+        if kind == "none":
+            return None
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise bad_request("tools must be a list of tool objects", "tools")
+    out = []
+    for i, t in enumerate(tools):
+        if not isinstance(t.get("name"), str) or not isinstance(t.get("input_schema"), dict):
+            raise bad_request(f"tools[{i}] must have a name and an input_schema (server tools "
+                              f"such as {t.get('type')!r} are not supported)", "tools")
+        out.append({"type": "function", "function": {
+            "name": t["name"], "description": t.get("description", ""),
+            "parameters": t["input_schema"]}})
+    return out
+
+
 def chat_tokens(tokenizer, messages: list[dict], template: Template, *,
                 tools: list | None = None, template_kwargs: dict | None = None) -> list[int]:
     """The prompt of a conversation: its chat template applied (the server's system prompt

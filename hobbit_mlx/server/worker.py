@@ -13,6 +13,7 @@ sequence at a time.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import threading
@@ -110,6 +111,27 @@ def context_limit(plan) -> int:
     return plan.max_context(plan.activation_points[0][0])
 
 
+def _fresh_random_state() -> None:
+    """After a failed generation: mlx-lm's compiled samplers carry MLX's random state through
+    ``mx.compile``, and one that raises part way leaves a placeholder there, which would fail
+    every later sampled request that brings no seed of its own."""
+    import mlx.core as mx
+
+    mx.random.seed(random.randrange(2 ** 63))
+
+
+def _json_logprob(value: float) -> float:
+    """A log probability JSON can carry: OpenAI's -9999.0 for a token the sampler ruled out
+    (-inf; NaN would not parse on the client)."""
+    return float(value) if math.isfinite(value) else -9999.0
+
+
+def vocab_size(model, tokenizer) -> int:
+    """Token ids both the tokenizer and the model's logits have."""
+    logits = getattr(getattr(model, "args", None), "vocab_size", None)
+    return min(len(tokenizer), logits) if isinstance(logits, int) else len(tokenizer)
+
+
 def api_error(e: BaseException) -> ApiError:
     """The HTTP error for a failure during generation."""
     if isinstance(e, ContextBudgetError) or "ContextBudgetError" in getattr(e, "error_types", ()):
@@ -137,6 +159,7 @@ class Worker:
         self.busy = False
         self.model = self.tokenizer = None
         self.context_limit = 0
+        self.vocab_size = 0  # token ids a request may name (logit_bias)
         self.model_dir = None
         self.tally: Tally | None = None
         # with a pipeline (--pipeline): rank 0 serves and tells the other ranks what to generate
@@ -188,6 +211,7 @@ class Worker:
             rt = runtime_of(self.model)
             self.model_dir = rt.model_dir
             self.context_limit = context_limit(rt.plan)
+            self.vocab_size = vocab_size(self.model, self.tokenizer)
             self.tally = Tally(self.model_id, rt.plan.budget_bytes, self.context_limit)
             self._special = list(self.tokenizer.encode("\n")) + list(self.tokenizer.eos_token_ids)
             self._stream = _own_stream()
@@ -217,6 +241,7 @@ class Worker:
                     self.on_dead()
                 return
             except BaseException as e:  # a bug here must not end the thread
+                _fresh_random_state()
                 log.exception("generation thread: unexpected error")
                 job.emit(Failed(api_error(e)))
             finally:
@@ -275,6 +300,7 @@ class Worker:
         sampler, processors = self._sampling(s)
         stops = StopMatcher(gen.stop)
         finish, last, n = None, None, 0
+        space = [] if gen.continues else None  # the reply's tokens until its first text
         t0 = time.perf_counter()
 
         def progress(_done: int, _total: int) -> None:
@@ -294,7 +320,12 @@ class Worker:
         try:
             for r in steps:
                 n, last = n + 1, r
-                text, stopped = stops.feed(r.text)
+                text = r.text
+                if space is not None:  # (its first text may have lost its leading space)
+                    space.append(r.token)
+                    if text:
+                        text, space = self._leading_space(job.prompt, space, text), None
+                text, stopped = stops.feed(text)
                 if r.finish_reason is not None and not stopped:
                     text += stops.flush()
                 job.emit(self._piece(text, r, gen))
@@ -309,6 +340,7 @@ class Worker:
         except _Cancelled:
             finish = "cancelled"
         except Exception as e:
+            _fresh_random_state()
             error = api_error(e)
             if error.status >= 500 and error.code == "internal_error":
                 log.exception("generation failed")
@@ -360,6 +392,16 @@ class Worker:
                           s.frequency_context_size if s.frequency_penalty else 0])
         return sampler, looking_back(processors, looks_back)  # (long prompts: layer_major.py)
 
+    def _leading_space(self, prompt: list[int], ids: list[int], text: str) -> str:
+        """The first text of a reply that continues the prompt, with the leading space mlx-lm's
+        streaming detokenizer drops from the start of every text (right for a new chat turn,
+        not for a continuation: "Once upon a" + "time"). Decoded in the prompt's context, the
+        reply's tokens so far (``ids``) say whether there was one."""
+        context = list(prompt[-8:])
+        base = self.tokenizer.decode(context)
+        whole = self.tokenizer.decode(context + ids)
+        return " " + text if whole.startswith(base) and whole[len(base):] == " " + text else text
+
     def _piece(self, text: str, r, gen: Generation) -> Piece:
         if not gen.logprobs:
             return Piece(text, r.token)
@@ -371,8 +413,8 @@ class Worker:
             k = min(gen.top_logprobs, lp.shape[-1])
             ids = mx.argpartition(-lp, kth=k - 1)[:k]
             pairs = sorted(zip(ids.tolist(), lp[ids].tolist()), key=lambda p: -p[1])
-            top = [(self.tokenizer.decode([i]), v) for i, v in pairs]
-        return Piece(text, r.token, float(lp[r.token].item()), top,
+            top = [(self.tokenizer.decode([i]), _json_logprob(v)) for i, v in pairs]
+        return Piece(text, r.token, _json_logprob(lp[r.token].item()), top,
                      self.tokenizer.decode([r.token]))
 
     def _stats(self, job: Job, last, n: int, t0: float) -> dict | None:
