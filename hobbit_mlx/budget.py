@@ -145,10 +145,11 @@ class BudgetPlan:
 
     @property
     def minimum_bytes(self) -> int:
-        """The smallest budget that runs: the smallest chunk (attending to itself), one KV step,
-        one top-k per pool."""
+        """The smallest budget that runs a first KV step of context (mlx-lm's cache grows by
+        one): the smallest chunk attending to that context, its KV, one top-k per pool. (Less
+        than a step's context would stop a reply after a few tokens.)"""
         n = self.activation_points[0][0]
-        return (self.dense_bytes + self.activation_for(n, n) + self.kv_bytes(1)
+        return (self.dense_bytes + self.activation_for(n, KV_STEP) + self.kv_bytes(KV_STEP)
                 + self.min_expert_bytes)
 
     def max_context(self, chunk: int = 1) -> int:
@@ -253,13 +254,14 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
     if plan.budget_bytes < plan.minimum_bytes:
         minimum = plan.minimum_bytes
         n = points[0][0]
-        act = plan.activation_for(n, n)
+        act = plan.activation_for(n, KV_STEP)
         raise BudgetError(
             f"memory budget {format_size(plan.budget_bytes)} is too small for this model: it needs "
             f"at least {format_size(minimum)} ({minimum} bytes) = dense weights "
-            f"{format_size(dense_bytes)} + activations of a {n}-token prefill chunk (measured; "
-            f"MLX's buffer cache shares them) {format_size(act)} + KV cache of a first "
-            f"{KV_STEP}-token step, while it grows {format_size(plan.kv_bytes(1))} + "
+            f"{format_size(dense_bytes)} + activations of a {n}-token prefill chunk attending "
+            f"to {KV_STEP} tokens (measured; MLX's buffer cache shares them) {format_size(act)} "
+            f"+ KV cache of a first {KV_STEP}-token step, while it grows "
+            f"{format_size(plan.kv_bytes(KV_STEP))} + "
             f"one layer's top-k experts {format_size(plan.min_expert_bytes)}; anything above "
             "that caches experts, prefills in longer chunks or holds a longer context")
     tokens = min(initial_context, plan.max_context())

@@ -242,8 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.join_pipeline(args)
     cli.check_args(args)
-    cli.seed(args)
     model, tokenizer, _ = cli.load_model(args)
+    cli.seed(args)  # after the load, which draws random numbers (as mlx-lm's does not)
     pipe = pipeline_of(model)
     lock = None
     if pipe is not None:  # rank 0 chats; the other ranks follow it

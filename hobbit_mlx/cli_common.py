@@ -215,7 +215,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, *,
                    help="Penalty for repeated tokens (1.0 or unset: none).")
     g.add_argument("--repetition-context-size", type=int, default=20,
                    help="Tokens the repetition penalty looks back on (default: %(default)s).")
-    g.add_argument("--seed", type=int, default=None, help="PRNG seed.")
+    g.add_argument("--seed", type=int, default=None,
+                   help="PRNG seed, set once the model is loaded: the sampled text is what "
+                        "mlx-lm's generate gives after mx.random.seed(SEED) on a loaded model "
+                        "(mlx-lm's CLI seeds before its load, which draws random numbers).")
     g.add_argument("--extra-eos-token", type=str, default=(), nargs="+",
                    help="Add tokens to the list of EOS tokens that stop generation.")
 
@@ -347,7 +350,8 @@ def technique_options(args: argparse.Namespace) -> dict:
         raise CLIError("--exact cannot be combined with --prefill-low-precision")
     speculative = getattr(args, "speculative", None)
     if speculative is not None and speculative < 1:
-        raise CLIError(f"--speculative drafts K >= 1 tokens per pass, not {speculative}")
+        flag = "--num-draft-tokens" if getattr(args, "draft_model", None) else "--speculative"
+        raise CLIError(f"{flag} drafts K >= 1 tokens per pass, not {speculative}")
     if speculative is not None and getattr(args, "pipeline", False):
         raise CLIError("--speculative does not run with --pipeline")
     return dict(speculative=speculative, draft_model=getattr(args, "draft_model", None),
@@ -430,12 +434,13 @@ def load_model(args: argparse.Namespace):
 
 def _describe_load_error(model: str | None, e: BaseException) -> str:
     from .architectures import UnsupportedModelError
+    from .speculative import DraftModelError
     from .store import StoreError
 
     what = model if model is not None else "the bundled reference model"
     if isinstance(e, json.JSONDecodeError):
         return f"cannot load {what}: a JSON file (config.json?) is not valid JSON ({e})"
-    known = (StoreError, UnsupportedModelError, OSError)
+    known = (StoreError, UnsupportedModelError, OSError, DraftModelError)
     try:
         from convert import ConversionError
 
@@ -626,7 +631,10 @@ def format_report(s: dict) -> list[str]:
     lines.append(experts + ")" + (f"; cache policy {s['policy']}" if s.get("policy") else ""))
     per_tok = (f", {format_size(s['bytes_read'] / s['generation_tokens'])} per generated token"
                if s.get("generation_tokens") else "")
-    span_reads = f"; an expert's spans read {s['span_reads']}" if s.get("span_reads") else ""
+    span_reads = {"together": "; an expert's spans read together",
+                  "in turn": "; an expert's spans read in turn",
+                  "trying": "; still timing whether an expert's spans read faster together"}.get(
+        s.get("span_reads"), "") if s.get("bytes_read") else ""
     lines.append(f"Read from storage: {format_size(s.get('bytes_read', 0))}{per_tok}{span_reads}")
     if s.get("prefetch_issued") or s.get("prediction_total"):
         precision = s.get("prefetch_precision")
@@ -691,10 +699,19 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def check_writable_file(path: str | Path | None, flag: str) -> None:
+    """Refuse before the work a result file that cannot be written where it is named (an
+    existing directory, say), rather than after it."""
+    if path is not None and Path(path).expanduser().is_dir():
+        raise CLIError(f"{flag} {path}: is a directory; name a file")
 
 
 def _json_default(obj):

@@ -100,11 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.join_pipeline(args)
     cli.check_args(args)
+    cli.check_writable_file(args.stats_json, "--stats-json")
     quiet = args.quiet_report or not args.verbose
     args.quiet_report = quiet
-    cli.seed(args)
 
     model, tokenizer, load_s = cli.load_model(args)
+    cli.seed(args)  # after the load, which draws random numbers (as mlx-lm's does not)
     pipe = pipeline_of(model)
     if pipe is not None:  # rank 0 prints; a rank that stops answering ends every rank
         pipe.watchdog(args.pipeline_timeout)
@@ -118,14 +119,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     hobbit_mlx.reset_stats(model)
     last = None
     t0 = time.perf_counter()
-    for response in hobbit_mlx.stream_generate(
-            model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
-            logits_processors=processors):
-        out.write(response.text)
-        out.flush()
-        last = response
-        if pipe is not None:
-            pipe.progress()
+    try:
+        for response in hobbit_mlx.stream_generate(
+                model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
+                logits_processors=processors):
+            out.write(response.text)
+            out.flush()
+            last = response
+            if pipe is not None:
+                pipe.progress()
+    except BaseException:  # the error's line starts on a line of its own
+        if last is not None:
+            out.write("\n")
+            out.flush()
+        raise
     wall_s = time.perf_counter() - t0
     out.write("\n")
     out.flush()
@@ -137,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     options = cli.technique_options(args)
     options["policy"] = stats["policy"]  # as resolved by load() (its default depends on prefetch)
+    for name in ("mixed_precision", "skip", "big_little"):  # (None: on unless exact)
+        options[name] = not args.exact if options[name] is None else options[name]
     stats.update(model=str(getattr(hobbit_mlx.runtime_of(model), "model_dir", args.model)),
                  **options, max_tokens=args.max_tokens, max_context=args.max_context)
     if args.stats_json:

@@ -243,6 +243,7 @@ def _load_with_draft(model_dir: Path, o: LoadOptions):
         raise with_draft_minimum(e, draft_bytes, parse_size(o.memory_budget)) from None
     rt = runtime_of(model)
     rt.draft_model, rt.draft_bytes = draft, draft_bytes
+    rt.budget_given_to_draft = draft_bytes if o.memory_budget is not None else 0
     if not rt.speculative[0]:  # a draft model given: speculation is on (mlx-lm's default K)
         rt.speculative = (DRAFT_MODEL_TOKENS, False)
     return model, tokenizer
@@ -376,7 +377,9 @@ def offload_stats(model: nn.Module) -> dict:
     s.update(policy=rt.cache.policy.name, resident_expert_bytes=rt.cache.resident_bytes,
              resident_experts=len(rt.cache),
              expert_cache_bytes=plan.expert_cache_bytes, peak_memory_bytes=mx.get_peak_memory(),
-             active_memory_bytes=mx.get_active_memory(), budget_bytes=plan.budget_bytes,
+             active_memory_bytes=mx.get_active_memory(),
+             # (a draft model's weights came out of the budget before the plan was made)
+             budget_bytes=plan.budget_bytes + getattr(rt, "budget_given_to_draft", 0),
              dense_bytes=plan.dense_bytes, kv_reserve_bytes=plan.kv_reserve_bytes,
              kv_reserve_tokens=plan.kv_tokens, context_tokens=rt.context_tokens,
              chunk_reserve_tokens=plan.chunk_tokens,

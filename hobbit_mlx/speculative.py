@@ -25,6 +25,7 @@ through the same loop instead of the model itself, so its draft length adapts th
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import deque
@@ -410,6 +411,10 @@ def draft_passes(from_draft: Sequence[bool], k: int, max_tokens: int) -> tuple[i
     return drafted, accepted, passes
 
 
+class DraftModelError(ValueError):
+    """The draft model cannot serve: it does not load, or tokenizes differently."""
+
+
 def load_draft(path, dtype=None):
     """A small resident draft model for mlx-lm's speculative decoding: (model, tokenizer, bytes
     of its weights, which count inside the memory budget)."""
@@ -418,7 +423,12 @@ def load_draft(path, dtype=None):
 
     from .loader import compute_dtype
 
-    model, tokenizer = mlx_lm.load(str(path))
+    try:
+        model, tokenizer = mlx_lm.load(str(path))
+    except Exception as e:  # (a missing directory reaches mlx-lm's hub lookup first)
+        reason = "no such directory" if _local_path(str(path)) and not os.path.exists(
+            os.path.expanduser(str(path))) else f"{type(e).__name__}: {e}"
+        raise DraftModelError(f"cannot load the draft model {path}: {reason}") from e
     cdtype = compute_dtype(dtype)
     if cdtype is not None:
         model.set_dtype(cdtype)
@@ -426,12 +436,17 @@ def load_draft(path, dtype=None):
     return model, tokenizer, sum(a.nbytes for _, a in tree_flatten(model.parameters()))
 
 
+def _local_path(name: str) -> bool:
+    """A name that can only be a directory, not a hub id ("org/name")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1
+
+
 def check_same_tokenizer(target, draft, draft_path="the draft model") -> None:
     """A draft must tokenize as the target does: the same vocabulary, id for id."""
     a, b = target.get_vocab(), draft.get_vocab()
     if a != b:
         differ = sum(1 for t, i in a.items() if b.get(t) != i) + len(set(b) - set(a))
-        raise ValueError(f"{draft_path}'s tokenizer differs from the model's ({len(b)} vs "
+        raise DraftModelError(f"{draft_path}'s tokenizer differs from the model's ({len(b)} vs "
                          f"{len(a)} tokens, {differ} differ): a draft model must share the "
                          "model's tokenizer")
 

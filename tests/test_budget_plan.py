@@ -5,6 +5,7 @@ numbers its errors give (a budget of that many bytes runs, one byte less does no
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -231,6 +232,9 @@ def test_activations_grow_with_the_context_a_call_attends_to():
     assert grown.activation_for(64) == flat.activation_for(64) == 2 * MB
     assert grown.activation_reserve_bytes == grown.activation_for(grown.chunk_tokens, grown.kv_tokens)
     assert grown.minimum_bytes > flat.minimum_bytes
+    for plan in (flat, grown):  # the minimum holds a first KV step of context, not a few tokens
+        least = replace(plan, budget_bytes=plan.minimum_bytes)
+        assert least.max_context(least.activation_points[0][0]) >= KV_STEP
     for chunk in (1, 64, 256):
         n = grown.max_context(chunk)
         assert 0 < n < flat.max_context(chunk)

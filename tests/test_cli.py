@@ -91,8 +91,38 @@ def test_generate_stats_json(model_dir, env, tmp_path):
     assert stats["prefetch_width"] == 1.5 and stats["keep_shallow_layers"] == 1
     assert stats["prefetch_recall"] == 0.9 and isinstance(stats["prefetch_widths"], dict)
     assert stats["policy"] == "lru+shallow1"
+    assert stats["mixed_precision"] is stats["skip"] is stats["big_little"] is True  # resolved
     assert stats["misses_low"] > 0  # the prefill rule read 2-bit copies
     assert [f.name for f in out.parent.iterdir()] == ["stats.json"]  # no temporary file left
+
+
+def test_a_seed_samples_what_mlx_lm_samples_on_the_loaded_model(model_dir, env):
+    """--seed is set once the model is loaded (the load draws random numbers), so the sampled
+    text is mlx-lm's generate after mx.random.seed on the loaded model."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    import hobbit_mlx
+
+    p = run(env, "generate", "--model", model_dir, "--prompt", "def hello(x):", "--max-tokens",
+            12, "--expert-residency", 0.5, "--exact", "--temp", 0.8, "--seed", 3,
+            "--ignore-chat-template", "--quiet-report")
+    assert p.returncode == 0, p.stderr
+    model, tok = hobbit_mlx.load(model_dir, expert_residency=0.5, exact=True, progress=False)
+    mx.random.seed(3)
+    expected = mlx_lm.generate(model, tok, "def hello(x):", max_tokens=12, sampler=make_sampler(0.8))
+    assert p.stdout == expected + "\n"
+
+
+def test_result_and_draft_paths_are_checked_with_clear_errors(model_dir, env, tmp_path):
+    p = run(env, "generate", "--model", model_dir, "--prompt", "hi", "--max-tokens", 2,
+            "--stats-json", tmp_path)
+    assert_bad_input(p, "--stats-json", "directory")
+    assert "Generation:" not in p.stderr  # refused before the work
+    p = run(env, "generate", "--model", model_dir, "--prompt", "hi", "--max-tokens", 2,
+            "--draft-model", tmp_path / "missing")
+    assert_bad_input(p, "draft model", "no such directory")
 
 
 def test_generate_with_a_budget_that_holds_every_expert(model_dir, env, tmp_path):

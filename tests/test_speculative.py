@@ -402,9 +402,10 @@ def test_budget_too_small_for_the_draft_states_the_minimum(tiny_factory, dense_d
     both = kv_bytes_for(1, own.kv_bytes_per_token + sum(draft_kv),
                         max(own.kv_layer_bytes_per_token, *draft_kv))
     assert stated - own_min - draft_bytes == both - own.kv_bytes(1) > 0
-    # the minimum it states runs
+    # the minimum it states runs, and the budget reported is the one given (draft included)
     model, _ = hobbit_mlx.load(dst, memory_budget=stated, exact=True,
                                draft_model=str(dense_draft), progress=False)
+    assert hobbit_mlx.offload_stats(model)["budget_bytes"] == stated
     runtime_of(model).close()
 
 

@@ -205,14 +205,15 @@ class Worker:
     # --- the generation thread ----------------------------------------------------------------
     def _run(self) -> None:
         try:
-            from ..loader import runtime_of
+            from ..loader import offload_stats, runtime_of
 
             self.model, self.tokenizer = self._load()
             rt = runtime_of(self.model)
             self.model_dir = rt.model_dir
             self.context_limit = context_limit(rt.plan)
             self.vocab_size = vocab_size(self.model, self.tokenizer)
-            self.tally = Tally(self.model_id, rt.plan.budget_bytes, self.context_limit)
+            self.tally = Tally(self.model_id, offload_stats(self.model)["budget_bytes"],
+                               self.context_limit)
             self._special = list(self.tokenizer.encode("\n")) + list(self.tokenizer.eos_token_ids)
             self._stream = _own_stream()
             pipe = pipeline_of(self.model)
