@@ -179,6 +179,15 @@ class Tally:
         return s
 
 
+def _stopped_turn_stats(model, last, t0: float) -> dict:
+    """A turn stopped part way (Ctrl-C, the budget) still read and generated: its statistics
+    join the session's totals ('s'), as far as the runtime can give them."""
+    try:
+        return cli.run_stats(model, last, time.perf_counter() - t0)
+    except Exception:  # noqa: BLE001 - the turn's own error was already reported
+        return {}
+
+
 def _turn_summary(stats: dict, fed: int, total: int) -> str:
     reused = total - fed
     line = (f"[{stats['generation_tokens']} tokens, {stats['generation_tps']:.2f} tokens/s; "
@@ -323,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n[interrupted]", flush=True)
             conv.finish(query, full, "".join(pieces), generated)
             conv.invalidate()  # the cache may hold a half-run step
+            tally.add(_stopped_turn_stats(model, last, t0))
             continue
         except (hobbit_mlx.BudgetError, hobbit_mlx.PipelineError) as e:
             # the conversation outgrew the budget (of some rank)
@@ -331,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\n[hobbit_mlx] {e}; 'r' resets the conversation", file=sys.stderr, flush=True)
             conv.finish(query, full, "".join(pieces), generated)
             conv.invalidate()
+            tally.add(_stopped_turn_stats(model, last, t0))
             continue
         finally:
             if lock is not None:
@@ -340,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n[interrupted]", flush=True)
             conv.finish(query, full, "".join(pieces), generated)
             conv.invalidate()
+            tally.add(_stopped_turn_stats(model, last, t0))
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -223,6 +223,22 @@ def test_chat_piped(model_dir, env):
     assert "cached)" in turns[1]  # the second turn reused the first turn's KV cache
 
 
+def test_chat_turn_stopped_by_the_budget_still_counts(env):
+    """A reply that outgrows the budget's context stops with a message; what it read and
+    generated joins the session's totals ('s')."""
+    import hobbit_mlx
+
+    budget = hobbit_mlx.footprint(None)["minimum_budget_bytes"]
+    p = run(env, "chat", "--memory-budget", budget, "--max-tokens", 2000, "--quiet-report",
+            stdin="def parse(text):\ns\nq\n")
+    assert p.returncode == 0, p.stderr
+    assert "resets the conversation" in p.stderr, p.stderr
+    requests = re.search(r"Experts: (\d+) requests", p.stdout)
+    generated = re.search(r"Generation: (\d+) tokens", p.stdout)
+    assert requests and int(requests.group(1)) > 0, p.stdout
+    assert generated and int(generated.group(1)) > 0, p.stdout
+
+
 def test_chat_speculative_replies_equal_plain_ones(model_dir, env):
     """Speculative decoding in the chat (drafts, verify passes and trims on the conversation's
     own KV cache, turn after turn) gives the replies of plain exact decoding."""
