@@ -258,6 +258,9 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     manifest = load_manifest(model_dir, check_files=pipe is None)
     model, config = load_model(model_dir, lazy=True,
                                get_model_classes=_offloaded_classes(manifest, pipe))
+    tokenizer = load_tokenizer(model_dir, tokenizer_config_extra=o.tokenizer_config or {},
+                               eos_token_ids=config.get("eos_token_id"))
+    check_tokenizer(tokenizer, model_dir, config)  # (before the weights are read)
     if pipe is not None:
         manifest = pipe.manifest
         check_store_files(Path(model_dir), manifest)
@@ -355,9 +358,17 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
     mx.clear_cache()
     mx.reset_peak_memory()
-    tokenizer = load_tokenizer(model_dir, tokenizer_config_extra=o.tokenizer_config or {},
-                               eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
+
+
+def check_tokenizer(tokenizer, model_dir: Path, config: dict) -> None:
+    """Without its files transformers gives a tokenizer of a token or two, which turns every
+    prompt into nothing: say so at load instead."""
+    n = len(tokenizer.get_vocab())
+    if n < min(256, config.get("vocab_size") or 256):
+        raise StoreError(f"{model_dir}: the tokenizer has {n} token(s); its files "
+                         "(tokenizer.json, tokenizer_config.json, ...) are missing or incomplete "
+                         "(copy them from the original checkpoint)")
 
 
 def runtime_of(model: nn.Module) -> OffloadRuntime:

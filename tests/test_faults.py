@@ -132,3 +132,22 @@ def test_close_returns_once_a_stalled_prefetch_read_is_let_go(deep_models, monke
     faults.release()
     assert done.wait(60), "close() deadlocked on a stalled read"
     assert not [t for t in threading.enumerate() if t.name.startswith("hobbit-")]
+
+
+def test_a_model_without_its_tokenizer_files_is_refused_at_load(tiny_factory, tmp_path):
+    """transformers loads an empty tokenizer from a directory without its files, which turns
+    every prompt into nothing: load names the missing files instead."""
+    import shutil
+
+    from convert import convert
+
+    src, _ = tiny_factory("qwen3_moe")
+    bare = tmp_path / "mlx"
+    shutil.copytree(src, bare)
+    for f in bare.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt",
+                                                         "chat_template.jinja"):
+            f.unlink()
+    dst = convert(bare, tmp_path / "hobbit", progress=False)
+    with pytest.raises(StoreError, match="tokenizer"):
+        hobbit_mlx.load(dst, expert_residency=0.5, progress=False)
