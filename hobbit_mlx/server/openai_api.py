@@ -156,8 +156,7 @@ async def completions(request: Request) -> Response:
     d: Dispatcher = request.app.state.dispatcher
     body = check_body(await read_json(request))
     check_model(body, d.model_names, d.model_id)
-    gen = openai_generation(body, d.defaults, d.context_limit, d.vocab_size,
-                            chat=False)
+    gen = openai_generation(body, d.defaults, d.context_limit, d.vocab_size, chat=False)
     if Fields(body).boolean("echo", False):
         raise bad_request("echo is not supported", "echo")
     gen.continues = True
