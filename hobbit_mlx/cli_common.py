@@ -332,6 +332,8 @@ def load_options(args: argparse.Namespace) -> "LoadOptions":
 
 def technique_options(args: argparse.Namespace) -> dict:
     """The ``LoadOptions`` fields that the technique flags set."""
+    from .options import LoadOptions
+
     if args.exact and (args.mixed_precision or args.big_little or args.skip):
         raise CLIError("--exact cannot be combined with --mixed-precision, --big-little or --skip")
     if not 0 <= args.t1 <= args.t2 <= 1:
@@ -348,6 +350,13 @@ def technique_options(args: argparse.Namespace) -> dict:
         raise CLIError(f"--prefill-low-precision is a share in [0, 1], not {args.prefill_low_precision}")
     if args.exact and args.prefill_low_precision:
         raise CLIError("--exact cannot be combined with --prefill-low-precision")
+    tuned = [flag for flag, name in (("--t1", "t1"), ("--t2", "t2"), ("--upgrade-after",
+                                     "upgrade_after"), ("--little-threshold", "little_threshold"),
+                                     ("--prefetch-low-precision", "prefetch_low_precision"))
+             if getattr(args, name) != getattr(LoadOptions, name)]
+    if args.exact and tuned:  # (each tunes a lossy technique, which exact mode turns off)
+        raise CLIError(f"--exact cannot be combined with {', '.join(tuned)}: it tunes a lossy "
+                       "technique, and exact mode runs none")
     speculative = getattr(args, "speculative", None)
     if speculative is not None and speculative < 1:
         flag = "--num-draft-tokens" if getattr(args, "draft_model", None) else "--speculative"

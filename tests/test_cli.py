@@ -186,6 +186,11 @@ def test_bad_flags_in_process(model_dir, capsys):
              (generate.main, ["--prefetch-width", "0"], "--prefetch-width"),
              (generate.main, ["--prefill-low-precision", "2"], "--prefill-low-precision"),
              (generate.main, ["--exact", "--prefill-low-precision", "0.2"], "--exact"),
+             (generate.main, ["--exact", "--t1", "0.5", "--upgrade-after", "2"],
+              "--t1, --upgrade-after"),
+             (chat.main, ["--exact", "--prefetch-low-precision"], "--prefetch-low-precision"),
+             (generate.main, ["--num-draft-tokens", "0", "--draft-model", "x"],
+              "--num-draft-tokens"),
              (chat.main, ["--model", "no-such-model-dir"], "not found")]
     for main, argv, needle in cases:
         assert cli_common.run(main, ["--model", str(model_dir), *argv]) == 2, argv
