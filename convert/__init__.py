@@ -18,7 +18,12 @@ renamed onto DST only when complete.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import glob
+import io
 import json
+import numbers
 import os
 import shutil
 import zlib
@@ -30,7 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_config, make_shards, quantize_model
 
-from hobbit_mlx.architectures import (UnsupportedModelError, describe_moe, expert_param_names,
+from hobbit_mlx.architectures import (UnsupportedModelError, describe_moe,
                                       num_experts_of, switch_linear_paths)
 from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, PrecisionEntry, Record,
                               StoreError, TensorLayout, align_up, is_hobbit_model,
@@ -203,7 +208,7 @@ def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], preci
                  for p in proj_names}
         if refs is not None and pname == "high" and all(
                 quant[p] == _source_quantization(weights, f"{path}.{p}", in_dims[p]) for p in proj_names):
-            ref = refs.entry(path, proj_names, quant, num_experts, want["bits"])
+            ref = refs.entry(path, proj_names, quant, num_experts, _nominal_bits(quant, want["bits"]))
             if ref is not None:  # the source's own bytes, in place
                 entry.precisions[pname] = ref
                 progress.update(len(proj_names))
@@ -228,8 +233,8 @@ def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], preci
                         writer.write(e, f"{p}.{name}", data[e - e0])
             progress.update(1)
         files.append(rel)
-        entry.precisions[pname] = PrecisionEntry(want["bits"], quant, writer.layout,
-                                                 writer.finish(len(files) - 1))
+        entry.precisions[pname] = PrecisionEntry(_nominal_bits(quant, want["bits"]), quant,
+                                                 writer.layout, writer.finish(len(files) - 1))
     return entry
 
 
@@ -264,51 +269,208 @@ def _write_dense(dense: dict, out: Path) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
+def _remove(path: Path) -> None:
+    """Remove a directory tree, a file or a symlink (not what a link points to); best effort."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_symlink() or path.exists():
+            path.unlink()
+    except OSError:
+        pass
+
+
 def _remove_stale(dst: Path) -> None:
     """Remove what conversions into ``dst`` that were killed left behind (their temporary
-    directories name their process, which no longer runs)."""
-    for d in dst.parent.glob(f".{dst.name}.*-*"):
+    directories, or the replaced DST, name their process, which no longer runs)."""
+    for d in dst.parent.glob(f".{glob.escape(dst.name)}.*-*"):
         kind, _, pid = d.name[len(dst.name) + 2:].rpartition("-")
         if kind not in ("partial", "old") or not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
+            _remove(d)
         except OSError:  # alive, another user's
             pass
 
 
-def convert(src: str | Path, dst: str | Path, *, bits: int = 4, low_bits: int = 2,
-            group_size: int = 64, force: bool = False, progress: bool = True,
-            copy: bool = False) -> Path:
+def _real(path: str | Path) -> Path:
+    """``path`` absolute, with ``~`` and every symlink resolved (also when it does not exist)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _check_not_source(src_dir: Path, dst: Path, by_reference: bool | None = None) -> None:
+    """Refuse a DST that is the source, contains it, or holds a file the source's files link to:
+    replacing DST (``--force``) would delete the source (and a store by reference reads it)."""
+    d, s = _real(dst), _real(src_dir)
+    if d == s:
+        raise ConversionError(f"{dst} is the source checkpoint itself ({s}); converting into it "
+                              "would replace the source: write the converted model to another directory")
+    if d in s.parents:
+        raise ConversionError(f"{dst} contains the source checkpoint {s}; replacing it would delete "
+                              "the source: write the converted model to another directory")
+    try:
+        files = [f for f in Path(src_dir).iterdir()]
+    except OSError:
+        return
+    for f in files:
+        r = _real(f)
+        if r == d or d in r.parents:
+            reads = (" (and the converted model would read it in place)" if by_reference
+                     else "")
+            raise ConversionError(f"{dst} holds {r}, a file of the source checkpoint {src_dir} "
+                                  f"({f.name} links to it); replacing {dst} would delete it{reads}: "
+                                  "write the converted model to another directory")
+
+
+def _check_parent(dst: Path) -> None:
+    """A clear error when DST cannot be a directory: a file where one of its parents should be."""
+    for anc in (dst.parent, *dst.parent.parents):
+        if anc.is_dir():
+            return
+        if anc.exists() or anc.is_symlink():
+            what = "a broken symlink" if not anc.exists() else "a file"
+            raise ConversionError(f"cannot write {dst}: {anc} is {what}, not a directory")
+
+
+@functools.lru_cache(maxsize=None)
+def _mlx_quantizes(bits: int, group_size: int) -> bool:
+    """Whether this MLX's ``mx.quantize`` (affine) takes this width and group size."""
+    if not (0 < bits <= 32 and 0 < group_size <= 4096):
+        return False
+    try:
+        mx.eval(mx.quantize(mx.zeros((1, group_size)), group_size, bits, mode="affine"))
+        return True
+    except (ValueError, RuntimeError, TypeError):
+        return False
+
+
+def supported_bits() -> list[int]:
+    return [b for b in range(1, 17) if _mlx_quantizes(b, 64) or _mlx_quantizes(b, 32)]
+
+
+def supported_group_sizes() -> list[int]:
+    return [g for g in (8, 16, 32, 64, 128, 256, 512, 1024) if _mlx_quantizes(4, g)]
+
+
+def _check_flags(bits: int | None, low_bits: int | None, group_size: int) -> None:
+    """The widths and group size MLX quantizes with (before anything is read or written)."""
+    def ints(xs):
+        return ", ".join(map(str, xs))
+
+    for flag, b in (("--bits", bits), ("--low-bits", low_bits)):
+        if b is not None and (not isinstance(b, numbers.Integral) or b not in supported_bits()):
+            raise ConversionError(f"{flag} {b}: MLX quantizes experts at {ints(supported_bits())} "
+                                  "bits, not this width")
+    if not isinstance(group_size, numbers.Integral) or group_size not in supported_group_sizes():
+        raise ConversionError(f"--group-size {group_size}: MLX quantizes with groups of "
+                              f"{ints(supported_group_sizes())} weights, not this size")
+    for flag, b in (("--bits", bits), ("--low-bits", low_bits)):
+        if b is not None and not _mlx_quantizes(b, group_size):
+            raise ConversionError(f"{flag} {b} with --group-size {group_size}: MLX cannot "
+                                  "quantize with this combination")
+    if bits is not None and low_bits is not None and low_bits >= bits:
+        raise ConversionError(f"--low-bits {low_bits} must be below --bits {bits} (the low "
+                              "precision is the smaller, cheaper copy of each expert)")
+
+
+def default_bits(config: dict, bits: int | None = None, low_bits: int | None = None) -> tuple[int, int]:
+    """The (high, low) expert widths a conversion of ``config``'s checkpoint uses: the high one
+    is an mlx-lm quantized source's own width (its experts are kept as they are), else ``bits``
+    or 4; the low one ``low_bits``, or 2 (1 below a 2-bit high one). Raises ConversionError when
+    a requested high width cannot apply to a quantized source."""
+    q = config.get("quantization")
+    src_bits = int(q["bits"]) if isinstance(q, dict) and q.get("bits") is not None else None
+    if bits is None:
+        bits = src_bits or 4
+    elif src_bits is not None and bits != src_bits:
+        raise ConversionError(
+            f"--bits {bits}: the source is an mlx-lm checkpoint quantized at {src_bits} bits, and "
+            f"the high precision keeps its experts as they are (read in place, or copied with "
+            f"--copy) so that exact mode computes what mlx-lm does; it cannot hold {bits}-bit "
+            f"experts. Omit --bits (or pass --bits {src_bits}), or convert from the float "
+            f"checkpoint to choose another width")
+    if low_bits is None:
+        low_bits = min(2, bits - 1)
+    if low_bits < 1:
+        raise ConversionError(f"--bits {bits} leaves no smaller width for the low-precision copy")
+    if low_bits >= bits:
+        own = ", the source's own width" if src_bits is not None else ""
+        raise ConversionError(f"--low-bits {low_bits} must be below --bits {bits}{own} (the low "
+                              "precision is the smaller, cheaper copy of each expert)")
+    return bits, low_bits
+
+
+def _check_group_size(switches, group_size: int) -> None:
+    """Every expert projection is quantized with ``group_size`` (the low copy at least)."""
+    for path, switch in switches:
+        modules = dict(switch.named_modules())
+        for p in switch_linear_paths(switch):
+            shape = tuple(modules[p].weight.shape)
+            if shape[-1] % group_size:
+                raise ConversionError(
+                    f"--group-size {group_size} does not divide the input dimension {shape[-1]} of "
+                    f"{path}.{p} (expert weights {list(shape)}); pass a group size that does "
+                    f"(of {', '.join(map(str, supported_group_sizes()))})")
+
+
+def _nominal_bits(quant: dict[str, dict], want: int) -> int:
+    """The manifest's ``bits`` of an entry: the width its projections hold (``want`` when some
+    do; a quantized source's own width when it keeps those)."""
+    widths = {int(q["bits"]) for q in quant.values()}
+    return want if want in widths else min(widths)
+
+
+def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
+            low_bits: int | None = None, group_size: int = 64, force: bool = False,
+            progress: bool = True, copy: bool = False) -> Path:
     """Convert ``src`` into the hobbit model directory ``dst`` and return its path.
 
+    ``bits``: the high-precision experts' width; an mlx-lm quantized source keeps its own (None
+    takes it; another width is refused), a float source is quantized at ``bits`` (default 4).
+    ``low_bits``: the low-precision copies' width (default 2, and below ``bits``).
+
     An mlx-lm quantized source is read in place (by reference) unless ``copy``; the store then
-    depends on the source files staying where and as they are (checked at every load)."""
+    depends on the source files staying where and as they are (checked at every load). A DST
+    that is the source, or that holds it, is refused."""
     from tqdm import tqdm
 
+    _check_flags(bits, low_bits, group_size)
     dst = Path(dst).expanduser()
-    if dst.exists() and not force:
+    local = Path(src).expanduser()
+    if local.is_dir():  # before anything else: "pass --force" must not be suggested here
+        _check_not_source(local, dst)
+    if (dst.exists() or dst.is_symlink()) and not force:
         what = "a converted hobbit model" if is_hobbit_model(dst) else "a file or directory"
         raise FileExistsError(f"{dst} already exists ({what}); pass --force to replace it")
+    _check_parent(dst)
     src_dir = resolve_source(src)
     raw_config = json.loads((src_dir / "config.json").read_text())
     config = load_config(src_dir)
     facts = describe_moe(config)
     model, switches = facts["model"], facts["switches"]
+    bits, low_bits = default_bits(config, bits, low_bits)
+    _check_group_size(switches, group_size)
+    by_reference = not copy and config.get("quantization") is not None
+    _check_not_source(src_dir, dst, by_reference)
+    # The stored source is what ``reconvert_command`` prints: absolute, or the hub id.
+    source = str(_real(local)) if local.exists() else str(src)
     weights = _load_source_weights(src_dir)
     loaded = dict(weights)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     unchanged = unchanged_by_sanitize(loaded, weights)
     del loaded  # (an evaluated source tensor is held while anything refers to it)
-    by_reference = not copy and config.get("quantization") is not None
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot write {dst}: cannot create {e.filename or dst.parent} "
+                              f"({e.strerror or e})") from None
     _remove_stale(dst)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     try:
         for pname in ("high", "low"):
             (tmp / STORE_DIR / pname).mkdir(parents=True)
@@ -331,7 +493,9 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, low_bits: int = 
             if refs is not None:
                 refs.close()
         switch_paths = [p for p, _ in switches]
-        dense, new_config = _dense_weights(model, weights, switch_paths, config, bits, group_size)
+        with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
+            # (mlx-lm's quantizer of a float source's dense weights reports on stdout)
+            dense, new_config = _dense_weights(model, weights, switch_paths, config, bits, group_size)
         if by_reference:  # mlx-lm reads them from the source, as it would without hobbit_mlx
             if progress:
                 print(f"[convert] linking the dense weights of {src_dir} (read in place)")
@@ -348,18 +512,23 @@ def convert(src: str | Path, dst: str | Path, *, bits: int = 4, low_bits: int = 
             if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP_FILES:
                 shutil.copy2(f, tmp / f.name)
         Manifest(config["model_type"], layers[0].num_experts, facts["experts_per_token"], files,
-                 layers, source=str(src), references=references).save(tmp)
-        if dst.exists():
+                 layers, source=source, references=references).save(tmp)
+        if dst.exists() or dst.is_symlink():
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            _remove(old)
             os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(tmp, dst)
+            except BaseException:
+                os.rename(old, dst)  # put back what was there
+                raise
+            _remove(old)
         else:
             os.rename(tmp, dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     return dst
 
 
-__all__ = ["convert", "ConversionError", "UnsupportedModelError", "StoreError"]
+__all__ = ["convert", "ConversionError", "UnsupportedModelError", "StoreError", "default_bits"]

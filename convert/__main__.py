@@ -3,24 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from . import ConversionError, StoreError, UnsupportedModelError, convert
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _os_error(e: OSError, src: str, dst: str) -> str:
+    """One line for an OSError: what could not be read or written, and why."""
+    reason = e.strerror or str(e) or type(e).__name__
+    name = e.filename
+    if name is not None:
+        real = os.path.realpath(os.path.expanduser(str(name)))
+        source = os.path.realpath(os.path.expanduser(src))
+        if os.path.exists(source) and (real == source or real.startswith(source.rstrip(os.sep) + os.sep)):
+            return f"cannot read {name}: {reason}"
+        if os.path.basename(str(name)) != os.path.basename(dst.rstrip(os.sep)):
+            reason = f"{reason} ({name})"
+    return f"cannot write {dst}: {reason}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m convert",
         description="Convert an MoE checkpoint (mlx-lm, Hugging Face, or a hub repo id) into a "
-                    "hobbit model: dense weights plus a 4-bit/2-bit expert store.")
+                    "hobbit model: dense weights plus a high- and low-precision (by default "
+                    "4-bit/2-bit) expert store.")
     parser.add_argument("src", help="local model directory or hub repo id")
-    parser.add_argument("dst", help="output directory (written atomically)")
-    parser.add_argument("--bits", type=int, default=4, help="high-precision expert bits (default 4)")
-    parser.add_argument("--low-bits", type=int, default=2, help="low-precision expert bits (default 2)")
-    parser.add_argument("--group-size", type=int, default=64, help="quantization group size (default 64)")
+    parser.add_argument("dst", help="output directory (written atomically; not SRC, nor a "
+                                    "directory that holds SRC)")
+    parser.add_argument("--bits", type=int, default=None,
+                        help="high-precision expert bits: a float source's (default 4); an mlx-lm "
+                             "quantized source keeps its own width, which is the only one accepted")
+    parser.add_argument("--low-bits", type=int, default=None,
+                        help="low-precision expert bits, below --bits (default 2)")
+    parser.add_argument("--group-size", type=int, default=64,
+                        help="quantization group size (default 64; 32, 64 or 128)")
     parser.add_argument("--copy", action="store_true",
-                        help="write a page-aligned copy of the 4-bit experts and dense weights even "
+                        help="write a page-aligned copy of the high-precision experts and dense weights even "
                              "when the source is an mlx-lm quantized checkpoint (by default the "
                              "store reads those in place, so the source must stay)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -31,9 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         out = convert(args.src, args.dst, bits=args.bits, low_bits=args.low_bits,
                       group_size=args.group_size, force=args.force, progress=not args.quiet,
                       copy=args.copy)
-    except (ConversionError, StoreError, UnsupportedModelError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ConversionError, StoreError, UnsupportedModelError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # convert() removed its temporary directory
+        print("interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        if isinstance(e, FileExistsError) and e.errno is None:  # DST exists, no --force
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            print(f"error: {_os_error(e, args.src, args.dst)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"[convert] wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -2,10 +2,14 @@
 
 Reads only config.json and the safetensors headers (``hobbit_mlx.sizes``: local, or a hub id
 through the cache or ``huggingface_hub``'s metadata calls, no weights) and prints the dense bytes,
-the expert bytes at 4 and 2 bits, the KV bytes per token, the smallest budget that runs, and the
+the expert bytes at the high and low precisions, the KV bytes per token, the smallest budget that runs, and the
 budget ``load`` would choose on this machine (or for ``--memory-budget``) with the share of the
 experts it keeps resident. The split is ``hobbit_mlx.budget``'s own; only the activations of a
 prefill chunk are estimated here (``load`` measures them on the model).
+
+A converted model's experts are counted from its manifest (their real widths and bytes, as
+``hobbit_mlx.footprint`` gives them); an unconverted checkpoint's as ``python -m convert`` would
+store them by default (an mlx-lm quantized source's own width, else 4 bits, and 2-bit copies).
 
 An unknown model, a model that is not an MoE, or a hub id that is not cached while the hub cannot
 be reached ends with one ``error: ...`` line and exit status 2.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .budget import BudgetError, BudgetPlan, format_size, parse_size, plan_budget, system_memory_bytes
@@ -36,18 +41,58 @@ def _plan(sizes, mixed_precision: bool, memory_budget) -> BudgetPlan:
         context_activation=sizes.context_activation)
 
 
+def _widths(manifest, precision: str) -> list[int]:
+    """The widths the manifest's experts hold at one precision (several for a mixed recipe)."""
+    return sorted({int(q["bits"]) for layer in manifest.layers
+                   for q in layer.precisions[precision].quant.values()})
+
+
+def _use_manifest(sizes, manifest, compute_dtype) -> None:
+    """A converted model's experts as ``load`` counts them: stored bytes from the manifest, and
+    one slot per pool (layers of one layout share it) with floats cast to ``compute_dtype``."""
+    from .pools import pool_signature
+
+    itemsize = compute_dtype.size if compute_dtype is not None else None
+    for precision in ("high", "low"):
+        groups: dict[tuple, list[int]] = {}
+        for layer in manifest.layers:
+            entry = layer.precisions[precision]
+            g = groups.setdefault(pool_signature(entry), [entry.resident_nbytes(itemsize), 0])
+            g[1] += 1
+        sizes.expert_bytes[precision] = manifest.expert_bytes(precision)
+        sizes.expert_slot_bytes[precision] = [g[0] for g in groups.values()]
+        sizes.expert_layers[precision] = [g[1] for g in groups.values()]
+
+
 def plan_model(model: str, memory_budget: int | str | None = None,
                options: LoadOptions | None = None) -> dict:
     """What ``load(model, memory_budget=...)`` would plan, from config.json and headers only.
 
     Raises ``sizes.ModelNotFound``, ``UnsupportedModelError`` (not an MoE) or ``BudgetError``."""
+    from convert import ConversionError, default_bits
+
     from .loader import compute_dtype
     from .sizes import model_sizes, read_checkpoint
+    from .store import is_hobbit_model, load_manifest
 
     o = (options or LoadOptions()).with_overrides(memory_budget=memory_budget)
     ckpt = read_checkpoint(model)
-    sizes = model_sizes(ckpt, compute_dtype=compute_dtype(o.dtype),
-                        prefill_step_size=o.prefill_step_size)
+    cdtype = compute_dtype(o.dtype)
+    local = Path(str(model)).expanduser()
+    converted = ckpt.where == "local" and local.is_dir() and is_hobbit_model(local)
+    if converted:
+        manifest = load_manifest(local, check_files=False)
+        sizes = model_sizes(ckpt, compute_dtype=cdtype, prefill_step_size=o.prefill_step_size)
+        _use_manifest(sizes, manifest, cdtype)
+        widths = {p: _widths(manifest, p) for p in ("high", "low")}
+    else:  # as ``python -m convert`` would store it by default
+        try:
+            bits, low_bits = default_bits(ckpt.config)
+        except ConversionError:  # a 1-bit source: no narrower copy; counted at 1 bit too
+            bits = low_bits = 1
+        sizes = model_sizes(ckpt, bits=bits, low_bits=low_bits, compute_dtype=cdtype,
+                            prefill_step_size=o.prefill_step_size)
+        widths = {"high": [bits], "low": [low_bits]}
     mixed = o.precision().mixed_precision
     minimum = _plan(sizes, mixed, 1 << 62).minimum_bytes
     minimum_exact = _plan(sizes, False, 1 << 62).minimum_bytes
@@ -57,9 +102,14 @@ def plan_model(model: str, memory_budget: int | str | None = None,
     share_low = min(1.0, plan.low_expert_bytes / max(1, sizes.all_bytes("low")))
     return {
         "model": str(model), "read_from": ckpt.where, "model_type": sizes.model_type,
+        "converted": converted,
         "moe_layers": sizes.num_moe_layers, "experts_per_layer": sizes.num_experts,
         "experts_per_token": sizes.experts_per_token, "total_experts": total_experts,
         "dense_bytes": sizes.dense_bytes,
+        # the widths of the high and low precisions: a converted model's, else those assumed
+        "expert_bits_high": widths["high"], "expert_bits_low": widths["low"],
+        "expert_bytes_high": sizes.expert_bytes["high"], "expert_bytes_low": sizes.expert_bytes["low"],
+        # (the names of older versions, which assumed 4 and 2 bits: the same numbers)
         "expert_bytes_4bit": sizes.expert_bytes["high"], "expert_bytes_2bit": sizes.expert_bytes["low"],
         "kv_bytes_per_token": sizes.kv_bytes_per_token,
         "activation_bytes_estimated": dict(sizes.activation_points),
@@ -69,11 +119,18 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         "system_memory_bytes": system_memory_bytes(),
         "budget_given": o.memory_budget is not None,
         "budget_bytes": plan.budget_bytes,
+        "expert_pool_bytes_high": plan.high_expert_bytes,
+        "expert_pool_bytes_low": plan.low_expert_bytes,
         "expert_pool_bytes_4bit": plan.high_expert_bytes,
         "expert_pool_bytes_2bit": plan.low_expert_bytes,
         "kv_reserve_tokens": plan.kv_tokens, "prefill_chunk_tokens": plan.chunk_tokens,
+        "resident_share_high": share_high, "resident_share_low": share_low,
         "resident_share_4bit": share_high, "resident_share_2bit": share_low,
     }
+
+
+def _label(widths: list[int]) -> str:
+    return "/".join(map(str, widths)) + "-bit"
 
 
 def render(p: dict) -> str:
@@ -81,20 +138,23 @@ def render(p: dict) -> str:
     how = "given" if p["budget_given"] else (
         f"the default for this machine: the whole model, at most 60% of its "
         f"{size(p['system_memory_bytes'])}")
+    hi, lo = _label(p["expert_bits_high"]), _label(p["expert_bits_low"])
+    how_stored = ("as converted" if p["converted"] else
+                  "estimated: as `python -m convert` would store them by default")
     lines = [
         f"{p['model']} ({p['model_type']}, read from {p['read_from']}): {p['moe_layers']} MoE layers "
         f"x {p['experts_per_layer']} experts, top-{p['experts_per_token']}",
         f"  dense weights            {size(p['dense_bytes'])}  (resident, {p['compute_dtype']} floats)",
-        f"  experts, 4-bit           {size(p['expert_bytes_4bit'])}",
-        f"  experts, 2-bit           {size(p['expert_bytes_2bit'])}",
+        f"  experts, {hi:<16}{size(p['expert_bytes_high'])}  ({how_stored})",
+        f"  experts, {lo:<16}{size(p['expert_bytes_low'])}",
         f"  KV cache per token       {size(p['kv_bytes_per_token'])}",
         f"  minimum budget           {size(p['minimum_budget_bytes'])}  (exact mode: "
         f"{size(p['minimum_budget_bytes_exact'])}; prefill activations estimated, load() measures them)",
         f"  budget                   {size(p['budget_bytes'])}  ({how})",
-        f"    4-bit expert pool      {size(p['expert_pool_bytes_4bit'])}  = "
-        f"{100 * p['resident_share_4bit']:.1f}% of the 4-bit experts resident",
-        f"    2-bit expert pool      {size(p['expert_pool_bytes_2bit'])}  = "
-        f"{100 * p['resident_share_2bit']:.1f}% of the 2-bit experts",
+        f"    {hi + ' expert pool':<23}{size(p['expert_pool_bytes_high'])}  = "
+        f"{100 * p['resident_share_high']:.1f}% of the {hi} experts resident",
+        f"    {lo + ' expert pool':<23}{size(p['expert_pool_bytes_low'])}  = "
+        f"{100 * p['resident_share_low']:.1f}% of the {lo} experts",
         f"    KV reserve             {p['kv_reserve_tokens']} tokens; prefill chunks of "
         f"{p['prefill_chunk_tokens']} tokens",
     ]
@@ -110,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "or a hub repo id")
     parser.add_argument("--memory-budget", default=None, metavar="SIZE",
                         help="plan for this budget (e.g. 10GB) instead of this machine's default")
-    parser.add_argument("--exact", action="store_true", help="plan for exact mode (4-bit only)")
+    parser.add_argument("--exact", action="store_true",
+                        help="plan for exact mode (high-precision experts only)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
     from .architectures import UnsupportedModelError

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,9 @@ def file_stamp(path: str | Path) -> dict:
 
 
 def reconvert_command(model_dir: Path, manifest: Manifest) -> str:
-    return f"python -m convert {manifest.source or 'SRC'} {model_dir} --force"
+    """The command that rebuilds the store, its paths quoted for a shell."""
+    src = shlex.quote(manifest.source) if manifest.source else "SRC"
+    return f"python -m convert {src} {shlex.quote(str(model_dir))} --force"
 
 
 def check_references(model_dir: Path, manifest: Manifest) -> None:

@@ -125,3 +125,33 @@ def test_errors_are_one_line_exit_2(tmp_path, tiny_factory):
         assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
         assert needle in p.stderr, p.stderr
         assert p.stdout == ""
+
+
+def test_plan_of_a_store_with_other_widths_agrees_with_footprint(tiny_factory, tmp_path, capsys):
+    """A store converted at 3/1 bits: the plan counts its manifest's experts (the widths and
+    bytes ``footprint`` gives), not 4-bit and 2-bit estimates; an unconverted checkpoint is
+    labelled with the widths its estimate assumes."""
+    from convert import convert
+
+    src, _ = tiny_factory("qwen3_moe", quantize=False)
+    dst = convert(src, tmp_path / "w31", bits=3, low_bits=1, progress=False)
+    p = plan_model(str(dst), "1GB")
+    f = hobbit_mlx.footprint(dst)
+    assert p["expert_bytes_4bit"] == f["expert_bytes_high"]  # (the older names: the same numbers)
+    assert p["expert_bytes_2bit"] == f["expert_bytes_low"]
+    assert p["expert_bytes_high"] == f["expert_bytes_high"]
+    assert p["expert_bytes_low"] == f["expert_bytes_low"]
+    assert p["converted"] and p["expert_bits_high"] == [3] and p["expert_bits_low"] == [1]
+    model, _ = hobbit_mlx.load(dst, memory_budget="1GB", progress=False)
+    rt = runtime_of(model)  # every expert resident: the pools hold the resident bytes load counts
+    assert p["expert_pool_bytes_high"] == rt.plan.high_expert_bytes
+    assert p["resident_share_high"] == 1.0
+    rt.close()
+    assert main([str(dst), "--memory-budget", "1GB"]) == 0
+    out = capsys.readouterr().out
+    assert "experts, 3-bit" in out and "experts, 1-bit" in out and "4-bit" not in out
+    q_src, _ = tiny_factory("qwen3_moe")
+    est = plan_model(str(q_src), "1GB")
+    assert not est["converted"] and est["expert_bits_high"] == [4] and est["expert_bits_low"] == [2]
+    assert main([str(q_src), "--memory-budget", "1GB"]) == 0
+    assert "experts, 4-bit" in capsys.readouterr().out

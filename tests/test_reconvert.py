@@ -51,3 +51,32 @@ def test_a_killed_conversion_leaves_nothing_that_lasts(tmp_path):
     dst = converter.convert(src, out / "model", progress=False)
     np.testing.assert_allclose(_logits(dst), _logits_of_source(src), rtol=0, atol=1e-5)
     assert sorted(p.name for p in out.iterdir()) == ["model"]
+
+
+def test_the_reconvert_hint_works_from_another_directory(tmp_path, monkeypatch):
+    """The manifest keeps the source as an absolute path, so the command a changed source's
+    error suggests runs from anywhere (it used to repeat the relative path typed)."""
+    import os
+    import shlex
+
+    import pytest
+
+    from convert.__main__ import main as convert_main
+    from hobbit_mlx.store import StoreError
+
+    make_tiny_model("qwen3_moe", tmp_path / "work" / "s2")
+    monkeypatch.chdir(tmp_path / "work")
+    dst = converter.convert("s2", "s2-h", progress=False)
+    weights = tmp_path / "work" / "s2" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(StoreError, match="reconvert with `python -m convert ") as e:
+        hobbit_mlx.load(tmp_path / "work" / dst, progress=False)
+    command = str(e.value).split("`")[1]
+    argv = shlex.split(command)[3:]
+    assert argv[0] == str((tmp_path / "work" / "s2").resolve())
+    assert convert_main([*argv, "--quiet"]) == 0
+    np.testing.assert_allclose(_logits(tmp_path / "work" / dst),
+                               _logits_of_source(tmp_path / "work" / "s2"), rtol=0, atol=1e-5)
