@@ -64,7 +64,11 @@ def read_local(path: Path) -> Checkpoint:
         for layer in load_manifest(path, check_files=False).layers:
             for t in layer.precisions["high"].tensors:
                 tensors[f"{layer.module_path}.{t.name}"] = (t.dtype, (layer.num_experts, *t.shape))
-    return Checkpoint("local", json.loads(cfg.read_text()), tensors)
+    try:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelNotFound(f"{cfg}: not valid JSON ({e})") from None
+    return Checkpoint("local", config, tensors)
 
 
 def read_hub(repo_id: str) -> Checkpoint:

@@ -114,7 +114,12 @@ def test_errors_are_one_line_exit_2(tmp_path, tiny_factory):
     (dense / "config.json").write_text(json.dumps({
         "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 64,
         "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 32, "rms_norm_eps": 1e-5}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(src / "model.safetensors", broken / "model.safetensors")
+    (broken / "config.json").write_text("{not json")
     cases = [(["/no/such/model"], "no such directory"),
+             ([str(broken)], f"{broken / 'config.json'}: not valid JSON"),
              ([str(dense)], "no routed experts"),
              (["nobody-here/not-cached-model"], "could not be read from the Hugging Face hub"),
              ([str(REFERENCE_MODEL), "--memory-budget", "1MB"], "too small"),
