@@ -27,15 +27,15 @@ def main() -> None:
 
     plan = plan_model(model_id)
     print(f"{model_id}: dense {format_size(plan['dense_bytes'])}, experts "
-          f"{format_size(plan['expert_bytes_4bit'])} (4-bit) / {format_size(plan['expert_bytes_2bit'])} "
+          f"{format_size(plan['expert_bytes_high'])} (4-bit) / {format_size(plan['expert_bytes_low'])} "
           f"(2-bit), KV {format_size(plan['kv_bytes_per_token'])} per token")
     print(f"minimum budget {format_size(plan['minimum_budget_bytes'])}; this machine would give it "
-          f"{format_size(plan['budget_bytes'])} ({100 * plan['resident_share_4bit']:.0f}% of the "
+          f"{format_size(plan['budget_bytes'])} ({100 * plan['resident_share_high']:.0f}% of the "
           f"4-bit experts resident)")
 
-    budget = int(plan["minimum_budget_bytes"] + args.residency * plan["expert_bytes_4bit"])
+    budget = int(plan["minimum_budget_bytes"] + args.residency * plan["expert_bytes_high"])
     chosen = plan_model(model_id, budget)
-    print(f"loading with {format_size(budget)}: about {100 * chosen['resident_share_4bit']:.0f}% of "
+    print(f"loading with {format_size(budget)}: about {100 * chosen['resident_share_high']:.0f}% of "
           f"the 4-bit experts resident")
     model, tokenizer = hobbit_mlx.load(model_id, memory_budget=budget)
     print(hobbit_mlx.generate(model, tokenizer, "import os\n", max_tokens=args.max_tokens))

@@ -109,8 +109,6 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         # the widths of the high and low precisions: a converted model's, else those assumed
         "expert_bits_high": widths["high"], "expert_bits_low": widths["low"],
         "expert_bytes_high": sizes.expert_bytes["high"], "expert_bytes_low": sizes.expert_bytes["low"],
-        # (the names of older versions, which assumed 4 and 2 bits: the same numbers)
-        "expert_bytes_4bit": sizes.expert_bytes["high"], "expert_bytes_2bit": sizes.expert_bytes["low"],
         "kv_bytes_per_token": sizes.kv_bytes_per_token,
         "activation_bytes_estimated": dict(sizes.activation_points),
         "context_activation_estimated": sizes.context_activation,
@@ -121,11 +119,8 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         "budget_bytes": plan.budget_bytes,
         "expert_pool_bytes_high": plan.high_expert_bytes,
         "expert_pool_bytes_low": plan.low_expert_bytes,
-        "expert_pool_bytes_4bit": plan.high_expert_bytes,
-        "expert_pool_bytes_2bit": plan.low_expert_bytes,
         "kv_reserve_tokens": plan.kv_tokens, "prefill_chunk_tokens": plan.chunk_tokens,
         "resident_share_high": share_high, "resident_share_low": share_low,
-        "resident_share_4bit": share_high, "resident_share_2bit": share_low,
     }
 
 

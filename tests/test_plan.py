@@ -34,11 +34,11 @@ def test_plan_reads_headers_only_and_agrees_with_load(tmp_path):
     rt = runtime_of(model)
     assert p["dense_bytes"] == rt.plan.dense_bytes
     assert p["kv_bytes_per_token"] == rt.kv_bytes_per_token
-    assert p["expert_bytes_4bit"] == rt.manifest.expert_bytes("high")
-    assert p["expert_bytes_2bit"] == rt.manifest.expert_bytes("low")
+    assert p["expert_bytes_high"] == rt.manifest.expert_bytes("high")
+    assert p["expert_bytes_low"] == rt.manifest.expert_bytes("low")
     # only the activations are estimated: the minimum is within 10% of the measured one
     assert abs(p["minimum_budget_bytes"] - rt.plan.minimum_bytes) < 0.1 * rt.plan.minimum_bytes
-    assert p["budget_bytes"] == 14 * 10**6 and 0 < p["resident_share_4bit"] < 0.2
+    assert p["budget_bytes"] == 14 * 10**6 and 0 < p["resident_share_high"] < 0.2
     rt.close()
 
 
@@ -48,11 +48,11 @@ def test_plan_of_a_float_checkpoint_counts_what_the_converter_writes(tiny_factor
 
     p = plan_model(str(src), "1GB")
     manifest = load_manifest(dst)
-    assert p["expert_bytes_4bit"] == manifest.expert_bytes("high")
-    assert p["expert_bytes_2bit"] == manifest.expert_bytes("low")
-    assert p["resident_share_4bit"] == 1.0  # 1 GB holds every expert of a tiny model
+    assert p["expert_bytes_high"] == manifest.expert_bytes("high")
+    assert p["expert_bytes_low"] == manifest.expert_bytes("low")
+    assert p["resident_share_high"] == 1.0  # 1 GB holds every expert of a tiny model
     converted = plan_model(str(dst), "1GB")  # a hobbit model directory: its manifest's experts
-    assert converted["expert_bytes_4bit"] == manifest.expert_bytes("high")
+    assert converted["expert_bytes_high"] == manifest.expert_bytes("high")
     assert converted["dense_bytes"] == p["dense_bytes"]
 
 
@@ -142,8 +142,8 @@ def test_plan_of_a_store_with_other_widths_agrees_with_footprint(tiny_factory, t
     dst = convert(src, tmp_path / "w31", bits=3, low_bits=1, progress=False)
     p = plan_model(str(dst), "1GB")
     f = hobbit_mlx.footprint(dst)
-    assert p["expert_bytes_4bit"] == f["expert_bytes_high"]  # (the older names: the same numbers)
-    assert p["expert_bytes_2bit"] == f["expert_bytes_low"]
+    assert p["expert_bytes_high"] == f["expert_bytes_high"]  # (the older names: the same numbers)
+    assert p["expert_bytes_low"] == f["expert_bytes_low"]
     assert p["expert_bytes_high"] == f["expert_bytes_high"]
     assert p["expert_bytes_low"] == f["expert_bytes_low"]
     assert p["converted"] and p["expert_bits_high"] == [3] and p["expert_bits_low"] == [1]
