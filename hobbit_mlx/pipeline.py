@@ -410,6 +410,22 @@ def _stage(layer: nn.Module, pipe: Pipeline, *, recv_from: int | None = None,
     layer.__class__ = type(base.__name__, (base,), {"__call__": __call__})
 
 
+def agree_prefill_step(pipe: Pipeline, kwargs: dict) -> dict:
+    """Every rank prefills the prompt in the same chunks (a collective: every rank must call it).
+    ``_with_defaults`` caps ``prefill_step_size`` at this rank's own plan, which differs between
+    ranks (their budgets and layers differ): a rank that cut the prompt into more chunks would
+    run more forward calls (and progress exchanges) than the others, and the pipeline hangs. The
+    smallest step of any rank fits every rank's plan."""
+    steps = gather_json(pipe.group, int(kwargs["prefill_step_size"]))
+    for rank, step in enumerate(steps):
+        if not isinstance(step, int) or step < 1:  # (a dead peer's slot holds what it last sent)
+            raise PipelineError(f"the ranks could not agree on the prompt's chunks: rank {rank} "
+                                f"sent {step!r} (the connection to a peer was lost, or the ranks "
+                                "are out of step)")
+    kwargs["prefill_step_size"] = min(steps)
+    return kwargs
+
+
 # --- per-rank statistics -------------------------------------------------------------------
 
 def pipeline_of(model: nn.Module) -> Pipeline | None:
@@ -490,7 +506,8 @@ class Lockstep:
                  keep_going: Callable[[], bool] | None = None, **kwargs) -> Iterator[Any]:
         """``hobbit_mlx.stream_generate`` on every rank in lockstep: its budget planning is
         agreed first (a prompt one rank cannot hold is that rank's error, raised on every rank
-        before any forward call), then rank 0's ``keep_going()`` (and rank 0 closing this
+        before any forward call) and so are the prompt's chunks (the smallest step any rank's
+        plan allows), then rank 0's ``keep_going()`` (and rank 0 closing this
         generator, or raising into it) decides after each prompt chunk and each token whether
         every rank goes on. A generation stopped during the prompt yields nothing."""
         import mlx_lm
@@ -502,6 +519,7 @@ class Lockstep:
             lambda: _with_defaults(model, tokenizer, prompt, dict(kwargs, max_tokens=max_tokens)),
             what="cannot run this prompt")
         self.started = True
+        agree_prefill_step(self.pipe, kwargs)  # the same chunks on every rank
 
         def progress(_done: int, _total: int) -> None:
             go = not self.leader or keep_going is None or keep_going()
