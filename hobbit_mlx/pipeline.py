@@ -25,6 +25,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -298,20 +299,29 @@ class Pipeline:
         again, it changes the timeout (None: the watchdog sleeps)."""
         self.watch_timeout, self.phase = timeout_s, phase
         self.progress()
+        # The thread holds the pipeline weakly: a pipeline (and the model it refers to) that is
+        # dropped is freed, and its watchdog ends (held strongly, every model loaded in the
+        # process stayed in memory, outside the next one's budget).
+        me = weakref.ref(self)
 
         def watch() -> None:
-            while True:
-                timeout = self.watch_timeout
+            while (pipe := me()) is not None:
+                timeout = pipe.watch_timeout
+                del pipe
                 time.sleep(min(1.0, (timeout or 4.0) / 4))
-                idle = time.monotonic() - self.last_progress
-                if timeout is not None and idle > timeout and self.waiting_since is None \
-                        and self.watch_timeout is not None:
-                    doing = f" {self.phase}" if self.phase else ""
-                    sys.stderr.write(f"hobbit_mlx: error: rank {self.rank}: no progress in the "
+                pipe = me()
+                if pipe is None:
+                    return
+                idle = time.monotonic() - pipe.last_progress
+                if timeout is not None and idle > timeout and pipe.waiting_since is None \
+                        and pipe.watch_timeout is not None:
+                    doing = f" {pipe.phase}" if pipe.phase else ""
+                    sys.stderr.write(f"hobbit_mlx: error: rank {pipe.rank}: no progress in the "
                                      f"pipeline{doing} for {idle:.0f} s (another rank died, "
                                      "failed or hangs); exiting\n")
                     sys.stderr.flush()
                     os._exit(3)
+                del pipe
 
         if self._watch is None:
             self._watch = threading.Thread(target=watch, name="hobbit-pipeline-watchdog",

@@ -187,11 +187,32 @@ def test_a_dead_rank_fails_the_others(run):
     assert result["after_s"] < 60
 
 
+def test_a_dropped_pipeline_is_freed_and_its_watchdog_ends():
+    """The watchdog thread must not keep its pipeline (and the model it refers to) alive: a
+    second model loaded in the process would find the first one's memory still held."""
+    import gc
+    import weakref
+
+    import mlx.core as mx
+
+    from hobbit_mlx.pipeline import Pipeline
+
+    pipe = Pipeline(mx.distributed.init())
+    thread = pipe.watchdog(60.0)
+    gone = weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert gone() is None
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
 def test_watchdog_ends_a_rank_that_waits_too_long():
     """A peer that hangs without closing its connection: the watchdog exits with one line."""
     code = ("import time, mlx.core as mx\n"
             "from hobbit_mlx.pipeline import Pipeline\n"
-            "Pipeline(mx.distributed.init()).watchdog(0.5)\n"
+            "pipe = Pipeline(mx.distributed.init())\n"  # (held, as a model holds its own)
+            "pipe.watchdog(0.5)\n"
             "time.sleep(30)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=os.pathsep.join(
