@@ -270,8 +270,25 @@ def speculative_generate_step(
                 return
             ntoks += 1
             stats.emitted += 1
-            yield target[i], logprobs[i], i < n
+            try:
+                yield target[i], logprobs[i], i < n
+            except GeneratorExit:  # the caller stops here (end of sequence, max_tokens)
+                _hold_yielded(model, cache, target, n, i)
+                raise
         y = mx.array([target[n]], dtype=mx.uint32)
+    _hold_yielded(model, cache, [int(y.item())], 0, 0)  # (max_tokens reached)
+
+
+def _hold_yielded(model, cache, target: list[int], n: int, i: int) -> None:
+    """Leave the KV cache holding exactly the tokens yielded, the last (``target[i]``) included,
+    as mlx-lm's own loop leaves it (it has always fed the token it yields), so that a caller who
+    reuses ``prompt_cache`` for the next turn continues the same sequence. The cache holds the
+    pass's accepted ``target[:n]``: drop those past ``i``, or feed ``target[n]``."""
+    if i < n:
+        trim_prompt_cache(cache, n - 1 - i)
+    else:
+        model(mx.array([target[n]], dtype=mx.uint32)[None], cache=cache)
+        mx.eval([c.state for c in cache])
 
 
 def greedy_drafts(model, cache, first: mx.array, k: int, history, choose) -> list[mx.array]:
@@ -378,16 +395,19 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
             generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
 
-    for n, (token, logprobs, from_draft) in enumerate(steps):
-        if n == 0:
-            prompt_tps = prompt.size / max(time.perf_counter() - tic, 1e-9)
-            tic = time.perf_counter()
-        if token in tokenizer.eos_token_ids:
-            break
-        detokenizer.add_token(token)
-        if n + 1 == max_tokens:
-            break
-        yield response(detokenizer.last_segment, None)
+    try:
+        for n, (token, logprobs, from_draft) in enumerate(steps):
+            if n == 0:
+                prompt_tps = prompt.size / max(time.perf_counter() - tic, 1e-9)
+                tic = time.perf_counter()
+            if token in tokenizer.eos_token_ids:
+                break
+            detokenizer.add_token(token)
+            if n + 1 == max_tokens:
+                break
+            yield response(detokenizer.last_segment, None)
+    finally:  # here, in this thread: the cache is left holding what was yielded
+        steps.close()
     if token is None:
         return
     detokenizer.finalize()

@@ -70,6 +70,29 @@ def test_reference_greedy_identical_to_exact_decoding(reference, k):
     _requests_add_up(hobbit_mlx.offload_stats(model))
 
 
+def test_a_reused_prompt_cache_holds_what_plain_decoding_leaves(reference):
+    """A conversation that reuses ``prompt_cache``: after each turn (ended by max_tokens, or by
+    the caller stopping part way through a pass) the cache holds every token yielded, as
+    mlx-lm's loop leaves it, so the next turn continues the same sequence."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tok = reference
+    out = {}
+    for k in (False, 2):
+        cache = make_prompt_cache(model)
+        turns = [[r.token for r in hobbit_mlx.stream_generate(
+            model, tok, prompt, max_tokens=n, speculative=k, prompt_cache=cache)]
+            for prompt, n in ((PROMPT, 9), ("\n# more", 8))]
+        stream = hobbit_mlx.stream_generate(model, tok, "\nx = ", max_tokens=30,
+                                            speculative=k, prompt_cache=cache)
+        turns.append([next(stream).token for _ in range(5)])  # stopped part way
+        stream.close()
+        turns.append([r.token for r in hobbit_mlx.stream_generate(
+            model, tok, "\n", max_tokens=6, speculative=k, prompt_cache=cache)])
+        out[k] = (turns, cache[0].offset)
+    assert out[2] == out[False]
+
+
 def test_reference_fixed_k_identical_and_counts(reference):
     model, tok = reference
     rt = runtime_of(model)
@@ -86,9 +109,9 @@ def test_reference_fixed_k_identical_and_counts(reference):
     assert set(st.k_counts) <= {0, 1, 2} and st.k_counts[2] >= st.passes - 2  # (the last
     # passes draft no more than is left to generate)
     assert st.emitted == 40 == st.accepted + st.passes
-    # the KV cache holds the prompt and every emitted token but the last (not fed back yet),
+    # the KV cache holds the prompt and every emitted token (as mlx-lm's loop leaves it),
     # however many drafts were written and trimmed
-    assert cache[0].offset == prompt.size + 40 - 1
+    assert cache[0].offset == prompt.size + 40
 
 
 @pytest.mark.parametrize("arch", ARCHS)
