@@ -453,6 +453,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None)
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
+    Path(a.out).mkdir(parents=True, exist_ok=True)  # (before the run, not after it)
     if a.mode == "premise":
         return premise(a)
     if a.mode == "costs":

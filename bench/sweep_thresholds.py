@@ -26,7 +26,10 @@ HELD_OUT = Path(sysconfig.get_paths()["stdlib"]) / "base64.py"  # in reference/v
 DEFAULT_T1 = 0.6
 
 
-def decode_nll(model, ids: list[int], warmup: int = 32) -> float:
+WARMUP_TOKENS = 32  # context before the first scored token
+
+
+def decode_nll(model, ids: list[int], warmup: int = WARMUP_TOKENS) -> float:
     """Mean negative log-likelihood of ids[warmup:], one token per forward pass."""
     cache = make_prompt_cache(model)
     logits = model(mx.array([ids[:warmup]]), cache=cache)[0, -1]
@@ -62,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--t2", default="0.95,0.9,0.8,0.7", help="swept with skip on, at t1=%s" % DEFAULT_T1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "threshold-sweep.md"))
     args = ap.parse_args(argv)
+    if args.tokens <= WARMUP_TOKENS:
+        ap.error(f"--tokens must be above the {WARMUP_TOKENS} tokens of context the scoring "
+                 f"starts after (got {args.tokens})")
     points = [(float(v), 1.0, False) for v in args.t1.split(",") if v]
     points += [(min(DEFAULT_T1, float(v)), float(v), True) for v in args.t2.split(",") if v]
     rows, exact_ppl = [], None

@@ -6,6 +6,7 @@ The API mirrors mlx-lm: ``model, tokenizer = hobbit_mlx.load(path, memory_budget
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -108,13 +109,19 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, draft_model
                     **kwargs) -> Generator["mlx_lm.generate.GenerationResponse", None, None]:
     """mlx-lm's ``stream_generate``, with the budget planned for this sequence first.
     ``speculative``: draft up to K tokens per pass from the resident experts (an int; False:
-    off; None: as loaded, ``load(..., speculative=K)``); ``draft_model`` takes mlx-lm's path.
+    off; None: as loaded, ``load(..., speculative=K)``); ``draft_model``: a loaded mlx-lm model
+    drafting through mlx-lm's own speculative loop, outside the budget (``load``'s
+    ``draft_model`` counts one inside it).
 
     Generations on one model run one at a time: this one holds the model from its first
     response until the generator is exhausted, closed or garbage collected, or raises, so a
     ``generate``/``stream_generate`` on the same model in another thread waits until then (and
     one started in this thread while this generator is open raises ``RuntimeError``). Any thread
     may generate; different models generate in parallel."""
+    if isinstance(draft_model, (str, os.PathLike)):
+        raise TypeError("draft_model here is a loaded mlx-lm model (as mlx-lm's stream_generate "
+                        "takes it); to draft with a checkpoint by path, pass it to "
+                        "load(..., draft_model=PATH), which counts it inside the memory budget")
     with _generation_lock(model).held():
         try:
             yield from _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative,

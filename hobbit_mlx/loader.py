@@ -22,7 +22,7 @@ from .measure import kv_bytes_by_layer, measured_activations
 from .offload import bind, install
 from .runtime import OffloadRuntime
 from .options import DEFAULT_PREFETCH_SCRATCH, MAX_PREFETCH_WIDTH, LoadOptions
-from .policies import make_policy
+from .policies import check_policy_options, make_policy
 from .pool_plan import apply_plan, follow_sequence, make_pools
 from .prefetch import Prefetcher
 from .reader import RecordReader
@@ -286,6 +286,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     guesses_evict = bool(prefetch_layers) and not scratch
     policy = o.policy or default_policy(guesses_evict)
     policy_kwargs = {"num_layers": len(manifest.layers), **(o.policy_options or {})}
+    check_policy_options(policy, o.policy_options or {})
     make_policy(policy, **policy_kwargs)  # an unknown name fails here, before anything is measured
     # (the shallow layers it protects are decided once the pools' size is known)
     cache = SlotCache(pools, num_experts, lambda: make_policy(policy, **policy_kwargs))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import mlx.core as mx
+
 from .budget import INITIAL_CONTEXT
 from .precision import PrecisionOptions
 from .storage import parse_storage
@@ -153,6 +155,15 @@ class LoadOptions:
         if not 0 <= self.prefill_low_precision <= 1:
             raise ValueError(f"prefill_low_precision is a share of tokens in [0, 1] "
                              f"(got {self.prefill_low_precision})")
+        if not 0 <= self.little_threshold <= 1:
+            raise ValueError(f"little_threshold is a share of the gate mass in [0, 1] "
+                             f"(got {self.little_threshold})")
+        if self.keep_shallow_layers is not None and self.keep_shallow_layers < 0:
+            raise ValueError(f"keep_shallow_layers is a layer count, 0 or more "
+                             f"(got {self.keep_shallow_layers})")
+        if isinstance(self.dtype, str) and not isinstance(getattr(mx, self.dtype, None), mx.Dtype):
+            raise ValueError(f"dtype {self.dtype!r} is not an MLX float type (float32, float16, "
+                             "bfloat16)")
         if not 0 <= self.t1 <= self.t2 <= 1:
             raise ValueError(f"thresholds must satisfy 0 <= t1 <= t2 <= 1 (got t1={self.t1}, t2={self.t2})")
         parse_storage(self.simulated_storage)  # (names what is wrong with it)

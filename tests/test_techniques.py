@@ -56,6 +56,23 @@ def test_exact_refuses_lossy_options(tiny_factory):
         hobbit_mlx.load(dst, exact=True, mixed_precision=True, progress=False)
 
 
+@pytest.mark.parametrize("bad,needle", [
+    (dict(dtype="bogus"), "dtype"), (dict(little_threshold=2.0), "little_threshold"),
+    (dict(keep_shallow_layers=-3), "keep_shallow_layers"),
+    (dict(policy_options={"half_lif": 3}), "half_lif")])
+def test_options_that_cannot_work_are_named(tiny_factory, bad, needle):
+    _, dst = tiny_factory("qwen3_moe")
+    with pytest.raises(ValueError, match=needle):
+        hobbit_mlx.load(dst, expert_residency=0.5, progress=False, **bad)
+
+
+def test_a_draft_model_path_per_call_is_refused_with_the_way_to_pass_one(tiny_factory):
+    _, dst = tiny_factory("qwen3_moe")
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.5, progress=False)
+    with pytest.raises(TypeError, match="load"):
+        hobbit_mlx.generate(model, tok, PROMPT, max_tokens=2, draft_model=str(dst))
+
+
 def _run(dst, **kw):
     model, tok = hobbit_mlx.load(dst, progress=False, **kw)
     text = hobbit_mlx.generate(model, tok, PROMPT, max_tokens=16)

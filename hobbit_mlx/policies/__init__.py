@@ -63,6 +63,20 @@ class ProtectShallow:
             return self.inner.victim(evictable)
 
 
+def check_policy_options(name: str, options: dict) -> None:
+    """A user's ``policy_options`` name only what the policy takes (``make_policy`` drops the
+    rest silently, which is right for the runtime's own extras, not for a typo)."""
+    import inspect
+
+    if name not in POLICIES:
+        return  # (make_policy names the unknown policy)
+    accepted = set(inspect.signature(POLICIES[name]).parameters) | {"shallow_layers"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"policy_options {', '.join(unknown)} are not options of the "
+                         f"{name!r} policy (it takes {', '.join(sorted(accepted))})")
+
+
 def make_policy(name: str, shallow_layers: int = 0, **kwargs) -> Policy:
     """Build a policy by name; options it does not take (e.g. ``num_layers``) are ignored.
     ``shallow_layers`` > 0 keeps that many leading layers resident first (``ProtectShallow``)."""
