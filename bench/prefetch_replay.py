@@ -242,7 +242,10 @@ def main(argv=None) -> int:
     paths = resolve_model_paths(None, progress=False)
     rows = []
     for residency in [float(x) for x in args.residencies.split(",")]:
-        kwargs = {**dict(CONFIGS)[args.config], "expert_residency": residency}
+        # every prediction read (cost-aware prefetch, on by default, leaves out guesses the
+        # storage has no idle time for; the replay reads them all, so the run must too)
+        kwargs = {**dict(CONFIGS)[args.config], "expert_residency": residency,
+                  "prefetch_cost_aware": False}
         model, tok = hobbit_mlx.load(paths.hobbit, progress=False, **kwargs)
         rt = runtime_of(model)
         workload = make_workload(tok, **DEFAULT_WORKLOAD)
