@@ -405,18 +405,30 @@ def main(argv=None) -> int:
                         "step per call; N: groups of N experts")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     a = p.parse_args(argv)
+    if not Path(a.trace).is_file():
+        p.error(f"no trace file {a.trace} (bench/trace.py writes one)")
     trace = load_trace(a.trace)
+    if a.group not in ("trace", "slots", "none") and not (a.group.isdigit() and int(a.group) > 0):
+        p.error(f"--group is trace, slots, none or a positive group size, not {a.group!r}")
     group = a.group if a.group in ("trace", "slots") else (None if a.group == "none" else int(a.group))
     if a.capacity:
         caps = [int(x) for x in a.capacity.split(",") if x.strip()]
         labels = None
+        if any(c < 1 for c in caps):
+            p.error(f"--capacity takes cache sizes of 1 expert or more, not {a.capacity}")
     else:
         fracs = _floats(a.residency)
+        if any(not 0 < r <= 1 for r in fracs):
+            p.error(f"--residency takes fractions in (0, 1], not {a.residency}")
         caps = [capacity_for_residency(trace, r) for r in fracs]
         labels = [f"{100 * r:g}%" for r in fracs]
     import time
     t0 = time.perf_counter()
-    rows = compare(trace, caps, [x for x in a.policies.split(",") if x], group=group, labels=labels)
+    try:
+        rows = compare(trace, caps, [x for x in a.policies.split(",") if x], group=group,
+                       labels=labels)
+    except ValueError as e:  # an unknown policy name
+        p.error(str(e))
     dt = time.perf_counter() - t0
     routing = trace.meta.get("routing", "unknown")
     print(f"trace {a.trace}: {trace.summary()}; {total_experts(trace)} experts; routing: {routing}"

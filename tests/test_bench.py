@@ -24,6 +24,18 @@ def _calls(*experts_per_call, layer=0):
 
 
 # ---------------------------------------------------------------------------------------- replay
+def test_replay_cli_refuses_bad_input_with_one_line(tmp_path, capsys):
+    path = tr.save(_calls([0], [1], [2]), tmp_path / "t.npz")
+    for argv in ([str(tmp_path / "missing.npz")], [str(path), "--residency", "1.5"],
+                 [str(path), "--capacity", "0"], [str(path), "--policies", "lru,bogus"],
+                 [str(path), "--group", "x"]):
+        with pytest.raises(SystemExit) as e:
+            rp.main(argv)
+        assert e.value.code == 2
+        assert "error:" in capsys.readouterr().err
+    assert rp.main([str(path), "--capacity", "2", "--policies", "lru,belady"]) == 0
+
+
 def test_replay_cyclic_pattern_belady_beats_lru():
     # A B C A B C A through 2 slots. LRU/FIFO: every access misses (the classic cyclic worst case).
     # Belady: t2 C evicts B (next use t4, later than A's t3); t3 A hits; t4 B evicts A (next t6,
