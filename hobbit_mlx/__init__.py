@@ -20,8 +20,7 @@ from . import layer_major
 from .budget import BudgetError, ContextBudgetError, parse_size
 from .loader import context_of, footprint, load, offload_stats, reset_stats, runtime_of
 from .options import LoadOptions
-from .pipeline import PipelineError, agree_prefill_step, pipeline_of
-from .pipeline import gather_stats as pipeline_stats
+from .pipeline import PipelineError, gather_stats as pipeline_stats
 from .store import StoreError
 from .architectures import UnsupportedModelError
 
@@ -146,9 +145,6 @@ def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwar
             by_layer = False        # chunk by chunk it still runs
     if not by_layer:
         kwargs = _with_defaults(model, tokenizer, prompt, kwargs, k + 1)
-    pipe = pipeline_of(model)
-    if pipe is not None:  # every rank runs this: the prompt in the same chunks on each
-        agree_prefill_step(pipe, kwargs)
     rt = runtime_of(model)
     loaded_draft = getattr(rt, "draft_model", None)
     if k and loaded_draft is not None and rt.cache.all_high_resident:
