@@ -370,9 +370,6 @@ def _check_flags(bits: int | None, low_bits: int | None, group_size: int) -> Non
         if b is not None and not _mlx_quantizes(b, group_size):
             raise ConversionError(f"{flag} {b} with --group-size {group_size}: MLX cannot "
                                   "quantize with this combination")
-    if bits is not None and low_bits is not None and low_bits >= bits:
-        raise ConversionError(f"--low-bits {low_bits} must be below --bits {bits} (the low "
-                              "precision is the smaller, cheaper copy of each expert)")
 
 
 def default_bits(config: dict, bits: int | None = None, low_bits: int | None = None) -> tuple[int, int]:
