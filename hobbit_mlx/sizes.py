@@ -82,6 +82,8 @@ def read_hub(repo_id: str) -> Checkpoint:
     except Exception:  # not in the cache (or only part of it): ask the hub
         pass
     try:
+        # One request that is not retried first: offline, hf_hub_download retries for ~25 s.
+        HfApi().model_info(repo_id)
         config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
         meta = HfApi().get_safetensors_metadata(repo_id)
     except Exception as e:

@@ -89,6 +89,7 @@ def test_hub_id_through_metadata_calls(tmp_path, monkeypatch):
         raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, **kw: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "get_safetensors_metadata", fake_metadata)
     p = plan_model("tiny-org/ref-4bit", "14MB")
@@ -130,6 +131,17 @@ def test_errors_are_one_line_exit_2(tmp_path, tiny_factory):
         assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
         assert needle in p.stderr, p.stderr
         assert p.stdout == ""
+
+
+def test_unreachable_hub_fails_at_once(tmp_path):
+    """Not offline by setting, but the hub cannot be reached: one error line, not huggingface_hub's
+    retries (``hf_hub_download`` retried a failed connection for ~25 s, printing each retry)."""
+    p = _run("nobody-here/not-cached-model", env_extra={
+        "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert "Hugging Face hub" in p.stderr and "Retry" not in p.stderr
 
 
 def test_plan_of_a_store_with_other_widths_agrees_with_footprint(tiny_factory, tmp_path, capsys):
