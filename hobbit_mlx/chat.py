@@ -20,6 +20,7 @@ import time
 from typing import Sequence
 
 from . import cli_common as cli
+from .prompt_cache import PromptCache
 
 PROMPT = ">> "
 HELP = ("commands: q or exit: quit   r: reset the conversation   h: this help   "
@@ -41,29 +42,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _cache_offset(cache) -> int | None:
-    """Tokens the cache holds: the most any layer's holds (a pipeline rank's caches of the
-    layers other ranks run stay empty)."""
-    offsets = [c.offset for c in cache or () if isinstance(getattr(c, "offset", None), int)]
-    return max(offsets) if offsets else None
-
-
-def _trim(cache, n: int) -> int:
-    """Trim ``n`` tokens from the caches that hold any; the number trimmed (as mlx-lm's
-    ``trim_prompt_cache``, which reads it from the first layer's cache, empty on a pipeline
-    rank that does not run the first layer)."""
-    full = [c for c in cache if getattr(c, "offset", 1)]
-    return min([c.trim(n) for c in full] or [0])
-
-
 class Conversation:
     """Messages so far, and the prompt cache with the tokens it holds."""
 
@@ -75,13 +53,17 @@ class Conversation:
         self.messages: list[dict] = []
         if self.args.system_prompt is not None:
             self.messages.append({"role": "system", "content": self.args.system_prompt})
-        self._new_cache()
+        self._kept = PromptCache(self.model)
 
-    def _new_cache(self) -> None:
-        from mlx_lm.models.cache import make_prompt_cache
+    @property
+    def cache(self):
+        """The mlx-lm prompt cache the next turn generates with."""
+        return self._kept.cache
 
-        self.cache = make_prompt_cache(self.model)
-        self.cached: list[int] = []  # the tokens whose keys/values the cache holds
+    @property
+    def cached(self) -> list[int]:
+        """The tokens whose keys and values the cache holds."""
+        return self._kept.tokens
 
     def _render(self, query: str) -> list[int]:
         tok = self.tokenizer
@@ -103,25 +85,9 @@ class Conversation:
         return full, self.feed(full)
 
     def feed(self, full: list[int]) -> list[int]:
-        """The suffix of ``full`` the cache does not hold yet (the cache trimmed or renewed to
-        fit it; a pipeline rank that follows gets ``full`` from rank 0)."""
-        from mlx_lm.models.cache import can_trim_prompt_cache
-
-        common = min(_common_prefix(self.cached, full), len(full) - 1)
-        if common == len(self.cached):
-            pass  # the cache is a prefix of the new prompt: feed the rest
-        elif common > 0 and can_trim_prompt_cache(self.cache):
-            # e.g. the template renders the last reply differently than it was generated
-            trimmed = _trim(self.cache, len(self.cached) - common)
-            if trimmed != len(self.cached) - common:
-                self._new_cache()
-                common = 0
-            else:
-                self.cached = self.cached[:common]
-        else:
-            self._new_cache()
-            common = 0
-        return full[common:]
+        """The suffix of ``full`` the cache does not hold yet (a pipeline rank that follows gets
+        ``full`` from rank 0)."""
+        return self._kept.feed(full)
 
     def finish(self, query: str, full: list[int], reply: str, generated: list[int]) -> None:
         self.messages.append({"role": "user", "content": query})
@@ -130,17 +96,11 @@ class Conversation:
 
     def finish_tokens(self, full: list[int], generated: list[int]) -> None:
         """The cache now holds ``full`` and the generated tokens (or the last but one)."""
-        expected = full + generated
-        offset = _cache_offset(self.cache)
-        if offset is None or offset == len(expected):
-            self.cached = expected
-        elif offset == len(expected) - 1:
-            self.cached = expected[:-1]  # the last token was sampled but not run
-        else:
-            self._new_cache()  # unknown state: rebuild from the messages next turn
+        self._kept.finish(full, generated)
 
     def invalidate(self) -> None:
-        self._new_cache()
+        """The cache may hold a half-run step: the next turn rebuilds it from the messages."""
+        self._kept.reset()
 
 
 class Tally:

@@ -1,0 +1,82 @@
+"""A prompt cache kept from one generation to the next, with the tokens it holds.
+
+A conversation resends everything said so far on each turn. Under offloading a prompt's prefill
+is the dear part (each chunk reads the experts its tokens route to), so the next prompt is fed
+only from where it stops agreeing with what the cache already holds: the cache is trimmed back to
+the common prefix (a chat template may render the last reply differently than it was generated)
+or, where it cannot be trimmed, started afresh. The chat REPL keeps one per conversation; the
+server keeps one for whichever request came last (one sequence runs at a time, so the cache it
+keeps is the one the next request uses: no memory beyond the context the budget reserves).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def cache_offset(cache) -> int | None:
+    """Tokens the cache holds: the most any layer's holds (a pipeline rank's caches of the
+    layers other ranks run stay empty); None for caches that do not say."""
+    offsets = [c.offset for c in cache or () if isinstance(getattr(c, "offset", None), int)]
+    return max(offsets) if offsets else None
+
+
+def trim(cache, n: int) -> int:
+    """Trim ``n`` tokens from the caches that hold any; the number trimmed (as mlx-lm's
+    ``trim_prompt_cache``, which reads it from the first layer's cache, empty on a pipeline
+    rank that does not run the first layer)."""
+    full = [c for c in cache if getattr(c, "offset", 1)]
+    return min([c.trim(n) for c in full] or [0])
+
+
+class PromptCache:
+    """An mlx-lm prompt cache (``cache``) and the tokens whose keys and values it holds."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the next prompt is fed whole."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.cache = make_prompt_cache(self.model)
+        self.tokens: list[int] = []
+
+    def feed(self, full: list[int]) -> list[int]:
+        """The suffix of ``full`` still to be processed, with the cache trimmed (or renewed) to
+        hold exactly the rest; at least one token, which the model runs to predict the next."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        common = min(common_prefix(self.tokens, full), len(full) - 1)
+        if common == len(self.tokens):
+            pass  # the cache is a prefix of the new prompt: feed the rest
+        elif common > 0 and can_trim_prompt_cache(self.cache) \
+                and trim(self.cache, len(self.tokens) - common) == len(self.tokens) - common:
+            self.tokens = self.tokens[:common]
+        else:
+            self.reset()
+            common = 0
+        return full[common:]
+
+    def finish(self, full: list[int], generated: list[int]) -> None:
+        """A generation over ``full`` ended after yielding ``generated``: the cache holds them
+        all, or all but the last (mlx-lm's loop samples the last token without running it).
+        Anything else is an unknown state, and the next prompt is fed whole."""
+        expected = list(full) + list(generated)
+        offset = cache_offset(self.cache)
+        if offset is None or offset == len(expected):
+            self.tokens = expected
+        elif offset == len(expected) - 1:
+            self.tokens = expected[:-1]
+        else:
+            self.reset()
