@@ -3,10 +3,16 @@
 The shapes follow the OpenAI API reference: ``chat.completion`` / ``chat.completion.chunk`` and
 ``text_completion`` objects, ``usage``, ``logprobs``; a stream is ``data:`` events ended by
 ``data: [DONE]``, with a final usage chunk when ``stream_options.include_usage`` is set.
+
+A chat reply is split (``replies``): tool calls become ``message.tool_calls`` (a stream sends
+each whole, in ``delta.tool_calls``, once its end marker arrives) and ``finish_reason`` is
+``"tool_calls"`` when the reply made one and ended by itself; reasoning goes to ``reasoning``
+(mlx-lm's field), not into ``content``. A text completion is the model's text as it is.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -17,6 +23,7 @@ from .dispatch import Dispatcher, read_json, sse
 from .errors import ApiError, bad_request
 from .params import Fields, Generation, check_body, check_model, openai_generation
 from .prompts import chat_tokens, completion_tokens, openai_messages, openai_tools
+from .replies import Part, Reply, ToolCall, joined, split_reply
 from .worker import Finished, Piece
 
 FINGERPRINT = "hobbit_mlx"
@@ -29,8 +36,20 @@ def usage(end: Finished) -> dict:
             "total_tokens": prompt + completion}
 
 
-def finish_reason(end: Finished) -> str:
-    return "length" if end.finish_reason == "length" else "stop"
+def finish_reason(end: Finished, made_call: bool = False) -> str:
+    """``length`` when cut; ``tool_calls`` when the reply made a call and ended by itself (end
+    of sequence or a stop sequence, as mlx-lm's server counts it); else ``stop``."""
+    if end.finish_reason == "length":
+        return "length"
+    return "tool_calls" if made_call else "stop"
+
+
+def tool_call(call: ToolCall, index: int | None = None) -> dict:
+    """A call in OpenAI's shape: its arguments a JSON string; ``index`` in a stream's delta."""
+    out = {"id": call.id("call_"), "type": "function",
+           "function": {"name": call.name,
+                        "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+    return out if index is None else dict(out, index=index)
 
 
 class _Base:
@@ -62,6 +81,11 @@ class ChatFormat(_Base):
     prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
 
+    def __init__(self, model: str, gen: Generation, reply: Reply):
+        super().__init__(model, gen)
+        self.reply = reply
+        self._calls = 0  # calls streamed so far (the next one's index)
+
     def _logprobs(self, pieces: list[Piece]) -> dict | None:
         if not self.gen.logprobs:
             return None
@@ -74,9 +98,16 @@ class ChatFormat(_Base):
                             for p in pieces]}
 
     def response(self, pieces: list[Piece], end: Finished) -> dict:
-        text = "".join(p.text for p in pieces)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": self._logprobs(pieces), "finish_reason": finish_reason(end)}
+        parts = split_reply(self.reply, [p.text for p in pieces])
+        text, reasoning = joined(parts, "text"), joined(parts, "reasoning")
+        calls = [tool_call(p.call) for p in parts if p.kind == "call"]
+        message = {"role": "assistant", "content": text}
+        if reasoning:
+            message["reasoning"] = reasoning
+        if calls:  # (OpenAI's content is null beside calls when there is no other text)
+            message.update(content=text if text.strip() else None, tool_calls=calls)
+        choice = {"index": 0, "message": message, "logprobs": self._logprobs(pieces),
+                  "finish_reason": finish_reason(end, self.reply.made_call)}
         return dict(self.head("chat.completion"), choices=[choice], usage=usage(end))
 
     def _chunk(self, delta: dict, finish: str | None = None, pieces: list[Piece] = ()) -> str:
@@ -84,16 +115,40 @@ class ChatFormat(_Base):
                   "finish_reason": finish}
         return sse(dict(self.head(self.chunk_object), choices=[choice]))
 
+    def _deltas(self, parts: list[Part], pieces: list[Piece] = ()) -> list[str]:
+        """Chunks for the parts in order: text and reasoning together, each call in its own
+        chunk; the piece's logprobs on the first (alone, with empty content, if none)."""
+        chunks, delta = [], {}
+
+        def send(d: dict) -> None:
+            nonlocal pieces
+            chunks.append(self._chunk(d, pieces=pieces))
+            pieces = ()
+
+        for part in parts:
+            if part.kind == "call":
+                if delta:
+                    send(delta)
+                    delta = {}
+                send({"tool_calls": [tool_call(part.call, self._calls)]})
+                self._calls += 1
+            else:
+                key = "content" if part.kind == "text" else "reasoning"
+                delta[key] = delta.get(key, "") + part.text
+        if delta or (pieces and self.gen.logprobs):
+            send(delta or {"content": ""})
+        return chunks
+
     def stream_start(self) -> list[str]:
         return [self._chunk({"role": "assistant", "content": ""})]
 
     def stream_piece(self, piece: Piece) -> list[str]:
-        if not piece.text and not self.gen.logprobs:
-            return []
-        return [self._chunk({"content": piece.text}, pieces=[piece])]
+        return self._deltas(self.reply.feed(piece.text), [piece])
 
     def stream_end(self, end: Finished) -> list[str]:
-        return [self._chunk({}, finish_reason(end)), *self._usage_chunk(end), sse("[DONE]")]
+        return [*self._deltas(self.reply.finish()),
+                self._chunk({}, finish_reason(end, self.reply.made_call)),
+                *self._usage_chunk(end), sse("[DONE]")]
 
 
 class CompletionFormat(_Base):
@@ -146,9 +201,10 @@ async def chat_completions(request: Request) -> Response:
     gen = openai_generation(body, d.defaults, d.context_limit, d.vocab_size, chat=True)
     messages = openai_messages(body)
     gen.continues = messages[-1]["role"] == "assistant"  # (a prefill: the reply continues it)
-    prompt = await d.tokenize(chat_tokens, messages, d.template, tools=openai_tools(body),
+    tools = openai_tools(body)
+    prompt = await d.tokenize(chat_tokens, messages, d.template, tools=tools,
                               template_kwargs=Fields(body).object("chat_template_kwargs"))
-    fmt = ChatFormat(d.model_id, gen)
+    fmt = ChatFormat(d.model_id, gen, Reply(d.worker.tokenizer, prompt, tools))
     return await d.run(request, prompt, gen, fmt, "messages")
 
 

@@ -3,10 +3,18 @@
 Chat messages go through the tokenizer's chat template, as ``python -m hobbit_mlx.generate``
 applies it; a final assistant message is continued rather than answered (the Anthropic API's
 prefill). Only text content is read: an image or another content type is a 400.
+
+Tool use reaches the template in the form chat templates read (OpenAI's, which mlx-lm's server
+passes on): an assistant message's ``tool_calls`` (``{"id", "type": "function", "function":
+{"name", "arguments"}}``, the arguments an object, not the JSON string the API sends) and
+``tool`` messages with their ``tool_call_id``. Anthropic's ``tool_use`` and ``tool_result``
+blocks are converted to that form; its ``thinking`` blocks are left out (the API itself drops
+earlier turns' thinking). The model's calls in the reply are parsed in ``replies``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,22 +40,24 @@ def text_of(content: Any, where: str, *, allow_none: bool = False) -> str:
         return content
     if not isinstance(content, list):
         raise bad_request(f"{where} must be a string or a list of content parts", where)
-    texts = []
-    for i, part in enumerate(content):
-        if not isinstance(part, dict):
-            raise bad_request(f"{where}[{i}] must be an object", where)
-        kind = part.get("type")
-        if kind not in ("text", "input_text"):
-            raise bad_request(f"{where}[{i}] is of type {kind!r}; only text content is supported",
-                              where)
-        if not isinstance(part.get("text"), str):
-            raise bad_request(f"{where}[{i}].text must be a string", where)
-        texts.append(part["text"])
-    return "".join(texts)
+    return "".join(part_text(part, f"{where}[{i}]", where) for i, part in enumerate(content))
+
+
+def part_text(part: Any, at: str, param: str) -> str:
+    """The text of one content part (``at`` names it); any other type is a 400."""
+    if not isinstance(part, dict):
+        raise bad_request(f"{at} must be an object", param)
+    kind = part.get("type")
+    if kind not in ("text", "input_text"):
+        raise bad_request(f"{at} is of type {kind!r}; only text content is supported", param)
+    if not isinstance(part.get("text"), str):
+        raise bad_request(f"{at}.text must be a string", param)
+    return part["text"]
 
 
 def openai_messages(body: dict) -> list[dict]:
-    """The ``messages`` of a chat completion request, checked, with text content."""
+    """The ``messages`` of a chat completion request, checked, with text content, and tool
+    calls with their arguments as objects."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of messages", "messages")
@@ -63,12 +73,59 @@ def openai_messages(body: dict) -> list[dict]:
         msg = dict(m, role="system" if role == "developer" else role,
                    content=text_of(m.get("content"), f"{where}.content",
                                    allow_none=role in ("assistant", "tool")))
+        msg.pop("tool_calls", None)
+        if role == "assistant" and m.get("tool_calls") is not None:
+            calls = _openai_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            if calls:
+                msg["tool_calls"] = calls
+        call_id = m.get("tool_call_id")
+        if role == "tool" and call_id is not None and not isinstance(call_id, str):
+            raise bad_request(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
         out.append(msg)
     return out
 
 
+def _openai_tool_calls(calls, where: str) -> list[dict]:
+    """An assistant message's ``tool_calls``, checked, with each call's arguments (a JSON string
+    in the API) as the object templates read, as mlx-lm's server converts them."""
+    if not isinstance(calls, list):
+        raise bad_request(f"{where} must be a list of tool calls", where)
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise bad_request(f"{at} must be an object with a function", at)
+        if call.get("type", "function") != "function":
+            raise bad_request(f"{at}.type must be 'function', not {call.get('type')!r}",
+                              f"{at}.type")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad_request(f"{at}.function.name must be a non-empty string",
+                              f"{at}.function.name")
+        args = arguments(fn.get("arguments"), f"{at}.function.arguments")
+        out.append(dict(call, type="function", function=dict(fn, arguments=args)))
+    return out
+
+
+def arguments(value: Any, where: str) -> dict:
+    """A call's arguments as an object: OpenAI's JSON string read (empty: none), an object
+    kept; anything else is a 400 naming ``where``."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise bad_request(f"{where} is not valid JSON ({e})", where) from None
+    if not isinstance(value, dict):
+        raise bad_request(f"{where} must be a JSON object", where)
+    return value
+
+
 def anthropic_messages(body: dict) -> list[dict]:
-    """The ``system`` and ``messages`` of an Anthropic Messages request, as chat messages."""
+    """The ``system`` and ``messages`` of an Anthropic Messages request, as chat messages: an
+    assistant's ``tool_use`` blocks become its ``tool_calls``, a user's ``tool_result`` blocks
+    ``tool`` messages (before the text of that user message, as the API orders them)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of messages", "messages")
@@ -76,6 +133,7 @@ def anthropic_messages(body: dict) -> list[dict]:
     system = body.get("system")
     if system is not None:
         out.append({"role": "system", "content": text_of(system, "system")})
+    names: dict[str, str] = {}  # tool_use id -> the tool's name (for the tool messages)
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -84,14 +142,65 @@ def anthropic_messages(body: dict) -> list[dict]:
         if role not in ("user", "assistant"):
             raise bad_request(f"{where}.role must be 'user' or 'assistant', not {role!r}",
                               "messages")
-        out.append({"role": role, "content": text_of(m.get("content"), f"{where}.content")})
+        out += _anthropic_message(role, m.get("content"), f"{where}.content", names)
     return out
 
 
+def _anthropic_message(role: str, content: Any, where: str, names: dict) -> list[dict]:
+    """One Anthropic message as chat messages (tool messages first, for a user's results)."""
+    if not isinstance(content, list):
+        return [{"role": role, "content": text_of(content, where)}]
+    texts, calls, results = [], [], []
+    for j, block in enumerate(content):
+        at = f"{where}[{j}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind in ("thinking", "redacted_thinking") and role == "assistant":
+            continue
+        if kind == "tool_use" and role == "assistant":
+            calls.append(_tool_use(block, at, names))
+        elif kind == "tool_result" and role == "user":
+            results.append(_tool_result(block, at, names))
+        elif kind in ("tool_use", "tool_result"):
+            raise bad_request(f"{at} is a {kind} block, which belongs in "
+                              f"{'an assistant' if kind == 'tool_use' else 'a user'} message",
+                              at)
+        else:
+            texts.append(part_text(block, at, where))  # (a 400 for anything but text)
+    text = "".join(texts)
+    if role == "assistant":
+        return [dict({"role": role, "content": text}, **({"tool_calls": calls} if calls else {}))]
+    return results + ([{"role": role, "content": text}] if texts or not results else [])
+
+
+def _tool_use(block: dict, at: str, names: dict) -> dict:
+    name, call_id = block.get("name"), block.get("id")
+    if not isinstance(name, str) or not name:
+        raise bad_request(f"{at}.name must be a non-empty string", f"{at}.name")
+    if call_id is not None and not isinstance(call_id, str):
+        raise bad_request(f"{at}.id must be a string", f"{at}.id")
+    args = arguments(block.get("input"), f"{at}.input")
+    if call_id:
+        names[call_id] = name
+    call = {"type": "function", "function": {"name": name, "arguments": args}}
+    return dict(call, id=call_id) if call_id else call
+
+
+def _tool_result(block: dict, at: str, names: dict) -> dict:
+    call_id = block.get("tool_use_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise bad_request(f"{at}.tool_use_id must be the id of the tool_use it answers",
+                          f"{at}.tool_use_id")
+    message = {"role": "tool", "tool_call_id": call_id,
+               "content": text_of(block.get("content"), f"{at}.content", allow_none=True)}
+    if call_id in names:
+        message["name"] = names[call_id]
+    return message
+
+
 def openai_tools(body: dict) -> list | None:
-    """The ``tools`` for the chat template (the model sees them; its calls come back as text,
-    since there is no tool-call parsing), None with ``tool_choice`` "none". A choice that forces
-    a call is a 400: nothing here can force one."""
+    """The ``tools`` for the chat template (the model sees them, and its calls are parsed from
+    the reply), None with ``tool_choice`` "none". A choice that forces a call is a 400: nothing
+    here can force one."""
     tools, choice = body.get("tools") or None, body.get("tool_choice")
     if tools is not None and not isinstance(tools, list):
         raise bad_request("tools must be a list", "tools")
@@ -103,7 +212,8 @@ def openai_tools(body: dict) -> list | None:
 
 
 def anthropic_tools(body: dict) -> list | None:
-    """An Anthropic request's custom ``tools``, in the function form chat templates read."""
+    """An Anthropic request's custom ``tools``, in the function form chat templates read (and
+    the reply's calls are parsed against); None with ``tool_choice`` "none"."""
     tools, choice = body.get("tools") or None, body.get("tool_choice")
     if choice is not None:
         kind = choice.get("type") if isinstance(choice, dict) else choice
