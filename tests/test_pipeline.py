@@ -347,7 +347,8 @@ def _free_port() -> int:
 def test_server_pipeline(models, tmp_path):
     """``server --pipeline`` under mlx.launch: rank 0 answers an OpenAI chat completion with the
     single-process server's greedy text; a stop sequence ends every rank's generation early (the
-    next request still pairs the ranks' collectives); Ctrl-C (SIGINT to rank 0's process group
+    next request still pairs the ranks' collectives); every rank reuses the same prompt cache
+    (the same tokens fed on each); Ctrl-C (SIGINT to rank 0's process group
     leader, mlx.launch) ends both ranks with status 0."""
     import signal
 
@@ -380,6 +381,7 @@ def test_server_pipeline(models, tmp_path):
         got = _post(url, body)
         stopped = _post(url, dict(body, stop=[want.split()[1]]))
         again = _post(url, body)
+        reused = _post(url, body)  # every rank kept the last request's cache: the same prefix
     finally:
         # Ctrl-C reaches every rank (mlx.launch runs them in its process group)
         for pid in _ranks("hobbit_mlx.server", str(port)):
@@ -395,5 +397,10 @@ def test_server_pipeline(models, tmp_path):
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert stopped["usage"]["completion_tokens"] < 8
     assert again["choices"][0]["message"]["content"] == want
+    # (a stop sequence ended the one before early: every rank started afresh)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert reused["choices"][0]["message"]["content"] == want
+    assert reused["usage"]["prompt_tokens_details"]["cached_tokens"] == \
+        reused["usage"]["prompt_tokens"] - 1
     assert code == 0, log.read_text()[-3000:]
     assert "exited with code" not in log.read_text(), log.read_text()[-3000:]

@@ -283,6 +283,32 @@ def test_anthropic_tools_reach_the_chat_template_as_functions():
     assert anthropic_tools(dict(body, tool_choice={"type": "none"})) is None
 
 
+def test_a_prompt_that_extends_the_last_one_prefills_only_the_rest(server, client):
+    """The last request's KV cache is kept: a prompt that begins with the last one's tokens (a
+    conversation sent again with a turn more) prefills only the new ones. In exact mode the
+    text is still mlx-lm's greedy text for the whole prompt."""
+    import mlx.core as mx
+    import mlx_lm
+
+    ref, tokenizer = mlx_lm.load(str(REFERENCE_MODEL))
+    ref.set_dtype(mx.float32)
+    first = "class Queue:\n    def __init__(self):\n"
+    reply = client.completions.create(model=MODEL, prompt=first, max_tokens=12, temperature=0)
+    second = first + reply.choices[0].text + "\n\ndef main():\n"
+    again = client.completions.create(model=MODEL, prompt=second, max_tokens=16, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert len(tokenizer.encode(first)) - 1 <= cached < again.usage.prompt_tokens
+    expected = mlx_lm.generate(ref, tokenizer, second, max_tokens=16)
+    assert again.choices[0].text in (expected, " " + expected)
+    assert server.stats()["last_request"]["cached_tokens"] == cached
+    # a prompt that shares only its start: the cache is trimmed back to what the two share
+    third = first + "        self.items = []\n"
+    trimmed = client.completions.create(model=MODEL, prompt=third, max_tokens=16, temperature=0)
+    assert trimmed.usage.prompt_tokens_details.cached_tokens < len(tokenizer.encode(third))
+    expected = mlx_lm.generate(ref, tokenizer, third, max_tokens=16)
+    assert trimmed.choices[0].text in (expected, " " + expected)
+
+
 def test_concurrent_greedy_requests_give_the_text_of_one_alone(client):
     prompts = ["def fibonacci(n):", "import os\n", "class Stack:", "for i in range("]
     alone = [chat(client, p) for p in prompts]
@@ -308,13 +334,17 @@ def test_anthropic_messages(server):
         final = stream.get_final_message()
     assert streamed == text and final.stop_reason == message.stop_reason
     assert final.usage.output_tokens == message.usage.output_tokens
+    # the same prompt again: all of it but its last token comes from the kept KV cache
+    prompt_tokens = message.usage.input_tokens + message.usage.cache_read_input_tokens
+    assert final.usage.cache_read_input_tokens == prompt_tokens - 1
+    assert final.usage.input_tokens == 1
     stop = text[len(text) // 2:][:2]
     stopped = claude.messages.create(**dict(kw, stop_sequences=[stop]))
     assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop
     assert stopped.content[0].text == text[:text.index(stop)]
     count = claude.messages.count_tokens(model=MODEL, system="You write Python.",
                                          messages=kw["messages"])
-    assert count.input_tokens == message.usage.input_tokens
+    assert count.input_tokens == prompt_tokens
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(**dict(kw, model="claude-opus"))
     with pytest.raises(anthropic.BadRequestError) as e:
@@ -513,6 +543,38 @@ def test_generation_runs_off_the_main_thread(tiny_factory):
         assert "".join(pieces) == expected
     finally:
         worker.stop()
+
+
+def test_no_prompt_cache_prefills_every_prompt_whole(tiny_factory):
+    """``--no-prompt-cache``: the same prompt twice is prefilled whole both times (with the
+    cache, the second time runs only its last token), with the same text."""
+    import hobbit_mlx
+    from hobbit_mlx.server.cli import setup_arg_parser
+    from hobbit_mlx.server.params import Generation, Sampling
+    from hobbit_mlx.server.worker import Failed, Finished, Job, Worker
+
+    assert setup_arg_parser().parse_args(["--no-prompt-cache"]).no_prompt_cache
+    _, model_dir = tiny_factory("qwen3_moe")
+    for reuse in (False, True):
+        worker = Worker(lambda: hobbit_mlx.load(model_dir, expert_residency=0.5, exact=True,
+                                                progress=False), "tiny", reuse_prompt=reuse)
+        worker.start()
+        try:
+            prompt = worker.tokenizer.encode("hello world, once more")
+            runs = []
+            for _ in range(2):
+                events: queue.Queue = queue.Queue()
+                worker.submit(Job(prompt, Generation(max_tokens=6, sampling=Sampling()), 6,
+                                  events.put))
+                texts = []
+                while not isinstance(event := events.get(timeout=300), (Finished, Failed)):
+                    texts.append(event.text)
+                assert isinstance(event, Finished), event
+                runs.append(("".join(texts), event.stats["cached_tokens"]))
+        finally:
+            worker.stop()
+        assert runs[0][0] == runs[1][0] and runs[0][1] == 0
+        assert runs[1][1] == (len(prompt) - 1 if reuse else 0)
 
 
 def test_bad_flags_and_a_taken_port(capsys, tiny_factory):

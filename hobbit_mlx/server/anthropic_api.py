@@ -75,12 +75,19 @@ class MessagesFormat:
         self._blank = ""  # blank text not sent yet (no text block open)
 
     def _message(self, content: list, end: Finished | None) -> dict:
-        out_tokens = (end.stats or {}).get("generation_tokens", 0) if end else 0
         reason = stop_reason(end, self.reply.made_call) if end else None
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": content, "stop_reason": reason,
                 "stop_sequence": end.stop_sequence if end else None,
-                "usage": {"input_tokens": self.prompt_tokens, "output_tokens": out_tokens}}
+                "usage": self._usage(end)}
+
+    def _usage(self, end: Finished | None) -> dict:
+        """Anthropic's counts: ``input_tokens`` are the prompt tokens run, those reused from the
+        previous request's KV cache are ``cache_read_input_tokens`` (known once it has run)."""
+        stats = (end.stats or {}) if end else {}
+        cached = stats.get("cached_tokens", 0)
+        return {"input_tokens": self.prompt_tokens - cached, "cache_read_input_tokens": cached,
+                "output_tokens": stats.get("generation_tokens", 0)}
 
     def error_body(self, error: ApiError) -> dict:
         return error.anthropic_body()
@@ -103,12 +110,11 @@ class MessagesFormat:
             if self._blank:
                 events.append(self._delta("text", self._blank))
         events += self._stop()
-        out_tokens = (end.stats or {}).get("generation_tokens", 0)
         reason = stop_reason(end, self.reply.made_call)
         return events + [
             sse({"type": "message_delta",
                  "delta": {"stop_reason": reason, "stop_sequence": end.stop_sequence},
-                 "usage": {"output_tokens": out_tokens}}, "message_delta"),
+                 "usage": self._usage(end)}, "message_delta"),
             sse({"type": "message_stop"}, "message_stop")]
 
     # --- a stream's blocks: opened when their first part comes, closed when another begins ---

@@ -39,6 +39,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="The model id /v1/models reports and requests may name (default: "
                         "--model as given).")
+    g.add_argument("--no-prompt-cache", action="store_true",
+                   help="Prefill every prompt whole. By default the last request's KV cache is "
+                        "kept, and a prompt that begins with the same tokens (a conversation "
+                        "sent again with one more turn) only prefills the rest.")
     g.add_argument("--allowed-origins", type=lambda x: x.split(","), default=["*"],
                    help="Comma-separated origins allowed by CORS (default: *).")
     g.add_argument("--log-level", default="INFO",
@@ -115,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return model, tokenizer
 
     model_id = args.served_model_name or args.model or REFERENCE_ID
-    worker = Worker(load, model_id)
+    worker = Worker(load, model_id, reuse_prompt=not args.no_prompt_cache)
     try:
         worker.start()
     except BaseException:
@@ -177,7 +181,8 @@ def _follow(args: argparse.Namespace) -> int:
             cli.use_default_template(tokenizer)
         return model, tokenizer
 
-    worker = Worker(load, args.served_model_name or args.model or REFERENCE_ID)
+    worker = Worker(load, args.served_model_name or args.model or REFERENCE_ID,
+                    reuse_prompt=not args.no_prompt_cache)  # (as rank 0: the ranks feed alike)
     worker.start()
     _watch(worker, args)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

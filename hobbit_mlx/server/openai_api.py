@@ -33,7 +33,9 @@ def usage(end: Finished) -> dict:
     s = end.stats or {}
     prompt, completion = s.get("prompt_tokens", 0), s.get("generation_tokens", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            # of the prompt, reused from the previous request's KV cache (not prefilled again)
+            "prompt_tokens_details": {"cached_tokens": s.get("cached_tokens", 0)}}
 
 
 def finish_reason(end: Finished, made_call: bool = False) -> str:

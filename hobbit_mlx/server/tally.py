@@ -14,11 +14,13 @@ from ..budget import format_size
 
 
 def request_stats(offload: dict, *, prompt_tokens: int, generation_tokens: int,
-                  prompt_tps: float, generation_tps: float, wall_s: float) -> dict[str, Any]:
+                  prompt_tps: float, generation_tps: float, wall_s: float,
+                  cached_tokens: int = 0) -> dict[str, Any]:
     """One request's figures, from ``offload_stats`` taken after it (reset before it)."""
     served = offload.get("hits_high", 0) + offload.get("hits_low", 0)
     demand = served + offload.get("misses_high", 0) + offload.get("misses_low", 0)
-    return dict(prompt_tokens=prompt_tokens, generation_tokens=generation_tokens,
+    return dict(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+                generation_tokens=generation_tokens,
                 prompt_tps=prompt_tps, generation_tps=generation_tps, wall_s=wall_s,
                 expert_demand=demand, expert_served=served,
                 served_rate=served / demand if demand else None,
@@ -31,7 +33,8 @@ def request_stats(offload: dict, *, prompt_tokens: int, generation_tokens: int,
 
 def describe(stats: dict) -> str:
     """The figures of a request in one line: tokens, speed, served rate, reads, peak memory."""
-    parts = [f"{stats['prompt_tokens']} prompt + {stats['generation_tokens']} generated tokens",
+    cached = f" ({stats['cached_tokens']} cached)" if stats.get("cached_tokens") else ""
+    parts = [f"{stats['prompt_tokens']} prompt{cached} + {stats['generation_tokens']} generated tokens",
              f"{stats['generation_tps']:.1f} tok/s (prompt {stats['prompt_tps']:.1f} tok/s)"]
     rate = stats.get("served_rate")
     parts.append("served " + (f"{100 * rate:.1f}%" if rate is not None else "n/a"))

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from ..budget import BudgetError, ContextBudgetError
 from ..layer_major import looking_back
 from ..pipeline import Lockstep, pipeline_of
+from ..prompt_cache import PromptCache
 from ..store import StoreError
 from .errors import ApiError
 from .params import Generation
@@ -76,6 +77,7 @@ class Job:
     emit: Callable[[Event], None]
     label: str = ""  # for the log line: "POST /v1/chat/completions"
     name: str = ""  # the response's id
+    cached_tokens: int = 0  # of the prompt, reused from the previous request's KV cache
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -149,8 +151,12 @@ def api_error(e: BaseException) -> ApiError:
 class Worker:
     """Owns the model; ``load`` runs on its thread and returns ``(model, tokenizer)``."""
 
-    def __init__(self, load: Callable[[], tuple[Any, Any]], model_id: str):
+    def __init__(self, load: Callable[[], tuple[Any, Any]], model_id: str,
+                 reuse_prompt: bool = True):
         self._load = load
+        # the last request's KV cache, kept for the next one that shares its prefix
+        self.reuse_prompt = reuse_prompt
+        self._kept: PromptCache | None = None
         self.model_id = model_id
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="hobbit-generation", daemon=True)
@@ -219,6 +225,8 @@ class Worker:
             pipe = pipeline_of(self.model)
             if pipe is not None:
                 self.lock = Lockstep(pipe)
+            if self.reuse_prompt:
+                self._kept = PromptCache(self.model)
         except BaseException as e:  # reported by start()
             self.error = e
             self._ready.set()
@@ -275,14 +283,18 @@ class Worker:
                 s.logit_bias = {int(k): v for k, v in s.logit_bias.items()}  # (JSON keys)
             hobbit_mlx.reset_stats(self.model)  # as rank 0 does
             sampler, processors = self._sampling(s)
+            feed, cache = self._feed(msg["prompt"])
+            generated, last = [], None
             try:
-                for _ in self.lock.generate(self.model, self.tokenizer, msg["prompt"],
-                                            max_tokens=msg["max_tokens"], sampler=sampler,
-                                            logits_processors=processors, **self._stream):
-                    pass
+                for last in self.lock.generate(self.model, self.tokenizer, feed,
+                                               max_tokens=msg["max_tokens"], sampler=sampler,
+                                               logits_processors=processors, **cache,
+                                               **self._stream):
+                    generated.append(last.token)
             except Exception:  # noqa: BLE001 - refused on every rank before any forward call
                 if self.lock.started:
                     raise
+            self._keep(msg["prompt"], generated, last is not None and last.finish_reason is not None)
         self.lock.pipe.barrier()
 
     def _serve(self, job: Job) -> None:
@@ -299,8 +311,11 @@ class Worker:
             self.lock.broadcast({"op": "generate", "prompt": list(job.prompt),
                                  "max_tokens": job.max_tokens, "sampling": asdict(s)})
         sampler, processors = self._sampling(s)
+        feed, cache = self._feed(job.prompt)
+        job.cached_tokens = len(job.prompt) - len(feed)
         stops = StopMatcher(gen.stop)
         finish, last, n = None, None, 0
+        generated: list[int] = []
         space = [] if gen.continues else None  # the reply's tokens until its first text
         t0 = time.perf_counter()
 
@@ -310,17 +325,18 @@ class Worker:
 
         if self.lock is None:
             steps = hobbit_mlx.stream_generate(
-                self.model, self.tokenizer, job.prompt, max_tokens=job.max_tokens,
+                self.model, self.tokenizer, feed, max_tokens=job.max_tokens,
                 sampler=sampler, logits_processors=processors,
-                prompt_progress_callback=progress, **self._stream)
+                prompt_progress_callback=progress, **cache, **self._stream)
         else:  # every rank runs it; rank 0 decides after each step whether all go on
             steps = self.lock.generate(
-                self.model, self.tokenizer, job.prompt, max_tokens=job.max_tokens,
+                self.model, self.tokenizer, feed, max_tokens=job.max_tokens,
                 sampler=sampler, logits_processors=processors,
-                keep_going=lambda: not job.cancelled.is_set(), **self._stream)
+                keep_going=lambda: not job.cancelled.is_set(), **cache, **self._stream)
         try:
             for r in steps:
                 n, last = n + 1, r
+                generated.append(r.token)
                 text = r.text
                 if space is not None:  # (its first text may have lost its leading space)
                     space.append(r.token)
@@ -342,6 +358,7 @@ class Worker:
             finish = "cancelled"
         except Exception as e:
             _fresh_random_state()
+            self._keep(job.prompt, generated, False)
             error = api_error(e)
             if error.status >= 500 and error.code == "internal_error":
                 log.exception("generation failed")
@@ -354,7 +371,29 @@ class Worker:
             steps.close()
         if finish is None and job.cancelled.is_set():
             finish = "cancelled"  # (a pipeline stops a cancelled prompt without a token)
+        # A pipeline's other ranks see only whether the generation ended by itself: every rank
+        # keeps its cache by that same rule, so that all feed the next prompt alike.
+        ended = last is not None and last.finish_reason is not None
+        self._keep(job.prompt, generated, ended if self.lock is not None
+                   else finish in ("stop", "length"))
         self._end(job, Finished(finish or "length", stops.matched, self._stats(job, last, n, t0)))
+
+    def _feed(self, prompt: list[int]) -> tuple[list[int], dict]:
+        """The part of ``prompt`` to run, and the ``prompt_cache`` keyword that holds the rest
+        (the last request's keys and values, trimmed to what the two share)."""
+        if self._kept is None:
+            return prompt, {}
+        return self._kept.feed(list(prompt)), {"prompt_cache": self._kept.cache}
+
+    def _keep(self, prompt: list[int], generated: list[int], whole: bool) -> None:
+        """Keep the cache for the next request where the generation ended in a known state
+        (``whole``); a cancelled or failed one may have left a half-run step in it."""
+        if self._kept is None:
+            return
+        if whole:
+            self._kept.finish(prompt, generated)
+        else:
+            self._kept.reset()
 
     def _end(self, job: Job, end: Finished | Failed) -> None:
         """Count the request, write its log line, and tell its handler (in that order, so the
@@ -427,6 +466,7 @@ class Worker:
             log.exception("offload statistics failed")
             return None
         return request_stats(offload, prompt_tokens=len(job.prompt), generation_tokens=n,
+                             cached_tokens=job.cached_tokens,
                              prompt_tps=float(last.prompt_tps) if last is not None else 0.0,
                              generation_tps=float(last.generation_tps) if last is not None else 0.0,
                              wall_s=time.perf_counter() - t0)
