@@ -481,3 +481,40 @@ def test_widened_reference_computes_what_the_reference_computes(tmp_path):
     assert down.shape[-1] == 2 * inter and mx.all(down[..., inter:] == 0).item()
     ids = mx.array([tok.encode("def main():\n    return sorted(items)\n")])
     assert mx.array_equal(ref(ids), wide(ids))
+
+
+def test_prompt_reuse_prefills_only_what_the_last_turn_did_not(tiny_model, tmp_path):
+    """``prompt_reuse.py``: the same conversation through a server worker with and without the
+    prompt cache. With it, each turn after the first reuses the previous prompt and reply (all
+    but what the chat template renders differently) and prefills only the rest; without, every
+    prompt is prefilled whole. Exact mode: the same replies either way."""
+    from bench import prompt_reuse
+
+    out = tmp_path / "out"
+    assert prompt_reuse.main(["--model", str(tiny_model[0]), "--turns", "3", "--max-tokens", "4",
+                              "--out", str(out), "--name", "pr"]) == 0
+    assert sorted(x.name for x in out.iterdir()) == ["pr.json", "pr.md"]
+    res = json.loads((out / "pr.json").read_text())
+    md = (out / "pr.md").read_text()
+    assert md.startswith("# Prompt reuse") and "Command: `python bench/prompt_reuse.py" in md
+    assert "| prompt tokens prefilled |" in md and "**3 of 3** turns" in md
+    assert res["meta"]["storage"] == "mac-like" and res["meta"]["calibration"]["bandwidth"] > 0
+    off, on = res["runs"]["no_reuse"], res["runs"]["reuse"]
+    assert [r["turn"] for r in off] == [r["turn"] for r in on] == [1, 2, 3]
+    assert res["same_reply"] == [True] * 3 and res["replies"]["reuse"] == res["replies"]["no_reuse"]
+    assert [r["prompt_tokens"] for r in off] == [r["prompt_tokens"] for r in on]
+    assert all(r["cached_tokens"] == 0 and r["prefilled_tokens"] == r["prompt_tokens"] for r in off)
+    assert on[0]["cached_tokens"] == 0
+    for prev, r in zip(on, on[1:]):  # the last prompt and reply, give or take a token or two
+        assert prev["prompt_tokens"] < r["prompt_tokens"]
+        assert prev["prompt_tokens"] - 2 <= r["cached_tokens"] \
+            <= prev["prompt_tokens"] + prev["generated_tokens"]
+        assert r["prefilled_tokens"] == r["prompt_tokens"] - r["cached_tokens"] >= 1
+    for r in off + on:
+        assert 0 < r["ttft_s"] <= r["wall_s"] and r["generated_tokens"] >= 1
+        assert 0 < r["bytes_read_by_first_token"] <= r["bytes_read"]
+    t = res["totals"]
+    assert t["reuse"]["prefilled_tokens"] < t["no_reuse"]["prefilled_tokens"]
+    assert t["ratio"]["prefilled_tokens"] == pytest.approx(
+        t["reuse"]["prefilled_tokens"] / t["no_reuse"]["prefilled_tokens"])
+    assert t["no_reuse"]["bytes_read"] == sum(r["bytes_read"] for r in off)
