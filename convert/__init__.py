@@ -19,7 +19,6 @@ renamed onto DST only when complete.
 from __future__ import annotations
 
 import contextlib
-import functools
 import glob
 import io
 import json
@@ -37,6 +36,7 @@ from mlx_lm.utils import load_config, make_shards, quantize_model
 
 from hobbit_mlx.architectures import (UnsupportedModelError, describe_moe,
                                       num_experts_of, switch_linear_paths)
+from hobbit_mlx.quantizable import mlx_quantizes, supported_bits, supported_group_sizes
 from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, PrecisionEntry, Record,
                               StoreError, TensorLayout, align_up, is_hobbit_model,
                               record_alignment, safetensors_header)
@@ -334,26 +334,6 @@ def _check_parent(dst: Path) -> None:
             raise ConversionError(f"cannot write {dst}: {anc} is {what}, not a directory")
 
 
-@functools.lru_cache(maxsize=None)
-def _mlx_quantizes(bits: int, group_size: int) -> bool:
-    """Whether this MLX's ``mx.quantize`` (affine) takes this width and group size."""
-    if not (0 < bits <= 32 and 0 < group_size <= 4096):
-        return False
-    try:
-        mx.eval(mx.quantize(mx.zeros((1, group_size)), group_size, bits, mode="affine"))
-        return True
-    except (ValueError, RuntimeError, TypeError):
-        return False
-
-
-def supported_bits() -> list[int]:
-    return [b for b in range(1, 17) if _mlx_quantizes(b, 64) or _mlx_quantizes(b, 32)]
-
-
-def supported_group_sizes() -> list[int]:
-    return [g for g in (8, 16, 32, 64, 128, 256, 512, 1024) if _mlx_quantizes(4, g)]
-
-
 def _check_flags(bits: int | None, low_bits: int | None, group_size: int) -> None:
     """The widths and group size MLX quantizes with (before anything is read or written)."""
     def ints(xs):
@@ -367,7 +347,7 @@ def _check_flags(bits: int | None, low_bits: int | None, group_size: int) -> Non
         raise ConversionError(f"--group-size {group_size}: MLX quantizes with groups of "
                               f"{ints(supported_group_sizes())} weights, not this size")
     for flag, b in (("--bits", bits), ("--low-bits", low_bits)):
-        if b is not None and not _mlx_quantizes(b, group_size):
+        if b is not None and not mlx_quantizes(b, group_size):
             raise ConversionError(f"{flag} {b} with --group-size {group_size}: MLX cannot "
                                   "quantize with this combination")
 

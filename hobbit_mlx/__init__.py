@@ -88,12 +88,29 @@ def _draft_tokens(model, speculative) -> tuple[int, bool]:
     return check_draft_tokens(speculative), adaptive
 
 
+def _kv_quant_kwargs(runtime, kwargs: dict) -> dict:
+    """mlx-lm's KV quantization keywords as ``load`` set them (the budget planned for that). A
+    call that asks for other ones is refused: its KV cache and attention would not be what the
+    budget holds."""
+    kq = runtime.kv_quant
+    want = kq.generate_kwargs() if kq is not None else {"kv_bits": None}
+    asked = {k: kwargs[k] for k in ("kv_bits", "kv_group_size", "quantized_kv_start")
+             if k in kwargs and (k == "kv_bits" or kwargs.get("kv_bits") is not None)}
+    if any(want.get(k) != v for k, v in asked.items()):
+        raise TypeError(f"{', '.join(f'{k}={v!r}' for k, v in asked.items())}: the KV cache's "
+                        "quantization is a load option here (load(..., kv_bits=, kv_group_size=, "
+                        "quantized_kv_start=)), so that the memory budget plans for it"
+                        + (f"; this model was loaded with {want}" if kq is not None else ""))
+    return want if kq is not None else {}
+
+
 def _with_defaults(model, tokenizer, prompt, kwargs: dict, extra_tokens: int = 0,
                    held_tokens: int = 0) -> dict:
     """A new sequence starts: per-sequence cache statistics reset, the budget planned for its
     prompt and ``max_tokens``, and prefill chunks no longer than the plan reserved for.
     ``held_tokens``: memory the prefill holds beside the KV, in KV tokens."""
     runtime = runtime_of(model)
+    kwargs.update(_kv_quant_kwargs(runtime, kwargs))
     n_prompt = _prompt_tokens(tokenizer, prompt).size
     max_new = kwargs.get("max_tokens", 256)
     runtime.new_sequence(context_of(kwargs.get("prompt_cache")), n_prompt + held_tokens,

@@ -105,9 +105,25 @@ class BudgetPlan:
     # activations grow with the context a call attends to: (bytes per chunk token per context
     # token, bytes added by any context, and by any context per chunk token), measured at load
     context_activation: tuple = (0.0, 0.0, 0.0)
+    # a quantized KV cache (kv_quant.py): (bytes per token, the largest layer's, the context at
+    # which mlx-lm quantizes it); () for a cache kept in the model's dtype
+    kv_quantized: tuple = ()
 
     def kv_bytes(self, tokens: int) -> int:
-        return kv_bytes_for(tokens, self.kv_bytes_per_token, self.kv_layer_bytes_per_token)
+        """KV bytes at the peak of holding ``tokens``. A quantized cache: below its start, as
+        unquantized; from there on, the quantized cache, but never less than the switch, when
+        the call that reaches the start holds its unquantized cache (up to a longest chunk past
+        the start) beside the quantized copy being made."""
+        full = kv_bytes_for(tokens, self.kv_bytes_per_token, self.kv_layer_bytes_per_token)
+        if not self.kv_quantized:
+            return full
+        per_token, layer_per_token, start = self.kv_quantized
+        if tokens < start:
+            return full
+        switch = start + self.max_chunk
+        return max(kv_bytes_for(tokens, per_token, layer_per_token),
+                   kv_bytes_for(switch, self.kv_bytes_per_token, self.kv_layer_bytes_per_token)
+                   + kv_bytes_for(switch, per_token, layer_per_token))
 
     def activation_for(self, tokens: int, context: int = 0) -> int:
         """Measured activations of the smallest measured chunk that holds ``tokens``, attending
@@ -163,7 +179,8 @@ class BudgetPlan:
         def fits(tokens: int) -> bool:  # (KV and activations both grow with the context)
             return self.kv_bytes(tokens) + self.activation_for(chunk, tokens) <= room
 
-        lo, hi = 0, (max(0, room) // max(1, self.kv_bytes_per_token) // KV_STEP + 1) * KV_STEP
+        per_token = min([self.kv_bytes_per_token] + list(self.kv_quantized[:1]))
+        lo, hi = 0, (max(0, room) // max(1, per_token) // KV_STEP + 1) * KV_STEP
         while lo + 1 < hi:  # fits(lo) holds (or lo is 0), fits(hi) does not
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -228,7 +245,8 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
                 expert_residency: float | None = None,
                 initial_context: int = INITIAL_CONTEXT,
                 kv_layer_bytes_per_token: int = 0,
-                context_activation: tuple = (0.0, 0.0, 0.0)) -> BudgetPlan:
+                context_activation: tuple = (0.0, 0.0, 0.0),
+                kv_quantized: tuple = ()) -> BudgetPlan:
     """Split a budget (or derive one from a residency fraction of the 4-bit expert bytes) for a
     sequence of ``initial_context`` tokens prefilled in the longest measured chunks."""
     if memory_budget is not None and expert_residency is not None:
@@ -238,7 +256,7 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
     plan = BudgetPlan(0, dense_bytes, kv_bytes_per_token, points, initial_context, points[-1][0],
                       0, 0, all_high_bytes, min_high_bytes + min_low, min_low, mixed_precision,
                       all_high_bytes, initial_context, kv_layer_bytes_per_token,
-                      tuple(context_activation))
+                      tuple(context_activation), tuple(kv_quantized))
     kv = plan.kv_bytes(initial_context)
     full_chunk = dense_bytes + plan.activation_for(points[-1][0], initial_context) + kv
     if expert_residency is not None:

@@ -158,6 +158,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-context", type=int, default=INITIAL_CONTEXT, metavar="TOKENS",
                    help="Tokens of KV cache reserved when a sequence starts; a longer context "
                         "takes its KV from the expert pools (default: %(default)s).")
+    g.add_argument("--kv-bits", type=int, default=None, metavar="BITS",
+                   help="Quantize the KV cache to BITS bits (mlx-lm's flag): a long context "
+                        "then takes less of the budget, which the expert pools get. Lossy, "
+                        "like mlx-lm's; the budget plans for it (default: not quantized).")
+    g.add_argument("--kv-group-size", type=int, default=LoadOptions.kv_group_size, metavar="N",
+                   help="Group size of the KV cache quantization (default: %(default)s).")
+    g.add_argument("--quantized-kv-start", type=int, default=LoadOptions.quantized_kv_start,
+                   metavar="TOKENS",
+                   help="Quantize the KV cache once it holds this many tokens (default: "
+                        "%(default)s, from the start: the budget holds the unquantized cache up "
+                        "to here; mlx-lm's CLI waits for 5000).")
     g.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, metavar="N",
                    help="Prompt tokens processed at a time; smaller values lower peak memory "
                         "during prefill (default: %(default)s).")
@@ -319,6 +330,8 @@ def load_options(args: argparse.Namespace) -> "LoadOptions":
 
     return LoadOptions(memory_budget=args.memory_budget, expert_residency=args.expert_residency,
                        max_context=args.max_context, prefill_step_size=args.prefill_step_size,
+                       kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                       quantized_kv_start=args.quantized_kv_start,
                        layer_major_prefill=args.prefill_order == "layers",
                        io_workers=args.io_workers, verify=args.verify, direct_io=args.direct_io,
                        parallel_runs={"auto": "auto", "together": True,

@@ -147,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("mixed_precision", "skip", "big_little"):  # (None: on unless exact)
         options[name] = not args.exact if options[name] is None else options[name]
     stats.update(model=str(getattr(hobbit_mlx.runtime_of(model), "model_dir", args.model)),
-                 **options, max_tokens=args.max_tokens, max_context=args.max_context)
+                 **options, max_tokens=args.max_tokens, max_context=args.max_context,
+                 kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                 quantized_kv_start=args.quantized_kv_start)
     if args.stats_json:
         cli.write_json_atomic(args.stats_json, stats)
     if not quiet:

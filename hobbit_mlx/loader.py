@@ -301,10 +301,13 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     with pipe.local_only() if pipe is not None else contextlib.nullcontext():
         kv_layers = kv_bytes_by_layer(model) + list(extra_kv_layers)
         kv_per_token = sum(kv_layers)
+        kv_quant = o.kv_quant()
+        quantized_kv = kv_bytes_by_layer(model, kv_quant) if kv_quant is not None else []
         measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
                         prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
         activation_points, context_activation = measured_activations(
-            model, prefill_step_size, measured_key, store=cache_root() / "measured")
+            model, prefill_step_size, measured_key, store=cache_root() / "measured",
+            kv_quant=kv_quant)
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
     routers = [m.router for m in runtime.layers]
@@ -319,7 +322,9 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
         min_low_bytes=sum(k * g.pool.slot_nbytes for g in groups if g.precision == "low"),
         mixed_precision=uses_low, memory_budget=o.memory_budget,
         expert_residency=o.expert_residency, initial_context=o.max_context,
-        kv_layer_bytes_per_token=max(kv_layers, default=0), context_activation=context_activation)
+        kv_layer_bytes_per_token=max(kv_layers, default=0), context_activation=context_activation,
+        kv_quantized=(sum(quantized_kv), max(quantized_kv, default=0), kv_quant.start)
+        if kv_quant is not None else ())
     high_slot = max(g.pool.slot_nbytes for g in groups if g.precision == "high")
     cache_experts = plan.high_expert_bytes // high_slot
     keep_shallow_layers = o.keep_shallow_layers
@@ -349,7 +354,9 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
                                         scratch=bool(scratch))
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
                      prefill_step_size=prefill_step_size)
-    runtime.layer_major_prefill = o.layer_major_prefill and pipe is None
+    runtime.kv_quant = kv_quant  # (its keywords go to every generation: _with_defaults)
+    # (a layer-major prefill holds the prompt's whole KV unquantized, which the plan does not)
+    runtime.layer_major_prefill = o.layer_major_prefill and pipe is None and kv_quant is None
     runtime.speculative = (check_draft_tokens(o.speculative) if o.speculative else 0,
                            o.speculative_adaptive)  # (max draft tokens, adaptive); 0: off
     runtime.preload()

@@ -23,15 +23,18 @@ from mlx_lm.models.cache import (ArraysCache, CacheList, KVCache, RotatingKVCach
 from .budget import KV_STEP
 
 
-def kv_bytes_by_layer(model: nn.Module) -> list[int]:
+def kv_bytes_by_layer(model: nn.Module, kv_quant=None) -> list[int]:
     """KV bytes per token of each layer's cache, from the shapes of a one-token pass (built, never
-    evaluated: shapes and dtypes are known without computing anything).
+    evaluated: shapes and dtypes are known without computing anything); with ``kv_quant`` (a
+    ``KVQuant``), of the cache quantized as mlx-lm quantizes it.
 
     mlx-lm caches allocate in steps along the sequence axis (-2), so each array's bytes are
     divided by its length there; state without a sequence axis (recurrent layers) is constant.
     """
     cache = make_prompt_cache(model)
     model(mx.array([[0]]), cache=cache)
+    if kv_quant is not None:
+        kv_quant.quantize(cache)
     return [int(sum(a.nbytes // a.shape[-2] for _, a in tree_flatten(c.state)
                     if isinstance(a, mx.array) and a.ndim >= 3 and a.shape[-2] > 0))
             for c in cache or []]
@@ -97,14 +100,18 @@ def _kv_state(cache) -> list:
     return [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
 
 
-def _raw_activation(model: nn.Module, chunk: int, context: int = 0) -> int:
+def _raw_activation(model: nn.Module, chunk: int, context: int = 0, kv_quant=None) -> int:
     """The peak memory a ``chunk``-token call adds above the weights and the KV cache of
-    ``context`` tokens already held, less the KV cache it adds. Runs with the runtime measuring,
-    so no expert is read; the expert calls build the graphs a chunk with misses builds."""
+    ``context`` tokens already held (quantized with ``kv_quant``), less the KV cache it adds.
+    Runs with the runtime measuring, so no expert is read; the expert calls build the graphs a
+    chunk with misses builds."""
     cache = make_prompt_cache(model)
     tokens = mx.array([[(7 * i + 3) % 97 + 1 for i in range(chunk + context)]])
     if context:
         _hold_context(model, cache, tokens[:, :context])
+        if kv_quant is not None:
+            kv_quant.quantize(cache)
+            mx.eval(_kv_state(cache))
     held = sum(a.nbytes for a in _kv_state(cache))
     mx.synchronize()
     mx.clear_cache()
@@ -170,18 +177,19 @@ CONTEXT_PROBES = {SMALLEST_CHUNK: (192, 1984, 4032), KNEE_CHUNK: (192,)}
 CONTEXT_MARGIN = 1.25
 
 
-def context_activation(model: nn.Module) -> tuple[float, float, float]:
+def context_activation(model: nn.Module, kv_quant=None) -> tuple[float, float, float]:
     """How a call's activations grow with the context it attends to, as (bytes per call token per
     context token, bytes added by any context, and per call token): ``activation_for`` reserves
     the second, the third times the call's tokens and the first times the pairs. Measured with
     16- and 64-token calls against the contexts of ``CONTEXT_PROBES``; the fit lies above every
-    measurement."""
+    measurement. With ``kv_quant`` the contexts are quantized (the attention then differs)."""
     limit = mx.set_cache_limit(1 << 40)
     gc.collect()
     grown = {}
     for n, contexts in CONTEXT_PROBES.items():
         empty = min(_raw_activation(model, n), _raw_activation(model, n))
-        grown[n] = {c: max(0, max(_raw_activation(model, n, c), _raw_activation(model, n, c)) - empty)
+        grown[n] = {c: max(0, max(_raw_activation(model, n, c, kv_quant),
+                                  _raw_activation(model, n, c, kv_quant)) - empty)
                     for c in contexts}
     mx.set_cache_limit(limit)
     per_pair = max([0.0] + [(g[c1] - g[c0]) / (c1 - c0) / n for n, g in grown.items()
@@ -196,18 +204,19 @@ def context_activation(model: nn.Module) -> tuple[float, float, float]:
 
 
 def measured_activations(model: nn.Module, prefill_step_size: int, key: tuple,
-                         store: Path | None = None
+                         store: Path | None = None, kv_quant=None
                          ) -> tuple[list[tuple[int, int]], tuple[float, float, float]]:
     """``activation_ladder`` and ``context_activation``, measured once per ``key`` (model, chunk
     size, dtype): a budget that one load (or ``footprint``) states as the minimum is the next
     load's minimum. With ``store`` (a directory), also across processes: read from there when a
     process on this machine measured them with this code, else measured and written there."""
+    key = (*key, kv_quant)
     if key in _MEASURED:
         return _MEASURED[key]
     path = None if store is None else Path(store) / f"{_disk_key(key)}.json"
     got = _read_measured(path) if path is not None else None
     if got is None:
-        got = (activation_ladder(model, prefill_step_size), context_activation(model))
+        got = (activation_ladder(model, prefill_step_size), context_activation(model, kv_quant))
         if path is not None:
             _write_measured(path, got)
     _MEASURED[key] = got

@@ -13,6 +13,7 @@ from typing import Any
 import mlx.core as mx
 
 from .budget import INITIAL_CONTEXT
+from .kv_quant import KVQuant
 from .precision import PrecisionOptions
 from .storage import parse_storage
 
@@ -47,6 +48,11 @@ class LoadOptions:
     expert_residency: float | None = None  # instead: pools of this share of the 4-bit experts
     max_context: int = INITIAL_CONTEXT  # KV reserved when a sequence starts (it grows from there)
     prefill_step_size: int = DEFAULT_PREFILL_STEP
+    # a quantized KV cache (mlx-lm's kv_bits, kv_group_size, quantized_kv_start; here the budget
+    # plans for it, so every generation uses it): a longer context, or more experts resident
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
     # a prompt longer than one chunk passes the model layer by layer (every chunk through a layer
     # before the next), so each layer's experts are read once per prompt, not once per chunk
     layer_major_prefill: bool = True
@@ -124,6 +130,12 @@ class LoadOptions:
             raise TypeError(f"load() got unexpected option(s): {', '.join(sorted(unknown))}")
         return replace(self, **overrides)
 
+    def kv_quant(self) -> KVQuant | None:
+        """The KV cache's quantization, None when it keeps the model's dtype."""
+        if self.kv_bits is None:
+            return None
+        return KVQuant(self.kv_bits, self.kv_group_size, self.quantized_kv_start)
+
     def precision(self) -> PrecisionOptions:
         mixed = (not self.exact) if self.mixed_precision is None else bool(self.mixed_precision)
         skip = (not self.exact) if self.skip is None else bool(self.skip)
@@ -176,6 +188,11 @@ class LoadOptions:
                                                   or self.speculative < 1)):
             raise ValueError(f"speculative decoding drafts K >= 1 tokens per pass "
                              f"(got speculative={self.speculative!r})")
+        if self.kv_bits is not None:
+            self.kv_quant().check()
+            if self.speculative or self.draft_model is not None:
+                raise ValueError("kv_bits does not run with speculative decoding (mlx-lm's "
+                                 "speculative loop does not quantize the KV cache either)")
         if self.draft_model is not None and self.pipeline is not None:
             raise ValueError("a draft model does not run with a pipeline")
         for name in ("max_context", "prefill_step_size", "io_workers"):

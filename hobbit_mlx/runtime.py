@@ -114,6 +114,7 @@ class OffloadRuntime:
         self.kv_bytes_per_token = 0
         self.prefill_step_size = 512
         self.layer_major_prefill = False  # long prompts prefilled layer by layer (layer_major.py)
+        self.kv_quant = None  # a quantized KV cache (kv_quant.KVQuant), planned for by the budget
 
     def describe(self, *, plan, model_dir, kv_bytes_per_token: int, prefill_step_size: int) -> None:
         """Record the budget plan and the model facts load() measured."""
