@@ -109,18 +109,18 @@ class BudgetPlan:
     # which mlx-lm quantizes it); () for a cache kept in the model's dtype
     kv_quantized: tuple = ()
 
-    def kv_bytes(self, tokens: int) -> int:
+    def kv_bytes(self, tokens: int, chunk: int | None = None) -> int:
         """KV bytes at the peak of holding ``tokens``. A quantized cache: below its start, as
         unquantized; from there on, the quantized cache, but never less than the switch, when
-        the call that reaches the start holds its unquantized cache (up to a longest chunk past
-        the start) beside the quantized copy being made."""
+        the call that reaches the start holds its unquantized cache (up to a ``chunk`` past the
+        start; None: the longest measured) beside the quantized copy being made."""
         full = kv_bytes_for(tokens, self.kv_bytes_per_token, self.kv_layer_bytes_per_token)
         if not self.kv_quantized:
             return full
         per_token, layer_per_token, start = self.kv_quantized
         if tokens < start:
             return full
-        switch = start + self.max_chunk
+        switch = start + (chunk or self.max_chunk)
         return max(kv_bytes_for(tokens, per_token, layer_per_token),
                    kv_bytes_for(switch, self.kv_bytes_per_token, self.kv_layer_bytes_per_token)
                    + kv_bytes_for(switch, per_token, layer_per_token))
@@ -153,7 +153,7 @@ class BudgetPlan:
 
     @property
     def kv_reserve_bytes(self) -> int:
-        return self.kv_bytes(self.kv_tokens)
+        return self.kv_bytes(self.kv_tokens, self.chunk_tokens)
 
     @property
     def expert_cache_bytes(self) -> int:
@@ -165,7 +165,7 @@ class BudgetPlan:
         one): the smallest chunk attending to that context, its KV, one top-k per pool. (Less
         than a step's context would stop a reply after a few tokens.)"""
         n = self.activation_points[0][0]
-        return (self.dense_bytes + self.activation_for(n, KV_STEP) + self.kv_bytes(KV_STEP)
+        return (self.dense_bytes + self.activation_for(n, KV_STEP) + self.kv_bytes(KV_STEP, n)
                 + self.min_expert_bytes)
 
     def max_context(self, chunk: int = 1) -> int:
@@ -177,7 +177,7 @@ class BudgetPlan:
         """The longest context whose KV, beside a ``chunk``-token call attending to it, fits in
         ``room`` bytes (in tokens: within a KV step the activations still grow)."""
         def fits(tokens: int) -> bool:  # (KV and activations both grow with the context)
-            return self.kv_bytes(tokens) + self.activation_for(chunk, tokens) <= room
+            return self.kv_bytes(tokens, chunk) + self.activation_for(chunk, tokens) <= room
 
         per_token = min([self.kv_bytes_per_token] + list(self.kv_quantized[:1]))
         lo, hi = 0, (max(0, room) // max(1, per_token) // KV_STEP + 1) * KV_STEP
@@ -218,19 +218,20 @@ class BudgetPlan:
         chunk = max(1, min(chunk, self.max_chunk))
         if tokens > self.max_context(chunk):
             need = (self.dense_bytes + self.activation_for(chunk, tokens) + self.min_expert_bytes
-                    + self.kv_bytes(tokens))
+                    + self.kv_bytes(tokens, chunk))
             raise ContextBudgetError(
                 f"the context reached {tokens} tokens, more than the memory budget "
                 f"{format_size(self.budget_bytes)} can hold ({self.max_context(chunk)} tokens with "
                 f"the expert pools at their minimum); {tokens} tokens need a budget of at least "
                 f"{format_size(need)} ({need} bytes)")
         chunk = next(n for n, _ in self.activation_points if n >= chunk)
-        kv = self.kv_bytes(tokens)
+        kv = self.kv_bytes(tokens, chunk)
         room = self.budget_bytes - self.dense_bytes - self.activation_for(chunk, tokens) - kv
         if room >= self.expert_cap_bytes:  # the pools hold all they may: spare to chunk, then KV
-            spare = self.budget_bytes - self.dense_bytes - kv - self.expert_cap_bytes
+            spare = self.budget_bytes - self.dense_bytes - self.expert_cap_bytes
             chunk = max([n for n, _ in self.activation_points
-                         if self.activation_for(n, tokens) <= spare] + [chunk])
+                         if self.activation_for(n, tokens) + self.kv_bytes(tokens, n) <= spare]
+                        + [chunk])
             left = self.budget_bytes - self.dense_bytes - self.expert_cap_bytes
             tokens = max(tokens, self._context_within(left, chunk))
             room = self.expert_cap_bytes
@@ -279,7 +280,7 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
             f"{format_size(dense_bytes)} + activations of a {n}-token prefill chunk attending "
             f"to {KV_STEP} tokens (measured; MLX's buffer cache shares them) {format_size(act)} "
             f"+ KV cache of a first {KV_STEP}-token step, while it grows "
-            f"{format_size(plan.kv_bytes(KV_STEP))} + "
+            f"{format_size(plan.kv_bytes(KV_STEP, n))} + "
             f"one layer's top-k experts {format_size(plan.min_expert_bytes)}; anything above "
             "that caches experts, prefills in longer chunks or holds a longer context")
     tokens = min(initial_context, plan.max_context())

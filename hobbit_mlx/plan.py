@@ -23,13 +23,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .budget import BudgetError, BudgetPlan, format_size, parse_size, plan_budget, system_memory_bytes
+from .budget import (INITIAL_CONTEXT, BudgetError, BudgetPlan, format_size, parse_size, plan_budget,
+                     system_memory_bytes)
 from .options import LoadOptions
 
 EXIT_BAD_INPUT = 2
 
 
-def _plan(sizes, mixed_precision: bool, memory_budget) -> BudgetPlan:
+def _plan(sizes, mixed_precision: bool, memory_budget, context: int = INITIAL_CONTEXT) -> BudgetPlan:
     k = sizes.experts_per_token
     return plan_budget(
         dense_bytes=sizes.dense_bytes, activation_points=sizes.activation_points,
@@ -38,7 +39,8 @@ def _plan(sizes, mixed_precision: bool, memory_budget) -> BudgetPlan:
         min_low_bytes=sum(k * b for b in sizes.expert_slot_bytes["low"]),
         mixed_precision=mixed_precision, memory_budget=memory_budget,
         kv_layer_bytes_per_token=sizes.kv_layer_bytes_per_token,
-        context_activation=sizes.context_activation)
+        context_activation=sizes.context_activation, initial_context=context,
+        kv_quantized=sizes.kv_quantized)
 
 
 def _widths(manifest, precision: str) -> list[int]:
@@ -82,7 +84,8 @@ def plan_model(model: str, memory_budget: int | str | None = None,
     converted = ckpt.where == "local" and local.is_dir() and is_hobbit_model(local)
     if converted:
         manifest = load_manifest(local, check_files=False)
-        sizes = model_sizes(ckpt, compute_dtype=cdtype, prefill_step_size=o.prefill_step_size)
+        sizes = model_sizes(ckpt, compute_dtype=cdtype, prefill_step_size=o.prefill_step_size,
+                            kv_quant=o.kv_quant())
         _use_manifest(sizes, manifest, cdtype)
         widths = {p: _widths(manifest, p) for p in ("high", "low")}
     else:  # as ``python -m convert`` would store it by default
@@ -91,12 +94,12 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         except ConversionError:  # a 1-bit source: no narrower copy; counted at 1 bit too
             bits = low_bits = 1
         sizes = model_sizes(ckpt, bits=bits, low_bits=low_bits, compute_dtype=cdtype,
-                            prefill_step_size=o.prefill_step_size)
+                            prefill_step_size=o.prefill_step_size, kv_quant=o.kv_quant())
         widths = {"high": [bits], "low": [low_bits]}
     mixed = o.precision().mixed_precision
     minimum = _plan(sizes, mixed, 1 << 62).minimum_bytes
     minimum_exact = _plan(sizes, False, 1 << 62).minimum_bytes
-    plan = _plan(sizes, mixed, o.memory_budget)
+    plan = _plan(sizes, mixed, o.memory_budget, o.max_context)
     total_experts = sizes.num_experts * sizes.num_moe_layers
     share_high = min(1.0, plan.high_expert_bytes / max(1, sizes.all_bytes("high")))
     share_low = min(1.0, plan.low_expert_bytes / max(1, sizes.all_bytes("low")))
@@ -110,6 +113,9 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         "expert_bits_high": widths["high"], "expert_bits_low": widths["low"],
         "expert_bytes_high": sizes.expert_bytes["high"], "expert_bytes_low": sizes.expert_bytes["low"],
         "kv_bytes_per_token": sizes.kv_bytes_per_token,
+        # with kv_bits: per token once quantized, and the tokens before that
+        "kv_bits": o.kv_bits, "kv_bytes_per_token_quantized": sizes.kv_quantized[0]
+        if sizes.kv_quantized else None, "quantized_kv_start": o.quantized_kv_start,
         "activation_bytes_estimated": dict(sizes.activation_points),
         "context_activation_estimated": sizes.context_activation,
         "compute_dtype": sizes.compute_dtype,
@@ -119,7 +125,9 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         "budget_bytes": plan.budget_bytes,
         "expert_pool_bytes_high": plan.high_expert_bytes,
         "expert_pool_bytes_low": plan.low_expert_bytes,
-        "kv_reserve_tokens": plan.kv_tokens, "prefill_chunk_tokens": plan.chunk_tokens,
+        "context_tokens_asked": o.max_context,
+        "kv_reserve_tokens": plan.kv_tokens, "kv_reserve_bytes": plan.kv_reserve_bytes,
+        "prefill_chunk_tokens": plan.chunk_tokens, "max_context_tokens": plan.max_context(),
         "resident_share_high": share_high, "resident_share_low": share_low,
     }
 
@@ -142,7 +150,10 @@ def render(p: dict) -> str:
         f"  dense weights            {size(p['dense_bytes'])}  (resident, {p['compute_dtype']} floats)",
         f"  experts, {hi:<16}{size(p['expert_bytes_high'])}  ({how_stored})",
         f"  experts, {lo:<16}{size(p['expert_bytes_low'])}",
-        f"  KV cache per token       {size(p['kv_bytes_per_token'])}",
+        f"  KV cache per token       {size(p['kv_bytes_per_token'])}" + (
+            f" ({p['kv_bits']}-bit: {size(p['kv_bytes_per_token_quantized'])}"
+            + (f" from {p['quantized_kv_start']} tokens on" if p["quantized_kv_start"] else "")
+            + ")" if p["kv_bits"] else ""),
         f"  minimum budget           {size(p['minimum_budget_bytes'])}  (exact mode: "
         f"{size(p['minimum_budget_bytes_exact'])}; prefill activations estimated, load() measures them)",
         f"  budget                   {size(p['budget_bytes'])}  ({how})",
@@ -150,8 +161,11 @@ def render(p: dict) -> str:
         f"{100 * p['resident_share_high']:.1f}% of the {hi} experts resident",
         f"    {lo + ' expert pool':<23}{size(p['expert_pool_bytes_low'])}  = "
         f"{100 * p['resident_share_low']:.1f}% of the {lo} experts",
-        f"    KV reserve             {p['kv_reserve_tokens']} tokens; prefill chunks of "
-        f"{p['prefill_chunk_tokens']} tokens",
+        f"    KV reserve             {size(p['kv_reserve_bytes'])} for {p['kv_reserve_tokens']} "
+        f"tokens (the budget holds up to {p['max_context_tokens']}"
+        + (f", not the {p['context_tokens_asked']} asked for"
+           if p["max_context_tokens"] < p["context_tokens_asked"] else "")
+        + f"); prefill chunks of {p['prefill_chunk_tokens']} tokens",
     ]
     return "\n".join(lines)
 
@@ -167,6 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="plan for this budget (e.g. 10GB) instead of this machine's default")
     parser.add_argument("--exact", action="store_true",
                         help="plan for exact mode (high-precision experts only)")
+    parser.add_argument("--max-context", type=int, default=INITIAL_CONTEXT, metavar="TOKENS",
+                        help="plan for a context of this many tokens (default: %(default)s)")
+    parser.add_argument("--kv-bits", type=int, default=None, metavar="BITS",
+                        help="plan for a KV cache quantized to BITS bits (as load's kv_bits)")
+    parser.add_argument("--kv-group-size", type=int, default=LoadOptions.kv_group_size,
+                        metavar="N", help="its group size (default: %(default)s)")
+    parser.add_argument("--quantized-kv-start", type=int, default=LoadOptions.quantized_kv_start,
+                        metavar="TOKENS", help="quantized from this many tokens on (default: "
+                                               "%(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
     from .architectures import UnsupportedModelError
@@ -177,7 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = None if args.memory_budget is None else parse_size(args.memory_budget)
         if budget is not None and budget <= 0:
             raise ValueError(f"--memory-budget must be positive, not {args.memory_budget!r}")
-        p = plan_model(args.model, budget, LoadOptions(exact=args.exact))
+        if args.max_context < 1:
+            raise ValueError(f"--max-context must be at least 1, not {args.max_context}")
+        options = LoadOptions(exact=args.exact, max_context=args.max_context, kv_bits=args.kv_bits,
+                              kv_group_size=args.kv_group_size,
+                              quantized_kv_start=args.quantized_kv_start)
+        options.validate()
+        p = plan_model(args.model, budget, options)
     except (ModelNotFound, UnsupportedModelError, BudgetError, StoreError, ValueError) as e:
         text = " ".join(str(e).split())
         print(f"error: {text}", file=sys.stderr)

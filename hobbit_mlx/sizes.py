@@ -122,6 +122,8 @@ class ModelSizes:
     activation_points: list[tuple[int, int]]  # estimated
     compute_dtype: str
     context_activation: tuple[float, float, float] = (0.0, 0.0, 0.0)  # estimated, as load() measures it
+    # with kv_bits: (bytes per token quantized, the largest layer's, quantized_kv_start)
+    kv_quantized: tuple = ()
 
     def all_bytes(self, precision: str) -> int:
         """Every expert resident at one precision."""
@@ -208,9 +210,11 @@ def estimate_context_activation(config: dict, itemsize: int,
 
 
 def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_size: int = 64,
-                compute_dtype: mx.Dtype | None = None, prefill_step_size: int = 512) -> ModelSizes:
+                compute_dtype: mx.Dtype | None = None, prefill_step_size: int = 512,
+                kv_quant=None) -> ModelSizes:
     """Sizes of a checkpoint as hobbit_mlx would store and hold it (``compute_dtype``: the float
-    dtype of resident weights on this machine; None keeps the checkpoint's)."""
+    dtype of resident weights on this machine; None keeps the checkpoint's; ``kv_quant``: a
+    ``KVQuant`` the KV cache is quantized with)."""
     from convert import _dense_weights
 
     config = dict(ckpt.config)
@@ -250,6 +254,7 @@ def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_siz
     dtype = compute_dtype or float_dtype
     facts["model"].set_dtype(dtype)
     kv = kv_bytes_by_layer(facts["model"])
+    quantized = kv_bytes_by_layer(facts["model"], kv_quant) if kv_quant is not None else None
     return ModelSizes(
         model_type=config.get("model_type", "?"), num_moe_layers=len(switches),
         num_experts=num_experts_of(switches[0][1]), experts_per_token=k, dense_bytes=dense_bytes,
@@ -259,7 +264,9 @@ def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_siz
         kv_bytes_per_token=sum(kv), kv_layer_bytes_per_token=max(kv, default=0),
         activation_points=estimate_activations(config, k, moe_i, dtype.size, prefill_step_size),
         compute_dtype=str(dtype).replace("mlx.core.", ""),
-        context_activation=estimate_context_activation(config, dtype.size, max(kv, default=0)))
+        context_activation=estimate_context_activation(config, dtype.size, max(kv, default=0)),
+        kv_quantized=(sum(quantized), max(quantized, default=0), kv_quant.start)
+        if quantized is not None else ())
 
 
 __all__ = ["Checkpoint", "ModelNotFound", "ModelSizes", "read_checkpoint", "model_sizes",

@@ -172,3 +172,30 @@ def test_plan_of_a_store_with_other_widths_agrees_with_footprint(tiny_factory, t
     assert not est["converted"] and est["expert_bits_high"] == [4] and est["expert_bits_low"] == [2]
     assert main([str(q_src), "--memory-budget", "1GB"]) == 0
     assert "experts, 4-bit" in capsys.readouterr().out
+
+
+def test_plan_with_a_quantized_kv_cache_and_a_long_context(tmp_path, capsys):
+    """``--kv-bits`` and ``--max-context``: the quantized KV per token is load()'s, a context the
+    unquantized cache cannot hold at this budget is held quantized (and the plan says when the
+    asked context does not fit); a model whose cache cannot be quantized is one error line."""
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    src = make_tiny_model("qwen3_moe", tmp_path / "mlx", config_overrides={"head_dim": 32})
+    store = convert(src, tmp_path / "hobbit", progress=False)
+    argv = [str(store), "--memory-budget", "2.5MB", "--max-context", "2048", "--json"]
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(argv + ["--kv-bits", "4", "--kv-group-size", "32"]) == 0
+    quant = json.loads(capsys.readouterr().out)
+    assert plain["kv_bits"] is None and quant["kv_bits"] == 4
+    assert quant["kv_bytes_per_token_quantized"] < plain["kv_bytes_per_token"] / 4
+    assert plain["max_context_tokens"] < 2048 <= quant["max_context_tokens"]
+    assert quant["kv_reserve_tokens"] >= 2048 > plain["kv_reserve_tokens"]
+    model, _ = hobbit_mlx.load(store, memory_budget="2.5MB", kv_bits=4, kv_group_size=32,
+                               progress=False)
+    assert hobbit_mlx.runtime_of(model).plan.kv_quantized[0] == quant["kv_bytes_per_token_quantized"]
+    assert main(argv[:-1]) == 0
+    assert "not the 2048 asked for" in capsys.readouterr().out
+    assert main([str(REFERENCE_MODEL), "--kv-bits", "4"]) == 2
+    assert "head dimension 40" in capsys.readouterr().err
