@@ -65,11 +65,13 @@ def test_a_budget_too_small_for_the_context_holds_it_quantized(wide_heads):
     stats = hobbit_mlx.offload_stats(model)
     assert 0 < stats["peak_memory_bytes"] <= stats["budget_bytes"]
 
-    pools = {}
-    for kv in ({}, KV):  # a long context reserved: the KV it takes is what the pools lack
-        m, _ = hobbit_mlx.load(store, memory_budget="3MB", exact=True, progress=False,
-                               max_context=2048, **kv)
+    pools = {}  # a context whose unquantized KV leaves the pools short of every expert
+    for kv in ({}, KV):
+        m, _ = hobbit_mlx.load(store, memory_budget="1.5MB", exact=True, progress=False,
+                               max_context=512, **kv)
+        assert runtime_of(m).plan.kv_tokens >= 512
         pools[bool(kv)] = runtime_of(m).plan.high_expert_bytes
+    assert pools[False] < runtime_of(m).plan.all_high_bytes
     assert pools[True] > pools[False]
 
 
