@@ -499,5 +499,6 @@ class SlotCache:
             self.drop_guests()
             for key in list(self._slot_of):
                 self._evict(key)
+            self._views.clear()  # (a view holds its pool's old buffers)
             for ps in self._slots.values():
                 self.reset_pool(ps)

@@ -122,6 +122,11 @@ class OffloadedSwitch(nn.Module):
             object.__setattr__(self, "_direct", (view, self._module_over(view, "high")))
         return self._direct[1]
 
+    def forget_view(self) -> None:
+        """Drop the module over a slice of the pool: the pool is about to be reallocated, and a
+        slice keeps the whole old buffer alive (outside the budget)."""
+        object.__setattr__(self, "_direct", None)
+
     def _module_over(self, source, precision: str) -> nn.Module:
         """A copy of mlx-lm's switch module whose projections read ``source`` (a pool, or one
         layer's slice of it) with this precision's quantization."""

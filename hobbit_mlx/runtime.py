@@ -287,6 +287,8 @@ class OffloadRuntime:
             keep[id(ps)] = self.cache.shrink_to(
                 ps, slots[id(ps)] - self.cache.scratch_fits(ps, slots[id(ps)]))
         self.cache.clear()
+        for layer in self.layers:  # their modules over a layer's slice keep the old buffers alive
+            layer.forget_view()
         for ps in self.cache.pools:
             ps.pool.release()
         mx.clear_cache()
@@ -322,5 +324,7 @@ class OffloadRuntime:
         self.wait_idle()
         self.reader.close()
         self.cache.clear()
+        for layer in self.layers:  # their modules over a layer's slice keep the old buffers alive
+            layer.forget_view()
         for ps in self.cache.pools:
             ps.pool.release()

@@ -152,6 +152,30 @@ def test_peak_within_budget_while_kv_growth_shrinks_the_pools(tiny_factory):
     assert stats["peak_memory_bytes"] <= stats["budget_bytes"] == budget, (stats["peak_memory_bytes"], budget, rt.plan, plan)
 
 
+def test_pools_rebuilt_after_a_fully_resident_sequence_free_the_old_buffers(tmp_path):
+    """A short sequence holds every expert (its calls read the pool through slices of it); a
+    longer one then shrinks the pools. The slices must not keep the old pool's buffers alive:
+    they held them outside the budget (peaks of 1.3-1.9x the budget). Experts take most of the
+    memory here, as in a real model."""
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    src = make_tiny_model("qwen3_moe", tmp_path / "mlx", config_overrides={
+        "hidden_size": 128, "moe_intermediate_size": 128, "num_experts": 32, "head_dim": 64,
+        "num_hidden_layers": 4, "num_key_value_heads": 4})
+    model, tokenizer = hobbit_mlx.load(convert(src, tmp_path / "hobbit", progress=False),
+                                       memory_budget="8MB", exact=True, progress=False)
+    rt = runtime_of(model)
+    hobbit_mlx.generate(model, tokenizer, _tokens(20, seed=20)[0].tolist(), max_tokens=20)
+    assert rt.cache.all_high_resident
+    for n in (150, 20, 300):
+        hobbit_mlx.reset_stats(model)
+        hobbit_mlx.generate(model, tokenizer, _tokens(n, seed=n)[0].tolist(), max_tokens=20)
+        stats = hobbit_mlx.offload_stats(model)
+        assert not rt.cache.all_high_resident  # (shrunk, never all back)
+        assert stats["peak_memory_bytes"] <= stats["budget_bytes"]
+
+
 def test_context_beyond_the_budget_stops_with_a_clear_error(tiny_factory):
     _, dst = tiny_factory("qwen3_moe")
     probe, _ = hobbit_mlx.load(dst, exact=True, prefetch_layers=0, max_context=256, progress=False)
