@@ -120,7 +120,9 @@ class BudgetPlan:
         per_token, layer_per_token, start = self.kv_quantized
         if tokens < start:
             return full
-        switch = start + (chunk or self.max_chunk)
+        # (a call shorter than the smallest measured chunk is reserved as that chunk, as its
+        # activations are)
+        switch = start + max(chunk or self.max_chunk, self.activation_points[0][0])
         return max(kv_bytes_for(tokens, per_token, layer_per_token),
                    kv_bytes_for(switch, self.kv_bytes_per_token, self.kv_layer_bytes_per_token)
                    + kv_bytes_for(switch, per_token, layer_per_token))
@@ -247,7 +249,7 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
                 initial_context: int = INITIAL_CONTEXT,
                 kv_layer_bytes_per_token: int = 0,
                 context_activation: tuple = (0.0, 0.0, 0.0),
-                kv_quantized: tuple = ()) -> BudgetPlan:
+                kv_quantized: tuple = (), activations_measured: bool = True) -> BudgetPlan:
     """Split a budget (or derive one from a residency fraction of the 4-bit expert bytes) for a
     sequence of ``initial_context`` tokens prefilled in the longest measured chunks."""
     if memory_budget is not None and expert_residency is not None:
@@ -278,7 +280,8 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
             f"memory budget {format_size(plan.budget_bytes)} is too small for this model: it needs "
             f"at least {format_size(minimum)} ({minimum} bytes) = dense weights "
             f"{format_size(dense_bytes)} + activations of a {n}-token prefill chunk attending "
-            f"to {KV_STEP} tokens (measured; MLX's buffer cache shares them) {format_size(act)} "
+            f"to {KV_STEP} tokens ({'measured' if activations_measured else 'estimated'}; "
+            f"MLX's buffer cache shares them) {format_size(act)} "
             f"+ KV cache of a first {KV_STEP}-token step, while it grows "
             f"{format_size(plan.kv_bytes(KV_STEP, n))} + "
             f"one layer's top-k experts {format_size(plan.min_expert_bytes)}; anything above "

@@ -40,7 +40,7 @@ def _plan(sizes, mixed_precision: bool, memory_budget, context: int = INITIAL_CO
         mixed_precision=mixed_precision, memory_budget=memory_budget,
         kv_layer_bytes_per_token=sizes.kv_layer_bytes_per_token,
         context_activation=sizes.context_activation, initial_context=context,
-        kv_quantized=sizes.kv_quantized)
+        kv_quantized=sizes.kv_quantized, activations_measured=False)
 
 
 def _widths(manifest, precision: str) -> list[int]:

@@ -126,3 +126,18 @@ def test_cli_flags_reach_load():
         ["--kv-bits", "8", "--kv-group-size", "32", "--quantized-kv-start", "100"])
     o = load_options(args)
     assert (o.kv_bits, o.kv_group_size, o.quantized_kv_start) == (8, 32, 100)
+
+
+def test_a_later_start_loads_where_the_unquantized_cache_does(wide_heads):
+    """With ``quantized_kv_start`` past the start of the context, the switch (both copies held
+    at once) is counted for the chunk that crosses it: a budget that loads unquantized loads
+    (it failed at load: the plan fitted a context for 1-token calls, then 16-token ones), with
+    the context below the start that it holds, and runs within it."""
+    _, store = wide_heads
+    model, tokenizer = hobbit_mlx.load(store, memory_budget="2MB", exact=True, progress=False,
+                                       quantized_kv_start=500, **KV)
+    plan = runtime_of(model).plan
+    assert 300 < plan.kv_tokens < 500  # (past the start the switch does not fit)
+    assert hobbit_mlx.generate(model, tokenizer, tokenizer.encode(LONG)[:280], max_tokens=8)
+    stats = hobbit_mlx.offload_stats(model)
+    assert 0 < stats["peak_memory_bytes"] <= stats["budget_bytes"]
