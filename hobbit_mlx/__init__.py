@@ -95,7 +95,7 @@ def _kv_quant_kwargs(runtime, kwargs: dict) -> dict:
     kq = runtime.kv_quant
     want = kq.generate_kwargs() if kq is not None else {"kv_bits": None}
     asked = {k: kwargs[k] for k in ("kv_bits", "kv_group_size", "quantized_kv_start")
-             if k in kwargs and (k == "kv_bits" or kwargs.get("kv_bits") is not None)}
+             if k in kwargs and (kq is not None or k == "kv_bits")}
     if any(want.get(k) != v for k, v in asked.items()):
         raise TypeError(f"{', '.join(f'{k}={v!r}' for k, v in asked.items())}: the KV cache's "
                         "quantization is a load option here (load(..., kv_bits=, kv_group_size=, "

@@ -328,6 +328,7 @@ def load_options(args: argparse.Namespace) -> "LoadOptions":
     """The ``LoadOptions`` the flags set (memory, techniques, I/O)."""
     from .options import LoadOptions
 
+    check_kv_flags(args)
     return LoadOptions(memory_budget=args.memory_budget, expert_residency=args.expert_residency,
                        max_context=args.max_context, prefill_step_size=args.prefill_step_size,
                        kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
@@ -341,6 +342,19 @@ def load_options(args: argparse.Namespace) -> "LoadOptions":
                        if getattr(args, "pipeline", False) else None,
                        pipeline_split=getattr(args, "pipeline_split", None),
                        **technique_options(args))
+
+
+def check_kv_flags(args: argparse.Namespace) -> None:
+    """--kv-group-size and --quantized-kv-start tune --kv-bits: alone they would do nothing."""
+    from .options import LoadOptions
+
+    if args.kv_bits is None:
+        alone = [flag for flag, name in (("--kv-group-size", "kv_group_size"),
+                                         ("--quantized-kv-start", "quantized_kv_start"))
+                 if getattr(args, name) != getattr(LoadOptions, name)]
+        if alone:
+            raise CLIError(f"{' and '.join(alone)} {'tunes' if len(alone) == 1 else 'tune'} "
+                           "the KV cache's quantization: give --kv-bits too")
 
 
 def technique_options(args: argparse.Namespace) -> dict:

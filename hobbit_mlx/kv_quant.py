@@ -14,6 +14,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
+from .budget import BudgetError
 from .quantizable import mlx_quantizes, supported_bits, supported_group_sizes
 
 
@@ -28,7 +29,8 @@ class KVQuant:
 
     def check(self) -> None:
         """Raise ValueError naming what this MLX cannot quantize with."""
-        if not isinstance(self.bits, numbers.Integral) or self.bits not in supported_bits():
+        if isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Integral) or \
+                self.bits not in supported_bits():
             raise ValueError(f"kv_bits {self.bits!r}: MLX quantizes at "
                              f"{', '.join(map(str, supported_bits()))} bits")
         if not isinstance(self.group_size, numbers.Integral) or \
@@ -45,6 +47,20 @@ class KVQuant:
         """The keywords mlx-lm's generation takes for it."""
         return {"kv_bits": self.bits, "kv_group_size": self.group_size,
                 "quantized_kv_start": self.start}
+
+    def check_applied(self, cache) -> None:
+        """Before a model call: a cache that should be quantized by now and is not means the
+        generation does not quantize it (mlx-lm's own ``generate`` without ``kv_bits``), while
+        the budget planned for quantized keys and values: it would outgrow the budget."""
+        for c in cache or ():
+            offset = getattr(c, "offset", 0)
+            if hasattr(c, "to_quantized") and isinstance(offset, int) and 0 < offset and \
+                    offset >= self.start:
+                raise BudgetError(
+                    f"this model was loaded with kv_bits={self.bits}, and the budget planned for "
+                    f"a KV cache quantized so, but this generation does not quantize it: use "
+                    f"hobbit_mlx.generate / stream_generate, or pass mlx-lm "
+                    f"{', '.join(f'{k}={v}' for k, v in self.generate_kwargs().items())}")
 
     def quantize(self, cache: list) -> None:
         """Quantize every layer's cache that mlx-lm would (in place), whatever it holds: for

@@ -126,6 +126,8 @@ def _offloaded_classes(manifest: Manifest, pipe=None):
                 if rt is not None:  # the KV cache says how long the context is
                     inputs = args[0] if args else kwargs.get("inputs")
                     cache = args[1] if len(args) > 1 else kwargs.get("cache")
+                    if rt.kv_quant is not None:
+                        rt.kv_quant.check_applied(cache)
                     rt.see_call(context_of(cache), int(inputs.shape[-1]) if inputs is not None else 1)
                 out = super().__call__(*args, **kwargs)
                 if rt is not None:

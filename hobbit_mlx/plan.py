@@ -115,7 +115,7 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         "kv_bytes_per_token": sizes.kv_bytes_per_token,
         # with kv_bits: per token once quantized, and the tokens before that
         "kv_bits": o.kv_bits, "kv_bytes_per_token_quantized": sizes.kv_quantized[0]
-        if sizes.kv_quantized else None, "quantized_kv_start": o.quantized_kv_start,
+        if sizes.kv_quantized else None, "quantized_kv_start": o.quantized_kv_start if o.kv_bits is not None else None,
         "activation_bytes_estimated": dict(sizes.activation_points),
         "context_activation_estimated": sizes.context_activation,
         "compute_dtype": sizes.compute_dtype,
@@ -200,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = None if args.memory_budget is None else parse_size(args.memory_budget)
         if budget is not None and budget <= 0:
             raise ValueError(f"--memory-budget must be positive, not {args.memory_budget!r}")
+        from .cli_common import CLIError, check_kv_flags
+        try:
+            check_kv_flags(args)
+        except CLIError as e:
+            raise ValueError(str(e)) from None
         if args.max_context < 1:
             raise ValueError(f"--max-context must be at least 1, not {args.max_context}")
         options = LoadOptions(exact=args.exact, max_context=args.max_context, kv_bits=args.kv_bits,

@@ -4,6 +4,8 @@ settings are named at load."""
 
 from __future__ import annotations
 
+import importlib
+
 import mlx.core as mx
 import mlx_lm
 import pytest
@@ -116,9 +118,26 @@ def test_bad_kv_settings_are_named(wide_heads, tiny_factory):
         hobbit_mlx.generate(plain, tokenizer, "hi", max_tokens=2, kv_bits=4)
 
 
-def test_cli_flags_reach_load():
-    import importlib
+def test_kv_settings_that_would_do_nothing_are_refused(wide_heads):
+    """A tuning flag without --kv-bits, ``kv_bits=True``, and a per-call start or group size
+    other than load's (they were ignored, or replaced by load's without a word)."""
+    from hobbit_mlx.cli_common import CLIError, load_options
+    from hobbit_mlx.plan import main as plan_main
 
+    parser = importlib.import_module("hobbit_mlx.generate").setup_arg_parser()
+    for flags in (["--kv-group-size", "32"], ["--quantized-kv-start", "100"]):
+        with pytest.raises(CLIError, match="give --kv-bits too"):
+            load_options(parser.parse_args(flags))
+        assert plan_main([str(wide_heads[1]), *flags]) == 2
+    with pytest.raises(ValueError, match="kv_bits True"):
+        hobbit_mlx.load(wide_heads[1], progress=False, kv_bits=True, kv_group_size=32)
+    model, tokenizer = hobbit_mlx.load(wide_heads[1], expert_residency=0.5, progress=False, **KV)
+    for kw in (dict(quantized_kv_start=5), dict(kv_group_size=64)):
+        with pytest.raises(TypeError, match="load option"):
+            hobbit_mlx.generate(model, tokenizer, "hi", max_tokens=2, **kw)
+
+
+def test_cli_flags_reach_load():
     from hobbit_mlx.cli_common import load_options
 
     cli_generate = importlib.import_module("hobbit_mlx.generate")  # (not the function)
@@ -141,3 +160,19 @@ def test_a_later_start_loads_where_the_unquantized_cache_does(wide_heads):
     assert hobbit_mlx.generate(model, tokenizer, tokenizer.encode(LONG)[:280], max_tokens=8)
     stats = hobbit_mlx.offload_stats(model)
     assert 0 < stats["peak_memory_bytes"] <= stats["budget_bytes"]
+
+
+def test_mlx_lms_generate_must_quantize_as_loaded(wide_heads):
+    """mlx-lm's own ``generate`` works on the model when it quantizes the KV cache as loaded;
+    without ``kv_bits`` it is refused at its second call (it ran at 2.2x the budget before: the
+    budget had planned for the quantized cache)."""
+    from hobbit_mlx.budget import BudgetError
+
+    _, store = wide_heads
+    model, tokenizer = hobbit_mlx.load(store, expert_residency=0.5, exact=True, progress=False,
+                                       **KV)
+    with pytest.raises(BudgetError, match="does not quantize it"):
+        mlx_lm.generate(model, tokenizer, PROMPT, max_tokens=4, prefill_step_size=16)
+    # (mlx-lm's default quantized_kv_start is 5000; the model's is 0)
+    assert mlx_lm.generate(model, tokenizer, PROMPT, max_tokens=4, prefill_step_size=16,
+                           quantized_kv_start=0, **KV)
