@@ -599,6 +599,19 @@ def test_bad_flags_and_a_taken_port(capsys, tiny_factory):
             assert len(errors) == 1 and needle in errors[0], err
 
 
+def test_a_failed_load_exits_with_status_2(tiny_factory):
+    """The model loads on the generation thread; when that fails the process ends with one
+    error line and status 2 (it aborted with status 134 as it freed what the thread made)."""
+    _, model_dir = tiny_factory("qwen3_moe")  # head dimension 16: its KV cannot be quantized
+    p = subprocess.run([sys.executable, "-m", "hobbit_mlx.server", "--model", str(model_dir),
+                        "--port", "0", "--kv-bits", "4"], capture_output=True, text=True,
+                       timeout=300, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert p.returncode == 2, p.stderr
+    assert [l for l in p.stderr.splitlines() if l.startswith("error: ")] == \
+        [l for l in p.stderr.splitlines() if l.strip()], p.stderr
+    assert "head dimension 16" in p.stderr
+
+
 def test_a_failed_compiled_sampler_leaves_no_broken_random_state():
     """mlx-lm's compiled top-k carries MLX's random state; raising while it is traced leaves a
     placeholder there that fails every later unseeded sample, unless the worker reseeds."""

@@ -230,7 +230,10 @@ class Worker:
         except BaseException as e:  # reported by start()
             self.error = e
             self._ready.set()
-            return
+            # This thread stays (parked, a daemon) until the process exits: MLX objects the
+            # failed load made on it, freed at exit after the thread had ended, abort the
+            # process ("terminate called without an active exception", status 134).
+            threading.Event().wait()
         self._ready.set()
         if self.lock is not None and not self.lock.leader:
             try:
