@@ -300,7 +300,9 @@ def test_a_prompt_that_extends_the_last_one_prefills_only_the_rest(server, clien
     assert len(tokenizer.encode(first)) - 1 <= cached < again.usage.prompt_tokens
     expected = mlx_lm.generate(ref, tokenizer, second, max_tokens=16)
     assert again.choices[0].text in (expected, " " + expected)
-    assert server.stats()["last_request"]["cached_tokens"] == cached
+    stats = server.stats()
+    assert stats["last_request"]["cached_tokens"] == cached
+    assert stats["cached_tokens"] >= cached  # (all requests')
     # a prompt that shares only its start: the cache is trimmed back to what the two share
     third = first + "        self.items = []\n"
     trimmed = client.completions.create(model=MODEL, prompt=third, max_tokens=16, temperature=0)

@@ -328,6 +328,13 @@ def test_anthropic_tool_use_and_thinking_blocks(served):
     assert _claude(served, CALL, tools=None).content[0].text == CALL  # no tools: text
 
 
+def test_anthropic_stop_sequence_only_when_it_ended_the_reply(served):
+    message = _claude(served, f"{CALL}\nEND and more", stop_sequences=["END"])
+    assert message.stop_reason == "tool_use" and message.stop_sequence is None
+    message = _claude(served, "Just text END and more", stop_sequences=["END"])
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == "END"
+
+
 # --- history ----------------------------------------------------------------------------------
 
 
@@ -342,7 +349,8 @@ def test_tool_use_history_reaches_the_template(served):
     assert choice.message.content == "It is sunny."
     prompt = served.tokenizer.decode(served.prompts[-1])
     assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
-    assert '<tool_response name="" id="call_1">\nsunny\n</tool_response>' in prompt
+    # (the tool message's name filled in from the call it answers)
+    assert '<tool_response name="get_weather" id="call_1">\nsunny\n</tool_response>' in prompt
 
     # the reply's own message sent back (as README's example does)
     message = _chat(served, THINK + CALL, tools=[WEATHER]).message

@@ -38,6 +38,12 @@ def stop_reason(end: Finished, made_call: bool = False) -> str:
     return "stop_sequence" if end.stop_sequence is not None else "end_turn"
 
 
+def stop_sequence(end: Finished, reason: str) -> str | None:
+    """The stop sequence matched, where it is the reason the reply ended (only then, as the
+    API sets it)."""
+    return end.stop_sequence if reason == "stop_sequence" else None
+
+
 def _empty_block(kind: str) -> dict:
     return {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" \
         else {"type": "text", "text": ""}
@@ -78,7 +84,7 @@ class MessagesFormat:
         reason = stop_reason(end, self.reply.made_call) if end else None
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": content, "stop_reason": reason,
-                "stop_sequence": end.stop_sequence if end else None,
+                "stop_sequence": stop_sequence(end, reason) if end else None,
                 "usage": self._usage(end)}
 
     def _usage(self, end: Finished | None) -> dict:
@@ -113,7 +119,7 @@ class MessagesFormat:
         reason = stop_reason(end, self.reply.made_call)
         return events + [
             sse({"type": "message_delta",
-                 "delta": {"stop_reason": reason, "stop_sequence": end.stop_sequence},
+                 "delta": {"stop_reason": reason, "stop_sequence": stop_sequence(end, reason)},
                  "usage": self._usage(end)}, "message_delta"),
             sse({"type": "message_stop"}, "message_stop")]
 

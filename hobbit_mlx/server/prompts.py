@@ -62,6 +62,7 @@ def openai_messages(body: dict) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of messages", "messages")
     out = []
+    names: dict[str, str] = {}  # tool call id -> the function's name (for tool messages)
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -78,9 +79,13 @@ def openai_messages(body: dict) -> list[dict]:
             calls = _openai_tool_calls(m["tool_calls"], f"{where}.tool_calls")
             if calls:
                 msg["tool_calls"] = calls
+                names.update((c["id"], c["function"]["name"]) for c in calls
+                             if isinstance(c.get("id"), str))
         call_id = m.get("tool_call_id")
         if role == "tool" and call_id is not None and not isinstance(call_id, str):
             raise bad_request(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
+        if role == "tool" and call_id in names and not msg.get("name"):
+            msg["name"] = names[call_id]  # (templates show which tool answered)
         out.append(msg)
     return out
 

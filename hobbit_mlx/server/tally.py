@@ -55,8 +55,8 @@ class Tally:
         self.started = time.time()
         self.model_id, self.budget_bytes, self.context_limit = model_id, budget_bytes, context_limit
         self.counts = dict(served=0, cancelled=0, failed=0, refused=0)
-        self.totals = dict(prompt_tokens=0, generation_tokens=0, expert_demand=0, expert_served=0,
-                           bytes_read=0, generation_s=0.0)
+        self.totals = dict(prompt_tokens=0, cached_tokens=0, generation_tokens=0,
+                           expert_demand=0, expert_served=0, bytes_read=0, generation_s=0.0)
         self.peak = 0
         self.cache = dict(resident_experts=0, expert_cache_bytes=0)
         self.last: dict | None = None
@@ -67,8 +67,8 @@ class Tally:
             self.counts[outcome] += 1
             if stats is None:
                 return
-            for k in ("prompt_tokens", "generation_tokens", "expert_demand", "expert_served",
-                      "bytes_read"):
+            for k in ("prompt_tokens", "cached_tokens", "generation_tokens", "expert_demand",
+                      "expert_served", "bytes_read"):
                 self.totals[k] += stats.get(k, 0)
             if stats.get("generation_tps"):
                 self.totals["generation_s"] += stats["generation_tokens"] / stats["generation_tps"]
