@@ -332,7 +332,8 @@ def test_anthropic_messages(server):
     assert text and message.stop_reason in ("end_turn", "max_tokens")
     assert message.usage.input_tokens > 0 and message.usage.output_tokens >= 1
     with claude.messages.stream(**kw) as stream:
-        streamed = "".join(stream.text_stream)
+        events = list(stream)
+        streamed = "".join(e.delta.text for e in events if e.type == "content_block_delta")
         final = stream.get_final_message()
     assert streamed == text and final.stop_reason == message.stop_reason
     assert final.usage.output_tokens == message.usage.output_tokens
@@ -340,6 +341,8 @@ def test_anthropic_messages(server):
     prompt_tokens = message.usage.input_tokens + message.usage.cache_read_input_tokens
     assert final.usage.cache_read_input_tokens == prompt_tokens - 1
     assert final.usage.input_tokens == 1
+    start = next(e for e in events if e.type == "message_start")  # (clients read it there)
+    assert start.message.usage.cache_read_input_tokens == prompt_tokens - 1
     stop = text[len(text) // 2:][:2]
     stopped = claude.messages.create(**dict(kw, stop_sequences=[stop]))
     assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop

@@ -76,6 +76,7 @@ class MessagesFormat:
         self.id = f"msg_{uuid.uuid4().hex}"
         self.model, self.gen, self.prompt_tokens = model, gen, prompt_tokens
         self.reply = reply
+        self.cached_tokens = 0  # of the prompt, from the kept cache (set as a stream starts)
         self._index = -1  # the stream's last block
         self._open: str | None = None  # the type of the block open in the stream
         self._blank = ""  # blank text not sent yet (no text block open)
@@ -91,7 +92,7 @@ class MessagesFormat:
         """Anthropic's counts: ``input_tokens`` are the prompt tokens run, those reused from the
         previous request's KV cache are ``cache_read_input_tokens`` (known once it has run)."""
         stats = (end.stats or {}) if end else {}
-        cached = stats.get("cached_tokens", 0)
+        cached = stats.get("cached_tokens", 0) if end else self.cached_tokens
         return {"input_tokens": self.prompt_tokens - cached, "cache_read_input_tokens": cached,
                 "output_tokens": stats.get("generation_tokens", 0)}
 

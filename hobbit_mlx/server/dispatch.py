@@ -152,6 +152,7 @@ class Dispatcher:
 
     async def _stream(self, event, events: asyncio.Queue, job: Job,
                       fmt: Format) -> AsyncIterator[str]:
+        fmt.cached_tokens = job.cached_tokens  # (known once the job has started: its first event)
         try:
             for chunk in fmt.stream_start():
                 yield chunk
