@@ -419,6 +419,17 @@ def test_bad_tool_history_is_a_400_naming_the_field(served):
         {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "input": {}}]}]})
     assert r.status_code == 400 and "messages[1].content[0].name" in r.json()["error"]["message"]
 
+    # tools themselves: each is checked and named (they failed in the template, or passed)
+    for tools in ([1], [{"type": "function"}], [{"type": "function", "function": {"name": ""}}]):
+        r = served.http.post("/v1/chat/completions", json={"messages": HI, "tools": tools})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.json()
+        assert "tools[0] must be a function tool" in r.json()["error"]["message"]
+    for tool, needle in (({"name": "x"}, "must have a name and an input_schema"),
+                         ({"type": "web_search_20250305", "name": "web_search"}, "server tool")):
+        r = served.http.post("/v1/messages", json={"messages": HI, "max_tokens": 4,
+                                                   "tools": [tool]})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.json()
+
 
 # --- the splitting itself ---------------------------------------------------------------------
 

@@ -209,6 +209,12 @@ def openai_tools(body: dict) -> list | None:
     tools, choice = body.get("tools") or None, body.get("tool_choice")
     if tools is not None and not isinstance(tools, list):
         raise bad_request("tools must be a list", "tools")
+    for i, t in enumerate(tools or ()):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or \
+                not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad_request(f"tools[{i}] must be a function tool: {{\"type\": \"function\", "
+                              "\"function\": {\"name\": ..., \"parameters\": ...}}", "tools")
     if choice in (None, "auto", "none"):
         return None if choice == "none" else tools
     raise bad_request(f"tool_choice {choice!r} is not supported: this server cannot force a "
@@ -234,9 +240,13 @@ def anthropic_tools(body: dict) -> list | None:
         raise bad_request("tools must be a list of tool objects", "tools")
     out = []
     for i, t in enumerate(tools):
-        if not isinstance(t.get("name"), str) or not isinstance(t.get("input_schema"), dict):
-            raise bad_request(f"tools[{i}] must have a name and an input_schema (server tools "
-                              f"such as {t.get('type')!r} are not supported)", "tools")
+        if t.get("type") not in (None, "custom"):
+            raise bad_request(f"tools[{i}] is a server tool ({t['type']!r}), which this server "
+                              "does not run: only custom tools (a name and an input_schema)",
+                              "tools")
+        if not isinstance(t.get("name"), str) or not t["name"] or \
+                not isinstance(t.get("input_schema"), dict):
+            raise bad_request(f"tools[{i}] must have a name and an input_schema", "tools")
         out.append({"type": "function", "function": {
             "name": t["name"], "description": t.get("description", ""),
             "parameters": t["input_schema"]}})

@@ -80,12 +80,14 @@ def initial_state(tokenizer, prompt: list[int]) -> str:
 
 def parses_tools(tokenizer, tools: list | None) -> bool:
     """Whether a request's tool calls are parsed: it gave tools, and the tokenizer has a parser
-    (a model without one gets the tools in its prompt and its calls as text, logged)."""
+    (a model without one gets the tools only if its template shows them, and anything it
+    writes as a call comes back as text; logged)."""
     if not tools:
         return False
     if not tokenizer.has_tool_calling:
         log.warning("the request has tools, but this model's chat template has no tool-call "
-                    "format mlx-lm knows: its calls come back as text")
+                    "format mlx-lm knows: its template may not show them to the model, and "
+                    "calls are not parsed")
         return False
     return True
 
