@@ -434,6 +434,24 @@ def test_bad_tool_history_is_a_400_naming_the_field(served):
 # --- the splitting itself ---------------------------------------------------------------------
 
 
+def test_a_call_inside_the_reasoning_returns_to_it(served):
+    """A call written before ``</think>``: parsed, and the rest of the reasoning stays reasoning
+    (the end marker and the thought after the call became the answer)."""
+    from hobbit_mlx.server.replies import Reply, split_reply
+
+    prompt = served.tokenizer.encode("x")
+    text = f"<think>\nmaybe {CALL} then done\n</think>\n\nNo call."
+    parts = split_reply(Reply(served.tokenizer, prompt, [WEATHER]), [text])
+    assert [(p.kind, p.text) for p in parts if p.kind != "call"] == [
+        ("reasoning", "maybe "), ("reasoning", "then done\n"), ("text", "No call.")]
+    assert [p.call.name for p in parts if p.kind == "call"] == ["get_weather"]
+    broken = split_reply(Reply(served.tokenizer, prompt, [WEATHER]),
+                         ["<think>\nmaybe <tool_call>{oops</tool_call> hm</think>Answer."])
+    assert [(p.kind, p.text) for p in broken] == [
+        ("reasoning", "maybe "), ("reasoning", "<tool_call>{oops</tool_call>"),
+        ("reasoning", "hm"), ("text", "Answer.")]
+
+
 def test_a_reply_splits_the_same_whatever_its_pieces(served):
     """Markers cut anywhere (one character at a time) give the same parts as whole text."""
     from hobbit_mlx.server.replies import Reply, split_reply

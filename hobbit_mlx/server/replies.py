@@ -53,6 +53,26 @@ class Part:
     call: ToolCall | None = None
 
 
+TOOL_STATES = ("tool", "tool_in_reasoning")
+
+
+def _machine(tokenizer, parse_tools: bool) -> TextStateMachine:
+    """mlx-lm's state machine for this tokenizer, except that a call written inside the
+    reasoning returns to the reasoning when it ends (mlx-lm's goes on in "normal", so the
+    reasoning's rest and its end marker became the answer). Tokenizers with a response format
+    of their own keep mlx-lm's machine as it is."""
+    plain = tokenizer.has_thinking and parse_tools and tokenizer.tool_call_end and \
+        not tokenizer.structural_markers and not tokenizer.response_transitions
+    if not plain:
+        return make_text_state_machine(tokenizer if parse_tools else _WithoutTools(tokenizer))
+    start, end = tokenizer.tool_call_start, tokenizer.tool_call_end
+    return TextStateMachine({
+        "normal": [(tokenizer.think_start, "reasoning"), (start, "tool")],
+        "reasoning": [(tokenizer.think_end, "normal"), (start, "tool_in_reasoning")],
+        "tool": [(end, "normal")],
+        "tool_in_reasoning": [(end, "reasoning")]})
+
+
 class _WithoutTools:
     """The tokenizer as ``make_text_state_machine`` sees it for a request without tools: the
     same machine mlx-lm builds, less the tool transitions, so that call markup stays text in
@@ -98,8 +118,7 @@ class Reply:
     def __init__(self, tokenizer, prompt: list[int], tools: list | None = None):
         self.tools = tools
         self.parse_tools = parses_tools(tokenizer, tools)
-        machine = make_text_state_machine(tokenizer if self.parse_tools
-                                          else _WithoutTools(tokenizer))
+        machine = _machine(tokenizer, self.parse_tools)
         self._state = initial_state(tokenizer, prompt)
         self._sm = machine.make_state(self._state)
         self._parser = tokenizer.tool_parser if self.parse_tools else None
@@ -124,7 +143,7 @@ class Reply:
         (parsed if it can be: some formats have no end marker; else its raw text)."""
         self._sm, held, state = TextStateMachine.flush(self._sm)
         parts = self._take([(state, held)])
-        if self._state == "tool" and self.parse_tools:
+        if self._state in TOOL_STATES and self.parse_tools:
             parts += self._end_call(closed=False)
         return parts
 
@@ -132,10 +151,10 @@ class Reply:
         parts: list[Part] = []
         for state, text in segments:
             if state != self._state:
-                if self._state == "tool" and self.parse_tools:
+                if self._state in TOOL_STATES and self.parse_tools:
                     parts += self._end_call(closed=True)
                 self._state, self._trim = state, True
-            if state == "tool" and self.parse_tools:
+            if state in TOOL_STATES and self.parse_tools:
                 self._call += text
             elif state in ("normal", "tool"):  # ("tool" here: a template's own format)
                 self._add(parts, "text", text)
@@ -159,7 +178,8 @@ class Reply:
             return [Part("call", call=c) for c in calls]
         start, end = self._markers
         self._trim = False
-        return [Part("text", start + raw + (end if closed else ""))]
+        kind = "reasoning" if self._state == "tool_in_reasoning" else "text"
+        return [Part(kind, start + raw + (end if closed else ""))]
 
     def _parse(self, raw: str) -> list[ToolCall] | None:
         """The calls in one call's text, or None (logged) when it does not parse into calls
