@@ -518,3 +518,43 @@ def test_prompt_reuse_prefills_only_what_the_last_turn_did_not(tiny_model, tmp_p
     assert t["ratio"]["prefilled_tokens"] == pytest.approx(
         t["reuse"]["prefilled_tokens"] / t["no_reuse"]["prefilled_tokens"])
     assert t["no_reuse"]["bytes_read"] == sum(r["bytes_read"] for r in off)
+
+
+def test_kv_quant_gives_the_kv_bytes_to_the_expert_pools(tiny_model, tmp_path):
+    """``kv_quant.py``: one budget for every ``kv_bits``; a quantized KV cache takes less of it
+    and the expert pools get the rest. The same text decodes through each (teacher-forced, so
+    every step has the same inputs); the unquantized run is the reference of the agreement."""
+    from bench import kv_quant
+
+    out = tmp_path / "out"
+    assert kv_quant.main(["--model", str(tiny_model[0]), "--prompt-tokens", "300",
+                          "--max-tokens", "6", "--kv-bits", "none,8,4", "--kv-group-size", "32",
+                          "--expert-share", "0.25", "--storage", "1MB/s", "--out", str(out),
+                          "--name", "kq"]) == 0
+    assert sorted(x.name for x in out.iterdir()) == ["kq.json", "kq.md"]
+    md = (out / "kq.md").read_text()
+    assert md.startswith("# A quantized KV cache") and "Command: `python bench/kv_quant.py" in md
+    res = json.loads((out / "kq.json").read_text())
+    rows = {r["config"]: r for r in res["rows"]}
+    assert list(rows) == ["exact", "exact kv8", "exact kv4"] and "| exact kv4 |" in md
+    budget = res["meta"]["budget"]["budget_bytes"]
+    assert res["meta"]["kv_share_unquantized"] == pytest.approx(
+        res["meta"]["unquantized_kv_bytes"] / budget)
+    full, kv8, kv4 = rows["exact"]["plan"], rows["exact kv8"]["plan"], rows["exact kv4"]["plan"]
+    assert full["budget_bytes"] == kv8["budget_bytes"] == kv4["budget_bytes"] == budget
+    assert full["kv_reserve_bytes"] == res["meta"]["unquantized_kv_bytes"]
+    for q in (kv8, kv4):  # the KV bytes saved went to the pools
+        assert q["kv_reserve_bytes"] < full["kv_reserve_bytes"]
+        assert q["expert_pool_bytes"] > full["expert_pool_bytes"]
+        assert q["high_slots"] > full["high_slots"] and q["resident_share"] > full["resident_share"]
+    assert kv4["kv_bytes_per_token"] < kv8["kv_bytes_per_token"] < full["kv_bytes_per_token"]
+    assert rows["exact"]["agreement"] == {"prefix": 1.0, "overall": 1.0, "first_difference": None}
+    assert rows["exact"]["x_unquantized"] == 1.0
+    for r in rows.values():
+        assert len(r["top"]) == len(r["ll"]) == 6 and r["decode_tps"] > 0
+        assert r["decode_requests_per_token"] == 4 * 4  # every layer's top-4, none skipped
+        assert 0 <= r["decode_served"] <= 1 and 0 < r["peak_vs_budget"] <= 1.0
+        assert 0 <= r["agreement"]["prefix"] <= r["agreement"]["overall"] <= 1
+        # the prompt's chunks read past the simulated device (1 MB/s), the decode steps from it
+        assert 0 < r["prefill_s"] < r["prefill_bytes"] / 1e6
+        assert r["decode_s"] >= r["decode_bytes_per_token"] * 6 / 1e6 > 0
