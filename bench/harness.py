@@ -990,6 +990,18 @@ def _machine() -> str:
             f"({'GPU' if mx.default_device() == mx.gpu else 'CPU'} backend)")
 
 
+def write_results(out_dir: Path, name: str, result: dict, text: str) -> None:
+    """``NAME.json`` and ``NAME.md`` in ``out_dir``, each written whole (a temporary file
+    renamed), so that a run cut short leaves the previous results, not half of new ones."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for suffix, data in ((".json", json.dumps(result, indent=1)), (".md", text)):
+        path = out_dir / f"{name}{suffix}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(data)
+        os.replace(tmp, path)
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items() if k != "teacher_forced"}
@@ -1209,8 +1221,7 @@ def main(argv=None) -> int:
         tr.save(trace, tpath)
         result["meta"]["trace_file"] = str(tpath)
     result["plots"] = plots(result, out_dir, name)
-    (out_dir / f"{name}.json").write_text(json.dumps(_jsonable(result), indent=1))
-    (out_dir / f"{name}.md").write_text(markdown(result))
+    write_results(out_dir, name, _jsonable(result), markdown(result))
     print(markdown(result))
     print(f"[bench] wrote {out_dir / name}.md, .json, {', '.join(Path(x).name for x in result['plots'])}")
     return 0

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shlex
 import sys
@@ -74,7 +73,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
-from bench.harness import topk_bytes_per_token  # noqa: E402
+from bench.harness import topk_bytes_per_token, write_results  # noqa: E402
 from bench.workload import RESULTS, TMP, heldout_texts, resolve_model_paths  # noqa: E402
 
 TECHNIQUES = {"exact": {"exact": True, "prefetch_layers": 0}, "default": {}}
@@ -498,10 +497,8 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{name}.md").write_text(text)
+    write_results(out, name, result, text)
     print(text)
     print(f"[kv-quant] wrote {out / name}.md and .json", file=sys.stderr)
     return 0

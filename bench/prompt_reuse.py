@@ -48,7 +48,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
-from bench.harness import topk_bytes_per_token  # noqa: E402
+from bench.harness import topk_bytes_per_token, write_results  # noqa: E402
 from bench.workload import RESULTS, resolve_model_paths  # noqa: E402
 
 SYSTEM = "You are a careful Python programmer. Answer with short, working code."
@@ -385,10 +385,8 @@ def main(argv=None) -> int:
         "same_reply": same, "identical_turns": sum(same), "totals": tot,
     }
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{name}.md").write_text(text)
+    write_results(out, name, result, text)
     print(text)
     print(f"[prompt-reuse] wrote {out / name}.md and .json", file=sys.stderr)
     return 0
