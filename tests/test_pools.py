@@ -168,12 +168,14 @@ def test_pools_rebuilt_after_a_fully_resident_sequence_free_the_old_buffers(tmp_
     rt = runtime_of(model)
     hobbit_mlx.generate(model, tokenizer, _tokens(20, seed=20)[0].tolist(), max_tokens=20)
     assert rt.cache.all_high_resident
-    for n in (150, 20, 300):
+    rebuilds = 0
+    for n in (300, 20, 150):
         hobbit_mlx.reset_stats(model)
         hobbit_mlx.generate(model, tokenizer, _tokens(n, seed=n)[0].tolist(), max_tokens=20)
         stats = hobbit_mlx.offload_stats(model)
-        assert not rt.cache.all_high_resident  # (shrunk, never all back)
+        rebuilds += stats["pool_rebuilds"]
         assert stats["peak_memory_bytes"] <= stats["budget_bytes"]
+    assert rebuilds >= 1  # (300 tokens of KV take a third of the pools)
 
 
 def test_context_beyond_the_budget_stops_with_a_clear_error(tiny_factory):
