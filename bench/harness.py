@@ -1119,6 +1119,54 @@ def topk_bytes_per_token(hobbit_dir) -> int:
     return int(total)
 
 
+def resident_seconds_per_token(src: Path, prompt: list[int], tokens: int = 32,
+                               reps: int = 3) -> float:
+    """mlx-lm's decode time per token with the whole model resident (float32 activations on
+    the CPU backend, as hobbit_mlx computes there): the median of ``reps`` greedy runs, after a
+    warm-up. What ``mac-like`` storage is calibrated against."""
+    import statistics
+
+    import mlx_lm
+
+    from hobbit_mlx.loader import compute_dtype
+
+    model, tokenizer = mlx_lm.load(str(src))
+    if compute_dtype() is not None:
+        model.set_dtype(compute_dtype())
+    tps = []
+    for i in range(reps + 1):
+        last = None
+        for last in mlx_lm.stream_generate(model, tokenizer, prompt,
+                                           max_tokens=8 if i == 0 else tokens):
+            pass
+        if i and last is not None and last.generation_tps > 0:
+            tps.append(last.generation_tps)
+    del model
+    gc.collect()
+    mx.clear_cache()
+    if not tps:
+        raise SystemExit("could not time mlx-lm's decoding (no tokens generated)")
+    return 1.0 / statistics.median(tps)
+
+
+def mac_like_storage(paths, prompt: list[int], read_ratio: float | None = None):
+    """The ``mac-like`` simulated device for ``paths``' model: one token's top-k 4-bit expert
+    reads take ``read_ratio`` (default ``MAC_READ_RATIO``) x mlx-lm's resident decode time per
+    token, measured here on ``prompt``. Returns (storage, calibration dict, one-line detail)."""
+    from hobbit_mlx.storage import MAC_READ_RATIO, mac_like
+
+    ratio = read_ratio or MAC_READ_RATIO
+    resident = resident_seconds_per_token(paths.src, prompt)
+    topk = topk_bytes_per_token(paths.hobbit)
+    storage = mac_like(topk, resident, ratio=ratio)
+    calibration = {"ratio": ratio, "resident_s_per_token": resident,
+                   "topk_bytes_per_token": topk, "bandwidth": storage.bandwidth}
+    detail = (f"mac-like: {storage.describe()}; one token's top-k 4-bit experts "
+              f"({topk / 2 ** 20:.2f} MiB) take {ratio:g} x mlx-lm's measured "
+              f"{resident * 1000:.1f} ms per resident decoded token")
+    return storage, calibration, detail
+
+
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 

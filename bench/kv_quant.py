@@ -73,7 +73,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
-from bench.harness import topk_bytes_per_token, write_results  # noqa: E402
+from bench.harness import mac_like_storage, write_results  # noqa: E402
 from bench.workload import RESULTS, TMP, heldout_texts, resolve_model_paths  # noqa: E402
 
 TECHNIQUES = {"exact": {"exact": True, "prefetch_layers": 0}, "default": {}}
@@ -399,10 +399,9 @@ def main(argv=None) -> int:
 
     import hobbit_mlx
     from bench.harness import _machine
-    from bench.prompt_reuse import resident_seconds_per_token
     from hobbit_mlx.budget import parse_size
     from hobbit_mlx.loader import compute_dtype, runtime_of
-    from hobbit_mlx.storage import MAC_READ_RATIO, mac_like, parse_storage
+    from hobbit_mlx.storage import parse_storage
 
     t_start = time.perf_counter()
     paths = resolve_model_paths(a.model if a.model is not None else
@@ -414,16 +413,9 @@ def main(argv=None) -> int:
 
     storage, storage_detail, calibration = None, "warm page cache (no simulation)", None
     if a.storage == "mac-like":
-        ratio = a.read_ratio or MAC_READ_RATIO
-        resident = resident_seconds_per_token(paths.src, prompt[:CALIBRATION_PROMPT])
-        topk = topk_bytes_per_token(paths.hobbit)
-        storage = mac_like(topk, resident, ratio=ratio)
-        calibration = {"ratio": ratio, "resident_s_per_token": resident,
-                       "topk_bytes_per_token": topk, "bandwidth": storage.bandwidth}
-        storage_detail = (f"mac-like: {storage.describe()}; one token's top-k 4-bit experts "
-                          f"({topk / MIB:.2f} MiB) take {ratio:g} x mlx-lm's measured "
-                          f"{resident * 1000:.1f} ms per resident decoded token "
-                          f"({CALIBRATION_PROMPT}-token prompt)")
+        storage, calibration, storage_detail = mac_like_storage(
+            paths, prompt[:CALIBRATION_PROMPT], a.read_ratio)
+        storage_detail += f" ({CALIBRATION_PROMPT}-token prompt)"
     elif a.storage != "warm":
         storage = parse_storage(a.storage)
         storage_detail = f"simulated: {storage.describe()}"

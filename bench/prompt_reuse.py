@@ -40,7 +40,6 @@ import json
 import os
 import queue
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
-from bench.harness import topk_bytes_per_token, write_results  # noqa: E402
+from bench.harness import mac_like_storage, write_results  # noqa: E402
 from bench.workload import RESULTS, resolve_model_paths  # noqa: E402
 
 SYSTEM = "You are a careful Python programmer. Answer with short, working code."
@@ -84,35 +83,6 @@ USER_MESSAGES = [
 TECHNIQUES = {"exact": {"exact": True}, "default": {}}  # hobbit_mlx.load options
 SETTINGS = [("no_reuse", False), ("reuse", True)]  # (key, Worker's reuse_prompt)
 MB = 2 ** 20
-
-
-def resident_seconds_per_token(src: Path, prompt: list[int], tokens: int = 32,
-                               reps: int = 3) -> float:
-    """mlx-lm's decode time per token with the whole model resident (float32 activations on
-    the CPU backend, as hobbit_mlx computes there): the median of ``reps`` greedy runs, after a
-    warm-up. What ``mac-like`` storage is calibrated against."""
-    import mlx.core as mx
-    import mlx_lm
-
-    from hobbit_mlx.loader import compute_dtype
-
-    model, tokenizer = mlx_lm.load(str(src))
-    if compute_dtype() is not None:
-        model.set_dtype(compute_dtype())
-    tps = []
-    for i in range(reps + 1):
-        last = None
-        for last in mlx_lm.stream_generate(model, tokenizer, prompt,
-                                           max_tokens=8 if i == 0 else tokens):
-            pass
-        if i and last is not None and last.generation_tps > 0:
-            tps.append(last.generation_tps)
-    del model
-    gc.collect()
-    mx.clear_cache()
-    if not tps:
-        raise SystemExit("could not time mlx-lm's decoding (no tokens generated)")
-    return 1.0 / statistics.median(tps)
 
 
 class Conversation:
@@ -299,7 +269,6 @@ def main(argv=None) -> int:
     import hobbit_mlx
     from bench.harness import _machine
     from hobbit_mlx.server.prompts import Template, chat_tokens
-    from hobbit_mlx.storage import MAC_READ_RATIO, mac_like
 
     t_start = time.perf_counter()
     paths = resolve_model_paths(a.model)
@@ -307,18 +276,10 @@ def main(argv=None) -> int:
     storage, storage_detail = None, "warm page cache (no simulation)"
     calibration = None
     if a.storage == "mac-like":
-        ratio = a.read_ratio or MAC_READ_RATIO
         tok = mlx_lm.utils.load_tokenizer(paths.src)
         first = chat_tokens(tok, [{"role": "system", "content": SYSTEM},
                                   {"role": "user", "content": USER_MESSAGES[0]}], template)
-        resident = resident_seconds_per_token(paths.src, first)
-        topk = topk_bytes_per_token(paths.hobbit)
-        storage = mac_like(topk, resident, ratio=ratio)
-        calibration = {"ratio": ratio, "resident_s_per_token": resident,
-                       "topk_bytes_per_token": topk, "bandwidth": storage.bandwidth}
-        storage_detail = (f"mac-like: {storage.describe()}; one token's top-k 4-bit experts "
-                          f"({topk / MB:.2f} MiB) take {ratio:g} x mlx-lm's measured "
-                          f"{resident * 1000:.1f} ms per resident decoded token")
+        storage, calibration, storage_detail = mac_like_storage(paths, first, a.read_ratio)
         print(f"[prompt-reuse] {storage_detail}", file=sys.stderr)
     options = dict(TECHNIQUES[a.techniques], expert_residency=a.residency,
                    simulated_storage=storage)
