@@ -72,6 +72,30 @@ def text_config(config: dict) -> dict:
     return merged
 
 
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                 "max_sequence_length", "model_max_length")
+
+
+def trained_context(config: dict) -> int | None:
+    """The longest context the model was made for (None when its config does not say): the
+    position limit, times the factor of a rope scaling that extends it (yarn and the like; the
+    scalings that only reshape frequencies within the limit, llama3 and longrope, do not)."""
+    cfg = text_config(config)
+    limits = [cfg[k] for k in _CONTEXT_KEYS if isinstance(cfg.get(k), int) and cfg[k] > 0]
+    if not limits:
+        return None
+    tokens = min(limits)
+    scaling = cfg.get("rope_scaling")
+    if isinstance(scaling, dict):
+        kind = scaling.get("rope_type", scaling.get("type"))
+        factor = scaling.get("factor")
+        if kind not in ("llama3", "longrope", "su", "default", "mrope", None) \
+                and isinstance(factor, (int, float)) and factor > 1:
+            base = scaling.get("original_max_position_embeddings") if kind == "yarn" else None
+            tokens = int((base if isinstance(base, int) and base > 0 else tokens) * factor)
+    return tokens
+
+
 def experts_per_token(config: dict, model: nn.Module | None = None) -> int:
     """Top-k of the router, from the config or (for defaults it leaves out) the model's args."""
     cfg = text_config(config)

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .architectures import find_switch_modules, num_experts_of, text_config
+from .architectures import find_switch_modules, num_experts_of, text_config, trained_context
 from .budget import BudgetPlan, plan_budget
 from .cache import SlotCache
 from .measure import kv_bytes_by_layer, measured_activations
@@ -355,7 +355,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
                                         cost_aware=o.prefetch_cost_aware,
                                         scratch=bool(scratch))
     runtime.describe(plan=plan, model_dir=model_dir, kv_bytes_per_token=kv_per_token,
-                     prefill_step_size=prefill_step_size)
+                     prefill_step_size=prefill_step_size, trained_context=trained_context(config))
     runtime.kv_quant = kv_quant  # (its keywords go to every generation: _with_defaults)
     # (a layer-major prefill holds the prompt's whole KV unquantized, which the plan does not)
     runtime.layer_major_prefill = o.layer_major_prefill and pipe is None and kv_quant is None

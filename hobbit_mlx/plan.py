@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .architectures import trained_context
 from .budget import (INITIAL_CONTEXT, BudgetError, BudgetPlan, format_size, parse_size, plan_budget,
                      system_memory_bytes)
 from .options import LoadOptions
@@ -128,6 +129,7 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         "context_tokens_asked": o.max_context,
         "kv_reserve_tokens": plan.kv_tokens, "kv_reserve_bytes": plan.kv_reserve_bytes,
         "prefill_chunk_tokens": plan.chunk_tokens, "max_context_tokens": plan.max_context(),
+        "model_context_tokens": trained_context(ckpt.config),
         "resident_share_high": share_high, "resident_share_low": share_low,
     }
 
@@ -165,6 +167,8 @@ def render(p: dict) -> str:
         f"tokens (the budget holds up to {p['max_context_tokens']}"
         + (f", not the {p['context_tokens_asked']} asked for"
            if p["max_context_tokens"] < p["context_tokens_asked"] else "")
+        + (f"; the model is made for {p['model_context_tokens']}"
+           if p["model_context_tokens"] is not None else "")
         + f"); prefill chunks of {p['prefill_chunk_tokens']} tokens",
     ]
     return "\n".join(lines)

@@ -111,14 +111,16 @@ class OffloadRuntime:
         # What load() decided, for stats and the generate wrappers (see describe()).
         self.plan = None
         self.model_dir = None
+        self.trained_context = None  # the model's own context limit (config.json), if it has one
         self.kv_bytes_per_token = 0
         self.prefill_step_size = 512
         self.layer_major_prefill = False  # long prompts prefilled layer by layer (layer_major.py)
         self.kv_quant = None  # a quantized KV cache (kv_quant.KVQuant), planned for by the budget
 
-    def describe(self, *, plan, model_dir, kv_bytes_per_token: int, prefill_step_size: int) -> None:
+    def describe(self, *, plan, model_dir, kv_bytes_per_token: int, prefill_step_size: int,
+                 trained_context: int | None = None) -> None:
         """Record the budget plan and the model facts load() measured."""
-        self.plan, self.model_dir = plan, model_dir
+        self.plan, self.model_dir, self.trained_context = plan, model_dir, trained_context
         self.kv_bytes_per_token, self.prefill_step_size = kv_bytes_per_token, prefill_step_size
 
     @property

@@ -39,6 +39,7 @@ def test_plan_reads_headers_only_and_agrees_with_load(tmp_path):
     # only the activations are estimated: the minimum is within 10% of the measured one
     assert abs(p["minimum_budget_bytes"] - rt.plan.minimum_bytes) < 0.1 * rt.plan.minimum_bytes
     assert p["budget_bytes"] == 14 * 10**6 and 0 < p["resident_share_high"] < 0.2
+    assert p["model_context_tokens"] == rt.trained_context == 2048  # config.json's
     rt.close()
 
 
@@ -60,7 +61,8 @@ def test_cli_prints_table_and_json(capsys):
     assert main([str(REFERENCE_MODEL), "--memory-budget", "20MB"]) == 0
     out = capsys.readouterr().out
     for needle in ("dense weights", "experts, 4-bit", "experts, 2-bit", "KV cache per token",
-                   "minimum budget", "budget", "% of the 4-bit experts resident"):
+                   "minimum budget", "budget", "% of the 4-bit experts resident",
+                   "the model is made for 2048"):
         assert needle in out
     assert main([str(REFERENCE_MODEL), "--json"]) == 0  # this machine's default budget
     p = json.loads(capsys.readouterr().out)

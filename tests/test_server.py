@@ -662,3 +662,42 @@ def test_speculative_server_gives_the_plain_servers_text(server, client, tmp_pat
         other = openai.OpenAI(base_url=spec.v1, api_key="unused", max_retries=0, timeout=300)
         assert chat(other, CODE, max_tokens=20) == want and want
         assert chat(other, CODE, max_tokens=20, stream=True) == want
+
+
+def test_the_models_own_context_caps_the_served_context(tmp_path):
+    """A model made for 48 tokens is served 48 tokens of context even where the budget holds
+    thousands, and a longer prompt is refused naming the model's context, not the budget."""
+    import hobbit_mlx
+    from convert import convert
+    from hobbit_mlx.architectures import trained_context
+    from hobbit_mlx.server.dispatch import Dispatcher
+    from hobbit_mlx.server.errors import ApiError
+    from hobbit_mlx.server.params import Defaults, Generation, Sampling
+    from hobbit_mlx.server.prompts import Template
+    from hobbit_mlx.server.worker import Worker
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    assert trained_context({"max_position_embeddings": 40960}) == 40960
+    assert trained_context({"max_position_embeddings": 40960, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}) == 131072
+    assert trained_context({"max_position_embeddings": 8192, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0}}) == 8192
+    assert trained_context({"text_config": {"max_position_embeddings": 4096}}) == 4096
+    assert trained_context({"hidden_size": 8}) is None
+
+    src = make_tiny_model("qwen3_moe", tmp_path / "mlx",
+                          config_overrides={"max_position_embeddings": 48})
+    model_dir = convert(src, tmp_path / "hobbit", progress=False)
+    worker = Worker(lambda: hobbit_mlx.load(model_dir, expert_residency=0.5, exact=True,
+                                            progress=False), "tiny")
+    worker.start()
+    try:
+        assert worker.context_limit == 48 and worker.context_set_by == "model"
+        d = Dispatcher(worker, Template(), Defaults(), set())
+        gen = Generation(max_tokens=100, sampling=Sampling())
+        assert d.room(list(range(40)), gen, "prompt") == 8
+        with pytest.raises(ApiError) as e:
+            d.room(list(range(48)), gen, "prompt")
+        assert "the model's context holds at most 48 tokens" in str(e.value)
+    finally:
+        worker.stop()

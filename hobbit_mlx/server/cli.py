@@ -144,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = create_app(dispatcher, args.allowed_origins)
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                             log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
-    log.info("serving %s (context limit %d tokens) at %s", model_id, worker.context_limit,
-             _url(sock))
+    log.info("serving %s (context limit %d tokens, set by the %s) at %s", model_id,
+             worker.context_limit, worker.context_set_by, _url(sock))
     server = uvicorn.Server(config)
     worker.on_dead = lambda: setattr(server, "should_exit", True)
     try:

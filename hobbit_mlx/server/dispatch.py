@@ -106,10 +106,11 @@ class Dispatcher:
         """Tokens the reply may take; a prompt that leaves none is refused before it is queued."""
         limit = self.context_limit
         if len(prompt) >= limit:
-            budget = format_size(self.worker.tally.budget_bytes)
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens, but the memory budget of "
-                                f"{budget} holds at most {limit} tokens of context (prompt and "
-                                f"reply together)", param=param, code="context_length_exceeded")
+            holder = "the model's context" if self.worker.context_set_by == "model" else \
+                f"the memory budget of {format_size(self.worker.tally.budget_bytes)}"
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens, but {holder} holds at "
+                                f"most {limit} tokens (prompt and reply together)", param=param,
+                           code="context_length_exceeded")
         return min(gen.max_tokens, limit - len(prompt))
 
     async def run(self, request: Request, prompt: list[int], gen: Generation, fmt: Format,

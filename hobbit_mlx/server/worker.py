@@ -107,10 +107,14 @@ def _own_stream() -> dict:
     return {"stream": mx.default_stream(mx.default_device())}
 
 
-def context_limit(plan) -> int:
-    """The longest context (prompt + generated tokens) the memory budget holds beside a prefill
-    chunk of the smallest measured size: a longer one would fail part way."""
-    return plan.max_context(plan.activation_points[0][0])
+def context_limit(rt) -> tuple[int, str]:
+    """The longest context (prompt + generated tokens) served, and what sets it: the memory
+    budget (beside a prefill chunk of the smallest measured size: a longer context would fail
+    part way) or the model's own context (beyond it a model's text degrades)."""
+    held = rt.plan.max_context(rt.plan.activation_points[0][0])
+    if rt.trained_context is not None and rt.trained_context < held:
+        return rt.trained_context, "model"
+    return held, "budget"
 
 
 def _fresh_random_state() -> None:
@@ -164,7 +168,7 @@ class Worker:
         self.error: BaseException | None = None
         self.busy = False
         self.model = self.tokenizer = None
-        self.context_limit = 0
+        self.context_limit, self.context_set_by = 0, "budget"
         self.vocab_size = 0  # token ids a request may name (logit_bias)
         self.model_dir = None
         self.tally: Tally | None = None
@@ -216,7 +220,7 @@ class Worker:
             self.model, self.tokenizer = self._load()
             rt = runtime_of(self.model)
             self.model_dir = rt.model_dir
-            self.context_limit = context_limit(rt.plan)
+            self.context_limit, self.context_set_by = context_limit(rt)
             self.vocab_size = vocab_size(self.model, self.tokenizer)
             self.tally = Tally(self.model_id, offload_stats(self.model)["budget_bytes"],
                                self.context_limit)
