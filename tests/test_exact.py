@@ -125,3 +125,23 @@ def test_per_expert_hf_checkpoint_converts_like_mlx_lm(tiny_factory, tmp_path, a
     expected = _reference(ref_dir)(tokens)
     model, _ = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, progress=False)
     np.testing.assert_allclose(np.array(model(tokens)), np.array(expected), rtol=0, atol=1e-5)
+
+
+def test_a_token_whose_top_k_repeats_a_missing_expert(tiny_factory):
+    """longcat_flash maps its zero experts to index 0, so a decode token's top-k can hold one
+    expert twice. Exact mode must give mlx-lm's switch output for such rows whether or not the
+    expert is resident (a repeated miss was read into two slots, and the output was wrong)."""
+    src, dst = tiny_factory("qwen3_moe")
+    ref = dict(_reference(src).named_modules())
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, exact=True, progress=False)
+    rt = runtime_of(model)
+    mx.random.seed(0)
+    checked_misses = 0
+    for switch in rt.layers:
+        x = mx.random.normal((1, 1, model.args.hidden_size))
+        for row in ([[3, 5]], [[5, 5]], [[0, 0]], [[6, 6]], [[1, 7]], [[2, 2]], [[7, 7]]):
+            indices = mx.array(row, dtype=mx.uint32)[None]
+            checked_misses += (switch.layer.layer, row[0][0], "high") not in rt.cache
+            expected = ref[switch.layer.module_path](x, indices)
+            np.testing.assert_array_equal(np.array(switch(x, indices)), np.array(expected))
+    assert checked_misses > 0
