@@ -161,9 +161,12 @@ def _to_numpy(a: mx.array) -> np.ndarray:
 
 
 def _projection_quant(weights: dict, key: str, in_dim: int, want: dict, keep_source: bool) -> dict:
-    """The quantization of one projection's copy: the source's own (exact) or ``want`` (affine)."""
+    """The quantization of one projection's copy: the source's own (exact, whatever its width:
+    a mixed-bit source holds some experts below its nominal bits), or ``want`` (affine); a low
+    copy of a projection already at or below ``want``'s width keeps the source's too (requantizing
+    it would lose precision and save nothing)."""
     src_q = _source_quantization(weights, key, in_dim)
-    if keep_source and src_q is not None and src_q["bits"] >= want["bits"]:
+    if src_q is not None and (keep_source or src_q["bits"] <= want["bits"]):
         return src_q
     return dict(want, mode="affine")
 

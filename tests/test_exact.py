@@ -145,3 +145,33 @@ def test_a_token_whose_top_k_repeats_a_missing_expert(tiny_factory):
             expected = ref[switch.layer.module_path](x, indices)
             np.testing.assert_array_equal(np.array(switch(x, indices)), np.array(expected))
     assert checked_misses > 0
+
+
+@pytest.mark.parametrize("recipe", ["mixed_3_6", "mixed_2_6"])
+def test_a_mixed_bit_checkpoint_keeps_every_experts_own_width(tmp_path, recipe):
+    """mlx-lm's mixed recipes quantize most experts below the config's nominal 4 bits (and some
+    down projections at 6). The high copy keeps each projection as it is, so exact mode computes
+    what mlx-lm does (3-bit experts were requantized to 4 bits); a low copy never requantizes a
+    projection already at or below its width."""
+    import contextlib
+    import io
+
+    from convert import convert
+    from hobbit_mlx.store import load_manifest
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    src = tmp_path / "mlx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        mlx_lm.convert(str(make_tiny_model("qwen3_moe", tmp_path / "float", quantize=False)),
+                       str(src), quantize=True, q_group_size=64, quant_predicate=recipe)
+    dst = convert(src, tmp_path / "hobbit", progress=False)
+    tokens = mx.array(PROMPT)
+    expected = _reference(src)(tokens)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, exact=True, progress=False)
+    np.testing.assert_array_equal(np.array(model(tokens)), np.array(expected))
+    widths = {p: q["bits"] for layer in load_manifest(dst).layers
+              for p, q in layer.precisions["high"].quant.items()}
+    assert min(widths.values()) < 4  # the recipe's narrow experts, kept
+    for layer in load_manifest(dst).layers:
+        high, low = layer.precisions["high"].quant, layer.precisions["low"].quant
+        assert all(low[p]["bits"] <= high[p]["bits"] for p in high)
