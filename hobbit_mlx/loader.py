@@ -247,7 +247,7 @@ def _load_with_draft(model_dir: Path, o: LoadOptions):
     rt.draft_model, rt.draft_bytes = draft, draft_bytes
     rt.budget_given_to_draft = draft_bytes if o.memory_budget is not None else 0
     if not rt.speculative[0]:  # a draft model given: speculation is on (mlx-lm's default K)
-        rt.speculative = (DRAFT_MODEL_TOKENS, False)
+        rt.speculative = (DRAFT_MODEL_TOKENS, o.speculative_adaptive)
     return model, tokenizer
 
 

@@ -177,7 +177,8 @@ def speculative_generate_step(
     k_max = check_draft_tokens(num_draft_tokens)
     rt = runtime_of(model)  # (a ValueError for a model hobbit_mlx.load did not load)
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
-    drafter = None if draft_model is None else _DraftModel(draft_model)
+    drafter = None if draft_model is None else _DraftModel(
+        draft_model, min(prefill_step_size, rt.plan.chunk_tokens))
     for c in [cache] + ([drafter.cache] if drafter is not None else []):
         if not can_trim_prompt_cache(c):
             kinds = sorted({type(x).__name__ for x in c if not x.is_trimmable()})
@@ -310,27 +311,36 @@ def greedy_drafts(model, cache, first: mx.array, k: int, history, choose) -> lis
 class _DraftModel:
     """A separate draft model and its KV cache, which trails the target's: tokens the target has
     seen and the draft not yet wait in ``lag`` and go with the draft's next call (a pass that
-    drafts nothing costs the draft nothing)."""
+    drafts nothing costs the draft nothing). No draft call is longer than ``max_call`` tokens,
+    the target's planned prefill chunk: the budget reserves activations for that many tokens, and
+    a run of plain passes catching up at once went over it."""
 
-    MAX_LAG = 64  # tokens: beyond this the draft catches up at once (a run of plain passes)
-
-    def __init__(self, model) -> None:
+    def __init__(self, model, max_call: int) -> None:
         self.model = model
         self.cache = make_prompt_cache(model)
         self.lag: list[mx.array] = []
+        self.max_call = max(1, max_call)
+
+    def _catch_up(self, last: mx.array | None = None) -> mx.array:
+        """Feed the lag (then ``last``) to the draft's cache in calls of at most ``max_call``
+        tokens, all but the last ``max_call`` or fewer, which are returned for the next call."""
+        tokens = mx.concatenate(self.lag + ([last] if last is not None else []))
+        self.lag = []
+        while tokens.size > self.max_call:
+            self.model(tokens[:self.max_call][None], cache=self.cache)  # (logits never evaluated)
+            mx.eval([c.state for c in self.cache])
+            tokens = tokens[self.max_call:]
+        return tokens
 
     def feed(self, tokens: mx.array) -> None:
         """The target has seen ``tokens`` (the prompt, or a plain pass's token)."""
         self.lag.append(tokens)
-        if sum(t.size for t in self.lag) > self.MAX_LAG:
-            self.model(mx.concatenate(self.lag)[None], cache=self.cache)
-            mx.eval([c.state for c in self.cache])
-            self.lag = []
+        if sum(t.size for t in self.lag) > self.max_call:
+            self.lag = [self._catch_up()]
 
     def draft(self, y: mx.array, k: int, history, choose) -> list[mx.array]:
         """``k`` draft tokens after ``y`` (the tokens waiting in the lag go first)."""
-        first, self.lag = mx.concatenate(self.lag + [y]), []
-        return greedy_drafts(self.model, self.cache, first, k, history, choose)
+        return greedy_drafts(self.model, self.cache, self._catch_up(y), k, history, choose)
 
     def accepted(self, y: mx.array, drafts: list[mx.array], n: int) -> None:
         """The pass kept ``y`` and the first ``n`` drafts: the draft's cache keeps as much (it
