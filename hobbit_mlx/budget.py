@@ -212,19 +212,37 @@ class BudgetPlan:
         low = max(int(LOW_SHARE * expert_bytes), self.min_low_bytes)
         return expert_bytes - low, low
 
-    def fit(self, tokens: int, chunk: int) -> "BudgetPlan":
+    def need_bytes(self, tokens: int, chunk: int) -> int:
+        """The smallest budget that holds a ``tokens`` context beside calls of ``chunk`` tokens."""
+        chunk = max(1, min(chunk, self.max_chunk))
+        return (self.dense_bytes + self.activation_for(chunk, tokens) + self.min_expert_bytes
+                + self.kv_bytes(tokens, chunk))
+
+    def fit(self, tokens: int, chunk: int, goal: int = 0) -> "BudgetPlan":
         """The plan for a context of ``tokens`` and calls of up to ``chunk`` tokens: KV and
         activations reserved, the pools take the rest up to their cap; when the pools are at
         their cap, what is left raises the chunk (up to the measured maximum), then the context.
-        Raises ContextBudgetError when even the smallest pools leave too little."""
+        Raises ContextBudgetError when even the smallest pools leave too little; its budget is
+        the one that runs the sequence to ``goal`` tokens (its prompt and ``max_tokens``), so
+        that a retry at that budget does not stop one token later."""
         chunk = max(1, min(chunk, self.max_chunk))
         if tokens > self.max_context(chunk):
-            need = (self.dense_bytes + self.activation_for(chunk, tokens) + self.min_expert_bytes
-                    + self.kv_bytes(tokens, chunk))
+            shorter = [n for n, _ in self.activation_points if n < chunk
+                       and self.max_context(n) >= tokens]
+            if shorter and chunk <= tokens:  # the call is too long, not the context
+                raise ContextBudgetError(
+                    f"a model call of {chunk} tokens that takes the context to {tokens} tokens "
+                    f"does not fit the memory budget {format_size(self.budget_bytes)} (its "
+                    f"activations); calls of at most {shorter[-1]} tokens do: prefill in "
+                    f"chunks of at most that many tokens (prefill_step_size)")
+            end = max(tokens, goal)
+            need = self.need_bytes(end, chunk)
+            what = f"{tokens} tokens need" if end == tokens else \
+                f"this sequence may reach {end} tokens, which need"
             raise ContextBudgetError(
                 f"the context reached {tokens} tokens, more than the memory budget "
                 f"{format_size(self.budget_bytes)} can hold ({self.max_context(chunk)} tokens with "
-                f"the expert pools at their minimum); {tokens} tokens need a budget of at least "
+                f"the expert pools at their minimum); {what} a budget of at least "
                 f"{format_size(need)} ({need} bytes)")
         chunk = next(n for n, _ in self.activation_points if n >= chunk)
         kv = self.kv_bytes(tokens, chunk)

@@ -79,6 +79,8 @@ def follow_sequence(rt: OffloadRuntime, groups: list[PoolGroup], prefill_step: i
     """KV and activation reserves that follow the sequence: planned when a sequence starts, grown
     (the pools giving slots back) when a call outgrows them."""
 
+    goal = [0]  # the tokens the current sequence may reach (0: not known)
+
     def on_context(tokens: int, call_tokens: int) -> None:
         plan = rt.plan
         chunk = max(call_tokens, plan.chunk_tokens)
@@ -86,7 +88,7 @@ def follow_sequence(rt: OffloadRuntime, groups: list[PoolGroup], prefill_step: i
             chunk = call_tokens
         if tokens > plan.kv_tokens:  # double, so that a growing context replans rarely
             tokens = max(tokens, min(2 * plan.kv_tokens, plan.max_context(chunk)))
-        apply_plan(rt, groups, plan.fit(tokens, chunk))
+        apply_plan(rt, groups, plan.fit(tokens, chunk, goal[0]))
 
     uses_low = rt.plan.mixed_precision  # (the model has 2-bit pools at all)
 
@@ -94,10 +96,10 @@ def follow_sequence(rt: OffloadRuntime, groups: list[PoolGroup], prefill_step: i
         plan = rt.plan
         if uses_low:  # 2-bit pools only while reads are dear (ReadCost)
             plan = replace(plan, mixed_precision=rt.wants_low_pool(plan.mixed_precision))
+        goal[0] = context + prompt + max_new if max_new > 0 else 0
         if context + prompt > plan.max_context():
-            plan.fit(context + prompt, 1)  # raises ContextBudgetError with the numbers
-        tokens = context + prompt + max_new if max_new > 0 else max(context + prompt,
-                                                                    plan.initial_context)
+            plan.fit(context + prompt, 1, goal[0])  # raises ContextBudgetError with the numbers
+        tokens = goal[0] or max(context + prompt, plan.initial_context)
         tokens = min(tokens, plan.max_context())
         chunk = min(max(prompt, 1), prefill_step, plan.largest_chunk(tokens) or 1)
         apply_plan(rt, groups, plan.fit(tokens, chunk))

@@ -133,6 +133,31 @@ def test_a_context_error_names_the_budget_that_holds_that_context():
         smaller.fit(tokens, 64)
 
 
+def test_a_context_error_names_the_budget_that_runs_the_whole_sequence():
+    """The context runs out part way through a sequence that may reach ``goal`` tokens: the
+    budget stated holds the goal, not just the tokens reached (a retry there stopped one token
+    later, again and again)."""
+    plan = plan_budget(**_sizes(), memory_budget=130 * MB)
+    tokens = plan.max_context(64) + 1
+    goal = tokens + 500
+    with pytest.raises(ContextBudgetError, match=f"reached {tokens} tokens.*may reach {goal}") as e:
+        plan.fit(tokens, 64, goal)
+    need = int(re.search(r"\((\d+) bytes\)", str(e.value)).group(1))
+    assert plan_budget(**_sizes(), memory_budget=need).fit(goal, 64).kv_tokens >= goal
+
+
+def test_a_call_too_long_for_the_budget_names_the_chunk_that_fits():
+    """mlx-lm's generate with a longer prefill chunk than the plan's: the error says that the
+    call, not the context, is too long, and which chunk fits (it blamed a 0-token context)."""
+    plan = plan_budget(**_sizes(), memory_budget=130 * MB)
+    tokens = plan.max_context(256) + 1
+    assert plan.max_context(64) >= tokens
+    with pytest.raises(ContextBudgetError, match="a model call of 256 tokens") as e:
+        plan.fit(tokens, 256)
+    fits = int(re.search(r"calls of at most (\d+) tokens", str(e.value)).group(1))
+    assert fits < 256 and plan.fit(tokens, fits).kv_tokens >= tokens
+
+
 def test_a_too_small_budget_error_names_the_minimum_that_runs():
     sizes = _sizes()
     with pytest.raises(BudgetError, match="too small") as e:

@@ -80,7 +80,14 @@ def test_a_plan_fitted_to_a_context_holds_it_or_says_why_not(model, extra, token
     sizes = {k: v for k, v in model.items() if not k.startswith("_")}
     budget = plan_budget(**sizes, expert_residency=0.0).minimum_bytes + extra
     plan = plan_budget(**sizes, memory_budget=budget)
-    if tokens > plan.max_context(min(chunk, plan.max_chunk)):
+    call = max(1, min(chunk, plan.max_chunk))
+    if tokens > plan.max_context(call):
+        shorter = [n for n, _ in plan.activation_points if n < call and plan.max_context(n) >= tokens]
+        if shorter and call <= tokens:  # a shorter call fits: the error names it
+            with pytest.raises(ContextBudgetError, match=f"at most {shorter[-1]} tokens do"):
+                plan.fit(tokens, chunk)
+            assert plan.fit(tokens, shorter[-1]).kv_tokens >= tokens
+            return
         with pytest.raises(ContextBudgetError, match=f"reached {tokens} tokens"):
             plan.fit(tokens, chunk)
         return

@@ -187,9 +187,10 @@ def test_context_beyond_the_budget_stops_with_a_clear_error(tiny_factory):
     model, _ = hobbit_mlx.load(dst, memory_budget=budget, exact=True, prefetch_layers=0,
                                max_context=256, progress=False)
     cache = make_prompt_cache(model)
+    step = runtime_of(model).plan.activation_points[0][0]  # (a longer call would be named)
     with pytest.raises(ContextBudgetError, match=r"the context reached \d+ tokens"):
-        for i in range(0, 4000, 200):
-            mx.eval(model(_tokens(200, seed=i), cache=cache))
+        for i in range(0, 4000, step):
+            mx.eval(model(_tokens(step, seed=i), cache=cache))
     assert cache[0].offset < 4000
 
 
