@@ -195,16 +195,31 @@ def _expert_tensors(weights: dict, key: str, in_dim: int, quant: dict, e0: int, 
     return out
 
 
+def _check_expert_tensors(weights: dict, key: str, num_experts: int) -> None:
+    """One projection's stacked expert tensors are whole: a weight for every expert, and the
+    scales a packed (quantized) weight needs. A damaged checkpoint fails here by name, not
+    deep inside a quantize or a slice."""
+    w = weights.get(f"{key}.weight")
+    if w is None:
+        raise ConversionError(f"the checkpoint has no weights for {key} "
+                              "(after mlx-lm's sanitize); is it the model its config.json names?")
+    for name in ("weight", "scales", "biases", "bias"):
+        t = weights.get(f"{key}.{name}")
+        if t is not None and (t.ndim < 2 or t.shape[0] != num_experts):
+            raise ConversionError(f"{key}.{name} has shape {list(t.shape)}: the model has "
+                                  f"{num_experts} experts, stacked on the first axis")
+    if not mx.issubdtype(w.dtype, mx.floating) and f"{key}.scales" not in weights:
+        packed = str(w.dtype).rsplit(".", 1)[-1]
+        raise ConversionError(f"{key}.weight is packed ({packed}) but {key}.scales is missing: a "
+                              "quantized checkpoint needs both (is a file missing or damaged?)")
+
+
 def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], precisions: dict,
                    progress, refs: ReferenceBuilder | None = None) -> LayerEntry:
     num_experts = num_experts_of(switch)
     proj_names = switch_linear_paths(switch)
     modules = dict(switch.named_modules())
     in_dims = {p: int(modules[p].weight.shape[-1]) for p in proj_names}
-    for p in proj_names:
-        if f"{path}.{p}.weight" not in weights:
-            raise ConversionError(f"the checkpoint has no weights for {path}.{p} "
-                                  "(after mlx-lm's sanitize); is it the model its config.json names?")
     entry = LayerEntry(li, path, num_experts)
     for pname, want in precisions.items():
         quant = {p: _projection_quant(weights, f"{path}.{p}", in_dims[p], want, pname == "high")
@@ -442,6 +457,9 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
         weights = model.sanitize(weights)
     unchanged = unchanged_by_sanitize(loaded, weights)
     del loaded  # (an evaluated source tensor is held while anything refers to it)
+    for path, switch in switches:  # (before anything is written or removed)
+        for p in switch_linear_paths(switch):
+            _check_expert_tensors(weights, f"{path}.{p}", num_experts_of(switch))
 
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)

@@ -181,3 +181,25 @@ def test_the_stored_source_is_absolute_and_a_hub_id_stays(tmp_path, monkeypatch)
                         lambda repo, **kw: str(tmp_path / "work" / "src"))
     hub = converter.convert("tiny-org/qwen", tmp_path / "hub", progress=False)
     assert load_manifest(hub).source == "tiny-org/qwen"
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("drop_scales", "up_proj.scales is missing"),
+    ("half_the_experts", "up_proj.weight has shape [4,"),
+])
+def test_a_damaged_expert_tensor_is_named(tmp_path, capsys, damage, needle):
+    """A checkpoint whose expert tensor lost its scales, or holds fewer experts than the config,
+    fails by the tensor's name before anything is written (it was a bare quantize or index error)."""
+    import mlx.core as mx
+
+    src = make_tiny_model("qwen3_moe", tmp_path / "src")
+    f = src / "model.safetensors"
+    weights = dict(mx.load(str(f)))
+    key = next(k for k in weights if k.endswith("switch_mlp.up_proj.weight"))
+    if damage == "drop_scales":
+        del weights[key.replace(".weight", ".scales")]
+    else:
+        weights[key] = weights[key][:4]
+    mx.save_safetensors(str(f), weights, metadata={"format": "mlx"})
+    _one_line_error(capsys, [str(src), str(tmp_path / "dst")], needle)
+    assert not (tmp_path / "dst").exists()
