@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .architectures import describe_moe, num_experts_of, switch_linear_paths
 from .budget import KV_STEP
-from .measure import CONTEXT_MARGIN, chunk_ladder, kv_bytes_by_layer
+from .measure import CONTEXT_MARGIN, SMALLEST_CHUNK, chunk_ladder, kv_bytes_by_layer
 from .store import (DTYPE_ITEMSIZE, FLOAT_DTYPES, StoreError, is_hobbit_model,
                     read_safetensors_header)
 
@@ -187,6 +187,8 @@ def estimate_activations(config: dict, k: int, moe_intermediate: int, itemsize: 
     vocab, hidden = int(cfg.get("vocab_size", 0)), int(cfg.get("hidden_size", 0))
     heads = int(cfg.get("num_attention_heads", 1) or 1)
     per_token = 3 * vocab + 8 * hidden + 3 * k * moe_intermediate
+    nope, rope, v = _latent_head_dims(cfg)  # MLA: queries, keys, values and output per head
+    per_token += heads * (2 * (nope + rope) + 2 * v)
     grain = 64 * 1024
     out = []
     for n in chunk_ladder(prefill_step_size):
@@ -204,9 +206,29 @@ def estimate_context_activation(config: dict, itemsize: int,
     measured; 32 bytes and 328 KB estimated)."""
     from .architectures import text_config
 
-    heads = int(text_config(config).get("num_attention_heads", 1) or 1)
-    return (CONTEXT_MARGIN * heads * itemsize,
+    cfg = text_config(config)
+    heads = int(cfg.get("num_attention_heads", 1) or 1)
+    # MLA caches a latent per token and expands every context token's keys and values per head
+    # for each call, in about 2.5 copies (measured on the tiny deepseek_v3: 5.8 KB per context
+    # token, against 2.3 KB of expanded keys and values); load() fits that growth per (call
+    # token, context token) pair from a SMALLEST_CHUNK-token call, and the estimate spreads it
+    # over those tokens the same way
+    nope, rope, v = _latent_head_dims(cfg)
+    if kv_layer_bytes_per_token >= heads * (nope + rope) * itemsize:
+        nope = rope = v = 0  # (mlx-lm's deepseek_v2 caches them expanded already)
+    expanded = 2.5 * heads * (nope + rope + v) / SMALLEST_CHUNK
+    return (CONTEXT_MARGIN * (heads + expanded) * itemsize,
             CONTEXT_MARGIN * 2 * kv_layer_bytes_per_token * KV_STEP, 0.0)
+
+
+def _latent_head_dims(cfg: dict) -> tuple[int, int, int]:
+    """(qk_nope, qk_rope, v) head dimensions of multi-head latent attention (DeepSeek-V2/V3,
+    Kimi, GLM-4 lite, Mistral 3/4 large), which expands its cached latent per head; zeros for
+    attention that caches its keys and values as they are."""
+    if not cfg.get("kv_lora_rank"):
+        return 0, 0, 0
+    return tuple(int(cfg.get(name) or 0) for name in ("qk_nope_head_dim", "qk_rope_head_dim",
+                                                       "v_head_dim"))
 
 
 def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_size: int = 64,
