@@ -357,8 +357,9 @@ class OffloadedSwitch(nn.Module):
         """Decide, for each needed expert, which copy serves it: [(precision, experts, slot mask)]."""
         rt = self._runtime
         lid = self.layer.layer
-        if level is None:  # every slot 4-bit (a token's top-k may repeat one: longcat's zero
-            return [("high", np.unique(flat), _ALL)]  # experts all map to index 0)
+        if level is None:  # every slot 4-bit; unique even for one token, whose top-k may
+            # repeat an expert (longcat's zero experts all map to index 0)
+            return [("high", np.unique(flat), _ALL)]
         kept = level != DROP
         if not ((level == LOW).any() or rt.heat is not None) or "low" not in self._by_precision \
                 or rt.cache.capacity(lid, "low") == 0:  # (no 2-bit pool while 4-bit holds all)
