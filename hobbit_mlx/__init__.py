@@ -232,14 +232,21 @@ def generate(model, tokenizer, prompt, verbose: bool = False, speculative=None, 
     sequence first, long prompts prefilled layer by layer; ``speculative``: see there).
 
     Thread-safe per model: generations on one model (this and ``stream_generate``) run one at a
-    time, each with the text a lone generation gives; a second thread waits for the first."""
+    time, each with the text a lone generation gives; a second thread waits for the first.
+
+    A context that outgrows the budget part way raises ``ContextBudgetError`` with the text
+    generated until then in its ``text``."""
     if verbose:
         print("=" * 10)
     text, r = "", None
-    for r in stream_generate(model, tokenizer, prompt, speculative=speculative, **kwargs):
-        if verbose:
-            print(r.text, end="", flush=True)
-        text += r.text
+    try:
+        for r in stream_generate(model, tokenizer, prompt, speculative=speculative, **kwargs):
+            if verbose:
+                print(r.text, end="", flush=True)
+            text += r.text
+    except ContextBudgetError as e:
+        e.text = text
+        raise
     if verbose:
         print()
         print("=" * 10)
@@ -253,5 +260,5 @@ def generate(model, tokenizer, prompt, verbose: bool = False, speculative=None, 
 
 
 __all__ = ["load", "LoadOptions", "generate", "stream_generate", "offload_stats", "reset_stats", "footprint",
-           "parse_size", "BudgetError", "StoreError", "UnsupportedModelError", "PipelineError",
+           "parse_size", "BudgetError", "ContextBudgetError", "StoreError", "UnsupportedModelError", "PipelineError",
            "pipeline_stats"]

@@ -37,6 +37,8 @@ class BudgetError(ValueError):
 class ContextBudgetError(BudgetError):
     """The context outgrew what the budget can hold; the message says how far it got."""
 
+    text = ""  # what ``hobbit_mlx.generate`` had generated until then
+
 
 def parse_size(value: int | float | str) -> int:
     """Bytes from 6442450944, "6GB", "6 GiB", "512MiB", "1.5g"."""

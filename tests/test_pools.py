@@ -313,3 +313,31 @@ def test_new_sequence_after_a_long_one_gets_its_pools_back(tiny_factory):
     mx.eval(model(_tokens(40, seed=7), cache=make_prompt_cache(model)))
     stats = hobbit_mlx.offload_stats(model)
     assert stats["host_syncs"] == 0 and stats["misses_high"] == stats["misses_low"] == 0
+
+
+def test_generate_keeps_the_text_made_before_the_context_ran_out(tiny_factory):
+    """A sequence the budget cannot take to ``max_tokens`` stops with an error that carries the
+    text generated until then (the tokens a stream gave), and states the budget for the whole
+    sequence, which then runs it."""
+    import re
+
+    _, dst = tiny_factory("qwen3_moe")
+    probe, _ = hobbit_mlx.load(dst, exact=True, progress=False)
+    minimum = runtime_of(probe).plan.minimum_bytes
+    runtime_of(probe).close()
+    model, tok = hobbit_mlx.load(dst, memory_budget=minimum, exact=True, progress=False)
+    eos = mx.array(sorted(tok.eos_token_ids))
+    run = dict(max_tokens=runtime_of(model).plan.max_context() + 64,  # (never an early end)
+               logits_processors=[lambda _, logits: logits.at[:, eos].add(-1e9)])
+    streamed = []
+    with pytest.raises(ContextBudgetError):
+        for r in hobbit_mlx.stream_generate(model, tok, "hello", **run):
+            streamed.append(r.text)
+    with pytest.raises(ContextBudgetError) as e:
+        hobbit_mlx.generate(model, tok, "hello", **run)
+    assert e.value.text == "".join(streamed) and len(streamed) > 100
+    need = int(re.search(r"\((\d+) bytes\)", str(e.value)).group(1))
+    runtime_of(model).close()
+    model, tok = hobbit_mlx.load(dst, memory_budget=need, exact=True, progress=False)
+    assert hobbit_mlx.generate(model, tok, "hello", **run).startswith(e.value.text)
+    runtime_of(model).close()

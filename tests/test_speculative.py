@@ -354,7 +354,8 @@ def test_draft_model_greedy_identical(tiny_factory, dense_draft):
         plain = _plain(model, tok, "def main():", 24)
         drafted = [r for r in hobbit_mlx.stream_generate(model, tok, "def main():", max_tokens=24)]
         assert [r.token for r in drafted] == plain
-        assert any(r.from_draft for r in drafted) or len(plain) < 24  # (the draft was consulted)
+        assert rt.speculative_stats.drafted > 0  # the draft was consulted (an untrained one
+        # is seldom accepted, and the adaptive length then falls back to plain passes)
     finally:
         rt.close()
 
