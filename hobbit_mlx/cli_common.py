@@ -267,6 +267,9 @@ def check_args(args: argparse.Namespace) -> None:
         if len(budgets) != group.size():
             raise CLIError(f"--memory-budget lists {len(budgets)} budgets for {group.size()} ranks")
         args.memory_budget = budgets[group.rank()]
+    elif "," in str(getattr(args, "memory_budget", None) or ""):
+        raise CLIError(f"--memory-budget {args.memory_budget} lists a budget per pipeline rank, "
+                       "which needs --pipeline (one process takes one budget)")
     if getattr(args, "memory_budget", None) is not None:
         try:
             size = parse_size(args.memory_budget)
@@ -317,6 +320,8 @@ def join_pipeline(args: argparse.Namespace) -> None:
     if getattr(args, "pipeline", False):
         from . import pipeline
 
+        if not args.pipeline_timeout > 0:
+            raise CLIError(f"--pipeline-timeout must be above 0 seconds, not {args.pipeline_timeout}")
         pipeline.LOAD_TIMEOUT_S = args.pipeline_timeout  # (the watchdog while the ranks load)
         args.pipeline_group = pipeline.init_group()
         if args.pipeline_group.size() < 2:

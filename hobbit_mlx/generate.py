@@ -19,7 +19,7 @@ import types
 from typing import Sequence
 
 from . import cli_common as cli
-from .pipeline import follow_seed, pipeline_of
+from .pipeline import Lockstep, pipeline_of
 
 # ``import hobbit_mlx.generate`` makes Python bind this module to the package attribute
 # ``hobbit_mlx.generate``, where the API function of the same name lives. Keep that name callable:
@@ -98,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "pipeline", False) and args.prompt == "-":
+        raise cli.CLIError("--prompt - with --pipeline: mlx.launch never closes the ranks' "
+                           "standard input, so it would never end; pass the text itself "
+                           "(--prompt \"$(cat FILE)\")")
     cli.join_pipeline(args)
     cli.check_args(args)
     cli.check_writable_file(args.stats_json, "--stats-json")
@@ -107,22 +111,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tokenizer, load_s = cli.load_model(args)
     cli.seed(args)  # after the load, which draws random numbers (as mlx-lm's does not)
     pipe = pipeline_of(model)
-    if pipe is not None:  # rank 0 prints; a rank that stops answering ends every rank
-        pipe.watchdog(args.pipeline_timeout)
-        follow_seed(pipe, args.seed)  # every rank samples the same token
     printer = pipe is None or pipe.rank == 0
     out = sys.stdout if printer else open(os.devnull, "w")
-    prompt = build_prompt(args, tokenizer)
-
     sampler = cli.make_sampler(args, tokenizer)
     processors = cli.make_logits_processors(args)
+    if pipe is None:
+        steps = hobbit_mlx.stream_generate(model, tokenizer, build_prompt(args, tokenizer),
+                                           max_tokens=args.max_tokens, sampler=sampler,
+                                           logits_processors=processors)
+    else:  # rank 0 prints; a rank that stops answering ends every rank
+        pipe.watchdog(args.pipeline_timeout)
+        lock = Lockstep(pipe)
+        lock.shared_seed(args.seed)  # every rank samples the same token
+        # rank 0's prompt and max_tokens on every rank (a rank started with others followed
+        # them and printed wrong text), the budgets and prompt chunks agreed (Lockstep)
+        job = lock.broadcast(pipe.agreed(lambda: {"prompt": build_prompt(args, tokenizer),
+                                                  "max_tokens": args.max_tokens}
+                                         if printer else None, what="cannot build the prompt"))
+        steps = lock.generate(model, tokenizer, job["prompt"], job["max_tokens"],
+                              sampler=sampler, logits_processors=processors)
+
     hobbit_mlx.reset_stats(model)
     last = None
     t0 = time.perf_counter()
     try:
-        for response in hobbit_mlx.stream_generate(
-                model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
-                logits_processors=processors):
+        for response in steps:
             out.write(response.text)
             out.flush()
             last = response

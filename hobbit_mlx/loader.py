@@ -219,7 +219,8 @@ def load(path: str | Path | None = None, memory_budget: int | str | None = None,
         return _load(model_dir, o)
     from .pipeline import Pipeline, pipeline_budget
 
-    pipe = Pipeline.start(o.pipeline, model_dir, pipeline_budget(o), o.pipeline_split)
+    pipe = Pipeline.start(o.pipeline, model_dir, pipeline_budget(o), o.pipeline_split,
+                          options=o.shared_by_ranks())
     try:
         model, tokenizer = pipe.agreed(lambda: _load(model_dir, o, pipe))
     finally:

@@ -123,6 +123,16 @@ class LoadOptions:
     def names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
 
+    # what each rank of a pipeline sets for itself (its memory, its storage); every other
+    # option decides what the model computes, so the ranks must agree on it
+    PER_RANK = frozenset({"memory_budget", "expert_residency", "io_workers", "verify", "direct_io",
+                          "parallel_runs", "simulated_storage", "progress", "pipeline",
+                          "tokenizer_config"})
+
+    def shared_by_ranks(self) -> dict:
+        """The options every rank of a pipeline must share (see ``PER_RANK``)."""
+        return {n: getattr(self, n) for n in sorted(self.names() - self.PER_RANK)}
+
     def with_overrides(self, **overrides) -> "LoadOptions":
         """A copy with ``overrides`` applied; an unknown name is a TypeError, as for a function."""
         unknown = set(overrides) - self.names()

@@ -145,9 +145,10 @@ class Pipeline:
 
     @classmethod
     def start(cls, group: Any, model_dir: str | Path, budget_bytes: int | None,
-              split: Sequence[int] | None = None) -> "Pipeline":
-        """Join the group: check that every rank has the same store, share the budgets (which
-        set the split unless ``split`` is given)."""
+              split: Sequence[int] | None = None, options: dict | None = None) -> "Pipeline":
+        """Join the group: check that every rank has the same store and the same ``options``
+        (those that decide what the model computes), share the budgets (which set the split
+        unless ``split`` is given)."""
         group = resolve_group(group)
         if group.size() < 2:
             raise PipelineError("a pipeline needs a group of at least 2 ranks (start the ranks "
@@ -159,7 +160,7 @@ class Pipeline:
         # ends them (load() sends it to sleep again; the CLIs then wake it for generation)
         pipe.watchdog(LOAD_TIMEOUT_S, "while loading")
         shared = gather_json(group, {"digest": digest, "budget": budget_bytes or 0,
-                                     "dir": str(model_dir)})
+                                     "dir": str(model_dir), "options": options or {}})
         pipe.progress()
         odd = [r for r, s in enumerate(shared) if s["digest"] != shared[0]["digest"]]
         if odd:
@@ -168,6 +169,15 @@ class Pipeline:
                 "the ranks hold different models or expert stores (manifest and config hashes "
                 "differ): " + ", ".join(f"rank {r} {s['dir']} {s['digest'][:12]}"
                                         for r, s in enumerate(shared)))
+        differ = sorted({name for s in shared for name, value in s["options"].items()
+                         if value != shared[0]["options"].get(name)})
+        if differ:
+            pipe.watch_timeout = None
+            raise PipelineError(
+                "the ranks were started with different options (they must compute alike): "
+                + "; ".join(f"{name}: " + ", ".join(f"rank {r} {s['options'].get(name)!r}"
+                                                     for r, s in enumerate(shared))
+                            for name in differ))
         pipe.budgets = [s["budget"] for s in shared]
         return pipe
 
@@ -363,7 +373,21 @@ def init_group(backend: str = "any") -> mx.distributed.Group:
     global JOINED
     rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) or 0)
     time.sleep(INIT_STAGGER_S * rank)
-    group = mx.distributed.init(strict=backend != "any", backend=backend)
+    joined = threading.Event()
+
+    def give_up() -> None:  # (a rank whose peers never start waits in init for ever)
+        if not joined.wait(LOAD_TIMEOUT_S):
+            sys.stderr.write(f"hobbit_mlx: error: rank {rank}: the other pipeline ranks did not "
+                             f"join within {LOAD_TIMEOUT_S:g} s; is every rank started, with the "
+                             "same hostfile?\n")
+            sys.stderr.flush()
+            os._exit(2)
+
+    threading.Thread(target=give_up, name="hobbit-pipeline-join", daemon=True).start()
+    try:
+        group = mx.distributed.init(strict=backend != "any", backend=backend)
+    finally:
+        joined.set()
     JOINED = JOINED or group.size() > 1
     return group
 
@@ -519,12 +543,21 @@ class Lockstep:
         before any forward call) and so are the prompt's chunks (the smallest step any rank's
         plan allows), then rank 0's ``keep_going()`` (and rank 0 closing this
         generator, or raising into it) decides after each prompt chunk and each token whether
-        every rank goes on. A generation stopped during the prompt yields nothing."""
+        every rank goes on. A generation stopped during the prompt yields nothing.
+        ``max_tokens`` is cut to what every rank's budget holds after the prompt: a rank whose
+        context ran out part way would fail alone and break the pipeline."""
         import mlx_lm
 
         from . import _with_defaults
+        from .loader import context_of, runtime_of
 
         self.started = False
+        plan = runtime_of(model).plan
+        room = plan.max_context(plan.activation_points[0][0]) - len(prompt) \
+            - context_of(kwargs.get("prompt_cache"))
+        least = min(gather_json(self.pipe.group, room))
+        if least > 0 and (max_tokens < 0 or max_tokens > least):
+            max_tokens = least
         kwargs = self.pipe.agreed(
             lambda: _with_defaults(model, tokenizer, prompt, dict(kwargs, max_tokens=max_tokens)),
             what="cannot run this prompt")
@@ -557,9 +590,3 @@ class Lockstep:
         finally:
             gen.close()
             settle()
-
-
-def follow_seed(pipe: Pipeline | None, seed: int | None) -> None:
-    """The same random state on every rank (generate --pipeline with a temperature)."""
-    if pipe is not None:
-        Lockstep(pipe).shared_seed(seed)

@@ -191,7 +191,12 @@ def test_bad_flags_in_process(model_dir, capsys):
              (chat.main, ["--exact", "--prefetch-low-precision"], "--prefetch-low-precision"),
              (generate.main, ["--num-draft-tokens", "0", "--draft-model", "x"],
               "--num-draft-tokens"),
-             (chat.main, ["--model", "no-such-model-dir"], "not found")]
+             (chat.main, ["--model", "no-such-model-dir"], "not found"),
+             # (pipeline flags refused before joining: a lone process would wait for its peers)
+             (generate.main, ["--memory-budget", "48GB,24GB"], "needs --pipeline"),
+             (generate.main, ["--pipeline", "--pipeline-timeout", "0"], "--pipeline-timeout"),
+             (chat.main, ["--pipeline", "--pipeline-timeout", "-5"], "--pipeline-timeout"),
+             (generate.main, ["--pipeline", "--prompt", "-"], "--prompt -")]
     for main, argv, needle in cases:
         assert cli_common.run(main, ["--model", str(model_dir), *argv]) == 2, argv
         err = capsys.readouterr().err

@@ -136,6 +136,12 @@ def run(models, tmp_path_factory):
         dict(case, name="small_budget", model=str(models["olmoe"]), budgets=["2MB", "0.3MB"]),
         dict(case, name="mismatch", model=[str(models["qwen3_moe"]), str(models["olmoe"])],
              budgets=["2MB", "2MB"]),
+        # options that change what the model computes, different on the ranks
+        dict(case, name="options_mismatch", model=str(models["olmoe"]), budgets=["2MB", "2MB"],
+             rank_options={"1": {"exact": False}}),
+        # rank 1 holds far less context than rank 0: the reply is cut to its room
+        dict(case, name="uneven_room", model=str(models["olmoe"]), budgets=["3MB", "0.66MB"],
+             max_tokens=5000, lockstep=True),
         # last: rank 1 exits after loading (with status 0, so mlx.launch does not kill rank 0)
         dict(case, name="dead_rank", model=str(models["olmoe"]), budgets=["2MB", "2MB"],
              die_rank=1),
@@ -179,6 +185,21 @@ def test_mismatched_stores_fail_on_every_rank(run):
     errors = run["mismatch"]["errors"]
     assert all("ranks hold different models or expert stores" in e for e in errors)
     assert all("rank 1" in e for e in errors)
+
+
+def test_ranks_with_different_options_are_refused(run):
+    errors = run["options_mismatch"]["errors"]
+    assert all("started with different options" in e and "exact: rank 0 True, rank 1 False" in e
+               for e in errors), errors
+
+
+def test_a_reply_is_cut_to_the_rank_with_the_least_room(run):
+    """A rank whose context ran out part way would fail alone and break the pipeline: every
+    rank cuts ``max_tokens`` to the least room any rank has after the prompt."""
+    result = run["uneven_room"]
+    assert "errors" not in result, result.get("errors")
+    rooms = result["rooms"]
+    assert rooms[1] < rooms[0] and len(result["tokens"]) == min(rooms) < 5000
 
 
 def test_a_dead_rank_fails_the_others(run):

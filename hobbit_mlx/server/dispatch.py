@@ -106,8 +106,9 @@ class Dispatcher:
         """Tokens the reply may take; a prompt that leaves none is refused before it is queued."""
         limit = self.context_limit
         if len(prompt) >= limit:
-            holder = "the model's context" if self.worker.context_set_by == "model" else \
-                f"the memory budget of {format_size(self.worker.tally.budget_bytes)}"
+            holder = {"model": "the model's context",
+                      "budget": f"the memory budget of {format_size(self.worker.tally.budget_bytes)}"
+                      }.get(self.worker.context_set_by, f"the memory {self.worker.context_set_by}")
             raise ApiError(400, f"the prompt has {len(prompt)} tokens, but {holder} holds at "
                                 f"most {limit} tokens (prompt and reply together)", param=param,
                            code="context_length_exceeded")

@@ -212,6 +212,18 @@ class Worker:
         if self.thread.is_alive():
             self.thread.join(timeout)
 
+    def _least_context(self, pipe) -> None:
+        """Every rank's context limit, the least served (a collective, on this thread): a
+        request that fits rank 0 but not another rank would fail that rank part way, and a
+        rank that fails alone breaks the pipeline."""
+        from ..pipeline import gather_json
+
+        limits = gather_json(pipe.group, self.context_limit)
+        pipe.progress()
+        rank = min(range(len(limits)), key=lambda r: limits[r])
+        if limits[rank] < self.context_limit:
+            self.context_limit, self.context_set_by = limits[rank], f"budget of rank {rank}"
+
     # --- the generation thread ----------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -222,13 +234,14 @@ class Worker:
             self.model_dir = rt.model_dir
             self.context_limit, self.context_set_by = context_limit(rt)
             self.vocab_size = vocab_size(self.model, self.tokenizer)
-            self.tally = Tally(self.model_id, offload_stats(self.model)["budget_bytes"],
-                               self.context_limit)
             self._special = list(self.tokenizer.encode("\n")) + list(self.tokenizer.eos_token_ids)
             self._stream = _own_stream()
             pipe = pipeline_of(self.model)
             if pipe is not None:
                 self.lock = Lockstep(pipe)
+                self._least_context(pipe)
+            self.tally = Tally(self.model_id, offload_stats(self.model)["budget_bytes"],
+                               self.context_limit)
             if self.reuse_prompt:
                 self._kept = PromptCache(self.model)
         except BaseException as e:  # reported by start()

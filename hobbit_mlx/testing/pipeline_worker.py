@@ -3,7 +3,8 @@
     mlx.launch -n 2 --backend ring --python PYTHON pipeline_worker.py SPEC.json OUT.json
 
 SPEC is a list of cases ``{"name", "model": path or [path per rank], "budgets": [per rank],
-"split", "exact", "prompt": [token ids], "max_tokens", "options"}``; every rank runs them in
+"split", "exact", "prompt": [token ids], "max_tokens", "options", "rank_options": {rank: {...}},
+"lockstep"}``; every rank runs them in
 order. Rank 0 writes OUT: per case the greedy tokens, every rank's stats (with the store files it
 read) and the error, if any, each rank raised. A failed case leaves the ranks connected, so the
 next case runs.
@@ -48,9 +49,11 @@ def run_case(case: dict, group, files_read: set) -> dict:
         options["memory_budget"] = budgets[rank]
     if case.get("split"):
         options["pipeline_split"] = tuple(case["split"])
+    options.update((case.get("rank_options") or {}).get(str(rank), {}))
     files_read.clear()
     try:
-        model, tokenizer = hobbit_mlx.load(model_dir, pipeline=group, exact=case.get("exact", True),
+        model, tokenizer = hobbit_mlx.load(model_dir, pipeline=group,
+                                           exact=options.pop("exact", case.get("exact", True)),
                                            progress=False, **options)
     except Exception as e:  # noqa: BLE001 - reported to the test
         errors = gather_json(group, f"{type(e).__name__}: {e}")
@@ -66,6 +69,8 @@ def run_case(case: dict, group, files_read: set) -> dict:
             return {"dead": True, "error": f"{type(e).__name__}: {e}",
                     "after_s": time.perf_counter() - t0}
         return {"dead": True, "error": None}
+    if case.get("lockstep"):
+        return lockstep_tokens(model, tokenizer, case, group)
     hobbit_mlx.reset_stats(model)
     from hobbit_mlx import _with_defaults
 
@@ -82,6 +87,26 @@ def run_case(case: dict, group, files_read: set) -> dict:
     pipeline_of(model).barrier()
     hobbit_mlx.runtime_of(model).close()
     return {"tokens": tokens, "stats": stats, **timing}
+
+
+def lockstep_tokens(model, tokenizer, case: dict, group) -> dict:
+    """Greedy tokens through ``Lockstep.generate`` (as generate, chat and the server run a
+    pipeline), the end of sequence banned, and each rank's room for the reply."""
+    import mlx.core as mx
+
+    import hobbit_mlx
+    from hobbit_mlx.pipeline import Lockstep, gather_json, pipeline_of
+
+    plan = hobbit_mlx.runtime_of(model).plan
+    rooms = gather_json(group, plan.max_context(plan.activation_points[0][0]) - len(case["prompt"]))
+    eos = mx.array(sorted(tokenizer.eos_token_ids))
+    lock = Lockstep(pipeline_of(model))
+    tokens = [r.token for r in lock.generate(
+        model, tokenizer, case["prompt"], case["max_tokens"],
+        logits_processors=[lambda _, logits: logits.at[:, eos].add(-1e9)])]
+    pipeline_of(model).barrier()
+    hobbit_mlx.runtime_of(model).close()
+    return {"tokens": tokens, "rooms": rooms}
 
 
 def timed_tokens(model, prompt: list[int], max_tokens: int) -> tuple[list[int], dict]:
