@@ -154,6 +154,10 @@ _CONVERTERS = {
     "F32->F16": _f32_to_f16,
     "F32->BF16": _to_bf16,
     "F16->BF16": lambda src, dst: _to_bf16(src.view(np.float16).astype(np.float32), dst),
+    # (bf16 scales, as mlx-community checkpoints store them, held in float16: an M1 / M2 GPU
+    # has no native bfloat16)
+    "BF16->F16": lambda src, dst: _f32_to_f16(
+        (src.view(np.uint16).astype(np.uint32) << 16).view(np.float32), dst),
 }
 
 

@@ -341,3 +341,16 @@ def test_generate_keeps_the_text_made_before_the_context_ran_out(tiny_factory):
     model, tok = hobbit_mlx.load(dst, memory_budget=need, exact=True, progress=False)
     assert hobbit_mlx.generate(model, tok, "hello", **run).startswith(e.value.text)
     runtime_of(model).close()
+
+
+def test_bf16_scales_are_held_in_float16_as_mlx_casts_them():
+    """mlx-community checkpoints store bf16 scales; ``dtype="float16"`` (an M1 / M2 GPU has no
+    native bf16) failed at load for want of this conversion."""
+    from hobbit_mlx.pools import convert_into
+
+    x = mx.concatenate([mx.random.normal((1000,)) * 1e-3, mx.array([0.0, -2.5, 6e4, 1e-8])])
+    stored = x.astype(mx.bfloat16)
+    src = np.array(stored.view(mx.uint16)).view(np.uint8)
+    dst = np.zeros(src.size, np.uint8)
+    convert_into("BF16->F16", src, dst)
+    np.testing.assert_array_equal(dst.view(np.float16), np.array(stored.astype(mx.float16)))
