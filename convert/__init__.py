@@ -38,7 +38,7 @@ from hobbit_mlx.architectures import (UnsupportedModelError, describe_moe,
                                       num_experts_of, switch_linear_paths)
 from hobbit_mlx.quantizable import mlx_quantizes, supported_bits, supported_group_sizes
 from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, PrecisionEntry, Record,
-                              StoreError, TensorLayout, align_up, is_hobbit_model,
+                              StoreError, TensorLayout, align_up, durable_sync, is_hobbit_model,
                               record_alignment, safetensors_header)
 
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
@@ -149,7 +149,7 @@ class _LayerWriter:
             off = self.data_start + e * self.stride
             crc = zlib.crc32(os.pread(self.fd, self.record_len, off))
             records.append(Record(((file_index, off, self.record_len),), (crc,)))
-        os.fsync(self.fd)
+        durable_sync(self.fd)
         os.close(self.fd)
         return records
 

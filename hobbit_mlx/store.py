@@ -197,8 +197,29 @@ class Manifest:
     def save(self, model_dir: Path) -> None:
         path = Path(model_dir) / STORE_DIR / MANIFEST_NAME
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json()))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.to_json()))
+            f.flush()
+            durable_sync(f.fileno())
         os.replace(tmp, path)
+
+
+def durable_sync(fd: int) -> None:
+    """Flush a file to the disk itself: on macOS ``fsync`` only hands the data to the drive,
+    whose cache a power loss can drop (``F_FULLFSYNC`` waits for the medium); a store renamed
+    into place must not come back with unwritten pages."""
+    import sys
+
+    if sys.platform == "darwin":
+        import fcntl
+
+        if hasattr(fcntl, "F_FULLFSYNC"):
+            try:
+                fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+                return
+            except OSError:  # (some file systems refuse it: the plain sync below)
+                pass
+    os.fsync(fd)
 
 
 def manifest_path(model_dir: str | Path) -> Path:

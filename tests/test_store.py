@@ -205,3 +205,24 @@ def test_footprint(tiny_factory):
         with pytest.raises(BudgetError, match="too small"):
             hobbit_mlx.load(dst, memory_budget=fp[key] - 1, progress=False, **options)
     assert fp["minimum_budget_bytes"] > fp["minimum_budget_bytes_exact"]
+
+
+def test_durable_sync_asks_macos_for_a_full_flush(monkeypatch, tmp_path):
+    """On macOS ``fsync`` leaves data in the drive's cache: a store must use F_FULLFSYNC there
+    (and plain fsync elsewhere, or where the file system refuses it)."""
+    import fcntl
+    import os
+    import sys
+
+    from hobbit_mlx.store import durable_sync
+
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
+    monkeypatch.setattr(fcntl, "F_FULLFSYNC", 51, raising=False)
+    monkeypatch.setattr(fcntl, "fcntl", lambda fd, op, *a: calls.append(("fcntl", op)))
+    with open(tmp_path / "f", "w") as f:
+        monkeypatch.setattr(sys, "platform", "darwin")
+        durable_sync(f.fileno())
+        monkeypatch.setattr(sys, "platform", "linux")
+        durable_sync(f.fileno())
+    assert calls == [("fcntl", 51), "fsync"]
