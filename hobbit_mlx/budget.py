@@ -64,6 +64,19 @@ def system_memory_bytes() -> int:
         return 16 * 2**30
 
 
+def gpu_working_set_bytes() -> int | None:
+    """The GPU's recommended working set on Apple silicon (Metal's ``recommendedMaxWorkingSetSize``:
+    about 2/3 of the memory up to 32 GB, 3/4 from 64 GB): past it MLX still allocates, but the
+    GPU pages and decoding slows badly. None where the device does not say (the CPU backend)."""
+    import mlx.core as mx
+
+    try:
+        size = mx.device_info().get("max_recommended_working_set_size")
+    except Exception:  # noqa: BLE001 - an older MLX, or no such device
+        return None
+    return int(size) if size else None
+
+
 def kv_tokens_for(tokens: int) -> int:
     """Tokens of KV memory mlx-lm holds for ``tokens`` (whole steps, plus the step a growing
     cache allocates before it copies the old one over): the rule where the largest layer's
@@ -289,8 +302,12 @@ def plan_budget(*, dense_bytes: int, activation_points: list[tuple[int, int]],
         plan = replace(plan, budget_bytes=full_chunk + experts, expert_cap_bytes=experts)
         return plan.fit(initial_context, plan.max_chunk)
     if memory_budget is None:
-        # Default: everything if it fits in 60% of the machine, else as much of it as fits there.
-        memory_budget = min(int(0.6 * system_memory_bytes()), full_chunk + all_high_bytes)
+        # Default: everything if it fits in 60% of the machine, else as much of it as fits there
+        # (and within the GPU's working set, where there is one).
+        room = int(0.6 * system_memory_bytes())
+        if (working_set := gpu_working_set_bytes()) is not None:
+            room = min(room, int(0.9 * working_set))
+        memory_budget = min(room, full_chunk + all_high_bytes)
     plan = replace(plan, budget_bytes=parse_size(memory_budget))
     if plan.budget_bytes < plan.minimum_bytes:
         minimum = plan.minimum_bytes

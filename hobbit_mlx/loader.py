@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .architectures import find_switch_modules, num_experts_of, text_config, trained_context
-from .budget import BudgetPlan, plan_budget
+from .budget import BudgetPlan, format_size, gpu_working_set_bytes, plan_budget
 from .cache import SlotCache
 from .measure import kv_bytes_by_layer, measured_activations
 from .offload import bind, install
@@ -159,6 +159,16 @@ def _check_manifest(model: nn.Module, manifest: Manifest, config: dict) -> None:
     if manifest.model_type != config.get("model_type"):
         raise StoreError(f"the expert store was made for model_type {manifest.model_type!r}, "
                          f"config.json says {config.get('model_type')!r}")
+
+
+def warn_past_working_set(budget_bytes: int) -> None:
+    """A budget past the GPU's recommended working set runs, paging: say so once, at load."""
+    limit = gpu_working_set_bytes()
+    if limit is not None and budget_bytes > limit:
+        warnings.warn(f"memory budget {format_size(budget_bytes)} is more than this GPU's "
+                      f"recommended working set ({format_size(limit)}): past it the GPU pages "
+                      "and decoding slows down; give a budget within it (or raise the limit "
+                      "with sudo sysctl iogpu.wired_limit_mb)", stacklevel=3)
 
 
 def compute_dtype(dtype: Any = None) -> mx.Dtype | None:
@@ -328,6 +338,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
         kv_layer_bytes_per_token=max(kv_layers, default=0), context_activation=context_activation,
         kv_quantized=(sum(quantized_kv), max(quantized_kv, default=0), kv_quant.start)
         if kv_quant is not None else ())
+    warn_past_working_set(plan.budget_bytes)
     high_slot = max(g.pool.slot_nbytes for g in groups if g.precision == "high")
     cache_experts = plan.high_expert_bytes // high_slot
     keep_shallow_layers = o.keep_shallow_layers

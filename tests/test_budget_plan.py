@@ -269,3 +269,21 @@ def test_activations_grow_with_the_context_a_call_attends_to():
     fitted = grown.fit(grown.max_context(64), 64)
     assert (fitted.dense_bytes + fitted.activation_reserve_bytes + fitted.kv_reserve_bytes
             + fitted.expert_cache_bytes) <= fitted.budget_bytes
+
+
+def test_a_budget_past_the_gpus_working_set_is_warned_and_the_default_stays_within(monkeypatch):
+    """On Apple silicon MLX allocates past Metal's recommended working set, and the GPU then
+    pages: a budget given past it is warned about at load, and the default stays within it."""
+    import mlx.core as mx
+
+    from hobbit_mlx.loader import warn_past_working_set
+
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 200 * MB})
+    with pytest.warns(UserWarning, match="recommended working set"):
+        warn_past_working_set(300 * MB)
+    sizes = _sizes(all_high_bytes=8000 * MB)  # (more than either limit)
+    monkeypatch.setattr(budget, "system_memory_bytes", lambda: 10_000 * MB)
+    assert plan_budget(**sizes).budget_bytes == int(0.9 * 200 * MB)
+    monkeypatch.setattr(mx, "device_info", lambda: {"architecture": "x86_64"})  # the CPU
+    assert budget.gpu_working_set_bytes() is None
+    assert plan_budget(**sizes).budget_bytes == int(0.6 * 10_000 * MB)
