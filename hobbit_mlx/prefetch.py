@@ -35,7 +35,7 @@ import numpy as np
 
 from .guess_value import GuessValue
 from .precision import HIGH, LOW, plan_slots
-from .routing import predictions_from, router_logits, top_predictions, untapped_call
+from .routing import in_float32, predictions_from, router_logits, top_predictions, untapped_call
 from .storage import ReadCancelled, ReadTicket
 
 if TYPE_CHECKING:
@@ -103,8 +103,8 @@ class Prefetcher:
             return []
         stack = self.gate_stacks.get(position)
         stacked = stack(gate_input) if stack is not None else None  # one matmul for all of them
-        return [(d, s, stacked[d - 1] if stacked is not None else untapped_call(s.router, gate_input))
-                for d, s in targets]
+        return [(d, s, in_float32(stacked[d - 1] if stacked is not None
+                                  else untapped_call(s.router, gate_input))) for d, s in targets]
 
     def issue(self, predictions: list[tuple]) -> None:
         """Start reading the predicted experts that are not resident, nearest layer first (call

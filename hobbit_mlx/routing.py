@@ -61,6 +61,16 @@ def _split_output(out) -> tuple[mx.array | None, mx.array | None]:
     return None, out
 
 
+def in_float32(router_out):
+    """A router's output with its floats cast to float32, lazily: built before the layer's host
+    sync, the cast is evaluated in it, and the host copies after it wait for nothing (on a bf16
+    model a cast made after the sync is a second round trip to the GPU, queued behind its work)."""
+    inds, values = _split_output(router_out)
+    if values is None or values.dtype == mx.float32:
+        return router_out
+    return values.astype(mx.float32) if inds is None else (inds, values.astype(mx.float32))
+
+
 def gate_weights(router_out, indices: mx.array, scoring: str = "softmax") -> mx.array | None:
     """The gate weights of the chosen experts, lazily (shape ``indices.shape``, not normalized);
     None when the router gives none. Evaluated together with the indices: one host sync."""

@@ -392,3 +392,21 @@ def test_a_guess_that_finds_its_expert_resident_gives_its_slot_back():
     cache.commit_guest((1, 0, "high"), slot)
     assert cache.slot((1, 0, "high")) == before and not cache.is_guest((1, 0, "high"))
     assert cache.pools[0].guests == 0 and slot in cache.pools[0].free
+
+
+def test_predictions_reach_the_host_in_float32_from_the_layers_sync():
+    """A bf16 router's predictions are cast to float32 before the layer's host sync evaluates
+    them, so the host copies after it are no second round trip to the GPU; float32 outputs
+    pass as they are."""
+    from hobbit_mlx.routing import in_float32, router_logits
+
+    logits = mx.random.normal((2, 8)).astype(mx.bfloat16)
+    cast = in_float32(logits)
+    assert cast.dtype == mx.float32
+    mx.eval(cast)  # (the sync)
+    np.testing.assert_array_equal(router_logits(cast), np.array(logits.astype(mx.float32)))
+    assert router_logits(cast).dtype == np.float32
+    inds, weights = in_float32((mx.array([[1, 3]], dtype=mx.uint32), mx.ones((1, 2), mx.bfloat16)))
+    assert inds.dtype == mx.uint32 and weights.dtype == mx.float32
+    same = mx.zeros((1, 4))
+    assert in_float32(same) is same
