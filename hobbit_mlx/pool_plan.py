@@ -41,16 +41,31 @@ def make_pools(manifest: Manifest, precisions: tuple, float_dtype) -> list[PoolG
     return list(groups.values())
 
 
+def max_buffer_bytes() -> int | None:
+    """The largest single buffer the device allocates (Metal's ``maxBufferLength``, roughly
+    0.55-0.68x the memory of an Apple silicon Mac); None where there is no such limit (CPU)."""
+    try:
+        size = mx.device_info().get("max_buffer_length")
+    except Exception:  # noqa: BLE001 - an older MLX
+        return None
+    return int(size) if size else None
+
+
 def pool_slots(groups: list[PoolGroup], plan: BudgetPlan, k: int) -> dict[int, int]:
     """Slots per pool for the plan's pool bytes: each precision's bytes shared among its pools in
-    proportion to the experts they serve, none beyond what they serve."""
+    proportion to the experts they serve, none beyond what they serve, and none beyond what the
+    device allocates in one buffer (a pool holds each of its tensors in one array across slots:
+    past Metal's limit the allocation fails, after the old pools were let go)."""
     out = {}
+    largest_buffer = max_buffer_bytes()
     for precision, budget in (("high", plan.high_expert_bytes), ("low", plan.low_expert_bytes)):
         mine = [g for g in groups if g.precision == precision]
         total = sum(g.all_bytes for g in mine)
         for g in mine:
             share = budget * g.all_bytes // max(1, total)
             slots = min(len(g.layers) * g.num_experts, share // g.pool.slot_nbytes)
+            if largest_buffer is not None:
+                slots = min(slots, largest_buffer // max(g.pool.tensor_slot_nbytes().values()))
             out[id(g.pool)] = int(slots) if slots >= k else (k if budget >= k * g.pool.slot_nbytes else 0)
     return out
 

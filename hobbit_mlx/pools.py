@@ -79,7 +79,7 @@ class SlotPool:
             if conv is not None and conv not in _CONVERTERS:
                 raise ValueError(f"cannot hold {t.name} stored as {t.dtype} in {self.dtypes[t.name]}")
             self.destinations.append(Destination(t, conv))
-        self.slot_nbytes = sum(int(np.prod(t.shape)) * self.dtypes[t.name].size for t in self.tensors)
+        self.slot_nbytes = sum(self.tensor_slot_nbytes().values())
         self.arrays: dict[str, mx.array] = {}
         self._views: dict[str, np.ndarray] = {}
         self._read_plans: dict[tuple, list] = {}
@@ -88,6 +88,10 @@ class SlotPool:
     @property
     def nbytes(self) -> int:
         return self.slots * self.slot_nbytes
+
+    def tensor_slot_nbytes(self) -> dict[str, int]:
+        """Resident bytes of each tensor in one slot (each tensor is one array across slots)."""
+        return {t.name: int(np.prod(t.shape)) * self.dtypes[t.name].size for t in self.tensors}
 
     def allocate(self, slots: int) -> None:
         """(Re)allocate every array for ``slots`` slots; earlier contents and views are dropped."""

@@ -354,3 +354,24 @@ def test_bf16_scales_are_held_in_float16_as_mlx_casts_them():
     dst = np.zeros(src.size, np.uint8)
     convert_into("BF16->F16", src, dst)
     np.testing.assert_array_equal(dst.view(np.float16), np.array(stored.astype(mx.float16)))
+
+
+def test_no_pool_array_is_larger_than_the_devices_largest_buffer(tiny_factory, monkeypatch):
+    """Metal refuses one buffer past ``max_buffer_length`` (about 0.55-0.68x a Mac's memory),
+    and a pool holds each tensor in one array across its slots: the slots stop there, and the
+    model still computes exactly."""
+    _src, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=1.0, exact=True, progress=False)
+    tokens = _tokens(24, seed=3)
+    expected = model(tokens)
+    mx.eval(expected)
+    largest = max(a.nbytes for ps in runtime_of(model).cache.pools for a in ps.pool.arrays.values())
+    runtime_of(model).close()
+    limit = largest // 3
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_buffer_length": limit})
+    model, _ = hobbit_mlx.load(dst, expert_residency=1.0, exact=True, progress=False)
+    arrays = [a for ps in runtime_of(model).cache.pools for a in ps.pool.arrays.values()]
+    assert max(a.nbytes for a in arrays) <= limit
+    np.testing.assert_array_equal(np.array(model(tokens)), np.array(expected))
+    assert hobbit_mlx.offload_stats(model)["misses_high"] > 0  # (fewer slots than experts)
+    runtime_of(model).close()
