@@ -218,7 +218,11 @@ def _prefilled_by_layer(model, tokenizer, tokens: mx.array, kwargs: dict):
     rt = runtime_of(model)
     rt.see_call(context_of(cache) + head - step, step)  # (the reserves it ends at)
     start = time.perf_counter()
-    layer_major.prefill(model, tokens[:head], cache, step, rt, kwargs.get("prompt_progress_callback"))
+    from mlx_lm.generate import wired_limit
+
+    with wired_limit(model, [mx.default_stream(mx.default_device())]):  # (as mlx-lm's loop)
+        layer_major.prefill(model, tokens[:head], cache, step, rt,
+                            kwargs.get("prompt_progress_callback"))
     # The hidden states are gone: the rest of the sequence plans without them (the pools grow).
     rt.plan_rest(context_of(cache), tokens.size - head, kwargs.get("max_tokens", 256) + 1)
     seconds = time.perf_counter() - start

@@ -405,19 +405,23 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
             generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
 
-    try:
-        for n, (token, logprobs, from_draft) in enumerate(steps):
-            if n == 0:
-                prompt_tps = prompt.size / max(time.perf_counter() - tic, 1e-9)
-                tic = time.perf_counter()
-            if token in tokenizer.eos_token_ids:
-                break
-            detokenizer.add_token(token)
-            if n + 1 == max_tokens:
-                break
-            yield response(detokenizer.last_segment, None)
-    finally:  # here, in this thread: the cache is left holding what was yielded
-        steps.close()
+    from mlx_lm.generate import wired_limit
+
+    # (the wired limit as mlx-lm's own loop sets it on a Mac)
+    with wired_limit(model, [mx.default_stream(mx.default_device())]):
+        try:
+            for n, (token, logprobs, from_draft) in enumerate(steps):
+                if n == 0:
+                    prompt_tps = prompt.size / max(time.perf_counter() - tic, 1e-9)
+                    tic = time.perf_counter()
+                if token in tokenizer.eos_token_ids:
+                    break
+                detokenizer.add_token(token)
+                if n + 1 == max_tokens:
+                    break
+                yield response(detokenizer.last_segment, None)
+        finally:  # here, in this thread: the cache is left holding what was yielded
+            steps.close()
     if token is None:
         return
     detokenizer.finalize()

@@ -193,3 +193,30 @@ def test_a_prompt_that_fits_only_chunk_by_chunk_is_prefilled_chunk_by_chunk():
     stats = hobbit_mlx.offload_stats(model)
     assert stats["peak_memory_bytes"] <= stats["budget_bytes"]
     assert stats["bytes_read"] > before
+
+
+def test_the_paths_that_leave_mlx_lms_loop_set_its_wired_limit(tiny_factory, monkeypatch):
+    """On a Mac mlx-lm's generation loop wires memory up to the GPU's working set while it
+    runs; the layer-major prefill and the speculative loop run outside it and must do the same
+    (they ran with the limit unset). The device's answer is faked here: the CPU has none."""
+    _, dst = tiny_factory("qwen3_moe")
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.25, exact=True, progress=False,
+                                 prefill_step_size=CHUNK)
+    limit = 1 << 40
+    calls = []
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": limit})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 0)
+    prompt = mx.array(PROMPT)
+    original = layer_major.prefill
+
+    def prefill(*args, **kwargs):
+        assert calls and calls[-1] == limit  # set while the layers run
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_major, "prefill", prefill)
+    list(hobbit_mlx.stream_generate(model, tok, prompt, max_tokens=2))
+    assert calls.count(limit) == 2 and calls[-1] == 0  # the prefill's, then mlx-lm's loop's
+    calls.clear()
+    list(hobbit_mlx.stream_generate(model, tok, prompt, max_tokens=4, speculative=2))
+    assert calls.count(limit) >= 1 and calls[-1] == 0  # set, then given back
+    runtime_of(model).close()
