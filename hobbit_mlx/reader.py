@@ -299,7 +299,7 @@ class RecordReader:
     def _pread(self, file_idx: int, fd: int, buffers: list, offset: int) -> int:
         """``os.preadv``; an I/O error names the store file and the byte it failed at."""
         try:
-            return os.preadv(fd, buffers, offset)
+            return getattr(os, "preadv", _pread_first)(fd, buffers, offset)
         except OSError as e:
             path = self.model_dir / self.manifest.files[file_idx]
             raise StoreError(f"{path}: reading byte {offset} failed ({e.strerror or e}); the "
@@ -364,6 +364,14 @@ class RecordReader:
 
 
 IOV_BATCH = 512  # buffers per preadv call (the OS allows at least 1024)
+
+
+def _pread_first(fd: int, buffers: list, offset: int) -> int:
+    """``preadv`` where the Python build has none: the first buffer only (a short read: the
+    caller reads on from where it stopped), through one copy."""
+    data = os.pread(fd, buffers[0].nbytes, offset)
+    buffers[0].cast("B")[:len(data)] = data
+    return len(data)
 # A record's runs are read at once only when one read takes this long: each thread hand-off
 # costs ~30 us on a busy CPU, which doubled a 2.5 MB record's read from a warm page cache (0.3 ms;
 # bench/inplace_read.py), and bought nothing read cold from this machine's disk (~2 ms).

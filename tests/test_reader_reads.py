@@ -291,3 +291,21 @@ def test_reads_in_parallel_share_the_time_storage_was_busy(tmp_path, monkeypatch
     for _ in nbytes:
         one_read += 0.1 * (1.0 - one_read)
     assert reader.read_seconds == pytest.approx(one_read)
+
+
+def test_a_python_without_preadv_reads_the_same(tiny_factory, monkeypatch):
+    """Some Python builds lack ``os.preadv``: the reader then reads buffer by buffer, and the
+    model computes the same."""
+    src, dst = tiny_factory("qwen3_moe")
+    _, want = _logits(dst)
+
+    class NoPreadv:
+        def __getattr__(self, name):
+            if name == "preadv":
+                raise AttributeError(name)
+            return getattr(os, name)
+
+    monkeypatch.setattr(reader_module, "os", NoPreadv())
+    model, got = _logits(dst)
+    np.testing.assert_array_equal(got, want)
+    assert hobbit_mlx.offload_stats(model)["misses_high"] > 0
