@@ -263,6 +263,6 @@ def generate(model, tokenizer, prompt, verbose: bool = False, speculative=None, 
     return text
 
 
-__all__ = ["load", "LoadOptions", "generate", "stream_generate", "offload_stats", "reset_stats", "footprint",
-           "parse_size", "BudgetError", "ContextBudgetError", "StoreError", "UnsupportedModelError", "PipelineError",
-           "pipeline_stats"]
+__all__ = ["load", "LoadOptions", "generate", "stream_generate", "offload_stats", "reset_stats",
+           "footprint", "parse_size", "BudgetError", "ContextBudgetError", "StoreError",
+           "UnsupportedModelError", "PipelineError", "pipeline_stats"]

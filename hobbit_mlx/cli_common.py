@@ -321,7 +321,8 @@ def join_pipeline(args: argparse.Namespace) -> None:
         from . import pipeline
 
         if not args.pipeline_timeout > 0:
-            raise CLIError(f"--pipeline-timeout must be above 0 seconds, not {args.pipeline_timeout}")
+            raise CLIError(f"--pipeline-timeout must be above 0 seconds, not "
+                           f"{args.pipeline_timeout}")
         pipeline.LOAD_TIMEOUT_S = args.pipeline_timeout  # (the watchdog while the ranks load)
         args.pipeline_group = pipeline.init_group()
         if args.pipeline_group.size() < 2:

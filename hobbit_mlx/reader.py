@@ -365,6 +365,12 @@ class RecordReader:
 
 IOV_BATCH = 512  # buffers per preadv call (the OS allows at least 1024)
 
+# A record's runs are read at once only when one read takes this long: each thread hand-off
+# costs ~30 us on a busy CPU, which doubled a 2.5 MB record's read from a warm page cache (0.3 ms;
+# bench/inplace_read.py), and bought nothing read cold from this machine's disk (~2 ms).
+PARALLEL_RUNS_MIN_S = 1e-3
+BUSY_WINDOW_READS = 16  # storage never idle (a long prompt, prefetch): measure every this many reads
+
 
 def _pread_first(fd: int, buffers: list, offset: int) -> int:
     """``preadv`` where the Python build has none: the first buffer only (a short read: the
@@ -372,11 +378,6 @@ def _pread_first(fd: int, buffers: list, offset: int) -> int:
     data = os.pread(fd, buffers[0].nbytes, offset)
     buffers[0].cast("B")[:len(data)] = data
     return len(data)
-# A record's runs are read at once only when one read takes this long: each thread hand-off
-# costs ~30 us on a busy CPU, which doubled a 2.5 MB record's read from a warm page cache (0.3 ms;
-# bench/inplace_read.py), and bought nothing read cold from this machine's disk (~2 ms).
-PARALLEL_RUNS_MIN_S = 1e-3
-BUSY_WINDOW_READS = 16  # storage never idle (a long prompt, prefetch): measure every this many reads
 
 
 def adjacent_runs(spans) -> list[list[int]]:

@@ -106,8 +106,8 @@ class Dispatcher:
         """Tokens the reply may take; a prompt that leaves none is refused before it is queued."""
         limit = self.context_limit
         if len(prompt) >= limit:
-            holder = {"model": "the model's context",
-                      "budget": f"the memory budget of {format_size(self.worker.tally.budget_bytes)}"
+            budget = format_size(self.worker.tally.budget_bytes)
+            holder = {"model": "the model's context", "budget": f"the memory budget of {budget}"
                       }.get(self.worker.context_set_by, f"the memory {self.worker.context_set_by}")
             raise ApiError(400, f"the prompt has {len(prompt)} tokens, but {holder} holds at "
                                 f"most {limit} tokens (prompt and reply together)", param=param,
