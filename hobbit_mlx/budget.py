@@ -245,11 +245,12 @@ class BudgetPlan:
             shorter = [n for n, _ in self.activation_points if n < chunk
                        and self.max_context(n) >= tokens]
             if shorter and chunk <= tokens:  # the call is too long, not the context
+                whole = [n for n in shorter if self.max_context(n) >= goal]  # (to the end)
                 raise ContextBudgetError(
                     f"a model call of {chunk} tokens that takes the context to {tokens} tokens "
                     f"does not fit the memory budget {format_size(self.budget_bytes)} (its "
-                    f"activations); calls of at most {shorter[-1]} tokens do: prefill in "
-                    f"chunks of at most that many tokens (prefill_step_size)")
+                    f"activations); calls of at most {(whole or shorter)[-1]} tokens do: prefill "
+                    f"in chunks of at most that many tokens (prefill_step_size)")
             end = max(tokens, goal)
             need = self.need_bytes(end, chunk)
             what = f"{tokens} tokens need" if end == tokens else \

@@ -375,3 +375,33 @@ def test_no_pool_array_is_larger_than_the_devices_largest_buffer(tiny_factory, m
     np.testing.assert_array_equal(np.array(model(tokens)), np.array(expected))
     assert hobbit_mlx.offload_stats(model)["misses_high"] > 0  # (fewer slots than experts)
     runtime_of(model).close()
+
+
+def test_a_call_longer_than_measured_names_a_chunk_the_budget_holds(tiny_factory):
+    """mlx-lm's own generate prefills 2,048 tokens a call: the error names a chunk size that
+    this budget holds at that context (it named the measured maximum, which this budget
+    could not take either), and that size runs."""
+    import re
+
+    import mlx_lm
+
+    from hobbit_mlx.budget import BudgetError
+
+    _, dst = tiny_factory("qwen3_moe")
+    from dataclasses import replace
+
+    probe, _ = hobbit_mlx.load(dst, exact=True, progress=False)
+    plan = runtime_of(probe).plan
+    runtime_of(probe).close()
+    budget = plan.minimum_bytes  # the least that holds the prompt in 16-token calls
+    while replace(plan, budget_bytes=budget).max_context(16) < 720:
+        budget += 10_000
+    assert replace(plan, budget_bytes=budget).max_context(plan.max_chunk) < 700
+    model, tok = hobbit_mlx.load(dst, memory_budget=budget, exact=True, progress=False)
+    prompt = _tokens(700, seed=5)[0]
+    with pytest.raises(BudgetError, match="longer than the prefill chunk") as e:
+        mlx_lm.generate(model, tok, prompt, max_tokens=2)
+    step = int(re.search(r"chunks of at most (\d+) tokens", str(e.value)).group(1))
+    assert step < runtime_of(model).plan.max_chunk
+    mlx_lm.generate(model, tok, prompt, max_tokens=2, prefill_step_size=step)
+    runtime_of(model).close()
