@@ -150,9 +150,19 @@ class BudgetPlan:
             if n >= tokens:
                 return nbytes + (int(constant + n * (per_token + context * per_pair))
                                  if context else 0)
-        raise BudgetError(f"a model call of {tokens} tokens is longer than the prefill chunk "
-                          f"({self.max_chunk} tokens) whose activations were measured; prefill "
-                          "in chunks of at most that many tokens")
+        raise self.call_too_long(tokens)
+
+    def call_too_long(self, tokens: int, context: int | None = None) -> BudgetError:
+        """The error for a call longer than any measured chunk; given the ``context`` it takes
+        the cache to, it names the chunk this budget holds there (the measured maximum may
+        not fit either)."""
+        fits = [n for n, _ in self.activation_points if self.max_context(n) >= context] \
+            if context is not None else []
+        size = f"{fits[-1]} tokens (what this budget holds at this context)" if fits else \
+            "that many tokens"
+        return BudgetError(f"a model call of {tokens} tokens is longer than the prefill chunk "
+                           f"({self.max_chunk} tokens) whose activations were measured; prefill "
+                           f"in chunks of at most {size}")
 
     @property
     def max_chunk(self) -> int:

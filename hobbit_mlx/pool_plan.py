@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
-from .budget import BudgetError, BudgetPlan
+from .budget import BudgetPlan
 from .runtime import OffloadRuntime
 from .pools import SlotPool, pool_signature
 from .store import Manifest
@@ -99,12 +99,7 @@ def follow_sequence(rt: OffloadRuntime, groups: list[PoolGroup], prefill_step: i
     def on_context(tokens: int, call_tokens: int) -> None:
         plan = rt.plan
         if call_tokens > plan.max_chunk:  # (mlx-lm's own generate prefills 2,048 at a time)
-            fits = [n for n, _ in plan.activation_points if plan.max_context(n) >= tokens]
-            raise BudgetError(
-                f"a model call of {call_tokens} tokens is longer than the prefill chunk "
-                f"({plan.max_chunk} tokens) whose activations were measured; prefill in chunks "
-                f"of at most {fits[-1] if fits else plan.max_chunk} tokens (prefill_step_size"
-                + ("; what this budget holds at this context)" if fits else ")"))
+            raise plan.call_too_long(call_tokens, tokens)
         chunk = max(call_tokens, plan.chunk_tokens)
         if tokens > plan.max_context(chunk):  # a longer context leaves less for long chunks
             chunk = call_tokens
