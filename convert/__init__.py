@@ -68,8 +68,10 @@ def resolve_source(src: str | Path) -> Path:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(str(src), allow_patterns=[
             "*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]))
-    except Exception as e:  # network, auth, missing repo: one clear line
-        raise ConversionError(f"{src}: could not download from the hub ({type(e).__name__}: {e})") from None
+    except Exception as e:  # network, auth, missing repo: one clear line (the hub's first one)
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise ConversionError(f"{src}: could not download from the hub ({type(e).__name__}: "
+                              f"{first})") from None
 
 
 def _source_files(src: Path) -> list[Path]:

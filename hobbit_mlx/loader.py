@@ -63,7 +63,7 @@ def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
     local = Path(path).expanduser()
     if local.exists() and is_hobbit_model(local):
         return local
-    from convert import convert  # the converter is only needed for unconverted sources
+    from convert import convert, resolve_source  # (only needed for unconverted sources)
 
     if local.exists():
         cfg = local / "config.json"
@@ -74,6 +74,8 @@ def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
     target = cache_root() / f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
     if is_hobbit_model(target) and _references_hold(target):
         return target
+    if not local.exists():  # a hub id: downloaded first (a failure is one line, said alone)
+        resolve_source(path)
     if progress:  # (a cached conversion whose source changed is ours to redo)
         print(f"[hobbit_mlx] converting {path} into {target} (once)")
     convert(path, target, force=True, progress=progress)

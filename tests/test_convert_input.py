@@ -203,3 +203,22 @@ def test_a_damaged_expert_tensor_is_named(tmp_path, capsys, damage, needle):
     mx.save_safetensors(str(f), weights, metadata={"format": "mlx"})
     _one_line_error(capsys, [str(src), str(tmp_path / "dst")], needle)
     assert not (tmp_path / "dst").exists()
+
+
+def test_an_unreachable_hub_id_fails_in_one_line_before_any_conversion_is_announced(
+        monkeypatch, capsys, tmp_path):
+    """A hub id that cannot be downloaded: the error is the hub's first line, and no
+    "converting ... (once)" line comes before it (the conversion never started)."""
+    import huggingface_hub
+
+    from hobbit_mlx.loader import resolve_model
+
+    def offline(*args, **kwargs):
+        raise OSError("Cannot reach the hub.\nSee the logs above for the retries.\nMore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(converter.ConversionError) as e:
+        resolve_model("some-org/some-model", progress=True)
+    assert str(e.value).count("\n") == 0 and "Cannot reach the hub." in str(e.value)
+    assert "converting" not in capsys.readouterr().out
