@@ -191,14 +191,18 @@ class BudgetPlan:
         """The smallest budget that runs a first KV step of context (mlx-lm's cache grows by
         one): the smallest chunk attending to that context, its KV, one top-k per pool. (Less
         than a step's context would stop a reply after a few tokens.)"""
-        n = self.activation_points[0][0]
-        return (self.dense_bytes + self.activation_for(n, KV_STEP) + self.kv_bytes(KV_STEP, n)
-                + self.min_expert_bytes)
+        return self.need_bytes(KV_STEP, self.activation_points[0][0])
 
     def max_context(self, chunk: int = 1) -> int:
         """The longest context the budget holds beside a ``chunk``-token call, pools at minimum."""
         return self._context_within(self.budget_bytes - self.dense_bytes - self.min_expert_bytes,
                                     chunk)
+
+    @property
+    def longest_context(self) -> int:
+        """The longest context a sequence can reach: prompt and reply, decoded (and prefilled
+        at the end) in calls of the smallest measured chunk. A longer one fails part way."""
+        return self.max_context(self.activation_points[0][0])
 
     def _context_within(self, room: int, chunk: int) -> int:
         """The longest context whose KV, beside a ``chunk``-token call attending to it, fits in

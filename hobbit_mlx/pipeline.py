@@ -552,8 +552,7 @@ class Lockstep:
         from .loader import context_of, runtime_of
 
         self.started = False
-        plan = runtime_of(model).plan
-        room = plan.max_context(plan.activation_points[0][0]) - len(prompt) \
+        room = runtime_of(model).plan.longest_context - len(prompt) \
             - context_of(kwargs.get("prompt_cache"))
         least = min(gather_json(self.pipe.group, room))
         if least > 0 and (max_tokens < 0 or max_tokens > least):

@@ -111,7 +111,7 @@ def context_limit(rt) -> tuple[int, str]:
     """The longest context (prompt + generated tokens) served, and what sets it: the memory
     budget (beside a prefill chunk of the smallest measured size: a longer context would fail
     part way) or the model's own context (beyond it a model's text degrades)."""
-    held = rt.plan.max_context(rt.plan.activation_points[0][0])
+    held = rt.plan.longest_context
     if rt.trained_context is not None and rt.trained_context < held:
         return rt.trained_context, "model"
     return held, "budget"

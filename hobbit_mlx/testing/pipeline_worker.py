@@ -97,8 +97,8 @@ def lockstep_tokens(model, tokenizer, case: dict, group) -> dict:
     import hobbit_mlx
     from hobbit_mlx.pipeline import Lockstep, gather_json, pipeline_of
 
-    plan = hobbit_mlx.runtime_of(model).plan
-    rooms = gather_json(group, plan.max_context(plan.activation_points[0][0]) - len(case["prompt"]))
+    rooms = gather_json(group, hobbit_mlx.runtime_of(model).plan.longest_context
+                        - len(case["prompt"]))
     eos = mx.array(sorted(tokenizer.eos_token_ids))
     lock = Lockstep(pipeline_of(model))
     tokens = [r.token for r in lock.generate(
