@@ -20,7 +20,7 @@ from . import layer_major
 from .budget import BudgetError, ContextBudgetError, parse_size
 from .loader import context_of, footprint, load, offload_stats, reset_stats, runtime_of
 from .options import LoadOptions
-from .pipeline import PipelineError, gather_stats as pipeline_stats
+from .pipeline import PipelineError, gather_stats as pipeline_stats, pipeline_of
 from .store import StoreError
 from .architectures import UnsupportedModelError
 
@@ -62,18 +62,24 @@ def _generation_lock(model) -> _GenerationLock:
     return lock
 
 
-def _finish(model, failed: bool = False) -> None:
+def _finish(model, error: BaseException | None = None) -> None:
     """A generation ends: evaluate what it left lazy on the runtime (outputs held for the next
     sync, router indices counted later) in its own thread, since an MLX array built on one
     thread's stream cannot be evaluated in another (mlx-lm's generation stream is per thread).
     After a failure (or a generator closed early) this is best effort: the error stays the one
-    raised."""
+    raised. A pipeline that failed evaluates nothing more: what it left lazy waits on its peers,
+    and a lost peer never answers (a generator closed early is not a failure: every rank
+    settles alike)."""
     runtime = runtime_of(model)
+    if error is not None and not isinstance(error, GeneratorExit) \
+            and pipeline_of(model) is not None:
+        runtime.abandon_lazy()
+        return
     try:
         runtime.settle()
         runtime.count_deferred()
     except Exception:
-        if not failed:
+        if error is None:
             raise
 
 
@@ -142,8 +148,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, draft_model
         try:
             yield from _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative,
                                kwargs)
-        except BaseException:  # an error, or the generator closed (GeneratorExit)
-            _finish(model, failed=True)
+        except BaseException as e:  # an error, or the generator closed (GeneratorExit)
+            _finish(model, e)
             raise
         _finish(model)
 

@@ -209,6 +209,12 @@ class OffloadRuntime:
         mx.synchronize()
         self.cache.synced()
 
+    def abandon_lazy(self) -> None:
+        """Forget the graphs left lazy, unevaluated: a pipeline that failed cannot evaluate them
+        (their sends and receives wait on a peer that is gone, forever). Their hits go
+        uncounted."""
+        self._unsynced, self._finished, self._deferred = [], [], []
+
     def defer(self, layer: int, indices: mx.array) -> None:
         """A lazy call's hits, counted without a host sync. With every expert resident nothing
         is ever evicted, so only the stats need them: one token's top-k are k distinct experts;

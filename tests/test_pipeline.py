@@ -425,3 +425,33 @@ def test_server_pipeline(models, tmp_path):
         reused["usage"]["prompt_tokens"] - 1
     assert code == 0, log.read_text()[-3000:]
     assert "exited with code" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_a_failed_pipeline_generation_evaluates_nothing_more(tiny_factory, monkeypatch):
+    """After a pipeline error (a lost peer) the generation's lazy graphs are dropped, not
+    evaluated: their receives wait on the lost peer forever (a CI run hung there). A generator
+    closed early is no failure: its graphs are settled as without a pipeline."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import hobbit_mlx
+    from hobbit_mlx.loader import runtime_of
+
+    _, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, progress=False)
+    rt = runtime_of(model)
+    cache = make_prompt_cache(model)
+    for t in (3, 9, 27):
+        model(mx.array([[t]]), cache=cache)  # left lazy, as a failed generation leaves it
+    assert rt._deferred or rt._unsynced or rt._finished
+    evaluated = []
+    monkeypatch.setattr(rt, "settle", lambda: evaluated.append("settle"))
+    monkeypatch.setattr(rt, "count_deferred", lambda n=None: evaluated.append("count"))
+    model._hobbit_pipeline = object()
+    hobbit_mlx._finish(model, GeneratorExit())
+    assert evaluated == ["settle", "count"]
+    evaluated.clear()
+    hobbit_mlx._finish(model, RuntimeError("[ring] connection to a peer was lost"))
+    assert evaluated == [] and not (rt._deferred or rt._unsynced or rt._finished)
+    del model._hobbit_pipeline
+    rt.close()
