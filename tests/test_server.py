@@ -497,6 +497,34 @@ def test_expert_store_failure_mid_stream_ends_the_stream_with_an_error_event(ser
     assert complete(client, "def add(a, b):", max_tokens=4)
 
 
+def test_shutdown_answers_waiting_and_running_requests_with_a_json_503(server, tmp_path):
+    """Ctrl-C while a reply streams and another request waits: the waiting one gets a JSON 503
+    at once, the streaming one an error event after the grace period (not uvicorn's plain-text
+    500, or a stream cut without an event), and the server exits 0."""
+    import signal
+
+    with _serving(tmp_path, server.store) as running:
+        own = openai.OpenAI(base_url=running.v1, api_key="unused", max_retries=0, timeout=120)
+        chunks = iter(own.completions.create(model=MODEL, prompt="import os\n", max_tokens=1000,
+                                             temperature=0, stream=True))
+        next(chunks)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(running.request, "/v1/completions",
+                                  {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 4})
+            deadline = time.monotonic() + 60
+            while running.stats()["requests_queued"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            running.proc.send_signal(signal.SIGINT)
+            status, body = waiting.result(timeout=60)
+        assert status == 503 and "shutting down" in body["error"]["message"], body
+        with pytest.raises(openai.APIError) as e:
+            for _ in chunks:
+                pass
+        assert "shutting down" in e.value.message and "after" in e.value.message
+        assert running.proc.wait(timeout=60) == 0
+    assert "Traceback" not in running.log()
+
+
 def test_one_log_line_per_request(server, client):
     chat(client, "def log_me():", max_tokens=5)
     lines = [l for l in server.log().splitlines() if "POST /v1/chat/completions 200 chatcmpl-" in l]

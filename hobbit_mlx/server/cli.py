@@ -146,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     log.info("serving %s (context limit %d tokens, set by the %s) at %s", model_id,
              worker.context_limit, worker.context_set_by, _url(sock))
-    server = uvicorn.Server(config)
-    worker.on_dead = lambda: setattr(server, "should_exit", True)
+    server = _server(config, worker)
+    worker.on_dead = lambda: server.handle_exit(signal.SIGTERM, None)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it handled again once it has stopped
@@ -157,6 +157,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if worker.error is not None:  # the pipeline broke (its log line gave the cause)
         raise cli.CLIError(f"the pipeline broke: {type(worker.error).__name__}: {worker.error}")
     return 0
+
+
+# of uvicorn's graceful shutdown (timeout_graceful_shutdown, 5 s): the part the request being
+# generated may still use to finish; the rest is for its 503 to reach the client
+SHUTDOWN_GRACE_S = 3.0
+
+
+def _server(config, worker):
+    """uvicorn's server, which tells the worker when it starts shutting down (Ctrl-C, SIGTERM,
+    a broken pipeline): the requests waiting for it are answered with a 503 at once, and the
+    one generating gets a few seconds before it is too. Otherwise each waited until uvicorn gave
+    up and cancelled it: a plain-text 500, or a stream cut without an event."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if not worker.closing:
+                log.info("shutting down: %d queued request(s) refused, the current one has "
+                         "%.0f s to finish", worker.queued, SHUTDOWN_GRACE_S)
+                worker.close_soon(SHUTDOWN_GRACE_S)
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def _watch(worker, args: argparse.Namespace) -> None:

@@ -80,6 +80,7 @@ class Job:
     cached_tokens: int = 0  # of the prompt, reused from the previous request's KV cache
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
+    shutdown: bool = False  # stopped because the server is shutting down (answered with a 503)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -152,6 +153,12 @@ def api_error(e: BaseException) -> ApiError:
     return ApiError(500, f"generation failed: {type(e).__name__}: {e}", code="internal_error")
 
 
+def _shutdown_error(job: Job, generated: int) -> ApiError:
+    done = f" after {generated} generated tokens" if generated else " before it started"
+    return ApiError(503, f"the server is shutting down: the request was stopped{done}",
+                    code="unavailable")
+
+
 class Worker:
     """Owns the model; ``load`` runs on its thread and returns ``(model, tokenizer)``."""
 
@@ -176,6 +183,8 @@ class Worker:
         self.lock = None
         self.heartbeat_s = 10.0  # rank 0 idle: how often it tells the others it is alive
         self.on_dead: Callable[[], None] | None = None  # the pipeline broke: stop serving
+        self.closing = False  # shutting down: no new job; the queued and running ones get 503
+        self.current: Job | None = None
 
     # --- called from other threads -----------------------------------------------------------
     def start(self) -> None:
@@ -194,21 +203,43 @@ class Worker:
         return self.jobs.qsize()
 
     def submit(self, job: Job) -> None:
+        if self.closing:
+            raise ApiError(503, "the server is shutting down", code="unavailable")
         if not self.alive:
             raise ApiError(503, "the generation thread is not running", code="unavailable")
         self.jobs.put(job)
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Let the current job finish, drop the queued ones, end the thread."""
+    def close_soon(self, grace_s: float) -> None:
+        """The server is shutting down: the queued requests are answered now with a 503, the
+        one generating gets ``grace_s`` to finish and is then stopped with a 503 (its client
+        gets a JSON error or a stream's error event, not a dropped connection or a plain-text
+        500 when the HTTP server gives up waiting)."""
+        self.closing = True
         while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.cancel()
-                job.emit(Finished("cancelled", None, None))
-        self.jobs.put(None)
+                self._stop_for_shutdown(job)
+                job.emit(Failed(_shutdown_error(job, 0)))
+        self.jobs.put(None)  # the thread ends after the current job
+        current = self.current
+        if current is not None:
+            timer = threading.Timer(grace_s, self._stop_for_shutdown, (current,))
+            timer.daemon = True
+            timer.start()
+
+    @staticmethod
+    def _stop_for_shutdown(job: Job) -> None:
+        if not job.cancelled.is_set():
+            job.shutdown = True
+            job.cancel()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Answer the queued jobs with a 503, stop the current one, end the thread."""
+        if not self.closing:
+            self.close_soon(0.0)
         if self.thread.is_alive():
             self.thread.join(timeout)
 
@@ -260,8 +291,10 @@ class Worker:
             rt.reader.close()
             return
         while (job := self._next_job()) is not None:
-            self.busy = True
+            self.busy, self.current = True, job
             try:
+                if self.closing:  # (taken from the queue as it was being emptied)
+                    self._stop_for_shutdown(job)
                 self._serve(job)
             except _PipelineBroken as e:  # the ranks' collectives no longer pair up
                 self.error = e.__cause__ or e
@@ -274,7 +307,7 @@ class Worker:
                 log.exception("generation thread: unexpected error")
                 job.emit(Failed(api_error(e)))
             finally:
-                self.busy = False
+                self.busy, self.current = False, None
         if self.lock is not None:  # the other ranks end too
             self.lock.broadcast({"op": "exit"})
             self.lock.pipe.barrier()
@@ -419,6 +452,8 @@ class Worker:
         """Count the request, write its log line, and tell its handler (in that order, so the
         line is written before the client has its answer)."""
         stats = end.stats
+        if job.shutdown and isinstance(end, Finished) and end.finish_reason == "cancelled":
+            end = Failed(_shutdown_error(job, stats["generation_tokens"] if stats else 0), stats)
         if isinstance(end, Failed):
             self.tally.record("failed", stats, id=job.id, error=end.error.message)
             head = f"{job.label} {end.error.status} {job.name} {end.error.type}: {end.error.message}"
