@@ -33,9 +33,30 @@ def cache_offset(cache) -> int | None:
 def trim(cache, n: int) -> int:
     """Trim ``n`` tokens from the caches that hold any; the number trimmed (as mlx-lm's
     ``trim_prompt_cache``, which reads it from the first layer's cache, empty on a pipeline
-    rank that does not run the first layer)."""
+    rank that does not run the first layer). The buffers are cut to what is left: mlx-lm's
+    trim only moves the offset, and the buffers a long sequence grew stayed allocated while the
+    budget planned the next, shorter one (a server over its budget by 1.07-1.34x)."""
     full = [c for c in cache if getattr(c, "offset", 1)]
-    return min([c.trim(n) for c in full] or [0])
+    trimmed = min([c.trim(n) for c in full] or [0])
+    for c in full:
+        release_past_offset(c)
+    return trimmed
+
+
+def release_past_offset(c) -> None:
+    """Copy a key-value cache's buffers (plain or quantized) down to the tokens it holds, and let
+    the larger ones go. Caches of other kinds are left as they are."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+
+    offset = getattr(c, "offset", None)
+    if not isinstance(offset, int) or getattr(c, "keys", None) is None:
+        return
+    if all(a.shape[2] <= offset for _, a in tree_flatten([c.keys, c.values])):
+        return
+    cut = lambda a: mx.contiguous(a[..., :offset, :])  # noqa: E731 - (a copy: a view holds all)
+    c.keys, c.values = tree_map(cut, c.keys), tree_map(cut, c.values)
+    mx.eval(c.keys, c.values)
 
 
 class PromptCache:

@@ -118,3 +118,30 @@ def test_a_call_far_past_the_probed_contexts_stays_within_its_reserve(kv_heavy, 
     finally:
         rt.measuring = False
         rt.close()
+
+
+def test_a_kept_cache_trimmed_after_a_long_sequence_stays_within_the_budget(kv_heavy):
+    """The server and the chat keep the last sequence's KV cache. A next prompt sharing only its
+    start trims it, and the next sequence is planned for its own short length: the buffers the
+    long one grew must go (mlx-lm's trim only moves the offset; a server went 1.07-1.34x over)."""
+    from hobbit_mlx.prompt_cache import PromptCache
+
+    probe, tok = hobbit_mlx.load(kv_heavy, exact=True, progress=False)
+    plan = runtime_of(probe).plan
+    runtime_of(probe).close()
+    prompt = tok.encode(PROMPT)
+    context = len(prompt) + NEW_TOKENS
+    budget = (plan.dense_bytes + plan.activation_for(1, context) + plan.kv_bytes(context)
+              + plan.all_high_bytes // 4)
+    model, tok = hobbit_mlx.load(kv_heavy, memory_budget=budget, exact=True, progress=False)
+    kept = PromptCache(model)
+    for full, new_tokens in ((prompt, NEW_TOKENS), (prompt[:2] + [7, 9, 11], 4)):
+        hobbit_mlx.reset_stats(model)
+        generated = [r.token for r in hobbit_mlx.stream_generate(
+            model, tok, kept.feed(full), max_tokens=new_tokens, prompt_cache=kept.cache,
+            logits_processors=[_no_eos(tok)])]
+        kept.finish(full, generated)
+        stats = hobbit_mlx.offload_stats(model)
+        assert stats["peak_memory_bytes"] <= stats["budget_bytes"], stats
+    assert len(kept.tokens) < 20  # the second sequence ran on the trimmed cache
+    runtime_of(model).close()
