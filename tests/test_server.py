@@ -498,9 +498,10 @@ def test_expert_store_failure_mid_stream_ends_the_stream_with_an_error_event(ser
 
 
 def test_shutdown_answers_waiting_and_running_requests_with_a_json_503(server, tmp_path):
-    """Ctrl-C while a reply streams and another request waits: the waiting one gets a JSON 503
+    """SIGTERM (or Ctrl-C) while a reply streams and another request waits: the waiting one gets a JSON 503
     at once, the streaming one an error event after the grace period (not uvicorn's plain-text
-    500, or a stream cut without an event), and the server exits 0."""
+    500, or a stream cut without an event), and the server exits 0 (not 143: uvicorn raises the
+    signal again once it has stopped)."""
     import signal
 
     with _serving(tmp_path, server.store) as running:
@@ -514,7 +515,7 @@ def test_shutdown_answers_waiting_and_running_requests_with_a_json_503(server, t
             deadline = time.monotonic() + 60
             while running.stats()["requests_queued"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            running.proc.send_signal(signal.SIGINT)
+            running.proc.send_signal(signal.SIGTERM)  # (what a service manager sends)
             status, body = waiting.result(timeout=60)
         assert status == 503 and "shutting down" in body["error"]["message"], body
         with pytest.raises(openai.APIError) as e:

@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -148,15 +149,30 @@ def main(argv: Sequence[str] | None = None) -> int:
              worker.context_limit, worker.context_set_by, _url(sock))
     server = _server(config, worker)
     worker.on_dead = lambda: server.handle_exit(signal.SIGTERM, None)
+    # uvicorn raises the signal it stopped on again once it has stopped: Ctrl-C comes back as a
+    # KeyboardInterrupt, and SIGTERM, at its default action, ended the process with status 143
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it handled again once it has stopped
+    except (KeyboardInterrupt, _Terminated):
         pass
     finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         worker.stop()
     if worker.error is not None:  # the pipeline broke (its log line gave the cause)
         raise cli.CLIError(f"the pipeline broke: {type(worker.error).__name__}: {worker.error}")
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM, after the server has stopped on it."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 # of uvicorn's graceful shutdown (timeout_graceful_shutdown, 5 s): the part the request being
