@@ -5,6 +5,7 @@ cache holds."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -397,6 +398,7 @@ def test_bad_requests_get_json_4xx_errors_and_the_server_goes_on(server, client)
     for path, body, status in [("/v1/completions", {"prompt": 5}, 400),
                                ("/v1/completions", {"prompt": [10**9]}, 400),
                                ("/v1/completions", {"prompt": ["a", "b"]}, 400),
+                               ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400),
                                ("/v1/no-such-endpoint", {}, 404)]:
         got, error = server.request(path, body)
         assert got == status and error["error"]["message"], (path, body, got, error)
@@ -410,6 +412,11 @@ def test_bad_requests_get_json_4xx_errors_and_the_server_goes_on(server, client)
         chat(client, "hi", max_tokens=-3)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=hi, max_tokens=2)
+    # a penalty's window past the context is the whole context (past 2^31 it was a 500)
+    assert chat(client, "def hello():", max_tokens=4, extra_body={
+        "repetition_penalty": 1.1, "repetition_context_size": 10**12})
+    got, error = server.request("/v1/chat/completions", b"null")
+    assert got == 400 and "not null" in error["error"]["message"]
     assert chat(client, "def hello():", max_tokens=4)  # still serving
     assert server.request("/health")[0] == 200
 
@@ -728,5 +735,17 @@ def test_the_models_own_context_caps_the_served_context(tmp_path):
         with pytest.raises(ApiError) as e:
             d.room(list(range(48)), gen, "prompt")
         assert "the model's context holds at most 48 tokens" in str(e.value)
+        # a text that cannot fit whatever its tokens is refused untokenized (megabytes took
+        # half a minute to tokenize, and every other request waited)
+        from hobbit_mlx.server.prompts import completion_tokens
+
+        def not_tokenized(*_a, **_k):
+            raise AssertionError("tokenized")
+
+        big = {"prompt": "x = 1\n" * 100_000}
+        with pytest.raises(ApiError, match=r"at least \d+ tokens \(600000 characters\)"):
+            asyncio.run(d.tokenize(not_tokenized, big, param="prompt"))
+        fits = asyncio.run(d.tokenize(completion_tokens, {"prompt": "x = 1\n"}, param="prompt"))
+        assert 0 < len(fits) < 48
     finally:
         worker.stop()

@@ -179,7 +179,7 @@ async def _prompt(d: Dispatcher, body: dict) -> tuple[list[int], bool, list | No
     tools (as functions)."""
     messages = anthropic_messages(body)
     tools = anthropic_tools(body)
-    tokens = await d.tokenize(chat_tokens, messages, d.template, tools=tools,
+    tokens = await d.tokenize(chat_tokens, messages, d.template, tools=tools, param="messages",
                               template_kwargs=Fields(body).object("chat_template_kwargs"))
     return tokens, messages[-1]["role"] == "assistant", tools
 

@@ -74,6 +74,18 @@ async def watching(request: Request, job: Job):
         task.cancel()
 
 
+def _text_chars(value: Any) -> int:
+    """Characters in the strings of a request's messages, tools or prompt (at least what the
+    rendered prompt holds, less the template's own text)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_chars(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_chars(v) for v in value)
+    return 0
+
+
 class Dispatcher:
     """Shared by every endpoint: the worker, the tokenizer, the defaults of the flags."""
 
@@ -93,8 +105,15 @@ class Dispatcher:
     def vocab_size(self) -> int:
         return self.worker.vocab_size
 
-    async def tokenize(self, fn: Callable[..., list[int]], *args, **kwargs) -> list[int]:
-        """``fn(tokenizer, *args)`` off the event loop (long prompts take a while)."""
+    async def tokenize(self, fn: Callable[..., list[int]], *args, param: str,
+                       **kwargs) -> list[int]:
+        """``fn(tokenizer, *args)`` off the event loop (long prompts take a while). A text too
+        long to fit whatever its tokens is refused before it is tokenized: tokenizing megabytes
+        took half a minute and a gigabyte or two, with every other request waiting on the lock."""
+        chars, longest = _text_chars((args, kwargs)), self.worker.max_token_chars
+        at_least = chars // (2 * longest) if longest else 0  # (2: what a normalizer may drop)
+        if at_least >= self.context_limit:
+            raise self._too_long(f"at least {at_least} tokens ({chars} characters)", param)
 
         def run() -> list[int]:
             with self._tokenizer_lock:
@@ -106,13 +125,16 @@ class Dispatcher:
         """Tokens the reply may take; a prompt that leaves none is refused before it is queued."""
         limit = self.context_limit
         if len(prompt) >= limit:
-            budget = format_size(self.worker.tally.budget_bytes)
-            holder = {"model": "the model's context", "budget": f"the memory budget of {budget}"
-                      }.get(self.worker.context_set_by, f"the memory {self.worker.context_set_by}")
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens, but {holder} holds at "
-                                f"most {limit} tokens (prompt and reply together)", param=param,
-                           code="context_length_exceeded")
+            raise self._too_long(f"{len(prompt)} tokens", param)
         return min(gen.max_tokens, limit - len(prompt))
+
+    def _too_long(self, size: str, param: str) -> ApiError:
+        budget = format_size(self.worker.tally.budget_bytes)
+        holder = {"model": "the model's context", "budget": f"the memory budget of {budget}"
+                  }.get(self.worker.context_set_by, f"the memory {self.worker.context_set_by}")
+        return ApiError(400, f"the prompt has {size}, but {holder} holds at most "
+                             f"{self.context_limit} tokens (prompt and reply together)",
+                        param=param, code="context_length_exceeded")
 
     async def run(self, request: Request, prompt: list[int], gen: Generation, fmt: Format,
                   param: str) -> Response:

@@ -204,7 +204,7 @@ async def chat_completions(request: Request) -> Response:
     messages = openai_messages(body)
     gen.continues = messages[-1]["role"] == "assistant"  # (a prefill: the reply continues it)
     tools = openai_tools(body)
-    prompt = await d.tokenize(chat_tokens, messages, d.template, tools=tools,
+    prompt = await d.tokenize(chat_tokens, messages, d.template, tools=tools, param="messages",
                               template_kwargs=Fields(body).object("chat_template_kwargs"))
     fmt = ChatFormat(d.model_id, gen, Reply(d.worker.tokenizer, prompt, tools))
     return await d.run(request, prompt, gen, fmt, "messages")
@@ -217,7 +217,10 @@ async def completions(request: Request) -> Response:
     gen = openai_generation(body, d.defaults, d.context_limit, d.vocab_size, chat=False)
     if Fields(body).boolean("echo", False):
         raise bad_request("echo is not supported", "echo")
+    if Fields(body).string("suffix"):  # (fill-in-the-middle: the prompt alone would be wrong)
+        raise bad_request("suffix is not supported: this server completes the prompt only",
+                          "suffix")
     gen.continues = True
-    prompt = await d.tokenize(completion_tokens, body)
+    prompt = await d.tokenize(completion_tokens, body, param="prompt")
     fmt = CompletionFormat(d.model_id, gen)
     return await d.run(request, prompt, gen, fmt, "prompt")

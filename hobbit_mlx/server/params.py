@@ -146,7 +146,8 @@ def _finite(value: Any, name: str) -> float:
 
 def _kind(value: Any) -> str:
     return {bool: "a boolean", str: "a string", list: "a list", dict: "an object",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+            int: "an integer", float: "a number", type(None): "null"}.get(type(value),
+                                                                          type(value).__name__)
 
 
 def max_tokens_field(f: Fields, names: tuple[str, ...], default: int | None,
@@ -185,9 +186,14 @@ def logit_bias_field(f: Fields, vocab_size: int) -> dict[int, float] | None:
     return out
 
 
-def sampling_fields(f: Fields, d: Defaults, vocab_size: int) -> Sampling:
-    """mlx-lm's sampling and logits-processor fields."""
+def sampling_fields(f: Fields, d: Defaults, vocab_size: int, context_limit: int) -> Sampling:
+    """mlx-lm's sampling and logits-processor fields. A penalty's window longer than the context
+    is the whole context (mlx-lm slices the tokens with it: past 2^31 it failed, a 500)."""
     top_k = f.integer("top_k", d.top_k, lo=0)
+
+    def window(name: str, default: int) -> int:
+        return min(f.integer(name, default, lo=0), context_limit)
+
     return Sampling(
         temperature=f.number("temperature", d.temperature, lo=0),
         top_p=f.number("top_p", d.top_p, lo=0, hi=1),
@@ -197,11 +203,11 @@ def sampling_fields(f: Fields, d: Defaults, vocab_size: int) -> Sampling:
         xtc_probability=f.number("xtc_probability", d.xtc_probability, lo=0, hi=1),
         xtc_threshold=f.number("xtc_threshold", d.xtc_threshold, lo=0, hi=0.5),
         repetition_penalty=f.number("repetition_penalty", d.repetition_penalty, lo=0) or None,
-        repetition_context_size=f.integer("repetition_context_size", d.repetition_context_size, lo=0),
+        repetition_context_size=window("repetition_context_size", d.repetition_context_size),
         presence_penalty=f.number("presence_penalty", None, lo=-2, hi=2) or None,
-        presence_context_size=f.integer("presence_context_size", 20, lo=0),
+        presence_context_size=window("presence_context_size", 20),
         frequency_penalty=f.number("frequency_penalty", None, lo=-2, hi=2) or None,
-        frequency_context_size=f.integer("frequency_context_size", 20, lo=0),
+        frequency_context_size=window("frequency_context_size", 20),
         logit_bias=logit_bias_field(f, vocab_size),
         seed=f.integer("seed", d.seed, lo=0, hi=MAX_SEED),
     )
@@ -233,7 +239,8 @@ def openai_generation(body: dict, d: Defaults, context_limit: int, vocab_size: i
         top = top or 0
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     return Generation(max_tokens=max_tokens_field(f, names, d.max_tokens, context_limit),
-                      sampling=sampling_fields(f, d, vocab_size), stop=f.strings("stop"),
+                      sampling=sampling_fields(f, d, vocab_size, context_limit),
+                      stop=f.strings("stop"),
                       stream=stream, include_usage=include_usage, logprobs=logprobs,
                       top_logprobs=top)
 
@@ -243,7 +250,7 @@ def anthropic_generation(body: dict, d: Defaults, context_limit: int,
     """The generation settings of a ``/v1/messages`` body (``max_tokens`` is required there)."""
     f = Fields(body)
     return Generation(max_tokens=max_tokens_field(f, ("max_tokens",), None, context_limit),
-                      sampling=sampling_fields(f, d, vocab_size),
+                      sampling=sampling_fields(f, d, vocab_size, context_limit),
                       stop=f.strings("stop_sequences"),
                       stream=f.boolean("stream", False))
 

@@ -139,6 +139,15 @@ def vocab_size(model, tokenizer) -> int:
     return min(len(tokenizer), logits) if isinstance(logits, int) else len(tokenizer)
 
 
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the vocabulary's longest token as written in it (one per byte for byte-level
+    BPE, so at least the text it stands for); 0 when the tokenizer does not list its vocabulary."""
+    try:
+        return max(map(len, tokenizer.get_vocab()), default=0)
+    except (AttributeError, TypeError):
+        return 0
+
+
 def api_error(e: BaseException) -> ApiError:
     """The HTTP error for a failure during generation."""
     if isinstance(e, ContextBudgetError) or "ContextBudgetError" in getattr(e, "error_types", ()):
@@ -177,6 +186,7 @@ class Worker:
         self.model = self.tokenizer = None
         self.context_limit, self.context_set_by = 0, "budget"
         self.vocab_size = 0  # token ids a request may name (logit_bias)
+        self.max_token_chars = 0  # characters of the vocabulary's longest token (0: unknown)
         self.model_dir = None
         self.tally: Tally | None = None
         # with a pipeline (--pipeline): rank 0 serves and tells the other ranks what to generate
@@ -265,6 +275,7 @@ class Worker:
             self.model_dir = rt.model_dir
             self.context_limit, self.context_set_by = context_limit(rt)
             self.vocab_size = vocab_size(self.model, self.tokenizer)
+            self.max_token_chars = longest_token_chars(self.tokenizer)
             self._special = list(self.tokenizer.encode("\n")) + list(self.tokenizer.eos_token_ids)
             self._stream = _own_stream()
             pipe = pipeline_of(self.model)
