@@ -328,6 +328,23 @@ def test_anthropic_tool_use_and_thinking_blocks(served):
     assert _claude(served, CALL, tools=None).content[0].text == CALL  # no tools: text
 
 
+def test_anthropic_thinking_switches_the_templates_thinking(served):
+    """Anthropic's ``thinking`` reaches the template as ``enable_thinking`` (it was ignored)."""
+    def prompt_after(**kw) -> str:
+        _claude(served, "Sunny.", tools=None, **kw)
+        return served.tokenizer.decode(served.prompts[-1])
+
+    assert prompt_after(thinking={"type": "disabled"}).endswith("<think>\n\n</think>\n\n")
+    assert "</think>" not in prompt_after(thinking={"type": "enabled", "budget_tokens": 1024})
+    assert "</think>" not in prompt_after()
+    # the request's own chat_template_kwargs win
+    assert "</think>" not in prompt_after(thinking={"type": "disabled"}, extra_body={
+        "chat_template_kwargs": {"enable_thinking": True}})
+    r = served.http.post("/v1/messages", json={"messages": HI, "max_tokens": 4,
+                                               "thinking": {"type": "sometimes"}})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("thinking.type")
+
+
 def test_anthropic_stop_sequence_only_when_it_ended_the_reply(served):
     message = _claude(served, f"{CALL}\nEND and more", stop_sequences=["END"])
     assert message.stop_reason == "tool_use" and message.stop_sequence is None

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .dispatch import Dispatcher, read_json, sse
-from .errors import ApiError
+from .errors import ApiError, bad_request
 from .params import Fields, Generation, anthropic_generation, check_body, check_model
 from .prompts import anthropic_messages, anthropic_tools, chat_tokens
 from .replies import Part, Reply, split_reply
@@ -174,13 +174,28 @@ class MessagesFormat:
         return [sse(error.anthropic_body(), "error")]
 
 
+def _template_kwargs(body: dict) -> dict | None:
+    """``chat_template_kwargs``, with Anthropic's ``thinking`` (enabled or disabled) as the chat
+    template's ``enable_thinking`` (Qwen3's and its kind's switch; a template without one
+    ignores it) unless the kwargs set that themselves. ``budget_tokens`` is not enforced."""
+    kwargs = Fields(body).object("chat_template_kwargs")
+    thinking = Fields(body).object("thinking")
+    if thinking is None:
+        return kwargs
+    kind = thinking.get("type")
+    if kind not in ("enabled", "disabled"):
+        raise bad_request(f"thinking.type must be 'enabled' or 'disabled', not {kind!r}",
+                          "thinking")
+    return {"enable_thinking": kind == "enabled", **(kwargs or {})}
+
+
 async def _prompt(d: Dispatcher, body: dict) -> tuple[list[int], bool, list | None]:
     """The prompt's tokens, whether the reply continues its last (assistant) message, and the
     tools (as functions)."""
     messages = anthropic_messages(body)
     tools = anthropic_tools(body)
     tokens = await d.tokenize(chat_tokens, messages, d.template, tools=tools, param="messages",
-                              template_kwargs=Fields(body).object("chat_template_kwargs"))
+                              template_kwargs=_template_kwargs(body))
     return tokens, messages[-1]["role"] == "assistant", tools
 
 
