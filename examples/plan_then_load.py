@@ -5,8 +5,10 @@
 
 ``hobbit_mlx.plan.plan_model`` reads only config.json and the safetensors headers (a hub id:
 through the Hugging Face cache or the hub's metadata calls, no weights), like
-``python -m hobbit_mlx.plan MODEL``. Here the budget is the minimum plus room for about
-``--residency`` of the 4-bit experts.
+``python -m hobbit_mlx.plan MODEL``. Here the budget is the one the plan says keeps about
+``--residency`` of the 4-bit experts resident beside a context of 1,024 tokens (the plan's
+default): the minimum holds only a first KV step, so the minimum plus that share of the experts'
+bytes would keep fewer resident.
 """
 
 import argparse
@@ -35,6 +37,12 @@ def main() -> None:
 
     budget = int(plan["minimum_budget_bytes"] + args.residency * plan["expert_bytes_high"])
     chosen = plan_model(model_id, budget)
+    for _ in range(8):  # the KV reserve and the pools' granularity take their share: top up
+        short = args.residency - chosen["resident_share_high"]
+        if short <= 0.01:
+            break
+        budget += int(short * plan["expert_bytes_high"]) + 1
+        chosen = plan_model(model_id, budget)
     print(f"loading with {format_size(budget)}: about {100 * chosen['resident_share_high']:.0f}% of "
           f"the 4-bit experts resident")
     model, tokenizer = hobbit_mlx.load(model_id, memory_budget=budget)

@@ -115,6 +115,9 @@ def build_model(config: dict) -> nn.Module:
     mlx-lm initialises parameters lazily, so the random initial values are never computed as long
     as nothing evaluates them: building even a huge model here costs no memory.
     """
+    if not config.get("model_type"):
+        raise UnsupportedModelError("config.json has no model_type: it is not a model's "
+                                    "configuration (mlx-lm picks the architecture by it)")
     try:
         model_class, args_class = _get_classes(config)
     except ValueError as e:

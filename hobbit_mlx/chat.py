@@ -25,9 +25,6 @@ from .prompt_cache import PromptCache
 PROMPT = ">> "
 HELP = ("commands: q or exit: quit   r: reset the conversation   h: this help   "
         "s: offload statistics")
-_COUNTERS = ("expert_requests", "hits_high", "hits_low", "misses_high", "misses_low", "skipped",
-             "bytes_read", "prefetch_issued", "prefetch_used", "layer_calls", "host_syncs",
-             "read_wait_s")
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -53,6 +50,7 @@ class Conversation:
         self.messages: list[dict] = []
         if self.args.system_prompt is not None:
             self.messages.append({"role": "system", "content": self.args.system_prompt})
+        self.plain: list[list[int]] = []  # without a template: each turn's tokens, in order
         self._kept = PromptCache(self.model)
 
     @property
@@ -77,7 +75,27 @@ class Conversation:
                 raise cli.CLIError(f"the chat template failed: {type(e).__name__}: {e}") from None
             return list(tok.encode(text, add_special_tokens=False))
         # No template: the conversation is plain text, one turn after the other.
-        return self.cached + list(tok.encode(query + "\n", add_special_tokens=not self.cached))
+        return self._plain_tokens() + list(tok.encode(query + "\n",
+                                                      add_special_tokens=not self.plain))
+
+    def _plain_tokens(self) -> list[int]:
+        return [t for turn in self.plain for t in turn]
+
+    def fit(self, query: str, limit: int, reply_room: int) -> int:
+        """Drop the oldest turns until the conversation and ``reply_room`` tokens fit the
+        ``limit`` the budget holds (the system prompt stays); how many were dropped. Without it
+        a conversation that outgrew the budget failed on every turn until reset."""
+        dropped = 0
+        while len(self._render(query)) + reply_room > limit:
+            if self.plain:
+                self.plain.pop(0)
+            elif len(self.messages) >= 2 and self.messages[-1]["role"] == "assistant":
+                first = 1 if self.messages[0]["role"] == "system" else 0
+                del self.messages[first:first + 2]  # (a user message and its reply)
+            else:
+                break
+            dropped += 1
+        return dropped
 
     def prepare(self, query: str) -> tuple[list[int], list[int]]:
         """(all tokens of the conversation, the suffix the model still has to process)."""
@@ -92,6 +110,8 @@ class Conversation:
     def finish(self, query: str, full: list[int], reply: str, generated: list[int]) -> None:
         self.messages.append({"role": "user", "content": query})
         self.messages.append({"role": "assistant", "content": reply})
+        if not self.tokenizer.has_chat_template:
+            self.plain.append(list(full[len(self._plain_tokens()):]) + list(generated))
         self.finish_tokens(full, generated)
 
     def finish_tokens(self, full: list[int], generated: list[int]) -> None:
@@ -99,21 +119,28 @@ class Conversation:
         self._kept.finish(full, generated)
 
     def invalidate(self) -> None:
-        """The cache may hold a half-run step: the next turn rebuilds it from the messages."""
+        """The cache may hold a half-run step: the next turn rebuilds it from the messages (or
+        the plain turns' tokens)."""
         self._kept.reset()
 
 
 class Tally:
-    """Offload statistics added up over turns (each turn resets the model's counters)."""
+    """Offload statistics added up over turns (each turn resets the model's counters): the
+    runtime's counters, summed, give every line of the report, rates included."""
 
-    def __init__(self):
-        self.total = {k: 0 for k in _COUNTERS}
-        self.total.update(peak_memory_bytes=0, prompt_tokens=0, generation_tokens=0, turns=0,
+    def __init__(self, model):
+        from .runtime import OffloadStats
+
+        self.model = model
+        self.counters = OffloadStats()
+        self.total = dict(peak_memory_bytes=0, prompt_tokens=0, generation_tokens=0, turns=0,
                           prompt_s=0.0, generation_s=0.0)
 
     def add(self, stats: dict) -> None:
-        for k in _COUNTERS:
-            self.total[k] += stats.get(k, 0)
+        """A turn ended (``stats``: its report; the runtime still holds its counters)."""
+        import hobbit_mlx
+
+        self.counters.add(hobbit_mlx.runtime_of(self.model).stats)
         self.total["peak_memory_bytes"] = max(self.total["peak_memory_bytes"],
                                               stats.get("peak_memory_bytes", 0))
         self.total["turns"] += 1
@@ -124,15 +151,14 @@ class Tally:
         if stats.get("generation_tps"):
             self.total["generation_s"] += stats["generation_tokens"] / stats["generation_tps"]
 
-    def report(self, model) -> dict:
+    def report(self) -> dict:
         import hobbit_mlx
 
-        s = hobbit_mlx.offload_stats(model)  # for the current residency, budget and so on
-        s.update(self.total)
-        s["peak_memory_bytes"] = max(self.total["peak_memory_bytes"], s.get("peak_memory_bytes", 0))
-        served = s["hits_high"] + s["hits_low"]
-        s["hit_rate"] = served / s["expert_requests"] if s["expert_requests"] else 0.0
+        s = hobbit_mlx.offload_stats(self.model, self.counters)
         t = self.total
+        # (before any turn the peak is what the model holds: its dense weights)
+        peak = max(t["peak_memory_bytes"], s["peak_memory_bytes"], s["active_memory_bytes"])
+        s.update(t, peak_memory_bytes=peak)
         s["prompt_tps"] = t["prompt_tokens"] / t["prompt_s"] if t["prompt_s"] else 0.0
         s["generation_tps"] = t["generation_tokens"] / t["generation_s"] if t["generation_s"] else 0.0
         s["wall_s"] = t["prompt_s"] + t["generation_s"]
@@ -165,6 +191,7 @@ def _read(tty: bool) -> str | None:
     except EOFError:
         print()
         return None
+    line = cli.clean_text(line)
     if not tty:
         print(line)  # echo piped input so the transcript reads like a session
     return line
@@ -233,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sampler = cli.make_sampler(args, tokenizer)
     conv = Conversation(model, tokenizer, args)
-    tally = Tally()
+    tally = Tally(model)
+    limit = hobbit_mlx.runtime_of(model).plan.longest_context
     while True:
         try:
             with pipe.waiting() if pipe is not None else contextlib.nullcontext():
@@ -258,11 +286,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(HELP, flush=True)
             continue
         if command == "s":
-            for line in cli.format_report(tally.report(model)):
+            for line in cli.format_report(tally.report()):
                 print(line)
             sys.stdout.flush()
             continue
 
+        room = min(args.max_tokens if args.max_tokens > 0 else limit, limit // 2)
+        dropped = conv.fit(query, limit, room)
+        if dropped:
+            print(f"[hobbit_mlx] dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}: "
+                  f"the conversation outgrew the {limit} tokens the memory budget holds",
+                  file=sys.stderr, flush=True)
         full, feed = conv.prepare(query)
         hobbit_mlx.reset_stats(model)
         generated: list[int] = []
@@ -298,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # the conversation outgrew the budget (of some rank)
             if lock is not None and lock.started:
                 raise
-            print(f"\n[hobbit_mlx] {e}; 'r' resets the conversation", file=sys.stderr, flush=True)
+            print(flush=True)  # (the partial reply's line ends on stdout too)
+            print(f"[hobbit_mlx] {e}; the next turn drops the oldest turns to fit, 'r' resets "
+                  "the conversation", file=sys.stderr, flush=True)
             conv.finish(query, full, "".join(pieces), generated)
             conv.invalidate()
             tally.add(_stopped_turn_stats(model, last, t0))

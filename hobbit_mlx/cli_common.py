@@ -648,6 +648,16 @@ def format_rank(s: dict) -> str:
             f"{100.0 * s.get('hit_rate', 0.0):.1f}%, read {format_size(s.get('bytes_read', 0))}")
 
 
+def clean_text(text: str) -> str:
+    """Text the tokenizer takes: bytes that are not UTF-8 (a terminal, a pipe or argv give them
+    to Python as lone surrogates, and the tokenizer failed on them) become U+FFFD."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # (a surrogate that does not stand for a byte)
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
 def format_report(s: dict) -> list[str]:
     lines = [
         f"Prompt: {s['prompt_tokens']} tokens, {s['prompt_tps']:.3f} tokens-per-sec",

@@ -70,6 +70,7 @@ def build_prompt(args: argparse.Namespace, tokenizer) -> list[int]:
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     if prompt == "-":
         prompt = sys.stdin.read()
+    prompt = cli.clean_text(prompt)
     if args.use_default_chat_template:
         cli.use_default_template(tokenizer)
     use_chat_template = not args.ignore_chat_template and tokenizer.has_chat_template

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import hashlib
 import os
@@ -20,7 +21,7 @@ from .budget import BudgetPlan, format_size, gpu_working_set_bytes, plan_budget
 from .cache import SlotCache
 from .measure import kv_bytes_by_layer, measured_activations
 from .offload import bind, install
-from .runtime import OffloadRuntime
+from .runtime import OffloadRuntime, OffloadStats
 from .options import DEFAULT_PREFETCH_SCRATCH, MAX_PREFETCH_WIDTH, LoadOptions
 from .policies import check_policy_options, make_policy
 from .pool_plan import apply_plan, follow_sequence, make_pools
@@ -402,13 +403,14 @@ def runtime_of(model: nn.Module) -> OffloadRuntime:
     return rt
 
 
-def offload_stats(model: nn.Module) -> dict:
-    """Counters since the last reset, plus the cache's and MLX's memory right now."""
+def offload_stats(model: nn.Module, counters: OffloadStats | None = None) -> dict:
+    """Counters since the last reset (or ``counters``: a chat session's totals), and the rates
+    drawn from them, plus the cache's and MLX's memory right now."""
     rt = runtime_of(model)
     plan: BudgetPlan = rt.plan
     rt.wait_idle()
     rt.count_deferred()
-    s = dict(vars(rt.stats))
+    s = copy.deepcopy(vars(counters if counters is not None else rt.stats))
     s.update(policy=rt.cache.policy.name, resident_expert_bytes=rt.cache.resident_bytes,
              resident_experts=len(rt.cache),
              expert_cache_bytes=plan.expert_cache_bytes, peak_memory_bytes=mx.get_peak_memory(),

@@ -67,6 +67,17 @@ class OffloadStats:
         for f in fields(self):
             setattr(self, f.name, type(getattr(self, f.name))())
 
+    def add(self, other: "OffloadStats") -> None:
+        """Add ``other``'s counters to these (a session's totals over its turns)."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):  # distance -> a tuple of counts
+                for key, counts in theirs.items():
+                    mine[key] = tuple(a + b for a, b in zip(mine.get(key, (0,) * len(counts)),
+                                                            counts))
+            else:
+                setattr(self, f.name, mine + theirs)
+
 
 class OffloadRuntime:
     """What every offloaded layer of one model shares: store reader, cache, stats, options."""

@@ -241,9 +241,12 @@ def test_chat_turn_stopped_by_the_budget_still_counts(model_dir, env):
     # (the minimum is measured in each process: a margin over it)
     budget = int(hobbit_mlx.footprint(model_dir)["minimum_budget_bytes"] * 1.1)
     p = run(env, "chat", "--model", model_dir, "--memory-budget", budget, "--max-tokens", 5000,
-            "--quiet-report", stdin="hello\ns\nq\n")
+            "--quiet-report", stdin="hello\nagain\ns\nq\n")
     assert p.returncode == 0, p.stderr
     assert "resets the conversation" in p.stderr, p.stderr
+    # the next turn drops the turn that outgrew the budget and runs (each failed at once)
+    assert "dropped the 1 oldest turn" in p.stderr, p.stderr
+    assert "\n>> again\n" in p.stdout  # (the stopped reply's line ended on stdout too)
     requests = re.search(r"Experts: (\d+) requests", p.stdout)
     generated = re.search(r"Generation: (\d+) tokens", p.stdout)
     assert requests and int(requests.group(1)) > 0, p.stdout
@@ -291,6 +294,83 @@ def test_chat_cache_reuse_matches_fresh_prefill(model_dir):
         assert [r.token for r in got] == ref
         conv.finish(query, full, "".join(r.text for r in got), [r.token for r in got])
         assert len(conv.cached) > 0
+
+
+def _chat_session(model_dir, *flags):
+    from hobbit_mlx import chat, cli_common
+
+    args = chat.setup_arg_parser().parse_args(["--model", str(model_dir), *flags])
+    cli_common.check_args(args)
+    model, tokenizer, _ = cli_common.load_model(args)
+    return chat.Conversation(model, tokenizer, args), cli_common.make_sampler(args, tokenizer)
+
+
+def _turn(conv, sampler, query: str, stopped: bool = False) -> list[int]:
+    import hobbit_mlx
+
+    full, feed = conv.prepare(query)
+    got = list(hobbit_mlx.stream_generate(conv.model, conv.tokenizer, feed, max_tokens=4,
+                                          sampler=sampler, prompt_cache=conv.cache))
+    conv.finish(query, full, "".join(r.text for r in got), [r.token for r in got])
+    if stopped:  # as Ctrl-C or the budget leave it
+        conv.invalidate()
+    return full + [r.token for r in got]
+
+
+def test_chat_without_a_template_keeps_its_history_when_a_turn_is_stopped(model_dir):
+    """Without a chat template the conversation was the cache's tokens: a turn stopped by
+    Ctrl-C or the budget emptied it, and the next turn silently ran without the history. Old
+    turns are dropped whole when the conversation outgrows the budget's context."""
+    conv, sampler = _chat_session(model_dir, "--expert-residency", "1")
+    conv.tokenizer.has_chat_template = False  # (as mlx-lm sets it for a model without one)
+    first = _turn(conv, sampler, "hello there", stopped=True)
+    full, feed = conv.prepare("and then?")
+    assert full[:len(first)] == first and feed == full  # the history, prefilled again
+    second = _turn(conv, sampler, "and then?")
+    assert conv.fit("ok", limit=len(second), reply_room=4) == 1
+    full, _ = conv.prepare("ok")
+    assert full[:len(second) - len(first)] == second[len(first):]
+
+
+def test_chat_fit_drops_the_oldest_exchanges_and_keeps_the_system_prompt(model_dir):
+    conv, sampler = _chat_session(model_dir, "--expert-residency", "1",
+                                  "--system-prompt", "You are tiny.")
+    for query in ("one", "two", "three"):
+        _turn(conv, sampler, query)
+    before = len(conv.prepare("four")[0])
+    assert conv.fit("four", limit=before - 1, reply_room=0) == 1
+    assert [m["content"] for m in conv.messages if m["role"] != "assistant"] == \
+        ["You are tiny.", "two", "three"]
+    assert conv.fit("four", limit=10 ** 6, reply_room=0) == 0
+
+
+def test_chat_report_sums_every_counter_over_the_turns(model_dir):
+    """'s' reported some lines (big-little, prefetch rates) from the last turn only."""
+    import hobbit_mlx
+    from hobbit_mlx import chat
+
+    conv, sampler = _chat_session(model_dir, "--expert-residency", "0.5")
+    tally = chat.Tally(conv.model)
+    assert tally.report()["peak_memory_bytes"] > 0  # before any turn: what the model holds
+    routed = 0
+    for query in ("one two three", "four five"):
+        hobbit_mlx.reset_stats(conv.model)
+        _turn(conv, sampler, query)
+        turn = hobbit_mlx.offload_stats(conv.model)
+        routed += turn["routed_tokens"]
+        tally.add(turn)
+    report = tally.report()
+    assert report["routed_tokens"] == routed > 0
+    served = report["hits_high"] + report["hits_low"]
+    assert report["hit_rate"] == served / (served + report["misses_high"] + report["misses_low"])
+
+
+def test_clean_text_replaces_bytes_that_are_not_utf8():
+    from hobbit_mlx.cli_common import clean_text
+
+    raw = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # (stdin, argv)
+    assert clean_text(raw) == "caf\ufffd au lait"
+    assert clean_text("caf\u00e9 \ud800") == "caf\u00e9 ?"
 
 
 def test_importing_the_cli_keeps_the_generate_function(model_dir):
