@@ -36,6 +36,7 @@ if __package__ in (None, ""):
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import arguments  # noqa: E402
 from bench.harness import CONFIGS, topk_bytes_per_token  # noqa: E402
 from bench.workload import heldout_texts, resolve_model_paths  # noqa: E402
 
@@ -130,11 +131,11 @@ def write_results(out_dir: Path, name: str, rows: list[dict], *, runs: int, head
         lines.append(f"| {r['config']} | {r['residency']:.1%} | {r['tps']:.3g} | "
                      f"{'n/a' if r['x_lru'] is None else format(r['x_lru'], '.2f')} | "
                      f"{r['x_mlx_lm']:.2f} | {r['bytes'] / 1024:.0f} | "
-                     f"{r['prefetch_bytes'] / 1024:.0f} | {r['prefetch_used']:.2f} / "
-                     f"{r['prefetch_issued']:.2f} | {r['misses_high']:.2f} | "
+                     f"{r['prefetch_bytes'] / 1024:.0f} | {_guesses(r)} | {r['misses_high']:.2f} | "
                      f"{r['misses_low']:.2f} | {r['skipped']:.2f} | {r['ppl_x']:.3f} | "
                      f"{r['top1_agree']:.3f} |")
-    lines += ["", "Configurations: " + "; ".join(f"**{n}** `{json.dumps(k)}`" for n, k in configs)]
+    lines += ["", "Guesses used / read: prefetch guesses per decoded token (n/a: nothing "
+              "prefetched).", "", "Configurations: " + "; ".join(f"**{n}** `{json.dumps(k)}`" for n, k in configs)]
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, data in ((out_dir / f"{name}.md", text),
@@ -147,18 +148,29 @@ def write_results(out_dir: Path, name: str, rows: list[dict], *, runs: int, head
     return text
 
 
+def _guesses(r: dict) -> str:
+    """Prefetch guesses used / read per token; n/a when nothing was prefetched."""
+    if not r["prefetch_issued"]:
+        return "n/a"
+    return f"{r['prefetch_used']:.2f} / {r['prefetch_issued']:.2f}"
+
+
+@arguments.refuse_bad_input
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--residencies", default="0.5,0.25,0.125")
-    ap.add_argument("--configs", default="lru,exact-default,default")
+    ap.add_argument("--model", default=None, type=arguments.model_dir)
+    ap.add_argument("--residencies", default="0.5,0.25,0.125", type=arguments.residencies)
+    ap.add_argument("--configs", default="lru,exact-default,default",
+                    help="harness configurations (bench/harness.py CONFIGS)")
     ap.add_argument("--config", action="append", default=[],
                     help="NAME=JSON: an extra configuration (hobbit_mlx.load options)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=256, help="tokens decoded per piece")
     ap.add_argument("--pieces", type=int, default=2)
-    ap.add_argument("--storage", default="mac-like")
-    ap.add_argument("--ratio", type=float, default=None, help="mac-like read/compute ratio")
+    ap.add_argument("--storage", default="mac-like", type=arguments.storage("mac-like", "warm"),
+                    help="mac-like, warm or a simulated device such as 50MB/s")
+    ap.add_argument("--ratio", type=arguments.positive, default=None,
+                    help="mac-like read/compute ratio (default 12)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default=None)
     args = ap.parse_args(argv)
@@ -168,12 +180,31 @@ def main(argv=None) -> int:
     from hobbit_mlx.loader import compute_dtype
     from hobbit_mlx.storage import MAC_READ_RATIO, mac_like, parse_storage
 
+    if args.ratio is not None and args.storage != "mac-like":
+        ap.error("--ratio goes with --storage mac-like")
+    for flag, value in (("--tokens", args.tokens), ("--prompt-tokens", args.prompt_tokens),
+                        ("--pieces", args.pieces)):
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, not {value}")
     known = dict(CONFIGS)
-    configs = [(c, known[c]) for c in args.configs.split(",") if c]
+    want = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in want if c not in known]
+    if unknown:
+        ap.error(f"unknown configuration(s) {unknown}; known: {list(known)}")
+    configs = [(c, known[c]) for c in want]
     for spec in args.config:
         name, _, text = spec.partition("=")
-        configs.append((name, json.loads(text)))
-    residencies = [float(r) for r in args.residencies.split(",")]
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as e:
+            ap.error(f"--config {spec!r}: NAME=JSON, and the JSON does not read ({e})")
+        if not name or not isinstance(options, dict):
+            ap.error(f"--config {spec!r}: NAME=JSON, the JSON an object of hobbit_mlx.load options")
+        configs.append((name, options))
+    if not configs:
+        ap.error("no configuration to run (--configs, --config)")
+    residencies = args.residencies
+    out_dir = arguments.out_dir(ap, args.out)
     paths = resolve_model_paths(args.model)
     base, tokenizer = mlx_lm.load(str(paths.src))
     if compute_dtype() is not None:
@@ -183,14 +214,14 @@ def main(argv=None) -> int:
     ref = run_pieces(base, pieces, args.prompt_tokens)
     ref_ppl = math.exp(-ref["ll"].mean())
     if args.storage == "mac-like":
-        ratio = args.ratio or MAC_READ_RATIO
+        ratio = MAC_READ_RATIO if args.ratio is None else args.ratio
         storage = mac_like(topk_bytes_per_token(paths.hobbit), 1.0 / ref["tps"], ratio=ratio)
     else:
         storage = parse_storage(None if args.storage == "warm" else args.storage)
     print(f"mlx-lm: {ref['tps']:.1f} tok/s, decode ppl {ref_ppl:.3f}; storage "
           f"{storage.describe() if storage else 'warm page cache'}", file=sys.stderr)
 
-    stem = args.name or f"forced-{paths.name}-{args.storage}"
+    stem = args.name or f"forced-{paths.name}-{args.storage}".replace("/", "-")
     head = [f"# Teacher-forced decode: {paths.name}, {args.storage} storage", "",
             f"Command: `python bench/forced_decode.py {' '.join(argv or sys.argv[1:])}`", "",
             f"- {len(pieces)} held-out piece(s): {args.prompt_tokens}-token prompt, then "
@@ -215,10 +246,10 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name:>24} {residency:>5}: {out['tps']:6.1f} tok/s  x lru "
                   f"{row['x_lru'] or float('nan'):.2f}  KiB/token {row['bytes'] / 1024:6.0f}  "
-                  f"(prefetch {row['prefetch_bytes'] / 1024:4.0f}, used {row['prefetch_used']:.2f} "
-                  f"of {row['prefetch_issued']:.2f})  "
+                  f"(prefetch {row['prefetch_bytes'] / 1024:4.0f}, used / read "
+                  f"{_guesses(row)})  "
                   f"ppl x {row['ppl_x']:.3f}  top-1 {row['top1_agree']:.3f}", file=sys.stderr)
-            text = write_results(Path(args.out), stem, rows,
+            text = write_results(out_dir, stem, rows,
                                  runs=len(residencies) * len(configs), head=head,
                                  configs=configs, json_extra=json_extra)
 

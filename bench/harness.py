@@ -60,6 +60,7 @@ if __package__ in (None, ""):
 
 import mlx.core as mx  # noqa: E402
 
+from bench import arguments  # noqa: E402
 from bench import replay as rp  # noqa: E402
 from bench import trace as tr  # noqa: E402
 from bench.workload import (DEFAULT_WORKLOAD, QUICK_WORKLOAD, RESULTS, Workload,  # noqa: E402
@@ -737,15 +738,24 @@ def _res_label(r: dict) -> str:
     return "-"
 
 
+def routing_note(routing: str) -> str:
+    """What a hit rate's label says of the model's routing: random only when its marker says
+    so (``workload.MARKER``), unknown for a checkpoint nothing says anything about."""
+    return {"trained": "", "random": " (random routing)"}.get(routing, " (routing unknown)")
+
+
 def markdown(result: dict) -> str:
     meta, base, runs = result["meta"], result["baseline"], result["runs"]
-    random_routing = meta["model"]["routing"] != "trained"
-    hit_note = " (random routing)" if random_routing else ""
+    random_routing = meta["model"]["routing"] == "random"
+    hit_note = routing_note(meta["model"]["routing"])
     L = [f"# hobbit_mlx harness: {meta['model']['name']} -- {meta['storage']} storage", ""]
     L += ["Command:", "", "```", meta["command"], "```", ""]
     L += [f"- model: `{meta['model']['src']}` (hobbit store `{meta['model']['hobbit']}`); routing: "
           f"**{meta['model']['routing']}**" + (" -- hit rates of random-weight routers say nothing "
-                                              "about trained ones" if random_routing else ""),
+                                              "about trained ones" if random_routing else
+                                              " -- no marker says whether its router is trained "
+                                              "or random" if meta["model"]["routing"] != "trained"
+                                              else ""),
           f"- experts: {meta['experts']['num_layers']} MoE layers x {meta['experts']['num_experts']}"
           f" experts, top-{meta['experts']['experts_per_token']}; 4-bit expert bytes "
           f"{_mb(meta['experts']['expert_bytes_high'])} MiB; dense {_mb(meta['experts'].get('dense_bytes'))} MiB",
@@ -753,9 +763,11 @@ def markdown(result: dict) -> str:
               _cold_note(runs) if meta["storage"] == "cold" else _simulated_note(base.get("storage"))
               if meta["storage"] == "mac-like" else "page cache allowed (the store may be cached by the OS)"),
           f"- workload: {meta['workload']['n_prompts']} prompt(s) of {meta['workload']['prompt_tokens']} "
-          f"tokens, {meta['workload']['max_tokens']} greedy tokens each; perplexity on "
-          f"{len(meta['workload']['ppl_tokens'])} held-out piece(s) of {meta['workload']['ppl_tokens']} tokens; "
-          f"text: {meta['workload']['source'][:300]}",
+          f"tokens, {meta['workload']['max_tokens']} greedy tokens each; "
+          + (f"perplexity on {len(meta['workload']['ppl_tokens'])} held-out piece(s) of "
+             f"{meta['workload']['ppl_tokens']} tokens" if meta.get("ppl", True) and
+             meta['workload']['ppl_tokens'] else "no perplexity pass (--no-ppl)")
+          + f"; text: {meta['workload']['source'][:300]}",
           f"- machine: {meta['machine']}; wall time {meta['wall_s']:.0f}s", ""]
     pooled = base.get("pooled") or {}
     L += ["## Baseline: mlx-lm, whole model resident", "",
@@ -905,8 +917,9 @@ def headline(runs: list[dict], storage: str) -> list[str]:
          "same residency. Demand / prefetch KiB = bytes read per decoded token on demand (the step "
          "waits) and by prefetch. Bound = the storage-time model 1 / max(mlx-lm's resident time + "
          "demand bytes / bandwidth, all bytes / bandwidth) (simulated storage only); of bound = "
-         "measured / bound.", "",
-         "| config | residency | decode tok/s | x mlx-lm | x lru | served | demand KiB/token | "
+         "measured / bound. Decode hit rate = the decode steps' expert requests served from "
+         "memory (the runs table's hit rate counts the prefill's too).", "",
+         "| config | residency | decode tok/s | x mlx-lm | x lru | decode hit rate | demand KiB/token | "
          "prefetch KiB/token | ppl x | bound tok/s | of bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     kib = lambda x: _f(x / 1024 if x is not None else None, "{:.0f}")  # noqa: E731
     for r in sorted(ok, key=lambda r: (-(r["residency"] or 0), r["config"])):
@@ -961,7 +974,7 @@ def plots(result: dict, out_dir: Path, name: str) -> list[str]:
             ax.plot([100 * x for x, _ in pts], [y for _, y in pts], ls="--", marker=".",
                     label=f"replay: {pol}", color="black" if pol == "belady" else None)
     ax.set_ylim(-0.02, 1.02)
-    _finish_axes(ax, "hit rate" + (" (random routing)" if routing != "trained" else ""),
+    _finish_axes(ax, "hit rate" + routing_note(routing),
                  f"served from memory ({tag})")
     files.append(_save(plt, fig, out_dir / f"{name}-hit.png"))
     return files
@@ -1155,7 +1168,9 @@ def mac_like_storage(paths, prompt: list[int], read_ratio: float | None = None):
     token, measured here on ``prompt``. Returns (storage, calibration dict, one-line detail)."""
     from hobbit_mlx.storage import MAC_READ_RATIO, mac_like
 
-    ratio = read_ratio or MAC_READ_RATIO
+    ratio = MAC_READ_RATIO if read_ratio is None else read_ratio
+    if not ratio > 0:
+        raise ValueError(f"read ratio must be above 0, not {ratio:g}")
     resident = resident_seconds_per_token(paths.src, prompt)
     topk = topk_bytes_per_token(paths.hobbit)
     storage = mac_like(topk, resident, ratio=ratio)
@@ -1167,20 +1182,20 @@ def mac_like_storage(paths, prompt: list[int], read_ratio: float | None = None):
     return storage, calibration, detail
 
 
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x.strip()]
-
-
+@arguments.refuse_bad_input
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", default=None, type=arguments.model_dir,
                    help="mlx-lm checkpoint (or hobbit dir with its source); default: the bundled "
-                        "reference model, else a tiny random model built under bench/results/tmp")
+                        "reference model, else a tiny random model built under bench/results/tmp "
+                        "($HOBBIT_BENCH_TMP)")
     p.add_argument("--quick", action="store_true",
                    help="smoke variant: 1 prompt of 32 tokens, 16 decoded, residencies 1 and 0.25")
-    p.add_argument("--residencies", default=None, help="expert residencies, e.g. 1,0.5,0.25,0.125")
-    p.add_argument("--budgets", default="", help="absolute memory budgets, e.g. 200MB,1GB")
+    p.add_argument("--residencies", default=None, type=arguments.residencies,
+                   help="expert residencies in [0, 1], e.g. 1,0.5,0.25,0.125")
+    p.add_argument("--budgets", default=[], type=arguments.sizes,
+                   help="absolute memory budgets, e.g. 200MB,1GB")
     p.add_argument("--configs", default=None,
                    help=f"configurations to run, or 'all' ({', '.join(n for n, _ in CONFIGS)}); "
                         f"default: {','.join(DEFAULT_CONFIGS)}")
@@ -1190,7 +1205,7 @@ def main(argv=None) -> int:
                         "for a simulated device calibrated to a Mac's storage/compute ratio "
                         "(--read-ratio, hobbit_mlx/storage.py)")
     p.add_argument("--cold", action="store_true", help="the same as --storage cold")
-    p.add_argument("--read-ratio", type=float, default=None,
+    p.add_argument("--read-ratio", type=arguments.positive, default=None,
                    help="mac-like: one token's top-k expert reads / mlx-lm's resident time per "
                         "token (default 12, a Mac SSD under Qwen3-30B-A3B)")
     p.add_argument("--prompts", type=int, default=None)
@@ -1213,8 +1228,8 @@ def main(argv=None) -> int:
     max_tokens = a.max_tokens or wd["max_tokens"]
     n_ppl = a.ppl_pieces if a.ppl_pieces is not None else wd["n_ppl"]
     ppl_tokens = a.ppl_tokens or wd["ppl_tokens"]
-    residencies = _floats(a.residencies) if a.residencies else (QUICK_RESIDENCIES if quick else DEFAULT_RESIDENCIES)
-    budgets = [b for b in a.budgets.split(",") if b.strip()]
+    residencies = a.residencies or (QUICK_RESIDENCIES if quick else DEFAULT_RESIDENCIES)
+    budgets = a.budgets
     known = dict(CONFIGS)
     configs = [(c, known[c]) for c in DEFAULT_CONFIGS]
     if a.configs == "all":
@@ -1225,13 +1240,16 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"unknown configuration(s) {unknown}; known: {list(known)}")
         configs = [(c, known[c]) for c in want]
+    storage = "cold" if a.cold else a.storage
+    if a.read_ratio is not None and storage != "mac-like":
+        p.error("--read-ratio goes with --storage mac-like")
+    out_dir = arguments.out_dir(p, a.out)
 
     paths = resolve_model_paths(a.model)
     import mlx_lm.utils
     tok = mlx_lm.utils.load_tokenizer(paths.src)
     workload = make_workload(tok, n_prompts=n_prompts, prompt_tokens=prompt_tokens,
                              max_tokens=max_tokens, n_ppl=n_ppl, ppl_tokens=ppl_tokens)
-    storage = "cold" if a.cold else a.storage
     if storage == "cold" and not can_drop_page_cache():
         print("warning: this OS cannot drop one file's cached pages; run `sudo purge` before the "
               "harness, or pages cached earlier read warm (reads bypass the cache from then on)",
@@ -1239,12 +1257,8 @@ def main(argv=None) -> int:
     read_ratio = None
     if storage == "mac-like":
         from hobbit_mlx.storage import MAC_READ_RATIO
-        read_ratio = a.read_ratio or MAC_READ_RATIO
-    elif a.read_ratio:
-        p.error("--read-ratio goes with --storage mac-like")
+        read_ratio = MAC_READ_RATIO if a.read_ratio is None else a.read_ratio
     name = a.name or f"harness-{paths.name}-{storage}" + ("-quick" if quick else "")
-    out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     result = run_matrix(paths, workload, plan_runs(configs, residencies, budgets),
                         cold=storage == "cold", ppl=not a.no_ppl, pairing=a.pairing,
@@ -1256,7 +1270,7 @@ def main(argv=None) -> int:
     script = cmd_path if cmd_path.endswith("harness.py") else "bench/harness.py"
     result["meta"] = {
         "command": "python " + " ".join(shlex.quote(x) for x in [script] + argv),
-        "model": paths.as_dict(), "storage": storage, "quick": quick,
+        "model": paths.as_dict(), "storage": storage, "quick": quick, "ppl": not a.no_ppl,
         "workload": workload.as_dict(), "experts": result.pop("experts"),
         "configs": [{"name": n, "kwargs": kw, "unavailable": available(kw)} for n, kw in configs],
         "residencies": residencies,

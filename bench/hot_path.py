@@ -35,6 +35,8 @@ if __package__ in (None, ""):
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import arguments  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -105,10 +107,12 @@ def run_once(model, prompt: mx.array, max_tokens: int, prefill_step: int, timer:
     return out
 
 
+@arguments.refuse_bad_input
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="an mlx-lm checkpoint (default: the reference model)")
-    p.add_argument("--residencies", default="1,0.5")
+    p.add_argument("--model", default=None, type=arguments.model_dir,
+                   help="an mlx-lm checkpoint (default: the reference model)")
+    p.add_argument("--residencies", default="1,0.5", type=arguments.residencies)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--prompt-tokens", type=int, default=192)
     p.add_argument("--max-tokens", type=int, default=96)
@@ -116,6 +120,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)
+    for flag, value, least in (("--reps", args.reps, 1), ("--prompt-tokens", args.prompt_tokens, 1),
+                               ("--max-tokens", args.max_tokens, 2),
+                               ("--prefill-step", args.prefill_step, 1)):
+        if value < least:
+            p.error(f"{flag} must be at least {least}, not {value}")
+    out = arguments.out_dir(p, args.out)
 
     import mlx_lm
     from mlx_lm.generate import generate_step
@@ -132,7 +142,7 @@ def main(argv=None) -> int:
     ref.set_dtype(mx.float32)  # hobbit_mlx computes in float32 on the CPU backend
     text = Path(np.__file__).read_text() * 4
     prompt = mx.array(tok.encode(text)[:args.prompt_tokens])
-    residencies = [float(r) for r in args.residencies.split(",")]
+    residencies = args.residencies
     models = {r: hobbit_mlx.load(hobbit_src, expert_residency=r, exact=True, prefetch_layers=0,
                                  prefill_step_size=args.prefill_step, progress=False)[0]
               for r in residencies}
@@ -185,8 +195,6 @@ def main(argv=None) -> int:
                      f"{row['python_us_per_layer_call']:.1f} | {row['host_cpu_ms_per_token']:.2f} | "
                      f"{row['same_tokens']} |")
     print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", "\n".join(lines) + "\n")):
         path = out / f"hot-path-{name}{suffix}"
         tmp = path.with_suffix(suffix + ".tmp")

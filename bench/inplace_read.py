@@ -5,7 +5,7 @@
         [--out bench/results/inplace-read]
 
 Converts one mlx-lm 4-bit checkpoint twice (``convert`` by reference, and ``--copy``) under
-``bench/results/tmp/inplace/`` and reads every 4-bit expert record of each store into pool
+``bench/results/tmp/inplace/`` (``$HOBBIT_BENCH_TMP/inplace/`` when that is set) and reads every 4-bit expert record of each store into pool
 slots, the records in one shuffled order, with ``RecordReader.read_into`` (the runtime's read):
 *cold* after asking the OS to drop the files' cached pages (``posix_fadvise(DONTNEED)``), *warm*
 right after. A record by reference is one span per stacked tensor of the source (9 for a
@@ -30,7 +30,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
-from bench.workload import TMP  # noqa: E402
+from bench import arguments  # noqa: E402
+from bench.workload import RESULTS, TMP  # noqa: E402
 
 
 def disk_bytes(root: Path) -> int:
@@ -94,13 +95,26 @@ def default_model() -> Path:
     return REFERENCE_MODEL
 
 
+@arguments.refuse_bad_input
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="an mlx-lm quantized checkpoint")
+    parser.add_argument("--model", type=arguments.model_dir, default=None,
+                        help="an mlx-lm quantized checkpoint")
     parser.add_argument("--passes", type=int, default=3, help="cold and warm passes each (median)")
     parser.add_argument("--workers", default="1,8", help="reader threads, comma-separated")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/inplace-read"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "inplace-read",
+                        help="results stem: writes OUT.md and OUT.json (default: "
+                             "bench/results/inplace-read)")
     args = parser.parse_args(argv)
+    if args.passes < 1:
+        parser.error(f"--passes must be at least 1, not {args.passes}")
+    try:
+        worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        worker_counts = []
+    if not worker_counts or min(worker_counts) < 1:
+        parser.error(f"--workers takes thread counts of 1 or more, comma-separated, not {args.workers!r}")
+    arguments.out_dir(parser, args.out, file=True)
     from convert import convert
     from hobbit_mlx.reader import can_drop_page_cache
     from hobbit_mlx.store import load_manifest
@@ -109,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("its cold passes drop the store's cached pages with posix_fadvise, which "
                      "this OS lacks (macOS: only `sudo purge` drops them, for the whole cache)")
 
-    src = (args.model or default_model()).resolve()
+    src = (Path(args.model).expanduser() if args.model else default_model()).resolve()
     stores = {}
     for mode in ("reference", "copy"):
         dst = TMP / "inplace" / f"{src.parent.name}-{src.name}-{mode}"
@@ -123,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               "expert_bytes_low": low,
               "growth_bytes": {m: disk_bytes(d) for m, d in stores.items()}, "runs": []}
     variants = [("reference", False), ("reference", True), ("reference", "auto"), ("copy", False)]
-    for workers in [int(w) for w in args.workers.split(",")]:
+    for workers in worker_counts:
         for mode, parallel in variants:
             dst = stores[mode]
             for temp in ("cold", "warm"):

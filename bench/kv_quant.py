@@ -73,6 +73,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
+from bench import arguments  # noqa: E402
 from bench.harness import mac_like_storage, write_results  # noqa: E402
 from bench.workload import RESULTS, TMP, heldout_texts, resolve_model_paths  # noqa: E402
 
@@ -356,10 +357,30 @@ def _kv_bits(text: str) -> list:
     return out
 
 
+def head_dim(model: str | Path) -> int | None:
+    """The attention head dimension in ``model``'s config.json (``head_dim``, else hidden size /
+    heads); None when it does not say (no config, or attention whose keys are shaped otherwise)."""
+    import json
+
+    path = Path(model).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    if any(k in config for k in ("kv_lora_rank", "qk_rope_head_dim")):
+        return None  # (multi-head latent attention: its cache is not head_dim wide)
+    if isinstance(config.get("head_dim"), int):
+        return config["head_dim"]
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+
+
+@arguments.refuse_bad_input
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None,
+    ap.add_argument("--model", default=None, type=arguments.model_dir,
                     help="mlx-lm checkpoint or hobbit model directory (default: a KV-heavy "
                          "synthetic model, built once under bench/results/tmp/synthetic-kv)")
     ap.add_argument("--prompt-tokens", type=int, default=960)
@@ -369,10 +390,12 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-share", type=float, default=0.5,
                     help="budget = the unquantized plan's least for the context + this share of "
                          "the 4-bit experts (default 0.5)")
-    ap.add_argument("--budget", default=None, help="a memory budget instead (e.g. 300MB)")
+    ap.add_argument("--budget", default=None, type=arguments.size,
+                    help="a memory budget instead (e.g. 300MB)")
     ap.add_argument("--techniques", default="exact", help="exact, default or exact,default")
-    ap.add_argument("--storage", default="mac-like", help="mac-like, warm or a spec (50MB/s)")
-    ap.add_argument("--read-ratio", type=float, default=None,
+    ap.add_argument("--storage", default="mac-like", type=arguments.storage("mac-like", "warm"),
+                    help="mac-like, warm or a spec (50MB/s)")
+    ap.add_argument("--read-ratio", type=arguments.positive, default=None,
                     help="mac-like: one token's top-k expert reads / mlx-lm's resident time per "
                          "token (default 12)")
     ap.add_argument("--prefill-storage", choices=["warm", "same"], default="warm",
@@ -384,15 +407,37 @@ def main(argv=None) -> int:
     techniques = [t.strip() for t in a.techniques.split(",") if t.strip()]
     if not techniques or any(t not in TECHNIQUES for t in techniques):
         ap.error(f"--techniques: a comma-separated list of {', '.join(TECHNIQUES)}")
-    bits = _kv_bits(a.kv_bits)
+    try:
+        bits = _kv_bits(a.kv_bits)
+    except ValueError:
+        ap.error(f"--kv-bits: comma-separated bit widths or none, not {a.kv_bits!r}")
     if not bits:
         ap.error("--kv-bits: at least one setting")
+    from hobbit_mlx.kv_quant import KVQuant
+
+    for b in bits:
+        if b is not None:
+            try:
+                KVQuant(b, a.kv_group_size).check()
+            except ValueError as e:
+                ap.error(str(e))
+    if any(b is not None for b in bits) and a.model is not None:
+        dim = head_dim(a.model)
+        if dim is not None and dim % a.kv_group_size:
+            from hobbit_mlx.quantizable import supported_group_sizes
+
+            fits = [g for g in supported_group_sizes() if dim % g == 0]
+            ap.error(f"--kv-group-size {a.kv_group_size} does not divide this model's head "
+                     f"dimension {dim}: " + (f"--kv-group-size {', '.join(map(str, fits))} would"
+                                            if fits else "no group size MLX quantizes with "
+                                            "does, so its KV cache cannot be quantized"))
     if a.prompt_tokens < 2 or a.max_tokens < 2:
         ap.error("--prompt-tokens and --max-tokens must be at least 2")
     if not 0 < a.expert_share <= 1:
         ap.error("--expert-share is a share of the experts in (0, 1]")
     if a.read_ratio is not None and a.storage != "mac-like":
         ap.error("--read-ratio goes with --storage mac-like")
+    out = arguments.out_dir(ap, a.out)
 
     import mlx.core as mx
     import mlx_lm.utils
@@ -411,6 +456,31 @@ def main(argv=None) -> int:
     prompt = text[:a.prompt_tokens]
     context = len(text)
 
+    # The budget: given, or the unquantized plan's least for this context + a share of experts.
+    model, _ = hobbit_mlx.load(str(paths.hobbit), progress=False, max_context=context,
+                               **TECHNIQUES[techniques[0]])
+    plan = runtime_of(model).plan
+    kv_per_token = plan.kv_bytes_per_token
+    kv_dtype = str(compute_dtype() or "the model's dtype").replace("mlx.core.", "")
+    if a.budget is not None:
+        derivation = {"budget_bytes": parse_size(a.budget)}
+    else:
+        derivation = derive_budget(plan, context, a.expert_share)
+    unquantized_kv, least = plan.kv_bytes(context), plan.minimum_bytes
+    runtime_of(model).close()
+    del model, plan
+    gc.collect()
+    mx.clear_cache()
+    if a.budget is not None and None in bits and derivation["budget_bytes"] < least:
+        # (before mlx-lm's calibration; a quantized KV cache may fit in a little less)
+        ap.error(f"--budget {a.budget} is below the least this model runs in unquantized "
+                 f"({least / MIB:.2f} MiB: dense weights, a first chunk's activations and KV, "
+                 "one layer's top-k experts)")
+    budget = derivation["budget_bytes"]
+    print(f"[kv-quant] {paths.name}: {len(prompt)}-token prompt + {a.max_tokens} tokens; budget "
+          f"{budget / MIB:.1f} MiB, the unquantized KV of the context {unquantized_kv / MIB:.1f} "
+          f"MiB = {unquantized_kv / budget:.0%} of it", file=sys.stderr)
+
     storage, storage_detail, calibration = None, "warm page cache (no simulation)", None
     if a.storage == "mac-like":
         storage, calibration, storage_detail = mac_like_storage(
@@ -423,26 +493,6 @@ def main(argv=None) -> int:
                       "taken away until the last prompt token)" if a.prefill_storage == "warm"
                       and storage is not None else "the same storage")
     print(f"[kv-quant] {storage_detail}", file=sys.stderr)
-
-    # The budget: given, or the unquantized plan's least for this context + a share of experts.
-    model, _ = hobbit_mlx.load(str(paths.hobbit), progress=False, max_context=context,
-                               **TECHNIQUES[techniques[0]])
-    plan = runtime_of(model).plan
-    kv_per_token = plan.kv_bytes_per_token
-    kv_dtype = str(compute_dtype() or "the model's dtype").replace("mlx.core.", "")
-    if a.budget is not None:
-        derivation = {"budget_bytes": parse_size(a.budget)}
-    else:
-        derivation = derive_budget(plan, context, a.expert_share)
-    unquantized_kv = plan.kv_bytes(context)
-    runtime_of(model).close()
-    del model, plan
-    gc.collect()
-    mx.clear_cache()
-    budget = derivation["budget_bytes"]
-    print(f"[kv-quant] {paths.name}: {len(prompt)}-token prompt + {a.max_tokens} tokens; budget "
-          f"{budget / MIB:.1f} MiB, the unquantized KV of the context {unquantized_kv / MIB:.1f} "
-          f"MiB = {unquantized_kv / budget:.0%} of it", file=sys.stderr)
 
     configs = [(t, b) for t in techniques for b in bits]
     rows = []

@@ -23,6 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
+from bench import arguments  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -51,15 +53,32 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else "—"
 
 
+def _steps(text: str) -> list[int]:
+    try:
+        out = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise arguments.Bad(f"prefill step sizes of 1 token or more, comma-separated, not {text!r}")
+    return out
+
+
+@arguments.refuse_bad_input
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--budgets", default="24MB,18MB")
-    ap.add_argument("--steps", default="64,256")
+    ap.add_argument("--budgets", default="24MB,18MB", type=arguments.sizes)
+    ap.add_argument("--steps", default="64,256", type=_steps)
     ap.add_argument("--prompt-tokens", type=int, default=1536)
-    ap.add_argument("--storage", default="20MB/s", help='a simulated device, or "none"')
+    ap.add_argument("--storage", default="20MB/s", type=arguments.storage("none"),
+                    help='a simulated device, or "none"')
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="long-prompt-reference")
     args = ap.parse_args(argv)
+    if not args.budgets:
+        ap.error("--budgets: at least one budget")
+    if args.prompt_tokens < 2:
+        ap.error(f"--prompt-tokens must be at least 2, not {args.prompt_tokens}")
+    out = arguments.out_dir(ap, args.out)
     from bench.forced_decode import text_pieces
     from hobbit_mlx.loader import REFERENCE_MODEL
     from mlx_lm.utils import load_tokenizer
@@ -68,8 +87,8 @@ def main(argv=None) -> int:
     prompt = [int(t) for t in text_pieces(tok, 1, args.prompt_tokens)[0]]
     storage = None if args.storage == "none" else args.storage
     rows = []
-    for budget in args.budgets.split(","):
-        for step in [int(s) for s in args.steps.split(",")]:
+    for budget in args.budgets:
+        for step in args.steps:
             pair = [run(budget, step, lm, prompt, storage) for lm in (False, True)]
             if pair[0]["tokens"] != pair[1]["tokens"]:
                 raise SystemExit(f"{budget} step {step}: the two orders generated different tokens")
@@ -79,8 +98,6 @@ def main(argv=None) -> int:
                       f"{r['prompt_tps']:7.1f} prompt tok/s, {r['bytes_read'] / 2**20:7.1f} MiB "
                       f"read ({r['bytes_read'] / r['all_experts']:.1f}x the experts), "
                       f"peak {r['peak_vs_budget']:.2f} of the budget", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cmd = "python bench/long_prompt.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# A long prompt: prefill chunk by chunk against layer by layer", "",
              f"`{cmd.strip()}` — reference model, exact mode, one held-out prompt of "

@@ -42,6 +42,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
+from bench.arguments import refuse_bad_input  # noqa: E402
 from bench.workload import TMP, write_marker  # noqa: E402
 
 DEFAULT_OUT = TMP / "synthetic"
@@ -198,9 +199,11 @@ def make_synthetic(out: str | Path = DEFAULT_OUT, *, force: bool = False, seed: 
                       same_keys=("config", "seed"), force=force, log=log)
 
 
+@refuse_bad_input
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="default: bench/results/tmp/synthetic ($HOBBIT_BENCH_TMP/synthetic)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--hidden", type=int, default=2048)
@@ -214,6 +217,13 @@ def main(argv=None) -> int:
                         "FACTOR x wider, computing what they computed (default out: "
                         "bench/results/tmp/reference-wideFACTOR)")
     a = p.parse_args(argv)
+    if a.widen_reference is not None and a.widen_reference < 1:
+        p.error(f"--widen-reference must be >= 1, not {a.widen_reference}")
+    for flag in ("layers", "experts", "hidden", "moe_intermediate", "top_k", "vocab"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(a, flag)}")
+    if a.top_k > a.experts:
+        p.error(f"--top-k {a.top_k} is more than the {a.experts} experts")
     routing = "random"
     if a.widen_reference is not None:
         out = a.out if a.out != str(DEFAULT_OUT) else str(TMP / f"reference-wide{a.widen_reference}")

@@ -23,12 +23,11 @@ import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
-from bench import harness  # noqa: E402
+from bench import arguments, harness  # noqa: E402
 from bench.workload import RESULTS, make_workload, resolve_model_paths  # noqa: E402
 
 MB = 2**20
@@ -38,7 +37,7 @@ PLAIN = {"exact": True, "prefetch_layers": 0, "policy": "lru"}
 def table(result: dict) -> str:
     base, runs = result["baseline"], result["runs"]
     routing = result["meta"]["model"]["routing"]
-    hit = "hit rate" + (" (random routing)" if routing != "trained" else "")
+    hit = "hit rate" + harness.routing_note(routing)
     head = ["run", "expert cache MiB", "prompt tok/s", "decode tok/s", "mlx-lm prompt/decode tok/s (paired)",
             "prompt x mlx-lm", "decode x mlx-lm", "peak MiB", "peak x mlx-lm", "peak / budget", hit,
             "MiB read/token", "syncs/token", "py ms/layer call (x mlx-lm)", "tokens = mlx-lm"]
@@ -66,11 +65,13 @@ def table(result: dict) -> str:
     return "\n".join(L)
 
 
+@arguments.refuse_bad_input
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="mlx-lm checkpoint (default: the synthetic model)")
-    p.add_argument("--residencies", default="1,0.5,0.25")
+    p.add_argument("--model", default=None, type=arguments.model_dir,
+                   help="mlx-lm checkpoint (default: the synthetic model)")
+    p.add_argument("--residencies", default="1,0.5,0.25", type=arguments.residencies)
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -78,6 +79,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default=None)
     a = p.parse_args(argv)
+    for flag, value, least in (("--prompts", a.prompts, 1), ("--prompt-tokens", a.prompt_tokens, 1),
+                               ("--max-tokens", a.max_tokens, 2)):
+        if value < least:
+            p.error(f"{flag} must be at least {least}, not {value}")
+    out = arguments.out_dir(p, a.out)
     t0 = time.perf_counter()
     if a.model is None:
         from bench.make_synthetic import make_synthetic
@@ -90,7 +96,7 @@ def main(argv=None) -> int:
     tok = mlx_lm.utils.load_tokenizer(paths.src)
     wl = make_workload(tok, n_prompts=a.prompts, prompt_tokens=a.prompt_tokens,
                        max_tokens=a.max_tokens, n_ppl=0)
-    plan = [("lru", {**PLAIN, "expert_residency": float(r)}) for r in a.residencies.split(",") if r]
+    plan = [("lru", {**PLAIN, "expert_residency": r}) for r in a.residencies]
     res = harness.run_matrix(paths, wl, plan, cold=a.cold, ppl=False, record_trace=False)
     storage = "cold" if a.cold else "warm"
     name = a.name or f"offload_vs_mlx_lm-{paths.name}-{storage}"
@@ -106,6 +112,8 @@ def main(argv=None) -> int:
         f"top-{ex['experts_per_token']}, {ex['expert_bytes_high'] / MB:.0f} MiB of 4-bit experts "
         f"({ex['expert_nbytes'][0] / MB:.2f} MiB each), dense {ex['dense_bytes'] / MB:.0f} MiB; routing: "
         f"**{paths.routing}**" + (" (random weights: hit rates say nothing about trained routers)"
+                                  if paths.routing == "random" else
+                                  " (no marker says whether its router is trained or random)"
                                   if paths.routing != "trained" else ""),
         f"- hobbit_mlx: exact mode (4-bit experts, outputs equal mlx-lm's), LRU expert cache, no prefetch; "
         f"storage {storage}" + (" (O_DIRECT, page cache dropped)" if a.cold else " (page cache allowed)"),
@@ -115,8 +123,6 @@ def main(argv=None) -> int:
         "each hobbit_mlx run is compared with an mlx-lm pass timed right before it (paired); peak memory "
         "of a hobbit_mlx run excludes the mlx-lm weights still loaded for the pairing", "",
         table(res), ""])
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps(harness._jsonable(res), indent=1))
     print(text)

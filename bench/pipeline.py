@@ -11,8 +11,6 @@ The 1-rank run and each 2-rank run are separate processes (the page cache is war
 
 from __future__ import annotations
 
-import _path  # noqa: F401  (the repository root on sys.path)
-
 import argparse
 import json
 import os
@@ -23,9 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.workload import heldout_texts
+if __package__ in (None, ""):
+    import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
-WORKER = _path.REPO / "hobbit_mlx" / "testing" / "pipeline_worker.py"
+from bench import arguments  # noqa: E402
+from bench._path import REPO  # noqa: E402
+from bench.workload import heldout_texts  # noqa: E402
+
+WORKER = REPO / "hobbit_mlx" / "testing" / "pipeline_worker.py"
 
 
 def prompt_tokens(model_dir: Path, n: int) -> list[int]:
@@ -75,7 +78,7 @@ def two_ranks(model_dir: Path, budgets: list[str], prompt: list[int], max_tokens
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(_path.REPO)] + sys.path))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + sys.path))
 
 
 def _free_port() -> int:
@@ -84,26 +87,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@arguments.refuse_bad_input
 def main(argv=None) -> int:
     from hobbit_mlx.budget import format_size, parse_size
     from hobbit_mlx.loader import REFERENCE_MODEL, resolve_model
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None)
-    p.add_argument("--budget", default="20MB", help="total budget (2 ranks: half each)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, type=arguments.model_or_repo)
+    p.add_argument("--budget", default="20MB", type=arguments.size,
+                   help="total budget (2 ranks: half each)")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--simulated-storage", default="mac-ssd")
+    p.add_argument("--simulated-storage", default="mac-ssd", type=arguments.storage(),
+                   help='a simulated device ("mac-ssd", "50MB/s", ...), or "none"')
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--prefetch-study", action="store_true",
                    help="issue 13 item 4: with --prefetch-layers 1, 1 rank against 2 ranks at the "
                         "same total whose first layers are kept resident (the default) or not")
-    p.add_argument("--out", default=str(_path.REPO / "bench" / "results" / "pipeline-reference.md"))
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "pipeline-reference.md"),
+                   help="the .md to write (and a .json beside it)")
     args = p.parse_args(argv)
+    for flag, value, least in (("--prompt-tokens", args.prompt_tokens, 1),
+                               ("--max-tokens", args.max_tokens, 2), ("--repeats", args.repeats, 1)):
+        if value < least:
+            p.error(f"{flag} must be at least {least}, not {value}")
+    out = arguments.out_dir(p, args.out, file=True)
     model_dir = resolve_model(args.model or REFERENCE_MODEL, progress=False)
     prompt = prompt_tokens(model_dir, args.prompt_tokens)
     total = parse_size(args.budget)
-    options = {"simulated_storage": args.simulated_storage} if args.simulated_storage else {}
+    options = ({"simulated_storage": args.simulated_storage}
+               if args.simulated_storage not in ("", "none", "off") else {})
     rows = []
     # the comparison the issue asks for (same total), and two machines' worth of memory
     configs = [(1, [total], {}), (2, [total // 2] * 2, {}), (2, [total] * 2, {})]
@@ -134,7 +147,7 @@ def main(argv=None) -> int:
         + (f" --model {args.model}" if args.model else "") + "`",
         "",
         f"Model: {model_dir.name}; exact mode; greedy; {len(prompt)} prompt tokens, "
-        f"{args.max_tokens} decoded; storage: {args.simulated_storage or 'real (page cache)'}; "
+        f"{args.max_tokens} decoded; storage: {options.get('simulated_storage') or 'real (page cache)'}; "
         f"machine: {os.cpu_count()} CPU cores shared by both ranks. Same tokens in every run: "
         f"{same}.",
         "",
@@ -156,8 +169,8 @@ def main(argv=None) -> int:
             + ", ".join(format_size(s['bytes_read']) for s in st) + " | "
             + ", ".join(f"{s['read_wait_s']:.2f}" for s in st) + " | " + ", ".join(recall) + " | "
             + ", ".join(f"{s['peak_memory_bytes'] / s['budget_bytes']:.2f}" for s in st) + " |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
     print("\n".join(lines))
     return 0
 

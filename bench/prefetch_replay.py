@@ -29,13 +29,13 @@ import argparse
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
 import numpy as np  # noqa: E402
 
+from bench import arguments  # noqa: E402
 from bench.replay import Belady  # noqa: E402
 
 HIGH = "high"
@@ -225,23 +225,30 @@ def replay_with_prefetch(events: list[tuple], policy, capacity: int) -> dict:
             "prefetch_dropped": stats["prefetch_dropped"]}
 
 
+@arguments.refuse_bad_input
 def main(argv=None) -> int:
     import hobbit_mlx
     from bench.harness import CONFIGS, _warmup, empty_pools, high_pools
     from bench.workload import DEFAULT_WORKLOAD, RESULTS, make_workload, resolve_model_paths
     from hobbit_mlx.loader import runtime_of
-    from hobbit_mlx.policies import make_policy
+    from hobbit_mlx.policies import POLICIES, make_policy
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--residencies", default="0.5,0.25,0.125")
+    ap.add_argument("--residencies", default="0.5,0.25,0.125", type=arguments.residencies)
     ap.add_argument("--config", default="prefetch", help="harness configuration to record")
     ap.add_argument("--others", default="seqfreq,hobbit",
                     help="other runtime policies to replay on the same events (same kept layers)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.config not in dict(CONFIGS):
+        ap.error(f"unknown configuration {args.config!r}; known: {[n for n, _ in CONFIGS]}")
+    unknown = [n for n in args.others.split(",") if n and n not in POLICIES]
+    if unknown:
+        ap.error(f"--others: unknown cache policies {unknown}; choose from {sorted(POLICIES)}")
+    out = arguments.out_dir(ap, args.out)
     paths = resolve_model_paths(None, progress=False)
     rows = []
-    for residency in [float(x) for x in args.residencies.split(",")]:
+    for residency in args.residencies:
         # every prediction read (cost-aware prefetch, on by default, leaves out guesses the
         # storage has no idle time for; the replay reads them all, so the run must too)
         kwargs = {**dict(CONFIGS)[args.config], "expert_residency": residency,
@@ -279,7 +286,8 @@ def main(argv=None) -> int:
               f"{oracles['belady-uncovered']['hit_rate']:.3f}", file=sys.stderr)
     lines = [f"# Eviction policy vs Belady, same prefetches ({args.config})", "",
              "Command: `python bench/prefetch_replay.py --residencies "
-             f"{args.residencies} --config {args.config}`", "",
+             f"{','.join(f'{r:g}' for r in args.residencies)} --config {args.config}"
+             + ("" if args.others == "seqfreq,hobbit" else f" --others {args.others}") + "`", "",
              "Belady evicts the expert whose next demand is farthest; *uncovered* counts only the "
              "demands that no prediction names (prefetch brings the others back anyway). Neither "
              "is a proven optimum with prefetch; gap = the better of the two minus the replayed "
@@ -292,8 +300,6 @@ def main(argv=None) -> int:
                      f"{r['measured']:.3f} | {r['replayed']:.3f} | {r['belady']:.3f} | "
                      f"{r['belady_uncovered']:.3f} | {r['gap_points']:+.1f} pp | "
                      + ", ".join(f"{n} {v:.3f}" for n, v in r["others"].items()) + " |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for suffix, text in (("md", "\n".join(lines) + "\n"), ("json", json.dumps(rows, indent=1))):
         path = out / f"prefetch-replay-{args.config}.{suffix}"
         tmp = path.with_name(path.name + ".tmp")

@@ -47,6 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
+from bench import arguments  # noqa: E402
 from bench.harness import mac_like_storage, write_results  # noqa: E402
 from bench.workload import RESULTS, resolve_model_paths  # noqa: E402
 
@@ -233,21 +234,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@arguments.refuse_bad_input
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None,
+    ap.add_argument("--model", default=None, type=arguments.model_dir,
                     help="mlx-lm checkpoint or hobbit model directory (default: the bundled "
                          "reference model)")
     ap.add_argument("--techniques", choices=sorted(TECHNIQUES), default="exact",
                     help="exact (default: exact=True, replies should match) or default "
                          "(hobbit_mlx.load's defaults, lossy techniques on)")
-    ap.add_argument("--residency", type=float, default=0.5, help="expert residency (default 0.5)")
+    ap.add_argument("--residency", type=arguments.residency, default=0.5,
+                    help="expert residency in [0, 1] (default 0.5)")
     ap.add_argument("--turns", type=int, default=6,
                     help=f"conversation turns, 1..{len(USER_MESSAGES)} (default 6)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per reply at most")
     ap.add_argument("--storage", choices=["mac-like", "warm"], default="mac-like")
-    ap.add_argument("--read-ratio", type=float, default=None,
+    ap.add_argument("--read-ratio", type=arguments.positive, default=None,
                     help="mac-like: one token's top-k expert reads / mlx-lm's resident time per "
                          "token (default 12)")
     ap.add_argument("--back-to-back", action="store_true",
@@ -262,6 +265,7 @@ def main(argv=None) -> int:
         ap.error("--max-tokens must be at least 1")
     if a.read_ratio is not None and a.storage != "mac-like":
         ap.error("--read-ratio goes with --storage mac-like")
+    out = arguments.out_dir(ap, a.out)
 
     import mlx.core as mx
     import mlx_lm.utils
@@ -345,7 +349,6 @@ def main(argv=None) -> int:
         "replies": {key: convs[key].replies for key, _ in SETTINGS},
         "same_reply": same, "identical_turns": sum(same), "totals": tot,
     }
-    out = Path(a.out)
     text = markdown(result)
     write_results(out, name, result, text)
     print(text)

@@ -407,18 +407,28 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not Path(a.trace).is_file():
         p.error(f"no trace file {a.trace} (bench/trace.py writes one)")
-    trace = load_trace(a.trace)
+    try:
+        trace = load_trace(a.trace)
+    except (OSError, ValueError, KeyError, EOFError) as e:  # (not an .npz, or not a trace)
+        p.error(f"{a.trace} is not a routing trace (an .npz that bench/trace.py writes)"
+                + (f" ({e.args[0]})" if isinstance(e, KeyError) and e.args else ""))
     if a.group not in ("trace", "slots", "none") and not (a.group.isdigit() and int(a.group) > 0):
         p.error(f"--group is trace, slots, none or a positive group size, not {a.group!r}")
     group = a.group if a.group in ("trace", "slots") else (None if a.group == "none" else int(a.group))
     if a.capacity:
-        caps = [int(x) for x in a.capacity.split(",") if x.strip()]
+        try:
+            caps = [int(x) for x in a.capacity.split(",") if x.strip()]
+        except ValueError:
+            caps = [0]
         labels = None
-        if any(c < 1 for c in caps):
+        if not caps or any(c < 1 for c in caps):
             p.error(f"--capacity takes cache sizes of 1 expert or more, not {a.capacity}")
     else:
-        fracs = _floats(a.residency)
-        if any(not 0 < r <= 1 for r in fracs):
+        try:
+            fracs = _floats(a.residency)
+        except ValueError:
+            fracs = [0.0]
+        if not fracs or any(not 0 < r <= 1 for r in fracs):
             p.error(f"--residency takes fractions in (0, 1], not {a.residency}")
         caps = [capacity_for_residency(trace, r) for r in fracs]
         labels = [f"{100 * r:g}%" for r in fracs]

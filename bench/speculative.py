@@ -34,6 +34,7 @@ if __package__ in (None, ""):
 
 import mlx.core as mx
 
+from bench import arguments
 from bench import replay as rp
 from bench import trace as tr
 from bench.harness import empty_pools, topk_bytes_per_token, _warmup
@@ -436,24 +437,46 @@ def bench(a) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise arguments.Bad(f"draft lengths of 1 or more, comma-separated, not {text!r}")
+    return out
+
+
+@arguments.refuse_bad_input
 def main(argv=None) -> int:
+    from hobbit_mlx.policies import POLICIES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["premise", "costs", "bench"])
-    p.add_argument("--model", default=None)
-    p.add_argument("--residencies", type=lambda s: [float(x) for x in s.split(",")],
-                   default=[0.5, 0.25, 0.125])
-    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
-    p.add_argument("--policies", type=lambda s: s.split(","), default=["seqfreq", "lru"])
+    p.add_argument("--model", default=None, type=arguments.model_dir)
+    p.add_argument("--residencies", type=arguments.residencies, default=[0.5, 0.25, 0.125])
+    p.add_argument("--ks", type=_ints, default=[1, 2, 4],
+                   help="draft lengths K, for `premise` only (`bench` takes its draft lengths "
+                        "from --configs: exact-spec-k2 drafts 2, the adaptive ones 0..4, ...)")
+    p.add_argument("--policies", type=lambda s: [x for x in s.split(",") if x],
+                   default=["seqfreq", "lru"], help="cache policies, for `premise` only")
     p.add_argument("--prompts", type=int, default=DEFAULT_WORKLOAD["n_prompts"])
     p.add_argument("--prompt-tokens", type=int, default=DEFAULT_WORKLOAD["prompt_tokens"])
     p.add_argument("--max-tokens", type=int, default=DEFAULT_WORKLOAD["max_tokens"])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS))
+    p.add_argument("--configs", type=lambda s: [x for x in s.split(",") if x], default=list(CONFIGS),
+                   help=f"for `bench`: {', '.join(CONFIGS)} (default: all)")
     p.add_argument("--storage", choices=["mac-like", "warm"], default="mac-like")
     p.add_argument("--name", default=None)
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
-    Path(a.out).mkdir(parents=True, exist_ok=True)  # (before the run, not after it)
+    unknown = [c for c in a.configs if c not in CONFIGS]
+    if unknown or not a.configs:
+        p.error(f"--configs: unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
+    unknown = [x for x in a.policies if x not in POLICIES]
+    if unknown or not a.policies:
+        p.error(f"--policies: unknown cache policies {unknown}; choose from {sorted(POLICIES)}")
+    arguments.out_dir(p, a.out)  # (before the run, not after it)
     if a.mode == "premise":
         return premise(a)
     if a.mode == "costs":

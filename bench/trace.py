@@ -37,6 +37,8 @@ import numpy as np
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
+from bench.arguments import refuse_bad_input  # noqa: E402
+
 
 @dataclass
 class Trace:
@@ -203,14 +205,19 @@ def record_forced(model, pieces: list[list[int]], prompt_tokens: int,
     return builder.build({**runtime_meta(rt), **(meta or {})})
 
 
+@refuse_bad_input
 def main(argv=None) -> int:
     import hobbit_mlx
+    from bench import arguments
     from bench.workload import DEFAULT_WORKLOAD, QUICK_WORKLOAD, TMP, make_workload, resolve_model_paths
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="mlx-lm checkpoint or hobbit dir (default: the "
-                   "reference model, else the tiny default)")
-    p.add_argument("--out", default=str(TMP / "trace.npz"))
+    p.add_argument("--model", default=None, type=arguments.model_dir,
+                   help="mlx-lm checkpoint or hobbit dir (default: the reference model, else the "
+                        "tiny default)")
+    p.add_argument("--out", default=str(TMP / "trace.npz"),
+                   help="the .npz to write (default: bench/results/tmp/trace.npz, or "
+                        "$HOBBIT_BENCH_TMP/trace.npz)")
     p.add_argument("--prompts", type=int, default=DEFAULT_WORKLOAD["n_prompts"])
     p.add_argument("--prompt-tokens", type=int, default=DEFAULT_WORKLOAD["prompt_tokens"])
     p.add_argument("--max-tokens", type=int, default=DEFAULT_WORKLOAD["max_tokens"])
@@ -221,6 +228,12 @@ def main(argv=None) -> int:
     p.add_argument("--skip", type=int, default=0,
                    help="with --held-out: leave out the first SKIP pieces (those the benchmark decodes)")
     a = p.parse_args(argv)
+    for flag, value, least in (("--prompts", a.prompts, 1), ("--prompt-tokens", a.prompt_tokens, 1),
+                               ("--max-tokens", a.max_tokens, 1), ("--held-out", a.held_out, 0),
+                               ("--skip", a.skip, 0)):
+        if value < least:
+            p.error(f"{flag} must be at least {least}, not {value}")
+    arguments.out_dir(p, a.out, file=True)
     if a.quick:
         q = QUICK_WORKLOAD
         a.prompts, a.prompt_tokens, a.max_tokens = q["n_prompts"], q["prompt_tokens"], q["max_tokens"]

@@ -9,8 +9,11 @@ Model resolution (``resolve_model_paths``):
   side converts it once, or uses ``<checkpoint>/../hobbit`` when that store was converted from it),
   or a hobbit model directory whose manifest's ``source`` checkpoint still exists.
 * no ``--model``: the bundled reference model ``hobbit_mlx/reference_model/`` when it exists (trained
-  routing), else a tiny random-weight qwen3_moe that this module builds under ``bench/results/tmp``
-  (random routing; its hit rates say nothing about trained routers).
+  routing), else a tiny random-weight qwen3_moe that this module builds under ``TMP`` (random
+  routing; its hit rates say nothing about trained routers).
+
+Scratch directory (``TMP``): the generated models, converted stores and traces of the bench
+scripts go to ``bench/results/tmp`` (git-ignored), or to ``$HOBBIT_BENCH_TMP`` when it is set.
 
 Held-out text (``heldout_texts``): the validation files of the reference model's corpus split
 (``reference/val_files.txt``, paths relative to the CPython standard library, read from this
@@ -22,13 +25,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-TMP = RESULTS / "tmp"  # git-ignored: generated models, scratch output
+# git-ignored: generated models, converted stores, scratch output; $HOBBIT_BENCH_TMP moves it
+TMP = (Path(os.environ["HOBBIT_BENCH_TMP"]).expanduser().resolve()
+       if os.environ.get("HOBBIT_BENCH_TMP") else RESULTS / "tmp")
 REFERENCE_MODEL = REPO / "hobbit_mlx" / "reference_model"
 VAL_FILE_LISTS = [REPO / "reference" / "val_files.txt", REFERENCE_MODEL / "val_files.txt"]
 MARKER = "bench_model.json"  # written next to config.json of models the bench scripts generate
@@ -206,12 +212,12 @@ def resolve_model_paths(model: str | Path | None, progress: bool = True) -> Mode
     else:
         src = Path(model).expanduser()
         if not src.exists():
-            raise SystemExit(f"{src}: no such model directory")
+            raise ValueError(f"{src}: no such model directory")
     if is_hobbit_model(src):
         hobbit = src
         source = load_manifest(src, check_files=False).source
         if not source or not (Path(source).expanduser() / "config.json").is_file():
-            raise SystemExit(
+            raise ValueError(
                 f"{src} is a converted hobbit model whose source checkpoint ({source or 'unknown'}) "
                 "is not here; the mlx-lm baseline needs the mlx-lm checkpoint: pass --model SRC")
         src = Path(source).expanduser()

@@ -36,6 +36,126 @@ def test_replay_cli_refuses_bad_input_with_one_line(tmp_path, capsys):
     assert rp.main([str(path), "--capacity", "2", "--policies", "lru,belady"]) == 0
 
 
+# ------------------------------------------------------------------------ bad arguments, patterns
+_BAD_ARGS = [
+    ("harness", ["--quick", "--residencies", "abc"]),
+    ("harness", ["--quick", "--residencies", "2"]),
+    ("harness", ["--quick", "--budgets", "xyz"]),
+    ("harness", ["--quick", "--storage", "mac-like", "--read-ratio", "0"]),
+    ("harness", ["--quick", "--model", "/nonexistent"]),
+    ("forced_decode", ["--configs", "nosuch"]),
+    ("forced_decode", ["--residencies", "2"]),
+    ("forced_decode", ["--storage", "bogus"]),
+    ("hot_path", ["--model", "/nonexistent"]),
+    ("hot_path", ["--residencies", "-0.5"]),
+    ("prompt_reuse", ["--residency", "2"]),
+    ("sweep_thresholds", ["--model", "/nonexistent"]),
+    ("kv_quant", ["--storage", "bogus"]),
+    ("kv_quant", ["--budget", "1KBx"]),
+    # the reference model's head dimension (40) takes no MLX group size: refused from config.json
+    ("kv_quant", ["--model", "hobbit_mlx/reference_model"]),
+    ("long_prompt", ["--budgets", "1KBx"]),
+    ("offload_vs_mlx_lm", ["--residencies", "1,x"]),
+    ("pipeline", ["--budget", "abc"]),
+    ("prefetch_replay", ["--config", "nosuch"]),
+    ("speculative", ["bench", "--configs", "nosuch"]),
+    ("trace", ["--model", "/nonexistent"]),
+    ("inplace_read", ["--model", "/nonexistent"]),
+    ("make_synthetic", ["--widen-reference", "0"]),
+    ("replay", ["README.md"]),
+]
+
+
+@pytest.mark.parametrize("script,argv", _BAD_ARGS, ids=[f"{s}:{' '.join(a)}" for s, a in _BAD_ARGS])
+def test_bench_scripts_refuse_bad_arguments_with_one_error_line(script, argv, capsys, monkeypatch):
+    """Refused before any work: exit status 2, one ``error:`` line (argparse's usage above it),
+    no traceback."""
+    import importlib
+
+    monkeypatch.chdir(REPO)
+    main = importlib.import_module(f"bench.{script}").main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and ": error: " in errors[0], err  # ("PROG: error: ...")
+    assert "Traceback" not in err
+
+
+def test_bench_out_is_checked_before_any_work(tmp_path, capsys):
+    from bench import sweep_thresholds
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:  # --out under a file: its directory cannot be made
+        sweep_thresholds.main(["--out", str(blocker / "sweep" / "sweep.md")])
+    assert e.value.code == 2 and ": error: --out" in capsys.readouterr().err
+
+
+def test_library_refusals_become_one_error_line(capsys):
+    from bench import arguments
+    from hobbit_mlx.budget import BudgetError
+
+    def main(argv=None):
+        raise BudgetError("memory budget 1000 B is too small for this model:\n it needs more")
+
+    with pytest.raises(SystemExit) as e:
+        arguments.refuse_bad_input(main)([])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err == "test_bench.py: error: memory budget 1000 B is too small for this model: it needs more\n"
+
+    def broken(argv=None):  # not a refusal of what it was given: the traceback stays
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):
+        arguments.refuse_bad_input(broken)([])
+
+
+def test_deliberate_bugs_patterns_match_the_code(tmp_path, capsys):
+    """Each planted bug's line is in the code once; a line the code no longer has is a row saying
+    the pattern is stale (no test run), and the run exits 1; --help runs nothing."""
+    from bench import deliberate_bugs as db
+
+    assert db.stale() == []
+    gone = [("a stale bug", "mod.py", "old line\n", "new line\n", ["tests/none.py"])]
+    (tmp_path / "mod.py").write_text("other line\n")
+    assert db.run(tmp_path, gone) == 1
+    assert "| a stale bug | pattern not found (stale" in capsys.readouterr().out
+    assert (tmp_path / "mod.py").read_text() == "other line\n"
+    with pytest.raises(SystemExit) as e:
+        db.main(["--help"])
+    assert e.value.code == 0 and "--check" in capsys.readouterr().out
+    assert db.main(["--check"]) == 0
+
+
+def test_sweep_shares_add_up_to_one():
+    from bench.sweep_thresholds import shares
+
+    got = shares({"expert_requests": 10, "hits_high": 4, "hits_low": 1, "misses_high": 3,
+                  "misses_low": 1, "skipped": 1})
+    assert got == {"high_loads": 0.3, "low_loads": 0.1, "skipped": 0.1, "served": 0.5}
+    assert sum(got.values()) == pytest.approx(1.0)
+
+
+def test_scratch_directory_moves_with_the_environment(tmp_path):
+    import subprocess
+
+    code = "from bench import workload; print(workload.TMP)"
+    env = {**__import__("os").environ, "HOBBIT_BENCH_TMP": str(tmp_path / "scratch")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == str((tmp_path / "scratch").resolve())
+
+
+def test_routing_labels_say_random_only_when_the_marker_does():
+    from bench.harness import routing_note
+
+    assert routing_note("random") == " (random routing)"
+    assert routing_note("unknown") == " (routing unknown)" and routing_note("trained") == ""
+
+
 def test_replay_cyclic_pattern_belady_beats_lru():
     # A B C A B C A through 2 slots. LRU/FIFO: every access misses (the classic cyclic worst case).
     # Belady: t2 C evicts B (next use t4, later than A's t3); t3 A hits; t4 B evicts A (next t6,
@@ -448,6 +568,7 @@ def test_forced_decode_keeps_the_rows_of_a_run_cut_short(tmp_path):
     text = write_results(tmp_path, "cut", [row], runs=3, head=["# cut"], configs=[("lru", {})],
                          json_extra={})
     assert "**partial**: 1 of 3 runs" in text and "| lru | 25.0% | 0.594 |" in text
+    assert "| 1 | 0 | n/a | 1.00 |" in text  # no prefetch: guesses used / read n/a, not 0.00 / 0.00
     saved = json.loads((tmp_path / "cut.json").read_text())
     assert saved["complete"] is False and saved["rows"] == [row]
     write_results(tmp_path, "cut", [row] * 3, runs=3, head=["# cut"], configs=[("lru", {})],
