@@ -3,7 +3,10 @@
 Sources: a local mlx-lm checkpoint (already quantized, e.g. an mlx-community 4-bit model), a local
 Hugging Face checkpoint (float safetensors with per-expert or stacked expert tensors), or a hub
 repo id. mlx-lm's own ``sanitize`` maps the source's names onto the mlx-lm model, so every
-architecture mlx-lm knows converts the same way.
+architecture mlx-lm knows converts the same way. The weights are the files the checkpoint's
+``model.safetensors.index.json`` names (each must be there), else mlx-lm's ``model*.safetensors``;
+every dense tensor the model needs must be among them (as ``mlx_lm.load`` requires); only the
+files a model needs besides (tokenizer, chat template, generation config, code) are copied.
 
 An mlx-lm quantized source (an mlx-community 4-bit model) is converted *by reference* unless
 ``copy=True``: the high-precision records point into its own safetensors files and its dense
@@ -13,18 +16,23 @@ weights are links to them, so only the 2-bit copies and the manifest are written
 Memory stays near one source tensor: weights are loaded lazily, experts are processed one
 projection (and at most ``CHUNK_BYTES`` of float weights) at a time and written straight to their
 page-aligned places in the store files. Everything is written into a temporary directory that is
-renamed onto DST only when complete.
+renamed onto DST only when complete (without ``force`` only if nothing is there by then); once
+it is, an interrupt no longer stops the conversion (the replaced model's removal finishes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import io
 import json
 import numbers
 import os
 import shutil
+import signal
+import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -38,7 +46,8 @@ from hobbit_mlx.architectures import (UnsupportedModelError, describe_moe,
                                       num_experts_of, switch_linear_paths)
 from hobbit_mlx.quantizable import mlx_quantizes, supported_bits, supported_group_sizes
 from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, PrecisionEntry, Record,
-                              StoreError, TensorLayout, align_up, durable_sync, is_hobbit_model,
+                              StoreError, TensorLayout, align_up, check_references,
+                              checkpoint_weight_files, durable_sync, is_hobbit_model, load_manifest,
                               record_alignment, safetensors_header)
 
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
@@ -48,7 +57,9 @@ TENSOR_ALIGN = 64
 _MX_TO_ST = {mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16", mx.float16: "F16",
              mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32", mx.float32: "F32",
              mx.uint64: "U64", mx.int64: "I64"}
-_SKIP_FILES = {"model.safetensors.index.json", "config.json"}
+# The files of a checkpoint besides its weights that a model needs (tokenizer, chat template,
+# generation config, custom code): what a hub download fetches and what DST gets a copy of.
+MODEL_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py")
 
 
 class ConversionError(RuntimeError):
@@ -66,8 +77,8 @@ def resolve_source(src: str | Path) -> Path:
         raise ConversionError(f"{src}: no such directory (and not a hub repo id like 'org/name')")
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(src), allow_patterns=[
-            "*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]))
+        return Path(snapshot_download(str(src), allow_patterns=[*MODEL_FILE_PATTERNS,
+                                                                 "*.safetensors"]))
     except Exception as e:  # network, auth, missing repo: one clear line (the hub's first one)
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise ConversionError(f"{src}: could not download from the hub ({type(e).__name__}: "
@@ -75,14 +86,24 @@ def resolve_source(src: str | Path) -> Path:
 
 
 def _source_files(src: Path) -> list[Path]:
-    files = sorted(src.glob("*.safetensors"))
+    """The weight files: those the index names, else mlx-lm's ``model*.safetensors``."""
+    files = checkpoint_weight_files(src)
     if not files:
-        raise ConversionError(f"{src}: no *.safetensors weight files found")
+        raise ConversionError(f"{src}: no model*.safetensors weight files found (mlx-lm reads "
+                              "those, or the files model.safetensors.index.json names)")
     return files
 
 
-def _load_source_weights(src: Path) -> dict[str, mx.array]:
-    files = _source_files(src)
+def _model_files(src: Path) -> list[Path]:
+    """The files besides the weights that DST gets a copy of: tokenizer, chat template,
+    generation config, custom code (``MODEL_FILE_PATTERNS``); not config.json (rewritten), not
+    a weight index, not other formats' weights (``*.bin``, ``*.pt``, ``*.gguf``)."""
+    return sorted(f for f in src.iterdir()
+                  if f.is_file() and f.name != "config.json" and not f.name.endswith(".index.json")
+                  and any(fnmatch.fnmatch(f.name, pat) for pat in MODEL_FILE_PATTERNS))
+
+
+def _load_source_weights(files: list[Path]) -> dict[str, mx.array]:
     weights = {}
     for f in files:
         try:
@@ -216,6 +237,85 @@ def _check_expert_tensors(weights: dict, key: str, num_experts: int) -> None:
                               "quantized checkpoint needs both (is a file missing or damaged?)")
 
 
+def sanitize_weights(model: nn.Module, weights: dict, config: dict) -> dict:
+    """mlx-lm's own ``sanitize`` of the model (names mapped onto mlx-lm's, experts stacked);
+    a tensor it needs that the checkpoint lacks is a ConversionError naming it (it was a bare
+    KeyError out of mlx-lm)."""
+    if not hasattr(model, "sanitize"):
+        return weights
+    try:
+        return model.sanitize(weights)
+    except KeyError as e:
+        name = e.args[0] if e.args else "?"
+        raise ConversionError(
+            f"the checkpoint has no tensor {name}, which mlx-lm's {config.get('model_type')} "
+            "sanitize needs: is a weight file missing or damaged (incomplete download?), or is "
+            "it not the model its config.json names?") from None
+
+
+def _names(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def check_dense_weights(model: nn.Module, weights: dict, switch_paths: list[str],
+                        config: dict) -> None:
+    """The checkpoint's non-expert weights (after sanitize) are the ones ``mlx_lm.load`` would
+    take for ``model`` (freshly built, unquantized): every parameter it needs is there (a missing
+    one used to be quantized from its random initial value, and the model gave garbage), a float
+    source's with the shape the model has; packed weights come with config.json's
+    ``quantization`` entry; a quantized source (whose tensors the store keeps as they are) has
+    none the model cannot take."""
+    prefixes = tuple(p + "." for p in switch_paths)
+    params = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith(prefixes)}
+    quantized = config.get("quantization") is not None
+    if not quantized:
+        for k in sorted(weights):
+            if not k.endswith(".scales") or k.startswith(prefixes):
+                continue
+            base = k[:-len(".scales")]
+            w = weights.get(base + ".weight")
+            if w is None or mx.issubdtype(w.dtype, mx.floating):
+                continue
+            like = ""
+            if base + ".weight" in params:
+                with contextlib.suppress(Exception):
+                    q = _source_quantization(weights, base, int(params[base + ".weight"].shape[-1]))
+                    like = (f' (these look like "quantization": {{"group_size": {q["group_size"]}, '
+                            f'"bits": {q["bits"]}, "mode": "{q["mode"]}"}})')
+            packed = str(w.dtype).rsplit(".", 1)[-1]
+            raise ConversionError(
+                f"the weights are quantized ({base}.weight is packed {packed}, with "
+                f"{base}.scales) but config.json has no \"quantization\" entry: restore the one "
+                f"the checkpoint was saved with{like}")
+    missing = sorted(k for k in params if k not in weights)
+    if missing:
+        how = ""
+        qc = config.get("quantization_config")
+        if not quantized and isinstance(qc, dict) and qc.get("quant_method"):
+            how = (f" (or its quantization, quantization_config's quant_method "
+                   f"{qc['quant_method']!r}, is not one the converter reads)")
+        raise ConversionError(
+            f"the checkpoint has no {_names(missing)} (after mlx-lm's sanitize), which the model "
+            "needs (mlx-lm refuses to load it too): is a weight file missing (incomplete "
+            f"download?), or is it not the model its config.json names{how}?")
+    if not quantized:
+        for k, v in params.items():
+            if tuple(weights[k].shape) != tuple(v.shape):
+                raise ConversionError(
+                    f"{k} has shape {list(weights[k].shape)} but the model its config.json "
+                    f"describes needs {list(v.shape)}: is it the model its config.json names?")
+    else:
+        suffixes = ("scales", "biases", "global_scale")
+        extra = sorted(k for k in weights if not k.startswith(prefixes) and k not in params
+                       and not (k.rsplit(".", 1)[-1] in suffixes
+                                and k.rsplit(".", 1)[0] + ".weight" in params))
+        if extra:
+            raise ConversionError(
+                f"the checkpoint has tensors the model has no place for: {_names(extra)} "
+                "(after mlx-lm's sanitize; mlx-lm refuses to load it too): is it the model its "
+                "config.json names?")
+
+
 def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], precisions: dict,
                    progress, refs: ReferenceBuilder | None = None) -> LayerEntry:
     num_experts = num_experts_of(switch)
@@ -300,9 +400,19 @@ def _remove(path: Path) -> None:
         pass
 
 
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (links not followed); best effort."""
+    total = 0
+    for root, _, names in os.walk(path):
+        for n in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, n)).st_size
+    return total
+
+
 def _remove_stale(dst: Path) -> None:
     """Remove what conversions into ``dst`` that were killed left behind (their temporary
-    directories, or the replaced DST, name their process, which no longer runs)."""
+    directories, or the replaced DST, name their process, which no longer runs), saying so."""
     for d in dst.parent.glob(f".{glob.escape(dst.name)}.*-*"):
         kind, _, pid = d.name[len(dst.name) + 2:].rpartition("-")
         if kind not in ("partial", "old") or not pid.isdigit() or int(pid) == os.getpid():
@@ -310,9 +420,98 @@ def _remove_stale(dst: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
+            size = _tree_bytes(d) if d.is_dir() and not d.is_symlink() else 0
             _remove(d)
+            what = (f"the partial output of an interrupted conversion (pid {pid})"
+                    if kind == "partial" else
+                    f"the old model an interrupted conversion (pid {pid}) was replacing")
+            print(f"[convert] removed {d} ({size / 2**20:.1f} MiB), {what}", file=sys.stderr)
         except OSError:  # alive, another user's
             pass
+
+
+def interrupt_handler(signum, frame):
+    """SIGINT's and SIGTERM's handler in ``python -m convert``: both interrupt a conversion
+    (its temporary directory is removed) with KeyboardInterrupt. A signal that comes once the
+    new model is in place does not: the conversion finishes (see ``_signals_held``)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _signals_held(note: str | None = None):
+    """SIGINT and SIGTERM wait until the block ends (steps that must not stop halfway: swapping
+    DST, removing a directory); yields the list of those that came. Only the main thread
+    receives signals (elsewhere this holds nothing)."""
+    pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+
+    def hold(signum, frame):
+        if note and not pending:
+            print(note, file=sys.stderr, flush=True)
+        pending.append(signum)
+
+    old = {}
+    try:
+        with contextlib.suppress(ValueError):  # (a subinterpreter: signals are not its own)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, hold)
+        yield pending
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _deliver(pending: list[int]) -> None:
+    """Signals held while DST was replaced, once it was: ``python -m convert``'s own handler
+    (which would interrupt the conversion) is skipped, the conversion being complete; any other
+    runs now (a library caller's Ctrl-C is a KeyboardInterrupt after all; SIGTERM at its default
+    action ends the process, the new model complete)."""
+    for sig in dict.fromkeys(pending):
+        handler = signal.getsignal(sig)
+        if handler is interrupt_handler or handler in (signal.SIG_IGN, None):
+            continue
+        if callable(handler):
+            handler(sig, None)
+        else:
+            signal.raise_signal(sig)
+
+
+def _what_is(dst: Path) -> str:
+    if dst.is_symlink():
+        return "a symbolic link"
+    if not dst.is_dir():
+        return "a file"
+    if is_hobbit_model(dst):
+        return "a converted hobbit model"
+    return "an empty directory" if not any(dst.iterdir()) else "a directory"
+
+
+def _replaceable(dst: Path) -> bool:
+    """What ``force`` may replace: a converted hobbit model, an empty directory, a file or a
+    link (not what it points to); never a directory of other things (the folder meant to hold
+    the model, say, which replacing would delete)."""
+    return _what_is(dst) != "a directory"
+
+
+def _check_dst(dst: Path, force: bool, src: str | Path, late: bool = False) -> None:
+    """Refuse a DST that exists (without ``force``), or that ``force`` must not replace;
+    ``late``: it appeared while converting (another conversion into it, say)."""
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    what = _what_is(dst)
+    if not _replaceable(dst):
+        name = Path(str(src).rstrip("/")).name or "model"
+        raise ConversionError(
+            f"{dst} is a directory of other files, not a converted hobbit model: the converter "
+            f"does not replace it (not even with --force); give a new directory for the model, "
+            f"e.g. {dst / name}")
+    if not force:
+        if late:
+            raise FileExistsError(f"{dst} appeared while converting ({what}; another conversion "
+                                  "into it?): nothing was written; pass --force to replace it")
+        raise FileExistsError(f"{dst} already exists ({what}); pass --force to replace it")
 
 
 def _real(path: str | Path) -> Path:
@@ -419,18 +618,81 @@ def _nominal_bits(quant: dict[str, dict], want: int) -> int:
     return want if want in widths else min(widths)
 
 
+def _check_not_converted(src: Path) -> None:
+    """A hobbit model as the source: one that reads its source checkpoint in place links all of
+    it (it converts again, as long as that checkpoint is as it was); one with its own copies
+    holds its experts only in its store, which the converter does not read."""
+    try:
+        manifest = load_manifest(src, check_files=False)
+    except StoreError:
+        manifest = None
+    if manifest is not None and manifest.references:
+        check_references(src, manifest)  # (the message load gives, naming the file)
+        return
+    raise ConversionError(f"{src} is already a converted hobbit model: load it directly "
+                          "(hobbit_mlx.load, or --model with the command-line tools); to convert "
+                          "it at other widths, convert the checkpoint it was made from"
+                          + (f" ({manifest.source})" if manifest is not None and manifest.source
+                             else ""))
+
+
+def _read_config(src_dir: Path) -> dict:
+    path = src_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path}: not a model configuration (a JSON {type(raw).__name__}, "
+                              "not an object)")
+    return raw
+
+
+def _install(tmp: Path, dst: Path, force: bool, src: str | Path) -> None:
+    """Put the finished ``tmp`` at ``dst``: without ``force`` only where nothing is (also when
+    something appeared there since the conversion began), with it replacing only what ``force``
+    may replace. Runs with SIGINT and SIGTERM held: once the new model is in place, removing
+    the old one finishes."""
+    if dst.exists() or dst.is_symlink():
+        _check_dst(dst, force, src, late=True)  # (it may have appeared meanwhile)
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        _remove(old)
+        os.rename(dst, old)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:
+            os.rename(old, dst)  # put back what was there
+            raise
+        _remove(old)
+        return
+    try:
+        os.mkdir(dst)  # claims DST, or fails if another conversion wrote it since the check above
+    except FileExistsError:
+        _check_dst(dst, force, src, late=True)  # (refuses; with force, replaces what it may)
+        return _install(tmp, dst, force, src)
+    try:
+        os.rename(tmp, dst)  # (onto the empty directory just made)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)
+        raise
+
+
 def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
             low_bits: int | None = None, group_size: int = 64, force: bool = False,
             progress: bool = True, copy: bool = False) -> Path:
     """Convert ``src`` into the hobbit model directory ``dst`` and return its path.
 
     ``bits``: the high-precision experts' width; an mlx-lm quantized source keeps its own (None
-    takes it; another width is refused), a float source is quantized at ``bits`` (default 4).
+    takes it; another width is refused), a float source is quantized at ``bits`` (default 4),
+    and so are its dense weights (attention, embeddings, lm_head), as ``mlx_lm.convert -q
+    --q-bits`` quantizes them; an mlx-lm quantized source's dense weights stay as they are.
     ``low_bits``: the low-precision copies' width (default 2, and below ``bits``).
 
     An mlx-lm quantized source is read in place (by reference) unless ``copy``; the store then
     depends on the source files staying where and as they are (checked at every load). A DST
-    that is the source, or that holds it, is refused."""
+    that is the source, or that holds it, is refused; ``force`` replaces a converted model, an
+    empty directory or a file at DST, never a directory of other files."""
     from tqdm import tqdm
 
     _check_flags(bits, low_bits, group_size)
@@ -438,12 +700,12 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
     local = Path(src).expanduser()
     if local.is_dir():  # before anything else: "pass --force" must not be suggested here
         _check_not_source(local, dst)
-    if (dst.exists() or dst.is_symlink()) and not force:
-        what = "a converted hobbit model" if is_hobbit_model(dst) else "a file or directory"
-        raise FileExistsError(f"{dst} already exists ({what}); pass --force to replace it")
+        if is_hobbit_model(local):
+            _check_not_converted(local)
+    _check_dst(dst, force, src)
     _check_parent(dst)
     src_dir = resolve_source(src)
-    raw_config = json.loads((src_dir / "config.json").read_text())
+    raw_config = _read_config(src_dir)
     config = load_config(src_dir)
     facts = describe_moe(config)
     model, switches = facts["model"], facts["switches"]
@@ -453,15 +715,17 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
     _check_not_source(src_dir, dst, by_reference)
     # The stored source is what ``reconvert_command`` prints: absolute, or the hub id.
     source = str(_real(local)) if local.exists() else str(src)
-    weights = _load_source_weights(src_dir)
+    source_files = _source_files(src_dir)
+    weights = _load_source_weights(source_files)
     loaded = dict(weights)
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
+    weights = sanitize_weights(model, weights, config)
     unchanged = unchanged_by_sanitize(loaded, weights)
     del loaded  # (an evaluated source tensor is held while anything refers to it)
+    switch_paths = [p for p, _ in switches]
     for path, switch in switches:  # (before anything is written or removed)
         for p in switch_linear_paths(switch):
             _check_expert_tensors(weights, f"{path}.{p}", num_experts_of(switch))
+    check_dense_weights(model, weights, switch_paths, config)
 
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -479,7 +743,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
         total = sum(len(switch_linear_paths(s)) for _, s in switches) * len(precisions)
         files: list[str] = []
         references: dict[str, dict] = {}
-        refs = (ReferenceBuilder(index_source(_source_files(src_dir)), unchanged, weights, files,
+        refs = (ReferenceBuilder(index_source(source_files), unchanged, weights, files,
                                  references) if by_reference else None)
         layers = []
         try:
@@ -492,14 +756,14 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
         finally:
             if refs is not None:
                 refs.close()
-        switch_paths = [p for p, _ in switches]
-        with contextlib.nullcontext() if progress else contextlib.redirect_stdout(io.StringIO()):
-            # (mlx-lm's quantizer of a float source's dense weights reports on stdout)
+        # (mlx-lm's quantizer reports "[INFO] Quantized model with N bits per weight" on
+        # stdout, counting the scratch model's float experts: not this model's figure)
+        with contextlib.redirect_stdout(io.StringIO()):
             dense, new_config = _dense_weights(model, weights, switch_paths, config, bits, group_size)
         if by_reference:  # mlx-lm reads them from the source, as it would without hobbit_mlx
             if progress:
                 print(f"[convert] linking the dense weights of {src_dir} (read in place)")
-            link_dense(_source_files(src_dir), tmp, references)
+            link_dense(source_files, tmp, references)
         else:
             if progress:
                 print(f"[convert] writing {sum(v.nbytes for v in dense.values()) / 2**20:.1f} MiB of dense weights")
@@ -508,27 +772,21 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
             if key in new_config:
                 raw_config[key] = new_config[key]
         (tmp / "config.json").write_text(json.dumps(raw_config, indent=2))
-        for f in src_dir.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in _SKIP_FILES:
-                shutil.copy2(f, tmp / f.name)
+        for f in _model_files(src_dir):
+            shutil.copy2(f, tmp / f.name)
         Manifest(config["model_type"], layers[0].num_experts, facts["experts_per_token"], files,
                  layers, source=source, references=references).save(tmp)
-        if dst.exists() or dst.is_symlink():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            _remove(old)
-            os.rename(dst, old)
-            try:
-                os.rename(tmp, dst)
-            except BaseException:
-                os.rename(old, dst)  # put back what was there
-                raise
-            _remove(old)
-        else:
-            os.rename(tmp, dst)
+        note = (f"[convert] interrupted while {dst} is being replaced: finishing that first "
+                "(the new model is complete)")
+        with _signals_held(note) as pending:
+            _install(tmp, dst, force, src)
     except BaseException:
-        _remove(tmp)
+        with _signals_held():  # (a second Ctrl-C does not leave half of it behind)
+            _remove(tmp)
         raise
+    _deliver(pending)
     return dst
 
 
-__all__ = ["convert", "ConversionError", "UnsupportedModelError", "StoreError", "default_bits"]
+__all__ = ["convert", "ConversionError", "UnsupportedModelError", "StoreError", "default_bits",
+           "check_dense_weights", "sanitize_weights", "MODEL_FILE_PATTERNS"]

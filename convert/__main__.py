@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
-from . import ConversionError, StoreError, UnsupportedModelError, convert
+from . import ConversionError, StoreError, UnsupportedModelError, convert, interrupt_handler
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + the signal's number (SIGINT); SIGTERM: 143
 
 
 def _os_error(e: OSError, src: str, dst: str) -> str:
@@ -37,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="output directory (written atomically; not SRC, nor a "
                                     "directory that holds SRC)")
     parser.add_argument("--bits", type=int, default=None,
-                        help="high-precision expert bits: a float source's (default 4); an mlx-lm "
-                             "quantized source keeps its own width, which is the only one accepted")
+                        help="high-precision expert bits: a float source's (default 4), which are "
+                             "also the width of its dense weights (attention, embeddings, "
+                             "lm_head), as mlx_lm.convert's --q-bits; an mlx-lm quantized source "
+                             "keeps its own width, which is the only one accepted, and its dense "
+                             "weights as they are")
     parser.add_argument("--low-bits", type=int, default=None,
                         help="low-precision expert bits, below --bits (default 2)")
     parser.add_argument("--group-size", type=int, default=64,
@@ -47,10 +51,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="write a page-aligned copy of the high-precision experts and dense weights even "
                              "when the source is an mlx-lm quantized checkpoint (by default the "
                              "store reads those in place, so the source must stay)")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace DST if it is a converted hobbit model, an empty directory "
+                             "or a file (never a directory of other files)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
+    # SIGTERM (kill, timeout, systemd) interrupts as Ctrl-C does: the partial output is removed
+    handlers = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, interrupt_handler)
+    except ValueError:  # (not the main thread: signals are not ours to handle)
+        pass
     try:
         out = convert(args.src, args.dst, bits=args.bits, low_bits=args.low_bits,
                       group_size=args.group_size, force=args.force, progress=not args.quiet,
@@ -58,15 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, StoreError, UnsupportedModelError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:  # convert() removed its temporary directory
-        print("interrupted; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # convert() removed its temporary directory
+        term = str(e) == "SIGTERM"
+        print(f"interrupted{' (SIGTERM)' if term else ''}; nothing was written", file=sys.stderr)
+        return 128 + int(signal.SIGTERM) if term else EXIT_INTERRUPTED
     except OSError as e:
         if isinstance(e, FileExistsError) and e.errno is None:  # DST exists, no --force
             print(f"error: {e}", file=sys.stderr)
         else:
             print(f"error: {_os_error(e, args.src, args.dst)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     print(f"[convert] wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -83,15 +83,19 @@ def _finish(model, error: BaseException | None = None) -> None:
             raise
 
 
-def _draft_tokens(model, speculative) -> tuple[int, bool]:
-    """(K, adaptive) for this call: ``speculative`` (an int K, False: off) or load()'s setting."""
-    k, adaptive = getattr(runtime_of(model), "speculative", (0, True))
-    if speculative is None:
-        return k, adaptive
-    if speculative is False:
-        return 0, adaptive
+def _draft_tokens(model, speculative, kwargs: dict) -> tuple[int, bool]:
+    """(K, adaptive) for this call: ``speculative`` (an int K, False or 0: off) or load()'s
+    setting; with speculation on, mlx-lm's ``num_draft_tokens`` keyword sets K too."""
     from .speculative import check_draft_tokens
-    return check_draft_tokens(speculative), adaptive
+
+    k, adaptive = getattr(runtime_of(model), "speculative", (0, True))
+    if speculative is False or speculative == 0:
+        return 0, adaptive
+    if speculative is not None:
+        k = check_draft_tokens(speculative)
+    if k and kwargs.get("num_draft_tokens") is not None:
+        k = check_draft_tokens(kwargs.pop("num_draft_tokens"))
+    return k, adaptive
 
 
 def _kv_quant_kwargs(runtime, kwargs: dict) -> dict:
@@ -117,13 +121,30 @@ def _with_defaults(model, tokenizer, prompt, kwargs: dict, extra_tokens: int = 0
     ``held_tokens``: memory the prefill holds beside the KV, in KV tokens."""
     runtime = runtime_of(model)
     kwargs.update(_kv_quant_kwargs(runtime, kwargs))
-    n_prompt = _prompt_tokens(tokenizer, prompt).size
+    n_prompt = _prompt_tokens(tokenizer, prompt).size + held_tokens
     max_new = kwargs.get("max_tokens", 256)
-    runtime.new_sequence(context_of(kwargs.get("prompt_cache")), n_prompt + held_tokens,
-                         max_new + extra_tokens if max_new and max_new > 0 else 0)
+    max_new = max_new + extra_tokens if max_new and max_new > 0 else 0
+    context = context_of(kwargs.get("prompt_cache"))
     step = kwargs.get("prefill_step_size") or runtime.prefill_step_size
+    window = _kv_window(model, kwargs)
+    if window is not None:  # a rotating cache holds at most its window and a call's tokens
+        room = window + max(1, min(step, runtime.plan.chunk_tokens))
+        n_prompt = min(n_prompt, room - context)
+        max_new = min(max_new, max(1, room - context - n_prompt)) if max_new else 0
+    runtime.new_sequence(context, n_prompt, max_new)
     kwargs["prefill_step_size"] = max(1, min(step, runtime.plan.chunk_tokens))
     return kwargs
+
+
+def _kv_window(model, kwargs: dict) -> int | None:
+    """The tokens every layer's KV cache holds at most: a rotating cache's (mlx-lm's
+    ``max_kv_size``), None when some layer keeps the whole context."""
+    cache = kwargs.get("prompt_cache")
+    if cache is None:
+        size = kwargs.get("max_kv_size")  # (mlx-lm makes rotating caches of it, unless the
+        return size if size and not hasattr(model, "make_cache") else None  # model makes its own)
+    sizes = [getattr(c, "max_size", None) for c in cache]
+    return max(sizes) if sizes and all(isinstance(n, int) for n in sizes) else None
 
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, draft_model=None,
@@ -155,7 +176,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, draft_model
 
 
 def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwargs):
-    k, adaptive = _draft_tokens(model, speculative) if draft_model is None else (0, True)
+    k, adaptive = _draft_tokens(model, speculative, kwargs) if draft_model is None else (0, True)
     kwargs = dict(kwargs, max_tokens=max_tokens)
     by_layer = not k and draft_model is None and _layer_major_candidate(model, kwargs)
     if by_layer:  # (the prompt's hidden states are held between layers)
@@ -226,9 +247,13 @@ def _prefilled_by_layer(model, tokenizer, tokens: mx.array, kwargs: dict):
     start = time.perf_counter()
     from mlx_lm.generate import wired_limit
 
+    progress = kwargs.get("prompt_progress_callback")
+    if progress is not None:  # one count over the whole prompt, as mlx-lm's loop gives it
+        kwargs = dict(kwargs, prompt_progress_callback=lambda done, _: progress(head + done,
+                                                                                tokens.size))
     with wired_limit(model, [mx.default_stream(mx.default_device())]):  # (as mlx-lm's loop)
         layer_major.prefill(model, tokens[:head], cache, step, rt,
-                            kwargs.get("prompt_progress_callback"))
+                            progress and (lambda done, _: progress(done, tokens.size)))
     # The hidden states are gone: the rest of the sequence plans without them (the pools grow).
     rt.plan_rest(context_of(cache), tokens.size - head, kwargs.get("max_tokens", 256) + 1)
     seconds = time.perf_counter() - start

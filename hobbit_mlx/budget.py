@@ -247,13 +247,14 @@ class BudgetPlan:
         return (self.dense_bytes + self.activation_for(chunk, tokens) + self.min_expert_bytes
                 + self.kv_bytes(tokens, chunk))
 
-    def fit(self, tokens: int, chunk: int, goal: int = 0) -> "BudgetPlan":
+    def fit(self, tokens: int, chunk: int, goal: int = 0, starting: bool = False) -> "BudgetPlan":
         """The plan for a context of ``tokens`` and calls of up to ``chunk`` tokens: KV and
         activations reserved, the pools take the rest up to their cap; when the pools are at
         their cap, what is left raises the chunk (up to the measured maximum), then the context.
         Raises ContextBudgetError when even the smallest pools leave too little; its budget is
         the one that runs the sequence to ``goal`` tokens (its prompt and ``max_tokens``), so
-        that a retry at that budget does not stop one token later."""
+        that a retry at that budget does not stop one token later. ``starting``: a sequence's
+        prompt is refused before it runs (its message says so, not that the context reached)."""
         chunk = max(1, min(chunk, self.max_chunk))
         if tokens > self.max_context(chunk):
             shorter = [n for n, _ in self.activation_points if n < chunk
@@ -269,8 +270,10 @@ class BudgetPlan:
             need = self.need_bytes(end, chunk)
             what = f"{tokens} tokens need" if end == tokens else \
                 f"this sequence may reach {end} tokens, which need"
+            reached = (f"the prompt takes the context to {tokens} tokens" if starting
+                       else f"the context reached {tokens} tokens")
             raise ContextBudgetError(
-                f"the context reached {tokens} tokens, more than the memory budget "
+                f"{reached}, more than the memory budget "
                 f"{format_size(self.budget_bytes)} can hold ({self.max_context(chunk)} tokens with "
                 f"the expert pools at their minimum); {what} a budget of at least "
                 f"{format_size(need)} ({need} bytes)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import hashlib
 import os
@@ -17,7 +18,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .architectures import find_switch_modules, num_experts_of, text_config, trained_context
-from .budget import BudgetPlan, format_size, gpu_working_set_bytes, plan_budget
+from .budget import (BudgetPlan, format_size, gpu_working_set_bytes, plan_budget,
+                     system_memory_bytes)
 from .cache import SlotCache
 from .measure import kv_bytes_by_layer, measured_activations
 from .offload import bind, install
@@ -124,16 +126,25 @@ def _offloaded_classes(manifest: Manifest, pipe=None):
                 weights = {k: v for k, v in weights.items() if not k.startswith(prefixes)}
                 return weights if pipe is None else pipe.keep_local(weights)
 
+            # (the signature is the model's own: mlx-lm inspects it for input_embeddings)
+            @functools.wraps(model_class.__call__)
             def __call__(self, *args, **kwargs):
                 rt = getattr(self, "_hobbit", None)
-                if rt is not None:  # the KV cache says how long the context is
+                if rt is None:
+                    return super().__call__(*args, **kwargs)
+                with rt.one_caller():
+                    # the KV cache says how long the context is
                     inputs = args[0] if args else kwargs.get("inputs")
                     cache = args[1] if len(args) > 1 else kwargs.get("cache")
+                    if inputs is not None and inputs.ndim > 1 and inputs.shape[0] > 1:
+                        raise ValueError(
+                            f"a call of {inputs.shape[0]} sequences at once: the memory budget "
+                            "plans the KV cache and activations of one sequence (mlx-lm's "
+                            "batch_generate is not supported); generate them one by one")
                     if rt.kv_quant is not None:
                         rt.kv_quant.check_applied(cache)
                     rt.see_call(context_of(cache), int(inputs.shape[-1]) if inputs is not None else 1)
-                out = super().__call__(*args, **kwargs)
-                if rt is not None:
+                    out = super().__call__(*args, **kwargs)
                     rt.end_call(out)
                 return out
 
@@ -145,9 +156,11 @@ def _offloaded_classes(manifest: Manifest, pipe=None):
 
 
 def context_of(cache) -> int:
-    """Tokens a prompt cache holds already (0 for none or a new one)."""
-    offsets = [getattr(c, "offset", 0) for c in cache or []]
-    return max([o for o in offsets if isinstance(o, int)] + [0])
+    """Tokens a prompt cache holds already (0 for none or a new one; a rotating cache, mlx-lm's
+    ``max_kv_size``, holds at most its window, whatever its offset has counted)."""
+    held = [min(c.offset, c.max_size) if isinstance(getattr(c, "max_size", None), int)
+            else c.offset for c in cache or [] if isinstance(getattr(c, "offset", None), int)]
+    return max(held + [0])
 
 
 def _check_manifest(model: nn.Module, manifest: Manifest, config: dict) -> None:
@@ -165,8 +178,13 @@ def _check_manifest(model: nn.Module, manifest: Manifest, config: dict) -> None:
 
 
 def warn_past_working_set(budget_bytes: int) -> None:
-    """A budget past the GPU's recommended working set runs, paging: say so once, at load."""
+    """A budget past the GPU's recommended working set (or, without one, past the machine's
+    memory) runs, paging: say so once, at load."""
     limit = gpu_working_set_bytes()
+    if limit is None and budget_bytes > system_memory_bytes():
+        warnings.warn(f"memory budget {format_size(budget_bytes)} is more than this machine's "
+                      f"memory ({format_size(system_memory_bytes())}): the budget cannot hold "
+                      "memory there is not; the system will swap first", stacklevel=3)
     if limit is not None and budget_bytes > limit:
         warnings.warn(f"memory budget {format_size(budget_bytes)} is more than this GPU's "
                       f"recommended working set ({format_size(limit)}): past it the GPU pages "

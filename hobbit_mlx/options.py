@@ -8,7 +8,9 @@ technique is a switch here, so a benchmark configuration is a dict of these fiel
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any
+import numbers
+import os
+from typing import Any, get_args, get_type_hints
 
 import mlx.core as mx
 
@@ -37,6 +39,11 @@ DEFAULT_PREFETCH_RECALL = None
 # slots come out of the cache.
 DEFAULT_PREFETCH_SCRATCH = 2
 MAX_PREFETCH_WIDTH = 4.0  # an adaptive width never guesses more than this many x top-k
+
+
+# what a field's type accepts beside itself
+_ACCEPTED = {int: (numbers.Integral,), float: (numbers.Real,), str: (str, os.PathLike),
+             tuple: (tuple, list)}
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,23 @@ class LoadOptions:
             raise TypeError(f"load() got unexpected option(s): {', '.join(sorted(unknown))}")
         return replace(self, **overrides)
 
+    def _check_types(self) -> None:
+        """Each option of the type its field says (a wrong one failed later as a bare TypeError,
+        or, as a string "no" for a bool, turned the option on). A bool is no number here, an int
+        is a float, a list is a tuple and a path a string."""
+        hints = get_type_hints(LoadOptions)
+        for f in fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            kinds = get_args(hint) or (hint,)
+            if Any in kinds or (value is None and type(None) in kinds):
+                continue
+            accepted = tuple(k for kind in kinds for k in _ACCEPTED.get(kind, (kind,)))
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, accepted):
+                names = " or ".join(getattr(k, "__name__", str(k)).replace("NoneType", "None")
+                                    for k in kinds)
+                raise ValueError(f"{f.name} must be {names}, not {type(value).__name__} "
+                                 f"{value!r}")
+
     def kv_quant(self) -> KVQuant | None:
         """The KV cache's quantization, None when it keeps the model's dtype."""
         if self.kv_bits is None:
@@ -157,6 +181,9 @@ class LoadOptions:
 
     def validate(self) -> None:
         """Raise ValueError naming the first option that cannot work."""
+        self._check_types()
+        if isinstance(self.memory_budget, int) and self.memory_budget < 1:
+            raise ValueError(f"memory_budget is a size in bytes above 0 (got {self.memory_budget})")
         if self.exact and (self.mixed_precision or self.big_little or self.skip):
             raise ValueError("exact=True cannot be combined with mixed_precision, big_little or skip")
         if self.upgrade_after < 0:
@@ -183,7 +210,9 @@ class LoadOptions:
         if self.keep_shallow_layers is not None and self.keep_shallow_layers < 0:
             raise ValueError(f"keep_shallow_layers is a layer count, 0 or more "
                              f"(got {self.keep_shallow_layers})")
-        if isinstance(self.dtype, str) and not isinstance(getattr(mx, self.dtype, None), mx.Dtype):
+        dtype = getattr(mx, self.dtype, None) if isinstance(self.dtype, str) else self.dtype
+        if self.dtype is not None and (not isinstance(dtype, mx.Dtype) or dtype not in (
+                mx.float32, mx.float16, mx.bfloat16)):
             raise ValueError(f"dtype {self.dtype!r} is not an MLX float type (float32, float16, "
                              "bfloat16)")
         if not 0 <= self.t1 <= self.t2 <= 1:
@@ -193,11 +222,9 @@ class LoadOptions:
                 int(n) < 1 for n in self.pipeline_split)):
             raise ValueError(f"pipeline_split needs a pipeline and a positive layer count per "
                              f"rank (got {self.pipeline_split})")
-        if self.speculative is not None and self.speculative is not False and (
-                self.speculative is not True and (not isinstance(self.speculative, int)
-                                                  or self.speculative < 1)):
-            raise ValueError(f"speculative decoding drafts K >= 1 tokens per pass "
-                             f"(got speculative={self.speculative!r})")
+        if self.speculative not in (None, False, True, 0) and self.speculative < 1:
+            raise ValueError(f"speculative decoding drafts K >= 1 tokens per pass, or 0/False: "
+                             f"off (got speculative={self.speculative!r})")
         if self.kv_bits is not None:
             self.kv_quant().check()
             if self.speculative or self.draft_model is not None:

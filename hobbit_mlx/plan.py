@@ -96,7 +96,9 @@ def plan_model(model: str, memory_budget: int | str | None = None,
             bits = low_bits = 1
         sizes = model_sizes(ckpt, bits=bits, low_bits=low_bits, compute_dtype=cdtype,
                             prefill_step_size=o.prefill_step_size, kv_quant=o.kv_quant())
-        widths = {"high": [bits], "low": [low_bits]}
+        # the widths the converter would store: a mixed-bit source's experts keep their own
+        widths = {p: sizes.expert_widths.get(p) or [b]
+                  for p, b in (("high", bits), ("low", low_bits))}
     mixed = o.precision().mixed_precision
     minimum = _plan(sizes, mixed, 1 << 62).minimum_bytes
     minimum_exact = _plan(sizes, False, 1 << 62).minimum_bytes
@@ -196,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                "%(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
+    from convert import ConversionError
+
     from .architectures import UnsupportedModelError
     from .sizes import ModelNotFound
     from .store import StoreError
@@ -216,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               quantized_kv_start=args.quantized_kv_start)
         options.validate()
         p = plan_model(args.model, budget, options)
-    except (ModelNotFound, UnsupportedModelError, BudgetError, StoreError, ValueError) as e:
+    except (ModelNotFound, UnsupportedModelError, BudgetError, StoreError, ConversionError,
+            ValueError) as e:
         text = " ".join(str(e).split())
         print(f"error: {text}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -115,7 +115,7 @@ def follow_sequence(rt: OffloadRuntime, groups: list[PoolGroup], prefill_step: i
             plan = replace(plan, mixed_precision=rt.wants_low_pool(plan.mixed_precision))
         goal[0] = context + prompt + max_new if max_new > 0 else 0
         if context + prompt > plan.max_context():
-            plan.fit(context + prompt, 1, goal[0])  # raises ContextBudgetError with the numbers
+            plan.fit(context + prompt, 1, goal[0], starting=True)  # raises, with the numbers
         tokens = goal[0] or max(context + prompt, plan.initial_context)
         tokens = min(tokens, plan.max_context())
         chunk = min(max(prompt, 1), prefill_step, plan.largest_chunk(tokens) or 1)

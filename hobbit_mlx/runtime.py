@@ -13,7 +13,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -118,6 +118,9 @@ class OffloadRuntime:
         self.context_tokens = 0  # tokens in the KV cache after the current call
         self.on_context = None  # (context, call tokens) when a call outgrows the reserves
         self.on_sequence = None  # (context, prompt tokens, max tokens) when a sequence starts
+        self._caller_lock = threading.Lock()  # (one_caller)
+        self._caller: int | None = None
+        self._caller_depth = 0
         self.context_limit = self.chunk_limit = 1 << 62
         # What load() decided, for stats and the generate wrappers (see describe()).
         self.plan = None
@@ -137,6 +140,27 @@ class OffloadRuntime:
     @property
     def prefetch_layers(self) -> int:
         return self.prefetcher.layers_ahead if self.prefetcher is not None else 0
+
+    @contextmanager
+    def one_caller(self) -> Iterator[None]:
+        """A model call runs in one thread at a time: the pools, the reserves and the graphs
+        held for the next sync are the one sequence's, and MLX's streams are per thread (two
+        threads in mlx-lm's own generate on one model crashed the process)."""
+        me = threading.get_ident()
+        with self._caller_lock:
+            if self._caller not in (None, me):
+                raise RuntimeError(
+                    "this model is being called from another thread: a hobbit_mlx model runs one "
+                    "sequence at a time; generate from one thread, or with hobbit_mlx.generate / "
+                    "stream_generate, which queue generations on a model")
+            self._caller, self._caller_depth = me, self._caller_depth + 1
+        try:
+            yield
+        finally:
+            with self._caller_lock:
+                self._caller_depth -= 1
+                if not self._caller_depth:
+                    self._caller = None
 
     def new_sequence(self, context_tokens: int = 0, prompt_tokens: int = 0,
                      max_tokens: int = 0) -> None:

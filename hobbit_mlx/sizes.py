@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,8 +22,8 @@ import mlx.core as mx
 from .architectures import describe_moe, num_experts_of, switch_linear_paths
 from .budget import KV_STEP
 from .measure import CONTEXT_MARGIN, SMALLEST_CHUNK, chunk_ladder, kv_bytes_by_layer
-from .store import (DTYPE_ITEMSIZE, FLOAT_DTYPES, StoreError, is_hobbit_model,
-                    read_safetensors_header)
+from .store import (DTYPE_ITEMSIZE, FLOAT_DTYPES, StoreError, checkpoint_weight_files,
+                    is_hobbit_model, read_safetensors_header)
 
 _ST_TO_MX = {"U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16, "F16": mx.float16,
              "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32, "F32": mx.float32,
@@ -45,12 +45,32 @@ class Checkpoint:
 
 
 def read_local(path: Path) -> Checkpoint:
+    """A local checkpoint's config and headers: its weight files are those its index names (each
+    must exist) or mlx-lm's ``model*.safetensors``, as the converter reads them. A converted model
+    that reads its source in place must still find it (load's message when it does not)."""
     cfg = path / "config.json"
     if not cfg.is_file():
         raise ModelNotFound(f"{cfg}: not found (MODEL must be a model directory or a hub id)")
-    files = sorted(f for f in path.glob("*.safetensors"))
+    try:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelNotFound(f"{cfg}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelNotFound(f"{cfg}: not a model configuration (a JSON {type(config).__name__}, "
+                            "not an object)")
+    manifest = None
+    if is_hobbit_model(path):
+        from .store import check_references, load_manifest
+
+        manifest = load_manifest(path, check_files=False)
+        check_references(path, manifest)
+    try:
+        files = checkpoint_weight_files(path)
+    except StoreError as e:
+        raise ModelNotFound(str(e)) from None
     if not files:
-        raise ModelNotFound(f"{path}: no *.safetensors weight files found")
+        raise ModelNotFound(f"{path}: no model*.safetensors weight files found (mlx-lm reads "
+                            "those, or the files model.safetensors.index.json names)")
     tensors = {}
     for f in files:
         try:
@@ -58,16 +78,10 @@ def read_local(path: Path) -> Checkpoint:
         except (StoreError, OSError) as e:
             raise ModelNotFound(str(e)) from None
         tensors.update({k: (v["dtype"], tuple(v["shape"])) for k, v in meta.items()})
-    if is_hobbit_model(path):  # a converted model: its experts as its store holds them in 4-bit
-        from .store import load_manifest
-
-        for layer in load_manifest(path, check_files=False).layers:
+    if manifest is not None:  # a converted model: its experts as its store holds them in 4-bit
+        for layer in manifest.layers:
             for t in layer.precisions["high"].tensors:
                 tensors[f"{layer.module_path}.{t.name}"] = (t.dtype, (layer.num_experts, *t.shape))
-    try:
-        config = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelNotFound(f"{cfg}: not valid JSON ({e})") from None
     return Checkpoint("local", config, tensors)
 
 
@@ -124,6 +138,8 @@ class ModelSizes:
     context_activation: tuple[float, float, float] = (0.0, 0.0, 0.0)  # estimated, as load() measures it
     # with kv_bits: (bytes per token quantized, the largest layer's, quantized_kv_start)
     kv_quantized: tuple = ()
+    # the widths the experts are stored at, per precision (a mixed-bit source's own several)
+    expert_widths: dict[str, list[int]] = field(default_factory=dict)
 
     def all_bytes(self, precision: str) -> int:
         """Every expert resident at one precision."""
@@ -150,8 +166,9 @@ def _float_dtype(weights: dict) -> mx.Dtype:
 
 
 def _expert_copy_bytes(weights: dict, prefix: str, in_dim: int, want: dict, keep_source: bool,
-                       itemsize: int | None, float_dtype: mx.Dtype) -> tuple[int, int]:
-    """(stored, resident) bytes of one expert of one projection in the store's copy."""
+                       itemsize: int | None, float_dtype: mx.Dtype) -> tuple[int, int, int]:
+    """(stored, resident) bytes of one expert of one projection in the store's copy, and the
+    width it is stored at."""
     from convert import _projection_quant, _source_quantization
 
     quant = _projection_quant(weights, prefix, in_dim, want, keep_source)
@@ -172,7 +189,7 @@ def _expert_copy_bytes(weights: dict, prefix: str, in_dim: int, want: dict, keep
         b = weights[f"{prefix}.bias"]
         stored += b.nbytes // e
         resident += _resident(b, itemsize) // e
-    return stored, resident
+    return stored, resident, int(quant["bits"])
 
 
 def estimate_activations(config: dict, k: int, moe_intermediate: int, itemsize: int,
@@ -249,17 +266,21 @@ def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_siz
     """Sizes of a checkpoint as hobbit_mlx would store and hold it (``compute_dtype``: the float
     dtype of resident weights on this machine; None keeps the checkpoint's; ``kv_quant``: a
     ``KVQuant`` the KV cache is quantized with)."""
-    from convert import _dense_weights
+    from convert import ConversionError, _dense_weights, check_dense_weights, sanitize_weights
 
     config = dict(ckpt.config)
     facts = describe_moe(config)
     model, switches = facts["model"], facts["switches"]
     weights = _placeholders(ckpt.tensors)
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
+    try:  # (the converter's own checks: what it would refuse, plan refuses with its words)
+        weights = sanitize_weights(model, weights, config)
+        check_dense_weights(model, weights, [p for p, _ in switches], config)
+    except ConversionError as e:
+        raise StoreError(str(e)) from None
     float_dtype = _float_dtype(weights)
     itemsize = compute_dtype.size if compute_dtype is not None else None
     stored = {"high": 0, "low": 0}
+    widths: dict[str, set[int]] = {"high": set(), "low": set()}
     layouts: dict[str, dict[int, int]] = {"high": {}, "low": {}}
     moe_i = 0
     for path, switch in switches:
@@ -272,9 +293,10 @@ def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_siz
                 raise StoreError(f"the checkpoint has no weights for {path}.{p} (after mlx-lm's "
                                  "sanitize); is it the model its config.json names?")
             for name, b in (("high", bits), ("low", low_bits)):
-                s, r = _expert_copy_bytes(weights, f"{path}.{p}", in_dim,
-                                          {"bits": b, "group_size": group_size}, name == "high",
-                                          itemsize, float_dtype)
+                s, r, w = _expert_copy_bytes(weights, f"{path}.{p}", in_dim,
+                                             {"bits": b, "group_size": group_size}, name == "high",
+                                             itemsize, float_dtype)
+                widths[name].add(w)
                 per[name][0] += s
                 per[name][1] += r
         n = num_experts_of(switch)
@@ -300,7 +322,8 @@ def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_siz
         compute_dtype=str(dtype).replace("mlx.core.", ""),
         context_activation=estimate_context_activation(config, dtype.size, max(kv, default=0)),
         kv_quantized=(sum(quantized), max(quantized, default=0), kv_quant.start)
-        if quantized is not None else ())
+        if quantized is not None else (),
+        expert_widths={p: sorted(w) for p, w in widths.items()})
 
 
 __all__ = ["Checkpoint", "ModelNotFound", "ModelSizes", "read_checkpoint", "model_sizes",

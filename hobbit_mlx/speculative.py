@@ -167,6 +167,7 @@ def speculative_generate_step(
         logits_processors: Sequence[Callable] | None = None, prompt_cache=None,
         prefill_step_size: int = 512, stats: SpeculativeStats | None = None,
         controller: AdaptiveK | None = None, draft_model=None,
+        prompt_progress_callback: Callable[[int, int], None] | None = None,
 ) -> Generator[tuple[int, mx.array, bool], None, None]:
     """Yields ``(token, logprobs, from_draft)`` like mlx-lm's ``speculative_generate_step``, with
     the model itself drafting from its resident experts (see the module docstring), or with
@@ -198,6 +199,8 @@ def speculative_generate_step(
         return mx.argmax(logprobs, axis=-1), logprobs
 
     y = prompt.astype(mx.uint32)
+    progress = prompt_progress_callback or (lambda *_: None)
+    progress(0, prompt.size)
     while y.size > 1:  # prefill, exact, in chunks (the last token goes with the first pass)
         n = min(prefill_step_size, y.size - 1)
         model(y[:n][None], cache=cache)
@@ -205,7 +208,9 @@ def speculative_generate_step(
         if drafter is not None:
             drafter.feed(y[:n])
         y = y[n:]
+        progress(prompt.size - y.size, prompt.size)
         mx.clear_cache()
+    progress(prompt.size, prompt.size)  # (the last token runs with the first pass, as mlx-lm's)
 
     ntoks = 0
     while max_tokens < 0 or ntoks < max_tokens:
@@ -366,11 +371,12 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens: int = 256,
     if max_tokens == 0:
         raise ValueError("max_tokens must be non-zero (-1 for no limit)")
     # (``stream``: the caller's thread's default stream, which every op here runs on anyway)
-    for name in ("max_kv_size", "prompt_progress_callback", "num_draft_tokens", "stream"):
+    for name in ("num_draft_tokens", "stream"):
         kwargs.pop(name, None)
-    for name in ("input_embeddings", "kv_bits"):
+    for name in ("input_embeddings", "kv_bits", "max_kv_size"):
         if kwargs.pop(name, None) is not None:
-            raise ValueError(f"speculative decoding does not support {name}")
+            raise ValueError(f"speculative decoding does not support {name}; pass "
+                             "speculative=False for this call")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     if not isinstance(prompt, mx.array):

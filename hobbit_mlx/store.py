@@ -249,6 +249,36 @@ def load_manifest(model_dir: str | Path, check_files: bool = True) -> Manifest:
     return manifest
 
 
+WEIGHT_INDEX = "model.safetensors.index.json"
+
+
+def checkpoint_weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files that hold a checkpoint's weights: those its
+    ``model.safetensors.index.json`` names when it has one (a sharded hub checkpoint always
+    does), each of which must exist; else mlx-lm's own rule, ``model*.safetensors``. Other
+    safetensors files (``adapters.safetensors``, a Mistral-format ``consolidated.safetensors``)
+    are not the model's. Raises StoreError naming the files an index names that are missing."""
+    model_dir = Path(model_dir)
+    index = model_dir / WEIGHT_INDEX
+    if index.is_file():
+        try:
+            names = sorted({str(n) for n in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                AttributeError) as e:
+            raise StoreError(f"{index}: not a valid weight index ({type(e).__name__}: {e}); "
+                             "download it again, or delete it to read model*.safetensors") from None
+        if names:
+            missing = [n for n in names if not (model_dir / n).is_file()]
+            if missing:
+                shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more"
+                                                  if len(missing) > 3 else "")
+                verb = "is" if len(missing) == 1 else "are"
+                raise StoreError(f"{shown} named in {index} {verb} missing from {model_dir} "
+                                 "(incomplete download?): download the checkpoint again")
+            return [model_dir / n for n in names]
+    return sorted(model_dir.glob("model*.safetensors"))
+
+
 def file_stamp(path: str | Path) -> dict:
     """What a referenced file must still be at load: its size and modification time."""
     st = os.stat(path)
