@@ -158,7 +158,8 @@ def test_close_waits_for_prefetches_and_stops_the_readers(deep_models, scratch):
         reads = list(rt.prefetcher._inflight.values())
     rt.close()
     assert all(f.done() for f in reads)  # no read writes into a freed pool
-    assert not [t for t in threading.enumerate() if t.name.startswith("hobbit-")]
+    assert not [t for t in threading.enumerate()
+                if t.name.startswith(("hobbit-io", "hobbit-prefetch"))]
     assert rt.cache.resident_bytes == 0 and len(rt.cache) == 0
     assert all(ps.pool.slots == 0 and not ps.pool.arrays for ps in rt.cache.pools)  # pools freed
 

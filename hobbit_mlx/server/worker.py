@@ -12,12 +12,14 @@ sequence at a time.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import queue
 import random
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
@@ -288,10 +290,15 @@ class Worker:
                 self._kept = PromptCache(self.model)
         except BaseException as e:  # reported by start()
             self.error = e
+        if self.error is not None:
+            # What the failed load made is freed here, on the thread that made it (its
+            # traceback's frames held it: the process's memory, outside any later budget) ...
+            traceback.clear_frames(self.error.__traceback__)
+            gc.collect()
             self._ready.set()
-            # This thread stays (parked, a daemon) until the process exits: MLX objects the
-            # failed load made on it, freed at exit after the thread had ended, abort the
-            # process ("terminate called without an active exception", status 134).
+            # ... and the thread stays (parked, a daemon) until the process exits: MLX objects
+            # made on it, freed at exit after the thread had ended, abort the process
+            # ("terminate called without an active exception", status 134).
             threading.Event().wait()
         self._ready.set()
         if self.lock is not None and not self.lock.leader:
