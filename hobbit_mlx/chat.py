@@ -51,7 +51,7 @@ class Conversation:
         if self.args.system_prompt is not None:
             self.messages.append({"role": "system", "content": self.args.system_prompt})
         self.plain: list[list[int]] = []  # without a template: each turn's tokens, in order
-        self._kept = PromptCache(self.model)
+        self._kept = PromptCache(self.model, self.args.max_kv_size)
 
     @property
     def cache(self):
@@ -84,9 +84,10 @@ class Conversation:
     def fit(self, query: str, limit: int, reply_room: int) -> int:
         """Drop the oldest turns until the conversation and ``reply_room`` tokens fit the
         ``limit`` the budget holds (the system prompt stays); how many were dropped. Without it
-        a conversation that outgrew the budget failed on every turn until reset."""
+        a conversation that outgrew the budget failed on every turn until reset. With
+        ``--max-kv-size`` none is dropped: the cache forgets the oldest tokens itself."""
         dropped = 0
-        while len(self._render(query)) + reply_room > limit:
+        while not self.args.max_kv_size and len(self._render(query)) + reply_room > limit:
             if self.plain:
                 self.plain.pop(0)
             elif len(self.messages) >= 2 and self.messages[-1]["role"] == "assistant":

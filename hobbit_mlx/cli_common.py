@@ -232,6 +232,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, *,
                         "(mlx-lm's CLI seeds before its load, which draws random numbers).")
     g.add_argument("--extra-eos-token", type=str, default=(), nargs="+",
                    help="Add tokens to the list of EOS tokens that stop generation.")
+    g.add_argument("--max-kv-size", type=int, default=None,
+                   help="Keep at most this many tokens of context in the KV cache (mlx-lm's "
+                        "rotating cache): a generation or a conversation runs past the context "
+                        "the budget holds, forgetting its oldest tokens.")
 
 
 def add_template_args(parser: argparse.ArgumentParser, *, chat: bool = False) -> None:
@@ -281,6 +285,14 @@ def check_args(args: argparse.Namespace) -> None:
     r = getattr(args, "expert_residency", None)
     if r is not None and not 0.0 <= r <= 1.0:
         raise CLIError(f"--expert-residency must be between 0 and 1, not {r}")
+    if getattr(args, "max_kv_size", None) is not None:
+        if args.max_kv_size < 1:
+            raise CLIError(f"--max-kv-size must be at least 1, not {args.max_kv_size}")
+        if getattr(args, "speculative", None) or getattr(args, "draft_model", None):
+            raise CLIError("--max-kv-size does not run with speculative decoding (it rolls the "
+                           "KV cache back after each pass)")
+        if group is not None:
+            raise CLIError("--max-kv-size does not run with --pipeline")
     for name in ("max_context", "prefill_step_size", "io_workers"):
         v = getattr(args, name, None)
         if v is not None and v < 1:

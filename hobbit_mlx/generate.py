@@ -117,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampler = cli.make_sampler(args, tokenizer)
     processors = cli.make_logits_processors(args)
     if pipe is None:
+        window = {"max_kv_size": args.max_kv_size} if args.max_kv_size else {}
         steps = hobbit_mlx.stream_generate(model, tokenizer, build_prompt(args, tokenizer),
                                            max_tokens=args.max_tokens, sampler=sampler,
-                                           logits_processors=processors)
+                                           logits_processors=processors, **window)
     else:  # rank 0 prints; a rank that stops answering ends every rank
         pipe.watchdog(args.pipeline_timeout)
         lock = Lockstep(pipe)

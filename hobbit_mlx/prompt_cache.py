@@ -62,15 +62,15 @@ def release_past_offset(c) -> None:
 class PromptCache:
     """An mlx-lm prompt cache (``cache``) and the tokens whose keys and values it holds."""
 
-    def __init__(self, model: Any):
-        self.model = model
+    def __init__(self, model: Any, max_kv_size: int | None = None):
+        self.model, self.max_kv_size = model, max_kv_size
         self.reset()
 
     def reset(self) -> None:
         """Forget everything: the next prompt is fed whole."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        self.cache = make_prompt_cache(self.model)
+        self.cache = make_prompt_cache(self.model, self.max_kv_size)
         self.tokens: list[int] = []
 
     def feed(self, full: list[int]) -> list[int]:

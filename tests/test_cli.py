@@ -220,6 +220,21 @@ def test_corrupt_expert_bytes(model_dir, env, tmp_path):
     assert_bad_input(p, "checksum mismatch", str(bad / STORE_DIR))
 
 
+def test_generate_with_a_rotating_cache_runs_past_the_context_the_budget_holds(model_dir, env):
+    """--max-kv-size (mlx-lm's rotating cache): the budget plans its window, so a reply far past
+    the whole context the budget holds (256 tokens here) runs."""
+    import hobbit_mlx
+
+    budget = int(hobbit_mlx.footprint(model_dir)["minimum_budget_bytes"] * 1.1)
+    p = run(env, "generate", "--model", model_dir, "--memory-budget", budget, "--max-tokens", 600,
+            "--max-kv-size", 64, "--prompt", "hello")
+    assert p.returncode == 0, p.stderr
+    generated = re.search(r"Generation: (\d+) tokens", p.stderr)
+    assert generated and int(generated.group(1)) > 300, p.stderr
+    p = run(env, "generate", "--model", model_dir, "--max-kv-size", 64, "--speculative", 2)
+    assert_bad_input(p, "--max-kv-size")
+
+
 def test_chat_piped(model_dir, env):
     p = run(env, "chat", "--model", model_dir, "--memory-budget", "2GB", "--max-tokens", 6,
             "--system-prompt", "You are tiny.", stdin="hello\nh\nhow are you?\ns\nr\nhi\nq\n")
