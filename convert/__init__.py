@@ -48,7 +48,7 @@ from hobbit_mlx.quantizable import mlx_quantizes, supported_bits, supported_grou
 from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, PrecisionEntry, Record,
                               StoreError, TensorLayout, align_up, check_references,
                               checkpoint_weight_files, durable_sync, is_hobbit_model, load_manifest,
-                              record_alignment, safetensors_header)
+                              read_config_json, record_alignment, safetensors_header)
 
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
 
@@ -637,15 +637,7 @@ def _check_not_converted(src: Path) -> None:
 
 
 def _read_config(src_dir: Path) -> dict:
-    path = src_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConversionError(f"{path}: not a model configuration (a JSON {type(raw).__name__}, "
-                              "not an object)")
-    return raw
+    return read_config_json(src_dir / "config.json", ConversionError)
 
 
 def _install(tmp: Path, dst: Path, force: bool, src: str | Path) -> None:

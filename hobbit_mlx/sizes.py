@@ -23,7 +23,7 @@ from .architectures import describe_moe, num_experts_of, switch_linear_paths
 from .budget import KV_STEP
 from .measure import CONTEXT_MARGIN, SMALLEST_CHUNK, chunk_ladder, kv_bytes_by_layer
 from .store import (DTYPE_ITEMSIZE, FLOAT_DTYPES, StoreError, checkpoint_weight_files,
-                    is_hobbit_model, read_safetensors_header)
+                    is_hobbit_model, read_config_json, read_safetensors_header)
 
 _ST_TO_MX = {"U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16, "F16": mx.float16,
              "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32, "F32": mx.float32,
@@ -51,13 +51,7 @@ def read_local(path: Path) -> Checkpoint:
     cfg = path / "config.json"
     if not cfg.is_file():
         raise ModelNotFound(f"{cfg}: not found (MODEL must be a model directory or a hub id)")
-    try:
-        config = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelNotFound(f"{cfg}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ModelNotFound(f"{cfg}: not a model configuration (a JSON {type(config).__name__}, "
-                            "not an object)")
+    config = read_config_json(cfg, ModelNotFound)
     manifest = None
     if is_hobbit_model(path):
         from .store import check_references, load_manifest

@@ -252,6 +252,19 @@ def load_manifest(model_dir: str | Path, check_files: bool = True) -> Manifest:
 WEIGHT_INDEX = "model.safetensors.index.json"
 
 
+def read_config_json(path: Path, error: type[Exception]) -> dict:
+    """A checkpoint's config.json as a dict; ``error`` (the caller's kind) names the file when
+    it is not JSON, or not a JSON object."""
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise error(f"{path}: not a model configuration (a JSON {type(config).__name__}, not "
+                    "an object)")
+    return config
+
+
 def checkpoint_weight_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files that hold a checkpoint's weights: those its
     ``model.safetensors.index.json`` names when it has one (a sharded hub checkpoint always
