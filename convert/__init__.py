@@ -314,6 +314,20 @@ def check_dense_weights(model: nn.Module, weights: dict, switch_paths: list[str]
                 f"the checkpoint has tensors the model has no place for: {_names(extra)} "
                 "(after mlx-lm's sanitize; mlx-lm refuses to load it too): is it the model its "
                 "config.json names?")
+        q = config["quantization"]
+        lacking = []
+        for k in sorted(params):
+            w = weights.get(k)
+            if not k.endswith(".weight") or w is None or mx.issubdtype(w.dtype, mx.floating):
+                continue  # (packed: its scales, and an affine layer's biases, must be there)
+            base = k[:-len(".weight")]
+            mode = (q.get(base) if isinstance(q.get(base), dict) else q).get("mode", "affine")
+            lacking += [f"{base}.{part}" for part in ("scales", "biases")
+                        if f"{base}.{part}" not in weights and (part == "scales" or mode == "affine")]
+        if lacking:
+            raise ConversionError(
+                f"the checkpoint's quantized weights lack {_names(lacking)} (mlx-lm refuses to "
+                "load it too): is a weight file damaged or incomplete?")
 
 
 def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], precisions: dict,

@@ -136,13 +136,20 @@ def _with_defaults(model, tokenizer, prompt, kwargs: dict, extra_tokens: int = 0
     return kwargs
 
 
+ROTATING_KEEP = 4  # tokens mlx-lm's make_prompt_cache(max_kv_size=) keeps at the start
+
+
 def _kv_window(model, kwargs: dict) -> int | None:
     """The tokens every layer's KV cache holds at most: a rotating cache's (mlx-lm's
     ``max_kv_size``), None when some layer keeps the whole context."""
     cache = kwargs.get("prompt_cache")
     if cache is None:
         size = kwargs.get("max_kv_size")  # (mlx-lm makes rotating caches of it, unless the
-        return size if size and not hasattr(model, "make_cache") else None  # model makes its own)
+        if size is not None and size <= ROTATING_KEEP:  # model makes its own)
+            raise ValueError(f"max_kv_size must be more than the {ROTATING_KEEP} first tokens "
+                             f"mlx-lm's rotating cache always keeps (got {size}): a call of "
+                             "several tokens fails in it")
+        return size if size and not hasattr(model, "make_cache") else None
     sizes = [getattr(c, "max_size", None) for c in cache]
     return max(sizes) if sizes and all(isinstance(n, int) for n in sizes) else None
 

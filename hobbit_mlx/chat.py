@@ -86,8 +86,17 @@ class Conversation:
         ``limit`` the budget holds (the system prompt stays); how many were dropped. Without it
         a conversation that outgrew the budget failed on every turn until reset. With
         ``--max-kv-size`` none is dropped: the cache forgets the oldest tokens itself."""
+        if self.args.max_kv_size or len(self._render(query)) + reply_room <= limit:
+            return 0
+        kept = self.messages, self.plain
+        self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
+        self.plain = []
+        alone = len(self._render(query))
+        self.messages, self.plain = kept
+        if alone >= limit:  # no dropping makes room: the turn is refused, the history kept
+            return 0
         dropped = 0
-        while not self.args.max_kv_size and len(self._render(query)) + reply_room > limit:
+        while len(self._render(query)) + reply_room > limit:
             if self.plain:
                 self.plain.pop(0)
             elif len(self.messages) >= 2 and self.messages[-1]["role"] == "assistant":
@@ -334,9 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if lock is not None and lock.started:
                 raise
             print(flush=True)  # (the partial reply's line ends on stdout too)
-            print(f"[hobbit_mlx] {e}; the next turn drops the oldest turns to fit, 'r' resets "
-                  "the conversation", file=sys.stderr, flush=True)
-            conv.finish(query, full, "".join(pieces), generated)
+            if last is None:  # refused before a reply began: the message is not kept
+                print(f"[hobbit_mlx] {e}; the message was not kept ('r' resets the "
+                      "conversation)", file=sys.stderr, flush=True)
+            else:
+                print(f"[hobbit_mlx] {e}; the next turn drops the oldest turns to fit, 'r' "
+                      "resets the conversation", file=sys.stderr, flush=True)
+                conv.finish(query, full, "".join(pieces), generated)
             conv.invalidate()
             tally.add(_stopped_turn_stats(model, last, t0))
             continue

@@ -286,8 +286,8 @@ def check_args(args: argparse.Namespace) -> None:
     if r is not None and not 0.0 <= r <= 1.0:
         raise CLIError(f"--expert-residency must be between 0 and 1, not {r}")
     if getattr(args, "max_kv_size", None) is not None:
-        if args.max_kv_size < 1:
-            raise CLIError(f"--max-kv-size must be at least 1, not {args.max_kv_size}")
+        if args.max_kv_size < 5:  # (mlx-lm's rotating cache keeps its first 4 tokens)
+            raise CLIError(f"--max-kv-size must be at least 5, not {args.max_kv_size}")
         if getattr(args, "speculative", None) or getattr(args, "draft_model", None):
             raise CLIError("--max-kv-size does not run with speculative decoding (it rolls the "
                            "KV cache back after each pass)")

@@ -132,10 +132,10 @@ def _offloaded_classes(manifest: Manifest, pipe=None):
                 rt = getattr(self, "_hobbit", None)
                 if rt is None:
                     return super().__call__(*args, **kwargs)
-                with rt.one_caller():
+                inputs = args[0] if args else kwargs.get("inputs")
+                cache = args[1] if len(args) > 1 else kwargs.get("cache")
+                with rt.one_caller(cache):
                     # the KV cache says how long the context is
-                    inputs = args[0] if args else kwargs.get("inputs")
-                    cache = args[1] if len(args) > 1 else kwargs.get("cache")
                     if inputs is not None and inputs.ndim > 1 and inputs.shape[0] > 1:
                         raise ValueError(
                             f"a call of {inputs.shape[0]} sequences at once: the memory budget "
@@ -199,7 +199,7 @@ def compute_dtype(dtype: Any = None) -> mx.Dtype | None:
     return mx.float32 if mx.default_device() == mx.cpu else None
 
 
-def load(path: str | Path | None = None, memory_budget: int | str | None = None,
+def load(path: str | Path | None = None, memory_budget: int | float | str | None = None,
          expert_residency: float | None = None, *, options: LoadOptions | None = None,
          **overrides):
     """Load an MoE model with its experts offloaded; returns ``(model, tokenizer)`` like mlx-lm.

@@ -51,7 +51,7 @@ class LoadOptions:
     """Memory, techniques and I/O of an offloaded model (see ``hobbit_mlx.load``)."""
 
     # memory
-    memory_budget: int | str | None = None  # bytes or "6GB"; None: 60% of RAM or the whole model
+    memory_budget: int | float | str | None = None  # bytes or "6GB"; None: 60% of RAM or the whole model
     expert_residency: float | None = None  # instead: pools of this share of the 4-bit experts
     max_context: int = INITIAL_CONTEXT  # KV reserved when a sequence starts (it grows from there)
     prefill_step_size: int = DEFAULT_PREFILL_STEP
@@ -182,7 +182,7 @@ class LoadOptions:
     def validate(self) -> None:
         """Raise ValueError naming the first option that cannot work."""
         self._check_types()
-        if isinstance(self.memory_budget, int) and self.memory_budget < 1:
+        if isinstance(self.memory_budget, (int, float)) and self.memory_budget < 1:
             raise ValueError(f"memory_budget is a size in bytes above 0 (got {self.memory_budget})")
         if self.exact and (self.mixed_precision or self.big_little or self.skip):
             raise ValueError("exact=True cannot be combined with mixed_precision, big_little or skip")

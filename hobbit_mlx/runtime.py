@@ -121,6 +121,7 @@ class OffloadRuntime:
         self._caller_lock = threading.Lock()  # (one_caller)
         self._caller: int | None = None
         self._caller_depth = 0
+        self._last_caller: tuple = (None, None)  # (thread, weak ref to its last KV cache)
         self.context_limit = self.chunk_limit = 1 << 62
         # What load() decided, for stats and the generate wrappers (see describe()).
         self.plan = None
@@ -142,18 +143,31 @@ class OffloadRuntime:
         return self.prefetcher.layers_ahead if self.prefetcher is not None else 0
 
     @contextmanager
-    def one_caller(self) -> Iterator[None]:
-        """A model call runs in one thread at a time: the pools, the reserves and the graphs
-        held for the next sync are the one sequence's, and MLX's streams are per thread (two
-        threads in mlx-lm's own generate on one model crashed the process)."""
+    def one_caller(self, cache=None) -> Iterator[None]:
+        """A model call on ``cache`` runs if no other thread's sequence holds the model: the
+        pools, the reserves and the graphs held for the next sync are one sequence's, and MLX's
+        streams are per thread (two threads in mlx-lm's own generate on one model crashed the
+        process). Another thread holds it while it is in a call, while it runs a
+        ``hobbit_mlx`` generation, or while the KV cache of its last call lives (mlx-lm's own
+        loop between two steps); a thread that holds none of these hands the model on."""
         me = threading.get_ident()
+        generation = getattr(getattr(self, "generation_lock", None), "owner", None)
         with self._caller_lock:
-            if self._caller not in (None, me):
+            last, last_cache = self._last_caller
+            held_by = (self._caller if self._caller not in (None, me) else
+                       generation if generation not in (None, me) else
+                       last if generation != me and last not in (None, me) and
+                       last_cache is not None and last_cache() is not None and
+                       (not cache or last_cache() is not cache[0]) and
+                       any(t.ident == last for t in threading.enumerate()) else None)
+            if held_by is not None:
                 raise RuntimeError(
-                    "this model is being called from another thread: a hobbit_mlx model runs one "
-                    "sequence at a time; generate from one thread, or with hobbit_mlx.generate / "
-                    "stream_generate, which queue generations on a model")
+                    "this model is running another thread's sequence: a hobbit_mlx model runs "
+                    "one sequence at a time; generate from one thread, or with hobbit_mlx."
+                    "generate / stream_generate, which queue generations on a model")
             self._caller, self._caller_depth = me, self._caller_depth + 1
+            if cache:  # (a call without a cache leaves nothing behind)
+                self._last_caller = (me, weakref.ref(cache[0]))
         try:
             yield
         finally:

@@ -10,6 +10,7 @@ import threading
 import mlx.core as mx
 import mlx_lm
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 
 import hobbit_mlx
 from hobbit_mlx.budget import ContextBudgetError
@@ -71,6 +72,20 @@ def test_calls_from_a_second_thread_while_one_runs_are_refused(tiny):
     t.start()
     t.join()
     assert len(errors) == 1
+    # between two steps of this thread's sequence (its KV cache alive), still refused: it was
+    # the running sequence that died at its next step
+    cache = make_prompt_cache(model)
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    t = threading.Thread(target=call)
+    t.start()
+    t.join()
+    assert len(errors) == 2
+    model(mx.array([[4]]), cache=cache)  # (this sequence goes on)
+    del cache  # the sequence is over: another thread may start one
+    t = threading.Thread(target=call)
+    t.start()
+    t.join()
+    assert len(errors) == 2
 
 
 def test_a_batch_of_sequences_is_refused(tiny):
@@ -122,6 +137,18 @@ def test_prompt_progress_counts_the_whole_prompt_once_on_the_layer_major_path(ti
     mlx_lm.generate(model, tok, prompt, max_tokens=2, prefill_step_size=16,
                     prompt_progress_callback=lambda *a: mlx_calls.append(a))
     assert mlx_calls[-1] == calls[-1]
+
+
+def test_a_rotating_window_within_the_kept_tokens_is_refused(tiny):
+    model, tok = hobbit_mlx.load(tiny, expert_residency=0.5, exact=True, progress=False)
+    with pytest.raises(ValueError, match="more than the 4 first tokens"):
+        hobbit_mlx.generate(model, tok, PROMPT, max_tokens=4, max_kv_size=4)
+
+
+def test_a_budget_in_bytes_may_be_a_float():
+    from hobbit_mlx import LoadOptions
+
+    LoadOptions(memory_budget=16e6).validate()  # (as before the type checks: 1.5e9 and the like)
 
 
 @pytest.mark.parametrize("option, value", [

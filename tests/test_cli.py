@@ -357,6 +357,9 @@ def test_chat_fit_drops_the_oldest_exchanges_and_keeps_the_system_prompt(model_d
     assert [m["content"] for m in conv.messages if m["role"] != "assistant"] == \
         ["You are tiny.", "two", "three"]
     assert conv.fit("four", limit=10 ** 6, reply_room=0) == 0
+    # a message that does not fit even alone drops nothing (the turn is refused, history kept)
+    kept = list(conv.messages)
+    assert conv.fit("four " * 200, limit=100, reply_room=0) == 0 and conv.messages == kept
 
 
 def test_chat_report_sums_every_counter_over_the_turns(model_dir):

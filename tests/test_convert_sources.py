@@ -142,6 +142,13 @@ def test_packed_weights_without_a_quantization_entry_are_refused(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_a_quantized_layer_without_its_scales_is_named(tmp_path, capsys):
+    src = make_tiny_model("qwen3_moe", tmp_path / "src")
+    _save_without(src, lambda k: k == "model.layers.0.self_attn.q_proj.scales")
+    _one_line(capsys, convert_main, [str(src), str(tmp_path / "out")],
+              "lack model.layers.0.self_attn.q_proj.scales")
+
+
 def test_an_invalid_config_is_one_line(tmp_path, capsys):
     src = make_tiny_model("qwen3_moe", tmp_path / "src")
     (src / "config.json").write_text("{bad")

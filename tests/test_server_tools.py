@@ -345,6 +345,17 @@ def test_anthropic_thinking_switches_the_templates_thinking(served):
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("thinking.type")
 
 
+def test_count_tokens_counts_a_text_past_the_context(served):
+    """The refusal of a text too long to fit, before tokenizing, is for prompts to run; a count
+    is not refused (agents count to decide when to compact)."""
+    d = served.http.app.state.dispatcher
+    text = "x" * (2 * d.worker.max_token_chars * d.context_limit + 10)
+    body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": text}]}
+    counted = served.http.post("/v1/messages/count_tokens", json=body)
+    assert counted.status_code == 200 and counted.json()["input_tokens"] > d.context_limit
+    assert served.http.post("/v1/messages", json=body).status_code == 400
+
+
 def test_anthropic_stop_sequence_only_when_it_ended_the_reply(served):
     message = _claude(served, f"{CALL}\nEND and more", stop_sequences=["END"])
     assert message.stop_reason == "tool_use" and message.stop_sequence is None

@@ -189,13 +189,15 @@ def _template_kwargs(body: dict) -> dict | None:
     return {"enable_thinking": kind == "enabled", **(kwargs or {})}
 
 
-async def _prompt(d: Dispatcher, body: dict) -> tuple[list[int], bool, list | None]:
+async def _prompt(d: Dispatcher, body: dict, counting: bool = False
+                  ) -> tuple[list[int], bool, list | None]:
     """The prompt's tokens, whether the reply continues its last (assistant) message, and the
-    tools (as functions)."""
+    tools (as functions). ``counting``: only counted, so a text past the context is no error."""
     messages = anthropic_messages(body)
     tools = anthropic_tools(body)
     tokens = await d.tokenize(chat_tokens, messages, d.template, tools=tools, param="messages",
-                              template_kwargs=_template_kwargs(body))
+                              template_kwargs=_template_kwargs(body),
+                              refuse_past_context=not counting)
     return tokens, messages[-1]["role"] == "assistant", tools
 
 
@@ -213,4 +215,4 @@ async def count_tokens(request: Request) -> Response:
     d: Dispatcher = request.app.state.dispatcher
     body = check_body(await read_json(request))
     check_model(body, d.model_names, d.model_id)
-    return JSONResponse({"input_tokens": len((await _prompt(d, body))[0])})
+    return JSONResponse({"input_tokens": len((await _prompt(d, body, counting=True))[0])})

@@ -188,11 +188,18 @@ def _server(config, worker):
     import uvicorn
 
     class Server(uvicorn.Server):
+        signals = 0
+
         def handle_exit(self, sig: int, frame) -> None:
+            self.signals += 1
             if not worker.closing:
                 log.info("shutting down: %d queued request(s) refused, the current one has "
-                         "%.0f s to finish", worker.queued, SHUTDOWN_GRACE_S)
+                         "%.0f s to finish (Ctrl-C again: stop it now)", worker.queued,
+                         SHUTDOWN_GRACE_S)
                 worker.close_soon(SHUTDOWN_GRACE_S)
+            elif self.signals == 2:  # the grace ends now; its 503 still goes out (uvicorn's
+                worker.close_soon(0.0)  # force quit, which cancels it, is a third signal)
+                return
             super().handle_exit(sig, frame)
 
     return Server(config)

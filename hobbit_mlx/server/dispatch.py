@@ -106,13 +106,14 @@ class Dispatcher:
         return self.worker.vocab_size
 
     async def tokenize(self, fn: Callable[..., list[int]], *args, param: str,
-                       **kwargs) -> list[int]:
+                       refuse_past_context: bool = True, **kwargs) -> list[int]:
         """``fn(tokenizer, *args)`` off the event loop (long prompts take a while). A text too
         long to fit whatever its tokens is refused before it is tokenized: tokenizing megabytes
-        took half a minute and a gigabyte or two, with every other request waiting on the lock."""
+        took half a minute and a gigabyte or two, with every other request waiting on the lock.
+        (A prompt only counted is not refused.)"""
         chars, longest = _text_chars((args, kwargs)), self.worker.max_token_chars
         at_least = chars // (2 * longest) if longest else 0  # (2: what a normalizer may drop)
-        if at_least >= self.context_limit:
+        if refuse_past_context and at_least >= self.context_limit:
             raise self._too_long(f"at least {at_least} tokens ({chars} characters)", param)
 
         def run() -> list[int]:

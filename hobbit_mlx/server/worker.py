@@ -196,6 +196,7 @@ class Worker:
         self.heartbeat_s = 10.0  # rank 0 idle: how often it tells the others it is alive
         self.on_dead: Callable[[], None] | None = None  # the pipeline broke: stop serving
         self.closing = False  # shutting down: no new job; the queued and running ones get 503
+        self._submitting = threading.Lock()
         self.current: Job | None = None
 
     # --- called from other threads -----------------------------------------------------------
@@ -215,18 +216,20 @@ class Worker:
         return self.jobs.qsize()
 
     def submit(self, job: Job) -> None:
-        if self.closing:
-            raise ApiError(503, "the server is shutting down", code="unavailable")
-        if not self.alive:
-            raise ApiError(503, "the generation thread is not running", code="unavailable")
-        self.jobs.put(job)
+        with self._submitting:
+            if self.closing:
+                raise ApiError(503, "the server is shutting down", code="unavailable")
+            if not self.alive:
+                raise ApiError(503, "the generation thread is not running", code="unavailable")
+            self.jobs.put(job)
 
     def close_soon(self, grace_s: float) -> None:
         """The server is shutting down: the queued requests are answered now with a 503, the
         one generating gets ``grace_s`` to finish and is then stopped with a 503 (its client
         gets a JSON error or a stream's error event, not a dropped connection or a plain-text
         500 when the HTTP server gives up waiting)."""
-        self.closing = True
+        with self._submitting:  # (a job queued after this would wait behind the sentinel)
+            self.closing = True
         while True:
             try:
                 job = self.jobs.get_nowait()
@@ -237,7 +240,9 @@ class Worker:
                 job.emit(Failed(_shutdown_error(job, 0)))
         self.jobs.put(None)  # the thread ends after the current job
         current = self.current
-        if current is not None:
+        if current is not None and grace_s <= 0:
+            self._stop_for_shutdown(current)
+        elif current is not None:
             timer = threading.Timer(grace_s, self._stop_for_shutdown, (current,))
             timer.daemon = True
             timer.start()
