@@ -116,8 +116,12 @@ def follow_sequence(rt: OffloadRuntime, groups: list[PoolGroup], prefill_step: i
         goal[0] = context + prompt + max_new if max_new > 0 else 0
         if context + prompt > plan.max_context():
             plan.fit(context + prompt, 1, goal[0], starting=True)  # raises, with the numbers
-        tokens = goal[0] or max(context + prompt, plan.initial_context)
-        tokens = min(tokens, plan.max_context())
+        # The KV reserve starts at the context the sequence has and max_context beyond it, and
+        # grows as the context does (on_context): planned for the whole max_tokens at once, an
+        # agent's 32,000 left the pools at their minimum from the first token (a 0.21 served
+        # rate where a 200-token limit had 0.96), for a reply that mostly ends far sooner.
+        tokens = max(context + prompt, plan.initial_context)
+        tokens = min(tokens, goal[0] or tokens, plan.max_context())
         chunk = min(max(prompt, 1), prefill_step, plan.largest_chunk(tokens) or 1)
         apply_plan(rt, groups, plan.fit(tokens, chunk))
 

@@ -405,3 +405,21 @@ def test_a_call_longer_than_measured_names_a_chunk_the_budget_holds(tiny_factory
     assert step < runtime_of(model).plan.max_chunk
     mlx_lm.generate(model, tok, prompt, max_tokens=2, prefill_step_size=step)
     runtime_of(model).close()
+
+
+def test_a_large_max_tokens_reserves_no_more_than_max_context_at_the_start(tiny_factory):
+    """An agent's max_tokens of 32,000 reserved its KV up front: the pools were at their
+    minimum from the first token, for a reply that mostly ends far sooner. The reserve starts at
+    max_context (or the prompt) and grows with the context."""
+    _, dst = tiny_factory("qwen3_moe")
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.5, exact=True, progress=False)
+    rt = runtime_of(model)
+    plans = {}
+    for max_tokens in (32000, rt.plan.initial_context - 10):
+        rt.new_sequence(0, 10, max_tokens)
+        plans[max_tokens] = (rt.plan.kv_tokens, rt.plan.expert_cache_bytes)
+    long, at_max_context = plans.values()
+    assert long == at_max_context  # (no more KV, no smaller pools, than a max_context request)
+    rt.new_sequence(0, 10, 32000)
+    assert rt.plan.max_context() > rt.plan.initial_context  # (the cut is the rule's, not the
+    # budget's: it would hold a longer reserve)

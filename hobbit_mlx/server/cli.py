@@ -127,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock.close()
         raise
     _watch(worker, args)
-    names = {"default_model", str(worker.model_dir), Path(worker.model_dir).name}
+    names = {"default_model", str(worker.model_dir), Path(worker.model_dir).name,
+             Path(model_id).name}  # (the bundled model's "reference_model" too)
     if args.model:
         names.add(args.model)
     defaults = Defaults(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p,
@@ -193,9 +194,10 @@ def _server(config, worker):
         def handle_exit(self, sig: int, frame) -> None:
             self.signals += 1
             if not worker.closing:
-                log.info("shutting down: %d queued request(s) refused, the current one has "
-                         "%.0f s to finish (Ctrl-C again: stop it now)", worker.queued,
-                         SHUTDOWN_GRACE_S)
+                running = "" if worker.current is None else (
+                    f", the current one has {SHUTDOWN_GRACE_S:.0f} s to finish (Ctrl-C again: "
+                    "stop it now)")
+                log.info("shutting down: %d queued request(s) refused%s", worker.queued, running)
                 worker.close_soon(SHUTDOWN_GRACE_S)
             elif self.signals == 2:  # the grace ends now; its 503 still goes out (uvicorn's
                 worker.close_soon(0.0)  # force quit, which cancels it, is a third signal)
