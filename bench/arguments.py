@@ -48,11 +48,15 @@ def residencies(text: str) -> list[float]:
     return out
 
 
-def residency(text: str) -> float:
-    out = residencies(text)
-    if len(out) != 1:
-        raise Bad(f"one residency, not {text!r}")
-    return out[0]
+def _one(many, what: str):
+    """A type for one value of what ``many`` reads as a comma-separated list."""
+    def check(text: str):
+        out = many(text)
+        if len(out) != 1:
+            raise Bad(f"one {what}, not {text!r}")
+        return out[0]
+    check.__name__ = what.replace(" ", "_")
+    return check
 
 
 def positive(text: str) -> float:
@@ -78,11 +82,8 @@ def sizes(text: str) -> list[str]:
     return out
 
 
-def size(text: str) -> str:
-    out = sizes(text)
-    if len(out) != 1:
-        raise Bad(f"one memory size, not {text!r}")
-    return out[0]
+residency = _one(residencies, "residency")
+size = _one(sizes, "memory size")
 
 
 def storage(*names: str):

@@ -63,10 +63,14 @@ class Conversation:
         """The tokens whose keys and values the cache holds."""
         return self._kept.tokens
 
-    def _render(self, query: str) -> list[int]:
+    def _render(self, query: str, history: bool = True) -> list[int]:
+        """The conversation's tokens with ``query`` next (``history`` False: the system prompt
+        and ``query`` alone)."""
         tok = self.tokenizer
         if tok.has_chat_template:
-            messages = self.messages + [{"role": "user", "content": query}]
+            kept = self.messages if history else [m for m in self.messages[:1]
+                                                  if m["role"] == "system"]
+            messages = kept + [{"role": "user", "content": query}]
             try:
                 text = tok.apply_chat_template(messages, tokenize=False,
                                                add_generation_prompt=True,
@@ -75,8 +79,8 @@ class Conversation:
                 raise cli.CLIError(f"the chat template failed: {type(e).__name__}: {e}") from None
             return list(tok.encode(text, add_special_tokens=False))
         # No template: the conversation is plain text, one turn after the other.
-        return self._plain_tokens() + list(tok.encode(query + "\n",
-                                                      add_special_tokens=not self.plain))
+        before = self._plain_tokens() if history else []
+        return before + list(tok.encode(query + "\n", add_special_tokens=not before))
 
     def _plain_tokens(self) -> list[int]:
         return [t for turn in self.plain for t in turn]
@@ -88,12 +92,8 @@ class Conversation:
         ``--max-kv-size`` none is dropped: the cache forgets the oldest tokens itself."""
         if self.args.max_kv_size or len(self._render(query)) + reply_room <= limit:
             return 0
-        kept = self.messages, self.plain
-        self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
-        self.plain = []
-        alone = len(self._render(query))
-        self.messages, self.plain = kept
-        if alone >= limit:  # no dropping makes room: the turn is refused, the history kept
+        if len(self._render(query, history=False)) >= limit:
+            return 0  # no dropping makes room: the turn is refused, the history kept
             return 0
         dropped = 0
         while len(self._render(query)) + reply_room > limit:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import gc
 import hashlib
@@ -428,7 +427,7 @@ def offload_stats(model: nn.Module, counters: OffloadStats | None = None) -> dic
     plan: BudgetPlan = rt.plan
     rt.wait_idle()
     rt.count_deferred()
-    s = copy.deepcopy(vars(counters if counters is not None else rt.stats))
+    s = dict(vars(counters if counters is not None else rt.stats))
     s.update(policy=rt.cache.policy.name, resident_expert_bytes=rt.cache.resident_bytes,
              resident_experts=len(rt.cache),
              expert_cache_bytes=plan.expert_cache_bytes, peak_memory_bytes=mx.get_peak_memory(),

@@ -119,9 +119,9 @@ class OffloadRuntime:
         self.on_context = None  # (context, call tokens) when a call outgrows the reserves
         self.on_sequence = None  # (context, prompt tokens, max tokens) when a sequence starts
         self._caller_lock = threading.Lock()  # (one_caller)
-        self._caller: int | None = None
+        self._caller: threading.Thread | None = None
         self._caller_depth = 0
-        self._last_caller: tuple = (None, None)  # (thread, weak ref to its last KV cache)
+        self._last_sequence: tuple = (None, None)  # weak refs: (thread, its last KV cache)
         self.context_limit = self.chunk_limit = 1 << 62
         # What load() decided, for stats and the generate wrappers (see describe()).
         self.plan = None
@@ -150,24 +150,16 @@ class OffloadRuntime:
         process). Another thread holds it while it is in a call, while it runs a
         ``hobbit_mlx`` generation, or while the KV cache of its last call lives (mlx-lm's own
         loop between two steps); a thread that holds none of these hands the model on."""
-        me = threading.get_ident()
-        generation = getattr(getattr(self, "generation_lock", None), "owner", None)
+        me = threading.current_thread()
         with self._caller_lock:
-            last, last_cache = self._last_caller
-            held_by = (self._caller if self._caller not in (None, me) else
-                       generation if generation not in (None, me) else
-                       last if generation != me and last not in (None, me) and
-                       last_cache is not None and last_cache() is not None and
-                       (not cache or last_cache() is not cache[0]) and
-                       any(t.ident == last for t in threading.enumerate()) else None)
-            if held_by is not None:
+            if self._held_elsewhere(me, cache):
                 raise RuntimeError(
                     "this model is running another thread's sequence: a hobbit_mlx model runs "
                     "one sequence at a time; generate from one thread, or with hobbit_mlx."
                     "generate / stream_generate, which queue generations on a model")
             self._caller, self._caller_depth = me, self._caller_depth + 1
-            if cache:  # (a call without a cache leaves nothing behind)
-                self._last_caller = (me, weakref.ref(cache[0]))
+            if cache and self._sequence != (me, cache[0]):  # (a call without a cache leaves
+                self._last_sequence = (weakref.ref(me), weakref.ref(cache[0]))  # nothing)
         try:
             yield
         finally:
@@ -175,6 +167,22 @@ class OffloadRuntime:
                 self._caller_depth -= 1
                 if not self._caller_depth:
                     self._caller = None
+
+    @property
+    def _sequence(self) -> tuple:
+        """(thread, KV cache) of the last call that had a cache, while both live."""
+        thread, cache = (ref() if ref is not None else None for ref in self._last_sequence)
+        return (thread, cache) if thread is not None and thread.is_alive() and \
+            cache is not None else (None, None)
+
+    def _held_elsewhere(self, me: threading.Thread, cache) -> bool:
+        if self._caller not in (None, me):
+            return True  # (in a call)
+        generation = getattr(getattr(self, "generation_lock", None), "owner", None)
+        if generation is not None:
+            return generation != me.ident  # (in a hobbit_mlx generation)
+        thread, its_cache = self._sequence
+        return thread not in (None, me) and not (cache and cache[0] is its_cache)
 
     def new_sequence(self, context_tokens: int = 0, prompt_tokens: int = 0,
                      max_tokens: int = 0) -> None:
