@@ -8,6 +8,7 @@ stderr and exit status 2 (argparse's convention, as ``replay.py`` answers a bad 
   exists), ``model_or_repo`` (that, or a hub id such as ``org/name``);
 - ``out_dir(parser, path)``: ``--out``'s directory made and checked writable at startup, so
   that a long run does not end in a write error;
+- ``command(__file__, argv)``: the command line a report records, as the README gives it;
 - ``refuse_bad_input``: decorates a script's ``main``: what the library raises on what it was
   given (``BudgetError``: a budget below the model's minimum; ``ConversionError``,
   ``StoreError``; ``ValueError``: an option it refuses) ends the run with one ``error:`` line and
@@ -20,6 +21,7 @@ import argparse
 import functools
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -57,6 +59,14 @@ def _one(many, what: str):
         return out[0]
     check.__name__ = what.replace(" ", "_")
     return check
+
+
+def command(script: str, argv: list[str] | None) -> str:
+    """The command that ran, as the README gives it (``python bench/<script> ...`` from the
+    repository's top, whatever the working directory was: a cwd-relative path says nothing once
+    the report is committed), with every argument, quoted for a shell."""
+    args = sys.argv[1:] if argv is None else argv
+    return "python " + shlex.join([f"bench/{Path(script).name}", *args])
 
 
 def positive(text: str) -> float:

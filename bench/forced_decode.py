@@ -223,7 +223,7 @@ def main(argv=None) -> int:
 
     stem = args.name or f"forced-{paths.name}-{args.storage}".replace("/", "-")
     head = [f"# Teacher-forced decode: {paths.name}, {args.storage} storage", "",
-            f"Command: `python bench/forced_decode.py {' '.join(argv or sys.argv[1:])}`", "",
+            f"Command: `{arguments.command(__file__, argv)}`", "",
             f"- {len(pieces)} held-out piece(s): {args.prompt_tokens}-token prompt, then "
             f"{args.tokens} tokens decoded one at a time, each fed the true next token",
             f"- mlx-lm, whole model resident: {ref['tps']:.3g} tok/s, decode perplexity "

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -1263,13 +1262,8 @@ def main(argv=None) -> int:
     result = run_matrix(paths, workload, plan_runs(configs, residencies, budgets),
                         cold=storage == "cold", ppl=not a.no_ppl, pairing=a.pairing,
                         read_ratio=read_ratio)
-    try:
-        cmd_path = os.path.relpath(os.path.abspath(sys.argv[0]), Path.cwd())
-    except ValueError:
-        cmd_path = sys.argv[0]
-    script = cmd_path if cmd_path.endswith("harness.py") else "bench/harness.py"
     result["meta"] = {
-        "command": "python " + " ".join(shlex.quote(x) for x in [script] + argv),
+        "command": arguments.command(__file__, argv),
         "model": paths.as_dict(), "storage": storage, "quick": quick, "ppl": not a.no_ppl,
         "workload": workload.as_dict(), "experts": result.pop("experts"),
         "configs": [{"name": n, "kwargs": kw, "unavailable": available(kw)} for n, kw in configs],

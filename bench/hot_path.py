@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         rows.append(row)
     result = {"model": str(src), "reps": args.reps, "prompt_tokens": int(prompt.size),
               "max_tokens": args.max_tokens, "baseline": base, "rows": rows,
-              "command": " ".join(["python", "bench/hot_path.py"] + list(argv or sys.argv[1:]))}
+              "command": arguments.command(__file__, argv)}
     lines = [f"# Hot path: hobbit_mlx exact, no prefetch, vs mlx-lm whole model resident ({name})", "",
              f"`{result['command']}` — median of {args.reps} alternating runs; prompt "
              f"{prompt.size} tokens, {args.max_tokens} decoded; float32, CPU backend.", "",

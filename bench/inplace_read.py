@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(result: dict, out: Path, argv) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python bench/inplace_read.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = arguments.command(__file__, argv)
     lines = ["# Expert reads: by reference vs page-aligned copy", "",
              f"`{cmd.strip()}` — model `{result['model']}`, 4-bit experts "
              f"{result['expert_bytes_high'] / 2**20:.1f} MiB, 2-bit {result['expert_bytes_low'] / 2**20:.1f} MiB.",

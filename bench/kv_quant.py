@@ -64,8 +64,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -516,14 +514,9 @@ def main(argv=None) -> int:
         r["agreement"] = agreement(r["top"], ref["top"])
         r["ppl_x"] = r["ppl"] / ref["ppl"]
 
-    try:
-        cmd_path = os.path.relpath(os.path.abspath(sys.argv[0]), Path.cwd())
-    except ValueError:
-        cmd_path = sys.argv[0]
-    script = cmd_path if cmd_path.endswith("kv_quant.py") else "bench/kv_quant.py"
     name = a.name or f"kv-quant-{paths.name}"
     result = {
-        "meta": {"command": "python " + " ".join(shlex.quote(x) for x in [script] + argv),
+        "meta": {"command": arguments.command(__file__, argv),
                  "model": paths.as_dict(), "prompt_tokens": len(prompt),
                  "prompt_source": source, "max_tokens": a.max_tokens, "context": context,
                  "kv_bytes_per_token": kv_per_token, "kv_dtype": kv_dtype,

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                       f"{r['prompt_tps']:7.1f} prompt tok/s, {r['bytes_read'] / 2**20:7.1f} MiB "
                       f"read ({r['bytes_read'] / r['all_experts']:.1f}x the experts), "
                       f"peak {r['peak_vs_budget']:.2f} of the budget", flush=True)
-    cmd = "python bench/long_prompt.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = arguments.command(__file__, argv)
     lines = ["# A long prompt: prefill chunk by chunk against layer by layer", "",
              f"`{cmd.strip()}` — reference model, exact mode, one held-out prompt of "
              f"{rows[0]['prompt_tokens']} tokens, 8 tokens generated (the same in both orders); "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
     res = harness.run_matrix(paths, wl, plan, cold=a.cold, ppl=False, record_trace=False)
     storage = "cold" if a.cold else "warm"
     name = a.name or f"offload_vs_mlx_lm-{paths.name}-{storage}"
-    res["meta"] = {"command": "python " + " ".join(shlex.quote(x) for x in ["bench/offload_vs_mlx_lm.py"] + argv),
+    res["meta"] = {"command": arguments.command(__file__, argv),
                    "model": paths.as_dict(), "storage": storage, "workload": wl.as_dict(),
                    "experts": res.pop("experts"), "machine": harness._machine(),
                    "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

@@ -141,10 +141,7 @@ def main(argv=None) -> int:
     lines = [
         "# 1 rank vs 2 pipeline ranks on one machine",
         "",
-        f"Command: `python bench/pipeline.py --budget {args.budget} --prompt-tokens "
-        f"{args.prompt_tokens} --max-tokens {args.max_tokens} --simulated-storage "
-        f"{args.simulated_storage}" + (" --prefetch-study" if args.prefetch_study else "")
-        + (f" --model {args.model}" if args.model else "") + "`",
+        f"Command: `{arguments.command(__file__, argv)}`",
         "",
         f"Model: {model_dir.name}; exact mode; greedy; {len(prompt)} prompt tokens, "
         f"{args.max_tokens} decoded; storage: {options.get('simulated_storage') or 'real (page cache)'}; "

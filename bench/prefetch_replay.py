@@ -285,9 +285,7 @@ def main(argv=None) -> int:
               f"replayed {ours['hit_rate']:.3f}, Belady {oracles['belady']['hit_rate']:.3f} / "
               f"{oracles['belady-uncovered']['hit_rate']:.3f}", file=sys.stderr)
     lines = [f"# Eviction policy vs Belady, same prefetches ({args.config})", "",
-             "Command: `python bench/prefetch_replay.py --residencies "
-             f"{','.join(f'{r:g}' for r in args.residencies)} --config {args.config}"
-             + ("" if args.others == "seqfreq,hobbit" else f" --others {args.others}") + "`", "",
+             f"Command: `{arguments.command(__file__, argv)}`", "",
              "Belady evicts the expert whose next demand is farthest; *uncovered* counts only the "
              "demands that no prediction names (prefetch brings the others back anyway). Neither "
              "is a proven optimum with prefetch; gap = the better of the two minus the replayed "

@@ -37,12 +37,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import queue
-import shlex
 import sys
 import time
-from pathlib import Path
 
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
@@ -328,15 +325,10 @@ def main(argv=None) -> int:
     tot = {key: totals(convs[key].rows) for key, _ in SETTINGS}
     tot["ratio"] = {k: (tot["reuse"][k] / tot["no_reuse"][k] if tot["no_reuse"][k] else None)
                     for k in tot["reuse"]}
-    try:
-        cmd_path = os.path.relpath(os.path.abspath(sys.argv[0]), Path.cwd())
-    except ValueError:
-        cmd_path = sys.argv[0]
-    script = cmd_path if cmd_path.endswith("prompt_reuse.py") else "bench/prompt_reuse.py"
     name = a.name or (f"prompt-reuse-{paths.name}-{a.storage}"
                       + ("" if a.techniques == "exact" else f"-{a.techniques}"))
     result = {
-        "meta": {"command": "python " + " ".join(shlex.quote(x) for x in [script] + argv),
+        "meta": {"command": arguments.command(__file__, argv),
                  "model": paths.as_dict(), "techniques": a.techniques,
                  "load_options": {k: v for k, v in options.items() if k != "simulated_storage"},
                  "residency": a.residency, "turns": a.turns, "max_tokens": a.max_tokens,

@@ -184,7 +184,7 @@ def premise(a) -> int:
         print(json.dumps(row), flush=True)
     out = Path(a.out) / "speculative-premise.json"
     out.write_text(json.dumps({"live": live, "trace_sim": sim, "pass_costs": costs, "workload": wl.as_dict(),
-                               "command": " ".join(sys.argv)}, indent=1))
+                               "command": arguments.command(__file__, a.argv)}, indent=1))
     print(f"wrote {out}")
     return 0
 
@@ -414,9 +414,9 @@ def bench(a) -> int:
     (out / f"{name}.json").write_text(json.dumps({"rows": rows, "mlx_lm_decode_tps": b["decode_tps"],
                                                   "storage": storage.describe() if storage else a.storage,
                                                   "workload": wl.as_dict(), "rounds": a.rounds,
-                                                  "command": " ".join(sys.argv)}, indent=1))
+                                                  "command": arguments.command(__file__, a.argv)}, indent=1))
     lines = [f"# Self-speculative decoding: {paths.name}, {a.storage} storage", "",
-             "Command:", "", "```", "python " + " ".join(sys.argv), "```", "",
+             "Command:", "", "```", arguments.command(__file__, a.argv), "```", "",
              f"- storage: {storage.describe() if storage else a.storage}; mlx-lm resident "
              f"{b['decode_tps']:.1f} tok/s in this process",
              f"- workload: {len(wl.prompts)} prompts x {wl.max_tokens} greedy tokens; "
@@ -470,6 +470,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None)
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
+    a.argv = argv
     unknown = [c for c in a.configs if c not in CONFIGS]
     if unknown or not a.configs:
         p.error(f"--configs: unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
@@ -485,7 +486,7 @@ def main(argv=None) -> int:
             rows.append(pass_costs(resolve_model_paths(a.model), res))
             print(json.dumps(rows[-1]), flush=True)
         (Path(a.out) / "speculative-pass-costs.json").write_text(json.dumps(
-            {"rows": rows, "command": " ".join(sys.argv)}, indent=1))
+            {"rows": rows, "command": arguments.command(__file__, a.argv)}, indent=1))
         return 0
     return bench(a)
 

@@ -113,6 +113,18 @@ def test_library_refusals_become_one_error_line(capsys):
         arguments.refuse_bad_input(broken)([])
 
 
+def test_reports_record_the_command_from_the_repository_top(tmp_path, monkeypatch):
+    """Whatever the working directory, a report records ``python bench/<script>`` and every
+    argument, quoted (it recorded a cwd-relative path, or dropped arguments)."""
+    from bench import arguments, prefetch_replay
+
+    monkeypatch.chdir(tmp_path)
+    line = arguments.command(prefetch_replay.__file__, ["--out", "my results/x", "--others", "lru"])
+    assert line == "python bench/prefetch_replay.py --out 'my results/x' --others lru"
+    monkeypatch.setattr("sys.argv", ["../../work/main/bench/harness.py", "--quick"])
+    assert arguments.command("/elsewhere/bench/harness.py", None) == "python bench/harness.py --quick"
+
+
 def test_deliberate_bugs_patterns_match_the_code(tmp_path, capsys):
     """Each planted bug's line is in the code once; a line the code no longer has is a row saying
     the pattern is stale (no test run), and the run exits 1; --help runs nothing."""

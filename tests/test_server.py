@@ -444,7 +444,7 @@ def test_client_disconnect_stops_generation_and_the_queue_moves_on(server, clien
     stream.close()
     assert complete(client, "def add(a, b):", max_tokens=4)  # queued behind it, then served
     assert server.stats()["requests_cancelled"] == before + 1
-    line = [l for l in server.log().splitlines() if re.search(r" 200 cmpl-\w+ cancelled: ", l)][-1]
+    line = [l for l in server.log().splitlines() if re.search(r" 499 cmpl-\w+ cancelled: ", l)][-1]
     generated = int(re.search(r"\+ (\d+) generated tokens", line).group(1))
     assert 3 <= generated < 1000, line
 

@@ -481,9 +481,11 @@ class Worker:
             self.tally.record("failed", stats, id=job.id, error=end.error.message)
             head = f"{job.label} {end.error.status} {job.name} {end.error.type}: {end.error.message}"
         else:
-            outcome = "cancelled" if end.finish_reason == "cancelled" else "served"
-            self.tally.record(outcome, stats, id=job.id, finish_reason=end.finish_reason)
-            head = f"{job.label} 200 {job.name} {end.finish_reason}"
+            cancelled = end.finish_reason == "cancelled"
+            self.tally.record("cancelled" if cancelled else "served", stats, id=job.id,
+                              finish_reason=end.finish_reason)
+            status = 499 if cancelled else 200  # (nginx's "client closed request")
+            head = f"{job.label} {status} {job.name} {end.finish_reason}"
         log.info("%s%s", head, f": {describe(stats)}" if stats else "")
         job.emit(end)
 
