@@ -604,9 +604,15 @@ def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        with contextlib.suppress(Exception):
-            sys.stdout = open(os.devnull, "w")
-        return 0
+        return stdout_closed()
+
+
+def stdout_closed() -> int:
+    """Exit status 0 for output piped into ``head``: what is left to flush goes nowhere (else
+    Python's flush at exit reports the closed pipe once more)."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

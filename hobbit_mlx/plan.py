@@ -112,6 +112,8 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         "moe_layers": sizes.num_moe_layers, "experts_per_layer": sizes.num_experts,
         "experts_per_token": sizes.experts_per_token, "total_experts": total_experts,
         "dense_bytes": sizes.dense_bytes,
+        # a quantized checkpoint's dense linears keep its width (norms and the like: floats)
+        "dense_bits": (ckpt.config.get("quantization") or {}).get("bits"),
         # the widths of the high and low precisions: a converted model's, else those assumed
         "expert_bits_high": widths["high"], "expert_bits_low": widths["low"],
         "expert_bytes_high": sizes.expert_bytes["high"], "expert_bytes_low": sizes.expert_bytes["low"],
@@ -151,7 +153,9 @@ def render(p: dict) -> str:
     lines = [
         f"{p['model']} ({p['model_type']}, read from {p['read_from']}): {p['moe_layers']} MoE layers "
         f"x {p['experts_per_layer']} experts, top-{p['experts_per_token']}",
-        f"  dense weights            {size(p['dense_bytes'])}  (resident, {p['compute_dtype']} floats)",
+        f"  dense weights            {size(p['dense_bytes'])}  (resident, " + (
+            f"{p['dense_bits']}-bit quantized linears, the rest {p['compute_dtype']})"
+            if p["dense_bits"] else f"{p['compute_dtype']} floats)"),
         f"  experts, {hi:<16}{size(p['expert_bytes_high'])}  ({how_stored})",
         f"  experts, {lo:<16}{size(p['expert_bytes_low'])}",
         f"  KV cache per token       {size(p['kv_bytes_per_token'])}" + (
@@ -225,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = " ".join(str(e).split())
         print(f"error: {text}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(json.dumps(p, indent=2) if args.json else render(p))
+    try:
+        print(json.dumps(p, indent=2) if args.json else render(p), flush=True)
+    except BrokenPipeError:
+        from .cli_common import stdout_closed
+        return stdout_closed()
     return 0
 
 

@@ -80,6 +80,18 @@ def test_cli_prints_table_and_json(capsys):
     assert main([str(REFERENCE_MODEL), "--json"]) == 0  # this machine's default budget
     p = json.loads(capsys.readouterr().out)
     assert not p["budget_given"] and p["budget_bytes"] >= p["minimum_budget_bytes"]
+    assert "(resident, 4-bit quantized linears, the rest float32)" in out  # not "float32 floats"
+
+
+def test_a_float_checkpoints_dense_weights_are_floats_and_a_closed_pipe_is_no_error(tiny_factory):
+    src, _ = tiny_factory("mixtral", quantize=False)
+    cmd = [sys.executable, "-m", "hobbit_mlx.plan", str(src), "--memory-budget", "1GB"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120).stdout
+    assert "(resident, float32 floats)" in out.splitlines()[1]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    run.stdout.close()  # (as `| head -1` does once it has its line)
+    err = run.stderr.read().decode()
+    assert run.wait(timeout=120) == 0 and err == "", err  # (it was a BrokenPipeError traceback)
 
 
 def test_hub_id_through_metadata_calls(tmp_path, monkeypatch):
