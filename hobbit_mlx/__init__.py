@@ -167,7 +167,10 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, draft_model
     response until the generator is exhausted, closed or garbage collected, or raises, so a
     ``generate``/``stream_generate`` on the same model in another thread waits until then (and
     one started in this thread while this generator is open raises ``RuntimeError``). Any thread
-    may generate; different models generate in parallel."""
+    may generate; different models generate in parallel.
+
+    ``max_tokens=0`` (which mlx-lm refuses) prefills the prompt into ``prompt_cache`` and yields
+    nothing: a long document read once, its cache saved (``python -m hobbit_mlx.cache_prompt``)."""
     if isinstance(draft_model, (str, os.PathLike)):
         raise TypeError("draft_model here is a loaded mlx-lm model (as mlx-lm's stream_generate "
                         "takes it); to draft with a checkpoint by path, pass it to "
@@ -183,7 +186,11 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, draft_model
 
 
 def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwargs):
+    if max_tokens == 0 and draft_model is not None:
+        raise ValueError("max_tokens=0 prefills the prompt cache of the model alone; without "
+                         "draft_model")
     k, adaptive = _draft_tokens(model, speculative, kwargs) if draft_model is None else (0, True)
+    k = k if max_tokens != 0 else 0  # (nothing to draft)
     kwargs = dict(kwargs, max_tokens=max_tokens)
     by_layer = not k and draft_model is None and _layer_major_candidate(model, kwargs)
     if by_layer:  # (the prompt's hidden states are held between layers)
@@ -209,9 +216,19 @@ def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwar
                                         adaptive=adaptive, **kwargs)
     elif by_layer:
         yield from _prefilled_by_layer(model, tokenizer, tokens, kwargs)
+    elif max_tokens == 0:
+        yield from _prefill_only(model, tokenizer, prompt, kwargs)
     else:
         yield from mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=draft_model,
                                           **kwargs)
+
+
+def _prefill_only(model, tokenizer, prompt, kwargs: dict):
+    """mlx-lm's loop with ``max_tokens=0``: the whole prompt runs into ``prompt_cache`` (its
+    last token too), nothing is sampled or yielded (a generator, as its callers yield from)."""
+    from mlx_lm.generate import generate_step
+
+    yield from generate_step(_prompt_tokens(tokenizer, prompt), model, **kwargs)
 
 
 def _prompt_tokens(tokenizer, prompt) -> mx.array:
@@ -247,7 +264,8 @@ def _prefilled_by_layer(model, tokenizer, tokens: mx.array, kwargs: dict):
     step = kwargs["prefill_step_size"]
     head = tokens.size - layer_major.prompt_tail(kwargs.get("logits_processors"))
     if not layer_major.applies(model, cache, head, step):
-        yield from mlx_lm.stream_generate(model, tokenizer, tokens, **kwargs)
+        yield from (_prefill_only if kwargs["max_tokens"] == 0 else mlx_lm.stream_generate)(
+            model, tokenizer, tokens, **kwargs)
         return
     rt = runtime_of(model)
     rt.see_call(context_of(cache) + head - step, step)  # (the reserves it ends at)
@@ -264,7 +282,11 @@ def _prefilled_by_layer(model, tokenizer, tokens: mx.array, kwargs: dict):
     # The hidden states are gone: the rest of the sequence plans without them (the pools grow).
     rt.plan_rest(context_of(cache), tokens.size - head, kwargs.get("max_tokens", 256) + 1)
     seconds = time.perf_counter() - start
-    for r in mlx_lm.stream_generate(model, tokenizer, tokens[head:], **dict(kwargs, prompt_cache=cache)):
+    kwargs = dict(kwargs, prompt_cache=cache)
+    if kwargs["max_tokens"] == 0:
+        yield from _prefill_only(model, tokenizer, tokens[head:], kwargs)
+        return
+    for r in mlx_lm.stream_generate(model, tokenizer, tokens[head:], **kwargs):
         yield replace(r, prompt_tokens=tokens.size,
                       prompt_tps=tokens.size / (seconds + r.prompt_tokens / r.prompt_tps))
 

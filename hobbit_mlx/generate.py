@@ -18,6 +18,7 @@ import time
 import types
 from typing import Sequence
 
+from . import cache_prompt
 from . import cli_common as cli
 from .pipeline import Lockstep, pipeline_of
 
@@ -52,6 +53,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="Message to be processed by the model ('-' reads from stdin).")
     parser.add_argument("--prefill-response", default=None,
                         help="Prefill response to be used for the chat template.")
+    parser.add_argument("--prompt-cache-file", default=None, metavar="FILE",
+                        help="A prompt's KV cache saved by python -m hobbit_mlx.cache_prompt (or "
+                             "mlx-lm's): the prompt given here continues it.")
     cli.add_model_args(parser)
     cli.add_sampling_args(parser, default_max_tokens=DEFAULT_MAX_TOKENS)
     cli.add_template_args(parser)
@@ -65,8 +69,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_prompt(args: argparse.Namespace, tokenizer) -> list[int]:
-    """The prompt tokens, with the chat template applied the way mlx-lm's CLI does."""
+def build_prompt(args: argparse.Namespace, tokenizer, continues: bool = False) -> list[int]:
+    """The prompt tokens, with the chat template applied the way mlx-lm's CLI does.
+    ``continues``: after a saved prompt cache, whose user message is left open (as mlx-lm's):
+    the rendered prompt from this message's text on."""
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -82,13 +88,18 @@ def build_prompt(args: argparse.Namespace, tokenizer) -> list[int]:
         has_prefill = args.prefill_response is not None
         if has_prefill:
             messages.append({"role": "assistant", "content": args.prefill_response})
+        render = lambda: tokenizer.apply_chat_template(  # noqa: E731
+            messages, tokenize=False, continue_final_message=has_prefill,
+            add_generation_prompt=not has_prefill, **args.chat_template_kwargs)
         try:
-            prompt = tokenizer.apply_chat_template(
-                messages, tokenize=False, continue_final_message=has_prefill,
-                add_generation_prompt=not has_prefill, **args.chat_template_kwargs)
+            prompt = render()
+            if continues:  # (a marker in the message says where its text starts)
+                text, messages[-1 if not has_prefill else -2]["content"] = prompt, "<query>"
+                prompt = text[render().index("<query>"):]
         except Exception as e:  # a template error is bad input (e.g. a role it refuses)
             raise cli.CLIError(f"the chat template failed: {type(e).__name__}: {e}") from None
-    tokens = tokenizer.encode(prompt, add_special_tokens=not use_chat_template)
+    # (no BOS in the middle of a sequence that continues a cache)
+    tokens = tokenizer.encode(prompt, add_special_tokens=not (use_chat_template or continues))
     if len(tokens) == 0:
         raise cli.CLIError("the prompt is empty after tokenization")
     return list(tokens)
@@ -106,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.join_pipeline(args)
     cli.check_args(args)
     cli.check_writable_file(args.stats_json, "--stats-json")
+    saved = cache_prompt.read(args) if args.prompt_cache_file else None
     quiet = args.quiet_report or not args.verbose
     args.quiet_report = quiet
 
@@ -118,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     processors = cli.make_logits_processors(args)
     if pipe is None:
         window = {"max_kv_size": args.max_kv_size} if args.max_kv_size else {}
-        steps = hobbit_mlx.stream_generate(model, tokenizer, build_prompt(args, tokenizer),
+        if saved is not None:
+            cache_prompt.check_layers(saved, model, args.prompt_cache_file)
+            window = {"prompt_cache": saved}
+        steps = hobbit_mlx.stream_generate(model, tokenizer,
+                                           build_prompt(args, tokenizer, saved is not None),
                                            max_tokens=args.max_tokens, sampler=sampler,
                                            logits_processors=processors, **window)
     else:  # rank 0 prints; a rank that stops answering ends every rank

@@ -1,0 +1,211 @@
+"""Prefill a long prompt once under the memory budget and save its KV cache to a file.
+
+    python -m hobbit_mlx.cache_prompt --model PATH --prompt "$(cat report.txt)" \\
+        --prompt-cache-file report.safetensors --memory-budget 6GB
+    python -m hobbit_mlx.generate --prompt-cache-file report.safetensors \\
+        --prompt "Summarize the report above." --memory-budget 6GB
+
+Under offloading a prompt's prefill is the dear part: each chunk reads the experts its tokens
+route to. A document asked about many times is read once. The file is mlx-lm's
+(``mlx_lm.cache_prompt``'s format, ``save_prompt_cache`` with the model and tokenizer settings
+in its metadata), so either tool reads what the other wrote. As in mlx-lm, with a chat template
+the prompt is a user message left open, and ``generate`` appends its prompt to that message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import cli_common as cli
+
+SUFFIX = ".safetensors"  # (mx.load reads the format from the name)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hobbit_mlx.cache_prompt",
+        description="Prefill a prompt once under the memory budget and save its KV cache for "
+                    "python -m hobbit_mlx.generate --prompt-cache-file (or mlx-lm's).")
+    parser.add_argument("--prompt", "-p", required=True,
+                        help="The text to prefill ('-' reads from stdin).")
+    parser.add_argument("--prompt-cache-file", required=True, metavar="FILE",
+                        help=f"Where to save the cache (a {SUFFIX} file).")
+    cli.add_model_args(parser)
+    g = parser.add_argument_group("cache")
+    g.add_argument("--max-kv-size", type=int, default=None,
+                   help="A rotating KV cache of this many tokens (mlx-lm's): the file keeps the "
+                        "prompt's last tokens only.")
+    g.add_argument("--extra-eos-token", type=str, default=(), nargs="+",
+                   help="Add tokens to the list of EOS tokens (kept for generate).")
+    cli.add_template_args(parser)
+    cli.add_report_args(parser)
+    return parser
+
+
+def cache_file(path: str) -> Path:
+    """``--prompt-cache-file``: a ``.safetensors`` name (else mlx-lm and mlx cannot read it)."""
+    p = Path(path).expanduser()
+    if p.suffix != SUFFIX:
+        raise cli.CLIError(f"--prompt-cache-file {path}: the name must end in {SUFFIX} (mlx "
+                           "reads the file's format from its name)")
+    if p.is_dir() or not p.parent.is_dir():
+        raise cli.CLIError(f"--prompt-cache-file {path}: " + (
+            "is a directory; name a file" if p.is_dir() else f"no directory {p.parent}"))
+    return p
+
+
+def build_prompt(args: argparse.Namespace, tokenizer) -> list[int]:
+    """The prompt's tokens: as mlx-lm's ``cache_prompt``, with a chat template a user message
+    left open for the question that ``generate`` appends."""
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = cli.clean_text(text)
+    if args.use_default_chat_template:
+        cli.use_default_template(tokenizer)
+    if args.ignore_chat_template or not tokenizer.has_chat_template:
+        tokens = tokenizer.encode(text)
+    else:
+        messages = [{"role": "system", "content": args.system_prompt}] \
+            if args.system_prompt is not None else []
+        messages.append({"role": "user", "content": text})
+        try:
+            tokens = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=False, continue_final_message=True,
+                **args.chat_template_kwargs)
+        except Exception as e:  # a template error is bad input (e.g. a role it refuses)
+            raise cli.CLIError(f"the chat template failed: {type(e).__name__}: {e}") from None
+    if len(tokens) == 0:
+        raise cli.CLIError("the prompt is empty after tokenization")
+    return list(tokens)
+
+
+def save(path: Path, cache, metadata: dict[str, str]) -> None:
+    """mlx-lm's ``save_prompt_cache`` into a temporary file beside ``path``, then renamed: an
+    interrupted save leaves the old file (or none), never half of one."""
+    from mlx_lm.models.cache import save_prompt_cache
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise cli.CLIError(f"cannot write in {path.parent}: {e.strerror or e}") from None
+    os.close(fd)
+    try:
+        save_prompt_cache(tmp, cache, metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # (mkstemp's file is the owner's only)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise cli.CLIError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
+def read(args: argparse.Namespace):
+    """``generate --prompt-cache-file``: the saved cache, checked against the flags before the
+    model loads (as mlx-lm's generate checks them). A quantized cache sets the KV quantization
+    the budget plans for; the model defaults to the one the file names."""
+    from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
+
+    path = Path(args.prompt_cache_file).expanduser()
+    if getattr(args, "pipeline", False):
+        raise cli.CLIError("--prompt-cache-file does not run with --pipeline (the file holds "
+                           "every layer's keys and values)")
+    if args.max_kv_size is not None:
+        raise cli.CLIError("--max-kv-size with --prompt-cache-file: the file's cache is used as "
+                           "it was saved (python -m hobbit_mlx.cache_prompt --max-kv-size)")
+    if not path.is_file():
+        raise cli.CLIError(f"--prompt-cache-file {path}: no such file")
+    try:
+        cache, metadata = load_prompt_cache(str(path), return_metadata=True)
+    except Exception as e:  # not a safetensors file, or not a prompt cache
+        raise cli.CLIError(f"--prompt-cache-file {path} is not a prompt cache saved by "
+                           f"cache_prompt ({type(e).__name__}: {e})") from None
+    quantized = [c for c in cache if isinstance(c, QuantizedKVCache)]
+    if quantized:
+        bits, group = quantized[0].bits, quantized[0].group_size
+        if args.kv_bits not in (None, bits) or (args.kv_bits is not None
+                                                and args.kv_group_size != group):
+            raise cli.CLIError(f"--kv-bits {args.kv_bits} --kv-group-size {args.kv_group_size} "
+                               f"do not match the cache in {path} ({bits}-bit, groups of {group})")
+        args.kv_bits, args.kv_group_size = bits, group
+    named = metadata.get("model") or None
+    if args.model is None:
+        args.model = named
+    elif named is not None and not _same_model(args.model, named):
+        raise cli.CLIError(f"--model {args.model} is not the model the prompt cache in {path} "
+                           f"was made with ({named})")
+    return cache
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+def check_layers(cache, model, path: str) -> None:
+    """A cache of another model's layer count (a model of the same name changed since)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    want = len(make_prompt_cache(model))
+    if len(cache) != want:
+        raise cli.CLIError(f"the prompt cache in {path} has {len(cache)} layers; this model "
+                           f"has {want}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import hobbit_mlx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from .loader import REFERENCE_MODEL
+
+    args = setup_arg_parser().parse_args(argv)
+    if args.pipeline:
+        raise cli.CLIError("--pipeline: a prompt cache file holds every layer's keys and "
+                           "values, and a pipeline rank holds its own layers' only")
+    cli.check_args(args)
+    path = cache_file(args.prompt_cache_file)
+    model, tokenizer, load_s = cli.load_model(args)
+    tokens = build_prompt(args, tokenizer)
+    cache = make_prompt_cache(model, args.max_kv_size)
+
+    start = time.perf_counter()
+    width = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal width
+        line = f"\rProcessed {done:6d} of {total} tokens ({done / (time.perf_counter() - start):.2f} tok/s)"
+        width = max(width, len(line))
+        print(line.ljust(width), end="", file=sys.stderr, flush=True)
+
+    hobbit_mlx.reset_stats(model)
+    for _ in hobbit_mlx.stream_generate(model, tokenizer, tokens, max_tokens=0, prompt_cache=cache,
+                                        prompt_progress_callback=None if args.quiet_report else progress):
+        pass
+    seconds = time.perf_counter() - start
+    if not args.quiet_report:
+        print(file=sys.stderr)
+    tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else {}
+    save(path, cache, {"model": args.model or str(REFERENCE_MODEL),
+                       "tokenizer_config": json.dumps(tokenizer_config),
+                       "prompt_tokens": str(len(tokens))})
+    if not args.quiet_report:
+        stats = cli.run_stats(model, None, seconds, load_s)
+        stats.update(prompt_tokens=len(tokens), prompt_tps=len(tokens) / seconds)
+        lines = [cli.SEPARATOR] + [line for line in cli.format_report(stats)
+                                   if not line.startswith("Generation:")]  # (none here)
+        print("\n".join(lines), file=sys.stderr)
+        print(f"Saved {len(tokens)} prompt tokens to {path} "
+              f"({cli.format_size(path.stat().st_size)})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
