@@ -135,3 +135,21 @@ def test_a_question_after_an_assistant_prefill_continues_the_user_message():
     cli_common.check_args(args)
     text = tokenizer.decode(generate_cli.build_prompt(args, tokenizer, continues=True))
     assert text.startswith(QUESTION) and text.rstrip().endswith("Sure:")
+
+
+def test_a_quantized_cache_sets_the_kv_bits_the_budget_plans_for(tmp_path, capsys):
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    src = make_tiny_model("qwen3_moe", tmp_path / "mlx", config_overrides={"head_dim": 32})
+    path = str(tmp_path / "q.safetensors")
+    assert cli_common.run(cache_prompt.main, [
+        "--model", str(src), "--prompt", DOC, "--prompt-cache-file", path, "--kv-bits", "8",
+        "--kv-group-size", "32", "--quantized-kv-start", "0", "--ignore-chat-template",
+        "--quiet-report"]) == 0
+    assert load_prompt_cache(path)[0].bits == 8
+    ask = ["--prompt-cache-file", path, "--prompt", QUESTION, "--ignore-chat-template",
+           "--max-tokens", "4", "--quiet-report"]
+    assert cli_common.run(generate_cli.main, ask) == 0  # (the model and its KV bits from the file)
+    capsys.readouterr()
+    assert cli_common.run(generate_cli.main, ask + ["--kv-bits", "4"]) == 2
+    assert "do not match the cache" in capsys.readouterr().err
