@@ -94,7 +94,6 @@ class Conversation:
             return 0
         if len(self._render(query, history=False)) >= limit:
             return 0  # no dropping makes room: the turn is refused, the history kept
-            return 0
         dropped = 0
         while len(self._render(query)) + reply_room > limit:
             if self.plain:
@@ -110,23 +109,37 @@ class Conversation:
     def prepare(self, query: str) -> tuple[list[int], list[int]]:
         """(all tokens of the conversation, the suffix the model still has to process)."""
         full = self._render(query)
-        return full, self.feed(full)
+        return full, self.feed(full, self._turn_start(full))
 
-    def feed(self, full: list[int]) -> list[int]:
+    def _turn_start(self, full: list[int]) -> int | None:
+        """Where the new user turn starts in ``full``: after the history as the template renders
+        it. Only a rotating cache (``--max-kv-size``) needs it, once it cannot be trimmed."""
+        tok = self.tokenizer
+        if not self.args.max_kv_size or not tok.has_chat_template or not self.messages:
+            return None
+        try:
+            text = tok.apply_chat_template(self.messages, tokenize=False,
+                                           **self.args.chat_template_kwargs)
+        except Exception:  # noqa: BLE001 - (a template that wants a user message last)
+            return None
+        history = list(tok.encode(text, add_special_tokens=False))
+        return len(history) if full[:len(history)] == history else None
+
+    def feed(self, full: list[int], turn_start: int | None = None) -> list[int]:
         """The suffix of ``full`` the cache does not hold yet (a pipeline rank that follows gets
         ``full`` from rank 0)."""
-        return self._kept.feed(full)
+        return self._kept.feed(full, turn_start)
 
     def finish(self, query: str, full: list[int], reply: str, generated: list[int]) -> None:
         self.messages.append({"role": "user", "content": query})
         self.messages.append({"role": "assistant", "content": reply})
         if not self.tokenizer.has_chat_template:
             self.plain.append(list(full[len(self._plain_tokens()):]) + list(generated))
-        self.finish_tokens(full, generated)
+        self.finish_tokens(generated)
 
-    def finish_tokens(self, full: list[int], generated: list[int]) -> None:
-        """The cache now holds ``full`` and the generated tokens (or the last but one)."""
-        self._kept.finish(full, generated)
+    def finish_tokens(self, generated: list[int]) -> None:
+        """The cache now holds the prompt fed and the generated tokens (or the last but one)."""
+        self._kept.finish(generated)
 
     def invalidate(self) -> None:
         """The cache may hold a half-run step: the next turn rebuilds it from the messages (or
@@ -233,7 +246,7 @@ def _follow(lock, model, tokenizer, args: argparse.Namespace) -> int:
         except Exception:  # noqa: BLE001 - before any forward call every rank has the error
             if lock.started:
                 raise
-        conv.finish_tokens(full, generated)
+        conv.finish_tokens(generated)
         if last is None or last.finish_reason is None:
             conv.invalidate()  # stopped early or refused: as rank 0 does
     lock.pipe.barrier()

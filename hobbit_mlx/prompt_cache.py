@@ -72,28 +72,41 @@ class PromptCache:
 
         self.cache = make_prompt_cache(self.model, self.max_kv_size)
         self.tokens: list[int] = []
+        self._fed: list[int] = []  # what the cache holds once the prompt fed has run
 
-    def feed(self, full: list[int]) -> list[int]:
+    def feed(self, full: list[int], turn_start: int | None = None) -> list[int]:
         """The suffix of ``full`` still to be processed, with the cache trimmed (or renewed) to
-        hold exactly the rest; at least one token, which the model runs to predict the next."""
+        hold exactly the rest; at least one token, which the model runs to predict the next.
+
+        ``turn_start``: where this turn's own tokens start in ``full`` (the chat's). A cache that
+        cannot be trimmed back to where ``full`` departs from what it holds (a rotating cache
+        past its window: the template renders the last reply otherwise than it was generated)
+        goes on from there, as mlx-lm's chat goes on, rather than prefill the whole
+        conversation again."""
         from mlx_lm.models.cache import can_trim_prompt_cache
 
         common = min(common_prefix(self.tokens, full), len(full) - 1)
+        held = self.tokens
         if common == len(self.tokens):
             pass  # the cache is a prefix of the new prompt: feed the rest
         elif common > 0 and can_trim_prompt_cache(self.cache) \
                 and trim(self.cache, len(self.tokens) - common) == len(self.tokens) - common:
-            self.tokens = self.tokens[:common]
+            held = self.tokens[:common]
+        elif self.tokens and turn_start is not None and common <= turn_start < len(full):
+            common = turn_start  # (the cache keeps the reply as generated: the template's
+            # rendering of it is left out, and the turn follows)
         else:
             self.reset()
-            common = 0
+            held, common = [], 0
+        self.tokens = held
+        self._fed = held + full[common:]
         return full[common:]
 
-    def finish(self, full: list[int], generated: list[int]) -> None:
-        """A generation over ``full`` ended after yielding ``generated``: the cache holds them
-        all, or all but the last (mlx-lm's loop samples the last token without running it).
-        Anything else is an unknown state, and the next prompt is fed whole."""
-        expected = list(full) + list(generated)
+    def finish(self, generated: list[int]) -> None:
+        """A generation over what ``feed`` returned ended after yielding ``generated``: the
+        cache holds them all, or all but the last (mlx-lm's loop samples the last token without
+        running it). Anything else is an unknown state, and the next prompt is fed whole."""
+        expected = self._fed + list(generated)
         offset = cache_offset(self.cache)
         if offset is None or offset == len(expected):
             self.tokens = expected

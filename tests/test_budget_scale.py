@@ -140,7 +140,7 @@ def test_a_kept_cache_trimmed_after_a_long_sequence_stays_within_the_budget(kv_h
         generated = [r.token for r in hobbit_mlx.stream_generate(
             model, tok, kept.feed(full), max_tokens=new_tokens, prompt_cache=kept.cache,
             logits_processors=[_no_eos(tok)])]
-        kept.finish(full, generated)
+        kept.finish(generated)
         stats = hobbit_mlx.offload_stats(model)
         assert stats["peak_memory_bytes"] <= stats["budget_bytes"], stats
     assert len(kept.tokens) < 20  # the second sequence ran on the trimmed cache

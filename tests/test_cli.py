@@ -311,6 +311,35 @@ def test_chat_cache_reuse_matches_fresh_prefill(model_dir):
         assert len(conv.cached) > 0
 
 
+def test_chat_with_a_rotating_cache_feeds_only_the_new_turn_once_past_its_window():
+    """--max-kv-size: once the window has rotated the cache cannot be trimmed back to where the
+    template renders the last reply otherwise than it was generated (here: kept with a word
+    more); it goes on from the new user turn (as mlx-lm's chat), where it prefilled the whole
+    conversation again."""
+    import hobbit_mlx
+    from hobbit_mlx import chat, cli_common
+
+    args = chat.setup_arg_parser().parse_args(["--memory-budget", "12MB", "--max-kv-size", "48",
+                                               "--max-tokens", "12"])
+    cli_common.check_args(args)
+    model, tokenizer, _ = cli_common.load_model(args)
+    conv = chat.Conversation(model, tokenizer, args)
+    sampler = cli_common.make_sampler(args, tokenizer)
+    fed = []
+    for query in ("write a function that adds two numbers", "now one that subtracts them",
+                  "and one that multiplies", "and divides"):
+        full, feed = conv.prepare(query)
+        fed.append((len(full), len(feed), tokenizer.decode(feed)))
+        got = list(hobbit_mlx.stream_generate(model, tokenizer, feed, max_tokens=12,
+                                              sampler=sampler, prompt_cache=conv.cache))
+        reply = "Sure. " + "".join(r.text for r in got)  # (the template renders it otherwise)
+        conv.finish(query, full, reply, [r.token for r in got])
+    assert conv.cache[0].offset > 48  # (past the window)
+    for n_full, n_feed, text in fed[2:]:  # (before, the window had not rotated: trimmed)
+        assert n_feed < n_full / 2 and text.startswith("<|im_start|>user"), fed
+    assert len(conv.cached) == conv.cache[0].offset  # nothing fed twice, nothing reset
+
+
 def _chat_session(model_dir, *flags):
     from hobbit_mlx import chat, cli_common
 

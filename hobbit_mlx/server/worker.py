@@ -370,7 +370,7 @@ class Worker:
             except Exception:  # noqa: BLE001 - refused on every rank before any forward call
                 if self.lock.started:
                     raise
-            self._keep(msg["prompt"], generated, last is not None and last.finish_reason is not None)
+            self._keep(generated, last is not None and last.finish_reason is not None)
         self.lock.pipe.barrier()
 
     def _serve(self, job: Job) -> None:
@@ -434,7 +434,7 @@ class Worker:
             finish = "cancelled"
         except Exception as e:
             _fresh_random_state()
-            self._keep(job.prompt, generated, False)
+            self._keep(generated, False)
             error = api_error(e)
             if error.status >= 500 and error.code == "internal_error":
                 log.exception("generation failed")
@@ -450,7 +450,7 @@ class Worker:
         # A pipeline's other ranks see only whether the generation ended by itself: every rank
         # keeps its cache by that same rule, so that all feed the next prompt alike.
         ended = last is not None and last.finish_reason is not None
-        self._keep(job.prompt, generated, ended if self.lock is not None
+        self._keep(generated, ended if self.lock is not None
                    else finish in ("stop", "length"))
         self._end(job, Finished(finish or "length", stops.matched, self._stats(job, last, n, t0)))
 
@@ -461,13 +461,13 @@ class Worker:
             return prompt, {}
         return self._kept.feed(list(prompt)), {"prompt_cache": self._kept.cache}
 
-    def _keep(self, prompt: list[int], generated: list[int], whole: bool) -> None:
+    def _keep(self, generated: list[int], whole: bool) -> None:
         """Keep the cache for the next request where the generation ended in a known state
         (``whole``); a cancelled or failed one may have left a half-run step in it."""
         if self._kept is None:
             return
         if whole:
-            self._kept.finish(prompt, generated)
+            self._kept.finish(generated)
         else:
             self._kept.reset()
 
