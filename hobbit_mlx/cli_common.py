@@ -446,7 +446,11 @@ def _check_model_path(model: str | None) -> None:
         raise CLIError(f"{model} is not a directory (--model takes a model directory)")
     from .store import STORE_DIR, is_hobbit_model
 
-    if (path / STORE_DIR).is_dir() and not is_hobbit_model(path):
+    try:
+        incomplete = (path / STORE_DIR).is_dir() and not is_hobbit_model(path)
+    except PermissionError as e:  # (pathlib raises on EACCES where the file may exist)
+        raise CLIError(f"{e.filename}: permission denied") from None
+    if incomplete:
         raise CLIError(f"{path / STORE_DIR}: the expert store has no manifest; the converted "
                        f"model is incomplete or corrupt (reconvert it)")
 

@@ -142,14 +142,16 @@ class Fetch:
         self.rt.cache.commit(key, slot)
 
     def _settle(self, keys: list, pending: list) -> None:
-        """After a read of this fetch failed: its other demand reads land or fail (their slots go
-        back), so that no reserved slot is lost. A prefetch read's slot is the prefetcher's."""
+        """After a read of this fetch failed (or Ctrl-C): its other demand reads land or fail
+        (their slots go back), so that no reserved slot is lost. A prefetch read's slot is the
+        prefetcher's. A second Ctrl-C while it waits ends the wait (the reads in flight may be
+        slow): it was swallowed, and the process could not be interrupted."""
         for i, fut, slot in pending:
             if slot is not None:
                 try:
                     self._land(keys[i], fut, slot)
-                except BaseException:
-                    pass  # (the first error is the one raised)
+                except Exception:  # noqa: BLE001 - (the first error is the one raised)
+                    pass
 
     def _read_now(self, key: tuple, slot: int, commit: bool = True) -> None:
         try:

@@ -3,8 +3,8 @@
 Reads run in threads (``os.preadv`` releases the GIL), so several experts of one layer are read in
 parallel and a background prefetcher can read while the model computes. The threads only move
 bytes: every MLX call stays on the thread that runs the model. Each record's CRC32 is
-checked the first time it is read in this process (``verify="first"``), so a corrupt store fails
-with a clear error instead of producing garbage.
+checked the first time it is read in this process (``verify="first"``), and again once its file
+has been written since, so a corrupt store fails with a clear error instead of producing garbage.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from .pools import SlotPool, convert_into
 from .storage import ReadCancelled, ReadTicket, SimulatedDevice, StorageModel
-from .store import Manifest, PrecisionEntry, Record, StoreError
+from .store import Manifest, PrecisionEntry, Record, StoreError, reconvert_command
 
 
 # macOS has no O_DIRECT: ``fcntl(fd, F_NOCACHE, 1)`` keeps what a descriptor reads out of the
@@ -61,6 +61,7 @@ class RecordReader:
         self.manifest = manifest
         self.verify = verify
         self._verified: set[tuple[int, int, int]] = set()
+        self._stamps: list[tuple[int, int]] = []  # each file's (mtime, size) when verified
         self._lock = threading.Lock()
         self._fds = []
         # ``direct``: reads bypass the page cache, by O_DIRECT (aligned reads, see _read_span)
@@ -72,6 +73,7 @@ class RecordReader:
             path = self.model_dir / rel
             try:
                 self._fds.append(os.open(path, flags))
+                self._stamps.append(_stamp(self._fds[-1]))
                 if self.bypass == "F_NOCACHE":
                     import fcntl
                     fcntl.fcntl(self._fds[-1], getattr(fcntl, "F_NOCACHE", F_NOCACHE), 1)
@@ -306,17 +308,35 @@ class RecordReader:
                              "expert store's device may be failing") from e
 
     def _check(self, span: tuple, crc: int, pieces: list[np.ndarray]) -> None:
-        if not (self.verify == "always" or (self.verify == "first" and span not in self._verified)):
+        if self.verify == "never" or (self.verify == "first" and span in self._verified
+                                      and not self._changed(span[0])):
             return
         value = 0
         for p in pieces:
             value = zlib.crc32(p, value)
         if value != crc:
-            path = self.model_dir / self.manifest.files[span[0]]
-            raise StoreError(f"{path}: checksum mismatch in bytes {span[1]}..{span[1] + span[2]}"
-                             " (the expert store is corrupt; reconvert the model)")
+            name = self.manifest.files[span[0]]
+            path = self.model_dir / name
+            where = f"{path}: checksum mismatch in bytes {span[1]}..{span[1] + span[2]}"
+            if name in self.manifest.references:  # (a source checkpoint read in place)
+                raise StoreError(f"{where}: the source checkpoint changed since the store was "
+                                 "made from it; reconvert: "
+                                 f"{reconvert_command(self.model_dir, self.manifest)}")
+            raise StoreError(f"{where} (the expert store is corrupt; reconvert the model)")
         with self._lock:
             self._verified.add(span)
+
+    def _changed(self, file_idx: int) -> bool:
+        """Whether a file was written since its spans were verified (one ``fstat``, beside a
+        read): its spans are then checked again. A store copied over in place, or an in-place
+        source checkpoint rewritten, gave garbage where a span verified once was read again."""
+        stamp = _stamp(self._fds[file_idx])
+        if stamp == self._stamps[file_idx]:
+            return False
+        with self._lock:
+            self._stamps[file_idx] = stamp
+            self._verified = {s for s in self._verified if s[0] != file_idx}
+        return True
 
     def submit_into(self, entry: PrecisionEntry, expert: int, pool: "SlotPool", slot: int,
                     background: bool = False, ticket: ReadTicket | None = None) -> Future:
@@ -370,6 +390,11 @@ IOV_BATCH = 512  # buffers per preadv call (the OS allows at least 1024)
 # bench/inplace_read.py), and bought nothing read cold from this machine's disk (~2 ms).
 PARALLEL_RUNS_MIN_S = 1e-3
 BUSY_WINDOW_READS = 16  # storage never idle (a long prompt, prefetch): measure every this many reads
+
+
+def _stamp(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_mtime_ns, st.st_size
 
 
 def _pread_first(fd: int, buffers: list, offset: int) -> int:

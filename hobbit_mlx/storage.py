@@ -92,30 +92,44 @@ def mac_like(topk_bytes_per_token: int, resident_seconds_per_token: float, *,
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
+MAX_LATENCY = 1.0  # s: a read's latency past this is a typo (100s for 100us), not a device
+_NUMBER = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[-+]?[0-9]+)?"  # 50, 1.5, .5, 1e3, 1e-4
+
+
 def parse_storage(spec: "str | StorageModel | None") -> StorageModel | None:
-    """``None``/"" (no simulation), a ``StorageModel``, ``"mac-ssd"`` (7 GB/s, 80 us), or
-    ``"BANDWIDTH[,latency=SECONDS|Nus|Nms][,depth=N]"`` such as ``"50MB/s,latency=100us"``."""
+    """``None``/"" (no simulation), a ``StorageModel``, or ``"BANDWIDTH[,latency=T][,depth=N]"``
+    where BANDWIDTH is ``50MB/s``, ``1e3MB/s``, ... or ``mac-ssd`` (7 GB/s, 80 us, which the
+    settings after it may change: ``mac-ssd,depth=2``) and T is ``80us``, ``0.1ms`` or seconds
+    (``1e-4``)."""
     if spec is None or isinstance(spec, StorageModel):
         return spec
     text = spec.strip().lower()
     if text in ("", "none", "off"):
         return None
-    if text == "mac-ssd":
-        return StorageModel(MAC_SSD_BANDWIDTH, MAC_SSD_LATENCY)
     parts = [p.strip() for p in text.split(",")]
-    m = re.fullmatch(r"([0-9.]+)\s*([kmg]i?)?b(?:/s)?", parts[0])
-    if not m:
-        raise ValueError(f"storage {spec!r}: expected a bandwidth such as '50MB/s' or 'mac-ssd'")
-    bandwidth = float(m.group(1)) * _UNITS[m.group(2) or ""]
-    latency, depth = 0.0, 8
+    if parts[0] == "mac-ssd":
+        bandwidth, latency = MAC_SSD_BANDWIDTH, MAC_SSD_LATENCY
+    else:
+        m = re.fullmatch(rf"({_NUMBER})\s*([kmg]i?)?b(?:/s)?", parts[0])
+        if not m:
+            raise ValueError(f"storage {spec!r}: expected a bandwidth such as '50MB/s' or "
+                             "'mac-ssd' first")
+        bandwidth, latency = float(m.group(1)) * _UNITS[m.group(2) or ""], 0.0
+    depth = 8
     for part in parts[1:]:
         key, _, value = part.partition("=")
         if key == "latency":
-            lm = re.fullmatch(r"([0-9.]+)\s*(us|ms|s)?", value)
+            lm = re.fullmatch(rf"({_NUMBER})\s*(us|ms|s)?", value)
             if not lm:
-                raise ValueError(f"storage {spec!r}: latency such as '80us' or '0.1ms'")
+                raise ValueError(f"storage {spec!r}: a latency such as 'latency=80us', '0.1ms' "
+                                 f"or '1e-4' (seconds), not {value!r}")
             latency = float(lm.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, None: 1.0}[lm.group(2)]
+            if latency > MAX_LATENCY:
+                raise ValueError(f"storage {spec!r}: a latency of {latency:g} s per read is no "
+                                 f"device's (at most {MAX_LATENCY:g} s; did you mean us or ms?)")
         elif key == "depth":
+            if not re.fullmatch(r"[0-9]+", value):
+                raise ValueError(f"storage {spec!r}: a queue depth such as 'depth=8', not {value!r}")
             depth = int(value)
         else:
             raise ValueError(f"storage {spec!r}: unknown setting {key!r} (latency, depth)")

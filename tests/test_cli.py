@@ -453,3 +453,21 @@ def test_report_and_json_helpers(tmp_path):
                                          t1=0.6, t2=0.9, prefetch_layers=1)
     with pytest.raises(cli_common.CLIError, match="--exact cannot"):
         cli_common.technique_options(args)
+
+
+def test_an_unreadable_expert_store_is_one_error_line(tmp_path, monkeypatch):
+    """An experts/ directory the user may not read (chmod 000): pathlib raises where it asks
+    whether the manifest is there; that was a traceback before load's own error handling."""
+    import errno
+
+    from hobbit_mlx import cli_common, store
+
+    (tmp_path / store.STORE_DIR).mkdir()
+    manifest = str(tmp_path / store.STORE_DIR / "manifest.json")
+
+    def denied(model_dir):
+        raise PermissionError(errno.EACCES, "Permission denied", manifest)
+
+    monkeypatch.setattr(store, "is_hobbit_model", denied)
+    with pytest.raises(cli_common.CLIError, match=f"{manifest}: permission denied"):
+        cli_common._check_model_path(str(tmp_path))

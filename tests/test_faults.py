@@ -153,3 +153,29 @@ def test_a_model_without_its_tokenizer_files_is_refused_at_load(tiny_factory, tm
     dst = convert(bare, tmp_path / "hobbit", progress=False)
     with pytest.raises(StoreError, match="tokenizer"):
         hobbit_mlx.load(dst, expert_residency=0.5, progress=False)
+
+
+def test_a_second_ctrl_c_ends_the_wait_for_reads_in_flight():
+    """After a first Ctrl-C the fetch waits for its other demand reads so that no slot is lost;
+    a second Ctrl-C ends that wait (it was swallowed: a slow device, or a simulated latency of
+    100 s, could not be interrupted). Other errors of those reads are still passed over."""
+    from types import SimpleNamespace
+
+    from hobbit_mlx.fetch import Fetch
+
+    landed = []
+
+    def land(key, fut, slot):
+        if fut == "error":
+            raise OSError("a read failed")
+        if fut == "interrupt":
+            raise KeyboardInterrupt
+        landed.append(key)
+
+    fetch = SimpleNamespace(_land=land)
+    keys = ["a", "b", "c", "d"]
+    Fetch._settle(fetch, keys, [(0, "error", 1), (1, "ok", 2), (2, None, None)])
+    assert landed == ["b"]  # (the failed one passed over; a prefetch read is not this fetch's)
+    with pytest.raises(KeyboardInterrupt):
+        Fetch._settle(fetch, keys, [(0, "interrupt", 1), (3, "ok", 4)])
+    assert landed == ["b"]

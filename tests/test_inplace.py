@@ -94,6 +94,29 @@ def test_moved_or_changed_source_names_file_and_command(source, tmp_path, damage
         hobbit_mlx.load(dst, progress=False)
 
 
+def test_a_source_rewritten_under_a_running_model_is_named_with_the_command(source, tmp_path):
+    """The source changes after load (its checks passed) and after its records were verified:
+    the next read of a changed record says the source changed and how to rebuild, not that the
+    store is corrupt (nor garbage: the record was verified once)."""
+    from hobbit_mlx.loader import runtime_of
+
+    dst = converter.convert(source, tmp_path / "hobbit", progress=False)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.0, exact=True, progress=False)
+    tokens = mx.array(PROMPT)
+    mx.eval(model(tokens))
+    manifest = runtime_of(model).manifest
+    weights = source / "model.safetensors"
+    with open(weights, "r+b") as f:  # every 4-bit record of layer 0, flipped in the middle
+        for rec in manifest.layers[0].precisions["high"].records:
+            _, off, n = rec.spans[0]
+            f.seek(off + n // 2)
+            b = f.read(1)
+            f.seek(off + n // 2)
+            f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(StoreError, match=rf"source checkpoint changed.*python -m convert {source} {dst} --force"):
+        mx.eval(model(tokens))
+
+
 def test_cached_conversion_follows_a_changed_source(source, tmp_path, monkeypatch):
     """load() of an unconverted directory owns its cached store: a stale one is converted again."""
     from hobbit_mlx.loader import resolve_model

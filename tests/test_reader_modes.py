@@ -70,7 +70,11 @@ def test_verify_always_checks_every_read_and_never_checks_none(store):
     model_never, never = _logits(store, verify="never")
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(never, want)
+    files = list((store / "experts").rglob("*.safetensors"))
+    stamps = {f: (os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns) for f in files}
     _damage(store)  # every record was read (and checked) once already
+    for f, ns in stamps.items():  # (a change its file's size and mtime do not show)
+        os.utime(f, ns=ns)
     mx.eval(model_first(TOKENS))  # "first": a record verified before is not checked again
     with pytest.raises(StoreError, match="checksum mismatch"):
         mx.eval(model_always(TOKENS))
@@ -78,6 +82,15 @@ def test_verify_always_checks_every_read_and_never_checks_none(store):
     assert not np.array_equal(damaged, want)
     with pytest.raises(ValueError, match="verify"):
         hobbit_mlx.load(store, verify="sometimes", progress=False)
+
+
+def test_a_file_written_after_its_records_were_verified_is_checked_again(store):
+    """A store copied over in place under a running process (or an in-place source rewritten):
+    its records were verified once, and their new bytes gave garbage without a word."""
+    model, _ = _logits(store)
+    _damage(store)
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        mx.eval(model(TOKENS))
 
 
 def test_records_of_several_spans_read_like_one(store):

@@ -121,15 +121,22 @@ def test_mac_like_keeps_the_ratio_of_a_token_read_to_a_resident_step():
     ("1.5GB/s,latency=80us,depth=4", 1.5e9, 80e-6, 4),
     ("512KiB/s,latency=0.5ms", 512 * 1024, 0.5e-3, 8),
     ("mac-ssd", 7e9, 80e-6, 8),
+    ("mac-ssd,depth=2", 7e9, 80e-6, 2),
+    ("1e3MB/s,latency=1e-3", 1e9, 1e-3, 8),
 ])
 def test_storage_settings_parse(spec, bandwidth, latency, depth):
     m = parse_storage(spec)
     assert (m.bandwidth, m.latency, m.queue_depth) == (pytest.approx(bandwidth), pytest.approx(latency), depth)
 
 
-@pytest.mark.parametrize("spec", ["fast", "50MB/s,speed=3", "0MB/s", "50MB/s,latency=soon", "50MB/s,depth=0"])
-def test_bad_storage_settings_say_what_is_wrong(spec):
-    with pytest.raises(ValueError, match="storage|bandwidth|depth"):
+@pytest.mark.parametrize("spec, needle", [
+    ("fast", "bandwidth"), ("50MB/s,speed=3", "unknown setting"), ("0MB/s", "bandwidth"),
+    ("50MB/s,latency=soon", "latency such as"), ("50MB/s,depth=0", "depth"),
+    ("50MB/s,depth=abc", "queue depth such as"), ("1.2.3MB/s", "bandwidth such as"),
+    ("50MB/s,latency=100s", "did you mean us or ms"),  # (a read of 100 s would hang every call)
+])
+def test_bad_storage_settings_say_what_is_wrong(spec, needle):
+    with pytest.raises(ValueError, match=needle):
         parse_storage(spec)
 
 
