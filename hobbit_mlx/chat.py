@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    print(f"[hobbit_mlx] chatting with {getattr(hobbit_mlx.runtime_of(model), 'model_dir', args.model)}"
+    print(f"[hobbit_mlx] chatting with {args.model or 'the bundled reference model'}"
           f"; type h for help", file=sys.stderr, flush=True)
 
     sampler = cli.make_sampler(args, tokenizer)
