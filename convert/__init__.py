@@ -47,7 +47,8 @@ from hobbit_mlx.architectures import (UnsupportedModelError, describe_moe,
 from hobbit_mlx.quantizable import mlx_quantizes, supported_bits, supported_group_sizes
 from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, PrecisionEntry, Record,
                               StoreError, TensorLayout, align_up, check_references,
-                              checkpoint_weight_files, durable_sync, is_hobbit_model, load_manifest,
+                              checkpoint_weight_files, durable_sync, float_quant, is_float,
+                              is_hobbit_model, load_manifest,
                               read_config_json, record_alignment, safetensors_header)
 
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
@@ -185,10 +186,15 @@ def _to_numpy(a: mx.array) -> np.ndarray:
 
 def _projection_quant(weights: dict, key: str, in_dim: int, want: dict, keep_source: bool) -> dict:
     """The quantization of one projection's copy: the source's own (exact, whatever its width:
-    a mixed-bit source holds some experts below its nominal bits), or ``want`` (affine); a low
-    copy of a projection already at or below ``want``'s width keeps the source's too (requantizing
-    it would lose precision and save nothing)."""
+    a mixed-bit source holds some experts below its nominal bits; ``keep_source``, the high copy
+    of a quantized source), or ``want`` (affine); a low copy of a projection already at or below
+    ``want``'s width keeps the source's too (requantizing it would lose precision and save
+    nothing). A quantized source's float experts (a quant_predicate that skipped them, a group
+    size that does not divide them: mlx-lm leaves those float) stay float in the high copy,
+    which exact mode computes with as mlx-lm does."""
     src_q = _source_quantization(weights, key, in_dim)
+    if src_q is None and keep_source:
+        return float_quant(weights[f"{key}.weight"].dtype.size)
     if src_q is not None and (keep_source or src_q["bits"] <= want["bits"]):
         return src_q
     return dict(want, mode="affine")
@@ -199,7 +205,9 @@ def _expert_tensors(weights: dict, key: str, in_dim: int, quant: dict, e0: int, 
     out = {}
     w = weights[f"{key}.weight"][e0:e1]
     src_q = _source_quantization(weights, key, in_dim)
-    if src_q == quant:  # the source's own quantized bytes
+    if is_float(quant):  # a quantized source's float experts, kept as they are
+        out["weight"] = w
+    elif src_q == quant:  # the source's own quantized bytes
         out["weight"] = w
         out["scales"] = weights[f"{key}.scales"][e0:e1]
         if f"{key}.biases" in weights:
@@ -331,14 +339,16 @@ def check_dense_weights(model: nn.Module, weights: dict, switch_paths: list[str]
 
 
 def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], precisions: dict,
-                   progress, refs: ReferenceBuilder | None = None) -> LayerEntry:
+                   progress, refs: ReferenceBuilder | None = None,
+                   quantized_source: bool = False) -> LayerEntry:
     num_experts = num_experts_of(switch)
     proj_names = switch_linear_paths(switch)
     modules = dict(switch.named_modules())
     in_dims = {p: int(modules[p].weight.shape[-1]) for p in proj_names}
     entry = LayerEntry(li, path, num_experts)
     for pname, want in precisions.items():
-        quant = {p: _projection_quant(weights, f"{path}.{p}", in_dims[p], want, pname == "high")
+        quant = {p: _projection_quant(weights, f"{path}.{p}", in_dims[p], want,
+                                      pname == "high" and quantized_source)
                  for p in proj_names}
         if refs is not None and pname == "high" and all(
                 quant[p] == _source_quantization(weights, f"{path}.{p}", in_dims[p]) for p in proj_names):
@@ -756,7 +766,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
             with tqdm(total=total, desc="experts", unit="proj", disable=not progress) as bar:
                 for li, (path, switch) in enumerate(switches):
                     layers.append(_convert_layer(weights, li, path, switch, tmp, files, precisions,
-                                                 bar, refs))
+                                                 bar, refs, config.get("quantization") is not None))
                     for k in [k for k in weights if k.startswith(path + ".")]:
                         del weights[k]  # let the layer's source tensors go
         finally:

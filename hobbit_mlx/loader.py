@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -14,9 +16,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
-from .architectures import find_switch_modules, num_experts_of, text_config, trained_context
+from .architectures import (find_switch_modules, num_experts_of, switch_linear_paths, text_config,
+                            trained_context)
 from .budget import (BudgetPlan, format_size, gpu_working_set_bytes, plan_budget,
                      system_memory_bytes)
 from .cache import SlotCache
@@ -31,8 +35,10 @@ from .reader import RecordReader
 from .storage import parse_storage
 from .routing import StackedGates
 from .speculative import check_draft_tokens
-from .store import (Manifest, StoreError, check_references, check_store_files, is_hobbit_model,
-                    load_manifest, manifest_path)
+from .store import (FLOAT_DTYPES, MANIFEST_NAME, WEIGHT_INDEX, Manifest, PrecisionEntry,
+                    StoreError, check_references, check_store_files, checkpoint_weight_files,
+                    file_stamp, is_float, is_hobbit_model, load_manifest, manifest_path,
+                    quant_parts)
 from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
@@ -55,7 +61,12 @@ def default_shallow_layers(num_layers: int, cache_experts: int, num_experts: int
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("HOBBIT_MLX_CACHE", Path.home() / ".cache" / "hobbit_mlx"))
+    """``$HOBBIT_MLX_CACHE``; unset or empty (as most tools read an empty variable), the default
+    (an empty path would be the current directory)."""
+    return Path(os.environ.get("HOBBIT_MLX_CACHE") or Path.home() / ".cache" / "hobbit_mlx")
+
+
+SOURCE_STAMP = ".hobbit_source.json"  # in a cached conversion: the source files it was made from
 
 
 def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
@@ -74,32 +85,109 @@ def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
     else:
         stamp, name = str(path), str(path).replace("/", "--")
     target = cache_root() / f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
-    if is_hobbit_model(target) and _references_hold(target):
+    made_from = source_stamp(local) if local.exists() else _hub_stamp(str(path))
+    if is_hobbit_model(target) and _still_converted(target, made_from):
         return target
     if not local.exists():  # a hub id: downloaded first (a failure is one line, said alone)
         resolve_source(path)
+        made_from = _hub_stamp(str(path))
     if progress:  # (a cached conversion whose source changed is ours to redo)
         print(f"[hobbit_mlx] converting {path} into {target} (once)")
-    convert(path, target, force=True, progress=progress)
+    try:
+        convert(path, target, force=True, progress=progress)
+        if made_from is not None:
+            _write_stamp(target, made_from)
+    except OSError as e:  # (a full disk: say where, and which variable moves it)
+        raise _cache_write_error(e, local, target) from None
     return target
 
 
-def _references_hold(model_dir: Path) -> bool:
-    """Whether a cached conversion's source files are still the ones it reads in place."""
+def source_stamp(local: Path) -> dict:
+    """What a conversion of a local checkpoint was made from: the size and modification time of
+    its config and weight files (stats only: nothing is read)."""
+    files = [local / "config.json", local / WEIGHT_INDEX]
     try:
-        check_references(model_dir, load_manifest(model_dir, check_files=False))
-        return True
+        files += checkpoint_weight_files(local)
+    except StoreError:
+        pass  # (the conversion says what is missing)
+    try:
+        return {str(f.relative_to(local)): file_stamp(f) for f in files if f.is_file()}
+    except OSError:
+        return {}  # (changing under us: converted again, and convert reports it)
+
+
+def _hub_stamp(repo_id: str) -> dict | None:
+    """``source_stamp`` of the snapshot a hub id's cached download points to now (a newer
+    revision downloaded since, by mlx-lm or huggingface-cli, moves it; no network is asked),
+    None when the Hugging Face cache does not hold it."""
+    from convert import MODEL_FILE_PATTERNS
+
+    try:
+        from huggingface_hub import snapshot_download
+        snapshot = snapshot_download(repo_id, local_files_only=True,
+                                     allow_patterns=[*MODEL_FILE_PATTERNS, "*.safetensors"])
+    except Exception:  # noqa: BLE001 - (not cached, or not a hub id: nothing to compare)
+        return None
+    return {**source_stamp(Path(snapshot)), "revision": Path(snapshot).name}
+
+
+def _still_converted(target: Path, made_from: dict | None) -> bool:
+    """Whether a cached conversion is still its source's: the files it reads in place unchanged,
+    and those of a local source (``made_from``) as they were when converted. A float source's
+    store is a copy, so nothing but this stamp ties it to the weights it was made from; one
+    converted before stamps were kept is trusted only where its references cover the weights."""
+    try:
+        manifest = load_manifest(target, check_files=False)
+        check_references(target, manifest)
     except StoreError:
         return False
+    if made_from is None:  # (a hub id the Hugging Face cache does not hold now)
+        return True
+    try:
+        return json.loads((target / SOURCE_STAMP).read_text()) == made_from
+    except (OSError, ValueError):
+        return bool(manifest.references)
 
 
-def _offloaded_classes(manifest: Manifest, pipe=None):
+def _write_stamp(target: Path, made_from: dict) -> None:
+    """Keep ``made_from`` beside the conversion, written whole (renamed into place)."""
+    tmp = target / f"{SOURCE_STAMP}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(made_from))
+        os.replace(tmp, target / SOURCE_STAMP)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cache_write_error(e: OSError, source: Path, target: Path) -> Exception:
+    """A conversion into the cache that failed on an OSError, in one line naming the file and,
+    for a write (a full disk, no permission), the cache directory; any other error as it is."""
+    from convert import ConversionError
+
+    reason = e.strerror or str(e) or type(e).__name__
+    name = None if e.filename is None else Path(e.filename)
+    if name is not None and source.exists() and _inside(name, source):
+        return ConversionError(f"cannot read {name}: {reason} (converting {source})")
+    disk_full = e.errno in (errno.ENOSPC, errno.EDQUOT)  # (a failed write names no file)
+    if not disk_full and (name is None or not _inside(name, cache_root())):
+        return e
+    what = f"{target}" + (f" ({name})" if name is not None and name != target else "")
+    hint = "free space there, or " if disk_full else ""
+    return ConversionError(f"cannot write {what}: {reason}; {hint}set HOBBIT_MLX_CACHE to "
+                           f"another directory (now {cache_root()})")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _offloaded_classes(manifest: Manifest, pipe=None, where: Path = Path(MANIFEST_NAME)):
     """mlx-lm's model classes, with the switch modules replaced as soon as the model is built.
 
     Replacing them inside ``__init__`` means mlx-lm's own loader then loads (strictly) exactly
     the dense weights, and the random initial expert weights are never materialised. With a
     pipeline (``pipe``), the model keeps only this rank's layers first, and drops the other
-    ranks' weights as it loads them.
+    ranks' weights as it loads them. ``where``: the manifest's path, for its errors.
     """
 
     def get_classes(config: dict):
@@ -112,7 +200,7 @@ def _offloaded_classes(manifest: Manifest, pipe=None):
                 if pipe is not None:
                     pipe.split_model(self)
                     local = pipe.local_manifest(manifest)
-                _check_manifest(self, local, config)
+                _check_manifest(self, local, config, where)
                 install(self, local)
 
             def sanitize(self, weights):
@@ -162,18 +250,79 @@ def context_of(cache) -> int:
     return max(held + [0])
 
 
-def _check_manifest(model: nn.Module, manifest: Manifest, config: dict) -> None:
+def _check_manifest(model: nn.Module, manifest: Manifest, config: dict,
+                    where: Path = Path(MANIFEST_NAME)) -> None:
+    """The manifest at ``where`` must hold the experts of the model config.json builds: its MoE
+    layers, their experts, and each expert tensor in the shape and dtype the module reads
+    (before mlx-lm quantizes the model: its switch modules hold their float shapes)."""
     switches = find_switch_modules(model)
     found = [(p, num_experts_of(m)) for p, m in switches]
     want = [(l.module_path, l.num_experts) for l in manifest.layers]
     if found != want:
         raise StoreError(
-            f"the expert store manifest does not match config.json: the config builds "
-            f"{len(found)} MoE layers ({found[:2]}...) but the manifest lists {len(want)} "
-            f"({want[:2]}...); was the store converted from another model?")
+            f"{where}: the expert store manifest does not match config.json: "
+            f"{_first_difference(found, want)} (the config builds {len(found)} MoE layers, the "
+            f"manifest lists {len(want)}); was the store converted from another model?")
     if manifest.model_type != config.get("model_type"):
-        raise StoreError(f"the expert store was made for model_type {manifest.model_type!r}, "
-                         f"config.json says {config.get('model_type')!r}")
+        raise StoreError(f"{where}: the expert store was made for model_type "
+                         f"{manifest.model_type!r}, config.json says {config.get('model_type')!r}")
+    for (_, switch), layer in zip(switches, manifest.layers):
+        for precision, entry in layer.precisions.items():
+            problem = _layout_problem(switch, entry)
+            if problem is not None:
+                raise StoreError(f"{where}: layer {layer.layer} {precision}: {problem} (as "
+                                 "config.json builds it); the store is damaged or from another "
+                                 "model: reconvert it")
+
+
+def _first_difference(found: list[tuple[str, int]], want: list[tuple[str, int]]) -> str:
+    """The first MoE layer where the config's model and the manifest differ, in words."""
+    def said(layer):
+        return "none" if layer is None else f"{layer[0]} with {layer[1]} experts"
+
+    i = next(i for i in range(max(len(found), len(want)))
+             if i >= len(found) or i >= len(want) or found[i] != want[i])
+    return (f"MoE layer {i} is {said(found[i] if i < len(found) else None)} in the config, "
+            f"{said(want[i] if i < len(want) else None)} in the manifest")
+
+
+def _layout_problem(switch: nn.Module, entry: PrecisionEntry) -> str | None:
+    """What one (layer, precision)'s tensors lack that the switch module's projections read,
+    or None: a dtype or shape that reads the right bytes wrongly, which no checksum sees."""
+    tensors = {t.name: t for t in entry.tensors}
+    modules = dict(switch.named_modules())
+    for proj in switch_linear_paths(switch):
+        if proj not in entry.quant:
+            return f"no quantization of {proj}"
+        for part, (dtype, shape) in _expected_tensors(modules[proj], entry.quant[proj]).items():
+            t = tensors.get(f"{proj}.{part}")
+            if t is None:
+                return f"tensor {proj}.{part} is missing"
+            if t.shape != shape:
+                return f"tensor {t.name} has shape {list(t.shape)}, the model reads {list(shape)}"
+            if t.dtype != dtype and not (dtype == "float" and t.dtype in FLOAT_DTYPES):
+                return (f"tensor {t.name} has dtype {t.dtype}, the model reads "
+                        f"{'a float' if dtype == 'float' else dtype}")
+    return None
+
+
+def _expected_tensors(linear: nn.Module, quant: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """One expert's tensors of a switch projection quantized as ``quant``: part -> (dtype or
+    "float", shape), from the module's stacked weight ``[E, out, in]`` (packed if quantized)."""
+    out, cols = linear.weight.shape[1:]
+    in_dims = cols * 32 // linear.bits if isinstance(linear, QuantizedSwitchLinear) else cols
+    parts = quant_parts(quant)
+    if is_float(quant):
+        want = {"weight": ("float", (out, in_dims))}
+    else:
+        groups, affine = in_dims // quant["group_size"], "biases" in parts
+        want = {"weight": ("U32", (out, in_dims * quant["bits"] // 32)),
+                "scales": ("float" if affine else "U8", (out, groups))}
+        if affine:
+            want["biases"] = ("float", (out, groups))
+    if "bias" in linear:
+        want["bias"] = ("float", (out,))
+    return want
 
 
 def warn_past_working_set(budget_bytes: int) -> None:
@@ -289,8 +438,11 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     precision = o.precision()
     prefill_step_size, prefetch_layers = o.prefill_step_size, o.prefetch_layers
     manifest = load_manifest(model_dir, check_files=pipe is None)
-    model, config = load_model(model_dir, lazy=True,
-                               get_model_classes=_offloaded_classes(manifest, pipe))
+    uses_low = precision.mixed_precision or o.prefill_low_precision > 0
+    if uses_low:
+        _check_low_records(manifest, manifest_path(model_dir))
+    model, config = load_model(model_dir, lazy=True, get_model_classes=_offloaded_classes(
+        manifest, pipe, manifest_path(model_dir)))
     tokenizer = load_tokenizer(model_dir, tokenizer_config_extra=o.tokenizer_config or {},
                                eos_token_ids=config.get("eos_token_id"))
     check_tokenizer(tokenizer, model_dir, config)  # (before the weights are read)
@@ -309,7 +461,6 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     if o.direct_io and reader.bypass is None:
         warnings.warn("direct_io: this OS offers no way to read past its page cache (neither "
                       "O_DIRECT nor F_NOCACHE); experts are read through it", stacklevel=2)
-    uses_low = precision.mixed_precision or o.prefill_low_precision > 0
     groups = make_pools(manifest, ("high", "low") if uses_low else ("high",), cdtype)
     pools = {(lid, g.precision): g.pool for g in groups for lid in g.layers}
     num_experts = {l.layer: l.num_experts for l in manifest.layers}
@@ -401,6 +552,15 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     mx.clear_cache()
     mx.reset_peak_memory()
     return model, tokenizer
+
+
+def _check_low_records(manifest: Manifest, where: Path) -> None:
+    """Mixed precision and Fate's prefill rule read 2-bit copies: every layer must have them."""
+    missing = [l.layer for l in manifest.layers if "low" not in l.precisions]
+    if missing:
+        raise StoreError(f"{where}: layer {missing[0]} has no 'low' (2-bit) records, which mixed "
+                         "precision and prefill_low_precision read; reconvert the model, or load "
+                         "it exact (exact=True, --exact)")
 
 
 def check_tokenizer(tokenizer, model_dir: Path, config: dict) -> None:

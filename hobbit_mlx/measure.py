@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -255,18 +256,32 @@ def _write_measured(path: Path, measured) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    except OSError:
-        return  # (a read-only cache directory: measured again next time)
+    except OSError as e:
+        return _not_kept(path.parent, e)  # (a read-only cache directory: measured again)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump({"ladder": ladder, "context": list(context)}, f)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except OSError as e:
+        _not_kept(path.parent, e)
     finally:
         if os.path.exists(tmp):  # (not renamed: a failed write leaves nothing behind)
             os.unlink(tmp)
     _prune(path.parent)
+
+
+_WARNED_NOT_KEPT: set[Path] = set()
+
+
+def _not_kept(store: Path, e: OSError) -> None:
+    """Measurements that cannot be kept cost every load their seconds: say so, once per
+    directory and process, naming it."""
+    if store in _WARNED_NOT_KEPT:
+        return
+    _WARNED_NOT_KEPT.add(store)
+    warnings.warn(f"{store}: cannot keep the measured activations there ({e.strerror or e}); "
+                  "every load measures them again (seconds): make it writable, or set "
+                  "HOBBIT_MLX_CACHE to a writable directory", stacklevel=4)
 
 
 KEPT_MEASUREMENTS = 256  # files kept (each ~1 KB; models come and go, test runs make many)

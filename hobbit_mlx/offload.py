@@ -28,7 +28,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .architectures import switch_linear_paths
 from .cache import SlotCache
@@ -38,7 +38,7 @@ from .precision import (DROP, HIGH, LOW, SKIP_IF_MISSING, demote_unpopular, plan
                         renormalized)
 from .routing import find_router, gate_weights, normalized, tap_router
 from .runtime import OffloadRuntime, PoolBudgetError
-from .store import LayerEntry, Manifest
+from .store import LayerEntry, Manifest, is_float
 
 # Splitting a call into a resident part that starts at once and a part that waits for reads costs
 # a second expert run and a scatter; it pays only when the reads take longer than that (not on a
@@ -62,6 +62,7 @@ class PoolProjection:
         self._names = {t.name.rpartition(".")[2]: t.name for t in pool.tensors
                        if t.name.rpartition(".")[0] == name}
         self.group_size, self.bits, self.mode = quant["group_size"], quant["bits"], quant["mode"]
+        self._call = SwitchLinear.__call__ if is_float(quant) else QuantizedSwitchLinear.__call__
 
     def __getitem__(self, name: str) -> mx.array:
         return self._pool.arrays[self._names[name]]
@@ -78,7 +79,7 @@ class PoolProjection:
         return self.get("global_scale")
 
     def __call__(self, x, indices, sorted_indices=False):
-        return QuantizedSwitchLinear.__call__(self, x, indices, sorted_indices)
+        return self._call(self, x, indices, sorted_indices)
 
 
 def _copy_switch(inner: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .pools import SlotPool, convert_into
 from .storage import ReadCancelled, ReadTicket, SimulatedDevice, StorageModel
-from .store import Manifest, PrecisionEntry, Record, StoreError, reconvert_command
+from .store import Manifest, PrecisionEntry, Record, StoreError, checksum_error
 
 
 # macOS has no O_DIRECT: ``fcntl(fd, F_NOCACHE, 1)`` keeps what a descriptor reads out of the
@@ -315,14 +315,7 @@ class RecordReader:
         for p in pieces:
             value = zlib.crc32(p, value)
         if value != crc:
-            name = self.manifest.files[span[0]]
-            path = self.model_dir / name
-            where = f"{path}: checksum mismatch in bytes {span[1]}..{span[1] + span[2]}"
-            if name in self.manifest.references:  # (a source checkpoint read in place)
-                raise StoreError(f"{where}: the source checkpoint changed since the store was "
-                                 "made from it; reconvert: "
-                                 f"{reconvert_command(self.model_dir, self.manifest)}")
-            raise StoreError(f"{where} (the expert store is corrupt; reconvert the model)")
+            raise checksum_error(self.model_dir, self.manifest, span)
         with self._lock:
             self._verified.add(span)
 

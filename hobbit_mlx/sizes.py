@@ -23,7 +23,7 @@ from .architectures import describe_moe, num_experts_of, switch_linear_paths
 from .budget import KV_STEP
 from .measure import CONTEXT_MARGIN, SMALLEST_CHUNK, chunk_ladder, kv_bytes_by_layer
 from .store import (DTYPE_ITEMSIZE, FLOAT_DTYPES, StoreError, checkpoint_weight_files,
-                    is_hobbit_model, read_config_json, read_safetensors_header)
+                    is_float, is_hobbit_model, read_config_json, read_safetensors_header)
 
 _ST_TO_MX = {"U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16, "F16": mx.float16,
              "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32, "F32": mx.float32,
@@ -169,7 +169,9 @@ def _expert_copy_bytes(weights: dict, prefix: str, in_dim: int, want: dict, keep
     w = weights[f"{prefix}.weight"]
     e, out = w.shape[0], w.shape[1]
     stored = resident = 0
-    if quant == _source_quantization(weights, prefix, in_dim):  # the source's own bytes
+    if is_float(quant):  # (a quantized source's float experts, kept so)
+        stored, resident = w.nbytes // e, _resident(w, itemsize) // e
+    elif quant == _source_quantization(weights, prefix, in_dim):  # the source's own bytes
         parts = [weights[f"{prefix}.{k}"] for k in ("weight", "scales", "biases")
                  if f"{prefix}.{k}" in weights]
         stored = sum(p.nbytes for p in parts) // e
@@ -288,7 +290,8 @@ def model_sizes(ckpt: Checkpoint, *, bits: int = 4, low_bits: int = 2, group_siz
                                  "sanitize); is it the model its config.json names?")
             for name, b in (("high", bits), ("low", low_bits)):
                 s, r, w = _expert_copy_bytes(weights, f"{path}.{p}", in_dim,
-                                             {"bits": b, "group_size": group_size}, name == "high",
+                                             {"bits": b, "group_size": group_size},
+                                             name == "high" and "quantization" in config,
                                              itemsize, float_dtype)
                 widths[name].add(w)
                 per[name][0] += s

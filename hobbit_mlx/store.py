@@ -72,7 +72,7 @@ class TensorLayout:
     @classmethod
     def from_json(cls, row: list) -> "TensorLayout":
         name, dtype, shape, span, offset = row
-        return cls(name, dtype, tuple(shape), int(span), int(offset))
+        return cls(name, dtype, tuple(int(d) for d in shape), int(span), int(offset))
 
 
 @dataclass(frozen=True)
@@ -189,10 +189,12 @@ class Manifest:
         if int(obj.get("version", -1)) not in READABLE_VERSIONS:
             raise StoreError(f"expert store version {obj.get('version')} is not supported "
                              f"(this hobbit_mlx reads versions {READABLE_VERSIONS}); reconvert the model")
-        return cls(obj["model_type"], int(obj["num_experts"]), int(obj["experts_per_token"]),
-                   list(obj["files"]), [LayerEntry.from_json(l) for l in obj["layers"]],
-                   obj.get("source", ""), int(obj.get("page_size", PAGE_SIZE)),
-                   {k: dict(v) for k, v in obj.get("references", {}).items()})
+        manifest = cls(obj["model_type"], int(obj["num_experts"]), int(obj["experts_per_token"]),
+                       list(obj["files"]), [LayerEntry.from_json(l) for l in obj["layers"]],
+                       obj.get("source", ""), int(obj.get("page_size", PAGE_SIZE)),
+                       {k: dict(v) for k, v in obj.get("references", {}).items()})
+        check_layers(manifest)
+        return manifest
 
     def save(self, model_dir: Path) -> None:
         path = Path(model_dir) / STORE_DIR / MANIFEST_NAME
@@ -242,11 +244,117 @@ def load_manifest(model_dir: str | Path, check_files: bool = True) -> Manifest:
         raise StoreError(f"{path}: manifest is not valid JSON ({e})") from None
     try:
         manifest = Manifest.from_json(obj)
-    except (KeyError, TypeError, ValueError) as e:
+    except StoreError as e:
+        raise StoreError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise StoreError(f"{path}: manifest is malformed ({type(e).__name__}: {e})") from None
     if check_files:
         check_store_files(Path(model_dir), manifest)
     return manifest
+
+
+def check_layers(manifest: Manifest) -> None:
+    """Catch records and tensor layouts the reader would misread (a wrong dtype or shape reads
+    the right bytes as garbage, which the checksums cannot see) or index out of range mid-reply:
+    one pass over the entries, reading no file. Raises StoreError naming the layer and precision."""
+    for layer in manifest.layers:
+        if "high" not in layer.precisions:
+            raise StoreError(f"layer {layer.layer} has no 'high' records; reconvert the model")
+        for precision, entry in layer.precisions.items():
+            try:
+                lengths = _span_lengths(entry)
+                _check_records(entry.records, lengths, layer.num_experts, len(manifest.files))
+            except StoreError as e:
+                raise StoreError(f"layer {layer.layer} {precision}: {e}; reconvert the "
+                                 "model") from None
+
+
+QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")  # MLX's
+FLOAT_MODE = "float"  # a projection kept unquantized (a quantized source's float experts)
+
+
+def float_quant(itemsize: int) -> dict:
+    """The ``quant`` of a projection kept as floats of ``itemsize`` bytes."""
+    return {"bits": 8 * itemsize, "group_size": None, "mode": FLOAT_MODE}
+
+
+def is_float(quant: dict) -> bool:
+    return quant.get("mode") == FLOAT_MODE
+
+
+def quant_parts(quant: dict) -> tuple[str, ...]:
+    """The tensors one expert's projection cannot do without at ``quant``."""
+    if is_float(quant):
+        return ("weight",)
+    if quant["mode"] not in QUANT_MODES:
+        raise StoreError(f"unknown quantization mode {quant['mode']!r}")
+    return ("weight", "scales") + (("biases",) if quant["mode"] == "affine" else ())
+
+
+def _check_quant(proj: str, quant: dict, names: set[str]) -> None:
+    missing = [k for k in ("bits", "group_size", "mode") if k not in quant]
+    if missing:
+        raise StoreError(f"quant of {proj} has no {', '.join(missing)}")
+    for part in quant_parts(quant):
+        if f"{proj}.{part}" not in names:
+            raise StoreError(f"tensor {proj}.{part} is missing (its {quant['mode']} "
+                             "quantization needs it)")
+
+
+def _span_lengths(entry: PrecisionEntry) -> list[int]:
+    """The length every record's spans must have: each span holds its tensors back to back
+    (at most ``SMALL_ALIGN`` bytes of padding before each), so a tensor whose dtype or shape
+    is wrong leaves a gap, an overlap or a span of another length."""
+    names = set()
+    for t in entry.tensors:
+        if t.name in names:
+            raise StoreError(f"tensor {t.name} is listed twice")
+        names.add(t.name)
+        if t.dtype not in DTYPE_ITEMSIZE:
+            raise StoreError(f"tensor {t.name} has unknown dtype {t.dtype!r}")
+        if min(t.shape, default=0) < 0 or t.span < 0 or t.offset < 0:
+            raise StoreError(f"tensor {t.name} has a negative shape, span or offset")
+        if t.name.rpartition(".")[0] not in entry.quant:
+            raise StoreError(f"tensor {t.name} has no quantization under 'quant'")
+    for proj, quant in entry.quant.items():
+        _check_quant(proj, quant, names)
+    if not entry.tensors:
+        raise StoreError("no tensors")
+    lengths = []
+    for span in range(max(t.span for t in entry.tensors) + 1):
+        end, before = 0, None
+        for t in sorted((t for t in entry.tensors if t.span == span), key=lambda t: t.offset):
+            if t.offset < end:
+                raise StoreError(f"tensors {before} and {t.name} overlap in span {span}")
+            if t.offset - end >= SMALL_ALIGN:
+                raise StoreError(f"bytes {end}..{t.offset} of span {span} (before {t.name}) "
+                                 "hold no tensor: a tensor's dtype or shape is wrong")
+            end, before = t.offset + t.nbytes, t.name
+        if before is None:
+            raise StoreError(f"span {span} holds no tensor")
+        lengths.append(end)
+    return lengths
+
+
+def _check_records(records: list[Record], lengths: list[int], num_experts: int,
+                   num_files: int) -> None:
+    """One record per expert, each span in a listed file, at a real offset, as long as the
+    layout's tensors (``lengths``, from ``_span_lengths``)."""
+    if len(records) != num_experts:
+        raise StoreError(f"{len(records)} records, needs {num_experts} (one per expert)")
+    for expert, rec in enumerate(records):
+        if len(rec.spans) != len(lengths) or len(rec.crc32) != len(rec.spans):
+            raise StoreError(f"record {expert} has {len(rec.spans)} spans and "
+                             f"{len(rec.crc32)} checksums, the tensors need {len(lengths)}")
+        for span, (f, offset, length) in enumerate(rec.spans):
+            if not 0 <= f < num_files:
+                raise StoreError(f"record {expert} names file {f}, the manifest lists "
+                                 f"{num_files} (0..{num_files - 1})")
+            if offset < 0:
+                raise StoreError(f"record {expert} starts at byte {offset}")
+            if not 0 <= length - lengths[span] < SMALL_ALIGN:
+                raise StoreError(f"record {expert} span {span} is {length} bytes, its tensors "
+                                 f"take {lengths[span]}: a tensor's dtype or shape is wrong")
 
 
 WEIGHT_INDEX = "model.safetensors.index.json"
@@ -319,6 +427,19 @@ def check_references(model_dir: Path, manifest: Manifest) -> None:
                              f"file has changed since it was converted (size {want['size']} -> "
                              f"{have['size']}, mtime_ns {want['mtime_ns']} -> {have['mtime_ns']}); "
                              f"{how}")
+
+
+def checksum_error(model_dir: Path, manifest: Manifest, span: tuple[int, int, int]) -> StoreError:
+    """A span whose bytes are not the ones converted: in a file read in place, the source
+    checkpoint changed (keeping its size and time, which its stamp cannot see); in the
+    store's own files, the store is corrupt. Either way the error says how to rebuild it."""
+    file_idx, offset, length = span
+    rel = manifest.files[file_idx]
+    what = ("the source checkpoint this model reads in place has changed since it was converted"
+            if rel in manifest.references else "the expert store is corrupt")
+    return StoreError(f"{Path(model_dir) / rel}: checksum mismatch in bytes {offset}.."
+                      f"{offset + length} ({what}; reconvert with "
+                      f"`{reconvert_command(Path(model_dir), manifest)}`)")
 
 
 def check_store_files(model_dir: Path, manifest: Manifest) -> None:

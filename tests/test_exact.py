@@ -147,6 +147,39 @@ def test_a_token_whose_top_k_repeats_a_missing_expert(tiny_factory):
     assert checked_misses > 0
 
 
+@pytest.mark.parametrize("copy", [False, True], ids=["in-place", "copy"])
+def test_a_quantized_checkpoints_float_experts_stay_float(tmp_path, copy):
+    """A quant_predicate that skips some experts (or a group size that does not divide them)
+    leaves them float in an mlx-lm checkpoint, and mlx-lm runs them so. They were requantized
+    to 4 bits (logits off by 0.07-1.5, greedy text diverged); the high copy now keeps them."""
+    import contextlib
+    import io
+
+    from convert import convert
+    from hobbit_mlx.plan import plan_model
+    from hobbit_mlx.store import is_float, load_manifest
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    src = tmp_path / "mlx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        mlx_lm.convert(str(make_tiny_model("mixtral", tmp_path / "float", quantize=False)),
+                       str(src), quantize=True, q_group_size=64, dtype="bfloat16",
+                       quant_predicate=lambda path, _: not (".1." in path and "switch" in path))
+    dst = convert(src, tmp_path / "hobbit", copy=copy, progress=False)
+    manifest = load_manifest(dst)
+    kept = [layer.layer for layer in manifest.layers
+            if all(is_float(q) for q in layer.precisions["high"].quant.values())]
+    assert kept == [1] and not any(is_float(q) for layer in manifest.layers
+                                   for q in layer.precisions["low"].quant.values())
+    tokens = mx.array(PROMPT)
+    expected = _reference(src)(tokens)
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.25, exact=True, progress=False)
+    np.testing.assert_array_equal(np.array(model(tokens)), np.array(expected))
+    assert hobbit_mlx.offload_stats(model)["misses_high"] > 0
+    planned = plan_model(str(src), "1GB")  # (plan counts them as the converter stores them)
+    assert planned["expert_bytes_high"] == manifest.expert_bytes("high")
+
+
 @pytest.mark.parametrize("recipe", ["mixed_3_6", "mixed_2_6"])
 def test_a_mixed_bit_checkpoint_keeps_every_experts_own_width(tmp_path, recipe):
     """mlx-lm's mixed recipes quantize most experts below the config's nominal 4 bits (and some

@@ -113,7 +113,7 @@ def test_a_source_rewritten_under_a_running_model_is_named_with_the_command(sour
             b = f.read(1)
             f.seek(off + n // 2)
             f.write(bytes([b[0] ^ 0xFF]))
-    with pytest.raises(StoreError, match=rf"source checkpoint changed.*python -m convert {source} {dst} --force"):
+    with pytest.raises(StoreError, match=rf"source checkpoint .* has changed.*python -m convert {source} {dst} --force"):
         mx.eval(model(tokens))
 
 
@@ -156,6 +156,40 @@ def test_hub_id_resolves_to_cache_blobs(tmp_path, monkeypatch):
     assert manifest.files[0] == blob
     assert os.readlink(dst / "model-00001-of-00001.safetensors") == blob
     assert manifest.source == "tiny-org/ref-4bit"
+
+
+def test_a_hub_ids_newer_revision_in_the_cache_is_converted_again(tmp_path, monkeypatch):
+    """mlx-lm (or huggingface-cli) downloaded a newer revision of a hub id: the cached
+    conversion of the old one kept being loaded (its old blobs are still there, unchanged),
+    where mlx_lm.load(id) loads the new one."""
+    import huggingface_hub.constants
+
+    from hobbit_mlx.loader import resolve_model
+
+    repo = tmp_path / "hub" / "models--tiny-org--ref-4bit"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+
+    def revision(rev: str, weights: Path) -> Path:
+        snapshot = repo / "snapshots" / rev
+        snapshot.mkdir(parents=True)
+        for f in sorted(REFERENCE_MODEL.iterdir()):
+            blob = repo / "blobs" / f"{rev[:8]}-{f.name}"
+            shutil.copy2(weights if f.name == "model.safetensors" else f, blob)
+            os.symlink(os.path.relpath(blob, snapshot), snapshot / f.name)
+        (repo / "refs" / "main").write_text(rev)
+        return blob.parent / f"{rev[:8]}-model.safetensors"
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(tmp_path / "cache"))
+    old = revision("1" * 40, REFERENCE_MODEL / "model.safetensors")
+    target = resolve_model("tiny-org/ref-4bit", progress=False)
+    assert list(load_manifest(target).references) == [str(old.resolve())]
+    assert resolve_model("tiny-org/ref-4bit", progress=False) == target  # converted once
+    new = revision("2" * 40, REFERENCE_MODEL / "model.safetensors")
+    assert resolve_model("tiny-org/ref-4bit", progress=False) == target
+    assert list(load_manifest(target).references) == [str(new.resolve())]
 
 
 def _two_tensor_store(tmp_path: Path):

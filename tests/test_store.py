@@ -226,3 +226,76 @@ def test_durable_sync_asks_macos_for_a_full_flush(monkeypatch, tmp_path):
         monkeypatch.setattr(sys, "platform", "linux")
         durable_sync(f.fileno())
     assert calls == [("fcntl", 51), "fsync"]
+
+
+def test_cached_float_conversion_follows_changed_weights(tmp_path, monkeypatch):
+    """A float (Hugging Face) source's cached store is a copy, which no reference ties to its
+    source: weights replaced under an unchanged config.json are converted again, not served
+    stale; unchanged ones are not converted twice."""
+    import os
+
+    from hobbit_mlx.loader import resolve_model
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(tmp_path / "cache"))
+    src = make_tiny_model("qwen3_moe", tmp_path / "src", seed=0, quantize=False)
+    other = make_tiny_model("qwen3_moe", tmp_path / "other", seed=1, quantize=False)
+
+    def crcs(target):
+        return [r.crc32 for l in load_manifest(target).layers for r in l.precisions["high"].records]
+
+    target = resolve_model(src, progress=False)
+    first, made = crcs(target), (target / "experts" / "manifest.json").stat().st_mtime_ns
+    assert resolve_model(src, progress=False) == target
+    assert (target / "experts" / "manifest.json").stat().st_mtime_ns == made  # not converted again
+    config = (src / "config.json").stat()
+    shutil.copyfile(other / "model.safetensors", src / "model.safetensors")
+    weights = (src / "model.safetensors").stat()
+    os.utime(src / "model.safetensors", ns=(weights.st_atime_ns, weights.st_mtime_ns + 10**9))
+    assert (src / "config.json").stat().st_mtime_ns == config.st_mtime_ns
+    assert resolve_model(src, progress=False) == target
+    assert crcs(target) != first
+    assert crcs(target) == crcs(converter.convert(other, tmp_path / "fresh", progress=False))
+
+
+def test_empty_cache_variable_is_unset(tmp_path, monkeypatch):
+    from hobbit_mlx.loader import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", "")
+    assert cache_root() == tmp_path / ".cache" / "hobbit_mlx"
+
+
+def test_cache_that_cannot_be_written_is_named(tiny_factory, tmp_path, monkeypatch):
+    """A full disk while ``load`` converts: one line naming the file and the cache directory."""
+    import errno
+
+    from hobbit_mlx.loader import resolve_model
+
+    src, _ = tiny_factory("qwen3_moe")
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(tmp_path / "cache"))
+
+    def full(source, target, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target) + "/experts/x")
+
+    monkeypatch.setattr(converter, "convert", full)
+    cache = re.escape(str(tmp_path / "cache"))
+    with pytest.raises(converter.ConversionError, match=rf"cannot write {cache}/\S+ "
+                       r"\(\S+/experts/x\): No space left on device; free space there, or set "
+                       rf"HOBBIT_MLX_CACHE to another directory \(now {cache}\)"):
+        resolve_model(src, progress=False)
+
+
+def test_measurements_that_cannot_be_kept_are_warned_about_once(tmp_path, monkeypatch):
+    from hobbit_mlx import measure
+
+    monkeypatch.setattr(measure, "_WARNED_NOT_KEPT", set())
+    (tmp_path / "measured").write_text("a file where the directory would go")
+    path = tmp_path / "measured" / "key.json"
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(tmp_path))}/measured: cannot keep"):
+        measure._write_measured(path, ([(16, 1)], (0.0, 0.0, 0.0)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        measure._write_measured(path, ([(16, 1)], (0.0, 0.0, 0.0)))  # said once
