@@ -269,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipe.watchdog(args.pipeline_timeout)
         lock = Lockstep(pipe)
         lock.shared_seed(args.seed)
+        lock.follow_args(args)  # rank 0's sampling settings and max_tokens, on every rank
         if not lock.leader:
             return _follow(lock, model, tokenizer, args)
 

@@ -492,6 +492,7 @@ def load_model(args: argparse.Namespace):
 
 def _describe_load_error(model: str | None, e: BaseException) -> str:
     from .architectures import UnsupportedModelError
+    from .pipeline import PipelineError
     from .speculative import DraftModelError
     from .store import StoreError
 
@@ -507,6 +508,8 @@ def _describe_load_error(model: str | None, e: BaseException) -> str:
         pass
     if isinstance(e, known):
         return str(e)
+    if isinstance(e, PipelineError):  # (it names the rank)
+        return f"cannot load {what}: {e}"
     return f"cannot load {what}: {type(e).__name__}: {e}"
 
 
@@ -590,14 +593,10 @@ def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None
 
     try:
         return main(argv)
-    except CLIError as e:
-        error_line(str(e))
-        return EXIT_BAD_INPUT
-    except (StoreError, BudgetError) as e:  # a checksum mismatch, a context beyond the budget
-        error_line(str(e))
-        return EXIT_BAD_INPUT
-    except PipelineError as e:  # ranks that disagree (stores, split) or one that failed to load
-        error_line(str(e))
+    except (CLIError, StoreError, BudgetError, PipelineError) as e:
+        # bad input; a checksum mismatch, a context beyond the budget; ranks that disagree
+        # (stores, split) or one that failed to load
+        _pipeline_error_line(str(e))
         return EXIT_BAD_INPUT
     except RuntimeError as e:
         if "[ring]" not in str(e) and "[distributed]" not in str(e):
@@ -609,6 +608,15 @@ def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None
         return 130
     except BrokenPipeError:
         return stdout_closed()
+
+
+def _pipeline_error_line(message: str) -> None:
+    """``error_line``; a pipeline rank that failed before the ranks agreed on the model first
+    tells the others, which wait for it there (they then say "rank N failed to load")."""
+    from .pipeline import fail_start
+
+    rank = fail_start(" ".join(message.split()))
+    error_line(message if rank is None else f"rank {rank}: {message}")
 
 
 def stdout_closed() -> int:

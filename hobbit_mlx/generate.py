@@ -141,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipe.watchdog(args.pipeline_timeout)
         lock = Lockstep(pipe)
         lock.shared_seed(args.seed)  # every rank samples the same token
+        lock.follow_args(args)  # with rank 0's sampling settings
+        sampler = cli.make_sampler(args, tokenizer)
+        processors = cli.make_logits_processors(args)
         # rank 0's prompt and max_tokens on every rank (a rank started with others followed
         # them and printed wrong text), the budgets and prompt chunks agreed (Lockstep)
         job = lock.broadcast(pipe.agreed(lambda: {"prompt": build_prompt(args, tokenizer),

@@ -19,6 +19,7 @@ load fails tells the others, and every rank raises an error naming it.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 import weakref
+import zlib
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -94,20 +96,53 @@ def settle() -> None:
     mx.synchronize()
 
 
+# Each rank's row of ``gather_bytes`` starts with this header: a peer that died (or failed and
+# left) leaves its row holding whatever the buffer held, stale bytes or garbage, which must read
+# as a lost connection, never as data (it was decoded as JSON, and the user sent after a JSON file).
+_MAGIC = 0x686F6262  # "hobb"
+_GATHERS = [0]  # gathers this process ran: every rank runs the same ones, so counts match
+
+
+def _lost(rank: int) -> PipelineError:
+    return PipelineError(f"lost the connection to pipeline rank {rank} (what it sent did not "
+                         "arrive intact); did it exit or fail?")
+
+
 def gather_bytes(group: mx.distributed.Group, data: bytes) -> list[bytes]:
-    """Every rank's ``data``, in rank order (two all_gathers: the lengths, then the padded bytes)."""
+    """Every rank's ``data``, in rank order (two all_gathers: a header with the length, then the
+    padded bytes). A row that does not carry this gather's header, or whose bytes do not match
+    their checksum, raises a ``PipelineError`` naming the lost rank."""
     settle()
-    lengths = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int32), group=group,
-                                        stream=mx.cpu)
-    lengths = [int(n) for n in np.array(lengths)]
+    _GATHERS[0] += 1
+    seq = _GATHERS[0] % (1 << 31)
+    crc = zlib.crc32(data) & 0x7FFFFFFF
+    heads = np.array(mx.distributed.all_gather(
+        mx.array([[_MAGIC, seq, group.rank(), len(data), crc]], dtype=mx.int32), group=group,
+        stream=mx.cpu)).reshape(group.size(), 5)
+    for r, (magic, s, rank, n, _) in enumerate(heads.tolist()):
+        if (magic, s, rank) != (_MAGIC, seq, r) or not 0 <= n < (1 << 30):
+            raise _lost(r)
+    lengths = [int(n) for n in heads[:, 3]]
     buf = np.zeros((1, max(lengths + [1])), dtype=np.int32)
     buf[0, :len(data)] = np.frombuffer(data, dtype=np.uint8)
     rows = np.array(mx.distributed.all_gather(mx.array(buf), group=group, stream=mx.cpu))
-    return [bytes(rows[r, :n].astype(np.uint8)) for r, n in enumerate(lengths)]
+    out = [bytes(rows[r, :n].astype(np.uint8)) for r, n in enumerate(lengths)]
+    for r, b in enumerate(out):
+        if zlib.crc32(b) & 0x7FFFFFFF != int(heads[r, 4]):
+            raise _lost(r)
+    return out
 
 
 def gather_json(group: mx.distributed.Group, obj: Any) -> list[Any]:
-    return [json.loads(b) for b in gather_bytes(group, json.dumps(obj, default=str).encode())]
+    """Every rank's ``obj`` (JSON), in rank order; a lost rank raises a ``PipelineError``."""
+    rows = gather_bytes(group, json.dumps(obj, default=str).encode())
+    out = []
+    for r, b in enumerate(rows):
+        try:
+            out.append(json.loads(b))
+        except ValueError:  # (UnicodeDecodeError too) intact by its checksum, yet no JSON
+            raise _lost(r) from None
+    return out
 
 
 def store_digest(model_dir: str | Path) -> str:
@@ -137,6 +172,7 @@ class Pipeline:
         self.active = True  # False: run the local layers only (load-time measurements)
         self.manifest: Manifest | None = None  # this rank's share of the store
         self._model: nn.Module | None = None
+        self._decoder: nn.Module | None = None  # the module that holds the layers
         self.last_progress = time.monotonic()
         self.waiting_since: float | None = None  # set while a rank waits for input (no timeout)
         self.watch_timeout: float | None = None  # None: the watchdog sleeps
@@ -153,15 +189,25 @@ class Pipeline:
         if group.size() < 2:
             raise PipelineError("a pipeline needs a group of at least 2 ranks (start the ranks "
                                 "with mlx.launch -n 2 ...)")
-        digest = store_digest(model_dir)
+        _UNSTARTED.clear()  # (a failure from here on is agreed below, or in load())
         pipe = cls(group, split)
         # a rank that dies closes its connection and the others fail at once; one that hangs
         # (or whose machine went away) would keep them waiting: until load() ends, the watchdog
         # ends them (load() sends it to sleep again; the CLIs then wake it for generation)
         pipe.watchdog(LOAD_TIMEOUT_S, "while loading")
-        shared = gather_json(group, {"digest": digest, "budget": budget_bytes or 0,
-                                     "dir": str(model_dir), "options": options or {}})
+        try:
+            own = {"digest": store_digest(model_dir), "budget": budget_bytes or 0,
+                   "dir": str(model_dir), "options": options or {}}
+        except OSError as e:  # (the others must hear of it: they wait in this agreement)
+            gather_json(group, {"failed": f"{type(e).__name__}: {e}"})
+            pipe.watch_timeout = None
+            raise _with_rank(e, pipe.rank) from e
+        shared = gather_json(group, own)
         pipe.progress()
+        failed = [(r, s["failed"]) for r, s in enumerate(shared) if "failed" in s]
+        if failed:  # (a rank that failed before it could load: fail_start)
+            pipe.watch_timeout = None
+            raise PipelineError("; ".join(f"rank {r} failed to load: {m}" for r, m in failed))
         odd = [r for r, s in enumerate(shared) if s["digest"] != shared[0]["digest"]]
         if odd:
             pipe.watch_timeout = None
@@ -185,28 +231,46 @@ class Pipeline:
     def split_model(self, model: nn.Module) -> None:
         """Keep this rank's layers (before any weight is loaded): mlx-lm's own ``pipeline``
         where the model has one, the generic split otherwise."""
-        inner = getattr(model, "model", None)
-        layers = getattr(inner, "layers", None)
-        if not isinstance(layers, list) or not layers:
-            raise PipelineError(f"cannot pipeline {type(model).__name__}: no model.layers list")
+        arch = getattr(model, "model_type", None) or type(model).__name__
+        inner = decoder_of(model)
+        if inner is None:
+            raise PipelineError(f"cannot pipeline {arch}: its decoder layers are not where the "
+                                f"split looks for them ({', '.join(DECODER_PATHS)} .layers)")
+        layers = inner.layers
         self.num_layers = len(layers)
         if self.requested_split is not None:
             self.split = check_split(self.requested_split, self.num_layers, self.size)
         else:
             self.split = proportional_split(self.num_layers, self.budgets or [1] * self.size)
         self.start, self.end = layer_range(self.split, self.rank)
-        self._model = model
+        self._model, self._decoder = model, inner
         if hasattr(inner, "pipeline"):
             self.kind = "mlx-lm"
             inner.pipeline(self.group, self.split)
         else:
             self.kind = "generic"
-            self._split_generic(layers)
+            self._check_layer_groups(model, arch)
+            twins = _cache_twins(model, self.start, self.end)
+            self._split_generic(layers, PASSED_ON.get(arch))
+            _see_local_caches(inner, twins)
 
-    def _split_generic(self, layers: list) -> None:
+    def _check_layer_groups(self, model: nn.Module, arch: str) -> None:
+        """Layers that share state (hunyuan's cross-layer attention shares its KV within groups
+        of ``cla_share_factor`` layers) must stay on one rank: the state never crosses ranks."""
+        args = getattr(model, "args", None)
+        size = int(getattr(args, "cla_share_factor", 1) or 1) if getattr(args, "use_cla", False) \
+            else 1
+        starts = [layer_range(self.split, r)[0] for r in range(self.size)]
+        if size > 1 and any(s % size for s in starts):
+            raise PipelineError(
+                f"cannot pipeline {arch} with the split {self.split}: its layers share their KV "
+                f"cache in groups of {size} (cross-layer attention), which must not be cut "
+                f"between ranks; give --pipeline-split counts that are multiples of {size}")
+
+    def _split_generic(self, layers: list, passed_on: str | None = None) -> None:
         for i in range(len(layers)):
             if not self.start <= i < self.end:
-                layers[i] = PassThrough()
+                layers[i] = PassThrough(layers[i] if passed_on else None, passed_on)
         first, last = layers[self.start], layers[self.end - 1]
         recv_from = self.rank + 1 if self.rank < self.size - 1 else None
         send_to = self.rank - 1 if self.rank > 0 else None
@@ -230,8 +294,12 @@ class Pipeline:
         indexes them; their module paths keep the global layer numbers."""
         layers = [l for l in manifest.layers if self.is_local_key(l.module_path + ".")]
         if not layers:
-            raise PipelineError(f"rank {self.rank} holds layers {self.start}-{self.end - 1}, "
-                                "which have no routed experts; give it more layers")
+            how = (f"--pipeline-split {','.join(map(str, self.split))}"
+                   if self.requested_split is not None else
+                   f"the split by the ranks' budgets, {','.join(map(str, self.split))}")
+            raise PipelineError(f"rank {self.rank} holds layers {self.start}-{self.end - 1} "
+                                f"({how}), which have no routed experts; give it more layers "
+                                "with --pipeline-split (layer counts, rank 0's first)")
         used = sorted({s[0] for l in layers for p in l.precisions.values() for r in p.records
                        for s in r.spans})
         remap = {old: new for new, old in enumerate(used)}
@@ -249,7 +317,7 @@ class Pipeline:
     def local_only(self) -> Iterator[None]:
         """Model calls run this rank's layers alone, with no communication (load() measures
         its KV bytes and activations this way, each rank on its own)."""
-        inner = self._model.model if self._model is not None else None
+        inner = self._decoder if self._model is not None else None
         saved = (inner.pipeline_rank, inner.pipeline_size) if self.kind == "mlx-lm" else None
         self.active = False
         if saved:
@@ -367,11 +435,73 @@ INIT_STAGGER_S = 3.0
 # active exception", status -6, on a rank that had finished cleanly).
 JOINED = False
 
+# The group init_group joined, until its ranks meet in ``Pipeline.start``: a rank that fails
+# before then (a model path it cannot find, a bad flag) tells the others there (``fail_start``);
+# they would otherwise wait for it, or read its dead connection.
+_UNSTARTED: list = []
+
+
+def fail_start(message: str) -> int | None:
+    """Tell the other ranks, waiting in ``Pipeline.start``, that this rank failed before it
+    could load (they raise "rank N failed to load: ``message``"); this rank's number, or None
+    where no group waits for it."""
+    if not _UNSTARTED:
+        return None
+    group = _UNSTARTED.pop()
+    done = threading.Event()
+
+    def give_up() -> None:  # (a peer that hangs elsewhere: this rank still exits)
+        if not done.wait(LOAD_TIMEOUT_S):
+            os._exit(2)
+
+    threading.Thread(target=give_up, name="hobbit-pipeline-fail", daemon=True).start()
+    try:
+        gather_json(group, {"failed": message})
+    except Exception:  # noqa: BLE001 - the others are gone already: nothing to tell
+        pass
+    finally:
+        done.set()
+    return group.rank()
+
+
+def _hostfile_entries(rank: int) -> tuple[str | None, Any]:
+    """mlx.launch's hostfile for the ring backend (MLX_HOSTFILE) and this rank's entry in it."""
+    path = os.environ.get("MLX_HOSTFILE")
+    if path is None:
+        return None, None
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return path, None
+    if not text:
+        return path, []
+    try:
+        hosts = json.loads(text)
+        return path, hosts[rank] if isinstance(hosts, list) and rank < len(hosts) else None
+    except ValueError:
+        return path, None
+
+
+def _init_error(error: RuntimeError, rank: int) -> Exception:
+    """``mx.distributed.init``'s error, said for the user where its cause is known."""
+    path, entry = _hostfile_entries(rank)
+    if "Couldn't bind" in str(error):
+        where = f" on {', '.join(map(str, entry))}" if isinstance(entry, list) and entry else ""
+        return PipelineError(
+            f"rank {rank} cannot listen{where} ({error}): is that address this machine's? "
+            "Check the rank's \"ips\" in the hostfile given to mlx.launch")
+    return error
+
 
 def init_group(backend: str = "any") -> mx.distributed.Group:
     """``mx.distributed.init`` for a launched rank, the lower ranks given time to listen first."""
     global JOINED
     rank = int(os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) or 0)
+    if backend in ("any", "ring") and _hostfile_entries(rank)[1] == []:
+        # (mlx.launch gives one rank an empty hostfile, which mx.distributed.init cannot parse)
+        raise PipelineError("a pipeline (--pipeline) needs at least 2 ranks, and mlx.launch "
+                            "started 1 (-n 1, or a hostfile with one host): start 2 or more "
+                            "(e.g. mlx.launch -n 2 --backend ring --python $(which python) ...)")
     time.sleep(INIT_STAGGER_S * rank)
     joined = threading.Event()
 
@@ -386,9 +516,13 @@ def init_group(backend: str = "any") -> mx.distributed.Group:
     threading.Thread(target=give_up, name="hobbit-pipeline-join", daemon=True).start()
     try:
         group = mx.distributed.init(strict=backend != "any", backend=backend)
+    except RuntimeError as e:
+        raise _init_error(e, rank) from None
     finally:
         joined.set()
     JOINED = JOINED or group.size() > 1
+    if group.size() > 1:
+        _UNSTARTED[:] = [group]
     return group
 
 
@@ -405,11 +539,96 @@ def resolve_group(group: Any) -> mx.distributed.Group:
 
 # --- the generic split -----------------------------------------------------------------------
 
+# The decoder (the module whose ``layers`` the split cuts) is found at the first of these
+# paths: text models keep it in ``model``; wrappers of a text model in ``language_model``.
+DECODER_PATHS = ("model", "language_model.model", "language_model")
+
+# Architectures whose layers return (hidden state, a state the next layer takes): the argument a
+# layer another rank holds passes on unchanged.
+PASSED_ON = {"hunyuan": "shared_kv_states"}
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The module that holds ``model``'s decoder layers (a non-empty ``layers`` list)."""
+    for path in DECODER_PATHS:
+        m = model
+        for name in path.split("."):
+            m = getattr(m, name, None)
+        if isinstance(m, nn.Module) and isinstance(getattr(m, "layers", None), list) \
+                and m.layers:
+            return m
+    return None
+
+
 class PassThrough(nn.Module):
-    """A layer another rank holds: the hidden state passes through untouched."""
+    """A layer another rank holds: the hidden state passes through untouched (with the state
+    argument ``passed_on``, for layers that return a pair; ``layer`` gives its position)."""
+
+    def __init__(self, layer: nn.Module | None = None, passed_on: str | None = None):
+        super().__init__()
+        self._name, self._pos = None, 0  # (plain attributes: no parameters of the module)
+        if layer is not None and passed_on is not None:
+            names = list(inspect.signature(type(layer).__call__).parameters)[2:]  # (self, x)
+            self._name, self._pos = passed_on, names.index(passed_on)
 
     def __call__(self, x, *args, **kwargs):
-        return x
+        if self._name is None:
+            return x
+        name, pos = self._name, self._pos
+        return x, kwargs[name] if name in kwargs else args[pos] if pos < len(args) else None
+
+
+def _cache_kind(cache) -> tuple:
+    try:
+        return type(cache), repr(sorted(vars(cache).items()))
+    except Exception:  # noqa: BLE001 - a kind never matched
+        return (id(cache),)
+
+
+def _cache_twins(model: nn.Module, start: int, end: int) -> dict[int, int]:
+    """For each layer outside ``start``-``end``, a local layer whose new cache is of the same
+    kind (class and settings), if any. Models build masks from particular layers' caches
+    (gpt_oss: the first sliding and full layers'; llama4: layer 0's chunk position): on a rank
+    those layers pass through, their caches never advance, and the masks are sized for no
+    context; the twin's cache, which advanced, stands in for them."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    try:
+        kinds = [_cache_kind(c) for c in make_prompt_cache(model)]
+    except Exception:  # noqa: BLE001 - a model whose caches cannot be made before its weights
+        return {}
+    twins = {}
+    for j, kind in enumerate(kinds):
+        if not start <= j < end:
+            twin = next((k for k in range(start, min(end, len(kinds))) if kinds[k] == kind), None)
+            if twin is not None:
+                twins[j] = twin
+    return twins
+
+
+def _see_local_caches(decoder: nn.Module, twins: dict[int, int]) -> None:
+    """The decoder's calls see, in place of each passed-through layer's cache, its twin's
+    (``_cache_twins``): only the decoder's own code reads them (a ``PassThrough`` ignores its
+    cache), and the caller's list (trimmed, quantized, counted) is left as it is."""
+    base = type(decoder)
+    params = list(inspect.signature(base.__call__).parameters)
+    if not twins or "cache" not in params:
+        return
+    pos = params.index("cache") - 1  # (without self)
+
+    def see(cache):
+        if not isinstance(cache, list):
+            return cache
+        return [cache[twins.get(i, i)] for i in range(len(cache))]
+
+    def __call__(self, *args, **kwargs):
+        if "cache" in kwargs:
+            kwargs["cache"] = see(kwargs["cache"])
+        elif len(args) > pos:
+            args = (*args[:pos], see(args[pos]), *args[pos + 1:])
+        return base.__call__(self, *args, **kwargs)
+
+    decoder.__class__ = type(base.__name__, (base,), {"__call__": __call__})
 
 
 def _find_cache(args: tuple, kwargs: dict):
@@ -430,7 +649,8 @@ def _stage(layer: nn.Module, pipe: Pipeline, *, recv_from: int | None = None,
     def __call__(self, x, *args, **kwargs):
         if pipe.active and recv_from is not None:
             x = mx.distributed.recv_like(x, recv_from, group=pipe.group)
-        h = base.__call__(self, x, *args, **kwargs)
+        out = base.__call__(self, x, *args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out  # (a pair: PASSED_ON)
         if pipe.active and gather:
             if send_to is not None:
                 h = mx.distributed.send(h, send_to, group=pipe.group)
@@ -439,7 +659,7 @@ def _stage(layer: nn.Module, pipe: Pipeline, *, recv_from: int | None = None,
                     # a prompt chunk evaluates only the caches: the send must run with them
                     cache.keys = mx.depends(cache.keys, h)
             h = mx.distributed.all_gather(h, group=pipe.group)[: h.shape[0]]
-        return h
+        return (h, *out[1:]) if isinstance(out, tuple) else h
 
     layer.__class__ = type(base.__name__, (base,), {"__call__": __call__})
 
@@ -497,6 +717,11 @@ class _Stopped(Exception):
     """Rank 0 ended the generation during the prompt (raised from mlx-lm's progress callback)."""
 
 
+# The command-line flags that decide the tokens sampled and how many: rank 0's hold on every rank.
+SAMPLING_ARGS = ("temp", "top_p", "min_p", "top_k", "min_tokens_to_keep", "xtc_probability",
+                 "xtc_threshold", "repetition_penalty", "repetition_context_size", "max_tokens")
+
+
 class Lockstep:
     """Rank 0 leads, the other ranks follow: every step of a generation needs the same forward
     calls on every rank, so rank 0 tells the others what to generate (``broadcast``), and after
@@ -522,6 +747,13 @@ class Lockstep:
         seed = int(self.broadcast(seed))
         mx.random.seed(seed)
         return seed
+
+    def follow_args(self, args: Any, names: Sequence[str] = SAMPLING_ARGS) -> None:
+        """Rank 0's values of the flags ``names`` on every rank's ``args`` (a collective): a
+        rank started with another --temp would sample other tokens and break the pipeline."""
+        values = self.broadcast({n: getattr(args, n) for n in names if hasattr(args, n)})
+        for name, value in values.items():
+            setattr(args, name, value)
 
     def exchange(self, go_on: bool, token: int) -> bool:
         """Rank 0's ``go_on`` on every rank; every rank's token must be the same."""

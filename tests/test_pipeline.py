@@ -102,6 +102,14 @@ def models(tmp_path_factory):
         # copies, one expert file per layer: which files a rank opened shows whose records it
         # read (a store read in place has every layer's 4-bit records in the source's one file)
         out[arch] = convert(src, root / arch, copy=True, progress=False)
+    # the generic split's harder cases: masks from particular layers' caches (a sliding window
+    # shorter than the prompt and reply; llama4's chunks, its decoder under language_model),
+    # layers that return a pair and share their KV in pairs (hunyuan's cross-layer attention)
+    for arch, over in (("gpt_oss", {"num_hidden_layers": 4, "sliding_window": 8,
+                                    "layer_types": ["sliding_attention", "full_attention"] * 2}),
+                       ("llama4", {}), ("hunyuan", {"num_hidden_layers": 4, "use_cla": True})):
+        src = make_tiny_model(arch, root / f"{arch}-src", config_overrides=over)
+        out[arch] = convert(src, root / arch, copy=True, progress=False)
     return out
 
 
@@ -142,6 +150,15 @@ def run(models, tmp_path_factory):
         # rank 1 holds far less context than rank 0: the reply is cut to its room
         dict(case, name="uneven_room", model=str(models["olmoe"]), budgets=["3MB", "0.66MB"],
              max_tokens=5000, lockstep=True),
+        dict(case, name="gpt_oss", model=str(models["gpt_oss"])),
+        dict(case, name="llama4", model=str(models["llama4"])),
+        dict(case, name="hunyuan", model=str(models["hunyuan"])),
+        # a split that cuts one of hunyuan's pairs of layers sharing their KV
+        dict(case, name="hunyuan_cut", model=str(models["hunyuan"]), split=[1, 3]),
+        # the model path missing on rank 1, loaded as the CLIs load (it fails before the ranks
+        # meet to compare their stores)
+        dict(case, name="missing_path", model=[str(models["olmoe"]), "/nonexistent/model"],
+             cli=True),
         # last: rank 1 exits after loading (with status 0, so mlx.launch does not kill rank 0)
         dict(case, name="dead_rank", model=str(models["olmoe"]), budgets=["2MB", "2MB"],
              die_rank=1),
@@ -204,8 +221,120 @@ def test_a_reply_is_cut_to_the_rank_with_the_least_room(run):
 
 def test_a_dead_rank_fails_the_others(run):
     result = run["dead_rank"]
-    assert result["error"] is not None and "connection to a peer was lost" in result["error"]
+    assert result["error"] is not None
+    assert "lost the connection to pipeline rank 1" in result["error"] \
+        or "[ring] connection to a peer was lost" in result["error"], result["error"]
     assert result["after_s"] < 60
+
+
+@pytest.mark.parametrize("dead_row", ["stale", "garbage", "zeros"])
+def test_a_dead_ranks_slot_is_never_read_as_its_data(monkeypatch, dead_row):
+    """A dead rank's slot of a gather holds what it sent last, garbage or nothing (the ring
+    backend may not raise): read as data, it gave "config.json is not valid JSON" or a
+    UnicodeDecodeError. It is a lost connection, naming the rank."""
+    import mlx.core as mx
+    import numpy as np
+
+    import hobbit_mlx.pipeline as P
+
+    class Group:
+        def rank(self):
+            return 0
+
+        def size(self):
+            return 2
+
+    last, alive = {}, [True]
+
+    def all_gather(x, group=None, stream=None):
+        own = np.array(x)
+        sent = own.copy()  # rank 1's row while it lives: the same data, its own rank
+        if own.shape == (1, 5):  # (gather_bytes's header: magic, sequence, rank, length, crc)
+            sent[0, 2] = 1
+        if not alive[0]:  # rank 1 died: its row is not what it sent
+            sent = {"stale": last.get(own.shape), "garbage": np.full_like(own, -1061109568),
+                    "zeros": np.zeros_like(own)}[dead_row]
+        last[own.shape] = sent
+        return mx.array(np.concatenate([own, sent]))
+
+    monkeypatch.setattr(P, "settle", lambda: None)
+    monkeypatch.setattr(P.mx.distributed, "all_gather", all_gather)
+    assert P.gather_json(Group(), {"a": 1}) == [{"a": 1}, {"a": 1}]
+    alive[0] = False
+    with pytest.raises(PipelineError, match="lost the connection to pipeline rank 1"):
+        P.gather_json(Group(), {"a": 1})
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama4", "hunyuan"])
+def test_generic_split_of_harder_architectures(run, models, arch):
+    """Masks built from a passed-through layer's cache (gpt_oss, llama4) crashed at load, a
+    layer returning a pair (hunyuan) failed to unpack, llama4 was refused: the tokens equal one
+    process's."""
+    result = run[arch]
+    assert "errors" not in result, result.get("errors")
+    assert result["tokens"] == single_process_tokens(models[arch])
+    assert [s["pipeline"]["kind"] for s in result["stats"]] == ["generic", "generic"]
+
+
+def test_a_split_that_cuts_shared_kv_is_refused(run):
+    errors = run["hunyuan_cut"]["errors"]
+    assert all("cannot pipeline hunyuan with the split [1, 3]" in e and "--pipeline-split" in e
+               for e in errors), errors
+
+
+def test_a_rank_that_fails_before_loading_is_named(run):
+    """A model path missing on rank 1: rank 1 says why, rank 0 says rank 1 failed to load (it
+    read rank 1's dead connection as JSON, or waited for it)."""
+    (code0, lines0), (code1, lines1) = run["missing_path"]["errors"]
+    assert code0 == code1 == 2
+    assert lines1 == ["error: rank 1: model directory not found: /nonexistent/model"], lines1
+    assert len(lines0) == 1 and "rank 1 failed to load: model directory not found" in lines0[0]
+
+
+def test_a_one_rank_launch_is_refused(tmp_path, monkeypatch, capsys):
+    """mlx.launch -n 1 (or a one-host hostfile) gives the rank an empty hostfile, which
+    mx.distributed.init failed on with a JSON parse error."""
+    import importlib
+
+    from hobbit_mlx import cli_common as cli
+
+    generate = importlib.import_module("hobbit_mlx.generate")  # (the package's is a function)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text("")
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    monkeypatch.setenv("MLX_RANK", "0")
+    assert cli._run(generate.main, ["--pipeline", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "error: a pipeline (--pipeline) needs at least 2 ranks" in err and "-n 1" in err
+
+
+def test_an_address_a_rank_cannot_bind_is_named(tmp_path, monkeypatch):
+    from hobbit_mlx.pipeline import _init_error
+
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["10.9.9.9:5001"]]))
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    e = _init_error(RuntimeError("[ring] Couldn't bind socket (error: 99)"), 1)
+    assert isinstance(e, PipelineError)
+    assert "rank 1 cannot listen on 10.9.9.9:5001" in str(e) and "hostfile" in str(e)
+
+
+def test_a_rank_without_moe_layers_names_the_split_flag(models):
+    """The split by budget can leave a rank only dense layers: the error names the flag."""
+    from dataclasses import replace
+
+    import mlx.core as mx
+
+    from hobbit_mlx.pipeline import Pipeline
+    from hobbit_mlx.store import load_manifest
+
+    manifest = load_manifest(models["olmoe"], check_files=False)
+    manifest = replace(manifest, layers=manifest.layers[1:])  # layer 0 dense
+    pipe = Pipeline(mx.distributed.init())
+    pipe.rank, pipe.split = 1, [3, 1]
+    pipe.start, pipe.end = layer_range(pipe.split, 1)
+    with pytest.raises(PipelineError, match=r"split by the ranks' budgets, 3,1.*--pipeline-split"):
+        pipe.local_manifest(manifest)
 
 
 def test_a_dropped_pipeline_is_freed_and_its_watchdog_ends():
@@ -273,10 +402,12 @@ def test_watchdog_while_loading(models):
 
 def test_generate_cli_pipeline(models, tmp_path):
     """``generate --pipeline`` under mlx.launch: rank 0 prints the text and a report with every
-    rank; per-rank budgets from one flag."""
+    rank; per-rank budgets from one flag; rank 0's sampling settings hold on every rank (rank 1,
+    started with others, sampled other tokens and broke the pipeline)."""
     stats = tmp_path / "stats.json"
-    proc = mlx_launch(["-m", "hobbit_mlx.generate", "--model", str(models["olmoe"]), "--prompt",
-                       "hello there", "--max-tokens", "6", "--exact", "--pipeline",
+    proc = mlx_launch([str(WORKER), "--per-rank", "hobbit_mlx.generate", "--model",
+                       str(models["olmoe"]), "--prompt", "hello there", "--max-tokens", "6",
+                       "--temp", "0|5", "--top-k", "0|3", "--exact", "--pipeline",
                        "--memory-budget", "1.4MB,0.9MB", "--ignore-chat-template",
                        "--stats-json", str(stats), "--pipeline-timeout", "120"])
     if "connecting to" in proc.stderr and not stats.exists() and proc.returncode != 0:
@@ -296,7 +427,7 @@ CHAT_INPUT = "hello there\nhow are you\nr\nwhat now\nq\n"
 def test_chat_cli_pipeline(models, monkeypatch, capsys):
     """``chat --pipeline``: rank 0 reads the input and prints the same greedy transcript as one
     process (a second turn that reuses the cache, a reset, a third turn); the other rank follows
-    and prints nothing."""
+    with rank 0's sampling settings (started with another --temp) and prints nothing."""
     import io
 
     from hobbit_mlx import chat
@@ -305,7 +436,8 @@ def test_chat_cli_pipeline(models, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO(CHAT_INPUT))
     assert chat.main(flags) == 0
     single = capsys.readouterr().out
-    proc = mlx_launch(["-m", "hobbit_mlx.chat", *flags, "--pipeline", "--memory-budget",
+    proc = mlx_launch([str(WORKER), "--per-rank", "hobbit_mlx.chat", *flags, "--temp", "0|5",
+                       "--pipeline", "--memory-budget",
                        "1.4MB,0.9MB", "--pipeline-timeout", "120"], input=CHAT_INPUT)
     if "connecting to" in proc.stderr and proc.returncode != 0 and ">>" not in proc.stdout:
         pytest.skip(f"the ring backend could not start 2 ranks: {proc.stderr[-2000:]}")

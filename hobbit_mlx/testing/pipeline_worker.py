@@ -4,10 +4,15 @@
 
 SPEC is a list of cases ``{"name", "model": path or [path per rank], "budgets": [per rank],
 "split", "exact", "prompt": [token ids], "max_tokens", "options", "rank_options": {rank: {...}},
-"lockstep"}``; every rank runs them in
-order. Rank 0 writes OUT: per case the greedy tokens, every rank's stats (with the store files it
+"lockstep", "cli"}``; every rank runs them
+in order (``cli``: loaded as the command-line tools load, their errors as they print them). Rank 0 writes OUT: per case the greedy tokens, every rank's stats (with the store files it
 read) and the error, if any, each rank raised. A failed case leaves the ranks connected, so the
 next case runs.
+
+    mlx.launch ... pipeline_worker.py --per-rank MODULE ARG...
+
+runs ``python -m MODULE`` with the arguments, each ``A|B`` given as A to rank 0 and B to rank 1
+(ranks started with different flags).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ def run_case(case: dict, group, files_read: set) -> dict:
         options["pipeline_split"] = tuple(case["split"])
     options.update((case.get("rank_options") or {}).get(str(rank), {}))
     files_read.clear()
+    if case.get("cli"):
+        return cli_load(model_dir, options, group)
     try:
         model, tokenizer = hobbit_mlx.load(model_dir, pipeline=group,
                                            exact=options.pop("exact", case.get("exact", True)),
@@ -87,6 +94,36 @@ def run_case(case: dict, group, files_read: set) -> dict:
     pipeline_of(model).barrier()
     hobbit_mlx.runtime_of(model).close()
     return {"tokens": tokens, "stats": stats, **timing}
+
+
+def cli_load(model_dir: str, options: dict, group) -> dict:
+    """Load as ``python -m hobbit_mlx.generate --pipeline`` does, the group just joined (a rank
+    may fail before the ranks meet in ``Pipeline.start``); every rank's error line."""
+    import contextlib
+    import importlib
+    import io
+
+    from hobbit_mlx import cli_common as cli, pipeline
+
+    generate = importlib.import_module("hobbit_mlx.generate")  # (the package's is a function)
+
+    pipeline._UNSTARTED[:] = [group]  # (as init_group leaves it)
+    flags = ["--model", model_dir, "--pipeline", "--exact", "--quiet-report",
+             "--memory-budget", str(options.get("memory_budget", "2MB"))]
+
+    def main(_argv) -> int:
+        args = generate.setup_arg_parser().parse_args(flags)
+        args.pipeline_group = group
+        cli.check_args(args)
+        model, _, _ = cli.load_model(args)
+        pipeline.pipeline_of(model).barrier()
+        return 0
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli._run(main, None)
+    lines = [l for l in err.getvalue().splitlines() if l.startswith("error:")]
+    return {"errors": pipeline.gather_json(group, [code, lines])}
 
 
 def lockstep_tokens(model, tokenizer, case: dict, group) -> dict:
@@ -126,8 +163,21 @@ def timed_tokens(model, prompt: list[int], max_tokens: int) -> tuple[list[int], 
                     "decode_tps": (len(stamps) - 1) / decode_s if decode_s > 0 else None}
 
 
+def per_rank(argv: list[str]) -> None:
+    """``python -m argv[0] argv[1:]``, each ``A|B`` argument A on rank 0 and B on rank 1."""
+    import runpy
+
+    rank = int(os.environ.get("MLX_RANK", "0"))
+    sys.argv = [argv[0]] + [a.split("|")[rank] if "|" in a else a for a in argv[1:]]
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+
+
 def main(argv: list[str]) -> int:
     import mlx.core as mx
+
+    if argv[0] == "--per-rank":
+        per_rank(argv[1:])
+        return 0
 
     spec, out = json.loads(Path(argv[0]).read_text()), Path(argv[1])
     timeout = float(os.environ.get("HOBBIT_WORKER_TIMEOUT", "0"))
