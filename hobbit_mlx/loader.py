@@ -391,7 +391,12 @@ def load(path: str | Path | None = None, memory_budget: int | float | str | None
         overrides["expert_residency"] = expert_residency
     o = (options or LoadOptions()).with_overrides(**overrides)
     o.validate()
-    model_dir = resolve_model(path, progress=o.progress)
+    try:
+        model_dir = resolve_model(path, progress=o.progress)
+    except Exception as e:
+        if o.pipeline is not None:
+            _tell_ranks(o.pipeline, e)
+        raise
     if o.draft_model is not None:
         return _load_with_draft(model_dir, o)
     if o.pipeline is None:
@@ -406,6 +411,18 @@ def load(path: str | Path | None = None, memory_budget: int | float | str | None
         pipe.loaded()
     model._hobbit_pipeline = pipe
     return model, tokenizer
+
+
+def _tell_ranks(group, error: Exception) -> None:
+    """A rank that cannot find its model tells the other ranks, which wait for it where the
+    ranks compare their models ("rank N failed to load"); they saw a lost connection. (The CLIs
+    joined the group before and tell them themselves, with the line they print.)"""
+    from . import pipeline
+
+    if pipeline.waiting_group() is None:
+        with contextlib.suppress(Exception):  # (no group to join: nobody waits either)
+            pipeline.fail_start(f"{type(error).__name__}: {error}",
+                                pipeline.resolve_group(group))
 
 
 def _load_with_draft(model_dir: Path, o: LoadOptions):

@@ -441,13 +441,20 @@ JOINED = False
 _UNSTARTED: list = []
 
 
-def fail_start(message: str) -> int | None:
+def waiting_group() -> mx.distributed.Group | None:
+    """The group ``init_group`` joined whose ranks have not met in ``Pipeline.start`` yet."""
+    return _UNSTARTED[0] if _UNSTARTED else None
+
+
+def fail_start(message: str, group: mx.distributed.Group | None = None) -> int | None:
     """Tell the other ranks, waiting in ``Pipeline.start``, that this rank failed before it
     could load (they raise "rank N failed to load: ``message``"); this rank's number, or None
-    where no group waits for it."""
-    if not _UNSTARTED:
-        return None
-    group = _UNSTARTED.pop()
+    where no group waits for it. ``group``: that group, where ``init_group`` did not join it."""
+    if group is None:
+        if not _UNSTARTED:
+            return None
+        group = _UNSTARTED.pop()
+    _UNSTARTED.clear()
     done = threading.Event()
 
     def give_up() -> None:  # (a peer that hangs elsewhere: this rank still exits)

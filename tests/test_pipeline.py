@@ -159,6 +159,7 @@ def run(models, tmp_path_factory):
         # meet to compare their stores)
         dict(case, name="missing_path", model=[str(models["olmoe"]), "/nonexistent/model"],
              cli=True),
+        dict(case, name="missing_path_api", model=[str(models["olmoe"]), "/nonexistent/model"]),
         # last: rank 1 exits after loading (with status 0, so mlx.launch does not kill rank 0)
         dict(case, name="dead_rank", model=str(models["olmoe"]), budgets=["2MB", "2MB"],
              die_rank=1),
@@ -289,6 +290,10 @@ def test_a_rank_that_fails_before_loading_is_named(run):
     assert code0 == code1 == 2
     assert lines1 == ["error: rank 1: model directory not found: /nonexistent/model"], lines1
     assert len(lines0) == 1 and "rank 1 failed to load: model directory not found" in lines0[0]
+    # the same through the Python API: rank 0 saw a lost connection
+    errors = run["missing_path_api"]["errors"]
+    assert "ConversionError: /nonexistent/model: no such directory" in errors[1], errors
+    assert "rank 1 failed to load: ConversionError: /nonexistent/model" in errors[0], errors
 
 
 def test_a_one_rank_launch_is_refused(tmp_path, monkeypatch, capsys):
@@ -587,3 +592,27 @@ def test_a_failed_pipeline_generation_evaluates_nothing_more(tiny_factory, monke
     assert evaluated == [] and not (rt._deferred or rt._unsynced or rt._finished)
     del model._hobbit_pipeline
     rt.close()
+
+
+def test_a_rank_lost_while_the_server_is_idle_stops_it_in_one_line(caplog):
+    """The idle heartbeat to a dead rank raised in the server's generation thread, a traceback
+    and no word of what happened; it now stops the server with one line."""
+    import logging
+    import queue
+    from types import SimpleNamespace
+
+    from hobbit_mlx.pipeline import PipelineError
+    from hobbit_mlx.server.worker import Worker
+
+    def broadcast(msg=None):
+        raise PipelineError("lost the connection to pipeline rank 1")
+
+    stopped = []
+    worker = Worker.__new__(Worker)
+    worker.jobs, worker.heartbeat_s, worker.error = queue.Queue(), 0.01, None
+    worker.lock, worker.on_dead = SimpleNamespace(broadcast=broadcast), lambda: stopped.append(1)
+    with caplog.at_level(logging.ERROR, logger="hobbit_mlx.server"):
+        assert worker._next_job() is None
+    assert stopped == [1] and isinstance(worker.error, PipelineError)
+    assert "the pipeline broke; stopping the server: lost the connection to pipeline rank 1" \
+        in caplog.text

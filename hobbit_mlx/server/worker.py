@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from ..budget import BudgetError, ContextBudgetError
 from ..layer_major import looking_back
-from ..pipeline import Lockstep, pipeline_of
+from ..pipeline import Lockstep, PipelineError, pipeline_of
 from ..prompt_cache import PromptCache
 from ..store import StoreError
 from .errors import ApiError
@@ -320,30 +320,41 @@ class Worker:
                     self._stop_for_shutdown(job)
                 self._serve(job)
             except _PipelineBroken as e:  # the ranks' collectives no longer pair up
-                self.error = e.__cause__ or e
-                log.error("the pipeline broke; stopping the server: %s", self.error)
-                if self.on_dead is not None:
-                    self.on_dead()
-                return
+                return self._broken(e.__cause__ or e)
             except BaseException as e:  # a bug here must not end the thread
                 _fresh_random_state()
                 log.exception("generation thread: unexpected error")
                 job.emit(Failed(api_error(e)))
             finally:
                 self.busy, self.current = False, None
-        if self.lock is not None:  # the other ranks end too
-            self.lock.broadcast({"op": "exit"})
-            self.lock.pipe.barrier()
+        if self.lock is not None and self.error is None:  # the other ranks end too
+            try:
+                self.lock.broadcast({"op": "exit"})
+                self.lock.pipe.barrier()
+            except (PipelineError, RuntimeError) as e:  # (a rank already gone)
+                log.warning("a pipeline rank did not hear the server stop: %s", e)
         rt.reader.close()
+
+    def _broken(self, error: BaseException) -> None:
+        """The ranks' collectives no longer pair up (a rank died): stop serving, in one line."""
+        self.error = error
+        log.error("the pipeline broke; stopping the server: %s", error)
+        if self.on_dead is not None:
+            self.on_dead()
 
     def _next_job(self) -> Job | None:
         """The next job; with a pipeline, an idle rank 0 tells the others now and then that it
-        is alive (their watchdog ends them when no word comes)."""
+        is alive (their watchdog ends them when no word comes). None once that fails: a rank
+        died while the server was idle (it was a traceback in this thread)."""
         while True:
             try:
                 return self.jobs.get(timeout=self.heartbeat_s if self.lock is not None else None)
             except queue.Empty:
-                self.lock.broadcast({"op": "idle"})
+                try:
+                    self.lock.broadcast({"op": "idle"})
+                except (PipelineError, RuntimeError) as e:
+                    self._broken(e)
+                    return None
 
     def _follow(self) -> None:
         """A pipeline rank other than 0: run the generations rank 0 sends until it ends."""
