@@ -43,7 +43,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="A rotating KV cache of this many tokens (mlx-lm's): the file keeps the "
                         "prompt's last tokens only.")
     g.add_argument("--extra-eos-token", type=str, default=(), nargs="+",
-                   help="Add tokens to the list of EOS tokens (kept for generate).")
+                   help="Tokens that end a reply besides the model's: saved in the file, so "
+                        "that generate stops at them too (the first also for mlx-lm's).")
     cli.add_template_args(parser)
     cli.add_report_args(parser)
     return parser
@@ -121,6 +122,10 @@ def read(args: argparse.Namespace):
     if args.max_kv_size is not None:
         raise cli.CLIError("--max-kv-size with --prompt-cache-file: the file's cache is used as "
                            "it was saved (python -m hobbit_mlx.cache_prompt --max-kv-size)")
+    if args.system_prompt is not None:
+        raise cli.CLIError("--system-prompt with --prompt-cache-file: the saved prompt comes "
+                           "first, so a system prompt belongs there (python -m "
+                           "hobbit_mlx.cache_prompt --system-prompt)")
     if not path.is_file():
         raise cli.CLIError(f"--prompt-cache-file {path}: no such file")
     try:
@@ -136,6 +141,12 @@ def read(args: argparse.Namespace):
             raise cli.CLIError(f"--kv-bits {args.kv_bits} --kv-group-size {args.kv_group_size} "
                                f"do not match the cache in {path} ({bits}-bit, groups of {group})")
         args.kv_bits, args.kv_group_size = bits, group
+    try:  # the reply's end tokens saved with it (ours, and mlx-lm's --eos-token)
+        eos = [json.loads(metadata.get("tokenizer_config") or "{}").get("eos_token")]
+        eos += json.loads(metadata.get("extra_eos_tokens") or "[]")
+    except (ValueError, AttributeError):
+        raise cli.CLIError(f"--prompt-cache-file {path}: its metadata is not valid") from None
+    args.extra_eos_token = list(dict.fromkeys([*args.extra_eos_token, *filter(None, eos)]))
     named = metadata.get("model") or None
     if args.model is None:
         args.model = named
@@ -148,6 +159,14 @@ def read(args: argparse.Namespace):
 def _same_model(a: str, b: str) -> bool:
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+def misfit(path: str, error: Exception) -> str:
+    """A cache whose keys and values the model's attention cannot take (another model of the
+    same name and layer count): said, where mlx-lm ends in a traceback."""
+    return (f"the prompt cache in {path} does not fit this model: its keys and values have "
+            f"other shapes than this model's attention ({' '.join(str(error).split())}); make "
+            "it again with python -m hobbit_mlx.cache_prompt")
 
 
 def check_layers(cache, model, path: str) -> None:
@@ -193,9 +212,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quiet_report:
         print(file=sys.stderr)
     tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else {}
-    save(path, cache, {"model": args.model or str(REFERENCE_MODEL),
+    eos = list(args.extra_eos_token)
+    if eos:
+        tokenizer_config["eos_token"] = eos[0]  # (what mlx-lm's cache_prompt --eos-token saves)
+    local = Path(args.model).expanduser() if args.model else REFERENCE_MODEL
+    save(path, cache, {"model": str(local.resolve()) if local.exists() else args.model,
                        "tokenizer_config": json.dumps(tokenizer_config),
-                       "prompt_tokens": str(len(tokens))})
+                       "extra_eos_tokens": json.dumps(eos), "prompt_tokens": str(len(tokens))})
     if not args.quiet_report:
         stats = cli.run_stats(model, None, seconds, load_s)
         stats.update(prompt_tokens=len(tokens), prompt_tps=len(tokens) / seconds)

@@ -197,10 +197,13 @@ def _stopped_turn_stats(model, last, t0: float) -> dict:
         return {}
 
 
-def _turn_summary(stats: dict, fed: int, total: int) -> str:
+def _turn_summary(stats: dict, fed: int, total: int, window: int | None = None) -> str:
+    """``window``: a rotating cache's (--max-kv-size), which holds only the last tokens."""
     reused = total - fed
+    held = f"+{reused} cached" if not window or reused <= window else \
+        f"+{reused} before them, of which the cache keeps {window}"
     line = (f"[{stats['generation_tokens']} tokens, {stats['generation_tps']:.2f} tokens/s; "
-            f"prompt {fed} new tokens" + (f" (+{reused} cached)" if reused else "") +
+            f"prompt {fed} new tokens" + (f" ({held})" if reused else "") +
             f", {stats['prompt_tps']:.2f} tokens/s; expert hit rate {100 * stats['hit_rate']:.1f}%, "
             f"read {cli.format_size(stats['bytes_read'])}; peak {cli.format_size(stats['peak_memory_bytes'])}")
     if stats.get("budget_bytes"):
@@ -383,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats = cli.run_stats(model, last, time.perf_counter() - t0)
         tally.add(stats)
         if not args.quiet_report:
-            print(_turn_summary(stats, len(feed), len(full)), file=sys.stderr, flush=True)
+            print(_turn_summary(stats, len(feed), len(full), args.max_kv_size), file=sys.stderr,
+                  flush=True)
     if lock is not None:  # the other ranks end too, after the same collectives
         lock.broadcast({"op": "exit"})
         pipe.barrier()

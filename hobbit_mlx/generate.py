@@ -162,10 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             last = response
             if pipe is not None:
                 pipe.progress()
-    except BaseException:  # the error's line starts on a line of its own
+    except BaseException as e:  # the error's line starts on a line of its own
         if last is not None:
             out.write("\n")
             out.flush()
+        if saved is not None and last is None and isinstance(e, ValueError) and "shape" in str(e):
+            raise cli.CLIError(cache_prompt.misfit(args.prompt_cache_file, e)) from None
         raise
     wall_s = time.perf_counter() - t0
     out.write("\n")

@@ -104,11 +104,13 @@ def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
 
 def source_stamp(local: Path) -> dict:
     """What a conversion of a local checkpoint was made from: the size and modification time of
-    its config and weight files (stats only: nothing is read)."""
+    its config, weight, tokenizer and template files (stats only: nothing is read)."""
+    from convert import _model_files
+
     files = [local / "config.json", local / WEIGHT_INDEX]
     try:
-        files += checkpoint_weight_files(local)
-    except StoreError:
+        files += checkpoint_weight_files(local) + _model_files(local)
+    except (StoreError, OSError):
         pass  # (the conversion says what is missing)
     try:
         return {str(f.relative_to(local)): file_stamp(f) for f in files if f.is_file()}

@@ -55,7 +55,7 @@ class StorageModel:
     queue_depth: int = 8
 
     def __post_init__(self):
-        if not self.bandwidth > 0:
+        if not 0 < self.bandwidth < float("inf"):
             raise ValueError(f"storage bandwidth must be above 0 bytes/s (got {self.bandwidth})")
         if self.latency < 0:
             raise ValueError(f"storage latency must be 0 or more seconds (got {self.latency})")
@@ -116,6 +116,9 @@ def parse_storage(spec: "str | StorageModel | None") -> StorageModel | None:
                              "'mac-ssd' first")
         bandwidth, latency = float(m.group(1)) * _UNITS[m.group(2) or ""], 0.0
     depth = 8
+    keys = [p.partition("=")[0] for p in parts[1:]]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"storage {spec!r}: a setting given twice")
     for part in parts[1:]:
         key, _, value = part.partition("=")
         if key == "latency":

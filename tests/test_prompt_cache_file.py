@@ -153,3 +153,50 @@ def test_a_quantized_cache_sets_the_kv_bits_the_budget_plans_for(tmp_path, capsy
     capsys.readouterr()
     assert cli_common.run(generate_cli.main, ask + ["--kv-bits", "4"]) == 2
     assert "do not match the cache" in capsys.readouterr().err
+
+
+def test_the_file_keeps_end_tokens_and_an_absolute_model_path(tmp_path, monkeypatch, capsys):
+    """The end tokens given to cache_prompt reach generate through the file (mlx-lm's
+    --eos-token too), and a model given by a relative path is found from anywhere."""
+    import shutil
+
+    model = tmp_path / "ref"
+    shutil.copytree(REFERENCE_MODEL, model)
+    monkeypatch.chdir(tmp_path)
+    path = str(tmp_path / "doc.safetensors")
+    assert cli_common.run(cache_prompt.main, ["--model", "ref", "--prompt", DOC,
+                                              "--prompt-cache-file", path, "--memory-budget",
+                                              "12MB", "--extra-eos-token", "<|im_end|>", "x",
+                                              "--quiet-report"]) == 0
+    _, metadata = load_prompt_cache(path, return_metadata=True)
+    assert metadata["model"] == str(model)
+    assert '"eos_token": "<|im_end|>"' in metadata["tokenizer_config"]
+    monkeypatch.chdir(REFERENCE_MODEL.parent)  # (elsewhere)
+    args = generate_cli.setup_arg_parser().parse_args(["--prompt-cache-file", path,
+                                                        "--extra-eos-token", "y"])
+    cache_prompt.read(args)
+    assert args.model == str(model) and args.extra_eos_token == ["y", "<|im_end|>", "x"]
+    args.system_prompt = "be brief"
+    with pytest.raises(cli_common.CLIError, match="--system-prompt with --prompt-cache-file"):
+        cache_prompt.read(args)
+
+
+def test_a_cache_of_other_shapes_is_one_error_line(tmp_path, capsys):
+    """Same name and layer count, other attention shapes (the model changed since): one line
+    where mlx-lm ends in a traceback."""
+    from mlx_lm.generate import generate_step
+
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    wide = make_tiny_model("qwen3_moe", tmp_path / "wide", config_overrides={"head_dim": 32})
+    narrow = make_tiny_model("qwen3_moe", tmp_path / "narrow")
+    ref, _ = mlx_lm.load(str(wide))
+    cache = make_prompt_cache(ref)
+    for _ in generate_step(mx.array([5, 6, 7, 8]), ref, max_tokens=0, prompt_cache=cache):
+        pass
+    path = str(tmp_path / "wide.safetensors")
+    save_prompt_cache(path, cache, {"model": str(narrow), "tokenizer_config": "{}"})
+    assert cli_common.run(generate_cli.main, ["--prompt-cache-file", path, "--prompt", "9",
+                                              "--ignore-chat-template", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "Traceback" not in err

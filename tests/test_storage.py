@@ -134,6 +134,7 @@ def test_storage_settings_parse(spec, bandwidth, latency, depth):
     ("50MB/s,latency=soon", "latency such as"), ("50MB/s,depth=0", "depth"),
     ("50MB/s,depth=abc", "queue depth such as"), ("1.2.3MB/s", "bandwidth such as"),
     ("50MB/s,latency=100s", "did you mean us or ms"),  # (a read of 100 s would hang every call)
+    ("50MB/s,depth=2,depth=4", "given twice"), ("1e400MB/s", "bandwidth"),
 ])
 def test_bad_storage_settings_say_what_is_wrong(spec, needle):
     with pytest.raises(ValueError, match=needle):

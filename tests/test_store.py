@@ -256,6 +256,10 @@ def test_cached_float_conversion_follows_changed_weights(tmp_path, monkeypatch):
     assert resolve_model(src, progress=False) == target
     assert crcs(target) != first
     assert crcs(target) == crcs(converter.convert(other, tmp_path / "fresh", progress=False))
+    # a chat template written since (config and weights as they were): its copy follows
+    (src / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    assert resolve_model(src, progress=False) == target
+    assert (target / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}!"
 
 
 def test_empty_cache_variable_is_unset(tmp_path, monkeypatch):
