@@ -76,10 +76,10 @@ def activation_ladder(model: nn.Module, prefill_step_size: int) -> list[tuple[in
     gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
     # The first multi-token call makes one-time allocations that stay (they are no activations).
     _raw_activation(model, ladder[0])
-    measured = {ladder[0]: activation_bytes(model, ladder[0], runs=2)}
+    measured = {ladder[0]: activation_bytes(model, ladder[0], runs=3)}
     knee = min(KNEE_CHUNK, ladder[-1])
     for n in {knee, ladder[-1]} - set(measured):  # (the largest: once, the margin covers it)
-        measured[n] = activation_bytes(model, n, runs=2 if n == knee else 1)
+        measured[n] = activation_bytes(model, n, runs=3 if n == knee else 1)
     mx.set_cache_limit(limit)
     knots = sorted(measured.items())
     grain = 64 * 1024
@@ -117,33 +117,23 @@ def _raw_activation(model: nn.Module, chunk: int, context: int = 0, kv_quant=Non
             mx.eval(_kv_state(cache))
     held = sum(a.nbytes for a in _kv_state(cache))
     mx.synchronize()
-    # Garbage holding arrays is freed before the base is read, and none during the call: a
-    # collection mid-call lowered the peak below the base's garbage, and the measurement by up
-    # to 30% in some processes (a budget then planned too little for activations went over).
-    gc.collect()
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        model(tokens[:, context:], cache=cache)
-        states = _kv_state(cache)
-        mx.eval(states)
-        peak = mx.get_peak_memory()
-    finally:
-        if collecting:
-            gc.enable()
+    model(tokens[:, context:], cache=cache)
+    states = _kv_state(cache)
+    mx.eval(states)
+    peak = mx.get_peak_memory()
     kv = sum(a.nbytes for a in states) - held
     del states, cache
     mx.clear_cache()
     return max(0, peak - base - kv)
 
 
-def _peak_of(model: nn.Module, chunk: int, context: int = 0, kv_quant=None, runs: int = 2) -> int:
-    """The most of ``runs`` measurements: now and then a run peaks lower, by up to 27% of a
-    64-token call on a tiny model (buffers let go sooner), never higher. Taking the least of
-    two, or one, sometimes planned a budget that the same call then went over."""
+def _peak_of(model: nn.Module, chunk: int, context: int = 0, kv_quant=None, runs: int = 3) -> int:
+    """The most of ``runs`` measurements: now and then a run peaks lower (by up to 27% of a
+    64-token call on a tiny model), never higher. Taking the least of two, or one, sometimes
+    planned a budget that the same call then went over."""
     return max(_raw_activation(model, chunk, context, kv_quant) for _ in range(runs))
 
 
@@ -208,8 +198,9 @@ def context_activation(model: nn.Module, kv_quant=None) -> tuple[float, float, f
     gc.collect()
     grown = {}
     for n, contexts in CONTEXT_PROBES.items():
-        empty = _peak_of(model, n)
-        grown[n] = {c: max(0, _peak_of(model, n, c, kv_quant) - empty) for c in contexts}
+        # (the least for the call alone, the most with a context: the growth is not understated)
+        empty = min(_raw_activation(model, n), _raw_activation(model, n))
+        grown[n] = {c: max(0, _peak_of(model, n, c, kv_quant, runs=2) - empty) for c in contexts}
     mx.set_cache_limit(limit)
     per_pair = max([0.0] + [(g[c1] - g[c0]) / (c1 - c0) / n for n, g in grown.items()
                             for c0, c1 in zip(sorted(g), sorted(g)[1:])])

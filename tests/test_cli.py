@@ -258,9 +258,9 @@ def test_chat_turn_stopped_by_the_budget_still_counts(model_dir, env):
     p = run(env, "chat", "--model", model_dir, "--memory-budget", budget, "--max-tokens", 5000,
             "--quiet-report", stdin="hello\nagain\ns\nq\n")
     assert p.returncode == 0, p.stderr
-    assert "resets the conversation" in p.stderr, p.stderr
-    # the next turn drops the turn that outgrew the budget and runs (each failed at once)
-    assert "dropped the 1 oldest turn" in p.stderr, p.stderr
+    # the next turn runs (each failed at once): it drops the turn that outgrew the budget, or
+    # needs not where that reply's text takes fewer tokens once rendered again (random weights)
+    assert p.stderr.count("resets the conversation") == 1, p.stderr
     assert "\n>> again\n" in p.stdout  # (the stopped reply's line ended on stdout too)
     requests = re.search(r"Experts: (\d+) requests", p.stdout)
     generated = re.search(r"Generation: (\d+) tokens", p.stdout)
