@@ -190,7 +190,13 @@ def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwar
         raise ValueError("max_tokens=0 prefills the prompt cache of the model alone; without "
                          "draft_model")
     k, adaptive = _draft_tokens(model, speculative, kwargs) if draft_model is None else (0, True)
-    k = k if max_tokens != 0 else 0  # (nothing to draft)
+    k = min(k, max_tokens) if max_tokens > 0 else k if max_tokens < 0 else 0  # (no more drafts
+    # than tokens to come: a K of 100,000 planned for as many, and shrank the pools 8x)
+    if draft_model is not None:  # (mlx-lm's own speculative loop)
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from .speculative import check_rollback
+        check_rollback(kwargs.get("prompt_cache") or make_prompt_cache(model), rotating=False)
     kwargs = dict(kwargs, max_tokens=max_tokens)
     by_layer = not k and draft_model is None and _layer_major_candidate(model, kwargs)
     if by_layer:  # (the prompt's hidden states are held between layers)
@@ -203,6 +209,9 @@ def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwar
             by_layer = False        # chunk by chunk it still runs
     if not by_layer:
         kwargs = _with_defaults(model, tokenizer, prompt, kwargs, k + 1)
+    # a pass runs K drafts and a token in one call, which must fit the call the budget holds (an
+    # adaptive K grew past it and failed mid-reply, blaming the prefill step)
+    k = min(k, kwargs["prefill_step_size"] - 1)
     rt = runtime_of(model)
     loaded_draft = getattr(rt, "draft_model", None)
     if k and loaded_draft is not None and rt.cache.all_high_resident:
@@ -217,13 +226,13 @@ def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwar
     elif by_layer:
         yield from _prefilled_by_layer(model, tokenizer, tokens, kwargs)
     elif max_tokens == 0:
-        yield from _prefill_only(model, tokenizer, prompt, kwargs)
+        yield from _prefill_only(model, tokenizer, prompt, **kwargs)
     else:
         yield from mlx_lm.stream_generate(model, tokenizer, prompt, draft_model=draft_model,
                                           **kwargs)
 
 
-def _prefill_only(model, tokenizer, prompt, kwargs: dict):
+def _prefill_only(model, tokenizer, prompt, **kwargs):
     """mlx-lm's loop with ``max_tokens=0``: the whole prompt runs into ``prompt_cache`` (its
     last token too), nothing is sampled or yielded (a generator, as its callers yield from)."""
     from mlx_lm.generate import generate_step
@@ -284,7 +293,7 @@ def _prefilled_by_layer(model, tokenizer, tokens: mx.array, kwargs: dict):
     seconds = time.perf_counter() - start
     kwargs = dict(kwargs, prompt_cache=cache)
     if kwargs["max_tokens"] == 0:
-        yield from _prefill_only(model, tokenizer, tokens[head:], kwargs)
+        yield from _prefill_only(model, tokenizer, tokens[head:], **kwargs)
         return
     for r in mlx_lm.stream_generate(model, tokenizer, tokens[head:], **kwargs):
         yield replace(r, prompt_tokens=tokens.size,

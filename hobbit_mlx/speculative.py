@@ -33,9 +33,39 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Generator, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 DEFAULT_DRAFT_TOKENS = 4
+
+
+def _layers(cache: list):
+    for c in cache:
+        yield from _layers(c.caches) if hasattr(c, "caches") else (c,)
+
+
+def check_rollback(cache: list, rotating: bool = True) -> None:
+    """Speculation rolls the KV cache back past the drafts it rejects: every layer's cache must
+    allow it. A rotating cache (a sliding-window layer's) allows it only until its window is
+    full (``draft_room``); ``rotating=False`` refuses it (mlx-lm's own speculative loop, which
+    trims nothing then and keeps the rejected drafts: wrong text)."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    kinds = sorted({type(c).__name__ for c in _layers(cache)
+                    if not c.is_trimmable() or (not rotating and isinstance(c, RotatingKVCache))})
+    if kinds:
+        raise ValueError(f"speculative decoding rolls back the KV cache, which this model's "
+                         f"{', '.join(kinds)} cannot do (once past its window, for a rotating "
+                         "one): decode without it (speculative=False, no --speculative)")
+
+
+def draft_room(cache: list) -> int:
+    """The most drafts a pass may write and still roll back: a rotating cache trims only while
+    it holds less than its window (past it mlx-lm's trim trims nothing, and the rejected drafts
+    stayed: the text went wrong on every sliding-window model once its window was full)."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    rooms = [c.max_size - c.offset - 2 for c in _layers(cache) if isinstance(c, RotatingKVCache)]
+    return max(0, min(rooms)) if rooms else 1 << 30
 
 
 def check_draft_tokens(k) -> int:
@@ -181,9 +211,7 @@ def speculative_generate_step(
     drafter = None if draft_model is None else _DraftModel(
         draft_model, min(prefill_step_size, rt.plan.chunk_tokens))
     for c in [cache] + ([drafter.cache] if drafter is not None else []):
-        if not can_trim_prompt_cache(c):
-            kinds = sorted({type(x).__name__ for x in c if not x.is_trimmable()})
-            raise ValueError(f"speculative decoding needs a trimmable KV cache (got {', '.join(kinds)})")
+        check_rollback(c)
     stats = stats if stats is not None else SpeculativeStats()
     ctl = controller or AdaptiveK(k_max, adaptive=adaptive)
     history = prompt[:-1].astype(mx.uint32) if logits_processors else None
@@ -216,7 +244,8 @@ def speculative_generate_step(
     while max_tokens < 0 or ntoks < max_tokens:
         left = max_tokens - ntoks if max_tokens >= 0 else 1 << 30
         resident = rt.cache.all_high_resident  # nothing to read: drafting cannot pay
-        k = 0 if resident else ctl.next_k(left - 1)
+        k = 0 if resident else min(ctl.next_k(left - 1), draft_room(cache), draft_room(
+            drafter.cache) if drafter is not None else 1 << 30)
         t0 = time.perf_counter()
         wait0, bytes0 = rt.stats.read_wait_s, rt.stats.bytes_read
         miss0 = rt.stats.misses_high + rt.stats.misses_low

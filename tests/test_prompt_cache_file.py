@@ -56,10 +56,13 @@ def test_a_saved_prompt_continued_gives_the_text_of_the_whole_prompt(tmp_path, c
     assert cache[0].offset == len(head) and metadata["model"] == str(REFERENCE_MODEL)
 
 
-def test_prefill_only_fills_the_cache_and_yields_nothing():
+@pytest.mark.parametrize("text", [DOC, "def add(a, b):"], ids=["by-layer", "short"])
+def test_prefill_only_fills_the_cache_and_yields_nothing(text):
+    """Both ways a prompt is prefilled: layer by layer (a long one), mlx-lm's (a short one: it
+    failed with a TypeError)."""
     model, tokenizer = hobbit_mlx.load(REFERENCE_MODEL, memory_budget="12MB", exact=True,
                                        progress=False)
-    tokens = tokenizer.encode(DOC)
+    tokens = tokenizer.encode(text)
     cache = make_prompt_cache(model)
     assert list(hobbit_mlx.stream_generate(model, tokenizer, tokens, max_tokens=0,
                                            prompt_cache=cache)) == []

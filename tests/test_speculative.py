@@ -131,6 +131,51 @@ def test_tiny_models_greedy_identical(tiny_factory, arch):
         rt.close()
 
 
+@pytest.mark.parametrize("prompt_tokens", [6, 40], ids=["short", "past-the-window"])
+def test_a_sliding_window_model_stays_exact_past_its_window(tiny_factory, prompt_tokens):
+    """gpt_oss's sliding-window layers keep a rotating cache (a window of 32 tokens here), which
+    mlx-lm trims only while it is not full: the drafts rejected after that stayed, and the text
+    went wrong (from the first token for a prompt past the window). Drafts now stop where they
+    could not be rolled back; mlx-lm's own speculative loop is refused for such a model."""
+    _src, dst = tiny_factory("gpt_oss")
+    model, tok = hobbit_mlx.load(dst, expert_residency=0.3, exact=True, progress=False)
+    rt = runtime_of(model)
+    prompt = [(7 * i + 3) % 200 + 1 for i in range(prompt_tokens)]
+    try:
+        from mlx_lm.models.cache import RotatingKVCache
+        windows = {c.max_size for c in make_prompt_cache(model) if isinstance(c, RotatingKVCache)}
+        assert windows and max(windows) < prompt_tokens + 50
+        expected = _plain(model, tok, prompt, 50)
+        _empty(rt)
+        assert _spec(model, tok, prompt, 50, 2) == expected
+        with pytest.raises(ValueError, match="RotatingKVCache"):
+            next(iter(hobbit_mlx.stream_generate(model, tok, prompt, max_tokens=4,
+                                                 draft_model=model)))
+    finally:
+        rt.close()
+
+
+def test_a_draft_length_past_the_call_the_budget_holds_is_cut_to_it():
+    """K drafts and a token run in one call, which must fit the call the budget plans (16
+    tokens near the minimum): K=40 failed on the first pass (an adaptive K once it grew there),
+    and K=100,000 planned the KV and activations of that many tokens (the pools shrank 8x)."""
+    budget = int(hobbit_mlx.footprint(None)["minimum_budget_bytes_exact"] * 1.05)
+    model, tok = hobbit_mlx.load(None, memory_budget=budget, exact=True, progress=False,
+                                 speculative_adaptive=False)
+    rt = runtime_of(model)
+    try:
+        assert rt.plan.chunk_tokens < 40
+        want = _plain(model, tok, PROMPT, 12)
+        pools = rt.plan.high_expert_bytes
+        for k in (40, 100_000):
+            _empty(rt)
+            assert _spec(model, tok, PROMPT, 12, k) == want
+            assert max(rt.speculative_stats.k_counts) < rt.plan.chunk_tokens
+            assert rt.plan.high_expert_bytes > 0.95 * pools  # (planned for 12 tokens, not K)
+    finally:
+        rt.close()
+
+
 def test_lossy_defaults_run_with_speculation(deep_models):
     """With the lossy techniques on, verification uses them too (output is not exact there, but
     it runs, counts add up, and the drafts are checked against the same model)."""
