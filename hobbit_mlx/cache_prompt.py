@@ -205,11 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line.ljust(width), end="", file=sys.stderr, flush=True)
 
     hobbit_mlx.reset_stats(model)
+    shown = not args.quiet_report and sys.stderr.isatty()  # (a log gets no carriage returns)
     for _ in hobbit_mlx.stream_generate(model, tokenizer, tokens, max_tokens=0, prompt_cache=cache,
-                                        prompt_progress_callback=None if args.quiet_report else progress):
+                                        prompt_progress_callback=progress if shown else None):
         pass
     seconds = time.perf_counter() - start
-    if not args.quiet_report:
+    if shown:
         print(file=sys.stderr)
     tokenizer_config = {"trust_remote_code": True} if args.trust_remote_code else {}
     eos = list(args.extra_eos_token)
