@@ -245,9 +245,12 @@ def _offloaded_classes(manifest: Manifest, pipe=None, where: Path = Path(MANIFES
 
 
 def context_of(cache) -> int:
-    """Tokens a prompt cache holds already (0 for none or a new one; a rotating cache, mlx-lm's
-    ``max_kv_size``, holds at most its window, whatever its offset has counted)."""
-    held = [min(c.offset, c.max_size) if isinstance(getattr(c, "max_size", None), int)
+    """Tokens a prompt cache holds already, beside which a call's tokens go (0 for none or a
+    new one). A rotating cache (mlx-lm's ``max_kv_size``) keeps at most its window less one
+    before a call's tokens join, whatever its offset has counted: a full window of 256 then
+    held 257 by this count, and a generation whose window was the context the budget holds
+    stopped at its 257th token."""
+    held = [min(c.offset, c.max_size - 1) if isinstance(getattr(c, "max_size", None), int)
             else c.offset for c in cache or [] if isinstance(getattr(c, "offset", None), int)]
     return max(held + [0])
 

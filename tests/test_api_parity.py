@@ -52,6 +52,20 @@ def test_a_rotating_cache_is_planned_for_its_window(tiny):
         hobbit_mlx.generate(model, tok, PROMPT, **steps)
 
 
+def test_a_window_as_long_as_the_context_the_budget_holds_runs(tiny):
+    """A rotating cache keeps its window less one before a call's token joins: counted as the
+    full window plus the token, a window equal to the budget's context stopped at its 257th
+    token, asking for a budget it did not need."""
+    budget = hobbit_mlx.footprint(tiny)["minimum_budget_bytes"]
+    model, tok = hobbit_mlx.load(tiny, memory_budget=budget, progress=False)
+    window = runtime_of(model).plan.longest_context
+    steps = dict(max_tokens=window + 40, logits_processors=[_no_eos(tok)])
+    n = sum(1 for _ in hobbit_mlx.stream_generate(model, tok, PROMPT, max_kv_size=window, **steps))
+    assert n == window + 40
+    stats = hobbit_mlx.offload_stats(model)
+    assert stats["peak_memory_bytes"] <= stats["budget_bytes"]
+
+
 def test_calls_from_a_second_thread_while_one_runs_are_refused(tiny):
     """Two threads in mlx-lm's own generate on one model crashed the process."""
     model, _ = hobbit_mlx.load(tiny, expert_residency=0.5, exact=True, progress=False)
