@@ -220,12 +220,23 @@ def test_corrupt_expert_bytes(model_dir, env, tmp_path):
     assert_bad_input(p, "checksum mismatch", str(bad / STORE_DIR))
 
 
-def test_generate_with_a_rotating_cache_runs_past_the_context_the_budget_holds(model_dir, env):
+def _minimum(model_dir, env, monkeypatch) -> int:
+    """The minimum budget as the CLI's process will state it: measured here into the cache
+    directory it reads (measured again there, it may come out some percent higher)."""
+    import hobbit_mlx
+    from hobbit_mlx import measure
+
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", env["HOBBIT_MLX_CACHE"])
+    monkeypatch.setattr(measure, "_MEASURED", {})  # (kept in this process: written there too)
+    return hobbit_mlx.footprint(model_dir)["minimum_budget_bytes"]
+
+
+def test_generate_with_a_rotating_cache_runs_past_the_context_the_budget_holds(model_dir, env,
+                                                                              monkeypatch):
     """--max-kv-size (mlx-lm's rotating cache): the budget plans its window, so a reply far past
     the whole context the budget holds (256 tokens here) runs."""
-    import hobbit_mlx
 
-    budget = int(hobbit_mlx.footprint(model_dir)["minimum_budget_bytes"] * 1.1)
+    budget = int(_minimum(model_dir, env, monkeypatch) * 1.1)
     p = run(env, "generate", "--model", model_dir, "--memory-budget", budget, "--max-tokens", 600,
             "--max-kv-size", 64, "--prompt", "hello")
     assert p.returncode == 0, p.stderr
@@ -248,13 +259,12 @@ def test_chat_piped(model_dir, env):
     assert "cached)" in turns[1]  # the second turn reused the first turn's KV cache
 
 
-def test_chat_turn_stopped_by_the_budget_still_counts(model_dir, env):
+def test_chat_turn_stopped_by_the_budget_still_counts(model_dir, env, monkeypatch):
     """A reply that outgrows the budget's context stops with a message; what it read and
     generated joins the session's totals ('s')."""
-    import hobbit_mlx
 
-    # (the minimum is measured in each process: a margin over it)
-    budget = int(hobbit_mlx.footprint(model_dir)["minimum_budget_bytes"] * 1.1)
+    # (a margin over the minimum the chat process reads: this one's measurements)
+    budget = int(_minimum(model_dir, env, monkeypatch) * 1.1)
     p = run(env, "chat", "--model", model_dir, "--memory-budget", budget, "--max-tokens", 5000,
             "--quiet-report", stdin="hello\nagain\ns\nq\n")
     assert p.returncode == 0, p.stderr
