@@ -126,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipe = pipeline_of(model)
     printer = pipe is None or pipe.rank == 0
     out = sys.stdout if printer else open(os.devnull, "w")
+    lock = None
+    if pipe is not None:  # rank 0 prints; a rank that stops answering ends every rank
+        pipe.watchdog(args.pipeline_timeout)
+        lock = Lockstep(pipe)
+        lock.shared_seed(args.seed)  # every rank samples the same token
+        lock.follow_args(args)  # with rank 0's sampling settings
     sampler = cli.make_sampler(args, tokenizer)
     processors = cli.make_logits_processors(args)
     if pipe is None:
@@ -137,13 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            build_prompt(args, tokenizer, saved is not None),
                                            max_tokens=args.max_tokens, sampler=sampler,
                                            logits_processors=processors, **window)
-    else:  # rank 0 prints; a rank that stops answering ends every rank
-        pipe.watchdog(args.pipeline_timeout)
-        lock = Lockstep(pipe)
-        lock.shared_seed(args.seed)  # every rank samples the same token
-        lock.follow_args(args)  # with rank 0's sampling settings
-        sampler = cli.make_sampler(args, tokenizer)
-        processors = cli.make_logits_processors(args)
+    else:
         # rank 0's prompt and max_tokens on every rank (a rank started with others followed
         # them and printed wrong text), the budgets and prompt chunks agreed (Lockstep)
         job = lock.broadcast(pipe.agreed(lambda: {"prompt": build_prompt(args, tokenizer),
