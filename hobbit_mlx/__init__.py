@@ -190,8 +190,8 @@ def _stream(model, tokenizer, prompt, max_tokens, draft_model, speculative, kwar
         raise ValueError("max_tokens=0 prefills the prompt cache of the model alone; without "
                          "draft_model")
     k, adaptive = _draft_tokens(model, speculative, kwargs) if draft_model is None else (0, True)
-    k = min(k, max_tokens) if max_tokens > 0 else k if max_tokens < 0 else 0  # (no more drafts
-    # than tokens to come: a K of 100,000 planned for as many, and shrank the pools 8x)
+    if max_tokens >= 0:  # no more drafts than tokens to come (a K of 100,000 planned for as
+        k = min(k, max_tokens)  # many, and shrank the pools 8x); max_tokens=0: nothing to draft
     if draft_model is not None:  # (mlx-lm's own speculative loop)
         from mlx_lm.models.cache import make_prompt_cache
 
