@@ -17,7 +17,9 @@ Memory stays near one source tensor: weights are loaded lazily, experts are proc
 projection (and at most ``CHUNK_BYTES`` of float weights) at a time and written straight to their
 page-aligned places in the store files. Everything is written into a temporary directory that is
 renamed onto DST only when complete (without ``force`` only if nothing is there by then); once
-it is, an interrupt no longer stops the conversion (the replaced model's removal finishes).
+it is, an interrupt no longer stops the conversion (the replaced model's removal finishes). A
+conversion interrupted before (Ctrl-C, SIGTERM, a full disk, a killed process) keeps the layers
+it finished there, and the same command resumes from them (``convert/resume.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, Precis
                               read_config_json, record_alignment, safetensors_header)
 
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
+from .resume import (RESUME_DIR, STATE_NAME, ConversionProgress, conversion_stamp,
+                     read_progress)
 
 CHUNK_BYTES = 512 * 2**20  # float weights materialised at once while requantizing experts
 TENSOR_ALIGN = 64
@@ -434,29 +438,75 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def _remove_stale(dst: Path) -> None:
-    """Remove what conversions into ``dst`` that were killed left behind (their temporary
-    directories, or the replaced DST, name their process, which no longer runs), saying so."""
-    for d in dst.parent.glob(f".{glob.escape(dst.name)}.*-*"):
-        kind, _, pid = d.name[len(dst.name) + 2:].rpartition("-")
-        if kind not in ("partial", "old") or not pid.isdigit() or int(pid) == os.getpid():
+def _partial_pid(d: Path, dst: Path) -> int | None:
+    """The process a conversion's temporary directory (or replaced DST) names, or None."""
+    kind, _, pid = d.name[len(dst.name) + 2:].rpartition("-")
+    return int(pid) if kind in ("partial", "old") and pid.isdigit() else None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
+
+
+def _take_over_partials(dst: Path, tmp: Path, stamp: dict,
+                        num_layers: int) -> ConversionProgress | None:
+    """What conversions into ``dst`` that no longer run left behind: a partial directory of
+    this very conversion (same source, options and code; see ``convert/resume.py``) becomes
+    ``tmp`` and is resumed; anything else (other partials, a replaced DST) is removed, saying so."""
+    progress = None
+    found = sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*-*"), key=lambda d: d != tmp)
+    for d in found:
+        pid = _partial_pid(d, dst)
+        if pid is None or (pid != os.getpid() and _running(pid)):
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            size = _tree_bytes(d) if d.is_dir() and not d.is_symlink() else 0
-            _remove(d)
-            what = (f"the partial output of an interrupted conversion (pid {pid})"
-                    if kind == "partial" else
-                    f"the old model an interrupted conversion (pid {pid}) was replacing")
-            print(f"[convert] removed {d} ({size / 2**20:.1f} MiB), {what}", file=sys.stderr)
-        except OSError:  # alive, another user's
-            pass
+        if progress is None and d.name.startswith(f".{dst.name}.partial-"):
+            progress = read_progress(d, stamp)
+            if progress is not None:
+                if d != tmp:
+                    os.rename(d, tmp)
+                for leftover in tmp.iterdir():  # what came after the layers is made again
+                    if leftover.name not in (STORE_DIR, RESUME_DIR):
+                        _remove(leftover)
+                print(f"[convert] resuming an interrupted conversion into {dst}: "
+                      f"{len(progress.layers)} of {num_layers} layers were done ({d.name})",
+                      file=sys.stderr)
+                continue
+        if d == tmp:
+            _remove(d)  # (this process's own, of another conversion: not worth a line)
+            continue
+        size = _tree_bytes(d) if d.is_dir() and not d.is_symlink() else 0
+        _remove(d)
+        what = (f"the partial output of an interrupted conversion (pid {pid})"
+                if ".partial-" in d.name else
+                f"the old model an interrupted conversion (pid {pid}) was replacing")
+        print(f"[convert] removed {d} ({size / 2**20:.1f} MiB), {what}", file=sys.stderr)
+    return progress
+
+
+def _keep_for_resume(e: BaseException, tmp: Path, progress: ConversionProgress,
+                     num_layers: int) -> bool:
+    """Whether a conversion stopped by ``e`` keeps its finished layers for the next one: when
+    it was interrupted (Ctrl-C, SIGTERM) or could not read or write (a full disk, say), and
+    some layers are done. Says where they are; ``e.kept_partial`` names the directory."""
+    if not isinstance(e, (KeyboardInterrupt, OSError)) or not progress.layers:
+        return False
+    if not (tmp / RESUME_DIR / STATE_NAME).exists():  # (past the layers: nothing to resume)
+        return False
+    e.kept_partial = tmp
+    print(f"[convert] kept {len(progress.layers)} of {num_layers} converted layers in {tmp}: "
+          "the same command resumes from there (delete it to start over)", file=sys.stderr)
+    return True
 
 
 def interrupt_handler(signum, frame):
     """SIGINT's and SIGTERM's handler in ``python -m convert``: both interrupt a conversion
-    (its temporary directory is removed) with KeyboardInterrupt. A signal that comes once the
+    (the layers it finished are kept for the next one) with KeyboardInterrupt. A signal that comes once the
     new model is in place does not: the conversion finishes (see ``_signals_held``)."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -748,30 +798,35 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
     except OSError as e:
         raise ConversionError(f"cannot write {dst}: cannot create {e.filename or dst.parent} "
                               f"({e.strerror or e})") from None
-    _remove_stale(dst)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    _remove(tmp)
+    stamp = conversion_stamp(source_files, json.dumps(raw_config, sort_keys=True),
+                             {"source": source, "bits": bits, "low_bits": low_bits,
+                              "group_size": group_size, "by_reference": by_reference})
+    state = _take_over_partials(dst, tmp, stamp, len(switches)) or ConversionProgress(stamp)
     try:
         for pname in ("high", "low"):
-            (tmp / STORE_DIR / pname).mkdir(parents=True)
+            (tmp / STORE_DIR / pname).mkdir(parents=True, exist_ok=True)
         precisions = {"high": {"bits": bits, "group_size": group_size},
                       "low": {"bits": low_bits, "group_size": group_size}}
-        total = sum(len(switch_linear_paths(s)) for _, s in switches) * len(precisions)
-        files: list[str] = []
-        references: dict[str, dict] = {}
+        per_layer = [len(switch_linear_paths(s)) * len(precisions) for _, s in switches]
+        files, references = state.files, state.references
         refs = (ReferenceBuilder(index_source(source_files), unchanged, weights, files,
                                  references) if by_reference else None)
-        layers = []
+        done = len(state.layers)
         try:
-            with tqdm(total=total, desc="experts", unit="proj", disable=not progress) as bar:
+            with tqdm(total=sum(per_layer), initial=sum(per_layer[:done]), desc="experts",
+                      unit="proj", disable=not progress) as bar:
                 for li, (path, switch) in enumerate(switches):
-                    layers.append(_convert_layer(weights, li, path, switch, tmp, files, precisions,
-                                                 bar, refs, config.get("quantization") is not None))
+                    if li >= done:
+                        state.record(tmp, _convert_layer(
+                            weights, li, path, switch, tmp, files, precisions, bar, refs,
+                            config.get("quantization") is not None))
                     for k in [k for k in weights if k.startswith(path + ".")]:
                         del weights[k]  # let the layer's source tensors go
         finally:
             if refs is not None:
                 refs.close()
+        layers = state.layers
         # (mlx-lm's quantizer reports "[INFO] Quantized model with N bits per weight" on
         # stdout, counting the scratch model's float experts: not this model's figure)
         with contextlib.redirect_stdout(io.StringIO()):
@@ -792,13 +847,15 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
             shutil.copy2(f, tmp / f.name)
         Manifest(config["model_type"], layers[0].num_experts, facts["experts_per_token"], files,
                  layers, source=source, references=references).save(tmp)
+        ConversionProgress.discard(tmp)
         note = (f"[convert] interrupted while {dst} is being replaced: finishing that first "
                 "(the new model is complete)")
         with _signals_held(note) as pending:
             _install(tmp, dst, force, src)
-    except BaseException:
+    except BaseException as e:
         with _signals_held():  # (a second Ctrl-C does not leave half of it behind)
-            _remove(tmp)
+            if not _keep_for_resume(e, tmp, state, len(switches)):
+                _remove(tmp)
         raise
     _deliver(pending)
     return dst

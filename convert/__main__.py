@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    # SIGTERM (kill, timeout, systemd) interrupts as Ctrl-C does: the partial output is removed
+    # SIGTERM (kill, timeout, systemd) interrupts as Ctrl-C does: the layers done are kept
     handlers = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -71,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, StoreError, UnsupportedModelError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt as e:  # convert() removed its temporary directory
+    except KeyboardInterrupt as e:  # convert() kept its finished layers, or removed them
         term = str(e) == "SIGTERM"
-        print(f"interrupted{' (SIGTERM)' if term else ''}; nothing was written", file=sys.stderr)
+        outcome = ("" if getattr(e, "kept_partial", None) is not None
+                   else "; nothing was written")
+        print(f"interrupted{' (SIGTERM)' if term else ''}{outcome}", file=sys.stderr)
         return 128 + int(signal.SIGTERM) if term else EXIT_INTERRUPTED
     except OSError as e:
         if isinstance(e, FileExistsError) and e.errno is None:  # DST exists, no --force

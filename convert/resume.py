@@ -1,0 +1,121 @@
+"""An interrupted conversion resumes where it stopped.
+
+Converting a large checkpoint takes long (tens of GB quantized twice), and a Ctrl-C, a full disk
+or a killed process should not throw away the layers already written. After each MoE layer the
+converter records that layer's entry (``resume/layer_NNN.json``) and then the state that entry
+refers to (``resume/state.json``: the store's file list so far, the source files read in place,
+the number of finished layers), each written whole and flushed to the disk before the next step.
+
+A later conversion into the same DST adopts such a partial directory when it was left by a
+process that no longer runs (or by this one) and its stamp matches: the same source files (size
+and modification time), the same config.json, widths, group size and copy mode, and the same
+converter code. It checks that every finished layer's own files hold what their records say,
+then starts at the first unfinished layer. Anything else is removed as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hobbit_mlx import store as store_module
+from hobbit_mlx.store import LayerEntry, durable_sync, file_stamp
+
+RESUME_DIR = "resume"
+STATE_NAME = "state.json"
+
+
+def conversion_stamp(source_files: list[Path], config_text: str, options: dict) -> dict:
+    """What must be the same for a partial conversion's layers to be this conversion's: the
+    source files as they are on disk, its config.json, the options, the converter's code."""
+    code = hashlib.sha1()
+    here = Path(__file__).parent
+    for module in (here / "__init__.py", here / "reference.py", here / "resume.py",
+                   Path(store_module.__file__)):
+        code.update(module.read_bytes())
+    return {"files": {str(f): file_stamp(f) for f in source_files},
+            "config_sha1": hashlib.sha1(config_text.encode()).hexdigest(),
+            "options": options, "code_sha1": code.hexdigest()}
+
+
+@dataclass
+class ConversionProgress:
+    """The finished layers of a conversion and the store state they refer to."""
+
+    stamp: dict
+    files: list[str] = field(default_factory=list)  # the manifest's, so far (appended to)
+    references: dict[str, dict] = field(default_factory=dict)
+    layers: list[LayerEntry] = field(default_factory=list)
+
+    def record(self, tmp: Path, entry: LayerEntry) -> None:
+        """Keep ``entry`` (its files already flushed) for a later conversion to resume from."""
+        self.layers.append(entry)
+        folder = tmp / RESUME_DIR
+        folder.mkdir(exist_ok=True)
+        _write_whole(folder / f"layer_{entry.layer:03d}.json", entry.to_json())
+        _write_whole(folder / STATE_NAME, {"stamp": self.stamp, "files": self.files,
+                                           "references": self.references,
+                                           "layers_done": len(self.layers)})
+
+    @staticmethod
+    def discard(tmp: Path) -> None:
+        """The finished model needs none of it."""
+        folder = tmp / RESUME_DIR
+        for f in folder.glob("*.json"):
+            f.unlink()
+        if folder.is_dir():
+            folder.rmdir()
+
+
+def read_progress(partial: Path, stamp: dict) -> ConversionProgress | None:
+    """What ``partial`` finished, if it was this conversion and its files are intact; else None."""
+    folder = partial / RESUME_DIR
+    try:
+        state = json.loads((folder / STATE_NAME).read_text())
+        if state.get("stamp") != stamp:
+            return None
+        done = int(state["layers_done"])
+        layers = [LayerEntry.from_json(json.loads((folder / f"layer_{i:03d}.json").read_text()))
+                  for i in range(done)]
+        progress = ConversionProgress(stamp, list(state["files"]), dict(state["references"]), layers)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if [entry.layer for entry in layers] != list(range(done)) or not _files_intact(partial, progress):
+        return None
+    return progress
+
+
+def _files_intact(partial: Path, progress: ConversionProgress) -> bool:
+    """Every span of a finished layer in a file the conversion wrote lies within that file
+    (their checksums are checked when first read, as every store's are)."""
+    ends: dict[int, int] = {}
+    for entry in progress.layers:
+        for precision in entry.precisions.values():
+            for record in precision.records:
+                for index, offset, length in record.spans:
+                    ends[index] = max(ends.get(index, 0), offset + length)
+    for index, end in ends.items():
+        if index >= len(progress.files):
+            return False
+        name = progress.files[index]
+        if name in progress.references:  # a source file: the stamp covers it
+            continue
+        try:
+            if (partial / name).stat().st_size < end:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _write_whole(path: Path, obj: dict) -> None:
+    """``obj`` as JSON at ``path``: a temporary file flushed to the disk, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj))
+        f.flush()
+        durable_sync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,137 @@
+"""An interrupted conversion resumes: the layers it finished are kept (Ctrl-C, a full disk, a
+killed process) and the same command converts only the rest, into the very store a conversion
+without interruption writes. A partial of another source, other options or damaged files is not
+resumed but removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import convert as converter
+from convert.__main__ import main as convert_main
+from hobbit_mlx.store import load_manifest
+from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+LAYERS = 3
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the layers converted; ``fail_at`` (a layer index) raises ``error`` there."""
+    real = converter._convert_layer
+    calls = {"layers": [], "fail_at": None, "error": KeyboardInterrupt}
+
+    def convert_layer(weights, li, *a, **k):
+        if li == calls["fail_at"]:
+            calls["fail_at"] = None
+            raise calls["error"]
+        calls["layers"].append(li)
+        return real(weights, li, *a, **k)
+
+    monkeypatch.setattr(converter, "_convert_layer", convert_layer)
+    return calls
+
+
+def _source(tmp_path: Path, quantize: bool = False, seed: int = 0) -> Path:
+    return make_tiny_model("qwen3_moe", tmp_path / f"src{seed}{'q' if quantize else ''}",
+                           quantize=quantize, seed=seed,
+                           config_overrides={"num_hidden_layers": LAYERS})
+
+
+def _store(model_dir: Path) -> tuple[dict, dict[str, bytes]]:
+    """The manifest (without the source path) and the bytes of every store file."""
+    manifest = json.loads((model_dir / "experts" / "manifest.json").read_text())
+    files = {name: (model_dir / name).read_bytes() for name in manifest["files"]
+             if not name.startswith("/")}
+    return manifest, files
+
+
+def _partials(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["float-copy", "quantized-in-place"])
+def test_an_interrupted_conversion_resumes_into_the_same_store(tmp_path, counted, capsys,
+                                                               quantize):
+    src = _source(tmp_path, quantize)
+    fresh = converter.convert(src, tmp_path / "fresh", progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    counted["layers"].clear()
+    counted["fail_at"] = 2
+    assert convert_main([str(src), str(out / "model"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    kept = out / f".model.partial-{os.getpid()}"
+    assert f"kept 2 of {LAYERS} converted layers in {kept}: the same command resumes" in err
+    assert err.endswith("\ninterrupted\n") and "nothing was written" not in err
+    assert _partials(out) == [kept.name] and counted["layers"] == [0, 1]
+
+    counted["layers"].clear()
+    assert convert_main([str(src), str(out / "model"), "--quiet"]) == 0
+    assert f"2 of {LAYERS} layers were done" in capsys.readouterr().err
+    assert counted["layers"] == [2]  # only what was left
+    assert sorted(p.name for p in out.iterdir()) == ["model"]
+    assert not (out / "model" / "resume").exists()
+    assert _store(out / "model") == _store(fresh)
+
+
+def test_a_full_disk_keeps_the_layers_done_and_a_killed_conversion_resumes(tmp_path, counted,
+                                                                          capsys):
+    """A write that fails (ENOSPC) keeps what was done, as an interrupt does; so does a process
+    killed outright, whose directory names a pid that has ended."""
+    src = _source(tmp_path)
+    out = tmp_path / "out"
+    counted["fail_at"], counted["error"] = 1, OSError(28, "No space left on device")
+    assert convert_main([str(src), str(out / "model"), "--quiet"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: cannot write") and "No space left on device" in err[-1]
+    assert f"kept 1 of {LAYERS} converted layers" in err[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    os.rename(out / f".model.partial-{os.getpid()}", out / f".model.partial-{dead}")  # kill -9
+    counted["layers"].clear()
+    assert converter.convert(src, out / "model", progress=False) == out / "model"
+    assert counted["layers"] == [1, 2] and _partials(out) == []
+    assert load_manifest(out / "model").layers[2].layer == 2
+
+
+@pytest.mark.parametrize("change", ["source", "options", "damaged"])
+def test_a_partial_of_another_conversion_or_with_damaged_files_is_not_resumed(
+        tmp_path, counted, capsys, change):
+    src = _source(tmp_path)
+    out = tmp_path / "out"
+    counted["fail_at"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert(src, out / "model", progress=False)
+    partial = out / f".model.partial-{os.getpid()}"
+    args = {}
+    if change == "source":
+        src = _source(tmp_path, seed=1)  # another checkpoint at another path
+    elif change == "options":
+        args = {"low_bits": 3}
+    else:  # a layer file cut short (a disk error, or copied while being written)
+        store_file = next((partial / "experts" / "low").glob("layer_001.safetensors"))
+        os.truncate(store_file, store_file.stat().st_size // 2)
+    counted["layers"].clear()
+    capsys.readouterr()
+    converter.convert(src, out / "model", progress=False, **args)
+    assert counted["layers"] == list(range(LAYERS)) and _partials(out) == []
+    assert "resuming" not in capsys.readouterr().err
+    fresh = converter.convert(src, tmp_path / "fresh", progress=False, **args)
+    assert _store(out / "model") == _store(fresh)
+
+
+def test_an_error_that_is_no_interruption_leaves_nothing(tmp_path, counted, capsys):
+    """A source that cannot be converted (here: a failure in a layer) is no partial to resume:
+    removed as before."""
+    src = _source(tmp_path)
+    counted["fail_at"], counted["error"] = 1, converter.ConversionError("bad tensor")
+    assert convert_main([str(src), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "kept" not in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
