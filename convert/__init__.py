@@ -53,6 +53,7 @@ from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, Precis
                               is_hobbit_model, load_manifest,
                               read_config_json, record_alignment, safetensors_header)
 
+from .adapters import adapter_files, fused_weights
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
 from .resume import (RESUME_DIR, STATE_NAME, ConversionProgress, conversion_stamp,
                      read_progress)
@@ -746,7 +747,8 @@ def _install(tmp: Path, dst: Path, force: bool, src: str | Path) -> None:
 
 def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
             low_bits: int | None = None, group_size: int = 64, force: bool = False,
-            progress: bool = True, copy: bool = False) -> Path:
+            progress: bool = True, copy: bool = False,
+            adapter_path: str | Path | None = None) -> Path:
     """Convert ``src`` into the hobbit model directory ``dst`` and return its path.
 
     ``bits``: the high-precision experts' width; an mlx-lm quantized source keeps its own (None
@@ -758,10 +760,15 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
     An mlx-lm quantized source is read in place (by reference) unless ``copy``; the store then
     depends on the source files staying where and as they are (checked at every load). A DST
     that is the source, or that holds it, is refused; ``force`` replaces a converted model, an
-    empty directory or a file at DST, never a directory of other files."""
+    empty directory or a file at DST, never a directory of other files.
+
+    ``adapter_path``: adapters ``mlx_lm.lora`` trained (LoRA, DoRA or full), fused into the
+    converted model as ``mlx_lm.fuse`` fuses them, one layer at a time (``convert/adapters.py``);
+    the modules they change are written, not read in place."""
     from tqdm import tqdm
 
     _check_flags(bits, low_bits, group_size)
+    adapters = [] if adapter_path is None else adapter_files(adapter_path, ConversionError)
     dst = Path(dst).expanduser()
     local = Path(src).expanduser()
     if local.is_dir():  # before anything else: "pass --force" must not be suggested here
@@ -788,6 +795,12 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
     unchanged = unchanged_by_sanitize(loaded, weights)
     del loaded  # (an evaluated source tensor is held while anything refers to it)
     switch_paths = [p for p, _ in switches]
+    dense_fused = False
+    if adapter_path is not None:
+        fused = fused_weights(src_dir, adapter_path, ConversionError)
+        weights.update(fused)
+        unchanged -= fused.keys()  # (their bytes are not the source's: written, not referenced)
+        dense_fused = any(not k.startswith(tuple(p + "." for p in switch_paths)) for k in fused)
     for path, switch in switches:  # (before anything is written or removed)
         for p in switch_linear_paths(switch):
             _check_expert_tensors(weights, f"{path}.{p}", num_experts_of(switch))
@@ -799,9 +812,11 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
         raise ConversionError(f"cannot write {dst}: cannot create {e.filename or dst.parent} "
                               f"({e.strerror or e})") from None
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    stamp = conversion_stamp(source_files, json.dumps(raw_config, sort_keys=True),
+    adapter = str(_real(adapter_path)) if adapter_path is not None else ""
+    stamp = conversion_stamp(source_files + adapters, json.dumps(raw_config, sort_keys=True),
                              {"source": source, "bits": bits, "low_bits": low_bits,
-                              "group_size": group_size, "by_reference": by_reference})
+                              "group_size": group_size, "by_reference": by_reference,
+                              "adapter": adapter})
     state = _take_over_partials(dst, tmp, stamp, len(switches)) or ConversionProgress(stamp)
     try:
         for pname in ("high", "low"):
@@ -831,7 +846,8 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
         # stdout, counting the scratch model's float experts: not this model's figure)
         with contextlib.redirect_stdout(io.StringIO()):
             dense, new_config = _dense_weights(model, weights, switch_paths, config, bits, group_size)
-        if by_reference:  # mlx-lm reads them from the source, as it would without hobbit_mlx
+        if by_reference and not dense_fused:  # mlx-lm reads them from the source, as it
+            # would without hobbit_mlx
             if progress:
                 print(f"[convert] linking the dense weights of {src_dir} (read in place)")
             link_dense(source_files, tmp, references)
@@ -846,7 +862,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
         for f in _model_files(src_dir):
             shutil.copy2(f, tmp / f.name)
         Manifest(config["model_type"], layers[0].num_experts, facts["experts_per_token"], files,
-                 layers, source=source, references=references).save(tmp)
+                 layers, source=source, references=references, adapter=adapter).save(tmp)
         ConversionProgress.discard(tmp)
         note = (f"[convert] interrupted while {dst} is being replaced: finishing that first "
                 "(the new model is complete)")

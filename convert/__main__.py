@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="replace DST if it is a converted hobbit model, an empty directory "
                              "or a file (never a directory of other files)")
+    parser.add_argument("--adapter-path", default=None,
+                        help="adapters mlx_lm.lora trained for SRC (a directory with "
+                             "adapter_config.json and adapters.safetensors), fused into the "
+                             "converted model as mlx_lm.fuse fuses them, without loading the "
+                             "whole model")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = convert(args.src, args.dst, bits=args.bits, low_bits=args.low_bits,
                       group_size=args.group_size, force=args.force, progress=not args.quiet,
-                      copy=args.copy)
+                      copy=args.copy, adapter_path=args.adapter_path)
     except (ConversionError, StoreError, UnsupportedModelError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -69,6 +69,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="A converted hobbit model directory, or an mlx-lm / Hugging Face "
                         "checkpoint (directory or hub repo id) that is converted once into the "
                         "cache. Without it the bundled reference model is used.")
+    g.add_argument("--adapter-path", type=str, default=None,
+                   help="Adapters mlx_lm.lora trained for --model's checkpoint (a directory with "
+                        "adapter_config.json and adapters.safetensors): fused into its "
+                        "conversion once, as mlx_lm.fuse fuses them.")
     mem = g.add_mutually_exclusive_group()
     mem.add_argument("--memory-budget", "-b", type=str, default=None, metavar="SIZE",
                      help="Ceiling for MLX's peak memory while generating, e.g. 6GB, 6GiB, "
@@ -359,7 +363,7 @@ def load_options(args: argparse.Namespace) -> "LoadOptions":
                        pipeline=(getattr(args, "pipeline_group", None) or True)
                        if getattr(args, "pipeline", False) else None,
                        pipeline_split=getattr(args, "pipeline_split", None),
-                       **technique_options(args))
+                       adapter_path=args.adapter_path, **technique_options(args))
 
 
 def check_kv_flags(args: argparse.Namespace) -> None:

@@ -69,37 +69,71 @@ def cache_root() -> Path:
 SOURCE_STAMP = ".hobbit_source.json"  # in a cached conversion: the source files it was made from
 
 
-def resolve_model(path: str | Path | None, progress: bool = True) -> Path:
-    """A hobbit model directory for ``path``: as is, or converted once into the cache directory."""
+def resolve_model(path: str | Path | None, progress: bool = True,
+                  adapter_path: str | Path | None = None) -> Path:
+    """A hobbit model directory for ``path``: as is, or converted once into the cache directory
+    (with ``adapter_path``'s adapters fused in)."""
     if path is None:
         path = REFERENCE_MODEL
     local = Path(path).expanduser()
     if local.exists() and is_hobbit_model(local):
+        if adapter_path is not None:
+            _check_fused(local, adapter_path)
         return local
-    from convert import convert, resolve_source  # (only needed for unconverted sources)
+    from convert import ConversionError, convert, resolve_source  # (unconverted sources only)
+    from convert.adapters import adapter_files
 
+    adapters = [] if adapter_path is None else adapter_files(adapter_path, ConversionError)
     if local.exists():
         cfg = local / "config.json"
         stamp = f"{local.resolve()}:{cfg.stat().st_mtime_ns if cfg.exists() else 0}"
         name = local.name
     else:
         stamp, name = str(path), str(path).replace("/", "--")
+    if adapters:
+        stamp += f"+{adapters[0].parent.resolve()}"
+        name += f"+{adapters[0].parent.name}"
     target = cache_root() / f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
-    made_from = source_stamp(local) if local.exists() else _hub_stamp(str(path))
+    made_from = _with_adapters(source_stamp(local) if local.exists() else _hub_stamp(str(path)),
+                               adapters)
     if is_hobbit_model(target) and _still_converted(target, made_from):
         return target
     if not local.exists():  # a hub id: downloaded first (a failure is one line, said alone)
         resolve_source(path)
-        made_from = _hub_stamp(str(path))
+        made_from = _with_adapters(_hub_stamp(str(path)), adapters)
     if progress:  # (a cached conversion whose source changed is ours to redo)
-        print(f"[hobbit_mlx] converting {path} into {target} (once)")
+        fused = f" with the adapters of {adapter_path} fused" if adapters else ""
+        print(f"[hobbit_mlx] converting {path}{fused} into {target} (once)")
     try:
-        convert(path, target, force=True, progress=progress)
+        convert(path, target, force=True, progress=progress, adapter_path=adapter_path)
         if made_from is not None:
             _write_stamp(target, made_from)
     except OSError as e:  # (a full disk: say where, and which variable moves it)
         raise _cache_write_error(e, local, target) from None
     return target
+
+
+def _with_adapters(made_from: dict | None, adapters: list[Path]) -> dict | None:
+    """A source's stamp with its adapter files' (new adapters trained into the same folder
+    make the cached conversion stale)."""
+    if made_from is not None:
+        made_from.update({f"adapter/{f.name}": file_stamp(f) for f in adapters})
+    return made_from
+
+
+def _check_fused(model_dir: Path, adapter_path: str | Path) -> None:
+    """A converted model takes adapters only if it was converted with them: they are fused
+    while converting, and fusing needs the checkpoint it was converted from."""
+    from convert import ConversionError
+
+    manifest = load_manifest(model_dir, check_files=False)
+    if manifest.adapter and Path(manifest.adapter) == Path(adapter_path).expanduser().resolve():
+        return
+    source = manifest.source or "its source checkpoint"
+    raise ConversionError(
+        f"{model_dir} is a converted model, and adapters are fused while converting: load the "
+        f"checkpoint it was converted from ({source}) with --adapter-path {adapter_path}, or "
+        f"convert it with `python -m convert {source} DST --adapter-path {adapter_path}`")
 
 
 def source_stamp(local: Path) -> dict:
@@ -397,7 +431,7 @@ def load(path: str | Path | None = None, memory_budget: int | float | str | None
     o = (options or LoadOptions()).with_overrides(**overrides)
     o.validate()
     try:
-        model_dir = resolve_model(path, progress=o.progress)
+        model_dir = resolve_model(path, progress=o.progress, adapter_path=o.adapter_path)
     except Exception as e:
         if o.pipeline is not None:
             _tell_ranks(o.pipeline, e)

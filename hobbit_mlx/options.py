@@ -112,6 +112,9 @@ class LoadOptions:
     simulated_storage: Any = None
     dtype: Any = None
     tokenizer_config: dict | None = None
+    # adapters mlx_lm.lora trained for the model's checkpoint: fused into its conversion (once,
+    # into the cache, as mlx_lm.fuse fuses them; convert/adapters.py)
+    adapter_path: str | None = None
     progress: bool = True
     # several machines: an mx.distributed group (or True / a backend name: mx.distributed.init);
     # each rank holds a block of layers (hobbit_mlx.pipeline)

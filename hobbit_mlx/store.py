@@ -167,6 +167,7 @@ class Manifest:
     page_size: int = PAGE_SIZE
     # files outside the model directory this store reads in place: path -> {"size", "mtime_ns"}
     references: dict[str, dict] = field(default_factory=dict)
+    adapter: str = ""  # the adapters fused into it (``--adapter-path``), if any
 
     def expert_bytes(self, precision: str, float_itemsize: int | None = None) -> int:
         """All experts at one precision: as stored, or once read with floats cast."""
@@ -180,7 +181,8 @@ class Manifest:
         return {"format": FORMAT_NAME, "version": version, "model_type": self.model_type,
                 "num_experts": self.num_experts, "experts_per_token": self.experts_per_token,
                 "page_size": self.page_size, "source": self.source, "files": self.files,
-                "references": self.references, "layers": [l.to_json() for l in self.layers]}
+                "references": self.references, "layers": [l.to_json() for l in self.layers],
+                **({"adapter": self.adapter} if self.adapter else {})}
 
     @classmethod
     def from_json(cls, obj: dict) -> "Manifest":
@@ -192,7 +194,8 @@ class Manifest:
         manifest = cls(obj["model_type"], int(obj["num_experts"]), int(obj["experts_per_token"]),
                        list(obj["files"]), [LayerEntry.from_json(l) for l in obj["layers"]],
                        obj.get("source", ""), int(obj.get("page_size", PAGE_SIZE)),
-                       {k: dict(v) for k, v in obj.get("references", {}).items()})
+                       {k: dict(v) for k, v in obj.get("references", {}).items()},
+                       str(obj.get("adapter", "")))
         check_layers(manifest)
         return manifest
 
@@ -409,7 +412,8 @@ def file_stamp(path: str | Path) -> dict:
 def reconvert_command(model_dir: Path, manifest: Manifest) -> str:
     """The command that rebuilds the store, its paths quoted for a shell."""
     src = shlex.quote(manifest.source) if manifest.source else "SRC"
-    return f"python -m convert {src} {shlex.quote(str(model_dir))} --force"
+    adapter = f" --adapter-path {shlex.quote(manifest.adapter)}" if manifest.adapter else ""
+    return f"python -m convert {src} {shlex.quote(str(model_dir))}{adapter} --force"
 
 
 def check_references(model_dir: Path, manifest: Manifest) -> None:
