@@ -801,6 +801,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
         weights.update(fused)
         unchanged -= fused.keys()  # (their bytes are not the source's: written, not referenced)
         dense_fused = any(not k.startswith(tuple(p + "." for p in switch_paths)) for k in fused)
+        del fused  # (a layer's fused experts are freed with its source tensors, below)
     for path, switch in switches:  # (before anything is written or removed)
         for p in switch_linear_paths(switch):
             _check_expert_tensors(weights, f"{path}.{p}", num_experts_of(switch))
