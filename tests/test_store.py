@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -145,16 +146,23 @@ def test_unsupported_and_dense_models(tiny_factory, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_interrupted_conversion_leaves_nothing(tiny_factory, tmp_path, monkeypatch):
+def test_interrupted_conversion_leaves_no_model(tiny_factory, tmp_path, monkeypatch):
+    """Interrupted before its first layer is done: nothing is left; later: only the hidden
+    partial directory with the layers done (for the same command to resume), no DST."""
     src, _ = tiny_factory("qwen3_moe")
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(converter, "_dense_weights", boom)
+    monkeypatch.setattr(converter, "_convert_layer", boom)
     with pytest.raises(KeyboardInterrupt):
         converter.convert(src, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(converter, "_dense_weights", boom)
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert(src, tmp_path / "out", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [f".out.partial-{os.getpid()}"]
 
 
 def test_existing_destination_is_not_overwritten(tiny_factory, tmp_path):
