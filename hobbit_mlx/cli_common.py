@@ -512,7 +512,7 @@ def _describe_load_error(model: str | None, e: BaseException) -> str:
         pass
     if isinstance(e, known):
         return str(e)
-    if isinstance(e, PipelineError):  # (it names the rank)
+    if isinstance(e, (PipelineError, ValueError)):  # (it names the rank; a refusal says why)
         return f"cannot load {what}: {e}"
     return f"cannot load {what}: {type(e).__name__}: {e}"
 

@@ -483,3 +483,14 @@ def test_an_unreadable_expert_store_is_one_error_line(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "is_hobbit_model", denied)
     with pytest.raises(cli_common.CLIError, match=f"{manifest}: permission denied"):
         cli_common._check_model_path(str(tmp_path))
+
+
+def test_a_refusal_at_load_is_said_without_its_exception_type():
+    """hobbit_mlx's refusals are ValueErrors whose message says why: "cannot load MODEL:
+    ValueError: ..." read as a crash."""
+    from hobbit_mlx.cli_common import _describe_load_error
+
+    assert _describe_load_error("m", ValueError("exact=True cannot be combined with skip")) == \
+        "cannot load m: exact=True cannot be combined with skip"
+    assert _describe_load_error(None, RuntimeError("x")) == \
+        "cannot load the bundled reference model: RuntimeError: x"
