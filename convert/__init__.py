@@ -598,10 +598,10 @@ def _check_not_source(src_dir: Path, dst: Path, by_reference: bool | None = None
     """Refuse a DST that is the source, contains it, or holds a file the source's files link to:
     replacing DST (``--force``) would delete the source (and a store by reference reads it)."""
     d, s = _real(dst), _real(src_dir)
-    if d == s:
+    if _same(d, s):
         raise ConversionError(f"{dst} is the source checkpoint itself ({s}); converting into it "
                               "would replace the source: write the converted model to another directory")
-    if d in s.parents:
+    if any(_same(d, parent) for parent in s.parents):
         raise ConversionError(f"{dst} contains the source checkpoint {s}; replacing it would delete "
                               "the source: write the converted model to another directory")
     try:
@@ -610,12 +610,23 @@ def _check_not_source(src_dir: Path, dst: Path, by_reference: bool | None = None
         return
     for f in files:
         r = _real(f)
-        if r == d or d in r.parents:
+        if _same(r, d) or any(_same(d, parent) for parent in r.parents):
             reads = (" (and the converted model would read it in place)" if by_reference
                      else "")
             raise ConversionError(f"{dst} holds {r}, a file of the source checkpoint {src_dir} "
                                   f"({f.name} links to it); replacing {dst} would delete it{reads}: "
                                   "write the converted model to another directory")
+
+
+def _same(a: Path, b: Path) -> bool:
+    """One file or directory: the same path, or (on a case-insensitive disk, macOS's default,
+    where ``~/Models`` is ``~/models``) the same inode."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # (one of them does not exist)
+        return False
 
 
 def _check_parent(dst: Path) -> None:

@@ -9,6 +9,7 @@ import gc
 import hashlib
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 
 from .architectures import (find_switch_modules, num_experts_of, switch_linear_paths, text_config,
                             trained_context)
-from .budget import (BudgetPlan, format_size, gpu_working_set_bytes, plan_budget,
-                     system_memory_bytes)
+from .budget import (BudgetPlan, allocated_bytes, allocation_page, format_size,
+                     gpu_working_set_bytes, plan_budget, system_memory_bytes)
 from .cache import SlotCache
 from .measure import kv_bytes_by_layer, measured_activations
 from .offload import bind, install
@@ -62,8 +63,12 @@ def default_shallow_layers(num_layers: int, cache_experts: int, num_experts: int
 
 def cache_root() -> Path:
     """``$HOBBIT_MLX_CACHE``; unset or empty (as most tools read an empty variable), the default
-    (an empty path would be the current directory)."""
-    return Path(os.environ.get("HOBBIT_MLX_CACHE") or Path.home() / ".cache" / "hobbit_mlx")
+    (an empty path would be the current directory): on macOS ``~/Library/Caches/hobbit_mlx``,
+    which Time Machine does not back up (conversions hold GBs of 2-bit experts), elsewhere
+    ``~/.cache/hobbit_mlx``."""
+    default = (Path.home() / "Library" / "Caches" if sys.platform == "darwin"
+               else Path.home() / ".cache") / "hobbit_mlx"
+    return Path(os.environ.get("HOBBIT_MLX_CACHE") or default)
 
 
 SOURCE_STAMP = ".hobbit_source.json"  # in a cached conversion: the source files it was made from
@@ -509,7 +514,8 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     if cdtype is not None:
         model.set_dtype(cdtype)
     mx.eval(model.parameters())
-    dense_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+    page = allocation_page()  # (0 where buffers count their exact bytes)
+    dense_bytes = sum(allocated_bytes(a.nbytes, page) for _, a in tree_flatten(model.parameters()))
 
     reader = RecordReader(model_dir, manifest, workers=o.io_workers, verify=o.verify,
                           direct=o.direct_io, storage=parse_storage(o.simulated_storage),
@@ -553,7 +559,11 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     routers = [m.router for m in runtime.layers]
     gate_stacks = {pos: stack for pos in range(len(routers)) if
                    (stack := StackedGates.of(routers[pos + 1:pos + 1 + prefetch_layers])) is not None}
-    dense_bytes += sum(s.nbytes for s in gate_stacks.values())
+    dense_bytes += sum(allocated_bytes(a.nbytes, page) for s in gate_stacks.values()
+                       for a in s.arrays.values())
+    # Pools and KV caches are few large arrays, counted by their bytes; where buffers round up
+    # to pages, up to a page more each (a KV cache's keys, values and their scales and biases)
+    dense_bytes += page * (sum(len(g.pool.tensors) for g in groups) + 6 * len(kv_layers))
     plan = plan_budget(
         dense_bytes=dense_bytes, activation_points=activation_points,
         kv_bytes_per_token=kv_per_token,

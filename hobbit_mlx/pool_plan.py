@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
-from .budget import BudgetPlan
+from .budget import BudgetPlan, device_info
 from .runtime import OffloadRuntime
 from .pools import SlotPool, pool_signature
 from .store import Manifest
@@ -44,10 +44,7 @@ def make_pools(manifest: Manifest, precisions: tuple, float_dtype) -> list[PoolG
 def max_buffer_bytes() -> int | None:
     """The largest single buffer the device allocates (Metal's ``maxBufferLength``, roughly
     0.55-0.68x the memory of an Apple silicon Mac); None where there is no such limit (CPU)."""
-    try:
-        size = mx.device_info().get("max_buffer_length")
-    except Exception:  # noqa: BLE001 - an older MLX
-        return None
+    size = device_info().get("max_buffer_length")
     return int(size) if size else None
 
 

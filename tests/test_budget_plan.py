@@ -287,3 +287,35 @@ def test_a_budget_past_the_gpus_working_set_is_warned_and_the_default_stays_with
     monkeypatch.setattr(mx, "device_info", lambda: {"architecture": "x86_64"})  # the CPU
     assert budget.gpu_working_set_bytes() is None
     assert plan_budget(**sizes).budget_bytes == int(0.6 * 10_000 * MB)
+
+
+def test_an_mlx_without_top_level_device_info_still_gives_the_metal_limits(monkeypatch):
+    """Older MLX has only ``mx.metal.device_info``: without the fallback, the working-set cap
+    and the largest-buffer cap were silently gone."""
+    import mlx.core as mx
+
+    from hobbit_mlx.pool_plan import max_buffer_bytes
+
+    monkeypatch.delattr(mx, "device_info", raising=False)
+    monkeypatch.setattr(mx.metal, "device_info", lambda: {
+        "max_recommended_working_set_size": 200 * MB, "max_buffer_length": 50 * MB}, raising=False)
+    assert budget.gpu_working_set_bytes() == 200 * MB and max_buffer_bytes() == 50 * MB
+
+
+def test_buffers_rounded_to_pages_are_counted_whole(monkeypatch):
+    """On Metal every buffer above a 16 KiB page takes whole pages: the dense weights count so,
+    and the pools and KV caches a page more per array (on the CPU backend, exact bytes)."""
+    from mlx.utils import tree_flatten
+
+    from hobbit_mlx.loader import load, runtime_of
+
+    assert budget.allocated_bytes(16384, 16384) == 16384
+    assert budget.allocated_bytes(16385, 16384) == 32768
+    assert budget.allocated_bytes(100, 16384) == 100 and budget.allocated_bytes(16385, 0) == 16385
+    exact = runtime_of(load(None, memory_budget="24MB", progress=False)[0]).plan.dense_bytes
+    monkeypatch.setattr("hobbit_mlx.loader.allocation_page", lambda: 16384)
+    paged = load(None, memory_budget="24MB", progress=False)[0]
+    rounded = runtime_of(paged).plan.dense_bytes
+    arrays = [a.nbytes for _, a in tree_flatten(paged.parameters())]
+    assert rounded - exact >= sum(budget.allocated_bytes(n, 16384) - n for n in arrays) > 0
+    assert rounded - exact <= sum(budget.allocated_bytes(n, 16384) - n for n in arrays) + 16384 * 200

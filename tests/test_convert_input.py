@@ -222,3 +222,18 @@ def test_an_unreachable_hub_id_fails_in_one_line_before_any_conversion_is_announ
         resolve_model("some-org/some-model", progress=True)
     assert str(e.value).count("\n") == 0 and "Cannot reach the hub." in str(e.value)
     assert "converting" not in capsys.readouterr().out
+
+
+def test_the_source_guard_compares_files_not_spellings(tmp_path, monkeypatch):
+    """On macOS's case-insensitive disk ``Models/src`` is ``models/src``: compared as strings it
+    passed the guard, and ``--force`` would have replaced the source. (Simulated: this disk is
+    case-sensitive, so ``samefile`` is made to fold case as APFS does.)"""
+    import os
+
+    src = make_tiny_model("qwen3_moe", tmp_path / "Models" / "src")
+    real_samefile = os.path.samefile
+    monkeypatch.setattr(os.path, "samefile", lambda a, b: real_samefile(
+        str(a).replace("/models", "/Models"), str(b).replace("/models", "/Models")))
+    for dst in (tmp_path / "models" / "src", tmp_path / "models"):
+        with pytest.raises(converter.ConversionError, match="source checkpoint"):
+            converter.convert(src, dst, force=True, progress=False)

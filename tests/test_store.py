@@ -275,7 +275,10 @@ def test_empty_cache_variable_is_unset(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("HOBBIT_MLX_CACHE", "")
+    monkeypatch.setattr("sys.platform", "linux")
     assert cache_root() == tmp_path / ".cache" / "hobbit_mlx"
+    monkeypatch.setattr("sys.platform", "darwin")  # (where Time Machine leaves caches out)
+    assert cache_root() == tmp_path / "Library" / "Caches" / "hobbit_mlx"
 
 
 def test_cache_that_cannot_be_written_is_named(tiny_factory, tmp_path, monkeypatch):
