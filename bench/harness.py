@@ -385,15 +385,10 @@ class Baseline:
     those runs subtract the memory that was already allocated before they loaded."""
 
     def __init__(self, paths) -> None:
-        import mlx_lm
         from mlx.utils import tree_flatten
 
-        from hobbit_mlx.loader import compute_dtype
-
         t0 = time.perf_counter()
-        self.model, _tok = mlx_lm.load(str(paths.src))
-        if compute_dtype() is not None:
-            self.model.set_dtype(compute_dtype())  # float32 on the CPU backend, like hobbit_mlx
+        self.model, _tok = load_baseline(paths.src)
         mx.eval(self.model.parameters())
         self.load_s = time.perf_counter() - t0
         self.weight_bytes = sum(a.nbytes for _, a in tree_flatten(self.model.parameters()))
@@ -759,7 +754,7 @@ def markdown(result: dict) -> str:
           f" experts, top-{meta['experts']['experts_per_token']}; 4-bit expert bytes "
           f"{_mb(meta['experts']['expert_bytes_high'])} MiB; dense {_mb(meta['experts'].get('dense_bytes'))} MiB",
           f"- storage: **{meta['storage']}** -- " + (
-              _cold_note(runs) if meta["storage"] == "cold" else _simulated_note(base.get("storage"))
+              cold_note(runs) if meta["storage"] == "cold" else _simulated_note(base.get("storage"))
               if meta["storage"] == "mac-like" else "page cache allowed (the store may be cached by the OS)"),
           f"- workload: {meta['workload']['n_prompts']} prompt(s) of {meta['workload']['prompt_tokens']} "
           f"tokens, {meta['workload']['max_tokens']} greedy tokens each; "
@@ -884,14 +879,49 @@ def markdown(result: dict) -> str:
     return "\n".join(L)
 
 
-def _cold_note(runs: list[dict]) -> str:
-    """How cold the cold runs were: which bypass the reads had, and whether cached pages went."""
-    bypass = sorted({str(r.get("direct_io")) for r in runs if "error" not in r})
-    dropped = {r.get("page_cache_dropped", True) for r in runs if "error" not in r}
+def load_baseline(src):
+    """mlx-lm's model and tokenizer for ``src``, computing in the dtype hobbit_mlx computes in
+    (``compute_dtype``: float32 on the CPU backend, the checkpoint's own on the GPU), so that both
+    sides produce the same tokens and the speed ratios compare like with like."""
+    import mlx_lm
+
+    from hobbit_mlx.loader import compute_dtype
+
+    model, tokenizer = mlx_lm.load(str(src))
+    if compute_dtype() is not None:
+        model.set_dtype(compute_dtype())
+    return model, tokenizer
+
+
+def compute_note() -> str:
+    """The dtype both sides compute in (``compute_dtype``) and the backend, for a report."""
+    from hobbit_mlx.loader import compute_dtype
+
+    dtype = compute_dtype()
+    name = str(dtype).removeprefix("mlx.core.") if dtype is not None else "the checkpoint's own dtype"
+    return f"{name} activations on the {'GPU' if mx.default_device() == mx.gpu else 'CPU'} backend"
+
+
+def warn_if_cannot_drop(cold: bool, what: str) -> None:
+    """Cold runs on an OS that cannot drop one file's cached pages (macOS) start warm."""
+    if cold and not can_drop_page_cache():
+        print(f"warning: this OS cannot drop one file's cached pages; run `sudo purge` before the "
+              f"{what}, or pages cached earlier read warm (reads bypass the cache from then on)",
+              file=sys.stderr)
+
+
+def cold_note(runs: list[dict]) -> str:
+    """How cold the cold runs were: which bypass the reads had (O_DIRECT, F_NOCACHE or none),
+    and whether cached pages went."""
+    done = [r for r in runs if "error" not in r]
+    if not done:
+        return "cold (no run finished)"
+    bypass = sorted({r.get("direct_io") or "none" for r in done})
+    dropped = {r.get("page_cache_dropped", True) for r in done}
     return (f"reads past the page cache ({', '.join(bypass)}), " +
             ("store pages dropped (posix_fadvise DONTNEED) before each run" if dropped == {True}
              else "**store pages not dropped** (this OS has no posix_fadvise: pages cached "
-                  "before the harness read warm unless `sudo purge` ran first)"))
+                  "before the benchmark read warm unless `sudo purge` ran first)"))
 
 
 def _simulated_note(st: dict | None) -> str:
@@ -1138,13 +1168,7 @@ def resident_seconds_per_token(src: Path, prompt: list[int], tokens: int = 32,
     warm-up. What ``mac-like`` storage is calibrated against."""
     import statistics
 
-    import mlx_lm
-
-    from hobbit_mlx.loader import compute_dtype
-
-    model, tokenizer = mlx_lm.load(str(src))
-    if compute_dtype() is not None:
-        model.set_dtype(compute_dtype())
+    model, tokenizer = load_baseline(src)
     tps = []
     for i in range(reps + 1):
         last = None
@@ -1249,10 +1273,7 @@ def main(argv=None) -> int:
     tok = mlx_lm.utils.load_tokenizer(paths.src)
     workload = make_workload(tok, n_prompts=n_prompts, prompt_tokens=prompt_tokens,
                              max_tokens=max_tokens, n_ppl=n_ppl, ppl_tokens=ppl_tokens)
-    if storage == "cold" and not can_drop_page_cache():
-        print("warning: this OS cannot drop one file's cached pages; run `sudo purge` before the "
-              "harness, or pages cached earlier read warm (reads bypass the cache from then on)",
-              file=sys.stderr)
+    warn_if_cannot_drop(storage == "cold", "harness")
     read_ratio = None
     if storage == "mac-like":
         from hobbit_mlx.storage import MAC_READ_RATIO

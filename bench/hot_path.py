@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import arguments  # noqa: E402
+from bench import arguments, harness  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -127,7 +127,6 @@ def main(argv=None) -> int:
             p.error(f"{flag} must be at least {least}, not {value}")
     out = arguments.out_dir(p, args.out)
 
-    import mlx_lm
     from mlx_lm.generate import generate_step
     from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
@@ -138,8 +137,7 @@ def main(argv=None) -> int:
     src = Path(args.model) if args.model else REFERENCE_MODEL
     hobbit_src = src.parent / "hobbit" if (src.parent / "hobbit").is_dir() else src
     name = args.name or ("reference" if args.model is None else src.parent.name)
-    ref, tok = mlx_lm.load(str(src))
-    ref.set_dtype(mx.float32)  # hobbit_mlx computes in float32 on the CPU backend
+    ref, tok = harness.load_baseline(src)
     text = Path(np.__file__).read_text() * 4
     prompt = mx.array(tok.encode(text)[:args.prompt_tokens])
     residencies = args.residencies
@@ -177,11 +175,11 @@ def main(argv=None) -> int:
         row["decode_ratio"] = row["decode_tps"] / base["decode_tps"]
         rows.append(row)
     result = {"model": str(src), "reps": args.reps, "prompt_tokens": int(prompt.size),
-              "max_tokens": args.max_tokens, "baseline": base, "rows": rows,
+              "max_tokens": args.max_tokens, "compute": harness.compute_note(), "baseline": base, "rows": rows,
               "command": arguments.command(__file__, argv)}
     lines = [f"# Hot path: hobbit_mlx exact, no prefetch, vs mlx-lm whole model resident ({name})", "",
              f"`{result['command']}` — median of {args.reps} alternating runs; prompt "
-             f"{prompt.size} tokens, {args.max_tokens} decoded; float32, CPU backend.", "",
+             f"{prompt.size} tokens, {args.max_tokens} decoded; {result['compute']}.", "",
              f"mlx-lm: prefill {base['prefill_tps']:.1f} tok/s, decode {base['decode_tps']:.1f} "
              f"tok/s, {base['python_us_per_layer_call']:.1f} µs of Python per MoE layer call, "
              f"{base['host_cpu_ms_per_token']:.2f} ms of host CPU per decoded token.", "",

@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--cold", action="store_true", help="O_DIRECT reads, page cache dropped per run")
+    p.add_argument("--cold", action="store_true",
+                   help="reads bypass the page cache (O_DIRECT; F_NOCACHE on macOS) and the store's "
+                        "cached pages are dropped before each run where the OS can (not on macOS)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default=None)
     a = p.parse_args(argv)
@@ -96,12 +98,14 @@ def main(argv=None) -> int:
     wl = make_workload(tok, n_prompts=a.prompts, prompt_tokens=a.prompt_tokens,
                        max_tokens=a.max_tokens, n_ppl=0)
     plan = [("lru", {**PLAIN, "expert_residency": r}) for r in a.residencies]
+    harness.warn_if_cannot_drop(a.cold, "benchmark")
     res = harness.run_matrix(paths, wl, plan, cold=a.cold, ppl=False, record_trace=False)
     storage = "cold" if a.cold else "warm"
     name = a.name or f"offload_vs_mlx_lm-{paths.name}-{storage}"
     res["meta"] = {"command": arguments.command(__file__, argv),
                    "model": paths.as_dict(), "storage": storage, "workload": wl.as_dict(),
                    "experts": res.pop("experts"), "machine": harness._machine(),
+                   "compute": harness.compute_note(),
                    "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     ex = res["meta"]["experts"]
     text = "\n".join([
@@ -115,9 +119,9 @@ def main(argv=None) -> int:
                                   " (no marker says whether its router is trained or random)"
                                   if paths.routing != "trained" else ""),
         f"- hobbit_mlx: exact mode (4-bit experts, outputs equal mlx-lm's), LRU expert cache, no prefetch; "
-        f"storage {storage}" + (" (O_DIRECT, page cache dropped)" if a.cold else " (page cache allowed)"),
+        f"storage {storage}: " + (harness.cold_note(res["runs"]) if a.cold else "page cache allowed"),
         f"- workload: {len(wl.prompts)} prompts of {a.prompt_tokens} tokens + {a.max_tokens} greedy "
-        f"tokens each ({wl.source[:120]}); both sides float32 activations on the CPU backend",
+        f"tokens each ({wl.source[:120]}); both sides {res['meta']['compute']}",
         f"- machine: {res['meta']['machine']}; measured in one process, wall {res['meta']['wall_s']:.0f}s; "
         "each hobbit_mlx run is compared with an mlx-lm pass timed right before it (paired); peak memory "
         "of a hobbit_mlx run excludes the mlx-lm weights still loaded for the pairing", "",

@@ -691,3 +691,101 @@ def test_kv_quant_gives_the_kv_bytes_to_the_expert_pools(tiny_model, tmp_path):
         # the prompt's chunks read past the simulated device (1 MB/s), the decode steps from it
         assert 0 < r["prefill_s"] < r["prefill_bytes"] / 1e6
         assert r["decode_s"] >= r["decode_bytes_per_token"] * 6 / 1e6 > 0
+
+
+def _float_dtypes(model) -> set:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return {a.dtype for _, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype, mx.floating)}
+
+
+def test_hot_path_baseline_computes_in_hobbit_mlx_dtype(tiny_model, tmp_path, monkeypatch):
+    """The mlx-lm baseline takes the dtype hobbit_mlx computes in (``compute_dtype``), not float32
+    always: on Metal hobbit_mlx keeps the checkpoint's bf16, and a float32 baseline made "same
+    tokens" say no and skewed the speed ratios. bfloat16 stands in for the GPU's choice here."""
+    import mlx.core as mx
+    import mlx_lm
+
+    from bench import hot_path
+
+    monkeypatch.setattr("hobbit_mlx.loader.compute_dtype", lambda dtype=None: mx.bfloat16)
+    loaded = []
+    load = mlx_lm.load
+    monkeypatch.setattr(mlx_lm, "load", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    out = tmp_path / "out"
+    assert hot_path.main(["--model", str(tiny_model[0]), "--residencies", "1", "--reps", "1",
+                          "--prompt-tokens", "8", "--max-tokens", "3", "--out", str(out),
+                          "--name", "t"]) == 0
+    assert len(loaded) == 1 and _float_dtypes(loaded[0][0]) == {mx.bfloat16}
+    res = json.loads((out / "hot-path-t.json").read_text())
+    assert res["rows"][0]["same_tokens"] is True
+    assert res["compute"] == "bfloat16 activations on the CPU backend"
+    assert "; bfloat16 activations on the CPU backend." in (out / "hot-path-t.md").read_text()
+
+
+def test_the_baseline_keeps_the_checkpoint_dtype_where_hobbit_mlx_does(tiny_model, monkeypatch):
+    """``compute_dtype()`` None (Metal): the baseline computes in the checkpoint's own dtype (a
+    bf16 checkpoint, as every mlx-community model is, stood in for by casting at load)."""
+    import mlx.core as mx
+    import mlx_lm
+
+    from bench import harness
+
+    def load_bf16(*a, **k):
+        model, tok = load(*a, **k)
+        model.set_dtype(mx.bfloat16)
+        return model, tok
+
+    monkeypatch.setattr("hobbit_mlx.loader.compute_dtype", lambda dtype=None: None)
+    load = mlx_lm.load
+    monkeypatch.setattr(mlx_lm, "load", load_bf16)
+    model, _ = harness.load_baseline(tiny_model[0])
+    assert _float_dtypes(model) == {mx.bfloat16}
+    assert harness.compute_note() == "the checkpoint's own dtype activations on the CPU backend"
+
+
+def test_offload_vs_mlx_lm_reports_the_storage_and_dtype_it_got(tiny_model, tmp_path, monkeypatch,
+                                                                 capsys):
+    """``--cold`` where the OS gives F_NOCACHE and cannot drop cached pages (macOS, its platform
+    calls stood in for here), computing in the checkpoint's dtype (Metal): the report said
+    "O_DIRECT, page cache dropped" and "float32 on the CPU backend" whatever happened; it now
+    states what the reader did, and warns before the runs, like bench/harness.py."""
+    import fcntl
+    import os
+
+    from bench import offload_vs_mlx_lm
+    from hobbit_mlx import reader
+
+    fcntl_calls = []
+    real_fcntl = fcntl.fcntl
+    monkeypatch.setattr(fcntl, "fcntl", lambda fd, cmd, *a: fcntl_calls.append(cmd) if cmd == 48
+                        else real_fcntl(fd, cmd, *a))
+    monkeypatch.setattr(reader, "page_cache_bypass", lambda: "F_NOCACHE")
+    monkeypatch.delattr(os, "posix_fadvise")
+    monkeypatch.setattr("hobbit_mlx.loader.compute_dtype", lambda dtype=None: None)
+    out = tmp_path / "out"
+    assert offload_vs_mlx_lm.main(["--model", str(tiny_model[0]), "--residencies", "0.5",
+                                   "--prompts", "1", "--prompt-tokens", "8", "--max-tokens", "2",
+                                   "--cold", "--out", str(out), "--name", "r"]) == 0
+    assert fcntl_calls  # the reader did take the F_NOCACHE path
+    err = capsys.readouterr().err
+    assert "warning: this OS cannot drop one file's cached pages; run `sudo purge`" in err
+    md = (out / "r.md").read_text()
+    assert "O_DIRECT" not in md and "float32" not in md
+    assert "storage cold: reads past the page cache (F_NOCACHE), **store pages not dropped**" in md
+    assert "both sides the checkpoint's own dtype activations on the CPU backend" in md
+    res = json.loads((out / "r.json").read_text())
+    assert res["runs"][0]["page_cache_dropped"] is False
+    assert res["meta"]["compute"] == "the checkpoint's own dtype activations on the CPU backend"
+
+
+def test_the_cold_note_names_each_case():
+    from bench.harness import cold_note
+
+    linux = [{"direct_io": "O_DIRECT", "page_cache_dropped": True}]
+    assert cold_note(linux) == ("reads past the page cache (O_DIRECT), store pages dropped "
+                                "(posix_fadvise DONTNEED) before each run")
+    assert "page cache (none), **store pages not dropped**" in cold_note(
+        [{"direct_io": None, "page_cache_dropped": False}])
+    assert cold_note([{"error": "BudgetError: too small"}]) == "cold (no run finished)"

@@ -481,19 +481,62 @@ def _serve(cmd: list[str], env: dict, port: int, log: Path):
     return None
 
 
-def _ranks(module: str, marker: str) -> list[int]:
-    """The processes running ``python -m module ... marker ...`` (the ranks, not mlx.launch nor
-    its shells)."""
+def _ranks(launcher: int, module: str, marker: str) -> list[int]:
+    """The children of ``launcher`` (mlx.launch's pid) running ``python -m module ... marker ...``:
+    the ranks (each rank's shell has exec'd its python by the time the ranks serve). From ``ps``,
+    which Linux and macOS both have (macOS has no /proc)."""
+    # (-ww: the whole command line; ps cuts it at 80 columns without a terminal otherwise)
+    table = subprocess.run(["ps", "-A", "-ww", "-o", "pid=,ppid=,command="], capture_output=True,
+                           text=True, check=True).stdout
     pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().decode().split("\0")
-        except (OSError, ValueError):
-            continue
-        if argv[1:3] == ["-m", module] and marker in argv:
-            pids.append(int(entry.name))
-    assert len(pids) == 2, pids
+    for line in table.splitlines():
+        pid, ppid, command = (line.split(None, 2) + [""])[:3]
+        if int(ppid) == launcher and f" -m {module} " in command and marker in command.split():
+            pids.append(int(pid))
+    assert len(pids) == 2, table
     return pids
+
+
+def test_ranks_are_found_without_proc(tmp_path, monkeypatch):
+    """``_ranks`` finds a launcher's two rank processes where there is no /proc (macOS: it read
+    /proc and test_server_pipeline errored there), not a process with another marker, whatever
+    the length of their command lines (the marker comes after a long model path)."""
+    import time
+
+    real_iterdir = Path.iterdir
+
+    def no_proc(self):
+        if str(self).startswith("/proc"):
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", no_proc)
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(60)\n")
+    launch = ("import subprocess, sys\n"
+              "ps = [subprocess.Popen([sys.executable, '-m', 'sleeper', '--model', 'x' * 200,"
+              " '--port', p]) for p in ('4242', '4242', '4243')]\n"
+              "print(*[p.pid for p in ps], flush=True)\n"
+              "[p.wait() for p in ps]\n")
+    launcher = subprocess.Popen([sys.executable, "-c", launch], cwd=tmp_path, stdout=subprocess.PIPE,
+                                text=True)
+    started = [int(pid) for pid in launcher.stdout.readline().split()]
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until both children have exec'd their python
+            try:
+                pids = _ranks(launcher.pid, "sleeper", "4242")
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert sorted(pids) == sorted(started[:2])
+    finally:
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 15)
+        launcher.wait(30)
+        launcher.stdout.close()
 
 
 def _free_port() -> int:
@@ -542,7 +585,7 @@ def test_server_pipeline(models, tmp_path):
         reused = _post(url, body)  # every rank kept the last request's cache: the same prefix
     finally:
         # Ctrl-C reaches every rank (mlx.launch runs them in its process group)
-        for pid in _ranks("hobbit_mlx.server", str(port)):
+        for pid in _ranks(proc.pid, "hobbit_mlx.server", str(port)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGINT)
         try:
