@@ -461,13 +461,22 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def _end_group(proc: subprocess.Popen) -> None:
+    """Kill a server started by ``_serve`` and everything it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
 def _serve(cmd: list[str], env: dict, port: int, log: Path):
     """Start a server, wait until it answers /health (None: it exited first)."""
     import time
     import urllib.request
 
+    # (a session of its own: mlx.launch and its ranks are one process group, ended together
+    # when the test fails half way; killing mlx.launch alone left its ranks serving)
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -476,7 +485,7 @@ def _serve(cmd: list[str], env: dict, port: int, log: Path):
         except OSError:
             time.sleep(0.5)
     if proc.poll() is None:
-        proc.kill()
+        _end_group(proc)
         pytest.fail(f"the server did not answer in {LAUNCH_TIMEOUT_S} s: {log.read_text()[-3000:]}")
     return None
 
@@ -585,13 +594,18 @@ def test_server_pipeline(models, tmp_path):
         reused = _post(url, body)  # every rank kept the last request's cache: the same prefix
     finally:
         # Ctrl-C reaches every rank (mlx.launch runs them in its process group)
-        for pid in _ranks(proc.pid, "hobbit_mlx.server", str(port)):
+        try:
+            ranks = _ranks(proc.pid, "hobbit_mlx.server", str(port))
+        except AssertionError:
+            _end_group(proc)
+            raise
+        for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGINT)
         try:
             code = proc.wait(LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _end_group(proc)
             pytest.fail(f"the ranks did not end after Ctrl-C: {log.read_text()[-3000:]}")
     assert got["choices"][0]["message"]["content"] == want and want
     assert got["choices"][0]["finish_reason"] == "length"
