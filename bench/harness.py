@@ -1168,6 +1168,8 @@ def resident_seconds_per_token(src: Path, prompt: list[int], tokens: int = 32,
     warm-up. What ``mac-like`` storage is calibrated against."""
     import statistics
 
+    import mlx_lm
+
     model, tokenizer = load_baseline(src)
     tps = []
     for i in range(reps + 1):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -560,7 +561,6 @@ def test_server_pipeline(models, tmp_path):
     next request still pairs the ranks' collectives); every rank reuses the same prompt cache
     (the same tokens fed on each); Ctrl-C (SIGINT to rank 0's process group
     leader, mlx.launch) ends both ranks with status 0."""
-    import signal
 
     flags = ["--model", str(models["olmoe"]), "--exact", "--log-level", "WARNING"]
     body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8,
