@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +45,12 @@ def can_drop_page_cache() -> bool:
     return hasattr(os, "posix_fadvise")
 
 
+def _close_fds(fds: list[int]) -> None:
+    """Close a reader's files, emptying its list in place (what the finalizer holds)."""
+    while fds:
+        os.close(fds.pop())
+
+
 class RecordReader:
     """Reads records of one hobbit model's expert store; thread-safe."""
 
@@ -63,7 +70,10 @@ class RecordReader:
         self._verified: set[tuple[int, int, int]] = set()
         self._stamps: list[tuple[int, int]] = []  # each file's (mtime, size) when verified
         self._lock = threading.Lock()
-        self._fds = []
+        self._fds: list[int] = []
+        # A model dropped without close() still closes its files (one per store file: a process
+        # loading model after model ran out of descriptors after ~200 loads)
+        weakref.finalize(self, _close_fds, self._fds)
         # ``direct``: reads bypass the page cache, by O_DIRECT (aligned reads, see _read_span)
         # or, on macOS, F_NOCACHE; ``self.bypass`` says which one this platform gave (None: none).
         self.bypass = page_cache_bypass() if direct else None
@@ -106,9 +116,7 @@ class RecordReader:
             if getattr(self, name, None) is not None:
                 getattr(self, name).shutdown(wait=True)
                 setattr(self, name, None)
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        _close_fds(self._fds)
 
     def drop_page_cache(self) -> bool:
         """Ask the OS to forget the store's cached pages, for cold-storage measurements. False
