@@ -39,6 +39,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRIM_HEADROOM = 0.25  # of the context: what dropping old turns leaves free for the next ones
+
+
 class Conversation:
     """Messages so far, and the prompt cache with the tokens it holds."""
 
@@ -87,15 +90,18 @@ class Conversation:
 
     def fit(self, query: str, limit: int, reply_room: int) -> int:
         """Drop the oldest turns until the conversation and ``reply_room`` tokens fit the
-        ``limit`` the budget holds (the system prompt stays); how many were dropped. Without it
-        a conversation that outgrew the budget failed on every turn until reset. With
+        ``limit`` the budget holds, with a quarter of it to spare (the system prompt stays); how
+        many were dropped. Without it a conversation that outgrew the budget failed on every turn
+        until reset; dropping only what the turn needed made every later turn drop again, and
+        each drop prefills the whole history anew (6x the time per turn). With
         ``--max-kv-size`` none is dropped: the cache forgets the oldest tokens itself."""
         if self.args.max_kv_size or len(self._render(query)) + reply_room <= limit:
             return 0
         if len(self._render(query, history=False)) >= limit:
             return 0  # no dropping makes room: the turn is refused, the history kept
         dropped = 0
-        while len(self._render(query)) + reply_room > limit:
+        target = limit - int(TRIM_HEADROOM * limit)
+        while len(self._render(query)) + reply_room > target:
             if self.plain:
                 self.plain.pop(0)
             elif len(self.messages) >= 2 and self.messages[-1]["role"] == "assistant":

@@ -394,9 +394,14 @@ def test_chat_fit_drops_the_oldest_exchanges_and_keeps_the_system_prompt(model_d
     for query in ("one", "two", "three"):
         _turn(conv, sampler, query)
     before = len(conv.prepare("four")[0])
-    assert conv.fit("four", limit=before - 1, reply_room=0) == 1
-    assert [m["content"] for m in conv.messages if m["role"] != "assistant"] == \
-        ["You are tiny.", "two", "three"]
+    limit = before - 1
+    dropped = conv.fit("four", limit=limit, reply_room=0)
+    kept = [m["content"] for m in conv.messages if m["role"] != "assistant"]
+    assert kept == ["You are tiny.", *["one", "two", "three"][dropped:]] and dropped >= 1
+    # a quarter of the context left free: the next turns fit without dropping (and prefilling
+    # the whole history) again
+    assert len(conv.prepare("four")[0]) <= limit - limit // 4 or kept == ["You are tiny."]
+    assert conv.fit("four", limit=limit, reply_room=0) == 0
     assert conv.fit("four", limit=10 ** 6, reply_room=0) == 0
     # a message that does not fit even alone drops nothing (the turn is refused, history kept)
     kept = list(conv.messages)
