@@ -446,6 +446,7 @@ def _partial_pid(d: Path, dst: Path) -> int | None:
 
 
 def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (its partial directory is then not ours to touch)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -507,8 +508,9 @@ def _keep_for_resume(e: BaseException, tmp: Path, progress: ConversionProgress,
 
 def interrupt_handler(signum, frame):
     """SIGINT's and SIGTERM's handler in ``python -m convert``: both interrupt a conversion
-    (the layers it finished are kept for the next one) with KeyboardInterrupt. A signal that comes once the
-    new model is in place does not: the conversion finishes (see ``_signals_held``)."""
+    (the layers it finished are kept for the next one) with KeyboardInterrupt. A signal that
+    comes once the new model is in place does not: the conversion finishes (see
+    ``_signals_held``)."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
