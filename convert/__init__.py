@@ -53,7 +53,7 @@ from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, Precis
                               is_hobbit_model, load_manifest,
                               read_config_json, record_alignment, safetensors_header)
 
-from .adapters import adapter_files, fused_weights
+from .adapters import adapter_files, adapter_record, fused_weights
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
 from .resume import (RESUME_DIR, STATE_NAME, ConversionProgress, conversion_stamp,
                      read_progress)
@@ -714,6 +714,11 @@ def _check_not_converted(src: Path) -> None:
         manifest = load_manifest(src, check_files=False)
     except StoreError:
         manifest = None
+    if manifest is not None and manifest.adapter:  # (its links are the checkpoint without them)
+        raise ConversionError(
+            f"{src} is a converted model with the adapters of {manifest.adapter['path']} fused in: "
+            "converting it again would drop them; convert the checkpoint it was made from "
+            f"({manifest.source or 'its source'}) with --adapter-path {manifest.adapter['path']}")
     if manifest is not None and manifest.references:
         check_references(src, manifest)  # (the message load gives, naming the file)
         return
@@ -781,6 +786,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
     from tqdm import tqdm
 
     _check_flags(bits, low_bits, group_size)
+    adapter_path = adapter_path or None  # ("": none, as mlx-lm reads it)
     adapters = [] if adapter_path is None else adapter_files(adapter_path, ConversionError)
     dst = Path(dst).expanduser()
     local = Path(src).expanduser()
@@ -826,11 +832,11 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
         raise ConversionError(f"cannot write {dst}: cannot create {e.filename or dst.parent} "
                               f"({e.strerror or e})") from None
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    adapter = str(_real(adapter_path)) if adapter_path is not None else ""
+    adapter = adapter_record(adapters)
     stamp = conversion_stamp(source_files + adapters, json.dumps(raw_config, sort_keys=True),
                              {"source": source, "bits": bits, "low_bits": low_bits,
                               "group_size": group_size, "by_reference": by_reference,
-                              "adapter": adapter})
+                              "adapter": adapter.get("path", "")})
     state = _take_over_partials(dst, tmp, stamp, len(switches)) or ConversionProgress(stamp)
     try:
         for pname in ("high", "low"):

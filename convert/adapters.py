@@ -15,13 +15,15 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from hobbit_mlx.store import StoreError, file_stamp, read_safetensors_header
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
 
 
 def adapter_files(adapter_path: str | Path, error: type[Exception]) -> list[Path]:
     """The adapter's config and weights (as ``mlx_lm.lora`` saves them), or ``error`` naming
-    what is missing or unreadable."""
+    what is missing or unreadable (checked before any conversion starts)."""
     folder = Path(adapter_path).expanduser()
     if not folder.is_dir():
         raise error(f"--adapter-path {adapter_path}: not a directory (mlx_lm.lora's --adapter-path "
@@ -34,11 +36,47 @@ def adapter_files(adapter_path: str | Path, error: type[Exception]) -> list[Path
         config = json.loads(files[0].read_text())
     except (OSError, ValueError) as e:
         raise error(f"{files[0]}: not valid JSON ({e})") from None
-    kind = config.get("fine_tune_type", "lora") if isinstance(config, dict) else None
-    if kind not in ("lora", "dora", "full"):
-        raise error(f"{files[0]}: fine_tune_type {kind!r} is not one mlx-lm writes "
-                    "(lora, dora or full)")
+    problem = _config_problem(config)
+    if problem:
+        raise error(f"{files[0]}: {problem}")
+    try:
+        start, header = read_safetensors_header(files[1])
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    except StoreError as e:
+        raise error(str(e)) from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise error(f"{files[1]}: not a readable safetensors file ({e})") from None
+    if start + end > files[1].stat().st_size:
+        raise error(f"{files[1]}: cut short ({files[1].stat().st_size} bytes, its header "
+                    f"describes {start + end}): copy or train it again")
     return files
+
+
+def _config_problem(config) -> str | None:
+    """What mlx-lm would fail on in an adapter config, in words; None when it reads it."""
+    if not isinstance(config, dict):
+        return "not a JSON object"
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora", "full"):
+        return f"fine_tune_type {kind!r} is not one mlx-lm writes (lora, dora or full)"
+    if kind == "full":
+        return None
+    if not isinstance(config.get("num_layers"), int):
+        return "num_layers (the layers the adapters were trained on) is missing or not a number"
+    params = config.get("lora_parameters")
+    if not isinstance(params, dict):
+        return "lora_parameters (rank, scale, dropout) is missing"
+    missing = [k for k in ("rank", "scale", "dropout") if k not in params]
+    return f"lora_parameters lacks {', '.join(missing)}" if missing else None
+
+
+def adapter_record(files: list[Path]) -> dict:
+    """What a converted model keeps of the adapters fused into it: their folder, and each
+    file's size and modification time (retrained adapters are other adapters); {} for none."""
+    if not files:
+        return {}
+    return {"path": str(files[0].parent.resolve()),
+            "files": {f.name: file_stamp(f) for f in files}}
 
 
 def fused_weights(src_dir: Path, adapter_path: str | Path, error: type[Exception]) -> dict[str, mx.array]:
@@ -50,9 +88,12 @@ def fused_weights(src_dir: Path, adapter_path: str | Path, error: type[Exception
     model, _ = load_model(Path(src_dir), lazy=True)
     try:
         load_adapters(model, str(Path(adapter_path).expanduser()))
-    except (ValueError, KeyError, TypeError) as e:  # (adapters of another model or config)
+    except Exception as e:  # noqa: BLE001 - (adapters of another model or config)
+        reason = " ".join(str(e).split())
+        if len(reason) > 300:  # (mlx-lm lists every tensor that does not match)
+            reason = reason[:300] + "..."
         raise error(f"--adapter-path {adapter_path}: cannot apply these adapters to "
-                    f"{src_dir} ({' '.join(str(e).split())})") from None
+                    f"{src_dir} ({type(e).__name__}: {reason})") from None
     fused = [(name, module.fuse()) for name, module in model.named_modules()
              if hasattr(module, "fuse")]
     if fused:  # lora / dora: the fused modules' weights

@@ -39,7 +39,7 @@ from .speculative import check_draft_tokens
 from .store import (FLOAT_DTYPES, MANIFEST_NAME, WEIGHT_INDEX, Manifest, PrecisionEntry,
                     StoreError, check_references, check_store_files, checkpoint_weight_files,
                     file_stamp, is_float, is_hobbit_model, load_manifest, manifest_path,
-                    quant_parts)
+                    quant_parts, reconvert_command)
 from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
@@ -80,13 +80,14 @@ def resolve_model(path: str | Path | None, progress: bool = True,
     (with ``adapter_path``'s adapters fused in)."""
     if path is None:
         path = REFERENCE_MODEL
+    adapter_path = adapter_path or None  # ("": none, as mlx-lm reads it)
     local = Path(path).expanduser()
     if local.exists() and is_hobbit_model(local):
         if adapter_path is not None:
             _check_fused(local, adapter_path)
         return local
     from convert import ConversionError, convert, resolve_source  # (unconverted sources only)
-    from convert.adapters import adapter_files
+    from convert.adapters import adapter_files, adapter_record
 
     adapters = [] if adapter_path is None else adapter_files(adapter_path, ConversionError)
     if local.exists():
@@ -97,15 +98,14 @@ def resolve_model(path: str | Path | None, progress: bool = True,
         stamp, name = str(path), str(path).replace("/", "--")
     if adapters:
         stamp += f"+{adapters[0].parent.resolve()}"
-        name += f"+{adapters[0].parent.name}"
+        name += f"+{adapters[0].parent.resolve().name}"
     target = cache_root() / f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
-    made_from = _with_adapters(source_stamp(local) if local.exists() else _hub_stamp(str(path)),
-                               adapters)
-    if is_hobbit_model(target) and _still_converted(target, made_from):
+    made_from = source_stamp(local) if local.exists() else _hub_stamp(str(path))
+    if is_hobbit_model(target) and _still_converted(target, made_from, adapter_record(adapters)):
         return target
     if not local.exists():  # a hub id: downloaded first (a failure is one line, said alone)
         resolve_source(path)
-        made_from = _with_adapters(_hub_stamp(str(path)), adapters)
+        made_from = _hub_stamp(str(path))
     if progress:  # (a cached conversion whose source changed is ours to redo)
         fused = f" with the adapters of {adapter_path} fused" if adapters else ""
         print(f"[hobbit_mlx] converting {path}{fused} into {target} (once)")
@@ -118,23 +118,22 @@ def resolve_model(path: str | Path | None, progress: bool = True,
     return target
 
 
-def _with_adapters(made_from: dict | None, adapters: list[Path]) -> dict | None:
-    """A source's stamp with its adapter files' (new adapters trained into the same folder
-    make the cached conversion stale)."""
-    if made_from is not None:
-        made_from.update({f"adapter/{f.name}": file_stamp(f) for f in adapters})
-    return made_from
-
-
 def _check_fused(model_dir: Path, adapter_path: str | Path) -> None:
-    """A converted model takes adapters only if it was converted with them: they are fused
-    while converting, and fusing needs the checkpoint it was converted from."""
+    """A converted model takes adapters only if it was converted with these very ones (the
+    same folder, its files unchanged): they are fused while converting, and fusing needs the
+    checkpoint it was converted from."""
     from convert import ConversionError
+    from convert.adapters import adapter_files, adapter_record
 
+    adapter = adapter_record(adapter_files(adapter_path, ConversionError))
     manifest = load_manifest(model_dir, check_files=False)
-    if manifest.adapter and Path(manifest.adapter) == Path(adapter_path).expanduser().resolve():
-        return
-    source = manifest.source or "its source checkpoint"
+    source = manifest.source or "SRC"
+    if manifest.adapter.get("path") == adapter["path"]:
+        if manifest.adapter == adapter:
+            return
+        raise ConversionError(
+            f"the adapters in {adapter_path} changed since {model_dir} was converted with them: "
+            f"convert again with `{reconvert_command(model_dir, manifest)}`")
     raise ConversionError(
         f"{model_dir} is a converted model, and adapters are fused while converting: load the "
         f"checkpoint it was converted from ({source}) with --adapter-path {adapter_path}, or "
@@ -172,15 +171,18 @@ def _hub_stamp(repo_id: str) -> dict | None:
     return {**source_stamp(Path(snapshot)), "revision": Path(snapshot).name}
 
 
-def _still_converted(target: Path, made_from: dict | None) -> bool:
+def _still_converted(target: Path, made_from: dict | None, adapter: dict) -> bool:
     """Whether a cached conversion is still its source's: the files it reads in place unchanged,
-    and those of a local source (``made_from``) as they were when converted. A float source's
-    store is a copy, so nothing but this stamp ties it to the weights it was made from; one
-    converted before stamps were kept is trusted only where its references cover the weights."""
+    and those of a local source (``made_from``) as they were when converted; the adapters fused
+    in (``adapter_record``) the same. A float source's store is a copy, so nothing but this
+    stamp ties it to the weights it was made from; one converted before stamps were kept is
+    trusted only where its references cover the weights."""
     try:
         manifest = load_manifest(target, check_files=False)
         check_references(target, manifest)
     except StoreError:
+        return False
+    if manifest.adapter != adapter:  # (retrained into the same folder)
         return False
     if made_from is None:  # (a hub id the Hugging Face cache does not hold now)
         return True

@@ -167,7 +167,8 @@ class Manifest:
     page_size: int = PAGE_SIZE
     # files outside the model directory this store reads in place: path -> {"size", "mtime_ns"}
     references: dict[str, dict] = field(default_factory=dict)
-    adapter: str = ""  # the adapters fused into it (``--adapter-path``), if any
+    # the adapters fused into it (``--adapter-path``): {"path", "files": {name: stamp}}, or {}
+    adapter: dict = field(default_factory=dict)
 
     def expert_bytes(self, precision: str, float_itemsize: int | None = None) -> int:
         """All experts at one precision: as stored, or once read with floats cast."""
@@ -195,7 +196,7 @@ class Manifest:
                        list(obj["files"]), [LayerEntry.from_json(l) for l in obj["layers"]],
                        obj.get("source", ""), int(obj.get("page_size", PAGE_SIZE)),
                        {k: dict(v) for k, v in obj.get("references", {}).items()},
-                       str(obj.get("adapter", "")))
+                       dict(obj.get("adapter") or {}))
         check_layers(manifest)
         return manifest
 
@@ -412,7 +413,8 @@ def file_stamp(path: str | Path) -> dict:
 def reconvert_command(model_dir: Path, manifest: Manifest) -> str:
     """The command that rebuilds the store, its paths quoted for a shell."""
     src = shlex.quote(manifest.source) if manifest.source else "SRC"
-    adapter = f" --adapter-path {shlex.quote(manifest.adapter)}" if manifest.adapter else ""
+    adapter = (f" --adapter-path {shlex.quote(manifest.adapter['path'])}" if manifest.adapter
+               else "")
     return f"python -m convert {src} {shlex.quote(str(model_dir))}{adapter} --force"
 
 

@@ -80,7 +80,7 @@ def test_adapters_are_fused_as_mlx_lm_fuses_them(tmp_path, quantize):
     base = _logits(converter.convert(src, tmp_path / "base", progress=False))
     assert np.abs(base - fused).max() > 1e-2  # (the adapters change the output)
     manifest = load_manifest(dst)
-    assert manifest.adapter == str(adapters.resolve())
+    assert manifest.adapter["path"] == str(adapters.resolve())
     assert f"--adapter-path {adapters.resolve()}" in reconvert_command(dst, manifest)
     if quantize:  # the last layer's experts changed (written), the first's did not (in place)
         def in_place(layer):
@@ -102,7 +102,46 @@ def test_bad_adapters_are_one_line_errors(tmp_path, capsys):
     assert convert_main([str(src), str(tmp_path / "out"), "--adapter-path",
                          str(tmp_path / "empty"), "--quiet"]) == 2
     assert "no adapter_config.json there" in capsys.readouterr().err
+    # a config mlx-lm cannot read, weights cut short: one line naming the file (were tracebacks)
+    good = make_adapters(src, tmp_path / "good")
+    config = json.loads((good / "adapter_config.json").read_text())
+    weights = (good / "adapters.safetensors").read_bytes()
+    for name, data, needle in (
+            ("adapter_config.json", json.dumps({**config, "lora_parameters": None}),
+             "lora_parameters (rank, scale, dropout) is missing"),
+            ("adapter_config.json", json.dumps({k: v for k, v in config.items() if k != "num_layers"}),
+             "num_layers"),
+            ("adapters.safetensors", weights[:len(weights) // 2], "cut short"),
+            ("adapters.safetensors", b"\x00" * 4, "not a safetensors file")):
+        bad = tmp_path / f"bad-{needle[:4]}"
+        if not bad.exists():
+            bad.mkdir()
+            for f in good.iterdir():
+                (bad / f.name).write_bytes(f.read_bytes())
+        (bad / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+        assert convert_main([str(src), str(tmp_path / "out"), "--adapter-path", str(bad),
+                             "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad / name}: ") and err.count("\n") == 1, err
+        assert needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_adapters_fused_is_no_source_and_takes_only_its_own(tmp_path, capsys):
+    """Converting it again dropped its adapters without a word (its links are the checkpoint
+    without them); loading it with retrained adapters in the same folder used the old ones."""
+    src = make_tiny_model("qwen3_moe", tmp_path / "src")
+    adapters = make_adapters(src, tmp_path / "adapters")
+    dst = converter.convert(src, tmp_path / "fused", adapter_path=adapters, progress=False)
+    assert convert_main([str(dst), str(tmp_path / "again"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "converting it again would drop them" in err and f"--adapter-path {adapters.resolve()}" in err
+    hobbit_mlx.load(dst, adapter_path=adapters, expert_residency=0.5, progress=False)
+    make_adapters(src, tmp_path / "retrained", seed=1)
+    os.replace(tmp_path / "retrained" / "adapters.safetensors", adapters / "adapters.safetensors")
+    with pytest.raises(converter.ConversionError, match="changed since .* was converted with them"):
+        hobbit_mlx.load(dst, adapter_path=adapters, expert_residency=0.5, progress=False)
+    model, _ = hobbit_mlx.load(dst, adapter_path="", expert_residency=0.5, progress=False)  # none
 
 
 def test_load_and_generate_take_adapter_path(tmp_path, monkeypatch, capsys):
@@ -121,6 +160,9 @@ def test_load_and_generate_take_adapter_path(tmp_path, monkeypatch, capsys):
                                progress=False)
     np.testing.assert_allclose(np.array(model(TOKENS)), expected, rtol=0, atol=1e-5)
     fused_dir = next((tmp_path / "cache").glob("src+adapters-*"))
+    monkeypatch.chdir(adapters)  # the same adapters by another spelling: the same conversion
+    hobbit_mlx.load(src, adapter_path=".", expert_residency=0.5, progress=False)
+    assert [p.name for p in (tmp_path / "cache").glob("src*")] == [fused_dir.name]
     base, _ = hobbit_mlx.load(src, expert_residency=0.5, exact=True, progress=False)
     assert np.abs(np.array(base(TOKENS)) - expected).max() > 1e-2
     assert len(list((tmp_path / "cache").glob("src*"))) == 2
