@@ -55,8 +55,8 @@ from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, Precis
 
 from .adapters import adapter_files, adapter_record, fused_weights
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
-from .resume import (RESUME_DIR, STATE_NAME, ConversionProgress, conversion_stamp,
-                     read_progress)
+from .resume import (RESUME_DIR, ConversionProgress, conversion_stamp, layers_kept,
+                     lock_partial, read_progress)
 
 CHUNK_BYTES = 512 * 2**20  # float weights materialised at once while requantizing experts
 TENSOR_ALIGN = 64
@@ -457,52 +457,73 @@ def _running(pid: int) -> bool:
 
 
 def _take_over_partials(dst: Path, tmp: Path, stamp: dict,
-                        num_layers: int) -> ConversionProgress | None:
-    """What conversions into ``dst`` that no longer run left behind: a partial directory of
-    this very conversion (same source, options and code; see ``convert/resume.py``) becomes
-    ``tmp`` and is resumed; anything else (other partials, a replaced DST) is removed, saying so."""
-    progress = None
+                        num_layers: int) -> tuple[ConversionProgress | None, int | None]:
+    """What conversions into ``dst`` that no longer run left behind (partial directories no
+    process holds locked; a replaced DST whose process ended): a partial of this very
+    conversion (same source, options and code; see ``convert/resume.py``) becomes ``tmp`` and
+    is resumed (its progress, and the lock this process now holds on it); anything else is
+    removed, saying so. A partial another process is converting into is left, saying so."""
+    progress, lock = None, None
     found = sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*-*"), key=lambda d: d != tmp)
     for d in found:
         pid = _partial_pid(d, dst)
-        if pid is None or (pid != os.getpid() and _running(pid)):
+        if pid is None:
             continue
-        if progress is None and d.name.startswith(f".{dst.name}.partial-"):
-            progress = read_progress(d, stamp)
-            if progress is not None:
-                if d != tmp:
-                    os.rename(d, tmp)
-                for leftover in tmp.iterdir():  # what came after the layers is made again
-                    if leftover.name not in (STORE_DIR, RESUME_DIR):
-                        _remove(leftover)
-                print(f"[convert] resuming an interrupted conversion into {dst}: "
-                      f"{len(progress.layers)} of {num_layers} layers were done ({d.name})",
-                      file=sys.stderr)
+        if ".partial-" not in d.name:  # (a replaced DST, while its conversion swaps it in)
+            if pid != os.getpid() and _running(pid):
                 continue
-        if d == tmp:
-            _remove(d)  # (this process's own, of another conversion: not worth a line)
+            held = None
+        else:
+            held = lock_partial(d)
+            if held is None:
+                print(f"[convert] left {d} alone: another conversion into {dst} is running "
+                      f"(pid {pid}); this one starts afresh", file=sys.stderr)
+                continue
+        if lock is None and held is not None and (progress := read_progress(d, stamp)) is not None:
+            if d != tmp:
+                os.rename(d, tmp)  # (the lock goes with the directory)
+            lock = held
+            for leftover in tmp.iterdir():  # what came after the layers is made again
+                if leftover.name not in (STORE_DIR, RESUME_DIR):
+                    _remove(leftover)
+            print(f"[convert] resuming an interrupted conversion into {dst}: "
+                  f"{len(progress.layers)} of {num_layers} layers were done ({d.name})",
+                  file=sys.stderr)
             continue
         size = _tree_bytes(d) if d.is_dir() and not d.is_symlink() else 0
         _remove(d)
+        if held is not None:
+            os.close(held)
+        if d == tmp:
+            continue  # (this process's own, of another conversion: not worth a line)
         what = (f"the partial output of an interrupted conversion (pid {pid})"
                 if ".partial-" in d.name else
                 f"the old model an interrupted conversion (pid {pid}) was replacing")
         print(f"[convert] removed {d} ({size / 2**20:.1f} MiB), {what}", file=sys.stderr)
-    return progress
+    return progress, lock
 
 
-def _keep_for_resume(e: BaseException, tmp: Path, progress: ConversionProgress,
-                     num_layers: int) -> bool:
+def _new_partial(tmp: Path) -> int:
+    """``tmp`` made and locked (under a name no other conversion looks at until it is locked,
+    so none takes it for one left behind); the lock's descriptor."""
+    fresh = tmp.with_name(tmp.name.replace(".partial-", ".new-"))
+    _remove(fresh)
+    fresh.mkdir()
+    lock = lock_partial(fresh)
+    os.rename(fresh, tmp)
+    return lock
+
+
+def _keep_for_resume(e: BaseException, tmp: Path, num_layers: int) -> bool:
     """Whether a conversion stopped by ``e`` keeps its finished layers for the next one: when
     it was interrupted (Ctrl-C, SIGTERM) or could not read or write (a full disk, say), and
-    some layers are done. Says where they are; ``e.kept_partial`` names the directory."""
-    if not isinstance(e, (KeyboardInterrupt, OSError)) or not progress.layers:
-        return False
-    if not (tmp / RESUME_DIR / STATE_NAME).exists():  # (past the layers: nothing to resume)
+    some layers are recorded done. Says where they are; ``e.kept_partial`` names the directory."""
+    kept = layers_kept(tmp)
+    if not isinstance(e, (KeyboardInterrupt, OSError)) or not kept:
         return False
     e.kept_partial = tmp
-    print(f"[convert] kept {len(progress.layers)} of {num_layers} converted layers in {tmp}: "
-          "the same command resumes from there (delete it to start over)", file=sys.stderr)
+    print(f"[convert] kept {kept} of {num_layers} converted layers in {tmp}: the same command "
+          "resumes from there (delete it to start over)", file=sys.stderr)
     return True
 
 
@@ -832,13 +853,16 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
         raise ConversionError(f"cannot write {dst}: cannot create {e.filename or dst.parent} "
                               f"({e.strerror or e})") from None
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    lock = None
     adapter = adapter_record(adapters)
     stamp = conversion_stamp(source_files + adapters, json.dumps(raw_config, sort_keys=True),
                              {"source": source, "bits": bits, "low_bits": low_bits,
                               "group_size": group_size, "by_reference": by_reference,
                               "adapter": adapter.get("path", "")})
-    state = _take_over_partials(dst, tmp, stamp, len(switches)) or ConversionProgress(stamp)
     try:
+        state, lock = _take_over_partials(dst, tmp, stamp, len(switches))
+        if state is None:
+            state, lock = ConversionProgress(stamp), _new_partial(tmp)
         for pname in ("high", "low"):
             (tmp / STORE_DIR / pname).mkdir(parents=True, exist_ok=True)
         precisions = {"high": {"bits": bits, "group_size": group_size},
@@ -890,9 +914,12 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
             _install(tmp, dst, force, src)
     except BaseException as e:
         with _signals_held():  # (a second Ctrl-C does not leave half of it behind)
-            if not _keep_for_resume(e, tmp, state, len(switches)):
+            if not _keep_for_resume(e, tmp, len(switches)):
                 _remove(tmp)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     _deliver(pending)
     return dst
 

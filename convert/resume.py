@@ -15,6 +15,7 @@ then starts at the first unfinished layer. Anything else is removed as before.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -30,15 +31,44 @@ STATE_NAME = "state.json"
 
 def conversion_stamp(source_files: list[Path], config_text: str, options: dict) -> dict:
     """What must be the same for a partial conversion's layers to be this conversion's: the
-    source files as they are on disk, its config.json, the options, the converter's code."""
-    code = hashlib.sha1()
-    here = Path(__file__).parent
-    for module in (here / "__init__.py", here / "reference.py", here / "resume.py",
-                   Path(store_module.__file__)):
-        code.update(module.read_bytes())
+    source files as they are on disk, its config.json, the options, and the code that converts
+    (every module of ``convert`` and ``hobbit_mlx``, MLX's and mlx-lm's versions: layers an older
+    version wrote are not resumed beside a newer one's)."""
+    import mlx.core as mx
+    import mlx_lm
+
+    code = hashlib.sha1(f"{mx.__version__} {getattr(mlx_lm, '__version__', '')}".encode())
+    for package in (Path(__file__).parent, Path(store_module.__file__).parent):
+        for module in sorted(package.rglob("*.py")):
+            code.update(module.read_bytes())
     return {"files": {str(f): file_stamp(f) for f in source_files},
             "config_sha1": hashlib.sha1(config_text.encode()).hexdigest(),
             "options": options, "code_sha1": code.hexdigest()}
+
+
+def lock_partial(folder: Path) -> int | None:
+    """An exclusive lock on a partial directory, held by the returned descriptor while this
+    process converts into it; None when another process holds it (a conversion running now).
+    The lock, not the pid in the name, tells a running conversion from a dead one: a pid may
+    be reused, and a process that stopped converting (a notebook's Ctrl-C) may live on."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def layers_kept(partial: Path) -> int:
+    """The finished layers ``partial`` records (0: none, or no record)."""
+    try:
+        return int(json.loads((partial / RESUME_DIR / STATE_NAME).read_text())["layers_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 @dataclass

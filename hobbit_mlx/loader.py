@@ -216,8 +216,11 @@ def _cache_write_error(e: OSError, source: Path, target: Path) -> Exception:
         return e
     what = f"{target}" + (f" ({name})" if name is not None and name != target else "")
     hint = "free space there, or " if disk_full else ""
+    kept = getattr(e, "kept_partial", None)
+    kept = (f"; the layers converted so far are kept in {kept} (loading again resumes there; "
+            "delete it to free their space)" if kept is not None else "")
     return ConversionError(f"cannot write {what}: {reason}; {hint}set HOBBIT_MLX_CACHE to "
-                           f"another directory (now {cache_root()})")
+                           f"another directory (now {cache_root()}){kept}")
 
 
 def _inside(path: Path, folder: Path) -> bool:

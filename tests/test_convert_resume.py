@@ -135,3 +135,94 @@ def test_an_error_that_is_no_interruption_leaves_nothing(tmp_path, counted, caps
     assert convert_main([str(src), str(tmp_path / "out"), "--quiet"]) == 2
     assert "kept" not in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """A process holding ``folder``'s conversion lock (a conversion running into it)."""
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import fcntl, os, sys, time\n"
+                             f"fd = os.open({str(folder)!r}, os.O_RDONLY)\n"
+                             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                             "print('locked', flush=True)\n"
+                             "time.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_the_lock_not_the_pid_tells_a_running_conversion(tmp_path, counted, capsys):
+    """A partial whose pid lives but converts no more (a reused pid; a notebook's Ctrl-C) was
+    skipped without a word, converted afresh and left behind for good; one another conversion
+    holds is left alone, saying so."""
+    src = _source(tmp_path)
+    out = tmp_path / "out"
+    counted["fail_at"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert(src, out / "model", progress=False)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        partial = out / f".model.partial-{alive.pid}"
+        os.rename(out / f".model.partial-{os.getpid()}", partial)
+        counted["layers"].clear()
+        converter.convert(src, out / "model", progress=False)
+        assert counted["layers"] == [2] and _partials(out) == []  # resumed
+        counted["fail_at"] = 1
+        with pytest.raises(KeyboardInterrupt):
+            converter.convert(src, out / "again", progress=False)
+        os.rename(out / f".again.partial-{os.getpid()}", out / f".again.partial-{alive.pid}")
+        holder = _holder(out / f".again.partial-{alive.pid}")
+        try:
+            capsys.readouterr()
+            counted["layers"].clear()
+            converter.convert(src, out / "again", progress=False)
+            assert counted["layers"] == list(range(LAYERS))  # (afresh, beside it)
+            assert "another conversion into" in capsys.readouterr().err
+            assert _partials(out) == [f".again.partial-{alive.pid}"]
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_an_interrupt_right_after_the_take_over_keeps_the_partial(tmp_path, counted, capsys,
+                                                                  monkeypatch):
+    """Ctrl-C between taking a partial over and converting: it said "nothing was written" (and
+    kept it); the count of kept layers is the recorded one."""
+    src = _source(tmp_path)
+    out = tmp_path / "out"
+    counted["fail_at"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert(src, out / "model", progress=False)
+    real = converter._take_over_partials
+
+    def interrupted(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(converter, "_take_over_partials", interrupted)
+    capsys.readouterr()
+    assert convert_main([str(src), str(out / "model"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert f"kept 2 of {LAYERS} converted layers" in err and err.endswith("\ninterrupted\n")
+    assert _partials(out) == [f".model.partial-{os.getpid()}"]
+
+
+def test_the_stamp_holds_the_code_and_mlx_versions(tmp_path, monkeypatch):
+    """Layers an older converter wrote were resumed beside a newer one's when the change was in
+    a module the stamp did not read (convert/adapters.py, say), or in MLX or mlx-lm."""
+    import mlx.core as mx
+
+    from convert.resume import conversion_stamp
+
+    src = _source(tmp_path)
+    files = list(src.glob("*.safetensors"))
+    stamp = conversion_stamp(files, "{}", {})
+    assert conversion_stamp(files, "{}", {}) == stamp
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: real(self) + (
+        b"# changed" if self.name == "adapters.py" else b""))
+    assert conversion_stamp(files, "{}", {}) != stamp
+    monkeypatch.setattr(Path, "read_bytes", real)
+    monkeypatch.setattr(mx, "__version__", "0.0.1")
+    assert conversion_stamp(files, "{}", {}) != stamp

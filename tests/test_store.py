@@ -300,6 +300,16 @@ def test_cache_that_cannot_be_written_is_named(tiny_factory, tmp_path, monkeypat
                        rf"HOBBIT_MLX_CACHE to another directory \(now {cache}\)"):
         resolve_model(src, progress=False)
 
+    def full_after_some_layers(source, target, **kw):  # (the layers done are kept: say where)
+        e = OSError(errno.ENOSPC, "No space left on device")
+        e.kept_partial = target.parent / f".{target.name}.partial-1"
+        raise e
+
+    monkeypatch.setattr(converter, "convert", full_after_some_layers)
+    with pytest.raises(converter.ConversionError, match=r"free space there, .*; the layers "
+                       r"converted so far are kept in \S+\.partial-1 \(loading again resumes"):
+        resolve_model(src, progress=False)
+
 
 def test_measurements_that_cannot_be_kept_are_warned_about_once(tmp_path, monkeypatch):
     from hobbit_mlx import measure
