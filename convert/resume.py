@@ -63,6 +63,15 @@ def lock_partial(folder: Path) -> int | None:
     return fd
 
 
+def partial_origin(partial: Path) -> tuple[str, str] | None:
+    """(source, adapters' folder) of the conversion ``partial`` was left by; None if unknown."""
+    try:
+        options = json.loads((partial / RESUME_DIR / STATE_NAME).read_text())["stamp"]["options"]
+        return str(options["source"]), str(options.get("adapter", ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def layers_kept(partial: Path) -> int:
     """The finished layers ``partial`` records (0: none, or no record)."""
     try:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import gc
+import glob
 import hashlib
 import json
 import os
@@ -109,6 +110,8 @@ def resolve_model(path: str | Path | None, progress: bool = True,
     if progress:  # (a cached conversion whose source changed is ours to redo)
         fused = f" with the adapters of {adapter_path} fused" if adapters else ""
         print(f"[hobbit_mlx] converting {path}{fused} into {target} (once)")
+    _drop_outdated(target, name, str(local.resolve()) if local.exists() else str(path),
+                   adapter_record(adapters).get("path", ""))
     try:
         convert(path, target, force=True, progress=progress, adapter_path=adapter_path)
         if made_from is not None:
@@ -116,6 +119,38 @@ def resolve_model(path: str | Path | None, progress: bool = True,
     except OSError as e:  # (a full disk: say where, and which variable moves it)
         raise _cache_write_error(e, local, target) from None
     return target
+
+
+def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
+    """Remove the cache's earlier conversions of ``source`` (with the same adapters) that
+    ``target`` replaces (its config.json changed since: another stamp, another name), and what
+    interrupted conversions of them kept: GBs no load reads any more. One a process is
+    converting into now (it holds its lock) stays."""
+    from convert import _remove, _tree_bytes
+    from convert.resume import lock_partial, partial_origin
+
+    for d in cache_root().glob(f"*{glob.escape(name)}-*"):
+        if d.name == target.name or d.name.startswith(f".{target.name}."):
+            continue  # (this conversion's own partials are convert's to resume)
+        if d.name.startswith(f".{name}-") and ".partial-" in d.name:
+            origin = partial_origin(d)
+        elif d.name.startswith(f"{name}-") and is_hobbit_model(d):
+            try:
+                manifest = load_manifest(d, check_files=False)
+            except StoreError:
+                continue
+            origin = (manifest.source, manifest.adapter.get("path", ""))
+        else:
+            continue
+        if origin != (source, adapter) or (lock := lock_partial(d)) is None:
+            continue
+        try:
+            size = _tree_bytes(d)
+            _remove(d)
+        finally:
+            os.close(lock)
+        print(f"[hobbit_mlx] removed {d} ({size / 2**20:.1f} MiB), an earlier conversion of "
+              f"{source}", file=sys.stderr)
 
 
 def _check_fused(model_dir: Path, adapter_path: str | Path) -> None:

@@ -324,3 +324,26 @@ def test_measurements_that_cannot_be_kept_are_warned_about_once(tmp_path, monkey
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         measure._write_measured(path, ([(16, 1)], (0.0, 0.0, 0.0)))  # said once
+
+
+def test_an_outdated_cached_conversion_is_removed_not_another_sources(tmp_path, monkeypatch,
+                                                                      capsys):
+    """A source whose config.json changed is converted into a new cache directory; the old one
+    (GBs no load reads any more) stayed for good. Another source of the same name, and the same
+    source with adapters fused, are other conversions and stay."""
+    from hobbit_mlx.loader import resolve_model
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(tmp_path / "cache"))
+    src = make_tiny_model("qwen3_moe", tmp_path / "a" / "model")
+    other = make_tiny_model("qwen3_moe", tmp_path / "b" / "model", seed=1)
+    old = resolve_model(src, progress=False)
+    theirs = resolve_model(other, progress=False)
+    config = src / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    new = resolve_model(src, progress=False)
+    assert new != old and not old.exists() and theirs.exists()
+    assert f"removed {old} (" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name != "measured") == \
+        sorted([new.name, theirs.name])
