@@ -107,18 +107,44 @@ def resolve_model(path: str | Path | None, progress: bool = True,
     if not local.exists():  # a hub id: downloaded first (a failure is one line, said alone)
         resolve_source(path)
         made_from = _hub_stamp(str(path))
-    if progress:  # (a cached conversion whose source changed is ours to redo)
-        fused = f" with the adapters of {adapter_path} fused" if adapters else ""
-        print(f"[hobbit_mlx] converting {path}{fused} into {target} (once)")
-    _drop_outdated(target, name, str(local.resolve()) if local.exists() else str(path),
-                   adapter_record(adapters).get("path", ""))
     try:
-        convert(path, target, force=True, progress=progress, adapter_path=adapter_path)
-        if made_from is not None:
-            _write_stamp(target, made_from)
+        with _converting(target):
+            # (another process, a pipeline rank or a server, may have converted it meanwhile)
+            if is_hobbit_model(target) and _still_converted(target, made_from,
+                                                            adapter_record(adapters)):
+                return target
+            if progress:  # (a cached conversion whose source changed is ours to redo)
+                fused = f" with the adapters of {adapter_path} fused" if adapters else ""
+                print(f"[hobbit_mlx] converting {path}{fused} into {target} (once)")
+            _drop_outdated(target, name, str(local.resolve()) if local.exists() else str(path),
+                           adapter_record(adapters).get("path", ""))
+            convert(path, target, force=True, progress=progress, adapter_path=adapter_path)
+            if made_from is not None:
+                _write_stamp(target, made_from)
     except OSError as e:  # (a full disk: say where, and which variable moves it)
         raise _cache_write_error(e, local, target) from None
     return target
+
+
+@contextlib.contextmanager
+def _converting(target: Path):
+    """One process at a time converts into a cached ``target``; another waits for it (saying
+    so), then loads what it made. Two converting at once (the ranks of a pipeline on one Mac,
+    a server and a CLI) each replaced the other's model, under a load reading it."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[hobbit_mlx] waiting for another process converting into {target}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
@@ -147,6 +173,7 @@ def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
         try:
             size = _tree_bytes(d)
             _remove(d)
+            _remove(d.parent / f".{d.name}.lock")  # (no process converts into it any more)
         finally:
             os.close(lock)
         print(f"[hobbit_mlx] removed {d} ({size / 2**20:.1f} MiB), an earlier conversion of "

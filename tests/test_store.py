@@ -15,7 +15,7 @@ import convert as converter
 import hobbit_mlx
 from hobbit_mlx.budget import BudgetError, parse_size
 from hobbit_mlx.loader import runtime_of
-from hobbit_mlx.store import PAGE_SIZE, StoreError, load_manifest
+from hobbit_mlx.store import PAGE_SIZE, StoreError, is_hobbit_model, load_manifest
 from hobbit_mlx.architectures import UnsupportedModelError
 
 
@@ -346,4 +346,57 @@ def test_an_outdated_cached_conversion_is_removed_not_another_sources(tmp_path, 
     assert new != old and not old.exists() and theirs.exists()
     assert f"removed {old} (" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.name != "measured") == \
-        sorted([new.name, theirs.name])
+        sorted([new.name, theirs.name, f".{new.name}.lock", f".{theirs.name}.lock"])
+
+
+def test_a_second_process_waits_for_a_cached_conversion_and_loads_it(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Two processes loading one unconverted checkpoint at once (a pipeline's ranks on one Mac,
+    a server and a CLI) each converted it and replaced the other's model under its load: the
+    second waits for the first, then takes what it made."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    from hobbit_mlx.loader import resolve_model
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(cache))
+    src = make_tiny_model("qwen3_moe", tmp_path / "src")
+    first = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nimport convert\n"
+         "from hobbit_mlx.loader import resolve_model\n"
+         "real = convert.convert\n"
+         "def slow(*a, **k):\n    time.sleep(2)\n    return real(*a, **k)\n"
+         "convert.convert = slow\n"
+         f"print(resolve_model({str(src)!r}, progress=False))\n"],
+        env={**os.environ, "HOBBIT_MLX_CACHE": str(cache)}, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the first holds the conversion's lock
+            locks = list(cache.glob(".*.lock")) if cache.exists() else []
+            if locks:
+                fd = os.open(locks[0], os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    break
+                finally:
+                    os.close(fd)
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+
+        def not_again(*a, **k):
+            raise AssertionError("converted a second time")
+
+        monkeypatch.setattr(converter, "convert", not_again)
+        target = resolve_model(src, progress=False)
+        assert "waiting for another process converting into" in capsys.readouterr().err
+        assert first.communicate(timeout=120)[0].strip() == str(target)
+        assert is_hobbit_model(target)
+    finally:
+        first.kill()
+        first.wait()
