@@ -31,10 +31,13 @@ import io
 import json
 import numbers
 import os
+import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -55,8 +58,8 @@ from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, Precis
 
 from .adapters import adapter_files, adapter_record, fused_weights
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
-from .resume import (RESUME_DIR, ConversionProgress, conversion_stamp, layers_kept,
-                     lock_partial, read_progress)
+from .resume import (RESUME_DIR, ConversionProgress, PartialClaim, conversion_stamp,
+                     layers_kept, lock_partial, process_running, read_progress)
 
 CHUNK_BYTES = 512 * 2**20  # float weights materialised at once while requantizing experts
 TENSOR_ALIGN = 64
@@ -369,18 +372,22 @@ def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], preci
         rel = f"{STORE_DIR}/{pname}/layer_{li:03d}.safetensors"
         writer = _LayerWriter(tmp / rel, num_experts, dict(sorted(shapes.items())),
                               compact=refs is not None)
-        for p in proj_names:
-            out_dims, in_dim = modules[p].weight.shape[1:]
-            step = max(1, CHUNK_BYTES // (out_dims * in_dim * 4))
-            for e0 in range(0, num_experts, step):
-                e1 = min(num_experts, e0 + step)
-                chunk = _expert_tensors(weights, f"{path}.{p}", in_dims[p], quant[p], e0, e1)
-                mx.eval(list(chunk.values()))
-                for name, arr in chunk.items():
-                    data = _to_numpy(arr)
-                    for e in range(e0, e1):
-                        writer.write(e, f"{p}.{name}", data[e - e0])
-            progress.update(1)
+        try:
+            for p in proj_names:
+                out_dims, in_dim = modules[p].weight.shape[1:]
+                step = max(1, CHUNK_BYTES // (out_dims * in_dim * 4))
+                for e0 in range(0, num_experts, step):
+                    e1 = min(num_experts, e0 + step)
+                    chunk = _expert_tensors(weights, f"{path}.{p}", in_dims[p], quant[p], e0, e1)
+                    mx.eval(list(chunk.values()))
+                    for name, arr in chunk.items():
+                        data = _to_numpy(arr)
+                        for e in range(e0, e1):
+                            writer.write(e, f"{p}.{name}", data[e - e0])
+                progress.update(1)
+        except BaseException:
+            os.close(writer.fd)  # (an interrupted layer: its file is written again on resume)
+            raise
         files.append(rel)
         entry.precisions[pname] = PrecisionEntry(_nominal_bits(quant, want["bits"]), quant,
                                                  writer.layout, writer.finish(len(files) - 1))
@@ -439,79 +446,85 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
+_LEFT_BEHIND = re.compile(r"\.(partial|old)-(\d+)(x[^/]*)?$")
+YOUNG_PARTIAL_S = 60  # a partial with no layer recorded yet may be one being made: left alone
+
+
 def _partial_pid(d: Path, dst: Path) -> int | None:
     """The process a conversion's temporary directory (or replaced DST) names, or None."""
-    kind, _, pid = d.name[len(dst.name) + 2:].rpartition("-")
-    return int(pid) if kind in ("partial", "old") and pid.isdigit() else None
+    m = _LEFT_BEHIND.fullmatch(d.name[len(dst.name) + 1:])
+    return int(m.group(2)) if m else None
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` runs (its partial directory is then not ours to touch)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # alive, another user's
-        return True
-    return True
-
-
-def _take_over_partials(dst: Path, tmp: Path, stamp: dict,
-                        num_layers: int) -> tuple[ConversionProgress | None, int | None]:
+def _take_over_partials(dst: Path, stamp: dict, num_layers: int,
+                        claim: PartialClaim) -> ConversionProgress | None:
     """What conversions into ``dst`` that no longer run left behind (partial directories no
     process holds locked; a replaced DST whose process ended): a partial of this very
-    conversion (same source, options and code; see ``convert/resume.py``) becomes ``tmp`` and
-    is resumed (its progress, and the lock this process now holds on it); anything else is
-    removed, saying so. A partial another process is converting into is left, saying so."""
-    progress, lock = None, None
-    found = sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*-*"), key=lambda d: d != tmp)
-    for d in found:
+    conversion (same source, options and code; see ``convert/resume.py``) is resumed in place
+    (its progress; it and its lock go into ``claim`` at once); anything else is removed, saying
+    so. A partial another process is converting into is left, saying so."""
+    progress = None
+    held = claim.locks
+    for d in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*-*")):
         pid = _partial_pid(d, dst)
         if pid is None:
             continue
         if ".partial-" not in d.name:  # (a replaced DST, while its conversion swaps it in)
-            if pid != os.getpid() and _running(pid):
+            if pid != os.getpid() and process_running(pid):
                 continue
-            held = None
+            lock = None
         else:
-            held = lock_partial(d)
-            if held is None:
+            lock = lock_partial(d, pid)
+            if lock is None:
                 print(f"[convert] left {d} alone: another conversion into {dst} is running "
                       f"(pid {pid}); this one starts afresh", file=sys.stderr)
                 continue
-        if lock is None and held is not None and (progress := read_progress(d, stamp)) is not None:
-            if d != tmp:
-                os.rename(d, tmp)  # (the lock goes with the directory)
-            lock = held
-            for leftover in tmp.iterdir():  # what came after the layers is made again
+            held.append(lock)
+        if progress is None and lock is not None and (progress := read_progress(d, stamp)):
+            claim.path = d
+            for leftover in d.iterdir():  # what came after the layers is made again
                 if leftover.name not in (STORE_DIR, RESUME_DIR):
                     _remove(leftover)
             print(f"[convert] resuming an interrupted conversion into {dst}: "
                   f"{len(progress.layers)} of {num_layers} layers were done ({d.name})",
                   file=sys.stderr)
             continue
-        size = _tree_bytes(d) if d.is_dir() and not d.is_symlink() else 0
-        _remove(d)
-        if held is not None:
-            os.close(held)
-        if d == tmp:
-            continue  # (this process's own, of another conversion: not worth a line)
+        try:
+            if lock is not None and not layers_kept(d) and _age_s(d) < YOUNG_PARTIAL_S and \
+                    process_running(pid):
+                continue  # (made a moment ago by a process that has not locked it yet)
+            size = _tree_bytes(d) if d.is_dir() and not d.is_symlink() else 0
+            _remove(d)
+        finally:
+            if lock is not None:
+                held.remove(lock)
+                os.close(lock)
         what = (f"the partial output of an interrupted conversion (pid {pid})"
                 if ".partial-" in d.name else
                 f"the old model an interrupted conversion (pid {pid}) was replacing")
         print(f"[convert] removed {d} ({size / 2**20:.1f} MiB), {what}", file=sys.stderr)
-    return progress, lock
+    return progress
 
 
-def _new_partial(tmp: Path) -> int:
-    """``tmp`` made and locked (under a name no other conversion looks at until it is locked,
-    so none takes it for one left behind); the lock's descriptor."""
-    fresh = tmp.with_name(tmp.name.replace(".partial-", ".new-"))
-    _remove(fresh)
-    fresh.mkdir()
-    lock = lock_partial(fresh)
-    os.rename(fresh, tmp)
-    return lock
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+def _new_partial(dst: Path, claim: PartialClaim) -> Path:
+    """A new partial directory for this conversion, under a name no other process has (a pid
+    can repeat across containers sharing a volume), locked (both into ``claim``)."""
+    claim.path = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}x",
+                                       dir=dst.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(claim.path, 0o777 & ~umask)  # (mkdtemp's 0700: the model its owner's alone)
+    lock = lock_partial(claim.path)
+    if lock is not None:
+        claim.locks.append(lock)
+    return claim.path
 
 
 def _keep_for_resume(e: BaseException, tmp: Path, num_layers: int) -> bool:
@@ -852,17 +865,18 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
     except OSError as e:
         raise ConversionError(f"cannot write {dst}: cannot create {e.filename or dst.parent} "
                               f"({e.strerror or e})") from None
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    lock = None
+    claim = PartialClaim()  # the partial directory this conversion owns, and its locks
     adapter = adapter_record(adapters)
     stamp = conversion_stamp(source_files + adapters, json.dumps(raw_config, sort_keys=True),
                              {"source": source, "bits": bits, "low_bits": low_bits,
                               "group_size": group_size, "by_reference": by_reference,
                               "adapter": adapter.get("path", "")})
     try:
-        state, lock = _take_over_partials(dst, tmp, stamp, len(switches))
+        state = _take_over_partials(dst, stamp, len(switches), claim)
         if state is None:
-            state, lock = ConversionProgress(stamp), _new_partial(tmp)
+            state = ConversionProgress(stamp)
+            _new_partial(dst, claim)
+        tmp = claim.path
         for pname in ("high", "low"):
             (tmp / STORE_DIR / pname).mkdir(parents=True, exist_ok=True)
         precisions = {"high": {"bits": bits, "group_size": group_size},
@@ -914,12 +928,11 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
             _install(tmp, dst, force, src)
     except BaseException as e:
         with _signals_held():  # (a second Ctrl-C does not leave half of it behind)
-            if not _keep_for_resume(e, tmp, len(switches)):
-                _remove(tmp)
+            if claim.path is not None and not _keep_for_resume(e, claim.path, len(switches)):
+                _remove(claim.path)  # (only its own: another's partial is never touched here)
         raise
     finally:
-        if lock is not None:
-            os.close(lock)
+        claim.release()
     _deliver(pending)
     return dst
 

@@ -46,21 +46,52 @@ def conversion_stamp(source_files: list[Path], config_text: str, options: dict) 
             "options": options, "code_sha1": code.hexdigest()}
 
 
-def lock_partial(folder: Path) -> int | None:
+def lock_partial(folder: Path, pid: int | None = None) -> int | None:
     """An exclusive lock on a partial directory, held by the returned descriptor while this
     process converts into it; None when another process holds it (a conversion running now).
     The lock, not the pid in the name, tells a running conversion from a dead one: a pid may
-    be reused, and a process that stopped converting (a notebook's Ctrl-C) may live on."""
+    be reused, and a process that stopped converting (a notebook's Ctrl-C) may live on. On a
+    file system without locks (some network ones) the pid decides: ``pid`` still running
+    (another process) counts as held."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         return None
+    except OSError:  # (no locks here: ENOLCK, EOPNOTSUPP...)
+        if pid is not None and pid != os.getpid() and process_running(pid):
+            os.close(fd)
+            return None
     return fd
+
+
+@dataclass
+class PartialClaim:
+    """The partial directory a conversion owns (once it does) and the locks it holds: set the
+    moment they are taken, so that an interrupt at any point leaves nothing unreleased, and
+    the error path removes only a directory this conversion owns."""
+
+    path: Path | None = None
+    locks: list[int] = field(default_factory=list)
+
+    def release(self) -> None:
+        while self.locks:
+            os.close(self.locks.pop())
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs (on this machine, as far as it can tell)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
 
 
 def partial_origin(partial: Path) -> tuple[str, str] | None:

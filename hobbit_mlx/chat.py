@@ -101,6 +101,8 @@ class Conversation:
             return 0  # no dropping makes room: the turn is refused, the history kept
         dropped = 0
         target = limit - int(TRIM_HEADROOM * limit)
+        if len(self._render(query, history=False)) + reply_room > target:
+            target = limit  # (no room to spare: drop only what the turn needs)
         while len(self._render(query)) + reply_room > target:
             if self.plain:
                 self.plain.pop(0)

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -155,12 +156,17 @@ def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
     from convert import _remove, _tree_bytes
     from convert.resume import lock_partial, partial_origin
 
+    # (only names this cache gives: NAME-<12 hex digits>, and convert's partials of them; a
+    # directory of the user's own that names the same source, "mymodel-8bit", stays)
+    ours = re.compile(rf"(\.?){re.escape(name)}-[0-9a-f]{{12}}(\.partial-\d+(x[^/]*)?)?")
     for d in cache_root().glob(f"*{glob.escape(name)}-*"):
-        if d.name == target.name or d.name.startswith(f".{target.name}."):
+        m = ours.fullmatch(d.name)
+        if m is None or d.name == target.name or d.name.startswith(f".{target.name}."):
             continue  # (this conversion's own partials are convert's to resume)
-        if d.name.startswith(f".{name}-") and ".partial-" in d.name:
+        if m.group(1) and m.group(2):
             origin = partial_origin(d)
-        elif d.name.startswith(f"{name}-") and is_hobbit_model(d):
+        elif not m.group(1) and not m.group(2) and (d / SOURCE_STAMP).is_file() and \
+                is_hobbit_model(d):
             try:
                 manifest = load_manifest(d, check_files=False)
             except StoreError:

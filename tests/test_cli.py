@@ -499,3 +499,15 @@ def test_a_refusal_at_load_is_said_without_its_exception_type():
         "cannot load m: exact=True cannot be combined with skip"
     assert _describe_load_error(None, RuntimeError("x")) == \
         "cannot load the bundled reference model: RuntimeError: x"
+
+
+def test_chat_fit_drops_only_what_the_turn_needs_when_no_room_can_be_spared(model_dir):
+    """A long reply room (``--max-tokens -1``: the whole context) leaves no quarter to spare:
+    dropping down to three quarters dropped every turn where one was enough."""
+    conv, sampler = _chat_session(model_dir, "--expert-residency", "1")
+    for query in ("one", "two", "three"):
+        _turn(conv, sampler, query)
+    full = len(conv.prepare("four")[0])
+    room = 3 * full  # (the query alone and this room fill more than three quarters of the limit)
+    assert conv.fit("four", limit=4 * full - 1, reply_room=room) == 1
+    assert [m["content"] for m in conv.messages if m["role"] == "user"] == ["two", "three"]

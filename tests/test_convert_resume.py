@@ -56,6 +56,13 @@ def _partials(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name)
 
 
+def _own_partial(folder: Path, name: str = "model") -> Path:
+    """The partial directory this process left for ``name`` (its pid, then a unique suffix)."""
+    found = list(folder.glob(f".{name}.partial-{os.getpid()}x*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 @pytest.mark.parametrize("quantize", [False, True], ids=["float-copy", "quantized-in-place"])
 def test_an_interrupted_conversion_resumes_into_the_same_store(tmp_path, counted, capsys,
                                                                quantize):
@@ -67,7 +74,7 @@ def test_an_interrupted_conversion_resumes_into_the_same_store(tmp_path, counted
     counted["fail_at"] = 2
     assert convert_main([str(src), str(out / "model"), "--quiet"]) == 130
     err = capsys.readouterr().err
-    kept = out / f".model.partial-{os.getpid()}"
+    kept = _own_partial(out)
     assert f"kept 2 of {LAYERS} converted layers in {kept}: the same command resumes" in err
     assert err.endswith("\ninterrupted\n") and "nothing was written" not in err
     assert _partials(out) == [kept.name] and counted["layers"] == [0, 1]
@@ -94,7 +101,7 @@ def test_a_full_disk_keeps_the_layers_done_and_a_killed_conversion_resumes(tmp_p
     assert f"kept 1 of {LAYERS} converted layers" in err[0]
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    os.rename(out / f".model.partial-{os.getpid()}", out / f".model.partial-{dead}")  # kill -9
+    os.rename(_own_partial(out), out / f".model.partial-{dead}")  # (kill -9)
     counted["layers"].clear()
     assert converter.convert(src, out / "model", progress=False) == out / "model"
     assert counted["layers"] == [1, 2] and _partials(out) == []
@@ -109,7 +116,7 @@ def test_a_partial_of_another_conversion_or_with_damaged_files_is_not_resumed(
     counted["fail_at"] = 2
     with pytest.raises(KeyboardInterrupt):
         converter.convert(src, out / "model", progress=False)
-    partial = out / f".model.partial-{os.getpid()}"
+    partial = _own_partial(out)
     args = {}
     if change == "source":
         src = _source(tmp_path, seed=1)  # another checkpoint at another path
@@ -161,14 +168,14 @@ def test_the_lock_not_the_pid_tells_a_running_conversion(tmp_path, counted, caps
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         partial = out / f".model.partial-{alive.pid}"
-        os.rename(out / f".model.partial-{os.getpid()}", partial)
+        os.rename(_own_partial(out), partial)
         counted["layers"].clear()
         converter.convert(src, out / "model", progress=False)
         assert counted["layers"] == [2] and _partials(out) == []  # resumed
         counted["fail_at"] = 1
         with pytest.raises(KeyboardInterrupt):
             converter.convert(src, out / "again", progress=False)
-        os.rename(out / f".again.partial-{os.getpid()}", out / f".again.partial-{alive.pid}")
+        os.rename(_own_partial(out, "again"), out / f".again.partial-{alive.pid}")
         holder = _holder(out / f".again.partial-{alive.pid}")
         try:
             capsys.readouterr()
@@ -205,7 +212,7 @@ def test_an_interrupt_right_after_the_take_over_keeps_the_partial(tmp_path, coun
     assert convert_main([str(src), str(out / "model"), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert f"kept 2 of {LAYERS} converted layers" in err and err.endswith("\ninterrupted\n")
-    assert _partials(out) == [f".model.partial-{os.getpid()}"]
+    assert _partials(out) == [_own_partial(out).name]
 
 
 def test_the_stamp_holds_the_code_and_mlx_versions(tmp_path, monkeypatch):
@@ -226,3 +233,95 @@ def test_the_stamp_holds_the_code_and_mlx_versions(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", real)
     monkeypatch.setattr(mx, "__version__", "0.0.1")
     assert conversion_stamp(files, "{}", {}) != stamp
+
+
+def _open_files() -> int:
+    return len(os.listdir("/dev/fd"))
+
+
+def test_an_interrupt_anywhere_releases_locks_and_files(tmp_path, counted, monkeypatch):
+    """Ctrl-C inside the take-over kept its lock open (the next conversion into the same DST in
+    that process failed, "another conversion is running"); one mid-layer kept the layer file's
+    descriptor."""
+    src = _source(tmp_path)
+    out = tmp_path / "out"
+    counted["fail_at"] = 1
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert(src, out / "model", progress=False)
+    before = _open_files()
+    real_read = converter.read_progress
+
+    def interrupted_read(*a, **k):
+        real_read(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(converter, "read_progress", interrupted_read)
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert(src, out / "model", progress=False)
+    assert _open_files() == before
+    monkeypatch.setattr(converter, "read_progress", real_read)
+    real_tensors = converter._expert_tensors
+    calls = {"n": 0}
+
+    def interrupted_mid_layer(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # (the layer file is open)
+            raise KeyboardInterrupt
+        return real_tensors(*a, **k)
+
+    monkeypatch.setattr(converter, "_expert_tensors", interrupted_mid_layer)
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert(src, out / "model", progress=False)
+    assert _open_files() == before
+    monkeypatch.setattr(converter, "_expert_tensors", real_tensors)
+    counted["layers"].clear()
+    converter.convert(src, out / "model", progress=False)
+    assert counted["layers"] == [1, 2] and _partials(out) == []
+
+
+def test_a_partial_another_process_holds_is_never_removed(tmp_path, counted, monkeypatch):
+    """Two containers sharing a volume can run the converter under one pid: the second renamed
+    its new directory onto the first's running partial, failed, and its error path removed the
+    first's partial. Each conversion now has a name of its own and removes only its own."""
+    src = _source(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = out / f".model.partial-{os.getpid()}"  # (another process of the same pid)
+    (theirs / "experts").mkdir(parents=True)
+    (theirs / "experts" / "layer.safetensors").write_bytes(b"\0" * 100)
+    holder = _holder(theirs)
+    try:
+        counted["fail_at"], counted["error"] = 1, OSError(28, "No space left on device")
+        with pytest.raises(OSError):
+            converter.convert(src, out / "model", progress=False)
+        assert (theirs / "experts" / "layer.safetensors").exists()
+        counted["fail_at"] = None
+        converter.convert(src, out / "model", progress=False)
+        assert (theirs / "experts" / "layer.safetensors").exists()
+        assert (out / "model" / "experts" / "manifest.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_without_file_locks_the_pid_decides(tmp_path, counted, monkeypatch, capsys):
+    """On a file system without flock (some network ones) every partial read as held by a
+    running conversion: never resumed, never removed. The pid in its name decides there."""
+    import fcntl
+
+    src = _source(tmp_path)
+    out = tmp_path / "out"
+    counted["fail_at"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert(src, out / "model", progress=False)
+
+    def no_locks(fd, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    os.rename(_own_partial(out), out / f".model.partial-{dead}")
+    counted["layers"].clear()
+    converter.convert(src, out / "model", progress=False)
+    assert counted["layers"] == [2] and _partials(out) == []

@@ -162,7 +162,7 @@ def test_interrupted_conversion_leaves_no_model(tiny_factory, tmp_path, monkeypa
     monkeypatch.setattr(converter, "_dense_weights", boom)
     with pytest.raises(KeyboardInterrupt):
         converter.convert(src, tmp_path / "out", progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == [f".out.partial-{os.getpid()}"]
+    assert [p.name[:-8] for p in tmp_path.iterdir()] == [f".out.partial-{os.getpid()}x"]
 
 
 def test_existing_destination_is_not_overwritten(tiny_factory, tmp_path):
@@ -400,3 +400,20 @@ def test_a_second_process_waits_for_a_cached_conversion_and_loads_it(tmp_path, m
     finally:
         first.kill()
         first.wait()
+
+
+def test_pruning_touches_only_the_caches_own_names(tmp_path, monkeypatch):
+    """HOBBIT_MLX_CACHE pointed at a models folder: a conversion the user made there of the same
+    checkpoint ("model-8bit") was removed as an outdated cached one."""
+    from hobbit_mlx.loader import resolve_model
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    models = tmp_path / "models"
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(models))
+    src = make_tiny_model("qwen3_moe", tmp_path / "src" / "model")
+    mine = converter.convert(src, models / "model-8bit", progress=False)
+    resolve_model(src, progress=False)
+    config = src / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    resolve_model(src, progress=False)
+    assert is_hobbit_model(mine)
