@@ -6,11 +6,12 @@ converter records that layer's entry (``resume/layer_NNN.json``) and then the st
 refers to (``resume/state.json``: the store's file list so far, the source files read in place,
 the number of finished layers), each written whole and flushed to the disk before the next step.
 
-A later conversion into the same DST adopts such a partial directory when it was left by a
-process that no longer runs (or by this one) and its stamp matches: the same source files (size
-and modification time), the same config.json, widths, group size and copy mode, and the same
-converter code. It checks that every finished layer's own files hold what their records say,
-then starts at the first unfinished layer. Anything else is removed as before.
+A later conversion into the same DST adopts such a partial directory when no process holds its
+lock (a running conversion holds one on its own: ``lock_partial``) and its stamp matches: the
+same source files (size and modification time), config.json, widths, group size, copy mode and
+adapters, and the same code (hobbit_mlx, MLX, mlx-lm). It checks that every finished layer's own
+files hold what their records say, then starts at the first unfinished layer. Anything else is
+removed as before.
 """
 
 from __future__ import annotations
