@@ -235,6 +235,14 @@ def test_sampling_fields(client):
     assert len(content) == lp.usage.completion_tokens
     assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
     assert all(c.top_logprobs[0].logprob >= c.logprob for c in content)  # greedy: the top one
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=3, stream=True))
+    # (the role chunk and the last carry no tokens: null, as OpenAI writes them, not [])
+    assert chunks[0].choices[0].logprobs is None and chunks[-1].choices[0].logprobs is None
+    streamed = [c for chunk in chunks for c in (chunk.choices[0].logprobs or
+                                                 type("N", (), {"content": []})).content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
 
 
 def test_a_continued_text_keeps_its_first_tokens_leading_space(client):
@@ -388,6 +396,14 @@ def test_bad_requests_get_json_4xx_errors_and_the_server_goes_on(server, client)
         ({"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages"),
+        # (these were a 500 from the tokenizer, which clients retry; or silently ignored)
+        (b'{"messages": [{"role": "user", "content": "a \\ud800 b"}]}', 400, "messages"),
+        ({"messages": hi, "functions": [{"name": "f", "parameters": {}}],
+          "function_call": {"name": "f"}}, 400, "functions"),
+        ({"messages": hi, "modalities": ["text", "audio"]}, 400, "modalities"),
+        ({"messages": hi, "top_logprobs": 2}, 400, "top_logprobs"),
+        ({"messages": hi, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+        ({"messages": hi, "temperature": 2.5}, 400, "temperature"),
     ]
     for body, status, param in chat_cases:
         got, error = server.request("/v1/chat/completions", body)
@@ -404,6 +420,9 @@ def test_bad_requests_get_json_4xx_errors_and_the_server_goes_on(server, client)
         assert got == status and error["error"]["message"], (path, body, got, error)
     got, error = server.request("/v1/chat/completions", method="GET")
     assert got == 405 and error["error"]["message"]
+    got, error = server.request("/v1/messages", {"messages": hi, "max_tokens": 4,
+                                                 "temperature": 1.5})  # (Anthropic's range: 0-1)
+    assert got == 400 and "temperature" in error["error"]["message"]
     got, error = server.request("/v1/messages", {"messages": hi})  # max_tokens is required
     assert got == 400 and error["type"] == "error"
     assert error["error"]["type"] == "invalid_request_error" and "max_tokens" in \
@@ -749,3 +768,54 @@ def test_the_models_own_context_caps_the_served_context(tmp_path):
         assert 0 < len(fits) < 48
     finally:
         worker.stop()
+
+
+def test_a_stream_opens_before_its_first_token(monkeypatch):
+    """A streamed request waiting in the queue or prefilling a long prompt sent nothing, not
+    even its headers (20 s for a 1,400-token history; the openai SDK's create(stream=True)
+    blocked): it now opens after a moment with SSE comments, then streams as before; a failure
+    that comes later is an error event."""
+    import asyncio
+
+    from hobbit_mlx.server import dispatch
+    from hobbit_mlx.server.errors import ApiError
+    from hobbit_mlx.server.openai_api import CompletionFormat
+    from hobbit_mlx.server.params import Generation, Sampling
+    from hobbit_mlx.server.worker import Failed, Finished, Piece
+
+    monkeypatch.setattr(dispatch, "STREAM_OPENS_AFTER_S", 0.01)
+    monkeypatch.setattr(dispatch, "KEEPALIVE_S", 0.01)
+
+    class Worker:  # the generation thread, held back until the test says
+        context_limit, model_id = 1000, "m"
+        jobs: list = []
+
+        def submit(self, job):
+            self.jobs.append(job)
+
+    class Request:  # a client that stays
+        method, url = "POST", type("U", (), {"path": "/v1/completions"})()
+
+        async def receive(self):
+            await asyncio.sleep(3600)
+
+    async def scenario(events):
+        d = dispatch.Dispatcher.__new__(dispatch.Dispatcher)
+        d.worker = Worker()
+        gen = Generation(max_tokens=4, sampling=Sampling(), stream=True)
+        response = await d.run(Request(), [1, 2, 3], gen, CompletionFormat("m", gen), "prompt")
+        assert response.media_type == "text/event-stream"  # (answered: no token yet)
+        body = response.body_iterator
+        chunks = [await body.__anext__(), await body.__anext__()]
+        assert chunks == [": keepalive\n\n"] * 2
+        job = d.worker.jobs[-1]
+        for event in events:
+            job.emit(event)
+        async for chunk in body:
+            chunks.append(chunk)
+        return "".join(chunks)
+
+    text = asyncio.run(scenario([Piece("hi", 5), Finished("length", None, None)]))
+    assert '"text": "hi"' in text and text.rstrip().endswith("data: [DONE]")
+    text = asyncio.run(scenario([Failed(ApiError(500, "the expert store failed"))]))
+    assert "the expert store failed" in text

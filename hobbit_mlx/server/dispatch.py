@@ -27,6 +27,10 @@ from .prompts import Template
 from .worker import Failed, Finished, Job, Piece, Worker
 
 log = logging.getLogger("hobbit_mlx.server")
+# A stream whose first token has not come by then opens with SSE comments (a failure before it
+# is then an error event, not an HTTP status), and sends one every KEEPALIVE_S until it comes.
+STREAM_OPENS_AFTER_S = 2.0
+KEEPALIVE_S = 5.0
 
 
 class Format(Protocol):
@@ -51,9 +55,28 @@ def sse(data: Any, event: str | None = None) -> str:
 async def read_json(request: Request) -> Any:
     raw = await request.body()
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON ({e})") from None
+    _check_text(body)
+    return body
+
+
+def _check_text(value: Any, field: str | None = None) -> None:
+    """JSON may escape half a UTF-16 surrogate pair ("\\ud800"), which is no text: the
+    tokenizer failed on it with a 500 (which clients retry). ``field``: the top-level field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad_request(f"{field or 'the request'} holds a lone UTF-16 surrogate "
+                              f"({value[e.start]!a}), which is not text", field) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(item, field or key)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, field)
 
 
 @contextlib.asynccontextmanager
@@ -153,7 +176,13 @@ class Dispatcher:
         self.worker.submit(job)
         try:
             async with watching(request, job):
-                first = await events.get()
+                if gen.stream:  # (a stream starts once its request has waited a moment)
+                    try:
+                        first = await asyncio.wait_for(events.get(), STREAM_OPENS_AFTER_S)
+                    except asyncio.TimeoutError:
+                        first = None
+                else:
+                    first = await events.get()
         except BaseException:
             job.cancel()
             raise
@@ -177,8 +206,17 @@ class Dispatcher:
 
     async def _stream(self, event, events: asyncio.Queue, job: Job,
                       fmt: Format) -> AsyncIterator[str]:
-        fmt.cached_tokens = job.cached_tokens  # (known once the job has started: its first event)
+        """The events of a stream. One whose first event has not come (queued behind another
+        request, or prefilling a long prompt) opens at once with SSE comments, one every
+        ``KEEPALIVE_S``: a client saw nothing at all, not even the headers, for as long as the
+        prompt took (20 s for 1,400 tokens), and an SDK's ``create(stream=True)`` blocked."""
         try:
+            while event is None:
+                try:
+                    event = await asyncio.wait_for(events.get(), KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    yield ": keepalive\n\n"
+            fmt.cached_tokens = job.cached_tokens  # (known once the job has started)
             for chunk in fmt.stream_start():
                 yield chunk
             while isinstance(event, Piece):

@@ -104,8 +104,8 @@ class ChatFormat(_Base):
         text, reasoning = joined(parts, "text"), joined(parts, "reasoning")
         calls = [tool_call(p.call) for p in parts if p.kind == "call"]
         message = {"role": "assistant", "content": text}
-        if reasoning:
-            message["reasoning"] = reasoning
+        if reasoning:  # (a reply that is all reasoning has no content: null, as mlx-lm says)
+            message.update(reasoning=reasoning, content=text or None)
         if calls:  # (OpenAI's content is null beside calls when there is no other text)
             message.update(content=text if text.strip() else None, tool_calls=calls)
         choice = {"index": 0, "message": message, "logprobs": self._logprobs(pieces),
@@ -113,7 +113,10 @@ class ChatFormat(_Base):
         return dict(self.head("chat.completion"), choices=[choice], usage=usage(end))
 
     def _chunk(self, delta: dict, finish: str | None = None, pieces: list[Piece] = ()) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(list(pieces)),
+        """One chunk; its logprobs are those of ``pieces``, null where it carries none (the
+        role chunk, the last), as OpenAI writes them."""
+        choice = {"index": 0, "delta": delta,
+                  "logprobs": self._logprobs(list(pieces)) if pieces else None,
                   "finish_reason": finish}
         return sse(dict(self.head(self.chunk_object), choices=[choice]))
 

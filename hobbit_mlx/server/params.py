@@ -186,16 +186,18 @@ def logit_bias_field(f: Fields, vocab_size: int) -> dict[int, float] | None:
     return out
 
 
-def sampling_fields(f: Fields, d: Defaults, vocab_size: int, context_limit: int) -> Sampling:
+def sampling_fields(f: Fields, d: Defaults, vocab_size: int, context_limit: int,
+                    max_temperature: float) -> Sampling:
     """mlx-lm's sampling and logits-processor fields. A penalty's window longer than the context
-    is the whole context (mlx-lm slices the tokens with it: past 2^31 it failed, a 500)."""
+    is the whole context (mlx-lm slices the tokens with it: past 2^31 it failed, a 500). The
+    temperature stays within the API's range (OpenAI's 0-2, Anthropic's 0-1)."""
     top_k = f.integer("top_k", d.top_k, lo=0)
 
     def window(name: str, default: int) -> int:
         return min(f.integer(name, default, lo=0), context_limit)
 
     return Sampling(
-        temperature=f.number("temperature", d.temperature, lo=0),
+        temperature=f.number("temperature", d.temperature, lo=0, hi=max_temperature),
         top_p=f.number("top_p", d.top_p, lo=0, hi=1),
         top_k=top_k if top_k < vocab_size else 0,  # (keeping every token is no top-k at all)
         min_p=f.number("min_p", d.min_p, lo=0, hi=1),
@@ -217,6 +219,14 @@ def openai_generation(body: dict, d: Defaults, context_limit: int, vocab_size: i
                       chat: bool) -> Generation:
     """The generation settings of a ``/v1/chat/completions`` or ``/v1/completions`` body."""
     f = Fields(body)
+    for legacy, now in (("functions", "tools"), ("function_call", "tool_choice")):
+        if f.present(legacy):  # (ignored, a forced call silently did not happen)
+            raise bad_request(f"{legacy} is OpenAI's deprecated form of {now}: send {now}",
+                              legacy)
+    modalities = f.strings("modalities")
+    if modalities and modalities != ["text"]:
+        raise bad_request(f"modalities {modalities} are not served: this server writes text",
+                          "modalities")
     if f.integer("n", 1, lo=1) != 1:
         raise bad_request("n must be 1: this server generates one choice per request", "n")
     if not chat and f.integer("best_of", 1, lo=1) != 1:
@@ -229,17 +239,22 @@ def openai_generation(body: dict, d: Defaults, context_limit: int, vocab_size: i
                           "response_format")
     stream = f.boolean("stream", False)
     options = f.object("stream_options") or {}
+    if options and not stream:
+        raise bad_request("stream_options are only for a streamed request (stream: true)",
+                          "stream_options")
     include_usage = Fields(options).boolean("include_usage", False)
     if chat:
         logprobs = f.boolean("logprobs", False)
         top = f.integer("top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS)
+        if top and not logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     else:  # the legacy completions API: logprobs is the number of top tokens
         top = f.integer("logprobs", None, lo=0, hi=5)
         logprobs = top is not None
         top = top or 0
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     return Generation(max_tokens=max_tokens_field(f, names, d.max_tokens, context_limit),
-                      sampling=sampling_fields(f, d, vocab_size, context_limit),
+                      sampling=sampling_fields(f, d, vocab_size, context_limit, 2.0),
                       stop=f.strings("stop"),
                       stream=stream, include_usage=include_usage, logprobs=logprobs,
                       top_logprobs=top)
@@ -250,7 +265,7 @@ def anthropic_generation(body: dict, d: Defaults, context_limit: int,
     """The generation settings of a ``/v1/messages`` body (``max_tokens`` is required there)."""
     f = Fields(body)
     return Generation(max_tokens=max_tokens_field(f, ("max_tokens",), None, context_limit),
-                      sampling=sampling_fields(f, d, vocab_size, context_limit),
+                      sampling=sampling_fields(f, d, vocab_size, context_limit, 1.0),
                       stop=f.strings("stop_sequences"),
                       stream=f.boolean("stream", False))
 
