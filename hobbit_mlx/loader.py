@@ -127,6 +127,22 @@ def resolve_model(path: str | Path | None, progress: bool = True,
     return target
 
 
+def _try_lock(path: Path) -> int | None:
+    """``path``'s lock, taken (its descriptor) unless another process holds it (None); a
+    lock file that cannot be made is an OSError (the cache directory is not writable)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass  # (a file system without locks: nothing to wait for)
+    return fd
+
+
 @contextlib.contextmanager
 def _converting(target: Path):
     """One process at a time converts into a cached ``target``; another waits for it (saying
@@ -135,14 +151,14 @@ def _converting(target: Path):
     import fcntl
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    path = target.parent / f".{target.name}.lock"
+    fd = _try_lock(path)
+    if fd is None:
+        print(f"[hobbit_mlx] waiting for another process converting into {target}",
+              file=sys.stderr, flush=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[hobbit_mlx] waiting for another process converting into {target}",
-                  file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
@@ -174,12 +190,20 @@ def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
             origin = (manifest.source, manifest.adapter.get("path", ""))
         else:
             continue
-        if origin != (source, adapter) or (lock := lock_partial(d)) is None:
+        if origin != (source, adapter):
+            continue
+        # a partial's own lock; a conversion's, the lock file ``_converting`` holds
+        try:
+            lock = lock_partial(d) if m.group(2) else _try_lock(d.parent / f".{d.name}.lock")
+        except OSError:
+            continue
+        if lock is None:
             continue
         try:
             size = _tree_bytes(d)
             _remove(d)
-            _remove(d.parent / f".{d.name}.lock")  # (no process converts into it any more)
+            if not m.group(2):
+                _remove(d.parent / f".{d.name}.lock")  # (held: no process converts into it)
         finally:
             os.close(lock)
         print(f"[hobbit_mlx] removed {d} ({size / 2**20:.1f} MiB), an earlier conversion of "

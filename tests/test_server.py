@@ -398,6 +398,9 @@ def test_bad_requests_get_json_4xx_errors_and_the_server_goes_on(server, client)
             {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages"),
         # (these were a 500 from the tokenizer, which clients retry; or silently ignored)
         (b'{"messages": [{"role": "user", "content": "a \\ud800 b"}]}', 400, "messages"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
+         b'"function": {"name": "f", "parameters": {"properties": {"\\ud800": {}}}}}]}',
+         400, "tools"),
         ({"messages": hi, "functions": [{"name": "f", "parameters": {}}],
           "function_call": {"name": "f"}}, 400, "functions"),
         ({"messages": hi, "modalities": ["text", "audio"]}, 400, "modalities"),

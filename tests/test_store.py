@@ -417,3 +417,33 @@ def test_pruning_touches_only_the_caches_own_names(tmp_path, monkeypatch):
     os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
     resolve_model(src, progress=False)
     assert is_hobbit_model(mine)
+
+
+def test_pruning_leaves_a_conversion_another_process_is_making(tmp_path, monkeypatch):
+    """An outdated conversion whose lock a process holds (converting into it) was removed, and
+    its lock file with it (a later process then did not wait for the holder)."""
+    import subprocess
+    import sys
+
+    from hobbit_mlx.loader import resolve_model
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(tmp_path / "cache"))
+    src = make_tiny_model("qwen3_moe", tmp_path / "model")
+    old = resolve_model(src, progress=False)
+    lock = old.parent / f".{old.name}.lock"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import fcntl, os, time\n"
+                               f"fd = os.open({str(lock)!r}, os.O_RDWR)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(120)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        config = src / "config.json"
+        os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+        assert resolve_model(src, progress=False) != old
+        assert is_hobbit_model(old) and lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -73,6 +73,7 @@ def _check_text(value: Any, field: str | None = None) -> None:
                               f"({value[e.start]!a}), which is not text", field) from None
     elif isinstance(value, dict):
         for key, item in value.items():
+            _check_text(key, field or key)  # (a key reaches the template too: a tool schema's)
             _check_text(item, field or key)
     elif isinstance(value, list):
         for item in value:
