@@ -507,6 +507,7 @@ def _take_over_partials(dst: Path, stamp: dict, num_layers: int,
 
 
 def _age_s(path: Path) -> float:
+    """Seconds since ``path`` last changed (infinite once it is gone)."""
     try:
         return time.time() - path.stat().st_mtime
     except OSError:
