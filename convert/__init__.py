@@ -59,7 +59,7 @@ from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, Manifest, Precis
 from .adapters import adapter_files, adapter_record, fused_weights
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
 from .resume import (RESUME_DIR, ConversionProgress, PartialClaim, conversion_stamp,
-                     layers_kept, lock_partial, process_running, read_progress)
+                     layers_kept, process_running, read_progress, try_lock)
 
 CHUNK_BYTES = 512 * 2**20  # float weights materialised at once while requantizing experts
 TENSOR_ALIGN = 64
@@ -474,7 +474,10 @@ def _take_over_partials(dst: Path, stamp: dict, num_layers: int,
                 continue
             lock = None
         else:
-            lock = lock_partial(d, pid)
+            try:
+                lock = try_lock(d, pid)
+            except OSError:  # (gone since the listing)
+                continue
             if lock is None:
                 print(f"[convert] left {d} alone: another conversion into {dst} is running "
                       f"(pid {pid}); this one starts afresh", file=sys.stderr)
@@ -522,7 +525,7 @@ def _new_partial(dst: Path, claim: PartialClaim) -> Path:
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(claim.path, 0o777 & ~umask)  # (mkdtemp's 0700: the model its owner's alone)
-    lock = lock_partial(claim.path)
+    lock = try_lock(claim.path)
     if lock is not None:
         claim.locks.append(lock)
     return claim.path

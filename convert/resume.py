@@ -7,7 +7,7 @@ refers to (``resume/state.json``: the store's file list so far, the source files
 the number of finished layers), each written whole and flushed to the disk before the next step.
 
 A later conversion into the same DST adopts such a partial directory when no process holds its
-lock (a running conversion holds one on its own: ``lock_partial``) and its stamp matches: the
+lock (a running conversion holds one on its own: ``try_lock``) and its stamp matches: the
 same source files (size and modification time), config.json, widths, group size, copy mode and
 adapters, and the same code (hobbit_mlx, MLX, mlx-lm). It checks that every finished layer's own
 files hold what their records say, then starts at the first unfinished layer. Anything else is
@@ -47,17 +47,14 @@ def conversion_stamp(source_files: list[Path], config_text: str, options: dict) 
             "options": options, "code_sha1": code.hexdigest()}
 
 
-def lock_partial(folder: Path, pid: int | None = None) -> int | None:
-    """An exclusive lock on a partial directory, held by the returned descriptor while this
-    process converts into it; None when another process holds it (a conversion running now).
-    The lock, not the pid in the name, tells a running conversion from a dead one: a pid may
-    be reused, and a process that stopped converting (a notebook's Ctrl-C) may live on. On a
-    file system without locks (some network ones) the pid decides: ``pid`` still running
-    (another process) counts as held."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return None
+def try_lock(path: Path, pid: int | None = None) -> int | None:
+    """An exclusive lock on ``path`` (a partial directory, or a lock file, made if missing),
+    held by the returned descriptor; None when another process holds it (a conversion running
+    now). An OSError opening it propagates. The lock, not the pid in a partial's name, tells a
+    running conversion from a dead one: a pid may be reused, and a process that stopped
+    converting (a notebook's Ctrl-C) may live on. On a file system without locks (some network
+    ones) the pid decides: ``pid`` still running (another process) counts as held."""
+    fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

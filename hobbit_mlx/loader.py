@@ -103,7 +103,8 @@ def resolve_model(path: str | Path | None, progress: bool = True,
         name += f"+{adapters[0].parent.resolve().name}"
     target = cache_root() / f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
     made_from = source_stamp(local) if local.exists() else _hub_stamp(str(path))
-    if is_hobbit_model(target) and _still_converted(target, made_from, adapter_record(adapters)):
+    fused = adapter_record(adapters)  # (what a conversion with them keeps of them)
+    if is_hobbit_model(target) and _still_converted(target, made_from, fused):
         return target
     if not local.exists():  # a hub id: downloaded first (a failure is one line, said alone)
         resolve_source(path)
@@ -111,36 +112,19 @@ def resolve_model(path: str | Path | None, progress: bool = True,
     try:
         with _converting(target):
             # (another process, a pipeline rank or a server, may have converted it meanwhile)
-            if is_hobbit_model(target) and _still_converted(target, made_from,
-                                                            adapter_record(adapters)):
+            if is_hobbit_model(target) and _still_converted(target, made_from, fused):
                 return target
             if progress:  # (a cached conversion whose source changed is ours to redo)
-                fused = f" with the adapters of {adapter_path} fused" if adapters else ""
-                print(f"[hobbit_mlx] converting {path}{fused} into {target} (once)")
+                what = f" with the adapters of {adapter_path} fused" if adapters else ""
+                print(f"[hobbit_mlx] converting {path}{what} into {target} (once)")
             _drop_outdated(target, name, str(local.resolve()) if local.exists() else str(path),
-                           adapter_record(adapters).get("path", ""))
+                           fused.get("path", ""))
             convert(path, target, force=True, progress=progress, adapter_path=adapter_path)
             if made_from is not None:
                 _write_stamp(target, made_from)
     except OSError as e:  # (a full disk: say where, and which variable moves it)
         raise _cache_write_error(e, local, target) from None
     return target
-
-
-def _try_lock(path: Path) -> int | None:
-    """``path``'s lock, taken (its descriptor) unless another process holds it (None); a
-    lock file that cannot be made is an OSError (the cache directory is not writable)."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except OSError:
-        pass  # (a file system without locks: nothing to wait for)
-    return fd
 
 
 @contextlib.contextmanager
@@ -150,9 +134,11 @@ def _converting(target: Path):
     a server and a CLI) each replaced the other's model, under a load reading it."""
     import fcntl
 
+    from convert.resume import try_lock
+
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.parent / f".{target.name}.lock"
-    fd = _try_lock(path)
+    fd = try_lock(path)
     if fd is None:
         print(f"[hobbit_mlx] waiting for another process converting into {target}",
               file=sys.stderr, flush=True)
@@ -170,7 +156,7 @@ def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
     interrupted conversions of them kept: GBs no load reads any more. One a process is
     converting into now (it holds its lock) stays."""
     from convert import _remove, _tree_bytes
-    from convert.resume import lock_partial, partial_origin
+    from convert.resume import partial_origin, try_lock
 
     # (only names this cache gives: NAME-<12 hex digits>, and convert's partials of them; a
     # directory of the user's own that names the same source, "mymodel-8bit", stays)
@@ -194,7 +180,7 @@ def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
             continue
         # a partial's own lock; a conversion's, the lock file ``_converting`` holds
         try:
-            lock = lock_partial(d) if m.group(2) else _try_lock(d.parent / f".{d.name}.lock")
+            lock = try_lock(d if m.group(2) else d.parent / f".{d.name}.lock")
         except OSError:
             continue
         if lock is None:
