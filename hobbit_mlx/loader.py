@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import gc
-import glob
-import hashlib
-import json
-import os
-import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +20,7 @@ from .architectures import (find_switch_modules, num_experts_of, switch_linear_p
 from .budget import (BudgetPlan, allocated_bytes, allocation_page, format_size,
                      gpu_working_set_bytes, plan_budget, system_memory_bytes)
 from .cache import SlotCache
+from .conversion_cache import MEASURED_DIR, cache_root, resolve_model
 from .measure import kv_bytes_by_layer, measured_activations
 from .offload import bind, install
 from .runtime import OffloadRuntime, OffloadStats
@@ -38,10 +32,9 @@ from .reader import RecordReader
 from .storage import parse_storage
 from .routing import StackedGates
 from .speculative import check_draft_tokens
-from .store import (FLOAT_DTYPES, MANIFEST_NAME, WEIGHT_INDEX, Manifest, PrecisionEntry,
-                    StoreError, check_references, check_store_files, checkpoint_weight_files,
-                    file_stamp, is_float, is_hobbit_model, load_manifest, manifest_path,
-                    quant_parts, reconvert_command)
+from .store import (FLOAT_DTYPES, MANIFEST_NAME, Manifest, PrecisionEntry,
+                    StoreError, check_store_files, is_float, load_manifest, manifest_path,
+                    quant_parts)
 from .widths import AdaptiveWidth
 
 REFERENCE_MODEL = Path(__file__).parent / "reference_model"
@@ -61,248 +54,6 @@ def default_shallow_layers(num_layers: int, cache_experts: int, num_experts: int
     the cache holds, at least the first (no earlier layer predicts it), at most a quarter of the
     layers (Fate). Deeper layers are then served mostly by prefetch, which predicts them well."""
     return max(1, min(cache_experts // max(1, num_experts), round(0.25 * num_layers)))
-
-
-def cache_root() -> Path:
-    """``$HOBBIT_MLX_CACHE``; unset or empty (as most tools read an empty variable), the default
-    (an empty path would be the current directory): on macOS ``~/Library/Caches/hobbit_mlx``,
-    which Time Machine does not back up (conversions hold GBs of 2-bit experts), elsewhere
-    ``~/.cache/hobbit_mlx``."""
-    default = (Path.home() / "Library" / "Caches" if sys.platform == "darwin"
-               else Path.home() / ".cache") / "hobbit_mlx"
-    return Path(os.environ.get("HOBBIT_MLX_CACHE") or default)
-
-
-SOURCE_STAMP = ".hobbit_source.json"  # in a cached conversion: the source files it was made from
-
-
-def resolve_model(path: str | Path | None, progress: bool = True,
-                  adapter_path: str | Path | None = None) -> Path:
-    """A hobbit model directory for ``path``: as is, or converted once into the cache directory
-    (with ``adapter_path``'s adapters fused in)."""
-    if path is None:
-        path = REFERENCE_MODEL
-    adapter_path = adapter_path or None  # ("": none, as mlx-lm reads it)
-    local = Path(path).expanduser()
-    if local.exists() and is_hobbit_model(local):
-        if adapter_path is not None:
-            _check_fused(local, adapter_path)
-        return local
-    from convert import ConversionError, convert, resolve_source  # (unconverted sources only)
-    from convert.adapters import adapter_files, adapter_record
-
-    adapters = [] if adapter_path is None else adapter_files(adapter_path, ConversionError)
-    if local.exists():
-        cfg = local / "config.json"
-        stamp = f"{local.resolve()}:{cfg.stat().st_mtime_ns if cfg.exists() else 0}"
-        name = local.name
-    else:
-        stamp, name = str(path), str(path).replace("/", "--")
-    if adapters:
-        stamp += f"+{adapters[0].parent.resolve()}"
-        name += f"+{adapters[0].parent.resolve().name}"
-    target = cache_root() / f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
-    made_from = source_stamp(local) if local.exists() else _hub_stamp(str(path))
-    fused = adapter_record(adapters)  # (what a conversion with them keeps of them)
-    if is_hobbit_model(target) and _still_converted(target, made_from, fused):
-        return target
-    if not local.exists():  # a hub id: downloaded first (a failure is one line, said alone)
-        resolve_source(path)
-        made_from = _hub_stamp(str(path))
-    try:
-        with _converting(target):
-            # (another process, a pipeline rank or a server, may have converted it meanwhile)
-            if is_hobbit_model(target) and _still_converted(target, made_from, fused):
-                return target
-            if progress:  # (a cached conversion whose source changed is ours to redo)
-                what = f" with the adapters of {adapter_path} fused" if adapters else ""
-                print(f"[hobbit_mlx] converting {path}{what} into {target} (once)")
-            _drop_outdated(target, name, str(local.resolve()) if local.exists() else str(path),
-                           fused.get("path", ""))
-            convert(path, target, force=True, progress=progress, adapter_path=adapter_path)
-            if made_from is not None:
-                _write_stamp(target, made_from)
-    except OSError as e:  # (a full disk: say where, and which variable moves it)
-        raise _cache_write_error(e, local, target) from None
-    return target
-
-
-@contextlib.contextmanager
-def _converting(target: Path):
-    """One process at a time converts into a cached ``target``; another waits for it (saying
-    so), then loads what it made. Two converting at once (the ranks of a pipeline on one Mac,
-    a server and a CLI) each replaced the other's model, under a load reading it."""
-    import fcntl
-
-    from convert.resume import try_lock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path = target.parent / f".{target.name}.lock"
-    fd = try_lock(path)
-    if fd is None:
-        print(f"[hobbit_mlx] waiting for another process converting into {target}",
-              file=sys.stderr, flush=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
-def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
-    """Remove the cache's earlier conversions of ``source`` (with the same adapters) that
-    ``target`` replaces (its config.json changed since: another stamp, another name), and what
-    interrupted conversions of them kept: GBs no load reads any more. One a process is
-    converting into now (it holds its lock) stays."""
-    from convert import _remove, _tree_bytes
-    from convert.resume import partial_origin, try_lock
-
-    # (only names this cache gives: NAME-<12 hex digits>, and convert's partials of them; a
-    # directory of the user's own that names the same source, "mymodel-8bit", stays)
-    ours = re.compile(rf"(\.?){re.escape(name)}-[0-9a-f]{{12}}(\.partial-\d+(x[^/]*)?)?")
-    for d in cache_root().glob(f"*{glob.escape(name)}-*"):
-        m = ours.fullmatch(d.name)
-        if m is None or d.name == target.name or d.name.startswith(f".{target.name}."):
-            continue  # (this conversion's own partials are convert's to resume)
-        if m.group(1) and m.group(2):
-            origin = partial_origin(d)
-        elif not m.group(1) and not m.group(2) and (d / SOURCE_STAMP).is_file() and \
-                is_hobbit_model(d):
-            try:
-                manifest = load_manifest(d, check_files=False)
-            except StoreError:
-                continue
-            origin = (manifest.source, manifest.adapter.get("path", ""))
-        else:
-            continue
-        if origin != (source, adapter):
-            continue
-        # a partial's own lock; a conversion's, the lock file ``_converting`` holds
-        try:
-            lock = try_lock(d if m.group(2) else d.parent / f".{d.name}.lock")
-        except OSError:
-            continue
-        if lock is None:
-            continue
-        try:
-            size = _tree_bytes(d)
-            _remove(d)
-            if not m.group(2):
-                _remove(d.parent / f".{d.name}.lock")  # (held: no process converts into it)
-        finally:
-            os.close(lock)
-        print(f"[hobbit_mlx] removed {d} ({size / 2**20:.1f} MiB), an earlier conversion of "
-              f"{source}", file=sys.stderr)
-
-
-def _check_fused(model_dir: Path, adapter_path: str | Path) -> None:
-    """A converted model takes adapters only if it was converted with these very ones (the
-    same folder, its files unchanged): they are fused while converting, and fusing needs the
-    checkpoint it was converted from."""
-    from convert import ConversionError
-    from convert.adapters import adapter_files, adapter_record
-
-    adapter = adapter_record(adapter_files(adapter_path, ConversionError))
-    manifest = load_manifest(model_dir, check_files=False)
-    source = manifest.source or "SRC"
-    if manifest.adapter.get("path") == adapter["path"]:
-        if manifest.adapter == adapter:
-            return
-        raise ConversionError(
-            f"the adapters in {adapter_path} changed since {model_dir} was converted with them: "
-            f"convert again with `{reconvert_command(model_dir, manifest)}`")
-    raise ConversionError(
-        f"{model_dir} is a converted model, and adapters are fused while converting: load the "
-        f"checkpoint it was converted from ({source}) with --adapter-path {adapter_path}, or "
-        f"convert it with `python -m convert {source} DST --adapter-path {adapter_path}`")
-
-
-def source_stamp(local: Path) -> dict:
-    """What a conversion of a local checkpoint was made from: the size and modification time of
-    its config, weight, tokenizer and template files (stats only: nothing is read)."""
-    from convert import _model_files
-
-    files = [local / "config.json", local / WEIGHT_INDEX]
-    try:
-        files += checkpoint_weight_files(local) + _model_files(local)
-    except (StoreError, OSError):
-        pass  # (the conversion says what is missing)
-    try:
-        return {str(f.relative_to(local)): file_stamp(f) for f in files if f.is_file()}
-    except OSError:
-        return {}  # (changing under us: converted again, and convert reports it)
-
-
-def _hub_stamp(repo_id: str) -> dict | None:
-    """``source_stamp`` of the snapshot a hub id's cached download points to now (a newer
-    revision downloaded since, by mlx-lm or huggingface-cli, moves it; no network is asked),
-    None when the Hugging Face cache does not hold it."""
-    from convert import MODEL_FILE_PATTERNS
-
-    try:
-        from huggingface_hub import snapshot_download
-        snapshot = snapshot_download(repo_id, local_files_only=True,
-                                     allow_patterns=[*MODEL_FILE_PATTERNS, "*.safetensors"])
-    except Exception:  # noqa: BLE001 - (not cached, or not a hub id: nothing to compare)
-        return None
-    return {**source_stamp(Path(snapshot)), "revision": Path(snapshot).name}
-
-
-def _still_converted(target: Path, made_from: dict | None, adapter: dict) -> bool:
-    """Whether a cached conversion is still its source's: the files it reads in place unchanged,
-    and those of a local source (``made_from``) as they were when converted; the adapters fused
-    in (``adapter_record``) the same. A float source's store is a copy, so nothing but this
-    stamp ties it to the weights it was made from; one converted before stamps were kept is
-    trusted only where its references cover the weights."""
-    try:
-        manifest = load_manifest(target, check_files=False)
-        check_references(target, manifest)
-    except StoreError:
-        return False
-    if manifest.adapter != adapter:  # (retrained into the same folder)
-        return False
-    if made_from is None:  # (a hub id the Hugging Face cache does not hold now)
-        return True
-    try:
-        return json.loads((target / SOURCE_STAMP).read_text()) == made_from
-    except (OSError, ValueError):
-        return bool(manifest.references)
-
-
-def _write_stamp(target: Path, made_from: dict) -> None:
-    """Keep ``made_from`` beside the conversion, written whole (renamed into place)."""
-    tmp = target / f"{SOURCE_STAMP}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(made_from))
-        os.replace(tmp, target / SOURCE_STAMP)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _cache_write_error(e: OSError, source: Path, target: Path) -> Exception:
-    """A conversion into the cache that failed on an OSError, in one line naming the file and,
-    for a write (a full disk, no permission), the cache directory; any other error as it is."""
-    from convert import ConversionError
-
-    reason = e.strerror or str(e) or type(e).__name__
-    name = None if e.filename is None else Path(e.filename)
-    if name is not None and source.exists() and _inside(name, source):
-        return ConversionError(f"cannot read {name}: {reason} (converting {source})")
-    disk_full = e.errno in (errno.ENOSPC, errno.EDQUOT)  # (a failed write names no file)
-    if not disk_full and (name is None or not _inside(name, cache_root())):
-        return e
-    what = f"{target}" + (f" ({name})" if name is not None and name != target else "")
-    hint = "free space there, or " if disk_full else ""
-    kept = getattr(e, "kept_partial", None)
-    kept = (f"; the layers converted so far are kept in {kept} (loading again resumes there; "
-            "delete it to free their space)" if kept is not None else "")
-    return ConversionError(f"cannot write {what}: {reason}; {hint}set HOBBIT_MLX_CACHE to "
-                           f"another directory (now {cache_root()}){kept}")
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
 
 
 def _offloaded_classes(manifest: Manifest, pipe=None, where: Path = Path(MANIFEST_NAME)):
@@ -519,7 +270,7 @@ def load(path: str | Path | None = None, memory_budget: int | float | str | None
     o = (options or LoadOptions()).with_overrides(**overrides)
     o.validate()
     try:
-        model_dir = resolve_model(path, progress=o.progress, adapter_path=o.adapter_path)
+        model_dir = resolve_model(REFERENCE_MODEL if path is None else path, progress=o.progress, adapter_path=o.adapter_path)
     except Exception as e:
         if o.pipeline is not None:
             _tell_ranks(o.pipeline, e)
@@ -635,7 +386,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
         measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
                         prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
         activation_points, context_activation = measured_activations(
-            model, prefill_step_size, measured_key, store=cache_root() / "measured",
+            model, prefill_step_size, measured_key, store=cache_root() / MEASURED_DIR,
             kv_quant=kv_quant)
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.

@@ -9,6 +9,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def conversion_cache(tmp_path_factory):
+    """The cache ``load`` converts into, for the whole session: under the session's temporary
+    directory, shared by the xdist workers (conversions into it are locked), not the user's
+    (tests left hundreds of conversions of deleted temporary models there). A test's own
+    ``HOBBIT_MLX_CACHE`` wins over it."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "hobbit_mlx_cache"
+    os.environ["HOBBIT_MLX_CACHE"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_factory(tmp_path_factory):
     """``get(arch, quantize=True) -> (mlx-lm checkpoint dir, converted hobbit dir)``, cached."""

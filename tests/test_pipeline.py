@@ -134,8 +134,8 @@ def run(models, tmp_path_factory):
     spec = [
         # mlx-lm's pipeline, an explicit uneven split; rank 0 (3 layers) cannot hold its experts
         # (each budget leaves room over its rank's measured minimum, which moves by up to
-        # ~80 KiB from run to run: seen 629-705 KiB for rank 0, 479-526 KiB for rank 1)
-        dict(case, name="qwen3_moe", model=str(models["qwen3_moe"]), budgets=["0.82MB", "0.60MB"],
+        # ~100 KiB from run to run: seen 629-705 KiB for rank 0, 479-590 KiB for rank 1)
+        dict(case, name="qwen3_moe", model=str(models["qwen3_moe"]), budgets=["0.82MB", "0.66MB"],
              split=[3, 1]),
         # the generic split, by budget; rank 1 cannot hold its experts
         dict(case, name="olmoe", model=str(models["olmoe"]), budgets=["0.72MB", "0.64MB"]),

@@ -1,0 +1,153 @@
+"""``python -m hobbit_mlx.manage``: the cache of conversions listed with what no load will read
+any more (a deleted or changed source, layers of an interrupted conversion that cannot resume),
+and removed on request, never under a process converting into it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import convert as converter
+from hobbit_mlx import cli_common
+from hobbit_mlx.conversion_cache import resolve_model, scan
+from hobbit_mlx.manage import main
+from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+LAYERS = 3
+
+
+def _source(tmp_path: Path, name: str, seed: int = 0) -> Path:
+    return make_tiny_model("qwen3_moe", tmp_path / name, seed=seed,
+                           config_overrides={"num_hidden_layers": LAYERS})
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(root))
+    return root
+
+
+def _later(path: Path) -> None:
+    """``path`` modified a second later, as an edit would leave it."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def _manage(argv: list[str]) -> int:
+    return cli_common.run(main, argv)
+
+
+def test_scan_tells_current_conversions_from_those_no_load_reads(tmp_path, cache, capsys):
+    kept_src = _source(tmp_path, "kept")
+    kept = resolve_model(kept_src, progress=False)
+    gone_src = _source(tmp_path, "gone", seed=1)
+    gone = resolve_model(gone_src, progress=False)
+    edited_src = _source(tmp_path, "edited", seed=2)
+    edited = resolve_model(edited_src, progress=False)
+    configured_src = _source(tmp_path, "configured", seed=3)
+    configured = resolve_model(configured_src, progress=False)
+    shutil.rmtree(gone_src)
+    _later(edited_src / "model.safetensors")  # (a load converts it again, into the same place)
+    _later(configured_src / "config.json")  # (a load converts it into another place)
+    mine = cache / "mymodel-0123456789ab"  # a folder of the user's own, not the cache's
+    shutil.copytree(kept, mine, symlinks=True)
+    (mine / ".hobbit_source.json").unlink()
+
+    entries = {e.path: e for e in scan(cache)}
+    assert set(entries) == {kept, gone, edited, configured}
+    assert entries[kept].state == "current" and not entries[kept].stale
+    assert entries[kept].source == str(kept_src.resolve())
+    assert entries[gone].stale and entries[gone].state == "source gone"
+    assert entries[edited].stale and entries[edited].state == "outdated: source changed"
+    assert entries[configured].stale and \
+        entries[configured].state == "outdated: config.json changed"
+    assert all(e.size > 0 and e.kind == "conversion" for e in entries.values())
+
+    assert _manage([]) == 0
+    out = capsys.readouterr().out
+    assert kept.name in out and "3 no load will read" in out and "--prune" in out
+
+    assert _manage(["--prune", "--yes"]) == 0
+    assert "removed 3" in capsys.readouterr().out
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == \
+        sorted([kept.name, mine.name])
+    assert not list(cache.glob(f".{gone.name}*"))  # (its lock file went with it)
+    assert resolve_model(kept_src, progress=False) == kept
+    assert [e.path for e in scan(cache)] == [kept]
+
+
+def test_layers_an_interrupted_conversion_kept_stay_while_they_can_resume(tmp_path, cache,
+                                                                          monkeypatch, capsys):
+    src = _source(tmp_path, "src")
+    real = converter._convert_layer
+
+    def interrupted(weights, li, *a, **k):
+        if li == 1:
+            raise KeyboardInterrupt
+        return real(weights, li, *a, **k)
+
+    monkeypatch.setattr(converter, "_convert_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_model(src, progress=False)
+    [partial] = scan(cache)
+    assert partial.kind == "partial" and not partial.stale and not partial.busy
+    assert partial.state == "interrupted, resumable: 1 layer kept"
+    assert partial.source == str(src.resolve())
+
+    assert _manage(["--prune", "--yes"]) == 0
+    assert "nothing to remove" in capsys.readouterr().out
+    assert partial.path.is_dir()
+
+    shutil.rmtree(src)
+    [partial] = scan(cache)
+    assert partial.stale and partial.state == "interrupted, source changed or gone"
+    assert _manage(["--prune", "--yes"]) == 0
+    assert list(cache.iterdir()) == []  # (the conversion's lock file too)
+
+
+def test_what_a_process_converts_into_is_left_alone(tmp_path, cache, capsys):
+    src = _source(tmp_path, "src")
+    target = resolve_model(src, progress=False)
+    shutil.rmtree(src)
+    fd = os.open(cache / f".{target.name}.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # (a conversion into it, running)
+    try:
+        [entry] = scan(cache)
+        assert entry.busy and not entry.stale and entry.state == "converting now"
+        assert _manage(["--delete", "--pattern", "src", "--yes"]) == 1
+        assert f"left {target.name}: a process is converting into it now" in \
+            capsys.readouterr().out
+        assert target.is_dir()
+    finally:
+        os.close(fd)
+    assert _manage(["--prune", "--yes"]) == 0
+    assert not target.exists()
+
+
+class _Terminal:
+    def isatty(self) -> bool:
+        return True
+
+
+def test_delete_needs_a_pattern_and_asks_first(tmp_path, cache, capsys, monkeypatch):
+    alpha = resolve_model(_source(tmp_path, "alpha"), progress=False)
+    beta = resolve_model(_source(tmp_path, "beta", seed=1), progress=False)
+    assert _manage(["--delete"]) == 2
+    assert "--delete needs --pattern" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # (no terminal: no answer to wait for)
+    assert _manage(["--delete", "--pattern", "alpha"]) == 2
+    assert "add --yes" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", _Terminal())
+    monkeypatch.setattr("builtins.input", lambda question: "n")
+    assert _manage(["--delete", "--pattern", "alpha"]) == 0
+    assert "nothing removed" in capsys.readouterr().out and alpha.is_dir()
+    monkeypatch.setattr("builtins.input", lambda question: "y")
+    assert _manage(["--delete", "--pattern", "alpha"]) == 0  # (current, and removed: asked)
+    assert not alpha.exists() and beta.is_dir()
+    assert [e.path for e in scan(cache)] == [beta]
