@@ -1,0 +1,282 @@
+"""Perplexity under the memory budget: what a configuration's lossy techniques cost on your text.
+
+    python -m hobbit_mlx.perplexity --model PATH --memory-budget 10GB --data-path notes.txt
+    python -m hobbit_mlx.perplexity --model PATH --memory-budget 10GB --data-path notes.txt --exact
+
+As ``mlx_lm.perplexity``, but each sequence is read the way a generation reads it: its first
+tokens as a prompt (prefilled in the chunks the budget plans), the last ``--decode-tokens`` one
+at a time through the KV cache, each step fed the text's next token. Mixed precision, skipping
+and big-little act on those decode steps, which a one-pass perplexity never runs; the two parts
+are reported apart, with the expert report of ``generate`` (hits, misses, bytes read, peak
+memory against the budget). ``--exact`` gives the model's own perplexity to compare with: equal
+to mlx-lm's on the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import cli_common as cli
+from .architectures import text_config
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hobbit_mlx.perplexity",
+        description="Perplexity of a model under the memory budget, on a text file or dataset, "
+                    "its prompt and decode steps reported apart.")
+    parser.add_argument("--data-path", required=True,
+                        help="A text file; a .jsonl file or a directory of mlx-lm's LoRA data "
+                             "(test.jsonl, else valid.jsonl: 'text', 'messages' or "
+                             "'prompt'/'completion' records); or a Hugging Face dataset "
+                             "(mlx-lm's format, downloaded as mlx_lm.perplexity does).")
+    parser.add_argument("--sequence-length", type=int, default=256,
+                        help="Tokens per scored sequence (the text is cut into such pieces).")
+    parser.add_argument("--decode-tokens", type=int, default=64,
+                        help="The last tokens of each sequence, decoded one at a time (where "
+                             "the decode-time techniques act); 0: every token in prefill chunks.")
+    parser.add_argument("--num-samples", type=int, default=16,
+                        help="Sequences to score, from the start of the data (-1: all).")
+    parser.add_argument("--json", action="store_true",
+                        help="Print the results as one JSON object on stdout.")
+    cli.add_model_args(parser)
+    cli.add_report_args(parser)
+    return parser
+
+
+@dataclass
+class Scores:
+    """Log-likelihoods of the scored tokens, by where they were computed (an array per
+    sequence), and the seconds each part took."""
+
+    prompt: list[np.ndarray] = field(default_factory=list)
+    decode: list[np.ndarray] = field(default_factory=list)
+    prompt_s: float = 0.0
+    decode_s: float = 0.0
+
+    def summary(self, part: str) -> dict:
+        """Perplexity, its standard error (delta method, as mlx-lm's) and tokens per second."""
+        lls = {"prompt": self.prompt, "decode": self.decode,
+               "all": self.prompt + self.decode}[part]
+        ll = np.concatenate(lls) if lls else np.zeros(0)
+        if ll.size == 0:
+            return {"tokens": 0}
+        ppl = math.exp(-float(ll.mean()))
+        se = ppl * float(ll.std(ddof=1)) / math.sqrt(ll.size) if ll.size > 1 else float("nan")
+        seconds = {"prompt": self.prompt_s, "decode": self.decode_s,
+                   "all": self.prompt_s + self.decode_s}[part]
+        return {"tokens": int(ll.size), "perplexity": ppl, "standard_error": se,
+                "tokens_per_s": ll.size / seconds if seconds > 0 else 0.0}
+
+
+def load_tokens(data_path: str, tokenizer, sequence_length: int, num_samples: int) -> np.ndarray:
+    """The data as ``[sequences, sequence_length]`` tokens, in order (one document's pieces
+    follow each other; a last piece shorter than a sequence is dropped)."""
+    path = Path(data_path).expanduser()
+    want = sequence_length * num_samples if num_samples > 0 else None
+    if path.is_dir():
+        found = [path / n for n in ("test.jsonl", "valid.jsonl") if (path / n).is_file()]
+        if not found:
+            raise cli.CLIError(f"--data-path {data_path}: a directory of mlx-lm data needs "
+                               "test.jsonl or valid.jsonl")
+        path = found[0]
+    if path.is_file():
+        tokens = (_jsonl_tokens(path, tokenizer, want) if path.suffix == ".jsonl"
+                  else _text_tokens(path, tokenizer))
+    elif data_path.count("/") == 1 and not data_path.startswith((".", "/", "~")):
+        tokens = _hub_tokens(data_path, tokenizer, sequence_length, num_samples)
+    else:
+        raise cli.CLIError(f"--data-path {data_path}: no such file or directory")
+    count = len(tokens) // sequence_length
+    if count == 0:
+        raise cli.CLIError(f"--data-path {data_path}: {len(tokens)} tokens, fewer than one "
+                           f"--sequence-length ({sequence_length})")
+    if num_samples > 0:
+        count = min(count, num_samples)
+    return np.asarray(tokens[:count * sequence_length], dtype=np.int64).reshape(count, -1)
+
+
+def _text_tokens(path: Path, tokenizer) -> list[int]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise cli.CLIError(f"--data-path {path}: cannot read it as UTF-8 text ({e})") from None
+    with _quiet_tokenizer():  # (a whole file is longer than the model's context: cut below)
+        return list(tokenizer.encode(text))
+
+
+@contextlib.contextmanager
+def _quiet_tokenizer():
+    """Without transformers' warning that a text is longer than the model's context."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _jsonl_tokens(path: Path, tokenizer, want: int | None) -> list[int]:
+    """Records in mlx-lm's LoRA formats, tokenized as mlx-lm's datasets tokenize them, one after
+    another until ``want`` tokens."""
+    from mlx_lm.tuner.datasets import create_dataset
+
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as e:
+                    raise cli.CLIError(f"{path}:{number}: not a JSON record ({e})") from None
+    if not records:
+        raise cli.CLIError(f"--data-path {path}: no records")
+    try:
+        dataset = create_dataset(records, tokenizer, types.SimpleNamespace())
+    except ValueError as e:
+        raise cli.CLIError(f"{path}: {str(e).splitlines()[0]} (records need 'text', "
+                           "'messages', or 'prompt' and 'completion')") from None
+    tokens: list[int] = []
+    with _quiet_tokenizer():
+        for i in range(len(dataset)):
+            tokens.extend(dataset.process(dataset[i])[0])
+            if want is not None and len(tokens) >= want:
+                break
+    return tokens
+
+
+def _hub_tokens(name: str, tokenizer, sequence_length: int, num_samples: int) -> list[int]:
+    from mlx_lm.perplexity import load_data
+
+    try:
+        data = load_data(tokenizer, name, num_samples, sequence_length)
+    except Exception as e:  # noqa: BLE001 - (network, a missing dataset: one line)
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise cli.CLIError(f"--data-path {name}: could not load the dataset ({first})") from None
+    return np.asarray(data).reshape(-1).tolist()
+
+
+SCORE_CHUNK = 32  # prompt tokens scored per call at most (each holds a row of logits)
+
+
+def _logits_bytes_per_token(rt) -> int:
+    """A bound on what a scored prompt token's logits hold: a vocabulary row in the model's
+    dtype and its float32 copy, at most 4 + 4 bytes an entry (a generation's prefill computes
+    no logits but the last token's, and the budget plans for that)."""
+    config = text_config(json.loads((Path(rt.model_dir) / "config.json").read_text()))
+    return int(config.get("vocab_size") or 0) * 8
+
+
+def score(model, sequences: np.ndarray, decode_tokens: int) -> Scores:
+    """Each sequence's tokens scored as a generation computes them: the prompt in the budget's
+    prefill chunks, then ``decode_tokens`` steps of one token, each fed the true next token."""
+    from mlx_lm.generate import maybe_quantize_kv_cache
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from . import _finish
+    from .loader import runtime_of
+
+    rt = runtime_of(model)
+    kv = rt.kv_quant.generate_kwargs() if rt.kv_quant is not None else None  # (as loaded)
+    out = Scores()
+    step = max(1, min(rt.prefill_step_size, SCORE_CHUNK))
+    # (a scored chunk's logits are held beside the model's call: counted as KV tokens)
+    held = math.ceil(step * _logits_bytes_per_token(rt) / max(1, rt.kv_bytes_per_token))
+    for row in sequences.tolist():
+        prompt = len(row) - decode_tokens  # (its last token is fed as the first decode step)
+        rt.new_sequence(0, prompt + (held if prompt > 1 else 0), max(1, decode_tokens))
+        step = max(1, min(step, rt.plan.chunk_tokens))
+        cache = make_prompt_cache(model)
+        t0 = time.perf_counter()
+        chunks = []
+        for start in range(0, prompt - 1, step):
+            chunk = row[start:min(start + step, prompt - 1)]
+            logits = model(mx.array(chunk)[None], cache=cache)[0].astype(mx.float32)
+            if kv:
+                maybe_quantize_kv_cache(cache, **kv)
+            targets = mx.array(row[start + 1:start + 1 + len(chunk)])
+            ll = -nn.losses.cross_entropy(logits, targets, reduction="none")
+            mx.eval(ll)
+            chunks.append(np.array(ll))
+        if chunks:
+            out.prompt.append(np.concatenate(chunks))
+        t1 = time.perf_counter()
+        lls = []
+        for i in range(prompt - 1, len(row) - 1):
+            logits = model(mx.array([[row[i]]]), cache=cache)[0, -1].astype(mx.float32)
+            if kv:
+                maybe_quantize_kv_cache(cache, **kv)
+            lls.append(logits[row[i + 1]] - mx.logsumexp(logits))
+            mx.async_eval(lls[-1])
+        if lls:
+            out.decode.append(np.array(mx.stack(lls)))
+        out.decode_s += time.perf_counter() - t1
+        out.prompt_s += t1 - t0
+        _finish(model)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import hobbit_mlx
+
+    args = setup_arg_parser().parse_args(argv)
+    cli.check_args(args)
+    if args.sequence_length < 2:
+        raise cli.CLIError(f"--sequence-length {args.sequence_length}: at least 2 (a token and "
+                           "the next one it predicts)")
+    if not 0 <= args.decode_tokens < args.sequence_length:
+        raise cli.CLIError(f"--decode-tokens {args.decode_tokens}: from 0 to "
+                           f"--sequence-length - 1 ({args.sequence_length - 1})")
+    if args.num_samples == 0 or args.num_samples < -1:
+        raise cli.CLIError(f"--num-samples {args.num_samples}: a count, or -1 for all")
+    model, tokenizer, load_s = cli.load_model(args)
+    sequences = load_tokens(args.data_path, tokenizer, args.sequence_length, args.num_samples)
+    if not args.json:
+        print(f"Scoring {len(sequences)} sequences of {args.sequence_length} tokens "
+              f"({args.sequence_length - args.decode_tokens} prompt, {args.decode_tokens} "
+              f"decoded) from {args.data_path}", file=sys.stderr, flush=True)
+    hobbit_mlx.reset_stats(model)
+    t0 = time.perf_counter()
+    scores = score(model, sequences, args.decode_tokens)
+    wall = time.perf_counter() - t0
+    result = {part: scores.summary(part) for part in ("all", "prompt", "decode")}
+    result.update(model=args.model, data_path=args.data_path, sequences=len(sequences),
+                  sequence_length=args.sequence_length, decode_tokens=args.decode_tokens)
+    stats = cli.run_stats(model, None, wall, load_s)
+    decoded = result["decode"]["tokens"]
+    stats.update(prompt_tokens=result["prompt"]["tokens"],
+                 prompt_tps=result["prompt"].get("tokens_per_s", 0.0),
+                 generation_tokens=decoded,
+                 generation_tps=result["decode"].get("tokens_per_s", 0.0),
+                 bytes_read_per_token=stats["bytes_read"] / decoded if decoded else 0.0)
+    if args.json:
+        print(json.dumps({**result, "stats": stats}, default=str))
+        return 0
+    for part, label in (("all", "Perplexity"), ("prompt", "  prompt (prefill chunks)"),
+                        ("decode", "  decode (one token a step)")):
+        r = result[part]
+        if r["tokens"]:
+            print(f"{label}: {r['perplexity']:.3f} ± {r['standard_error']:.3f} over "
+                  f"{r['tokens']} tokens, {r['tokens_per_s']:.1f} tokens-per-sec")
+    if not args.quiet_report:
+        cli.print_report(stats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
