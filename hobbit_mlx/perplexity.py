@@ -196,7 +196,8 @@ def score(model, sequences: np.ndarray, decode_tokens: int) -> Scores:
     out = Scores()
     step = max(1, min(rt.prefill_step_size, SCORE_CHUNK))
     # (a scored chunk's logits are held beside the model's call: counted as KV tokens)
-    held = math.ceil(step * _logits_bytes_per_token(rt) / max(1, rt.kv_bytes_per_token))
+    held = (math.ceil(step * _logits_bytes_per_token(rt) / rt.kv_bytes_per_token)
+            if rt.kv_bytes_per_token > 0 else 0)
     for row in sequences.tolist():
         prompt = len(row) - decode_tokens  # (its last token is fed as the first decode step)
         rt.new_sequence(0, prompt + (held if prompt > 1 else 0), max(1, decode_tokens))
@@ -235,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import hobbit_mlx
 
     args = setup_arg_parser().parse_args(argv)
+    if args.pipeline:
+        raise cli.CLIError("--pipeline: perplexity scores in one process, not across a "
+                           "pipeline's ranks (score with one machine's budget)")
     cli.check_args(args)
     if args.sequence_length < 2:
         raise cli.CLIError(f"--sequence-length {args.sequence_length}: at least 2 (a token and "
