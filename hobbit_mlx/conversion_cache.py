@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ def cache_target(path: str | Path, adapter_dir: Path | None = None) -> Path:
     if local.exists():
         cfg = local / "config.json"
         stamp = f"{local.resolve()}:{cfg.stat().st_mtime_ns if cfg.exists() else 0}"
-        name = local.name
+        name = local.resolve().name  # (one conversion, loaded through a link or not)
     else:
         stamp, name = str(path), str(path).replace("/", "--")
     if adapter_dir is not None:
@@ -98,22 +99,53 @@ def _converting(target: Path):
     """One process at a time converts into a cached ``target``; another waits for it (saying
     so), then loads what it made. Two converting at once (the ranks of a pipeline on one Mac,
     a server and a CLI) each replaced the other's model, under a load reading it."""
-    import fcntl
-
-    from convert.resume import try_lock
-
     target.parent.mkdir(parents=True, exist_ok=True)
-    path = target.parent / f".{target.name}.lock"
-    fd = try_lock(path)
-    if fd is None:
-        print(f"[hobbit_mlx] waiting for another process converting into {target}",
-              file=sys.stderr, flush=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    fd = take_lock(_lock_path(target),
+                   wait_note=f"[hobbit_mlx] waiting for another process converting into {target}")
     try:
         yield
     finally:
         os.close(fd)
+
+
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+def take_lock(path: Path, wait_note: str | None = None) -> int | None:
+    """An exclusive lock on the lock file ``path``, held by the returned descriptor: with
+    ``wait_note``, waited for (the note said once), else None when another process holds it.
+    Whoever removes a lock file does so holding it (a removed conversion's, an outdated one's),
+    and a process that waited on it then holds a file no longer at ``path``, as a later process
+    holds the new one: so a lock counts only once ``path`` still names the file locked, and is
+    taken again otherwise."""
+    import fcntl
+
+    from convert.resume import try_lock
+
+    while True:
+        fd = try_lock(path)
+        if fd is None:
+            if wait_note is None:
+                return None
+            if wait_note:
+                print(wait_note, file=sys.stderr, flush=True)
+            wait_note = ""
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        if _names(path, fd):
+            return fd
+        os.close(fd)
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is the file open at ``fd``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
@@ -146,7 +178,7 @@ def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
             continue
         # a partial's own lock; a conversion's, the lock file ``_converting`` holds
         try:
-            lock = try_lock(d if m.group(2) else d.parent / f".{d.name}.lock")
+            lock = try_lock(d) if m.group(2) else take_lock(_lock_path(d))
         except OSError:
             continue
         if lock is None:
@@ -155,7 +187,7 @@ def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
             size = _tree_bytes(d)
             _remove(d)
             if not m.group(2):
-                _remove(d.parent / f".{d.name}.lock")  # (held: no process converts into it)
+                _remove(_lock_path(d))  # (held: no process converts into it)
         finally:
             os.close(lock)
         print(f"[hobbit_mlx] removed {d} ({size / 2**20:.1f} MiB), an earlier conversion of "
@@ -200,19 +232,25 @@ def source_stamp(local: Path) -> dict:
         return {}  # (changing under us: converted again, and convert reports it)
 
 
-def _hub_stamp(repo_id: str) -> dict | None:
-    """``source_stamp`` of the snapshot a hub id's cached download points to now (a newer
-    revision downloaded since, by mlx-lm or huggingface-cli, moves it; no network is asked),
-    None when the Hugging Face cache does not hold it."""
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The snapshot a hub id's cached download points to now (a newer revision downloaded
+    since, by mlx-lm or huggingface-cli, moves it; no network is asked), None when the Hugging
+    Face cache does not hold it."""
     from convert import MODEL_FILE_PATTERNS
 
     try:
         from huggingface_hub import snapshot_download
-        snapshot = snapshot_download(repo_id, local_files_only=True,
-                                     allow_patterns=[*MODEL_FILE_PATTERNS, "*.safetensors"])
+        return Path(snapshot_download(repo_id, local_files_only=True,
+                                      allow_patterns=[*MODEL_FILE_PATTERNS, "*.safetensors"]))
     except Exception:  # noqa: BLE001 - (not cached, or not a hub id: nothing to compare)
         return None
-    return {**source_stamp(Path(snapshot)), "revision": Path(snapshot).name}
+
+
+def _hub_stamp(repo_id: str) -> dict | None:
+    """``source_stamp`` of the snapshot a hub id's cached download points to now, None when the
+    Hugging Face cache does not hold it."""
+    snapshot = _hub_snapshot(repo_id)
+    return None if snapshot is None else {**source_stamp(snapshot), "revision": snapshot.name}
 
 
 def _still_converted(target: Path, made_from: dict | None, adapter: dict) -> bool:
@@ -295,61 +333,90 @@ class CacheEntry:
     state: str  # why it stays, or why no load will read it
     stale: bool  # no load will read it: ``--prune`` removes it
     busy: bool = False  # a process converts into it now: nothing removes it
-    pid: int | None = None  # (a left-behind directory's process)
 
 
 def scan(root: Path | None = None) -> list[CacheEntry]:
     """The conversions in the cache and what interrupted conversions left there, each with its
-    state. Only the cache's own names are read (``NAME-<12 hex>`` with its source stamp, and
-    convert's hidden directories of them): a folder of the user's own stays out of it."""
+    state. Only the cache's own names are read (``NAME-<12 hex>`` with its source stamp or its
+    lock file, and convert's hidden directories of them): a folder of the user's own stays out
+    of it. A cache path that is no directory is a ``NotADirectoryError``."""
     root = cache_root() if root is None else root
-    if not root.is_dir():
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} (the cache of conversions, HOBBIT_MLX_CACHE) is not "
+                                 "a directory")
+    if not root.exists():
         return []
     entries = []
     for d in sorted(root.iterdir()):
         if d.is_symlink() or not d.is_dir():
             continue
-        if _CONVERSION.fullmatch(d.name) and (d / SOURCE_STAMP).is_file() and is_hobbit_model(d):
+        if _CONVERSION.fullmatch(d.name) and ((d / SOURCE_STAMP).is_file() or
+                                               _lock_path(d).is_file()):
             entries.append(_conversion(d))
         elif (m := _LEFT_BEHIND.fullmatch(d.name)) is not None:
             entries.append(_left_behind(d, m))
     return entries
 
 
+def _origin(d: Path) -> tuple[str, str]:
+    """(source, adapters' folder) a model directory's manifest names; ("", "") if none."""
+    try:
+        manifest = load_manifest(d, check_files=False)
+    except StoreError:
+        return "", ""
+    return manifest.source, manifest.adapter.get("path", "")
+
+
 def _conversion(d: Path) -> CacheEntry:
     from convert import _tree_bytes
 
-    busy = _held(d.parent / f".{d.name}.lock")
+    size = _tree_bytes(d)
+    if _held(_lock_path(d)):
+        return CacheEntry(d, "conversion", *_origin(d), size, "converting now", False, True)
+    if not is_hobbit_model(d):
+        return CacheEntry(d, "conversion", "", "", size,
+                          "incomplete (no manifest): a load converts it again", True)
     try:
         manifest = load_manifest(d, check_files=False)
-    except StoreError as e:
-        return CacheEntry(d, "conversion", "", "", _tree_bytes(d),
-                          f"unreadable, a load converts it again ({e})", stale=not busy, busy=busy)
+    except StoreError:
+        return CacheEntry(d, "conversion", "", "", size,
+                          "unreadable manifest.json: a load converts it again", True)
     source, adapter = manifest.source, manifest.adapter.get("path", "")
-    state, stale = _conversion_state(d, source, adapter, manifest.adapter)
-    return CacheEntry(d, "conversion", source, adapter, _tree_bytes(d),
-                      "converting now" if busy else state, stale and not busy, busy)
+    state, stale = _conversion_state(d, manifest)
+    return CacheEntry(d, "conversion", source, adapter, size, state, stale)
 
 
-def _conversion_state(d: Path, source: str, adapter: str, fused: dict) -> tuple[str, bool]:
-    """(state, stale) of the cached conversion ``d`` of ``source``: current when a load of
-    ``source`` (with ``adapter``) would read ``d`` as it is."""
+def _conversion_state(d: Path, manifest) -> tuple[str, bool]:
+    """(state, stale) of the cached conversion ``d``: current when a load of its source (with
+    its adapters) would read ``d`` as it is. One whose source is gone is stale when it reads
+    the source in place; a complete copy (of a float source) still loads by its own path."""
     from convert import ConversionError
     from convert.adapters import adapter_files, adapter_record
 
+    source, adapter = manifest.source, manifest.adapter.get("path", "")
     local = Path(source)
-    if local.is_absolute() and not (local / "config.json").is_file():
-        return "source gone", True
+    snapshot = None if local.is_absolute() else _hub_snapshot(source)
+    if (local.is_absolute() and not (local / "config.json").is_file()) or \
+            (not local.is_absolute() and snapshot is None):
+        where = "" if local.is_absolute() else " from the Hugging Face cache"
+        if manifest.references:
+            return f"source gone{where} (it read it in place)", True
+        return (f"source gone{where}; a complete copy, which loads by its path "
+                "(--delete removes it)"), False
     if adapter:
         try:
-            if adapter_record(adapter_files(adapter, ConversionError)) != fused:
+            if adapter_record(adapter_files(adapter, ConversionError)) != manifest.adapter:
                 return "outdated: adapters trained again", True
         except ConversionError:
             return "adapters gone", True
-    if cache_target(source, Path(adapter) if adapter else None).name[-12:] != d.name[-12:]:
+    expected = cache_target(source, Path(adapter) if adapter else None)
+    if expected.name[-12:] != d.name[-12:]:
         return "outdated: config.json changed", True
-    made_from = source_stamp(local) if local.is_absolute() else _hub_stamp(source)
-    if not _still_converted(d, made_from, fused):
+    if expected.name != d.name:
+        return f"outdated: a load of it converts into {expected.name}", True
+    made_from = source_stamp(local) if snapshot is None else {
+        **source_stamp(snapshot), "revision": snapshot.name}
+    if not _still_converted(d, made_from, manifest.adapter):
         return "outdated: source changed", True
     return "current", False
 
@@ -362,39 +429,63 @@ def _left_behind(d: Path, m: re.Match) -> CacheEntry:
 
     pid = int(m["pid"])
     target = d.parent / m["target"]
-    if m["kind"] == "old":
-        busy = pid != os.getpid() and process_running(pid)
-        state = ("being replaced now" if busy else
-                 f"replaced by a conversion interrupted (pid {pid}) before removing it")
-        return CacheEntry(d, "replaced", "", "", _tree_bytes(d), state, not busy, busy, pid)
+    size = _tree_bytes(d)
+    if m["kind"] == "old":  # (``_install`` swaps it out holding the conversion lock)
+        if _held(_lock_path(target)):
+            return CacheEntry(d, "replaced", *_origin(d), size, "being replaced now", False, True)
+        return CacheEntry(d, "replaced", *_origin(d), size,
+                          f"replaced by a conversion interrupted (pid {pid}) before removing it",
+                          True)
     kept = layers_kept(d)
-    busy = _held(d, pid) or (not kept and _age_s(d) < YOUNG_PARTIAL_S and process_running(pid))
-    source, adapter = partial_origin(d) or ("", "")
-    if busy:
-        state, stale = f"converting now (pid {pid})", False
-    elif is_hobbit_model(target):
-        state, stale = "interrupted, converted since", True
-    elif source and _resumable(source, adapter, target):
-        state, stale = (f"interrupted, resumable: {kept} layer{'s' if kept != 1 else ''} "
-                        "kept"), False
-    else:
-        state, stale = "interrupted, source changed or gone", True
-    return CacheEntry(d, "partial", source, adapter, _tree_bytes(d), state, stale, busy, pid)
+    if _held(d, pid) or (not kept and _age_s(d) < YOUNG_PARTIAL_S and process_running(pid)):
+        return CacheEntry(d, "partial", *(partial_origin(d) or _origin(d)), size,
+                          f"converting now (pid {pid})", False, True)
+    origin = partial_origin(d)
+    if origin is None:  # (its layers' record is gone: a finished model, not yet in place)
+        return CacheEntry(d, "partial", *_origin(d), size,
+                          "interrupted while being put in place", True)
+    if is_hobbit_model(target):
+        return CacheEntry(d, "partial", *origin, size, "interrupted, converted since", True)
+    if _resumable(d, target):
+        return CacheEntry(d, "partial", *origin, size,
+                          f"interrupted, resumable: {kept} layer{'s' if kept != 1 else ''} kept",
+                          False)
+    return CacheEntry(d, "partial", *origin, size,
+                      "interrupted, cannot resume: its source, options or hobbit_mlx changed",
+                      True)
 
 
-def _resumable(source: str, adapter: str, target: Path) -> bool:
-    """Whether a load of ``source`` (with ``adapter``) converts into ``target`` now."""
+def _resumable(partial: Path, target: Path) -> bool:
+    """Whether a load of the partial's source converts into ``target`` and resumes from it:
+    the conversion stamp ``convert`` resumes by (source files, config, adapters, options, the
+    converting code) is what it would be now."""
+    from convert import ConversionError, _source_files
+    from convert.adapters import adapter_files
+    from convert.resume import RESUME_DIR, STATE_NAME, conversion_stamp
+
+    try:
+        stamp = json.loads((partial / RESUME_DIR / STATE_NAME).read_text())["stamp"]
+        options = stamp["options"]
+        source, adapter = str(options["source"]), str(options.get("adapter", ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
     local = Path(source)
-    if local.is_absolute() and not (local / "config.json").is_file():
+    src_dir = local if local.is_absolute() else _hub_snapshot(source)
+    if src_dir is None or not (src_dir / "config.json").is_file():
         return False
-    if adapter and not Path(adapter).is_dir():
+    if cache_target(source, Path(adapter) if adapter else None).name != target.name:
         return False
-    return cache_target(source, Path(adapter) if adapter else None).name[-12:] == \
-        target.name[-12:]
+    try:
+        files = _source_files(src_dir) + (adapter_files(adapter, ConversionError)
+                                          if adapter else [])
+        config = json.loads((src_dir / "config.json").read_text())
+        return conversion_stamp(files, json.dumps(config, sort_keys=True), options) == stamp
+    except (OSError, ValueError, StoreError, ConversionError):
+        return False
 
 
 def _held(path: Path, pid: int | None = None) -> bool:
-    """Whether a process holds ``path``'s conversion lock now (a missing lock file: none)."""
+    """Whether a process holds ``path``'s lock now (a missing lock file: none)."""
     from convert.resume import try_lock
 
     if not path.exists():
@@ -409,46 +500,52 @@ def _held(path: Path, pid: int | None = None) -> bool:
     return False
 
 
-def remove(entry: CacheEntry) -> bool:
-    """Remove ``entry`` (a conversion with its lock file); False, leaving it, when a process is
-    converting into it now (it takes the lock a conversion takes, so none starts meanwhile)."""
-    from convert import _remove
-    from convert.resume import process_running, try_lock
+def remove(entry: CacheEntry) -> str | None:
+    """Remove ``entry``; None once removed, else why not (a process converting into it now, a
+    file that cannot be removed: what is left stays listed). It holds the lock a conversion
+    holds meanwhile (a partial's own), so none starts into it."""
+    from convert.resume import try_lock
 
-    if entry.kind == "replaced":
-        if entry.pid != os.getpid() and process_running(entry.pid):
-            return False
-        _remove(entry.path)
-        return not entry.path.exists()
-    lock_path = (entry.path if entry.kind == "partial" else
-                 entry.path.parent / f".{entry.path.name}.lock")
+    target = _target_of(entry)
+    lock_path = entry.path if entry.kind == "partial" else _lock_path(target)
     try:
-        lock = try_lock(lock_path, entry.pid)
-    except OSError:  # (gone meanwhile)
-        return not entry.path.exists()
+        lock = try_lock(lock_path) if entry.kind == "partial" else take_lock(lock_path)
+    except FileNotFoundError:  # (a partial gone meanwhile)
+        return None
     if lock is None:
-        return False
+        return "a process is converting into it now"
     try:
-        _remove(entry.path)
-        if entry.kind == "conversion":
-            _remove(lock_path)  # (held: no process converts into it)
+        shutil.rmtree(entry.path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return f"cannot remove {e.filename or entry.path}: {e.strerror or e}"
     finally:
+        if entry.kind != "partial" and not target.exists():
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)  # (held: no process converts into it)
         os.close(lock)
-    return not entry.path.exists()
+    return None
+
+
+def _target_of(entry: CacheEntry) -> Path:
+    """The conversion ``entry`` is, or was left by."""
+    m = _LEFT_BEHIND.fullmatch(entry.path.name)
+    return entry.path if m is None else entry.path.parent / m["target"]
 
 
 def remove_unused_locks(root: Path | None = None) -> int:
-    """Remove the lock files of conversions no longer in the cache (none holds them); how many."""
-    from convert.resume import try_lock
-
+    """Remove the lock files of conversions no longer in the cache (none holds them; nor is an
+    interrupted conversion of them kept); how many."""
     root = cache_root() if root is None else root
     removed = 0
     for path in root.glob(".*.lock") if root.is_dir() else ():
         m = _LOCK.fullmatch(path.name)
-        if m is None or (root / m["target"]).exists():
+        if m is None or (root / m["target"]).exists() or \
+                any(root.glob(f".{glob.escape(m['target'])}.partial-*")):
             continue
         try:
-            lock = try_lock(path)
+            lock = take_lock(path)
         except OSError:
             continue
         if lock is None:

@@ -18,6 +18,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from convert import _tree_bytes
 from mlx_lm.manage import tabulate
 
 from . import cli_common as cli
@@ -33,9 +34,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--scan", action="store_true", help="List the cache (the default).")
     what.add_argument("--prune", action="store_true",
-                      help="Remove what no load will read: conversions whose source is gone or "
-                           "changed (a load converts those again), and what interrupted "
-                           "conversions left that cannot resume. Current conversions and "
+                      help="Remove what no load will read: conversions whose source changed (a "
+                           "load of it converts again) or whose source they read in place is "
+                           "gone, and what interrupted conversions left that cannot resume. "
+                           "Current conversions, complete copies of a deleted source and "
                            "resumable layers stay.")
     what.add_argument("--delete", action="store_true",
                       help="Remove the conversions --pattern matches (and what interrupted "
@@ -55,7 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pattern == "":
         raise cli.CLIError("--pattern is empty: it would match everything")
     root = cache_root()
-    entries = [e for e in scan(root) if args.pattern is None or
+    try:
+        found = scan(root)
+    except NotADirectoryError as e:
+        raise cli.CLIError(str(e)) from None
+    entries = [e for e in found if args.pattern is None or
                args.pattern in e.path.name or args.pattern in e.source]
     if not (args.prune or args.delete):
         return _print_scan(root, entries, args.pattern)
@@ -63,23 +69,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not chosen:
         print(f"nothing to remove in {root}" +
               (f" matching {args.pattern!r}" if args.pattern else ""))
-        _say_unused_locks(root)
+        remove_unused_locks(root)  # (empty files: said nothing of)
         return 0
     print(_table(chosen))
     busy = [e for e in chosen if e.busy]
     chosen = [e for e in chosen if not e.busy]
     for e in busy:
-        print(f"left {e.path.name}: a process is converting into it now")
+        print(f"left {e.path.name}: {e.state}")
     if chosen and not _confirmed(f"Remove {len(chosen)} of these "
                                  f"({format_size(sum(e.size for e in chosen))})?", args.yes):
         print("nothing removed")
         return 0
-    failed = [e for e in chosen if not remove(e)]
-    for e in failed:
-        print(f"left {e.path.name}: a process took it meanwhile")
-    freed = sum(e.size for e in chosen if e not in failed)
-    print(f"removed {len(chosen) - len(failed)}, {format_size(freed)} freed")
-    _say_unused_locks(root)
+    failed = 0
+    freed = 0
+    for e in chosen:
+        reason = remove(e)
+        left = _tree_bytes(e.path) if e.path.exists() else 0
+        freed += max(0, e.size - left)
+        if reason is not None:
+            failed += 1
+            print(f"left {e.path.name}: {reason}")
+    print(f"removed {len(chosen) - failed}, {format_size(freed)} freed")
+    remove_unused_locks(root)
     return 1 if busy or failed else 0
 
 
@@ -89,13 +100,12 @@ def _print_scan(root, entries: list[CacheEntry], pattern: str | None) -> int:
     else:
         print(_table(entries))
         stale = [e for e in entries if e.stale]
-        print(f"\n{len(entries)} entries, {format_size(sum(e.size for e in entries))} in {root}"
+        print(f"\n{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+              f"{format_size(sum(e.size for e in entries))} in {root}"
               + (f"; {len(stale)} no load will read ({format_size(sum(e.size for e in stale))}):"
                  " python -m hobbit_mlx.manage --prune" if stale else ""))
     measured = root / MEASURED_DIR
     if measured.is_dir() and pattern is None:
-        from convert import _tree_bytes
-
         print(f"measured activations: {format_size(_tree_bytes(measured))} in {measured} "
               "(kept small by the loader)")
     return 0
@@ -119,11 +129,6 @@ def _confirmed(question: str, yes: bool) -> bool:
     except EOFError:
         return False
     return answer in ("y", "yes")
-
-
-def _say_unused_locks(root) -> None:
-    if n := remove_unused_locks(root):
-        print(f"removed {n} lock file(s) of conversions no longer there")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def test_scan_tells_current_conversions_from_those_no_load_reads(tmp_path, cache
     assert set(entries) == {kept, gone, edited, configured}
     assert entries[kept].state == "current" and not entries[kept].stale
     assert entries[kept].source == str(kept_src.resolve())
-    assert entries[gone].stale and entries[gone].state == "source gone"
+    assert entries[gone].stale and entries[gone].state == "source gone (it read it in place)"
     assert entries[edited].stale and entries[edited].state == "outdated: source changed"
     assert entries[configured].stale and \
         entries[configured].state == "outdated: config.json changed"
@@ -104,9 +104,9 @@ def test_layers_an_interrupted_conversion_kept_stay_while_they_can_resume(tmp_pa
     assert "nothing to remove" in capsys.readouterr().out
     assert partial.path.is_dir()
 
-    shutil.rmtree(src)
+    _later(src / "model.safetensors")  # (the next load would start afresh: same name, new stamp)
     [partial] = scan(cache)
-    assert partial.stale and partial.state == "interrupted, source changed or gone"
+    assert partial.stale and partial.state.startswith("interrupted, cannot resume")
     assert _manage(["--prune", "--yes"]) == 0
     assert list(cache.iterdir()) == []  # (the conversion's lock file too)
 
@@ -121,7 +121,7 @@ def test_what_a_process_converts_into_is_left_alone(tmp_path, cache, capsys):
         [entry] = scan(cache)
         assert entry.busy and not entry.stale and entry.state == "converting now"
         assert _manage(["--delete", "--pattern", "src", "--yes"]) == 1
-        assert f"left {target.name}: a process is converting into it now" in \
+        assert f"left {target.name}: converting now" in \
             capsys.readouterr().out
         assert target.is_dir()
     finally:
@@ -151,3 +151,89 @@ def test_delete_needs_a_pattern_and_asks_first(tmp_path, cache, capsys, monkeypa
     assert _manage(["--delete", "--pattern", "alpha"]) == 0  # (current, and removed: asked)
     assert not alpha.exists() and beta.is_dir()
     assert [e.path for e in scan(cache)] == [beta]
+
+
+def test_a_complete_copy_of_a_deleted_source_stays_and_links_share_a_conversion(tmp_path, cache):
+    """A float source's conversion is a whole copy: it still loads by its path when the source
+    is deleted, so --prune keeps it (one read in place cannot load: it goes). A checkpoint
+    loaded through a link and directly is one conversion, named after the real directory."""
+    src = make_tiny_model("qwen3_moe", tmp_path / "float", quantize=False,
+                          config_overrides={"num_hidden_layers": 2})
+    (tmp_path / "link").symlink_to(src)
+    copy = resolve_model(tmp_path / "link", progress=False)
+    assert resolve_model(src, progress=False) == copy and copy.name.startswith("float-")
+    shutil.rmtree(src)
+    [entry] = scan(cache)
+    assert not entry.stale and "a complete copy, which loads by its path" in entry.state
+    assert _manage(["--prune", "--yes"]) == 0 and copy.is_dir()
+
+
+def test_what_an_interrupted_swap_left_goes_whatever_its_pid(tmp_path, cache, capsys):
+    """A conversion killed while swapping its model in leaves the old model (``.old-PID``) and
+    the new, complete one in its partial directory; a reused pid (1 runs) does not keep them."""
+    target = resolve_model(_source(tmp_path, "src"), progress=False)
+    old = cache / f".{target.name}.old-1"
+    shutil.copytree(target, old, symlinks=True)
+    done = cache / f".{target.name}.partial-1xdone"
+    shutil.copytree(target, done, symlinks=True)
+    os.utime(done, (0, 0))  # (not one a process made a moment ago and has yet to lock)
+    states = {e.path: e for e in scan(cache)}
+    assert states[old].stale and not states[old].busy and states[old].source == str(
+        (tmp_path / "src").resolve())
+    assert states[done].stale and states[done].state == "interrupted while being put in place"
+    assert _manage(["--prune", "--yes"]) == 0
+    assert "removed 2" in capsys.readouterr().out
+    assert sorted(p.name for p in cache.iterdir()) == sorted([target.name, f".{target.name}.lock"])
+
+
+def test_a_removal_that_fails_says_why_and_leaves_the_rest_listed(tmp_path, cache, capsys,
+                                                                  monkeypatch):
+    import hobbit_mlx.conversion_cache as conversion_cache
+
+    src = _source(tmp_path, "src")
+    target = resolve_model(src, progress=False)
+    real = shutil.rmtree
+
+    def refused(path, *a, **k):  # (removes the manifest's folder, then a file is refused)
+        real(Path(path) / "experts")
+        raise PermissionError(13, "Permission denied", str(Path(path) / "config.json"))
+
+    monkeypatch.setattr(conversion_cache.shutil, "rmtree", refused)
+    assert _manage(["--delete", "--pattern", "src", "--yes"]) == 1
+    out = capsys.readouterr().out
+    assert f"left {target.name}: cannot remove {target / 'config.json'}: Permission denied" in out
+    assert "removed 0" in out and "0 B freed" not in out
+    [entry] = scan(cache)
+    assert entry.stale and entry.state.startswith("incomplete (no manifest)")
+
+
+def test_a_cache_path_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(tmp_path / "file"))
+    assert _manage([]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_a_lock_file_removed_under_a_waiting_process_is_taken_again(tmp_path):
+    """Whoever removes a lock file holds it; a process that waited on it then holds a file no
+    longer there, while a later process holds the new one: it must wait for that one too."""
+    import threading
+
+    from hobbit_mlx.conversion_cache import take_lock
+
+    path = tmp_path / ".model-0123456789ab.lock"
+    first = take_lock(path)
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(take_lock(path, wait_note="")))
+    waiter.start()
+    waiter.join(0.3)
+    path.unlink()  # (as a removal does, holding it)
+    later = take_lock(path)  # another process, after the removal: a new file
+    assert later is not None
+    os.close(first)
+    waiter.join(1.0)
+    assert waiter.is_alive() and not got  # (it woke holding the removed file: not the lock)
+    os.close(later)
+    waiter.join(10)
+    assert got and os.fstat(got[0]).st_ino == os.stat(path).st_ino
+    os.close(got[0])
