@@ -250,7 +250,11 @@ def _hub_stamp(repo_id: str) -> dict | None:
     """``source_stamp`` of the snapshot a hub id's cached download points to now, None when the
     Hugging Face cache does not hold it."""
     snapshot = _hub_snapshot(repo_id)
-    return None if snapshot is None else {**source_stamp(snapshot), "revision": snapshot.name}
+    return None if snapshot is None else _snapshot_stamp(snapshot)
+
+
+def _snapshot_stamp(snapshot: Path) -> dict:
+    return {**source_stamp(snapshot), "revision": snapshot.name}
 
 
 def _still_converted(target: Path, made_from: dict | None, adapter: dict) -> bool:
@@ -414,8 +418,7 @@ def _conversion_state(d: Path, manifest) -> tuple[str, bool]:
         return "outdated: config.json changed", True
     if expected.name != d.name:
         return f"outdated: a load of it converts into {expected.name}", True
-    made_from = source_stamp(local) if snapshot is None else {
-        **source_stamp(snapshot), "revision": snapshot.name}
+    made_from = source_stamp(local) if snapshot is None else _snapshot_stamp(snapshot)
     if not _still_converted(d, made_from, manifest.adapter):
         return "outdated: source changed", True
     return "current", False
