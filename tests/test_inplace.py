@@ -349,6 +349,7 @@ def test_macos_reads_past_the_page_cache_with_f_nocache(tmp_path, monkeypatch):
     from hobbit_mlx import reader as reader_module
 
     manifest, entry, data = _two_tensor_store(tmp_path)
+    array_equal = np.testing.assert_array_equal  # (imported now: its import reads sys.platform)
     monkeypatch.delattr(os, "O_DIRECT", raising=False)
     monkeypatch.delattr(os, "posix_fadvise", raising=False)
     monkeypatch.setattr(reader_module.sys, "platform", "darwin")
@@ -361,7 +362,7 @@ def test_macos_reads_past_the_page_cache_with_f_nocache(tmp_path, monkeypatch):
             [(getattr(fcntl, "F_NOCACHE", reader_module.F_NOCACHE), 1)] * len(manifest.files)
         pool = SlotPool(entry, 1)
         assert reader.read_into(entry, 0, pool, 0) == 768
-        np.testing.assert_array_equal(np.array(pool.arrays["a"][0]), data[:64])
+        array_equal(np.array(pool.arrays["a"][0]), data[:64])
         assert reader.drop_page_cache() is False
     finally:
         reader.close()
