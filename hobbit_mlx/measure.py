@@ -76,7 +76,10 @@ def activation_ladder(model: nn.Module, prefill_step_size: int) -> list[tuple[in
     gc.collect()  # models dropped earlier hold memory until their reference cycles are collected
     # The first multi-token call makes one-time allocations that stay (they are no activations).
     _raw_activation(model, ladder[0])
-    measured = {ladder[0]: activation_bytes(model, ladder[0], runs=3)}
+    # (the smallest chunk's reserve serves every shorter call: a decoded token's too, whose
+    # logits row and log-softmax may outweigh a chunk's activations on a large vocabulary)
+    measured = {ladder[0]: max(activation_bytes(model, ladder[0], runs=3),
+                               activation_bytes(model, 1, runs=3, next_token=True))}
     knee = min(KNEE_CHUNK, ladder[-1])
     for n in {knee, ladder[-1]} - set(measured):  # (the largest: once, the margin covers it)
         measured[n] = activation_bytes(model, n, runs=3 if n == knee else 1)
@@ -103,9 +106,12 @@ def _kv_state(cache) -> list:
     return [a for c in cache or [] for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
 
 
-def _raw_activation(model: nn.Module, chunk: int, context: int = 0, kv_quant=None) -> int:
+def _raw_activation(model: nn.Module, chunk: int, context: int = 0, kv_quant=None,
+                    next_token: bool = False) -> int:
     """The peak memory a ``chunk``-token call adds above the weights and the KV cache of
-    ``context`` tokens already held (quantized with ``kv_quant``), less the KV cache it adds.
+    ``context`` tokens already held (quantized with ``kv_quant``), less the KV cache it adds;
+    with ``next_token``, its next token chosen as a generation chooses it (a prefill chunk's
+    logits are never computed).
     Runs with the runtime measuring, so no expert is read; the expert calls build the graphs a
     chunk with misses builds."""
     cache = make_prompt_cache(model)
@@ -120,21 +126,38 @@ def _raw_activation(model: nn.Module, chunk: int, context: int = 0, kv_quant=Non
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    model(tokens[:, context:], cache=cache)
+    logits = model(tokens[:, context:], cache=cache)
+    chosen = []
+    if next_token:  # (mlx-lm's generation holds the outputs of the step its caller holds and
+        # of the step in flight while it builds the next)
+        chosen = _next_token(logits)
+        for _ in range(2):
+            logits = model(chosen[-1][:, None], cache=cache)
+            chosen += _next_token(logits)
     states = _kv_state(cache)
-    mx.eval(states)
+    mx.eval(states, chosen)
     peak = mx.get_peak_memory()
     kv = sum(a.nbytes for a in states) - held
-    del states, cache
+    del states, cache, logits, chosen
     mx.clear_cache()
     return max(0, peak - base - kv)
 
 
-def _peak_of(model: nn.Module, chunk: int, context: int = 0, kv_quant=None, runs: int = 3) -> int:
+def _next_token(logits: mx.array) -> list[mx.array]:
+    """What a generation's step computes of its logits: the last token's row, its log-softmax
+    and the token chosen (mlx-lm's ``generate_step``): vocabulary rows, which a large
+    vocabulary makes count."""
+    last = logits[:, -1, :]
+    logprobs = last - mx.logsumexp(last, axis=-1, keepdims=True)
+    return [logprobs, mx.argmax(logprobs, axis=-1)]
+
+
+def _peak_of(model: nn.Module, chunk: int, context: int = 0, kv_quant=None, runs: int = 3,
+             next_token: bool = False) -> int:
     """The most of ``runs`` measurements: now and then a run peaks lower (by up to 27% of a
     64-token call on a tiny model), never higher. Taking the least of two, or one, sometimes
     planned a budget that the same call then went over."""
-    return max(_raw_activation(model, chunk, context, kv_quant) for _ in range(runs))
+    return max(_raw_activation(model, chunk, context, kv_quant, next_token) for _ in range(runs))
 
 
 def _hold_context(model: nn.Module, cache: list, tokens: mx.array) -> None:
@@ -169,13 +192,13 @@ def _fill(cache, probe, tokens: int) -> bool:
     return True
 
 
-def activation_bytes(model: nn.Module, chunk: int, runs: int = 1) -> int:
-    """Measured: the activations of a prefill chunk of ``chunk`` tokens on an empty cache, the
-    most of ``runs`` runs."""
+def activation_bytes(model: nn.Module, chunk: int, runs: int = 1, next_token: bool = False) -> int:
+    """Measured: the activations of a prefill chunk of ``chunk`` tokens on an empty cache (with
+    ``next_token``, of a call choosing its next token), the most of ``runs`` runs."""
     # The allocator's rounding moves the peak by a few KiB, and a run's buffer reuse by a few
     # percent, from one run to the next: a margin of both.
     grain = 64 * 1024
-    raw = _peak_of(model, chunk, runs=runs)
+    raw = _peak_of(model, chunk, runs=runs, next_token=next_token)
     return (int(MEASURE_MARGIN * raw) + 2 * grain - 1) // grain * grain
 
 

@@ -145,3 +145,25 @@ def test_a_kept_cache_trimmed_after_a_long_sequence_stays_within_the_budget(kv_h
         assert stats["peak_memory_bytes"] <= stats["budget_bytes"], stats
     assert len(kept.tokens) < 20  # the second sequence ran on the trimmed cache
     runtime_of(model).close()
+
+
+def test_a_large_vocabulary_decodes_inside_the_budget_at_its_minimum(tmp_path):
+    """A decode step's logits row and its log-softmax (mlx-lm holds those of the step its
+    caller holds and of the step in flight while building the next) are activations too: on a
+    150,000-token vocabulary they outweigh a tiny model's chunk, and the plan that measured the
+    chunk alone went 13% over its budget."""
+    from convert import convert
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    src = make_tiny_model("qwen3_moe", tmp_path / "mlx", config_overrides={"vocab_size": 150_000})
+    model_dir = convert(src, tmp_path / "hobbit", progress=False)
+    minimum = hobbit_mlx.footprint(model_dir)["minimum_budget_bytes"]
+    model, tokenizer = hobbit_mlx.load(model_dir, memory_budget=int(minimum * 1.01),
+                                       progress=False)
+    try:
+        hobbit_mlx.generate(model, tokenizer, PROMPT, max_tokens=24,
+                            logits_processors=[_no_eos(tokenizer)])
+        stats = hobbit_mlx.offload_stats(model)
+    finally:
+        runtime_of(model).close()
+    assert stats["peak_memory_bytes"] <= stats["budget_bytes"]
