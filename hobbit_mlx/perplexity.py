@@ -4,12 +4,12 @@
     python -m hobbit_mlx.perplexity --model PATH --memory-budget 10GB --data-path notes.txt --exact
 
 As ``mlx_lm.perplexity``, but each sequence is read the way a generation reads it: its first
-tokens as a prompt (prefilled in the chunks the budget plans), the last ``--decode-tokens`` one
-at a time through the KV cache, each step fed the text's next token. Mixed precision, skipping
-and big-little act on those decode steps, which a one-pass perplexity never runs; the two parts
-are reported apart, with the expert report of ``generate`` (hits, misses, bytes read, peak
-memory against the budget). ``--exact`` gives the model's own perplexity to compare with: equal
-to mlx-lm's on the same tokens.
+tokens as a prompt, in chunks, the last ``--decode-tokens`` one at a time through the KV cache,
+each step fed the text's next token. The lossy techniques act on both, but a decode step routes
+one token and reads as a reply does, which a one-pass perplexity never runs; the two parts are
+reported apart, with the expert report of ``generate`` (hits, misses, bytes read, peak memory
+against the budget). ``--exact`` gives the model's own perplexity to compare with: equal to
+mlx-lm's on the same tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 import types
@@ -45,11 +46,15 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                              "(mlx-lm's format, downloaded as mlx_lm.perplexity does).")
     parser.add_argument("--sequence-length", type=int, default=256,
                         help="Tokens per scored sequence (the text is cut into such pieces).")
-    parser.add_argument("--decode-tokens", type=int, default=64,
-                        help="The last tokens of each sequence, decoded one at a time (where "
-                             "the decode-time techniques act); 0: every token in prefill chunks.")
+    parser.add_argument("--decode-tokens", type=int, default=None,
+                        help="The last tokens of each sequence, decoded one at a time as a reply "
+                             "is (default: 64, at most a quarter of the sequence); 0: every "
+                             "token in prompt chunks.")
     parser.add_argument("--num-samples", type=int, default=16,
                         help="Sequences to score, from the start of the data (-1: all).")
+    parser.add_argument("--seed", type=int, default=123,
+                        help="Seed of the records drawn from a Hugging Face dataset (as "
+                             "mlx_lm.perplexity's), so that two runs score the same text.")
     parser.add_argument("--json", action="store_true",
                         help="Print the results as one JSON object on stdout.")
     cli.add_model_args(parser)
@@ -66,6 +71,8 @@ class Scores:
     decode: list[np.ndarray] = field(default_factory=list)
     prompt_s: float = 0.0
     decode_s: float = 0.0
+    prompt_bytes: int = 0  # read from storage
+    decode_bytes: int = 0
 
     def summary(self, part: str) -> dict:
         """Perplexity, its standard error (delta method, as mlx-lm's) and tokens per second."""
@@ -73,16 +80,18 @@ class Scores:
                "all": self.prompt + self.decode}[part]
         ll = np.concatenate(lls) if lls else np.zeros(0)
         if ll.size == 0:
-            return {"tokens": 0}
+            return {"tokens": 0, "perplexity": None, "standard_error": None,
+                    "tokens_per_s": None}
         ppl = math.exp(-float(ll.mean()))
-        se = ppl * float(ll.std(ddof=1)) / math.sqrt(ll.size) if ll.size > 1 else float("nan")
+        se = ppl * float(ll.std(ddof=1)) / math.sqrt(ll.size) if ll.size > 1 else None
         seconds = {"prompt": self.prompt_s, "decode": self.decode_s,
                    "all": self.prompt_s + self.decode_s}[part]
         return {"tokens": int(ll.size), "perplexity": ppl, "standard_error": se,
                 "tokens_per_s": ll.size / seconds if seconds > 0 else 0.0}
 
 
-def load_tokens(data_path: str, tokenizer, sequence_length: int, num_samples: int) -> np.ndarray:
+def load_tokens(data_path: str, tokenizer, sequence_length: int, num_samples: int,
+                seed: int = 123) -> np.ndarray:
     """The data as ``[sequences, sequence_length]`` tokens, in order (one document's pieces
     follow each other; a last piece shorter than a sequence is dropped)."""
     path = Path(data_path).expanduser()
@@ -95,9 +104,10 @@ def load_tokens(data_path: str, tokenizer, sequence_length: int, num_samples: in
         path = found[0]
     if path.is_file():
         tokens = (_jsonl_tokens(path, tokenizer, want) if path.suffix == ".jsonl"
-                  else _text_tokens(path, tokenizer))
-    elif data_path.count("/") == 1 and not data_path.startswith((".", "/", "~")):
-        tokens = _hub_tokens(data_path, tokenizer, sequence_length, num_samples)
+                  else _text_tokens(path, tokenizer, want))
+    elif data_path.count("/") == 1 and not data_path.startswith((".", "/", "~")) and \
+            not path.suffix:  # ("org/name": a dataset; "notes/a.txt": a file not there)
+        tokens = _hub_tokens(data_path, tokenizer, sequence_length, num_samples, seed)
     else:
         raise cli.CLIError(f"--data-path {data_path}: no such file or directory")
     count = len(tokens) // sequence_length
@@ -109,13 +119,31 @@ def load_tokens(data_path: str, tokenizer, sequence_length: int, num_samples: in
     return np.asarray(tokens[:count * sequence_length], dtype=np.int64).reshape(count, -1)
 
 
-def _text_tokens(path: Path, tokenizer) -> list[int]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise cli.CLIError(f"--data-path {path}: cannot read it as UTF-8 text ({e})") from None
-    with _quiet_tokenizer():  # (a whole file is longer than the model's context: cut below)
-        return list(tokenizer.encode(text))
+SPARE_TOKENS = 16
+
+
+def _text_tokens(path: Path, tokenizer, want: int | None) -> list[int]:
+    """The tokens of the file's start that ``want`` needs (None: the whole file): read and
+    tokenized in growing pieces, so that a large file costs what is scored."""
+    size = 1 << 16
+    while True:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(size)
+                whole = not f.read(1)
+        except (OSError, UnicodeDecodeError) as e:
+            raise cli.CLIError(f"--data-path {path}: cannot read it as UTF-8 text "
+                               f"({e})") from None
+        with _quiet_tokenizer():  # (longer than the model's context: cut into sequences)
+            tokens = list(tokenizer.encode(text))
+        if whole or want is None:
+            if not whole:
+                size = os.path.getsize(path)
+                continue
+            return tokens
+        if len(tokens) > want + SPARE_TOKENS:  # (a piece's last word may be cut short)
+            return tokens[:want]
+        size *= 4
 
 
 @contextlib.contextmanager
@@ -160,31 +188,45 @@ def _jsonl_tokens(path: Path, tokenizer, want: int | None) -> list[int]:
     return tokens
 
 
-def _hub_tokens(name: str, tokenizer, sequence_length: int, num_samples: int) -> list[int]:
+def _hub_tokens(name: str, tokenizer, sequence_length: int, num_samples: int,
+                seed: int) -> list[int]:
+    """Records of a Hugging Face dataset, drawn as ``mlx_lm.perplexity`` draws them (seeded)."""
     from mlx_lm.perplexity import load_data
 
+    np.random.seed(seed)
     try:
         data = load_data(tokenizer, name, num_samples, sequence_length)
+    except ModuleNotFoundError as e:
+        raise cli.CLIError(f"--data-path {name}: a Hugging Face dataset needs the {e.name!r} "
+                           f"package (pip install {e.name})") from None
     except Exception as e:  # noqa: BLE001 - (network, a missing dataset: one line)
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise cli.CLIError(f"--data-path {name}: could not load the dataset ({first})") from None
     return np.asarray(data).reshape(-1).tolist()
 
 
-SCORE_CHUNK = 32  # prompt tokens scored per call at most (each holds a row of logits)
-
-
-def _logits_bytes_per_token(rt) -> int:
-    """A bound on what a scored prompt token's logits hold: a vocabulary row in the model's
-    dtype and its float32 copy, at most 4 + 4 bytes an entry (a generation's prefill computes
-    no logits but the last token's, and the budget plans for that)."""
+def _row_bytes(rt) -> int:
+    """A bound on a scored token's logits: a vocabulary row in the model's dtype and its float32
+    copy, at most 4 + 4 bytes an entry."""
     config = text_config(json.loads((Path(rt.model_dir) / "config.json").read_text()))
     return int(config.get("vocab_size") or 0) * 8
 
 
+def score_chunk(plan, row_bytes: int) -> int:
+    """The longest prompt call whose logits fit what the plan reserves for its calls: the
+    activations of a ``plan.chunk_tokens`` call hold those of a shorter one and its rows of
+    logits (a generation's prompt calls compute none); 1 where none does, as a decoded
+    token's row is planned for."""
+    reserve = plan.activation_for(plan.chunk_tokens)
+    fits = [n for n in range(1, plan.chunk_tokens + 1)
+            if plan.activation_for(n) + n * row_bytes <= reserve]
+    return fits[-1] if fits else 1
+
+
 def score(model, sequences: np.ndarray, decode_tokens: int) -> Scores:
-    """Each sequence's tokens scored as a generation computes them: the prompt in the budget's
-    prefill chunks, then ``decode_tokens`` steps of one token, each fed the true next token."""
+    """Each sequence's tokens scored as a generation computes them: the prompt in chunks the
+    budget holds (``score_chunk``), then ``decode_tokens`` steps of one token, each fed the true
+    next token."""
     from mlx_lm.generate import maybe_quantize_kv_cache
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -193,16 +235,14 @@ def score(model, sequences: np.ndarray, decode_tokens: int) -> Scores:
 
     rt = runtime_of(model)
     kv = rt.kv_quant.generate_kwargs() if rt.kv_quant is not None else None  # (as loaded)
+    row_bytes = _row_bytes(rt)
     out = Scores()
-    step = max(1, min(rt.prefill_step_size, SCORE_CHUNK))
-    # (a scored chunk's logits are held beside the model's call: counted as KV tokens)
-    held = (math.ceil(step * _logits_bytes_per_token(rt) / rt.kv_bytes_per_token)
-            if rt.kv_bytes_per_token > 0 else 0)
     for row in sequences.tolist():
         prompt = len(row) - decode_tokens  # (its last token is fed as the first decode step)
-        rt.new_sequence(0, prompt + (held if prompt > 1 else 0), max(1, decode_tokens))
-        step = max(1, min(step, rt.plan.chunk_tokens))
+        rt.new_sequence(0, prompt, max(1, decode_tokens))
+        step = min(rt.prefill_step_size, score_chunk(rt.plan, row_bytes))
         cache = make_prompt_cache(model)
+        read = rt.stats.bytes_read
         t0 = time.perf_counter()
         chunks = []
         for start in range(0, prompt - 1, step):
@@ -217,6 +257,8 @@ def score(model, sequences: np.ndarray, decode_tokens: int) -> Scores:
         if chunks:
             out.prompt.append(np.concatenate(chunks))
         t1 = time.perf_counter()
+        out.prompt_bytes += rt.stats.bytes_read - read
+        read = rt.stats.bytes_read
         lls = []
         for i in range(prompt - 1, len(row) - 1):
             logits = model(mx.array([[row[i]]]), cache=cache)[0, -1].astype(mx.float32)
@@ -229,6 +271,7 @@ def score(model, sequences: np.ndarray, decode_tokens: int) -> Scores:
         out.decode_s += time.perf_counter() - t1
         out.prompt_s += t1 - t0
         _finish(model)
+        out.decode_bytes += rt.stats.bytes_read - read
     return out
 
 
@@ -236,20 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import hobbit_mlx
 
     args = setup_arg_parser().parse_args(argv)
-    if args.pipeline:
-        raise cli.CLIError("--pipeline: perplexity scores in one process, not across a "
-                           "pipeline's ranks (score with one machine's budget)")
-    cli.check_args(args)
-    if args.sequence_length < 2:
-        raise cli.CLIError(f"--sequence-length {args.sequence_length}: at least 2 (a token and "
-                           "the next one it predicts)")
-    if not 0 <= args.decode_tokens < args.sequence_length:
-        raise cli.CLIError(f"--decode-tokens {args.decode_tokens}: from 0 to "
-                           f"--sequence-length - 1 ({args.sequence_length - 1})")
-    if args.num_samples == 0 or args.num_samples < -1:
-        raise cli.CLIError(f"--num-samples {args.num_samples}: a count, or -1 for all")
+    _check_args(args)
     model, tokenizer, load_s = cli.load_model(args)
-    sequences = load_tokens(args.data_path, tokenizer, args.sequence_length, args.num_samples)
+    sequences = load_tokens(args.data_path, tokenizer, args.sequence_length, args.num_samples,
+                            args.seed)
+    trained = hobbit_mlx.runtime_of(model).trained_context
+    if trained and args.sequence_length > trained:
+        print(f"[hobbit_mlx] --sequence-length {args.sequence_length} is past the "
+              f"{trained} tokens the model was trained on: its scores there mean little",
+              file=sys.stderr)
     if not args.json:
         print(f"Scoring {len(sequences)} sequences of {args.sequence_length} tokens "
               f"({args.sequence_length - args.decode_tokens} prompt, {args.decode_tokens} "
@@ -259,27 +297,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     scores = score(model, sequences, args.decode_tokens)
     wall = time.perf_counter() - t0
     result = {part: scores.summary(part) for part in ("all", "prompt", "decode")}
-    result.update(model=args.model, data_path=args.data_path, sequences=len(sequences),
-                  sequence_length=args.sequence_length, decode_tokens=args.decode_tokens)
+    result["prompt"]["bytes_read"] = scores.prompt_bytes
+    result["decode"]["bytes_read"] = scores.decode_bytes
+    result.update(model=args.model or "reference model", data_path=args.data_path,
+                  sequences=len(sequences), sequence_length=args.sequence_length,
+                  decode_tokens=args.decode_tokens)
     stats = cli.run_stats(model, None, wall, load_s)
     decoded = result["decode"]["tokens"]
-    stats.update(prompt_tokens=result["prompt"]["tokens"],
-                 prompt_tps=result["prompt"].get("tokens_per_s", 0.0),
-                 generation_tokens=decoded,
-                 generation_tps=result["decode"].get("tokens_per_s", 0.0),
-                 bytes_read_per_token=stats["bytes_read"] / decoded if decoded else 0.0)
+    stats.update(prompt_tokens=result["prompt"]["tokens"], generation_tokens=decoded,
+                 bytes_read_per_token=scores.decode_bytes / decoded if decoded else 0.0)
     if args.json:
         print(json.dumps({**result, "stats": stats}, default=str))
         return 0
-    for part, label in (("all", "Perplexity"), ("prompt", "  prompt (prefill chunks)"),
+    for part, label in (("all", "Perplexity"), ("prompt", "  prompt (in chunks)"),
                         ("decode", "  decode (one token a step)")):
         r = result[part]
         if r["tokens"]:
-            print(f"{label}: {r['perplexity']:.3f} ± {r['standard_error']:.3f} over "
-                  f"{r['tokens']} tokens, {r['tokens_per_s']:.1f} tokens-per-sec")
+            se = f" ± {r['standard_error']:.3f}" if r["standard_error"] is not None else ""
+            print(f"{label}: {r['perplexity']:.3f}{se} over {r['tokens']} tokens, "
+                  f"{r['tokens_per_s']:.1f} tokens-per-sec")
     if not args.quiet_report:
-        cli.print_report(stats)
+        lines = [line for line in cli.format_report({**stats, "generation_tokens": 0})
+                 if not line.startswith(("Prompt:", "Generation:"))]
+        per_token = (f", {cli.format_size(scores.decode_bytes / decoded)} per decoded token"
+                     if decoded else "")
+        at = next(i for i, line in enumerate(lines) if line.startswith("Read from storage"))
+        lines.insert(at + 1, f"  of which prompt chunks {cli.format_size(scores.prompt_bytes)}, "
+                             f"decode steps {cli.format_size(scores.decode_bytes)}{per_token}")
+        print("\n".join([cli.SEPARATOR] + lines), file=sys.stderr)
     return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """One line for what perplexity cannot do, or what makes no sequence."""
+    if args.pipeline:
+        raise cli.CLIError("--pipeline: perplexity scores in one process, not across a "
+                           "pipeline's ranks (score with one machine's budget)")
+    if args.draft_model is not None or args.speculative:
+        raise cli.CLIError(f"{'--draft-model' if args.draft_model else '--speculative'}: "
+                           "perplexity feeds the text's own tokens, so nothing is drafted (a "
+                           "draft model would only take memory from the expert pools)")
+    cli.check_args(args)
+    if args.sequence_length < 2:
+        raise cli.CLIError(f"--sequence-length {args.sequence_length}: at least 2 (a token and "
+                           "the next one it predicts)")
+    if args.decode_tokens is None:
+        args.decode_tokens = min(64, args.sequence_length // 4)
+    if not 0 <= args.decode_tokens < args.sequence_length:
+        raise cli.CLIError(f"--decode-tokens {args.decode_tokens}: from 0 to "
+                           f"--sequence-length - 1 ({args.sequence_length - 1})")
+    if args.num_samples == 0 or args.num_samples < -1:
+        raise cli.CLIError(f"--num-samples {args.num_samples}: a count, or -1 for all")
 
 
 if __name__ == "__main__":

@@ -52,9 +52,11 @@ def test_exact_scores_equal_mlx_lms_below_full_residency(tiny_factory, tmp_path)
 
 
 def test_reference_model_scores_inside_the_budget(capsys):
+    """(--max-context 256: the plan's chunk is 24 tokens there, and logits reserved for a longer
+    chunk took the peak over the budget)"""
     code, result, err = _run(["--data-path", str(TEXT), "--memory-budget", "16MB",
                               "--sequence-length", "96", "--decode-tokens", "16",
-                              "--num-samples", "2", "--json"], capsys)
+                              "--num-samples", "2", "--max-context", "256", "--json"], capsys)
     assert code == 0, err
     assert result["prompt"]["tokens"] == 2 * 79 and result["decode"]["tokens"] == 2 * 16
     assert result["all"]["tokens"] == 2 * 95
@@ -84,6 +86,8 @@ def test_data_files_in_mlx_lms_formats(tiny_factory, tmp_path):
     (["--data-path", str(TEXT), "--sequence-length", "100000"], "fewer than one --sequence-length"),
     (["--data-path", str(TEXT), "--decode-tokens", "256"], "--decode-tokens 256: from 0 to"),
     (["--data-path", str(TEXT), "--num-samples", "0"], "--num-samples 0"),
+    (["--data-path", "notes/today.txt"], "no such file or directory"),
+    (["--data-path", str(TEXT), "--speculative", "2"], "nothing is drafted"),
 ])
 def test_bad_input_is_one_line(argv, message, capsys):
     code, _, err = _run(argv + ["--memory-budget", "16MB"], capsys)
@@ -95,3 +99,60 @@ def test_a_bad_jsonl_record_names_its_line(tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{not json\n')
     code, _, err = _run(["--data-path", str(bad), "--memory-budget", "16MB"], capsys)
     assert code == 2 and f"{bad}:2: not a JSON record" in err
+
+
+class _Plan:
+    """A budget plan's reserve for its calls: 100 KB up to 16 tokens, 10 KB a token beyond."""
+
+    def __init__(self, chunk_tokens: int):
+        self.chunk_tokens = chunk_tokens
+
+    def activation_for(self, tokens: int) -> int:
+        return 100_000 + 10_000 * max(0, tokens - 16)
+
+
+def test_prompt_calls_are_cut_until_their_logits_fit_the_reserve():
+    from hobbit_mlx.perplexity import score_chunk
+
+    # (a small vocabulary: a token less than the plan's chunk, whose reserve has no logits)
+    assert score_chunk(_Plan(64), row_bytes=100) == 63
+    # 64 tokens reserve 580 KB; n tokens of 8,000-byte rows fit while 100 KB + 10 KB (n - 16)
+    # + 8 KB n stays below it: n = 35
+    assert score_chunk(_Plan(64), row_bytes=8_000) == 35
+    assert score_chunk(_Plan(16), row_bytes=8_000) == 1  # (no room: a decoded token's row)
+
+
+def test_a_hub_dataset_is_drawn_the_same_every_run(monkeypatch, tiny_factory):
+    import mlx_lm.perplexity as mlx_lm_perplexity
+
+    def load_data(tokenizer, path, num_samples, sequence_length):  # (mlx-lm's draw, offline)
+        records = np.arange(50 * sequence_length).reshape(50, sequence_length)
+        return records[np.random.permutation(50)[:num_samples]]
+
+    monkeypatch.setattr(mlx_lm_perplexity, "load_data", load_data)
+    _, dst = tiny_factory("qwen3_moe")
+    _, tokenizer = hobbit_mlx.load(dst, progress=False)
+    first = load_tokens("some-org/some-data", tokenizer, 8, 4)
+    np.random.seed(7)  # (whatever ran before)
+    assert np.array_equal(load_tokens("some-org/some-data", tokenizer, 8, 4), first)
+    assert not np.array_equal(load_tokens("some-org/some-data", tokenizer, 8, 4, seed=5), first)
+
+
+def test_a_large_text_file_is_read_as_far_as_the_samples_need(tiny_factory, tmp_path):
+    _, dst = tiny_factory("qwen3_moe")
+    _, tokenizer = hobbit_mlx.load(dst, progress=False)
+    text = " ".join(f"w{i % 1000}" for i in range(100_000))
+    (tmp_path / "big.txt").write_text(text)
+    whole = list(tokenizer.encode(text))
+    assert load_tokens(str(tmp_path / "big.txt"), tokenizer, 32, 2).reshape(-1).tolist() == \
+        whole[:64]
+    assert load_tokens(str(tmp_path / "big.txt"), tokenizer, 32, -1).size == \
+        len(whole) // 32 * 32
+
+
+def test_json_has_no_nan_when_a_part_has_one_token_or_none(capsys):
+    code, result, err = _run(["--data-path", str(TEXT), "--memory-budget", "16MB",
+                              "--sequence-length", "8", "--decode-tokens", "1",
+                              "--num-samples", "1", "--json"], capsys)
+    assert code == 0, err
+    assert result["decode"]["tokens"] == 1 and result["decode"]["standard_error"] is None
