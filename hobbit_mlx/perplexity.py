@@ -112,8 +112,9 @@ def load_tokens(data_path: str, tokenizer, sequence_length: int, num_samples: in
         raise cli.CLIError(f"--data-path {data_path}: no such file or directory")
     count = len(tokens) // sequence_length
     if count == 0:
-        raise cli.CLIError(f"--data-path {data_path}: {len(tokens)} tokens, fewer than one "
-                           f"--sequence-length ({sequence_length})")
+        raise cli.CLIError(f"--data-path {data_path}: {len(tokens)} token"
+                           f"{'s' if len(tokens) != 1 else ''}, fewer than one --sequence-length "
+                           f"({sequence_length})")
     if num_samples > 0:
         count = min(count, num_samples)
     return np.asarray(tokens[:count * sequence_length], dtype=np.int64).reshape(count, -1)
@@ -177,7 +178,7 @@ def _jsonl_tokens(path: Path, tokenizer, want: int | None) -> list[int]:
     try:
         dataset = create_dataset(records, tokenizer, types.SimpleNamespace())
     except ValueError as e:
-        raise cli.CLIError(f"{path}: {str(e).splitlines()[0]} (records need 'text', "
+        raise cli.CLIError(f"{path}: {' '.join(str(e).split())} (records need 'text', "
                            "'messages', or 'prompt' and 'completion')") from None
     tokens: list[int] = []
     with _quiet_tokenizer():
