@@ -68,7 +68,6 @@ def resolve_model(path: str | Path, progress: bool = True,
 
     adapters = [] if adapter_path is None else adapter_files(adapter_path, ConversionError)
     target = cache_target(path, adapters[0].parent if adapters else None)
-    name = target.name[:-13]
     made_from = source_stamp(local) if local.exists() else _hub_stamp(str(path))
     fused = adapter_record(adapters)  # (what a conversion with them keeps of them)
     if is_hobbit_model(target) and _still_converted(target, made_from, fused):
@@ -84,7 +83,7 @@ def resolve_model(path: str | Path, progress: bool = True,
             if progress:  # (a cached conversion whose source changed is ours to redo)
                 what = f" with the adapters of {adapter_path} fused" if adapters else ""
                 print(f"[hobbit_mlx] converting {path}{what} into {target} (once)")
-            _drop_outdated(target, name, str(local.resolve()) if local.exists() else str(path),
+            _drop_outdated(target, str(local.resolve()) if local.exists() else str(path),
                            fused.get("path", ""))
             convert(path, target, force=True, progress=progress, adapter_path=adapter_path)
             if made_from is not None:
@@ -148,50 +147,19 @@ def _names(path: Path, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _drop_outdated(target: Path, name: str, source: str, adapter: str) -> None:
-    """Remove the cache's earlier conversions of ``source`` (with the same adapters) that
-    ``target`` replaces (its config.json changed since: another stamp, another name), and what
-    interrupted conversions of them kept: GBs no load reads any more. One a process is
-    converting into now (it holds its lock) stays."""
-    from convert import _remove, _tree_bytes
-    from convert.resume import partial_origin, try_lock
-
-    # (only names this cache gives: NAME-<12 hex digits>, and convert's partials of them; a
-    # directory of the user's own that names the same source, "mymodel-8bit", stays)
-    ours = re.compile(rf"(\.?){re.escape(name)}-[0-9a-f]{{12}}(\.partial-\d+(x[^/]*)?)?")
-    for d in cache_root().glob(f"*{glob.escape(name)}-*"):
-        m = ours.fullmatch(d.name)
-        if m is None or d.name == target.name or d.name.startswith(f".{target.name}."):
-            continue  # (this conversion's own partials are convert's to resume)
-        if m.group(1) and m.group(2):
-            origin = partial_origin(d)
-        elif not m.group(1) and not m.group(2) and (d / SOURCE_STAMP).is_file() and \
-                is_hobbit_model(d):
-            try:
-                manifest = load_manifest(d, check_files=False)
-            except StoreError:
-                continue
-            origin = (manifest.source, manifest.adapter.get("path", ""))
-        else:
+def _drop_outdated(target: Path, source: str, adapter: str) -> None:
+    """Remove what the cache holds of ``source`` (with the same adapters) besides ``target``:
+    earlier conversions (its config.json changed since: another key, another name) and what
+    interrupted conversions of them left, GBs no load reads any more; as ``manage --delete``
+    would (``scan``'s entries, ``remove``'s locks: one a process converts into stays). What
+    was left for ``target`` itself is convert's, to resume or remove."""
+    for entry in scan(target.parent):
+        if (entry.source, entry.adapter) != (source, adapter) or entry.busy or \
+                _target_of(entry) == target:
             continue
-        if origin != (source, adapter):
-            continue
-        # a partial's own lock; a conversion's, the lock file ``_converting`` holds
-        try:
-            lock = try_lock(d) if m.group(2) else take_lock(_lock_path(d))
-        except OSError:
-            continue
-        if lock is None:
-            continue
-        try:
-            size = _tree_bytes(d)
-            _remove(d)
-            if not m.group(2):
-                _remove(_lock_path(d))  # (held: no process converts into it)
-        finally:
-            os.close(lock)
-        print(f"[hobbit_mlx] removed {d} ({size / 2**20:.1f} MiB), an earlier conversion of "
-              f"{source}", file=sys.stderr)
+        if remove(entry) is None:
+            print(f"[hobbit_mlx] removed {entry.path} ({entry.size / 2**20:.1f} MiB), an "
+                  f"earlier conversion of {source}", file=sys.stderr)
 
 
 def _check_fused(model_dir: Path, adapter_path: str | Path) -> None:
