@@ -132,17 +132,17 @@ def single_process_tokens(model_dir: Path) -> list[int]:
 def run(models, tmp_path_factory):
     case = {"prompt": PROMPT, "max_tokens": MAX_TOKENS}
     spec = [
-        # mlx-lm's pipeline, an explicit uneven split; rank 0 (3 layers) cannot hold its experts
-        # (each budget leaves room over its rank's measured minimum, which moves by up to
-        # ~100 KiB from run to run: seen 629-705 KiB for rank 0, 479-590 KiB for rank 1)
-        dict(case, name="qwen3_moe", model=str(models["qwen3_moe"]), budgets=["0.82MB", "0.66MB"],
-             split=[3, 1]),
-        # the generic split, by budget (2 layers each); neither rank holds its 240 KiB of
-        # experts (rank 1's minimum was seen past 625 KiB)
-        dict(case, name="olmoe", model=str(models["olmoe"]), budgets=["0.80MB", "0.72MB"]),
+        # mlx-lm's pipeline, an explicit uneven split; each rank's cache holds half of its
+        # experts, so both read (budgets a little over a rank's measured minimum did not hold:
+        # the minimum of so tiny a model moves by the 64 KiB measurement grain from run to run,
+        # and a budget made one rank fail to load in one run and hold every expert in another)
+        dict(case, name="qwen3_moe", model=str(models["qwen3_moe"]),
+             options={"expert_residency": 0.5}, split=[3, 1]),
+        # the generic split, even with expert_residency (2 layers each)
+        dict(case, name="olmoe", model=str(models["olmoe"]), options={"expert_residency": 0.5}),
         # prefetch within each rank (exact: it changes what is read, never the tokens)
-        dict(case, name="olmoe_prefetch", model=str(models["olmoe"]), budgets=["0.80MB", "0.72MB"],
-             options={"prefetch_layers": 1}),
+        dict(case, name="olmoe_prefetch", model=str(models["olmoe"]),
+             options={"expert_residency": 0.5, "prefetch_layers": 1}),
         dict(case, name="small_budget", model=str(models["olmoe"]), budgets=["2MB", "0.3MB"]),
         dict(case, name="mismatch", model=[str(models["qwen3_moe"]), str(models["olmoe"])],
              budgets=["2MB", "2MB"]),
@@ -180,7 +180,7 @@ def test_two_ranks_equal_one_process(run, models, arch, kind, layers):
     stats = result["stats"]
     assert [s["pipeline"]["kind"] for s in stats] == [kind, kind]
     assert [s["pipeline"]["layers"] for s in stats] == layers
-    assert sum(s["misses_high"] for s in stats) > 0  # the budgets made some rank read
+    assert all(s["misses_high"] > 0 for s in stats)  # (each rank holds half of its experts)
     for s in stats:
         start, end = s["pipeline"]["layers"]
         assert s["peak_memory_bytes"] <= s["budget_bytes"]
