@@ -104,7 +104,7 @@ def load_tokens(data_path: str, tokenizer, sequence_length: int, num_samples: in
         path = found[0]
     if path.is_file():
         tokens = (_jsonl_tokens(path, tokenizer, want) if path.suffix == ".jsonl"
-                  else _text_tokens(path, tokenizer, want))
+                  else text_tokens(path, tokenizer, want))
     elif data_path.count("/") == 1 and not data_path.startswith((".", "/", "~")) and \
             not path.suffix:  # ("org/name": a dataset; "notes/a.txt": a file not there)
         tokens = _hub_tokens(data_path, tokenizer, sequence_length, num_samples, seed)
@@ -123,9 +123,10 @@ def load_tokens(data_path: str, tokenizer, sequence_length: int, num_samples: in
 SPARE_TOKENS = 16
 
 
-def _text_tokens(path: Path, tokenizer, want: int | None) -> list[int]:
+def text_tokens(path: Path, tokenizer, want: int | None, flag: str = "--data-path") -> list[int]:
     """The tokens of the file's start that ``want`` needs (None: the whole file): read and
-    tokenized in growing pieces, so that a large file costs what is scored."""
+    tokenized in growing pieces, so that a large file costs what is used. ``flag``: the option
+    that named the file, for the error."""
     size = 1 << 16
     while True:
         try:
@@ -133,7 +134,7 @@ def _text_tokens(path: Path, tokenizer, want: int | None) -> list[int]:
                 text = f.read(size)
                 whole = not f.read(1)
         except (OSError, UnicodeDecodeError) as e:
-            raise cli.CLIError(f"--data-path {path}: cannot read it as UTF-8 text "
+            raise cli.CLIError(f"{flag} {path}: cannot read it as UTF-8 text "
                                f"({e})") from None
         with _quiet_tokenizer():  # (longer than the model's context: cut into sequences)
             tokens = list(tokenizer.encode(text))

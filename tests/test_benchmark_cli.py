@@ -1,0 +1,78 @@
+"""python -m hobbit_mlx.benchmark: every trial generates all its tokens, each budget is its own
+load within its budget, and a smaller budget reads what a larger one holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hobbit_mlx import benchmark
+from hobbit_mlx.cli_common import run
+
+
+def _bench(capsys, *argv) -> tuple[int, str, str]:
+    code = run(benchmark.main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_budgets_are_rows_of_full_length_trials(capsys):
+    """Two budgets of the reference model: 28 MB holds every expert (after the warmup run
+    nothing is read), 12 MB streams them. The first model is gone before the second loads (its
+    weights, still referenced, took the next budget's peak past it)."""
+    code, out, err = _bench(capsys, "--memory-budget", "28MB,12MB", "-p", "24", "-g", "12",
+                            "-n", "2", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt_tokens"] == 24 and result["prompt_source"] == "Python's argparse.py"
+    large, small = result["budgets"]
+    assert [large["budget_bytes"], small["budget_bytes"]] == [28_000_000, 12_000_000]
+    for row in (small, large):
+        assert len(row["trials"]) == 2
+        # (end-of-sequence tokens do not stop a trial: the reference model ends text often)
+        assert all(t["generation_tokens"] == 12 for t in row["trials"])
+        assert row["peak_memory_bytes"] <= row["budget_bytes"]
+        assert row["generation_tps"] > 0 and row["prompt_tps"] > 0
+    assert small["expert_cache_share"] < 1.0 <= large["expert_cache_share"] + 1e-9
+    assert small["decode_bytes_per_token"] > 0 and small["decode_hit_rate"] < 1.0
+    assert large["decode_bytes_per_token"] == 0 and large["decode_hit_rate"] == 1.0
+    # a decode step's reads are counted apart from the prompt's
+    for t in small["trials"]:
+        steps = t["generation_tokens"] - 1
+        assert t["decode_bytes_per_token"] * steps == pytest.approx(t["decode"]["bytes_read"])
+
+
+def test_the_table_and_a_prompt_file(capsys, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 40)
+    code, out, err = _bench(capsys, "--memory-budget", "16MB", "-p", "16", "-g", "4", "-n", "1",
+                            "--prompt-file", str(text), "--exact")
+    assert code == 0, err
+    head, row = out.strip().splitlines()
+    assert head.split()[:3] == ["budget", "expert", "cache"]
+    assert row.startswith("16.0 MB") or row.startswith("15.26 MiB"), row
+    assert "trial 1: prompt" in err and "notes.txt" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--memory-budget", "12MB,12MB"], "the same budget twice"),
+    (["--memory-budget", "12MB,"], "an empty entry"),
+    (["--memory-budget", "12XB"], "--memory-budget"),
+    (["--num-trials", "0"], "--num-trials must be at least 1"),
+    (["-g", "0"], "--generation-tokens must be at least 1"),
+    (["--prompt-file", "/nonexistent/notes.txt"], "no such file"),
+    (["--random-prompt", "--prompt-file", "x"], "choose one"),
+    (["--pipeline"], "the benchmark runs in one process"),
+])
+def test_bad_arguments_are_one_line(capsys, argv, message):
+    code, out, err = _bench(capsys, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_prompt_file_shorter_than_the_prompt_is_named(capsys, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("x = 1\n")
+    code, out, err = _bench(capsys, "-p", "500", "--prompt-file", str(short), "-n", "1")
+    assert code == 2 and "fewer than --prompt-tokens (500)" in err and "short.txt" in err
