@@ -444,6 +444,15 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     runtime.layer_major_prefill = o.layer_major_prefill and pipe is None and kv_quant is None
     runtime.speculative = (check_draft_tokens(o.speculative) if o.speculative else 0,
                            o.speculative_adaptive)  # (max draft tokens, adaptive); 0: off
+    if o.speculative or o.draft_model is not None:  # (refused here, not at the first reply)
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from .speculative import check_rollback
+        try:
+            check_rollback(make_prompt_cache(model))
+        except ValueError:
+            runtime.close()
+            raise
     runtime.preload()
     reader.bytes_read = 0
     runtime.stats.reset()

@@ -525,3 +525,23 @@ def test_adaptive_k_recovers_from_one_slow_pass():
         a.observe(k, 0, seconds=1.0 + 0.6 * k, draft_seconds=0.6 * k)  # drafts never kept
     assert a.k == 0
     assert a.seconds[0] == pytest.approx(1.0)
+
+
+def test_a_model_whose_cache_cannot_roll_back_is_refused_at_load(tiny_factory, capsys):
+    """nemotron_h's recurrent layers keep an ArraysCache, which speculation cannot roll back: the
+    load says so (it failed at the first reply, a traceback from the CLIs)."""
+    import importlib
+
+    from hobbit_mlx.cli_common import run
+
+    generate_cli = importlib.import_module("hobbit_mlx.generate")
+
+    _src, dst = tiny_factory("nemotron_h")
+    with pytest.raises(ValueError, match="ArraysCache cannot do"):
+        hobbit_mlx.load(dst, expert_residency=0.3, speculative=2, progress=False)
+    code = run(generate_cli.main, ["--model", str(dst), "--expert-residency", "0.3",
+                                   "--speculative", "2", "--prompt", "hi", "--max-tokens", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "rolls back the KV cache" in err and "Traceback" not in err
+    model, _ = hobbit_mlx.load(dst, expert_residency=0.3, progress=False)  # (without: it loads)
+    runtime_of(model).close()
