@@ -423,3 +423,35 @@ def test_a_large_max_tokens_reserves_no_more_than_max_context_at_the_start(tiny_
     rt.new_sequence(0, 10, 32000)
     assert rt.plan.max_context() > rt.plan.initial_context  # (the cut is the rule's, not the
     # budget's: it would hold a longer reserve)
+
+
+def test_a_prompt_chunk_does_not_cut_pools_that_hold_every_expert():
+    """A budget that holds every expert in 4-bit beside the smallest prompt chunk: each sequence
+    cut the pools for a longer chunk (evicting experts, a 2-bit pool appearing) and decode grew
+    them back, reading the experts again. They stay whole now, and a second reply reads
+    nothing."""
+    from hobbit_mlx.loader import REFERENCE_MODEL
+
+    probe, _ = hobbit_mlx.load(REFERENCE_MODEL, progress=False)
+    plan = runtime_of(probe).plan
+    runtime_of(probe).close()
+    del probe  # (its dense weights would count in this process's peak)
+    gc.collect()
+    context = 256
+    budget = (plan.dense_bytes + plan.activation_for(16, context) + plan.kv_bytes(context, 16)
+              + plan.all_high_bytes + 64 * 1024)
+    assert plan.largest_chunk(context) > 16  # (what a sequence's prompt asked for)
+    model, tok = hobbit_mlx.load(REFERENCE_MODEL, memory_budget=budget, progress=False)
+    rt = runtime_of(model)
+    try:
+        prompt = list(range(5, 133))  # (128 tokens)
+        for i in range(3):
+            hobbit_mlx.reset_stats(model)
+            hobbit_mlx.generate(model, tok, prompt, max_tokens=32)
+            stats = hobbit_mlx.offload_stats(model)
+            assert stats["peak_memory_bytes"] <= budget
+            assert rt.cache.all_high_resident and stats["pool_slots"][1] == 0
+            if i:  # (the first may grow the pools the load planned)
+                assert stats["pool_rebuilds"] == 0 and stats["bytes_read"] == 0
+    finally:
+        rt.close()
