@@ -31,6 +31,8 @@ import mlx.core as mx
 from . import cli_common as cli
 from .budget import format_size
 
+_now = time.perf_counter  # (the trials' clock)
+
 # counted over a trial's decode steps (after the first token), from the offload counters
 _DECODE_COUNTERS = ("hits_high", "hits_low", "misses_high", "misses_low", "skipped", "bytes_read")
 
@@ -67,16 +69,18 @@ def _check_args(args: argparse.Namespace) -> list:
         raise cli.CLIError("--pipeline: the benchmark runs in one process; time a pipeline with "
                            "mlx.launch ... -m hobbit_mlx.generate, whose report gives its speed")
     for flag, value, least in (("--prompt-tokens", args.prompt_tokens, 1),
-                               ("--generation-tokens", args.generation_tokens, 1),
+                               # (the first token comes with the prompt: decoding starts after it)
+                               ("--generation-tokens", args.generation_tokens, 2),
                                ("--num-trials", args.num_trials, 1)):
         if value < least:
             raise cli.CLIError(f"{flag} must be at least {least}, not {value}")
-    if args.delay < 0:
-        raise cli.CLIError(f"--delay must not be negative, not {args.delay}")
+    if not 0 <= args.delay < 3600:
+        raise cli.CLIError(f"--delay takes 0 to 3600 seconds, not {args.delay}")
     if args.random_prompt and args.prompt_file:
         raise cli.CLIError("--random-prompt and --prompt-file: choose one")
     if args.prompt_file and not Path(args.prompt_file).expanduser().is_file():
-        raise cli.CLIError(f"--prompt-file {args.prompt_file}: no such file")
+        what = "not a file" if Path(args.prompt_file).expanduser().exists() else "no such file"
+        raise cli.CLIError(f"--prompt-file {args.prompt_file}: {what}")
     budgets = [None] if args.memory_budget is None else str(args.memory_budget).split(",")
     sizes = []
     for budget in budgets:  # (each checked as --memory-budget is everywhere)
@@ -84,8 +88,8 @@ def _check_args(args: argparse.Namespace) -> list:
         if args.memory_budget == "":
             raise cli.CLIError(f"--memory-budget {','.join(budgets)}: an empty entry")
         cli.check_args(args)
-        sizes.append(args.memory_budget)
-    if len(set(sizes)) < len(sizes):
+        sizes.append((args.memory_budget, budget.strip() if budget is not None else None))
+    if len({size for size, _ in sizes}) < len(sizes):
         raise cli.CLIError("--memory-budget lists the same budget twice")
     return sizes
 
@@ -105,8 +109,9 @@ def prompt_tokens(args: argparse.Namespace, tokenizer, model_dir: Path) -> tuple
         path = Path(args.prompt_file).expanduser()
         tokens = text_tokens(path, tokenizer, want, flag="--prompt-file")
         if len(tokens) < want:
-            raise cli.CLIError(f"--prompt-file {args.prompt_file}: {len(tokens)} tokens, fewer "
-                               f"than --prompt-tokens ({want})")
+            raise cli.CLIError(f"--prompt-file {args.prompt_file}: {len(tokens)} "
+                               f"token{'s' if len(tokens) != 1 else ''}, fewer than "
+                               f"--prompt-tokens ({want})")
         return tokens[:want], str(path)
     import argparse as _argparse
     import inspect
@@ -142,13 +147,18 @@ def run_trial(model, tokenizer, prompt: list[int], generation_tokens: int) -> di
                                                max_tokens=generation_tokens):
         if first is None:  # (the prompt's reads end with the first token)
             first = _counters(model)
+            t_first = _now()
         last = response
+    t_last = _now()
     end = hobbit_mlx.offload_stats(model)
     decode = {name: end[name] - first[name] for name in _DECODE_COUNTERS}
     served = decode["hits_high"] + decode["hits_low"]
     demand = served + decode["misses_high"] + decode["misses_low"]
     steps = last.generation_tokens - 1
-    return {"prompt_tps": float(last.prompt_tps), "generation_tps": float(last.generation_tps),
+    # (decode steps over their time; mlx-lm's generation_tps counts the first token too, the
+    # prompt's: 2x the rate at -g 2)
+    return {"prompt_tps": float(last.prompt_tps),
+            "generation_tps": steps / (t_last - t_first) if t_last > t_first else 0.0,
             "generation_tokens": last.generation_tokens,
             "peak_memory_bytes": end["peak_memory_bytes"],
             "prompt_bytes_read": first["bytes_read"],
@@ -183,12 +193,12 @@ def summarize(trials: list[dict], stats: dict, expert_bytes: int) -> dict:
 
 def format_table(rows: list[dict]) -> list[str]:
     head = ["budget", "expert cache", "prompt tok/s", "generation tok/s", "peak memory",
-            "decode hit rate", "read per token"]
+            "decode hit rate", "read per decoded token"]
     body = []
     for r in rows:
         peak = r["peak_memory_bytes"]
         hit = r["decode_hit_rate"]
-        body.append([format_size(r["budget_bytes"]),
+        body.append([r.get("budget") or format_size(r["budget_bytes"]),
                      f"{format_size(r['expert_cache_bytes'])} "
                      f"({100.0 * r['expert_cache_share']:.0f}%)",
                      f"{r['prompt_tps']:.1f} ± {r['prompt_tps_std']:.1f}",
@@ -200,7 +210,8 @@ def format_table(rows: list[dict]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head] + body]
 
 
-def bench_budget(args: argparse.Namespace, prompt: list[int] | None, log) -> tuple:
+def bench_budget(args: argparse.Namespace, prompt: list[int] | None, label: str | None,
+                 log) -> tuple:
     """Load under ``args.memory_budget``, warm up, run the trials; returns (row, prompt, its
     source, the model's directory). The model is closed before it returns."""
     from . import offload_stats, runtime_of
@@ -215,7 +226,7 @@ def bench_budget(args: argparse.Namespace, prompt: list[int] | None, log) -> tup
             log(f"Model: {rt.model_dir}; prompt: {len(prompt)} tokens of {source}; "
                 f"{args.generation_tokens} generated tokens; {args.num_trials} "
                 f"trial{'s' if args.num_trials != 1 else ''} after a warmup run")
-        label = format_size(offload_stats(model)["budget_bytes"])
+        label = label or format_size(offload_stats(model)["budget_bytes"])
         log(f"Budget {label}: loaded in {load_s:.1f} s; warmup run")
         run_trial(model, tokenizer, prompt, args.generation_tokens)
         trials = []
@@ -227,6 +238,7 @@ def bench_budget(args: argparse.Namespace, prompt: list[int] | None, log) -> tup
                 f"{t['generation_tps']:.2f} tok/s, read {format_size(t['decode_bytes_per_token'])} "
                 f"per token, peak {format_size(t['peak_memory_bytes'])}")
         row = summarize(trials, offload_stats(model), rt.manifest.expert_bytes("high"))
+        row["budget"] = label
         return row, prompt, source, str(rt.model_dir)
     finally:
         rt.close()
@@ -236,22 +248,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     budgets = _check_args(args)
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    rows, prompt, source = [], None, None
-    for budget in budgets:
-        args.memory_budget = budget
-        row, prompt, new_source, model_dir = bench_budget(args, prompt, log)
-        source = source or new_source
-        rows.append(row)
-        # the last model's weights go before the next loads: MLX's peak counts the process
-        gc.collect()
-        mx.clear_cache()
-    result = {"model": model_dir, "prompt_source": source, "prompt_tokens": len(prompt),
-              "generation_tokens": args.generation_tokens, "num_trials": args.num_trials,
-              "options": cli.technique_options(args), "budgets": rows}
-    if args.json:
-        print(json.dumps(result, default=str))
-    else:
-        print("\n".join(format_table(rows)))
+    rows, prompt, source, model_dir = [], None, None, None
+    try:
+        for size, label in budgets:
+            args.memory_budget = size
+            row, prompt, new_source, model_dir = bench_budget(args, prompt, label, log)
+            source = source or new_source
+            rows.append(row)
+            # the last model's weights go before the next loads: MLX's peak counts the process
+            gc.collect()
+            mx.clear_cache()
+    finally:  # (a budget that fails, or Ctrl-C, keeps the rows measured before it)
+        if rows:
+            result = {"model": model_dir, "prompt_source": source, "prompt_tokens": len(prompt),
+                      "generation_tokens": args.generation_tokens,
+                      "num_trials": args.num_trials, "options": cli.technique_options(args),
+                      "budgets": rows, "complete": len(rows) == len(budgets)}
+            print(json.dumps(result, default=str) if args.json else
+                  "\n".join(format_table(rows)), flush=True)
     return 0
 
 

@@ -51,7 +51,7 @@ def test_the_table_and_a_prompt_file(capsys, tmp_path):
     assert code == 0, err
     head, row = out.strip().splitlines()
     assert head.split()[:3] == ["budget", "expert", "cache"]
-    assert row.startswith("16.0 MB") or row.startswith("15.26 MiB"), row
+    assert row.startswith("16MB "), row  # (the budget as given)
     assert "trial 1: prompt" in err and "notes.txt" in err
 
 
@@ -60,8 +60,10 @@ def test_the_table_and_a_prompt_file(capsys, tmp_path):
     (["--memory-budget", "12MB,"], "an empty entry"),
     (["--memory-budget", "12XB"], "--memory-budget"),
     (["--num-trials", "0"], "--num-trials must be at least 1"),
-    (["-g", "0"], "--generation-tokens must be at least 1"),
+    (["-g", "1"], "--generation-tokens must be at least 2"),  # (no decode step to time)
+    (["--delay", "nan"], "--delay takes 0 to 3600 seconds"),
     (["--prompt-file", "/nonexistent/notes.txt"], "no such file"),
+    (["--prompt-file", "/"], "not a file"),
     (["--random-prompt", "--prompt-file", "x"], "choose one"),
     (["--pipeline"], "the benchmark runs in one process"),
 ])
@@ -76,3 +78,24 @@ def test_a_prompt_file_shorter_than_the_prompt_is_named(capsys, tmp_path):
     short.write_text("x = 1\n")
     code, out, err = _bench(capsys, "-p", "500", "--prompt-file", str(short), "-n", "1")
     assert code == 2 and "fewer than --prompt-tokens (500)" in err and "short.txt" in err
+
+
+def test_a_budget_that_fails_keeps_the_rows_before_it(capsys):
+    """A sweep whose last budget is below the model's minimum: the rows measured before it are
+    printed (they took minutes on a large model), then the error line, exit status 2."""
+    code, out, err = _bench(capsys, "--memory-budget", "12MB,2MB", "-p", "16", "-g", "3", "-n",
+                            "1", "--json")
+    assert code == 2 and "too small for this model" in err.strip().splitlines()[-1]
+    result = json.loads(out)
+    assert [r["budget"] for r in result["budgets"]] == ["12MB"] and not result["complete"]
+
+
+def test_generation_speed_is_decode_steps_over_their_time(capsys, monkeypatch):
+    """-g 2 is one decode step: its rate is one token over that step's time (mlx-lm's rate
+    counts the prompt's token too: twice as high)."""
+    clock = iter(range(10_000))  # each reading of the trials' clock one second later
+    monkeypatch.setattr(benchmark, "_now", lambda: float(next(clock)))
+    code, out, err = _bench(capsys, "-b", "16MB", "-p", "16", "-g", "2", "-n", "1", "--json")
+    assert code == 0, err
+    trial = json.loads(out)["budgets"][0]["trials"][0]
+    assert trial["generation_tps"] == pytest.approx(1.0)  # one step, one (fake) second
