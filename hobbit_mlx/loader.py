@@ -83,7 +83,15 @@ def _offloaded_classes(manifest: Manifest, pipe=None, where: Path = Path(MANIFES
                 # stay on disk (lazy, never evaluated); the store serves them. A pipeline rank
                 # then keeps only its own layers' weights.
                 if hasattr(super(), "sanitize"):
-                    weights = super().sanitize(weights)
+                    try:
+                        weights = super().sanitize(weights)
+                    except AttributeError as e:
+                        if pipe is None or "PassThrough" not in str(e):
+                            raise
+                        from .pipeline import PipelineError
+                        arch = getattr(self, "model_type", None) or type(self).__name__
+                        raise PipelineError(f"cannot pipeline {arch}: mlx-lm reads its weights "
+                                            f"through the modules of every layer ({e})") from None
                 prefixes = tuple(l.module_path + "." for l in manifest.layers)
                 weights = {k: v for k, v in weights.items() if not k.startswith(prefixes)}
                 return weights if pipe is None else pipe.keep_local(weights)

@@ -235,7 +235,7 @@ class Pipeline:
         inner = decoder_of(model)
         if inner is None:
             raise PipelineError(f"cannot pipeline {arch}: its decoder layers are not where the "
-                                f"split looks for them ({', '.join(DECODER_PATHS)} .layers)")
+                                f"split looks for them (.layers of {', '.join(DECODER_PATHS)})")
         layers = inner.layers
         self.num_layers = len(layers)
         if self.requested_split is not None:
@@ -244,14 +244,14 @@ class Pipeline:
             self.split = proportional_split(self.num_layers, self.budgets or [1] * self.size)
         self.start, self.end = layer_range(self.split, self.rank)
         self._model, self._decoder = model, inner
-        if hasattr(inner, "pipeline"):
+        if hasattr(inner, "pipeline") and _takes_split(inner.pipeline):
             self.kind = "mlx-lm"
             inner.pipeline(self.group, self.split)
         else:
             self.kind = "generic"
             self._check_layer_groups(model, arch)
             twins = _cache_twins(model, self.start, self.end)
-            self._split_generic(layers, PASSED_ON.get(arch))
+            self._split_generic(layers, PASSED_ON.get(arch, ()))
             _see_local_caches(inner, twins)
 
     def _check_layer_groups(self, model: nn.Module, arch: str) -> None:
@@ -266,11 +266,23 @@ class Pipeline:
                 f"cannot pipeline {arch} with the split {self.split}: its layers share their KV "
                 f"cache in groups of {size} (cross-layer attention), which must not be cut "
                 f"between ranks; give --pipeline-split counts that are multiples of {size}")
+        # gemma4: each of the last layers takes the keys and values of an earlier layer
+        sources = getattr(self._decoder, "previous_kvs", None)
+        if isinstance(sources, list):
+            cut = [j for j, src in enumerate(sources) if src != j and
+                   any(layer_range(self.split, r)[0] <= j < layer_range(self.split, r)[1] and
+                       not layer_range(self.split, r)[0] <= src < layer_range(self.split, r)[1]
+                       for r in range(self.size))]
+            if cut:
+                raise PipelineError(
+                    f"cannot pipeline {arch} with the split {self.split}: layer {cut[0]} takes "
+                    f"the keys and values of layer {sources[cut[0]]}, which another rank holds; "
+                    "give --pipeline-split counts that keep them together")
 
-    def _split_generic(self, layers: list, passed_on: str | None = None) -> None:
+    def _split_generic(self, layers: list, passed_on: tuple = ()) -> None:
         for i in range(len(layers)):
             if not self.start <= i < self.end:
-                layers[i] = PassThrough(layers[i] if passed_on else None, passed_on)
+                layers[i] = PassThrough(layers[i], passed_on)
         first, last = layers[self.start], layers[self.end - 1]
         recv_from = self.rank + 1 if self.rank < self.size - 1 else None
         send_to = self.rank - 1 if self.rank > 0 else None
@@ -552,7 +564,9 @@ DECODER_PATHS = ("model", "language_model.model", "language_model")
 
 # Architectures whose layers return (hidden state, a state the next layer takes): the argument a
 # layer another rank holds passes on unchanged.
-PASSED_ON = {"hunyuan": "shared_kv_states"}
+PASSED_ON = {"hunyuan": ("shared_kv_states",),
+             # (gemma4's KV-shared layers take another layer's keys, values and offset)
+             "gemma4_text": ("shared_kv", "offset"), "gemma4": ("shared_kv", "offset")}
 
 
 def decoder_of(model: nn.Module) -> nn.Module | None:
@@ -567,25 +581,43 @@ def decoder_of(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def _takes_split(pipeline) -> bool:
+    """mlx-lm's ``pipeline(group, split)``; kimi_k3's takes the group alone (its own split)."""
+    try:
+        return len(inspect.signature(pipeline).parameters) >= 2
+    except (TypeError, ValueError):
+        return False
+
+
 class PassThrough(nn.Module):
     """A layer another rank holds: the hidden state passes through untouched (with the state
-    argument ``passed_on``, for layers that return a pair; ``layer`` gives its position)."""
+    arguments ``passed_on``, for layers that return them after it; ``layer`` gives their
+    positions)."""
 
-    def __init__(self, layer: nn.Module | None = None, passed_on: str | None = None):
+    def __init__(self, layer: nn.Module | None = None, passed_on: tuple = ()):
         super().__init__()
-        self._name, self._pos = None, 0  # (plain attributes: no parameters of the module)
-        if layer is not None and passed_on is not None:
+        self._passed: list = []  # (name, position): plain attributes, no parameters
+        # The layer's own settings stay readable: hybrid models' make_cache and masks read
+        # every layer's kind (jamba's is_attn, granitemoehybrid's layer_type, afmoe's
+        # use_sliding, ...), which failed on a rank that does not hold the layer.
+        for name, value in (vars(layer) if layer is not None else {}).items():
+            if isinstance(value, (bool, int, float, str)) and not name.startswith("_"):
+                object.__setattr__(self, name, value)
+        if layer is not None and passed_on:
             names = list(inspect.signature(type(layer).__call__).parameters)[2:]  # (self, x)
-            self._name, self._pos = passed_on, names.index(passed_on)
+            self._passed = [(name, names.index(name)) for name in passed_on]
 
     def __call__(self, x, *args, **kwargs):
-        if self._name is None:
+        if not self._passed:
             return x
-        name, pos = self._name, self._pos
-        return x, kwargs[name] if name in kwargs else args[pos] if pos < len(args) else None
+        return (x, *(kwargs[name] if name in kwargs else args[pos] if pos < len(args) else None
+                     for name, pos in self._passed))
 
 
 def _cache_kind(cache) -> tuple:
+    subs = getattr(cache, "caches", None)
+    if isinstance(subs, (list, tuple)):  # (a CacheList: its caches' kinds; their reprs hold ids)
+        return type(cache), tuple(_cache_kind(c) for c in subs)
     try:
         return type(cache), repr(sorted(vars(cache).items()))
     except Exception:  # noqa: BLE001 - a kind never matched
@@ -661,14 +693,31 @@ def _stage(layer: nn.Module, pipe: Pipeline, *, recv_from: int | None = None,
         if pipe.active and gather:
             if send_to is not None:
                 h = mx.distributed.send(h, send_to, group=pipe.group)
-                cache = _find_cache(args, kwargs)
-                if cache is not None and getattr(cache, "keys", None) is not None:
-                    # a prompt chunk evaluates only the caches: the send must run with them
-                    cache.keys = mx.depends(cache.keys, h)
+                # a prompt chunk evaluates only the caches: the send must run with them
+                _run_with_cache(_find_cache(args, kwargs), h)
             h = mx.distributed.all_gather(h, group=pipe.group)[: h.shape[0]]
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     layer.__class__ = type(base.__name__, (base,), {"__call__": __call__})
+
+
+def _run_with_cache(cache, h: mx.array) -> bool:
+    """Make ``h`` a dependency of the cache's state (an attention layer's keys, a recurrent
+    layer's first state array, a list of caches' first that takes it): a rank whose last layer
+    was recurrent never sent its prompt chunks, and the next rank waited for them forever."""
+    if cache is None:
+        return False
+    if isinstance(getattr(cache, "keys", None), mx.array):
+        cache.keys = mx.depends(cache.keys, h)
+        return True
+    if isinstance(getattr(cache, "caches", None), (list, tuple)):  # (CacheList)
+        return any(_run_with_cache(c, h) for c in cache.caches)
+    arrays = getattr(cache, "cache", None)  # (ArraysCache)
+    for i, a in enumerate(arrays if isinstance(arrays, list) else ()):
+        if isinstance(a, mx.array):
+            arrays[i] = mx.depends(a, h)
+            return True
+    return False
 
 
 def agree_prefill_step(pipe: Pipeline, kwargs: dict) -> dict:

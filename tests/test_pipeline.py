@@ -106,9 +106,14 @@ def models(tmp_path_factory):
     # the generic split's harder cases: masks from particular layers' caches (a sliding window
     # shorter than the prompt and reply; llama4's chunks, its decoder under language_model),
     # layers that return a pair and share their KV in pairs (hunyuan's cross-layer attention)
+    # hybrids: every layer's kind read by make_cache (granitemoehybrid: a Mamba layer ending
+    # rank 1, whose send must run with its recurrent cache), a mask from a list of caches
+    # (longcat_flash), weights sanitized through every layer's modules (kimi_linear: refused)
     for arch, over in (("gpt_oss", {"num_hidden_layers": 4, "sliding_window": 8,
                                     "layer_types": ["sliding_attention", "full_attention"] * 2}),
-                       ("llama4", {}), ("hunyuan", {"num_hidden_layers": 4, "use_cla": True})):
+                       ("llama4", {}), ("hunyuan", {"num_hidden_layers": 4, "use_cla": True}),
+                       ("granitemoehybrid", {}), ("longcat_flash", {}), ("kimi_linear", {}),
+                       ("gemma4_text", {})):
         src = make_tiny_model(arch, root / f"{arch}-src", config_overrides=over)
         out[arch] = convert(src, root / arch, copy=True, progress=False)
     return out
@@ -155,6 +160,10 @@ def run(models, tmp_path_factory):
         dict(case, name="gpt_oss", model=str(models["gpt_oss"])),
         dict(case, name="llama4", model=str(models["llama4"])),
         dict(case, name="hunyuan", model=str(models["hunyuan"])),
+        dict(case, name="granitemoehybrid", model=str(models["granitemoehybrid"])),
+        dict(case, name="longcat_flash", model=str(models["longcat_flash"])),
+        dict(case, name="kimi_linear", model=str(models["kimi_linear"]), split=[1, 2]),
+        dict(case, name="gemma4_text", model=str(models["gemma4_text"])),
         # a split that cuts one of hunyuan's pairs of layers sharing their KV
         dict(case, name="hunyuan_cut", model=str(models["hunyuan"]), split=[1, 3]),
         # the model path missing on rank 1, loaded as the CLIs load (it fails before the ranks
@@ -268,11 +277,15 @@ def test_a_dead_ranks_slot_is_never_read_as_its_data(monkeypatch, dead_row):
         P.gather_json(Group(), {"a": 1})
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss", "llama4", "hunyuan"])
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama4", "hunyuan", "granitemoehybrid",
+                                  "longcat_flash", "gemma4_text"])
 def test_generic_split_of_harder_architectures(run, models, arch):
     """Masks built from a passed-through layer's cache (gpt_oss, llama4) crashed at load, a
-    layer returning a pair (hunyuan) failed to unpack, llama4 was refused: the tokens equal one
-    process's."""
+    layer returning a pair (hunyuan) failed to unpack, llama4 was refused; make_cache read a
+    passed-through layer's kind (granitemoehybrid: AttributeError), then a rank ending on a
+    Mamba layer never sent its prompt (a hang); longcat_flash's mask came from a list of caches
+    never matched to its twin (a shape error); gemma4's layers return three values (a
+    ValueError): the tokens equal one process's."""
     result = run[arch]
     assert "errors" not in result, result.get("errors")
     assert result["tokens"] == single_process_tokens(models[arch])
@@ -674,3 +687,10 @@ def test_a_rank_lost_while_the_server_is_idle_stops_it_in_one_line(caplog):
     assert stopped == [1] and isinstance(worker.error, PipelineError)
     assert "the pipeline broke; stopping the server: lost the connection to pipeline rank 1" \
         in caplog.text
+
+
+def test_a_model_whose_weights_need_every_layer_is_refused(run):
+    """kimi_linear's sanitize reads each layer's modules, which a rank lacks for the layers
+    another holds: one line naming the architecture, on every rank (an AttributeError)."""
+    errors = run["kimi_linear"]["errors"]
+    assert all("cannot pipeline kimi_linear" in e for e in errors), errors
