@@ -269,10 +269,8 @@ class Pipeline:
         # gemma4: each of the last layers takes the keys and values of an earlier layer
         sources = getattr(self._decoder, "previous_kvs", None)
         if isinstance(sources, list):
-            cut = [j for j, src in enumerate(sources) if src != j and
-                   any(layer_range(self.split, r)[0] <= j < layer_range(self.split, r)[1] and
-                       not layer_range(self.split, r)[0] <= src < layer_range(self.split, r)[1]
-                       for r in range(self.size))]
+            rank_of = {i: r for r in range(self.size) for i in range(*layer_range(self.split, r))}
+            cut = [j for j, src in enumerate(sources) if rank_of[j] != rank_of[src]]
             if cut:
                 raise PipelineError(
                     f"cannot pipeline {arch} with the split {self.split}: layer {cut[0]} takes "
