@@ -129,6 +129,14 @@ def prompt_tokens(args: argparse.Namespace, tokenizer, model_dir: Path) -> tuple
                        "give a longer --prompt-file")
 
 
+def _decode_rates(decode: dict, steps: int) -> dict:
+    """The share of the decode steps' expert requests served from memory, bytes read per step."""
+    served = decode["hits_high"] + decode["hits_low"]
+    demand = served + decode["misses_high"] + decode["misses_low"]
+    return {"decode_hit_rate": served / demand if demand else None,
+            "decode_bytes_per_token": decode["bytes_read"] / steps if steps else 0.0}
+
+
 def _counters(model) -> dict:
     from . import offload_stats
 
@@ -152,8 +160,6 @@ def run_trial(model, tokenizer, prompt: list[int], generation_tokens: int) -> di
     t_last = _now()
     end = hobbit_mlx.offload_stats(model)
     decode = {name: end[name] - first[name] for name in _DECODE_COUNTERS}
-    served = decode["hits_high"] + decode["hits_low"]
-    demand = served + decode["misses_high"] + decode["misses_low"]
     steps = last.generation_tokens - 1
     # (decode steps over their time; mlx-lm's generation_tps counts the first token too, the
     # prompt's: 2x the rate at -g 2)
@@ -161,9 +167,8 @@ def run_trial(model, tokenizer, prompt: list[int], generation_tokens: int) -> di
             "generation_tps": steps / (t_last - t_first) if t_last > t_first else 0.0,
             "generation_tokens": last.generation_tokens,
             "peak_memory_bytes": end["peak_memory_bytes"],
-            "prompt_bytes_read": first["bytes_read"],
-            "decode": decode, "decode_hit_rate": served / demand if demand else None,
-            "decode_bytes_per_token": decode["bytes_read"] / steps if steps else 0.0}
+            "prompt_bytes_read": first["bytes_read"], "decode": decode,
+            **_decode_rates(decode, steps)}
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
@@ -173,8 +178,6 @@ def _spread(values: list[float]) -> tuple[float, float]:
 def summarize(trials: list[dict], stats: dict, expert_bytes: int) -> dict:
     """One budget's row: means over the trials, the peak, and the decode reads pooled."""
     decode = {name: sum(t["decode"][name] for t in trials) for name in _DECODE_COUNTERS}
-    served = decode["hits_high"] + decode["hits_low"]
-    demand = served + decode["misses_high"] + decode["misses_low"]
     steps = sum(t["generation_tokens"] - 1 for t in trials)
     prompt_tps, prompt_sd = _spread([t["prompt_tps"] for t in trials])
     gen_tps, gen_sd = _spread([t["generation_tps"] for t in trials])
@@ -184,10 +187,9 @@ def summarize(trials: list[dict], stats: dict, expert_bytes: int) -> dict:
             "prompt_tps": prompt_tps, "prompt_tps_std": prompt_sd,
             "generation_tps": gen_tps, "generation_tps_std": gen_sd,
             "peak_memory_bytes": max(t["peak_memory_bytes"] for t in trials),
-            "decode_hit_rate": served / demand if demand else None,
+            **_decode_rates(decode, steps),
             "decode_misses_per_token": (decode["misses_high"] + decode["misses_low"]) / steps
             if steps else 0.0,
-            "decode_bytes_per_token": decode["bytes_read"] / steps if steps else 0.0,
             "policy": stats["policy"], "trials": trials}
 
 
@@ -196,14 +198,16 @@ def format_table(rows: list[dict]) -> list[str]:
             "decode hit rate", "read per decoded token"]
     body = []
     for r in rows:
-        peak = r["peak_memory_bytes"]
+        share = r["peak_memory_bytes"] / r["budget_bytes"]
         hit = r["decode_hit_rate"]
         body.append([r.get("budget") or format_size(r["budget_bytes"]),
                      f"{format_size(r['expert_cache_bytes'])} "
                      f"({100.0 * r['expert_cache_share']:.0f}%)",
                      f"{r['prompt_tps']:.1f} ± {r['prompt_tps_std']:.1f}",
                      f"{r['generation_tps']:.2f} ± {r['generation_tps_std']:.2f}",
-                     f"{format_size(peak)} ({100.0 * peak / r['budget_bytes']:.0f}%)",
+                     f"{format_size(r['peak_memory_bytes'])} "
+                     + (f"({100.0 * share:.0f}%)" if share <= 1 else
+                        f"({100.0 * share:.1f}%: over the budget)"),
                      "-" if hit is None else f"{100.0 * hit:.1f}%",
                      format_size(r["decode_bytes_per_token"])])
     widths = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
