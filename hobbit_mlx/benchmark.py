@@ -18,6 +18,7 @@ random tokens route unlike any text a user sends. ``--random-prompt`` draws them
 from __future__ import annotations
 
 import argparse
+import codecs
 import gc
 import json
 import statistics
@@ -78,9 +79,8 @@ def _check_args(args: argparse.Namespace) -> list:
         raise cli.CLIError(f"--delay takes 0 to 3600 seconds, not {args.delay}")
     if args.random_prompt and args.prompt_file:
         raise cli.CLIError("--random-prompt and --prompt-file: choose one")
-    if args.prompt_file and not Path(args.prompt_file).expanduser().is_file():
-        what = "not a file" if Path(args.prompt_file).expanduser().exists() else "no such file"
-        raise cli.CLIError(f"--prompt-file {args.prompt_file}: {what}")
+    if args.prompt_file:
+        _check_text_file(Path(args.prompt_file).expanduser(), args.prompt_file)
     budgets = [None] if args.memory_budget is None else str(args.memory_budget).split(",")
     sizes = []
     for budget in budgets:  # (each checked as --memory-budget is everywhere)
@@ -92,6 +92,22 @@ def _check_args(args: argparse.Namespace) -> list:
     if len({size for size, _ in sizes}) < len(sizes):
         raise cli.CLIError("--memory-budget lists the same budget twice")
     return sizes
+
+
+def _check_text_file(path: Path, given: str) -> None:
+    """A prompt file that cannot serve is refused before the model loads (minutes, for a large
+    one): missing, not a file, empty, unreadable, or not UTF-8 text (its start is checked)."""
+    if not path.is_file():
+        raise cli.CLIError(f"--prompt-file {given}: "
+                           f"{'not a file' if path.exists() else 'no such file'}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except (OSError, UnicodeDecodeError) as e:
+        raise cli.CLIError(f"--prompt-file {given}: cannot read it as UTF-8 text ({e})") from None
+    if not head:
+        raise cli.CLIError(f"--prompt-file {given}: the file is empty")
 
 
 def prompt_tokens(args: argparse.Namespace, tokenizer, model_dir: Path) -> tuple[list[int], str]:

@@ -64,6 +64,7 @@ def test_the_table_and_a_prompt_file(capsys, tmp_path):
     (["--delay", "nan"], "--delay takes 0 to 3600 seconds"),
     (["--prompt-file", "/nonexistent/notes.txt"], "no such file"),
     (["--prompt-file", "/"], "not a file"),
+    (["--prompt-file", "/dev/null"], "not a file"),
     (["--random-prompt", "--prompt-file", "x"], "choose one"),
     (["--pipeline"], "the benchmark runs in one process"),
 ])
@@ -99,3 +100,16 @@ def test_generation_speed_is_decode_steps_over_their_time(capsys, monkeypatch):
     assert code == 0, err
     trial = json.loads(out)["budgets"][0]["trials"][0]
     assert trial["generation_tps"] == pytest.approx(1.0)  # one step, one (fake) second
+
+
+@pytest.mark.parametrize("content,message", [(b"\xff\xfe def f(): pass", "cannot read it as UTF-8"),
+                                             (b"", "the file is empty")])
+def test_a_prompt_file_that_cannot_serve_is_refused_before_the_load(capsys, tmp_path, monkeypatch,
+                                                                     content, message):
+    import hobbit_mlx.cli_common as cli_common
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    monkeypatch.setattr(cli_common, "load_model", lambda args: pytest.fail("loaded the model"))
+    code, out, err = _bench(capsys, "--prompt-file", str(bad))
+    assert code == 2 and message in err and "bad.txt" in err
