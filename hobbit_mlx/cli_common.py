@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -612,6 +613,13 @@ def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None
         return 130
     except BrokenPipeError:
         return stdout_closed()
+    except OSError as e:  # a full disk or a failing device under the output (> /dev/full)
+        if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+            raise
+        error_line(f"cannot write {e.filename or 'the output'}: {e.strerror}")
+        if e.filename is None:
+            stdout_closed()  # (what is left to flush goes nowhere, not into a second error)
+        return 1
 
 
 def _pipeline_error_line(message: str) -> None:

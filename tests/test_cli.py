@@ -511,3 +511,17 @@ def test_chat_fit_drops_only_what_the_turn_needs_when_no_room_can_be_spared(mode
     room = 3 * full  # (the query alone and this room fill more than three quarters of the limit)
     assert conv.fit("four", limit=4 * full - 1, reply_room=room) == 1
     assert [m["content"] for m in conv.messages if m["role"] == "user"] == ["two", "three"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_output_to_a_full_device_is_one_line(model_dir, env):
+    """``> /dev/full`` (a full disk under the output): one error line and status 1, where a
+    traceback ended it."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "hobbit_mlx.generate", "--model", str(model_dir),
+                            "--prompt", "def f(x):", "--max-tokens", "4", "--quiet-report"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                           timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == \
+        "error: cannot write the output: No space left on device"
