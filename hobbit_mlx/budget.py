@@ -250,7 +250,15 @@ class BudgetPlan:
     def largest_chunk(self, tokens: int) -> int:
         """The longest measured chunk the budget affords beside a ``tokens`` context, its
         activations taking at most ``CHUNK_SHARE`` of what dense weights and KV leave (prefill
-        in shorter chunks is a little slower; smaller pools make every decoded token slower)."""
+        in shorter chunks is a little slower; smaller pools make every decoded token slower).
+        Pools that hold every expert they may beside some chunk are never cut for a longer one:
+        the longest such chunk (each sequence cut them, and decode grew them back, reading the
+        experts again)."""
+        whole = [n for n, _ in self.activation_points if self.budget_bytes - self.dense_bytes
+                 - self.activation_for(n, tokens) - self.kv_bytes(tokens, n)
+                 >= self.expert_cap_bytes]
+        if whole:
+            return whole[-1]
         room = self.budget_bytes - self.dense_bytes - self.kv_bytes(tokens)
         fits = [n for n, _ in self.activation_points if self.max_context(n) >= tokens
                 and self.activation_for(n, tokens) <= CHUNK_SHARE * room]

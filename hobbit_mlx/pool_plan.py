@@ -120,15 +120,7 @@ def follow_sequence(rt: OffloadRuntime, groups: list[PoolGroup], prefill_step: i
         tokens = max(context + prompt, plan.initial_context)
         tokens = min(tokens, goal[0] or tokens, plan.max_context())
         chunk = min(max(prompt, 1), prefill_step, plan.largest_chunk(tokens) or 1)
-        planned = plan.fit(tokens, chunk)
-        if planned.expert_cache_bytes < plan.expert_cap_bytes:
-            # Pools that hold every expert they may (all of them, or the residency's share)
-            # beside the smallest call are not cut for a longer prompt chunk: each sequence then
-            # shrank them (evicting experts), and decode grew them back, reading them again.
-            whole = plan.fit(tokens, 1)  # (its chunk: the longest beside full pools)
-            if whole.expert_cache_bytes >= plan.expert_cap_bytes:
-                planned = whole
-        apply_plan(rt, groups, planned)
+        apply_plan(rt, groups, plan.fit(tokens, chunk))
 
     rt.on_context = on_context
     rt.on_sequence = on_sequence

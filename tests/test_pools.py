@@ -451,7 +451,7 @@ def test_a_prompt_chunk_does_not_cut_pools_that_hold_every_expert():
             stats = hobbit_mlx.offload_stats(model)
             assert stats["peak_memory_bytes"] <= budget
             assert rt.cache.all_high_resident and stats["pool_slots"][1] == 0
-            if i:  # (the first may grow the pools the load planned)
+            if i:  # (the first may grow the pools the load planned for a longer context)
                 assert stats["pool_rebuilds"] == 0 and stats["bytes_read"] == 0
     finally:
         rt.close()
