@@ -8,7 +8,9 @@ rather than by a list of names, so every architecture built on them works withou
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -70,6 +72,13 @@ def text_config(config: dict) -> dict:
         nested = vars(nested)  # a model's args may hold it as a dataclass
     merged.update(nested or {})
     return merged
+
+
+def vocab_size(model_dir: str | Path) -> int:
+    """The vocabulary the model's embedding holds (its config's, which may exceed the
+    tokenizer's); 0 when the config does not say."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(text_config(config).get("vocab_size") or 0)
 
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",

@@ -114,11 +114,10 @@ def prompt_tokens(args: argparse.Namespace, tokenizer, model_dir: Path) -> tuple
     """The prompt's tokens and where they came from."""
     want = args.prompt_tokens
     if args.random_prompt:
-        from .architectures import text_config
+        from .architectures import vocab_size
 
-        vocab = text_config(json.loads((model_dir / "config.json").read_text()))["vocab_size"]
         mx.random.seed(0)  # (the same prompt on every run, as mlx-lm's)
-        return mx.random.randint(0, vocab, (want,)).tolist(), "random tokens"
+        return mx.random.randint(0, vocab_size(model_dir), (want,)).tolist(), "random tokens"
     from .perplexity import text_tokens
 
     if args.prompt_file:
@@ -129,13 +128,12 @@ def prompt_tokens(args: argparse.Namespace, tokenizer, model_dir: Path) -> tuple
                                f"token{'s' if len(tokens) != 1 else ''}, fewer than "
                                f"--prompt-tokens ({want})")
         return tokens[:want], str(path)
-    import argparse as _argparse
     import inspect
     import tarfile
     import typing
 
     tokens, names = [], []
-    for module in (_argparse, typing, inspect, tarfile):
+    for module in (argparse, typing, inspect, tarfile):
         path = Path(module.__file__)
         tokens += text_tokens(path, tokenizer, want - len(tokens))
         names.append(path.name)

@@ -31,7 +31,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import cli_common as cli
-from .architectures import text_config
+from .architectures import vocab_size
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -210,8 +210,7 @@ def _hub_tokens(name: str, tokenizer, sequence_length: int, num_samples: int,
 def _row_bytes(rt) -> int:
     """A bound on a scored token's logits: a vocabulary row in the model's dtype and its float32
     copy, at most 4 + 4 bytes an entry."""
-    config = text_config(json.loads((Path(rt.model_dir) / "config.json").read_text()))
-    return int(config.get("vocab_size") or 0) * 8
+    return vocab_size(rt.model_dir) * 8
 
 
 def score_chunk(plan, row_bytes: int) -> int:
