@@ -74,6 +74,11 @@ class PromptCache:
         self.tokens: list[int] = []
         self._fed: list[int] = []  # what the cache holds once the prompt fed has run
 
+    @property
+    def prompt_length(self) -> int:
+        """Tokens of the last prompt fed (those ``tokens`` holds before the reply)."""
+        return len(self._fed)
+
     def feed(self, full: list[int], turn_start: int | None = None) -> list[int]:
         """The suffix of ``full`` still to be processed, with the cache trimmed (or renewed) to
         hold exactly the rest; at least one token, which the model runs to predict the next.

@@ -320,6 +320,43 @@ def test_a_prompt_that_extends_the_last_one_prefills_only_the_rest(server, clien
     assert trimmed.choices[0].text in (expected, " " + expected)
 
 
+def test_conversations_taking_turns_resume_from_prompt_caches_kept_on_disk(server, tmp_path):
+    """Two conversations with the same start take turns: the cache in memory holds one, and
+    each switch writes it to ``--prompt-cache-dir`` and reads the other's back, so every turn
+    after the first two prefills only its new tokens, with mlx-lm's text. The files are
+    deleted when the server stops; the directory, the user's, stays."""
+    import mlx.core as mx
+    import mlx_lm
+
+    ref, tokenizer = mlx_lm.load(str(REFERENCE_MODEL))
+    ref.set_dtype(mx.float32)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    start = "# Review the code below; name each bug, its line and the fix.\n" * 3
+    texts = {"a": start + "def mean(xs):\n    return sum(xs) / len(xs)\n",
+             "b": start + "class Stack:\n    def pop(self):\n        return self.items.pop(0)\n"}
+    with _serving(tmp_path, server.store, "--prompt-cache-dir", str(kept),
+                  "--prompt-cache-size", "2") as running:
+        client = openai.OpenAI(base_url=running.v1, api_key="unused", max_retries=0, timeout=300)
+        for turn in range(3):
+            for name in "ab":
+                before = len(tokenizer.encode(texts[name]))
+                reply = client.completions.create(model=MODEL, prompt=texts[name],
+                                                  max_tokens=8, temperature=0)
+                expected = mlx_lm.generate(ref, tokenizer, texts[name], max_tokens=8)
+                assert reply.choices[0].text in (expected, " " + expected)
+                cached = reply.usage.prompt_tokens_details.cached_tokens
+                if turn:  # its own history back, from disk
+                    assert cached >= before - 12, (turn, name, cached, before)
+                    assert running.stats()["last_request"]["cached_from_disk"] == cached
+                texts[name] += reply.choices[0].text + f"\n# and line {turn + 2}?\n"
+                assert len(list(kept.glob("*.safetensors"))) <= 2
+        files = running.stats()["prompt_cache_files"]
+        assert files["read"] == 4 and files["read_failures"] == files["write_failures"] == 0
+        assert files["directory"] == str(kept) and "read from disk" in running.log()
+    assert kept.is_dir() and not list(kept.iterdir())
+
+
 def test_concurrent_greedy_requests_give_the_text_of_one_alone(client):
     prompts = ["def fibonacci(n):", "import os\n", "class Stack:", "for i in range("]
     alone = [chat(client, p) for p in prompts]
@@ -640,7 +677,7 @@ def test_no_prompt_cache_prefills_every_prompt_whole(tiny_factory):
         assert runs[1][1] == (len(prompt) - 1 if reuse else 0)
 
 
-def test_bad_flags_and_a_taken_port(capsys, tiny_factory):
+def test_bad_flags_and_a_taken_port(capsys, tiny_factory, tmp_path):
     import socket
 
     from hobbit_mlx import cli_common
@@ -654,7 +691,11 @@ def test_bad_flags_and_a_taken_port(capsys, tiny_factory):
                  (["--memory-budget", "lots"], "--memory-budget"),
                  (["--chat-template-args", "[1"], "--chat-template-config"),
                  (["--port", str(taken.getsockname()[1])], "cannot listen"),
-                 (["--port", "0", "--memory-budget", "1KB"], "needs at least")]
+                 (["--port", "0", "--memory-budget", "1KB"], "needs at least"),
+                 (["--prompt-cache-size", "-1"], "--prompt-cache-size must be 0 or more"),
+                 (["--prompt-cache-bytes", "lots"], "--prompt-cache-bytes lots"),
+                 (["--prompt-cache-dir", str(tmp_path / "none")], "no such directory"),
+                 (["--prompt-cache-dir", __file__], "not a directory")]
         for argv, needle in cases:
             assert cli_common.run(main, ["--model", str(model_dir), *argv]) == 2, argv
             err = capsys.readouterr().err

@@ -44,6 +44,18 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Prefill every prompt whole. By default the last request's KV cache is "
                         "kept, and a prompt that begins with the same tokens (a conversation "
                         "sent again with one more turn) only prefills the rest.")
+    g.add_argument("--prompt-cache-size", type=int, default=10, metavar="N",
+                   help="Earlier requests' KV caches kept on disk, so that several "
+                        "conversations each resume where they stopped: a cache is written when "
+                        "a prompt departs from it, and read back for a prompt it serves best "
+                        "(default: %(default)s; 0: only the last request's, in memory; with "
+                        "--pipeline always 0).")
+    g.add_argument("--prompt-cache-bytes", default=None, metavar="SIZE",
+                   help="At most this much disk for them, e.g. 20GB (default: no limit but the "
+                        "disk's free space, less 1 GiB).")
+    g.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
+                   help="Where to write them (an existing directory; default: a new temporary "
+                        "one). Their files are deleted when the server stops.")
     g.add_argument("--allowed-origins", type=lambda x: x.split(","), default=["*"],
                    help="Comma-separated origins allowed by CORS (default: *).")
     g.add_argument("--log-level", default="INFO",
@@ -72,6 +84,34 @@ def check_server_args(args: argparse.Namespace) -> None:
         if "{" not in args.chat_template and path.is_file():
             args.chat_template = path.read_text()
     cli.technique_options(args)  # its checks, before the model loads
+    args.keep_prompts = keep_settings(args)
+
+
+def keep_settings(args: argparse.Namespace):
+    """``--prompt-cache-size/-bytes/-dir``, checked: the prompt caches kept on disk."""
+    import os
+
+    from ..budget import parse_size
+    from .kept_prompts import KeepSettings
+
+    if args.prompt_cache_size < 0:
+        raise cli.CLIError(f"--prompt-cache-size must be 0 or more, not {args.prompt_cache_size}")
+    max_bytes = None
+    if args.prompt_cache_bytes is not None:
+        try:
+            max_bytes = parse_size(args.prompt_cache_bytes)
+        except ValueError as e:
+            raise cli.CLIError(f"--prompt-cache-bytes {args.prompt_cache_bytes}: {e}") from None
+    directory = args.prompt_cache_dir
+    if directory is not None:
+        path = Path(directory).expanduser()
+        if not path.is_dir():
+            raise cli.CLIError(f"--prompt-cache-dir {directory}: "
+                               + ("not a directory" if path.exists() else "no such directory"))
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise cli.CLIError(f"--prompt-cache-dir {directory}: not writable")
+        directory = str(path)
+    return KeepSettings(directory, args.prompt_cache_size, max_bytes)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -120,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return model, tokenizer
 
     model_id = args.served_model_name or args.model or REFERENCE_ID
-    worker = Worker(load, model_id, reuse_prompt=not args.no_prompt_cache)
+    worker = Worker(load, model_id, reuse_prompt=not args.no_prompt_cache,
+                    keep=args.keep_prompts)
     try:
         worker.start()
     except BaseException:

@@ -28,6 +28,7 @@ from ..budget import BudgetError, ContextBudgetError
 from ..layer_major import looking_back
 from ..pipeline import Lockstep, PipelineError, pipeline_of
 from ..prompt_cache import PromptCache
+from .kept_prompts import KeepSettings, KeptPrompts
 from ..store import StoreError
 from .errors import ApiError
 from .params import Generation
@@ -80,6 +81,7 @@ class Job:
     label: str = ""  # for the log line: "POST /v1/chat/completions"
     name: str = ""  # the response's id
     cached_tokens: int = 0  # of the prompt, reused from the previous request's KV cache
+    cached_from_disk: int = 0  # of those, read back from a prompt cache kept on disk
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
     shutdown: bool = False  # stopped because the server is shutting down (answered with a 503)
@@ -174,11 +176,12 @@ class Worker:
     """Owns the model; ``load`` runs on its thread and returns ``(model, tokenizer)``."""
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], model_id: str,
-                 reuse_prompt: bool = True):
+                 reuse_prompt: bool = True, keep: KeepSettings | None = None):
         self._load = load
-        # the last request's KV cache, kept for the next one that shares its prefix
-        self.reuse_prompt = reuse_prompt
-        self._kept: PromptCache | None = None
+        # the last request's KV cache, kept for the next one that shares its prefix, and
+        # earlier ones on disk (``keep``; not with a pipeline, whose ranks must feed alike)
+        self.reuse_prompt, self.keep = reuse_prompt, keep
+        self._kept: PromptCache | KeptPrompts | None = None
         self.model_id = model_id
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="hobbit-generation", daemon=True)
@@ -291,7 +294,15 @@ class Worker:
                 self._least_context(pipe)
             self.tally = Tally(self.model_id, offload_stats(self.model)["budget_bytes"],
                                self.context_limit)
-            if self.reuse_prompt:
+            if self.reuse_prompt and self.keep is not None and self.keep.max_entries > 0 \
+                    and pipe is None:
+                self._kept = KeptPrompts(self.model, self.keep.directory,
+                                         max_entries=self.keep.max_entries,
+                                         max_bytes=self.keep.max_bytes)
+                self.tally.kept_prompts = self._kept.stats()
+                log.info("prompt caches: up to %d earlier ones kept in %s", self.keep.max_entries,
+                         self._kept.directory)
+            elif self.reuse_prompt:
                 self._kept = PromptCache(self.model)
         except BaseException as e:  # reported by start()
             self.error = e
@@ -313,6 +324,13 @@ class Worker:
                 self.error = e
             rt.reader.close()
             return
+        try:
+            self._serve_queue(rt)
+        finally:
+            if isinstance(self._kept, KeptPrompts):
+                self._kept.close()
+
+    def _serve_queue(self, rt) -> None:
         while (job := self._next_job()) is not None:
             self.busy, self.current = True, job
             try:
@@ -400,6 +418,9 @@ class Worker:
         sampler, processors = self._sampling(s)
         feed, cache = self._feed(job.prompt)
         job.cached_tokens = len(job.prompt) - len(feed)
+        if isinstance(self._kept, KeptPrompts):
+            job.cached_from_disk = min(self._kept.last_read_tokens, job.cached_tokens)
+            self.tally.kept_prompts = self._kept.stats()
         stops = StopMatcher(gen.stop)
         finish, last, n = None, None, 0
         generated: list[int] = []
@@ -558,6 +579,7 @@ class Worker:
             return None
         return request_stats(offload, prompt_tokens=len(job.prompt), generation_tokens=n,
                              cached_tokens=job.cached_tokens,
+                             cached_from_disk=job.cached_from_disk,
                              prompt_tps=float(last.prompt_tps) if last is not None else 0.0,
                              generation_tps=float(last.generation_tps) if last is not None else 0.0,
                              wall_s=time.perf_counter() - t0)

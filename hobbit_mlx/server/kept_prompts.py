@@ -1,0 +1,228 @@
+"""Prompt caches kept on disk between requests, so that several conversations each resume
+where they stopped.
+
+The server runs one sequence at a time, and the budget reserves the KV cache of one: the last
+request's cache (``PromptCache``) is the only one in memory. An agent or a few chat clients
+alternate between conversations that share a system prompt; with one cache, each switch trims it
+back to the shared start and prefills the rest of the other conversation again. Under offloading
+that prefill is the dear part (each chunk reads the experts its tokens route to: for a model
+larger than memory, most of them), while a conversation's keys and values are small and read
+back in one sequential read: Qwen3-30B-A3B's take ~98 KB per token, 400 MB for 4,000 tokens,
+about 60 ms from a Mac's SSD, against seconds of expert reads to prefill them again.
+
+So the cache in memory is written to a file (``mlx_lm``'s ``save_prompt_cache`` format) before
+it would lose tokens a later request may want back: when a prompt departs from it, or when a
+kept file serves the prompt better. A file that serves a prompt best is read back into memory
+and deleted (the cache in memory holds it from then on). The files last as long as the server:
+they hold keys and values computed under this process's model and options. At most
+``max_entries`` files and ``max_bytes`` bytes are kept, the oldest going first;
+a write that fails (a full disk) or a file that no longer reads only costs the prefill it would
+have saved, logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..prompt_cache import PromptCache, common_prefix
+
+log = logging.getLogger("hobbit_mlx.server")
+
+MIN_KEPT_TOKENS = 16  # a cache about to lose fewer tokens than this is not written: one short
+# prefill chunk runs them again
+DISK_HEADROOM = 1 << 30  # a write that would leave less free space on the disk is skipped
+
+
+@dataclass(frozen=True)
+class KeepSettings:
+    """Where and how many prompt caches the server keeps on disk (``--prompt-cache-*``)."""
+
+    directory: str | None = None  # None: a temporary directory, deleted at exit
+    max_entries: int = 10  # 0: only the last request's cache, in memory
+    max_bytes: int | None = None
+
+
+@dataclass
+class KeptFile:
+    """One prompt cache on disk, and the tokens whose keys and values it holds."""
+
+    path: Path
+    tokens: list[int]
+    nbytes: int
+    trimmable: bool
+
+
+def usable_prefix(held: list[int], prompt: list[int], trimmable: bool) -> int:
+    """How many of ``prompt``'s tokens a cache holding ``held`` saves prefilling: the tokens the
+    two share (at most all but the prompt's last, which the model runs to predict the next),
+    if the cache can be cut back to them."""
+    common = min(common_prefix(held, prompt), len(prompt) - 1)
+    if common == len(held) or (trimmable and common > 0):
+        return common
+    return 0
+
+
+def _state_bytes(cache: list[Any]) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(a.nbytes for _, a in tree_flatten([c.state for c in cache]) if hasattr(a, "nbytes"))
+
+
+def _trimmable(cache: list[Any]) -> bool:
+    from mlx_lm.models.cache import can_trim_prompt_cache
+
+    return can_trim_prompt_cache(cache)
+
+
+class KeptPrompts:
+    """The request's prompt cache in memory (``cache``, as ``PromptCache``'s) and earlier ones
+    kept on disk in ``directory``; the worker calls ``feed``, ``finish`` and ``reset`` as on a
+    ``PromptCache``."""
+
+    def __init__(self, model: Any, directory: str | os.PathLike | None = None, *,
+                 max_entries: int = 10, max_bytes: int | None = None) -> None:
+        self.live = PromptCache(model)
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._owns_dir = directory is None
+        self.directory = Path(tempfile.mkdtemp(prefix="hobbit-mlx-prompts-")) \
+            if directory is None else Path(directory)
+        self.files: list[KeptFile] = []  # oldest first
+        self.counts = dict(written=0, read=0, write_failures=0, read_failures=0,
+                           bytes_written=0, bytes_read=0)
+        self.last_read_tokens = 0  # tokens the last ``feed`` took from a file (0: none)
+
+    @property
+    def cache(self) -> list[Any]:
+        return self.live.cache
+
+    def reset(self) -> None:
+        self.live.reset()
+
+    def finish(self, generated: list[int]) -> None:
+        self.live.finish(generated)
+
+    def feed(self, full: list[int]) -> list[int]:
+        """The suffix of ``full`` still to run, as ``PromptCache.feed``, with the cache in memory
+        first swapped for a kept file that holds more of ``full``, or written to disk where
+        ``full`` departs from it inside the last request's prompt (another conversation, or an
+        edited one: the one in memory may come back). A prompt that departs only inside the
+        last reply continues the same conversation (a chat template renders earlier replies
+        otherwise than they were generated: Qwen3's drops their reasoning), and the reply as
+        generated is not asked for again."""
+        self.last_read_tokens = 0
+        held = self.live.tokens
+        departs = common_prefix(held, full)
+        in_memory = usable_prefix(held, full, _trimmable(self.live.cache)) if held else 0
+        best = max(self.files, key=lambda f: usable_prefix(f.tokens, full, f.trimmable),
+                   default=None)
+        from_file = usable_prefix(best.tokens, full, best.trimmable) if best else 0
+        if from_file > in_memory:
+            self.files.remove(best)  # (not to be evicted by the write that makes room)
+            if not (best.trimmable and best.tokens[:len(held)] == held):
+                self._write_live()
+            self._read(best)
+        elif departs < self.live.prompt_length and len(held) - departs >= MIN_KEPT_TOKENS:
+            self._write_live()  # (then cut back or renewed by the feed below)
+        return self.live.feed(full)
+
+    def stats(self) -> dict[str, Any]:
+        """What is kept and what keeping did, for the server's stats."""
+        return dict(files=len(self.files), bytes=sum(f.nbytes for f in self.files),
+                    max_files=self.max_entries, max_bytes=self.max_bytes,
+                    directory=str(self.directory), **self.counts)
+
+    def close(self) -> None:
+        """Delete the kept files (and the directory, if this made it)."""
+        for f in self.files:
+            f.path.unlink(missing_ok=True)
+        self.files.clear()
+        if self._owns_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    # --- disk ------------------------------------------------------------------------------------
+    def _write_live(self) -> None:
+        """Write the cache in memory to a file, unless it holds fewer than ``MIN_KEPT_TOKENS``
+        tokens, a kept file holds them and more (and can be cut back to them), or it would not
+        fit the limits or the disk. Files whose tokens it extends are dropped: it serves any
+        prompt they serve, at least as far."""
+        from mlx_lm.models.cache import save_prompt_cache
+
+        tokens, cache = list(self.live.tokens), self.live.cache
+        if len(tokens) < MIN_KEPT_TOKENS or self.max_entries <= 0 or any(
+                f.trimmable and f.tokens[:len(tokens)] == tokens for f in self.files):
+            return
+        nbytes, trimmable = _state_bytes(cache), _trimmable(cache)
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            log.info("prompt cache of %d tokens not kept: %d bytes, over --prompt-cache-bytes",
+                     len(tokens), nbytes)
+            return
+        try:
+            if shutil.disk_usage(self.directory).free < nbytes + DISK_HEADROOM:
+                raise OSError(f"less than {nbytes + DISK_HEADROOM} bytes free")
+            path = self.directory / f"prompt-{uuid.uuid4().hex}.safetensors"
+            part = path.with_name("." + path.name)  # (mx reads the format from the suffix)
+            try:
+                save_prompt_cache(str(part), cache)
+                os.replace(part, path)
+            finally:
+                part.unlink(missing_ok=True)
+        except (OSError, RuntimeError, ValueError) as e:  # mx.save raises RuntimeError on I/O
+            self.counts["write_failures"] += 1
+            log.warning("prompt cache of %d tokens not kept on disk (%s): %s", len(tokens),
+                        self.directory, e)
+            return
+        nbytes = path.stat().st_size
+        self.counts["written"] += 1
+        self.counts["bytes_written"] += nbytes
+        if trimmable:
+            for f in [f for f in self.files if f.tokens == tokens[:len(f.tokens)]]:
+                self._drop(f)
+        self.files.append(KeptFile(path, tokens, nbytes, trimmable))
+        self._evict()
+
+    def _read(self, kept: KeptFile) -> None:
+        """Replace the cache in memory by ``kept`` (taken off the list; the one in memory was
+        written or given up before, so that memory never holds both), and delete its file."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import load_prompt_cache
+
+        self.live.reset()
+        try:
+            cache = load_prompt_cache(str(kept.path))
+            mx.eval([c.state for c in cache])
+            if len(cache) != len(self.live.cache) or \
+                    [type(c) for c in cache] != [type(c) for c in self.live.cache]:
+                raise ValueError("its layers' caches are not this model's")
+        except Exception as e:  # noqa: BLE001 - any unreadable file: prefill instead
+            self.counts["read_failures"] += 1
+            log.warning("kept prompt cache %s could not be read; prefilling instead: %s",
+                        kept.path, e)
+        else:
+            self.live.cache, self.live.tokens = cache, list(kept.tokens)
+            self.counts["read"] += 1
+            self.counts["bytes_read"] += kept.nbytes
+            self.last_read_tokens = len(kept.tokens)
+        finally:
+            kept.path.unlink(missing_ok=True)
+
+    def _drop(self, kept: KeptFile, delete: bool = True) -> None:
+        self.files.remove(kept)
+        if delete:
+            kept.path.unlink(missing_ok=True)
+
+    def _evict(self) -> None:
+        """Drop the oldest files until the count and bytes are within limits."""
+        def over() -> bool:
+            total = sum(f.nbytes for f in self.files)
+            return len(self.files) > self.max_entries or \
+                (self.max_bytes is not None and total > self.max_bytes)
+
+        while self.files and over():
+            self._drop(self.files[0])

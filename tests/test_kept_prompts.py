@@ -1,0 +1,143 @@
+"""The server's prompt caches kept on disk (``hobbit_mlx/server/kept_prompts.py``): conversations
+that take turns each resume where they stopped, with the text a fresh cache gives (exact mode,
+greedy), within the limits set, and a disk that fails costs only the prefill it would save."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from hobbit_mlx.loader import REFERENCE_MODEL
+
+pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").is_file(),
+                                reason="reference model not bundled")
+
+SHARED = ("You are a careful Python reviewer. Read the code the user sends, say what it does, "
+          "and point out bugs, naming the line and the fix.\n" * 3)
+ASKS = {"a": "def mean(xs):\n    return sum(xs) / len(xs)\n",
+        "b": "class Stack:\n    def pop(self):\n        return self.items.pop(0)\n",
+        "c": "for i in range(10):\n    if i % 2:\n        print(i, 'is odd')\n    total += i\n"}
+# (each ask is more than MIN_KEPT_TOKENS long: a conversation holding fewer tokens past the
+# shared start is not written)
+
+
+@pytest.fixture(scope="module")
+def model():
+    import hobbit_mlx
+
+    return hobbit_mlx.load(REFERENCE_MODEL, expert_residency=0.5, exact=True, progress=False)
+
+
+def _reply(model, kept, prompt: list[int]) -> tuple[list[int], int]:
+    """Greedy tokens for ``prompt`` through ``kept`` (None: a fresh cache), and the tokens the
+    feed saved."""
+    import hobbit_mlx
+
+    m, tokenizer = model
+    feed = kept.feed(prompt) if kept is not None else prompt
+    cache = {"prompt_cache": kept.cache} if kept is not None else {}
+    out = [r.token for r in hobbit_mlx.stream_generate(m, tokenizer, feed, max_tokens=8, **cache)]
+    if kept is not None:
+        kept.finish(out)
+    return out, len(prompt) - len(feed)
+
+
+def _conversations(model, kept, names: str, rounds: int):
+    """Conversations that share a start take turns; per turn: (name, prompt tokens, tokens
+    saved, tokens read from a file, reply, the reply from a fresh cache)."""
+    _, tokenizer = model
+    texts = {k: SHARED + ASKS[k] for k in names}
+    turns = []
+    for r in range(rounds):
+        for k in names:
+            prompt = tokenizer.encode(texts[k])
+            out, saved = _reply(model, kept, prompt)
+            fresh, _ = _reply(model, None, prompt)
+            turns.append((k, len(prompt), saved, kept.last_read_tokens, out, fresh))
+            texts[k] += tokenizer.decode(out) + f"\nAnd line {r + 2}?\n"
+    return turns
+
+
+def test_conversations_taking_turns_each_resume_from_disk(model, tmp_path):
+    from hobbit_mlx.server.kept_prompts import KeptPrompts
+
+    kept = KeptPrompts(model[0], tmp_path, max_entries=4)
+    turns = _conversations(model, kept, "ab", rounds=3)
+    assert all(out == fresh for *_, out, fresh in turns)  # the text a fresh cache gives
+    shared = len(model[1].encode(SHARED))
+    for name, n, saved, from_file, _, _ in turns[2:]:  # each turn after the first round
+        assert from_file > shared and saved >= n - 8, (name, n, saved)  # its own history back
+    assert turns[1][2] >= shared - 1 and turns[1][3] == 0  # b's first turn: the shared start
+    assert kept.stats()["read"] == 4 and kept.stats()["read_failures"] == 0
+    assert 1 <= len(kept.files) == len(list(tmp_path.glob("*.safetensors")))
+    assert not list(tmp_path.glob(".*"))  # (no partly written file left)
+    kept.close()
+    assert not list(tmp_path.iterdir()) and tmp_path.is_dir()  # (the caller's directory stays)
+
+
+def test_the_oldest_files_go_first_and_a_cache_over_the_bytes_is_not_written(model, tmp_path,
+                                                                             caplog):
+    """Three conversations taking turns need two files besides the cache in memory: with one,
+    each turn finds its file gone (written over by the two others' since)."""
+    from hobbit_mlx.server.kept_prompts import KeptPrompts
+
+    for max_entries, resumed in ((1, False), (2, True)):
+        kept = KeptPrompts(model[0], tmp_path, max_entries=max_entries)
+        turns = _conversations(model, kept, "abc", rounds=2)
+        assert len(kept.files) == max_entries == len(list(tmp_path.glob("*.safetensors")))
+        assert all((t[3] > 0) == resumed for t in turns[3:]), (max_entries, turns)
+        assert all(out == fresh for *_, out, fresh in turns)
+        kept.close()
+
+    caplog.set_level(logging.INFO, "hobbit_mlx.server")
+    tiny = KeptPrompts(model[0], tmp_path, max_entries=4, max_bytes=1000)
+    turns = _conversations(model, tiny, "ab", rounds=2)
+    assert not tiny.files and not list(tmp_path.iterdir())
+    assert "over --prompt-cache-bytes" in caplog.text
+    assert all(t[3] == 0 for t in turns)
+    tiny.close()
+
+
+def test_a_reply_rendered_otherwise_writes_no_file(model, tmp_path):
+    """The same conversation sent again with its last reply changed (a chat template dropping
+    the reasoning) departs inside the reply: nothing to keep."""
+    from hobbit_mlx.server.kept_prompts import KeptPrompts
+
+    _, tokenizer = model
+    kept = KeptPrompts(model[0], tmp_path)
+    prompt = tokenizer.encode(SHARED + ASKS["a"])
+    out, _ = _reply(model, kept, prompt)
+    edited = prompt + tokenizer.encode(" (reply shortened)\nAnd line 2?\n")
+    _reply(model, kept, edited)
+    assert kept.stats()["written"] == 0
+    # a prompt that departs inside the last prompt (another conversation) writes the cache
+    _reply(model, kept, tokenizer.encode(SHARED + ASKS["b"]))
+    assert kept.stats()["written"] == 1
+    kept.close()
+
+
+def test_a_failed_write_or_an_unreadable_file_costs_only_the_prefill(model, tmp_path, caplog):
+    from hobbit_mlx.server.kept_prompts import KeptPrompts
+
+    _, tokenizer = model
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    kept = KeptPrompts(model[0], gone)
+    gone.rmdir()  # (the disk went away under the server)
+    turns = _conversations(model, kept, "ab", rounds=2)
+    assert kept.stats()["write_failures"] >= 2 and not kept.files
+    assert "not kept on disk" in caplog.text
+    assert all(out == fresh for *_, out, fresh in turns)
+
+    kept = KeptPrompts(model[0], tmp_path)
+    a = tokenizer.encode(SHARED + ASKS["a"])
+    _reply(model, kept, a)
+    _reply(model, kept, tokenizer.encode(SHARED + ASKS["b"]))
+    (only,) = kept.files
+    only.path.write_bytes(only.path.read_bytes()[:100])  # (cut short)
+    out, saved = _reply(model, kept, a)
+    assert kept.stats()["read_failures"] == 1 and saved == 0  # prefilled whole
+    assert out == _reply(model, None, a)[0]
+    assert "could not be read" in caplog.text and not only.path.exists()
+    kept.close()
