@@ -86,11 +86,11 @@ MB = 2 ** 20
 class Conversation:
     """One setting: a ``Worker`` (reuse on or off) and the conversation it has been sent."""
 
-    def __init__(self, key: str, reuse: bool, load, template):
+    def __init__(self, key: str, reuse: bool, load, template, keep=None):
         from hobbit_mlx.server.worker import Worker
 
         self.key, self.reuse, self.template = key, reuse, template
-        self.worker = Worker(load, f"prompt-reuse-{key}", reuse_prompt=reuse)
+        self.worker = Worker(load, f"prompt-reuse-{key}", reuse_prompt=reuse, keep=keep)
         self.messages = [{"role": "system", "content": SYSTEM}]
         self.rows: list[dict] = []
         self.replies: list[list[int]] = []

@@ -49,6 +49,8 @@ _BAD_ARGS = [
     ("hot_path", ["--model", "/nonexistent"]),
     ("hot_path", ["--residencies", "-0.5"]),
     ("prompt_reuse", ["--residency", "2"]),
+    ("kept_prompts", ["--settings", "last,bogus"]),
+    ("kept_prompts", ["--conversations", "9"]),
     ("sweep_thresholds", ["--model", "/nonexistent"]),
     ("kv_quant", ["--storage", "bogus"]),
     ("kv_quant", ["--budget", "1KBx"]),
@@ -651,6 +653,30 @@ def test_prompt_reuse_prefills_only_what_the_last_turn_did_not(tiny_model, tmp_p
     assert t["ratio"]["prefilled_tokens"] == pytest.approx(
         t["reuse"]["prefilled_tokens"] / t["no_reuse"]["prefilled_tokens"])
     assert t["no_reuse"]["bytes_read"] == sum(r["bytes_read"] for r in off)
+
+
+def test_kept_prompts_resumes_conversations_from_disk(tiny_model, tmp_path):
+    """``kept_prompts.py``: two conversations taking turns, with the last request's cache only
+    and with files on disk. On a warm page cache a file costs next to nothing against the
+    prefill it saves, so the second turns come back from disk, and prefill less; exact mode:
+    the same replies."""
+    from bench import kept_prompts
+
+    out = tmp_path / "out"
+    assert kept_prompts.main(["--model", str(tiny_model[0]), "--conversations", "2", "--turns",
+                              "2", "--max-tokens", "4", "--storage", "warm", "--settings",
+                              "last,kept", "--out", str(out), "--name", "kp"]) == 0
+    res = json.loads((out / "kp.json").read_text())
+    md = (out / "kp.md").read_text()
+    assert md.startswith("# Prompt caches kept on disk") and "| reused from disk |" in md
+    assert res["identical"] == {"kept": 4}
+    last, kept = res["totals"]["last"], res["totals"]["kept"]
+    assert last["cached_from_disk"] == 0 < kept["cached_from_disk"]
+    assert kept["prefilled_tokens"] < last["prefilled_tokens"]
+    assert last["prompt_tokens"] == kept["prompt_tokens"]
+    assert res["files"]["kept"]["read"] >= 2 and kept["kv_read"] > 0
+    assert [(r["conversation"], r["turn"]) for r in res["runs"]["kept"]] == \
+        [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 
 def test_kv_quant_gives_the_kv_bytes_to_the_expert_pools(tiny_model, tmp_path):

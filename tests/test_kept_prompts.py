@@ -18,8 +18,7 @@ SHARED = ("You are a careful Python reviewer. Read the code the user sends, say 
 ASKS = {"a": "def mean(xs):\n    return sum(xs) / len(xs)\n",
         "b": "class Stack:\n    def pop(self):\n        return self.items.pop(0)\n",
         "c": "for i in range(10):\n    if i % 2:\n        print(i, 'is odd')\n    total += i\n"}
-# (each ask is more than MIN_KEPT_TOKENS long: a conversation holding fewer tokens past the
-# shared start is not written)
+
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +140,54 @@ def test_a_failed_write_or_an_unreadable_file_costs_only_the_prefill(model, tmp_
     assert out == _reply(model, None, a)[0]
     assert "could not be read" in caplog.text and not only.path.exists()
     kept.close()
+
+
+def test_prefill_cost_saturates_and_is_scaled_by_what_prefills_took():
+    from hobbit_mlx.prefill_cost import PrefillCost
+
+    chunk, per_byte = [128], [1e-6]
+    cost = PrefillCost([(64, 1000.0)] * 2, top_k=8, chunk=lambda n: chunk[0],
+                       seconds_per_byte=lambda: per_byte[0])
+    assert cost.seconds(10) is None and cost.saved(70, 18) is None  # nothing measured yet
+    assert cost.shape(1) == pytest.approx(2 * 8 * 1000)  # one token: its top-k per layer
+    assert cost.shape(64) == pytest.approx(2 * 64 * 1000, rel=1e-3)  # all of them
+    assert cost.shape(256) == pytest.approx(2 * cost.shape(128))  # a chunk more reads them again
+    # a prefill of 64 tokens read a quarter of that shape, and took 0.01 s per token beyond
+    reads = cost.shape(64) / 4
+    cost.record(64, reads * per_byte[0] + 64 * 0.01, int(reads))
+    assert cost.read_bytes(64) == pytest.approx(reads, rel=1e-4)
+    assert cost.seconds(64) == pytest.approx(reads * 1e-6 + 0.64, rel=1e-4)
+    # 70 tokens against 18 (one chunk each): the reads of the 52 more are only of the experts 18
+    # do not reach; their compute is all theirs
+    assert cost.read_bytes(70) - cost.read_bytes(18) < 0.15 * cost.read_bytes(70)
+    assert cost.saved(70, 18) == pytest.approx(
+        (cost.read_bytes(70) - cost.read_bytes(18)) * 1e-6 + 52 * 0.01, rel=1e-3)
+    per_byte[0] = 1e-3  # slower storage: the same bytes take longer, compute stays 0.01 s
+    assert cost.saved(70, 18) > (cost.read_bytes(70) - cost.read_bytes(18)) * 1e-3
+    chunk[0] = 16
+    assert cost.shape(64) == pytest.approx(4 * cost.shape(16))  # the plan's chunk, read now
+
+
+def test_a_file_is_written_and_read_only_where_it_saves_more_time_than_it_takes(model,
+                                                                                tmp_path):
+    """Prefills measured to take next to no time make no file worth its reads and writes: the
+    conversations prefill instead, as with the cache in memory alone; measured slow, files are
+    written and read as without a measure."""
+    from hobbit_mlx.loader import runtime_of
+    from hobbit_mlx.prefill_cost import PrefillCost
+    from hobbit_mlx.server.kept_prompts import KeptPrompts
+
+    for seconds, worth in ((1e-9, False), (1e3, True)):
+        cost = PrefillCost.of_runtime(runtime_of(model[0]))
+        cost.seconds_per_byte = lambda: 1e-9  # (bytes all but free: the compute decides)
+        cost.record(100, seconds, 0)
+        kept = KeptPrompts(model[0], tmp_path, cost=cost)
+        turns = _conversations(model, kept, "ab", rounds=2)
+        assert all(out == fresh for *_, out, fresh in turns)
+        counts = kept.stats()
+        if worth:
+            assert counts["written"] >= 2 and counts["read"] == 2 and not counts["not_worth"]
+        else:
+            assert counts["written"] == counts["read"] == 0 and counts["not_worth"] >= 2
+            assert all(t[3] == 0 for t in turns)
+        kept.close()

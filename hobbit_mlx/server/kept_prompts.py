@@ -13,7 +13,11 @@ about 60 ms from a Mac's SSD, against seconds of expert reads to prefill them ag
 So the cache in memory is written to a file (``mlx_lm``'s ``save_prompt_cache`` format) before
 it would lose tokens a later request may want back: when a prompt departs from it, or when a
 kept file serves the prompt better. A file that serves a prompt best is read back into memory
-and deleted (the cache in memory holds it from then on). The files last as long as the server:
+and deleted (the cache in memory holds it from then on). Files take time on the same storage as
+the experts: one is written (and read) only where the prefill time it saves, as ``PrefillCost``
+measures it, is more (the expert reads of a prefill saturate within a few dozen tokens, so a
+small model's keys and values can cost more than prefilling them again: the bundled reference
+model's, under a Mac-like storage speed). The files last as long as the server:
 they hold keys and values computed under this process's model and options. At most
 ``max_entries`` files and ``max_bytes`` bytes are kept, the oldest going first;
 a write that fails (a full disk) or a file that no longer reads only costs the prefill it would
@@ -31,12 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..prefill_cost import PrefillCost
 from ..prompt_cache import PromptCache, common_prefix
 
 log = logging.getLogger("hobbit_mlx.server")
 
-MIN_KEPT_TOKENS = 16  # a cache about to lose fewer tokens than this is not written: one short
-# prefill chunk runs them again
 DISK_HEADROOM = 1 << 30  # a write that would leave less free space on the disk is skipped
 
 
@@ -87,16 +90,19 @@ class KeptPrompts:
     ``PromptCache``."""
 
     def __init__(self, model: Any, directory: str | os.PathLike | None = None, *,
-                 max_entries: int = 10, max_bytes: int | None = None) -> None:
+                 max_entries: int = 10, max_bytes: int | None = None,
+                 cost: PrefillCost | None = None) -> None:
         self.live = PromptCache(model)
+        self.cost = cost  # None: every file is worth its bytes
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._owns_dir = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="hobbit-mlx-prompts-")) \
             if directory is None else Path(directory)
         self.files: list[KeptFile] = []  # oldest first
         self.counts = dict(written=0, read=0, write_failures=0, read_failures=0,
-                           bytes_written=0, bytes_read=0)
+                           bytes_written=0, bytes_read=0, not_worth=0)
         self.last_read_tokens = 0  # tokens the last ``feed`` took from a file (0: none)
+        self._last_new = 0  # tokens the last ``feed`` left to prefill
 
     @property
     def cache(self) -> list[Any]:
@@ -115,7 +121,8 @@ class KeptPrompts:
         edited one: the one in memory may come back). A prompt that departs only inside the
         last reply continues the same conversation (a chat template renders earlier replies
         otherwise than they were generated: Qwen3's drops their reasoning), and the reply as
-        generated is not asked for again."""
+        generated is not asked for again. Each file is written or read only where the prefill
+        time it saves outweighs its own reads and writes (``cost``)."""
         self.last_read_tokens = 0
         held = self.live.tokens
         departs = common_prefix(held, full)
@@ -123,14 +130,27 @@ class KeptPrompts:
         best = max(self.files, key=lambda f: usable_prefix(f.tokens, full, f.trimmable),
                    default=None)
         from_file = usable_prefix(best.tokens, full, best.trimmable) if best else 0
-        if from_file > in_memory:
+        # what the conversation in memory will prefill anyway when it comes back, guessed:
+        # as much as its last turn did
+        rest = max(1, self._last_new)
+        lost = len(held) - departs
+        if from_file > in_memory and self._pays(len(full) - in_memory, len(full) - from_file,
+                                                best.nbytes):
             self.files.remove(best)  # (not to be evicted by the write that makes room)
             if not (best.trimmable and best.tokens[:len(held)] == held):
-                self._write_live()
+                self._write_live(lost, rest)
             self._read(best)
-        elif departs < self.live.prompt_length and len(held) - departs >= MIN_KEPT_TOKENS:
-            self._write_live()  # (then cut back or renewed by the feed below)
-        return self.live.feed(full)
+        elif departs < self.live.prompt_length:
+            self._write_live(lost, rest)  # (then cut back or renewed by the feed below)
+        fed = self.live.feed(full)
+        self._last_new = len(fed)
+        return fed
+
+    def _pays(self, without: int, with_: int, nbytes: float) -> bool:
+        """Whether prefilling ``with_`` tokens instead of ``without`` saves more time than
+        ``nbytes`` of file take on the storage (yes until a prefill was measured)."""
+        saved = self.cost.saved(without, with_) if self.cost is not None else None
+        return saved is None or saved > nbytes * self.cost.seconds_per_byte()
 
     def stats(self) -> dict[str, Any]:
         """What is kept and what keeping did, for the server's stats."""
@@ -147,18 +167,22 @@ class KeptPrompts:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     # --- disk ------------------------------------------------------------------------------------
-    def _write_live(self) -> None:
-        """Write the cache in memory to a file, unless it holds fewer than ``MIN_KEPT_TOKENS``
-        tokens, a kept file holds them and more (and can be cut back to them), or it would not
-        fit the limits or the disk. Files whose tokens it extends are dropped: it serves any
-        prompt they serve, at least as far."""
+    def _write_live(self, lost: int, rest: int) -> None:
+        """Write the cache in memory to a file, unless a kept file holds its tokens and more
+        (and can be cut back to them), it would not fit the limits or the disk, or the expert
+        time it would save when its conversation comes back (its ``lost`` tokens prefilled
+        again with the ``rest`` that comes then) is less than writing and reading it back takes. Files whose tokens it extends are dropped: it serves any prompt they serve, at
+        least as far."""
         from mlx_lm.models.cache import save_prompt_cache
 
         tokens, cache = list(self.live.tokens), self.live.cache
-        if len(tokens) < MIN_KEPT_TOKENS or self.max_entries <= 0 or any(
+        if not lost or self.max_entries <= 0 or any(
                 f.trimmable and f.tokens[:len(tokens)] == tokens for f in self.files):
             return
         nbytes, trimmable = _state_bytes(cache), _trimmable(cache)
+        if not self._pays(lost + rest, rest, 2 * nbytes):
+            self.counts["not_worth"] += 1
+            return
         if self.max_bytes is not None and nbytes > self.max_bytes:
             log.info("prompt cache of %d tokens not kept: %d bytes, over --prompt-cache-bytes",
                      len(tokens), nbytes)

@@ -27,10 +27,11 @@ from typing import Any, Callable
 from ..budget import BudgetError, ContextBudgetError
 from ..layer_major import looking_back
 from ..pipeline import Lockstep, PipelineError, pipeline_of
+from ..prefill_cost import PrefillCost
 from ..prompt_cache import PromptCache
-from .kept_prompts import KeepSettings, KeptPrompts
 from ..store import StoreError
 from .errors import ApiError
+from .kept_prompts import KeepSettings, KeptPrompts
 from .params import Generation
 from .stops import StopMatcher
 from .tally import Tally, describe, request_stats
@@ -281,7 +282,7 @@ class Worker:
             from ..loader import offload_stats, runtime_of
 
             self.model, self.tokenizer = self._load()
-            rt = runtime_of(self.model)
+            rt = self._runtime = runtime_of(self.model)
             self.model_dir = rt.model_dir
             self.context_limit, self.context_set_by = context_limit(rt)
             self.vocab_size = vocab_size(self.model, self.tokenizer)
@@ -298,7 +299,8 @@ class Worker:
                     and pipe is None:
                 self._kept = KeptPrompts(self.model, self.keep.directory,
                                          max_entries=self.keep.max_entries,
-                                         max_bytes=self.keep.max_bytes)
+                                         max_bytes=self.keep.max_bytes,
+                                         cost=PrefillCost.of_runtime(rt))
                 self.tally.kept_prompts = self._kept.stats()
                 log.info("prompt caches: up to %d earlier ones kept in %s", self.keep.max_entries,
                          self._kept.directory)
@@ -444,6 +446,9 @@ class Worker:
         try:
             for r in steps:
                 n, last = n + 1, r
+                if n == 1 and isinstance(self._kept, KeptPrompts) and r.prompt_tps > 0:
+                    self._kept.cost.record(len(feed), r.prompt_tokens / r.prompt_tps,
+                                           self._runtime.stats.bytes_read)  # (and a step's)
                 generated.append(r.token)
                 text = r.text
                 if space is not None:  # (its first text may have lost its leading space)
