@@ -191,3 +191,29 @@ def test_a_file_is_written_and_read_only_where_it_saves_more_time_than_it_takes(
             assert counts["written"] == counts["read"] == 0 and counts["not_worth"] >= 2
             assert all(t[3] == 0 for t in turns)
         kept.close()
+
+
+def test_a_file_read_back_stays_inside_the_memory_budget(tmp_path):
+    """A long conversation's file read back while the pools are planned for a short one: the
+    budget plans for its keys and values first (they came on top of pools grown back for
+    the short conversation's context; without, 26.5 and 34 MB of 24 MB were seen)."""
+    import mlx.core as mx
+
+    import hobbit_mlx
+    from hobbit_mlx.server.kept_prompts import KeepSettings, KeptPrompts
+
+    m, tokenizer = hobbit_mlx.load(REFERENCE_MODEL, memory_budget="24MB", exact=True,
+                                   progress=False)
+    budget = hobbit_mlx.offload_stats(m)["budget_bytes"]
+    kept = KeptPrompts.of_model(m, KeepSettings(str(tmp_path)))
+    long = tokenizer.encode((SHARED + ASKS["a"] + ASKS["b"] + ASKS["c"]) * 7)
+    assert len(long) > 1400  # (past the 1,024 tokens of KV planned for a short sequence)
+    short = tokenizer.encode(SHARED[:80] + ASKS["c"])
+    peaks = []
+    for prompt in (long, short, long):
+        mx.reset_peak_memory()
+        out, _ = _reply((m, tokenizer), kept, prompt)
+        peaks.append(mx.get_peak_memory())
+    assert kept.last_read_tokens > 1400  # (the long one came back from its file)
+    assert max(peaks) <= budget, (peaks, budget)
+    kept.close()

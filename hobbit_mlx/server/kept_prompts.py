@@ -33,7 +33,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..prefill_cost import PrefillCost
 from ..prompt_cache import PromptCache, common_prefix
@@ -91,9 +91,13 @@ class KeptPrompts:
 
     def __init__(self, model: Any, directory: str | os.PathLike | None = None, *,
                  max_entries: int = 10, max_bytes: int | None = None,
-                 cost: PrefillCost | None = None) -> None:
+                 cost: PrefillCost | None = None,
+                 make_room: Callable[[int], None] | None = None) -> None:
         self.live = PromptCache(model)
         self.cost = cost  # None: every file is worth its bytes
+        # make_room(tokens): the memory budget planned for a KV cache of ``tokens`` before a
+        # file of them is read (the pools, planned for the last sequence, give way first)
+        self.make_room = make_room
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._owns_dir = directory is None
         self.directory = Path(tempfile.mkdtemp(prefix="hobbit-mlx-prompts-")) \
@@ -103,6 +107,17 @@ class KeptPrompts:
                            bytes_written=0, bytes_read=0, not_worth=0)
         self.last_read_tokens = 0  # tokens the last ``feed`` took from a file (0: none)
         self._last_new = 0  # tokens the last ``feed`` left to prefill
+
+    @classmethod
+    def of_model(cls, model: Any, keep: KeepSettings) -> "KeptPrompts":
+        """Kept prompt caches for a model loaded by ``hobbit_mlx.load``: files weighed against
+        its prefills (``PrefillCost``), each read into room its budget plans first."""
+        from ..loader import runtime_of
+
+        rt = runtime_of(model)
+        return cls(model, keep.directory, max_entries=keep.max_entries,
+                   max_bytes=keep.max_bytes, cost=PrefillCost.of_runtime(rt),
+                   make_room=lambda tokens: rt.plan_rest(tokens, 1, 0))
 
     @property
     def cache(self) -> list[Any]:
@@ -219,6 +234,8 @@ class KeptPrompts:
 
         self.live.reset()
         try:
+            if self.make_room is not None:
+                self.make_room(len(kept.tokens))
             cache = load_prompt_cache(str(kept.path))
             mx.eval([c.state for c in cache])
             if len(cache) != len(self.live.cache) or \

@@ -27,7 +27,6 @@ from typing import Any, Callable
 from ..budget import BudgetError, ContextBudgetError
 from ..layer_major import looking_back
 from ..pipeline import Lockstep, PipelineError, pipeline_of
-from ..prefill_cost import PrefillCost
 from ..prompt_cache import PromptCache
 from ..store import StoreError
 from .errors import ApiError
@@ -297,10 +296,7 @@ class Worker:
                                self.context_limit)
             if self.reuse_prompt and self.keep is not None and self.keep.max_entries > 0 \
                     and pipe is None:
-                self._kept = KeptPrompts(self.model, self.keep.directory,
-                                         max_entries=self.keep.max_entries,
-                                         max_bytes=self.keep.max_bytes,
-                                         cost=PrefillCost.of_runtime(rt))
+                self._kept = KeptPrompts.of_model(self.model, self.keep)
                 self.tally.kept_prompts = self._kept.stats()
                 log.info("prompt caches: up to %d earlier ones kept in %s", self.keep.max_entries,
                          self._kept.directory)
