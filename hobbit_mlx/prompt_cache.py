@@ -44,17 +44,22 @@ def trim(cache, n: int) -> int:
 
 
 def release_past_offset(c) -> None:
-    """Copy a key-value cache's buffers (plain or quantized) down to the tokens it holds, and let
-    the larger ones go. Caches of other kinds are left as they are."""
+    """Copy a key-value cache's buffers (plain or quantized) down to the tokens it holds, rounded
+    up to the cache's growth step (256 tokens), and let the larger ones go. Caches of other kinds
+    are left as they are. (Cut to the tokens exactly, the next token grew the buffers by a whole
+    step past them: a fresh cache's buffers end on a step, which the budget plans for, and a
+    trimmed conversation near its context limit went 1.7% over the budget.)"""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
 
     offset = getattr(c, "offset", None)
     if not isinstance(offset, int) or getattr(c, "keys", None) is None:
         return
-    if all(a.shape[2] <= offset for _, a in tree_flatten([c.keys, c.values])):
+    step = getattr(c, "step", 256)
+    keep = -(-offset // step) * step
+    if all(a.shape[2] <= keep for _, a in tree_flatten([c.keys, c.values])):
         return
-    cut = lambda a: mx.contiguous(a[..., :offset, :])  # noqa: E731 - (a copy: a view holds all)
+    cut = lambda a: mx.contiguous(a[..., :keep, :])  # noqa: E731 - (a copy: a view holds all)
     c.keys, c.values = tree_map(cut, c.keys), tree_map(cut, c.values)
     mx.eval(c.keys, c.values)
 

@@ -695,7 +695,8 @@ def test_bad_flags_and_a_taken_port(capsys, tiny_factory, tmp_path):
                  (["--prompt-cache-size", "-1"], "--prompt-cache-size must be 0 or more"),
                  (["--prompt-cache-bytes", "lots"], "--prompt-cache-bytes lots"),
                  (["--prompt-cache-dir", str(tmp_path / "none")], "no such directory"),
-                 (["--prompt-cache-dir", __file__], "not a directory")]
+                 (["--prompt-cache-dir", __file__], "not a directory"),
+                 (["--max-kv-size", "64"], "--max-kv-size does not run in the server")]
         for argv, needle in cases:
             assert cli_common.run(main, ["--model", str(model_dir), *argv]) == 2, argv
             err = capsys.readouterr().err

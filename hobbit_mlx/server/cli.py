@@ -79,6 +79,10 @@ def check_server_args(args: argparse.Namespace) -> None:
     cli.check_args(args)
     if not 0 <= args.port <= 65535:
         raise cli.CLIError(f"--port must be between 0 and 65535, not {args.port}")
+    if args.max_kv_size is not None:  # (a sampling flag generate and chat share)
+        raise cli.CLIError("--max-kv-size does not run in the server: it serves the whole "
+                           "context, as far as the memory budget holds (the startup log says how "
+                           "far), as mlx_lm.server does")
     if args.chat_template is not None:
         path = Path(args.chat_template).expanduser()
         if "{" not in args.chat_template and path.is_file():

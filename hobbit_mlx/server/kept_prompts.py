@@ -78,6 +78,16 @@ def _state_bytes(cache: list[Any]) -> int:
     return sum(a.nbytes for _, a in tree_flatten([c.state for c in cache]) if hasattr(a, "nbytes"))
 
 
+def _same_kind(kept: Any, fresh: Any) -> bool:
+    """Whether a layer's cache read from a file can stand for a fresh one of this model: the
+    same class, or a quantized key-value cache for a plain one (``--kv-bits`` quantizes them as
+    the context grows)."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    return type(kept) is type(fresh) or (type(kept) is QuantizedKVCache
+                                         and type(fresh) is KVCache)
+
+
 def _trimmable(cache: list[Any]) -> bool:
     from mlx_lm.models.cache import can_trim_prompt_cache
 
@@ -152,9 +162,12 @@ class KeptPrompts:
         if from_file > in_memory and self._pays(len(full) - in_memory, len(full) - from_file,
                                                 best.nbytes):
             self.files.remove(best)  # (not to be evicted by the write that makes room)
+            written = None
             if not (best.trimmable and best.tokens[:len(held)] == held):
-                self._write_live(lost, rest)
-            self._read(best)
+                written = self._write_live(lost, rest)
+            if not self._read(best) and written is not None:  # (back to what memory held)
+                self.files.remove(written)
+                self._read(written)
         elif departs < self.live.prompt_length:
             self._write_live(lost, rest)  # (then cut back or renewed by the feed below)
         fed = self.live.feed(full)
@@ -182,26 +195,26 @@ class KeptPrompts:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     # --- disk ------------------------------------------------------------------------------------
-    def _write_live(self, lost: int, rest: int) -> None:
+    def _write_live(self, lost: int, rest: int) -> KeptFile | None:
         """Write the cache in memory to a file, unless a kept file holds its tokens and more
         (and can be cut back to them), it would not fit the limits or the disk, or the expert
         time it would save when its conversation comes back (its ``lost`` tokens prefilled
         again with the ``rest`` that comes then) is less than writing and reading it back takes. Files whose tokens it extends are dropped: it serves any prompt they serve, at
-        least as far."""
+        least as far. The file kept, or None."""
         from mlx_lm.models.cache import save_prompt_cache
 
         tokens, cache = list(self.live.tokens), self.live.cache
         if not lost or self.max_entries <= 0 or any(
                 f.trimmable and f.tokens[:len(tokens)] == tokens for f in self.files):
-            return
+            return None
         nbytes, trimmable = _state_bytes(cache), _trimmable(cache)
         if not self._pays(lost + rest, rest, 2 * nbytes):
             self.counts["not_worth"] += 1
-            return
+            return None
         if self.max_bytes is not None and nbytes > self.max_bytes:
             log.info("prompt cache of %d tokens not kept: %d bytes, over --prompt-cache-bytes",
                      len(tokens), nbytes)
-            return
+            return None
         try:
             if shutil.disk_usage(self.directory).free < nbytes + DISK_HEADROOM:
                 raise OSError(f"less than {nbytes + DISK_HEADROOM} bytes free")
@@ -216,19 +229,22 @@ class KeptPrompts:
             self.counts["write_failures"] += 1
             log.warning("prompt cache of %d tokens not kept on disk (%s): %s", len(tokens),
                         self.directory, e)
-            return
+            return None
         nbytes = path.stat().st_size
         self.counts["written"] += 1
         self.counts["bytes_written"] += nbytes
         if trimmable:
             for f in [f for f in self.files if f.tokens == tokens[:len(f.tokens)]]:
                 self._drop(f)
-        self.files.append(KeptFile(path, tokens, nbytes, trimmable))
+        kept = KeptFile(path, tokens, nbytes, trimmable)
+        self.files.append(kept)
         self._evict()
+        return kept if kept in self.files else None
 
-    def _read(self, kept: KeptFile) -> None:
+    def _read(self, kept: KeptFile) -> bool:
         """Replace the cache in memory by ``kept`` (taken off the list; the one in memory was
-        written or given up before, so that memory never holds both), and delete its file."""
+        written or given up before, so that memory never holds both), and delete its file.
+        Whether it could be read (if not, the cache in memory is empty)."""
         import mlx.core as mx
         from mlx_lm.models.cache import load_prompt_cache
 
@@ -238,18 +254,20 @@ class KeptPrompts:
                 self.make_room(len(kept.tokens))
             cache = load_prompt_cache(str(kept.path))
             mx.eval([c.state for c in cache])
-            if len(cache) != len(self.live.cache) or \
-                    [type(c) for c in cache] != [type(c) for c in self.live.cache]:
+            if len(cache) != len(self.live.cache) or not all(
+                    _same_kind(a, b) for a, b in zip(cache, self.live.cache)):
                 raise ValueError("its layers' caches are not this model's")
         except Exception as e:  # noqa: BLE001 - any unreadable file: prefill instead
             self.counts["read_failures"] += 1
             log.warning("kept prompt cache %s could not be read; prefilling instead: %s",
                         kept.path, e)
+            return False
         else:
             self.live.cache, self.live.tokens = cache, list(kept.tokens)
             self.counts["read"] += 1
             self.counts["bytes_read"] += kept.nbytes
             self.last_read_tokens = len(kept.tokens)
+            return True
         finally:
             kept.path.unlink(missing_ok=True)
 
