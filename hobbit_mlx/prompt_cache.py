@@ -112,6 +112,25 @@ class PromptCache:
         self._fed = held + full[common:]
         return full[common:]
 
+    def abandon(self) -> None:
+        """A generation over what ``feed`` returned stopped part way (cancelled, failed): keep
+        what the cache held before it, each layer cut back from whatever of the new tokens it
+        took. A cache that cannot be cut back (recurrent, rotating) starts afresh. (Layers that
+        hold nothing are a pipeline rank's others': left as they are.)"""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        held = len(self.tokens)
+        offsets = [getattr(c, "offset", None) for c in self.cache]
+        if not held or not can_trim_prompt_cache(self.cache) or any(
+                not isinstance(o, int) or 0 < o < held for o in offsets):
+            self.reset()
+            return
+        for c, offset in zip(self.cache, offsets):
+            if offset > held:
+                c.trim(offset - held)
+                release_past_offset(c)
+        self._fed = list(self.tokens)
+
     def finish(self, generated: list[int]) -> None:
         """A generation over what ``feed`` returned ended after yielding ``generated``: the
         cache holds them all, or all but the last (mlx-lm's loop samples the last token without

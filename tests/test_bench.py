@@ -657,9 +657,8 @@ def test_prompt_reuse_prefills_only_what_the_last_turn_did_not(tiny_model, tmp_p
 
 def test_kept_prompts_resumes_conversations_from_disk(tiny_model, tmp_path):
     """``kept_prompts.py``: two conversations taking turns, with the last request's cache only
-    and with files on disk. On a warm page cache a file costs next to nothing against the
-    prefill it saves, so the second turns come back from disk, and prefill less; exact mode:
-    the same replies."""
+    and with files on disk (each written and read only where it measures to pay: on this tiny
+    model it is close, so how many is left open). Exact mode: the same replies."""
     from bench import kept_prompts
 
     out = tmp_path / "out"
@@ -671,10 +670,13 @@ def test_kept_prompts_resumes_conversations_from_disk(tiny_model, tmp_path):
     assert md.startswith("# Prompt caches kept on disk") and "| reused from disk |" in md
     assert res["identical"] == {"kept": 4}
     last, kept = res["totals"]["last"], res["totals"]["kept"]
-    assert last["cached_from_disk"] == 0 < kept["cached_from_disk"]
-    assert kept["prefilled_tokens"] < last["prefilled_tokens"]
+    files = res["files"]["kept"]
+    assert last["cached_from_disk"] == 0 and res["files"]["last"] is None
     assert last["prompt_tokens"] == kept["prompt_tokens"]
-    assert res["files"]["kept"]["read"] >= 2 and kept["kv_read"] > 0
+    assert kept["from_memory"] + kept["cached_from_disk"] == kept["cached_tokens"]
+    assert files["written"] + files["not_worth"] >= 2  # (each switch decided)
+    assert (kept["cached_from_disk"] > 0) == (files["read"] > 0) == (kept["kv_read"] > 0)
+    assert kept["prefilled_tokens"] <= last["prefilled_tokens"]
     assert [(r["conversation"], r["turn"]) for r in res["runs"]["kept"]] == \
         [(1, 1), (2, 1), (1, 2), (2, 2)]
 

@@ -237,3 +237,59 @@ def test_files_written_under_a_quantized_kv_cache_are_read_back(tmp_path):
     assert kept.stats()["read_failures"] == 0 and kept.stats()["read"] == 2
     assert all(t[3] > 0 for t in turns[2:])
     kept.close()
+
+
+def test_a_request_stopped_part_way_keeps_what_the_cache_held_before_it(model):
+    """A cancelled (or failed) request's own tokens are cut off; the conversation it continued
+    stays (the whole cache was dropped, and the next turn prefilled it all again)."""
+    import hobbit_mlx
+    from hobbit_mlx.prompt_cache import PromptCache
+
+    m, tokenizer = model
+    kept = PromptCache(m)
+    first = tokenizer.encode(SHARED + ASKS["a"])
+    out, _ = _reply(model, kept, first)
+    held = len(kept.tokens)
+    longer = first + out + tokenizer.encode("\nAnd line 2?\n" + ASKS["b"] * 4)
+    steps = hobbit_mlx.stream_generate(m, tokenizer, kept.feed(longer), max_tokens=8,
+                                       prompt_cache=kept.cache)
+    next(steps), next(steps)
+    steps.close()  # (the client went away)
+    kept.abandon()
+    assert len(kept.tokens) == held and kept.cache[0].offset == held
+    again = longer + tokenizer.encode(" ")
+    out, saved = _reply(model, kept, again)
+    assert saved == held and out == _reply(model, None, again)[0]
+
+
+def test_a_killed_servers_temporary_directory_is_removed_by_the_next(model):
+    """A server killed (SIGKILL) leaves its temporary directory and its files; the next one to
+    make its own removes those whose process has ended, and no other."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from hobbit_mlx.server.kept_prompts import OWNER, TEMP_PREFIX, KeptPrompts
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    dirs = {}
+    for name, pid in (("dead", ended), ("alive", str(os.getpid())), ("nameless", None)):
+        d = dirs[name] = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+        (d / "prompt-0.safetensors").write_bytes(b"x")
+        if pid is not None:
+            (d / OWNER).write_text(pid)
+    try:
+        kept = KeptPrompts(model[0])
+        assert not dirs["dead"].exists()
+        assert dirs["alive"].is_dir() and dirs["nameless"].is_dir()
+        assert (kept.directory / OWNER).read_text() == str(os.getpid())
+        kept.close()
+        assert not kept.directory.exists()
+    finally:
+        import shutil
+
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)

@@ -696,7 +696,9 @@ def test_bad_flags_and_a_taken_port(capsys, tiny_factory, tmp_path):
                  (["--prompt-cache-bytes", "lots"], "--prompt-cache-bytes lots"),
                  (["--prompt-cache-dir", str(tmp_path / "none")], "no such directory"),
                  (["--prompt-cache-dir", __file__], "not a directory"),
-                 (["--max-kv-size", "64"], "--max-kv-size does not run in the server")]
+                 (["--max-kv-size", "64"], "--max-kv-size does not run in the server"),
+                 (["--prompt-cache-bytes", "0"], "--prompt-cache-bytes must be more than 0"),
+                 (["--prompt-cache-dir", ""], "--prompt-cache-dir is empty")]
         for argv, needle in cases:
             assert cli_common.run(main, ["--model", str(model_dir), *argv]) == 2, argv
             err = capsys.readouterr().err

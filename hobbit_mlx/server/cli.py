@@ -106,8 +106,13 @@ def keep_settings(args: argparse.Namespace):
             max_bytes = parse_size(args.prompt_cache_bytes)
         except ValueError as e:
             raise cli.CLIError(f"--prompt-cache-bytes {args.prompt_cache_bytes}: {e}") from None
+        if max_bytes <= 0:
+            raise cli.CLIError(f"--prompt-cache-bytes must be more than 0, not "
+                               f"{args.prompt_cache_bytes} (--prompt-cache-size 0 keeps none)")
     directory = args.prompt_cache_dir
     if directory is not None:
+        if not directory.strip():
+            raise cli.CLIError("--prompt-cache-dir is empty: give a directory")
         path = Path(directory).expanduser()
         if not path.is_dir():
             raise cli.CLIError(f"--prompt-cache-dir {directory}: "

@@ -41,6 +41,22 @@ from ..prompt_cache import PromptCache, common_prefix
 log = logging.getLogger("hobbit_mlx.server")
 
 DISK_HEADROOM = 1 << 30  # a write that would leave less free space on the disk is skipped
+TEMP_PREFIX = "hobbit-mlx-prompts-"  # the temporary directories servers make
+OWNER = "owner.pid"  # in each: the process it belongs to
+
+
+def remove_left_over_dirs() -> None:
+    """Delete the temporary directories of servers that ended without deleting theirs (killed):
+    a real model's files take gigabytes. Only directories whose owner process is gone."""
+    for d in Path(tempfile.gettempdir()).glob(TEMP_PREFIX + "*"):
+        try:
+            pid = int((d / OWNER).read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("removed %s, left by server process %d, which has ended", d, pid)
+        except (OSError, ValueError):  # (no owner file, not ours to judge, or alive elsewhere)
+            continue
 
 
 @dataclass(frozen=True)
@@ -110,8 +126,13 @@ class KeptPrompts:
         self.make_room = make_room
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._owns_dir = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="hobbit-mlx-prompts-")) \
-            if directory is None else Path(directory)
+        if directory is None:
+            remove_left_over_dirs()
+            self.directory = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+            (self.directory / OWNER).write_text(str(os.getpid()))
+        else:
+            self.directory = Path(directory)
+        self._said_over = False  # (--prompt-cache-bytes too small: said once)
         self.files: list[KeptFile] = []  # oldest first
         self.counts = dict(written=0, read=0, write_failures=0, read_failures=0,
                            bytes_written=0, bytes_read=0, not_worth=0)
@@ -138,6 +159,9 @@ class KeptPrompts:
 
     def finish(self, generated: list[int]) -> None:
         self.live.finish(generated)
+
+    def abandon(self) -> None:
+        self.live.abandon()
 
     def feed(self, full: list[int]) -> list[int]:
         """The suffix of ``full`` still to run, as ``PromptCache.feed``, with the cache in memory
@@ -212,8 +236,10 @@ class KeptPrompts:
             self.counts["not_worth"] += 1
             return None
         if self.max_bytes is not None and nbytes > self.max_bytes:
-            log.info("prompt cache of %d tokens not kept: %d bytes, over --prompt-cache-bytes",
-                     len(tokens), nbytes)
+            log.log(logging.DEBUG if self._said_over else logging.INFO,
+                    "prompt cache of %d tokens not kept: %d bytes, over --prompt-cache-bytes",
+                    len(tokens), nbytes)
+            self._said_over = True
             return None
         try:
             if shutil.disk_usage(self.directory).free < nbytes + DISK_HEADROOM:

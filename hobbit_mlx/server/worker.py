@@ -495,14 +495,15 @@ class Worker:
         return self._kept.feed(list(prompt)), {"prompt_cache": self._kept.cache}
 
     def _keep(self, generated: list[int], whole: bool) -> None:
-        """Keep the cache for the next request where the generation ended in a known state
-        (``whole``); a cancelled or failed one may have left a half-run step in it."""
+        """Keep the cache for the next request: all it holds where the generation ended in a
+        known state (``whole``); what it held before this request where it was cancelled or
+        failed (it may have left a half-run step)."""
         if self._kept is None:
             return
         if whole:
             self._kept.finish(generated)
         else:
-            self._kept.reset()
+            self._kept.abandon()
 
     def _end(self, job: Job, end: Finished | Failed) -> None:
         """Count the request, write its log line, and tell its handler (in that order, so the
