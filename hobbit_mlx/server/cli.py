@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import cli_common as cli
+from .kept_prompts import KeepSettings
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_TOKENS = 512
@@ -47,9 +48,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-cache-size", type=int, default=10, metavar="N",
                    help="Earlier requests' KV caches kept on disk, so that several "
                         "conversations each resume where they stopped: a cache is written when "
-                        "a prompt departs from it, and read back for a prompt it serves best "
-                        "(default: %(default)s; 0: only the last request's, in memory; with "
-                        "--pipeline always 0).")
+                        "a prompt departs from it, and read back for a prompt it serves best, "
+                        "where that saves prefill time (default: %(default)s; 0: only the last "
+                        "request's, in memory; with --pipeline always 0).")
     g.add_argument("--prompt-cache-bytes", default=None, metavar="SIZE",
                    help="At most this much disk for them, e.g. 20GB (default: no limit but the "
                         "disk's free space, less 1 GiB).")
@@ -91,12 +92,11 @@ def check_server_args(args: argparse.Namespace) -> None:
     args.keep_prompts = keep_settings(args)
 
 
-def keep_settings(args: argparse.Namespace):
+def keep_settings(args: argparse.Namespace) -> "KeepSettings":
     """``--prompt-cache-size/-bytes/-dir``, checked: the prompt caches kept on disk."""
     import os
 
     from ..budget import parse_size
-    from .kept_prompts import KeepSettings
 
     if args.prompt_cache_size < 0:
         raise cli.CLIError(f"--prompt-cache-size must be 0 or more, not {args.prompt_cache_size}")

@@ -112,8 +112,8 @@ def _trimmable(cache: list[Any]) -> bool:
 
 class KeptPrompts:
     """The request's prompt cache in memory (``cache``, as ``PromptCache``'s) and earlier ones
-    kept on disk in ``directory``; the worker calls ``feed``, ``finish`` and ``reset`` as on a
-    ``PromptCache``."""
+    kept on disk in ``directory``; the worker calls ``feed``, ``finish``, ``abandon`` and
+    ``reset`` as on a ``PromptCache``."""
 
     def __init__(self, model: Any, directory: str | os.PathLike | None = None, *,
                  max_entries: int = 10, max_bytes: int | None = None,
