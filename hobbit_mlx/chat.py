@@ -138,12 +138,20 @@ class Conversation:
         ``full`` from rank 0)."""
         return self._kept.feed(full, turn_start)
 
-    def finish(self, query: str, full: list[int], reply: str, generated: list[int]) -> None:
+    def finish(self, query: str, full: list[int], reply: str, generated: list[int],
+               whole: bool = True) -> None:
+        """The turn joins the conversation. ``whole``: its generation ended by itself; else
+        (Ctrl-C) the cache keeps what it held before the turn, which the next turn's prompt
+        starts with (it may hold a half-run step: the turn is prefilled again, not the whole
+        conversation)."""
         self.messages.append({"role": "user", "content": query})
         self.messages.append({"role": "assistant", "content": reply})
         if not self.tokenizer.has_chat_template:
             self.plain.append(list(full[len(self._plain_tokens()):]) + list(generated))
-        self.finish_tokens(generated)
+        if whole:
+            self.finish_tokens(generated)
+        else:
+            self._kept.abandon()
 
     def finish_tokens(self, generated: list[int]) -> None:
         """The cache now holds the prompt fed and the generated tokens (or the last but one)."""
@@ -359,8 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 last = response
         except KeyboardInterrupt:
             print("\n[interrupted]", flush=True)
-            conv.finish(query, full, "".join(pieces), generated)
-            conv.invalidate()  # the cache may hold a half-run step
+            conv.finish(query, full, "".join(pieces), generated, whole=False)
             tally.add(_stopped_turn_stats(model, last, t0))
             continue
         except (hobbit_mlx.BudgetError, hobbit_mlx.PipelineError) as e:

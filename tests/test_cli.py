@@ -388,6 +388,30 @@ def test_chat_without_a_template_keeps_its_history_when_a_turn_is_stopped(model_
     assert full[:len(second) - len(first)] == second[len(first):]
 
 
+def test_chat_turn_stopped_by_ctrl_c_keeps_the_history_in_the_cache(model_dir):
+    """A reply stopped part way (Ctrl-C) keeps the cache's earlier turns: the next turn
+    prefills the stopped turn and its own, not the whole conversation again (the cache was
+    emptied), with the reply a fresh prefill gives."""
+    import hobbit_mlx
+
+    conv, sampler = _chat_session(model_dir, "--expert-residency", "1")
+    first = _turn(conv, sampler, "hello there")
+    full, feed = conv.prepare("tell me more, at length")
+    steps = hobbit_mlx.stream_generate(conv.model, conv.tokenizer, feed, max_tokens=8,
+                                       sampler=sampler, prompt_cache=conv.cache)
+    got = [next(steps), next(steps)]
+    steps.close()  # (Ctrl-C)
+    conv.finish("tell me more, at length", full, "".join(r.text for r in got),
+                [r.token for r in got], whole=False)
+    full, feed = conv.prepare("ok")
+    assert len(full) - len(feed) >= len(first) - 8  # the first turn, as the template renders it
+    got = [r.token for r in hobbit_mlx.stream_generate(conv.model, conv.tokenizer, feed,
+                                                       max_tokens=4, sampler=sampler,
+                                                       prompt_cache=conv.cache)]
+    assert got == [r.token for r in hobbit_mlx.stream_generate(
+        conv.model, conv.tokenizer, full, max_tokens=4, sampler=sampler)]
+
+
 def test_chat_fit_drops_the_oldest_exchanges_and_keeps_the_system_prompt(model_dir):
     conv, sampler = _chat_session(model_dir, "--expert-residency", "1",
                                   "--system-prompt", "You are tiny.")
