@@ -81,25 +81,6 @@ class Setting(Conversation):
         if isinstance(kept, KeptPrompts) and device is not None:
             charge_files(kept, device)
 
-    def turn_with(self, messages: list, user: str, max_tokens: int) -> dict:
-        from hobbit_mlx.server.prompts import chat_tokens
-        from hobbit_mlx.server.replies import Reply, joined, split_reply
-
-        messages.append({"role": "user", "content": user})
-        prompt = chat_tokens(self.worker.tokenizer, messages, self.template)
-        r = self._request(prompt, max_tokens)
-        reply = joined(split_reply(Reply(self.worker.tokenizer, prompt), r["texts"]), "text")
-        messages.append({"role": "assistant", "content": reply})
-        s = r["stats"]
-        row = {"prompt_tokens": len(prompt), "cached_tokens": s["cached_tokens"],
-               "cached_from_disk": s.get("cached_from_disk", 0),
-               "prefilled_tokens": len(prompt) - s["cached_tokens"], "ttft_s": r["ttft_s"],
-               "wall_s": r["wall_s"], "bytes_read": s["bytes_read"],
-               "generated_tokens": s["generation_tokens"]}
-        self.rows.append(row)
-        self.replies.append(r["tokens"])
-        return row
-
 
 def charge_files(kept, device) -> None:
     """Make each KV file write and read wait for the simulated device, as a demand read."""
@@ -221,8 +202,8 @@ def main(argv=None) -> int:
             for i in range(a.turns):
                 for c in range(a.conversations):
                     row = s.turn_with(s.chats[c], TASKS[c] if i == 0 else
-                                      FOLLOW_UPS[(i - 1) % len(FOLLOW_UPS)], a.max_tokens)
-                    row.update(conversation=c + 1, turn=i + 1)
+                                      FOLLOW_UPS[(i - 1) % len(FOLLOW_UPS)], a.max_tokens,
+                                      conversation=c + 1, turn=i + 1)
                     print(f"[kept-prompts] {key:>4} conversation {c + 1} turn {i + 1}: "
                           f"{row['prompt_tokens']} prompt tokens ({row['cached_tokens']} cached,"
                           f" {row['cached_from_disk']} from disk), TTFT {row['ttft_s']:.2f} s, "

@@ -133,17 +133,23 @@ class Conversation:
 
     def turn(self, i: int, max_tokens: int) -> dict:
         """Send the conversation with user message ``i`` at its end; the reply joins it."""
+        return self.turn_with(self.messages, USER_MESSAGES[i], max_tokens, turn=i + 1)
+
+    def turn_with(self, messages: list, user: str, max_tokens: int, **about) -> dict:
+        """Send ``messages`` with ``user`` at their end; the reply joins them. The row (first
+        ``about``) is kept in ``rows``, the reply's tokens in ``replies``."""
         from hobbit_mlx.server.prompts import chat_tokens
         from hobbit_mlx.server.replies import Reply, joined, split_reply
 
-        self.messages.append({"role": "user", "content": USER_MESSAGES[i]})
-        prompt = chat_tokens(self.worker.tokenizer, self.messages, self.template)
+        messages.append({"role": "user", "content": user})
+        prompt = chat_tokens(self.worker.tokenizer, messages, self.template)
         r = self._request(prompt, max_tokens)
         # the reply's text as an OpenAI client gets it back (what it sends next turn)
         reply = joined(split_reply(Reply(self.worker.tokenizer, prompt), r["texts"]), "text")
-        self.messages.append({"role": "assistant", "content": reply})
+        messages.append({"role": "assistant", "content": reply})
         s = r["stats"]
-        row = {"turn": i + 1, "prompt_tokens": len(prompt), "cached_tokens": s["cached_tokens"],
+        row = {**about, "prompt_tokens": len(prompt), "cached_tokens": s["cached_tokens"],
+               "cached_from_disk": s.get("cached_from_disk", 0),
                "prefilled_tokens": len(prompt) - s["cached_tokens"],
                "ttft_s": r["ttft_s"], "wall_s": r["wall_s"], "bytes_read": s["bytes_read"],
                "bytes_read_by_first_token": r["early_bytes"],

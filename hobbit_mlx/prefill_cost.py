@@ -37,7 +37,7 @@ class PrefillCost:
     token; ``chunk(n)``: the tokens a prefill of ``n`` reads its experts once for (the plan's
     chunk, or ``n`` where it runs layer by layer); ``seconds_per_byte()``: what storage takes."""
 
-    def __init__(self, layers: list[tuple[int, float]], top_k: int, chunk: Callable[[int], int],
+    def __init__(self, layers: list[tuple[int, int]], top_k: int, chunk: Callable[[int], int],
                  seconds_per_byte: Callable[[], float]) -> None:
         self.layers, self.top_k, self.chunk = layers, top_k, chunk
         self.seconds_per_byte = seconds_per_byte
@@ -48,10 +48,8 @@ class PrefillCost:
         """The estimate for a loaded model's runtime: its store's layers, its plan's chunk (a
         prompt longer than it is prefilled layer by layer where that is on), its reader."""
         m = runtime.manifest
-        layers = []
-        for layer in m.layers:
-            records = layer.precisions["high"].records
-            layers.append((layer.num_experts, sum(r.nbytes for r in records) / len(records)))
+        layers = [(layer.num_experts, layer.precisions["high"].expert_nbytes)
+                  for layer in m.layers]
 
         def chunk(n: int) -> int:
             plan, step = runtime.plan, runtime.prefill_step_size
