@@ -13,6 +13,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Generator
 
+from .versions import check_installed
+
+check_installed()  # before mlx-lm's modules are imported: an old one fails there, unnamed
+
 import mlx.core as mx
 import mlx_lm
 
