@@ -30,7 +30,7 @@ from typing import Sequence
 import mlx.core as mx
 
 from . import cli_common as cli
-from .budget import format_size
+from .budget import BudgetError, format_size, parse_size
 
 _now = time.perf_counter  # (the trials' clock)
 
@@ -231,7 +231,8 @@ def format_table(rows: list[dict]) -> list[str]:
 def bench_budget(args: argparse.Namespace, prompt: list[int] | None, label: str | None,
                  log) -> tuple:
     """Load under ``args.memory_budget``, warm up, run the trials; returns (row, prompt, its
-    source, the model's directory). The model is closed before it returns."""
+    source, the model's directory, the smallest budget that loads it with these options). The
+    model is closed before it returns."""
     from . import offload_stats, runtime_of
 
     model, tokenizer, load_s = cli.load_model(args)
@@ -257,7 +258,7 @@ def bench_budget(args: argparse.Namespace, prompt: list[int] | None, label: str 
                 f"per token, peak {format_size(t['peak_memory_bytes'])}")
         row = summarize(trials, offload_stats(model), rt.manifest.expert_bytes("high"))
         row["budget"] = label
-        return row, prompt, source, str(rt.model_dir)
+        return row, prompt, source, str(rt.model_dir), rt.plan.minimum_bytes
     finally:
         rt.close()
 
@@ -266,17 +267,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     budgets = _check_args(args)
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    rows, prompt, source, model_dir = [], None, None, None
+    rows, failed, prompt, source, model_dir = [], [], None, None, None
+    minimum = 0  # the model's smallest budget with these options, once a load has told it
     try:
         for size, label in budgets:
+            if size is not None and parse_size(size) < minimum:
+                # (known from an earlier load: this one would load for nothing)
+                failed.append(f"{label}: below this model's minimum of {format_size(minimum)} "
+                              f"({minimum} bytes) with these options")
+                log(f"Budget {failed[-1]}; skipped")
+                continue
             args.memory_budget = size
-            row, prompt, new_source, model_dir = bench_budget(args, prompt, label, log)
+            try:
+                row, prompt, new_source, model_dir, minimum = bench_budget(args, prompt, label,
+                                                                           log)
+            except BudgetError as e:  # too small to load, or for the prompt: the next may run
+                failed.append(f"{label or 'the default budget'}: {e}")
+                log(f"Budget {failed[-1]}")
+                continue
+            finally:
+                # the last model's weights go before the next loads: MLX's peak counts the process
+                gc.collect()
+                mx.clear_cache()
             source = source or new_source
             rows.append(row)
-            # the last model's weights go before the next loads: MLX's peak counts the process
-            gc.collect()
-            mx.clear_cache()
-    finally:  # (a budget that fails, or Ctrl-C, keeps the rows measured before it)
+    finally:  # (Ctrl-C keeps the rows measured before it)
         if rows:
             result = {"model": model_dir, "prompt_source": source, "prompt_tokens": len(prompt),
                       "generation_tokens": args.generation_tokens,
@@ -284,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "budgets": rows, "complete": len(rows) == len(budgets)}
             print(json.dumps(result, default=str) if args.json else
                   "\n".join(format_table(rows)), flush=True)
+    if failed:  # after the rows that ran, one line per budget that did not
+        raise BudgetError("; ".join(failed) if len(failed) > 1 else failed[0])
     return 0
 
 

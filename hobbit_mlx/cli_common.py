@@ -464,7 +464,8 @@ def load_model(args: argparse.Namespace):
     """``hobbit_mlx.load`` with the parsed flags; returns (model, tokenizer, load seconds).
 
     Conversion progress goes to stderr so that stdout carries only the generated text. Any failure
-    to load is bad input and becomes a CLIError (one line, exit status 2).
+    to load is bad input and becomes a CLIError, or stays the BudgetError it is (either: one
+    line, exit status 2).
     """
     from . import load
 
@@ -479,10 +480,8 @@ def load_model(args: argparse.Namespace):
             model, tokenizer = load(args.model, options=load_options(args),
                                     tokenizer_config=tokenizer_config,
                                     progress=not getattr(args, "quiet_report", False))
-    except (KeyboardInterrupt, CLIError):
-        raise
-    except BudgetError as e:
-        raise CLIError(str(e)) from None
+    except (KeyboardInterrupt, CLIError, BudgetError):  # (a BudgetError is one line too; the
+        raise                                            # benchmark goes on to the next budget)
     except Exception as e:  # corrupt files, unsupported models, conversion failures...
         if os.environ.get("HOBBIT_MLX_DEBUG"):
             traceback.print_exc()

@@ -81,14 +81,25 @@ def test_a_prompt_file_shorter_than_the_prompt_is_named(capsys, tmp_path):
     assert code == 2 and "fewer than --prompt-tokens (500)" in err and "short.txt" in err
 
 
-def test_a_budget_that_fails_keeps_the_rows_before_it(capsys):
-    """A sweep whose last budget is below the model's minimum: the rows measured before it are
-    printed (they took minutes on a large model), then the error line, exit status 2."""
-    code, out, err = _bench(capsys, "--memory-budget", "12MB,2MB", "-p", "16", "-g", "3", "-n",
-                            "1", "--json")
-    assert code == 2 and "too small for this model" in err.strip().splitlines()[-1]
+def test_a_budget_too_small_is_named_and_the_sweep_goes_on(capsys, monkeypatch):
+    """A budget below the model's minimum, first in the sweep: it fails at its load, the sweep
+    goes on to the next (rows took minutes each on a large model), and the error line comes
+    after the rows, exit status 2. Once a load has told the minimum, a budget below it is not
+    loaded at all."""
+    import hobbit_mlx.cli_common as cli_common
+
+    loads = []
+    real_load = cli_common.load_model
+    monkeypatch.setattr(cli_common, "load_model",
+                        lambda args: loads.append(args.memory_budget) or real_load(args))
+    code, out, err = _bench(capsys, "--memory-budget", "2MB,12MB,3MB", "-p", "16", "-g", "3",
+                            "-n", "1", "--json")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: 2MB: ") and "too small for this model" in last
+    assert "; 3MB: below this model's minimum of " in last
     result = json.loads(out)
     assert [r["budget"] for r in result["budgets"]] == ["12MB"] and not result["complete"]
+    assert loads == [2_000_000, 12_000_000]  # (3 MB: skipped on what 12 MB's load told)
 
 
 def test_generation_speed_is_decode_steps_over_their_time(capsys, monkeypatch):
