@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "budgets": rows, "complete": len(rows) == len(budgets)}
             print(json.dumps(result, default=str) if args.json else
                   "\n".join(format_table(rows)), flush=True)
-    if failed:  # after the rows that ran, one line per budget that did not
+    if failed:  # after the rows that ran: one error line naming each budget that did not run
         raise BudgetError("; ".join(failed) if len(failed) > 1 else failed[0])
     return 0
 
