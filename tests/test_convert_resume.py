@@ -249,18 +249,18 @@ def test_an_interrupt_anywhere_releases_locks_and_files(tmp_path, counted, monke
     with pytest.raises(KeyboardInterrupt):
         converter.convert(src, out / "model", progress=False)
     before = _open_files()
-    real_read = converter.read_progress
+    real_read = converter.destination.read_progress
 
     def interrupted_read(*a, **k):
         real_read(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(converter, "read_progress", interrupted_read)
+    monkeypatch.setattr(converter.destination, "read_progress", interrupted_read)
     with pytest.raises(KeyboardInterrupt):
         converter.convert(src, out / "model", progress=False)
     assert _open_files() == before
-    monkeypatch.setattr(converter, "read_progress", real_read)
-    real_tensors = converter._expert_tensors
+    monkeypatch.setattr(converter.destination, "read_progress", real_read)
+    real_tensors = converter.experts._expert_tensors
     calls = {"n": 0}
 
     def interrupted_mid_layer(*a, **k):
@@ -269,11 +269,11 @@ def test_an_interrupt_anywhere_releases_locks_and_files(tmp_path, counted, monke
             raise KeyboardInterrupt
         return real_tensors(*a, **k)
 
-    monkeypatch.setattr(converter, "_expert_tensors", interrupted_mid_layer)
+    monkeypatch.setattr(converter.experts, "_expert_tensors", interrupted_mid_layer)
     with pytest.raises(KeyboardInterrupt):
         converter.convert(src, out / "model", progress=False)
     assert _open_files() == before
-    monkeypatch.setattr(converter, "_expert_tensors", real_tensors)
+    monkeypatch.setattr(converter.experts, "_expert_tensors", real_tensors)
     counted["layers"].clear()
     converter.convert(src, out / "model", progress=False)
     assert counted["layers"] == [1, 2] and _partials(out) == []

@@ -247,14 +247,14 @@ def test_an_interrupt_once_the_new_model_is_in_place_finishes(tmp_path, capsys, 
     b = make_tiny_model("qwen3_moe", tmp_path / "b", seed=1)
     out = tmp_path / "out"
     dst = converter.convert(a, out / "model", progress=False)
-    real = converter._remove
+    real = converter.destination._remove
 
     def interrupted(path):
         if ".old-" in path.name:
             os.kill(os.getpid(), signal.SIGINT)
         return real(path)
 
-    monkeypatch.setattr(converter, "_remove", interrupted)
+    monkeypatch.setattr(converter.destination, "_remove", interrupted)
     assert convert_main([str(b), str(dst), "--force", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "wrote" in captured.out and "nothing was written" not in captured.err
