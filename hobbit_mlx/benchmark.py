@@ -29,7 +29,7 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from . import cli_common as cli
+from . import cli_common as cli, cli_flags, cli_load
 from .budget import BudgetError, format_size, parse_size
 
 _now = time.perf_counter  # (the trials' clock)
@@ -59,7 +59,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="Seconds to wait between trials (default: %(default)s).")
     parser.add_argument("--json", action="store_true",
                         help="Print the results as one JSON object on stdout.")
-    cli.add_model_args(parser)
+    cli_flags.add_model_args(parser)
     return parser
 
 
@@ -87,7 +87,7 @@ def _check_args(args: argparse.Namespace) -> list:
         args.memory_budget = budget.strip() if budget is not None else None
         if args.memory_budget == "":
             raise cli.CLIError(f"--memory-budget {','.join(budgets)}: an empty entry")
-        cli.check_args(args)
+        cli_flags.check_args(args)
         sizes.append((args.memory_budget, budget.strip() if budget is not None else None))
     if len({size for size, _ in sizes}) < len(sizes):
         raise cli.CLIError("--memory-budget lists the same budget twice")
@@ -235,7 +235,7 @@ def bench_budget(args: argparse.Namespace, prompt: list[int] | None, label: str 
     model is closed before it returns."""
     from . import offload_stats, runtime_of
 
-    model, tokenizer, load_s = cli.load_model(args)
+    model, tokenizer, load_s = cli_load.load_model(args)
     rt = runtime_of(model)
     try:
         tokenizer._eos_token_ids = set()  # (every trial generates all its tokens, as mlx-lm's)
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rows:
             result = {"model": model_dir, "prompt_source": source, "prompt_tokens": len(prompt),
                       "generation_tokens": args.generation_tokens,
-                      "num_trials": args.num_trials, "options": cli.technique_options(args),
+                      "num_trials": args.num_trials, "options": cli_flags.technique_options(args),
                       "budgets": rows, "complete": len(rows) == len(budgets)}
             print(json.dumps(result, default=str) if args.json else
                   "\n".join(format_table(rows)), flush=True)

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import cli_common as cli
+from . import cli_common as cli, cli_flags, cli_load, cli_report
+from .budget import format_size
 
 SUFFIX = ".safetensors"  # (mx.load reads the format from the name)
 
@@ -37,7 +38,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                         help="The text to prefill ('-' reads from stdin).")
     parser.add_argument("--prompt-cache-file", required=True, metavar="FILE",
                         help=f"Where to save the cache (a {SUFFIX} file).")
-    cli.add_model_args(parser)
+    cli_flags.add_model_args(parser)
     g = parser.add_argument_group("cache")
     g.add_argument("--max-kv-size", type=int, default=None,
                    help="A rotating KV cache of this many tokens (mlx-lm's): the file keeps the "
@@ -45,8 +46,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--extra-eos-token", type=str, default=(), nargs="+",
                    help="Tokens that end a reply besides the model's: saved in the file, so "
                         "that generate stops at them too (the first also for mlx-lm's).")
-    cli.add_template_args(parser)
-    cli.add_report_args(parser)
+    cli_flags.add_template_args(parser)
+    cli_flags.add_report_args(parser)
     return parser
 
 
@@ -189,9 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pipeline:
         raise cli.CLIError("--pipeline: a prompt cache file holds every layer's keys and "
                            "values, and a pipeline rank holds its own layers' only")
-    cli.check_args(args)
+    cli_flags.check_args(args)
     path = cache_file(args.prompt_cache_file)
-    model, tokenizer, load_s = cli.load_model(args)
+    model, tokenizer, load_s = cli_load.load_model(args)
     tokens = build_prompt(args, tokenizer)
     cache = make_prompt_cache(model, args.max_kv_size)
 
@@ -221,13 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "tokenizer_config": json.dumps(tokenizer_config),
                        "extra_eos_tokens": json.dumps(eos), "prompt_tokens": str(len(tokens))})
     if not args.quiet_report:
-        stats = cli.run_stats(model, None, seconds, load_s)
+        stats = cli_report.run_stats(model, None, seconds, load_s)
         stats.update(prompt_tokens=len(tokens), prompt_tps=len(tokens) / seconds)
-        lines = [cli.SEPARATOR] + [line for line in cli.format_report(stats)
+        lines = [cli_report.SEPARATOR] + [line for line in cli_report.format_report(stats)
                                    if not line.startswith("Generation:")]  # (none here)
         print("\n".join(lines), file=sys.stderr)
         print(f"Saved {len(tokens)} prompt tokens to {path} "
-              f"({cli.format_size(path.stat().st_size)})", file=sys.stderr)
+              f"({format_size(path.stat().st_size)})", file=sys.stderr)
     return 0
 
 

@@ -19,7 +19,8 @@ import threading
 import time
 from typing import Sequence
 
-from . import cli_common as cli
+from . import cli_common as cli, cli_flags, cli_load, cli_report
+from .budget import format_size
 from .prompt_cache import PromptCache
 
 PROMPT = ">> "
@@ -32,10 +33,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         prog="python -m hobbit_mlx.chat",
         description="Chat with an MoE model larger than memory: experts stream from storage "
                     "under one memory budget.")
-    cli.add_model_args(parser)
-    cli.add_sampling_args(parser)
-    cli.add_template_args(parser, chat=True)
-    cli.add_report_args(parser)
+    cli_flags.add_model_args(parser)
+    cli_flags.add_sampling_args(parser)
+    cli_flags.add_template_args(parser, chat=True)
+    cli_flags.add_report_args(parser)
     return parser
 
 
@@ -208,7 +209,7 @@ def _stopped_turn_stats(model, last, t0: float) -> dict:
     """A turn stopped part way (Ctrl-C, the budget) still read and generated: its statistics
     join the session's totals ('s'), as far as the runtime can give them."""
     try:
-        return cli.run_stats(model, last, time.perf_counter() - t0)
+        return cli_report.run_stats(model, last, time.perf_counter() - t0)
     except Exception:  # noqa: BLE001 - the turn's own error was already reported
         return {}
 
@@ -221,9 +222,9 @@ def _turn_summary(stats: dict, fed: int, total: int, window: int | None = None) 
     line = (f"[{stats['generation_tokens']} tokens, {stats['generation_tps']:.2f} tokens/s; "
             f"prompt {fed} new tokens" + (f" ({held})" if reused else "") +
             f", {stats['prompt_tps']:.2f} tokens/s; expert hit rate {100 * stats['hit_rate']:.1f}%, "
-            f"read {cli.format_size(stats['bytes_read'])}; peak {cli.format_size(stats['peak_memory_bytes'])}")
+            f"read {format_size(stats['bytes_read'])}; peak {format_size(stats['peak_memory_bytes'])}")
     if stats.get("budget_bytes"):
-        line += f" of {cli.format_size(stats['budget_bytes'])}"
+        line += f" of {format_size(stats['budget_bytes'])}"
     return line + "]"
 
 
@@ -278,9 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
-    cli.join_pipeline(args)
-    cli.check_args(args)
-    model, tokenizer, _ = cli.load_model(args)
+    cli_load.join_pipeline(args)
+    cli_flags.check_args(args)
+    model, tokenizer, _ = cli_load.load_model(args)
     cli.seed(args)  # after the load, which draws random numbers (as mlx-lm's does not)
     pipe = pipeline_of(model)
     lock = None
@@ -329,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(HELP, flush=True)
             continue
         if command == "s":
-            for line in cli.format_report(tally.report()):
+            for line in cli_report.format_report(tally.report()):
                 print(line)
             sys.stdout.flush()
             continue
@@ -398,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         conv.finish(query, full, "".join(pieces), generated)
-        stats = cli.run_stats(model, last, time.perf_counter() - t0)
+        stats = cli_report.run_stats(model, last, time.perf_counter() - t0)
         tally.add(stats)
         if not args.quiet_report:
             print(_turn_summary(stats, len(feed), len(full), args.max_kv_size), file=sys.stderr,

@@ -19,7 +19,7 @@ import types
 from typing import Sequence
 
 from . import cache_prompt
-from . import cli_common as cli
+from . import cli_common as cli, cli_flags, cli_load, cli_report
 from .pipeline import Lockstep, pipeline_of
 
 # ``import hobbit_mlx.generate`` makes Python bind this module to the package attribute
@@ -56,13 +56,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-cache-file", default=None, metavar="FILE",
                         help="A prompt's KV cache saved by python -m hobbit_mlx.cache_prompt (or "
                              "mlx-lm's): the prompt given here continues it.")
-    cli.add_model_args(parser)
-    cli.add_sampling_args(parser, default_max_tokens=DEFAULT_MAX_TOKENS)
-    cli.add_template_args(parser)
+    cli_flags.add_model_args(parser)
+    cli_flags.add_sampling_args(parser, default_max_tokens=DEFAULT_MAX_TOKENS)
+    cli_flags.add_template_args(parser)
     g = parser.add_argument_group("output")
     g.add_argument("--stats-json", metavar="PATH", default=None,
                    help="Write the offload statistics and timings of the run to PATH as JSON.")
-    g.add_argument("--verbose", type=cli.str2bool, default=True,
+    g.add_argument("--verbose", type=cli_flags.str2bool, default=True,
                    help="'False' or 'F' prints only the response (no report), like mlx-lm.")
     g.add_argument("--quiet-report", action="store_true",
                    help="Do not print the speed / memory / expert cache report.")
@@ -114,14 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise cli.CLIError("--prompt - with --pipeline: mlx.launch never closes the ranks' "
                            "standard input, so it would never end; pass the text itself "
                            "(--prompt \"$(cat FILE)\")")
-    cli.join_pipeline(args)
-    cli.check_args(args)
+    cli_load.join_pipeline(args)
+    cli_flags.check_args(args)
     cli.check_writable_file(args.stats_json, "--stats-json")
     saved = cache_prompt.read(args) if args.prompt_cache_file else None
     quiet = args.quiet_report or not args.verbose
     args.quiet_report = quiet
 
-    model, tokenizer, load_s = cli.load_model(args)
+    model, tokenizer, load_s = cli_load.load_model(args)
     cli.seed(args)  # after the load, which draws random numbers (as mlx-lm's does not)
     pipe = pipeline_of(model)
     printer = pipe is None or pipe.rank == 0
@@ -173,12 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.write("\n")
     out.flush()
 
-    stats = cli.gather_ranks(model, cli.run_stats(model, last, wall_s, load_s))
+    stats = cli_report.gather_ranks(model, cli_report.run_stats(model, last, wall_s, load_s))
     if pipe is not None:
         pipe.barrier()  # no rank exits while another still evaluates (mlx-lm looks a token ahead)
         if not printer:
             return 0
-    options = cli.technique_options(args)
+    options = cli_flags.technique_options(args)
     options["policy"] = stats["policy"]  # as resolved by load() (its default depends on prefetch)
     for name in ("mixed_precision", "skip", "big_little"):  # (None: on unless exact)
         options[name] = not args.exact if options[name] is None else options[name]
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stats_json:
         cli.write_json_atomic(args.stats_json, stats)
     if not quiet:
-        cli.print_report(stats)
+        cli_report.print_report(stats)
     return 0
 
 

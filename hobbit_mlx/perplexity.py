@@ -30,8 +30,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import cli_common as cli
+from . import cli_common as cli, cli_flags, cli_load, cli_report
 from .architectures import vocab_size
+from .budget import format_size
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -57,8 +58,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                              "mlx_lm.perplexity's), so that two runs score the same text.")
     parser.add_argument("--json", action="store_true",
                         help="Print the results as one JSON object on stdout.")
-    cli.add_model_args(parser)
-    cli.add_report_args(parser)
+    cli_flags.add_model_args(parser)
+    cli_flags.add_report_args(parser)
     return parser
 
 
@@ -281,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = setup_arg_parser().parse_args(argv)
     _check_args(args)
-    model, tokenizer, load_s = cli.load_model(args)
+    model, tokenizer, load_s = cli_load.load_model(args)
     sequences = load_tokens(args.data_path, tokenizer, args.sequence_length, args.num_samples,
                             args.seed)
     trained = hobbit_mlx.runtime_of(model).trained_context
@@ -303,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result.update(model=args.model or "reference model", data_path=args.data_path,
                   sequences=len(sequences), sequence_length=args.sequence_length,
                   decode_tokens=args.decode_tokens)
-    stats = cli.run_stats(model, None, wall, load_s)
+    stats = cli_report.run_stats(model, None, wall, load_s)
     decoded = result["decode"]["tokens"]
     stats.update(prompt_tokens=result["prompt"]["tokens"], generation_tokens=decoded,
                  bytes_read_per_token=scores.decode_bytes / decoded if decoded else 0.0)
@@ -318,14 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{label}: {r['perplexity']:.3f}{se} over {r['tokens']} tokens, "
                   f"{r['tokens_per_s']:.1f} tokens-per-sec")
     if not args.quiet_report:
-        lines = [line for line in cli.format_report({**stats, "generation_tokens": 0})
+        lines = [line for line in cli_report.format_report({**stats, "generation_tokens": 0})
                  if not line.startswith(("Prompt:", "Generation:"))]
-        per_token = (f", {cli.format_size(scores.decode_bytes / decoded)} per decoded token"
+        per_token = (f", {format_size(scores.decode_bytes / decoded)} per decoded token"
                      if decoded else "")
         at = next(i for i, line in enumerate(lines) if line.startswith("Read from storage"))
-        lines.insert(at + 1, f"  of which prompt chunks {cli.format_size(scores.prompt_bytes)}, "
-                             f"decode steps {cli.format_size(scores.decode_bytes)}{per_token}")
-        print("\n".join([cli.SEPARATOR] + lines), file=sys.stderr)
+        lines.insert(at + 1, f"  of which prompt chunks {format_size(scores.prompt_bytes)}, "
+                             f"decode steps {format_size(scores.decode_bytes)}{per_token}")
+        print("\n".join([cli_report.SEPARATOR] + lines), file=sys.stderr)
     return 0
 
 
@@ -338,7 +339,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise cli.CLIError(f"{'--draft-model' if args.draft_model else '--speculative'}: "
                            "perplexity feeds the text's own tokens, so nothing is drafted (a "
                            "draft model would only take memory from the expert pools)")
-    cli.check_args(args)
+    cli_flags.check_args(args)
     if args.sequence_length < 2:
         raise cli.CLIError(f"--sequence-length {args.sequence_length}: at least 2 (a token and "
                            "the next one it predicts)")

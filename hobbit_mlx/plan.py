@@ -212,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = None if args.memory_budget is None else parse_size(args.memory_budget)
         if budget is not None and budget <= 0:
             raise ValueError(f"--memory-budget must be positive, not {args.memory_budget!r}")
-        from .cli_common import CLIError, check_kv_flags
+        from .cli_common import CLIError
+        from .cli_flags import check_kv_flags
         try:
             check_kv_flags(args)
         except CLIError as e:

@@ -86,11 +86,11 @@ def test_a_budget_too_small_is_named_and_the_sweep_goes_on(capsys, monkeypatch):
     goes on to the next (rows took minutes each on a large model), and the error line comes
     after the rows, exit status 2. Once a load has told the minimum, a budget below it is not
     loaded at all."""
-    import hobbit_mlx.cli_common as cli_common
+    import hobbit_mlx.cli_load as cli_load
 
     loads = []
-    real_load = cli_common.load_model
-    monkeypatch.setattr(cli_common, "load_model",
+    real_load = cli_load.load_model
+    monkeypatch.setattr(cli_load, "load_model",
                         lambda args: loads.append(args.memory_budget) or real_load(args))
     code, out, err = _bench(capsys, "--memory-budget", "2MB,12MB,3MB", "-p", "16", "-g", "3",
                             "-n", "1", "--json")
@@ -117,10 +117,10 @@ def test_generation_speed_is_decode_steps_over_their_time(capsys, monkeypatch):
                                              (b"", "the file is empty")])
 def test_a_prompt_file_that_cannot_serve_is_refused_before_the_load(capsys, tmp_path, monkeypatch,
                                                                      content, message):
-    import hobbit_mlx.cli_common as cli_common
+    import hobbit_mlx.cli_load as cli_load
 
     bad = tmp_path / "bad.txt"
     bad.write_bytes(content)
-    monkeypatch.setattr(cli_common, "load_model", lambda args: pytest.fail("loaded the model"))
+    monkeypatch.setattr(cli_load, "load_model", lambda args: pytest.fail("loaded the model"))
     code, out, err = _bench(capsys, "--prompt-file", str(bad))
     assert code == 2 and message in err and "bad.txt" in err

@@ -303,12 +303,12 @@ def test_chat_eof_ends_cleanly(model_dir, env):
 def test_chat_cache_reuse_matches_fresh_prefill(model_dir):
     """Each turn's greedy reply equals generating from the whole conversation without a cache."""
     import hobbit_mlx
-    from hobbit_mlx import chat, cli_common
+    from hobbit_mlx import chat, cli_common, cli_flags, cli_load
 
     args = chat.setup_arg_parser().parse_args(["--model", str(model_dir), "--expert-residency",
                                                "1", "--max-tokens", "5"])
-    cli_common.check_args(args)
-    model, tokenizer, _ = cli_common.load_model(args)
+    cli_flags.check_args(args)
+    model, tokenizer, _ = cli_load.load_model(args)
     conv = chat.Conversation(model, tokenizer, args)
     sampler = cli_common.make_sampler(args, tokenizer)
     for query in ("hello there", "and then?", "ok"):
@@ -329,12 +329,12 @@ def test_chat_with_a_rotating_cache_feeds_only_the_new_turn_once_past_its_window
     more); it goes on from the new user turn (as mlx-lm's chat), where it prefilled the whole
     conversation again."""
     import hobbit_mlx
-    from hobbit_mlx import chat, cli_common
+    from hobbit_mlx import chat, cli_common, cli_flags, cli_load
 
     args = chat.setup_arg_parser().parse_args(["--memory-budget", "12MB", "--max-kv-size", "48",
                                                "--max-tokens", "12"])
-    cli_common.check_args(args)
-    model, tokenizer, _ = cli_common.load_model(args)
+    cli_flags.check_args(args)
+    model, tokenizer, _ = cli_load.load_model(args)
     conv = chat.Conversation(model, tokenizer, args)
     sampler = cli_common.make_sampler(args, tokenizer)
     fed = []
@@ -353,11 +353,11 @@ def test_chat_with_a_rotating_cache_feeds_only_the_new_turn_once_past_its_window
 
 
 def _chat_session(model_dir, *flags):
-    from hobbit_mlx import chat, cli_common
+    from hobbit_mlx import chat, cli_common, cli_flags, cli_load
 
     args = chat.setup_arg_parser().parse_args(["--model", str(model_dir), *flags])
-    cli_common.check_args(args)
-    model, tokenizer, _ = cli_common.load_model(args)
+    cli_flags.check_args(args)
+    model, tokenizer, _ = cli_load.load_model(args)
     return chat.Conversation(model, tokenizer, args), cli_common.make_sampler(args, tokenizer)
 
 
@@ -477,13 +477,13 @@ def test_importing_the_cli_keeps_the_generate_function(model_dir):
 
 
 def test_report_and_json_helpers(tmp_path):
-    from hobbit_mlx import cli_common
+    from hobbit_mlx import cli_common, cli_flags, cli_report
 
     s = dict(prompt_tokens=10, prompt_tps=100.0, generation_tokens=4, generation_tps=8.0,
              peak_memory_bytes=3 * 2**20, budget_bytes=6 * 2**20, expert_requests=20, hits_high=12,
              hits_low=3, misses_high=4, misses_low=1, skipped=0, hit_rate=0.75,
              bytes_read=4 * 2**20, wall_s=1.5)
-    text = "\n".join(cli_common.format_report(s))
+    text = "\n".join(cli_report.format_report(s))
     assert "3.00 MiB of 6.00 MiB budget (50%)" in text
     assert "4-bit hits 12, 2-bit hits 3, misses 5" in text
     assert "4.00 MiB, 1.00 MiB per generated token" in text
@@ -493,7 +493,7 @@ def test_report_and_json_helpers(tmp_path):
     args = cli_common.argparse.Namespace(exact=True, mixed_precision=True, big_little=False, skip=False,
                                          t1=0.6, t2=0.9, prefetch_layers=1)
     with pytest.raises(cli_common.CLIError, match="--exact cannot"):
-        cli_common.technique_options(args)
+        cli_flags.technique_options(args)
 
 
 def test_an_unreadable_expert_store_is_one_error_line(tmp_path, monkeypatch):
@@ -501,7 +501,7 @@ def test_an_unreadable_expert_store_is_one_error_line(tmp_path, monkeypatch):
     whether the manifest is there; that was a traceback before load's own error handling."""
     import errno
 
-    from hobbit_mlx import cli_common, store
+    from hobbit_mlx import cli_common, cli_load, store
 
     (tmp_path / store.STORE_DIR).mkdir()
     manifest = str(tmp_path / store.STORE_DIR / "manifest.json")
@@ -511,13 +511,13 @@ def test_an_unreadable_expert_store_is_one_error_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store, "is_hobbit_model", denied)
     with pytest.raises(cli_common.CLIError, match=f"{manifest}: permission denied"):
-        cli_common._check_model_path(str(tmp_path))
+        cli_load._check_model_path(str(tmp_path))
 
 
 def test_a_refusal_at_load_is_said_without_its_exception_type():
     """hobbit_mlx's refusals are ValueErrors whose message says why: "cannot load MODEL:
     ValueError: ..." read as a crash."""
-    from hobbit_mlx.cli_common import _describe_load_error
+    from hobbit_mlx.cli_load import _describe_load_error
 
     assert _describe_load_error("m", ValueError("exact=True cannot be combined with skip")) == \
         "cannot load m: exact=True cannot be combined with skip"

@@ -121,7 +121,8 @@ def test_bad_kv_settings_are_named(wide_heads, tiny_factory):
 def test_kv_settings_that_would_do_nothing_are_refused(wide_heads):
     """A tuning flag without --kv-bits, ``kv_bits=True``, and a per-call start or group size
     other than load's (they were ignored, or replaced by load's without a word)."""
-    from hobbit_mlx.cli_common import CLIError, load_options
+    from hobbit_mlx.cli_common import CLIError
+    from hobbit_mlx.cli_flags import load_options
     from hobbit_mlx.plan import main as plan_main
 
     parser = importlib.import_module("hobbit_mlx.generate").setup_arg_parser()
@@ -138,7 +139,7 @@ def test_kv_settings_that_would_do_nothing_are_refused(wide_heads):
 
 
 def test_cli_flags_reach_load():
-    from hobbit_mlx.cli_common import load_options
+    from hobbit_mlx.cli_flags import load_options
 
     cli_generate = importlib.import_module("hobbit_mlx.generate")  # (not the function)
     args = cli_generate.setup_arg_parser().parse_args(

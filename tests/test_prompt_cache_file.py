@@ -12,7 +12,7 @@ import pytest
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 import hobbit_mlx
-from hobbit_mlx import cache_prompt, cli_common
+from hobbit_mlx import cache_prompt, cli_common, cli_flags
 from hobbit_mlx.loader import REFERENCE_MODEL
 
 DOC = "def add(a, b):\n    return a + b\n\n" * 12 + "class Stack:\n    def push(self, x):\n"
@@ -23,7 +23,7 @@ generate_cli = importlib.import_module("hobbit_mlx.generate")  # (the package's 
 def tokens_of(module, argv: list[str], tokenizer, **kw) -> list[int]:
     """The prompt tokens a CLI builds from ``argv``."""
     args = module.setup_arg_parser().parse_args(argv)
-    cli_common.check_args(args)
+    cli_flags.check_args(args)
     return module.build_prompt(args, tokenizer, **kw)
 
 
@@ -135,7 +135,7 @@ def test_a_question_after_an_assistant_prefill_continues_the_user_message():
     _, tokenizer = mlx_lm.load(str(REFERENCE_MODEL))
     args = generate_cli.setup_arg_parser().parse_args(["--prompt", QUESTION,
                                                         "--prefill-response", "Sure:"])
-    cli_common.check_args(args)
+    cli_flags.check_args(args)
     text = tokenizer.decode(generate_cli.build_prompt(args, tokenizer, continues=True))
     assert text.startswith(QUESTION) and text.rstrip().endswith("Sure:")
 

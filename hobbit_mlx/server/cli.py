@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from .. import cli_common as cli
+from .. import cli_common as cli, cli_flags, cli_load
 from .kept_prompts import KeepSettings
 
 DEFAULT_PORT = 8080
@@ -62,9 +62,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                    help="Logging level; INFO logs one line per request (default: %(default)s).")
-    cli.add_model_args(parser)
-    cli.add_sampling_args(parser, default_max_tokens=DEFAULT_MAX_TOKENS)
-    cli.add_template_args(parser)
+    cli_flags.add_model_args(parser)
+    cli_flags.add_sampling_args(parser, default_max_tokens=DEFAULT_MAX_TOKENS)
+    cli_flags.add_template_args(parser)
     t = parser.add_argument_group("chat template (server)")
     t.add_argument("--chat-template", default=None,
                    help="A chat template (Jinja text, or a file holding it) replacing the "
@@ -77,7 +77,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def check_server_args(args: argparse.Namespace) -> None:
-    cli.check_args(args)
+    cli_flags.check_args(args)
     if not 0 <= args.port <= 65535:
         raise cli.CLIError(f"--port must be between 0 and 65535, not {args.port}")
     if args.max_kv_size is not None:  # (a sampling flag generate and chat share)
@@ -88,7 +88,7 @@ def check_server_args(args: argparse.Namespace) -> None:
         path = Path(args.chat_template).expanduser()
         if "{" not in args.chat_template and path.is_file():
             args.chat_template = path.read_text()
-    cli.technique_options(args)  # its checks, before the model loads
+    cli_flags.technique_options(args)  # its checks, before the model loads
     args.keep_prompts = keep_settings(args)
 
 
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
-    cli.join_pipeline(args)
+    cli_load.join_pipeline(args)
     check_server_args(args)
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock = bind(args.host, args.port)
 
     def load():  # on the generation thread
-        model, tokenizer, _ = cli.load_model(args)
+        model, tokenizer, _ = cli_load.load_model(args)
         if args.use_default_chat_template:
             cli.use_default_template(tokenizer)
         return model, tokenizer
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         repetition_context_size=args.repetition_context_size, seed=args.seed)
     template = Template(use_template=not args.ignore_chat_template,
                         system_prompt=args.system_prompt, kwargs=args.chat_template_kwargs)
-    options = cli.technique_options(args)
+    options = cli_flags.technique_options(args)
     options.update(memory_budget=args.memory_budget, expert_residency=args.expert_residency)
     info = {"model_dir": str(worker.model_dir), "options": options}
     dispatcher = Dispatcher(worker, template, defaults, names, info)
@@ -274,7 +274,7 @@ def _follow(args: argparse.Namespace) -> int:
     from .worker import Worker
 
     def load():
-        model, tokenizer, _ = cli.load_model(args)
+        model, tokenizer, _ = cli_load.load_model(args)
         if args.use_default_chat_template:
             cli.use_default_template(tokenizer)
         return model, tokenizer

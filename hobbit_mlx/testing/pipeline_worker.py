@@ -103,7 +103,8 @@ def cli_load(model_dir: str, options: dict, group) -> dict:
     import importlib
     import io
 
-    from hobbit_mlx import cli_common as cli, pipeline
+    from hobbit_mlx import cli_common as cli, cli_flags, pipeline
+    from hobbit_mlx.cli_load import load_model  # (this function's own name is cli_load)
 
     generate = importlib.import_module("hobbit_mlx.generate")  # (the package's is a function)
 
@@ -114,8 +115,8 @@ def cli_load(model_dir: str, options: dict, group) -> dict:
     def main(_argv) -> int:
         args = generate.setup_arg_parser().parse_args(flags)
         args.pipeline_group = group
-        cli.check_args(args)
-        model, _, _ = cli.load_model(args)
+        cli_flags.check_args(args)
+        model, _, _ = load_model(args)
         pipeline.pipeline_of(model).barrier()
         return 0
 
