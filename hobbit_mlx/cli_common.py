@@ -83,19 +83,20 @@ def error_line(message: str) -> None:
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main`` and turn bad input into one ``error:`` line with exit status 2. A pipeline
-    rank ends here, its output flushed, without the interpreter's teardown (``pipeline.JOINED``)."""
-    from . import pipeline
+    rank ends here, its output flushed, without the interpreter's teardown
+    (``pipeline.join.JOINED``)."""
+    from .pipeline import join
 
     try:
         code = _run(main, argv)
     except BaseException:
-        if not pipeline.JOINED:
+        if not join.JOINED:
             raise
         import traceback
 
         traceback.print_exc()
         code = 1
-    if pipeline.JOINED:
+    if join.JOINED:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()

@@ -24,15 +24,15 @@ from .cli_flags import load_options
 
 def join_pipeline(args: argparse.Namespace) -> None:
     """With ``--pipeline``, join the group mlx.launch started, as early as possible (the ranks'
-    start-up times then differ least; see ``pipeline.INIT_STAGGER_S``)."""
+    start-up times then differ least; see ``pipeline.join.INIT_STAGGER_S``)."""
     if getattr(args, "pipeline", False):
-        from . import pipeline
+        from .pipeline import join
 
         if not args.pipeline_timeout > 0:
             raise CLIError(f"--pipeline-timeout must be above 0 seconds, not "
                            f"{args.pipeline_timeout}")
-        pipeline.LOAD_TIMEOUT_S = args.pipeline_timeout  # (the watchdog while the ranks load)
-        args.pipeline_group = pipeline.init_group()
+        join.LOAD_TIMEOUT_S = args.pipeline_timeout  # (the watchdog while the ranks load)
+        args.pipeline_group = join.init_group()
         if args.pipeline_group.size() < 2:
             raise CLIError("--pipeline needs at least 2 ranks: start every rank with mlx.launch "
                            "(e.g. mlx.launch -n 2 --backend ring --python $(which python) ...)")

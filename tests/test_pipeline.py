@@ -247,7 +247,7 @@ def test_a_dead_ranks_slot_is_never_read_as_its_data(monkeypatch, dead_row):
     import mlx.core as mx
     import numpy as np
 
-    import hobbit_mlx.pipeline as P
+    import hobbit_mlx.pipeline.gather as P
 
     class Group:
         def rank(self):
@@ -329,7 +329,7 @@ def test_a_one_rank_launch_is_refused(tmp_path, monkeypatch, capsys):
 
 
 def test_an_address_a_rank_cannot_bind_is_named(tmp_path, monkeypatch):
-    from hobbit_mlx.pipeline import _init_error
+    from hobbit_mlx.pipeline.join import _init_error
 
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["10.9.9.9:5001"]]))
@@ -396,13 +396,13 @@ def _watch_load(model_dir: Path, then: str) -> subprocess.CompletedProcess:
     with a 1 s load timeout; ``then`` runs once start() returned (it did not, where the
     watchdog worked)."""
     code = ("import sys, time\n"
-            "import hobbit_mlx.pipeline as P\n"
+            "from hobbit_mlx.pipeline import join, rank as P\n"
             "class Group:\n"
             "    def rank(self): return 0\n"
             "    def size(self): return 2\n"
-            "P.resolve_group = lambda g: g\n"
+            "join.resolve_group = lambda g: g\n"
             "P.gather_json = lambda g, obj: (time.sleep(float(sys.argv[2])), [obj, obj])[1]\n"
-            "P.LOAD_TIMEOUT_S = 1.0\n"
+            "join.LOAD_TIMEOUT_S = 1.0\n"
             "p = P.Pipeline.start(Group(), sys.argv[1], 1)\n" + then)
     return subprocess.run([sys.executable, "-c", code, str(model_dir), "0" if then else "30"],
                           capture_output=True, text=True, timeout=60,

@@ -105,10 +105,11 @@ def cli_load(model_dir: str, options: dict, group) -> dict:
 
     from hobbit_mlx import cli_common as cli, cli_flags, pipeline
     from hobbit_mlx.cli_load import load_model  # (this function's own name is cli_load)
+    from hobbit_mlx.pipeline import join
 
     generate = importlib.import_module("hobbit_mlx.generate")  # (the package's is a function)
 
-    pipeline._UNSTARTED[:] = [group]  # (as init_group leaves it)
+    join._UNSTARTED[:] = [group]  # (as init_group leaves it)
     flags = ["--model", model_dir, "--pipeline", "--exact", "--quiet-report",
              "--memory-budget", str(options.get("memory_budget", "2MB"))]
 
