@@ -37,7 +37,8 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import arguments  # noqa: E402
-from bench.harness import CONFIGS, topk_bytes_per_token  # noqa: E402
+from bench.harness import CONFIGS  # noqa: E402
+from bench.harness_runs import topk_bytes_per_token  # noqa: E402
 from bench.workload import heldout_texts, resolve_model_paths  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import arguments, harness  # noqa: E402
+from bench import arguments, harness_report, harness_runs  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     src = Path(args.model) if args.model else REFERENCE_MODEL
     hobbit_src = src.parent / "hobbit" if (src.parent / "hobbit").is_dir() else src
     name = args.name or ("reference" if args.model is None else src.parent.name)
-    ref, tok = harness.load_baseline(src)
+    ref, tok = harness_runs.load_baseline(src)
     text = Path(np.__file__).read_text() * 4
     prompt = mx.array(tok.encode(text)[:args.prompt_tokens])
     residencies = args.residencies
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         row["decode_ratio"] = row["decode_tps"] / base["decode_tps"]
         rows.append(row)
     result = {"model": str(src), "reps": args.reps, "prompt_tokens": int(prompt.size),
-              "max_tokens": args.max_tokens, "compute": harness.compute_note(), "baseline": base, "rows": rows,
+              "max_tokens": args.max_tokens, "compute": harness_report.compute_note(), "baseline": base, "rows": rows,
               "command": arguments.command(__file__, argv)}
     lines = [f"# Hot path: hobbit_mlx exact, no prefetch, vs mlx-lm whole model resident ({name})", "",
              f"`{result['command']}` — median of {args.reps} alternating runs; prompt "

@@ -35,7 +35,8 @@ if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
 from bench import arguments  # noqa: E402
-from bench.harness import mac_like_storage, write_results  # noqa: E402
+from bench.harness_report import write_results  # noqa: E402
+from bench.harness_runs import mac_like_storage  # noqa: E402
 from bench.prompt_reuse import MB, TECHNIQUES, Conversation  # noqa: E402
 from bench.workload import RESULTS, resolve_model_paths  # noqa: E402
 
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     import mlx_lm.utils
 
     import hobbit_mlx
-    from bench.harness import _machine
+    from bench.harness_report import _machine
     from hobbit_mlx.server.prompts import Template, chat_tokens
 
     t_start = time.perf_counter()

@@ -72,7 +72,8 @@ if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
 from bench import arguments  # noqa: E402
-from bench.harness import mac_like_storage, write_results  # noqa: E402
+from bench.harness_report import write_results  # noqa: E402
+from bench.harness_runs import mac_like_storage  # noqa: E402
 from bench.workload import RESULTS, TMP, heldout_texts, resolve_model_paths  # noqa: E402
 
 TECHNIQUES = {"exact": {"exact": True, "prefetch_layers": 0}, "default": {}}
@@ -441,7 +442,7 @@ def main(argv=None) -> int:
     import mlx_lm.utils
 
     import hobbit_mlx
-    from bench.harness import _machine
+    from bench.harness_report import _machine
     from hobbit_mlx.budget import parse_size
     from hobbit_mlx.loader import compute_dtype, runtime_of
     from hobbit_mlx.storage import parse_storage

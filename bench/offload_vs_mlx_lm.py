@@ -26,7 +26,7 @@ import time
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
-from bench import arguments, harness  # noqa: E402
+from bench import arguments, harness, harness_report, harness_runs  # noqa: E402
 from bench.workload import RESULTS, make_workload, resolve_model_paths  # noqa: E402
 
 MB = 2**20
@@ -36,7 +36,7 @@ PLAIN = {"exact": True, "prefetch_layers": 0, "policy": "lru"}
 def table(result: dict) -> str:
     base, runs = result["baseline"], result["runs"]
     routing = result["meta"]["model"]["routing"]
-    hit = "hit rate" + harness.routing_note(routing)
+    hit = "hit rate" + harness_report.routing_note(routing)
     head = ["run", "expert cache MiB", "prompt tok/s", "decode tok/s", "mlx-lm prompt/decode tok/s (paired)",
             "prompt x mlx-lm", "decode x mlx-lm", "peak MiB", "peak x mlx-lm", "peak / budget", hit,
             "MiB read/token", "syncs/token", "py ms/layer call (x mlx-lm)", "tokens = mlx-lm"]
@@ -44,22 +44,22 @@ def table(result: dict) -> str:
     pooled = base.get("pooled") or base
     L.append(f"| mlx-lm, all resident ({pooled.get('passes', 1)} passes) | - | {pooled['prompt_tps']:.1f} | "
              f"{pooled['decode_tps']:.1f} | - | 1.00 | 1.00 | {base['peak_memory_bytes'] / MB:.0f} | 1.00 | - | - | - | "
-             f"0 | {harness._f(pooled.get('python_ms_per_layer_call'), '{:.3f}')} | - |")
+             f"0 | {harness_report._f(pooled.get('python_ms_per_layer_call'), '{:.3f}')} | - |")
     for r in runs:
         if "error" in r:
-            L.append(f"| hobbit_mlx {harness._res_label(r)} | error: {r['error']} |" + " |" * (len(head) - 2))
+            L.append(f"| hobbit_mlx {harness_report._res_label(r)} | error: {r['error']} |" + " |" * (len(head) - 2))
             continue
         L.append(
-            f"| hobbit_mlx {harness._res_label(r)} | {r['expert_cache_bytes'] / MB:.0f} | "
-            f"{harness._f(r['prompt_tps'], '{:.1f}')} | {harness._f(r['decode_tps'], '{:.1f}')} | "
-            f"{harness._f(r['baseline_prompt_tps'], '{:.1f}')} / {harness._f(r['baseline_decode_tps'], '{:.1f}')} | "
-            f"{harness._f(r['prompt_tps_ratio'], '{:.2f}')} | {harness._f(r['decode_tps_ratio'], '{:.2f}')} | "
-            f"{r['peak_memory_bytes'] / MB:.0f} | {harness._f(r['peak_vs_baseline'], '{:.2f}')} | "
-            f"{harness._f(r['peak_vs_budget'], '{:.2f}')} | "
-            f"{r['hit_rate']:.3f} | {harness._f(r['bytes_per_token'] / MB if r['bytes_per_token'] is not None else None, '{:.1f}')} | "
-            f"{harness._f(r['host_syncs_per_token'], '{:.1f}')} | "
-            f"{harness._f(r['python_ms_per_layer_call'], '{:.3f}')} "
-            f"(x{harness._f(r['python_ms_ratio'], '{:.1f}')}) | "
+            f"| hobbit_mlx {harness_report._res_label(r)} | {r['expert_cache_bytes'] / MB:.0f} | "
+            f"{harness_report._f(r['prompt_tps'], '{:.1f}')} | {harness_report._f(r['decode_tps'], '{:.1f}')} | "
+            f"{harness_report._f(r['baseline_prompt_tps'], '{:.1f}')} / {harness_report._f(r['baseline_decode_tps'], '{:.1f}')} | "
+            f"{harness_report._f(r['prompt_tps_ratio'], '{:.2f}')} | {harness_report._f(r['decode_tps_ratio'], '{:.2f}')} | "
+            f"{r['peak_memory_bytes'] / MB:.0f} | {harness_report._f(r['peak_vs_baseline'], '{:.2f}')} | "
+            f"{harness_report._f(r['peak_vs_budget'], '{:.2f}')} | "
+            f"{r['hit_rate']:.3f} | {harness_report._f(r['bytes_per_token'] / MB if r['bytes_per_token'] is not None else None, '{:.1f}')} | "
+            f"{harness_report._f(r['host_syncs_per_token'], '{:.1f}')} | "
+            f"{harness_report._f(r['python_ms_per_layer_call'], '{:.3f}')} "
+            f"(x{harness_report._f(r['python_ms_ratio'], '{:.1f}')}) | "
             f"{'yes' if r['generation_identical'] else 'no'} |")
     return "\n".join(L)
 
@@ -98,14 +98,14 @@ def main(argv=None) -> int:
     wl = make_workload(tok, n_prompts=a.prompts, prompt_tokens=a.prompt_tokens,
                        max_tokens=a.max_tokens, n_ppl=0)
     plan = [("lru", {**PLAIN, "expert_residency": r}) for r in a.residencies]
-    harness.warn_if_cannot_drop(a.cold, "benchmark")
+    harness_runs.warn_if_cannot_drop(a.cold, "benchmark")
     res = harness.run_matrix(paths, wl, plan, cold=a.cold, ppl=False, record_trace=False)
     storage = "cold" if a.cold else "warm"
     name = a.name or f"offload_vs_mlx_lm-{paths.name}-{storage}"
     res["meta"] = {"command": arguments.command(__file__, argv),
                    "model": paths.as_dict(), "storage": storage, "workload": wl.as_dict(),
-                   "experts": res.pop("experts"), "machine": harness._machine(),
-                   "compute": harness.compute_note(),
+                   "experts": res.pop("experts"), "machine": harness_report._machine(),
+                   "compute": harness_report.compute_note(),
                    "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     ex = res["meta"]["experts"]
     text = "\n".join([
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
                                   " (no marker says whether its router is trained or random)"
                                   if paths.routing != "trained" else ""),
         f"- hobbit_mlx: exact mode (4-bit experts, outputs equal mlx-lm's), LRU expert cache, no prefetch; "
-        f"storage {storage}: " + (harness.cold_note(res["runs"]) if a.cold else "page cache allowed"),
+        f"storage {storage}: " + (harness_report.cold_note(res["runs"]) if a.cold else "page cache allowed"),
         f"- workload: {len(wl.prompts)} prompts of {a.prompt_tokens} tokens + {a.max_tokens} greedy "
         f"tokens each ({wl.source[:120]}); both sides {res['meta']['compute']}",
         f"- machine: {res['meta']['machine']}; measured in one process, wall {res['meta']['wall_s']:.0f}s; "
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         "of a hobbit_mlx run excludes the mlx-lm weights still loaded for the pairing", "",
         table(res), ""])
     (out / f"{name}.md").write_text(text)
-    (out / f"{name}.json").write_text(json.dumps(harness._jsonable(res), indent=1))
+    (out / f"{name}.json").write_text(json.dumps(harness_report._jsonable(res), indent=1))
     print(text)
     print(f"[bench] wrote {out / name}.md and .json")
     return 0

@@ -228,7 +228,8 @@ def replay_with_prefetch(events: list[tuple], policy, capacity: int) -> dict:
 @arguments.refuse_bad_input
 def main(argv=None) -> int:
     import hobbit_mlx
-    from bench.harness import CONFIGS, _warmup, empty_pools, high_pools
+    from bench.harness import CONFIGS
+    from bench.harness_runs import _warmup, empty_pools, high_pools
     from bench.workload import DEFAULT_WORKLOAD, RESULTS, make_workload, resolve_model_paths
     from hobbit_mlx.loader import runtime_of
     from hobbit_mlx.policies import POLICIES, make_policy

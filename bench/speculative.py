@@ -37,7 +37,7 @@ import mlx.core as mx
 from bench import arguments
 from bench import replay as rp
 from bench import trace as tr
-from bench.harness import empty_pools, topk_bytes_per_token, _warmup
+from bench.harness_runs import empty_pools, topk_bytes_per_token, _warmup
 from bench.workload import DEFAULT_WORKLOAD, RESULTS, make_workload, resolve_model_paths
 
 MB = 1 << 20
@@ -352,7 +352,7 @@ def _summed(dicts):
 
 def bench(a) -> int:
     import hobbit_mlx
-    from bench.harness import Baseline
+    from bench.harness_runs import Baseline
     from hobbit_mlx.storage import mac_like
 
     paths = resolve_model_paths(a.model)

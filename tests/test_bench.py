@@ -164,7 +164,7 @@ def test_scratch_directory_moves_with_the_environment(tmp_path):
 
 
 def test_routing_labels_say_random_only_when_the_marker_does():
-    from bench.harness import routing_note
+    from bench.harness_report import routing_note
 
     assert routing_note("random") == " (random routing)"
     assert routing_note("unknown") == " (routing unknown)" and routing_note("trained") == ""
@@ -448,14 +448,14 @@ def test_replay_reproduces_the_runtime_when_calls_split(tiny_model):
     """A pool smaller than a prefill chunk's experts: the runtime runs the chunk in groups, and the
     replay of its trace (``fetch_group`` "slots") gives the hit rate the runtime measured."""
     import hobbit_mlx
-    from bench import harness
+    from bench import harness_runs
 
     src, store = tiny_model
     model, _ = hobbit_mlx.load(store, expert_residency=0.0625, exact=True, prefetch_layers=0,
                                policy="lru", progress=False)
     rt = hobbit_mlx.runtime_of(model)
     try:
-        capacity = sum(pool.slots for pool in harness.high_pools(rt))
+        capacity = sum(pool.slots for pool in harness_runs.high_pools(rt))
         assert capacity == 8
         trace = tr.record(model, _small_workload(src, max_tokens=16))
         measured = hobbit_mlx.offload_stats(model)
@@ -472,7 +472,7 @@ def test_teacher_forced_trace_tags_prompt_and_decode_calls(tiny_model):
     """``trace.py --held-out``: each piece's prompt calls are tagged prefill, one call per layer
     per fed token decode, and replaying LRU gives the runtime's own hit count."""
     import hobbit_mlx
-    from bench import harness
+    from bench import harness_runs
 
     _src, store = tiny_model
     model, _ = hobbit_mlx.load(store, expert_residency=0.25, exact=True, prefetch_layers=0,
@@ -483,7 +483,7 @@ def test_teacher_forced_trace_tags_prompt_and_decode_calls(tiny_model):
         hobbit_mlx.reset_stats(model)
         trace = tr.record_forced(model, pieces, 6)
         measured = hobbit_mlx.offload_stats(model)
-        capacity = sum(pool.slots for pool in harness.high_pools(rt))
+        capacity = sum(pool.slots for pool in harness_runs.high_pools(rt))
     finally:
         rt.close()
     layers = trace.num_layers
@@ -499,7 +499,7 @@ def test_teacher_forced_trace_tags_prompt_and_decode_calls(tiny_model):
 
 def test_prefetch_replay_records_a_live_run(tiny_model):
     import hobbit_mlx
-    from bench import harness
+    from bench import harness_runs
     from hobbit_mlx.offload import Fetch
     from hobbit_mlx.policies import make_policy
 
@@ -510,12 +510,12 @@ def test_prefetch_replay_records_a_live_run(tiny_model):
     rt = hobbit_mlx.runtime_of(model)
     init, pf = Fetch.__init__, rt.prefetcher
     try:
-        harness._warmup(model, rt.prefill_step_size)
-        harness.empty_pools(rt)
+        harness_runs._warmup(model, rt.prefill_step_size)
+        harness_runs.empty_pools(rt)
         hobbit_mlx.reset_stats(model)
         events = pr.record_events(model, _small_workload(src))
         measured = hobbit_mlx.offload_stats(model)
-        capacity = sum(pool.slots for pool in harness.high_pools(rt))
+        capacity = sum(pool.slots for pool in harness_runs.high_pools(rt))
     finally:
         rt.close()
     # the spies are gone again
@@ -758,7 +758,7 @@ def test_the_baseline_keeps_the_checkpoint_dtype_where_hobbit_mlx_does(tiny_mode
     import mlx.core as mx
     import mlx_lm
 
-    from bench import harness
+    from bench import harness_report, harness_runs
 
     def load_bf16(*a, **k):
         model, tok = load(*a, **k)
@@ -768,9 +768,9 @@ def test_the_baseline_keeps_the_checkpoint_dtype_where_hobbit_mlx_does(tiny_mode
     monkeypatch.setattr("hobbit_mlx.loader.compute_dtype", lambda dtype=None: None)
     load = mlx_lm.load
     monkeypatch.setattr(mlx_lm, "load", load_bf16)
-    model, _ = harness.load_baseline(tiny_model[0])
+    model, _ = harness_runs.load_baseline(tiny_model[0])
     assert _float_dtypes(model) == {mx.bfloat16}
-    assert harness.compute_note() == "the checkpoint's own dtype activations on the CPU backend"
+    assert harness_report.compute_note() == "the checkpoint's own dtype activations on the CPU backend"
 
 
 def test_offload_vs_mlx_lm_reports_the_storage_and_dtype_it_got(tiny_model, tmp_path, monkeypatch,
@@ -809,7 +809,7 @@ def test_offload_vs_mlx_lm_reports_the_storage_and_dtype_it_got(tiny_model, tmp_
 
 
 def test_the_cold_note_names_each_case():
-    from bench.harness import cold_note
+    from bench.harness_report import cold_note
 
     linux = [{"direct_io": "O_DIRECT", "page_cache_dropped": True}]
     assert cold_note(linux) == ("reads past the page cache (O_DIRECT), store pages dropped "
