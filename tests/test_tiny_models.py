@@ -99,6 +99,18 @@ def test_registry():
     assert "text_config" in tm.TINY_ARCHS["llama4"]
 
 
+def test_reexports():
+    """tiny_models re-exports the tables of tiny_configs (the same objects) and the
+    helpers of tiny_tokenizer/tiny_hf_checkpoint, so callers import from one place."""
+    from hobbit_mlx.testing import tiny_configs as tc
+
+    for name in tm.__all__:
+        assert hasattr(tm, name), name
+    for name in ("TINY_ARCHS", "SKIPPED_ARCHS", "REQUIRED_ARCHS", "UNVERIFIED_ARCHS",
+                 "HF_PER_EXPERT_ARCHS", "tiny_config"):
+        assert getattr(tm, name) is getattr(tc, name), name
+
+
 def test_unquantized_and_deterministic(tmp_path, routing_recorder):
     a = tm.make_tiny_model("deepseek_v3", tmp_path / "a", quantize=False)
     model, _, logits = _check_model_dir(a, routing_recorder, quantized=False)
