@@ -698,12 +698,20 @@ def test_bad_flags_and_a_taken_port(capsys, tiny_factory, tmp_path):
                  (["--prompt-cache-dir", __file__], "not a directory"),
                  (["--max-kv-size", "64"], "--max-kv-size does not run in the server"),
                  (["--prompt-cache-bytes", "0"], "--prompt-cache-bytes must be more than 0"),
-                 (["--prompt-cache-dir", ""], "--prompt-cache-dir is empty")]
+                 (["--prompt-cache-dir", ""], "--prompt-cache-dir is empty"),
+                 (["--decode-concurrency", "32"], "--decode-concurrency 32: requests are "
+                                                  "served one at a time"),
+                 (["--prompt-concurrency", "8"], "--prompt-concurrency 8: requests are")]
         for argv, needle in cases:
             assert cli_common.run(main, ["--model", str(model_dir), *argv]) == 2, argv
             err = capsys.readouterr().err
             errors = [l for l in err.splitlines() if l.startswith("error: ")]
             assert len(errors) == 1 and needle in errors[0], err
+    # mlx_lm.server's flags at 1 (what is done here) are accepted
+    from hobbit_mlx.server.cli import check_server_args, setup_arg_parser
+    args = setup_arg_parser().parse_args(["--model", str(model_dir), "--decode-concurrency", "1",
+                                          "--prompt-concurrency", "1"])
+    check_server_args(args)
 
 
 def test_a_failed_load_exits_with_status_2(tiny_factory):

@@ -57,6 +57,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
                    help="Where to write them (an existing directory; default: a new temporary "
                         "one). Their files are deleted when the server stops.")
+    for flag in ("--decode-concurrency", "--prompt-concurrency"):  # (mlx_lm.server's)
+        g.add_argument(flag, type=int, default=1, metavar="N",
+                       help="mlx_lm.server's batching: here only 1 (the default). Requests are "
+                            "served one at a time, in the order they come: the memory budget "
+                            "plans one sequence's KV cache and activations.")
     g.add_argument("--allowed-origins", type=lambda x: x.split(","), default=["*"],
                    help="Comma-separated origins allowed by CORS (default: *).")
     g.add_argument("--log-level", default="INFO",
@@ -84,6 +89,13 @@ def check_server_args(args: argparse.Namespace) -> None:
         raise cli.CLIError("--max-kv-size does not run in the server: it serves the whole "
                            "context, as far as the memory budget holds (the startup log says how "
                            "far), as mlx_lm.server does")
+    for flag in ("decode_concurrency", "prompt_concurrency"):
+        if getattr(args, flag) != 1:
+            raise cli.CLIError(
+                f"--{flag.replace('_', '-')} {getattr(args, flag)}: requests are served one at "
+                "a time (the memory budget plans one sequence's KV cache and activations, and "
+                "a batch of sequences would read the union of their experts each step); "
+                "leave it at 1")
     if args.chat_template is not None:
         path = Path(args.chat_template).expanduser()
         if "{" not in args.chat_template and path.is_file():
