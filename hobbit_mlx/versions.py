@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
-# the floors CI runs the smoke tests on (.ci/run, `minimum` step)
+# the floors CI runs the version-sensitive tests on (.ci/run, the floors step: .venv-ci-floor)
 MINIMUM = {"mlx": "0.32.4", "mlx-lm": "0.32.2"}
 
 

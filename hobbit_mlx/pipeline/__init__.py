@@ -19,7 +19,7 @@ The package's modules, one job each: ``split`` (the layers per rank), ``gather``
 between the ranks), ``join`` (joining the group; its state: ``join.JOINED``,
 ``join.LOAD_TIMEOUT_S``, ...), ``rank`` (``Pipeline``, one rank's place), ``stages`` (the generic
 split of the decoder), ``lockstep`` (generation, rank 0 leading) and ``errors``
-(``PipelineError``). Here: the names the rest of the code uses; the state of joining is read and
+(``PipelineError``). Here: the package's public names; the state of joining is read and
 set in ``join`` only.
 """
 

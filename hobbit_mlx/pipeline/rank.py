@@ -3,7 +3,8 @@
 Its own module because it holds what a rank knows and does while it loads and runs (its split
 and layers, its share of the store, the agreements and barrier between the ranks, the
 watchdog), on top of the gathers (``gather``), the group (``join``) and the stages it patches
-into the decoder (``stages``); and ``pipeline_of``, the model's pipeline.
+into the decoder (``stages``); ``pipeline_of``, the model's pipeline, and ``gather_stats``,
+every rank's statistics.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ from .tiny_configs import (
 )
 from .tiny_hf_checkpoint import expert_module_paths, save_hf_per_expert
 from .tiny_tokenizer import VOCAB_SIZE, make_tokenizer
-# Not in __all__, re-exported for bench/make_synthetic.py and tests.
+# Not in __all__, re-exported for bench/make_synthetic.py.
 from .tiny_tokenizer import BOS_ID, EOS_ID, PAD_ID  # noqa: F401
 
 __all__ = [
