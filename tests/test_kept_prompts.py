@@ -144,6 +144,32 @@ def test_a_failed_write_or_an_unreadable_file_costs_only_the_prefill(model, tmp_
     kept.close()
 
 
+def test_a_file_changed_on_disk_since_it_was_written_is_not_read(model, tmp_path, caplog):
+    """Another program writing into a kept file (the same size: no format check sees it) made
+    the server read its bytes as keys and values; now the file's stamp differs and the prompt
+    is prefilled instead."""
+    import os
+
+    from hobbit_mlx.server.kept_prompts import KeptPrompts
+
+    _, tokenizer = model
+    kept = KeptPrompts(model[0], tmp_path)
+    a = tokenizer.encode(SHARED + ASKS["a"])
+    _reply(model, kept, a)
+    _reply(model, kept, tokenizer.encode(SHARED + ASKS["b"]))
+    (only,) = kept.files
+    data = bytearray(only.path.read_bytes())
+    data[-64:] = bytes(64)  # (the end of the last tensor zeroed, in place)
+    with open(only.path, "r+b") as f:
+        f.write(data)
+    os.utime(only.path, ns=(only.stamp[1] + 10**9, only.stamp[1] + 10**9))
+    out, _ = _reply(model, kept, a)
+    assert kept.stats()["read_failures"] == 1
+    assert "changed on disk since the server wrote it" in caplog.text
+    assert out == _reply(model, None, a)[0] and not only.path.exists()
+    kept.close()
+
+
 def test_prefill_cost_saturates_and_is_scaled_by_what_prefills_took():
     from hobbit_mlx.prefill_cost import PrefillCost
 

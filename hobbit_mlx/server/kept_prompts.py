@@ -76,6 +76,15 @@ class KeptFile:
     tokens: list[int]
     nbytes: int
     trimmable: bool
+    stamp: tuple[int, int, int]  # (size, mtime_ns, inode) as written: see _stamp
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """A file's size, modification time and inode: a file rewritten, cut or replaced since the
+    server wrote it shows another, and is not read (one ``stat``, where a checksum would cost
+    as much CPU as reading the file)."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def usable_prefix(held: list[int], prompt: list[int], trimmable: bool) -> int:
@@ -256,13 +265,14 @@ class KeptPrompts:
             log.warning("prompt cache of %d tokens not kept on disk (%s): %s", len(tokens),
                         self.directory, e)
             return None
-        nbytes = path.stat().st_size
+        stamp = _stamp(path)
+        nbytes = stamp[0]
         self.counts["written"] += 1
         self.counts["bytes_written"] += nbytes
         if trimmable:
             for f in [f for f in self.files if f.tokens == tokens[:len(f.tokens)]]:
                 self._drop(f)
-        kept = KeptFile(path, tokens, nbytes, trimmable)
+        kept = KeptFile(path, tokens, nbytes, trimmable, stamp)
         self.files.append(kept)
         self._evict()
         return kept if kept in self.files else None
@@ -276,6 +286,8 @@ class KeptPrompts:
 
         self.live.reset()
         try:
+            if _stamp(kept.path) != kept.stamp:
+                raise ValueError("it changed on disk since the server wrote it")
             if self.make_room is not None:
                 self.make_room(len(kept.tokens))
             cache = load_prompt_cache(str(kept.path))
