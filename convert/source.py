@@ -27,7 +27,8 @@ def resolve_source(src: str | Path) -> Path:
         if not (path / "config.json").is_file():
             raise ConversionError(f"{path / 'config.json'}: not found (SRC must be a model directory)")
         return path
-    if str(src).count("/") != 1:
+    if str(src).count("/") != 1 or str(src).startswith(("/", ".", "~")):
+        # (a hub id is 'org/name': "/nope" or "./model" is a directory that is not there)
         raise ConversionError(f"{src}: no such directory (and not a hub repo id like 'org/name')")
     try:
         from huggingface_hub import snapshot_download

@@ -283,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                            log)
             except BudgetError as e:  # too small to load, or for the prompt: the next may run
                 failed.append(f"{label or 'the default budget'}: {e}")
-                log(f"Budget {failed[-1]}")
+                log(f"Budget {label or 'default'}: cannot run (the error line after the rows "
+                    "says why); going on")
                 continue
             finally:
                 # the last model's weights go before the next loads: MLX's peak counts the process

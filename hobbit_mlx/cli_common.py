@@ -201,8 +201,14 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def check_writable_file(path: str | Path | None, flag: str) -> None:
     """Refuse before the work a result file that cannot be written where it is named (an
     existing directory, say), rather than after it."""
-    if path is not None and Path(path).expanduser().is_dir():
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    if path.is_dir():
         raise CLIError(f"{flag} {path}: is a directory; name a file")
+    above = next((p for p in path.parents if p.exists()), None)  # (missing ones are made)
+    if above is not None and not above.is_dir():
+        raise CLIError(f"{flag} {path}: {above} is a file, not a directory")
 
 
 def _json_default(obj):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .architectures import trained_context
-from .budget import (INITIAL_CONTEXT, BudgetError, BudgetPlan, format_size, parse_size, plan_budget,
+from .budget import (INITIAL_CONTEXT, KV_STEP, BudgetError, BudgetPlan, format_size, parse_size, plan_budget,
                      system_memory_bytes)
 from .options import LoadOptions
 
@@ -103,6 +103,9 @@ def plan_model(model: str, memory_budget: int | str | None = None,
     minimum = _plan(sizes, mixed, 1 << 62).minimum_bytes
     minimum_exact = _plan(sizes, False, 1 << 62).minimum_bytes
     plan = _plan(sizes, mixed, o.memory_budget, o.max_context)
+    # load() plans each sequence for its own length (prompt + max_tokens): a short one leaves
+    # the pools the KV reserve of the longer context asked for here
+    short = _plan(sizes, mixed, o.memory_budget, KV_STEP) if o.max_context > KV_STEP else None
     total_experts = sizes.num_experts * sizes.num_moe_layers
     share_high = min(1.0, plan.high_expert_bytes / max(1, sizes.all_bytes("high")))
     share_low = min(1.0, plan.low_expert_bytes / max(1, sizes.all_bytes("low")))
@@ -135,6 +138,10 @@ def plan_model(model: str, memory_budget: int | str | None = None,
         "prefill_chunk_tokens": plan.chunk_tokens, "max_context_tokens": plan.max_context(),
         "model_context_tokens": trained_context(ckpt.config),
         "resident_share_high": share_high, "resident_share_low": share_low,
+        "short_context_tokens": KV_STEP if short is not None else None,
+        "expert_pool_bytes_high_short": short.high_expert_bytes if short is not None else None,
+        "resident_share_high_short": min(1.0, short.high_expert_bytes / max(
+            1, sizes.all_bytes("high"))) if short is not None else None,
     }
 
 
@@ -177,6 +184,12 @@ def render(p: dict) -> str:
            if p["model_context_tokens"] is not None else "")
         + f"); prefill chunks of {p['prefill_chunk_tokens']} tokens",
     ]
+    if p.get("short_context_tokens") and p["expert_pool_bytes_high_short"] > \
+            p["expert_pool_bytes_high"]:
+        lines.append(
+            f"    (each sequence is planned for its own prompt and max_tokens: one within "
+            f"{p['short_context_tokens']} tokens gets a {size(p['expert_pool_bytes_high_short'])} "
+            f"{hi} pool = {100 * p['resident_share_high_short']:.1f}% resident)")
     return "\n".join(lines)
 
 

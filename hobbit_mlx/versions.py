@@ -14,7 +14,9 @@ instead.
 from __future__ import annotations
 
 import re
+import sys
 from importlib import metadata
+from pathlib import Path
 
 # the floors CI runs the version-sensitive tests on (.ci/run, the floors step: .venv-ci-floor)
 MINIMUM = {"mlx": "0.32.4", "mlx-lm": "0.32.2"}
@@ -41,9 +43,20 @@ def too_old(installed: dict[str, str | None]) -> list[str]:
             if installed.get(name) is not None and release(installed[name]) < release(floor)]
 
 
+def running_a_command() -> bool:
+    """Whether this process is one of hobbit_mlx's commands (``python -m hobbit_mlx.X``,
+    ``python -m convert``, an installed ``hobbit_mlx.X``), whose bad input is one ``error:``
+    line and exit status 2; not a program that imports hobbit_mlx."""
+    argv = getattr(sys, "orig_argv", sys.argv)  # (sys.argv[0] is "-m" while -m imports)
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1].split(".")[0] in ("hobbit_mlx", "convert")
+    return Path(sys.argv[0]).name.startswith("hobbit_mlx.")
+
+
 def check_installed() -> None:
     """Raise ImportError naming the packages to upgrade when mlx or mlx-lm is older than the
-    floor. A package without metadata (a source checkout on the path) is not judged."""
+    floor (in a command: one error line, exit status 2, before any of its code runs). A package
+    without metadata (a source checkout on the path) is not judged."""
     installed: dict[str, str | None] = {}
     for name in MINIMUM:
         try:
@@ -53,5 +66,9 @@ def check_installed() -> None:
     old = too_old(installed)
     if old:
         names = " ".join(n for n in MINIMUM if any(o.startswith(n + " ") for o in old))
-        raise ImportError(f"hobbit_mlx needs newer packages: {', '.join(old)}; "
-                          f"run: pip install -U {names}")
+        message = (f"hobbit_mlx needs newer packages: {', '.join(old)}; "
+                   f"run: pip install -U {names}")
+        if running_a_command():
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2)
+        raise ImportError(message)

@@ -1,5 +1,6 @@
 """The floors on mlx and mlx-lm: one number in pyproject.toml and in the import check."""
 
+import os
 import re
 import subprocess
 import sys
@@ -55,6 +56,24 @@ def test_an_old_mlx_lm_stops_the_import_with_what_to_upgrade(tmp_path):
                          timeout=120).stdout
     assert out.startswith("ERR hobbit_mlx needs newer packages: mlx-lm 0.28.0"), out
     assert "pip install -U mlx-lm" in out
+
+
+@pytest.mark.parametrize("command", [["-m", "hobbit_mlx.generate", "--help"],
+                                     ["-m", "convert", "--help"]])
+def test_a_command_under_an_old_mlx_lm_says_one_line_and_exits_2(tmp_path, command):
+    """As every other bad input to a command: no traceback, even for --help."""
+    dist = tmp_path / "mlx_lm-0.31.3.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mlx-lm\nVersion: 0.31.3\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(tmp_path), str(PYPROJECT.parent), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120,
+                       env=env, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines() == [
+        f"error: hobbit_mlx needs newer packages: mlx-lm 0.31.3 (needs >= "
+        f"{versions.MINIMUM['mlx-lm']}); run: pip install -U mlx-lm"], p.stderr
+    assert not p.stdout
 
 
 @pytest.mark.parametrize("name", sorted(versions.MINIMUM))
