@@ -120,6 +120,11 @@ def test_result_and_draft_paths_are_checked_with_clear_errors(model_dir, env, tm
             "--stats-json", tmp_path)
     assert_bad_input(p, "--stats-json", "directory")
     assert "Generation:" not in p.stderr  # refused before the work
+    (tmp_path / "afile").write_text("")
+    p = run(env, "generate", "--model", model_dir, "--prompt", "hi", "--max-tokens", 2,
+            "--stats-json", tmp_path / "afile" / "stats.json")
+    assert_bad_input(p, "--stats-json", "afile is a file, not a directory")
+    assert "Generation:" not in p.stderr  # (it failed after the generation, "File exists")
     p = run(env, "generate", "--model", model_dir, "--prompt", "hi", "--max-tokens", 2,
             "--draft-model", tmp_path / "missing")
     assert_bad_input(p, "draft model", "no such directory")

@@ -171,9 +171,12 @@ def test_existing_destination_is_not_overwritten(tiny_factory, tmp_path):
         converter.convert(src, dst)
 
 
-def test_missing_source():
+@pytest.mark.parametrize("src", ["/nonexistent/model/dir", "/nonexistent", "./nonexistent",
+                                 "~/nonexistent"])
+def test_missing_source(src):
+    """A path, even one with a single slash as a hub id has ('/nope' was tried on the hub)."""
     with pytest.raises(converter.ConversionError, match="no such directory"):
-        converter.convert("/nonexistent/model/dir", "/tmp/never")
+        converter.convert(src, "/tmp/never")
 
 
 @pytest.mark.parametrize("text,expected", [("6GB", 6 * 10**9), ("6GiB", 6 * 2**30), ("512 MiB", 512 * 2**20),
