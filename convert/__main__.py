@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 import time
+
+from hobbit_mlx.cli_common import Parser
 
 from . import ConversionError, StoreError, UnsupportedModelError, convert, interrupt_handler
 
@@ -29,7 +30,7 @@ def _os_error(e: OSError, src: str, dst: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m convert",
         description="Convert an MoE checkpoint (mlx-lm, Hugging Face, or a hub repo id) into a "
                     "hobbit model: dense weights plus a high- and low-precision (by default "

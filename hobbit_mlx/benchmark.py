@@ -39,7 +39,7 @@ _DECODE_COUNTERS = ("hits_high", "hits_low", "misses_high", "misses_low", "skipp
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m hobbit_mlx.benchmark",
         description="Prompt and generation tokens/s of a model under one or several memory "
                     "budgets (--memory-budget 8GB,12GB), with what each budget reads.")

@@ -30,7 +30,7 @@ SUFFIX = ".safetensors"  # (mx.load reads the format from the name)
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m hobbit_mlx.cache_prompt",
         description="Prefill a prompt once under the memory budget and save its KV cache for "
                     "python -m hobbit_mlx.generate --prompt-cache-file (or mlx-lm's).")

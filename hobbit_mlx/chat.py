@@ -29,7 +29,7 @@ HELP = ("commands: q or exit: quit   r: reset the conversation   h: this help   
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m hobbit_mlx.chat",
         description="Chat with an MoE model larger than memory: experts stream from storage "
                     "under one memory budget.")

@@ -29,6 +29,15 @@ class CLIError(Exception):
     """Bad input found by the command line tools; printed as one ``error:`` line, exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose own errors (a flag it does not know, ``--temp abc``, a missing
+    argument) are one ``error:`` line and exit status 2 as all other bad input is, where argparse
+    prints its whole usage block first; ``--help`` prints it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------

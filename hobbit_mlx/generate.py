@@ -45,7 +45,7 @@ DEFAULT_MAX_TOKENS = 100
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m hobbit_mlx.generate",
         description="Generate text with an MoE model larger than memory: experts stream from "
                     "storage under one memory budget.")

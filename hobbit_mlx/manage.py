@@ -27,7 +27,7 @@ from .conversion_cache import MEASURED_DIR, CacheEntry, cache_root, remove, remo
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m hobbit_mlx.manage",
         description="List the models hobbit_mlx converted into its cache (HOBBIT_MLX_CACHE, "
                     f"now {cache_root()}) and remove them.")

@@ -36,7 +36,7 @@ from .budget import format_size
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m hobbit_mlx.perplexity",
         description="Perplexity of a model under the memory budget, on a text file or dataset, "
                     "its prompt and decode steps reported apart.")

@@ -17,13 +17,13 @@ be reached ends with one ``error: ...`` line and exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .architectures import trained_context
+from .cli_common import Parser
 from .budget import (INITIAL_CONTEXT, KV_STEP, BudgetError, BudgetPlan, format_size, parse_size, plan_budget,
                      system_memory_bytes)
 from .options import LoadOptions
@@ -194,7 +194,7 @@ def render(p: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m hobbit_mlx.plan",
         description="Print the memory plan of an MoE model before loading it (reads only its "
                     "config.json and safetensors headers).")

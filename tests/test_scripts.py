@@ -56,3 +56,16 @@ def test_each_command_answers_help(name):
     out = subprocess.run([str(_installed(name)), "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("usage: "), out.stderr
+
+
+@pytest.mark.parametrize("name,argv,needle", [
+    ("generate", ["--temp", "abc"], "argument --temp: invalid float value: 'abc'"),
+    ("convert", [], "the following arguments are required: src, dst"),
+    ("plan", ["--bogus"], "the following arguments are required: model"),
+    ("server", ["--port", "abc"], "argument --port: invalid int value: 'abc'")])
+def test_argparse_errors_are_one_line_too(name, argv, needle):
+    """argparse's own errors printed its whole usage block (40-60 lines) before the error."""
+    p = subprocess.run([str(_installed(name)), *argv], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"error: {needle}") and "--help" in p.stderr, p.stderr

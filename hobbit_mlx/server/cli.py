@@ -29,7 +29,7 @@ log = logging.getLogger("hobbit_mlx.server")
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m hobbit_mlx.server",
         description="An OpenAI- and Anthropic-compatible HTTP server for an MoE model larger "
                     "than memory: experts stream from storage under one memory budget.")
