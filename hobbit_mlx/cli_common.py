@@ -32,7 +32,14 @@ class CLIError(Exception):
 class Parser(argparse.ArgumentParser):
     """argparse's parser, whose own errors (a flag it does not know, ``--temp abc``, a missing
     argument) are one ``error:`` line and exit status 2 as all other bad input is, where argparse
-    prints its whole usage block first; ``--help`` prints it."""
+    prints its whole usage block first; ``--help`` prints it. Run as an installed command
+    (``hobbit_mlx.generate``), its usage names that command rather than ``python -m ...``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        command = Path(sys.argv[0]).name
+        if command.startswith("hobbit_mlx."):
+            self.prog = command
 
     def error(self, message: str):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")

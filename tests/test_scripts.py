@@ -68,4 +68,5 @@ def test_argparse_errors_are_one_line_too(name, argv, needle):
     p = subprocess.run([str(_installed(name)), *argv], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
-    assert p.stderr.startswith(f"error: {needle}") and "--help" in p.stderr, p.stderr
+    assert p.stderr.startswith(f"error: {needle}"), p.stderr
+    assert p.stderr.rstrip().endswith(f"(see hobbit_mlx.{name} --help)"), p.stderr  # (its name)
