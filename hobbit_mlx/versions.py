@@ -13,34 +13,30 @@ instead.
 
 from __future__ import annotations
 
-import re
 import sys
 from importlib import metadata
 from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
 
 # the floors CI runs the version-sensitive tests on (.ci/run, the floors step: .venv-ci-floor)
 MINIMUM = {"mlx": "0.32.4", "mlx-lm": "0.32.2"}
 
 
-def release(version: str) -> tuple[int, ...]:
-    """The numeric release of a version string ("0.32.0rc1" -> (0, 32, 0)); a part with a
-    suffix counts as its leading digits."""
-    parts = []
-    for part in version.split("+")[0].split("."):
-        digits = re.match(r"\d+", part)
-        if digits is None:
-            break
-        parts.append(int(digits.group()))
-        if digits.group() != part:
-            break
-    return tuple(parts)
+def _older(version: str, floor: str) -> bool:
+    """PEP 440's order (a release candidate of the floor is older than it); a version string
+    it cannot read (a local build's) is not judged."""
+    try:
+        return Version(version) < Version(floor)
+    except InvalidVersion:
+        return False
 
 
 def too_old(installed: dict[str, str | None]) -> list[str]:
     """What of ``installed`` (package -> version, None where not found) is older than
     ``MINIMUM``, as "name version (needs >= floor)"."""
     return [f"{name} {installed[name]} (needs >= {floor})" for name, floor in MINIMUM.items()
-            if installed.get(name) is not None and release(installed[name]) < release(floor)]
+            if installed.get(name) is not None and _older(installed[name], floor)]
 
 
 def running_a_command() -> bool:

@@ -13,14 +13,6 @@ from hobbit_mlx import versions
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
-def test_release_reads_the_numeric_part():
-    assert versions.release("0.32.2") == (0, 32, 2)
-    assert versions.release("0.32.0rc1") == (0, 32, 0)
-    assert versions.release("1.2.3+cpu") == (1, 2, 3)
-    assert versions.release("0.33.dev4") == (0, 33)
-    assert versions.release("0.32.10") > versions.release("0.32.9")
-
-
 def test_too_old_names_only_what_is_older_than_the_floor():
     mlx_floor, lm_floor = versions.MINIMUM["mlx"], versions.MINIMUM["mlx-lm"]
     assert versions.too_old({"mlx": mlx_floor, "mlx-lm": lm_floor}) == []
@@ -29,6 +21,10 @@ def test_too_old_names_only_what_is_older_than_the_floor():
     assert versions.too_old({"mlx": "9.0", "mlx-lm": "0.28.0"}) == \
         [f"mlx-lm 0.28.0 (needs >= {lm_floor})"]
     assert len(versions.too_old({"mlx": "0.29.0", "mlx-lm": "0.31.3"})) == 2
+    # PEP 440's order: a release candidate of the floor is before it, a local build is not
+    assert versions.too_old({"mlx": f"{mlx_floor}rc1", "mlx-lm": f"{lm_floor}+local"}) == \
+        [f"mlx {mlx_floor}rc1 (needs >= {mlx_floor})"]
+    assert versions.too_old({"mlx": "0.32.10", "mlx-lm": "not a version"}) == []
 
 
 def test_pyproject_declares_the_same_floors():
@@ -79,4 +75,4 @@ def test_a_command_under_an_old_mlx_lm_says_one_line_and_exits_2(tmp_path, comma
 @pytest.mark.parametrize("name", sorted(versions.MINIMUM))
 def test_the_installed_packages_meet_the_floor(name):
     from importlib import metadata
-    assert versions.release(metadata.version(name)) >= versions.release(versions.MINIMUM[name])
+    assert not versions._older(metadata.version(name), versions.MINIMUM[name])
