@@ -37,7 +37,8 @@ if __package__ in (None, ""):
 from bench import arguments  # noqa: E402
 from bench.harness_report import write_results  # noqa: E402
 from bench.harness_runs import mac_like_storage  # noqa: E402
-from bench.prompt_reuse import MB, TECHNIQUES, Conversation  # noqa: E402
+from bench.prompt_reuse import (MB, TECHNIQUES, Conversation, add_run_args,  # noqa: E402
+                                 check_run_args)
 from bench.workload import RESULTS, resolve_model_paths  # noqa: E402
 
 
@@ -144,19 +145,13 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, type=arguments.model_dir,
-                    help="mlx-lm checkpoint or hobbit model directory (default: the bundled "
-                         "reference model)")
-    ap.add_argument("--techniques", choices=sorted(TECHNIQUES), default="exact")
-    ap.add_argument("--residency", type=arguments.residency, default=0.5)
+    add_run_args(ap)
     ap.add_argument("--conversations", type=int, default=3, help=f"1..{len(TASKS)}")
     ap.add_argument("--turns", type=int, default=4, help="turns per conversation")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--settings", default="none,last,kept",
                     help="which settings to run, in order (default: none,last,kept; replies are "
                          "compared with the first's)")
-    ap.add_argument("--storage", choices=["mac-like", "warm"], default="mac-like")
-    ap.add_argument("--read-ratio", type=arguments.positive, default=None)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default=None)
     a = ap.parse_args(argv)
@@ -164,6 +159,7 @@ def main(argv=None) -> int:
         ap.error(f"--conversations must be 1..{len(TASKS)}")
     if a.turns < 1 or a.max_tokens < 1:
         ap.error("--turns and --max-tokens must be at least 1")
+    check_run_args(ap, a)
     known = {key: (key, reuse, files) for key, reuse, files in SETTINGS}
     chosen = a.settings.split(",")
     if not chosen or any(k not in known for k in chosen) or len(set(chosen)) < len(chosen):

@@ -238,10 +238,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@arguments.refuse_bad_input
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The model, techniques, residency and storage of a conversation benchmark (this one and
+    kept_prompts.py); ``check_run_args`` checks them."""
     ap.add_argument("--model", default=None, type=arguments.model_dir,
                     help="mlx-lm checkpoint or hobbit model directory (default: the bundled "
                          "reference model)")
@@ -250,13 +249,25 @@ def main(argv=None) -> int:
                          "(hobbit_mlx.load's defaults, lossy techniques on)")
     ap.add_argument("--residency", type=arguments.residency, default=0.5,
                     help="expert residency in [0, 1] (default 0.5)")
-    ap.add_argument("--turns", type=int, default=6,
-                    help=f"conversation turns, 1..{len(USER_MESSAGES)} (default 6)")
-    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per reply at most")
     ap.add_argument("--storage", choices=["mac-like", "warm"], default="mac-like")
     ap.add_argument("--read-ratio", type=arguments.positive, default=None,
                     help="mac-like: one token's top-k expert reads / mlx-lm's resident time per "
                          "token (default 12)")
+
+
+def check_run_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.read_ratio is not None and a.storage != "mac-like":
+        ap.error("--read-ratio goes with --storage mac-like")
+
+
+@arguments.refuse_bad_input
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_args(ap)
+    ap.add_argument("--turns", type=int, default=6,
+                    help=f"conversation turns, 1..{len(USER_MESSAGES)} (default 6)")
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per reply at most")
     ap.add_argument("--back-to-back", action="store_true",
                     help="run one setting's whole conversation, then the other's (one model "
                          "loaded at a time) instead of taking turns")
@@ -267,8 +278,7 @@ def main(argv=None) -> int:
         ap.error(f"--turns must be 1..{len(USER_MESSAGES)}")
     if a.max_tokens < 1:
         ap.error("--max-tokens must be at least 1")
-    if a.read_ratio is not None and a.storage != "mac-like":
-        ap.error("--read-ratio goes with --storage mac-like")
+    check_run_args(ap, a)
     out = arguments.out_dir(ap, a.out)
 
     import mlx.core as mx
