@@ -202,7 +202,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, *,
     """mlx-lm's sampling flags, plus its repetition penalty."""
     g = parser.add_argument_group("sampling")
     g.add_argument("--max-tokens", "-m", type=int, default=default_max_tokens,
-                   help="Maximum number of tokens to generate (default: %(default)s).")
+                   help="Maximum number of tokens to generate (default: %(default)s; -1: "
+                   "until the end of text or of the context the memory budget holds).")
     g.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature.")
     g.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Sampling top-p.")
     g.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, help="Sampling min-p.")

@@ -105,6 +105,20 @@ def build_prompt(args: argparse.Namespace, tokenizer, continues: bool = False) -
     return list(tokens)
 
 
+def _context_ends_unlimited(args, pipe, last) -> bool:
+    """Whether a context outgrowing the budget ends this generation as its length limit: asked
+    for with ``--max-tokens -1`` (no limit), after some text, on one process (the ranks of a
+    pipeline end together, by the error)."""
+    return args.max_tokens < 0 and pipe is None and last is not None
+
+
+def _break_line(out, last) -> None:
+    """An error's line starts on a line of its own, after generated text."""
+    if last is not None:
+        out.write("\n")
+        out.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import hobbit_mlx
 
@@ -155,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hobbit_mlx.reset_stats(model)
     last = None
     t0 = time.perf_counter()
+    full_context = None  # the budget's context ended a --max-tokens -1 generation
     try:
         for response in steps:
             out.write(response.text)
@@ -162,16 +177,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             last = response
             if pipe is not None:
                 pipe.progress()
-    except BaseException as e:  # the error's line starts on a line of its own
-        if last is not None:
-            out.write("\n")
-            out.flush()
+    except hobbit_mlx.ContextBudgetError as e:
+        if not _context_ends_unlimited(args, pipe, last):
+            _break_line(out, last)
+            raise
+        full_context = e  # (--max-tokens -1: until the end of text or of the budget's context)
+    except BaseException as e:
+        _break_line(out, last)
         if saved is not None and last is None and isinstance(e, ValueError) and "shape" in str(e):
             raise cli.CLIError(cache_prompt.misfit(args.prompt_cache_file, e)) from None
         raise
     wall_s = time.perf_counter() - t0
     out.write("\n")
     out.flush()
+    if full_context is not None:
+        print(f"[hobbit_mlx] stopped after {last.generation_tokens} tokens: {full_context}",
+              file=sys.stderr, flush=True)
 
     stats = cli_report.gather_ranks(model, cli_report.run_stats(model, last, wall_s, load_s))
     if pipe is not None:

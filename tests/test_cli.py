@@ -251,6 +251,25 @@ def test_generate_with_a_rotating_cache_runs_past_the_context_the_budget_holds(m
     assert_bad_input(p, "--max-kv-size")
 
 
+def test_generate_without_a_token_limit_ends_where_the_budget_holds_no_more_context(
+        model_dir, env, monkeypatch):
+    """--max-tokens -1 (mlx-lm's no limit) runs until the end of text or of the context the
+    budget holds, where it stops with a note and its report, exit 0; a limit the budget cannot
+    reach still ends in the error that says what budget would."""
+    budget = int(_minimum(model_dir, env, monkeypatch) * 1.1)
+    p = run(env, "generate", "--model", model_dir, "--memory-budget", budget, "--max-tokens", -1,
+            "--prompt", "hello")
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr and "error:" not in p.stderr, p.stderr
+    stopped = re.search(r"\[hobbit_mlx\] stopped after (\d+) tokens: the context reached", p.stderr)
+    generated = re.search(r"Generation: (\d+) tokens", p.stderr)
+    assert stopped and generated and stopped.group(1) == generated.group(1), p.stderr
+    assert p.stdout.endswith("\n") and not p.stdout.endswith("\n\n")
+    p = run(env, "generate", "--model", model_dir, "--memory-budget", budget, "--max-tokens", 5000,
+            "--prompt", "hello")
+    assert_bad_input(p, "the context reached", "may reach")
+
+
 def test_chat_piped(model_dir, env):
     p = run(env, "chat", "--model", model_dir, "--memory-budget", "2GB", "--max-tokens", 6,
             "--system-prompt", "You are tiny.", stdin="hello\nh\nhow are you?\ns\nr\nhi\nq\n")
