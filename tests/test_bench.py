@@ -36,6 +36,53 @@ def test_replay_cli_refuses_bad_input_with_one_line(tmp_path, capsys):
     assert rp.main([str(path), "--capacity", "2", "--policies", "lru,belady"]) == 0
 
 
+def _decode_trace(*routings):
+    """Two layers, three decode steps per sequence: each argument is one sequence's experts
+    (layer 0's, layer 1's), the same at every step."""
+    calls, sequence = [], []
+    for s, (first, second) in enumerate(routings):
+        for _ in range(3):
+            calls += [(0, np.array([first])), (1, np.array([second]))]
+            sequence += [s, s]
+    return tr.from_calls(calls, sequence=sequence, meta={"experts_per_layer": [4, 4]})
+
+
+def test_batch_replay_merges_the_steps_of_a_batch_and_counts_what_their_union_misses():
+    from bench import batch_replay as br
+
+    same = _decode_trace(([0, 1], [2, 3]), ([0, 1], [2, 3]))
+    merged = br.batched(same, 2)
+    assert len(merged) == 6 and set(merged.sequence.tolist()) == {0}
+    assert merged.call(1).tolist() == [[2, 3], [2, 3]] and merged.layer[:2].tolist() == [0, 1]
+    # A pool of 2 experts (25% of 8): each layer's call evicts the other's, so every call
+    # misses both; two sequences routed alike read them once per step for two tokens.
+    rows = {r["batch"]: r for r in br.measure(same, [1, 2], [0.25], ["lru"])}
+    assert rows[1]["misses_per_token"] == 2 and rows[2]["misses_per_token"] == 1
+    assert rows[2]["computed_per_token"] == 1 and rows[2]["read_bound_vs_1"] == 2
+    # Routed apart, a batch computes and reads each sequence's experts: no saving.
+    apart = _decode_trace(([0, 1], [2, 3]), ([2, 3], [0, 1]))
+    rows = {r["batch"]: r for r in br.measure(apart, [1, 2], [0.5], ["lru"])}
+    assert rows[2]["computed_per_token"] == rows[1]["computed_per_token"] == 2
+    assert rows[2]["read_bound_vs_1"] <= 1
+
+
+def test_batch_replay_cli(tmp_path, capsys):
+    from bench import batch_replay as br
+
+    path = tr.save(_decode_trace(([0, 1], [2, 3]), ([0, 1], [2, 3])), tmp_path / "t.npz")
+    assert br.main([str(path), "--batch", "1,2", "--residency", "0.25", "--policies", "lru",
+                    "--json", str(tmp_path / "rows.json")]) == 0
+    assert "| 25% | lru | 2 | 1.00 | 1.00 | 2.00× |" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "rows.json").read_text())["rows"]) == 2
+    for argv in ([str(path), "--batch", "3"], [str(path), "--batch", "0"],
+                 [str(path), "--residency", "2"], [str(path), "--policies", "nosuch"],
+                 [str(tmp_path / "missing.npz")]):
+        with pytest.raises(SystemExit) as e:
+            br.main(argv)
+        assert e.value.code == 2
+        assert "error:" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------ bad arguments, patterns
 _BAD_ARGS = [
     ("harness", ["--quick", "--residencies", "abc"]),
