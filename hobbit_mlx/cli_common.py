@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -124,6 +125,8 @@ def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None
     from .pipeline import PipelineError
     from .store import StoreError
 
+    # a warning is one line, as an error is (not the file, line and source of its warn call)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         return main(argv)
     except (CLIError, StoreError, BudgetError, PipelineError) as e:

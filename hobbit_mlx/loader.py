@@ -233,6 +233,21 @@ def compute_dtype(dtype: Any = None) -> mx.Dtype | None:
     return mx.float32 if mx.default_device() == mx.cpu else None
 
 
+def _say_what_needs_a_router(runtime: OffloadRuntime, config: dict, prefetch_layers: int) -> None:
+    """The lossy techniques read the router's gate weights and prefetch applies later routers:
+    where no router was found (longcat_flash's chooses among its zero experts too), those
+    layers run as in exact mode; said, not left for a benchmark to find."""
+    blind = [layer.position for layer in runtime.layers if layer.router is None]
+    wants = [name for name, on in (("mixed precision, skip and big-little",
+                                    runtime.precision.needs_weights),
+                                   ("prefetch", prefetch_layers > 0)) if on]
+    if blind and wants:
+        warnings.warn(f"{text_config(config).get('model_type', 'this model')}: no router found "
+                      f"beside the experts of {len(blind)} of {len(runtime.layers)} MoE layers, so "
+                      f"{' and '.join(wants)} do not apply there (those layers run as in exact "
+                      "mode)", stacklevel=3)
+
+
 def load(path: str | Path | None = None, memory_budget: int | float | str | None = None,
          expert_residency: float | None = None, *, options: LoadOptions | None = None,
          **overrides):
@@ -384,6 +399,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
                              prefill_low_precision=o.prefill_low_precision,
                              adapt_to_storage=o.adapt_to_storage)
     bind(model, runtime)
+    _say_what_needs_a_router(runtime, config, prefetch_layers)
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
     with pipe.local_only() if pipe is not None else contextlib.nullcontext():

@@ -247,7 +247,7 @@ class OffloadedSwitch(nn.Module):
             level = demote_unpopular(flat, np.zeros(flat.shape, np.int8) if level is None else level,
                                      rt.prefill_low_precision)
         little = None  # rows (tokens) that big-little runs on top-k/2 experts
-        if opts.big_little and level is not None:
+        if opts.big_little and scale is not None:  # (not a level Fate's prefill set alone)
             little = (scale != 1).any(axis=-1)  # (its top half is scaled by 1 / its mass)
             rt.stats.routed_tokens += len(flat)
             rt.stats.little_tokens += int(little.sum())
@@ -514,6 +514,19 @@ def install(model: nn.Module, manifest: Manifest) -> list[OffloadedSwitch]:
     return installed
 
 
+def _router_of(model: nn.Module, modules: dict, layer: LayerEntry) -> nn.Module | None:
+    """The router of a switch module's MoE block: a child of the block that holds the switch
+    (Mixtral, Qwen, ...), else of the block above it, where the switch sits in an experts module
+    of its own beside the router (gemma4, deepseek_v41)."""
+    path = layer.module_path
+    for _ in range(2):
+        path = path.rpartition(".")[0]
+        router = find_router(modules[path] if path else model, layer.num_experts)
+        if router is not None or not path:
+            return router
+    return None
+
+
 def bind(model: nn.Module, runtime: OffloadRuntime) -> None:
     """Attach the runtime to every offloaded layer, point it at the pools, and tap each MoE
     block's router (after loading: mlx-lm's quantization replaces router modules) so its gate
@@ -524,7 +537,6 @@ def bind(model: nn.Module, runtime: OffloadRuntime) -> None:
     for layer in runtime.layers:
         layer._runtime = runtime
         layer.bind_pools(runtime.cache)
-        parent_path = layer.layer.module_path.rpartition(".")[0]
-        router = find_router(modules[parent_path] if parent_path else model, layer.layer.num_experts)
+        router = _router_of(model, modules, layer.layer)
         object.__setattr__(layer, "router", router if router is None else tap_router(router))
     model._hobbit = runtime

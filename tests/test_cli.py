@@ -270,6 +270,16 @@ def test_generate_without_a_token_limit_ends_where_the_budget_holds_no_more_cont
     assert_bad_input(p, "the context reached", "may reach")
 
 
+def test_a_warning_is_one_line(model_dir, env):
+    """A command's warnings read as its errors do: one ``warning:`` line, not Python's file,
+    line and source of the warn call."""
+    p = run(env, "generate", "--model", model_dir, "--memory-budget", "100000GB", "--max-tokens", 2,
+            "--prompt", "hello", "--quiet-report")
+    assert p.returncode == 0, p.stderr
+    warned = [l for l in p.stderr.splitlines() if l.startswith("warning: memory budget")]
+    assert len(warned) == 1 and "UserWarning" not in p.stderr and "warnings.warn" not in p.stderr
+
+
 def test_chat_piped(model_dir, env):
     p = run(env, "chat", "--model", model_dir, "--memory-budget", "2GB", "--max-tokens", 6,
             "--system-prompt", "You are tiny.", stdin="hello\nh\nhow are you?\ns\nr\nhi\nq\n")

@@ -96,6 +96,33 @@ def test_mixed_precision_loads_low_copies_on_unimportant_misses(tiny_factory):
     np.testing.assert_array_equal(np.array(m1(tokens)), np.array(m2(tokens)))
 
 
+@pytest.mark.parametrize("arch,router", [("gemma4_text", "model.layers.{}.router"),
+                                         ("deepseek_v41", "model.layers.{}.mlp.gate")])
+def test_a_router_beside_the_experts_module_is_read(tiny_factory, arch, router):
+    """gemma4 and deepseek_v41 keep the switch in an experts module of its own, beside the
+    router: the router is found there, so its gate weights send unimportant misses to 2-bit
+    (they ran exact whatever the options, and Fate's prefill option crashed them)."""
+    _, dst = tiny_factory(arch)
+    model, _, mixed = _run(dst, expert_residency=0.3, mixed_precision=True, t1=0.0, t2=1.0,
+                           adapt_to_storage=False, prefill_low_precision=0.3)
+    modules = dict(model.named_modules())
+    assert [layer.router for layer in runtime_of(model).layers] == \
+        [modules[router.format(layer.layer.layer)] for layer in runtime_of(model).layers]
+    assert mixed["misses_low"] > 0
+
+
+def test_without_a_router_the_lossy_options_are_said_not_to_apply(tiny_factory):
+    """longcat_flash's router chooses among its zero experts too (no [experts, hidden] gate):
+    its layers run as in exact mode, with a warning, and Fate's prefill option does not crash
+    the big-little rule (it took a precision level without gate weights for one)."""
+    _, dst = tiny_factory("longcat_flash")
+    with pytest.warns(UserWarning, match="no router found beside the experts of 2 of 2"):
+        _, _, stats = _run(dst, expert_residency=0.3, adapt_to_storage=False,
+                           prefill_low_precision=0.3, t1=0.0)
+    assert stats["misses_low"] > 0  # (Fate's rule needs no weights: a prefill's rare experts)
+    assert stats["little_tokens"] == 0 and stats["skipped"] == 0
+
+
 def test_big_little_runs_fewer_experts(tiny_factory):
     _, dst = tiny_factory("olmoe")
     _, _, big = _run(dst, expert_residency=0.0, exact=True)
