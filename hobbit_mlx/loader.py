@@ -22,7 +22,7 @@ from .budget import (BudgetPlan, allocated_bytes, allocation_page, format_size,
 from .cache import SlotCache
 from .conversion_cache import MEASURED_DIR, cache_root, resolve_model
 from .measure import kv_bytes_by_layer, measured_activations
-from .offload import bind, install
+from .offload import bind, install, router_block
 from .runtime import OffloadRuntime, OffloadStats
 from .options import DEFAULT_PREFETCH_SCRATCH, MAX_PREFETCH_WIDTH, LoadOptions
 from .policies import check_policy_options, make_policy
@@ -31,6 +31,7 @@ from .prefetch import Prefetcher
 from .reader import RecordReader
 from .storage import parse_storage
 from .routing import StackedGates
+from .scoring import declared_scoring, probe_scoring
 from .speculative import check_draft_tokens
 from .store import (FLOAT_DTYPES, MANIFEST_NAME, Manifest, PrecisionEntry,
                     StoreError, check_store_files, is_float, load_manifest, manifest_path,
@@ -248,6 +249,23 @@ def _say_what_needs_a_router(runtime: OffloadRuntime, config: dict, prefetch_lay
                       "mode)", stacklevel=3)
 
 
+def gate_scoring(model: nn.Module, runtime: OffloadRuntime, config: dict) -> str:
+    """What the model's MoE blocks apply to their routers' logits: probed on the first layer
+    with a router (``scoring.py``); where the probe cannot tell (or the router gives its own
+    weights, which need none), what the config or the model's arguments name."""
+    named = declared_scoring(text_config(config), model)
+    modules = dict(model.named_modules())
+    for layer in runtime.layers:
+        found = router_block(model, modules, layer.layer)
+        if found is not None:
+            block_path, router = found
+            inside = layer.layer.module_path[len(block_path) + 1:] if block_path else \
+                layer.layer.module_path
+            return probe_scoring(modules[block_path] if block_path else model, inside,
+                                 router) or named
+    return named
+
+
 def load(path: str | Path | None = None, memory_budget: int | float | str | None = None,
          expert_residency: float | None = None, *, options: LoadOptions | None = None,
          **overrides):
@@ -394,12 +412,12 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
     # (the shallow layers it protects are decided once the pools' size is known)
     cache = SlotCache(pools, num_experts, lambda: make_policy(policy, **policy_kwargs))
     runtime = OffloadRuntime(manifest, reader, cache, precision=precision,
-                             scoring="sigmoid" if text_config(config).get("scoring_func") == "sigmoid"
-                             else "softmax", overlap_io=o.overlap_io,
+                             overlap_io=o.overlap_io,
                              prefill_low_precision=o.prefill_low_precision,
                              adapt_to_storage=o.adapt_to_storage)
     bind(model, runtime)
     _say_what_needs_a_router(runtime, config, prefetch_layers)
+    runtime.scoring = gate_scoring(model, runtime, config)
     # Measured with the runtime reading nothing (every expert call computes on slot 0).
     runtime.measuring = True
     with pipe.local_only() if pipe is not None else contextlib.nullcontext():

@@ -514,16 +514,18 @@ def install(model: nn.Module, manifest: Manifest) -> list[OffloadedSwitch]:
     return installed
 
 
-def _router_of(model: nn.Module, modules: dict, layer: LayerEntry) -> nn.Module | None:
-    """The router of a switch module's MoE block: a child of the block that holds the switch
-    (Mixtral, Qwen, ...), else of the block above it, where the switch sits in an experts module
-    of its own beside the router (gemma4, deepseek_v41)."""
+def router_block(model: nn.Module, modules: dict, layer: LayerEntry) -> tuple[str, nn.Module] | None:
+    """(path of the MoE block, its router) for a switch module: the router is a child of the
+    block that holds the switch (Mixtral, Qwen, ...), else of the block above it, where the
+    switch sits in an experts module of its own beside the router (gemma4, deepseek_v41)."""
     path = layer.module_path
     for _ in range(2):
         path = path.rpartition(".")[0]
         router = find_router(modules[path] if path else model, layer.num_experts)
-        if router is not None or not path:
-            return router
+        if router is not None:
+            return path, router
+        if not path:
+            break
     return None
 
 
@@ -537,6 +539,6 @@ def bind(model: nn.Module, runtime: OffloadRuntime) -> None:
     for layer in runtime.layers:
         layer._runtime = runtime
         layer.bind_pools(runtime.cache)
-        router = _router_of(model, modules, layer.layer)
-        object.__setattr__(layer, "router", router if router is None else tap_router(router))
+        found = router_block(model, modules, layer.layer)
+        object.__setattr__(layer, "router", None if found is None else tap_router(found[1]))
     model._hobbit = runtime

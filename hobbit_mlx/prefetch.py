@@ -112,10 +112,11 @@ class Prefetcher:
         for distance, switch, out in predictions:
             logits = router_logits(out) if self.widths is not None else None
             if logits is None:
-                ind, weights = predictions_from(out, self.width)
+                ind, weights = predictions_from(out, self.width, self.rt.scoring)
             else:  # the width this layer needs; its router's choice will say how well it did
                 self._logits.setdefault(switch.position, {})[distance] = logits
-                ind, weights = top_predictions(logits, self.widths.width(switch.position, distance))
+                ind, weights = top_predictions(logits, self.widths.width(switch.position, distance),
+                                               self.rt.scoring)
             self._issue(switch, distance, ind, weights)
 
     def observe_choice(self, position: int, chosen: np.ndarray) -> None:

@@ -94,15 +94,17 @@ def normalized(weights: mx.array | None, shape: tuple) -> np.ndarray:
     return w / np.where(total > 0, total, 1.0)
 
 
-def top_predictions(logits: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``width`` largest logits, best first: (indices, softmax over those logits)."""
+def top_predictions(logits: np.ndarray, width: int,
+                    scoring: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``width`` largest logits, best first: (indices, their weights as the block
+    would apply them, normalized: softmax over those logits, or their sigmoids)."""
     logits = logits.reshape(-1, logits.shape[-1])
     width = min(width, logits.shape[-1])
     ind = np.argpartition(-logits, width - 1, axis=-1)[:, :width]
     z = np.take_along_axis(logits, ind, axis=-1)
     order = np.argsort(-z, axis=-1, kind="stable")
     ind, z = np.take_along_axis(ind, order, axis=-1), np.take_along_axis(z, order, axis=-1)
-    w = np.exp(z - z[:, :1])
+    w = 1 / (1 + np.exp(-z)) if scoring == "sigmoid" else np.exp(z - z[:, :1])
     return ind, w / w.sum(axis=-1, keepdims=True)
 
 
@@ -114,12 +116,13 @@ def router_logits(router_out) -> np.ndarray | None:
     return np.array(values.astype(mx.float32)).reshape(-1, values.shape[-1])
 
 
-def predictions_from(router_out, width: int) -> tuple[np.ndarray, np.ndarray]:
+def predictions_from(router_out, width: int,
+                     scoring: str = "softmax") -> tuple[np.ndarray, np.ndarray]:
     """(top-``width`` indices, weights) per row of a router's output (logits, or the finished
     choice of routers that make one — DeepSeek, GLM, ...: those predict their own top-k)."""
     inds, values = _split_output(router_out)
     if inds is None:
-        return top_predictions(router_logits(router_out), width)
+        return top_predictions(router_logits(router_out), width, scoring)
     ind = np.array(inds).reshape(-1, inds.shape[-1])
     w = np.abs(np.array(values.astype(mx.float32))).reshape(ind.shape) if values is not None \
         else np.ones(ind.shape, np.float32)
