@@ -488,10 +488,11 @@ class SlotCache:
                 self._evict(pool.policy.victim(lambda k: True))
             return [k for k in pool.key_of if k is not None]
 
-    def drop_guests(self) -> None:
-        """Every guest leaves (the pools are about to be rebuilt, or prefetch starts over)."""
+    def drop_guests(self, keep: set = frozenset()) -> None:
+        """Every guest leaves but those in ``keep`` (the pools are about to be rebuilt, prefetch
+        starts over, or a demand read needs a slot)."""
         with self.lock:
-            for key in list(self._guests):
+            for key in list(self._guests - keep):
                 self.drop_guest(key)
 
     def clear(self) -> None:

@@ -109,9 +109,7 @@ class Fetch:
                     rt.prefetcher.wait_landed(key)  # (committed after the future completes)
                     slot = rt.cache.slot(key)
                     if slot is None:  # it failed (or was cancelled before the layer asked for
-                        slot = rt.cache.reserve(key)  # it): read on demand, a miss after all
-                        if slot is None:
-                            raise PoolBudgetError(f"no slot for expert {key}")
+                        slot = self._demand_slot(key)  # it): read on demand, a miss after all
                         self._read_now(key, slot)
                         rt._count(self.precision, -1, 1)
                         rt.stats.hits_in_flight -= 1
@@ -126,6 +124,20 @@ class Fetch:
         finally:
             rt.stats.read_wait_s += time.perf_counter() - t0
             rt.cache.unpin(self.keys)
+
+    def _demand_slot(self, key: tuple) -> int:
+        """A slot to read again a guess that failed. Its slot went back when it failed, and
+        later layers' guesses may have taken it since (while this call's experts hold the
+        rest): a demand read does not wait behind guesses, so theirs are given up."""
+        rt = self.rt
+        slot = rt.cache.reserve(key)
+        if slot is None:
+            rt.wait_idle()  # (a slot being read into cannot be taken: the guesses land first)
+            rt.cache.drop_guests(keep=set(self.keys))
+            slot = rt.cache.reserve(key)
+        if slot is None:
+            raise PoolBudgetError(f"no slot for expert {key}")
+        return slot
 
     def _land(self, key: tuple, fut, slot: int) -> None:
         """A demand read into ``slot`` lands: its bytes are counted and the slot made resident

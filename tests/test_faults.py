@@ -114,6 +114,31 @@ def test_eio_on_a_prefetch_read_a_layer_waits_for_is_read_again_on_demand(deep_m
     assert resident == set(rt.cache.keys())
 
 
+@pytest.mark.parametrize("prompt", ["Hello, how are you?", "for i in range(10):\n    print(i)\n"])
+def test_a_failed_guess_is_read_again_when_later_guesses_hold_every_free_slot(deep_models,
+                                                                             monkeypatch, prompt):
+    """When a guess the layer waits for fails, its slot goes back, and the next layer's guesses
+    (issued while this layer computes) may take it: the demand read again needs a slot, with
+    this call's experts pinned in all the others. The guesses give theirs up (these prompts
+    ended in PoolBudgetError: 'no slot for expert')."""
+    from hobbit_mlx.testing.faults import hold_prefetch_reads
+
+    exact, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
+                                 progress=False)
+    want = hobbit_mlx.generate(exact, tok, prompt, max_tokens=12)
+    model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
+                                 prefetch_layers=1, prefetch_cost_aware=False, progress=False)
+    rt = runtime_of(model)
+    faults = StoreFaults(monkeypatch, rt)
+    timed_out = hold_prefetch_reads(rt)
+    faults.fail(lambda key, prefetch: prefetch)
+    assert hobbit_mlx.generate(model, tok, prompt, max_tokens=12) == want
+    rt.wait_idle()
+    assert faults.failed and not timed_out
+    _consistent(rt)
+    assert not rt.cache._holds
+
+
 def test_close_returns_once_a_stalled_prefetch_read_is_let_go(deep_models, monkeypatch):
     model, _ = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
                                prefetch_layers=1, prefetch_cost_aware=False, progress=False)
