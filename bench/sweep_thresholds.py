@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import sysconfig
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,8 +26,9 @@ if __package__ in (None, ""):
 
 import hobbit_mlx  # noqa: E402
 from bench import arguments  # noqa: E402
+from bench.workload import heldout_text  # noqa: E402
 
-HELD_OUT = Path(sysconfig.get_paths()["stdlib"]) / "base64.py"  # in reference/val_files.txt
+HELD_OUT = "base64.py"  # in reference/val_files.txt, kept in reference/val_texts.json.gz
 DEFAULT_T1 = 0.6
 
 
@@ -51,7 +51,7 @@ def measure(model_path, residency: float, tokens: int, t1: float, t2: float, ski
     model, tok = hobbit_mlx.load(model_path, expert_residency=residency, exact=exact,
                                  mixed_precision=not exact, t1=t1, t2=t2, skip=skip,
                                  big_little=False, progress=False)
-    ids = tok.encode(HELD_OUT.read_text())[:tokens]
+    ids = tok.encode(heldout_text(HELD_OUT))[:tokens]
     try:
         ppl = math.exp(decode_nll(model, ids))
         s = hobbit_mlx.offload_stats(model)
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     text = (f"# HOBBIT threshold sweep\n\nCommand: `python bench/sweep_thresholds.py --residency "
             f"{args.residency:g} --tokens {args.tokens} --t1 {t1s} --t2 {t2s}"
             + (f" --model {args.model}" if args.model else "") + "`\n\n"
-            f"Held-out text: `{HELD_OUT.name}`, scored token by token; expert residency "
+            f"Held-out text: `{HELD_OUT}`, scored token by token; expert residency "
             f"{args.residency:.0%}; big-little off in every row (its dropped experts would count "
             "as skipped), so t2 (skip) = off drops nothing; other options at their defaults. "
             "t1 = 1 with skip off is exact. Every column but perplexity and MiB is a share of the "

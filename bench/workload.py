@@ -16,17 +16,19 @@ Scratch directory (``TMP``): the generated models, converted stores and traces o
 scripts go to ``bench/results/tmp`` (git-ignored), or to ``$HOBBIT_BENCH_TMP`` when it is set.
 
 Held-out text (``heldout_texts``): the validation files of the reference model's corpus split
-(``reference/val_files.txt``, paths relative to the CPython standard library, read from this
-interpreter's stdlib), in the listed order, skipping files shorter than ``MIN_FILE_BYTES``; when the
-list or the files are missing, a few fixed Python snippets below.
+(``reference/val_files.txt``, paths in the CPython standard library), in the listed order, those
+of at least ``MIN_FILE_BYTES``, each cut to ``MAX_FILE_CHARS``: kept in ``reference/val_texts.json.gz``
+as CPython 3.11's stdlib holds them (read from the running interpreter's stdlib they changed with
+its version: 11 of the first 16 differ or are gone in 3.14, and every measurement with them);
+when that file is missing, a few fixed Python snippets below.
 """
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import os
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +38,7 @@ RESULTS = REPO / "bench" / "results"
 TMP = (Path(os.environ["HOBBIT_BENCH_TMP"]).expanduser().resolve()
        if os.environ.get("HOBBIT_BENCH_TMP") else RESULTS / "tmp")
 REFERENCE_MODEL = REPO / "hobbit_mlx" / "reference_model"
-VAL_FILE_LISTS = [REPO / "reference" / "val_files.txt", REFERENCE_MODEL / "val_files.txt"]
+VAL_TEXTS = REPO / "reference" / "val_texts.json.gz"
 MARKER = "bench_model.json"  # written next to config.json of models the bench scripts generate
 MIN_FILE_BYTES = 3000
 MAX_FILE_CHARS = 6000  # enough for a prompt or a perplexity piece; keeps encodes short
@@ -229,33 +231,21 @@ def resolve_model_paths(model: str | Path | None, progress: bool = True) -> Mode
     return ModelPaths(src=src, hobbit=Path(hobbit), name=name, routing=_routing_of(src))
 
 
-def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
 def heldout_texts(max_files: int = 16) -> tuple[list[str], str]:
     """(texts, description): validation files of the reference corpus, else fixed snippets."""
-    for lst in VAL_FILE_LISTS:
-        if not lst.is_file():
-            continue
-        root = stdlib_dir()
-        texts, used = [], []
-        for rel in lst.read_text().split():
-            path = root / rel
-            try:
-                data = path.read_bytes()
-            except OSError:
-                continue
-            if len(data) < MIN_FILE_BYTES:
-                continue
-            texts.append(data.decode("utf-8", errors="replace")[:MAX_FILE_CHARS])
-            used.append(rel)
-            if len(texts) >= max_files:
-                break
-        if texts:
-            return texts, (f"validation files from {lst.relative_to(REPO)} (read from {root}): "
-                           + ", ".join(used))
-    return list(FALLBACK_SNIPPETS), "fixed Python snippets (bench/workload.py FALLBACK_SNIPPETS)"
+    try:
+        kept = json.loads(gzip.decompress(VAL_TEXTS.read_bytes()))
+    except (OSError, ValueError):
+        return list(FALLBACK_SNIPPETS), "fixed Python snippets (bench/workload.py FALLBACK_SNIPPETS)"
+    used = list(kept["texts"])[:max_files]
+    return ([kept["texts"][rel][:MAX_FILE_CHARS] for rel in used],
+            f"validation files of reference/val_files.txt ({kept['source']}; "
+            f"{VAL_TEXTS.relative_to(REPO)}): " + ", ".join(used))
+
+
+def heldout_text(rel: str) -> str:
+    """One validation file's kept text (its first ``MAX_FILE_CHARS``), by its stdlib path."""
+    return json.loads(gzip.decompress(VAL_TEXTS.read_bytes()))["texts"][rel]
 
 
 # The harness's default workload (trace.py uses the same): prompts x (prefill + greedy decode),
