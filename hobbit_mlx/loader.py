@@ -259,8 +259,9 @@ def gate_scoring(model: nn.Module, runtime: OffloadRuntime, config: dict) -> str
         found = router_block(model, modules, layer.layer)
         if found is not None:
             block_path, router = found
-            inside = layer.layer.module_path[len(block_path) + 1:] if block_path else \
-                layer.layer.module_path
+            parent_path, _, inside = layer.layer.module_path.rpartition(".")
+            if block_path != parent_path:  # (not the MoE block: a decoder layer, say a pipeline
+                return named               # stage's, which would wait for another rank)
             return probe_scoring(modules[block_path] if block_path else model, inside,
                                  router) or named
     return named

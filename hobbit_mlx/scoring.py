@@ -17,6 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .routing import untapped_call
+
 SCORINGS = ("softmax", "sigmoid")
 # where architectures name it (the probe is the rule; these are for blocks it cannot read, such
 # as kimi_k3's, which normalizes the weighted sum)
@@ -66,6 +68,8 @@ def probe_scoring(block: nn.Module, switch_path: str, router: nn.Module) -> str 
         return None
     x = (3 * mx.random.normal((1, PROBE_TOKENS, _input_dims(linear)), key=mx.random.key(0))
          ).astype(_float_type(linear))
+    if not isinstance(untapped_call(router, x), mx.array):
+        return None  # (it gives its own weights: nothing to find)
     outputs, seen = [], None
     try:
         for basis in (False, True):
