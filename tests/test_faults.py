@@ -80,14 +80,10 @@ def test_eio_on_prefetch_reads_is_retried_on_demand(deep_models, monkeypatch, ex
     assert rt.stats.prefetch_used == 0 or rt.stats.misses_high > 0
 
 
-def test_eio_on_a_prefetch_read_a_layer_waits_for_is_read_again_on_demand(deep_models, monkeypatch,
-                                                                          exact_text):
-    """The layer asks for a prefetch read still in flight (held until then), which then fails:
-    the layer reads the expert itself, into a slot it makes resident (no slot lost)."""
+def _held_and_failing_prefetch(deep_models, monkeypatch) -> tuple:
+    """Exact mode with prefetch one layer ahead, every prefetch read held until its layer
+    decides on it and then failing: (model, tokenizer, runtime, faults, reads that timed out)."""
     from hobbit_mlx.testing.faults import hold_prefetch_reads
-
-
-    import hobbit_mlx.offload as offload
 
     model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
                                  prefetch_layers=1, prefetch_cost_aware=False, progress=False)
@@ -95,6 +91,16 @@ def test_eio_on_a_prefetch_read_a_layer_waits_for_is_read_again_on_demand(deep_m
     faults = StoreFaults(monkeypatch, rt)
     timed_out = hold_prefetch_reads(rt)
     faults.fail(lambda key, prefetch: prefetch)
+    return model, tok, rt, faults, timed_out
+
+
+def test_eio_on_a_prefetch_read_a_layer_waits_for_is_read_again_on_demand(deep_models, monkeypatch,
+                                                                          exact_text):
+    """The layer asks for a prefetch read still in flight (held until then), which then fails:
+    the layer reads the expert itself, into a slot it makes resident (no slot lost)."""
+    import hobbit_mlx.offload as offload
+
+    model, tok, rt, faults, timed_out = _held_and_failing_prefetch(deep_models, monkeypatch)
     read_now, read_again = offload.Fetch._read_now, []
 
     def spy(fetch, key, slot, commit=True):
@@ -121,17 +127,10 @@ def test_a_failed_guess_is_read_again_when_later_guesses_hold_every_free_slot(de
     (issued while this layer computes) may take it: the demand read again needs a slot, with
     this call's experts pinned in all the others. The guesses give theirs up (these prompts
     ended in PoolBudgetError: 'no slot for expert')."""
-    from hobbit_mlx.testing.faults import hold_prefetch_reads
-
     exact, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
                                  progress=False)
     want = hobbit_mlx.generate(exact, tok, prompt, max_tokens=12)
-    model, tok = hobbit_mlx.load(deep_models("mixtral"), expert_residency=0.25, exact=True,
-                                 prefetch_layers=1, prefetch_cost_aware=False, progress=False)
-    rt = runtime_of(model)
-    faults = StoreFaults(monkeypatch, rt)
-    timed_out = hold_prefetch_reads(rt)
-    faults.fail(lambda key, prefetch: prefetch)
+    model, tok, rt, faults, timed_out = _held_and_failing_prefetch(deep_models, monkeypatch)
     assert hobbit_mlx.generate(model, tok, prompt, max_tokens=12) == want
     rt.wait_idle()
     assert faults.failed and not timed_out
