@@ -2,7 +2,7 @@
 
 HOBBIT's importance, big-little and the guesses' weights need each chosen expert's share of the
 gate mass. Routers that return their own choice (DeepSeek, GLM, ...) give the weights; routers
-that return logits leave the block to apply softmax (Mixtral, Qwen) or sigmoid (MiniMax, Ling,
+that return logits leave the block to apply softmax (Mixtral, Qwen) or sigmoid (MiniMax,
 Kimi-Linear, LFM2, Klear, ...), named by one of several config keys or by none (a default in the
 architecture's code). Read as softmax, a sigmoid router's nearly even weights look peaked: every
 expert below the first seems unimportant, and the lossy techniques then read, skip and drop far
