@@ -5,6 +5,7 @@ resumed but removed."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -248,6 +249,7 @@ def test_an_interrupt_anywhere_releases_locks_and_files(tmp_path, counted, monke
     counted["fail_at"] = 1
     with pytest.raises(KeyboardInterrupt):
         converter.convert(src, out / "model", progress=False)
+    gc.collect()  # (garbage of earlier tests and of this interrupt, closed now, not mid-test)
     before = _open_files()
     real_read = converter.destination.read_progress
 
