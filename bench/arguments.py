@@ -50,6 +50,17 @@ def residencies(text: str) -> list[float]:
     return out
 
 
+def counts(text: str) -> list[int]:
+    """Comma-separated whole numbers, each at least 1 (batch sizes, repetitions)."""
+    try:
+        out = [int(x) for x in _items(text)]
+    except ValueError:
+        raise Bad(f"{text!r} is not a list of whole numbers") from None
+    if not out or min(out) < 1:
+        raise Bad(f"each count is at least 1, not {text!r}")
+    return out
+
+
 def _one(many, what: str):
     """A type for one value of what ``many`` reads as a comma-separated list."""
     def check(text: str):

@@ -30,6 +30,7 @@ import numpy as np
 if __package__ in (None, ""):
     import _path  # noqa: F401  (repository root on sys.path, see bench/_path.py)
 
+from bench import arguments  # noqa: E402
 from bench.replay import capacity_for_residency, replay  # noqa: E402
 from bench.trace import Trace, load  # noqa: E402
 
@@ -103,28 +104,18 @@ def format_table(rows: list[dict], k: int) -> str:
     return "\n".join(lines)
 
 
-def _numbers(p: argparse.ArgumentParser, flag: str, text: str, kind, ok) -> list:
-    try:
-        values = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(ok(v) for v in values):
-        p.error(f"{flag}: not a list of valid values: {text!r}")
-    return values
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("trace", help="a .npz written by bench/trace.py")
-    p.add_argument("--batch", default="1,2,4,8", help="sequences per batch, comma-separated")
-    p.add_argument("--residency", default="0.5,0.25,0.125",
+    p.add_argument("--batch", default="1,2,4,8", type=arguments.counts,
+                   help="sequences per batch, comma-separated")
+    p.add_argument("--residency", default="0.5,0.25,0.125", type=arguments.residencies,
                    help="cache sizes as fractions of all experts")
     p.add_argument("--policies", default="lru,runtime:seqfreq",
                    help="as bench/replay.py takes them")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     a = p.parse_args(argv)
-    batches = _numbers(p, "--batch", a.batch, int, lambda b: b >= 1)
-    residencies = _numbers(p, "--residency", a.residency, float, lambda r: 0 < r <= 1)
+    batches, residencies = a.batch, a.residency
     if not Path(a.trace).is_file():
         p.error(f"no trace file {a.trace} (bench/trace.py writes one)")
     try:
