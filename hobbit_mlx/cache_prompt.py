@@ -158,8 +158,30 @@ def read(args: argparse.Namespace):
 
 
 def _same_model(a: str, b: str) -> bool:
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return a == b or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+    return a == b or _weights_of(a) == _weights_of(b)
+
+
+def _weights_of(name: str) -> tuple[str, str]:
+    """What decides a prompt cache's keys and values: the checkpoint a model was converted from
+    (a hobbit model directory names it in its manifest) and the adapter fused into it. A file
+    made against a checkpoint then fits its conversion (``convert --copy``), and the other way
+    round; one made against a fused conversion fits that conversion only."""
+    from .store import StoreError, is_hobbit_model, load_manifest
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name, ""  # (a hub id)
+    if is_hobbit_model(path):
+        try:
+            manifest = load_manifest(path, check_files=False)
+        except StoreError:
+            return str(path.resolve()), ""
+        adapter = str(manifest.adapter.get("path", ""))
+        if manifest.source:
+            source = Path(manifest.source).expanduser()
+            return (str(source.resolve()) if source.exists() else manifest.source), adapter
+        return str(path.resolve()), adapter
+    return str(path.resolve()), ""
 
 
 def misfit(path: str, error: Exception) -> str:

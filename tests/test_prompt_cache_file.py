@@ -110,6 +110,26 @@ def test_generate_refuses_a_cache_file_it_cannot_continue(tmp_path, capsys, argv
     assert needle in err and "Traceback" not in err
 
 
+def test_a_file_made_against_a_checkpoint_continues_on_its_conversion(tmp_path, capsys):
+    """The model is the checkpoint the weights came from, not the directory's path: a file made
+    with the reference checkpoint continues on a ``convert --copy`` of it (it was refused as
+    another model), and a file named after that copy continues on the checkpoint."""
+    from convert import convert
+
+    copy = convert(REFERENCE_MODEL, tmp_path / "copy", copy=True, progress=False)
+    path = tmp_path / "doc.safetensors"
+    save_prompt_cache(str(path), make_prompt_cache(mlx_lm.load(str(REFERENCE_MODEL))[0]),
+                      {"model": str(REFERENCE_MODEL), "tokenizer_config": "{}"})
+    ask = ["--prompt-cache-file", str(path), "--prompt", QUESTION, "--max-tokens", "4",
+           "--memory-budget", "12MB", "--quiet-report"]
+    assert cli_common.run(generate_cli.main, ask + ["--model", str(copy)]) == 0
+    save_prompt_cache(str(path), make_prompt_cache(mlx_lm.load(str(REFERENCE_MODEL))[0]),
+                      {"model": str(copy), "tokenizer_config": "{}"})
+    assert cli_common.run(generate_cli.main, ask + ["--model", str(REFERENCE_MODEL)]) == 0
+    assert cli_common.run(generate_cli.main, ask + ["--model", str(tmp_path)]) == 2
+    assert "is not the model the prompt cache" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, needle", [("doc.bin", "must end in .safetensors"),
                                           ("nodir/doc.safetensors", "no directory"),
                                           ("", "is a directory")])
