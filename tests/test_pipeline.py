@@ -1,8 +1,8 @@
-"""Layer pipeline across 2 ranks on localhost (ring backend), started once with mlx.launch.
+"""Layer pipeline across 2 ranks on localhost (ring backend).
 
-One launch runs every case (hobbit_mlx/testing/pipeline_worker.py): an mlx-lm-pipelined
-architecture (qwen3_moe) and a generic-split one (olmoe) under budgets that make them read,
-plus the load faults. Greedy tokens must equal a single process's in exact mode.
+One launch (the ranks ``mlx.launch`` would start, started directly) runs every case
+(hobbit_mlx/testing/pipeline_worker.py): an mlx-lm-pipelined architecture (qwen3_moe) and a
+generic-split one (olmoe) under budgets that make them read, plus the load faults. Greedy tokens must equal a single process's in exact mode.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,18 +54,21 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def _launch_cmd(args: list[str]) -> tuple[list[str], dict]:
+def _launch_cmd(args: list[str], tmp: Path) -> tuple[list[str], dict]:
+    """``mlx.launch`` on 2 local ranks, and its environment: temporary files in ``tmp`` (the
+    launcher leaves each rank's hostfile and pid file behind in $TMPDIR)."""
     launcher = Path(sys.executable).with_name("mlx.launch")
     cmd = [str(launcher) if launcher.exists() else "mlx.launch", "-n", "2", "--backend", "ring",
            "-p", str(_free_port_pair()), "--python", sys.executable, *args]
-    env = dict(os.environ, HOBBIT_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT_S - 60),
+    env = dict(os.environ, HOBBIT_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT_S - 60), TMPDIR=str(tmp),
                PYTHONPATH=os.pathsep.join([str(WORKER.parents[2])] + sys.path))
     return cmd, env
 
 
-def mlx_launch(args: list[str], input: str | None = None) -> subprocess.CompletedProcess:
+def mlx_launch(args: list[str], tmp: Path, input: str | None = None
+               ) -> subprocess.CompletedProcess:
     """``mlx.launch -n 2`` on localhost's ring with ``args``, under a timeout."""
-    cmd, env = _launch_cmd(args)
+    cmd, env = _launch_cmd(args, tmp)
     try:
         # (mlx.launch forwards its stdin to every rank: give them none, or ``input``)
         return subprocess.run(cmd, env=env, capture_output=True, text=True, input=input,
@@ -76,11 +80,46 @@ def mlx_launch(args: list[str], input: str | None = None) -> subprocess.Complete
         pytest.fail(f"the 2-rank launch did not finish in {LAUNCH_TIMEOUT_S} s")
 
 
+def start_ranks(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    """The two ranks ``mlx.launch -n 2 --backend ring`` starts (the same hostfile and
+    ``MLX_RANK``), started here, with the same rule: a rank that fails ends the other. The
+    launcher polls its ranks' pipes without waiting and took 0.8 of a core of this 2-core machine
+    for the whole run, which the ranks then lacked: under the suite's load the cases' launch ran
+    past its timeout. The CLI tests below still go through ``mlx.launch``, as a user does."""
+    cmd, env = _launch_cmd(args, tmp)
+    port = int(cmd[cmd.index("-p") + 1])
+    hostfile = tmp / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    logs = [(tmp / f"rank{r}.out", tmp / f"rank{r}.err") for r in range(2)]
+    ranks = []
+    for rank, (out, err) in enumerate(logs):
+        with open(out, "w") as o, open(err, "w") as e:
+            ranks.append(subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL,
+                                          stdout=o, stderr=e, env=dict(
+                                              env, MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank))))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    try:
+        while any(r.poll() is None for r in ranks):
+            if any(r.returncode for r in ranks):
+                break  # (mlx.launch stops the others when a rank fails)
+            if time.monotonic() > deadline:
+                pytest.fail(f"the 2-rank launch did not finish in {LAUNCH_TIMEOUT_S} s")
+            time.sleep(0.2)
+    finally:
+        for r in ranks:
+            if r.poll() is None:
+                r.terminate()
+            r.wait(30)
+    code = next((r.returncode for r in ranks if r.returncode), 0)
+    return subprocess.CompletedProcess(cmd, code, "".join(o.read_text() for o, _ in logs),
+                                       "".join(e.read_text() for _, e in logs))
+
+
 def launch(spec: list[dict], tmp: Path) -> dict:
     """Run the worker on 2 ranks; skip when the ring backend cannot start here."""
     spec_path, out = tmp / "spec.json", tmp / "out.json"
     spec_path.write_text(json.dumps(spec))
-    proc = mlx_launch([str(WORKER), str(spec_path), str(out)])
+    proc = start_ranks([str(WORKER), str(spec_path), str(out)], tmp)
     log = (proc.stdout + proc.stderr)[-3000:]
     if not (tmp / "out.json.started").exists():
         pytest.skip(f"the ring backend could not start 2 ranks on localhost: {log}")
@@ -429,7 +468,7 @@ def test_generate_cli_pipeline(models, tmp_path):
                        str(models["olmoe"]), "--prompt", "hello there", "--max-tokens", "6",
                        "--temp", "0|5", "--top-k", "0|3", "--exact", "--pipeline",
                        "--memory-budget", "1.4MB,0.9MB", "--ignore-chat-template",
-                       "--stats-json", str(stats), "--pipeline-timeout", "120"])
+                       "--stats-json", str(stats), "--pipeline-timeout", "120"], tmp_path)
     if "connecting to" in proc.stderr and not stats.exists() and proc.returncode != 0:
         pytest.skip(f"the ring backend could not start 2 ranks: {proc.stderr[-2000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -444,7 +483,7 @@ def test_generate_cli_pipeline(models, tmp_path):
 CHAT_INPUT = "hello there\nhow are you\nr\nwhat now\nq\n"
 
 
-def test_chat_cli_pipeline(models, monkeypatch, capsys):
+def test_chat_cli_pipeline(models, monkeypatch, capsys, tmp_path):
     """``chat --pipeline``: rank 0 reads the input and prints the same greedy transcript as one
     process (a second turn that reuses the cache, a reset, a third turn); the other rank follows
     with rank 0's sampling settings (started with another --temp) and prints nothing."""
@@ -458,7 +497,7 @@ def test_chat_cli_pipeline(models, monkeypatch, capsys):
     single = capsys.readouterr().out
     proc = mlx_launch([str(WORKER), "--per-rank", "hobbit_mlx.chat", *flags, "--temp", "0|5",
                        "--pipeline", "--memory-budget",
-                       "1.4MB,0.9MB", "--pipeline-timeout", "120"], input=CHAT_INPUT)
+                       "1.4MB,0.9MB", "--pipeline-timeout", "120"], tmp_path, input=CHAT_INPUT)
     if "connecting to" in proc.stderr and proc.returncode != 0 and ">>" not in proc.stdout:
         pytest.skip(f"the ring backend could not start 2 ranks: {proc.stderr[-2000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -592,7 +631,8 @@ def test_server_pipeline(models, tmp_path):
 
     port = _free_port()
     cmd, env = _launch_cmd(["-m", "hobbit_mlx.server", *flags, "--port", str(port), "--pipeline",
-                            "--memory-budget", "1.4MB,0.9MB", "--pipeline-timeout", "120"])
+                            "--memory-budget", "1.4MB,0.9MB", "--pipeline-timeout", "120"],
+                           tmp_path)
     log = tmp_path / "pipeline.log"
     proc = _serve(cmd, env, port, log)
     if proc is None:
