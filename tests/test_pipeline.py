@@ -2,7 +2,8 @@
 
 One launch (the ranks ``mlx.launch`` would start, started directly) runs every case
 (hobbit_mlx/testing/pipeline_worker.py): an mlx-lm-pipelined architecture (qwen3_moe) and a
-generic-split one (olmoe) under budgets that make them read, plus the load faults. Greedy tokens must equal a single process's in exact mode.
+generic-split one (olmoe) under budgets that make them read, plus the load faults. Greedy
+tokens must equal a single process's in exact mode.
 """
 
 from __future__ import annotations
@@ -60,9 +61,12 @@ def _launch_cmd(args: list[str], tmp: Path) -> tuple[list[str], dict]:
     launcher = Path(sys.executable).with_name("mlx.launch")
     cmd = [str(launcher) if launcher.exists() else "mlx.launch", "-n", "2", "--backend", "ring",
            "-p", str(_free_port_pair()), "--python", sys.executable, *args]
-    env = dict(os.environ, HOBBIT_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT_S - 60), TMPDIR=str(tmp),
-               PYTHONPATH=os.pathsep.join([str(WORKER.parents[2])] + sys.path))
-    return cmd, env
+    return cmd, _rank_env(tmp)
+
+
+def _rank_env(tmp: Path) -> dict:
+    return dict(os.environ, HOBBIT_WORKER_TIMEOUT=str(LAUNCH_TIMEOUT_S - 60), TMPDIR=str(tmp),
+                PYTHONPATH=os.pathsep.join([str(WORKER.parents[2])] + sys.path))
 
 
 def mlx_launch(args: list[str], tmp: Path, input: str | None = None
@@ -86,17 +90,16 @@ def start_ranks(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     launcher polls its ranks' pipes without waiting and took 0.8 of a core of this 2-core machine
     for the whole run, which the ranks then lacked: under the suite's load the cases' launch ran
     past its timeout. The CLI tests below still go through ``mlx.launch``, as a user does."""
-    cmd, env = _launch_cmd(args, tmp)
-    port = int(cmd[cmd.index("-p") + 1])
+    cmd, env, port = [sys.executable, *args], _rank_env(tmp), _free_port_pair()
     hostfile = tmp / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
     logs = [(tmp / f"rank{r}.out", tmp / f"rank{r}.err") for r in range(2)]
     ranks = []
     for rank, (out, err) in enumerate(logs):
         with open(out, "w") as o, open(err, "w") as e:
-            ranks.append(subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL,
-                                          stdout=o, stderr=e, env=dict(
-                                              env, MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank))))
+            ranks.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=o, stderr=e,
+                                          env=dict(env, MLX_HOSTFILE=str(hostfile),
+                                                   MLX_RANK=str(rank))))
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
         while any(r.poll() is None for r in ranks):
