@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -67,7 +68,10 @@ def test_plan_counts_the_activations_of_an_architectures_own_layers(tiny_factory
     src, dst = tiny_factory(arch)
     planned = plan_model(str(src), "1GB")["minimum_budget_bytes_exact"]
     measured = hobbit_mlx.footprint(dst)["minimum_budget_bytes_exact"]
-    assert 0.75 * measured <= planned <= 1.6 * measured
+    # (once in CI jamba measured 1.65x its usual minimum, not reproduced: MLX's peak memory is
+    # the process's, so say what else ran in it)
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    assert 0.75 * measured <= planned <= 1.6 * measured, f"threads alive: {others}"
 
 
 def test_cli_prints_table_and_json(capsys):
