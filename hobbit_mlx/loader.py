@@ -430,7 +430,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
                         prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
         activation_points, context_activation = measured_activations(
             model, prefill_step_size, measured_key, store=cache_root() / MEASURED_DIR,
-            kv_quant=kv_quant)
+            kv_quant=kv_quant, announce=_announce_measuring if o.progress else None)
     runtime.measuring = False
     # Gates of the layers ahead stacked per layer (one matmul per prediction): resident, counted.
     routers = [m.router for m in runtime.layers]
@@ -592,6 +592,11 @@ def reset_stats(model: nn.Module) -> None:
     rt.count_deferred()
     rt.stats.reset()
     mx.reset_peak_memory()
+
+
+def _announce_measuring() -> None:
+    print("[hobbit_mlx] measuring the memory this model's calls take (once per model, prefill "
+          "step and dtype on this machine)", flush=True)
 
 
 def footprint(path: str | Path | None = None) -> dict:

@@ -14,6 +14,7 @@ import platform
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -244,18 +245,22 @@ def context_activation(model: nn.Module, kv_quant=None) -> tuple[float, float, f
 
 
 def measured_activations(model: nn.Module, prefill_step_size: int, key: tuple,
-                         store: Path | None = None, kv_quant=None
+                         store: Path | None = None, kv_quant=None,
+                         announce: Callable[[], None] | None = None
                          ) -> tuple[list[tuple[int, int]], tuple[float, float, float]]:
     """``activation_ladder`` and ``context_activation``, measured once per ``key`` (model, chunk
     size, dtype): a budget that one load (or ``footprint``) states as the minimum is the next
     load's minimum. With ``store`` (a directory), also across processes: read from there when a
-    process on this machine measured them with this code, else measured and written there."""
+    process on this machine measured them with this code, else measured and written there.
+    ``announce`` is called before a measurement runs (most of a first load's time)."""
     key = (*key, kv_quant)
     if key in _MEASURED:
         return _MEASURED[key]
     path = None if store is None else Path(store) / f"{_disk_key(key)}.json"
     got = _read_measured(path) if path is not None else None
     if got is None:
+        if announce is not None:
+            announce()
         got = (activation_ladder(model, prefill_step_size), context_activation(model, kv_quant))
         if path is not None:
             _write_measured(path, got)

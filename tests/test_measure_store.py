@@ -47,6 +47,17 @@ def test_the_next_process_reads_what_one_measured(tiny_factory, fresh, monkeypat
         _plan(dst, prefill_step_size=128)
 
 
+def test_a_load_says_when_it_measures(tiny_factory, fresh, monkeypatch, capsys):
+    """The measurement is most of a first load's time (seconds on a large model) after the
+    conversion's progress bar: a load that measures says so, one that reads it back does not."""
+    _, dst = tiny_factory("qwen3_moe")
+    for measures in (True, False):
+        model, _ = hobbit_mlx.load(dst, expert_residency=0.5)
+        runtime_of(model).close()
+        assert ("measuring the memory" in capsys.readouterr().out) == measures
+        monkeypatch.setattr(measure, "_MEASURED", {})  # the next process
+
+
 def test_an_unreadable_kept_file_is_measured_again(tiny_factory, fresh, monkeypatch):
     _, dst = tiny_factory("qwen3_moe")
     first = _plan(dst)
