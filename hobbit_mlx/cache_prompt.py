@@ -166,22 +166,17 @@ def _weights_of(name: str) -> tuple[str, str]:
     (a hobbit model directory names it in its manifest) and the adapter fused into it. A file
     made against a checkpoint then fits its conversion (``convert --copy``), and the other way
     round; one made against a fused conversion fits that conversion only."""
-    from .store import StoreError, is_hobbit_model, load_manifest
+    from .conversion_cache import model_origin
+    from .store import is_hobbit_model
 
     path = Path(name).expanduser()
     if not path.exists():
         return name, ""  # (a hub id)
-    if is_hobbit_model(path):
-        try:
-            manifest = load_manifest(path, check_files=False)
-        except StoreError:
-            return str(path.resolve()), ""
-        adapter = str(manifest.adapter.get("path", ""))
-        if manifest.source:
-            source = Path(manifest.source).expanduser()
-            return (str(source.resolve()) if source.exists() else manifest.source), adapter
+    source, adapter = model_origin(path) if is_hobbit_model(path) else ("", "")
+    if not source:
         return str(path.resolve()), adapter
-    return str(path.resolve()), ""
+    local = Path(source).expanduser()
+    return (str(local.resolve()) if local.exists() else source), adapter
 
 
 def misfit(path: str, error: Exception) -> str:

@@ -330,7 +330,7 @@ def scan(root: Path | None = None) -> list[CacheEntry]:
     return entries
 
 
-def _origin(d: Path) -> tuple[str, str]:
+def model_origin(d: Path) -> tuple[str, str]:
     """(source, adapters' folder) a model directory's manifest names; ("", "") if none."""
     try:
         manifest = load_manifest(d, check_files=False)
@@ -344,7 +344,7 @@ def _conversion(d: Path) -> CacheEntry:
 
     size = _tree_bytes(d)
     if _held(_lock_path(d)):
-        return CacheEntry(d, "conversion", *_origin(d), size, "converting now", False, True)
+        return CacheEntry(d, "conversion", *model_origin(d), size, "converting now", False, True)
     if not is_hobbit_model(d):
         return CacheEntry(d, "conversion", "", "", size,
                           "incomplete (no manifest): a load converts it again", True)
@@ -403,17 +403,18 @@ def _left_behind(d: Path, m: re.Match) -> CacheEntry:
     size = _tree_bytes(d)
     if m["kind"] == "old":  # (``_install`` swaps it out holding the conversion lock)
         if _held(_lock_path(target)):
-            return CacheEntry(d, "replaced", *_origin(d), size, "being replaced now", False, True)
-        return CacheEntry(d, "replaced", *_origin(d), size,
+            return CacheEntry(d, "replaced", *model_origin(d), size, "being replaced now", False,
+                              True)
+        return CacheEntry(d, "replaced", *model_origin(d), size,
                           f"replaced by a conversion interrupted (pid {pid}) before removing it",
                           True)
     kept = layers_kept(d)
     if _held(d, pid) or (not kept and _age_s(d) < YOUNG_PARTIAL_S and process_running(pid)):
-        return CacheEntry(d, "partial", *(partial_origin(d) or _origin(d)), size,
+        return CacheEntry(d, "partial", *(partial_origin(d) or model_origin(d)), size,
                           f"converting now (pid {pid})", False, True)
     origin = partial_origin(d)
     if origin is None:  # (its layers' record is gone: a finished model, not yet in place)
-        return CacheEntry(d, "partial", *_origin(d), size,
+        return CacheEntry(d, "partial", *model_origin(d), size,
                           "interrupted while being put in place", True)
     if is_hobbit_model(target):
         return CacheEntry(d, "partial", *origin, size, "interrupted, converted since", True)

@@ -118,13 +118,12 @@ def test_a_file_made_against_a_checkpoint_continues_on_its_conversion(tmp_path, 
 
     copy = convert(REFERENCE_MODEL, tmp_path / "copy", copy=True, progress=False)
     path = tmp_path / "doc.safetensors"
-    save_prompt_cache(str(path), make_prompt_cache(mlx_lm.load(str(REFERENCE_MODEL))[0]),
-                      {"model": str(REFERENCE_MODEL), "tokenizer_config": "{}"})
+    empty = make_prompt_cache(mlx_lm.load(str(REFERENCE_MODEL))[0])
+    save_prompt_cache(str(path), empty, {"model": str(REFERENCE_MODEL), "tokenizer_config": "{}"})
     ask = ["--prompt-cache-file", str(path), "--prompt", QUESTION, "--max-tokens", "4",
            "--memory-budget", "12MB", "--quiet-report"]
     assert cli_common.run(generate_cli.main, ask + ["--model", str(copy)]) == 0
-    save_prompt_cache(str(path), make_prompt_cache(mlx_lm.load(str(REFERENCE_MODEL))[0]),
-                      {"model": str(copy), "tokenizer_config": "{}"})
+    save_prompt_cache(str(path), empty, {"model": str(copy), "tokenizer_config": "{}"})
     assert cli_common.run(generate_cli.main, ask + ["--model", str(REFERENCE_MODEL)]) == 0
     assert cli_common.run(generate_cli.main, ask + ["--model", str(tmp_path)]) == 2
     assert "is not the model the prompt cache" in capsys.readouterr().err
