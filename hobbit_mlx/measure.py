@@ -19,7 +19,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import (ArraysCache, CacheList, KVCache, RotatingKVCache,
+from mlx_lm.models.cache import (ArraysCache, CacheList, ChunkedKVCache, KVCache, RotatingKVCache,
                                   make_prompt_cache)
 
 from .budget import KV_STEP
@@ -184,13 +184,27 @@ def _fill(cache, probe, tokens: int) -> bool:
     if isinstance(cache, ArraysCache):
         cache.cache = list(probe.cache)
         return True
+    if _untouched(probe):  # a layer that does not run here (a pipeline rank's others): running
+        return True       # the tokens leaves its cache empty too
     k, v = getattr(probe, "keys", None), getattr(probe, "values", None)
-    if not (isinstance(cache, (KVCache, RotatingKVCache)) and isinstance(k, mx.array)
+    # (a chunked cache holding no more than its chunk is trimmed by no call: a plain one)
+    plain = isinstance(cache, (KVCache, RotatingKVCache)) or \
+        (isinstance(cache, ChunkedKVCache) and tokens <= cache.chunk_size)
+    if not (plain and isinstance(k, mx.array)
             and isinstance(v, mx.array) and k.ndim == v.ndim == 4):
         return False
     cache.update_and_fetch(mx.zeros((*k.shape[:2], tokens, k.shape[-1]), k.dtype),
                            mx.zeros((*v.shape[:2], tokens, v.shape[-1]), v.dtype))
     return True
+
+
+def _untouched(probe) -> bool:
+    """Whether the one-token call left this cache empty: whatever a layer did not write for one
+    token, it does not write for more (a cache of a kind that cannot say is not taken as empty)."""
+    try:
+        return bool(probe.empty())
+    except (AttributeError, NotImplementedError, TypeError):
+        return False
 
 
 def activation_bytes(model: nn.Module, chunk: int, runs: int = 1, next_token: bool = False) -> int:
