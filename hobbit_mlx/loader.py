@@ -21,7 +21,7 @@ from .budget import (BudgetPlan, allocated_bytes, allocation_page, format_size,
                      gpu_working_set_bytes, plan_budget, system_memory_bytes)
 from .cache import SlotCache
 from .conversion_cache import MEASURED_DIR, cache_root, resolve_model
-from .measure import kv_bytes_by_layer, measured_activations
+from .measure import kv_bytes_by_layer, measured_activations, model_structure
 from .offload import bind, install, router_block
 from .runtime import OffloadRuntime, OffloadStats
 from .options import DEFAULT_PREFETCH_SCRATCH, MAX_PREFETCH_WIDTH, LoadOptions
@@ -391,7 +391,10 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
         model.set_dtype(cdtype)
     mx.eval(model.parameters())
     page = allocation_page()  # (0 where buffers count their exact bytes)
-    dense_bytes = sum(allocated_bytes(a.nbytes, page) for _, a in tree_flatten(model.parameters()))
+    dense_arrays = tree_flatten(model.parameters())
+    dense_bytes = sum(allocated_bytes(a.nbytes, page) for _, a in dense_arrays)
+    structure = model_structure(config, dense_arrays, manifest)
+    del dense_arrays
 
     reader = RecordReader(model_dir, manifest, workers=o.io_workers, verify=o.verify,
                           direct=o.direct_io, storage=parse_storage(o.simulated_storage),
@@ -426,8 +429,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
         kv_per_token = sum(kv_layers)
         kv_quant = o.kv_quant()
         quantized_kv = kv_bytes_by_layer(model, kv_quant) if kv_quant is not None else []
-        measured_key = (str(Path(model_dir).resolve()), manifest_path(model_dir).stat().st_mtime_ns,
-                        prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
+        measured_key = (structure, prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
         activation_points, context_activation = measured_activations(
             model, prefill_step_size, measured_key, store=cache_root() / MEASURED_DIR,
             kv_quant=kv_quant, announce=_announce_measuring if o.progress else None)

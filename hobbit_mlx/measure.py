@@ -258,6 +258,20 @@ def context_activation(model: nn.Module, kv_quant=None) -> tuple[float, float, f
     return CONTEXT_MARGIN * per_pair, CONTEXT_MARGIN * constant, CONTEXT_MARGIN * per_token
 
 
+def model_structure(config: dict, arrays: list[tuple[str, mx.array]], manifest) -> str:
+    """What a model's measured activations depend on besides the options: its configuration,
+    the names, shapes and dtypes of its resident ``arrays`` and how its experts are stored, not
+    their values (measuring, every expert computes on slot 0, whatever the router chose) nor the
+    model's path: a copy, a new conversion or a moved model reuses the measurement."""
+    layout = {
+        "config": config,
+        "arrays": [(name, list(a.shape), str(a.dtype)) for name, a in arrays],
+        "experts": [(l.num_experts, l.module_path,
+                     {name: (p.bits, p.quant, [(t.name, t.dtype, t.shape) for t in p.tensors])
+                      for name, p in sorted(l.precisions.items())}) for l in manifest.layers]}
+    return hashlib.sha1(json.dumps(layout, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def measured_activations(model: nn.Module, prefill_step_size: int, key: tuple,
                          store: Path | None = None, kv_quant=None,
                          announce: Callable[[], None] | None = None

@@ -47,6 +47,22 @@ def test_the_next_process_reads_what_one_measured(tiny_factory, fresh, monkeypat
         _plan(dst, prefill_step_size=128)
 
 
+def test_a_copy_of_the_model_reuses_the_measurement(tiny_factory, fresh, monkeypatch, tmp_path):
+    """What is measured depends on the model's shapes, not on its weights' values nor its path:
+    another conversion of the same checkpoint is not measured again; another model is."""
+    from convert import convert
+
+    src, dst = tiny_factory("qwen3_moe")
+    first = _plan(dst)
+    monkeypatch.setattr(measure, "_MEASURED", {})  # the next process
+    _measuring_fails(monkeypatch)
+    copy = convert(src, tmp_path / "copy", copy=True, progress=False)
+    assert _plan(copy).chunk_tokens == first.chunk_tokens
+    _, other = tiny_factory("olmoe")
+    with pytest.raises(AssertionError, match="measured again"):
+        _plan(other)
+
+
 def test_a_load_says_when_it_measures(tiny_factory, fresh, monkeypatch, capsys):
     """The measurement is most of a first load's time (seconds on a large model) after the
     conversion's progress bar: a load that measures says so, one that reads it back does not."""

@@ -86,9 +86,9 @@ def _wait_healthy(url: str) -> None:
 @contextlib.contextmanager
 def _serving(root: Path, store: Path, *flags: str):
     """A server process on ``store`` (exact, 32 tokens at most, every read's checksum checked),
-    stopped on exit."""
-    env = dict(os.environ, HOBBIT_MLX_CACHE=str(root / "cache"), HF_HUB_OFFLINE="1",
-               PYTHONUNBUFFERED="1")
+    stopped on exit. It keeps its measurements in the session's cache (conftest's
+    ``HOBBIT_MLX_CACHE``), where the servers after the first read them back."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("HOBBIT_MLX_DEBUG", None)
     log_path = root / f"server{len(list(root.glob('server*.log')))}.log"
     with open(log_path, "w") as log:
@@ -112,8 +112,8 @@ def _serving(root: Path, store: Path, *flags: str):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The server on the bundled reference model (converted into a fresh cache), checking every
-    expert read's checksum so that a corrupted store fails the request that reads it."""
+    """The server on a copy of the bundled reference model, checking every expert read's
+    checksum so that a corrupted store fails the request that reads it."""
     from convert import convert
 
     root = tmp_path_factory.mktemp("server")
