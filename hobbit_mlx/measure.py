@@ -187,14 +187,20 @@ def _fill(cache, probe, tokens: int) -> bool:
     if _untouched(probe):  # a layer that does not run here (a pipeline rank's others): running
         return True       # the tokens leaves its cache empty too
     k, v = getattr(probe, "keys", None), getattr(probe, "values", None)
-    # (a chunked cache holding no more than its chunk is trimmed by no call: a plain one)
-    plain = isinstance(cache, (KVCache, RotatingKVCache)) or \
-        (isinstance(cache, ChunkedKVCache) and tokens <= cache.chunk_size)
-    if not (plain and isinstance(k, mx.array)
-            and isinstance(v, mx.array) and k.ndim == v.ndim == 4):
+    if not (isinstance(cache, (KVCache, RotatingKVCache, ChunkedKVCache))
+            and isinstance(k, mx.array) and isinstance(v, mx.array) and k.ndim == v.ndim == 4):
         return False
-    cache.update_and_fetch(mx.zeros((*k.shape[:2], tokens, k.shape[-1]), k.dtype),
-                           mx.zeros((*v.shape[:2], tokens, v.shape[-1]), v.dtype))
+
+    def zeros(n: int) -> tuple[mx.array, mx.array]:
+        return (mx.zeros((*k.shape[:2], n, k.shape[-1]), k.dtype),
+                mx.zeros((*v.shape[:2], n, v.shape[-1]), v.dtype))
+
+    if isinstance(cache, ChunkedKVCache):  # (llama4 trims its chunked caches before each call:
+        for start in range(0, tokens, KV_STEP):  # filled as calls of KV_STEP tokens leave it)
+            cache.maybe_trim_front()
+            cache.update_and_fetch(*zeros(min(KV_STEP, tokens - start)))
+        return True
+    cache.update_and_fetch(*zeros(tokens))
     return True
 
 
