@@ -69,37 +69,28 @@ def _rank_env(tmp: Path) -> dict:
                 PYTHONPATH=os.pathsep.join([str(WORKER.parents[2])] + sys.path))
 
 
-def mlx_launch(args: list[str], tmp: Path, input: str | None = None
-               ) -> subprocess.CompletedProcess:
-    """``mlx.launch -n 2`` on localhost's ring with ``args``, under a timeout."""
-    cmd, env = _launch_cmd(args, tmp)
-    try:
-        # (mlx.launch forwards its stdin to every rank: give them none, or ``input``)
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, input=input,
-                              stdin=subprocess.DEVNULL if input is None else None,
-                              timeout=LAUNCH_TIMEOUT_S)
-    except FileNotFoundError:
-        pytest.skip("mlx.launch is not installed")
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the 2-rank launch did not finish in {LAUNCH_TIMEOUT_S} s")
-
-
-def start_ranks(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+def start_ranks(args: list[str], tmp: Path, input: str | None = None
+                ) -> subprocess.CompletedProcess:
     """The two ranks ``mlx.launch -n 2 --backend ring`` starts (the same hostfile and
     ``MLX_RANK``), started here, with the same rule: a rank that fails ends the other. The
     launcher polls its ranks' pipes without waiting and took 0.8 of a core of this 2-core machine
     for the whole run, which the ranks then lacked: under the suite's load the cases' launch ran
-    past its timeout. The CLI tests below still go through ``mlx.launch``, as a user does."""
+    past its timeout. ``input`` goes to rank 0 (the rank that reads it); the server's test
+    below still goes through ``mlx.launch``, as a user does."""
     cmd, env, port = [sys.executable, *args], _rank_env(tmp), _free_port_pair()
     hostfile = tmp / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
     logs = [(tmp / f"rank{r}.out", tmp / f"rank{r}.err") for r in range(2)]
     ranks = []
     for rank, (out, err) in enumerate(logs):
+        given = input if rank == 0 else None
         with open(out, "w") as o, open(err, "w") as e:
-            ranks.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=o, stderr=e,
-                                          env=dict(env, MLX_HOSTFILE=str(hostfile),
-                                                   MLX_RANK=str(rank))))
+            ranks.append(subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL if given is None else subprocess.PIPE, stdout=o,
+                stderr=e, env=dict(env, MLX_HOSTFILE=str(hostfile), MLX_RANK=str(rank))))
+        if given is not None:
+            ranks[-1].stdin.write(given.encode())
+            ranks[-1].stdin.close()
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
         while any(r.poll() is None for r in ranks):
@@ -463,11 +454,11 @@ def test_watchdog_while_loading(models):
 
 
 def test_generate_cli_pipeline(models, tmp_path):
-    """``generate --pipeline`` under mlx.launch: rank 0 prints the text and a report with every
+    """``generate --pipeline`` on two ranks: rank 0 prints the text and a report with every
     rank; per-rank budgets from one flag; rank 0's sampling settings hold on every rank (rank 1,
     started with others, sampled other tokens and broke the pipeline)."""
     stats = tmp_path / "stats.json"
-    proc = mlx_launch([str(WORKER), "--per-rank", "hobbit_mlx.generate", "--model",
+    proc = start_ranks([str(WORKER), "--per-rank", "hobbit_mlx.generate", "--model",
                        str(models["olmoe"]), "--prompt", "hello there", "--max-tokens", "6",
                        "--temp", "0|5", "--top-k", "0|3", "--exact", "--pipeline",
                        "--memory-budget", "1.4MB,0.9MB", "--ignore-chat-template",
@@ -498,7 +489,7 @@ def test_chat_cli_pipeline(models, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, "stdin", io.StringIO(CHAT_INPUT))
     assert chat.main(flags) == 0
     single = capsys.readouterr().out
-    proc = mlx_launch([str(WORKER), "--per-rank", "hobbit_mlx.chat", *flags, "--temp", "0|5",
+    proc = start_ranks([str(WORKER), "--per-rank", "hobbit_mlx.chat", *flags, "--temp", "0|5",
                        "--pipeline", "--memory-budget",
                        "1.4MB,0.9MB", "--pipeline-timeout", "120"], tmp_path, input=CHAT_INPUT)
     if "connecting to" in proc.stderr and proc.returncode != 0 and ">>" not in proc.stdout:
