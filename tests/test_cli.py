@@ -28,10 +28,10 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update(HF_HUB_OFFLINE="1", HOBBIT_MLX_CACHE=str(tmp_path_factory.mktemp("cache")),
-             PYTHONUNBUFFERED="1")
+def env():
+    """The CLIs' environment: the session's conversion cache (conftest's ``HOBBIT_MLX_CACHE``),
+    so a model measured by another test is not measured again."""
+    e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     e.pop("HOBBIT_MLX_DEBUG", None)
     return e
 

@@ -13,9 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO),
-             HOBBIT_MLX_CACHE=str(tmp_path_factory.mktemp("cache")))
+def env():
+    # (the session's conversion cache, conftest's HOBBIT_MLX_CACHE: the reference model is
+    # converted and measured once for the whole suite)
+    e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     e.pop("HOBBIT_MLX_DEBUG", None)
     return e
 
