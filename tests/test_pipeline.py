@@ -459,10 +459,10 @@ def test_generate_cli_pipeline(models, tmp_path):
     started with others, sampled other tokens and broke the pipeline)."""
     stats = tmp_path / "stats.json"
     proc = start_ranks([str(WORKER), "--per-rank", "hobbit_mlx.generate", "--model",
-                       str(models["olmoe"]), "--prompt", "hello there", "--max-tokens", "6",
-                       "--temp", "0|5", "--top-k", "0|3", "--exact", "--pipeline",
-                       "--memory-budget", "1.4MB,0.9MB", "--ignore-chat-template",
-                       "--stats-json", str(stats), "--pipeline-timeout", "120"], tmp_path)
+                        str(models["olmoe"]), "--prompt", "hello there", "--max-tokens", "6",
+                        "--temp", "0|5", "--top-k", "0|3", "--exact", "--pipeline",
+                        "--memory-budget", "1.4MB,0.9MB", "--ignore-chat-template",
+                        "--stats-json", str(stats), "--pipeline-timeout", "120"], tmp_path)
     if "connecting to" in proc.stderr and not stats.exists() and proc.returncode != 0:
         pytest.skip(f"the ring backend could not start 2 ranks: {proc.stderr[-2000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -490,8 +490,8 @@ def test_chat_cli_pipeline(models, monkeypatch, capsys, tmp_path):
     assert chat.main(flags) == 0
     single = capsys.readouterr().out
     proc = start_ranks([str(WORKER), "--per-rank", "hobbit_mlx.chat", *flags, "--temp", "0|5",
-                       "--pipeline", "--memory-budget",
-                       "1.4MB,0.9MB", "--pipeline-timeout", "120"], tmp_path, input=CHAT_INPUT)
+                        "--pipeline", "--memory-budget",
+                        "1.4MB,0.9MB", "--pipeline-timeout", "120"], tmp_path, input=CHAT_INPUT)
     if "connecting to" in proc.stderr and proc.returncode != 0 and ">>" not in proc.stdout:
         pytest.skip(f"the ring backend could not start 2 ranks: {proc.stderr[-2000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
