@@ -14,7 +14,7 @@ import platform
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,6 +23,9 @@ from mlx_lm.models.cache import (ArraysCache, CacheList, ChunkedKVCache, KVCache
                                   make_prompt_cache)
 
 from .budget import KV_STEP
+
+if TYPE_CHECKING:
+    from .store import Manifest
 
 
 def kv_bytes_by_layer(model: nn.Module, kv_quant=None) -> list[int]:
@@ -264,7 +267,8 @@ def context_activation(model: nn.Module, kv_quant=None) -> tuple[float, float, f
     return CONTEXT_MARGIN * per_pair, CONTEXT_MARGIN * constant, CONTEXT_MARGIN * per_token
 
 
-def model_structure(config: dict, arrays: list[tuple[str, mx.array]], manifest) -> str:
+def model_structure(config: dict, arrays: list[tuple[str, mx.array]],
+                    manifest: Manifest) -> str:
     """What a model's measured activations depend on besides the options: its configuration,
     the names, shapes and dtypes of its resident ``arrays`` and how its experts are stored, not
     their values (measuring, every expert computes on slot 0, whatever the router chose) nor the

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from hobbit_mlx.testing import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 REPORT_LINES = ("Prompt:", "Generation:", "Peak memory:", "hit rate", "Read from storage:")
 
@@ -29,11 +31,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env():
-    """The CLIs' environment: the session's conversion cache (conftest's ``HOBBIT_MLX_CACHE``),
-    so a model measured by another test is not measured again."""
-    e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    e.pop("HOBBIT_MLX_DEBUG", None)
-    return e
+    return child_env()
 
 
 def run(env, module, *args, stdin=None, timeout=120):
@@ -225,13 +223,13 @@ def test_corrupt_expert_bytes(model_dir, env, tmp_path):
     assert_bad_input(p, "checksum mismatch", str(bad / STORE_DIR))
 
 
-def _minimum(model_dir, env, monkeypatch) -> int:
+def _minimum(model_dir, monkeypatch) -> int:
     """The minimum budget as the CLI's process will state it: measured here into the cache
-    directory it reads (measured again there, it may come out some percent higher)."""
+    directory it reads, this process's (measured again there, it may come out some percent
+    higher)."""
     import hobbit_mlx
     from hobbit_mlx import measure
 
-    monkeypatch.setenv("HOBBIT_MLX_CACHE", env["HOBBIT_MLX_CACHE"])
     monkeypatch.setattr(measure, "_MEASURED", {})  # (kept in this process: written there too)
     return hobbit_mlx.footprint(model_dir)["minimum_budget_bytes"]
 
@@ -241,7 +239,7 @@ def test_generate_with_a_rotating_cache_runs_past_the_context_the_budget_holds(m
     """--max-kv-size (mlx-lm's rotating cache): the budget plans its window, so a reply far past
     the whole context the budget holds (256 tokens here) runs."""
 
-    budget = int(_minimum(model_dir, env, monkeypatch) * 1.1)
+    budget = int(_minimum(model_dir, monkeypatch) * 1.1)
     p = run(env, "generate", "--model", model_dir, "--memory-budget", budget, "--max-tokens", 600,
             "--max-kv-size", 64, "--prompt", "hello")
     assert p.returncode == 0, p.stderr
@@ -256,7 +254,7 @@ def test_generate_without_a_token_limit_ends_where_the_budget_holds_no_more_cont
     """--max-tokens -1 (mlx-lm's no limit) runs until the end of text or of the context the
     budget holds, where it stops with a note and its report, exit 0; a limit the budget cannot
     reach still ends in the error that says what budget would."""
-    budget = int(_minimum(model_dir, env, monkeypatch) * 1.1)
+    budget = int(_minimum(model_dir, monkeypatch) * 1.1)
     p = run(env, "generate", "--model", model_dir, "--memory-budget", budget, "--max-tokens", -1,
             "--prompt", "hello", "--exact")  # (the same text every run: it does not end first)
     assert p.returncode == 0, p.stderr
@@ -298,7 +296,7 @@ def test_chat_turn_stopped_by_the_budget_still_counts(model_dir, env, monkeypatc
     generated joins the session's totals ('s')."""
 
     # (a margin over the minimum the chat process reads: this one's measurements)
-    budget = int(_minimum(model_dir, env, monkeypatch) * 1.1)
+    budget = int(_minimum(model_dir, monkeypatch) * 1.1)
     p = run(env, "chat", "--model", model_dir, "--memory-budget", budget, "--max-tokens", 5000,
             "--quiet-report", stdin="hello\nagain\ns\nq\n")
     assert p.returncode == 0, p.stderr

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from hobbit_mlx.testing import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def env():
-    # (the session's conversion cache, conftest's HOBBIT_MLX_CACHE: the reference model is
-    # converted and measured once for the whole suite)
-    e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    e.pop("HOBBIT_MLX_DEBUG", None)
-    return e
+    return child_env(PYTHONPATH=str(REPO))
 
 
 def run(env, script, *args, stdin=""):

@@ -26,6 +26,7 @@ import openai
 import pytest
 
 from hobbit_mlx.loader import REFERENCE_MODEL
+from hobbit_mlx.testing import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "hobbit_mlx/reference_model"
@@ -86,10 +87,8 @@ def _wait_healthy(url: str) -> None:
 @contextlib.contextmanager
 def _serving(root: Path, store: Path, *flags: str):
     """A server process on ``store`` (exact, 32 tokens at most, every read's checksum checked),
-    stopped on exit. It keeps its measurements in the session's cache (conftest's
-    ``HOBBIT_MLX_CACHE``), where the servers after the first read them back."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("HOBBIT_MLX_DEBUG", None)
+    stopped on exit; the servers after the first read back its measurements."""
+    env = child_env()
     log_path = root / f"server{len(list(root.glob('server*.log')))}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
