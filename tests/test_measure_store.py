@@ -88,7 +88,9 @@ def test_a_cache_directory_that_cannot_be_written_only_costs_the_measurement(tin
     _, dst = tiny_factory("qwen3_moe")
     fresh.parent.mkdir(parents=True, exist_ok=True)
     fresh.write_text("a file where the directory would go")
-    assert _plan(dst).budget_bytes > 0
+    with pytest.warns(UserWarning, match="cannot keep the measured activations there") as said:
+        assert _plan(dst).budget_bytes > 0
+    assert str(fresh) in str(said[0].message)  # (which directory, so that it can be fixed)
 
 
 def test_only_the_newest_measurements_are_kept(tmp_path, monkeypatch):
