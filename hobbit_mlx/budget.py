@@ -253,10 +253,12 @@ class BudgetPlan:
         in shorter chunks is a little slower; smaller pools make every decoded token slower).
         Pools that hold every expert they may beside some chunk are never cut for a longer one:
         the longest such chunk (each sequence cut them, and decode grew them back, reading the
-        experts again)."""
+        experts again). (Such a chunk must also hold the context beside the pools' minimum,
+        which is more than their cap where one layer's top-k in 4 and 2 bits outweighs every
+        expert in 4 bits.)"""
         whole = [n for n, _ in self.activation_points if self.budget_bytes - self.dense_bytes
                  - self.activation_for(n, tokens) - self.kv_bytes(tokens, n)
-                 >= self.expert_cap_bytes]
+                 >= self.expert_cap_bytes and self.max_context(n) >= tokens]
         if whole:
             return whole[-1]
         room = self.budget_bytes - self.dense_bytes - self.kv_bytes(tokens)

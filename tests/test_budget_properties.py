@@ -6,7 +6,7 @@ that context, and the pools sized from a plan fit in the bytes the plan gives th
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hobbit_mlx.budget import KV_STEP, BudgetError, ContextBudgetError, plan_budget
@@ -76,6 +76,13 @@ def test_a_plan_sums_to_its_budget(model, extra, context):
 @SETTINGS
 @given(model=models(), extra=st.integers(0, 5_000 * MB), tokens=st.integers(1, 200_000),
        chunk=st.integers(1, 600))
+# (found by hypothesis: one layer's top-k is every expert, so the pools' minimum with a 2-bit pool
+# is above their cap, and plan_budget chose a chunk that held the cap but not the minimum)
+@example(model=dict(dense_bytes=1_000_000, activation_points=[(64, 64_000), (96, 96_000)],
+                    kv_bytes_per_token=1, kv_layer_bytes_per_token=0,
+                    context_activation=(0.0, 0.0, 0.0), all_high_bytes=64_008,
+                    min_high_bytes=64_008, min_low_bytes=32_004, mixed_precision=True),
+         extra=0, tokens=1, chunk=1)
 def test_a_plan_fitted_to_a_context_holds_it_or_says_why_not(model, extra, tokens, chunk):
     sizes = {k: v for k, v in model.items() if not k.startswith("_")}
     budget = plan_budget(**sizes, expert_residency=0.0).minimum_bytes + extra
