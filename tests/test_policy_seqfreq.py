@@ -81,3 +81,44 @@ def test_beats_lru_in_replay_on_a_skewed_trace(capacity):
     assert ours["requests"] == lru["requests"] == 2 * 150 * 4 * 2
     assert ours["hit_rate"] > lru["hit_rate"] + 0.05
     assert ours["hit_rate"] <= opt["hit_rate"]
+
+
+def test_a_layer_calls_misses_evict_what_scoring_every_expert_again_would():
+    """Victims after victims reuse the priorities scored for the first (nothing they depend on
+    changed): each is the one a fresh scoring picks, through uses, prefetches, new layers and
+    tokens, pinned experts and a new sequence."""
+    rng = np.random.default_rng(7)
+    policy = SequenceFrequencyPolicy(num_layers=6)
+    resident: set = set()
+
+    def fresh_victim(evictable):
+        slots = policy._keys.resident_slots()
+        return policy._keys.first_evictable(slots, policy.values(slots), evictable)
+
+    reused = 0
+    for step in range(3000):
+        op = rng.integers(0, 8)
+        key = _k(int(rng.integers(0, 6)), int(rng.integers(0, 24)))
+        if op == 0:
+            policy.on_layer(key[0])
+        elif op == 1 and key not in resident:
+            policy.on_insert(key)
+            resident.add(key)
+        elif op == 2 and resident:  # (the next victim among them: its priority rises)
+            policy.on_hits([fresh_victim(lambda k: True)] + [k for k in resident if rng.random() < 0.1])
+        elif op == 3 and key not in resident:
+            policy.on_prefetch(key)
+            resident.add(key)
+        elif op == 4 and step % 500 == 0:
+            policy.reset()
+        elif op >= 5 and resident:  # a call's misses: victims one after another
+            pinned = {k for k in resident if rng.random() < 0.3}
+            for _ in range(int(rng.integers(1, 5))):
+                if not resident - pinned:
+                    break
+                expected = fresh_victim(lambda k: k not in pinned)
+                reused += policy._ranked is not None
+                assert policy.victim(lambda k: k not in pinned) == expected
+                policy.on_evict(expected)
+                resident.discard(expected)
+    assert reused > 100  # (the reuse was exercised, not only the first scoring of each run)

@@ -41,6 +41,10 @@ class SlotTable:
     def resident_slots(self) -> np.ndarray:
         return np.flatnonzero(self._resident[:len(self.keys)])
 
+    def resident_mask(self, slots: np.ndarray) -> np.ndarray:
+        """Which of ``slots`` are resident now."""
+        return self._resident[slots]
+
     def first_evictable(self, slots: np.ndarray, priority: np.ndarray,
                         evictable: Callable[[Hashable], bool]) -> Hashable:
         """Among ``slots``, the key of lowest ``priority`` that ``evictable`` accepts. The few best
