@@ -105,6 +105,7 @@ def sizes(text: str) -> list[str]:
 
 residency = _one(residencies, "residency")
 size = _one(sizes, "memory size")
+count = _one(counts, "count")
 
 
 def storage(*names: str):

@@ -112,6 +112,7 @@ _BAD_ARGS = [
     ("inplace_read", ["--model", "/nonexistent"]),
     ("make_synthetic", ["--widen-reference", "0"]),
     ("replay", ["README.md"]),
+    ("victim_cost", ["--calls", "0"]),
 ]
 
 
@@ -864,3 +865,13 @@ def test_the_cold_note_names_each_case():
     assert "page cache (none), **store pages not dropped**" in cold_note(
         [{"direct_io": None, "page_cache_dropped": False}])
     assert cold_note([{"error": "BudgetError: too small"}]) == "cold (no run finished)"
+
+
+def test_victim_cost_prints_a_row_per_resident_count_and_misses(capsys):
+    from bench import victim_cost
+
+    victim_cost.main(["--resident", "64,96", "--misses", "1,3", "--layers", "4", "--calls", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and
+            line[2].isdigit()]
+    assert [tuple(r.split("|")[1:3]) for r in rows] == [
+        (" 64 ", " 1 "), (" 64 ", " 3 "), (" 96 ", " 1 "), (" 96 ", " 3 ")]
