@@ -59,12 +59,14 @@ def us_per_call(cls, layers: int, resident: int, misses: int, calls: int) -> flo
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--resident", type=arguments.counts, default=[256, 3072, 6000],
-                    help="resident experts (the reference model at 50%%: 256; Qwen3-30B-A3B: 3,072)")
+                    help="resident experts (the reference model at 50%%: 256; "
+                    "Qwen3-30B-A3B: 3,072)")
     ap.add_argument("--misses", type=arguments.counts, default=[1, 3, 8, 32])
     ap.add_argument("--layers", type=arguments.count, default=48)
     ap.add_argument("--calls", type=arguments.count, default=200)
     args = ap.parse_args(argv)
-    print("| resident experts | misses per call | rescoring every victim (µs) | once per call (µs) | x |")
+    print("| resident experts | misses per call | rescoring every victim (µs) "
+          "| once per call (µs) | x |")
     print("|---|---|---|---|---|")
     for resident in args.resident:
         layers = min(args.layers, resident)

@@ -96,7 +96,7 @@ def test_a_layer_calls_misses_evict_what_scoring_every_expert_again_would():
         return policy._keys.first_evictable(slots, policy.values(slots), evictable)
 
     reused = 0
-    for step in range(3000):
+    for _ in range(3000):
         op = rng.integers(0, 8)
         key = _k(int(rng.integers(0, 6)), int(rng.integers(0, 24)))
         if op == 0:
@@ -105,11 +105,12 @@ def test_a_layer_calls_misses_evict_what_scoring_every_expert_again_would():
             policy.on_insert(key)
             resident.add(key)
         elif op == 2 and resident:  # (the next victim among them: its priority rises)
-            policy.on_hits([fresh_victim(lambda k: True)] + [k for k in resident if rng.random() < 0.1])
+            hits = [k for k in resident if rng.random() < 0.1]
+            policy.on_hits([fresh_victim(lambda k: True)] + hits)
         elif op == 3 and key not in resident:
             policy.on_prefetch(key)
             resident.add(key)
-        elif op == 4 and step % 500 == 0:
+        elif op == 4 and rng.random() < 0.5:
             policy.reset()
         elif op >= 5 and resident:  # a call's misses: victims one after another
             pinned = {k for k in resident if rng.random() < 0.3}
@@ -122,3 +123,14 @@ def test_a_layer_calls_misses_evict_what_scoring_every_expert_again_would():
                 policy.on_evict(expected)
                 resident.discard(expected)
     assert reused > 100  # (the reuse was exercised, not only the first scoring of each run)
+    # A new sequence right after a victim: its counts are gone, so the next victim differs.
+    p = SequenceFrequencyPolicy(num_layers=1, w_dist=0.0)
+    _token(p, 0, inserts=[0, 1])
+    for _ in range(9):
+        _token(p, 0, hits=[0])  # 10 uses long ago
+    for _ in range(40):
+        _token(p, 0)
+    _token(p, 0, hits=[1, 1])  # 3 uses just now
+    assert p.victim(lambda k: True) == _k(0, 1)
+    p.reset()
+    assert p.victim(lambda k: True) == _k(0, 0)  # (0's burst term has decayed further than 1's)

@@ -42,7 +42,7 @@ class SequenceFrequencyPolicy:
         self._experts = SlotTable(uses=np.float64, recent=np.float64, last=np.int64)
         # (resident slots, their keep priority) while no statistic changed: a layer call's misses
         # evict one after another, and scoring every resident expert again for each (3,000 of
-        # them for Qwen3-30B-A3B at half residency) cost more than reading a miss's victim
+        # them for Qwen3-30B-A3B at half residency: ~0.1 ms) multiplied that by the misses
         self._ranked: tuple[np.ndarray, np.ndarray] | None = None
 
     def on_layer(self, layer: int) -> None:
