@@ -3,9 +3,13 @@
 resident-expert counts of real models, against scoring every resident expert again per victim.
 
     python bench/victim_cost.py [--resident 256,3072,6000] [--misses 1,3,8,32] [--calls 200]
+    python bench/victim_cost.py --model DIR [--residency 0.25] [--exact] [--reps 3]
 
 Both run in this process on the same statistics. A call: the next layer starts (priorities
 change), then each of its misses evicts the policy's victim. Prints µs per call and the ratio.
+With ``--model``, end to end instead: tokens/s of a 256-token prefill in 64-token chunks and of
+40 decoded tokens fed random token ids (so routing changes every token), the two victim choices
+alternated in one process, medians of ``--reps``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,53 @@ def us_per_call(cls, layers: int, resident: int, misses: int, calls: int) -> flo
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def end_to_end(model_dir: str, residency: float, exact: bool, reps: int) -> None:
+    import statistics
+
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import hobbit_mlx
+    from hobbit_mlx.loader import runtime_of
+
+    model, _ = hobbit_mlx.load(model_dir, expert_residency=residency, exact=exact)
+    rt = runtime_of(model)
+    rng = np.random.default_rng(0)
+    vocab = getattr(getattr(model, "args", None), "vocab_size", 256)
+
+    def run(tokens: int, step: int) -> tuple[float, float]:
+        """(tokens/s, misses per layer call) of ``tokens`` random ids in calls of ``step``."""
+        cache, ids = make_prompt_cache(model), rng.integers(5, vocab, tokens)
+        calls, misses = rt.stats.layer_calls, rt.stats.misses_high + rt.stats.misses_low
+        t0 = time.perf_counter()
+        for i in range(0, tokens, step):
+            mx.eval(model(mx.array(ids[None, i:i + step]), cache=cache))
+        rate = tokens / (time.perf_counter() - t0)
+        return rate, (rt.stats.misses_high + rt.stats.misses_low - misses) / max(
+            1, rt.stats.layer_calls - calls)
+
+    new = SequenceFrequencyPolicy.victim
+    print("| run | misses per layer call | rescoring every victim (tok/s) | once per call "
+          "(tok/s) | x |")
+    print("|---|---|---|---|---|")
+    for name, tokens, step in (("prefill, 64-token chunks", 256, 64), ("decode", 40, 1)):
+        run(tokens, step)  # (warm: the pools filled, MLX's kernels built)
+        rates, missed = {"old": [], "new": []}, []
+        try:
+            for _ in range(reps):
+                for which, victim in (("old", RescoringEveryVictim.victim), ("new", new)):
+                    SequenceFrequencyPolicy.victim = victim
+                    rate, m = run(tokens, step)
+                    rates[which].append(rate)
+                    missed.append(m)
+        finally:
+            SequenceFrequencyPolicy.victim = new
+        old, now = statistics.median(rates["old"]), statistics.median(rates["new"])
+        print(f"| {name} | {statistics.mean(missed):.2f} | {old:.1f} | {now:.1f} | "
+              f"{now / old:.2f} |")
+
+
+@arguments.refuse_bad_input
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--resident", type=arguments.counts, default=[256, 3072, 6000],
@@ -64,7 +115,14 @@ def main(argv=None) -> None:
     ap.add_argument("--misses", type=arguments.counts, default=[1, 3, 8, 32])
     ap.add_argument("--layers", type=arguments.count, default=48)
     ap.add_argument("--calls", type=arguments.count, default=200)
+    ap.add_argument("--model", type=arguments.model_dir,
+                    help="a hobbit model directory: measure end to end instead")
+    ap.add_argument("--residency", type=arguments.residency, default=0.25)
+    ap.add_argument("--exact", action="store_true")
+    ap.add_argument("--reps", type=arguments.count, default=3)
     args = ap.parse_args(argv)
+    if args.model:
+        return end_to_end(args.model, args.residency, args.exact, args.reps)
     print("| resident experts | misses per call | rescoring every victim (µs) "
           "| once per call (µs) | x |")
     print("|---|---|---|---|---|")

@@ -875,3 +875,16 @@ def test_victim_cost_prints_a_row_per_resident_count_and_misses(capsys):
             line[2].isdigit()]
     assert [tuple(r.split("|")[1:3]) for r in rows] == [
         (" 64 ", " 1 "), (" 64 ", " 3 "), (" 96 ", " 1 "), (" 96 ", " 3 ")]
+
+
+def test_victim_cost_end_to_end_alternates_the_two_choices(tiny_factory, capsys):
+    from bench import victim_cost
+    from hobbit_mlx.policies.seqfreq import SequenceFrequencyPolicy
+
+    ours = SequenceFrequencyPolicy.victim
+    _, dst = tiny_factory("qwen3_moe")
+    victim_cost.main(["--model", str(dst), "--residency", "0.5", "--exact", "--reps", "1"])
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| run")]
+    assert rows == ["prefill, 64-token chunks", "decode"]
+    assert SequenceFrequencyPolicy.victim is ours  # (the runtime's own choice put back)
