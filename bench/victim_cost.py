@@ -61,6 +61,8 @@ def us_per_call(cls, layers: int, resident: int, misses: int, calls: int) -> flo
 
 
 def end_to_end(model_dir: str, residency: float, exact: bool, reps: int) -> None:
+    """What the choice saves where it counts: whole model calls, misses read, compute included.
+    Random token ids, because a random-weight model's greedy text repeats and stops missing."""
     import statistics
 
     import mlx.core as mx
