@@ -14,6 +14,7 @@ if str(REPO) not in sys.path:
 
 from bench import replay as rp  # noqa: E402
 from bench import trace as tr  # noqa: E402
+from bench.victim_cost import RescoringEveryVictim  # noqa: E402
 from hobbit_mlx.policies.seqfreq import SequenceFrequencyPolicy  # noqa: E402
 
 
@@ -91,9 +92,8 @@ def test_a_layer_calls_misses_evict_what_scoring_every_expert_again_would():
     policy = SequenceFrequencyPolicy(num_layers=6)
     resident: set = set()
 
-    def fresh_victim(evictable):
-        slots = policy._keys.resident_slots()
-        return policy._keys.first_evictable(slots, policy.values(slots), evictable)
+    def fresh_victim(evictable):  # (the policy before the reuse: every victim scored afresh)
+        return RescoringEveryVictim.victim(policy, evictable)
 
     reused = 0
     for _ in range(3000):
