@@ -16,7 +16,8 @@ quality a user gets from the lossy techniques, which a one-pass prefill does not
 Per configuration and residency: decode tokens/s, time per token against exact LRU (x lru) and
 against mlx-lm with the whole model resident (x mlx-lm, same loop, same process), bytes read per
 token (and of them by prefetch guesses; guesses used / read per token), misses per token (4-bit /
-2-bit), skipped requests, decode perplexity (ppl x: against mlx-lm's) and top-1 agreement with mlx-lm. Storage: ``mac-like`` (default; reading one token's
+2-bit), skipped requests, decode perplexity (ppl x: against mlx-lm's), top-1 agreement with mlx-lm
+and the mean KL divergence of each next-token distribution from mlx-lm's. Storage: ``mac-like`` (default; reading one token's
 top-k experts takes 12x mlx-lm's resident decode step, measured first in this process), ``warm``
 (no simulation) or a ``hobbit_mlx.storage`` spec such as ``50MB/s``.
 """
@@ -53,10 +54,14 @@ def text_pieces(tokenizer, count: int, length: int) -> list[list[int]]:
     return pieces[:count]
 
 
-def forced_decode(model, piece: list[int], prompt_tokens: int, *, before_prompt=None) -> dict:
+def forced_decode(model, piece: list[int], prompt_tokens: int, *, before_prompt=None,
+                  reference: dict | None = None, keep_dist: bool = False) -> dict:
     """Prefill ``prompt_tokens`` of ``piece``, then decode the rest one true token at a time.
     Returns decode seconds, and per decoded position the log-likelihood of the next token and
-    the argmax."""
+    the argmax; with ``keep_dist``, the next-token distribution too (``dist``: its probabilities
+    and their sum times their logs, kept on the device); with ``reference`` (a ``keep_dist``
+    run's return on the same piece), the KL divergence of this run's next-token distribution
+    from the reference's at each position (``kl``)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
@@ -64,29 +69,46 @@ def forced_decode(model, piece: list[int], prompt_tokens: int, *, before_prompt=
         before_prompt(len(piece))
     logits = model(mx.array(piece[:prompt_tokens])[None], cache=cache)[:, -1]
     mx.eval(logits)
-    lls, tops = [], []
+    lls, tops, dists, kls = [], [], [], []
     t0 = time.perf_counter()
     for i in range(prompt_tokens, len(piece)):
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        lls.append(logp[0, piece[i]])
-        tops.append(mx.argmax(logits, axis=-1)[0])
+        logp = (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0].astype(mx.float32)
+        lls.append(logp[piece[i]])
+        tops.append(mx.argmax(logp))
+        step = [lls[-1], tops[-1]]
+        if keep_dist:
+            p = mx.exp(logp)
+            dists.append((p, (p * logp).sum()))
+            step += dists[-1]
+        if reference is not None:  # KL(reference || this) = sum p_ref log p_ref - sum p_ref log p
+            p_ref, neg_entropy = reference["dist"][i - prompt_tokens]
+            kls.append(neg_entropy - (p_ref * logp).sum())
+            step.append(kls[-1])
         logits = model(mx.array([[piece[i]]]), cache=cache)[:, -1]
-        mx.async_eval(logits, lls[-1], tops[-1])
+        mx.async_eval(logits, *step)
     mx.eval(logits)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "tokens": len(piece) - prompt_tokens,
-            "ll": np.array([x.item() for x in lls]), "top": np.array([x.item() for x in tops])}
+            "ll": np.array([x.item() for x in lls]), "top": np.array([x.item() for x in tops]),
+            "dist": dists, "kl": np.array([x.item() for x in kls]) if kls else None}
 
 
-def run_pieces(model, pieces, prompt_tokens, before_prompt=None) -> dict:
-    runs = [forced_decode(model, p, prompt_tokens, before_prompt=before_prompt) for p in pieces]
+def run_pieces(model, pieces, prompt_tokens, before_prompt=None, references=None,
+               keep_dist: bool = False) -> dict:
+    """Each piece decoded (``references``: a ``keep_dist`` run's per-piece returns, for KL)."""
+    runs = [forced_decode(model, p, prompt_tokens, before_prompt=before_prompt,
+                          reference=None if references is None else references[i],
+                          keep_dist=keep_dist)
+            for i, p in enumerate(pieces)]
     seconds, tokens = sum(r["seconds"] for r in runs), sum(r["tokens"] for r in runs)
     return {"seconds": seconds, "tokens": tokens, "tps": tokens / seconds,
             "ll": np.concatenate([r["ll"] for r in runs]),
-            "top": np.concatenate([r["top"] for r in runs])}
+            "top": np.concatenate([r["top"] for r in runs]), "pieces": runs,
+            "kl": None if references is None else np.concatenate([r["kl"] for r in runs])}
 
 
-def run_hobbit(paths, kwargs: dict, residency: float, storage, pieces, prompt_tokens) -> dict:
+def run_hobbit(paths, kwargs: dict, residency: float, storage, pieces, prompt_tokens,
+               references=None) -> dict:
     import hobbit_mlx
     from hobbit_mlx.loader import runtime_of
 
@@ -99,7 +121,7 @@ def run_hobbit(paths, kwargs: dict, residency: float, storage, pieces, prompt_to
         run_pieces(model, [pieces[0][:prompt_tokens + 8]], prompt_tokens, before_prompt)  # warm-up
         rt.wait_idle()
         before = dict(vars(rt.stats))
-        out = run_pieces(model, pieces, prompt_tokens, before_prompt)
+        out = run_pieces(model, pieces, prompt_tokens, before_prompt, references)
         rt.settle()
         rt.count_deferred()
         rt.wait_idle()
@@ -126,17 +148,20 @@ def write_results(out_dir: Path, name: str, rows: list[dict], *, runs: int, head
     if len(rows) < runs:
         lines.append(f"- **partial**: {len(rows)} of {runs} runs measured so far")
     lines += ["", "| config | residency | tok/s | x lru | x mlx-lm | KiB/token | of which guesses | "
-              "guesses used / read | 4-bit misses | 2-bit misses | skipped | ppl x | top-1 agree |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "guesses used / read | 4-bit misses | 2-bit misses | skipped | ppl x | top-1 agree | "
+              "KL vs mlx-lm |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['residency']:.1%} | {r['tps']:.3g} | "
                      f"{'n/a' if r['x_lru'] is None else format(r['x_lru'], '.2f')} | "
                      f"{r['x_mlx_lm']:.2f} | {r['bytes'] / 1024:.0f} | "
                      f"{r['prefetch_bytes'] / 1024:.0f} | {_guesses(r)} | {r['misses_high']:.2f} | "
                      f"{r['misses_low']:.2f} | {r['skipped']:.2f} | {r['ppl_x']:.3f} | "
-                     f"{r['top1_agree']:.3f} |")
+                     f"{r['top1_agree']:.3f} | {_kl(r)} |")
     lines += ["", "Guesses used / read: prefetch guesses per decoded token (n/a: nothing "
-              "prefetched).", "", "Configurations: " + "; ".join(f"**{n}** `{json.dumps(k)}`" for n, k in configs)]
+              "prefetched). KL vs mlx-lm: the mean KL divergence of each next-token distribution "
+              "from mlx-lm's at the same position, in nats (0: the same distributions; unlike "
+              "perplexity, a lossy run cannot come out ahead on it by chance).", "", "Configurations: " + "; ".join(f"**{n}** `{json.dumps(k)}`" for n, k in configs)]
     text = "\n".join(lines) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, data in ((out_dir / f"{name}.md", text),
@@ -147,6 +172,12 @@ def write_results(out_dir: Path, name: str, rows: list[dict], *, runs: int, head
         tmp.write_text(data)
         tmp.replace(path)
     return text
+
+
+def _kl(r: dict) -> str:
+    """Mean KL divergence of the run's next-token distributions from mlx-lm's, in nats
+    (rows recorded before it was measured have none)."""
+    return "n/a" if r.get("kl") is None else f"{r['kl']:.4f}"
 
 
 def _guesses(r: dict) -> str:
@@ -212,7 +243,7 @@ def main(argv=None) -> int:
         base.set_dtype(compute_dtype())
     pieces = text_pieces(tokenizer, args.pieces, args.prompt_tokens + args.tokens)
     run_pieces(base, [pieces[0][:args.prompt_tokens + 8]], args.prompt_tokens)  # warm-up
-    ref = run_pieces(base, pieces, args.prompt_tokens)
+    ref = run_pieces(base, pieces, args.prompt_tokens, keep_dist=True)
     ref_ppl = math.exp(-ref["ll"].mean())
     if args.storage == "mac-like":
         ratio = MAC_READ_RATIO if args.ratio is None else args.ratio
@@ -236,11 +267,13 @@ def main(argv=None) -> int:
     for residency in residencies:
         lru_tps = None
         for name, kwargs in configs:
-            out = run_hobbit(paths, kwargs, residency, storage, pieces, args.prompt_tokens)
+            out = run_hobbit(paths, kwargs, residency, storage, pieces, args.prompt_tokens,
+                             ref["pieces"])
             ppl = math.exp(-out["ll"].mean())
             row = {"config": name, "residency": residency, "tps": out["tps"],
                    "x_mlx_lm": out["tps"] / ref["tps"], "ppl": ppl, "ppl_x": ppl / ref_ppl,
-                   "top1_agree": float((out["top"] == ref["top"]).mean()), **out["per_token"]}
+                   "top1_agree": float((out["top"] == ref["top"]).mean()),
+                   "kl": float(out["kl"].mean()), **out["per_token"]}
             if name == "lru":
                 lru_tps = out["tps"]
             row["x_lru"] = out["tps"] / lru_tps if lru_tps else None
@@ -249,7 +282,8 @@ def main(argv=None) -> int:
                   f"{row['x_lru'] or float('nan'):.2f}  KiB/token {row['bytes'] / 1024:6.0f}  "
                   f"(prefetch {row['prefetch_bytes'] / 1024:4.0f}, used / read "
                   f"{_guesses(row)})  "
-                  f"ppl x {row['ppl_x']:.3f}  top-1 {row['top1_agree']:.3f}", file=sys.stderr)
+                  f"ppl x {row['ppl_x']:.3f}  top-1 {row['top1_agree']:.3f}  "
+                  f"KL {row['kl']:.4f}", file=sys.stderr)
             text = write_results(out_dir, stem, rows,
                                  runs=len(residencies) * len(configs), head=head,
                                  configs=configs, json_extra=json_extra)

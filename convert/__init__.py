@@ -48,8 +48,8 @@ from .destination import (_check_dst, _check_not_source, _check_parent, _deliver
                           _keep_for_resume, _new_partial, _real, _remove, _signals_held,
                           _take_over_partials)
 from .errors import ConversionError
-from .experts import (_check_expert_tensors, _check_flags, _check_group_size, _convert_layer,
-                      default_bits)
+from .experts import (LOW_ROUNDINGS, _check_expert_tensors, _check_flags, _check_group_size,
+                      _convert_layer, default_bits)
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
 from .resume import ConversionProgress, PartialClaim, conversion_stamp
 from .source import (MODEL_FILE_PATTERNS, _check_not_converted, _load_source_weights, _model_files,
@@ -67,7 +67,7 @@ from .source import _source_quantization as _source_quantization
 def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
             low_bits: int | None = None, group_size: int = 64, force: bool = False,
             progress: bool = True, copy: bool = False,
-            adapter_path: str | Path | None = None) -> Path:
+            adapter_path: str | Path | None = None, low_rounding: str = "fitted") -> Path:
     """Convert ``src`` into the hobbit model directory ``dst`` and return its path.
 
     ``bits``: the high-precision experts' width; an mlx-lm quantized source keeps its own (None
@@ -75,6 +75,10 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
     and so are its dense weights (attention, embeddings, lm_head), as ``mlx_lm.convert -q
     --q-bits`` quantizes them; an mlx-lm quantized source's dense weights stay as they are.
     ``low_bits``: the low-precision copies' width (default 2, and below ``bits``).
+    ``low_rounding``: how the low copies' groups are quantized: ``"fitted"`` (each group's scale
+    and bias fitted by least squares: ``fitted_quant.py``; a third less error at 2 bits) or
+    ``"nearest"`` (``mx.quantize``'s grid from each group's minimum and maximum). The high copy
+    is always mlx-lm's own quantization.
 
     An mlx-lm quantized source is read in place (by reference) unless ``copy``; the store then
     depends on the source files staying where and as they are (checked at every load). A DST
@@ -87,6 +91,8 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
     from tqdm import tqdm
 
     _check_flags(bits, low_bits, group_size)
+    if low_rounding not in LOW_ROUNDINGS:
+        raise ConversionError(f"low_rounding {low_rounding!r}: one of {', '.join(LOW_ROUNDINGS)}")
     adapter_path = adapter_path or None  # ("": none, as mlx-lm reads it)
     adapters = [] if adapter_path is None else adapter_files(adapter_path, ConversionError)
     dst = Path(dst).expanduser()
@@ -137,7 +143,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
     stamp = conversion_stamp(source_files + adapters, json.dumps(raw_config, sort_keys=True),
                              {"source": source, "bits": bits, "low_bits": low_bits,
                               "group_size": group_size, "by_reference": by_reference,
-                              "adapter": adapter.get("path", "")})
+                              "adapter": adapter.get("path", ""), "low_rounding": low_rounding})
     try:
         state = _take_over_partials(dst, stamp, len(switches), claim)
         if state is None:
@@ -160,7 +166,7 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
                     if li >= done:
                         state.record(tmp, _convert_layer(
                             weights, li, path, switch, tmp, files, precisions, bar, refs,
-                            config.get("quantization") is not None))
+                            config.get("quantization") is not None, low_rounding))
                     for k in [k for k in weights if k.startswith(path + ".")]:
                         del weights[k]  # let the layer's source tensors go
         finally:

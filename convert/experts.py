@@ -7,6 +7,7 @@ from __future__ import annotations
 import numbers
 import os
 import zlib
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,10 +20,13 @@ from hobbit_mlx.store import (PAGE_SIZE, STORE_DIR, LayerEntry, PrecisionEntry, 
                               record_alignment, safetensors_header)
 
 from .errors import ConversionError
+from .fitted_quant import fitted_quantize
 from .reference import ReferenceBuilder
 from .source import _source_quantization
 
 CHUNK_BYTES = 512 * 2**20  # float weights materialised at once while requantizing experts
+FIT_COPIES = 4  # a fitted chunk's float temporaries, in copies of the chunk (fitted_quant)
+LOW_ROUNDINGS = ("fitted", "nearest")  # the low copies' groups: least-squares fit, mx.quantize
 TENSOR_ALIGN = 64
 _MX_TO_ST = {mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16", mx.float16: "F16",
              mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32", mx.float32: "F32",
@@ -99,8 +103,10 @@ def _projection_quant(weights: dict, key: str, in_dim: int, want: dict, keep_sou
     return dict(want, mode="affine")
 
 
-def _expert_tensors(weights: dict, key: str, in_dim: int, quant: dict, e0: int, e1: int) -> dict:
-    """The tensors of experts e0..e1 of one projection at one quantization (lazy)."""
+def _expert_tensors(weights: dict, key: str, in_dim: int, quant: dict, e0: int, e1: int,
+                    fitted: bool = False) -> dict:
+    """The tensors of experts e0..e1 of one projection at one quantization (lazy). ``fitted``:
+    a requantized copy's groups fitted by least squares (``fitted_quant``), not mx.quantize's."""
     out = {}
     w = weights[f"{key}.weight"][e0:e1]
     src_q = _source_quantization(weights, key, in_dim)
@@ -116,7 +122,8 @@ def _expert_tensors(weights: dict, key: str, in_dim: int, quant: dict, e0: int, 
             b = weights.get(f"{key}.biases")
             w = mx.dequantize(w, weights[f"{key}.scales"][e0:e1], None if b is None else b[e0:e1],
                               group_size=src_q["group_size"], bits=src_q["bits"], mode=src_q["mode"])
-        q = mx.quantize(w, quant["group_size"], quant["bits"], mode="affine")
+        q = (fitted_quantize if fitted else partial(mx.quantize, mode="affine"))(
+            w, quant["group_size"], quant["bits"])
         out["weight"], out["scales"] = q[0], q[1]
         if len(q) > 2 and q[2] is not None:
             out["biases"] = q[2]
@@ -146,7 +153,7 @@ def _check_expert_tensors(weights: dict, key: str, num_experts: int) -> None:
 
 def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], precisions: dict,
                    progress, refs: ReferenceBuilder | None = None,
-                   quantized_source: bool = False) -> LayerEntry:
+                   quantized_source: bool = False, low_rounding: str = "fitted") -> LayerEntry:
     num_experts = num_experts_of(switch)
     proj_names = switch_linear_paths(switch)
     modules = dict(switch.named_modules())
@@ -170,13 +177,16 @@ def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], preci
         rel = f"{STORE_DIR}/{pname}/layer_{li:03d}.safetensors"
         writer = _LayerWriter(tmp / rel, num_experts, dict(sorted(shapes.items())),
                               compact=refs is not None)
+        fitted = pname == "low" and low_rounding == "fitted"
         try:
             for p in proj_names:
                 out_dims, in_dim = modules[p].weight.shape[1:]
-                step = max(1, CHUNK_BYTES // (out_dims * in_dim * 4))
+                # (a fit holds a few float copies of its chunk at once)
+                step = max(1, CHUNK_BYTES // (FIT_COPIES if fitted else 1) // (out_dims * in_dim * 4))
                 for e0 in range(0, num_experts, step):
                     e1 = min(num_experts, e0 + step)
-                    chunk = _expert_tensors(weights, f"{path}.{p}", in_dims[p], quant[p], e0, e1)
+                    chunk = _expert_tensors(weights, f"{path}.{p}", in_dims[p], quant[p], e0, e1,
+                                            fitted)
                     mx.eval(list(chunk.values()))
                     for name, arr in chunk.items():
                         data = _to_numpy(arr)

@@ -113,6 +113,9 @@ _BAD_ARGS = [
     ("make_synthetic", ["--widen-reference", "0"]),
     ("replay", ["README.md"]),
     ("victim_cost", ["--calls", "0"]),
+    ("low_rounding", ["--low-bits", "7"]),
+    ("low_rounding", ["--tokens", "0"]),
+    ("low_rounding", ["--model", "/nonexistent"]),
 ]
 
 
@@ -612,11 +615,34 @@ def test_forced_decode_compares_configurations_on_the_same_tokens(tiny_model, tm
     assert rows["lru"]["top1_agree"] == 1.0 and rows["lru"]["x_lru"] == 1.0
     assert rows["lru"]["bytes"] > 0 and rows["lru"]["misses_low"] == 0
     assert rows["default"]["bytes"] < rows["lru"]["bytes"]
+    # KL from mlx-lm's distributions: nil where exact, above it where lossy
+    assert abs(rows["lru"]["kl"]) < 1e-5 and rows["default"]["kl"] > 1e-4
     assert rows["default"]["x_lru"] > 0 and "| default | 25.0% |" in (out / "fd.md").read_text()
     pf = rows["pf"]  # exact with prefetch: the same likelihoods; its guesses are part of the bytes
     assert pf["ppl_x"] == pytest.approx(1.0, abs=1e-5) and pf["top1_agree"] == 1.0
     assert 0 < pf["prefetch_bytes"] <= pf["bytes"] and pf["prefetch_used"] <= pf["prefetch_issued"]
     assert rows["lru"]["prefetch_issued"] == 0
+
+
+def test_low_rounding_compares_the_two_roundings_on_the_same_tokens(tiny_model, tmp_path):
+    """Both conversions are made and decoded; the fitted rounding loses less of the weights."""
+    from bench import low_rounding
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert low_rounding.main(["--model", str(tiny_model[0]), "--residencies", "0.25",
+                              "--prompt-tokens", "8", "--tokens", "4", "--pieces", "1",
+                              "--configs", "default", "--work", str(work), "--out", str(out),
+                              "--name", "lr"]) == 0
+    text = (out / "lr.md").read_text()
+    fitted, nearest = (float(x) for x in text.split("| all | ")[1].split(" |")[:2])
+    assert 0 < fitted < 0.8 * nearest
+    kls = text.split("| default | 25.0% | ")[1].split(" |")[0].split(" / ")
+    assert all(float(k) > 0 for k in kls)  # (the tiny model's lossy runs differ from mlx-lm)
+    assert "| default | 25.0% |" in text
+    for rounding in ("fitted", "nearest"):
+        assert json.loads((out / f"lr-{rounding}.json").read_text())["complete"]
+    low = "experts/low/layer_000.safetensors"
+    assert (work / "fitted" / low).read_bytes() != (work / "nearest" / low).read_bytes()
 
 
 def test_forced_decode_keeps_the_rows_of_a_run_cut_short(tmp_path):
