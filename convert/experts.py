@@ -25,7 +25,6 @@ from .reference import ReferenceBuilder
 from .source import _source_quantization
 
 CHUNK_BYTES = 512 * 2**20  # float weights materialised at once while requantizing experts
-FIT_COPIES = 4  # a fitted chunk's float temporaries, in copies of the chunk (fitted_quant)
 LOW_ROUNDINGS = ("fitted", "nearest")  # the low copies' groups: least-squares fit, mx.quantize
 TENSOR_ALIGN = 64
 _MX_TO_ST = {mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16", mx.float16: "F16",
@@ -181,8 +180,7 @@ def _convert_layer(weights, li, path, switch, tmp: Path, files: list[str], preci
         try:
             for p in proj_names:
                 out_dims, in_dim = modules[p].weight.shape[1:]
-                # (a fit holds a few float copies of its chunk at once)
-                step = max(1, CHUNK_BYTES // (FIT_COPIES if fitted else 1) // (out_dims * in_dim * 4))
+                step = max(1, CHUNK_BYTES // (out_dims * in_dim * 4))
                 for e0 in range(0, num_experts, step):
                     e1 = min(num_experts, e0 + step)
                     chunk = _expert_tensors(weights, f"{path}.{p}", in_dims[p], quant[p], e0, e1,

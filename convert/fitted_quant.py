@@ -23,6 +23,7 @@ import numpy as np
 # mx.quantize's grid; larger s clip the extremes, which least squares then moves.
 SPACINGS = (0.0, 0.5)
 REFITS = 2  # rounds of (round onto the grid, fit the grid) after each spacing's first fit
+BLOCK_GROUPS = 2**12  # groups fitted at once (their float temporaries: about 1 MB each)
 
 
 def fitted_quantize(w: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -34,6 +35,16 @@ def fitted_quantize(w: mx.array, group_size: int, bits: int) -> tuple[mx.array, 
         raise ValueError(f"the last axis ({shape[-1]}) is not a multiple of the group size "
                          f"({group_size})")
     x = w.reshape(-1, group_size).astype(mx.float32)
+    mx.eval(x)
+    parts = [_fit_block(x[i:i + BLOCK_GROUPS], bits, w.dtype) for i in range(0, len(x), BLOCK_GROUPS)]
+    packed, scales, biases = (mx.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))
+    groups = shape[:-1] + (shape[-1] // group_size,)
+    return packed.reshape(*shape[:-1], -1), scales.reshape(groups), biases.reshape(groups)
+
+
+def _fit_block(x: mx.array, bits: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
+    """One block of groups (rows of ``x``) fitted and packed, evaluated before the next block
+    starts, so that the fit's float temporaries stay a few copies of one block."""
     levels = 2 ** bits - 1
     lo = x.min(axis=-1, keepdims=True)
     span = x.max(axis=-1, keepdims=True) - lo
@@ -50,12 +61,12 @@ def fitted_quantize(w: mx.array, group_size: int, bits: int) -> tuple[mx.array, 
         else:
             better = err < best[0]
             best = tuple(mx.where(better, new, old) for new, old in zip((err, scale, bias), best))
-    scale, bias = (a.astype(w.dtype) for a in best[1:])
-    # The levels for the scale and bias as stored (rounded to w's dtype).
+    scale, bias = (a.astype(dtype) for a in best[1:])
+    # The levels for the scale and bias as stored (rounded to the weights' dtype).
     q = _round_onto(x, scale.astype(mx.float32), bias.astype(mx.float32), levels)
-    groups = shape[:-1] + (shape[-1] // group_size,)
-    return pack(q.reshape(shape).astype(mx.uint8), bits), scale.reshape(groups), \
-        bias.reshape(groups)
+    out = (pack(q.astype(mx.uint8), bits), scale, bias)
+    mx.eval(out)
+    return out
 
 
 def _round_onto(x: mx.array, scale: mx.array, bias: mx.array, levels: int) -> mx.array:
