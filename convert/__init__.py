@@ -40,7 +40,7 @@ from mlx_lm.utils import load_config
 
 from hobbit_mlx.architectures import (UnsupportedModelError, describe_moe,
                                       num_experts_of, switch_linear_paths)
-from hobbit_mlx.store import STORE_DIR, Manifest, StoreError, is_hobbit_model
+from hobbit_mlx.store import LOW_ROUNDINGS, STORE_DIR, Manifest, StoreError, is_hobbit_model
 
 from .adapters import adapter_files, adapter_record, fused_weights
 from .dense import _dense_weights, _write_dense, check_dense_weights, sanitize_weights
@@ -48,7 +48,7 @@ from .destination import (_check_dst, _check_not_source, _check_parent, _deliver
                           _keep_for_resume, _new_partial, _real, _remove, _signals_held,
                           _take_over_partials)
 from .errors import ConversionError
-from .experts import (LOW_ROUNDINGS, _check_expert_tensors, _check_flags, _check_group_size,
+from .experts import (_check_expert_tensors, _check_flags, _check_group_size,
                       _convert_layer, default_bits)
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
 from .resume import ConversionProgress, PartialClaim, conversion_stamp
@@ -193,7 +193,8 @@ def convert(src: str | Path, dst: str | Path, *, bits: int | None = None,
         for f in _model_files(src_dir):
             shutil.copy2(f, tmp / f.name)
         Manifest(config["model_type"], layers[0].num_experts, facts["experts_per_token"], files,
-                 layers, source=source, references=references, adapter=adapter).save(tmp)
+                 layers, source=source, references=references, adapter=adapter,
+                 low_rounding=low_rounding).save(tmp)
         ConversionProgress.discard(tmp)
         note = (f"[convert] interrupted while {dst} is being replaced: finishing that first "
                 "(the new model is complete)")

@@ -8,6 +8,7 @@ import sys
 import time
 
 from hobbit_mlx.cli_common import Parser
+from hobbit_mlx.store import LOW_ROUNDINGS
 
 from . import ConversionError, StoreError, UnsupportedModelError, convert, interrupt_handler
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                              "weights as they are")
     parser.add_argument("--low-bits", type=int, default=None,
                         help="low-precision expert bits, below --bits (default 2)")
-    parser.add_argument("--low-rounding", choices=("fitted", "nearest"), default="fitted",
+    parser.add_argument("--low-rounding", choices=LOW_ROUNDINGS, default=LOW_ROUNDINGS[0],
                         help="the low-precision copies' groups: 'fitted' (default; scale and bias "
                              "fitted by least squares, a third less error at 2 bits) or "
                              "'nearest' (mx.quantize's grid from each group's minimum and maximum)")

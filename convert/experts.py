@@ -25,7 +25,6 @@ from .reference import ReferenceBuilder
 from .source import _source_quantization
 
 CHUNK_BYTES = 512 * 2**20  # float weights materialised at once while requantizing experts
-LOW_ROUNDINGS = ("fitted", "nearest")  # the low copies' groups: least-squares fit, mx.quantize
 TENSOR_ALIGN = 64
 _MX_TO_ST = {mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16", mx.float16: "F16",
              mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32", mx.float32: "F32",

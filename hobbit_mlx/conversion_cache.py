@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import (WEIGHT_INDEX, StoreError, check_references, checkpoint_weight_files,
+from .store import (LOW_ROUNDINGS, WEIGHT_INDEX, StoreError, check_references, checkpoint_weight_files,
                     file_stamp, is_hobbit_model, load_manifest, reconvert_command)
 
 
@@ -82,7 +82,9 @@ def resolve_model(path: str | Path, progress: bool = True,
                 return target
             if progress:  # (a cached conversion whose source changed is ours to redo)
                 what = f" with the adapters of {adapter_path} fused" if adapters else ""
-                print(f"[hobbit_mlx] converting {path}{what} into {target} (once)")
+                again = _outdated_note(target) if is_hobbit_model(target) else ""
+                print(f"[hobbit_mlx] converting {path}{what} into {target} "
+                      f"{again or '(once)'}")
             _drop_outdated(target, str(local.resolve()) if local.exists() else str(path),
                            fused.get("path", ""))
             convert(path, target, force=True, progress=progress, adapter_path=adapter_path)
@@ -230,7 +232,9 @@ def _still_converted(target: Path, made_from: dict | None, adapter: dict) -> boo
     and those of a local source (``made_from``) as they were when converted; the adapters fused
     in (``adapter_record``) the same. A float source's store is a copy, so nothing but this
     stamp ties it to the weights it was made from; one converted before stamps were kept is
-    trusted only where its references cover the weights."""
+    trusted only where its references cover the weights. One whose low copies were rounded
+    as this converter no longer rounds them (before the fit, ``LOW_ROUNDINGS``) is made again:
+    the cache holds what ``convert`` makes now."""
     try:
         manifest = load_manifest(target, check_files=False)
         check_references(target, manifest)
@@ -238,12 +242,29 @@ def _still_converted(target: Path, made_from: dict | None, adapter: dict) -> boo
         return False
     if manifest.adapter != adapter:  # (retrained into the same folder)
         return False
+    if _older_rounding(manifest):
+        return False
     if made_from is None:  # (a hub id the Hugging Face cache does not hold now)
         return True
     try:
         return json.loads((target / SOURCE_STAMP).read_text()) == made_from
     except (OSError, ValueError):
         return bool(manifest.references)
+
+
+def _older_rounding(manifest) -> bool:
+    return manifest.low_rounding != LOW_ROUNDINGS[0]
+
+
+def _outdated_note(target: Path) -> str:
+    """Why a cached conversion is made again, where the user could not guess it."""
+    try:
+        if _older_rounding(load_manifest(target, check_files=False)):
+            return ("again: its 2-bit copies were rounded to the nearest level, and this "
+                    "converter fits them (a third less error)")
+    except StoreError:
+        pass
+    return ""
 
 
 def _write_stamp(target: Path, made_from: dict) -> None:
@@ -386,6 +407,8 @@ def _conversion_state(d: Path, manifest) -> tuple[str, bool]:
         return "outdated: config.json changed", True
     if expected.name != d.name:
         return f"outdated: a load of it converts into {expected.name}", True
+    if _older_rounding(manifest):
+        return "outdated: 2-bit copies rounded by an older converter", True
     made_from = source_stamp(local) if snapshot is None else _snapshot_stamp(snapshot)
     if not _still_converted(d, made_from, manifest.adapter):
         return "outdated: source changed", True

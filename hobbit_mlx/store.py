@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_NAME = "hobbit-expert-store"
+# How the low copies' groups were quantized: least-squares fitted (convert/fitted_quant.py, the
+# converter's default) or mx.quantize's nearest level (every store made before the fit).
+LOW_ROUNDINGS = ("fitted", "nearest")
 FORMAT_VERSION = 2  # 2: files outside the model directory, read in place (``references``)
 READABLE_VERSIONS = (1, 2)
 STORE_DIR = "experts"
@@ -169,6 +172,7 @@ class Manifest:
     references: dict[str, dict] = field(default_factory=dict)
     # the adapters fused into it (``--adapter-path``): {"path", "files": {name: stamp}}, or {}
     adapter: dict = field(default_factory=dict)
+    low_rounding: str = "nearest"  # one of LOW_ROUNDINGS (absent from older manifests)
 
     def expert_bytes(self, precision: str, float_itemsize: int | None = None) -> int:
         """All experts at one precision: as stored, or once read with floats cast."""
@@ -183,6 +187,7 @@ class Manifest:
                 "num_experts": self.num_experts, "experts_per_token": self.experts_per_token,
                 "page_size": self.page_size, "source": self.source, "files": self.files,
                 "references": self.references, "layers": [l.to_json() for l in self.layers],
+                "low_rounding": self.low_rounding,
                 **({"adapter": self.adapter} if self.adapter else {})}
 
     @classmethod
@@ -196,7 +201,7 @@ class Manifest:
                        list(obj["files"]), [LayerEntry.from_json(l) for l in obj["layers"]],
                        obj.get("source", ""), int(obj.get("page_size", PAGE_SIZE)),
                        {k: dict(v) for k, v in obj.get("references", {}).items()},
-                       dict(obj.get("adapter") or {}))
+                       dict(obj.get("adapter") or {}), str(obj.get("low_rounding", "nearest")))
         check_layers(manifest)
         return manifest
 

@@ -237,3 +237,34 @@ def test_a_lock_file_removed_under_a_waiting_process_is_taken_again(tmp_path):
     waiter.join(10)
     assert got and os.fstat(got[0]).st_ino == os.stat(path).st_ino
     os.close(got[0])
+
+
+def test_a_conversion_made_before_the_fit_is_outdated_and_made_again(tmp_path, cache, capsys):
+    """A cached conversion whose 2-bit copies were rounded to the nearest level (every one made
+    before the fit, whose manifest says nothing of rounding) is what no load reads any more: it
+    is listed as outdated, and a load converts it again, saying why, into fitted copies."""
+    import json
+
+    from hobbit_mlx.store import load_manifest, manifest_path
+
+    src = _source(tmp_path, "old")
+    target = resolve_model(src, progress=False)
+    low_file = next(f for f in load_manifest(target).files if "/low/" in f)
+    fitted_low = (target / low_file).read_bytes()
+    assert load_manifest(target).low_rounding == "fitted"
+    assert [e.state for e in scan(cache)] == ["current"]
+    converter.convert(src, target, force=True, progress=False, low_rounding="nearest")
+    obj = json.loads(manifest_path(target).read_text())
+    del obj["low_rounding"]  # (as a manifest written before the fit)
+    manifest_path(target).write_text(json.dumps(obj))
+    assert load_manifest(target).low_rounding == "nearest"
+    (entry,) = scan(cache)
+    assert entry.stale and entry.state == "outdated: 2-bit copies rounded by an older converter"
+
+    capsys.readouterr()
+    assert resolve_model(src, progress=True) == target
+    assert "again: its 2-bit copies were rounded to the nearest level" in capsys.readouterr().out
+    assert load_manifest(target).low_rounding == "fitted"
+    assert (target / low_file).read_bytes() == fitted_low
+    assert [e.state for e in scan(cache)] == ["current"]
+    assert resolve_model(src, progress=False) == target
