@@ -45,6 +45,20 @@ def test_fitted_groups_are_closer_than_mx_quantize_in_its_format(bits, dtype):
     assert ratio < (0.8 if bits <= 2 else 0.95)
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_blocks_of_groups_fit_as_the_whole_tensor_would(bits, monkeypatch):
+    """The fit goes block by block (its temporaries bounded); blocks that split the tensor's rows
+    (7 groups each here) give the same bytes as one block."""
+    import convert.fitted_quant as fq
+
+    mx.random.seed(bits)
+    w = (mx.random.normal((3, 10, 256)) * 0.02).astype(mx.bfloat16)
+    whole = fitted_quantize(w, 64, bits)
+    monkeypatch.setattr(fq, "BLOCK_GROUPS", 7)
+    for a, b in zip(fitted_quantize(w, 64, bits), whole):
+        assert a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b)
+
+
 def test_a_constant_group_comes_back_exactly():
     w = mx.concatenate([mx.zeros((2, 64)), mx.full((2, 64), 0.25), mx.random.normal((2, 64))])
     back = mx.dequantize(*fitted_quantize(w, 64, 2), group_size=64, bits=2)
