@@ -48,8 +48,8 @@ from .destination import (_check_dst, _check_not_source, _check_parent, _deliver
                           _keep_for_resume, _new_partial, _real, _remove, _signals_held,
                           _take_over_partials)
 from .errors import ConversionError
-from .experts import (_check_expert_tensors, _check_flags, _check_group_size,
-                      _convert_layer, default_bits)
+from .experts import (_check_expert_tensors, _check_flags, _check_group_size, _convert_layer,
+                      default_bits)
 from .reference import ReferenceBuilder, index_source, link_dense, unchanged_by_sanitize
 from .resume import ConversionProgress, PartialClaim, conversion_stamp
 from .source import (MODEL_FILE_PATTERNS, _check_not_converted, _load_source_weights, _model_files,

@@ -36,7 +36,8 @@ def fitted_quantize(w: mx.array, group_size: int, bits: int) -> tuple[mx.array, 
                          f"({group_size})")
     x = w.reshape(-1, group_size).astype(mx.float32)
     mx.eval(x)
-    parts = [_fit_block(x[i:i + BLOCK_GROUPS], bits, w.dtype) for i in range(0, len(x), BLOCK_GROUPS)]
+    parts = [_fit_block(x[i:i + BLOCK_GROUPS], bits, w.dtype)
+             for i in range(0, len(x), BLOCK_GROUPS)]
     packed, scales, biases = (mx.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))
     groups = shape[:-1] + (shape[-1] // group_size,)
     return packed.reshape(*shape[:-1], -1), scales.reshape(groups), biases.reshape(groups)

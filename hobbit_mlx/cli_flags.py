@@ -88,8 +88,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="HOBBIT: a miss on an expert whose unimportance exceeds --t2 is dropped, "
                         "not read (default: on unless --exact).")
     t.add_argument("--big-little", action=argparse.BooleanOptionalAction, default=None,
-                   help="MoBiLE: confident tokens run only their top-k/2 experts (default: on "
-                        "unless --exact).")
+                   help="MoBiLE: confident tokens run only their top-k/2 experts (default: off; "
+                        "at the default thresholds it drops what --skip drops).")
     t.add_argument("--little-threshold", type=float, default=0.8,
                    help="Gate mass of the top-k/2 experts that makes a token 'little' (default: %(default)s).")
     t.add_argument("--little-keeps-resident", action=argparse.BooleanOptionalAction, default=True,

@@ -280,7 +280,8 @@ def load(path: str | Path | None = None, memory_budget: int | float | str | None
 
     * ``mixed_precision`` (HOBBIT): a miss on a low-importance expert loads its 2-bit copy;
       thresholds ``t1``/``t2``; ``skip`` drops the least important.
-    * ``big_little`` (MoBiLE): confident tokens run top-k/2 experts (``little_threshold``).
+    * ``big_little`` (MoBiLE, off by default): confident tokens run top-k/2 experts
+      (``little_threshold``).
     * ``prefetch_layers``: predict and read the next layers' experts in the background (0 turns it
       off); ``prefetch_width``: experts predicted per token and layer ahead, as a multiple of
       top-k; ``prefetch_recall``: instead, each layer's width adapts (from ``prefetch_width``,
@@ -465,11 +466,6 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
         ps.policy = make_policy(policy, shallow_layers=keep_shallow_layers, **policy_kwargs)
     cache.set_scratch(scratch, min_regular=k)
     apply_plan(runtime, groups, plan)
-    if o.big_little is None and all(cache.capacity(l.layer, "high") >= cache.experts_served(
-            l.layer, "high") for l in manifest.layers):
-        # Big-little by default saves reads; with every expert resident there are none to save,
-        # and its per-call choice would cost a host sync per layer.
-        runtime.precision.big_little = False
     follow_sequence(runtime, groups, prefill_step_size)
     if prefetch_layers:
         width = max(1, round(o.prefetch_width * k))

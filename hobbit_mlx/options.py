@@ -79,7 +79,11 @@ class LoadOptions:
     # mixed precision (so not in exact mode): a miss reads 4-bit only for an expert chosen this
     # often lately (each use counts 1, fading by 0.9 per call of its layer), else 2-bit; 0: off
     upgrade_after: float = DEFAULT_UPGRADE_AFTER
-    big_little: bool | None = None  # MoBiLE; None: on unless exact
+    # MoBiLE; None: off. Measured on teacher-forced decode under mac-like storage: at the default
+    # t2 = little_threshold and with little_keeps_resident, a little token's dropped experts are
+    # those skip drops anyway (the same bytes), and renormalizing the rest over what runs cost
+    # quality (KL from mlx-lm +5%, bench/results/big-little-defaults.md)
+    big_little: bool | None = None
     little_threshold: float = 0.8
     little_keeps_resident: bool = True  # big-little drops only experts that would be read
     prefetch_layers: int = DEFAULT_PREFETCH_LAYERS
@@ -177,8 +181,8 @@ class LoadOptions:
         mixed = (not self.exact) if self.mixed_precision is None else bool(self.mixed_precision)
         skip = (not self.exact) if self.skip is None else bool(self.skip)
         return PrecisionOptions(mixed_precision=mixed, t1=self.t1, t2=self.t2, skip=skip,
-                                big_little=(not self.exact) if self.big_little is None
-                                else bool(self.big_little), little_threshold=self.little_threshold,
+                                big_little=bool(self.big_little),
+                                little_threshold=self.little_threshold,
                                 little_keeps_resident=self.little_keeps_resident,
                 upgrade_after=self.upgrade_after if mixed else 0.0)
 

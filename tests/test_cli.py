@@ -469,7 +469,7 @@ def test_chat_report_sums_every_counter_over_the_turns(model_dir):
     import hobbit_mlx
     from hobbit_mlx import chat
 
-    conv, sampler = _chat_session(model_dir, "--expert-residency", "0.5")
+    conv, sampler = _chat_session(model_dir, "--expert-residency", "0.5", "--big-little")
     tally = chat.Tally(conv.model)
     assert tally.report()["peak_memory_bytes"] > 0  # before any turn: what the model holds
     routed = 0

@@ -58,6 +58,26 @@ def test_levels_follow_the_definitions(w, t, skip, big_little, little, mixed, ke
         np.testing.assert_allclose(sc, want_scale, rtol=1e-5)
 
 
+@settings(max_examples=150, deadline=None)
+@given(w=weights)
+def test_at_the_default_thresholds_big_little_drops_only_what_skip_drops(w):
+    """Why big-little is off by default: with t2 = little_threshold (both 0.8) and little tokens
+    keeping their resident experts, every slot it may drop is one skip may drop already (a
+    little token's bottom half sits below its top half's mass); all it adds is the rescaling."""
+    import hobbit_mlx
+
+    opts = hobbit_mlx.LoadOptions().precision()
+    assert not opts.big_little and opts.skip and opts.t2 == opts.little_threshold
+    skip_only, _ = plan_slots(w, opts)
+    opts.big_little = True
+    with_little, scale = plan_slots(w, opts)
+    mass = np.sort(w, axis=-1)[:, ::-1][:, :w.shape[-1] // 2].sum(axis=-1)
+    near_tie = np.isclose(mass, opts.t2, atol=1e-5)[:, None]  # (float sums either side of 0.8)
+    assert ((with_little == skip_only) | near_tie).all()
+    if w.shape[-1] > 1:
+        assert ((scale != 1).any(axis=-1) == (mass >= opts.little_threshold)).all()
+
+
 def test_renormalized_rescales_little_tokens_over_what_runs():
     w = np.array([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.4, 0.3, 0.2, 0.1]],
                  dtype=np.float32)

@@ -238,15 +238,15 @@ def test_simulated_latency_counts_once_per_queue_depth_batch_of_commands(tmp_pat
 
 @pytest.mark.parametrize("bandwidth, lossy", [(1e6, True), (1e11, False)])
 def test_lossy_techniques_only_while_reads_are_dear(tiny_factory, bandwidth, lossy):
-    """With reads far slower than compute, the defaults read 2-bit copies and run confident tokens
-    little; with reads far faster, they read 4-bit only and run every token big, as exact mode
-    does, unless ``adapt_to_storage`` is off."""
+    """With reads far slower than compute, the defaults (and big-little, off by default) read
+    2-bit copies and run confident tokens little; with reads far faster, they read 4-bit only and
+    run every token big, as exact mode does, unless ``adapt_to_storage`` is off."""
     _, dst = tiny_factory("qwen3_moe")
     storage = StorageModel(bandwidth=bandwidth)
     for adapt in (True, False):
         model, tok = hobbit_mlx.load(dst, expert_residency=0.3, simulated_storage=storage,
-                                     adapt_to_storage=adapt, t1=0.3, little_threshold=0.6,
-                                     progress=False)
+                                     adapt_to_storage=adapt, t1=0.3, big_little=True,
+                                     little_threshold=0.6, progress=False)
         # (top-2 of random routing: a token's second expert weighs 0.5 or less, so above t1 it
         # reads 2-bit; a token whose first weighs 0.6 or more runs little)
         rt = runtime_of(model)

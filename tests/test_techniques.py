@@ -40,10 +40,13 @@ def test_big_little_drops_the_lower_half_of_confident_tokens_and_renormalizes():
 
 def test_lossy_techniques_are_on_unless_exact():
     """The defaults turn on what pays under a Mac's storage cost, and exact mode none of it; an
-    explicit choice wins."""
+    explicit choice wins. (Big-little is off: at the default thresholds it drops what skip
+    drops.)"""
     lossy = hobbit_mlx.LoadOptions().precision()
-    assert lossy.mixed_precision and lossy.skip and lossy.big_little and lossy.little_keeps_resident
+    assert lossy.mixed_precision and lossy.skip and not lossy.big_little
     assert lossy.drops_misses and not lossy.drops  # nothing resident is ever dropped
+    little = hobbit_mlx.LoadOptions(big_little=True).precision()
+    assert little.big_little and little.little_keeps_resident and not little.drops
     exact = hobbit_mlx.LoadOptions(exact=True).precision()
     assert not (exact.mixed_precision or exact.skip or exact.big_little or exact.needs_weights)
     assert not hobbit_mlx.LoadOptions(skip=False).precision().skip
