@@ -32,8 +32,7 @@ if __package__ in (None, ""):
 
 from bench import arguments, forced_decode  # noqa: E402
 from bench.workload import REFERENCE_MODEL, RESULTS  # noqa: E402
-
-ROUNDINGS = ("fitted", "nearest")
+from hobbit_mlx.store import LOW_ROUNDINGS as ROUNDINGS  # noqa: E402  (fitted, nearest)
 
 
 def weight_errors(src: Path, bits: int, group_size: int) -> dict[str, dict[str, float]]:
