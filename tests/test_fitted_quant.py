@@ -100,6 +100,9 @@ def test_the_converter_fits_the_low_copy_only_and_nearest_turns_it_off(tmp_path,
         low = _projection(_layer(model, "low"), "gate_proj", 2)
         errors[name] = float(mx.square(low - high).sum())
     assert errors["fitted"] < 0.8 * errors["nearest"]
+    from hobbit_mlx.store import load_manifest  # (the manifest says which: the cache reads it)
+
+    assert [load_manifest(m).low_rounding for m in (fitted, nearest)] == ["fitted", "nearest"]
 
 
 def test_an_unknown_low_rounding_is_refused(tmp_path):
