@@ -34,11 +34,11 @@ def fitted_quantize(w: mx.array, group_size: int, bits: int) -> tuple[mx.array, 
     if shape[-1] % group_size:
         raise ValueError(f"the last axis ({shape[-1]}) is not a multiple of the group size "
                          f"({group_size})")
-    x = w.reshape(-1, group_size).astype(mx.float32)
-    mx.eval(x)
-    parts = [_fit_block(x[i:i + BLOCK_GROUPS], bits, w.dtype)
+    x = w.reshape(-1, group_size)
+    mx.eval(x)  # (once: the blocks slice it; each casts its own slice to float32)
+    parts = [_fit_block(x[i:i + BLOCK_GROUPS].astype(mx.float32), bits, w.dtype)
              for i in range(0, len(x), BLOCK_GROUPS)]
-    packed, scales, biases = (mx.concatenate(p) if len(p) > 1 else p[0] for p in zip(*parts))
+    packed, scales, biases = (mx.concatenate(p) for p in zip(*parts))
     groups = shape[:-1] + (shape[-1] // group_size,)
     return packed.reshape(*shape[:-1], -1), scales.reshape(groups), biases.reshape(groups)
 

@@ -201,8 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     options = cli_flags.technique_options(args)
     options["policy"] = stats["policy"]  # as resolved by load() (its default depends on prefetch)
-    for name in ("mixed_precision", "skip", "big_little"):  # (None: on unless exact)
-        options[name] = not args.exact if options[name] is None else options[name]
+    precision = hobbit_mlx.runtime_of(model).precision  # (as load() resolved them)
+    for name in ("mixed_precision", "skip", "big_little"):
+        options[name] = getattr(precision, name)
     stats.update(model=str(getattr(hobbit_mlx.runtime_of(model), "model_dir", args.model)),
                  **options, max_tokens=args.max_tokens, max_context=args.max_context,
                  kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
