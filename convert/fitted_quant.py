@@ -46,6 +46,16 @@ def fitted_quantize(w: mx.array, group_size: int, bits: int) -> tuple[mx.array, 
 def _fit_block(x: mx.array, bits: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
     """One block of groups (rows of ``x``) fitted and packed, evaluated before the next block
     starts, so that the fit's float temporaries stay a few copies of one block."""
+    scale, bias = fit_grid(x, bits, dtype)
+    q = round_onto(x, scale.astype(mx.float32), bias.astype(mx.float32), 2 ** bits - 1)
+    out = (pack(q.astype(mx.uint8), bits), scale, bias)
+    mx.eval(out)
+    return out
+
+
+def fit_grid(x: mx.array, bits: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    """Each group's (row of float32 ``x``) scale and bias, fitted by least squares over the
+    spacings tried, rounded to ``dtype`` as they will be stored: shape (groups, 1) each."""
     levels = 2 ** bits - 1
     lo = x.min(axis=-1, keepdims=True)
     span = x.max(axis=-1, keepdims=True) - lo
@@ -54,7 +64,7 @@ def _fit_block(x: mx.array, bits: int, dtype: mx.Dtype) -> tuple[mx.array, mx.ar
         q = mx.clip(mx.round((x - lo) * ((levels + s) / mx.maximum(span, 1e-30))), 0, levels)
         scale, bias = _least_squares(x, q, lo, span / levels)
         for _ in range(REFITS):
-            q = _round_onto(x, scale, bias, levels)
+            q = round_onto(x, scale, bias, levels)
             scale, bias = _least_squares(x, q, lo, span / levels)
         err = mx.square(q * scale + bias - x).sum(axis=-1, keepdims=True)
         if best is None:
@@ -62,15 +72,10 @@ def _fit_block(x: mx.array, bits: int, dtype: mx.Dtype) -> tuple[mx.array, mx.ar
         else:
             better = err < best[0]
             best = tuple(mx.where(better, new, old) for new, old in zip((err, scale, bias), best))
-    scale, bias = (a.astype(dtype) for a in best[1:])
-    # The levels for the scale and bias as stored (rounded to the weights' dtype).
-    q = _round_onto(x, scale.astype(mx.float32), bias.astype(mx.float32), levels)
-    out = (pack(q.astype(mx.uint8), bits), scale, bias)
-    mx.eval(out)
-    return out
+    return best[1].astype(dtype), best[2].astype(dtype)
 
 
-def _round_onto(x: mx.array, scale: mx.array, bias: mx.array, levels: int) -> mx.array:
+def round_onto(x: mx.array, scale: mx.array, bias: mx.array, levels: int) -> mx.array:
     safe = mx.where(scale == 0, 1.0, scale)
     return mx.where(scale == 0, 0.0, mx.clip(mx.round((x - bias) / safe), 0, levels))
 

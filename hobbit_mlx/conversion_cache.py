@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import (LOW_ROUNDINGS, WEIGHT_INDEX, StoreError, check_references,
+from .store import (CALIBRATED_ROUNDING, LOW_ROUNDINGS, WEIGHT_INDEX, StoreError, check_references,
                     checkpoint_weight_files, file_stamp, is_hobbit_model, load_manifest,
                     reconvert_command)
 
@@ -254,7 +254,7 @@ def _still_converted(target: Path, made_from: dict | None, adapter: dict) -> boo
 
 
 def _older_rounding(manifest) -> bool:
-    return manifest.low_rounding != LOW_ROUNDINGS[0]
+    return manifest.low_rounding not in (LOW_ROUNDINGS[0], CALIBRATED_ROUNDING)
 
 
 def _outdated_note(target: Path) -> str:

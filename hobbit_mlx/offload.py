@@ -59,6 +59,8 @@ class PoolProjection:
 
     def __init__(self, pool: SlotPool, name: str, quant: dict):
         self._pool = pool
+        self.path = name
+        self.recorder = None  # convert.calibrate's: sees each call's input
         self._names = {t.name.rpartition(".")[2]: t.name for t in pool.tensors
                        if t.name.rpartition(".")[0] == name}
         self.group_size, self.bits, self.mode = quant["group_size"], quant["bits"], quant["mode"]
@@ -79,6 +81,8 @@ class PoolProjection:
         return self.get("global_scale")
 
     def __call__(self, x, indices, sorted_indices=False):
+        if self.recorder is not None:
+            self.recorder.see(self.path, x)
         return self._call(self, x, indices, sorted_indices)
 
 
@@ -187,6 +191,9 @@ class OffloadedSwitch(nn.Module):
             self._router_state()
             return self._measure_call(x, indices)
         rt.stats.layer_calls += 1
+        if rt.calibration is not None:
+            self._router_state()
+            return self._calibration_call(x, indices)
         if self._lazy_ok(rt):
             self._router_state()
             lid = self.layer.layer
@@ -201,6 +208,35 @@ class OffloadedSwitch(nn.Module):
             rt.track(y)
             return y
         return self._synced_call(x, indices)
+
+    def _calibration_call(self, x: mx.array, indices: mx.array) -> mx.array:
+        """The call run one expert at a time on its 4-bit copy (exact), so that the inputs
+        each projection sees while ``rt.calibration`` records them are one known expert's."""
+        rt = self._runtime
+        mx.eval(indices, rt.pending_outputs())
+        rt.cache.synced()
+        flat = np.array(indices).reshape(-1, indices.shape[-1])
+        module = self._by_precision["high"]
+        projections = [m for _, sub in module.named_modules() for m in vars(sub).values()
+                       if isinstance(m, PoolProjection)]
+        total = mx.zeros((*indices.shape, x.shape[-1]), dtype=x.dtype)
+        for expert in np.unique(flat).tolist():
+            fetch = Fetch(rt, self.layer, np.array([expert]), "high")
+            fetch.finish()
+            if not len(fetch.experts):
+                raise PoolBudgetError("no slot of the 4-bit pool is free for calibration")
+            rt.calibration.expert = (self.position, expert)
+            for p in projections:
+                p.recorder = rt.calibration
+            try:
+                total = total + self._masked_run(x, flat, _ALL, fetch.experts, fetch.slots,
+                                                 "high", indices.shape)
+                mx.eval(total)
+            finally:
+                for p in projections:
+                    p.recorder = None
+            rt.cache.synced()  # (its slot may go to the next expert)
+        return total
 
     def _synced_call(self, x: mx.array, indices: mx.array) -> mx.array:
         rt = self._runtime

@@ -31,6 +31,8 @@ FORMAT_NAME = "hobbit-expert-store"
 # How the low copies' groups were quantized: least-squares fitted (convert/fitted_quant.py, the
 # converter's default) or mx.quantize's nearest level (every store made before the fit).
 LOW_ROUNDINGS = ("fitted", "nearest")
+# ... and once quantized again against their experts' inputs (python -m convert.calibrate)
+CALIBRATED_ROUNDING = "calibrated"
 FORMAT_VERSION = 2  # 2: files outside the model directory, read in place (``references``)
 READABLE_VERSIONS = (1, 2)
 STORE_DIR = "experts"
@@ -172,7 +174,8 @@ class Manifest:
     references: dict[str, dict] = field(default_factory=dict)
     # the adapters fused into it (``--adapter-path``): {"path", "files": {name: stamp}}, or {}
     adapter: dict = field(default_factory=dict)
-    low_rounding: str = "nearest"  # one of LOW_ROUNDINGS (absent from older manifests)
+    # one of LOW_ROUNDINGS or CALIBRATED_ROUNDING (absent from older manifests: nearest)
+    low_rounding: str = "nearest"
 
     def expert_bytes(self, precision: str, float_itemsize: int | None = None) -> int:
         """All experts at one precision: as stored, or once read with floats cast."""

@@ -1,0 +1,353 @@
+"""A converted model's 2-bit copies quantized again against the inputs its experts see.
+
+    python -m convert.calibrate MODEL_DIR [--text FILE ...] [--tokens 16384] [--memory-budget 8GB]
+
+The model runs text (the files given, else Python's own standard library) in exact mode under
+the memory budget, one expert at a time per layer call, and each projection's inputs are summed
+into ``H = sum x x^T`` per expert (``InputStatistics``). Then each layer's low copies are
+quantized by GPTQ against those sums (``calibrated_quant``) from the 4-bit copies, written into
+new files, and the manifest is switched to them in one rename (``low_rounding: "calibrated"``);
+the old files go after. Same format and bytes per expert: the runtime reads them as before.
+
+The sums take ``experts x in^2`` floats per projection input and layer (Qwen3-30B-A3B: 2.3 GB a
+layer), so the layers are gathered a group at a time, the text run once per group, within
+``--statistics-memory``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import sysconfig
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from hobbit_mlx.reader import RecordReader
+from hobbit_mlx.store import (CALIBRATED_ROUNDING, DTYPE_ITEMSIZE, STORE_DIR, PrecisionEntry,
+                              StoreError, is_float, load_manifest)
+
+from .calibrated_quant import calibrated_quantize
+from .errors import ConversionError
+from .experts import _LayerWriter
+
+DEFAULT_TOKENS = 16384
+SEQUENCE_TOKENS = 512  # tokens per calibration sequence (each a prompt of its own)
+STATISTICS_MEMORY = 4 << 30  # bytes of input sums held at once (layers gathered per pass)
+_NP_DTYPES = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "I8": np.int8, "I16": np.int16,
+              "I32": np.int32, "F16": np.float16, "BF16": np.uint16, "F32": np.float32}
+
+
+class InputStatistics:
+    """Each projection's ``sum x x^T`` per expert, over the inputs seen while ``expert`` (the
+    (layer position, expert) running) is set; projections fed the very same input array (a
+    GLU's gate and up) share one sum."""
+
+    def __init__(self, positions: set[int]):
+        self.positions = positions
+        self.expert: tuple[int, int] | None = None
+        self.sums: dict[tuple[int, str, int], mx.array] = {}
+        self.rows: dict[tuple[int, int], int] = {}  # (position, expert) -> inputs seen
+        self.same_as: dict[tuple[int, str], str] = {}
+        self._first: dict[int, str] = {}  # each position's first projection (counts the rows)
+        self._last: tuple | None = None  # (input array, position, path) last summed
+
+    def see(self, path: str, x: mx.array) -> None:
+        position, expert = self.expert
+        if position not in self.positions or (position, path) in self.same_as:
+            return
+        if self._last is not None and self._last[0] is x and self._last[1] == position:
+            self.same_as[(position, path)] = self._last[2]
+            return
+        rows = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        key = (position, path, expert)
+        add = rows.T @ rows
+        self.sums[key] = add if key not in self.sums else self.sums[key] + add
+        mx.eval(self.sums[key])
+        self._last = (x, position, path)
+        if self._first.setdefault(position, path) == path:
+            self.rows[(position, expert)] = self.rows.get((position, expert), 0) + rows.shape[0]
+
+    def hessian(self, position: int, path: str, experts: int, n: int) -> np.ndarray:
+        """(experts, n, n) float64: zero for an expert that saw no input."""
+        path = self.same_as.get((position, path), path)
+        out = np.zeros((experts, n, n))
+        for e in range(experts):
+            s = self.sums.get((position, path, e))
+            if s is not None:
+                out[e] = np.array(s)
+        return out
+
+
+def default_texts(chars: int) -> list[str]:
+    """About ``chars`` characters of Python's own standard library (code and its docstrings),
+    which every machine running this has: files in sorted order, tests left out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= chars:
+            break
+    if not texts:
+        raise ConversionError(f"no calibration text: {root} holds no Python files; pass --text")
+    return texts
+
+
+def calibration_sequences(tokenizer, texts: list[str], tokens: int, length: int) -> list[list[int]]:
+    """Sequences of up to ``length`` tokens cut from the texts in turn, ``tokens`` in all."""
+    out, total = [], 0
+    for text in texts:
+        ids = list(tokenizer.encode(text))
+        for i in range(0, len(ids), length):
+            piece = ids[i:i + length][:tokens - total]
+            if len(piece) >= 2:
+                out.append(piece)
+                total += len(piece)
+            if total >= tokens:
+                return out
+    return out
+
+
+def statistics_bytes(manifest, position: int) -> int:
+    """What one layer's input sums take: experts x in^2 float32 per distinct projection input
+    width (a GLU's gate and up share one input)."""
+    layer = manifest.layers[position]
+    widths = {_in_dim(layer.precisions["low"], path) for path in _paths(layer.precisions["low"])}
+    return layer.num_experts * sum(n * n for n in widths) * 4
+
+
+def gather(model, sequences: list[list[int]], positions: set[int], *,
+           progress: bool = True) -> InputStatistics:
+    """Run the sequences through a model ``hobbit_mlx.load`` made in exact mode, summing the
+    inputs of the layers at ``positions``."""
+    from hobbit_mlx.loader import runtime_of
+    from mlx_lm.models.cache import make_prompt_cache
+
+    rt = runtime_of(model)
+    stats = InputStatistics(positions)
+    try:
+        rt.calibration = stats
+        for seq in tqdm(sequences, desc="calibration text", unit="seq", disable=not progress):
+            rt.new_sequence(0, len(seq), 0)
+            mx.eval(model(mx.array(seq)[None], cache=make_prompt_cache(model)))
+    finally:
+        rt.calibration = None
+    return stats
+
+
+def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics, reader,
+                rel: str, file_index: int) -> list:
+    """One layer's low copies quantized against ``stats`` from its 4-bit copies, written to
+    ``rel``; returns the new records."""
+    layer = manifest.layers[position]
+    high, low = layer.precisions["high"], layer.precisions["low"]
+    experts = layer.num_experts
+    old_low = [_tensors(reader, low, e) for e in range(experts)]
+    highs = [_tensors(reader, high, e) for e in range(experts)]
+    new = {}
+    for path in _paths(low):
+        quant = low.quant[path]
+        if is_float(quant) or quant.get("mode", "affine") != "affine":
+            continue  # (kept as it is: nothing to fit)
+        w = mx.stack([_weights(h, path, high.quant[path]) for h in highs])
+        n = w.shape[-1]
+        h = stats.hessian(position, path, experts, n)
+        dtype = _mx_dtype(next(t.dtype for t in low.tensors if t.name == f"{path}.scales"))
+        packed, scales, biases = calibrated_quantize(w.astype(dtype), h, quant["group_size"],
+                                                     quant["bits"])
+        new[f"{path}.weight"], new[f"{path}.scales"], new[f"{path}.biases"] = \
+            packed, scales, biases
+    writer = _LayerWriter(model_dir / rel, experts, {t.name: (t.dtype, t.shape) for t in low.tensors},
+                          compact=bool(manifest.references))
+    if [(t.name, t.dtype, t.shape) for t in writer.layout] != \
+            [(t.name, t.dtype, t.shape) for t in low.tensors]:
+        os.close(writer.fd)
+        raise ConversionError(f"layer {layer.layer}: the low copies' layout cannot be rewritten")
+    try:
+        for e in range(experts):
+            for t in low.tensors:
+                data = new.get(t.name)
+                data = old_low[e][t.name] if data is None else _to_bytes(data[e])
+                writer.write(e, t.name, data)
+    except BaseException:
+        os.close(writer.fd)
+        raise
+    return writer.finish(file_index)
+
+
+def calibrate(model_dir: str | Path, *, texts: list[str] | None = None,
+              tokens: int = DEFAULT_TOKENS, memory_budget=None,
+              statistics_memory: int = STATISTICS_MEMORY, progress: bool = True) -> dict:
+    """Quantize a hobbit model's low copies against its experts' inputs on ``texts``, in
+    place. Returns {"tokens", "passes", "experts_seen", "experts"}."""
+    import hobbit_mlx
+    from hobbit_mlx.loader import runtime_of
+    model_dir = Path(model_dir).expanduser()
+    try:
+        manifest = load_manifest(model_dir)
+    except StoreError as e:
+        raise ConversionError(str(e)) from None
+    if any("low" not in l.precisions for l in manifest.layers):
+        raise ConversionError(f"{model_dir}: its experts have no low-precision copy to calibrate")
+    model, tokenizer = hobbit_mlx.load(str(model_dir), exact=True, memory_budget=memory_budget,
+                                       progress=False)
+    try:
+        return _calibrate(model, tokenizer, model_dir, manifest, texts, tokens,
+                          statistics_memory, progress)
+    finally:
+        runtime_of(model).close()
+
+
+def _calibrate(model, tokenizer, model_dir: Path, manifest, texts, tokens: int,
+               statistics_memory: int, progress: bool) -> dict:
+    if texts is None:
+        texts = default_texts(tokens * 6)
+    sequences = calibration_sequences(tokenizer, texts, tokens, SEQUENCE_TOKENS)
+    if not sequences:
+        raise ConversionError("the calibration text holds no tokens")
+    groups, group, held = [], [], 0
+    for position in range(len(manifest.layers)):
+        size = statistics_bytes(manifest, position)
+        if group and held + size > statistics_memory:
+            groups.append(group)
+            group, held = [], 0
+        group.append(position)
+        held += size
+    groups.append(group)
+
+    tag = secrets.token_hex(4)
+    files = list(manifest.files)
+    written = []
+    seen = 0
+    reader = RecordReader(model_dir, manifest)
+    try:
+        for group in groups:
+            stats = gather(model, sequences, set(group), progress=progress)
+            for position in tqdm(group, desc="refit 2-bit experts", unit="layer",
+                                 disable=not progress):
+                layer = manifest.layers[position]
+                low = layer.precisions["low"]
+                index = low.records[0].spans[0][0]
+                rel = f"{STORE_DIR}/low/layer_{layer.layer:03d}.{tag}.safetensors"
+                written.append(model_dir / rel)
+                low.records = refit_layer(model_dir, manifest, position, stats, reader, rel,
+                                          index)
+                files[index] = rel
+                seen += sum(1 for e in range(layer.num_experts) if stats.rows.get((position, e)))
+    except BaseException:
+        reader.close()
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    reader.close()
+    old = [model_dir / f for f, g in zip(manifest.files, files) if f != g]
+    manifest.files = files
+    manifest.low_rounding = CALIBRATED_ROUNDING
+    manifest.save(model_dir)  # (one rename: the old files or the new, never a mix)
+    for path in old:
+        path.unlink(missing_ok=True)
+    return {"tokens": sum(map(len, sequences)), "passes": len(groups), "experts_seen": seen,
+            "experts": sum(l.num_experts for l in manifest.layers)}
+
+
+def _paths(entry: PrecisionEntry) -> list[str]:
+    return sorted(entry.quant)
+
+
+def _in_dim(entry: PrecisionEntry, path: str) -> int:
+    t = next(t for t in entry.tensors if t.name == f"{path}.weight")
+    quant = entry.quant[path]
+    if is_float(quant):
+        return t.shape[-1]
+    return t.shape[-1] * DTYPE_ITEMSIZE[t.dtype] * 8 // quant["bits"]
+
+
+def _tensors(reader, entry: PrecisionEntry, expert: int) -> dict[str, np.ndarray]:
+    """One expert's tensors at one precision, as stored (bfloat16 as uint16)."""
+    spans = reader.read_bytes(entry.records[expert])
+    out = {}
+    for t in entry.tensors:
+        raw = spans[t.span][t.offset:t.offset + t.nbytes]
+        out[t.name] = np.frombuffer(raw.tobytes(), dtype=_NP_DTYPES[t.dtype]).reshape(t.shape)
+    return out
+
+
+def _weights(tensors: dict, path: str, quant: dict) -> mx.array:
+    """One expert's float weights of one projection (its 4-bit copy dequantized)."""
+    w = mx.array(tensors[f"{path}.weight"])
+    if is_float(quant):
+        return w.astype(mx.float32)
+    scales = _stored(tensors[f"{path}.scales"])
+    biases = tensors.get(f"{path}.biases")
+    return mx.dequantize(w, scales, None if biases is None else _stored(biases),
+                         group_size=quant["group_size"], bits=quant["bits"],
+                         mode=quant.get("mode", "affine")).astype(mx.float32)
+
+
+def _stored(a: np.ndarray) -> mx.array:
+    return mx.array(a).view(mx.bfloat16) if a.dtype == np.uint16 else mx.array(a)
+
+
+def _mx_dtype(name: str) -> mx.Dtype:
+    return {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}[name]
+
+
+def _to_bytes(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.array(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.calibrate",
+        description="Quantize a hobbit model's 2-bit expert copies again, against the inputs its "
+                    "experts see on some text (GPTQ): less error where it counts, same bytes.")
+    parser.add_argument("model", help="a hobbit model directory (python -m convert's output)")
+    parser.add_argument("--text", action="append", default=None, metavar="FILE",
+                        help="calibration text, like what the model will run (repeatable; "
+                             "default: Python's standard library sources)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                        help=f"calibration tokens (default {DEFAULT_TOKENS})")
+    parser.add_argument("--memory-budget", default=None,
+                        help="memory budget for running the model (as load's; default: load's)")
+    parser.add_argument("--statistics-memory", default="4GB",
+                        help="memory for the input sums; layers beyond it take another pass "
+                             "over the text (default 4GB)")
+    args = parser.parse_args(argv)
+    from hobbit_mlx.budget import parse_size
+
+    try:
+        if args.tokens < 2:
+            raise ConversionError(f"--tokens {args.tokens}: at least 2")
+        texts = None
+        if args.text:
+            texts = []
+            for f in args.text:
+                try:
+                    texts.append(Path(f).expanduser().read_text(encoding="utf-8", errors="replace"))
+                except OSError as e:
+                    raise ConversionError(f"cannot read {f}: {e.strerror}") from None
+        done = calibrate(args.model, texts=texts, tokens=args.tokens,
+                         memory_budget=args.memory_budget,
+                         statistics_memory=parse_size(args.statistics_memory))
+    except (ConversionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[calibrate] {args.model}: 2-bit copies fitted to {done['tokens']} tokens of text "
+          f"({done['experts_seen']} of {done['experts']} experts saw some; the others keep "
+          f"the fitted rounding), {done['passes']} pass(es)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

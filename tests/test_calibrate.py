@@ -1,0 +1,145 @@
+"""``python -m convert.calibrate``: a converted model's 2-bit copies quantized again against the
+inputs its experts see, in place, the 4-bit copies and the format untouched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import pytest
+
+import convert.calibrate as calibration
+from convert.calibrate import calibrate, main
+from hobbit_mlx.reader import RecordReader
+from hobbit_mlx.store import load_manifest, manifest_path
+
+TEXT = "def double(x):\n    return x * 2\n\nclass Point:\n    x: int = 0\n" * 40
+
+
+def _copy(tiny_factory, tmp_path):
+    _src, dst = tiny_factory("qwen3_moe")
+    return shutil.copytree(dst, tmp_path / "model", symlinks=True)
+
+
+def _expert_bytes(model_dir, precision: str) -> list[list[bytes]]:
+    manifest = load_manifest(model_dir)
+    reader = RecordReader(model_dir, manifest)
+    try:
+        return [[b"".join(bytes(s) for s in reader.read_bytes(r))
+                 for r in layer.precisions[precision].records] for layer in manifest.layers]
+    finally:
+        reader.close()
+
+
+def _greedy(model_dir, **options) -> list[int]:
+    import hobbit_mlx
+    from hobbit_mlx.loader import runtime_of
+
+    model, tokenizer = hobbit_mlx.load(str(model_dir), progress=False, **options)
+    try:
+        out = hobbit_mlx.generate(model, tokenizer, "def f(x):", max_tokens=8, verbose=False)
+    finally:
+        runtime_of(model).close()
+    return tokenizer.encode(out)
+
+
+def test_the_low_copies_of_the_experts_that_saw_inputs_change_and_nothing_else(
+        tiny_factory, tmp_path):
+    model = _copy(tiny_factory, tmp_path)
+    high, low = _expert_bytes(model, "high"), _expert_bytes(model, "low")
+    before = load_manifest(model)
+    exact = _greedy(model, exact=True)
+
+    done = calibrate(model, texts=[TEXT], tokens=300, progress=False)
+
+    after = load_manifest(model)
+    assert after.low_rounding == "calibrated" and done["tokens"] == 300
+    assert _expert_bytes(model, "high") == high  # (exact mode reads what it read)
+    new_low = _expert_bytes(model, "low")
+    changed = sum(a != b for old, new in zip(low, new_low) for a, b in zip(old, new))
+    assert 0 < done["experts_seen"] <= done["experts"]
+    assert changed == done["experts_seen"]  # (an expert no token chose keeps its fitted copy)
+    gone = [f for f in before.files if f not in after.files]
+    assert gone and all("/low/" in f and not (model / f).exists() for f in gone)
+    assert all((model / f).exists() for f in after.files if "/low/" in f)
+    assert [l.precisions["low"].tensors for l in after.layers] == \
+        [l.precisions["low"].tensors for l in before.layers]
+    assert _greedy(model, exact=True) == exact
+    assert _greedy(model, expert_residency=0.5)  # (the 2-bit copies load and run)
+
+
+def test_statistics_memory_splits_the_layers_into_passes(tiny_factory, tmp_path):
+    model = _copy(tiny_factory, tmp_path)
+    layers = len(load_manifest(model).layers)
+    done = calibrate(model, texts=[TEXT], tokens=64, statistics_memory=1, progress=False)
+    assert done["passes"] == layers
+
+
+def test_a_calibration_interrupted_leaves_the_model_as_it_was(tiny_factory, tmp_path,
+                                                               monkeypatch):
+    model = _copy(tiny_factory, tmp_path)
+    manifest = manifest_path(model).read_bytes()
+    files = sorted(p.name for p in (model / "experts" / "low").iterdir())
+    real, calls = calibration.refit_layer, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "refit_layer", failing)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, texts=[TEXT], tokens=64, progress=False)
+    assert manifest_path(model).read_bytes() == manifest
+    assert sorted(p.name for p in (model / "experts" / "low").iterdir()) == files
+
+
+def test_the_input_sums_are_each_experts_own(tiny_factory, tmp_path):
+    """Summed while each layer call runs one expert at a time: an expert's sum of x x^T is over
+    the rows routed to it, and a GLU's gate and up share one sum."""
+    model = _copy(tiny_factory, tmp_path)
+    import hobbit_mlx
+
+    loaded, tokenizer = hobbit_mlx.load(str(model), exact=True, progress=False)
+    seq = list(tokenizer.encode(TEXT))[:40]
+    stats = calibration.gather(loaded, [seq], {0}, progress=False)
+    layer = load_manifest(model).layers[0]
+    assert stats.same_as  # (gate and up)
+    assert sum(stats.rows[(0, e)] for e in range(layer.num_experts) if (0, e) in stats.rows) == \
+        len(seq) * load_manifest(model).experts_per_token
+    assert all(key[0] == 0 for key in stats.sums)
+    for (pos, path, e), s in stats.sums.items():
+        assert mx.allclose(s, s.T).item() and float(mx.diag(s).min()) >= 0
+
+
+def test_the_cli_says_what_it_did_and_refuses_what_it_cannot_read(tiny_factory, tmp_path,
+                                                                  capsys):
+    model = _copy(tiny_factory, tmp_path)
+    text = tmp_path / "text.py"
+    text.write_text(TEXT)
+    assert main([str(model), "--text", str(text), "--tokens", "64"]) == 0
+    assert "2-bit copies fitted to 64 tokens" in capsys.readouterr().out
+    assert json.loads(manifest_path(model).read_text())["low_rounding"] == "calibrated"
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main([str(model), "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main([str(model), "--tokens", "1"]) == 2
+
+
+def test_a_cached_conversion_calibrated_stays_current(tmp_path, monkeypatch):
+    """The conversion cache makes again what an older converter rounded, not what was
+    calibrated since."""
+    from hobbit_mlx.conversion_cache import resolve_model, scan
+    from hobbit_mlx.testing.tiny_models import make_tiny_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HOBBIT_MLX_CACHE", str(cache))
+    src = make_tiny_model("qwen3_moe", tmp_path / "mlx")
+    target = resolve_model(src, progress=False)
+    calibrate(target, texts=[TEXT], tokens=64, progress=False)
+    assert [e.state for e in scan(cache)] == ["current"]
+    assert resolve_model(src, progress=False) == target
+    assert load_manifest(target).low_rounding == "calibrated"
