@@ -3,8 +3,8 @@
     python -m convert.calibrate MODEL_DIR [--text FILE ...] [--tokens 16384] [--memory-budget 8GB]
 
 The model runs text (the files given, else Python's own standard library) in exact mode under
-the memory budget, one expert at a time per layer call, and each projection's inputs are summed
-into ``H = sum x x^T`` per expert (``InputStatistics``). Then each layer's low copies are
+the memory budget, and each projection's inputs are summed into ``H = sum x x^T`` per expert
+(``InputStatistics``; the layer calls tell it which expert each pool slot holds). Then each layer's low copies are
 quantized by GPTQ against those sums (``calibrated_quant``) from the 4-bit copies, written into
 new files, and the manifest is switched to them in one rename (``low_rounding: "calibrated"``);
 the old files go after. Same format and bytes per expert: the runtime reads them as before.
@@ -43,34 +43,52 @@ _NP_DTYPES = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "I8": np.int8,
 
 
 class InputStatistics:
-    """Each projection's ``sum x x^T`` per expert, over the inputs seen while ``expert`` (the
-    (layer position, expert) running) is set; projections fed the very same input array (a
-    GLU's gate and up) share one sum."""
+    """Each projection's ``sum x x^T`` per expert, over the inputs a layer call's run hands
+    over (``see``) after ``begin`` said which expert each pool slot holds; projections fed the
+    very same input array (a GLU's gate and up) share one sum."""
 
     def __init__(self, positions: set[int]):
         self.positions = positions
-        self.expert: tuple[int, int] | None = None
+        self.position = -1
+        self._expert_of: np.ndarray = np.zeros(0, dtype=np.int64)  # slot -> expert
         self.sums: dict[tuple[int, str, int], mx.array] = {}
         self.rows: dict[tuple[int, int], int] = {}  # (position, expert) -> inputs seen
         self.same_as: dict[tuple[int, str], str] = {}
         self._first: dict[int, str] = {}  # each position's first projection (counts the rows)
         self._last: tuple | None = None  # (input array, position, path) last summed
 
-    def see(self, path: str, x: mx.array) -> None:
-        position, expert = self.expert
+    def begin(self, position: int, experts: np.ndarray, slots: np.ndarray) -> None:
+        """A run of layer ``position`` starts, expert ``experts[i]`` in slot ``slots[i]``."""
+        self.position = position
+        self._expert_of = np.full(int(slots.max()) + 1, -1, dtype=np.int64)
+        self._expert_of[slots] = experts
+
+    def see(self, path: str, x: mx.array, slots: mx.array) -> None:
+        """A projection's input ``x``, one row per entry of ``slots`` (the pool slot it runs)."""
+        position = self.position
         if position not in self.positions or (position, path) in self.same_as:
             return
         if self._last is not None and self._last[0] is x and self._last[1] == position:
             self.same_as[(position, path)] = self._last[2]
             return
-        rows = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-        key = (position, path, expert)
-        add = rows.T @ rows
-        self.sums[key] = add if key not in self.sums else self.sums[key] + add
-        mx.eval(self.sums[key])
+        experts = self._expert_of[np.array(slots).reshape(-1)]
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] != len(experts) or (experts < 0).any():
+            raise RuntimeError(f"calibration: {rows.shape[0]} inputs for {len(experts)} slots "
+                               f"of layer {position} ({path})")
+        first = self._first.setdefault(position, path) == path
+        updated = []
+        for e in np.unique(experts).tolist():
+            mine = rows[mx.array(np.flatnonzero(experts == e).astype(np.uint32))]
+            mine = mine.astype(mx.float32)
+            key = (position, path, e)
+            add = mine.T @ mine
+            self.sums[key] = add if key not in self.sums else self.sums[key] + add
+            updated.append(self.sums[key])
+            if first:
+                self.rows[(position, e)] = self.rows.get((position, e), 0) + mine.shape[0]
+        mx.eval(updated)
         self._last = (x, position, path)
-        if self._first.setdefault(position, path) == path:
-            self.rows[(position, expert)] = self.rows.get((position, expert), 0) + rows.shape[0]
 
     def hessian(self, position: int, path: str, experts: int, n: int) -> np.ndarray:
         """(experts, n, n) float64: zero for an expert that saw no input."""

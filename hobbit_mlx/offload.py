@@ -82,7 +82,7 @@ class PoolProjection:
 
     def __call__(self, x, indices, sorted_indices=False):
         if self.recorder is not None:
-            self.recorder.see(self.path, x)
+            self.recorder.see(self.path, x, indices)
         return self._call(self, x, indices, sorted_indices)
 
 
@@ -210,8 +210,9 @@ class OffloadedSwitch(nn.Module):
         return self._synced_call(x, indices)
 
     def _calibration_call(self, x: mx.array, indices: mx.array) -> mx.array:
-        """The call run one expert at a time on its 4-bit copy (exact), so that the inputs
-        each projection sees while ``rt.calibration`` records them are one known expert's."""
+        """The call run on the 4-bit copies (exact), its experts in groups the pool holds, with
+        ``rt.calibration`` told which expert each slot holds, so that it can sort the inputs
+        each projection sees by expert."""
         rt = self._runtime
         mx.eval(indices, rt.pending_outputs())
         rt.cache.synced()
@@ -219,23 +220,25 @@ class OffloadedSwitch(nn.Module):
         module = self._by_precision["high"]
         projections = [m for _, sub in module.named_modules() for m in vars(sub).values()
                        if isinstance(m, PoolProjection)]
-        total = mx.zeros((*indices.shape, x.shape[-1]), dtype=x.dtype)
-        for expert in np.unique(flat).tolist():
-            fetch = Fetch(rt, self.layer, np.array([expert]), "high")
+        total, remaining = None, np.unique(flat)
+        while len(remaining):
+            fetch = Fetch(rt, self.layer, remaining, "high")
             fetch.finish()
             if not len(fetch.experts):
                 raise PoolBudgetError("no slot of the 4-bit pool is free for calibration")
-            rt.calibration.expert = (self.position, expert)
+            rt.calibration.begin(self.position, fetch.experts, fetch.slots)
             for p in projections:
                 p.recorder = rt.calibration
             try:
-                total = total + self._masked_run(x, flat, _ALL, fetch.experts, fetch.slots,
-                                                 "high", indices.shape)
+                out = self._masked_run(x, flat, _ALL, fetch.experts, fetch.slots, "high",
+                                       indices.shape)
+                total = out if total is None else total + out
                 mx.eval(total)
             finally:
                 for p in projections:
                     p.recorder = None
-            rt.cache.synced()  # (its slot may go to the next expert)
+            rt.cache.synced()  # (the group's slots may go to the next group)
+            remaining = fetch.left
         return total
 
     def _synced_call(self, x: mx.array, indices: mx.array) -> mx.array:

@@ -15,6 +15,7 @@ COMMANDS = {
     "chat": ("hobbit_mlx.chat", True),
     "server": ("hobbit_mlx.server.cli", True),
     "convert": ("convert.__main__", False),
+    "calibrate": ("convert.calibrate", False),
     "plan": ("hobbit_mlx.plan", False),
     "benchmark": ("hobbit_mlx.benchmark", True),
     "perplexity": ("hobbit_mlx.perplexity", True),
@@ -41,6 +42,7 @@ generate = _command("generate")
 chat = _command("chat")
 server = _command("server")
 convert = _command("convert")
+calibrate = _command("calibrate")
 plan = _command("plan")
 benchmark = _command("benchmark")
 perplexity = _command("perplexity")

@@ -96,22 +96,51 @@ def test_a_calibration_interrupted_leaves_the_model_as_it_was(tiny_factory, tmp_
     assert sorted(p.name for p in (model / "experts" / "low").iterdir()) == files
 
 
-def test_the_input_sums_are_each_experts_own(tiny_factory, tmp_path):
-    """Summed while each layer call runs one expert at a time: an expert's sum of x x^T is over
-    the rows routed to it, and a GLU's gate and up share one sum."""
-    model = _copy(tiny_factory, tmp_path)
+def test_each_experts_input_sum_is_over_the_rows_routed_to_it(tiny_factory, tmp_path):
+    """Against mlx-lm's own model on the same tokens: layer 0's MoE input, split by the
+    router's choice, gives each expert's sum of x x^T (its gate and up projections share it),
+    and the rows counted per expert are the router's."""
+    import numpy as np
+    from mlx_lm import load as mlx_load
+    from mlx_lm.models import qwen3_moe
+
     import hobbit_mlx
 
+    src, _ = tiny_factory("qwen3_moe")
+    model = _copy(tiny_factory, tmp_path)
     loaded, tokenizer = hobbit_mlx.load(str(model), exact=True, progress=False)
-    seq = list(tokenizer.encode(TEXT))[:40]
+    seq = list(tokenizer.encode(TEXT))[:100]
     stats = calibration.gather(loaded, [seq], {0}, progress=False)
-    layer = load_manifest(model).layers[0]
-    assert stats.same_as  # (gate and up)
-    assert sum(stats.rows[(0, e)] for e in range(layer.num_experts) if (0, e) in stats.rows) == \
-        len(seq) * load_manifest(model).experts_per_token
+
+    reference, _ = mlx_load(str(src))
+    seen = []
+    block = reference.model.layers[0].mlp
+    real = type(block).__call__
+
+    def spy(self, x):
+        if self is block:
+            gates = mx.softmax(self.gate(x), axis=-1, precise=True)
+            seen.append((x, mx.argpartition(gates, kth=-self.top_k, axis=-1)[..., -self.top_k:]))
+        return real(self, x)
+
+    qwen3_moe.Qwen3MoeSparseMoeBlock.__call__ = spy
+    try:
+        reference(mx.array(seq)[None])
+    finally:
+        qwen3_moe.Qwen3MoeSparseMoeBlock.__call__ = real
+    x = np.array(seen[0][0].reshape(-1, seen[0][0].shape[-1]).astype(mx.float32))
+    chosen = np.array(seen[0][1]).reshape(len(x), -1)
+    paths = {p for (_, p, _) in stats.sums}
+    assert len(paths) == 2 and len(stats.same_as) == 1  # (gate and up share; down its own)
+    first = next(p for p in paths if (0, p) not in stats.same_as and
+                 stats.sums[(0, p, int(chosen[0, 0]))].shape[0] == x.shape[1])
+    for e in range(load_manifest(model).num_experts):
+        mine = x[(chosen == e).any(axis=1)]
+        assert stats.rows.get((0, e), 0) == len(mine)
+        if len(mine):
+            assert np.allclose(np.array(stats.sums[(0, first, e)]), mine.T @ mine,
+                               rtol=1e-4, atol=1e-4)
     assert all(key[0] == 0 for key in stats.sums)
-    for (pos, path, e), s in stats.sums.items():
-        assert mx.allclose(s, s.T).item() and float(mx.diag(s).min()) >= 0
 
 
 def test_the_cli_says_what_it_did_and_refuses_what_it_cannot_read(tiny_factory, tmp_path,
