@@ -116,6 +116,8 @@ _BAD_ARGS = [
     ("low_rounding", ["--low-bits", "7"]),
     ("low_rounding", ["--tokens", "0"]),
     ("low_rounding", ["--model", "/nonexistent"]),
+    ("calibration", ["--calibration-tokens", "0"]),
+    ("calibration", ["--model", "/nonexistent"]),
 ]
 
 
@@ -643,6 +645,34 @@ def test_low_rounding_compares_the_two_roundings_on_the_same_tokens(tiny_model, 
         assert json.loads((out / f"lr-{rounding}.json").read_text())["complete"]
     low = "experts/low/layer_000.safetensors"
     assert (work / "fitted" / low).read_bytes() != (work / "nearest" / low).read_bytes()
+
+
+def test_calibration_compares_fitted_and_calibrated_copies_on_the_same_tokens(tiny_model,
+                                                                            tmp_path):
+    """The fitted conversion and its calibrated copy are both decoded; only the low copies
+    differ between them."""
+    from bench import calibration
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    text = tmp_path / "text.py"
+    text.write_text("def double(x):\n    return x * 2\n" * 60)
+    assert calibration.main(["--model", str(tiny_model[0]), "--text", str(text),
+                             "--calibration-tokens", "200", "--residencies", "0.25",
+                             "--prompt-tokens", "8", "--tokens", "4", "--pieces", "1",
+                             "--work", str(work), "--out", str(out), "--name", "cal"]) == 0
+    report = (out / "cal.md").read_text()
+    assert "Calibrated on 200 tokens" in report
+    for config in ("default", "mixed-only"):
+        kls = report.split(f"| {config} | 25.0% | ")[1].split(" (")[0].split(" / ")
+        assert all(float(k) > 0 for k in kls)
+    for label in ("fitted", "calibrated"):
+        assert json.loads((out / f"cal-{label}.json").read_text())["complete"]
+    from hobbit_mlx.store import load_manifest
+
+    fitted, calibrated = (load_manifest(work / m) for m in ("fitted", "calibrated"))
+    assert (fitted.low_rounding, calibrated.low_rounding) == ("fitted", "calibrated")
+    assert [f for f in fitted.files if "/low/" not in f] == \
+        [f for f in calibrated.files if "/low/" not in f]
 
 
 def test_forced_decode_keeps_the_rows_of_a_run_cut_short(tmp_path):
