@@ -107,8 +107,8 @@ class OffloadRuntime:
         self.layers: list[OffloadedSwitch] = []
         self.trace: list | None = None  # when a list: (layer, indices [N, k], weights [N, k])
         self.measuring = False  # load() measuring activations: no reads, slot 0 for everything
-        # convert.calibrate gathering each expert's inputs: layer calls run expert by expert,
-        # their projections' inputs handed to it (exact: the 4-bit copies)
+        # convert.calibrate gathering each expert's inputs: layer calls run on the 4-bit copies
+        # (exact) and hand it their projections' inputs, with the expert each slot holds
         self.calibration = None
         # speculative drafting (speculative.py): each token runs only its resident chosen experts
         # (gate weights renormalized over them), or its top-1 read when none is resident

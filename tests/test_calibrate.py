@@ -172,3 +172,12 @@ def test_a_cached_conversion_calibrated_stays_current(tmp_path, monkeypatch):
     assert [e.state for e in scan(cache)] == ["current"]
     assert resolve_model(src, progress=False) == target
     assert load_manifest(target).low_rounding == "calibrated"
+
+
+def test_the_default_text_is_many_modules_of_the_standard_library(monkeypatch, tmp_path):
+    texts = calibration.default_texts(40000)
+    assert len(texts) >= 5 and sum(map(len, texts)) >= 40000
+    assert all(len(t) <= 8000 for t in texts)
+    monkeypatch.setattr(calibration.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    with pytest.raises(calibration.ConversionError, match="pass --text"):
+        calibration.default_texts(100)
