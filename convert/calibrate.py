@@ -51,7 +51,7 @@ class InputStatistics:
         self.positions = positions
         self.position = -1
         self._expert_of: np.ndarray = np.zeros(0, dtype=np.int64)  # slot -> expert
-        self.sums: dict[tuple[int, str, int], mx.array] = {}
+        self.sums: dict[tuple[int, str, int], np.ndarray] = {}  # float32, (in, in)
         self.rows: dict[tuple[int, int], int] = {}  # (position, expert) -> inputs seen
         self.same_as: dict[tuple[int, str], str] = {}
         self._first: dict[int, str] = {}  # each position's first projection (counts the rows)
@@ -72,22 +72,23 @@ class InputStatistics:
             self.same_as[(position, path)] = self._last[2]
             return
         experts = self._expert_of[np.array(slots).reshape(-1)]
-        rows = x.reshape(-1, x.shape[-1])
+        rows = np.array(x.reshape(-1, x.shape[-1]).astype(mx.float32))
         if rows.shape[0] != len(experts) or (experts < 0).any():
             raise RuntimeError(f"calibration: {rows.shape[0]} inputs for {len(experts)} slots "
                                f"of layer {position} ({path})")
         first = self._first.setdefault(position, path) == path
-        updated = []
-        for e in np.unique(experts).tolist():
-            mine = rows[mx.array(np.flatnonzero(experts == e).astype(np.uint32))]
-            mine = mine.astype(mx.float32)
+        order = np.argsort(experts, kind="stable")
+        ids, starts = np.unique(experts[order], return_index=True)
+        for e, part in zip(ids.tolist(), np.split(order, starts[1:])):
+            mine = rows[part]
             key = (position, path, e)
             add = mine.T @ mine
-            self.sums[key] = add if key not in self.sums else self.sums[key] + add
-            updated.append(self.sums[key])
+            if key in self.sums:
+                self.sums[key] += add
+            else:
+                self.sums[key] = add
             if first:
-                self.rows[(position, e)] = self.rows.get((position, e), 0) + mine.shape[0]
-        mx.eval(updated)
+                self.rows[(position, e)] = self.rows.get((position, e), 0) + len(part)
         self._last = (x, position, path)
 
     def hessian(self, position: int, path: str, experts: int, n: int) -> np.ndarray:
@@ -97,7 +98,7 @@ class InputStatistics:
         for e in range(experts):
             s = self.sums.get((position, path, e))
             if s is not None:
-                out[e] = np.array(s)
+                out[e] = s
         return out
 
 

@@ -138,8 +138,7 @@ def test_each_experts_input_sum_is_over_the_rows_routed_to_it(tiny_factory, tmp_
         mine = x[(chosen == e).any(axis=1)]
         assert stats.rows.get((0, e), 0) == len(mine)
         if len(mine):
-            assert np.allclose(np.array(stats.sums[(0, first, e)]), mine.T @ mine,
-                               rtol=1e-4, atol=1e-4)
+            assert np.allclose(stats.sums[(0, first, e)], mine.T @ mine, rtol=1e-4, atol=1e-4)
     assert all(key[0] == 0 for key in stats.sums)
 
 
