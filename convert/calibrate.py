@@ -164,6 +164,35 @@ def gather(model, sequences: list[list[int]], positions: set[int], *,
     return stats
 
 
+def gather_layer_by_layer(model, sequences: list[list[int]], positions: set[int], *,
+                          progress: bool = True):
+    """The sums one decoder layer at a time (``layer_major``'s drive: every sequence passes a
+    layer before any enters the next, their hidden states held between layers): yields each
+    layer's ``InputStatistics`` (empty for a layer without routed experts), so the text is run
+    once and only one layer's sums are held."""
+    from hobbit_mlx.layer_major import decoder_of, one_layer_at_a_time
+    from hobbit_mlx.loader import runtime_of
+    from mlx_lm.models.cache import KVCache
+
+    rt = runtime_of(model)
+    inner = decoder_of(model)
+    tokens = [mx.array(seq)[None] for seq in sequences]
+    hidden = [inner.embed_tokens(t) for t in tokens]
+    mx.eval(hidden)
+    with one_layer_at_a_time(model) as run:
+        for layer in tqdm(list(inner.layers), desc="calibration", unit="layer",
+                          disable=not progress):
+            stats = InputStatistics(positions)
+            rt.calibration = stats
+            try:
+                for i, t in enumerate(tokens):
+                    hidden[i] = run(layer, hidden[i], t, KVCache())
+                    mx.eval(hidden[i])
+            finally:
+                rt.calibration = None
+            yield stats
+
+
 def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics, reader,
                 rel: str, file_index: int) -> list:
     """One layer's low copies quantized against ``stats`` from its 4-bit copies, written to
@@ -211,6 +240,7 @@ def calibrate(model_dir: str | Path, *, texts: list[str] | None = None,
     place. Returns {"tokens", "passes", "experts_seen", "experts"}."""
     import hobbit_mlx
     from hobbit_mlx.loader import runtime_of
+
     model_dir = Path(model_dir).expanduser()
     try:
         manifest = load_manifest(model_dir)
@@ -229,20 +259,34 @@ def calibrate(model_dir: str | Path, *, texts: list[str] | None = None,
 
 def _calibrate(model, tokenizer, model_dir: Path, manifest, texts, tokens: int,
                statistics_memory: int, progress: bool) -> dict:
+    from hobbit_mlx.layer_major import decoder_of
+
     if texts is None:
         texts = default_texts(tokens * 6)
-    sequences = calibration_sequences(tokenizer, texts, tokens, SEQUENCE_TOKENS)
+    from hobbit_mlx.loader import runtime_of
+
+    rt = runtime_of(model)  # (sequences no longer than the prompt chunks the budget planned)
+    sequences = calibration_sequences(tokenizer, texts, tokens,
+                                      min(SEQUENCE_TOKENS, rt.prefill_step_size))
     if not sequences:
         raise ConversionError("the calibration text holds no tokens")
-    groups, group, held = [], [], 0
-    for position in range(len(manifest.layers)):
-        size = statistics_bytes(manifest, position)
-        if group and held + size > statistics_memory:
-            groups.append(group)
-            group, held = [], 0
-        group.append(position)
-        held += size
-    groups.append(group)
+    positions = list(range(len(manifest.layers)))
+    if decoder_of(model) is not None:  # one run of the text, a layer at a time
+        rt.new_sequence(0, max(map(len, sequences)), 0)
+        runs = gather_layer_by_layer(model, sequences, set(positions), progress=progress)
+        passes = 1
+    else:  # a run of the text per group of layers whose sums fit in statistics_memory
+        groups, group, held = [], [], 0
+        for position in positions:
+            size = statistics_bytes(manifest, position)
+            if group and held + size > statistics_memory:
+                groups.append(group)
+                group, held = [], 0
+            group.append(position)
+            held += size
+        groups.append(group)
+        runs = (gather(model, sequences, set(g), progress=progress) for g in groups)
+        passes = len(groups)
 
     tag = secrets.token_hex(4)
     files = list(manifest.files)
@@ -250,10 +294,8 @@ def _calibrate(model, tokenizer, model_dir: Path, manifest, texts, tokens: int,
     seen = 0
     reader = RecordReader(model_dir, manifest)
     try:
-        for group in groups:
-            stats = gather(model, sequences, set(group), progress=progress)
-            for position in tqdm(group, desc="refit 2-bit experts", unit="layer",
-                                 disable=not progress):
+        for stats in runs:
+            for position in sorted({p for p, _ in stats.rows}):
                 layer = manifest.layers[position]
                 low = layer.precisions["low"]
                 index = low.records[0].spans[0][0]
@@ -275,7 +317,7 @@ def _calibrate(model, tokenizer, model_dir: Path, manifest, texts, tokens: int,
     manifest.save(model_dir)  # (one rename: the old files or the new, never a mix)
     for path in old:
         path.unlink(missing_ok=True)
-    return {"tokens": sum(map(len, sequences)), "passes": len(groups), "experts_seen": seen,
+    return {"tokens": sum(map(len, sequences)), "passes": passes, "experts_seen": seen,
             "experts": sum(l.num_experts for l in manifest.layers)}
 
 

@@ -19,7 +19,7 @@ architectures in ``LAYER_MAJOR_TYPES``, each checked against chunked prefill by 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import mlx.core as mx
@@ -120,24 +120,38 @@ def prefill(model: nn.Module, tokens: mx.array, cache: list, chunk: int, runtime
     ``progress(done, total)``: mlx-lm's prompt progress callback, called after each (layer,
     chunk) with the share of the work done, in tokens (a server cancels a prefill through it)."""
     inner = decoder_of(model)
-    layers, embed, norm = inner.layers, inner.embed_tokens, inner.norm
+    layers = inner.layers
     chunks = [tokens[s:s + chunk][None] for s in range(0, tokens.size, chunk)]
-    hidden = [embed(c) for c in chunks]
+    hidden = [inner.embed_tokens(c) for c in chunks]
     mx.eval(hidden)
-    state = _HiddenState()
-    try:
-        inner.embed_tokens, inner.norm = state, nn.Identity()
+    with one_layer_at_a_time(model) as run:
         for li, (layer, layer_cache) in enumerate(zip(layers, cache)):
-            inner.layers = [layer]
             with runtime.experts_held(layer) if runtime is not None else nullcontext():
                 for i, c in enumerate(chunks):
-                    state.h = hidden[i]
-                    hidden[i] = inner(c, cache=[layer_cache])
+                    hidden[i] = run(layer, hidden[i], c, layer_cache)
                     mx.eval(hidden[i], layer_cache.state)
                     if runtime is not None:
                         runtime.end_call(hidden[i])
                     if progress is not None:
                         done = li * tokens.size + min((i + 1) * chunk, tokens.size)
                         progress(done // len(layers), tokens.size)
+
+
+@contextmanager
+def one_layer_at_a_time(model: nn.Module):
+    """The decoder (``decoder_of(model)``) made to run one layer on a hidden state: yields
+    ``run(layer, hidden, tokens, layer_cache) -> hidden`` (``tokens``: the chunk's ids, which
+    the decoder takes for its shape); the decoder is whole again on leaving."""
+    inner = decoder_of(model)
+    layers, embed, norm = inner.layers, inner.embed_tokens, inner.norm
+    state = _HiddenState()
+
+    def run(layer: nn.Module, hidden: mx.array, tokens: mx.array, layer_cache) -> mx.array:
+        inner.layers, state.h = [layer], hidden
+        return inner(tokens, cache=[layer_cache])
+
+    try:
+        inner.embed_tokens, inner.norm = state, nn.Identity()
+        yield run
     finally:
         inner.layers, inner.embed_tokens, inner.norm = layers, embed, norm

@@ -19,7 +19,7 @@ TEXT = "def double(x):\n    return x * 2\n\nclass Point:\n    x: int = 0\n" * 40
 
 def _copy(tiny_factory, tmp_path):
     _src, dst = tiny_factory("qwen3_moe")
-    return shutil.copytree(dst, tmp_path / "model", symlinks=True)
+    return shutil.copytree(dst, tmp_path / "model", symlinks=True)  # (a shared fixture's copy)
 
 
 def _expert_bytes(model_dir, precision: str) -> list[list[bytes]]:
@@ -69,11 +69,22 @@ def test_the_low_copies_of_the_experts_that_saw_inputs_change_and_nothing_else(
     assert _greedy(model, expert_residency=0.5)  # (the 2-bit copies load and run)
 
 
-def test_statistics_memory_splits_the_layers_into_passes(tiny_factory, tmp_path):
-    model = _copy(tiny_factory, tmp_path)
-    layers = len(load_manifest(model).layers)
-    done = calibrate(model, texts=[TEXT], tokens=64, statistics_memory=1, progress=False)
-    assert done["passes"] == layers
+def test_layer_by_layer_and_whole_model_passes_calibrate_alike(tiny_factory, tmp_path,
+                                                                monkeypatch):
+    """A decoder layer_major drives is calibrated in one run of the text, a layer at a time;
+    another runs the whole model once per group of layers whose sums fit in
+    ``statistics_memory``. Both see the same inputs and write the same copies."""
+    import hobbit_mlx.layer_major as layer_major
+
+    one = _copy(tiny_factory, tmp_path / "one")
+    layers = len(load_manifest(one).layers)
+    assert calibrate(one, texts=[TEXT], tokens=200, statistics_memory=1,
+                     progress=False)["passes"] == 1
+    passes = _copy(tiny_factory, tmp_path / "passes")
+    monkeypatch.setattr(layer_major, "decoder_of", lambda model: None)
+    assert calibrate(passes, texts=[TEXT], tokens=200, statistics_memory=1,
+                     progress=False)["passes"] == layers
+    assert _expert_bytes(one, "low") == _expert_bytes(passes, "low")
 
 
 def test_a_calibration_interrupted_leaves_the_model_as_it_was(tiny_factory, tmp_path,
@@ -132,8 +143,7 @@ def test_each_experts_input_sum_is_over_the_rows_routed_to_it(tiny_factory, tmp_
     chosen = np.array(seen[0][1]).reshape(len(x), -1)
     paths = {p for (_, p, _) in stats.sums}
     assert len(paths) == 2 and len(stats.same_as) == 1  # (gate and up share; down its own)
-    first = next(p for p in paths if (0, p) not in stats.same_as and
-                 stats.sums[(0, p, int(chosen[0, 0]))].shape[0] == x.shape[1])
+    first = next(iter(stats.same_as.values()))  # (the gate and up projections' own input)
     for e in range(load_manifest(model).num_experts):
         mine = x[(chosen == e).any(axis=1)]
         assert stats.rows.get((0, e), 0) == len(mine)
