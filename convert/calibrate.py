@@ -237,12 +237,15 @@ def calibrate(model_dir: str | Path, *, texts: list[str] | None = None,
               tokens: int = DEFAULT_TOKENS, memory_budget=None,
               statistics_memory: int = STATISTICS_MEMORY, progress: bool = True) -> dict:
     """Quantize a hobbit model's low copies against its experts' inputs on ``texts``, in
-    place. Returns {"tokens", "passes", "experts_seen", "experts"}."""
+    place: a hobbit model directory, or what ``load`` takes (a checkpoint, a hub id), whose
+    conversion in the cache is then calibrated (made first if need be). Returns {"model" (the
+    directory calibrated), "tokens", "passes", "experts_seen", "experts"}."""
     import hobbit_mlx
+    from hobbit_mlx.conversion_cache import resolve_model
     from hobbit_mlx.loader import runtime_of
 
-    model_dir = Path(model_dir).expanduser()
     try:
+        model_dir = resolve_model(model_dir, progress=progress)
         manifest = load_manifest(model_dir)
     except StoreError as e:
         raise ConversionError(str(e)) from None
@@ -317,7 +320,7 @@ def _calibrate(model, tokenizer, model_dir: Path, manifest, texts, tokens: int,
     manifest.save(model_dir)  # (one rename: the old files or the new, never a mix)
     for path in old:
         path.unlink(missing_ok=True)
-    return {"tokens": sum(map(len, sequences)), "passes": passes, "experts_seen": seen,
+    return {"model": model_dir, "tokens": sum(map(len, sequences)), "passes": passes, "experts_seen": seen,
             "experts": sum(l.num_experts for l in manifest.layers)}
 
 
@@ -374,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m convert.calibrate",
         description="Quantize a hobbit model's 2-bit expert copies again, against the inputs its "
                     "experts see on some text (GPTQ): less error where it counts, same bytes.")
-    parser.add_argument("model", help="a hobbit model directory (python -m convert's output)")
+    parser.add_argument("model", help="a hobbit model directory (python -m convert's output), or "
+                                      "a checkpoint or hub id as load takes it: its conversion "
+                                      "in the cache is calibrated")
     parser.add_argument("--text", action="append", default=None, metavar="FILE",
                         help="calibration text, like what the model will run (repeatable; "
                              "default: Python's standard library sources)")
@@ -405,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[calibrate] {args.model}: 2-bit copies fitted to {done['tokens']} tokens of text "
+    print(f"[calibrate] {done['model']}: 2-bit copies fitted to {done['tokens']} tokens of text "
           f"({done['experts_seen']} of {done['experts']} experts saw some; the others keep "
           f"the fitted rounding), {done['passes']} pass(es)")
     return 0

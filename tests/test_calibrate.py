@@ -168,8 +168,8 @@ def test_the_cli_says_what_it_did_and_refuses_what_it_cannot_read(tiny_factory, 
 
 
 def test_a_cached_conversion_calibrated_stays_current(tmp_path, monkeypatch):
-    """The conversion cache makes again what an older converter rounded, not what was
-    calibrated since."""
+    """Given the checkpoint, the calibration goes to its conversion in the cache, which stays
+    current (the cache makes again what an older converter rounded, not what was calibrated)."""
     from hobbit_mlx.conversion_cache import resolve_model, scan
     from hobbit_mlx.testing.tiny_models import make_tiny_model
 
@@ -177,7 +177,7 @@ def test_a_cached_conversion_calibrated_stays_current(tmp_path, monkeypatch):
     monkeypatch.setenv("HOBBIT_MLX_CACHE", str(cache))
     src = make_tiny_model("qwen3_moe", tmp_path / "mlx")
     target = resolve_model(src, progress=False)
-    calibrate(target, texts=[TEXT], tokens=64, progress=False)
+    assert calibrate(src, texts=[TEXT], tokens=64, progress=False)["model"] == target
     assert [e.state for e in scan(cache)] == ["current"]
     assert resolve_model(src, progress=False) == target
     assert load_manifest(target).low_rounding == "calibrated"
