@@ -4,13 +4,15 @@
 
 The model runs text (the files given, else Python's own standard library) in exact mode under
 the memory budget, and each projection's inputs are summed into ``H = sum x x^T`` per expert
-(``InputStatistics``; the layer calls tell it which expert each pool slot holds). Then each layer's low copies are
-quantized by GPTQ against those sums (``calibrated_quant``) from the 4-bit copies, written into
-new files, and the manifest is switched to them in one rename (``low_rounding: "calibrated"``);
-the old files go after. Same format and bytes per expert: the runtime reads them as before.
+(``InputStatistics``; the layer calls tell it which expert each pool slot holds). Then each
+layer's low copies are quantized by GPTQ against those sums (``calibrated_quant``) from the 4-bit
+copies, written into new files, and the manifest is switched to them in one rename
+(``low_rounding: "calibrated"``); the old files go after. Same format and bytes per expert: the
+runtime reads them as before.
 
-The sums take ``experts x in^2`` floats per projection input and layer (Qwen3-30B-A3B: 2.3 GB a
-layer), so the layers are gathered a group at a time, the text run once per group, within
+The sums take ``experts x in^2`` floats per projection input and layer (Qwen3-30B-A3B: 2.4 GB a
+layer). A decoder ``layer_major`` drives runs the text a layer at a time, each layer refitted
+before the next starts; another runs whole, once per group of layers within
 ``--statistics-memory``.
 """
 
@@ -38,6 +40,7 @@ from .experts import _LayerWriter
 DEFAULT_TOKENS = 16384
 SEQUENCE_TOKENS = 512  # tokens per calibration sequence (each a prompt of its own)
 STATISTICS_MEMORY = 4 << 30  # bytes of input sums held at once (layers gathered per pass)
+REFIT_BYTES = 256 << 20  # float64 input sums of the experts refitted at once
 _NP_DTYPES = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "I8": np.int8, "I16": np.int16,
               "I32": np.int32, "F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 
@@ -91,14 +94,15 @@ class InputStatistics:
                 self.rows[(position, e)] = self.rows.get((position, e), 0) + len(part)
         self._last = (x, position, path)
 
-    def hessian(self, position: int, path: str, experts: int, n: int) -> np.ndarray:
-        """(experts, n, n) float64: zero for an expert that saw no input."""
+    def hessian(self, position: int, path: str, e0: int, e1: int, n: int) -> np.ndarray:
+        """Experts e0..e1's sums, (e1 - e0, n, n) float32: zero for an expert that saw no
+        input."""
         path = self.same_as.get((position, path), path)
-        out = np.zeros((experts, n, n))
-        for e in range(experts):
+        out = np.zeros((e1 - e0, n, n), dtype=np.float32)
+        for e in range(e0, e1):
             s = self.sums.get((position, path, e))
             if s is not None:
-                out[e] = s
+                out[e - e0] = s
         return out
 
 
@@ -207,14 +211,18 @@ def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics
         quant = low.quant[path]
         if is_float(quant) or quant.get("mode", "affine") != "affine":
             continue  # (kept as it is: nothing to fit)
-        w = mx.stack([_weights(h, path, high.quant[path]) for h in highs])
-        n = w.shape[-1]
-        h = stats.hessian(position, path, experts, n)
+        n = _in_dim(low, path)
         dtype = _mx_dtype(next(t.dtype for t in low.tensors if t.name == f"{path}.scales"))
-        packed, scales, biases = calibrated_quantize(w.astype(dtype), h, quant["group_size"],
-                                                     quant["bits"])
-        new[f"{path}.weight"], new[f"{path}.scales"], new[f"{path}.biases"] = \
-            packed, scales, biases
+        step = max(1, REFIT_BYTES // (n * n * 8))  # experts refitted at once
+        parts = []
+        for e0 in range(0, experts, step):
+            e1 = min(experts, e0 + step)
+            w = mx.stack([_weights(h, path, high.quant[path]) for h in highs[e0:e1]])
+            hessian = stats.hessian(position, path, e0, e1, n)
+            parts.append(calibrated_quantize(w.astype(dtype), hessian, quant["group_size"],
+                                             quant["bits"]))
+        for name, *chunks in zip(("weight", "scales", "biases"), *parts):
+            new[f"{path}.{name}"] = mx.concatenate(chunks)
     writer = _LayerWriter(model_dir / rel, experts, {t.name: (t.dtype, t.shape) for t in low.tensors},
                           compact=bool(manifest.references))
     if [(t.name, t.dtype, t.shape) for t in writer.layout] != \

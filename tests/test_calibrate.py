@@ -73,7 +73,8 @@ def test_layer_by_layer_and_whole_model_passes_calibrate_alike(tiny_factory, tmp
                                                                 monkeypatch):
     """A decoder layer_major drives is calibrated in one run of the text, a layer at a time;
     another runs the whole model once per group of layers whose sums fit in
-    ``statistics_memory``. Both see the same inputs and write the same copies."""
+    ``statistics_memory``. Both see the same inputs and write the same copies (also when the
+    refit takes its experts one at a time)."""
     import hobbit_mlx.layer_major as layer_major
 
     one = _copy(tiny_factory, tmp_path / "one")
@@ -82,6 +83,7 @@ def test_layer_by_layer_and_whole_model_passes_calibrate_alike(tiny_factory, tmp
                      progress=False)["passes"] == 1
     passes = _copy(tiny_factory, tmp_path / "passes")
     monkeypatch.setattr(layer_major, "decoder_of", lambda model: None)
+    monkeypatch.setattr(calibration, "REFIT_BYTES", 1)
     assert calibrate(passes, texts=[TEXT], tokens=200, statistics_memory=1,
                      progress=False)["passes"] == layers
     assert _expert_bytes(one, "low") == _expert_bytes(passes, "low")
