@@ -413,6 +413,8 @@ def _conversion_state(d: Path, manifest) -> tuple[str, bool]:
     made_from = source_stamp(local) if snapshot is None else _snapshot_stamp(snapshot)
     if not _still_converted(d, made_from, manifest.adapter):
         return "outdated: source changed", True
+    if manifest.low_rounding == CALIBRATED_ROUNDING:
+        return "current, 2-bit copies calibrated", False
     return "current", False
 
 
