@@ -65,8 +65,17 @@ def main(argv: list[str] | None = None) -> int:
                              "adapter_config.json and adapters.safetensors), fused into the "
                              "converted model as mlx_lm.fuse fuses them, without loading the "
                              "whole model")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="then quantize the 2-bit copies again against the inputs the "
+                             "experts see on some text (python -m convert.calibrate DST: less "
+                             "error where it counts, same bytes)")
+    parser.add_argument("--calibration-text", action="append", default=[], metavar="FILE",
+                        help="with --calibrate: its text (repeatable; default: Python's "
+                             "standard library sources)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.calibration_text and not args.calibrate:
+        parser.error("--calibration-text goes with --calibrate")
     t0 = time.perf_counter()
     # SIGTERM (kill, timeout, systemd) interrupts as Ctrl-C does: the layers done are kept
     handlers = {}
@@ -99,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in handlers.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     print(f"[convert] wrote {out} in {time.perf_counter() - t0:.1f}s")
+    if args.calibrate:
+        from .calibrate import main as calibrate
+
+        return calibrate([str(out), *(a for f in args.calibration_text for a in ("--text", f)),
+                          *(["--quiet"] if args.quiet else [])])
     return 0
 
 

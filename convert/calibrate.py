@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"calibration tokens (default {DEFAULT_TOKENS})")
     parser.add_argument("--memory-budget", default=None,
                         help="memory budget for running the model (as load's; default: load's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--statistics-memory", default="4GB",
                         help="memory for the input sums; layers beyond it take another pass "
                              "over the text (default 4GB)")
@@ -414,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConversionError(f"cannot read {f}: {e.strerror}") from None
         done = calibrate(args.model, texts=texts, tokens=args.tokens,
                          memory_budget=args.memory_budget,
-                         statistics_memory=parse_size(args.statistics_memory))
+                         statistics_memory=parse_size(args.statistics_memory),
+                         progress=not args.quiet)
     except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

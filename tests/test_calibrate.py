@@ -192,3 +192,20 @@ def test_the_default_text_is_many_modules_of_the_standard_library(monkeypatch, t
     monkeypatch.setattr(calibration.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
     with pytest.raises(calibration.ConversionError, match="pass --text"):
         calibration.default_texts(100)
+
+
+def test_the_converter_calibrates_what_it_wrote_when_asked(tiny_factory, tmp_path, capsys):
+    from convert.__main__ import main as convert_main
+
+    src, _ = tiny_factory("qwen3_moe")
+    text = tmp_path / "text.py"
+    text.write_text(TEXT * 10)
+    out = tmp_path / "out"
+    assert convert_main([str(src), str(out), "--quiet", "--calibrate",
+                         "--calibration-text", str(text)]) == 0
+    printed = capsys.readouterr().out
+    assert "[convert] wrote" in printed and "[calibrate]" in printed
+    assert load_manifest(out).low_rounding == "calibrated"
+    with pytest.raises(SystemExit):  # (a text without --calibrate is a mistake, said so)
+        convert_main([str(src), str(tmp_path / "other"), "--calibration-text", str(text)])
+    assert "goes with --calibrate" in capsys.readouterr().err
