@@ -19,7 +19,6 @@ the 2-bit copies' own share. Exact configurations read no low copy and are left 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import sysconfig
@@ -92,29 +91,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     done = calibrate(calibrated, texts=texts, tokens=args.calibration_tokens, progress=False)
     seconds = time.perf_counter() - t0
-    results = {}
-    for label, model in (("fitted", fitted), ("calibrated", calibrated)):
-        forced_decode.main(["--model", str(model), "--residencies",
-                            ",".join(map(str, args.residencies)), "--configs", args.configs,
-                            "--tokens", str(args.tokens), "--pieces", str(args.pieces),
-                            "--prompt-tokens", str(args.prompt_tokens),
-                            *(a for spec in args.config for a in ("--config", spec)),
-                            "--out", str(out_dir), "--name", f"{name}-{label}"])
-        results[label] = json.loads((out_dir / f"{name}-{label}.json").read_text())
+    results = forced_decode.decode_models({"fitted": fitted, "calibrated": calibrated}, args,
+                                          out_dir, name)
     lines = [f"# The low copies fitted, then calibrated: {name}", "",
              f"Command: `{arguments.command(__file__, argv)}`", "",
              f"Calibrated on {done['tokens']} tokens of {told} in {seconds:.0f} s on this "
              f"machine ({done['experts_seen']} of {done['experts']} experts saw some). "
              f"Teacher-forced decode, mac-like storage, {args.pieces} held-out pieces x "
              f"{args.tokens} tokens (`{name}-fitted.md`, `{name}-calibrated.md`):", "",
-             "| config | residency | KL vs mlx-lm (nats): fitted / calibrated | ppl x mlx-lm | "
-             "top-1 agree | KiB/token | 2-bit misses / token |", "|---|---|---|---|---|---|---|"]
-    for fit, cal in zip(results["fitted"]["rows"], results["calibrated"]["rows"]):
-        lines.append(f"| {fit['config']} | {fit['residency']:.1%} | {fit['kl']:.4f} / "
-                     f"{cal['kl']:.4f} ({cal['kl'] / fit['kl']:.2f}x) | {fit['ppl_x']:.3f} / "
-                     f"{cal['ppl_x']:.3f} | {fit['top1_agree']:.3f} / {cal['top1_agree']:.3f} | "
-                     f"{fit['bytes'] / 1024:.0f} / {cal['bytes'] / 1024:.0f} | "
-                     f"{fit['misses_low']:.2f} / {cal['misses_low']:.2f} |")
+             *forced_decode.side_by_side(results, "fitted", "calibrated")]
     text = "\n".join(lines) + "\n"
     tmp = out_dir / f"{name}.md.tmp"
     tmp.write_text(text)

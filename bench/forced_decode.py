@@ -140,6 +140,35 @@ def run_hobbit(paths, kwargs: dict, residency: float, storage, pieces, prompt_to
     return out
 
 
+def decode_models(models: dict, args, out_dir: Path, name: str) -> dict[str, dict]:
+    """This script run on each of ``models`` ({label: hobbit model dir}) with the same
+    arguments (``args``: residencies, configs, config, tokens, pieces, prompt_tokens), into
+    ``<name>-<label>.md``: {label: its results (the .json)}."""
+    results = {}
+    for label, model in models.items():
+        main(["--model", str(model), "--residencies", ",".join(map(str, args.residencies)),
+              "--configs", args.configs, "--tokens", str(args.tokens),
+              "--pieces", str(args.pieces), "--prompt-tokens", str(args.prompt_tokens),
+              *(a for spec in args.config for a in ("--config", spec)),
+              "--out", str(out_dir), "--name", f"{name}-{label}"])
+        results[label] = json.loads((out_dir / f"{name}-{label}.json").read_text())
+    return results
+
+
+def side_by_side(results: dict[str, dict], first: str, second: str) -> list[str]:
+    """A markdown table of two ``decode_models`` runs, row by row: KL (and its ratio),
+    perplexity, top-1 agreement, bytes and 2-bit misses per token, as ``first / second``."""
+    lines = [f"| config | residency | KL vs mlx-lm (nats): {first} / {second} | ppl x mlx-lm | "
+             "top-1 agree | KiB/token | 2-bit misses / token |", "|---|---|---|---|---|---|---|"]
+    for a, b in zip(results[first]["rows"], results[second]["rows"]):
+        lines.append(f"| {a['config']} | {a['residency']:.1%} | {a['kl']:.4f} / {b['kl']:.4f} "
+                     f"({b['kl'] / a['kl']:.2f}x) | {a['ppl_x']:.3f} / {b['ppl_x']:.3f} | "
+                     f"{a['top1_agree']:.3f} / {b['top1_agree']:.3f} | "
+                     f"{a['bytes'] / 1024:.0f} / {b['bytes'] / 1024:.0f} | "
+                     f"{a['misses_low']:.2f} / {b['misses_low']:.2f} |")
+    return lines
+
+
 def write_results(out_dir: Path, name: str, rows: list[dict], *, runs: int, head: list[str],
                   configs: list, json_extra: dict) -> str:
     """``<name>.md`` and ``.json`` with the rows so far, each written whole (a temporary file,

@@ -126,28 +126,13 @@ def decode_rows(args, src: Path, out_dir: Path, name: str) -> list[str]:
     from convert import convert
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="low-rounding-"))
-    results = {}
     for rounding in ROUNDINGS:
-        model = work / rounding
-        convert(src, model, low_bits=args.low_bits, group_size=args.group_size, force=True,
-                progress=False, low_rounding=rounding)
-        forced_decode.main(["--model", str(model), "--residencies",
-                            ",".join(map(str, args.residencies)), "--configs", args.configs,
-                            "--tokens", str(args.tokens), "--pieces", str(args.pieces),
-                            "--prompt-tokens", str(args.prompt_tokens),
-                            *(a for spec in args.config for a in ("--config", spec)),
-                            "--out", str(out_dir), "--name", f"{name}-{rounding}"])
-        results[rounding] = json.loads((out_dir / f"{name}-{rounding}.json").read_text())
+        convert(src, work / rounding, low_bits=args.low_bits, group_size=args.group_size,
+                force=True, progress=False, low_rounding=rounding)
+    results = forced_decode.decode_models({r: work / r for r in ROUNDINGS}, args, out_dir, name)
     lines = ["", f"Teacher-forced decode, mac-like storage, {args.pieces} held-out pieces x "
              f"{args.tokens} tokens (`{name}-fitted.md`, `{name}-nearest.md`):", "",
-             "| config | residency | KL vs mlx-lm (nats): fitted / nearest | ppl x mlx-lm | "
-             "top-1 agree | KiB/token | 2-bit misses / token |", "|---|---|---|---|---|---|---|"]
-    for fit, near in zip(results["fitted"]["rows"], results["nearest"]["rows"]):
-        lines.append(f"| {fit['config']} | {fit['residency']:.1%} | {fit['kl']:.4f} / "
-                     f"{near['kl']:.4f} | {fit['ppl_x']:.3f} / "
-                     f"{near['ppl_x']:.3f} | {fit['top1_agree']:.3f} / {near['top1_agree']:.3f} | "
-                     f"{fit['bytes'] / 1024:.0f} / {near['bytes'] / 1024:.0f} | "
-                     f"{fit['misses_low']:.2f} / {near['misses_low']:.2f} |")
+             *forced_decode.side_by_side(results, "fitted", "nearest")]
     return lines
 
 

@@ -271,31 +271,22 @@ def calibrate(model_dir: str | Path, *, texts: list[str] | None = None,
 def _calibrate(model, tokenizer, model_dir: Path, manifest, texts, tokens: int,
                statistics_memory: int, progress: bool) -> dict:
     from hobbit_mlx.layer_major import decoder_of
+    from hobbit_mlx.loader import runtime_of
 
     if texts is None:
         texts = default_texts(tokens * 6)
-    from hobbit_mlx.loader import runtime_of
-
     rt = runtime_of(model)  # (sequences no longer than the prompt chunks the budget planned)
     sequences = calibration_sequences(tokenizer, texts, tokens,
                                       min(SEQUENCE_TOKENS, rt.prefill_step_size))
     if not sequences:
         raise ConversionError("the calibration text holds no tokens")
-    positions = list(range(len(manifest.layers)))
+    positions = set(range(len(manifest.layers)))
     if decoder_of(model) is not None:  # one run of the text, a layer at a time
         rt.new_sequence(0, max(map(len, sequences)), 0)
-        runs = gather_layer_by_layer(model, sequences, set(positions), progress=progress)
+        runs = gather_layer_by_layer(model, sequences, positions, progress=progress)
         passes = 1
     else:  # a run of the text per group of layers whose sums fit in statistics_memory
-        groups, group, held = [], [], 0
-        for position in positions:
-            size = statistics_bytes(manifest, position)
-            if group and held + size > statistics_memory:
-                groups.append(group)
-                group, held = [], 0
-            group.append(position)
-            held += size
-        groups.append(group)
+        groups = _layer_groups(manifest, statistics_memory)
         runs = (gather(model, sequences, set(g), progress=progress) for g in groups)
         passes = len(groups)
 
@@ -310,6 +301,9 @@ def _calibrate(model, tokenizer, model_dir: Path, manifest, texts, tokens: int,
                 layer = manifest.layers[position]
                 low = layer.precisions["low"]
                 index = low.records[0].spans[0][0]
+                if any(span[0] != index for r in low.records for span in r.spans):
+                    raise ConversionError(f"layer {layer.layer}: its 2-bit copies are not in one "
+                                          "file of this store (made by another converter?)")
                 rel = f"{STORE_DIR}/low/layer_{layer.layer:03d}.{tag}.safetensors"
                 written.append(model_dir / rel)
                 low.records = refit_layer(model_dir, manifest, position, stats, reader, rel,
@@ -330,6 +324,19 @@ def _calibrate(model, tokenizer, model_dir: Path, manifest, texts, tokens: int,
         path.unlink(missing_ok=True)
     return {"model": model_dir, "tokens": sum(map(len, sequences)), "passes": passes, "experts_seen": seen,
             "experts": sum(l.num_experts for l in manifest.layers)}
+
+
+def _layer_groups(manifest, statistics_memory: int) -> list[list[int]]:
+    """Layer positions in groups whose input sums fit in ``statistics_memory`` (one at least)."""
+    groups, group, held = [], [], 0
+    for position in range(len(manifest.layers)):
+        size = statistics_bytes(manifest, position)
+        if group and held + size > statistics_memory:
+            groups.append(group)
+            group, held = [], 0
+        group.append(position)
+        held += size
+    return groups + [group]
 
 
 def _paths(entry: PrecisionEntry) -> list[str]:
