@@ -17,8 +17,8 @@ from hobbit_mlx.store import load_manifest, manifest_path
 TEXT = "def double(x):\n    return x * 2\n\nclass Point:\n    x: int = 0\n" * 40
 
 
-def _copy(tiny_factory, tmp_path):
-    _src, dst = tiny_factory("qwen3_moe")
+def _copy(tiny_factory, tmp_path, arch: str = "qwen3_moe"):
+    _src, dst = tiny_factory(arch)
     return shutil.copytree(dst, tmp_path / "model", symlinks=True)  # (a shared fixture's copy)
 
 
@@ -67,6 +67,22 @@ def test_the_low_copies_of_the_experts_that_saw_inputs_change_and_nothing_else(
         [l.precisions["low"].tensors for l in before.layers]
     assert _greedy(model, exact=True) == exact
     assert _greedy(model, expert_residency=0.5)  # (the 2-bit copies load and run)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "mixtral"])
+def test_other_architectures_calibrate_their_experts_that_saw_inputs(arch, tiny_factory,
+                                                                     tmp_path):
+    """gpt_oss (experts with biases, a clamped activation; not driven layer by layer) and
+    mixtral (its own expert names) as qwen3_moe: the low copies of the experts that saw inputs
+    change, the others and the 4-bit copies do not. (Every tiny architecture calibrates; these
+    two stand for the others here.)"""
+    model = _copy(tiny_factory, tmp_path, arch)
+    high, low = _expert_bytes(model, "high"), _expert_bytes(model, "low")
+    done = calibrate(model, texts=[TEXT], tokens=200, progress=False)
+    new_low = _expert_bytes(model, "low")
+    assert _expert_bytes(model, "high") == high
+    changed = sum(a != b for old, new in zip(low, new_low) for a, b in zip(old, new))
+    assert 0 < changed == done["experts_seen"]
 
 
 def test_layer_by_layer_and_whole_model_passes_calibrate_alike(tiny_factory, tmp_path,
