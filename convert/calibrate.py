@@ -223,8 +223,8 @@ def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics
                                              quant["bits"]))
         for name, *chunks in zip(("weight", "scales", "biases"), *parts):
             new[f"{path}.{name}"] = mx.concatenate(chunks)
-    writer = _LayerWriter(model_dir / rel, experts, {t.name: (t.dtype, t.shape) for t in low.tensors},
-                          compact=bool(manifest.references))
+    layout = {t.name: (t.dtype, t.shape) for t in low.tensors}
+    writer = _LayerWriter(model_dir / rel, experts, layout, compact=bool(manifest.references))
     if [(t.name, t.dtype, t.shape) for t in writer.layout] != \
             [(t.name, t.dtype, t.shape) for t in low.tensors]:
         os.close(writer.fd)
@@ -322,8 +322,8 @@ def _calibrate(model, tokenizer, model_dir: Path, manifest, texts, tokens: int,
     manifest.save(model_dir)  # (one rename: the old files or the new, never a mix)
     for path in old:
         path.unlink(missing_ok=True)
-    return {"model": model_dir, "tokens": sum(map(len, sequences)), "passes": passes, "experts_seen": seen,
-            "experts": sum(l.num_experts for l in manifest.layers)}
+    return {"model": model_dir, "tokens": sum(map(len, sequences)), "passes": passes,
+            "experts_seen": seen, "experts": sum(l.num_experts for l in manifest.layers)}
 
 
 def _layer_groups(manifest, statistics_memory: int) -> list[list[int]]:

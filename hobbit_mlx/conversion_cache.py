@@ -18,9 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import (CALIBRATED_ROUNDING, LOW_ROUNDINGS, WEIGHT_INDEX, StoreError, check_references,
-                    checkpoint_weight_files, file_stamp, is_hobbit_model, load_manifest,
-                    reconvert_command)
+from .store import (CALIBRATED_ROUNDING, LOW_ROUNDINGS, WEIGHT_INDEX, StoreError,
+                    check_references, checkpoint_weight_files, file_stamp, is_hobbit_model,
+                    load_manifest, reconvert_command)
 
 
 def cache_root() -> Path:
