@@ -404,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory budget for running the model (as load's; default: load's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--statistics-memory", default="4GB",
-                        help="memory for the input sums; layers beyond it take another pass "
-                             "over the text (default 4GB)")
+                        help="memory for the input sums where the model runs whole (a decoder "
+                             "run a layer at a time holds one layer's): layers beyond it take "
+                             "another pass over the text (default 4GB)")
     args = parser.parse_args(argv)
     from hobbit_mlx.budget import parse_size
 
