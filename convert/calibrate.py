@@ -29,20 +29,19 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from hobbit_mlx.pools import resident_dtype
 from hobbit_mlx.reader import RecordReader
 from hobbit_mlx.store import (CALIBRATED_ROUNDING, DTYPE_ITEMSIZE, STORE_DIR, PrecisionEntry,
                               StoreError, is_float, load_manifest)
 
 from .calibrated_quant import calibrated_quantize
 from .errors import ConversionError
-from .experts import _LayerWriter
+from .experts import _LayerWriter, _to_numpy
 
 DEFAULT_TOKENS = 16384
 SEQUENCE_TOKENS = 512  # tokens per calibration sequence (each a prompt of its own)
 STATISTICS_MEMORY = 4 << 30  # bytes of input sums held at once (layers gathered per pass)
 REFIT_BYTES = 256 << 20  # float64 input sums of the experts refitted at once
-_NP_DTYPES = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "I8": np.int8, "I16": np.int16,
-              "I32": np.int32, "F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 
 
 class InputStatistics:
@@ -204,20 +203,19 @@ def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics
     layer = manifest.layers[position]
     high, low = layer.precisions["high"], layer.precisions["low"]
     experts = layer.num_experts
-    old_low = [_tensors(reader, low, e) for e in range(experts)]
-    highs = [_tensors(reader, high, e) for e in range(experts)]
+    highs = [_stored_tensors(reader, high, e) for e in range(experts)]
     new = {}
     for path in _paths(low):
         quant = low.quant[path]
         if is_float(quant) or quant.get("mode", "affine") != "affine":
             continue  # (kept as it is: nothing to fit)
         n = _in_dim(low, path)
-        dtype = _mx_dtype(next(t.dtype for t in low.tensors if t.name == f"{path}.scales"))
+        dtype = resident_dtype(next(t for t in low.tensors if t.name == f"{path}.scales"), None)
         step = max(1, REFIT_BYTES // (n * n * 8))  # experts refitted at once
         parts = []
         for e0 in range(0, experts, step):
             e1 = min(experts, e0 + step)
-            w = mx.stack([_weights(h, path, high.quant[path]) for h in highs[e0:e1]])
+            w = mx.stack([_weights(h, high, path) for h in highs[e0:e1]])
             hessian = stats.hessian(position, path, e0, e1, n)
             parts.append(calibrated_quantize(w.astype(dtype), hessian, quant["group_size"],
                                              quant["bits"]))
@@ -229,12 +227,12 @@ def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics
             [(t.name, t.dtype, t.shape) for t in low.tensors]:
         os.close(writer.fd)
         raise ConversionError(f"layer {layer.layer}: the low copies' layout cannot be rewritten")
+    kept = [t for t in low.tensors if t.name not in new]  # (a bias, a float projection)
     try:
         for e in range(experts):
+            old = _stored_tensors(reader, low, e) if kept else {}
             for t in low.tensors:
-                data = new.get(t.name)
-                data = old_low[e][t.name] if data is None else _to_bytes(data[e])
-                writer.write(e, t.name, data)
+                writer.write(e, t.name, old[t.name] if t in kept else _to_numpy(new[t.name][e]))
     except BaseException:
         os.close(writer.fd)
         raise
@@ -351,40 +349,22 @@ def _in_dim(entry: PrecisionEntry, path: str) -> int:
     return t.shape[-1] * DTYPE_ITEMSIZE[t.dtype] * 8 // quant["bits"]
 
 
-def _tensors(reader, entry: PrecisionEntry, expert: int) -> dict[str, np.ndarray]:
-    """One expert's tensors at one precision, as stored (bfloat16 as uint16)."""
+def _stored_tensors(reader, entry: PrecisionEntry, expert: int) -> dict[str, np.ndarray]:
+    """One expert's tensors at one precision: their bytes as stored."""
     spans = reader.read_bytes(entry.records[expert])
-    out = {}
-    for t in entry.tensors:
-        raw = spans[t.span][t.offset:t.offset + t.nbytes]
-        out[t.name] = np.frombuffer(raw.tobytes(), dtype=_NP_DTYPES[t.dtype]).reshape(t.shape)
-    return out
+    return {t.name: spans[t.span][t.offset:t.offset + t.nbytes] for t in entry.tensors}
 
 
-def _weights(tensors: dict, path: str, quant: dict) -> mx.array:
+def _weights(stored: dict[str, np.ndarray], entry: PrecisionEntry, path: str) -> mx.array:
     """One expert's float weights of one projection (its 4-bit copy dequantized)."""
-    w = mx.array(tensors[f"{path}.weight"])
+    arrays = {t.name.rpartition(".")[2]: mx.array(stored[t.name]).view(resident_dtype(t, None))
+              .reshape(t.shape) for t in entry.tensors if t.name.rpartition(".")[0] == path}
+    quant = entry.quant[path]
     if is_float(quant):
-        return w.astype(mx.float32)
-    scales = _stored(tensors[f"{path}.scales"])
-    biases = tensors.get(f"{path}.biases")
-    return mx.dequantize(w, scales, None if biases is None else _stored(biases),
+        return arrays["weight"].astype(mx.float32)
+    return mx.dequantize(arrays["weight"], arrays["scales"], arrays.get("biases"),
                          group_size=quant["group_size"], bits=quant["bits"],
                          mode=quant.get("mode", "affine")).astype(mx.float32)
-
-
-def _stored(a: np.ndarray) -> mx.array:
-    return mx.array(a).view(mx.bfloat16) if a.dtype == np.uint16 else mx.array(a)
-
-
-def _mx_dtype(name: str) -> mx.Dtype:
-    return {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}[name]
-
-
-def _to_bytes(a: mx.array) -> np.ndarray:
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-    return np.array(a)
 
 
 def main(argv: list[str] | None = None) -> int:
