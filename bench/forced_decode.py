@@ -161,8 +161,9 @@ def side_by_side(results: dict[str, dict], first: str, second: str) -> list[str]
     lines = [f"| config | residency | KL vs mlx-lm (nats): {first} / {second} | ppl x mlx-lm | "
              "top-1 agree | KiB/token | 2-bit misses / token |", "|---|---|---|---|---|---|---|"]
     for a, b in zip(results[first]["rows"], results[second]["rows"]):
+        ratio = f"{b['kl'] / a['kl']:.2f}x" if a['kl'] else "n/a"  # (an exact row: 0)
         lines.append(f"| {a['config']} | {a['residency']:.1%} | {a['kl']:.4f} / {b['kl']:.4f} "
-                     f"({b['kl'] / a['kl']:.2f}x) | {a['ppl_x']:.3f} / {b['ppl_x']:.3f} | "
+                     f"({ratio}) | {a['ppl_x']:.3f} / {b['ppl_x']:.3f} | "
                      f"{a['top1_agree']:.3f} / {b['top1_agree']:.3f} | "
                      f"{a['bytes'] / 1024:.0f} / {b['bytes'] / 1024:.0f} | "
                      f"{a['misses_low']:.2f} / {b['misses_low']:.2f} |")
