@@ -34,14 +34,14 @@ from hobbit_mlx.reader import RecordReader
 from hobbit_mlx.store import (CALIBRATED_ROUNDING, DTYPE_ITEMSIZE, STORE_DIR, PrecisionEntry,
                               StoreError, is_float, load_manifest)
 
-from .calibrated_quant import calibrated_quantize
+from .calibrated_quant import calibrated_quantize, inverse_factor
 from .errors import ConversionError
 from .experts import _LayerWriter, _to_numpy
 
 DEFAULT_TOKENS = 16384
 SEQUENCE_TOKENS = 512  # tokens per calibration sequence (each a prompt of its own)
 STATISTICS_MEMORY = 4 << 30  # bytes of input sums held at once (layers gathered per pass)
-REFIT_BYTES = 256 << 20  # float64 input sums of the experts refitted at once
+REFIT_BYTES = 512 << 20  # the GPTQ factors (float32) of the experts refitted at once
 
 
 class InputStatistics:
@@ -93,10 +93,14 @@ class InputStatistics:
                 self.rows[(position, e)] = self.rows.get((position, e), 0) + len(part)
         self._last = (x, position, path)
 
+    def input_of(self, position: int, path: str) -> str:
+        """The projection whose sum ``path``'s input shares (itself if none)."""
+        return self.same_as.get((position, path), path)
+
     def hessian(self, position: int, path: str, e0: int, e1: int, n: int) -> np.ndarray:
         """Experts e0..e1's sums, (e1 - e0, n, n) float32: zero for an expert that saw no
         input."""
-        path = self.same_as.get((position, path), path)
+        path = self.input_of(position, path)
         out = np.zeros((e1 - e0, n, n), dtype=np.float32)
         for e in range(e0, e1):
             s = self.sums.get((position, path, e))
@@ -204,22 +208,25 @@ def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics
     high, low = layer.precisions["high"], layer.precisions["low"]
     experts = layer.num_experts
     highs = [_stored_tensors(reader, high, e) for e in range(experts)]
-    new = {}
-    for path in _paths(low):
-        quant = low.quant[path]
-        if is_float(quant) or quant.get("mode", "affine") != "affine":
-            continue  # (kept as it is: nothing to fit)
-        n = _in_dim(low, path)
-        dtype = resident_dtype(next(t for t in low.tensors if t.name == f"{path}.scales"), None)
-        step = max(1, REFIT_BYTES // (n * n * 8))  # experts refitted at once
-        parts = []
-        for e0 in range(0, experts, step):
-            e1 = min(experts, e0 + step)
+    fitted = [path for path in _paths(low) if not is_float(low.quant[path])
+              and low.quant[path].get("mode", "affine") == "affine"]  # (others kept as they are)
+    source = {path: stats.input_of(position, path) for path in fitted}  # a GLU's gate and up: one
+    widths = {source[path]: _in_dim(low, path) for path in fitted}
+    step = max(1, REFIT_BYTES // (4 * sum(n * n for n in widths.values())))  # experts at once
+    parts = {path: [] for path in fitted}
+    for e0 in range(0, experts, step):
+        e1 = min(experts, e0 + step)
+        factors = {name: inverse_factor(stats.hessian(position, name, e0, e1, n))
+                   for name, n in widths.items()}
+        for path in fitted:
+            quant = low.quant[path]
+            dtype = resident_dtype(next(t for t in low.tensors if t.name == f"{path}.scales"), None)
             w = mx.stack([_weights(h, high, path) for h in highs[e0:e1]])
-            hessian = stats.hessian(position, path, e0, e1, n)
-            parts.append(calibrated_quantize(w.astype(dtype), hessian, quant["group_size"],
-                                             quant["bits"]))
-        for name, *chunks in zip(("weight", "scales", "biases"), *parts):
+            parts[path].append(calibrated_quantize(w.astype(dtype), factors[source[path]],
+                                                   quant["group_size"], quant["bits"]))
+    new = {}
+    for path in fitted:
+        for name, *chunks in zip(("weight", "scales", "biases"), *parts[path]):
             new[f"{path}.{name}"] = mx.concatenate(chunks)
     layout = {t.name: (t.dtype, t.shape) for t in low.tensors}
     writer = _LayerWriter(model_dir / rel, experts, layout, compact=bool(manifest.references))

@@ -8,7 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from convert.calibrated_quant import calibrated_quantize
+from convert import calibrated_quant
+from convert.calibrated_quant import calibrated_quantize, inverse_factor
 from convert.fitted_quant import fitted_quantize
 from hobbit_mlx.quantizable import mlx_quantizes, supported_bits
 
@@ -41,7 +42,7 @@ def test_outputs_on_unseen_inputs_are_closer_than_the_fitted_copys(bits, dtype):
     mix = _mixing(rng, 256)
     seen = _inputs(rng, 3, 600, 256, mix)
     hessian = np.einsum("eri,erj->eij", seen, seen)
-    calibrated = calibrated_quantize(w, hessian, 64, bits)
+    calibrated = calibrated_quantize(w, inverse_factor(hessian), 64, bits)
     fitted = fitted_quantize(w, 64, bits)
     assert all(a.dtype == b.dtype and a.shape == b.shape for a, b in zip(calibrated, fitted))
     unseen = _inputs(rng, 3, 600, 256, mix)  # (the same distribution, other draws)
@@ -56,7 +57,7 @@ def test_without_inputs_an_expert_gets_the_fitted_copy_bit_for_bit():
     hessian = np.einsum("eri,erj->eij", x, x)
     hessian[1] = 0  # expert 1 never routed
     hessian[2] = np.eye(128)  # inputs that do not co-vary: nothing to spread
-    calibrated = calibrated_quantize(w, hessian, 64, 2)
+    calibrated = calibrated_quantize(w, inverse_factor(hessian), 64, 2)
     fitted = fitted_quantize(w, 64, 2)
     for ours, theirs in zip(calibrated, fitted):
         assert np.array_equal(np.array(ours[1:]), np.array(theirs[1:]))
@@ -68,7 +69,7 @@ def test_an_input_column_never_seen_leaves_no_nan():
     w = mx.array(rng.standard_normal((2, 8, 64)).astype(np.float32))
     x = _inputs(rng, 2, 50, 64)
     x[..., 5] = 0
-    out = calibrated_quantize(w, np.einsum("eri,erj->eij", x, x), 64, 2)
+    out = calibrated_quantize(w, inverse_factor(np.einsum("eri,erj->eij", x, x)), 64, 2)
     assert np.isfinite(np.array(mx.dequantize(*out, group_size=64, bits=2))).all()
 
 
@@ -76,5 +77,44 @@ def test_shapes_that_do_not_agree_are_refused():
     w = mx.zeros((2, 8, 128))
     with pytest.raises(ValueError, match="group size"):
         calibrated_quantize(mx.zeros((2, 8, 96)), np.zeros((2, 96, 96)), 64, 2)
-    with pytest.raises(ValueError, match="hessian shape"):
+    with pytest.raises(ValueError, match="factor shape"):
         calibrated_quantize(w, np.zeros((2, 64, 64)), 64, 2)
+
+
+@pytest.mark.parametrize("n", [64, 330, 768])  # whole, by halves, by uneven halves
+def test_the_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(n, monkeypatch):
+    rng = np.random.default_rng(n)
+    x = _inputs(rng, 2, 3 * n, n)
+    x[1, :, 3] = 0  # an input column never seen
+    hessian = np.einsum("eri,erj->eij", x, x)
+    damped = hessian.copy()
+    for e in range(2):
+        diag = np.diagonal(hessian[e])
+        damped[e][np.diag_indices(n)] += calibrated_quant.DAMP * diag.mean() + (diag <= 0)
+    monkeypatch.setattr(calibrated_quant, "FACTOR_BLOCK", 64)
+    u = inverse_factor(hessian.astype(np.float32))
+    assert u.dtype == np.float32 and np.array_equal(u, np.triu(u))
+    u = u.astype(np.float64)
+    for e in range(2):
+        want = np.linalg.inv(damped[e])
+        assert np.abs(u[e].T @ u[e] - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_a_factor_float32_cannot_make_is_made_in_float64(monkeypatch):
+    rng = np.random.default_rng(2)
+    x = _inputs(rng, 2, 400, 128)
+    hessian = np.einsum("eri,erj->eij", x, x)
+    real = calibrated_quant._inverse_cholesky
+    dtypes = []
+
+    def fails_in_float32(a):
+        dtypes.append(a.dtype)
+        if a.dtype == np.float32:
+            raise np.linalg.LinAlgError("Matrix is not positive definite")
+        return real(a)
+
+    monkeypatch.setattr(calibrated_quant, "_inverse_cholesky", fails_in_float32)
+    u = inverse_factor(hessian)
+    monkeypatch.setattr(calibrated_quant, "_inverse_cholesky", real)
+    assert dtypes == [np.float32, np.float64] and u.dtype == np.float32
+    assert np.allclose(u, inverse_factor(hessian), rtol=1e-3, atol=1e-6 * np.abs(u).max())
