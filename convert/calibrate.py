@@ -200,6 +200,12 @@ def gather_layer_by_layer(model, sequences: list[list[int]], positions: set[int]
             yield stats
 
 
+def experts_at_once(input_widths) -> int:
+    """How many experts' refits go together: their GPTQ factors (one per distinct projection
+    input width, float32) within ``REFIT_BYTES``; more at once means fewer rounding steps."""
+    return max(1, REFIT_BYTES // (4 * sum(n * n for n in input_widths)))
+
+
 def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics, reader,
                 rel: str, file_index: int) -> list:
     """One layer's low copies quantized against ``stats`` from its 4-bit copies, written to
@@ -212,7 +218,7 @@ def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics
               and low.quant[path].get("mode", "affine") == "affine"]  # (others kept as they are)
     source = {path: stats.input_of(position, path) for path in fitted}  # a GLU's gate and up: one
     widths = {source[path]: _in_dim(low, path) for path in fitted}
-    step = max(1, REFIT_BYTES // (4 * sum(n * n for n in widths.values())))  # experts at once
+    step = experts_at_once(widths.values())
     parts = {path: [] for path in fitted}
     for e0 in range(0, experts, step):
         e1 = min(experts, e0 + step)

@@ -944,3 +944,34 @@ def test_victim_cost_end_to_end_alternates_the_two_choices(tiny_factory, capsys)
             if line.startswith("| ") and not line.startswith("| run")]
     assert rows == ["prefill, 64-token chunks", "decode"]
     assert SequenceFrequencyPolicy.victim is ours  # (the runtime's own choice put back)
+
+
+def test_calibration_cost_scales_the_experts_timed_to_the_layer_and_model(tmp_path, capsys):
+    from bench import calibration_cost
+
+    assert calibration_cost.main(["--shape", "3,8,128,64", "--experts", "2", "--inputs", "40",
+                                  "--out", str(tmp_path), "--name", "cost"]) == 0
+    report = (tmp_path / "cost.md").read_text()
+    assert report == capsys.readouterr().out.rstrip("\n") + "\n"
+    rows = {line.split(" | ")[0].strip("| *"): line.split(" | ")[1:]
+            for line in report.splitlines() if line.startswith("| ") and "---" not in line}
+    steps = ["sums", "factors", "gate", "up", "down"]
+    assert set(steps) < set(rows)
+    timed = sum(float(rows[s][0]) for s in steps)
+    per_layer = float(rows["layer"][1].strip("*| "))
+    assert abs(float(rows["layer"][0]) - timed) <= 0.01 * len(steps)
+    assert abs(per_layer - 4 * float(rows["layer"][0])) <= 0.05 + 0.02 * per_layer  # 8 / 2 experts
+    minutes = float(report.split("The model's 3 layers: ")[1].split(" min")[0])
+    assert abs(minutes - per_layer * 3 / 60) <= 0.05
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shape", "big"], "one of qwen3-30b-a3b"),
+    (["--shape", "2,8,100,64"], "multiples of 64"),
+])
+def test_calibration_cost_refuses_a_shape_it_cannot_time(args, message, capsys):
+    from bench import calibration_cost
+
+    with pytest.raises(SystemExit) as e:
+        calibration_cost.main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
