@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         f"Command: `{arguments.command(__file__, argv)}`",
         "",
         f"{layers} MoE layers x {experts} experts, hidden {hidden}, expert intermediate {inter}, "
-        f"{args.inputs} inputs an expert; {timed} experts timed, in chunks of "
+        f"{args.inputs} inputs an expert; {timed} of its experts timed, in chunks of "
         f"{min(timed, experts_at_once({hidden, inter}))}; random weights and inputs, 2-bit, group 64, "
         f"bf16 scales. MLX device: {mx.default_device()}.",
         "",
