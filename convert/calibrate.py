@@ -11,9 +11,10 @@ copies, written into new files, and the manifest is switched to them in one rena
 runtime reads them as before.
 
 The sums take ``experts x in^2`` floats per projection input and layer (Qwen3-30B-A3B: 2.4 GB a
-layer). A decoder ``layer_major`` drives runs the text a layer at a time, each layer refitted
-before the next starts; another runs whole, once per group of layers within
-``--statistics-memory``.
+layer; Mixtral-8x7B: 7.1 GB), within ``--statistics-memory`` (a layer's that do not fit are
+refused before anything runs). A decoder ``layer_major`` drives runs the text a layer at a time,
+each layer refitted before the next starts; another runs whole, once per group of layers whose
+sums fit.
 """
 
 from __future__ import annotations
@@ -270,6 +271,13 @@ def calibrate(model_dir: str | Path, *, texts: list[str] | None = None,
         raise ConversionError(str(e)) from None
     if any("low" not in l.precisions for l in manifest.layers):
         raise ConversionError(f"{model_dir}: its experts have no low-precision copy to calibrate")
+    held = max(statistics_bytes(manifest, p) for p in range(len(manifest.layers)))
+    if held > statistics_memory:  # (before the model is loaded and the text run)
+        from hobbit_mlx.budget import format_size
+
+        raise ConversionError(f"a layer's input sums take {format_size(held)}, more than the "
+                              f"{format_size(statistics_memory)} allowed for them: allow more "
+                              "(--statistics-memory) if this machine has the memory")
     model, tokenizer = hobbit_mlx.load(str(model_dir), exact=True, memory_budget=memory_budget,
                                        progress=False)
     try:
@@ -397,9 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory budget for running the model (as load's; default: load's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--statistics-memory", default="4GB",
-                        help="memory for the input sums where the model runs whole (a decoder "
-                             "run a layer at a time holds one layer's): layers beyond it take "
-                             "another pass over the text (default 4GB)")
+                        help="memory for the input sums (experts x in^2 floats per projection "
+                             "input and layer): one layer's must fit; where the model runs whole "
+                             "(not a layer at a time), layers beyond it take another pass over "
+                             "the text (default 4GB)")
     args = parser.parse_args(argv)
     from hobbit_mlx.budget import parse_size
 

@@ -94,13 +94,15 @@ def test_layer_by_layer_and_whole_model_passes_calibrate_alike(tiny_factory, tmp
     import hobbit_mlx.layer_major as layer_major
 
     one = _copy(tiny_factory, tmp_path / "one")
-    layers = len(load_manifest(one).layers)
-    assert calibrate(one, texts=[TEXT], tokens=200, statistics_memory=1,
+    manifest = load_manifest(one)
+    layers = len(manifest.layers)
+    layer = calibration.statistics_bytes(manifest, 0)  # (every layer's, in this model)
+    assert calibrate(one, texts=[TEXT], tokens=200, statistics_memory=layer,
                      progress=False)["passes"] == 1
     passes = _copy(tiny_factory, tmp_path / "passes")
     monkeypatch.setattr(layer_major, "decoder_of", lambda model: None)
     monkeypatch.setattr(calibration, "REFIT_BYTES", 1)
-    assert calibrate(passes, texts=[TEXT], tokens=200, statistics_memory=1,
+    assert calibrate(passes, texts=[TEXT], tokens=200, statistics_memory=layer,
                      progress=False)["passes"] == layers
     assert _expert_bytes(one, "low") == _expert_bytes(passes, "low")
 
@@ -183,6 +185,11 @@ def test_the_cli_says_what_it_did_and_refuses_what_it_cannot_read(tiny_factory, 
     assert main([str(model), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "cannot read" in capsys.readouterr().err
     assert main([str(model), "--tokens", "1"]) == 2
+    before = manifest_path(model).read_bytes()
+    assert main([str(model), "--statistics-memory", "1KB"]) == 2  # (a layer's sums are more)
+    err = capsys.readouterr().err
+    assert "input sums take" in err and "--statistics-memory" in err
+    assert manifest_path(model).read_bytes() == before
 
 
 def test_a_cached_conversion_calibrated_stays_current(tmp_path, monkeypatch):
