@@ -219,6 +219,8 @@ def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics
               and low.quant[path].get("mode", "affine") == "affine"]  # (others kept as they are)
     source = {path: stats.input_of(position, path) for path in fitted}  # a GLU's gate and up: one
     widths = {source[path]: _in_dim(low, path) for path in fitted}
+    dtypes = {path: resident_dtype(next(t for t in low.tensors if t.name == f"{path}.scales"),
+                                   None) for path in fitted}  # (the scales' dtype: the weights')
     step = experts_at_once(widths.values())
     parts = {path: [] for path in fitted}
     for e0 in range(0, experts, step):
@@ -227,10 +229,9 @@ def refit_layer(model_dir: Path, manifest, position: int, stats: InputStatistics
                    for name, n in widths.items()}
         for path in fitted:
             quant = low.quant[path]
-            dtype = resident_dtype(next(t for t in low.tensors if t.name == f"{path}.scales"), None)
-            w = mx.stack([_weights(h, high, path) for h in highs[e0:e1]])
-            parts[path].append(calibrated_quantize(w.astype(dtype), factors[source[path]],
-                                                   quant["group_size"], quant["bits"]))
+            w = mx.stack([_weights(h, high, path) for h in highs[e0:e1]]).astype(dtypes[path])
+            parts[path].append(calibrated_quantize(w, factors[source[path]], quant["group_size"],
+                                                   quant["bits"]))
     new = {}
     for path in fitted:
         for name, *chunks in zip(("weight", "scales", "biases"), *parts[path]):
