@@ -114,18 +114,31 @@ def test_a_seed_samples_what_mlx_lm_samples_on_the_loaded_model(model_dir, env):
     assert p.stdout == expected + "\n"
 
 
-def test_result_and_draft_paths_are_checked_with_clear_errors(model_dir, env, tmp_path):
-    p = run(env, "generate", "--model", model_dir, "--prompt", "hi", "--max-tokens", 2,
-            "--stats-json", tmp_path)
+def _in_process(capsys, argv, command="generate"):
+    """``python -m hobbit_mlx.<command> argv`` run in this process, as its ``python -m`` entry
+    runs it (a process costs ~2 s of imports): (exit status, stdout, stderr)."""
+    import importlib
+
+    from hobbit_mlx import cli_common
+
+    main = importlib.import_module(f"hobbit_mlx.{command}").main
+    code = cli_common.run(main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def test_result_and_draft_paths_are_checked_with_clear_errors(model_dir, tmp_path, capsys):
+    p = _in_process(capsys, ["--model", model_dir, "--prompt", "hi", "--max-tokens", 2,
+                             "--stats-json", tmp_path])
     assert_bad_input(p, "--stats-json", "directory")
     assert "Generation:" not in p.stderr  # refused before the work
     (tmp_path / "afile").write_text("")
-    p = run(env, "generate", "--model", model_dir, "--prompt", "hi", "--max-tokens", 2,
-            "--stats-json", tmp_path / "afile" / "stats.json")
+    p = _in_process(capsys, ["--model", model_dir, "--prompt", "hi", "--max-tokens", 2,
+                             "--stats-json", tmp_path / "afile" / "stats.json"])
     assert_bad_input(p, "--stats-json", "afile is a file, not a directory")
     assert "Generation:" not in p.stderr  # (it failed after the generation, "File exists")
-    p = run(env, "generate", "--model", model_dir, "--prompt", "hi", "--max-tokens", 2,
-            "--draft-model", tmp_path / "missing")
+    p = _in_process(capsys, ["--model", model_dir, "--prompt", "hi", "--max-tokens", 2,
+                             "--draft-model", tmp_path / "missing"])
     assert_bad_input(p, "draft model", "no such directory")
 
 
@@ -164,7 +177,7 @@ def test_budget_too_small(model_dir, env):
         assert "dense weights" in line and "KV cache" in line and "top-k experts" in line
 
 
-def test_bad_input(model_dir, env, tmp_path):
+def test_bad_input(model_dir, env, tmp_path, capsys):
     assert_bad_input(run(env, "generate", "--model", tmp_path / "missing", "--max-tokens", 2),
                      "not found", "missing")
     bad = tmp_path / "bad_manifest"
@@ -172,7 +185,7 @@ def test_bad_input(model_dir, env, tmp_path):
     from hobbit_mlx.store import manifest_path
 
     manifest_path(bad).write_text("{not json")
-    assert_bad_input(run(env, "generate", "--model", bad, "--max-tokens", 2), "manifest")
+    assert_bad_input(_in_process(capsys, ["--model", bad, "--max-tokens", 2]), "manifest")
 
 
 def test_bad_flags_in_process(model_dir, capsys):
@@ -236,7 +249,7 @@ def _minimum(model_dir, monkeypatch) -> int:
 
 
 def test_generate_with_a_rotating_cache_runs_past_the_context_the_budget_holds(model_dir, env,
-                                                                              monkeypatch):
+                                                                              monkeypatch, capsys):
     """--max-kv-size (mlx-lm's rotating cache): the budget plans its window, so a reply far past
     the whole context the budget holds (256 tokens here) runs."""
 
@@ -246,12 +259,12 @@ def test_generate_with_a_rotating_cache_runs_past_the_context_the_budget_holds(m
     assert p.returncode == 0, p.stderr
     generated = re.search(r"Generation: (\d+) tokens", p.stderr)
     assert generated and int(generated.group(1)) > 300, p.stderr
-    p = run(env, "generate", "--model", model_dir, "--max-kv-size", 64, "--speculative", 2)
+    p = _in_process(capsys, ["--model", model_dir, "--max-kv-size", 64, "--speculative", 2])
     assert_bad_input(p, "--max-kv-size")
 
 
 def test_generate_without_a_token_limit_ends_where_the_budget_holds_no_more_context(
-        model_dir, env, monkeypatch):
+        model_dir, env, monkeypatch, capsys):
     """--max-tokens -1 (mlx-lm's no limit) runs until the end of text or of the context the
     budget holds, where it stops with a note and its report, exit 0; a limit the budget cannot
     reach still ends in the error that says what budget would."""
@@ -264,8 +277,8 @@ def test_generate_without_a_token_limit_ends_where_the_budget_holds_no_more_cont
     generated = re.search(r"Generation: (\d+) tokens", p.stderr)
     assert stopped and generated and stopped.group(1) == generated.group(1), p.stderr
     assert p.stdout.endswith("\n") and not p.stdout.endswith("\n\n")
-    p = run(env, "generate", "--model", model_dir, "--memory-budget", budget, "--max-tokens", 5000,
-            "--prompt", "hello", "--exact")
+    p = _in_process(capsys, ["--model", model_dir, "--memory-budget", budget, "--max-tokens", 5000,
+                             "--prompt", "hello", "--exact"])
     assert_bad_input(p, "the context reached", "may reach")
 
 

@@ -63,10 +63,14 @@ def test_each_command_answers_help(name):
     ("convert", [], "the following arguments are required: src, dst"),
     ("plan", ["--bogus"], "the following arguments are required: model"),
     ("server", ["--port", "abc"], "argument --port: invalid int value: 'abc'")])
-def test_argparse_errors_are_one_line_too(name, argv, needle):
-    """argparse's own errors printed its whole usage block (40-60 lines) before the error."""
-    p = subprocess.run([str(_installed(name)), *argv], capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
-    assert p.stderr.startswith(f"error: {needle}"), p.stderr
-    assert p.stderr.rstrip().endswith(f"(see hobbit_mlx.{name} --help)"), p.stderr  # (its name)
+def test_argparse_errors_are_one_line_too(name, argv, needle, monkeypatch, capsys):
+    """argparse's own errors printed its whole usage block (40-60 lines) before the error. Run
+    in this process as the installed command runs it (its entry, its path as ``argv[0]``): a
+    process costs ~2 s of imports, and the commands' processes are run above."""
+    monkeypatch.setattr(sys, "argv", [str(_installed(name)), *argv])
+    with pytest.raises(SystemExit) as done:
+        getattr(scripts, name)()
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {needle}"), err
+    assert err.rstrip().endswith(f"(see hobbit_mlx.{name} --help)"), err  # (its name)
