@@ -20,18 +20,18 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import anthropic
 import numpy as np
-import openai
 import pytest
 
 from hobbit_mlx.loader import REFERENCE_MODEL
-from hobbit_mlx.testing import child_env
+from hobbit_mlx.testing import LazyModule, child_env
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "hobbit_mlx/reference_model"
 BUDGET = "16MB"
 CODE = "def parse(text):\n    "  # greedy text runs to max_tokens (no early end of sequence)
+
+anthropic, openai = LazyModule("anthropic"), LazyModule("openai")  # (imported when used)
 
 pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").is_file(),
                                 reason="reference model not bundled")

@@ -16,14 +16,15 @@ import json
 import shutil
 from pathlib import Path
 
-import anthropic
-import openai
 import pytest
 
 from hobbit_mlx.loader import REFERENCE_MODEL
+from hobbit_mlx.testing import LazyModule
 
 pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "tokenizer.json").is_file(),
                                 reason="reference model not bundled")
+
+anthropic, openai = LazyModule("anthropic"), LazyModule("openai")  # (imported when used)
 
 TEMPLATE = """\
 {%- if tools %}<|im_start|>system

@@ -13,3 +13,17 @@ def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
     env.pop("HOBBIT_MLX_DEBUG", None)
     return env
+
+
+class LazyModule:
+    """A module imported when first used: a test module that imports a large client library
+    (``anthropic``: 2.6 s here) at its top makes every test process that collects it pay the
+    import, whether or not it runs that module's tests."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
