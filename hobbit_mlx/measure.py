@@ -69,12 +69,10 @@ _MEASURED: dict[tuple, tuple] = {}
 MEASURE_MARGIN = 1.05
 
 
-def activation_ladder(model: nn.Module, prefill_step_size: int,
-                      runs_alone: dict[int, list[int]] | None = None) -> list[tuple[int, int]]:
+def activation_ladder(model: nn.Module, prefill_step_size: int) -> list[tuple[int, int]]:
     """(chunk tokens, activation bytes) for every size of ``chunk_ladder``: the smallest, the knee
     (64) and the largest measured (a prefill pass each); sizes up to the knee interpolated
-    linearly, larger ones from ``a*n + b*n^2`` through the knee and the largest. ``runs_alone``
-    (chunk tokens -> raw peaks) gets each prefill chunk's runs, for ``context_activation``."""
+    linearly, larger ones from ``a*n + b*n^2`` through the knee and the largest."""
     ladder = chunk_ladder(prefill_step_size)
     # Measured with MLX free to reuse cached buffers (a reused buffer may be larger than asked
     # for, and counts whole): the same in every process, and not below what a run then sees.
@@ -84,11 +82,11 @@ def activation_ladder(model: nn.Module, prefill_step_size: int,
     _raw_activation(model, ladder[0])
     # (the smallest chunk's reserve serves every shorter call: a decoded token's too, whose
     # logits row and log-softmax may outweigh a chunk's activations on a large vocabulary)
-    measured = {ladder[0]: max(activation_bytes(model, ladder[0], runs=3, runs_out=runs_alone),
+    measured = {ladder[0]: max(activation_bytes(model, ladder[0], runs=3),
                                activation_bytes(model, 1, runs=3, next_token=True))}
     knee = min(KNEE_CHUNK, ladder[-1])
     for n in {knee, ladder[-1]} - set(measured):  # (the largest: once, the margin covers it)
-        measured[n] = activation_bytes(model, n, runs=3 if n == knee else 1, runs_out=runs_alone)
+        measured[n] = activation_bytes(model, n, runs=3 if n == knee else 1)
     mx.set_cache_limit(limit)
     knots = sorted(measured.items())
     grain = 64 * 1024
@@ -159,15 +157,11 @@ def _next_token(logits: mx.array) -> list[mx.array]:
 
 
 def _peak_of(model: nn.Module, chunk: int, context: int = 0, kv_quant=None, runs: int = 3,
-             next_token: bool = False, runs_out: dict[int, list[int]] | None = None) -> int:
+             next_token: bool = False) -> int:
     """The most of ``runs`` measurements: now and then a run peaks lower (by up to 27% of a
     64-token call on a tiny model), never higher. Taking the least of two, or one, sometimes
-    planned a budget that the same call then went over. ``runs_out`` gets every run's peak under
-    ``chunk``."""
-    peaks = [_raw_activation(model, chunk, context, kv_quant, next_token) for _ in range(runs)]
-    if runs_out is not None:
-        runs_out.setdefault(chunk, []).extend(peaks)
-    return max(peaks)
+    planned a budget that the same call then went over."""
+    return max(_raw_activation(model, chunk, context, kv_quant, next_token) for _ in range(runs))
 
 
 def _hold_context(model: nn.Module, cache: list, tokens: mx.array) -> None:
@@ -222,15 +216,13 @@ def _untouched(probe) -> bool:
         return False
 
 
-def activation_bytes(model: nn.Module, chunk: int, runs: int = 1, next_token: bool = False,
-                     runs_out: dict[int, list[int]] | None = None) -> int:
+def activation_bytes(model: nn.Module, chunk: int, runs: int = 1, next_token: bool = False) -> int:
     """Measured: the activations of a prefill chunk of ``chunk`` tokens on an empty cache (with
-    ``next_token``, of a call choosing its next token), the most of ``runs`` runs (each run's raw
-    peak added to ``runs_out``)."""
+    ``next_token``, of a call choosing its next token), the most of ``runs`` runs."""
     # The allocator's rounding moves the peak by a few KiB, and a run's buffer reuse by a few
     # percent, from one run to the next: a margin of both.
     grain = 64 * 1024
-    raw = _peak_of(model, chunk, runs=runs, next_token=next_token, runs_out=runs_out)
+    raw = _peak_of(model, chunk, runs=runs, next_token=next_token)
     return (int(MEASURE_MARGIN * raw) + 2 * grain - 1) // grain * grain
 
 
@@ -249,24 +241,18 @@ CONTEXT_MARGIN = 1.25
 GROWTH_NOISE = 0.05
 
 
-def context_activation(model: nn.Module, kv_quant=None,
-                       runs_alone: dict[int, list[int]] | None = None) -> tuple[float, float, float]:
+def context_activation(model: nn.Module, kv_quant=None) -> tuple[float, float, float]:
     """How a call's activations grow with the context it attends to, as (bytes per call token per
     context token, bytes added by any context, and per call token): ``activation_for`` reserves
     the second, the third times the call's tokens and the first times the pairs. Measured with
     16- and 64-token calls against the contexts of ``CONTEXT_PROBES``; the fit lies above every
-    measurement. With ``kv_quant`` the contexts are quantized (the attention then differs).
-    ``runs_alone``: peaks of calls without a context that ``activation_ladder`` measured already
-    (at least two of a size stand in for running that size alone again)."""
+    measurement. With ``kv_quant`` the contexts are quantized (the attention then differs)."""
     limit = mx.set_cache_limit(1 << 40)
     gc.collect()
     grown, empty = {}, {}
     for n, contexts in CONTEXT_PROBES.items():
         # (the least for the call alone, the most with a context: the growth is not understated)
-        alone = (runs_alone or {}).get(n, [])
-        if len(alone) < 2:
-            alone = [_raw_activation(model, n), _raw_activation(model, n)]
-        empty[n] = min(alone)
+        empty[n] = min(_raw_activation(model, n), _raw_activation(model, n))
         grown[n] = {c: max(0, _peak_of(model, n, c, kv_quant, runs=2) - empty[n])
                     for c in contexts}
     mx.set_cache_limit(limit)
@@ -313,9 +299,7 @@ def measured_activations(model: nn.Module, prefill_step_size: int, key: tuple,
     if got is None:
         if announce is not None:
             announce()
-        alone: dict[int, list[int]] = {}  # (the ladder's calls without a context, reused)
-        got = (activation_ladder(model, prefill_step_size, alone),
-               context_activation(model, kv_quant, alone))
+        got = (activation_ladder(model, prefill_step_size), context_activation(model, kv_quant))
         if path is not None:
             _write_measured(path, got)
     _MEASURED[key] = got

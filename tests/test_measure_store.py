@@ -125,25 +125,3 @@ def test_the_context_growth_allows_for_peaks_that_come_out_low(monkeypatch):
         for c in (64, 192, 1000, 4032):
             reserved = constant + n * (per_token + c * per_pair)
             assert reserved >= true_growth(n, c), (n, c)
-
-
-def test_the_context_fit_reuses_the_ladders_calls_without_a_context(monkeypatch, fresh):
-    """Measuring is most of a first load's time: the context fit takes its calls without a
-    context from the ladder's runs of the same sizes (run there already), and fits what it would
-    have fitted from its own runs of them."""
-    from hobbit_mlx import measure
-
-    calls = []
-
-    def raw(model, n, context=0, kv_quant=None, next_token=False):
-        calls.append((n, context, next_token))
-        return 70_000 * n + (50_000 + 1_000 * n + 2 * n * context if context else 0)
-
-    monkeypatch.setattr(measure, "_raw_activation", raw)
-    monkeypatch.setattr(measure.mx, "set_cache_limit", lambda limit: limit)
-    ladder, fit = measure.measured_activations(None, 512, ("model",), store=None)
-    alone = [n for n, context, next_token in calls if not context and not next_token]
-    # the smallest chunk: one warm-up and three runs; the knee three, the largest one
-    assert sorted(alone) == sorted([measure.SMALLEST_CHUNK] * 4 + [measure.KNEE_CHUNK] * 3 + [512])
-    assert fit == measure.context_activation(None)  # (its own runs alone: the same fit)
-    assert [n for n, _ in ladder][-1] == 512
