@@ -114,14 +114,14 @@ def test_a_seed_samples_what_mlx_lm_samples_on_the_loaded_model(model_dir, env):
     assert p.stdout == expected + "\n"
 
 
-def _in_process(capsys, argv, command="generate"):
-    """``python -m hobbit_mlx.<command> argv`` run in this process, as its ``python -m`` entry
-    runs it (a process costs ~2 s of imports): (exit status, stdout, stderr)."""
+def _in_process(capsys, argv) -> subprocess.CompletedProcess:
+    """``python -m hobbit_mlx.generate argv`` run in this process as its ``python -m`` entry runs
+    it, for input refused before or after loading (a process costs ~2 s of imports)."""
     import importlib
 
     from hobbit_mlx import cli_common
 
-    main = importlib.import_module(f"hobbit_mlx.{command}").main
+    main = importlib.import_module("hobbit_mlx.generate").main
     code = cli_common.run(main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, out, err)
