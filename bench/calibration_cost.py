@@ -52,8 +52,10 @@ def shape_of(text: str) -> tuple[str, tuple[int, int, int, int]]:
     return text, (layers, experts, hidden, inter)
 
 
-def time_refit(experts: int, hidden: int, inter: int, inputs: int, seed: int = 0) -> dict:
-    """Seconds spent on ``experts`` experts: input sums, factors, and each projection's refit."""
+def time_refit(experts: int, hidden: int, inter: int, inputs: int,
+               seed: int = 0) -> tuple[dict, int]:
+    """Seconds spent on ``experts`` experts (input sums, factors, and each projection's refit),
+    and the experts refitted together."""
     rng = np.random.default_rng(seed)
     widths = {"gate": hidden, "up": hidden, "down": inter}
     outs = {"gate": inter, "up": inter, "down": hidden}
@@ -77,7 +79,7 @@ def time_refit(experts: int, hidden: int, inter: int, inputs: int, seed: int = 0
             t = time.perf_counter()
             calibrated_quantize(w, factors[n], 64, 2)
             spent[path] += time.perf_counter() - t
-    return spent
+    return spent, min(step, experts)
 
 
 @arguments.refuse_bad_input
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     out = arguments.out_dir(ap, args.out) if args.name else None
     name, (layers, experts, hidden, inter) = args.shape
     timed = min(args.experts, experts)
-    spent = time_refit(timed, hidden, inter, args.inputs)
+    spent, chunk = time_refit(timed, hidden, inter, args.inputs)
     scale = experts / timed
     layer = scale * sum(spent.values())
     rows = [f"| {step} | {seconds:.2f} | {scale * seconds:.1f} |" for step, seconds in spent.items()]
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         "",
         f"{layers} MoE layers x {experts} experts, hidden {hidden}, expert intermediate {inter}, "
         f"{args.inputs} inputs an expert; {timed} of its experts timed, in chunks of "
-        f"{min(timed, experts_at_once({hidden, inter}))}; random weights and inputs, 2-bit, group 64, "
+        f"{chunk}; random weights and inputs, 2-bit, group 64, "
         f"bf16 scales. MLX device: {mx.default_device()}.",
         "",
         "| step | s for the experts timed | s per layer |",

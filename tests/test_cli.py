@@ -114,14 +114,14 @@ def test_a_seed_samples_what_mlx_lm_samples_on_the_loaded_model(model_dir, env):
     assert p.stdout == expected + "\n"
 
 
-def _in_process(capsys, argv) -> subprocess.CompletedProcess:
-    """``python -m hobbit_mlx.generate argv`` run in this process as its ``python -m`` entry runs
-    it, for input refused before or after loading (a process costs ~2 s of imports)."""
+def _in_process(capsys, argv, command: str = "generate") -> subprocess.CompletedProcess:
+    """``python -m hobbit_mlx.<command> argv`` run in this process as its ``python -m`` entry
+    runs it, for input refused before or after loading (a process costs ~2 s of imports)."""
     import importlib
 
     from hobbit_mlx import cli_common
 
-    main = importlib.import_module("hobbit_mlx.generate").main
+    main = importlib.import_module(f"hobbit_mlx.{command}").main
     code = cli_common.run(main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, out, err)
@@ -190,33 +190,30 @@ def test_bad_input(model_dir, env, tmp_path, capsys):
 
 def test_bad_flags_in_process(model_dir, capsys):
     """Flags checked before loading anything: one error line, status 2 (run in-process: fast)."""
-    import importlib
-
-    from hobbit_mlx import chat, cli_common
-
-    generate = importlib.import_module("hobbit_mlx.generate")
-    cases = [(generate.main, ["--memory-budget", "12 bananas"], "12 bananas"),
-             (generate.main, ["--memory-budget", "0"], "--memory-budget"),
-             (chat.main, ["--expert-residency", "1.5"], "--expert-residency"),
-             (generate.main, ["--max-tokens", "0"], "--max-tokens"),
-             (generate.main, ["--chat-template-config", "[1"], "--chat-template-config"),
-             (generate.main, ["--prefetch-width", "0"], "--prefetch-width"),
-             (generate.main, ["--prefill-low-precision", "2"], "--prefill-low-precision"),
-             (generate.main, ["--exact", "--prefill-low-precision", "0.2"], "--exact"),
-             (generate.main, ["--exact", "--t1", "0.5", "--upgrade-after", "2"],
+    generate, chat = "generate", "chat"
+    cases = [(generate, ["--memory-budget", "12 bananas"], "12 bananas"),
+             (generate, ["--memory-budget", "0"], "--memory-budget"),
+             (chat, ["--expert-residency", "1.5"], "--expert-residency"),
+             (generate, ["--max-tokens", "0"], "--max-tokens"),
+             (generate, ["--chat-template-config", "[1"], "--chat-template-config"),
+             (generate, ["--prefetch-width", "0"], "--prefetch-width"),
+             (generate, ["--prefill-low-precision", "2"], "--prefill-low-precision"),
+             (generate, ["--exact", "--prefill-low-precision", "0.2"], "--exact"),
+             (generate, ["--exact", "--t1", "0.5", "--upgrade-after", "2"],
               "--t1, --upgrade-after"),
-             (chat.main, ["--exact", "--prefetch-low-precision"], "--prefetch-low-precision"),
-             (generate.main, ["--num-draft-tokens", "0", "--draft-model", "x"],
+             (chat, ["--exact", "--prefetch-low-precision"], "--prefetch-low-precision"),
+             (generate, ["--num-draft-tokens", "0", "--draft-model", "x"],
               "--num-draft-tokens"),
-             (chat.main, ["--model", "no-such-model-dir"], "not found"),
+             (chat, ["--model", "no-such-model-dir"], "not found"),
              # (pipeline flags refused before joining: a lone process would wait for its peers)
-             (generate.main, ["--memory-budget", "48GB,24GB"], "needs --pipeline"),
-             (generate.main, ["--pipeline", "--pipeline-timeout", "0"], "--pipeline-timeout"),
-             (chat.main, ["--pipeline", "--pipeline-timeout", "-5"], "--pipeline-timeout"),
-             (generate.main, ["--pipeline", "--prompt", "-"], "--prompt -")]
-    for main, argv, needle in cases:
-        assert cli_common.run(main, ["--model", str(model_dir), *argv]) == 2, argv
-        err = capsys.readouterr().err
+             (generate, ["--memory-budget", "48GB,24GB"], "needs --pipeline"),
+             (generate, ["--pipeline", "--pipeline-timeout", "0"], "--pipeline-timeout"),
+             (chat, ["--pipeline", "--pipeline-timeout", "-5"], "--pipeline-timeout"),
+             (generate, ["--pipeline", "--prompt", "-"], "--prompt -")]
+    for command, argv, needle in cases:
+        p = _in_process(capsys, ["--model", model_dir, *argv], command)
+        err = p.stderr
+        assert p.returncode == 2, argv
         assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
 
 
