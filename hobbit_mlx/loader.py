@@ -430,7 +430,7 @@ def _load(model_dir: Path, o: LoadOptions, pipe=None, extra_kv_layers: list[int]
         kv_per_token = sum(kv_layers)
         kv_quant = o.kv_quant()
         quantized_kv = kv_bytes_by_layer(model, kv_quant) if kv_quant is not None else []
-        measured_key = (structure, prefill_step_size, str(cdtype), pipe and (pipe.start, pipe.end))
+        measured_key = (structure, str(cdtype), pipe and (pipe.start, pipe.end))
         activation_points, context_activation = measured_activations(
             model, prefill_step_size, measured_key, store=cache_root() / MEASURED_DIR,
             kv_quant=kv_quant, announce=_announce_measuring if o.progress else None)

@@ -286,22 +286,41 @@ def measured_activations(model: nn.Module, prefill_step_size: int, key: tuple,
                          store: Path | None = None, kv_quant=None,
                          announce: Callable[[], None] | None = None
                          ) -> tuple[list[tuple[int, int]], tuple[float, float, float]]:
-    """``activation_ladder`` and ``context_activation``, measured once per ``key`` (model, chunk
-    size, dtype): a budget that one load (or ``footprint``) states as the minimum is the next
-    load's minimum. With ``store`` (a directory), also across processes: read from there when a
-    process on this machine measured them with this code, else measured and written there.
-    ``announce`` is called before a measurement runs (most of a first load's time)."""
-    key = (*key, kv_quant)
+    """``activation_ladder`` and ``context_activation``, each measured once per ``key`` (model,
+    dtype, pipeline layers): the ladder per chunk size, the growth with the context per KV
+    quantization (it does not depend on the chunk size, and is most of a measurement: a load
+    with another ``prefill_step_size`` measures only its ladder). A budget that one load (or
+    ``footprint``) states as the minimum is the next load's minimum. With ``store`` (a
+    directory), also across processes: read from there when a process on this machine measured
+    them with this code, else measured and written there. ``announce`` is called before a
+    measurement runs (most of a first load's time)."""
+    said = []
+
+    def say() -> None:
+        if announce is not None and not said:
+            said.append(True)
+            announce()
+
+    ladder = _measured(("ladder", *key, prefill_step_size), store, say,
+                       lambda: activation_ladder(model, prefill_step_size))
+    context = _measured(("context", *key, kv_quant), store, say,
+                        lambda: context_activation(model, kv_quant))
+    return ladder, context
+
+
+def _measured(key: tuple, store: Path | None, say: Callable[[], None], measure: Callable):
+    """One part of ``measured_activations``: kept in this process, then in ``store``, else
+    measured (and kept in both)."""
     if key in _MEASURED:
         return _MEASURED[key]
+    kind = key[0]
     path = None if store is None else Path(store) / f"{_disk_key(key)}.json"
-    got = _read_measured(path) if path is not None else None
+    got = _read_measured(path, kind) if path is not None else None
     if got is None:
-        if announce is not None:
-            announce()
-        got = (activation_ladder(model, prefill_step_size), context_activation(model, kv_quant))
+        say()
+        got = measure()
         if path is not None:
-            _write_measured(path, got)
+            _write_measured(path, kind, got)
     _MEASURED[key] = got
     return got
 
@@ -321,20 +340,22 @@ def _disk_key(key: tuple) -> str:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
-def _read_measured(path: Path):
-    """The measurements kept at ``path``, or None (none kept, or unreadable: measured again)."""
+def _read_measured(path: Path, kind: str):
+    """The ``kind`` ("ladder" or "context") kept at ``path``, or None (none kept, or unreadable:
+    measured again)."""
     try:
-        data = json.loads(path.read_text())
-        ladder = [(int(n), int(b)) for n, b in data["ladder"]]
-        context = tuple(float(x) for x in data["context"])
+        data = json.loads(path.read_text())[kind]
+        if kind == "ladder":
+            got = [(int(n), int(b)) for n, b in data]
+            return got or None
+        got = tuple(float(x) for x in data)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return (ladder, context) if ladder and len(context) == 3 else None
+    return got if len(got) == 3 else None
 
 
-def _write_measured(path: Path, measured) -> None:
+def _write_measured(path: Path, kind: str, measured) -> None:
     """Kept for the next process: written whole (a temporary file renamed), or not at all."""
-    ladder, context = measured
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -342,7 +363,7 @@ def _write_measured(path: Path, measured) -> None:
         return _not_kept(path.parent, e)  # (a read-only cache directory: measured again)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump({"ladder": ladder, "context": list(context)}, f)
+            json.dump({kind: list(measured)}, f)
         os.replace(tmp, path)
     except OSError as e:
         _not_kept(path.parent, e)
@@ -366,7 +387,7 @@ def _not_kept(store: Path, e: OSError) -> None:
                   "HOBBIT_MLX_CACHE to a writable directory", stacklevel=4)
 
 
-KEPT_MEASUREMENTS = 256  # files kept (each ~1 KB; models come and go, test runs make many)
+KEPT_MEASUREMENTS = 512  # files kept (each < 1 KB; models come and go, test runs make many)
 
 
 def _prune(store: Path) -> None:

@@ -39,12 +39,30 @@ def test_the_next_process_reads_what_one_measured(tiny_factory, fresh, monkeypat
     _, dst = tiny_factory("qwen3_moe")
     first = _plan(dst)
     kept = list(fresh.glob("*.json"))
-    assert len(kept) == 1 and not list(fresh.glob("*.tmp"))
+    assert len(kept) == 2 and not list(fresh.glob("*.tmp"))  # (the ladder, the context's growth)
     monkeypatch.setattr(measure, "_MEASURED", {})  # the next process
     _measuring_fails(monkeypatch)
     assert _plan(dst) == first
     with pytest.raises(AssertionError, match="measured again"):  # another chunk size: measured
         _plan(dst, prefill_step_size=128)
+
+
+def test_another_chunk_size_measures_only_its_ladder(tiny_factory, fresh, monkeypatch):
+    """The growth with the context does not depend on the chunk size (its probes are 16- and
+    64-token calls whatever the step), and is most of a measurement: a load with another
+    ``prefill_step_size`` reads it back and measures only its ladder."""
+    _, dst = tiny_factory("qwen3_moe")
+    first = _plan(dst)
+    monkeypatch.setattr(measure, "_MEASURED", {})  # the next process
+    ladders = []
+    monkeypatch.setattr(measure, "activation_ladder",
+                        lambda model, step, _real=measure.activation_ladder:
+                        ladders.append(step) or _real(model, step))
+    monkeypatch.setattr(measure, "context_activation",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
+    other = _plan(dst, prefill_step_size=128)
+    assert ladders == [128] and len(list(fresh.glob("*.json"))) == 3
+    assert other.context_activation == first.context_activation  # the same growth, read back
 
 
 def test_a_copy_of_the_model_reuses_the_measurement(tiny_factory, fresh, monkeypatch, tmp_path):
@@ -77,11 +95,13 @@ def test_a_load_says_when_it_measures(tiny_factory, fresh, monkeypatch, capsys):
 def test_an_unreadable_kept_file_is_measured_again(tiny_factory, fresh, monkeypatch):
     _, dst = tiny_factory("qwen3_moe")
     first = _plan(dst)
-    (kept,) = fresh.glob("*.json")
-    kept.write_text('{"ladder": [[16, ')  # cut short
+    kept = sorted(fresh.glob("*.json"))
+    for path in kept:
+        path.write_text(path.read_text()[:12])  # cut short
     monkeypatch.setattr(measure, "_MEASURED", {})
     assert _plan(dst).chunk_tokens == first.chunk_tokens
-    assert measure._read_measured(kept) is not None  # written whole again
+    read = [measure._read_measured(p, kind) for p in kept for kind in ("ladder", "context")]
+    assert sum(r is not None for r in read) == 2  # each written whole again
 
 
 def test_a_cache_directory_that_cannot_be_written_only_costs_the_measurement(tiny_factory, fresh):
@@ -96,7 +116,7 @@ def test_a_cache_directory_that_cannot_be_written_only_costs_the_measurement(tin
 def test_only_the_newest_measurements_are_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(measure, "KEPT_MEASUREMENTS", 3)
     for i in range(5):
-        measure._write_measured(tmp_path / f"{i}.json", ([(16, 1)], (0.0, 1.0, 2.0)))
+        measure._write_measured(tmp_path / f"{i}.json", "context", (0.0, 1.0, 2.0))
         os.utime(tmp_path / f"{i}.json", (i, i))
     measure._prune(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["2.json", "3.json", "4.json"]

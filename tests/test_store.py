@@ -321,12 +321,12 @@ def test_measurements_that_cannot_be_kept_are_warned_about_once(tmp_path, monkey
     (tmp_path / "measured").write_text("a file where the directory would go")
     path = tmp_path / "measured" / "key.json"
     with pytest.warns(UserWarning, match=rf"{re.escape(str(tmp_path))}/measured: cannot keep"):
-        measure._write_measured(path, ([(16, 1)], (0.0, 0.0, 0.0)))
+        measure._write_measured(path, "ladder", [(16, 1)])
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        measure._write_measured(path, ([(16, 1)], (0.0, 0.0, 0.0)))  # said once
+        measure._write_measured(path, "ladder", [(16, 1)])  # said once
 
 
 def test_an_outdated_cached_conversion_is_removed_not_another_sources(tmp_path, monkeypatch,
