@@ -308,7 +308,7 @@ def measured_activations(model: nn.Module, prefill_step_size: int, key: tuple,
     return ladder, context
 
 
-def _measured(key: tuple, store: Path | None, say: Callable[[], None], measure: Callable):
+def _measured(key: tuple, store: Path | None, say: Callable[[], None], take: Callable):
     """One part of ``measured_activations``: kept in this process, then in ``store``, else
     measured (and kept in both)."""
     if key in _MEASURED:
@@ -318,7 +318,7 @@ def _measured(key: tuple, store: Path | None, say: Callable[[], None], measure: 
     got = _read_measured(path, kind) if path is not None else None
     if got is None:
         say()
-        got = measure()
+        got = take()
         if path is not None:
             _write_measured(path, kind, got)
     _MEASURED[key] = got

@@ -117,7 +117,8 @@ def test_a_seed_samples_what_mlx_lm_samples_on_the_loaded_model(model_dir, capsy
 
 def _in_process(capsys, argv, command: str = "generate") -> subprocess.CompletedProcess:
     """``python -m hobbit_mlx.<command> argv`` run in this process as its ``python -m`` entry
-    runs it, for input refused before or after loading (a process costs ~2 s of imports)."""
+    runs it (a process costs ~2 s of imports): for what a command says and does, where its
+    process is not what is tested (each command keeps one test of its own process)."""
     import importlib
 
     from hobbit_mlx import cli_common
