@@ -345,13 +345,12 @@ def _read_measured(path: Path, kind: str):
     measured again)."""
     try:
         data = json.loads(path.read_text())[kind]
-        if kind == "ladder":
-            got = [(int(n), int(b)) for n, b in data]
-            return got or None
-        got = tuple(float(x) for x in data)
+        got = [(int(n), int(b)) for n, b in data] if kind == "ladder" else \
+            tuple(float(x) for x in data)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return got if len(got) == 3 else None
+    whole = bool(got) if kind == "ladder" else len(got) == 3
+    return got if whole else None
 
 
 def _write_measured(path: Path, kind: str, measured) -> None:

@@ -10,28 +10,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def pytest_sessionstart(session):
-    """The libraries the tests use, imported once and their objects frozen out of the garbage
-    collector's sweeps: every ``load`` collects (to free models dropped earlier before it
-    measures), and each full collection walked these ~90,000 long-lived objects again (~70 ms
-    a load); now it walks only what the tests made."""
-    import mlx_lm  # noqa: F401
-    import transformers  # noqa: F401
-
-    import convert  # noqa: F401
-    import hobbit_mlx  # noqa: F401
-
-    gc.collect()
-    gc.freeze()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def freeze_what_earlier_modules_left():
-    """What the test modules before this one left alive, frozen out of the collector's sweeps
-    too, after one collection has freed what they dropped: a worker's collections (every load
-    and every measurement takes one) had come to walk all that again, ~0.2 s each, 168 s of the
-    suite's test time. Garbage this module makes is young and still collected; what was alive
-    before it and dies during it waits for the next module's collection."""
+    """What is alive when a test module starts (the libraries, ~90,000 objects, and what the
+    modules before it left), frozen out of the garbage collector's sweeps after one collection
+    has freed what they dropped: every ``load`` and every measurement collects (to free models
+    dropped earlier), and in a worker each collection had come to walk all that again, ~0.2 s,
+    168 s of the suite's test time. Garbage this module makes is young and still collected;
+    what was alive before it and dies during it waits for the next module's collection."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()

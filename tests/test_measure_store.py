@@ -54,12 +54,10 @@ def test_another_chunk_size_measures_only_its_ladder(tiny_factory, fresh, monkey
     _, dst = tiny_factory("qwen3_moe")
     first = _plan(dst)
     monkeypatch.setattr(measure, "_MEASURED", {})  # the next process
-    ladders = []
+    ladders, real_ladder = [], measure.activation_ladder
+    _measuring_fails(monkeypatch)
     monkeypatch.setattr(measure, "activation_ladder",
-                        lambda model, step, _real=measure.activation_ladder:
-                        ladders.append(step) or _real(model, step))
-    monkeypatch.setattr(measure, "context_activation",
-                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
+                        lambda model, step: ladders.append(step) or real_ladder(model, step))
     other = _plan(dst, prefill_step_size=128)
     assert ladders == [128] and len(list(fresh.glob("*.json"))) == 3
     assert other.context_activation == first.context_activation  # the same growth, read back
